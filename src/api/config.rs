@@ -1,0 +1,255 @@
+//! Mesh configuration, from code or from the environment.
+//!
+//! `AFMESH_*` names come first; the StepMesh/ps-lite names (`DMLC_*`) are
+//! accepted so existing launch scripts work. A bad or missing variable is an
+//! error that names it.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::proto::Role;
+use crate::transport::PollPolicy;
+
+/// Which transport links use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// The best available (tcp in this build).
+    Auto,
+    /// TCP sockets.
+    Tcp,
+}
+
+impl TransportKind {
+    /// Parses `auto` or `tcp`.
+    pub fn parse(s: &str) -> Result<TransportKind> {
+        match s {
+            "auto" => Ok(TransportKind::Auto),
+            "tcp" => Ok(TransportKind::Tcp),
+            "shm" | "verbs" => Err(Error::Unsupported(format!(
+                "transport {s:?} is not in this build yet; use tcp or auto"
+            ))),
+            _ => Err(Error::config(format!(
+                "transport {s:?}: expected auto or tcp"
+            ))),
+        }
+    }
+}
+
+/// How a rank joins its mesh.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// The role, when it comes from configuration (`AFMESH_ROLE` or
+    /// `DMLC_ROLE`); `Mesh::join` needs it, `Mesh::attention`/`ffn` check it.
+    pub role: Option<Role>,
+    /// Rendezvous server, `host:port`.
+    pub scheduler: String,
+    /// Attention ranks (M).
+    pub attention: u32,
+    /// FFN ranks (N).
+    pub ffn: u32,
+    /// Preferred rank within the role.
+    pub rank: Option<u32>,
+    /// Job name: ranks of another job are refused.
+    pub job: String,
+    /// Host identity (ranks with the same one share a host).
+    pub host_id: String,
+    /// Transport for links.
+    pub transport: TransportKind,
+    /// How waits wait.
+    pub poll: PollPolicy,
+    /// Bound on joining: connecting, the address book, links, the barrier.
+    pub setup_timeout: Duration,
+    /// Bound on any one blocking socket write.
+    pub io_timeout: Duration,
+    /// Run the rendezvous server inside this rank, at `scheduler`.
+    pub embed_scheduler: bool,
+}
+
+impl MeshConfig {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(scheduler: impl Into<String>, attention: u32, ffn: u32) -> MeshConfig {
+        MeshConfig {
+            role: None,
+            scheduler: scheduler.into(),
+            attention,
+            ffn,
+            rank: None,
+            job: "afmesh".into(),
+            host_id: default_host_id(),
+            transport: TransportKind::Auto,
+            poll: PollPolicy::default(),
+            setup_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(10),
+            embed_scheduler: false,
+        }
+    }
+
+    /// Reads the process environment.
+    pub fn from_env() -> Result<MeshConfig> {
+        MeshConfig::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get` (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<MeshConfig> {
+        let pick = |a: &str, b: &str| {
+            get(a)
+                .map(|v| (a.to_string(), v))
+                .or_else(|| get(b).map(|v| (b.to_string(), v)))
+        };
+        let need = |a: &str, b: &str| {
+            pick(a, b).ok_or_else(|| Error::config(format!("{a} (or {b}) is not set")))
+        };
+        let num = |(k, v): (String, String)| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| Error::config(format!("{k}={v:?} is not a non-negative integer")))
+        };
+        let scheduler = match get("AFMESH_SCHEDULER") {
+            Some(s) => s,
+            None => {
+                let host = get("DMLC_PS_ROOT_URI").ok_or_else(|| {
+                    Error::config(
+                        "AFMESH_SCHEDULER (or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT) is not set",
+                    )
+                })?;
+                let port = num(need("DMLC_PS_ROOT_PORT", "DMLC_PS_ROOT_PORT")?)?;
+                format!("{host}:{port}")
+            }
+        };
+        let attention = num(need("AFMESH_NUM_ATTENTION", "DMLC_NUM_WORKER")?)?;
+        let ffn = num(need("AFMESH_NUM_FFN", "DMLC_NUM_SERVER")?)?;
+        let mut c = MeshConfig::new(scheduler, attention, ffn);
+        if let Some((k, v)) = pick("AFMESH_ROLE", "DMLC_ROLE") {
+            c.role = Some(match v.trim() {
+                "attention" | "worker" => Role::Attention,
+                "ffn" | "server" => Role::Ffn,
+                _ => {
+                    return Err(Error::config(format!(
+                        "{k}={v:?}: expected attention|ffn (or worker|server)"
+                    )))
+                }
+            });
+        }
+        if let Some(kv) = pick("AFMESH_RANK", "DMLC_NODE_RANK") {
+            c.rank = Some(num(kv)?);
+        }
+        if let Some(j) = get("AFMESH_JOB") {
+            c.job = j;
+        }
+        if let Some(h) = get("AFMESH_HOST_ID") {
+            c.host_id = h;
+        }
+        if let Some(t) = get("AFMESH_TRANSPORT") {
+            c.transport = TransportKind::parse(t.trim())
+                .map_err(|e| Error::config(format!("AFMESH_TRANSPORT: {e}")))?;
+        }
+        if let Some(p) = get("AFMESH_POLL") {
+            c.poll = PollPolicy::parse(&p)?;
+        }
+        if let Some(kv) = pick("AFMESH_SETUP_TIMEOUT_MS", "AFMESH_SETUP_TIMEOUT_MS") {
+            c.setup_timeout = Duration::from_millis(u64::from(num(kv)?));
+        }
+        if let Some(kv) = pick("AFMESH_IO_TIMEOUT_MS", "AFMESH_IO_TIMEOUT_MS") {
+            c.io_timeout = Duration::from_millis(u64::from(num(kv)?));
+        }
+        if let Some(v) = get("AFMESH_EMBED_SCHEDULER") {
+            c.embed_scheduler = match v.trim() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                _ => {
+                    return Err(Error::config(format!(
+                        "AFMESH_EMBED_SCHEDULER={v:?}: expected 0 or 1"
+                    )))
+                }
+            };
+        }
+        Ok(c)
+    }
+}
+
+fn default_host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<MeshConfig> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        MeshConfig::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn dmlc_names_work() {
+        let c = cfg(&[
+            ("DMLC_ROLE", "server"),
+            ("DMLC_PS_ROOT_URI", "10.0.0.1"),
+            ("DMLC_PS_ROOT_PORT", "8123"),
+            ("DMLC_NUM_WORKER", "2"),
+            ("DMLC_NUM_SERVER", "4"),
+            ("DMLC_NODE_RANK", "1"),
+        ])
+        .unwrap();
+        assert_eq!(c.scheduler, "10.0.0.1:8123");
+        assert_eq!(
+            (c.attention, c.ffn, c.rank, c.role),
+            (2, 4, Some(1), Some(Role::Ffn))
+        );
+    }
+
+    #[test]
+    fn afmesh_names_win() {
+        let c = cfg(&[
+            ("AFMESH_SCHEDULER", "h:1"),
+            ("DMLC_PS_ROOT_URI", "x"),
+            ("AFMESH_NUM_ATTENTION", "3"),
+            ("DMLC_NUM_WORKER", "9"),
+            ("AFMESH_NUM_FFN", "1"),
+            ("AFMESH_ROLE", "attention"),
+            ("AFMESH_POLL", "spin"),
+        ])
+        .unwrap();
+        assert_eq!((c.scheduler.as_str(), c.attention, c.ffn), ("h:1", 3, 1));
+        assert_eq!(c.poll, PollPolicy::Spin);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let e = cfg(&[("AFMESH_SCHEDULER", "h:1"), ("AFMESH_NUM_FFN", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AFMESH_NUM_ATTENTION") && e.contains("DMLC_NUM_WORKER"),
+            "{e}"
+        );
+        let e = cfg(&[
+            ("AFMESH_SCHEDULER", "h:1"),
+            ("DMLC_NUM_WORKER", "two"),
+            ("AFMESH_NUM_FFN", "1"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("DMLC_NUM_WORKER=\"two\""), "{e}");
+        let e = cfg(&[
+            ("AFMESH_SCHEDULER", "h:1"),
+            ("DMLC_NUM_WORKER", "1"),
+            ("AFMESH_NUM_FFN", "1"),
+            ("DMLC_ROLE", "scheduler"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("DMLC_ROLE"), "{e}");
+        let e = cfg(&[("DMLC_PS_ROOT_URI", "h")]).unwrap_err().to_string();
+        assert!(e.contains("DMLC_PS_ROOT_PORT"), "{e}");
+    }
+}

@@ -1,0 +1,345 @@
+//! The FFN side: gather every attention rank's block for a stage, answer
+//! each with its rows.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::layout::Layout;
+use super::mesh::{RankStats, Support};
+use crate::engine::{now_ns, Engine, Event};
+use crate::error::{Error, Peer, Result};
+use crate::proto::{FfnStages, Header, Imm, Kind, HEADER_LEN};
+use crate::transport::Region;
+
+/// One gathered stage: every attention rank's block, viewed in place in the
+/// registered input slots. Answer it with [`FfnRank::respond`].
+#[derive(Debug)]
+pub struct Batch {
+    stage: u32,
+    seq: u32,
+    tokens: Vec<u32>,
+    side_lens: Vec<u32>,
+    offsets: Vec<usize>,
+    row_bytes: usize,
+    region: Arc<Region>,
+    land_ns: Vec<u64>,
+    post_ns: Vec<u64>,
+    process_ns: u64,
+}
+
+impl Batch {
+    /// The stage.
+    pub fn stage(&self) -> u32 {
+        self.stage
+    }
+    /// The stage's sequence number.
+    pub fn sequence(&self) -> u32 {
+        self.seq
+    }
+    /// Number of senders (attention ranks).
+    pub fn senders(&self) -> usize {
+        self.tokens.len()
+    }
+    /// Tokens attention rank `a` sent.
+    pub fn token_count(&self, a: usize) -> usize {
+        self.tokens.get(a).copied().unwrap_or(0) as usize
+    }
+    /// Tokens from all senders.
+    pub fn total_tokens(&self) -> usize {
+        self.tokens.iter().map(|&t| t as usize).sum()
+    }
+    /// Attention rank `a`'s rows, zero-copy.
+    pub fn tokens(&self, a: usize) -> &[u8] {
+        let Some(&off) = self.offsets.get(a) else {
+            return &[];
+        };
+        self.region
+            .slice(off + HEADER_LEN, self.token_count(a) * self.row_bytes)
+            .unwrap_or(&[])
+    }
+    /// Attention rank `a`'s side block, zero-copy.
+    pub fn side(&self, a: usize) -> &[u8] {
+        let Some(&off) = self.offsets.get(a) else {
+            return &[];
+        };
+        let rows = self.token_count(a) * self.row_bytes;
+        self.region
+            .slice(off + HEADER_LEN + rows, self.side_lens[a] as usize)
+            .unwrap_or(&[])
+    }
+    /// When attention rank `a` posted its dispatch (its clock, ns).
+    pub fn posted_ns(&self, a: usize) -> u64 {
+        self.post_ns.get(a).copied().unwrap_or(0)
+    }
+    /// When attention rank `a`'s dispatch was seen here (ns).
+    pub fn landed_ns(&self, a: usize) -> u64 {
+        self.land_ns.get(a).copied().unwrap_or(0)
+    }
+}
+
+/// An FFN rank of a mesh.
+#[derive(Debug)]
+pub struct FfnRank {
+    engine: Engine,
+    layout: Layout,
+    rank: u32,
+    region: Arc<Region>,
+    stages: FfnStages,
+    land_ns: Vec<u64>,
+    events: Vec<Event>,
+    support: Support,
+}
+
+impl FfnRank {
+    pub(crate) fn new(
+        engine: Engine,
+        layout: Layout,
+        rank: u32,
+        region: Arc<Region>,
+        support: Support,
+    ) -> Self {
+        FfnRank {
+            stages: FfnStages::new(layout.stages(), layout.m),
+            land_ns: vec![0; layout.stages() * layout.m],
+            events: Vec::with_capacity(64),
+            engine,
+            layout,
+            rank,
+            region,
+            support,
+        }
+    }
+
+    /// This rank's index among the FFN ranks.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+    /// Number of attention ranks (M).
+    pub fn attention_ranks(&self) -> usize {
+        self.layout.m
+    }
+    /// Number of FFN ranks (N).
+    pub fn ffn_ranks(&self) -> usize {
+        self.layout.n
+    }
+    /// The stage geometry.
+    pub fn spec(&self) -> super::StageSpec {
+        self.layout.spec
+    }
+
+    /// Waits up to `timeout` for the oldest stage that every attention rank
+    /// has dispatched to.
+    pub fn get_batch(&mut self, timeout: Duration) -> Result<Batch> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(b) = self.take_complete() {
+                return Ok(b);
+            }
+            if let Some(a) =
+                (0..self.layout.m).find(|&a| self.engine.lost(a).is_some() && self.stages.needs(a))
+            {
+                return Err(self.engine.lost_error(a));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let who: Vec<String> = self
+                    .stages
+                    .missing()
+                    .iter()
+                    .map(|&a| Peer::Attention(a as u32).to_string())
+                    .collect();
+                return Err(Error::Timeout {
+                    op: "get_batch",
+                    peer: who.join(","),
+                    after: timeout,
+                });
+            }
+            self.pump(left)?;
+        }
+    }
+
+    /// Non-blocking `get_batch`.
+    pub fn try_get_batch(&mut self) -> Result<Option<Batch>> {
+        self.pump(Duration::ZERO)?;
+        if let Some(b) = self.take_complete() {
+            return Ok(Some(b));
+        }
+        if let Some(a) =
+            (0..self.layout.m).find(|&a| self.engine.lost(a).is_some() && self.stages.needs(a))
+        {
+            return Err(self.engine.lost_error(a));
+        }
+        Ok(None)
+    }
+
+    fn take_complete(&mut self) -> Option<Batch> {
+        let s = self.stages.oldest_complete()?;
+        let (seq, tokens) = self.stages.hand_out(s)?;
+        let m = self.layout.m;
+        let offsets: Vec<usize> = (0..m).map(|a| self.layout.in_offset(s, a)).collect();
+        let headers: Vec<Option<Header>> = offsets
+            .iter()
+            .map(|&o| {
+                self.region
+                    .slice(o, HEADER_LEN)
+                    .ok()
+                    .and_then(|b| Header::decode(b).ok())
+            })
+            .collect();
+        Some(Batch {
+            stage: s as u32,
+            seq,
+            side_lens: headers
+                .iter()
+                .map(|h| h.map_or(0, |h| h.side_len))
+                .collect(),
+            post_ns: headers.iter().map(|h| h.map_or(0, |h| h.post_ns)).collect(),
+            tokens,
+            offsets,
+            row_bytes: self.layout.spec.row_bytes as usize,
+            region: self.region.clone(),
+            land_ns: self.land_ns[s * m..(s + 1) * m].to_vec(),
+            process_ns: now_ns(),
+        })
+    }
+
+    /// Sends each attention rank `a` its rows `outputs[a]`
+    /// (`batch.token_count(a) × out_row_bytes` bytes), and frees the stage
+    /// for its next sequence. If an attention rank is lost, the others are
+    /// still answered and the loss is returned.
+    pub fn respond(&mut self, batch: &Batch, outputs: &[&[u8]]) -> Result<()> {
+        let spec = self.layout.spec;
+        let s = batch.stage as usize;
+        if outputs.len() != self.layout.m {
+            return Err(Error::BufferSize {
+                what: "respond: one output block per attention rank".into(),
+                need: self.layout.m,
+                got: outputs.len(),
+            });
+        }
+        for (a, out) in outputs.iter().enumerate() {
+            let need = batch.token_count(a) * spec.out_row_bytes as usize;
+            if out.len() != need {
+                return Err(Error::BufferSize {
+                    what: format!("respond output for A{a} ({} tokens)", batch.token_count(a)),
+                    need,
+                    got: out.len(),
+                });
+            }
+        }
+        if !self.stages.respond(s, batch.seq) {
+            return Err(Error::config(format!(
+                "respond: batch (stage {}, sequence {}) was already answered",
+                batch.stage, batch.seq
+            )));
+        }
+        let imm = Imm::new(Kind::Combine, batch.stage as u8, batch.seq);
+        let respond = now_ns();
+        let mut first_err = None;
+        for (a, out) in outputs.iter().enumerate() {
+            let header = Header {
+                kind: Kind::Combine,
+                stage: batch.stage as u8,
+                sequence: batch.seq,
+                sender: self.rank,
+                tokens: batch.token_count(a) as u32,
+                row_bytes: spec.out_row_bytes,
+                side_len: 0,
+                post_ns: batch.posted_ns(a),
+                land_ns: batch.landed_ns(a),
+                process_ns: batch.process_ns,
+                respond_ns: respond,
+            }
+            .encode();
+            let offset = self.layout.out_offset(s, self.rank as usize) as u64;
+            if let Err(e) = self.engine.write(a, &[&header, out], offset, imm) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Makes progress without waiting: counts whatever has landed.
+    pub fn progress(&mut self) -> Result<()> {
+        self.pump(Duration::ZERO)
+    }
+
+    fn pump(&mut self, timeout: Duration) -> Result<()> {
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        let r = self.engine.poll(timeout, &mut events);
+        for ev in events.drain(..) {
+            if let Event::Arrival { peer, imm } = ev {
+                self.on_arrival(peer, imm);
+            }
+        }
+        self.events = events;
+        r
+    }
+
+    fn on_arrival(&mut self, a: usize, imm: Imm) {
+        let spec = self.layout.spec;
+        let reject = |me: &mut Self, why: String| {
+            me.engine.count_rejected(a);
+            tracing::warn!(peer = %Peer::Attention(a as u32), "rejected dispatch: {why}");
+        };
+        if imm.kind != Kind::Dispatch || u32::from(imm.stage) >= spec.stages {
+            return reject(
+                self,
+                format!("imm {imm:?} is not a dispatch of a registered stage"),
+            );
+        }
+        let s = imm.stage as usize;
+        let off = self.layout.in_offset(s, a);
+        let h = match self
+            .region
+            .slice(off, HEADER_LEN)
+            .and_then(|b| Header::decode(b).map_err(|e| e.0))
+        {
+            Ok(h) => h,
+            Err(e) => return reject(self, format!("header: {e}")),
+        };
+        if !imm.matches(&h)
+            || h.sender as usize != a
+            || h.row_bytes != spec.row_bytes
+            || h.tokens > spec.max_tokens
+            || h.side_len > spec.side_bytes
+        {
+            return reject(
+                self,
+                format!("header {h:?} does not match imm {imm:?} from A{a}"),
+            );
+        }
+        match self.stages.on_dispatch(s, a, h.sequence, h.tokens) {
+            Ok(_) => {
+                self.engine.count_received(a);
+                self.land_ns[s * self.layout.m + a] = now_ns();
+            }
+            Err(r) => {
+                self.engine.count_rejected(a);
+                if r.is_replay() {
+                    tracing::debug!(
+                        "dropped dispatch from A{a}, stage {s}, seq {}: {r}",
+                        h.sequence
+                    );
+                } else {
+                    tracing::warn!(
+                        "rejected dispatch from A{a}, stage {s}, seq {}: {r}",
+                        h.sequence
+                    );
+                }
+            }
+        }
+    }
+
+    /// Counters per attention rank.
+    pub fn stats(&self) -> RankStats {
+        RankStats::new(&self.engine)
+    }
+
+    /// Leaves the mesh in order: tells the scheduler, closes the links.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.support.shutdown();
+        Ok(())
+    }
+}

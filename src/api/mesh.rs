@@ -1,0 +1,408 @@
+//! Joining a mesh: regions, rendezvous, links, barrier.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use super::attention::AttentionRank;
+use super::config::{MeshConfig, TransportKind};
+use super::ffn::FfnRank;
+use super::layout::Layout;
+use super::StageSpec;
+use crate::bootstrap::client::Connecting;
+use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig, SchedulerHandle};
+use crate::bootstrap::{link, Session};
+use crate::engine::{Engine, PeerStats};
+use crate::error::{Error, Peer, Result};
+use crate::proto::bootstrap::BOOTSTRAP_VERSION;
+use crate::proto::{Message, RegionKey, Role};
+use crate::transport::sim::SimNetwork;
+use crate::transport::tcp::TcpTransport;
+use crate::transport::{AnyTransport, Region, Transport};
+
+/// Counters of a rank, per peer of the other role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankStats {
+    /// Backend name.
+    pub transport: &'static str,
+    /// One entry per peer, by rank.
+    pub peers: Vec<(Peer, PeerStats)>,
+}
+
+impl RankStats {
+    pub(crate) fn new(e: &Engine) -> RankStats {
+        RankStats {
+            transport: e.transport_name(),
+            peers: e
+                .stats()
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| (e.peer(i), s))
+                .collect(),
+        }
+    }
+    /// Messages rejected from all peers.
+    pub fn rejected(&self) -> u64 {
+        self.peers.iter().map(|p| p.1.rejected).sum()
+    }
+}
+
+/// What a rank keeps besides its links: the scheduler session (for an
+/// orderly goodbye) and an embedded scheduler, if it runs one.
+#[derive(Debug, Default)]
+pub(crate) struct Support {
+    session: Option<Session>,
+    scheduler: Option<SchedulerHandle>,
+}
+
+impl Support {
+    pub(crate) fn shutdown(&mut self) {
+        if let Some(s) = &mut self.session {
+            s.bye();
+        }
+        // An embedded scheduler finishes on its own once every rank has
+        // left; dropping the handle detaches it so this never blocks.
+        self.scheduler.take();
+    }
+}
+
+/// A rank of either role, as [`Mesh::join`] returns it.
+#[derive(Debug)]
+pub enum Rank {
+    /// An attention rank.
+    Attention(AttentionRank),
+    /// An FFN rank.
+    Ffn(FfnRank),
+}
+
+/// A mesh to join: its configuration.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    cfg: MeshConfig,
+}
+
+enum Memory {
+    Library,
+    Caller(Vec<u8>),
+}
+
+impl Mesh {
+    /// A mesh configured from code.
+    pub fn new(cfg: MeshConfig) -> Mesh {
+        Mesh { cfg }
+    }
+
+    /// A mesh configured from the environment (`AFMESH_*`, `DMLC_*`).
+    pub fn from_env() -> Result<Mesh> {
+        Ok(Mesh {
+            cfg: MeshConfig::from_env()?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MeshConfig {
+        &self.cfg
+    }
+
+    /// Joins in the configured role.
+    pub fn join(&self, spec: StageSpec) -> Result<Rank> {
+        match self.cfg.role {
+            Some(Role::Attention) => self.attention(spec).map(Rank::Attention),
+            Some(Role::Ffn) => self.ffn(spec).map(Rank::Ffn),
+            None => Err(Error::config(
+                "no role configured: set AFMESH_ROLE (or DMLC_ROLE)",
+            )),
+        }
+    }
+
+    /// Joins as an attention rank, with library-allocated output slots.
+    pub fn attention(&self, spec: StageSpec) -> Result<AttentionRank> {
+        self.join_attention(spec, Memory::Library)
+    }
+
+    /// Joins as an attention rank whose output slots live in `memory`
+    /// (caller memory, at least `S × N × slot` bytes; see
+    /// [`Mesh::attention_memory_len`]).
+    pub fn attention_with_memory(&self, spec: StageSpec, memory: Vec<u8>) -> Result<AttentionRank> {
+        self.join_attention(spec, Memory::Caller(memory))
+    }
+
+    /// Bytes of caller memory an attention rank needs for `spec`.
+    pub fn attention_memory_len(&self, spec: StageSpec) -> Result<usize> {
+        let l = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
+        l.out_region_len()
+            .ok_or_else(|| Error::config("output region overflows"))
+    }
+
+    /// Joins as an FFN rank, with library-allocated input slots.
+    pub fn ffn(&self, spec: StageSpec) -> Result<FfnRank> {
+        self.join_ffn(spec, Memory::Library)
+    }
+
+    /// Joins as an FFN rank whose input slots live in `memory` (see
+    /// [`Mesh::ffn_memory_len`]).
+    pub fn ffn_with_memory(&self, spec: StageSpec, memory: Vec<u8>) -> Result<FfnRank> {
+        self.join_ffn(spec, Memory::Caller(memory))
+    }
+
+    /// Bytes of caller memory an FFN rank needs for `spec`.
+    pub fn ffn_memory_len(&self, spec: StageSpec) -> Result<usize> {
+        let l = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
+        l.in_region_len()
+            .ok_or_else(|| Error::config("input region overflows"))
+    }
+
+    fn check_role(&self, want: Role) -> Result<()> {
+        match self.cfg.role {
+            Some(r) if r != want => Err(Error::config(format!(
+                "configured role is {r}, but joining as {want}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn join_attention(&self, spec: StageSpec, memory: Memory) -> Result<AttentionRank> {
+        self.check_role(Role::Attention)?;
+        let layout = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
+        let need = layout
+            .out_region_len()
+            .ok_or_else(|| Error::config("output region overflows"))?;
+        let region = region_for(memory, need, "attention output slots")?;
+        let j = self.rendezvous(Role::Attention, spec, region.clone(), false)?;
+        let ffn = j.session.peers(Role::Ffn);
+        let streams = link::connect_all(
+            &ffn,
+            j.session.epoch,
+            j.session.rank,
+            self.cfg.setup_timeout,
+        )?;
+        let need_remote = layout.in_region_len().unwrap_or(usize::MAX) as u64;
+        let mut t = j.transport;
+        let mut peers = Vec::new();
+        for (e, s) in ffn.iter().zip(streams) {
+            let key = peer_key(e.regions.first(), need_remote, Peer::Ffn(e.rank))?;
+            let l = t.add_link(s, format!("F{}", e.rank))?;
+            peers.push((Peer::Ffn(e.rank), l, key));
+        }
+        let mut session = j.session;
+        session.barrier(self.cfg.setup_timeout)?;
+        let rank = session.rank;
+        tracing::info!(rank, transport = "tcp", "attention rank joined");
+        let engine = Engine::new(AnyTransport::Tcp(t), peers);
+        Ok(AttentionRank::new(
+            engine,
+            layout,
+            rank,
+            region,
+            Support {
+                session: Some(session),
+                scheduler: j.scheduler,
+            },
+        ))
+    }
+
+    fn join_ffn(&self, spec: StageSpec, memory: Memory) -> Result<FfnRank> {
+        self.check_role(Role::Ffn)?;
+        let layout = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
+        let need = layout
+            .in_region_len()
+            .ok_or_else(|| Error::config("input region overflows"))?;
+        let region = region_for(memory, need, "FFN input slots")?;
+        let j = self.rendezvous(Role::Ffn, spec, region.clone(), true)?;
+        let listener = j
+            .listener
+            .ok_or_else(|| Error::config("FFN rank has no link listener"))?;
+        let attn = j.session.peers(Role::Attention);
+        let streams = link::accept_all(
+            &listener,
+            self.cfg.attention,
+            j.session.epoch,
+            self.cfg.setup_timeout,
+        )?;
+        let need_remote = layout.out_region_len().unwrap_or(usize::MAX) as u64;
+        let mut t = j.transport;
+        let mut peers = Vec::new();
+        for (e, s) in attn.iter().zip(streams) {
+            let key = peer_key(e.regions.first(), need_remote, Peer::Attention(e.rank))?;
+            let l = t.add_link(s, format!("A{}", e.rank))?;
+            peers.push((Peer::Attention(e.rank), l, key));
+        }
+        let mut session = j.session;
+        session.barrier(self.cfg.setup_timeout)?;
+        let rank = session.rank;
+        tracing::info!(rank, transport = "tcp", "ffn rank joined");
+        let engine = Engine::new(AnyTransport::Tcp(t), peers);
+        Ok(FfnRank::new(
+            engine,
+            layout,
+            rank,
+            region,
+            Support {
+                session: Some(session),
+                scheduler: j.scheduler,
+            },
+        ))
+    }
+
+    fn rendezvous(
+        &self,
+        role: Role,
+        spec: StageSpec,
+        region: Arc<Region>,
+        listen: bool,
+    ) -> Result<Joined> {
+        let cfg = &self.cfg;
+        match cfg.transport {
+            TransportKind::Auto | TransportKind::Tcp => {}
+        }
+        let scheduler = if cfg.embed_scheduler {
+            let s = Scheduler::bind(
+                &cfg.scheduler,
+                SchedulerConfig {
+                    attention: Some(cfg.attention),
+                    ffn: Some(cfg.ffn),
+                    job: Some(cfg.job.clone()),
+                    join_timeout: cfg.setup_timeout,
+                    ..SchedulerConfig::default()
+                },
+            )?;
+            Some(s.spawn()?)
+        } else {
+            None
+        };
+        let mut transport = TcpTransport::new(cfg.poll, cfg.io_timeout);
+        let key = transport.register(region)?;
+        let conn = Connecting::connect(&cfg.scheduler, cfg.setup_timeout)?;
+        let (listener, link_addr) = if listen {
+            let ip = conn.local_ip()?;
+            let l = TcpListener::bind((ip, 0))
+                .map_err(|e| Error::io(format!("bind link listener on {ip}"), e))?;
+            let a = l
+                .local_addr()
+                .map_err(|e| Error::io("link listener address", e))?;
+            (Some(l), a.to_string())
+        } else {
+            (None, String::new())
+        };
+        let hello = Message::Hello {
+            version: BOOTSTRAP_VERSION,
+            job: cfg.job.clone(),
+            role,
+            preferred_rank: cfg.rank,
+            m: cfg.attention,
+            n: cfg.ffn,
+            geometry: spec,
+            host_id: cfg.host_id.clone(),
+            link_addr,
+            regions: vec![key],
+        };
+        let session = conn.join(hello, cfg.io_timeout, cfg.setup_timeout)?;
+        Ok(Joined {
+            session,
+            transport,
+            listener,
+            scheduler,
+        })
+    }
+}
+
+struct Joined {
+    session: Session,
+    transport: TcpTransport,
+    listener: Option<TcpListener>,
+    scheduler: Option<SchedulerHandle>,
+}
+
+fn region_for(memory: Memory, need: usize, what: &str) -> Result<Arc<Region>> {
+    match memory {
+        Memory::Library => Region::alloc(need).map(Arc::new).map_err(Error::config),
+        Memory::Caller(v) if v.len() < need => Err(Error::BufferSize {
+            what: format!("caller memory for {what}"),
+            need,
+            got: v.len(),
+        }),
+        Memory::Caller(v) => Ok(Arc::new(Region::from_vec(v))),
+    }
+}
+
+fn peer_key(key: Option<&RegionKey>, need: u64, peer: Peer) -> Result<RegionKey> {
+    match key {
+        Some(k) if k.len >= need => Ok(*k),
+        Some(k) => Err(Error::BufferSize {
+            what: format!("{peer}'s registered region"),
+            need: need as usize,
+            got: k.len as usize,
+        }),
+        None => Err(Error::config(format!("{peer} registered no region"))),
+    }
+}
+
+/// Builds a whole M×N mesh on a simulated network, in this process: the
+/// harness for protocol tests. Ranks are returned by rank.
+pub fn sim_mesh(
+    net: &SimNetwork,
+    m: u32,
+    n: u32,
+    spec: StageSpec,
+) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    let layout = Layout::new(spec, m, n)?;
+    let mut a_t: Vec<_> = (0..m).map(|_| net.endpoint()).collect();
+    let mut f_t: Vec<_> = (0..n).map(|_| net.endpoint()).collect();
+    let a_regions: Vec<Arc<Region>> = (0..m)
+        .map(|_| Region::alloc(layout.out_region_len().unwrap_or(0)).map(Arc::new))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::config)?;
+    let f_regions: Vec<Arc<Region>> = (0..n)
+        .map(|_| Region::alloc(layout.in_region_len().unwrap_or(0)).map(Arc::new))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::config)?;
+    let a_keys: Vec<RegionKey> = a_t
+        .iter_mut()
+        .zip(&a_regions)
+        .map(|(t, r)| t.register(r.clone()))
+        .collect::<Result<_>>()?;
+    let f_keys: Vec<RegionKey> = f_t
+        .iter_mut()
+        .zip(&f_regions)
+        .map(|(t, r)| t.register(r.clone()))
+        .collect::<Result<_>>()?;
+    let mut a_peers: Vec<Vec<_>> = vec![Vec::new(); m as usize];
+    let mut f_peers: Vec<Vec<_>> = vec![Vec::new(); n as usize];
+    for i in 0..m as usize {
+        for j in 0..n as usize {
+            let (la, lf) = net.connect(&a_t[i], &f_t[j]);
+            a_peers[i].push((Peer::Ffn(j as u32), la, f_keys[j]));
+            f_peers[j].push((Peer::Attention(i as u32), lf, a_keys[i]));
+        }
+    }
+    let attn = a_t
+        .into_iter()
+        .zip(a_peers)
+        .zip(a_regions)
+        .enumerate()
+        .map(|(i, ((t, p), r))| {
+            AttentionRank::new(
+                Engine::new(t.into(), p),
+                layout,
+                i as u32,
+                r,
+                Support::default(),
+            )
+        })
+        .collect();
+    let ffn = f_t
+        .into_iter()
+        .zip(f_peers)
+        .zip(f_regions)
+        .enumerate()
+        .map(|(j, ((t, p), r))| {
+            FfnRank::new(
+                Engine::new(t.into(), p),
+                layout,
+                j as u32,
+                r,
+                Support::default(),
+            )
+        })
+        .collect();
+    Ok((attn, ffn))
+}

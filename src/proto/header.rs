@@ -1,0 +1,321 @@
+//! The message header and the immediate value.
+//!
+//! Every message is one write into a slot of the receiver's registered region:
+//! a 64-byte [`Header`] followed by the payload (token rows, then the side
+//! block). The write carries an [`Imm`] naming (kind, stage, sequence); the
+//! receiver reads the header from the slot that the imm points at and checks
+//! that both agree before it counts the arrival.
+
+use super::codec::{DecodeError, Reader};
+
+/// `"AFMH"` read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"AFMH");
+/// Wire format version; a peer with another version is refused.
+pub const VERSION: u8 = 1;
+/// Bytes of an encoded [`Header`].
+pub const HEADER_LEN: usize = 64;
+/// Stages are carried in 7 bits of the immediate.
+pub const MAX_STAGES: u32 = 128;
+
+/// What a message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Attention → FFN: token rows and side block.
+    Dispatch,
+    /// FFN → attention: output rows.
+    Combine,
+}
+
+impl Kind {
+    fn to_u8(self) -> u8 {
+        match self {
+            Kind::Dispatch => 1,
+            Kind::Combine => 2,
+        }
+    }
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        match v {
+            1 => Ok(Kind::Dispatch),
+            2 => Ok(Kind::Combine),
+            _ => Err(DecodeError::new(format!("kind: unknown value {v}"))),
+        }
+    }
+}
+
+/// The header at the start of every message slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Dispatch or combine.
+    pub kind: Kind,
+    /// Micro-batch stage, `< MAX_STAGES`.
+    pub stage: u8,
+    /// How many times this stage has been used before (per stage, from 0).
+    pub sequence: u32,
+    /// Rank of the sender in its role.
+    pub sender: u32,
+    /// Token rows in the payload.
+    pub tokens: u32,
+    /// Bytes of one row.
+    pub row_bytes: u32,
+    /// Bytes of the side block after the rows.
+    pub side_len: u32,
+    /// Trace stamp: when the message was posted (sender's clock, ns).
+    pub post_ns: u64,
+    /// Trace stamp: when the dispatch this answers landed on the FFN (ns).
+    pub land_ns: u64,
+    /// Trace stamp: when the FFN handed the batch to its caller (ns).
+    pub process_ns: u64,
+    /// Trace stamp: when the FFN posted its response (ns).
+    pub respond_ns: u64,
+}
+
+impl Header {
+    /// Payload bytes after the header: rows then side block.
+    pub fn payload_len(&self) -> Option<usize> {
+        (self.tokens as usize)
+            .checked_mul(self.row_bytes as usize)?
+            .checked_add(self.side_len as usize)
+    }
+
+    /// Writes the header into `out` (exactly [`HEADER_LEN`] bytes).
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        let length = self
+            .payload_len()
+            .unwrap_or(usize::MAX)
+            .min(u32::MAX as usize) as u32;
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = VERSION;
+        b[5] = self.kind.to_u8();
+        b[6] = self.stage;
+        b[7] = 0;
+        b[8..12].copy_from_slice(&self.sequence.to_le_bytes());
+        b[12..16].copy_from_slice(&self.sender.to_le_bytes());
+        b[16..20].copy_from_slice(&self.tokens.to_le_bytes());
+        b[20..24].copy_from_slice(&self.side_len.to_le_bytes());
+        b[24..28].copy_from_slice(&length.to_le_bytes());
+        b[28..32].copy_from_slice(&self.row_bytes.to_le_bytes());
+        b[32..40].copy_from_slice(&self.post_ns.to_le_bytes());
+        b[40..48].copy_from_slice(&self.land_ns.to_le_bytes());
+        b[48..56].copy_from_slice(&self.process_ns.to_le_bytes());
+        b[56..64].copy_from_slice(&self.respond_ns.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks every field. Any byte string either decodes or
+    /// yields an error naming the bad field.
+    pub fn decode(bytes: &[u8]) -> Result<Header, DecodeError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(DecodeError::new(format!(
+                "header: {} bytes, need {HEADER_LEN}",
+                bytes.len()
+            )));
+        }
+        let mut r = Reader::new(&bytes[..HEADER_LEN]);
+        let magic = r.u32("magic")?;
+        if magic != MAGIC {
+            return Err(DecodeError::new(format!(
+                "magic: {magic:#010x} is not AFMH"
+            )));
+        }
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(DecodeError::new(format!(
+                "version: {version}, this build speaks {VERSION}"
+            )));
+        }
+        let kind = Kind::from_u8(r.u8("kind")?)?;
+        let stage = r.u8("stage")?;
+        if u32::from(stage) >= MAX_STAGES {
+            return Err(DecodeError::new(format!("stage: {stage} >= {MAX_STAGES}")));
+        }
+        let flags = r.u8("flags")?;
+        if flags != 0 {
+            return Err(DecodeError::new(format!(
+                "flags: unknown bits {flags:#04x}"
+            )));
+        }
+        let sequence = r.u32("sequence")?;
+        let sender = r.u32("sender")?;
+        let tokens = r.u32("tokens")?;
+        let side_len = r.u32("side_len")?;
+        let length = r.u32("length")?;
+        let row_bytes = r.u32("row_bytes")?;
+        let h = Header {
+            kind,
+            stage,
+            sequence,
+            sender,
+            tokens,
+            row_bytes,
+            side_len,
+            post_ns: r.u64("post_ns")?,
+            land_ns: r.u64("land_ns")?,
+            process_ns: r.u64("process_ns")?,
+            respond_ns: r.u64("respond_ns")?,
+        };
+        match h.payload_len() {
+            Some(n) if n == length as usize => Ok(h),
+            other => Err(DecodeError::new(format!(
+                "length: header says {length}, tokens*row_bytes+side_len is {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The 32-bit immediate that announces a message: kind (1 bit), stage
+/// (7 bits), low 24 bits of the sequence. The link it arrives on names the
+/// sender, so arrivals can be counted per (stage, sequence) with no ordering
+/// assumed between writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Imm {
+    /// Dispatch or combine.
+    pub kind: Kind,
+    /// Stage.
+    pub stage: u8,
+    /// Low 24 bits of the sequence.
+    pub seq24: u32,
+}
+
+impl Imm {
+    /// The imm for a message.
+    pub fn new(kind: Kind, stage: u8, sequence: u32) -> Imm {
+        Imm {
+            kind,
+            stage: stage & 0x7f,
+            seq24: sequence & 0x00ff_ffff,
+        }
+    }
+    /// Packs into the wire u32.
+    pub fn encode(self) -> u32 {
+        let k = match self.kind {
+            Kind::Dispatch => 0,
+            Kind::Combine => 1u32 << 31,
+        };
+        k | (u32::from(self.stage & 0x7f) << 24) | (self.seq24 & 0x00ff_ffff)
+    }
+    /// Unpacks; every u32 is a valid imm.
+    pub fn decode(v: u32) -> Imm {
+        Imm {
+            kind: if v >> 31 == 1 {
+                Kind::Combine
+            } else {
+                Kind::Dispatch
+            },
+            stage: ((v >> 24) & 0x7f) as u8,
+            seq24: v & 0x00ff_ffff,
+        }
+    }
+    /// Whether `h` is the header this imm announces.
+    pub fn matches(&self, h: &Header) -> bool {
+        self.kind == h.kind && self.stage == h.stage && self.seq24 == h.sequence & 0x00ff_ffff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Header {
+        Header {
+            kind: Kind::Dispatch,
+            stage: 2,
+            sequence: 41,
+            sender: 3,
+            tokens: 128,
+            row_bytes: 7168,
+            side_len: 512,
+            post_ns: 1,
+            land_ns: 2,
+            process_ns: 3,
+            respond_ns: 4,
+        }
+    }
+
+    #[test]
+    fn encode_decode_sample() {
+        let h = sample();
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn rejects_bad_magic_version_length() {
+        let mut b = sample().encode();
+        b[0] ^= 1;
+        assert!(Header::decode(&b).unwrap_err().0.contains("magic"));
+        let mut b = sample().encode();
+        b[4] = 9;
+        assert!(Header::decode(&b).unwrap_err().0.contains("version"));
+        let mut b = sample().encode();
+        b[24] ^= 1;
+        assert!(Header::decode(&b).unwrap_err().0.contains("length"));
+        assert!(Header::decode(&b[..10]).unwrap_err().0.contains("header"));
+    }
+
+    #[test]
+    fn imm_round_trip_and_match() {
+        let h = sample();
+        let imm = Imm::new(h.kind, h.stage, h.sequence);
+        assert_eq!(Imm::decode(imm.encode()), imm);
+        assert!(imm.matches(&h));
+        assert!(!Imm::new(Kind::Combine, 2, 41).matches(&h));
+        assert!(!Imm::new(Kind::Dispatch, 2, 42).matches(&h));
+    }
+
+    fn arb_header() -> impl Strategy<Value = Header> {
+        (
+            any::<bool>(),
+            0u8..128,
+            any::<u32>(),
+            any::<u32>(),
+            0u32..100_000,
+            0u32..100_000,
+            0u32..1_000_000,
+            any::<[u64; 4]>(),
+        )
+            .prop_map(
+                |(k, stage, sequence, sender, tokens, row_bytes, side, s)| Header {
+                    kind: if k { Kind::Dispatch } else { Kind::Combine },
+                    stage,
+                    sequence,
+                    sender,
+                    tokens: tokens % 4096,
+                    row_bytes: row_bytes % 65_536,
+                    side_len: side,
+                    post_ns: s[0],
+                    land_ns: s[1],
+                    process_ns: s[2],
+                    respond_ns: s[3],
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn header_round_trips(h in arb_header()) {
+            prop_assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        }
+
+        #[test]
+        fn any_bytes_decode_or_error(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+            // Must return, never panic.
+            let _ = Header::decode(&b);
+        }
+
+        #[test]
+        fn mutated_header_decodes_or_errors(h in arb_header(), i in 0usize..HEADER_LEN, x in 1u8..=255) {
+            let mut b = h.encode();
+            b[i] ^= x;
+            if let Ok(d) = Header::decode(&b) {
+                // A mutation that still decodes must re-encode to the same bytes.
+                prop_assert_eq!(d.encode(), b);
+            }
+        }
+
+        #[test]
+        fn imm_round_trips(v in any::<u32>()) {
+            prop_assert_eq!(Imm::decode(v).encode(), v);
+        }
+    }
+}

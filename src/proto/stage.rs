@@ -1,0 +1,430 @@
+//! Per-stage state machines.
+//!
+//! Attention side, per stage: `Idle → Dispatched → Combined → Idle`. A
+//! dispatch of a stage that is not idle is refused (`StageBusy`): its output
+//! slots may still be read. Each FFN's combine for the current sequence is
+//! counted once.
+//!
+//! FFN side, per stage: `Collecting → Complete → HandedOut → Collecting`
+//! (the last step is `respond`, which moves the stage to the next sequence).
+//! Every attention rank's dispatch for the expected sequence is counted once.
+//!
+//! Arrivals that do not fit — a sequence already finished, a sender counted
+//! twice, a message for a stage in the wrong state — are a [`Reject`]; the
+//! engine drops them and counts them, and the state does not change.
+
+/// Why an arrival was not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// The stage index is outside the registered stages.
+    NoSuchStage,
+    /// The sender index is outside the mesh.
+    NoSuchPeer,
+    /// An older sequence than the stage expects: a stale message.
+    Stale,
+    /// This sender was already counted for this sequence.
+    Duplicate,
+    /// A newer sequence than possible: the peer broke the protocol.
+    Ahead,
+    /// The stage is not waiting for this kind of message now.
+    Unexpected,
+    /// The token count differs from what was dispatched.
+    WrongTokens,
+}
+
+impl Reject {
+    /// Whether the message is harmless to drop (a replay) rather than a sign
+    /// that the peer is broken.
+    pub fn is_replay(self) -> bool {
+        matches!(self, Reject::Stale | Reject::Duplicate)
+    }
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reject::NoSuchStage => "no such stage",
+            Reject::NoSuchPeer => "no such peer",
+            Reject::Stale => "stale sequence",
+            Reject::Duplicate => "duplicate message",
+            Reject::Ahead => "sequence ahead of the protocol",
+            Reject::Unexpected => "stage not expecting this message",
+            Reject::WrongTokens => "token count differs from the dispatch",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AState {
+    Idle,
+    Dispatched {
+        tokens: u32,
+        arrived: Vec<bool>,
+        count: usize,
+    },
+    Combined {
+        tokens: u32,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct AStage {
+    state: AState,
+    /// Sequence of the current (or next) dispatch of this stage.
+    seq: u32,
+}
+
+/// An attention rank's stages.
+#[derive(Debug, Clone)]
+pub struct AttentionStages {
+    stages: Vec<AStage>,
+    peers: usize,
+}
+
+impl AttentionStages {
+    /// `stages` stages, each combined from `peers` FFN ranks.
+    pub fn new(stages: usize, peers: usize) -> Self {
+        AttentionStages {
+            stages: vec![
+                AStage {
+                    state: AState::Idle,
+                    seq: 0,
+                };
+                stages
+            ],
+            peers,
+        }
+    }
+
+    /// Starts a dispatch; returns its sequence, or `None` if the stage is busy
+    /// (or does not exist — the caller checks the index first).
+    pub fn dispatch(&mut self, stage: usize, tokens: u32) -> Option<u32> {
+        let peers = self.peers;
+        let s = self.stages.get_mut(stage)?;
+        if s.state != AState::Idle {
+            return None;
+        }
+        s.state = if peers == 0 {
+            AState::Combined { tokens }
+        } else {
+            AState::Dispatched {
+                tokens,
+                arrived: vec![false; peers],
+                count: 0,
+            }
+        };
+        Some(s.seq)
+    }
+
+    /// Counts FFN `from`'s combine for `stage` at `seq` carrying `tokens`
+    /// rows. Returns `Ok(true)` once every FFN has arrived.
+    pub fn on_combine(
+        &mut self,
+        stage: usize,
+        from: usize,
+        seq: u32,
+        tokens: u32,
+    ) -> Result<bool, Reject> {
+        let peers = self.peers;
+        let s = self.stages.get_mut(stage).ok_or(Reject::NoSuchStage)?;
+        if from >= peers {
+            return Err(Reject::NoSuchPeer);
+        }
+        if seq.wrapping_sub(s.seq) as i32 > 0 {
+            return Err(Reject::Ahead);
+        }
+        if seq != s.seq {
+            return Err(Reject::Stale);
+        }
+        match &mut s.state {
+            AState::Dispatched {
+                tokens: t,
+                arrived,
+                count,
+            } => {
+                if *t != tokens {
+                    return Err(Reject::WrongTokens);
+                }
+                if arrived[from] {
+                    return Err(Reject::Duplicate);
+                }
+                arrived[from] = true;
+                *count += 1;
+                if *count == peers {
+                    s.state = AState::Combined { tokens };
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            AState::Combined { .. } => Err(Reject::Duplicate),
+            AState::Idle => Err(Reject::Unexpected),
+        }
+    }
+
+    /// Whether `stage` has all its combines.
+    pub fn is_combined(&self, stage: usize) -> bool {
+        matches!(
+            self.stages.get(stage).map(|s| &s.state),
+            Some(AState::Combined { .. })
+        )
+    }
+
+    /// Whether `stage` was dispatched at `seq` and not yet finished.
+    pub fn in_flight(&self, stage: usize, seq: u32) -> bool {
+        self.stages
+            .get(stage)
+            .is_some_and(|s| s.seq == seq && s.state != AState::Idle)
+    }
+
+    /// FFN ranks whose combine for `stage` has not arrived.
+    pub fn missing(&self, stage: usize) -> Vec<usize> {
+        match self.stages.get(stage).map(|s| &s.state) {
+            Some(AState::Dispatched { arrived, .. }) => {
+                (0..arrived.len()).filter(|&i| !arrived[i]).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Tokens of the dispatch in flight on `stage`.
+    pub fn tokens(&self, stage: usize) -> Option<u32> {
+        match self.stages.get(stage).map(|s| &s.state) {
+            Some(AState::Dispatched { tokens, .. }) | Some(AState::Combined { tokens }) => {
+                Some(*tokens)
+            }
+            _ => None,
+        }
+    }
+
+    /// The caller took the combined result: the stage is idle again and
+    /// its next dispatch gets the next sequence.
+    pub fn finish(&mut self, stage: usize) -> bool {
+        match self.stages.get_mut(stage) {
+            Some(s) if matches!(s.state, AState::Combined { .. }) => {
+                s.state = AState::Idle;
+                s.seq = s.seq.wrapping_add(1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Abandons a dispatch whose combine can never complete (a peer was
+    /// lost): the stage is idle again and moves to the next sequence, so
+    /// late arrivals of the old one are stale.
+    pub fn abandon(&mut self, stage: usize) {
+        if let Some(s) = self.stages.get_mut(stage) {
+            if s.state != AState::Idle {
+                s.state = AState::Idle;
+                s.seq = s.seq.wrapping_add(1);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FState {
+    Collecting,
+    Complete,
+    HandedOut,
+}
+
+#[derive(Debug, Clone)]
+struct FStage {
+    state: FState,
+    seq: u32,
+    tokens: Vec<Option<u32>>,
+    count: usize,
+}
+
+/// An FFN rank's stages.
+#[derive(Debug, Clone)]
+pub struct FfnStages {
+    stages: Vec<FStage>,
+    peers: usize,
+}
+
+impl FfnStages {
+    /// `stages` stages, each gathered from `peers` attention ranks.
+    pub fn new(stages: usize, peers: usize) -> Self {
+        FfnStages {
+            stages: vec![
+                FStage {
+                    state: if peers == 0 {
+                        FState::Complete
+                    } else {
+                        FState::Collecting
+                    },
+                    seq: 0,
+                    tokens: vec![None; peers],
+                    count: 0,
+                };
+                stages
+            ],
+            peers,
+        }
+    }
+
+    /// Counts attention rank `from`'s dispatch. `Ok(true)` once the stage
+    /// has every sender.
+    pub fn on_dispatch(
+        &mut self,
+        stage: usize,
+        from: usize,
+        seq: u32,
+        tokens: u32,
+    ) -> Result<bool, Reject> {
+        let peers = self.peers;
+        let s = self.stages.get_mut(stage).ok_or(Reject::NoSuchStage)?;
+        if from >= peers {
+            return Err(Reject::NoSuchPeer);
+        }
+        if seq.wrapping_sub(s.seq) as i32 > 0 {
+            return Err(Reject::Ahead);
+        }
+        if seq != s.seq {
+            return Err(Reject::Stale);
+        }
+        if s.state != FState::Collecting || s.tokens[from].is_some() {
+            return Err(Reject::Duplicate);
+        }
+        s.tokens[from] = Some(tokens);
+        s.count += 1;
+        if s.count == peers {
+            s.state = FState::Complete;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The complete stage that is oldest by (sequence, stage), if any.
+    pub fn oldest_complete(&self) -> Option<usize> {
+        let base = self.stages.iter().map(|s| s.seq).min().unwrap_or(0);
+        self.stages
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == FState::Complete)
+            .min_by_key(|(i, s)| (s.seq.wrapping_sub(base), *i))
+            .map(|(i, _)| i)
+    }
+
+    /// Hands a complete stage to the caller; returns its sequence and the
+    /// token count of every sender.
+    pub fn hand_out(&mut self, stage: usize) -> Option<(u32, Vec<u32>)> {
+        let s = self.stages.get_mut(stage)?;
+        if s.state != FState::Complete {
+            return None;
+        }
+        s.state = FState::HandedOut;
+        Some((s.seq, s.tokens.iter().map(|t| t.unwrap_or(0)).collect()))
+    }
+
+    /// The caller responded to `stage` at `seq`: collect the next sequence.
+    pub fn respond(&mut self, stage: usize, seq: u32) -> bool {
+        let peers = self.peers;
+        match self.stages.get_mut(stage) {
+            Some(s) if s.state == FState::HandedOut && s.seq == seq => {
+                s.seq = s.seq.wrapping_add(1);
+                s.tokens.iter_mut().for_each(|t| *t = None);
+                s.count = 0;
+                s.state = if peers == 0 {
+                    FState::Complete
+                } else {
+                    FState::Collecting
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Attention ranks that have not arrived on the stage closest to
+    /// completion — who a waiter is waiting for.
+    pub fn missing(&self) -> Vec<usize> {
+        self.stages
+            .iter()
+            .filter(|s| s.state == FState::Collecting)
+            .max_by_key(|s| s.count)
+            .map(|s| (0..self.peers).filter(|&i| s.tokens[i].is_none()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether attention rank `from` is needed by a stage still collecting.
+    pub fn needs(&self, from: usize) -> bool {
+        self.stages.iter().any(|s| {
+            s.state == FState::Collecting && s.tokens.get(from).is_some_and(|t| t.is_none())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_cycle_and_busy() {
+        let mut a = AttentionStages::new(3, 2);
+        assert_eq!(a.dispatch(1, 5), Some(0));
+        assert_eq!(a.dispatch(1, 5), None, "busy");
+        assert_eq!(a.on_combine(1, 0, 0, 5), Ok(false));
+        assert_eq!(a.on_combine(1, 0, 0, 5), Err(Reject::Duplicate));
+        assert_eq!(a.missing(1), vec![1]);
+        assert_eq!(a.on_combine(1, 1, 0, 4), Err(Reject::WrongTokens));
+        assert_eq!(a.on_combine(1, 1, 0, 5), Ok(true));
+        assert_eq!(
+            a.dispatch(1, 5),
+            None,
+            "combined but not taken is still busy"
+        );
+        assert!(a.finish(1));
+        assert_eq!(a.on_combine(1, 1, 0, 5), Err(Reject::Stale));
+        assert_eq!(a.dispatch(1, 7), Some(1));
+        assert_eq!(a.on_combine(1, 0, 2, 7), Err(Reject::Ahead));
+        assert_eq!(a.on_combine(1, 2, 1, 7), Err(Reject::NoSuchPeer));
+        assert_eq!(a.on_combine(9, 0, 1, 7), Err(Reject::NoSuchStage));
+    }
+
+    #[test]
+    fn attention_abandon_makes_late_arrivals_stale() {
+        let mut a = AttentionStages::new(1, 2);
+        a.dispatch(0, 1);
+        a.on_combine(0, 0, 0, 1).unwrap();
+        a.abandon(0);
+        assert_eq!(a.on_combine(0, 1, 0, 1), Err(Reject::Stale));
+        assert_eq!(a.dispatch(0, 1), Some(1));
+    }
+
+    #[test]
+    fn ffn_cycle_oldest_first() {
+        let mut f = FfnStages::new(3, 2);
+        // Stage 2 completes first, then stage 0: stage 0 is still oldest by stage index.
+        f.on_dispatch(2, 0, 0, 3).unwrap();
+        assert_eq!(f.on_dispatch(2, 1, 0, 4), Ok(true));
+        assert_eq!(f.oldest_complete(), Some(2));
+        f.on_dispatch(0, 1, 0, 0).unwrap();
+        assert_eq!(f.on_dispatch(0, 1, 0, 0), Err(Reject::Duplicate));
+        assert_eq!(f.on_dispatch(0, 0, 0, 9), Ok(true));
+        assert_eq!(f.oldest_complete(), Some(0));
+        let (seq, toks) = f.hand_out(0).unwrap();
+        assert_eq!((seq, toks), (0, vec![9, 0]));
+        assert!(f.hand_out(0).is_none());
+        assert_eq!(f.oldest_complete(), Some(2));
+        assert!(f.respond(0, 0));
+        assert!(!f.respond(0, 0));
+        assert_eq!(f.on_dispatch(0, 0, 0, 1), Err(Reject::Stale));
+        assert_eq!(f.on_dispatch(0, 0, 2, 1), Err(Reject::Ahead));
+        // Stage 0 at seq 1 completing is younger than stage 2 at seq 0.
+        f.on_dispatch(0, 0, 1, 1).unwrap();
+        f.on_dispatch(0, 1, 1, 1).unwrap();
+        assert_eq!(f.oldest_complete(), Some(2));
+        assert!(f.needs(0) && f.needs(1));
+    }
+
+    #[test]
+    fn ffn_missing_names_the_laggard() {
+        let mut f = FfnStages::new(1, 3);
+        f.on_dispatch(0, 0, 0, 1).unwrap();
+        f.on_dispatch(0, 2, 0, 1).unwrap();
+        assert_eq!(f.missing(), vec![1]);
+    }
+}

@@ -1,0 +1,225 @@
+//! Registered memory regions.
+//!
+//! A region is a fixed run of bytes, 64-byte aligned when the library
+//! allocates it, that remote peers write into through a transport. Every
+//! access through this type is bounds-checked first: a bad offset or length
+//! is an error, never a write outside the region.
+//!
+//! Concurrency: the protocol guarantees that a slot is written only while
+//! its owner is not reading it (a stage is not re-dispatched before it is
+//! combined). A peer that breaks the protocol can change bytes the owner is
+//! reading, exactly as with RDMA; since every bit pattern of `u8` is valid
+//! the owner sees wrong data, not an invalid value, and the stage machinery
+//! rejects the message.
+
+use std::alloc::{self, Layout};
+use std::io::Read;
+use std::ptr::NonNull;
+
+/// Alignment of library-allocated regions: a cache line, and what GPUs and
+/// NICs like for DMA.
+pub const REGION_ALIGN: usize = 64;
+
+enum Owner {
+    /// Allocated here with this layout.
+    Heap(Layout),
+    /// A `Vec<u8>` the caller handed over (pointer and capacity to rebuild it).
+    Vec { capacity: usize },
+    /// No allocation (zero-length region).
+    Empty,
+}
+
+/// Memory that peers may write into. Shared between the owner and the
+/// transport through `Arc<Region>`.
+pub struct Region {
+    ptr: NonNull<u8>,
+    len: usize,
+    owner: Owner,
+}
+
+// SAFETY: a `Region` owns its allocation; all access goes through raw
+// pointers with bounds checks, and concurrent writers and readers of the same
+// bytes are excluded by the protocol (see the module docs), as with DMA.
+unsafe impl Send for Region {}
+// SAFETY: as for `Send`: `&Region` only allows bounds-checked copies in and
+// out and read-only views, and the stage protocol keeps writers off the bytes
+// a view covers.
+unsafe impl Sync for Region {}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Region {
+    /// A zeroed region of `len` bytes, aligned to [`REGION_ALIGN`].
+    pub fn alloc(len: usize) -> Result<Region, String> {
+        if len == 0 {
+            return Ok(Region {
+                ptr: NonNull::dangling(),
+                len: 0,
+                owner: Owner::Empty,
+            });
+        }
+        let layout = Layout::from_size_align(len, REGION_ALIGN)
+            .map_err(|e| format!("region of {len} bytes: {e}"))?;
+        // SAFETY: `layout` has non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p).ok_or_else(|| format!("out of memory allocating {len} bytes"))?;
+        Ok(Region {
+            ptr,
+            len,
+            owner: Owner::Heap(layout),
+        })
+    }
+
+    /// Caller memory: the region takes the vector over (its length is the
+    /// region's length) and frees it when dropped.
+    pub fn from_vec(v: Vec<u8>) -> Region {
+        let mut v = std::mem::ManuallyDrop::new(v);
+        let len = v.len();
+        let capacity = v.capacity();
+        if capacity == 0 {
+            return Region {
+                ptr: NonNull::dangling(),
+                len: 0,
+                owner: Owner::Empty,
+            };
+        }
+        // Vec's pointer is non-null whenever capacity > 0.
+        let ptr = NonNull::new(v.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        Region {
+            ptr,
+            len,
+            owner: Owner::Vec { capacity },
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start address (for transports that register it with hardware).
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// Checks that `[offset, offset + len)` lies inside the region.
+    pub fn check(&self, offset: u64, len: u64) -> Result<(usize, usize), String> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len as u64 => Ok((offset as usize, len as usize)),
+            _ => Err(format!(
+                "write of {len} bytes at offset {offset} outside region of {} bytes",
+                self.len
+            )),
+        }
+    }
+
+    /// Copies the concatenation of `srcs` to `offset`, after checking bounds.
+    pub fn write_gather(&self, offset: u64, srcs: &[&[u8]]) -> Result<(), String> {
+        let total: u64 = srcs.iter().map(|s| s.len() as u64).sum();
+        let (mut at, _) = self.check(offset, total)?;
+        for s in srcs {
+            // SAFETY: `check` proved `[offset, offset + total)` is inside the
+            // allocation, and `at + s.len()` stays within it; `s` is a
+            // distinct borrow that cannot overlap memory we own exclusively
+            // through raw pointers.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr(), self.ptr.as_ptr().add(at), s.len());
+            }
+            at += s.len();
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `len` bytes from `reader` straight into the region at
+    /// `offset` (no staging buffer), after checking bounds. Bounds errors
+    /// come back as `Ok(Err(reason))` so they can be told apart from I/O
+    /// errors.
+    pub fn read_from<R: Read>(
+        &self,
+        offset: u64,
+        len: u64,
+        reader: &mut R,
+    ) -> std::io::Result<Result<(), String>> {
+        let (at, n) = match self.check(offset, len) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        if n == 0 {
+            return Ok(Ok(()));
+        }
+        // SAFETY: the range is inside the allocation (checked above); the
+        // protocol gives this writer the range exclusively until it
+        // announces the write with an imm (module docs).
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), n) };
+        reader.read_exact(dst)?;
+        Ok(Ok(()))
+    }
+
+    /// A read-only view of `[offset, offset + len)`.
+    pub fn slice(&self, offset: usize, len: usize) -> Result<&[u8], String> {
+        let (at, n) = self.check(offset as u64, len as u64)?;
+        if n == 0 {
+            return Ok(&[]);
+        }
+        // SAFETY: the range is inside the allocation (checked above) and
+        // lives as long as `&self`; writers stay off it under the protocol,
+        // and any byte value is a valid `u8` if one does not.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(at), n) })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        match self.owner {
+            // SAFETY: allocated by `alloc_zeroed` with exactly this layout.
+            Owner::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: pointer, length and capacity came from a `Vec<u8>`
+            // that `from_vec` took over and never freed.
+            Owner::Vec { capacity } => unsafe {
+                drop(Vec::from_raw_parts(self.ptr.as_ptr(), self.len, capacity));
+            },
+            Owner::Empty => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_checked() {
+        let r = Region::alloc(100).unwrap();
+        assert_eq!(r.addr() % REGION_ALIGN as u64, 0);
+        assert!(r.write_gather(90, &[&[1; 10]]).is_ok());
+        assert!(r.write_gather(91, &[&[1; 10]]).is_err());
+        assert!(r.write_gather(u64::MAX, &[&[1]]).is_err());
+        assert!(r.slice(95, 6).is_err());
+        assert_eq!(r.slice(90, 10).unwrap(), &[1; 10]);
+        let mut src: &[u8] = &[7, 8, 9];
+        assert!(r.read_from(98, 3, &mut src).unwrap().is_err());
+        r.read_from(0, 3, &mut src).unwrap().unwrap();
+        assert_eq!(r.slice(0, 3).unwrap(), &[7, 8, 9]);
+    }
+
+    #[test]
+    fn gather_concatenates_and_vec_round_trips() {
+        let r = Region::from_vec(vec![0u8; 8]);
+        r.write_gather(1, &[&[1, 2], &[], &[3]]).unwrap();
+        assert_eq!(r.slice(0, 8).unwrap(), &[0, 1, 2, 3, 0, 0, 0, 0]);
+        let e = Region::alloc(0).unwrap();
+        assert!(e.is_empty() && e.slice(0, 0).unwrap().is_empty());
+    }
+}
