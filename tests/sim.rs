@@ -1,0 +1,400 @@
+//! Whole M×N meshes on the simulated network, driven step by step from one
+//! thread: shapes, interleaved stages, random token counts, delay and
+//! reordering, duplicates and stale messages, link death.
+
+use std::time::Duration;
+
+use afmesh::transport::sim::{Faults, SimNetwork};
+use afmesh::{sim_mesh, AttentionRank, DispatchHandle, Dtype, Error, FfnRank, Peer, StageSpec};
+
+const ROW: u32 = 16;
+const OUT_ROW: u32 = 8; // two f32
+
+fn spec(stages: u32, max_tokens: u32) -> StageSpec {
+    StageSpec {
+        stages,
+        max_tokens,
+        row_bytes: ROW,
+        out_row_bytes: OUT_ROW,
+        side_bytes: 8,
+    }
+}
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// Tokens attention rank `a` sends in (layer, stage): 0, the maximum, or
+/// anything between.
+fn token_count(seed: u64, a: u32, layer: u32, stage: u32, max: u32) -> u32 {
+    match mix(seed ^ (u64::from(a) << 40) ^ (u64::from(layer) << 20) ^ u64::from(stage)) % 5 {
+        0 => 0,
+        1 => max,
+        r => (r as u32 * 7919) % (max + 1),
+    }
+}
+
+fn row_byte(a: u32, layer: u32, stage: u32, r: usize, k: usize) -> u8 {
+    (mix((u64::from(a) << 48) ^ (u64::from(layer) << 24) ^ (u64::from(stage) << 16) ^ r as u64) as usize + k) as u8
+}
+
+fn tokens_for(a: u32, layer: u32, stage: u32, count: u32) -> Vec<u8> {
+    (0..count as usize)
+        .flat_map(|r| (0..ROW as usize).map(move |k| row_byte(a, layer, stage, r, k)))
+        .collect()
+}
+
+fn side_for(a: u32, layer: u32) -> Vec<u8> {
+    [layer.to_le_bytes(), a.to_le_bytes()].concat()
+}
+
+/// The FFN's deterministic function of one input row.
+fn ffn_row(row: &[u8], f: u32, r: usize) -> [f32; 2] {
+    [f32::from(row[0]) + f as f32, (r as f32) * (f as f32 + 1.0)]
+}
+
+/// Serves every complete batch on `f`, checking its inputs. Returns how many.
+fn serve(f: &mut FfnRank, layer_of: &dyn Fn(u32, u32) -> u32) -> usize {
+    let mut served = 0;
+    while let Some(b) = f.try_get_batch().expect("get_batch") {
+        let mut outs: Vec<Vec<u8>> = Vec::new();
+        for a in 0..b.senders() {
+            let layer = layer_of(a as u32, b.stage());
+            let t = b.tokens(a);
+            assert_eq!(b.token_count(a) * ROW as usize, t.len());
+            assert_eq!(t, &tokens_for(a as u32, layer, b.stage(), b.token_count(a) as u32)[..], "F{} A{a} stage {}", f.rank(), b.stage());
+            assert_eq!(b.side(a), &side_for(a as u32, layer)[..]);
+            outs.push(
+                t.chunks(ROW as usize)
+                    .enumerate()
+                    .flat_map(|(r, row)| ffn_row(row, f.rank(), r).into_iter().flat_map(f32::to_le_bytes))
+                    .collect(),
+            );
+        }
+        let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
+        f.respond(&b, &refs).expect("respond");
+        served += 1;
+    }
+    served
+}
+
+fn check_combined(a: &mut AttentionRank, h: DispatchHandle, layer: u32, count: u32) -> bool {
+    let me = a.rank();
+    let n = a.ffn_ranks();
+    let expect_rows = tokens_for(me, layer, h.stage(), count);
+    let Some(c) = a.try_combine(h).expect("combine") else { return false };
+    assert_eq!(c.tokens(), count as usize);
+    for f in 0..n {
+        let p = c.partial(f).unwrap();
+        let want: Vec<u8> = expect_rows
+            .chunks(ROW as usize)
+            .enumerate()
+            .flat_map(|(r, row)| ffn_row(row, f as u32, r).into_iter().flat_map(f32::to_le_bytes))
+            .collect();
+        assert_eq!(p, &want[..], "A{me} partial F{f} layer {layer} stage {}", h.stage());
+    }
+    let mut sum = vec![0u8; count as usize * OUT_ROW as usize];
+    c.sum_into(Dtype::F32, &mut sum).unwrap();
+    for (r, got) in sum.chunks(8).enumerate() {
+        let row0 = expect_rows[r * ROW as usize];
+        let want0: f32 = (0..n).map(|f| f32::from(row0) + f as f32).sum();
+        let want1: f32 = (0..n).map(|f| r as f32 * (f as f32 + 1.0)).sum();
+        assert_eq!(f32::from_le_bytes(got[..4].try_into().unwrap()), want0);
+        assert_eq!(f32::from_le_bytes(got[4..].try_into().unwrap()), want1);
+    }
+    true
+}
+
+/// Runs `layers` layers of every stage, pipelined: a stage is dispatched for
+/// the next layer as soon as its previous combine is taken.
+fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults) -> SimNetwork {
+    let net = SimNetwork::new(seed);
+    let max = 9;
+    let (mut attn, mut ffn) = sim_mesh(&net, m, n, spec(stages, max)).unwrap();
+    net.set_faults_everywhere(faults);
+    // next_layer[a][s]: the layer attention rank a dispatches next on stage s.
+    let mut next_layer = vec![vec![0u32; stages as usize]; m as usize];
+    let mut inflight: Vec<Vec<Option<(DispatchHandle, u32, u32)>>> = vec![vec![None; stages as usize]; m as usize];
+    let mut done = 0;
+    let total = m * stages * layers;
+    let mut steps = 0u64;
+    while done < total {
+        let mut progressed = false;
+        for (ai, a) in attn.iter_mut().enumerate() {
+            for s in 0..stages as usize {
+                match inflight[ai][s] {
+                    None if next_layer[ai][s] < layers => {
+                        let l = next_layer[ai][s];
+                        let count = token_count(seed, ai as u32, l, s as u32, max);
+                        let h = a
+                            .dispatch(s as u32, &tokens_for(ai as u32, l, s as u32, count), &side_for(ai as u32, l))
+                            .unwrap();
+                        inflight[ai][s] = Some((h, l, count));
+                        next_layer[ai][s] += 1;
+                        progressed = true;
+                    }
+                    Some((h, l, count)) => {
+                        if check_combined(a, h, l, count) {
+                            inflight[ai][s] = None;
+                            done += 1;
+                            progressed = true;
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        // The FFN knows which layer a stage is on from the attention side's
+        // bookkeeping: every attention rank is on the same layer per stage.
+        let layer_now: Vec<Vec<u32>> = inflight
+            .iter()
+            .map(|v| v.iter().map(|x| x.map_or(0, |(_, l, _)| l)).collect())
+            .collect();
+        let layer_of = |a: u32, s: u32| layer_now[a as usize][s as usize];
+        for f in &mut ffn {
+            if serve(f, &layer_of) > 0 {
+                progressed = true;
+            }
+        }
+        if !progressed {
+            assert!(net.step(), "mesh stalled with {done}/{total} combines");
+        }
+        steps += 1;
+        assert!(steps < 1_000_000, "runaway");
+    }
+    for a in &attn {
+        assert_eq!(a.stats().rejected(), 0, "no rejects without faults that cause them");
+    }
+    net
+}
+
+#[test]
+fn shapes() {
+    for (m, n) in [(1, 1), (2, 2), (4, 3), (1, 8), (8, 1)] {
+        run_mesh(m, n, 3, 4, 42 + u64::from(m * 10 + n), Faults::default());
+    }
+}
+
+#[test]
+fn delay_and_reordering() {
+    let net = run_mesh(
+        4,
+        3,
+        3,
+        5,
+        7,
+        Faults {
+            delay_ns: 1_000,
+            jitter_ns: 50_000,
+            ..Faults::default()
+        },
+    );
+    assert!(net.now() > 0);
+}
+
+#[test]
+fn duplicates_are_rejected_and_counted() {
+    let net = SimNetwork::new(3);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
+    net.set_faults_everywhere(Faults {
+        duplicate_per_million: 1_000_000,
+        ..Faults::default()
+    });
+    let h = attn[0].dispatch(0, &tokens_for(0, 0, 0, 2), &side_for(0, 0)).unwrap();
+    net.deliver_all();
+    assert_eq!(serve(&mut ffn[0], &|_, _| 0), 1);
+    assert_eq!(ffn[0].stats().rejected(), 1, "the duplicate dispatch is rejected");
+    net.deliver_all();
+    assert!(check_combined(&mut attn[0], h, 0, 2));
+    assert_eq!(attn[0].stats().rejected(), 1, "the duplicate combine is rejected");
+    assert_eq!(net.stats().duplicated, 2);
+}
+
+#[test]
+fn stale_message_is_rejected() {
+    let net = SimNetwork::new(4);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
+    let h = attn[0].dispatch(0, &tokens_for(0, 0, 0, 1), &side_for(0, 0)).unwrap();
+    net.deliver_all();
+    serve(&mut ffn[0], &|_, _| 0);
+    net.deliver_all();
+    assert!(check_combined(&mut attn[0], h, 0, 1));
+    // Replay sequence 0's dispatch into F0's slot: the stage now expects 1.
+    let hdr = afmesh::proto::Header {
+        kind: afmesh::proto::Kind::Dispatch,
+        stage: 0,
+        sequence: 0,
+        sender: 0,
+        tokens: 0,
+        row_bytes: ROW,
+        side_len: 0,
+        post_ns: 0,
+        land_ns: 0,
+        process_ns: 0,
+        respond_ns: 0,
+    };
+    let imm = afmesh::proto::Imm::new(afmesh::proto::Kind::Dispatch, 0, 0).encode();
+    // Endpoint 1 is F0, its link 0 leads to A0, region 0 holds the slots.
+    net.inject(1, 0, 0, 0, hdr.encode().to_vec(), Some(imm));
+    net.deliver_all();
+    assert!(ffn[0].try_get_batch().unwrap().is_none());
+    assert_eq!(ffn[0].stats().rejected(), 1);
+    // The mesh goes on.
+    let h = attn[0].dispatch(0, &tokens_for(0, 1, 0, 3), &side_for(0, 1)).unwrap();
+    net.deliver_all();
+    assert_eq!(serve(&mut ffn[0], &|_, _| 1), 1);
+    net.deliver_all();
+    assert!(check_combined(&mut attn[0], h, 1, 3));
+}
+
+#[test]
+fn garbage_header_is_rejected_not_fatal() {
+    let net = SimNetwork::new(5);
+    let (_attn, mut ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
+    let imm = afmesh::proto::Imm::new(afmesh::proto::Kind::Dispatch, 0, 0).encode();
+    net.inject(1, 0, 0, 0, vec![0xee; 64], Some(imm));
+    net.deliver_all();
+    assert!(ffn[0].try_get_batch().unwrap().is_none());
+    assert_eq!(ffn[0].stats().rejected(), 1);
+}
+
+#[test]
+fn killed_rank_is_peer_lost_without_hang() {
+    let net = SimNetwork::new(6);
+    let (mut attn, mut ffn) = sim_mesh(&net, 2, 2, spec(3, 4)).unwrap();
+    let h0 = attn[0].dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0)).unwrap();
+    let h1 = attn[1].dispatch(0, &tokens_for(1, 0, 0, 4), &side_for(1, 0)).unwrap();
+    net.deliver_all();
+    // F1 dies mid-layer, after the dispatch landed and before it responded.
+    let f1_endpoint = 2 + 1;
+    net.kill_endpoint(f1_endpoint);
+    assert_eq!(serve(&mut ffn[0], &|_, _| 0), 1, "F0 still serves");
+    net.deliver_all();
+    for (a, h) in attn.iter_mut().zip([h0, h1]) {
+        let t = std::time::Instant::now();
+        match a.wait_combine(h, Duration::from_secs(5)) {
+            Err(Error::PeerLost { peer, .. }) => assert_eq!(peer, Peer::Ffn(1)),
+            other => panic!("expected PeerLost, got {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // The stage was abandoned, and the lost peer blocks new dispatches.
+        assert!(matches!(a.dispatch(0, &[], &[]), Err(Error::PeerLost { .. })));
+    }
+    // F1's object stands for the dead process: what landed before the
+    // death is there, but it cannot answer, and nothing more will come.
+    let b = ffn[1].get_batch(Duration::from_secs(5)).unwrap();
+    let outs = vec![vec![0u8; 4 * OUT_ROW as usize]; 2];
+    let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
+    assert!(matches!(ffn[1].respond(&b, &refs), Err(Error::PeerLost { .. })));
+    match ffn[1].get_batch(Duration::from_secs(5)) {
+        Err(Error::PeerLost { peer, .. }) => assert!(matches!(peer, Peer::Attention(_))),
+        other => panic!("expected PeerLost, got {other:?}"),
+    }
+    // F0 needs both attention ranks, both alive: it times out, naming them.
+    match ffn[0].get_batch(Duration::from_millis(20)) {
+        Err(Error::Timeout { op, peer, .. }) => assert_eq!((op, peer.as_str()), ("get_batch", "A0,A1")),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn stage_busy_and_limits() {
+    let net = SimNetwork::new(8);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(2, 4)).unwrap();
+    let a = &mut attn[0];
+    let too_many = tokens_for(0, 0, 0, 5);
+    assert!(matches!(a.dispatch(0, &too_many, &[]), Err(Error::BufferSize { .. })));
+    assert!(matches!(a.dispatch(0, &[0; 17], &[]), Err(Error::BufferSize { .. })));
+    assert!(matches!(a.dispatch(0, &[], &[0; 9]), Err(Error::BufferSize { .. })));
+    assert!(matches!(a.dispatch(2, &[], &[]), Err(Error::Config(_))));
+    assert_eq!(net.pending(), 0, "nothing is sent on a refused dispatch");
+    let h = a.dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0)).unwrap();
+    assert!(matches!(a.dispatch(0, &[], &[]), Err(Error::StageBusy { stage: 0 })));
+    net.deliver_all();
+    for f in &mut ffn {
+        serve(f, &|_, _| 0);
+    }
+    net.deliver_all();
+    a.wait_all(&[h], Duration::from_secs(1)).unwrap();
+    assert!(matches!(a.dispatch(0, &[], &[]), Err(Error::StageBusy { stage: 0 })), "combined but not taken is still busy");
+    let mut out = vec![0u8; 4 * OUT_ROW as usize];
+    a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::ZERO).unwrap();
+    assert!(matches!(a.wait_combine(h, Duration::ZERO), Err(Error::Config(_))), "a handle is redeemed once");
+    let _ = a.dispatch(0, &[], &[]).unwrap();
+}
+
+#[test]
+fn lost_writes_time_out_naming_the_peer() {
+    let net = SimNetwork::new(9);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(1, 4)).unwrap();
+    net.set_faults(2, 0, Faults { drop_per_million: 1_000_000, ..Faults::default() }); // F1 → A0 lost
+    let h = attn[0].dispatch(0, &[], &side_for(0, 0)).unwrap();
+    net.deliver_all();
+    for f in &mut ffn {
+        assert_eq!(serve(f, &|_, _| 0), 1);
+    }
+    net.deliver_all();
+    match attn[0].wait_combine(h, Duration::from_millis(30)) {
+        Err(Error::Timeout { op: "combine", peer, .. }) => assert_eq!(peer, "F1"),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn respond_checks_outputs() {
+    let net = SimNetwork::new(10);
+    let (mut attn, mut ffn) = sim_mesh(&net, 2, 1, spec(1, 4)).unwrap();
+    for (i, a) in attn.iter_mut().enumerate() {
+        let _ = a.dispatch(0, &tokens_for(i as u32, 0, 0, 2), &[]).unwrap();
+    }
+    net.deliver_all();
+    let b = ffn[0].try_get_batch().unwrap().unwrap();
+    let ok = vec![0u8; 2 * OUT_ROW as usize];
+    assert!(matches!(ffn[0].respond(&b, &[&ok]), Err(Error::BufferSize { .. })));
+    assert!(matches!(ffn[0].respond(&b, &[&ok, &ok[..8]]), Err(Error::BufferSize { .. })));
+    ffn[0].respond(&b, &[&ok, &ok]).unwrap();
+    assert!(matches!(ffn[0].respond(&b, &[&ok, &ok]), Err(Error::Config(_))), "answered once");
+}
+
+#[test]
+fn threaded_ranks_with_blocking_waits() {
+    let net = SimNetwork::new(11);
+    net.set_auto(true);
+    let (attn, ffn) = sim_mesh(&net, 2, 2, spec(3, 8)).unwrap();
+    let layers = 20u32;
+    let fs: Vec<_> = ffn
+        .into_iter()
+        .map(|mut f| {
+            std::thread::spawn(move || {
+                for _ in 0..layers * 3 {
+                    let b = f.get_batch(Duration::from_secs(10)).unwrap();
+                    let outs: Vec<Vec<u8>> = (0..b.senders()).map(|a| vec![f.rank() as u8 + 1; b.token_count(a) * OUT_ROW as usize]).collect();
+                    let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
+                    f.respond(&b, &refs).unwrap();
+                }
+            })
+        })
+        .collect();
+    let as_: Vec<_> = attn
+        .into_iter()
+        .map(|mut a| {
+            std::thread::spawn(move || {
+                for l in 0..layers {
+                    let hs: Vec<_> = (0..3).map(|s| a.dispatch(s, &tokens_for(a.rank(), l, s, 8), &[]).unwrap()).collect();
+                    for h in hs {
+                        let c = a.wait_combine(h, Duration::from_secs(10)).unwrap();
+                        assert_eq!(c.partial(0).unwrap(), &[1u8; 64][..]);
+                        assert_eq!(c.partial(1).unwrap(), &[2u8; 64][..]);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in as_.into_iter().chain(fs) {
+        t.join().unwrap();
+    }
+}
