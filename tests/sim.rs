@@ -39,7 +39,9 @@ fn token_count(seed: u64, a: u32, layer: u32, stage: u32, max: u32) -> u32 {
 }
 
 fn row_byte(a: u32, layer: u32, stage: u32, r: usize, k: usize) -> u8 {
-    (mix((u64::from(a) << 48) ^ (u64::from(layer) << 24) ^ (u64::from(stage) << 16) ^ r as u64) as usize + k) as u8
+    (mix((u64::from(a) << 48) ^ (u64::from(layer) << 24) ^ (u64::from(stage) << 16) ^ r as u64)
+        as usize
+        + k) as u8
 }
 
 fn tokens_for(a: u32, layer: u32, stage: u32, count: u32) -> Vec<u8> {
@@ -66,12 +68,22 @@ fn serve(f: &mut FfnRank, layer_of: &dyn Fn(u32, u32) -> u32) -> usize {
             let layer = layer_of(a as u32, b.stage());
             let t = b.tokens(a);
             assert_eq!(b.token_count(a) * ROW as usize, t.len());
-            assert_eq!(t, &tokens_for(a as u32, layer, b.stage(), b.token_count(a) as u32)[..], "F{} A{a} stage {}", f.rank(), b.stage());
+            assert_eq!(
+                t,
+                &tokens_for(a as u32, layer, b.stage(), b.token_count(a) as u32)[..],
+                "F{} A{a} stage {}",
+                f.rank(),
+                b.stage()
+            );
             assert_eq!(b.side(a), &side_for(a as u32, layer)[..]);
             outs.push(
                 t.chunks(ROW as usize)
                     .enumerate()
-                    .flat_map(|(r, row)| ffn_row(row, f.rank(), r).into_iter().flat_map(f32::to_le_bytes))
+                    .flat_map(|(r, row)| {
+                        ffn_row(row, f.rank(), r)
+                            .into_iter()
+                            .flat_map(f32::to_le_bytes)
+                    })
                     .collect(),
             );
         }
@@ -86,16 +98,27 @@ fn check_combined(a: &mut AttentionRank, h: DispatchHandle, layer: u32, count: u
     let me = a.rank();
     let n = a.ffn_ranks();
     let expect_rows = tokens_for(me, layer, h.stage(), count);
-    let Some(c) = a.try_combine(h).expect("combine") else { return false };
+    let Some(c) = a.try_combine(h).expect("combine") else {
+        return false;
+    };
     assert_eq!(c.tokens(), count as usize);
     for f in 0..n {
         let p = c.partial(f).unwrap();
         let want: Vec<u8> = expect_rows
             .chunks(ROW as usize)
             .enumerate()
-            .flat_map(|(r, row)| ffn_row(row, f as u32, r).into_iter().flat_map(f32::to_le_bytes))
+            .flat_map(|(r, row)| {
+                ffn_row(row, f as u32, r)
+                    .into_iter()
+                    .flat_map(f32::to_le_bytes)
+            })
             .collect();
-        assert_eq!(p, &want[..], "A{me} partial F{f} layer {layer} stage {}", h.stage());
+        assert_eq!(
+            p,
+            &want[..],
+            "A{me} partial F{f} layer {layer} stage {}",
+            h.stage()
+        );
     }
     let mut sum = vec![0u8; count as usize * OUT_ROW as usize];
     c.sum_into(Dtype::F32, &mut sum).unwrap();
@@ -118,7 +141,8 @@ fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults)
     net.set_faults_everywhere(faults);
     // next_layer[a][s]: the layer attention rank a dispatches next on stage s.
     let mut next_layer = vec![vec![0u32; stages as usize]; m as usize];
-    let mut inflight: Vec<Vec<Option<(DispatchHandle, u32, u32)>>> = vec![vec![None; stages as usize]; m as usize];
+    let mut inflight: Vec<Vec<Option<(DispatchHandle, u32, u32)>>> =
+        vec![vec![None; stages as usize]; m as usize];
     let mut done = 0;
     let total = m * stages * layers;
     let mut steps = 0u64;
@@ -131,7 +155,11 @@ fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults)
                         let l = next_layer[ai][s];
                         let count = token_count(seed, ai as u32, l, s as u32, max);
                         let h = a
-                            .dispatch(s as u32, &tokens_for(ai as u32, l, s as u32, count), &side_for(ai as u32, l))
+                            .dispatch(
+                                s as u32,
+                                &tokens_for(ai as u32, l, s as u32, count),
+                                &side_for(ai as u32, l),
+                            )
                             .unwrap();
                         inflight[ai][s] = Some((h, l, count));
                         next_layer[ai][s] += 1;
@@ -167,7 +195,11 @@ fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults)
         assert!(steps < 1_000_000, "runaway");
     }
     for a in &attn {
-        assert_eq!(a.stats().rejected(), 0, "no rejects without faults that cause them");
+        assert_eq!(
+            a.stats().rejected(),
+            0,
+            "no rejects without faults that cause them"
+        );
     }
     net
 }
@@ -204,13 +236,23 @@ fn duplicates_are_rejected_and_counted() {
         duplicate_per_million: 1_000_000,
         ..Faults::default()
     });
-    let h = attn[0].dispatch(0, &tokens_for(0, 0, 0, 2), &side_for(0, 0)).unwrap();
+    let h = attn[0]
+        .dispatch(0, &tokens_for(0, 0, 0, 2), &side_for(0, 0))
+        .unwrap();
     net.deliver_all();
     assert_eq!(serve(&mut ffn[0], &|_, _| 0), 1);
-    assert_eq!(ffn[0].stats().rejected(), 1, "the duplicate dispatch is rejected");
+    assert_eq!(
+        ffn[0].stats().rejected(),
+        1,
+        "the duplicate dispatch is rejected"
+    );
     net.deliver_all();
     assert!(check_combined(&mut attn[0], h, 0, 2));
-    assert_eq!(attn[0].stats().rejected(), 1, "the duplicate combine is rejected");
+    assert_eq!(
+        attn[0].stats().rejected(),
+        1,
+        "the duplicate combine is rejected"
+    );
     assert_eq!(net.stats().duplicated, 2);
 }
 
@@ -218,7 +260,9 @@ fn duplicates_are_rejected_and_counted() {
 fn stale_message_is_rejected() {
     let net = SimNetwork::new(4);
     let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
-    let h = attn[0].dispatch(0, &tokens_for(0, 0, 0, 1), &side_for(0, 0)).unwrap();
+    let h = attn[0]
+        .dispatch(0, &tokens_for(0, 0, 0, 1), &side_for(0, 0))
+        .unwrap();
     net.deliver_all();
     serve(&mut ffn[0], &|_, _| 0);
     net.deliver_all();
@@ -244,7 +288,9 @@ fn stale_message_is_rejected() {
     assert!(ffn[0].try_get_batch().unwrap().is_none());
     assert_eq!(ffn[0].stats().rejected(), 1);
     // The mesh goes on.
-    let h = attn[0].dispatch(0, &tokens_for(0, 1, 0, 3), &side_for(0, 1)).unwrap();
+    let h = attn[0]
+        .dispatch(0, &tokens_for(0, 1, 0, 3), &side_for(0, 1))
+        .unwrap();
     net.deliver_all();
     assert_eq!(serve(&mut ffn[0], &|_, _| 1), 1);
     net.deliver_all();
@@ -266,8 +312,12 @@ fn garbage_header_is_rejected_not_fatal() {
 fn killed_rank_is_peer_lost_without_hang() {
     let net = SimNetwork::new(6);
     let (mut attn, mut ffn) = sim_mesh(&net, 2, 2, spec(3, 4)).unwrap();
-    let h0 = attn[0].dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0)).unwrap();
-    let h1 = attn[1].dispatch(0, &tokens_for(1, 0, 0, 4), &side_for(1, 0)).unwrap();
+    let h0 = attn[0]
+        .dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0))
+        .unwrap();
+    let h1 = attn[1]
+        .dispatch(0, &tokens_for(1, 0, 0, 4), &side_for(1, 0))
+        .unwrap();
     net.deliver_all();
     // F1 dies mid-layer, after the dispatch landed and before it responded.
     let f1_endpoint = 2 + 1;
@@ -282,21 +332,29 @@ fn killed_rank_is_peer_lost_without_hang() {
         }
         assert!(t.elapsed() < Duration::from_secs(1));
         // The stage was abandoned, and the lost peer blocks new dispatches.
-        assert!(matches!(a.dispatch(0, &[], &[]), Err(Error::PeerLost { .. })));
+        assert!(matches!(
+            a.dispatch(0, &[], &[]),
+            Err(Error::PeerLost { .. })
+        ));
     }
     // F1's object stands for the dead process: what landed before the
     // death is there, but it cannot answer, and nothing more will come.
     let b = ffn[1].get_batch(Duration::from_secs(5)).unwrap();
     let outs = vec![vec![0u8; 4 * OUT_ROW as usize]; 2];
     let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
-    assert!(matches!(ffn[1].respond(&b, &refs), Err(Error::PeerLost { .. })));
+    assert!(matches!(
+        ffn[1].respond(&b, &refs),
+        Err(Error::PeerLost { .. })
+    ));
     match ffn[1].get_batch(Duration::from_secs(5)) {
         Err(Error::PeerLost { peer, .. }) => assert!(matches!(peer, Peer::Attention(_))),
         other => panic!("expected PeerLost, got {other:?}"),
     }
     // F0 needs both attention ranks, both alive: it times out, naming them.
     match ffn[0].get_batch(Duration::from_millis(20)) {
-        Err(Error::Timeout { op, peer, .. }) => assert_eq!((op, peer.as_str()), ("get_batch", "A0,A1")),
+        Err(Error::Timeout { op, peer, .. }) => {
+            assert_eq!((op, peer.as_str()), ("get_batch", "A0,A1"))
+        }
         other => panic!("expected Timeout, got {other:?}"),
     }
 }
@@ -307,23 +365,44 @@ fn stage_busy_and_limits() {
     let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(2, 4)).unwrap();
     let a = &mut attn[0];
     let too_many = tokens_for(0, 0, 0, 5);
-    assert!(matches!(a.dispatch(0, &too_many, &[]), Err(Error::BufferSize { .. })));
-    assert!(matches!(a.dispatch(0, &[0; 17], &[]), Err(Error::BufferSize { .. })));
-    assert!(matches!(a.dispatch(0, &[], &[0; 9]), Err(Error::BufferSize { .. })));
+    assert!(matches!(
+        a.dispatch(0, &too_many, &[]),
+        Err(Error::BufferSize { .. })
+    ));
+    assert!(matches!(
+        a.dispatch(0, &[0; 17], &[]),
+        Err(Error::BufferSize { .. })
+    ));
+    assert!(matches!(
+        a.dispatch(0, &[], &[0; 9]),
+        Err(Error::BufferSize { .. })
+    ));
     assert!(matches!(a.dispatch(2, &[], &[]), Err(Error::Config(_))));
     assert_eq!(net.pending(), 0, "nothing is sent on a refused dispatch");
-    let h = a.dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0)).unwrap();
-    assert!(matches!(a.dispatch(0, &[], &[]), Err(Error::StageBusy { stage: 0 })));
+    let h = a
+        .dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0))
+        .unwrap();
+    assert!(matches!(
+        a.dispatch(0, &[], &[]),
+        Err(Error::StageBusy { stage: 0 })
+    ));
     net.deliver_all();
     for f in &mut ffn {
         serve(f, &|_, _| 0);
     }
     net.deliver_all();
     a.wait_all(&[h], Duration::from_secs(1)).unwrap();
-    assert!(matches!(a.dispatch(0, &[], &[]), Err(Error::StageBusy { stage: 0 })), "combined but not taken is still busy");
+    assert!(
+        matches!(a.dispatch(0, &[], &[]), Err(Error::StageBusy { stage: 0 })),
+        "combined but not taken is still busy"
+    );
     let mut out = vec![0u8; 4 * OUT_ROW as usize];
-    a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::ZERO).unwrap();
-    assert!(matches!(a.wait_combine(h, Duration::ZERO), Err(Error::Config(_))), "a handle is redeemed once");
+    a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::ZERO)
+        .unwrap();
+    assert!(
+        matches!(a.wait_combine(h, Duration::ZERO), Err(Error::Config(_))),
+        "a handle is redeemed once"
+    );
     let _ = a.dispatch(0, &[], &[]).unwrap();
 }
 
@@ -331,7 +410,14 @@ fn stage_busy_and_limits() {
 fn lost_writes_time_out_naming_the_peer() {
     let net = SimNetwork::new(9);
     let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(1, 4)).unwrap();
-    net.set_faults(2, 0, Faults { drop_per_million: 1_000_000, ..Faults::default() }); // F1 → A0 lost
+    net.set_faults(
+        2,
+        0,
+        Faults {
+            drop_per_million: 1_000_000,
+            ..Faults::default()
+        },
+    ); // F1 → A0 lost
     let h = attn[0].dispatch(0, &[], &side_for(0, 0)).unwrap();
     net.deliver_all();
     for f in &mut ffn {
@@ -339,7 +425,11 @@ fn lost_writes_time_out_naming_the_peer() {
     }
     net.deliver_all();
     match attn[0].wait_combine(h, Duration::from_millis(30)) {
-        Err(Error::Timeout { op: "combine", peer, .. }) => assert_eq!(peer, "F1"),
+        Err(Error::Timeout {
+            op: "combine",
+            peer,
+            ..
+        }) => assert_eq!(peer, "F1"),
         other => panic!("expected Timeout, got {other:?}"),
     }
 }
@@ -354,10 +444,19 @@ fn respond_checks_outputs() {
     net.deliver_all();
     let b = ffn[0].try_get_batch().unwrap().unwrap();
     let ok = vec![0u8; 2 * OUT_ROW as usize];
-    assert!(matches!(ffn[0].respond(&b, &[&ok]), Err(Error::BufferSize { .. })));
-    assert!(matches!(ffn[0].respond(&b, &[&ok, &ok[..8]]), Err(Error::BufferSize { .. })));
+    assert!(matches!(
+        ffn[0].respond(&b, &[&ok]),
+        Err(Error::BufferSize { .. })
+    ));
+    assert!(matches!(
+        ffn[0].respond(&b, &[&ok, &ok[..8]]),
+        Err(Error::BufferSize { .. })
+    ));
     ffn[0].respond(&b, &[&ok, &ok]).unwrap();
-    assert!(matches!(ffn[0].respond(&b, &[&ok, &ok]), Err(Error::Config(_))), "answered once");
+    assert!(
+        matches!(ffn[0].respond(&b, &[&ok, &ok]), Err(Error::Config(_))),
+        "answered once"
+    );
 }
 
 #[test]
@@ -372,7 +471,9 @@ fn threaded_ranks_with_blocking_waits() {
             std::thread::spawn(move || {
                 for _ in 0..layers * 3 {
                     let b = f.get_batch(Duration::from_secs(10)).unwrap();
-                    let outs: Vec<Vec<u8>> = (0..b.senders()).map(|a| vec![f.rank() as u8 + 1; b.token_count(a) * OUT_ROW as usize]).collect();
+                    let outs: Vec<Vec<u8>> = (0..b.senders())
+                        .map(|a| vec![f.rank() as u8 + 1; b.token_count(a) * OUT_ROW as usize])
+                        .collect();
                     let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
                     f.respond(&b, &refs).unwrap();
                 }
@@ -384,7 +485,9 @@ fn threaded_ranks_with_blocking_waits() {
         .map(|mut a| {
             std::thread::spawn(move || {
                 for l in 0..layers {
-                    let hs: Vec<_> = (0..3).map(|s| a.dispatch(s, &tokens_for(a.rank(), l, s, 8), &[]).unwrap()).collect();
+                    let hs: Vec<_> = (0..3)
+                        .map(|s| a.dispatch(s, &tokens_for(a.rank(), l, s, 8), &[]).unwrap())
+                        .collect();
                     for h in hs {
                         let c = a.wait_combine(h, Duration::from_secs(10)).unwrap();
                         assert_eq!(c.partial(0).unwrap(), &[1u8; 64][..]);

@@ -416,6 +416,7 @@ impl AttentionRank {
 
     /// Leaves the mesh in order: tells the scheduler, closes the links.
     pub fn shutdown(mut self) -> Result<()> {
+        self.engine.close();
         self.support.shutdown();
         Ok(())
     }

@@ -339,6 +339,7 @@ impl FfnRank {
 
     /// Leaves the mesh in order: tells the scheduler, closes the links.
     pub fn shutdown(mut self) -> Result<()> {
+        self.engine.close();
         self.support.shutdown();
         Ok(())
     }

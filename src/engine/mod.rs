@@ -101,6 +101,11 @@ impl Engine {
         }
     }
 
+    /// Tells every peer we leave in order.
+    pub(crate) fn close(&mut self) {
+        self.transport.close();
+    }
+
     pub(crate) fn stats(&self) -> Vec<PeerStats> {
         self.peers.iter().map(|p| p.stats.clone()).collect()
     }
@@ -163,6 +168,17 @@ impl Engine {
                             peer: *peer,
                             imm: Imm::decode(imm),
                         });
+                    }
+                    continue;
+                }
+                Completion::LinkClosed { link } => {
+                    if let Some(Some(peer)) = self.link_to_peer.get(link).copied() {
+                        let p = &mut self.peers[peer];
+                        if p.stats.lost.is_none() {
+                            tracing::debug!(peer = %p.peer, "peer closed the link in order");
+                            p.stats.lost = Some("peer shut down".into());
+                            out.push(Event::Lost { peer });
+                        }
                     }
                     continue;
                 }

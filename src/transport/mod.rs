@@ -17,8 +17,9 @@
 //! * The receiver checks every offset and length against the target region
 //!   before a byte lands. A bad write is an error on that link
 //!   ([`Completion::LinkError`]), never memory corruption.
-//! * A link whose peer is gone yields one [`Completion::LinkDown`]; writes on
-//!   it then fail.
+//! * A link whose peer is gone yields one [`Completion::LinkDown`] (or
+//!   [`Completion::LinkClosed`] when the peer called [`Transport::close`]);
+//!   writes on it then fail.
 //!
 //! Backends: [`sim`] (in-process, deterministic, with fault injection) and
 //! [`tcp`]. Shared memory and verbs come later.
@@ -57,6 +58,11 @@ pub enum Completion {
         /// What the backend saw.
         reason: String,
     },
+    /// The peer closed the link in order (it is shutting down).
+    LinkClosed {
+        /// Which link.
+        link: LinkId,
+    },
     /// The peer broke the contract (bad frame, out-of-bounds write); the
     /// link is closed.
     LinkError {
@@ -83,6 +89,9 @@ pub trait Transport {
     /// Appends what has happened to `out`, waiting up to `timeout` for the
     /// first event (zero: do not wait).
     fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()>;
+    /// Tells every peer that this end is leaving in order, and stops
+    /// writing. Best effort and bounded: a dead peer is skipped.
+    fn close(&mut self);
     /// Number of links.
     fn links(&self) -> usize;
     /// Short name for logs (`"tcp"`, `"sim"`).
@@ -127,6 +136,9 @@ impl Transport for AnyTransport {
     #[inline]
     fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()> {
         each!(self, t => t.poll(out, timeout))
+    }
+    fn close(&mut self) {
+        each!(self, t => t.close())
     }
     fn links(&self) -> usize {
         each!(self, t => t.links())

@@ -1,1 +1,305 @@
-fn main() {}
+//! The `afmesh` command: the rendezvous server, one rank of a multi-host
+//! run, and a whole-mesh benchmark on this host.
+
+mod bench;
+mod workload;
+
+use std::time::Duration;
+
+use afmesh::bootstrap::{Scheduler, SchedulerConfig};
+use afmesh::{Mesh, MeshConfig, Role};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use workload::{Elem, Workload};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "afmesh",
+    version,
+    about = "M-to-N dispatch/combine for attention-FFN disaggregated inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the rendezvous server until every rank of the mesh has left.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8123")]
+        bind: String,
+        /// Attention ranks to admit (default: from the first rank's hello).
+        #[arg(long)]
+        attention: Option<u32>,
+        /// FFN ranks to admit (default: from the first rank's hello).
+        #[arg(long)]
+        ffn: Option<u32>,
+        /// Job name (default: from the first rank's hello).
+        #[arg(long)]
+        job: Option<String>,
+        /// Seconds the mesh may take to form.
+        #[arg(long, default_value_t = 60)]
+        join_timeout: u64,
+    },
+    /// Run one rank of a mesh on the self-checking synthetic workload.
+    Run(RunArgs),
+    /// Start a scheduler and M+N ranks on this host, run the workload,
+    /// verify it, and compare with the floor.
+    Bench(bench::BenchArgs),
+    /// The far end of the floor measurement (used by `bench`).
+    #[command(hide = true)]
+    FloorPeer {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        dispatch: u64,
+        #[arg(long)]
+        combine: u64,
+        #[arg(long)]
+        iters: u32,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// Tokens per attention rank per stage (the maximum, with --vary-tokens).
+    #[arg(long, default_value_t = 128)]
+    pub tokens: u32,
+    /// Hidden size (elements per row).
+    #[arg(long, default_value_t = 7168)]
+    pub hidden: u32,
+    /// Element type of dispatched rows.
+    #[arg(long, value_enum, default_value_t = Elem::Fp8)]
+    pub dispatch_dtype: Elem,
+    /// Element type of combined rows.
+    #[arg(long, value_enum, default_value_t = Elem::Bf16)]
+    pub combine_dtype: Elem,
+    /// Micro-batches in flight.
+    #[arg(long, default_value_t = 3)]
+    pub stages: u32,
+    /// Timed layers.
+    #[arg(long, default_value_t = 100)]
+    pub iters: u32,
+    /// Untimed warm-up layers.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u32,
+    /// Vary token counts per rank, stage and layer between 0 and --tokens.
+    #[arg(long)]
+    pub vary_tokens: bool,
+    /// Bound on every wait, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+impl WorkloadArgs {
+    pub fn workload(&self) -> Workload {
+        Workload {
+            tokens: self.tokens,
+            hidden: self.hidden,
+            dispatch: self.dispatch_dtype,
+            combine: self.combine_dtype,
+            stages: self.stages,
+            warmup: self.warmup,
+            iters: self.iters,
+            vary_tokens: self.vary_tokens,
+            timeout: Duration::from_millis(self.timeout_ms),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Role of this rank (default: AFMESH_ROLE or DMLC_ROLE).
+    #[arg(long, value_enum)]
+    role: Option<RoleArg>,
+    /// Rendezvous server HOST:PORT (default: from the environment).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Attention ranks M.
+    #[arg(long)]
+    attention: Option<u32>,
+    /// FFN ranks N.
+    #[arg(long)]
+    ffn: Option<u32>,
+    /// Preferred rank.
+    #[arg(long)]
+    rank: Option<u32>,
+    /// Print one JSON object with the results on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    work: WorkloadArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RoleArg {
+    Attention,
+    Ffn,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AFMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Scheduler {
+            bind,
+            attention,
+            ffn,
+            job,
+            join_timeout,
+        } => scheduler(&bind, attention, ffn, job, join_timeout),
+        Cmd::Run(args) => run(&args),
+        Cmd::Bench(args) => bench::bench(&args),
+        Cmd::FloorPeer {
+            connect,
+            dispatch,
+            combine,
+            iters,
+        } => bench::floor_peer(&connect, dispatch, combine, iters),
+    };
+    if let Err(e) = r {
+        eprintln!("afmesh: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn scheduler(
+    bind: &str,
+    attention: Option<u32>,
+    ffn: Option<u32>,
+    job: Option<String>,
+    join_timeout: u64,
+) -> Result<()> {
+    let s = Scheduler::bind(
+        bind,
+        SchedulerConfig {
+            attention,
+            ffn,
+            job,
+            join_timeout: Duration::from_secs(join_timeout),
+            ..SchedulerConfig::default()
+        },
+    )?;
+    eprintln!("afmesh scheduler listening on {}", s.local_addr()?);
+    let summary = s.run()?;
+    eprintln!(
+        "afmesh scheduler: mesh {}A+{}F (epoch {:#x}) finished; {} stray connections dropped",
+        summary.attention, summary.ffn, summary.epoch, summary.dropped
+    );
+    Ok(())
+}
+
+fn run(args: &RunArgs) -> Result<()> {
+    // Flags win over the environment; the environment still supplies (and
+    // validates) everything the flags leave out.
+    let flag = |k: &str| -> Option<String> {
+        match k {
+            "AFMESH_SCHEDULER" => args.scheduler.clone(),
+            "AFMESH_NUM_ATTENTION" => args.attention.map(|v| v.to_string()),
+            "AFMESH_NUM_FFN" => args.ffn.map(|v| v.to_string()),
+            _ => None,
+        }
+    };
+    let mut cfg = MeshConfig::from_lookup(|k| flag(k).or_else(|| std::env::var(k).ok())).context(
+        "configuring the rank (flags --scheduler/--attention/--ffn, or AFMESH_*/DMLC_* variables)",
+    )?;
+    if let Some(r) = args.role {
+        cfg.role = Some(match r {
+            RoleArg::Attention => Role::Attention,
+            RoleArg::Ffn => Role::Ffn,
+        });
+    }
+    if args.rank.is_some() {
+        cfg.rank = args.rank;
+    }
+    let w = args.work.workload();
+    let spec = w.spec()?;
+    let mesh = Mesh::new(cfg);
+    match mesh.join(spec)? {
+        afmesh::Rank::Attention(mut a) => {
+            let rep = workload::run_attention(&mut a, &w)?;
+            let rank = a.rank();
+            let rejected = a.stats().rejected();
+            a.shutdown()?;
+            if args.json {
+                let lat: Vec<String> = rep.lat_us.iter().map(|x| format!("{x:.3}")).collect();
+                println!(
+                    "{{\"role\":\"attention\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
+                    rep.errors,
+                    rep.ffn_us,
+                    rep.net_us,
+                    json_str(rep.first_error.as_deref()),
+                    lat.join(",")
+                );
+            } else {
+                let (p50, _, _, _) = bench::summarize(&rep.lat_us);
+                println!(
+                    "A{rank}: {} layers, p50 {p50:.1} us, {} verification errors",
+                    rep.lat_us.len(),
+                    rep.errors
+                );
+            }
+            if rep.errors > 0 {
+                anyhow::bail!(
+                    "A{rank}: {} verification errors; first: {}",
+                    rep.errors,
+                    rep.first_error.unwrap_or_default()
+                );
+            }
+        }
+        afmesh::Rank::Ffn(mut f) => {
+            let rep = workload::run_ffn(&mut f, &w)?;
+            let rank = f.rank();
+            let rejected = f.stats().rejected();
+            f.shutdown()?;
+            if args.json {
+                println!(
+                    "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"first_error\":{}}}",
+                    rep.batches,
+                    rep.errors,
+                    json_str(rep.first_error.as_deref())
+                );
+            } else {
+                println!(
+                    "F{rank}: {} batches, {} verification errors",
+                    rep.batches, rep.errors
+                );
+            }
+            if rep.errors > 0 {
+                anyhow::bail!(
+                    "F{rank}: {} verification errors; first: {}",
+                    rep.errors,
+                    rep.first_error.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn json_str(s: Option<&str>) -> String {
+    match s {
+        None => "null".into(),
+        Some(s) => {
+            let mut o = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => o.push_str("\\\""),
+                    '\\' => o.push_str("\\\\"),
+                    c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => o.push(c),
+                }
+            }
+            o.push('"');
+            o
+        }
+    }
+}

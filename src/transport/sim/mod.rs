@@ -418,6 +418,26 @@ impl Transport for SimTransport {
         Ok(())
     }
 
+    fn close(&mut self) {
+        let mut n = self.net.lock();
+        let links = n.endpoints[self.ep].links.len();
+        for l in 0..links {
+            let (pe, pl, down) = {
+                let end = &mut n.endpoints[self.ep].links[l];
+                let was = end.down;
+                end.down = true;
+                (end.peer_ep, end.peer_link, was)
+            };
+            let peer = &mut n.endpoints[pe].links[pl];
+            if !down && !peer.down {
+                peer.down = true;
+                n.endpoints[pe]
+                    .inbox
+                    .push_back(Completion::LinkClosed { link: pl });
+            }
+        }
+    }
+
     fn links(&self) -> usize {
         self.net.lock().endpoints[self.ep].links.len()
     }

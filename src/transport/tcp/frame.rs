@@ -7,6 +7,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"AFMT");
 /// Bytes of an encoded frame header.
 pub const FRAME_LEN: usize = 32;
 const FLAG_IMM: u32 = 1;
+const FLAG_CLOSE: u32 = 2;
 
 /// A write: `len` payload bytes follow, to land in `region` at `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub struct FrameHeader {
     pub len: u32,
     /// The immediate, if the write carries one.
     pub imm: Option<u32>,
+    /// The sender is closing the link in order; nothing follows.
+    pub close: bool,
 }
 
 impl FrameHeader {
@@ -26,7 +29,8 @@ impl FrameHeader {
     pub fn encode(&self) -> [u8; FRAME_LEN] {
         let mut b = [0u8; FRAME_LEN];
         b[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
-        let flags = if self.imm.is_some() { FLAG_IMM } else { 0 };
+        let flags =
+            if self.imm.is_some() { FLAG_IMM } else { 0 } | if self.close { FLAG_CLOSE } else { 0 };
         b[4..8].copy_from_slice(&flags.to_le_bytes());
         b[8..12].copy_from_slice(&self.region.to_le_bytes());
         b[12..16].copy_from_slice(&self.len.to_le_bytes());
@@ -45,7 +49,7 @@ impl FrameHeader {
             )));
         }
         let flags = r.u32("frame flags")?;
-        if flags & !FLAG_IMM != 0 {
+        if flags & !(FLAG_IMM | FLAG_CLOSE) != 0 {
             return Err(DecodeError(format!("frame flags: unknown bits {flags:#x}")));
         }
         let region = r.u32("frame region")?;
@@ -61,6 +65,7 @@ impl FrameHeader {
             offset,
             len,
             imm: (flags & FLAG_IMM != 0).then_some(imm),
+            close: flags & FLAG_CLOSE != 0,
         })
     }
 }
@@ -72,8 +77,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(region in any::<u32>(), offset in any::<u64>(), len in any::<u32>(), imm in proptest::option::of(any::<u32>())) {
-            let h = FrameHeader { region, offset, len, imm };
+        fn round_trip(region in any::<u32>(), offset in any::<u64>(), len in any::<u32>(), imm in proptest::option::of(any::<u32>()), close in any::<bool>()) {
+            let h = FrameHeader { region, offset, len, imm, close };
             prop_assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
         }
 

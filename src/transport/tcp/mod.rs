@@ -126,6 +126,10 @@ fn read_loop(
                 return;
             }
         };
+        if h.close {
+            let _ = tx.send(Completion::LinkClosed { link });
+            return;
+        }
         let landed = match regions.get(h.region as usize) {
             None => Ok(Err(format!("write to unknown region {}", h.region))),
             Some(r) => r.read_from(h.offset, u64::from(h.len), &mut s),
@@ -257,6 +261,7 @@ impl Transport for TcpTransport {
             offset,
             len,
             imm,
+            close: false,
         }
         .encode();
         let mut iov: [IoSlice<'_>; MAX_GATHER] = [IoSlice::new(&[]); MAX_GATHER];
@@ -325,6 +330,25 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
+    fn close(&mut self) {
+        let bye = FrameHeader {
+            region: 0,
+            offset: 0,
+            len: 0,
+            imm: None,
+            close: true,
+        }
+        .encode();
+        for l in &mut self.links {
+            if !l.down {
+                let _ = l.stream.set_write_timeout(Some(Duration::from_millis(200)));
+                let _ = l.stream.write_all(&bye);
+                let _ = l.stream.shutdown(Shutdown::Write);
+                l.down = true;
+            }
+        }
+    }
+
     fn links(&self) -> usize {
         self.links.len()
     }
@@ -336,7 +360,10 @@ impl Transport for TcpTransport {
 
 impl TcpTransport {
     fn mark(&mut self, c: &Completion) {
-        if let Completion::LinkDown { link, .. } | Completion::LinkError { link, .. } = c {
+        if let Completion::LinkDown { link, .. }
+        | Completion::LinkError { link, .. }
+        | Completion::LinkClosed { link } = c
+        {
             if let Some(l) = self.links.get_mut(*link) {
                 l.down = true;
             }
@@ -346,8 +373,9 @@ impl TcpTransport {
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
-        // Shutting the sockets down wakes every reader with EOF, so the joins
-        // below cannot hang.
+        // Peers hear that we leave in order; then shutting the sockets down
+        // wakes every reader with EOF, so the joins below cannot hang.
+        self.close();
         for l in &self.links {
             let _ = l.stream.shutdown(Shutdown::Both);
         }
@@ -414,9 +442,20 @@ mod tests {
     }
 
     #[test]
-    fn peer_drop_is_link_down() {
+    fn peer_drop_is_an_orderly_close() {
         let (a, mut b, _r, _k) = pair();
         drop(a);
+        assert_eq!(wait(&mut b), Completion::LinkClosed { link: 0 });
+    }
+
+    #[test]
+    fn abrupt_peer_end_is_link_down() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let mut b = TcpTransport::new(PollPolicy::default(), Duration::from_secs(5));
+        b.add_link(s, "a").unwrap();
+        drop(c);
         assert!(matches!(wait(&mut b), Completion::LinkDown { .. }));
     }
 }

@@ -1,0 +1,345 @@
+//! `afmesh bench`: a whole mesh on this host, verified, against its floor.
+//!
+//! The mesh: an embedded scheduler and M+N `afmesh run` processes. The
+//! floor: two processes joined by one plain TCP stream (`TCP_NODELAY`),
+//! one writing all the bytes a layer dispatches, the other answering with
+//! all the bytes a layer combines — the least any TCP transport must pay
+//! for the same layer on this machine.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use afmesh::bootstrap::{Scheduler, SchedulerConfig};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::{json_str, WorkloadArgs};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Attention ranks M.
+    #[arg(long, default_value_t = 1)]
+    attention: u32,
+    /// FFN ranks N.
+    #[arg(long, default_value_t = 1)]
+    ffn: u32,
+    /// Transport.
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    work: WorkloadArgs,
+}
+
+/// Kills its children on every path out.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sorted summary: (p50, p99, max, mean).
+pub fn summarize(v: &[f64]) -> (f64, f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0, 0.0);
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| s[((s.len() as f64 - 1.0) * p).round() as usize];
+    (
+        q(0.5),
+        q(0.99),
+        s[s.len() - 1],
+        s.iter().sum::<f64>() / s.len() as f64,
+    )
+}
+
+fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let k = format!("\"{key}\":");
+    let start = json.find(&k)? + k.len();
+    let rest = &json[start..];
+    let end = if rest.starts_with('[') {
+        rest.find(']')? + 1
+    } else if rest.starts_with('"') {
+        rest[1..].find('"')? + 2
+    } else {
+        rest.find([',', '}'])?
+    };
+    Some(&rest[..end])
+}
+
+fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
+    let mut outs = vec![String::new(); children.0.len()];
+    let mut done = vec![false; children.0.len()];
+    loop {
+        for (i, (name, c)) in children.0.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            if let Some(st) = c.try_wait()? {
+                done[i] = true;
+                if let Some(mut o) = c.stdout.take() {
+                    o.read_to_string(&mut outs[i])?;
+                }
+                if !st.success() {
+                    bail!("{name} failed ({st}); its stderr is above");
+                }
+            }
+        }
+        if done.iter().all(|d| *d) {
+            return Ok(outs);
+        }
+        if Instant::now() > deadline {
+            bail!("ranks did not finish in time");
+        }
+        // Children write little until they exit; poll their status at a
+        // modest rate so the bench itself stays off the 2 cores.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.transport != "tcp" && args.transport != "auto" {
+        bail!(
+            "--transport {}: this build has tcp (and auto = tcp)",
+            args.transport
+        );
+    }
+    let w = args.work.workload();
+    w.spec()?;
+    let (m, n) = (args.attention, args.ffn);
+    if m == 0 || n == 0 {
+        bail!("need at least one attention and one FFN rank");
+    }
+    let sched = Scheduler::bind(
+        "127.0.0.1:0",
+        SchedulerConfig {
+            attention: Some(m),
+            ffn: Some(n),
+            join_timeout: Duration::from_secs(60),
+            ..SchedulerConfig::default()
+        },
+    )?
+    .spawn()?;
+    let addr = sched.addr().to_string();
+    let exe = std::env::current_exe().context("locating the afmesh binary")?;
+    let wa = &args.work;
+    let mut children = Children(Vec::new());
+    for (role, count) in [("ffn", n), ("attention", m)] {
+        for r in 0..count {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["run", "--json", "--role", role, "--scheduler", &addr])
+                .args([
+                    "--attention",
+                    &m.to_string(),
+                    "--ffn",
+                    &n.to_string(),
+                    "--rank",
+                    &r.to_string(),
+                ])
+                .args([
+                    "--tokens",
+                    &wa.tokens.to_string(),
+                    "--hidden",
+                    &wa.hidden.to_string(),
+                ])
+                .args([
+                    "--dispatch-dtype",
+                    elem(wa.dispatch_dtype),
+                    "--combine-dtype",
+                    elem(wa.combine_dtype),
+                ])
+                .args([
+                    "--stages",
+                    &wa.stages.to_string(),
+                    "--iters",
+                    &wa.iters.to_string(),
+                ])
+                .args([
+                    "--warmup",
+                    &wa.warmup.to_string(),
+                    "--timeout-ms",
+                    &wa.timeout_ms.to_string(),
+                ])
+                .env("AFMESH_JOB", format!("bench-{}", std::process::id()))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            if wa.vary_tokens {
+                cmd.arg("--vary-tokens");
+            }
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("spawning {role} rank {r}"))?;
+            children.0.push((format!("{role} rank {r}"), child));
+        }
+    }
+    let budget = Duration::from_secs(60) + Duration::from_millis(u64::from(w.layers()) * 50);
+    let outs = wait_all(&mut children, Instant::now() + budget)?;
+    drop(children);
+    let _ = sched.join();
+
+    let mut per_rank: Vec<Vec<f64>> = Vec::new();
+    let mut errors = 0u64;
+    let mut first_error: Option<String> = None;
+    let (mut ffn_us, mut net_us) = (0.0, 0.0);
+    for o in &outs {
+        let line = o.lines().last().unwrap_or("");
+        let e: u64 = field(line, "errors")
+            .and_then(|v| v.parse().ok())
+            .context("rank output lacks errors")?;
+        errors += e;
+        if let Some(fe) = field(line, "first_error").filter(|v| *v != "null") {
+            first_error.get_or_insert(fe.trim_matches('"').to_string());
+        }
+        if let Some(l) = field(line, "lat_us") {
+            let v: Vec<f64> = l
+                .trim_matches(['[', ']'])
+                .split(',')
+                .filter(|x| !x.is_empty())
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            per_rank.push(v);
+            ffn_us += field(line, "ffn_us")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / f64::from(m);
+            net_us += field(line, "net_us")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / f64::from(m);
+        }
+    }
+    if per_rank.len() != m as usize {
+        bail!("expected {m} attention reports, got {}", per_rank.len());
+    }
+    // A layer is done when its slowest attention rank is.
+    let lat: Vec<f64> = (0..w.iters as usize)
+        .map(|i| {
+            per_rank
+                .iter()
+                .map(|v| v.get(i).copied().unwrap_or(0.0))
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    let (p50, p99, max, mean) = summarize(&lat);
+    let (d, c) = w.layer_bytes(m, n);
+    let floor = measure_floor(d, c, w.warmup.max(5) + w.iters)?;
+    let (floor_p50, ..) = summarize(&floor);
+    let goodput = (d + c) as f64 / (mean * 1e-6) / 1e9;
+    let ratio = p50 / floor_p50;
+    let verified = errors == 0;
+    if args.json {
+        println!(
+            "{{\"transport\":\"tcp\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"tcp stream, 2 processes\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
+            wa.tokens,
+            wa.hidden,
+            elem(wa.dispatch_dtype),
+            elem(wa.combine_dtype),
+            wa.stages,
+            wa.iters,
+            wa.warmup,
+            d + c,
+            json_str(first_error.as_deref())
+        );
+    } else {
+        println!("afmesh bench: {m}A x {n}F over tcp, {} stages, {} tokens x {} hidden ({} out, {} back)", wa.stages, wa.tokens, wa.hidden, elem(wa.dispatch_dtype), elem(wa.combine_dtype));
+        println!(
+            "  layer moves   {:.3} MB ({:.3} dispatch + {:.3} combine)",
+            (d + c) as f64 / 1e6,
+            d as f64 / 1e6,
+            c as f64 / 1e6
+        );
+        println!(
+            "  per layer     mean {mean:.1} us  p50 {p50:.1} us  p99 {p99:.1} us  max {max:.1} us"
+        );
+        println!("  goodput       {goodput:.2} GB/s");
+        println!("  floor         {floor_p50:.1} us (same bytes over one plain TCP stream between 2 processes)");
+        println!("  ratio         p50/floor = {ratio:.2}");
+        println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
+        println!("  verified      {verified} ({errors} errors)");
+    }
+    if !verified {
+        bail!("verification failed: {}", first_error.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn elem(e: crate::workload::Elem) -> &'static str {
+    match e {
+        crate::workload::Elem::Fp8 => "fp8",
+        crate::workload::Elem::Bf16 => "bf16",
+        crate::workload::Elem::F32 => "f32",
+    }
+}
+
+/// Per-iteration microseconds of the floor exchange.
+fn measure_floor(dispatch: u64, combine: u64, iters: u32) -> Result<Vec<f64>> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args(["floor-peer", "--connect", &l.local_addr()?.to_string()])
+        .args([
+            "--dispatch",
+            &dispatch.to_string(),
+            "--combine",
+            &combine.to_string(),
+            "--iters",
+            &iters.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut guard = Children(vec![("floor peer".into(), child)]);
+    l.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(e).context("floor peer did not connect"),
+        }
+    };
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let out = vec![0x5au8; dispatch as usize];
+    let mut back = vec![0u8; combine as usize];
+    let warm = 5.min(iters);
+    let mut v = Vec::with_capacity(iters as usize);
+    for i in 0..iters {
+        let t = Instant::now();
+        s.write_all(&out)?;
+        s.read_exact(&mut back)?;
+        if i >= warm {
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    if let Some((_, c)) = guard.0.first_mut() {
+        let _ = c.wait();
+    }
+    guard.0.clear();
+    Ok(v)
+}
+
+pub fn floor_peer(connect: &str, dispatch: u64, combine: u64, iters: u32) -> Result<()> {
+    let mut s = TcpStream::connect(connect)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut inb = vec![0u8; dispatch as usize];
+    let out = vec![0xa5u8; combine as usize];
+    for _ in 0..iters {
+        s.read_exact(&mut inb)?;
+        s.write_all(&out)?;
+    }
+    Ok(())
+}
