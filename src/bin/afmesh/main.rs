@@ -225,6 +225,12 @@ fn run(args: &RunArgs) -> Result<()> {
     let mesh = Mesh::new(cfg);
     match mesh.join(spec)? {
         afmesh::Rank::Attention(mut a) => {
+            eprintln!(
+                "afmesh run: A{} joined a {}A+{}F mesh",
+                a.rank(),
+                a.attention_ranks(),
+                a.ffn_ranks()
+            );
             let rep = workload::run_attention(&mut a, &w)?;
             let rank = a.rank();
             let rejected = a.stats().rejected();
@@ -256,6 +262,12 @@ fn run(args: &RunArgs) -> Result<()> {
             }
         }
         afmesh::Rank::Ffn(mut f) => {
+            eprintln!(
+                "afmesh run: F{} joined a {}A+{}F mesh",
+                f.rank(),
+                f.attention_ranks(),
+                f.ffn_ranks()
+            );
             let rep = workload::run_ffn(&mut f, &w)?;
             let rank = f.rank();
             let rejected = f.stats().rejected();

@@ -1,0 +1,221 @@
+//! Multi-process runs over tcp, spawning the project's own binary.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::{afmesh, rank, scheduler, Proc};
+
+fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
+    let k = format!("\"{key}\":");
+    let rest = &json[json
+        .find(&k)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + k.len()..];
+    &rest[..rest.find([',', '}']).unwrap()]
+}
+
+#[test]
+fn bench_2a2f_reference_sizes_verified() {
+    let mut cmd = afmesh();
+    cmd.args([
+        "bench",
+        "--attention",
+        "2",
+        "--ffn",
+        "2",
+        "--transport",
+        "tcp",
+        "--iters",
+        "5",
+        "--warmup",
+        "2",
+        "--json",
+    ]);
+    let mut p = Proc::spawn("bench", cmd);
+    let st = p.wait_exit(Duration::from_secs(60));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
+    assert_eq!(json_field(line, "verified"), "true");
+    assert_eq!(json_field(line, "tokens"), "128");
+    assert_eq!(json_field(line, "hidden"), "7168");
+    assert_eq!(json_field(line, "stages"), "3");
+    for k in [
+        "mean_us",
+        "p50_us",
+        "p99_us",
+        "max_us",
+        "goodput_gbps",
+        "floor_us",
+        "ratio",
+    ] {
+        let v: f64 = json_field(line, k).parse().unwrap();
+        assert!(v > 0.0, "{k} = {v}");
+    }
+}
+
+#[test]
+fn varying_token_counts_across_processes() {
+    let mut cmd = afmesh();
+    cmd.args([
+        "bench",
+        "--attention",
+        "2",
+        "--ffn",
+        "3",
+        "--tokens",
+        "32",
+        "--hidden",
+        "512",
+        "--vary-tokens",
+    ])
+    .args([
+        "--iters",
+        "30",
+        "--warmup",
+        "2",
+        "--dispatch-dtype",
+        "bf16",
+        "--combine-dtype",
+        "f32",
+        "--json",
+    ]);
+    let mut p = Proc::spawn("bench", cmd);
+    let st = p.wait_exit(Duration::from_secs(60));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("\"verified\":true"), "{out}");
+}
+
+#[test]
+fn killed_rank_is_peer_lost_everywhere() {
+    let (mut sched, addr) = scheduler(&[]);
+    let work = [
+        "--tokens",
+        "16",
+        "--hidden",
+        "1024",
+        "--iters",
+        "1000000",
+        "--timeout-ms",
+        "3000",
+    ];
+    let mut ranks: Vec<Proc> = Vec::new();
+    for r in 0..2 {
+        ranks.push(rank("ffn", r, &addr, 2, 2, &work));
+    }
+    for r in 0..2 {
+        ranks.push(rank("attention", r, &addr, 2, 2, &work));
+    }
+    for p in &ranks {
+        p.wait_line(Duration::from_secs(20), |l| l.contains("joined"));
+    }
+    // Mid-run: SIGKILL F1.
+    ranks[1].kill();
+    for (i, p) in ranks.iter_mut().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        let st = p.wait_exit(Duration::from_secs(10));
+        let out = p.output();
+        assert_eq!(
+            st.code(),
+            Some(1),
+            "{} must exit with an error, not a signal:\n{out}",
+            p.name
+        );
+        assert!(
+            out.contains("peer lost"),
+            "{} must report the lost peer:\n{out}",
+            p.name
+        );
+        assert!(!out.contains("panicked"), "{}:\n{out}", p.name);
+    }
+    // The scheduler sees every rank leave and finishes.
+    let st = sched.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "{}", sched.output());
+    let a0 = ranks[2].output();
+    assert!(a0.contains("F1"), "A0 names F1:\n{a0}");
+}
+
+#[test]
+fn stranger_sending_garbage_does_not_stop_the_mesh() {
+    let (mut sched, addr) = scheduler(&["--attention", "1", "--ffn", "1"]);
+    // One stranger sends garbage, another a frame that claims 4 GiB, a
+    // third says nothing at all.
+    let mut g = std::net::TcpStream::connect(&addr).unwrap();
+    g.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut big = std::net::TcpStream::connect(&addr).unwrap();
+    big.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    let _silent = std::net::TcpStream::connect(&addr).unwrap();
+    let work = [
+        "--tokens", "8", "--hidden", "256", "--iters", "20", "--warmup", "1",
+    ];
+    let mut f = rank("ffn", 0, &addr, 1, 1, &work);
+    let mut a = rank("attention", 0, &addr, 1, 1, &work);
+    for p in [&mut f, &mut a] {
+        let st = p.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "{}:\n{}", p.name, p.output());
+    }
+    let st = sched.wait_exit(Duration::from_secs(10));
+    let out = sched.output();
+    assert!(st.success(), "{out}");
+    assert!(
+        out.contains("dropping connection"),
+        "the garbage is logged:\n{out}"
+    );
+}
+
+#[test]
+fn misconfigured_rank_is_refused_with_a_reason() {
+    let (_sched, addr) = scheduler(&["--attention", "1", "--ffn", "1"]);
+    // A rank that believes in a 2A+1F mesh.
+    let mut bad = rank(
+        "attention",
+        0,
+        &addr,
+        2,
+        1,
+        &["--tokens", "8", "--hidden", "256", "--iters", "1"],
+    );
+    let st = bad.wait_exit(Duration::from_secs(20));
+    let out = bad.output();
+    assert_eq!(st.code(), Some(1), "{out}");
+    assert!(out.contains("refused") && out.contains("2A+1F"), "{out}");
+}
+
+#[test]
+fn environment_configuration_with_dmlc_names() {
+    let (_sched, addr) = scheduler(&[]);
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let spawn = |role: &str| {
+        let mut c = afmesh();
+        c.args([
+            "run", "--tokens", "8", "--hidden", "256", "--iters", "5", "--warmup", "1",
+        ])
+        .env("DMLC_ROLE", role)
+        .env("DMLC_PS_ROOT_URI", host)
+        .env("DMLC_PS_ROOT_PORT", port)
+        .env("DMLC_NUM_WORKER", "1")
+        .env("DMLC_NUM_SERVER", "1")
+        .env("DMLC_NODE_RANK", "0");
+        Proc::spawn(role, c)
+    };
+    let mut f = spawn("server");
+    let mut a = spawn("worker");
+    for p in [&mut f, &mut a] {
+        let st = p.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "{}:\n{}", p.name, p.output());
+    }
+    let mut bad = afmesh();
+    bad.args(["run"])
+        .env("DMLC_ROLE", "worker")
+        .env_remove("DMLC_PS_ROOT_URI")
+        .env_remove("AFMESH_SCHEDULER");
+    let mut p = Proc::spawn("bad env", bad);
+    let st = p.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(1));
+    assert!(p.output().contains("AFMESH_SCHEDULER"), "{}", p.output());
+}
