@@ -2,6 +2,8 @@
 //! thread: shapes, interleaved stages, random token counts, delay and
 //! reordering, duplicates and stale messages, link death.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use afmesh::transport::sim::{Faults, SimNetwork};
@@ -165,14 +167,12 @@ fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults)
                         next_layer[ai][s] += 1;
                         progressed = true;
                     }
-                    Some((h, l, count)) => {
-                        if check_combined(a, h, l, count) {
-                            inflight[ai][s] = None;
-                            done += 1;
-                            progressed = true;
-                        }
+                    Some((h, l, count)) if check_combined(a, h, l, count) => {
+                        inflight[ai][s] = None;
+                        done += 1;
+                        progressed = true;
                     }
-                    None => {}
+                    _ => {}
                 }
             }
         }

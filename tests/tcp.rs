@@ -1,5 +1,7 @@
 //! Multi-process runs over tcp, spawning the project's own binary.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write;
@@ -218,4 +220,19 @@ fn environment_configuration_with_dmlc_names() {
     let st = p.wait_exit(Duration::from_secs(10));
     assert_eq!(st.code(), Some(1));
     assert!(p.output().contains("AFMESH_SCHEDULER"), "{}", p.output());
+}
+
+#[test]
+fn afd_pipeline_example_matches_its_reference() {
+    // `cargo test` builds the examples next to the binaries.
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_afmesh"));
+    let ex = bin.parent().unwrap().join("examples").join("afd_pipeline");
+    assert!(ex.exists(), "{} not built: run the whole suite with `cargo test` (a filtered `--test tcp` does not build examples)", ex.display());
+    let mut cmd = std::process::Command::new(ex);
+    cmd.args(["2", "3", "3"]);
+    let mut p = Proc::spawn("afd_pipeline", cmd);
+    let st = p.wait_exit(Duration::from_secs(60));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("match"), "{out}");
 }

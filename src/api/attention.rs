@@ -172,7 +172,7 @@ impl AttentionRank {
             )));
         }
         let row = spec.row_bytes as usize;
-        let count = if row == 0 { 0 } else { tokens.len() / row };
+        let count = tokens.len().checked_div(row).unwrap_or(0);
         if row == 0 && !tokens.is_empty() || row != 0 && tokens.len() % row != 0 {
             return Err(Error::BufferSize {
                 what: format!("dispatch tokens: not a whole number of {row}-byte rows"),
@@ -364,7 +364,6 @@ impl AttentionRank {
         let h = match self
             .region
             .slice(off, HEADER_LEN)
-            .map_err(|e| e)
             .and_then(|b| Header::decode(b).map_err(|e| e.0))
         {
             Ok(h) => h,

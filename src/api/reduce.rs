@@ -2,7 +2,7 @@
 //! reduce-scatter. Sums are accumulated in f32, in FFN-rank order, so the
 //! result does not depend on which partial arrived first.
 
-use half::{bf16, f16};
+use half::f16;
 
 use crate::error::{Error, Result};
 
@@ -40,6 +40,26 @@ impl Dtype {
 }
 
 const CHUNK: usize = 512;
+
+/// bfloat16 is the top half of an f32.
+#[inline(always)]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// Round to nearest even, NaN stays NaN; branch-light so the loop
+/// vectorizes (same results as `half::bf16::from_f32`).
+#[inline(always)]
+fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet = ((bits >> 16) | 0x0040) as u16;
+    if x.is_nan() {
+        quiet
+    } else {
+        rounded
+    }
+}
 
 /// Writes the element-wise sum of `parts` (each `out.len()` bytes of
 /// `dtype` values, little-endian) into `out`.
@@ -83,7 +103,7 @@ pub fn sum_into(dtype: Dtype, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
                 }
                 Dtype::Bf16 => {
                     for (a, c) in acc.iter_mut().zip(src.chunks_exact(2)) {
-                        *a += bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                        *a += bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
                     }
                 }
             }
@@ -102,7 +122,7 @@ pub fn sum_into(dtype: Dtype, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
             }
             Dtype::Bf16 => {
                 for (a, d) in acc.iter().zip(dst.chunks_exact_mut(2)) {
-                    d.copy_from_slice(&bf16::from_f32(*a).to_le_bytes());
+                    d.copy_from_slice(&f32_to_bf16(*a).to_le_bytes());
                 }
             }
         }
@@ -127,13 +147,40 @@ mod tests {
             let e = |x: f32| match dt {
                 Dtype::F32 => x.to_le_bytes().to_vec(),
                 Dtype::F16 => f16::from_f32(x).to_le_bytes().to_vec(),
-                Dtype::Bf16 => bf16::from_f32(x).to_le_bytes().to_vec(),
+                Dtype::Bf16 => half::bf16::from_f32(x).to_le_bytes().to_vec(),
             };
             let (pa, pb) = (enc(&a, e), enc(&b, e));
             let mut out = vec![0u8; pa.len()];
             sum_into(dt, &[&pa, &pb], &mut out).unwrap();
             assert_eq!(out, enc(&[1.5f32, 0.0, 1024.0], e), "{dt:?}");
         }
+    }
+
+    #[test]
+    fn bf16_conversion_matches_half() {
+        use half::bf16;
+        let samples = [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.003_906_2,
+            1.0039063,
+            3.4e38,
+            -3.4e38,
+            f32::INFINITY,
+            1e-40,
+            65504.0,
+            0.1,
+        ];
+        for x in samples
+            .into_iter()
+            .chain((0..10_000).map(|i| f32::from_bits(i * 429_497)))
+        {
+            assert_eq!(f32_to_bf16(x), bf16::from_f32(x).to_bits(), "{x:e}");
+            let b = bf16::from_f32(x);
+            assert_eq!(bf16_to_f32(b.to_bits()).to_bits(), b.to_f32().to_bits());
+        }
+        assert!(bf16::from_bits(f32_to_bf16(f32::NAN)).is_nan());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Spawning the project's own binary in tests: every wait bounded, every
 //! child killed on every path out.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -69,8 +69,8 @@ fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     let rest = &json[start..];
     let end = if rest.starts_with('[') {
         rest.find(']')? + 1
-    } else if rest.starts_with('"') {
-        rest[1..].find('"')? + 2
+    } else if let Some(body) = rest.strip_prefix('"') {
+        body.find('"')? + 2
     } else {
         rest.find([',', '}'])?
     };

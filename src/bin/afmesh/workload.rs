@@ -275,7 +275,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
             rep.first_error.get_or_insert(what);
         };
         let mut lens = Vec::with_capacity(m);
-        for a in 0..m {
+        for (a, out) in outs.iter_mut().enumerate() {
             let side = b.side(a);
             let count = b.token_count(a);
             lens.push(count * out_row);
@@ -300,7 +300,6 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
             let input = b.tokens(a);
             // Full input check during warm-up only; stamps always.
             let full = layer < w.warmup;
-            let out = &mut outs[a];
             for r in 0..count {
                 let inrow = &input[r * row..(r + 1) * row];
                 let st = stamp(layer, s, a as u32, r);
