@@ -137,42 +137,50 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     for (role, count) in [("ffn", n), ("attention", m)] {
         for r in 0..count {
             let mut cmd = Command::new(&exe);
-            cmd.args(["run", "--json", "--role", role, "--scheduler", &addr])
-                .args([
-                    "--attention",
-                    &m.to_string(),
-                    "--ffn",
-                    &n.to_string(),
-                    "--rank",
-                    &r.to_string(),
-                ])
-                .args([
-                    "--tokens",
-                    &wa.tokens.to_string(),
-                    "--hidden",
-                    &wa.hidden.to_string(),
-                ])
-                .args([
-                    "--dispatch-dtype",
-                    elem(wa.dispatch_dtype),
-                    "--combine-dtype",
-                    elem(wa.combine_dtype),
-                ])
-                .args([
-                    "--stages",
-                    &wa.stages.to_string(),
-                    "--iters",
-                    &wa.iters.to_string(),
-                ])
-                .args([
-                    "--warmup",
-                    &wa.warmup.to_string(),
-                    "--timeout-ms",
-                    &wa.timeout_ms.to_string(),
-                ])
-                .env("AFMESH_JOB", format!("bench-{}", std::process::id()))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
+            cmd.args([
+                "run",
+                "--json",
+                "--quiet",
+                "--role",
+                role,
+                "--scheduler",
+                &addr,
+            ])
+            .args([
+                "--attention",
+                &m.to_string(),
+                "--ffn",
+                &n.to_string(),
+                "--rank",
+                &r.to_string(),
+            ])
+            .args([
+                "--tokens",
+                &wa.tokens.to_string(),
+                "--hidden",
+                &wa.hidden.to_string(),
+            ])
+            .args([
+                "--dispatch-dtype",
+                elem(wa.dispatch_dtype),
+                "--combine-dtype",
+                elem(wa.combine_dtype),
+            ])
+            .args([
+                "--stages",
+                &wa.stages.to_string(),
+                "--iters",
+                &wa.iters.to_string(),
+            ])
+            .args([
+                "--warmup",
+                &wa.warmup.to_string(),
+                "--timeout-ms",
+                &wa.timeout_ms.to_string(),
+            ])
+            .env("AFMESH_JOB", format!("bench-{}", std::process::id()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
             if wa.vary_tokens {
                 cmd.arg("--vary-tokens");
             }

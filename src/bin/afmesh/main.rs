@@ -130,6 +130,9 @@ pub struct RunArgs {
     /// Print one JSON object with the results on stdout.
     #[arg(long)]
     json: bool,
+    /// Do not announce joining on stderr.
+    #[arg(long)]
+    quiet: bool,
     #[command(flatten)]
     work: WorkloadArgs,
 }
@@ -225,11 +228,11 @@ fn run(args: &RunArgs) -> Result<()> {
     let mesh = Mesh::new(cfg);
     match mesh.join(spec)? {
         afmesh::Rank::Attention(mut a) => {
-            eprintln!(
-                "afmesh run: A{} joined a {}A+{}F mesh",
-                a.rank(),
+            announce(
+                args,
+                format!("A{}", a.rank()),
                 a.attention_ranks(),
-                a.ffn_ranks()
+                a.ffn_ranks(),
             );
             let rep = workload::run_attention(&mut a, &w)?;
             let rank = a.rank();
@@ -262,11 +265,11 @@ fn run(args: &RunArgs) -> Result<()> {
             }
         }
         afmesh::Rank::Ffn(mut f) => {
-            eprintln!(
-                "afmesh run: F{} joined a {}A+{}F mesh",
-                f.rank(),
+            announce(
+                args,
+                format!("F{}", f.rank()),
                 f.attention_ranks(),
-                f.ffn_ranks()
+                f.ffn_ranks(),
             );
             let rep = workload::run_ffn(&mut f, &w)?;
             let rank = f.rank();
@@ -295,6 +298,12 @@ fn run(args: &RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn announce(args: &RunArgs, who: String, m: usize, n: usize) {
+    if !args.quiet {
+        eprintln!("afmesh run: {who} joined a {m}A+{n}F mesh");
+    }
 }
 
 pub fn json_str(s: Option<&str>) -> String {
