@@ -14,23 +14,26 @@ use crate::transport::PollPolicy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TransportKind {
-    /// The best available (tcp in this build).
+    /// Per link: shm between ranks with the same host id, else tcp.
     Auto,
     /// TCP sockets.
     Tcp,
+    /// Shared memory (every link must be same-host).
+    Shm,
 }
 
 impl TransportKind {
-    /// Parses `auto` or `tcp`.
+    /// Parses `auto`, `tcp` or `shm`.
     pub fn parse(s: &str) -> Result<TransportKind> {
         match s {
             "auto" => Ok(TransportKind::Auto),
             "tcp" => Ok(TransportKind::Tcp),
-            "shm" | "verbs" => Err(Error::Unsupported(format!(
-                "transport {s:?} is not in this build yet; use tcp or auto"
-            ))),
+            "shm" => Ok(TransportKind::Shm),
+            "verbs" => Err(Error::Unsupported(
+                "transport \"verbs\" is not in this build yet; use auto, tcp or shm".into(),
+            )),
             _ => Err(Error::config(format!(
-                "transport {s:?}: expected auto or tcp"
+                "transport {s:?}: expected auto, tcp or shm"
             ))),
         }
     }
@@ -64,6 +67,8 @@ pub struct MeshConfig {
     pub io_timeout: Duration,
     /// Run the rendezvous server inside this rank, at `scheduler`.
     pub embed_scheduler: bool,
+    /// Pin the joining thread (the one that will drive the rank) to this CPU.
+    pub cpu: Option<usize>,
 }
 
 impl MeshConfig {
@@ -82,6 +87,7 @@ impl MeshConfig {
             setup_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(10),
             embed_scheduler: false,
+            cpu: None,
         }
     }
 
@@ -152,6 +158,9 @@ impl MeshConfig {
         }
         if let Some(kv) = pick("AFMESH_IO_TIMEOUT_MS", "AFMESH_IO_TIMEOUT_MS") {
             c.io_timeout = Duration::from_millis(u64::from(num(kv)?));
+        }
+        if let Some(kv) = pick("AFMESH_CPU", "AFMESH_CPU") {
+            c.cpu = Some(num(kv)? as usize);
         }
         if let Some(v) = get("AFMESH_EMBED_SCHEDULER") {
             c.embed_scheduler = match v.trim() {

@@ -15,6 +15,8 @@ use crate::engine::{Engine, PeerStats};
 use crate::error::{Error, Peer, Result};
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
 use crate::proto::{Message, RegionKey, Role};
+use crate::transport::mux::MuxTransport;
+use crate::transport::shm::ShmTransport;
 use crate::transport::sim::SimNetwork;
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{AnyTransport, Region, Transport};
@@ -162,98 +164,80 @@ impl Mesh {
 
     fn join_attention(&self, spec: StageSpec, memory: Memory) -> Result<AttentionRank> {
         self.check_role(Role::Attention)?;
-        let layout = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
-        let need = layout
-            .out_region_len()
-            .ok_or_else(|| Error::config("output region overflows"))?;
-        let region = region_for(memory, need, "attention output slots")?;
-        let j = self.rendezvous(Role::Attention, spec, region.clone(), false)?;
-        let ffn = j.session.peers(Role::Ffn);
-        let streams = link::connect_all(
-            &ffn,
-            j.session.epoch,
-            j.session.rank,
-            self.cfg.setup_timeout,
-        )?;
-        let need_remote = layout.in_region_len().unwrap_or(usize::MAX) as u64;
-        let mut t = j.transport;
-        let mut peers = Vec::new();
-        for (e, s) in ffn.iter().zip(streams) {
-            let key = peer_key(e.regions.first(), need_remote, Peer::Ffn(e.rank))?;
-            let l = t.add_link(s, format!("F{}", e.rank))?;
-            peers.push((Peer::Ffn(e.rank), l, key));
-        }
-        let mut session = j.session;
-        session.barrier(self.cfg.setup_timeout)?;
-        let rank = session.rank;
-        tracing::info!(rank, transport = "tcp", "attention rank joined");
-        let engine = Engine::new(AnyTransport::Tcp(t), peers);
+        let j = self.join_as(Role::Attention, spec, memory)?;
         Ok(AttentionRank::new(
-            engine,
-            layout,
-            rank,
-            region,
-            Support {
-                session: Some(session),
-                scheduler: j.scheduler,
-            },
+            j.engine, j.layout, j.rank, j.region, j.support,
         ))
     }
 
     fn join_ffn(&self, spec: StageSpec, memory: Memory) -> Result<FfnRank> {
         self.check_role(Role::Ffn)?;
-        let layout = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
-        let need = layout
-            .in_region_len()
-            .ok_or_else(|| Error::config("input region overflows"))?;
-        let region = region_for(memory, need, "FFN input slots")?;
-        let j = self.rendezvous(Role::Ffn, spec, region.clone(), true)?;
-        let listener = j
-            .listener
-            .ok_or_else(|| Error::config("FFN rank has no link listener"))?;
-        let attn = j.session.peers(Role::Attention);
-        let streams = link::accept_all(
-            &listener,
-            self.cfg.attention,
-            j.session.epoch,
-            self.cfg.setup_timeout,
-        )?;
-        let need_remote = layout.out_region_len().unwrap_or(usize::MAX) as u64;
-        let mut t = j.transport;
-        let mut peers = Vec::new();
-        for (e, s) in attn.iter().zip(streams) {
-            let key = peer_key(e.regions.first(), need_remote, Peer::Attention(e.rank))?;
-            let l = t.add_link(s, format!("A{}", e.rank))?;
-            peers.push((Peer::Attention(e.rank), l, key));
-        }
-        let mut session = j.session;
-        session.barrier(self.cfg.setup_timeout)?;
-        let rank = session.rank;
-        tracing::info!(rank, transport = "tcp", "ffn rank joined");
-        let engine = Engine::new(AnyTransport::Tcp(t), peers);
+        let j = self.join_as(Role::Ffn, spec, memory)?;
         Ok(FfnRank::new(
-            engine,
-            layout,
-            rank,
-            region,
-            Support {
-                session: Some(session),
-                scheduler: j.scheduler,
-            },
+            j.engine, j.layout, j.rank, j.region, j.support,
         ))
     }
 
-    fn rendezvous(
-        &self,
-        role: Role,
-        spec: StageSpec,
-        region: Arc<Region>,
-        listen: bool,
-    ) -> Result<Joined> {
+    /// Everything but the role-specific wrapper: regions, rendezvous,
+    /// links (shm to same-host peers, tcp to the rest), barrier.
+    fn join_as(&self, role: Role, spec: StageSpec, memory: Memory) -> Result<Joined> {
         let cfg = &self.cfg;
-        match cfg.transport {
-            TransportKind::Auto | TransportKind::Tcp => {}
+        let layout = Layout::new(spec, cfg.attention, cfg.ffn)?;
+        let (my_len, peer_len, peer_role, peer_count) = match role {
+            Role::Attention => (
+                layout.out_region_len(),
+                layout.in_region_len(),
+                Role::Ffn,
+                cfg.ffn,
+            ),
+            Role::Ffn => (
+                layout.in_region_len(),
+                layout.out_region_len(),
+                Role::Attention,
+                cfg.attention,
+            ),
+        };
+        let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
+        let peer_len = peer_len.ok_or_else(|| Error::config("region size overflows"))? as u64;
+        if let Some(cpu) = cfg.cpu {
+            crate::transport::shm::sys::pin_to_cpu(cpu)
+                .map_err(|e| Error::io(format!("AFMESH_CPU={cpu}: pin"), e))?;
         }
+
+        // Shared memory is offered when allowed and the region is ours to
+        // place in the segment.
+        let caller = matches!(memory, Memory::Caller(_));
+        let shm = match (cfg.transport, caller) {
+            (TransportKind::Tcp, _) => None,
+            (TransportKind::Shm, true) => {
+                return Err(Error::Unsupported(
+                    "AFMESH_TRANSPORT=shm needs library-allocated buffers: peers cannot reach caller memory through shared memory".into(),
+                ))
+            }
+            (TransportKind::Auto, true) => {
+                tracing::info!("caller memory: links will use tcp (shared memory needs library-allocated buffers)");
+                None
+            }
+            (kind, false) => match ShmTransport::create(&cfg.job, peer_count, my_len, cfg.poll, cfg.io_timeout) {
+                Ok(t) => Some(t),
+                Err(e) if kind == TransportKind::Auto => {
+                    tracing::warn!("shared memory unavailable, links will use tcp: {e}");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let region = match (&shm, memory) {
+            (Some(s), _) => s.region()?,
+            (None, m) => region_for(m, my_len, "registered slots")?,
+        };
+        let shm_name = shm
+            .as_ref()
+            .map(|s| s.segment_name().to_string())
+            .unwrap_or_default();
+        let mut mux = MuxTransport::new(TcpTransport::new(cfg.poll, cfg.io_timeout), shm);
+        let key = mux.register(region.clone())?;
+
         let scheduler = if cfg.embed_scheduler {
             let s = Scheduler::bind(
                 &cfg.scheduler,
@@ -269,10 +253,8 @@ impl Mesh {
         } else {
             None
         };
-        let mut transport = TcpTransport::new(cfg.poll, cfg.io_timeout);
-        let key = transport.register(region)?;
         let conn = Connecting::connect(&cfg.scheduler, cfg.setup_timeout)?;
-        let (listener, link_addr) = if listen {
+        let (listener, link_addr) = if role == Role::Ffn {
             let ip = conn.local_ip()?;
             let l = TcpListener::bind((ip, 0))
                 .map_err(|e| Error::io(format!("bind link listener on {ip}"), e))?;
@@ -293,23 +275,123 @@ impl Mesh {
             geometry: spec,
             host_id: cfg.host_id.clone(),
             link_addr,
+            shm: shm_name.clone(),
             regions: vec![key],
         };
-        let session = conn.join(hello, cfg.io_timeout, cfg.setup_timeout)?;
+        let mut session = conn.join(hello, cfg.io_timeout, cfg.setup_timeout)?;
+        let rank = session.rank;
+        let peers = session.peers(peer_role);
+        if peers.len() != peer_count as usize {
+            return Err(Error::BadFrame {
+                peer: "scheduler".into(),
+                reason: format!(
+                    "address book lists {} {peer_role} ranks, expected {peer_count}",
+                    peers.len()
+                ),
+            });
+        }
+
+        // Choose each link's transport; both ends decide the same way from
+        // the same address book.
+        let me = |r: u32| match role {
+            Role::Attention => Peer::Attention(r),
+            Role::Ffn => Peer::Ffn(r),
+        };
+        let them = |r: u32| match peer_role {
+            Role::Attention => Peer::Attention(r),
+            Role::Ffn => Peer::Ffn(r),
+        };
+        let mut via_shm = Vec::with_capacity(peers.len());
+        for e in &peers {
+            let why_not = if shm_name.is_empty() {
+                Some("this rank offers no shared memory".to_string())
+            } else if e.shm.is_empty() {
+                Some(format!("{} offers no shared memory", them(e.rank)))
+            } else if e.host_id != cfg.host_id {
+                Some(format!(
+                    "{} is on host {:?}, this rank on {:?}",
+                    them(e.rank),
+                    e.host_id,
+                    cfg.host_id
+                ))
+            } else {
+                None
+            };
+            match &why_not {
+                None => tracing::info!(
+                    "link {} -> {}: shm (same host {:?})",
+                    me(rank),
+                    them(e.rank),
+                    e.host_id
+                ),
+                Some(why) if cfg.transport == TransportKind::Shm => {
+                    return Err(Error::config(format!(
+                        "AFMESH_TRANSPORT=shm, but link {} -> {} cannot use shared memory: {why}",
+                        me(rank),
+                        them(e.rank)
+                    )))
+                }
+                Some(why) => tracing::info!("link {} -> {}: tcp ({why})", me(rank), them(e.rank)),
+            }
+            via_shm.push(why_not.is_none());
+        }
+
+        let mut links = vec![usize::MAX; peers.len()];
+        let tcp_peers: Vec<_> = peers
+            .iter()
+            .zip(&via_shm)
+            .filter(|(_, s)| !**s)
+            .map(|(e, _)| e.clone())
+            .collect();
+        match role {
+            Role::Attention => {
+                let streams =
+                    link::connect_all(&tcp_peers, session.epoch, rank, cfg.setup_timeout)?;
+                for (e, s) in tcp_peers.iter().zip(streams) {
+                    links[e.rank as usize] = mux.add_tcp(s, them(e.rank).to_string())?;
+                }
+            }
+            Role::Ffn => {
+                let expected: Vec<u32> = tcp_peers.iter().map(|e| e.rank).collect();
+                let l = listener
+                    .as_ref()
+                    .ok_or_else(|| Error::config("FFN rank has no link listener"))?;
+                for (r, s) in link::accept_all(l, &expected, session.epoch, cfg.setup_timeout)? {
+                    links[r as usize] = mux.add_tcp(s, them(r).to_string())?;
+                }
+            }
+        }
+        for (e, _) in peers.iter().zip(&via_shm).filter(|(_, s)| **s) {
+            links[e.rank as usize] = mux.add_shm(&e.shm, rank, e.rank, them(e.rank).to_string())?;
+        }
+        let mut table = Vec::with_capacity(peers.len());
+        for e in &peers {
+            let key = peer_key(e.regions.first(), peer_len, them(e.rank))?;
+            table.push((them(e.rank), links[e.rank as usize], key));
+        }
+        session.barrier(cfg.setup_timeout)?;
+        // Every peer has mapped our segment: its name can go.
+        mux.unlink_shm();
+        tracing::info!(rank, transport = mux.name(), "{role} rank joined");
         Ok(Joined {
-            session,
-            transport,
-            listener,
-            scheduler,
+            engine: Engine::new(AnyTransport::Mux(Box::new(mux)), table),
+            layout,
+            rank,
+            region,
+            support: Support {
+                session: Some(session),
+                scheduler,
+            },
         })
     }
 }
 
 struct Joined {
-    session: Session,
-    transport: TcpTransport,
-    listener: Option<TcpListener>,
-    scheduler: Option<SchedulerHandle>,
+    engine: Engine,
+    layout: Layout,
+    rank: u32,
+    region: Arc<Region>,
+    support: Support,
 }
 
 fn region_for(memory: Memory, need: usize, what: &str) -> Result<Arc<Region>> {

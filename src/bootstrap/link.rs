@@ -49,24 +49,25 @@ pub fn connect_all(
     Ok(out)
 }
 
-/// Accepts one link from each of `m` attention ranks of `epoch`; returns
-/// them ordered by rank. Connections that do not handshake correctly are
-/// dropped with a logged reason.
+/// Accepts one link from each attention rank in `expected` (of a mesh of
+/// `m`), for `epoch`; returns them with their ranks. Connections that do
+/// not handshake correctly are dropped with a logged reason.
 pub fn accept_all(
     listener: &TcpListener,
-    m: u32,
+    expected: &[u32],
     epoch: u64,
     timeout: Duration,
-) -> Result<Vec<TcpStream>> {
+) -> Result<Vec<(u32, TcpStream)>> {
     let deadline = Instant::now() + timeout;
     let mut got: HashMap<u32, TcpStream> = HashMap::new();
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("link listener nonblocking", e))?;
-    while got.len() < m as usize {
+    while got.len() < expected.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            let missing: Vec<String> = (0..m)
+            let missing: Vec<String> = expected
+                .iter()
                 .filter(|r| !got.contains_key(r))
                 .map(|r| format!("A{r}"))
                 .collect();
@@ -94,7 +95,7 @@ pub fn accept_all(
                 epoch: e,
                 role: Role::Attention,
                 rank,
-            }) if e == epoch && rank < m && !got.contains_key(&rank) => {
+            }) if e == epoch && expected.contains(&rank) && !got.contains_key(&rank) => {
                 send(&mut s, &Message::LinkAck { epoch }, per_conn, &name)?;
                 got.insert(rank, s);
             }
@@ -104,5 +105,5 @@ pub fn accept_all(
     }
     let mut v: Vec<(u32, TcpStream)> = got.into_iter().collect();
     v.sort_by_key(|(r, _)| *r);
-    Ok(v.into_iter().map(|(_, s)| s).collect())
+    Ok(v)
 }

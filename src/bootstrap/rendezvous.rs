@@ -260,6 +260,7 @@ impl Scheduler {
                     role,
                     host_id,
                     link_addr,
+                    shm,
                     regions,
                     ..
                 } => Some(Entry {
@@ -267,6 +268,7 @@ impl Scheduler {
                     rank,
                     host_id: host_id.clone(),
                     link_addr: link_addr.clone(),
+                    shm: shm.clone(),
                     regions: regions.clone(),
                 }),
                 _ => None,

@@ -8,7 +8,7 @@
 use super::codec::{DecodeError, Reader, Writer};
 
 /// Bootstrap protocol version, carried in `Hello`.
-pub const BOOTSTRAP_VERSION: u16 = 1;
+pub const BOOTSTRAP_VERSION: u16 = 2;
 /// Largest bootstrap frame accepted.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -87,6 +87,8 @@ pub struct Entry {
     pub host_id: String,
     /// Where it accepts links (`host:port`), empty if it accepts none.
     pub link_addr: String,
+    /// Its shared-memory segment, empty if it offers none.
+    pub shm: String,
     /// Its registered regions, in registration order.
     pub regions: Vec<RegionKey>,
 }
@@ -114,6 +116,8 @@ pub enum Message {
         host_id: String,
         /// Where I accept links.
         link_addr: String,
+        /// My shared-memory segment (empty: none).
+        shm: String,
         /// My regions.
         regions: Vec<RegionKey>,
     },
@@ -205,6 +209,7 @@ impl Message {
                 geometry,
                 host_id,
                 link_addr,
+                shm,
                 regions,
             } => {
                 w.u8(1);
@@ -221,6 +226,7 @@ impl Message {
                 w.u32(geometry.side_bytes);
                 w.str(host_id);
                 w.str(link_addr);
+                w.str(shm);
                 put_regions(&mut w, regions);
             }
             Message::AddressBook {
@@ -239,6 +245,7 @@ impl Message {
                     w.u32(e.rank);
                     w.str(&e.host_id);
                     w.str(&e.link_addr);
+                    w.str(&e.shm);
                     put_regions(&mut w, &e.regions);
                 }
             }
@@ -315,6 +322,7 @@ impl Message {
                     },
                     host_id: r.str("host_id")?,
                     link_addr: r.str("link_addr")?,
+                    shm: r.str("shm")?,
                     regions: get_regions(&mut r)?,
                 }
             }
@@ -330,6 +338,7 @@ impl Message {
                         rank: r.u32("entry.rank")?,
                         host_id: r.str("entry.host_id")?,
                         link_addr: r.str("entry.link_addr")?,
+                        shm: r.str("entry.shm")?,
                         regions: get_regions(&mut r)?,
                     });
                 }
@@ -400,6 +409,7 @@ mod tests {
                 },
                 host_id: "h".into(),
                 link_addr: "127.0.0.1:9".into(),
+                shm: "afmesh.job.1.0".into(),
                 regions: regions.clone(),
             },
             Message::AddressBook {
@@ -411,6 +421,7 @@ mod tests {
                     rank: 0,
                     host_id: "x".into(),
                     link_addr: "y".into(),
+                    shm: String::new(),
                     regions,
                 }],
             },
@@ -469,8 +480,9 @@ mod tests {
                 m,
                 n,
                 geometry: Geometry { stages: 1, max_tokens: 2, row_bytes: 3, out_row_bytes: 4, side_bytes: 5 },
-                host_id: host,
+                host_id: host.clone(),
                 link_addr: String::new(),
+                shm: host.clone(),
                 regions: ids.into_iter().map(|id| RegionKey { id, ..Default::default() }).collect(),
             };
             prop_assert_eq!(decode_frame(&msg.encode()).unwrap(), msg);

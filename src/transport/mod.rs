@@ -21,9 +21,11 @@
 //!   [`Completion::LinkClosed`] when the peer called [`Transport::close`]);
 //!   writes on it then fail.
 //!
-//! Backends: [`sim`] (in-process, deterministic, with fault injection) and
-//! [`tcp`]. Shared memory and verbs come later.
+//! Backends: [`sim`] (in-process, deterministic, with fault injection),
+//! [`tcp`], [`shm`] (same host), and [`mux`], which gives one rank shm
+//! links to same-host peers and tcp links to the rest. Verbs comes later.
 
+pub mod mux;
 pub mod poll;
 pub mod shm;
 pub mod sim;
@@ -107,6 +109,11 @@ pub enum AnyTransport {
     Sim(sim::SimTransport),
     /// TCP sockets.
     Tcp(tcp::TcpTransport),
+    /// Shared memory.
+    Shm(shm::ShmTransport),
+    /// Shared memory to same-host peers, tcp to the rest. Boxed: it holds
+    /// both backends, and ranks hold exactly one transport.
+    Mux(Box<mux::MuxTransport>),
 }
 
 macro_rules! each {
@@ -114,6 +121,8 @@ macro_rules! each {
         match $self {
             AnyTransport::Sim($t) => $e,
             AnyTransport::Tcp($t) => $e,
+            AnyTransport::Shm($t) => $e,
+            AnyTransport::Mux($t) => $e,
         }
     };
 }

@@ -10,8 +10,30 @@ use std::time::{Duration, Instant};
 
 pub fn afmesh() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_afmesh"));
-    c.env_remove("AFMESH_LOG");
+    for k in [
+        "AFMESH_LOG",
+        "AFMESH_TRANSPORT",
+        "AFMESH_JOB",
+        "AFMESH_HOST_ID",
+        "AFMESH_POLL",
+        "AFMESH_CPU",
+    ] {
+        c.env_remove(k);
+    }
     c
+}
+
+/// Segment files of `job` left in /dev/shm.
+pub fn leftover_segments(job: &str) -> Vec<String> {
+    let prefix = format!("afmesh.{job}.");
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Default)]
@@ -139,7 +161,23 @@ pub fn scheduler(extra: &[&str]) -> (Proc, String) {
 
 /// `afmesh run` for one rank.
 pub fn rank(role: &str, rank: u32, sched: &str, m: u32, n: u32, extra: &[&str]) -> Proc {
+    rank_env(role, rank, sched, m, n, extra, &[])
+}
+
+/// `afmesh run` for one rank, with extra environment.
+pub fn rank_env(
+    role: &str,
+    rank: u32,
+    sched: &str,
+    m: u32,
+    n: u32,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut cmd = afmesh();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     cmd.args([
         "run",
         "--role",

@@ -1,7 +1,8 @@
 //! `afmesh bench`: a whole mesh on this host, verified, against its floor.
 //!
 //! The mesh: an embedded scheduler and M+N `afmesh run` processes. The
-//! floor: two processes joined by one plain TCP stream (`TCP_NODELAY`),
+//! floor over shared memory: one thread copying the same bytes once. The
+//! floor over tcp: two processes joined by one plain TCP stream (`TCP_NODELAY`),
 //! one writing all the bytes a layer dispatches, the other answering with
 //! all the bytes a layer combines — the least any TCP transport must pay
 //! for the same layer on this machine.
@@ -25,8 +26,8 @@ pub struct BenchArgs {
     /// FFN ranks N.
     #[arg(long, default_value_t = 1)]
     ffn: u32,
-    /// Transport.
-    #[arg(long, default_value = "tcp")]
+    /// Transport: auto (shm between ranks of one host), tcp or shm.
+    #[arg(long, default_value = "auto")]
     transport: String,
     /// Print one JSON object on stdout.
     #[arg(long)]
@@ -108,11 +109,8 @@ fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    if args.transport != "tcp" && args.transport != "auto" {
-        bail!(
-            "--transport {}: this build has tcp (and auto = tcp)",
-            args.transport
-        );
+    if !["auto", "tcp", "shm"].contains(&args.transport.as_str()) {
+        bail!("--transport {}: expected auto, tcp or shm", args.transport);
     }
     let w = args.work.workload();
     w.spec()?;
@@ -179,6 +177,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 &wa.timeout_ms.to_string(),
             ])
             .env("AFMESH_JOB", format!("bench-{}", std::process::id()))
+            .env("AFMESH_TRANSPORT", &args.transport)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
             if wa.vary_tokens {
@@ -199,6 +198,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut errors = 0u64;
     let mut first_error: Option<String> = None;
     let (mut ffn_us, mut net_us) = (0.0, 0.0);
+    let mut transport = String::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
         let e: u64 = field(line, "errors")
@@ -207,6 +207,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         errors += e;
         if let Some(fe) = field(line, "first_error").filter(|v| *v != "null") {
             first_error.get_or_insert(fe.trim_matches('"').to_string());
+        }
+        if let Some(t) = field(line, "transport") {
+            transport = t.trim_matches('"').to_string();
         }
         if let Some(l) = field(line, "lat_us") {
             let v: Vec<f64> = l
@@ -240,14 +243,24 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         .collect();
     let (p50, p99, max, mean) = summarize(&lat);
     let (d, c) = w.layer_bytes(m, n);
-    let floor = measure_floor(d, c, w.warmup.max(5) + w.iters)?;
+    let (floor, floor_name) = if transport == "shm" {
+        (
+            memcpy_floor(d, c, w.warmup.max(5) + w.iters),
+            "memcpy, 1 thread",
+        )
+    } else {
+        (
+            measure_floor(d, c, w.warmup.max(5) + w.iters)?,
+            "tcp stream, 2 processes",
+        )
+    };
     let (floor_p50, ..) = summarize(&floor);
     let goodput = (d + c) as f64 / (mean * 1e-6) / 1e9;
     let ratio = p50 / floor_p50;
     let verified = errors == 0;
     if args.json {
         println!(
-            "{{\"transport\":\"tcp\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"tcp stream, 2 processes\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -259,7 +272,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             json_str(first_error.as_deref())
         );
     } else {
-        println!("afmesh bench: {m}A x {n}F over tcp, {} stages, {} tokens x {} hidden ({} out, {} back)", wa.stages, wa.tokens, wa.hidden, elem(wa.dispatch_dtype), elem(wa.combine_dtype));
+        println!("afmesh bench: {m}A x {n}F over {transport}, {} stages, {} tokens x {} hidden ({} out, {} back)", wa.stages, wa.tokens, wa.hidden, elem(wa.dispatch_dtype), elem(wa.combine_dtype));
         println!(
             "  layer moves   {:.3} MB ({:.3} dispatch + {:.3} combine)",
             (d + c) as f64 / 1e6,
@@ -270,7 +283,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "  per layer     mean {mean:.1} us  p50 {p50:.1} us  p99 {p99:.1} us  max {max:.1} us"
         );
         println!("  goodput       {goodput:.2} GB/s");
-        println!("  floor         {floor_p50:.1} us (same bytes over one plain TCP stream between 2 processes)");
+        println!("  floor         {floor_p50:.1} us (the same bytes: {floor_name})");
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
         println!("  verified      {verified} ({errors} errors)");
@@ -287,6 +300,28 @@ fn elem(e: crate::workload::Elem) -> &'static str {
         crate::workload::Elem::Bf16 => "bf16",
         crate::workload::Elem::F32 => "f32",
     }
+}
+
+/// Per-iteration microseconds of copying a layer's bytes once, from one
+/// buffer to another, on one thread: what any shared-memory transport
+/// must at least do.
+fn memcpy_floor(dispatch: u64, combine: u64, iters: u32) -> Vec<f64> {
+    let src_d = vec![0x5au8; dispatch as usize];
+    let src_c = vec![0xa5u8; combine as usize];
+    let mut dst_d = vec![0u8; dispatch as usize];
+    let mut dst_c = vec![0u8; combine as usize];
+    let warm = 5.min(iters);
+    let mut v = Vec::with_capacity(iters as usize);
+    for i in 0..iters {
+        let t = Instant::now();
+        dst_d.copy_from_slice(std::hint::black_box(&src_d));
+        dst_c.copy_from_slice(std::hint::black_box(&src_c));
+        std::hint::black_box((&dst_d, &dst_c));
+        if i >= warm {
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    v
 }
 
 /// Per-iteration microseconds of the floor exchange.

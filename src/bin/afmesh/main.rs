@@ -236,12 +236,13 @@ fn run(args: &RunArgs) -> Result<()> {
             );
             let rep = workload::run_attention(&mut a, &w)?;
             let rank = a.rank();
-            let rejected = a.stats().rejected();
+            let stats = a.stats();
+            let (rejected, transport) = (stats.rejected(), stats.transport);
             a.shutdown()?;
             if args.json {
                 let lat: Vec<String> = rep.lat_us.iter().map(|x| format!("{x:.3}")).collect();
                 println!(
-                    "{{\"role\":\"attention\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
+                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
                     rep.errors,
                     rep.ffn_us,
                     rep.net_us,

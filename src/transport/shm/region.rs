@@ -15,6 +15,9 @@
 use std::alloc::{self, Layout};
 use std::io::Read;
 use std::ptr::NonNull;
+use std::sync::Arc;
+
+use super::sys::Mapping;
 
 /// Alignment of library-allocated regions: a cache line, and what GPUs and
 /// NICs like for DMA.
@@ -25,6 +28,8 @@ enum Owner {
     Heap(Layout),
     /// A `Vec<u8>` the caller handed over (pointer and capacity to rebuild it).
     Vec { capacity: usize },
+    /// Part of a shared mapping, kept alive by this reference.
+    Mapped(#[allow(dead_code)] Arc<Mapping>),
     /// No allocation (zero-length region).
     Empty,
 }
@@ -97,6 +102,37 @@ impl Region {
             len,
             owner: Owner::Vec { capacity },
         }
+    }
+
+    /// `len` bytes at `offset` of a shared mapping (a shm segment's region).
+    pub(crate) fn from_mapping(
+        map: Arc<Mapping>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Region, String> {
+        match offset.checked_add(len) {
+            Some(end) if end <= map.len() && len > 0 => {}
+            _ => {
+                return Err(format!(
+                    "region {offset}+{len} outside mapping of {} bytes",
+                    map.len()
+                ))
+            }
+        }
+        // SAFETY: `offset` is inside the mapping (checked above).
+        let p = unsafe { map.ptr().add(offset) };
+        Ok(Region {
+            ptr: NonNull::new(p).ok_or("null mapping")?,
+            len,
+            owner: Owner::Mapped(map),
+        })
+    }
+
+    /// Whether the region lies inside `map`.
+    pub(crate) fn is_in(&self, map: &Mapping) -> bool {
+        let (a, b) = (map.ptr() as usize, map.ptr() as usize + map.len());
+        let p = self.ptr.as_ptr() as usize;
+        p >= a && p + self.len <= b
     }
 
     /// Length in bytes.
@@ -190,7 +226,7 @@ impl Drop for Region {
             Owner::Vec { capacity } => unsafe {
                 drop(Vec::from_raw_parts(self.ptr.as_ptr(), self.len, capacity));
             },
-            Owner::Empty => {}
+            Owner::Mapped(_) | Owner::Empty => {}
         }
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use super::shm::Doorbell;
 use super::{Completion, LinkId, PollPolicy, Region, RegionKey, Transport};
 use crate::error::{Error, Result};
 use frame::{FrameHeader, FRAME_LEN};
@@ -40,6 +41,7 @@ pub struct TcpTransport {
     rx: Receiver<Completion>,
     policy: PollPolicy,
     io_timeout: Duration,
+    doorbell: Option<Doorbell>,
 }
 
 impl TcpTransport {
@@ -55,7 +57,15 @@ impl TcpTransport {
             rx,
             policy,
             io_timeout,
+            doorbell: None,
         }
+    }
+
+    /// Also rings `bell` whenever a reader thread posts a completion, so a
+    /// rank parked on its shared-memory doorbell sees tcp traffic too. Set
+    /// before adding links.
+    pub fn set_doorbell(&mut self, bell: Doorbell) {
+        self.doorbell = Some(bell);
     }
 
     /// Adopts a connected stream as a new link (the handshake is done by the
@@ -80,9 +90,10 @@ impl TcpTransport {
         let link = self.links.len();
         let tx = self.tx.clone();
         let name = peer.clone();
+        let bell = self.doorbell.clone();
         let reader = std::thread::Builder::new()
             .name(format!("afmesh-tcp-rx-{link}"))
-            .spawn(move || read_loop(read_half, link, regions, tx, name))
+            .spawn(move || read_loop(read_half, link, regions, Post { tx, bell }, name))
             .map_err(|e| io_err("spawn reader thread", e))?;
         self.links.push(Link {
             stream,
@@ -94,13 +105,23 @@ impl TcpTransport {
     }
 }
 
-fn read_loop(
-    mut s: TcpStream,
-    link: LinkId,
-    regions: Arc<[Arc<Region>]>,
+/// Where a reader thread posts: the channel, then the doorbell if any.
+struct Post {
     tx: Sender<Completion>,
-    peer: String,
-) {
+    bell: Option<Doorbell>,
+}
+
+impl Post {
+    fn send(&self, c: Completion) -> Result<(), ()> {
+        let r = self.tx.send(c).map_err(|_| ());
+        if let Some(b) = &self.bell {
+            b.ring();
+        }
+        r
+    }
+}
+
+fn read_loop(mut s: TcpStream, link: LinkId, regions: Arc<[Arc<Region>]>, tx: Post, peer: String) {
     let down = |reason: String| Completion::LinkDown { link, reason };
     loop {
         let mut hb = [0u8; FRAME_LEN];

@@ -1,4 +1,5 @@
-//! Multi-process runs over tcp, spawning the project's own binary.
+//! Multi-process runs, spawning the project's own binary, on each real
+//! transport: the same suite runs over tcp and over shared memory.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,7 +8,34 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{afmesh, rank, scheduler, Proc};
+use common::{afmesh, leftover_segments, rank_env, scheduler, Proc};
+
+/// One rank on `transport`, in job `job`.
+#[allow(clippy::too_many_arguments)]
+fn rank_on(
+    transport: &str,
+    job: &str,
+    role: &str,
+    r: u32,
+    sched: &str,
+    m: u32,
+    n: u32,
+    extra: &[&str],
+) -> Proc {
+    rank_env(
+        role,
+        r,
+        sched,
+        m,
+        n,
+        extra,
+        &[("AFMESH_TRANSPORT", transport), ("AFMESH_JOB", job)],
+    )
+}
+
+fn unique_job(tag: &str) -> String {
+    format!("test-{tag}-{}", std::process::id())
+}
 
 fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
     let k = format!("\"{key}\":");
@@ -18,8 +46,7 @@ fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
     &rest[..rest.find([',', '}']).unwrap()]
 }
 
-#[test]
-fn bench_2a2f_reference_sizes_verified() {
+fn bench_2a2f_reference_sizes_verified(transport: &str) {
     let mut cmd = afmesh();
     cmd.args([
         "bench",
@@ -28,7 +55,7 @@ fn bench_2a2f_reference_sizes_verified() {
         "--ffn",
         "2",
         "--transport",
-        "tcp",
+        transport,
         "--iters",
         "5",
         "--warmup",
@@ -41,6 +68,7 @@ fn bench_2a2f_reference_sizes_verified() {
     assert!(st.success(), "{out}");
     let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
     assert_eq!(json_field(line, "verified"), "true");
+    assert_eq!(json_field(line, "transport"), format!("\"{transport}\""));
     assert_eq!(json_field(line, "tokens"), "128");
     assert_eq!(json_field(line, "hidden"), "7168");
     assert_eq!(json_field(line, "stages"), "3");
@@ -58,11 +86,12 @@ fn bench_2a2f_reference_sizes_verified() {
     }
 }
 
-#[test]
-fn varying_token_counts_across_processes() {
+fn varying_token_counts_across_processes(transport: &str) {
     let mut cmd = afmesh();
     cmd.args([
         "bench",
+        "--transport",
+        transport,
         "--attention",
         "2",
         "--ffn",
@@ -91,8 +120,8 @@ fn varying_token_counts_across_processes() {
     assert!(out.contains("\"verified\":true"), "{out}");
 }
 
-#[test]
-fn killed_rank_is_peer_lost_everywhere() {
+fn killed_rank_is_peer_lost_everywhere(transport: &str) {
+    let job = unique_job(&format!("kill-{transport}"));
     let (mut sched, addr) = scheduler(&[]);
     let work = [
         "--tokens",
@@ -106,10 +135,10 @@ fn killed_rank_is_peer_lost_everywhere() {
     ];
     let mut ranks: Vec<Proc> = Vec::new();
     for r in 0..2 {
-        ranks.push(rank("ffn", r, &addr, 2, 2, &work));
+        ranks.push(rank_on(transport, &job, "ffn", r, &addr, 2, 2, &work));
     }
     for r in 0..2 {
-        ranks.push(rank("attention", r, &addr, 2, 2, &work));
+        ranks.push(rank_on(transport, &job, "attention", r, &addr, 2, 2, &work));
     }
     for p in &ranks {
         p.wait_line(Duration::from_secs(20), |l| l.contains("joined"));
@@ -140,10 +169,15 @@ fn killed_rank_is_peer_lost_everywhere() {
     assert!(st.success(), "{}", sched.output());
     let a0 = ranks[2].output();
     assert!(a0.contains("F1"), "A0 names F1:\n{a0}");
+    assert_eq!(
+        leftover_segments(&job),
+        Vec::<String>::new(),
+        "no shared-memory segment outlives the run"
+    );
 }
 
-#[test]
-fn stranger_sending_garbage_does_not_stop_the_mesh() {
+fn stranger_sending_garbage_does_not_stop_the_mesh(transport: &str) {
+    let job = unique_job(&format!("stranger-{transport}"));
     let (mut sched, addr) = scheduler(&["--attention", "1", "--ffn", "1"]);
     // One stranger sends garbage, another a frame that claims 4 GiB, a
     // third says nothing at all.
@@ -155,8 +189,8 @@ fn stranger_sending_garbage_does_not_stop_the_mesh() {
     let work = [
         "--tokens", "8", "--hidden", "256", "--iters", "20", "--warmup", "1",
     ];
-    let mut f = rank("ffn", 0, &addr, 1, 1, &work);
-    let mut a = rank("attention", 0, &addr, 1, 1, &work);
+    let mut f = rank_on(transport, &job, "ffn", 0, &addr, 1, 1, &work);
+    let mut a = rank_on(transport, &job, "attention", 0, &addr, 1, 1, &work);
     for p in [&mut f, &mut a] {
         let st = p.wait_exit(Duration::from_secs(30));
         assert!(st.success(), "{}:\n{}", p.name, p.output());
@@ -174,13 +208,14 @@ fn stranger_sending_garbage_does_not_stop_the_mesh() {
 fn misconfigured_rank_is_refused_with_a_reason() {
     let (_sched, addr) = scheduler(&["--attention", "1", "--ffn", "1"]);
     // A rank that believes in a 2A+1F mesh.
-    let mut bad = rank(
+    let mut bad = rank_env(
         "attention",
         0,
         &addr,
         2,
         1,
         &["--tokens", "8", "--hidden", "256", "--iters", "1"],
+        &[],
     );
     let st = bad.wait_exit(Duration::from_secs(20));
     let out = bad.output();
@@ -227,7 +262,7 @@ fn afd_pipeline_example_matches_its_reference() {
     // `cargo test` builds the examples next to the binaries.
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_afmesh"));
     let ex = bin.parent().unwrap().join("examples").join("afd_pipeline");
-    assert!(ex.exists(), "{} not built: run the whole suite with `cargo test` (a filtered `--test tcp` does not build examples)", ex.display());
+    assert!(ex.exists(), "{} not built: run the whole suite with `cargo test` (a filtered `--test processes` does not build examples)", ex.display());
     let mut cmd = std::process::Command::new(ex);
     cmd.args(["2", "3", "3"]);
     let mut p = Proc::spawn("afd_pipeline", cmd);
@@ -235,4 +270,147 @@ fn afd_pipeline_example_matches_its_reference() {
     let out = p.output();
     assert!(st.success(), "{out}");
     assert!(out.contains("match"), "{out}");
+}
+
+fn no_transport_given_picks_shm_locally() {
+    let mut cmd = afmesh();
+    cmd.args([
+        "bench", "--tokens", "4", "--hidden", "64", "--iters", "5", "--warmup", "1", "--json",
+    ]);
+    let mut p = Proc::spawn("bench", cmd);
+    let st = p.wait_exit(Duration::from_secs(60));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    assert!(
+        out.contains("\"transport\":\"shm\"") && out.contains("\"verified\":true"),
+        "{out}"
+    );
+}
+
+#[test]
+fn auto_mixes_shm_and_tcp_by_host() {
+    // F1 claims another host: A0 and A1 reach F0 over shm and F1 over tcp.
+    let job = unique_job("mixed");
+    let (_sched, addr) = scheduler(&[]);
+    let work = [
+        "--tokens",
+        "16",
+        "--hidden",
+        "512",
+        "--iters",
+        "40",
+        "--warmup",
+        "2",
+        "--vary-tokens",
+    ];
+    let mut ranks = Vec::new();
+    for r in 0..2u32 {
+        let host = if r == 1 { "elsewhere" } else { "here" };
+        ranks.push(rank_env(
+            "ffn",
+            r,
+            &addr,
+            2,
+            2,
+            &work,
+            &[
+                ("AFMESH_JOB", &job),
+                ("AFMESH_HOST_ID", host),
+                ("AFMESH_LOG", "afmesh=info"),
+            ],
+        ));
+    }
+    for r in 0..2u32 {
+        ranks.push(rank_env(
+            "attention",
+            r,
+            &addr,
+            2,
+            2,
+            &work,
+            &[
+                ("AFMESH_JOB", &job),
+                ("AFMESH_HOST_ID", "here"),
+                ("AFMESH_LOG", "afmesh=info"),
+            ],
+        ));
+    }
+    for p in &mut ranks {
+        let st = p.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "{}:\n{}", p.name, p.output());
+    }
+    let a0 = ranks[2].output();
+    assert!(a0.contains("A0 -> F0: shm"), "{a0}");
+    assert!(a0.contains("A0 -> F1: tcp"), "{a0}");
+    assert!(
+        a0.contains("transport=\"tcp+shm\"") || a0.contains("tcp+shm"),
+        "{a0}"
+    );
+    assert_eq!(leftover_segments(&job), Vec::<String>::new());
+}
+
+#[test]
+fn forced_shm_across_hosts_is_a_clear_error() {
+    let (_sched, addr) = scheduler(&[]);
+    let work = [
+        "--tokens",
+        "4",
+        "--hidden",
+        "64",
+        "--iters",
+        "2",
+        "--timeout-ms",
+        "3000",
+    ];
+    let mut f = rank_env(
+        "ffn",
+        0,
+        &addr,
+        1,
+        1,
+        &work,
+        &[("AFMESH_TRANSPORT", "shm"), ("AFMESH_HOST_ID", "h1")],
+    );
+    let mut a = rank_env(
+        "attention",
+        0,
+        &addr,
+        1,
+        1,
+        &work,
+        &[("AFMESH_TRANSPORT", "shm"), ("AFMESH_HOST_ID", "h2")],
+    );
+    for p in [&mut f, &mut a] {
+        let st = p.wait_exit(Duration::from_secs(40));
+        let out = p.output();
+        assert_eq!(st.code(), Some(1), "{out}");
+    }
+    let out = a.output();
+    assert!(
+        out.contains("AFMESH_TRANSPORT=shm") && out.contains("h1"),
+        "{out}"
+    );
+}
+
+macro_rules! on_each_transport {
+    ($($name:ident),* $(,)?) => {
+        mod tcp {
+            $(#[test] fn $name() { super::$name("tcp") })*
+        }
+        mod shm {
+            $(#[test] fn $name() { super::$name("shm") })*
+        }
+    };
+}
+
+on_each_transport!(
+    bench_2a2f_reference_sizes_verified,
+    varying_token_counts_across_processes,
+    killed_rank_is_peer_lost_everywhere,
+    stranger_sending_garbage_does_not_stop_the_mesh,
+);
+
+#[test]
+fn default_transport_is_shm_locally() {
+    no_transport_given_picks_shm_locally();
 }
