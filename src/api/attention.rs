@@ -21,6 +21,16 @@ pub struct DispatchHandle {
 }
 
 impl DispatchHandle {
+    /// Rebuilds a handle from its parts (as the C ABI passes it around).
+    /// A handle that does not name a dispatch in flight is refused by
+    /// `wait_combine`.
+    pub fn from_parts(stage: u32, sequence: u32) -> DispatchHandle {
+        DispatchHandle {
+            stage,
+            seq: sequence,
+        }
+    }
+
     /// The stage dispatched.
     pub fn stage(&self) -> u32 {
         self.stage

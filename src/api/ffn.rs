@@ -44,6 +44,10 @@ impl Batch {
     pub fn token_count(&self, a: usize) -> usize {
         self.tokens.get(a).copied().unwrap_or(0) as usize
     }
+    /// Bytes of one dispatched row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
     /// Tokens from all senders.
     pub fn total_tokens(&self) -> usize {
         self.tokens.iter().map(|&t| t as usize).sum()

@@ -84,7 +84,7 @@ pub struct Mesh {
 
 enum Memory {
     Library,
-    Caller(Vec<u8>),
+    Caller(Region),
 }
 
 impl Mesh {
@@ -125,7 +125,13 @@ impl Mesh {
     /// (caller memory, at least `S × N × slot` bytes; see
     /// [`Mesh::attention_memory_len`]).
     pub fn attention_with_memory(&self, spec: StageSpec, memory: Vec<u8>) -> Result<AttentionRank> {
-        self.join_attention(spec, Memory::Caller(memory))
+        self.join_attention(spec, Memory::Caller(Region::from_vec(memory)))
+    }
+
+    /// Joins as an attention rank whose output slots live in `region`
+    /// (caller memory of any origin, e.g. from C).
+    pub fn attention_with_region(&self, spec: StageSpec, region: Region) -> Result<AttentionRank> {
+        self.join_attention(spec, Memory::Caller(region))
     }
 
     /// Bytes of caller memory an attention rank needs for `spec`.
@@ -143,7 +149,12 @@ impl Mesh {
     /// Joins as an FFN rank whose input slots live in `memory` (see
     /// [`Mesh::ffn_memory_len`]).
     pub fn ffn_with_memory(&self, spec: StageSpec, memory: Vec<u8>) -> Result<FfnRank> {
-        self.join_ffn(spec, Memory::Caller(memory))
+        self.join_ffn(spec, Memory::Caller(Region::from_vec(memory)))
+    }
+
+    /// Joins as an FFN rank whose input slots live in `region`.
+    pub fn ffn_with_region(&self, spec: StageSpec, region: Region) -> Result<FfnRank> {
+        self.join_ffn(spec, Memory::Caller(region))
     }
 
     /// Bytes of caller memory an FFN rank needs for `spec`.
@@ -397,12 +408,12 @@ struct Joined {
 fn region_for(memory: Memory, need: usize, what: &str) -> Result<Arc<Region>> {
     match memory {
         Memory::Library => Region::alloc(need).map(Arc::new).map_err(Error::config),
-        Memory::Caller(v) if v.len() < need => Err(Error::BufferSize {
+        Memory::Caller(r) if r.len() < need => Err(Error::BufferSize {
             what: format!("caller memory for {what}"),
             need,
-            got: v.len(),
+            got: r.len(),
         }),
-        Memory::Caller(v) => Ok(Arc::new(Region::from_vec(v))),
+        Memory::Caller(r) => Ok(Arc::new(r)),
     }
 }
 

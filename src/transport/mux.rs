@@ -204,7 +204,11 @@ mod tests {
     #[test]
     fn parked_on_shm_wakes_for_tcp() {
         let t = Duration::from_secs(2);
-        for policy in [PollPolicy::Block, PollPolicy::default(), PollPolicy::SpinThenPark(Duration::from_millis(2))] {
+        for policy in [
+            PollPolicy::Block,
+            PollPolicy::default(),
+            PollPolicy::SpinThenPark(Duration::from_millis(2)),
+        ] {
             let mut me = MuxTransport::new(
                 TcpTransport::new(policy, t),
                 Some(ShmTransport::create("mux-unit", 1, 4096, policy, t).unwrap()),
@@ -237,8 +241,18 @@ mod tests {
                 tcp_peer.write(0, &[b"x"], &key, 0, Some(round)).unwrap();
                 let (back, out, took) = waiter.join().unwrap();
                 me = back;
-                assert_eq!(out, vec![Completion::Arrival { link: 1, imm: round }], "{policy:?} round {round}");
-                assert!(took < Duration::from_millis(500), "{policy:?} round {round}: woke after {took:?}");
+                assert_eq!(
+                    out,
+                    vec![Completion::Arrival {
+                        link: 1,
+                        imm: round
+                    }],
+                    "{policy:?} round {round}"
+                );
+                assert!(
+                    took < Duration::from_millis(500),
+                    "{policy:?} round {round}: woke after {took:?}"
+                );
             }
         }
     }

@@ -28,6 +28,8 @@ enum Owner {
     Heap(Layout),
     /// A `Vec<u8>` the caller handed over (pointer and capacity to rebuild it).
     Vec { capacity: usize },
+    /// Memory the caller owns and keeps valid (`from_raw_parts`).
+    Borrowed,
     /// Part of a shared mapping, kept alive by this reference.
     Mapped(#[allow(dead_code)] Arc<Mapping>),
     /// No allocation (zero-length region).
@@ -101,6 +103,29 @@ impl Region {
             ptr,
             len,
             owner: Owner::Vec { capacity },
+        }
+    }
+
+    /// Caller memory that the caller keeps alive and does not otherwise
+    /// touch while peers may write it (the C ABI's caller buffers).
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes, and stay
+    /// valid and unused by the caller except through this region until the
+    /// region (and every rank and batch holding it) is dropped.
+    pub unsafe fn from_raw_parts(ptr: *mut u8, len: usize) -> Result<Region, String> {
+        match NonNull::new(ptr) {
+            None if len == 0 => Ok(Region {
+                ptr: NonNull::dangling(),
+                len: 0,
+                owner: Owner::Empty,
+            }),
+            None => Err("caller memory pointer is NULL".into()),
+            Some(ptr) => Ok(Region {
+                ptr,
+                len,
+                owner: Owner::Borrowed,
+            }),
         }
     }
 
@@ -226,7 +251,7 @@ impl Drop for Region {
             Owner::Vec { capacity } => unsafe {
                 drop(Vec::from_raw_parts(self.ptr.as_ptr(), self.len, capacity));
             },
-            Owner::Mapped(_) | Owner::Empty => {}
+            Owner::Mapped(_) | Owner::Borrowed | Owner::Empty => {}
         }
     }
 }

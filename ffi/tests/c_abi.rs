@@ -1,0 +1,273 @@
+//! The C ABI from C and C++: programs under `tests/c` and `tests/cpp`,
+//! compiled with the system compilers against `include/afmesh.h` and the
+//! built `libafmesh.so`, and run here: every NULL argument, a 2A×2F mesh
+//! (library and caller buffers), a timeout and use after finalize, a peer
+//! killed mid-layer, one run under AddressSanitizer, the C++ wrappers; and
+//! the exported symbols.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../tests/common/proc.rs"]
+mod proc;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use proc::Proc;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The directory holding libafmesh.so, plus the SONAME link the loader
+/// wants (`libafmesh.so.0`), in a scratch directory of this test run.
+fn lib_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // target/<profile>/deps/c_abi-<hash> -> target/<profile>
+        let exe = std::env::current_exe().unwrap();
+        let profile = exe.parent().unwrap().parent().unwrap();
+        let so = profile.join("libafmesh.so");
+        let hint = "build it first: `cargo build --workspace` (cargo test does not build cdylibs)";
+        let built = std::fs::metadata(&so)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| panic!("{} not found; {hint}", so.display()));
+        let newest = newest_source(&root().join("src")).max(newest_source(&root().join("ffi/src")));
+        assert!(
+            built >= newest,
+            "{} is older than the sources; {hint}",
+            so.display()
+        );
+        let dir = std::env::temp_dir().join(format!("afmesh-c-abi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["libafmesh.so", "libafmesh.so.0"] {
+            let link = dir.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&so, &link).unwrap();
+        }
+        dir
+    })
+}
+
+fn newest_source(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest_source(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).unwrap_or(newest)
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// Compiles `src` (relative to the repository) into the scratch directory.
+fn compile(compiler: &str, std: &str, src: &str, out: &str, extra: &[&str]) -> PathBuf {
+    let dir = lib_dir();
+    let bin = dir.join(out);
+    let st = Command::new(compiler)
+        .arg(format!("-std={std}"))
+        .args(["-Wall", "-Wextra", "-Werror", "-g"])
+        .args(extra)
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join(src))
+        .arg("-o")
+        .arg(&bin)
+        .arg("-L")
+        .arg(dir)
+        .arg("-lafmesh")
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .status()
+        .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
+    assert!(st.success(), "{compiler} failed on {src}");
+    bin
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn run_to_end(name: &str, cmd: Command, timeout: Duration) -> (Option<i32>, String) {
+    let mut p = Proc::spawn(name, cmd);
+    let st = p.wait_exit(timeout);
+    (st.code(), p.output())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mesh_rank(
+    bin: &Path,
+    role: &str,
+    rank: u32,
+    sched: &str,
+    m: u32,
+    n: u32,
+    mode: &str,
+    job: &str,
+) -> Proc {
+    let mut c = Command::new(bin);
+    c.args([
+        role,
+        &rank.to_string(),
+        sched,
+        &m.to_string(),
+        &n.to_string(),
+        mode,
+        "12",
+    ])
+    .env("TEST_JOB", job)
+    .env_remove("AFMESH_LOG");
+    Proc::spawn(&format!("{role} {rank}"), c)
+}
+
+fn run_mesh(bin: &Path, m: u32, n: u32, mode: &str) {
+    let sched = free_port();
+    let job = format!("c-{mode}-{}", std::process::id());
+    let mut ranks = Vec::new();
+    for r in 0..m {
+        ranks.push(mesh_rank(bin, "attention", r, &sched, m, n, mode, &job));
+    }
+    for r in 0..n {
+        ranks.push(mesh_rank(bin, "ffn", r, &sched, m, n, mode, &job));
+    }
+    for p in &mut ranks {
+        let st = p.wait_exit(Duration::from_secs(60));
+        let out = p.output();
+        assert_eq!(st.code(), Some(0), "{}:\n{out}", p.name);
+        assert!(out.contains(" ok"), "{}:\n{out}", p.name);
+        assert!(
+            !out.contains("ERROR: AddressSanitizer"),
+            "{}:\n{out}",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn null_arguments_and_config_errors() {
+    let bin = compile("cc", "c11", "tests/c/test_args.c", "test_args", &[]);
+    let (code, out) = run_to_end("test_args", Command::new(bin), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("args ok"), "{out}");
+}
+
+#[test]
+fn mesh_2a2f_from_c() {
+    let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh", &[]);
+    run_mesh(&bin, 2, 2, "run");
+}
+
+#[test]
+fn mesh_2a2f_caller_buffers_from_c() {
+    let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_buf", &[]);
+    run_mesh(&bin, 2, 2, "buffer");
+}
+
+#[test]
+fn timeout_then_use_after_finalize() {
+    let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_to", &[]);
+    let sched = free_port();
+    let job = format!("c-timeout-{}", std::process::id());
+    let mut a = mesh_rank(&bin, "attention", 0, &sched, 1, 1, "timeout", &job);
+    let mut f = mesh_rank(&bin, "ffn", 0, &sched, 1, 1, "stall", &job);
+    f.wait_line(Duration::from_secs(20), |l| l.contains("stalling"));
+    let st = a.wait_exit(Duration::from_secs(20));
+    let out = a.output();
+    assert_eq!(st.code(), Some(0), "{out}");
+    assert!(out.contains("timeout ok"), "{out}");
+    f.kill();
+}
+
+#[test]
+fn killed_peer_is_reported_without_hang() {
+    let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_kill", &[]);
+    let sched = free_port();
+    let job = format!("c-kill-{}", std::process::id());
+    let mut ranks = Vec::new();
+    for r in 0..2 {
+        ranks.push(mesh_rank(
+            &bin,
+            "attention",
+            r,
+            &sched,
+            2,
+            2,
+            "forever",
+            &job,
+        ));
+    }
+    for r in 0..2 {
+        ranks.push(mesh_rank(&bin, "ffn", r, &sched, 2, 2, "forever", &job));
+    }
+    for p in &ranks {
+        p.wait_line(Duration::from_secs(20), |l| l.contains("joined"));
+    }
+    ranks[3].kill(); // SIGKILL F1 mid-layer
+    for p in ranks.iter_mut().take(3) {
+        let st = p.wait_exit(Duration::from_secs(15));
+        let out = p.output();
+        // AFMESH_ERR_PEER_LOST is 4, with a message naming the loss.
+        assert_eq!(st.code(), Some(4), "{}:\n{out}", p.name);
+        assert!(out.contains("peer lost"), "{}:\n{out}", p.name);
+    }
+    assert!(ranks[0].output().contains("F1"), "{}", ranks[0].output());
+}
+
+#[test]
+fn address_sanitizer_run_is_clean() {
+    let asan = ["-fsanitize=address", "-fno-omit-frame-pointer"];
+    let args = compile("cc", "c11", "tests/c/test_args.c", "test_args_asan", &asan);
+    let mut c = Command::new(args);
+    // Rust's runtime keeps some allocations until exit by design; ASan's
+    // error checks (overflow, use after free, bad free) stay on.
+    c.env("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=0");
+    let (code, out) = run_to_end("test_args (asan)", c, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("ERROR: AddressSanitizer"), "{out}");
+    let mesh = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_asan", &asan);
+    std::env::set_var("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=0");
+    run_mesh(&mesh, 1, 2, "run");
+}
+
+#[test]
+fn header_compiles_as_cpp_with_raii_wrappers() {
+    let bin = compile("c++", "c++17", "tests/cpp/raii.cpp", "raii", &["-pthread"]);
+    let mut c = Command::new(bin);
+    c.arg(free_port());
+    let (code, out) = run_to_end("raii", c, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("c++ ok"), "{out}");
+}
+
+#[test]
+fn only_afmesh_symbols_are_exported() {
+    let so = lib_dir().join("libafmesh.so");
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert!(names.len() > 20, "{text}");
+    let stray: Vec<&&str> = names.iter().filter(|n| !n.starts_with("afmesh_")).collect();
+    assert!(stray.is_empty(), "exported non-afmesh symbols: {stray:?}");
+    let dynamic = Command::new("readelf")
+        .args(["-d"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&dynamic.stdout).contains("libafmesh.so.0"),
+        "SONAME carries the ABI version"
+    );
+}

@@ -1,0 +1,142 @@
+/* Every NULL argument, bad config, result strings, version, a join that
+ * times out: no crash, the right code, a message that says what. */
+#include <stdio.h>
+#include <string.h>
+#include "afmesh.h"
+
+static int failures = 0;
+
+#define EXPECT(call, code)                                                          \
+    do {                                                                            \
+        afmesh_result r_ = (call);                                                  \
+        const char *m_ = afmesh_last_error_message();                               \
+        if (r_ != (code) || m_ == NULL || (r_ != AFMESH_OK && m_[0] == '\0')) {     \
+            fprintf(stderr, "FAIL %s:%d: %s -> %d (%s), want %d\n", __FILE__,       \
+                    __LINE__, #call, (int)r_, m_ ? m_ : "(null)", (int)(code));     \
+            failures++;                                                             \
+        }                                                                           \
+    } while (0)
+
+#define EXPECT_MSG(needle)                                                          \
+    do {                                                                            \
+        if (strstr(afmesh_last_error_message(), (needle)) == NULL) {                \
+            fprintf(stderr, "FAIL %s:%d: message \"%s\" lacks \"%s\"\n", __FILE__,  \
+                    __LINE__, afmesh_last_error_message(), (needle));               \
+            failures++;                                                             \
+        }                                                                           \
+    } while (0)
+
+int main(void) {
+    afmesh_config cfg = AFMESH_CONFIG_INIT;
+    cfg.scheduler = "127.0.0.1:1"; /* nothing listens there */
+    cfg.num_attention = 1;
+    cfg.num_ffn = 1;
+    cfg.setup_timeout_ms = 300;
+    afmesh_stage_spec spec = {2, 8, 16, 16, 8};
+    afmesh_attention *a = NULL;
+    afmesh_ffn *f = NULL;
+    afmesh_batch *b = NULL;
+    size_t n = 0;
+    char buf[64];
+
+    /* Version and result strings. */
+    if (strcmp(afmesh_version(), "0.1.0") != 0) { fprintf(stderr, "FAIL version\n"); failures++; }
+    if (strcmp(afmesh_result_str(AFMESH_ERR_TIMEOUT), "timeout") != 0) { fprintf(stderr, "FAIL result_str\n"); failures++; }
+    if (strcmp(afmesh_result_str(999), "unknown result code") != 0) { fprintf(stderr, "FAIL result_str 999\n"); failures++; }
+
+    /* Constructors. */
+    EXPECT(afmesh_attention_new(NULL, &spec, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("config is NULL");
+    EXPECT(afmesh_attention_new(&cfg, NULL, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("spec is NULL");
+    EXPECT(afmesh_attention_new(&cfg, &spec, NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_new_from_env(NULL, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_new_with_buffer(&cfg, &spec, NULL, 64, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("buffer is NULL");
+    EXPECT(afmesh_ffn_new(NULL, &spec, &f), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_new(&cfg, NULL, &f), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_new(&cfg, &spec, NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_new_from_env(NULL, &f), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_new_with_buffer(&cfg, &spec, NULL, 64, &f), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_memory_len(NULL, &spec, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_memory_len(&cfg, NULL, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_memory_len(&cfg, &spec, NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_memory_len(&cfg, &spec, NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    if (a != NULL || f != NULL) { fprintf(stderr, "FAIL output written on failure\n"); failures++; }
+
+    /* Sizes. */
+    EXPECT(afmesh_attention_memory_len(&cfg, &spec, &n), AFMESH_OK);
+    if (n != 2 * 1 * 192) { fprintf(stderr, "FAIL attention memory_len %zu\n", n); failures++; }
+    EXPECT(afmesh_ffn_memory_len(&cfg, &spec, &n), AFMESH_OK);
+    if (n != 2 * 1 * 256) { fprintf(stderr, "FAIL ffn memory_len %zu\n", n); failures++; }
+
+    /* Config checks. */
+    afmesh_config bad = cfg;
+    bad.size = 8;
+    EXPECT(afmesh_attention_new(&bad, &spec, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("size");
+    bad = cfg;
+    bad.version = 99;
+    EXPECT(afmesh_attention_new(&bad, &spec, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("version");
+    bad = cfg;
+    bad.scheduler = NULL;
+    EXPECT(afmesh_attention_new(&bad, &spec, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("scheduler");
+    bad = cfg;
+    bad.transport = "carrier-pigeon";
+    EXPECT(afmesh_attention_new(&bad, &spec, &a), AFMESH_ERR_CONFIG);
+    EXPECT_MSG("carrier-pigeon");
+    bad = cfg;
+    bad.poll = "sometimes";
+    EXPECT(afmesh_ffn_new(&bad, &spec, &f), AFMESH_ERR_CONFIG);
+    EXPECT_MSG("AFMESH_POLL");
+    afmesh_stage_spec nostages = spec;
+    nostages.stages = 0;
+    EXPECT(afmesh_attention_new(&cfg, &nostages, &a), AFMESH_ERR_CONFIG);
+    EXPECT_MSG("stages");
+
+    /* A join with no scheduler times out, bounded. */
+    EXPECT(afmesh_attention_new(&cfg, &spec, &a), AFMESH_ERR_TIMEOUT);
+    EXPECT_MSG("scheduler");
+    if (a != NULL) { fprintf(stderr, "FAIL output written on timeout\n"); failures++; }
+
+    /* Methods on NULL handles. */
+    afmesh_dispatch h = {0, 0};
+    const void *parts[4];
+    uint32_t tokens = 0;
+    afmesh_rank_info info;
+    afmesh_peer_stats st[4];
+    afmesh_batch_meta meta;
+    afmesh_sender_view view;
+    const void *outs[1] = {buf};
+    size_t lens[1] = {0};
+    EXPECT(afmesh_attention_dispatch(NULL, 0, buf, 16, NULL, 0, &h), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("a is NULL");
+    EXPECT(afmesh_attention_wait_combine(NULL, h, 10, parts, 4, &tokens), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_wait_combine_sum(NULL, h, AFMESH_DTYPE_F32, 10, buf, 16), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_info(NULL, &info), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_stats(NULL, st, 4, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_finalize(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_abort(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_get_batch(NULL, 10, &b), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_respond(NULL, b, outs, lens, 1), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_info(NULL, &info), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_stats(NULL, st, 4, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_finalize(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_abort(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_batch_info(NULL, &meta), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_batch_sender(NULL, 0, &view), AFMESH_ERR_INVALID_ARGUMENT);
+
+    /* _free(NULL) is a no-op. */
+    afmesh_attention_free(NULL);
+    afmesh_ffn_free(NULL);
+    afmesh_batch_free(NULL);
+
+    if (failures) {
+        fprintf(stderr, "%d failures\n", failures);
+        return 1;
+    }
+    printf("args ok\n");
+    return 0;
+}
