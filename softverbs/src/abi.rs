@@ -252,7 +252,9 @@ pub struct ibv_port_attr {
     pub port_cap_flags2: u16,
 }
 
-#[repr(C)]
+/// `union ibv_gid`: 16 raw bytes, 8-aligned (its other member is a pair
+/// of `__be64`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub struct ibv_gid {
     pub raw: [u8; 16],

@@ -27,7 +27,8 @@ const FREE: u32 = 0;
 const BUSY: u32 = 1;
 const LIVE: u32 = 2;
 
-/// Common head of every slot.
+/// Common head of every slot. `pid` is the owner (0: free) and is what a
+/// claim swaps; `state` says whether the owner has published it.
 #[repr(C)]
 pub struct SlotHdr {
     pub state: AtomicU32,
@@ -224,37 +225,37 @@ impl Fabric {
 
     /// Claims a slot (reclaiming one whose owner died); returns (index,
     /// generation). The caller fills it and calls `publish`.
+    ///
+    /// Ownership is the `pid` word itself: a compare-and-swap from 0 (free)
+    /// or from a dead owner's pid to ours, so there is no moment at which
+    /// a claimed slot looks ownerless to another process.
     pub fn claim(&self, kind: Kind) -> Option<(usize, u32)> {
         let me = shm::my_pid();
         for i in 0..Self::cap(kind) {
             let h = self.hdr(kind, i);
-            let st = h.state.load(Ordering::Acquire);
-            let ok = if st == FREE {
-                h.state
-                    .compare_exchange(FREE, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+            let owner = h.pid.load(Ordering::Acquire);
+            let ok = if owner == 0 {
+                h.pid
+                    .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
-            } else {
-                let pid = h.pid.load(Ordering::Acquire);
-                if pid != me
-                    && !shm::pid_alive(pid)
-                    && h.state
-                        .compare_exchange(st, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                {
+            } else if owner != me && !shm::pid_alive(owner) {
+                let won = h
+                    .pid
+                    .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok();
+                if won {
                     self.remove_files(kind, i, h.gen.load(Ordering::Acquire));
-                    true
-                } else {
-                    false
                 }
+                won
+            } else {
+                false
             };
             if ok {
-                h.pid.store(me, Ordering::Release);
-                let gen = (h.gen.fetch_add(1, Ordering::AcqRel).wrapping_add(1)) & 0xfff;
-                let gen = if gen == 0 {
-                    h.gen.fetch_add(1, Ordering::AcqRel).wrapping_add(1) & 0xfff
-                } else {
-                    gen
-                };
+                h.state.store(BUSY, Ordering::Release);
+                let mut gen = h.gen.fetch_add(1, Ordering::AcqRel).wrapping_add(1) & 0xfff;
+                if gen == 0 {
+                    gen = h.gen.fetch_add(1, Ordering::AcqRel).wrapping_add(1) & 0xfff;
+                }
                 return Some((i, gen));
             }
         }
@@ -269,6 +270,7 @@ impl Fabric {
         let h = self.hdr(kind, i);
         self.remove_files(kind, i, h.gen.load(Ordering::Acquire) & 0xfff);
         h.state.store(FREE, Ordering::Release);
+        h.pid.store(0, Ordering::Release);
     }
 
     /// Whether slot `i` is live at generation `gen`, and its owner pid.
@@ -298,13 +300,34 @@ impl Fabric {
         }
     }
 
+    /// Frees every slot of process `pid` once it is gone (a peer that
+    /// crashed): its objects and their files do not outlive it.
+    pub fn reap(&self, pid: u32) {
+        if pid == shm::my_pid() || shm::pid_alive(pid) {
+            return;
+        }
+        for kind in [Kind::Qp, Kind::Mr, Kind::Cq, Kind::Srq, Kind::Ch] {
+            for i in 0..Self::cap(kind) {
+                let h = self.hdr(kind, i);
+                // Take it over first, so a concurrent claim cannot be
+                // clobbered.
+                if h.pid
+                    .compare_exchange(pid, shm::my_pid(), Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.release(kind, i);
+                }
+            }
+        }
+    }
+
     /// Frees every slot this process owns (at exit).
     pub fn release_all_mine(&self) {
         let me = shm::my_pid();
         for kind in [Kind::Qp, Kind::Mr, Kind::Cq, Kind::Srq, Kind::Ch] {
             for i in 0..Self::cap(kind) {
                 let h = self.hdr(kind, i);
-                if h.state.load(Ordering::Acquire) != FREE && h.pid.load(Ordering::Acquire) == me {
+                if h.pid.load(Ordering::Acquire) == me {
                     self.release(kind, i);
                 }
             }

@@ -114,8 +114,10 @@ pub(crate) fn ethernet() -> bool {
     std::env::var("SOFTVERBS_LINK_LAYER").is_ok_and(|v| v.eq_ignore_ascii_case("ethernet"))
 }
 
-pub(crate) fn devices() -> &'static [Box<Device>] {
-    static DEVS: OnceLock<Vec<Box<Device>>> = OnceLock::new();
+/// The devices, created once; the vector never changes after, so their
+/// addresses (handed out as `ibv_device *`) are stable.
+pub(crate) fn devices() -> &'static [Device] {
+    static DEVS: OnceLock<Vec<Device>> = OnceLock::new();
     DEVS.get_or_init(|| {
         let spec = std::env::var("SOFTVERBS_DEVICES").unwrap_or_default();
         let names: Vec<String> = match spec.trim().parse::<usize>() {
@@ -146,11 +148,11 @@ pub(crate) fn devices() -> &'static [Box<Device>] {
                     &mut ibv.ibdev_path,
                     &format!("/softverbs/class/infiniband/{name}"),
                 );
-                Box::new(Device {
+                Device {
                     ibv,
                     index: i,
                     guid: 0x0200_5e00_0000_0000 | ((i as u64 + 1) << 8) | 0x5f,
-                })
+                }
             })
             .collect()
     })
@@ -266,10 +268,7 @@ pub unsafe extern "C" fn ibv_get_device_name(dev: *mut ibv_device) -> *const c_c
 }
 
 fn device_of(dev: *const ibv_device) -> Option<&'static Device> {
-    devices()
-        .iter()
-        .find(|d| ptr::eq(&d.ibv, dev))
-        .map(|b| &**b)
+    devices().iter().find(|d| ptr::eq(&d.ibv, dev))
 }
 
 /// # Safety
@@ -801,6 +800,26 @@ pub struct CqShared {
     pub gen: u32,
     pub ring: Arc<Mapping>,
     pub name: String,
+    /// Initiator completions waiting out the emulated acknowledgement
+    /// delay, in order (see `qp::ack_delay`).
+    pub deferred: Mutex<std::collections::VecDeque<(std::time::Instant, ibv_wc)>>,
+}
+
+impl CqShared {
+    /// Moves every deferred completion that is due onto the ring. Returns
+    /// when the next one is due, if any.
+    pub fn flush_due(&self, f: &fabric::Fabric) -> Option<std::time::Instant> {
+        let mut d = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        while let Some((due, wc)) = d.front() {
+            if *due > now {
+                return Some(*due);
+            }
+            let _ = ring::cq_push(f, &self.ring, wc, false);
+            d.pop_front();
+        }
+        None
+    }
 }
 
 /// Local CQs by fabric slot, for channel events.
@@ -867,6 +886,7 @@ pub unsafe extern "C" fn ibv_create_cq(
                 gen,
                 ring,
                 name,
+                deferred: Mutex::new(std::collections::VecDeque::new()),
             }),
         });
         let p = Box::into_raw(cq);
@@ -920,6 +940,9 @@ pub unsafe extern "C" fn poll_cq(cq: *mut ibv_cq, n: i32, wc: *mut ibv_wc) -> i3
                 std::slice::from_raw_parts_mut(wc, n as usize),
             )
         };
+        if let Ok(f) = fabric::get() {
+            c.shared.flush_due(f);
+        }
         match ring::cq_pop(&c.shared.ring, out) {
             Ok(k) => k as i32,
             Err(()) => {
@@ -1166,4 +1189,53 @@ pub unsafe extern "C" fn post_srq_recv(
         // SAFETY: forwarded contract.
         unsafe { qp::post_recv_list(&s.ring, s.max_sge, wr, bad) }
     })
+}
+
+#[cfg(test)]
+mod layout_table;
+
+#[cfg(test)]
+mod layout_tests {
+    /// Every size and offset of the mirrored structures equals the system
+    /// header's, as compiled by the system C compiler.
+    #[test]
+    fn mirrors_match_the_system_header() {
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/layout.c");
+        let bin = std::env::temp_dir().join(format!("softverbs-layout-{}", std::process::id()));
+        let st = std::process::Command::new("cc")
+            .args(["-std=c11", "-Wall", "-Werror", src, "-o"])
+            .arg(&bin)
+            .status()
+            .expect("cc runs");
+        assert!(
+            st.success(),
+            "compiling layout.c failed: is libibverbs-dev installed?"
+        );
+        let out = std::process::Command::new(&bin)
+            .output()
+            .expect("layout program runs");
+        let _ = std::fs::remove_file(&bin);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let c: std::collections::HashMap<&str, usize> = text
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(k, v)| (k, v.parse().expect("number")))
+            .collect();
+        let rust = super::layout_table::table();
+        assert_eq!(
+            c.len(),
+            rust.len(),
+            "the C program and the table list the same things"
+        );
+        let wrong: Vec<String> = rust
+            .iter()
+            .filter(|(what, n)| c.get(what) != Some(n))
+            .map(|(what, n)| format!("{what}: C {:?}, Rust {n}", c.get(what)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "layout differs from the system header:\n{}",
+            wrong.join("\n")
+        );
+    }
 }

@@ -51,6 +51,7 @@ struct Inner {
     remote: Option<Remote>,
     pending: VecDeque<Pending>,
     rnr_tries: u32,
+    retry_tries: u32,
     next_try: Instant,
 }
 
@@ -190,6 +191,7 @@ pub unsafe extern "C" fn ibv_create_qp(
                 remote: None,
                 pending: VecDeque::new(),
                 rnr_tries: 0,
+                retry_tries: 0,
                 next_try: Instant::now(),
             }),
         });
@@ -609,6 +611,9 @@ pub unsafe extern "C" fn post_send(
 enum Outcome {
     Done(u32),
     Rnr,
+    /// Nothing answered (no such QP, or not ready): retried after the
+    /// transport timeout, `retry_cnt` times.
+    NoAnswer,
     /// Initiator status, and whether the QP moves to error.
     Fail(u32),
 }
@@ -638,6 +643,7 @@ fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
             Outcome::Done(len) => {
                 let p = inner.pending.pop_front().expect("front exists");
                 inner.rnr_tries = 0;
+                inner.retry_tries = 0;
                 if p.flags & IBV_SEND_SIGNALED != 0 || sh.sq_sig_all {
                     complete(f, sh, &p, IBV_WC_SUCCESS, len);
                 }
@@ -656,6 +662,18 @@ fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
                 schedule(sh);
                 return;
             }
+            Outcome::NoAnswer => {
+                if inner.retry_tries >= u32::from(inner.attr.retry_cnt) {
+                    let p = inner.pending.pop_front().expect("front exists");
+                    complete(f, sh, &p, IBV_WC_RETRY_EXC_ERR, 0);
+                    enter_error(f, sh, inner);
+                    continue;
+                }
+                inner.retry_tries += 1;
+                inner.next_try = Instant::now() + transport_timeout(inner.attr.timeout);
+                schedule(sh);
+                return;
+            }
             Outcome::Fail(status) => {
                 let p = inner.pending.pop_front().expect("front exists");
                 complete(f, sh, &p, status, 0);
@@ -665,7 +683,23 @@ fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
     }
 }
 
-fn complete(f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
+/// How long an initiator's completion trails the delivery, standing in
+/// for the acknowledgement's trip back (`SOFTVERBS_ACK_DELAY_US`, default
+/// 20). Without it a peer could see its own completion before the target
+/// had a chance to react, an ordering no NIC produces.
+fn ack_delay() -> Duration {
+    static D: OnceLock<Duration> = OnceLock::new();
+    *D.get_or_init(|| {
+        Duration::from_micros(
+            std::env::var("SOFTVERBS_ACK_DELAY_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20),
+        )
+    })
+}
+
+fn complete(_f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
     let wc = ibv_wc {
         wr_id: p.wr_id,
         status,
@@ -674,7 +708,15 @@ fn complete(f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
         qp_num: sh.qpn,
         ..ibv_wc::default()
     };
-    let _ = ring::cq_push(f, &sh.send_cq.ring, &wc, false);
+    let cq = &sh.send_cq;
+    {
+        let mut d = cq.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        // Completions of one CQ leave in order: never before one already
+        // waiting.
+        let due = (Instant::now() + ack_delay()).max(d.back().map_or(Instant::now(), |b| b.0));
+        d.push_back((due, wc));
+    }
+    schedule_cq(cq);
 }
 
 fn enter_error(f: &Fabric, sh: &QpShared, inner: &mut Inner) {
@@ -707,6 +749,18 @@ fn flush_rq(f: &Fabric, sh: &QpShared) {
             let _ = ring::cq_push(f, &sh.recv_cq.ring, &wc, false);
         }
     }
+}
+
+/// The local ACK timeout, 4.096 µs × 2^timeout (0: the spec's "infinite",
+/// taken as the longest wait here); each wait is capped at 100 ms so a
+/// wrong address fails in bounded time.
+fn transport_timeout(t: u8) -> Duration {
+    let us = if t == 0 {
+        u64::MAX
+    } else {
+        4096u64.saturating_mul(1 << t.min(31)) / 1000
+    };
+    Duration::from_micros(us.clamp(1000, 100_000))
 }
 
 /// The IB spec's RNR NAK timer table (milliseconds ×100).
@@ -768,9 +822,13 @@ fn iov(addr: u64, len: usize) -> libc::iovec {
     }
 }
 
-fn pvm_error(e: i32) -> u32 {
+fn pvm_error(f: &Fabric, pid: u32, e: i32) -> u32 {
     match e {
-        libc::ESRCH => IBV_WC_RETRY_EXC_ERR,
+        libc::ESRCH => {
+            // The target died after the checks: clean up after it.
+            f.reap(pid);
+            IBV_WC_RETRY_EXC_ERR
+        }
         libc::EFAULT => IBV_WC_REM_ACCESS_ERR,
         libc::EPERM => {
             static WARNED: std::sync::Once = std::sync::Once::new();
@@ -863,8 +921,17 @@ fn take_recv(f: &Fabric, slot: usize) -> Result<Option<RecvWr>, u32> {
             fabric::qpn_parts(q.qpn.load(Ordering::Acquire)).1,
         )
     };
-    let m = ring::map(&name).map_err(|_| IBV_WC_RETRY_EXC_ERR)?;
-    Ok(ring::rq_pop(&m))
+    let m = ring::map(&name).map_err(|e| {
+        if std::env::var_os("SOFTVERBS_DEBUG").is_some() {
+            eprintln!("softverbs: receive queue of QP slot {slot}: {e}");
+        }
+        IBV_WC_RETRY_EXC_ERR
+    })?;
+    let r = ring::rq_pop(&m);
+    if r.is_none() && std::env::var_os("SOFTVERBS_DEBUG").is_some() {
+        eprintln!("softverbs: RNR: no receive posted at QP slot {slot}");
+    }
+    Ok(r)
 }
 
 fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {
@@ -886,23 +953,42 @@ fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {
 
 /// Executes one work request as the initiator's NIC would.
 fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> Outcome {
+    let debug = std::env::var_os("SOFTVERBS_DEBUG").is_some();
+    let no_answer = |why: String| {
+        if debug {
+            eprintln!("softverbs: QP {:#x}: no answer: {why}", sh.qpn);
+        }
+        Outcome::NoAnswer
+    };
     let Some(remote) = &inner.remote else {
-        return Outcome::Fail(IBV_WC_RETRY_EXC_ERR);
+        return no_answer("no destination".into());
     };
     let (rslot, rgen) = fabric::qpn_parts(remote.qpn);
     let Some(rpid) = f.live(Kind::Qp, rslot, rgen) else {
-        return Outcome::Fail(IBV_WC_RETRY_EXC_ERR);
+        return no_answer(format!("QP {:#x} does not exist", remote.qpn));
     };
     let rq = f.qp(rslot);
     let rdev = rq.dev.load(Ordering::Acquire) as usize;
-    if remote.dev != Some(rdev) || !shm::pid_alive(rpid) {
+    if remote.dev != Some(rdev) {
+        return no_answer(format!(
+            "QP {:#x} is on device {rdev}, the address names {:?}",
+            remote.qpn, remote.dev
+        ));
+    }
+    if !shm::pid_alive(rpid) {
+        // The target crashed: it will never answer; clean up after it.
+        f.reap(rpid);
+        if debug {
+            eprintln!(
+                "softverbs: QP {:#x}: the process of QP {:#x} exited",
+                sh.qpn, remote.qpn
+            );
+        }
         return Outcome::Fail(IBV_WC_RETRY_EXC_ERR);
     }
-    if !matches!(
-        rq.state.load(Ordering::Acquire),
-        IBV_QPS_RTR | IBV_QPS_RTS | IBV_QPS_SQD
-    ) {
-        return Outcome::Fail(IBV_WC_RETRY_EXC_ERR);
+    let rstate = rq.state.load(Ordering::Acquire);
+    if !matches!(rstate, IBV_QPS_RTR | IBV_QPS_RTS | IBV_QPS_SQD) {
+        return no_answer(format!("QP {:#x} is in state {rstate}", remote.qpn));
     }
     let rpd = rq.pd.load(Ordering::Acquire);
     let need_local = if p.opcode == IBV_WR_RDMA_READ {
@@ -953,7 +1039,7 @@ fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> Outcome {
             if len > 0 {
                 let r = [iov(p.remote_addr, len as usize)];
                 if let Err(e) = transfer(rpid, &local, &r, p.opcode != IBV_WR_RDMA_READ) {
-                    return Outcome::Fail(pvm_error(e));
+                    return Outcome::Fail(pvm_error(f, rpid, e));
                 }
             }
             if let Some(r) = recv {
@@ -1025,7 +1111,7 @@ fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> Outcome {
             }
             if len > 0 {
                 if let Err(e) = transfer(rpid, &local, &remote, true) {
-                    return Outcome::Fail(pvm_error(e));
+                    return Outcome::Fail(pvm_error(f, rpid, e));
                 }
             }
             let with_imm = p.opcode == IBV_WR_SEND_WITH_IMM;
@@ -1053,6 +1139,8 @@ struct Progress {
     /// Queue pairs that may have work waiting, and whether one was added
     /// since the thread last looked.
     qps: Mutex<(Vec<Weak<QpShared>>, bool)>,
+    /// Completion queues with deferred completions.
+    cqs: Mutex<Vec<Weak<CqShared>>>,
     wake: Condvar,
 }
 
@@ -1065,6 +1153,7 @@ fn progress_state() -> &'static Progress {
             .ok();
         Progress {
             qps: Mutex::new((Vec::new(), false)),
+            cqs: Mutex::new(Vec::new()),
             wake: Condvar::new(),
         }
     })
@@ -1079,6 +1168,20 @@ fn schedule(sh: &Arc<QpShared>) {
     if !g.0.iter().any(|w| w.as_ptr() == Arc::as_ptr(sh)) {
         g.0.push(Arc::downgrade(sh));
     }
+    g.1 = true;
+    p.wake.notify_one();
+}
+
+/// Makes sure the progress thread will deliver `cq`'s deferred completions.
+fn schedule_cq(cq: &Arc<CqShared>) {
+    let p = progress_state();
+    {
+        let mut v = p.cqs.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.iter().any(|w| w.as_ptr() == Arc::as_ptr(cq)) {
+            v.push(Arc::downgrade(cq));
+        }
+    }
+    let mut g = p.qps.lock().unwrap_or_else(|e| e.into_inner());
     g.1 = true;
     p.wake.notify_one();
 }
@@ -1107,6 +1210,29 @@ fn progress_loop() {
             }
         }
         drop(list);
+        let cqs: Vec<Arc<CqShared>> = {
+            let mut v = p.cqs.lock().unwrap_or_else(|e| e.into_inner());
+            v.retain(|w| w.strong_count() > 0);
+            v.iter().filter_map(Weak::upgrade).collect()
+        };
+        for cq in &cqs {
+            if let Some(due) = cq.flush_due(f) {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        {
+            // Forget CQs with nothing deferred (they are re-added on demand).
+            let mut v = p.cqs.lock().unwrap_or_else(|e| e.into_inner());
+            v.retain(|w| {
+                w.upgrade().is_some_and(|c| {
+                    !c.deferred
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_empty()
+                })
+            });
+        }
+        drop(cqs);
         let g = p.qps.lock().unwrap_or_else(|e| e.into_inner());
         if g.1 {
             continue;
