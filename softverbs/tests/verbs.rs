@@ -213,7 +213,7 @@ fn bad_rkey_is_remote_access_error_then_flush() {
 }
 
 #[test]
-fn region_without_remote_write_is_refused() {
+fn remote_access_needs_flag_same_pd_and_live_key() {
     semantic("access", None, &[]);
 }
 

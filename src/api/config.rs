@@ -233,6 +233,35 @@ mod tests {
     }
 
     #[test]
+    fn transport_and_cpu() {
+        let base = [
+            ("AFMESH_SCHEDULER", "h:1"),
+            ("AFMESH_NUM_ATTENTION", "1"),
+            ("AFMESH_NUM_FFN", "1"),
+        ];
+        let with = |extra: (&str, &str)| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            cfg(&v)
+        };
+        assert_eq!(
+            with(("AFMESH_TRANSPORT", "shm")).unwrap().transport,
+            TransportKind::Shm
+        );
+        assert_eq!(with(("AFMESH_CPU", "1")).unwrap().cpu, Some(1));
+        let e = with(("AFMESH_TRANSPORT", "pigeon"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AFMESH_TRANSPORT") && e.contains("pigeon"),
+            "{e}"
+        );
+        let e = with(("AFMESH_CPU", "first")).unwrap_err().to_string();
+        assert!(e.contains("AFMESH_CPU"), "{e}");
+        assert_eq!(cfg(&base).unwrap().transport, TransportKind::Auto);
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         let e = cfg(&[("AFMESH_SCHEDULER", "h:1"), ("AFMESH_NUM_FFN", "1")])
             .unwrap_err()

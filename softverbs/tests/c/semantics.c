@@ -597,27 +597,40 @@ static int c_rkey(void) {
     return finish_parent(child, "rkey");
 }
 
+/* Remote access is refused, with nothing written, for: a region without
+ * REMOTE_WRITE, a region of another protection domain, a deregistered key. */
 static int c_access(void) {
     pid_t child = fork_peer();
     struct ep e;
     ep_open(&e, 16, 0, 4096);
-    struct ibv_qp *qp = make_qp(&e, NULL, 1);
+    struct ibv_qp *q[3] = {make_qp(&e, NULL, 1), make_qp(&e, NULL, 1), make_qp(&e, NULL, 1)};
     if (child == 0) {
         struct ibv_mr *ro = ibv_reg_mr(e.pd, e.buf + 2048, 64, IBV_ACCESS_LOCAL_WRITE);
-        CHECK(ro, "reg");
-        put(&ro->rkey, 4);
-        connect_qp(&e, qp, 1, 7);
+        struct ibv_pd *other = ibv_alloc_pd(e.ctx);
+        CHECK(ro && other, "reg, pd");
+        struct ibv_mr *foreign = ibv_reg_mr(other, e.buf + 2304, 64, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+        struct ibv_mr *gone = ibv_reg_mr(e.pd, e.buf + 2560, 64, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+        CHECK(foreign && gone, "reg");
+        uint32_t keys[3] = {ro->rkey, foreign->rkey, gone->rkey};
+        CHECK(ibv_dereg_mr(gone) == 0, "dereg");
+        put(keys, sizeof keys);
+        for (int i = 0; i < 3; i++) connect_qp(&e, q[i], 1, 7);
         sync_peer();
-        for (int i = 0; i < 64; i++) CHECK(e.buf[2048 + i] == 0, "nothing landed");
+        for (int i = 2048; i < 2048 + 576; i++) CHECK(e.buf[i] == 0, "nothing landed at %d", i);
         exit(0);
     }
-    uint32_t rk;
-    get(&rk, 4);
-    struct info b = connect_qp(&e, qp, 1, 7);
+    uint32_t keys[3];
+    get(keys, sizeof keys);
+    struct info b;
+    for (int i = 0; i < 3; i++) b = connect_qp(&e, q[i], 1, 7);
+    const char *what[3] = {"a region without REMOTE_WRITE", "a region of another PD", "a deregistered key"};
+    uint64_t at[3] = {2048, 2304, 2560};
     struct ibv_sge s = {(uintptr_t)e.buf, 16, e.mr->lkey};
-    CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, b.addr + 2048, rk, 0, IBV_SEND_SIGNALED, 1) == 0, "post");
-    struct ibv_wc wc = wait_wc(e.cq);
-    CHECK(wc.status == IBV_WC_REM_ACCESS_ERR, "a region without REMOTE_WRITE refuses writes: %s", ibv_wc_status_str(wc.status));
+    for (int i = 0; i < 3; i++) {
+        CHECK(post(q[i], IBV_WR_RDMA_WRITE, &s, 1, b.addr + at[i], keys[i], 0, IBV_SEND_SIGNALED, (uint64_t)i) == 0, "post");
+        struct ibv_wc wc = wait_wc(e.cq);
+        CHECK(wc.wr_id == (uint64_t)i && wc.status == IBV_WC_REM_ACCESS_ERR, "%s: %s", what[i], ibv_wc_status_str(wc.status));
+    }
     sync_peer();
     return finish_parent(child, "access");
 }
