@@ -458,6 +458,120 @@ fn write_stats(
     Ok(())
 }
 
+/// What the C handles of both roles share.
+trait RankOps: Sized {
+    const WHAT: &'static str;
+    fn shutdown(self) -> afmesh_core::Result<()>;
+    fn info(&self) -> afmesh_rank_info;
+    fn stats(&self) -> RankStats;
+}
+
+impl RankOps for AttentionRank {
+    const WHAT: &'static str = "attention rank";
+    fn shutdown(self) -> afmesh_core::Result<()> {
+        AttentionRank::shutdown(self)
+    }
+    fn info(&self) -> afmesh_rank_info {
+        afmesh_rank_info {
+            rank: self.rank(),
+            num_attention: self.attention_ranks() as u32,
+            num_ffn: self.ffn_ranks() as u32,
+            stages: self.spec().stages,
+        }
+    }
+    fn stats(&self) -> RankStats {
+        AttentionRank::stats(self)
+    }
+}
+
+impl RankOps for FfnRank {
+    const WHAT: &'static str = "FFN rank";
+    fn shutdown(self) -> afmesh_core::Result<()> {
+        FfnRank::shutdown(self)
+    }
+    fn info(&self) -> afmesh_rank_info {
+        afmesh_rank_info {
+            rank: self.rank(),
+            num_attention: self.attention_ranks() as u32,
+            num_ffn: self.ffn_ranks() as u32,
+            stages: self.spec().stages,
+        }
+    }
+    fn stats(&self) -> RankStats {
+        FfnRank::stats(self)
+    }
+}
+
+trait Handle {
+    type Rank: RankOps;
+    fn state(&mut self) -> &mut State<Self::Rank>;
+}
+
+impl Handle for afmesh_attention {
+    type Rank = AttentionRank;
+    fn state(&mut self) -> &mut State<AttentionRank> {
+        &mut self.state
+    }
+}
+
+impl Handle for afmesh_ffn {
+    type Rank = FfnRank;
+    fn state(&mut self) -> &mut State<FfnRank> {
+        &mut self.state
+    }
+}
+
+/// # Safety
+/// `h` is NULL or a live handle; `out` is NULL or writable.
+unsafe fn info_of<H: Handle>(h: *mut H, out: *mut afmesh_rank_info) -> Result<(), Fail> {
+    // SAFETY: forwarded contract.
+    let h = unsafe { obj(h, "handle") }?;
+    if out.is_null() {
+        return Err(invalid("out is NULL"));
+    }
+    let info = h.state().live(H::Rank::WHAT)?.info();
+    // SAFETY: checked non-NULL.
+    unsafe { out.write(info) };
+    Ok(())
+}
+
+/// # Safety
+/// As `write_stats`, and `h` is NULL or live.
+unsafe fn stats_of<H: Handle>(
+    h: *mut H,
+    out: *mut afmesh_peer_stats,
+    cap: usize,
+    count_out: *mut usize,
+) -> Result<(), Fail> {
+    // SAFETY: forwarded contract.
+    let h = unsafe { obj(h, "handle") }?;
+    let stats = h.state().live(H::Rank::WHAT)?.stats();
+    write_stats(stats, out, cap, count_out)
+}
+
+/// # Safety
+/// `h` is NULL or live.
+unsafe fn finalize_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
+    // SAFETY: forwarded contract.
+    let h = unsafe { obj(h, "handle") }?;
+    match std::mem::replace(h.state(), State::Finalized) {
+        State::Live(r) => r.shutdown().map_err(Fail::from),
+        other => {
+            *h.state() = other;
+            h.state().live(H::Rank::WHAT).map(|_| ())
+        }
+    }
+}
+
+/// # Safety
+/// `h` is NULL or live.
+unsafe fn abort_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
+    // SAFETY: forwarded contract.
+    let h = unsafe { obj(h, "handle") }?;
+    drop(std::mem::replace(h.state(), State::Aborted));
+    Ok(())
+}
+
 fn ms(timeout_ms: u32) -> Duration {
     Duration::from_millis(u64::from(timeout_ms))
 }
@@ -910,23 +1024,8 @@ pub unsafe extern "C" fn afmesh_attention_info(
     a: *mut afmesh_attention,
     out: *mut afmesh_rank_info,
 ) -> afmesh_result {
-    boundary("afmesh_attention_info", || {
-        // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
-        if out.is_null() {
-            return Err(invalid("out is NULL"));
-        }
-        let r = a.state.live("attention rank")?;
-        let info = afmesh_rank_info {
-            rank: r.rank(),
-            num_attention: r.attention_ranks() as u32,
-            num_ffn: r.ffn_ranks() as u32,
-            stages: r.spec().stages,
-        };
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(info) };
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_info", || unsafe { info_of(a, out) })
 }
 
 /// Per-FFN-rank counters: writes up to `cap` entries into `out` and their
@@ -941,11 +1040,9 @@ pub unsafe extern "C" fn afmesh_attention_stats(
     cap: usize,
     count_out: *mut usize,
 ) -> afmesh_result {
-    boundary("afmesh_attention_stats", || {
-        // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
-        let stats = a.state.live("attention rank")?.stats();
-        write_stats(stats, out, cap, count_out)
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_stats", || unsafe {
+        stats_of(a, out, cap, count_out)
     })
 }
 
@@ -957,17 +1054,8 @@ pub unsafe extern "C" fn afmesh_attention_stats(
 /// `a` is NULL or live.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_attention_finalize(a: *mut afmesh_attention) -> afmesh_result {
-    boundary("afmesh_attention_finalize", || {
-        // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
-        match std::mem::replace(&mut a.state, State::Finalized) {
-            State::Live(r) => r.shutdown().map_err(Fail::from),
-            other => {
-                a.state = other;
-                a.state.live("attention rank").map(|_| ())
-            }
-        }
-    })
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_finalize", || unsafe { finalize_of(a) })
 }
 
 /// Drops every link at once, for an engine that is failing; peers see the
@@ -978,12 +1066,8 @@ pub unsafe extern "C" fn afmesh_attention_finalize(a: *mut afmesh_attention) -> 
 /// `a` is NULL or live.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_attention_abort(a: *mut afmesh_attention) -> afmesh_result {
-    boundary("afmesh_attention_abort", || {
-        // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
-        drop(std::mem::replace(&mut a.state, State::Aborted));
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_abort", || unsafe { abort_of(a) })
 }
 
 /// Frees the handle (aborting it first if it is still live). NULL is a
@@ -1157,23 +1241,8 @@ pub unsafe extern "C" fn afmesh_ffn_info(
     f: *mut afmesh_ffn,
     out: *mut afmesh_rank_info,
 ) -> afmesh_result {
-    boundary("afmesh_ffn_info", || {
-        // SAFETY: the caller's contract.
-        let f = unsafe { obj(f, "f") }?;
-        if out.is_null() {
-            return Err(invalid("out is NULL"));
-        }
-        let r = f.state.live("FFN rank")?;
-        let info = afmesh_rank_info {
-            rank: r.rank(),
-            num_attention: r.attention_ranks() as u32,
-            num_ffn: r.ffn_ranks() as u32,
-            stages: r.spec().stages,
-        };
-        // SAFETY: checked non-NULL.
-        unsafe { out.write(info) };
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    boundary("afmesh_ffn_info", || unsafe { info_of(f, out) })
 }
 
 /// Per-attention-rank counters (see `afmesh_attention_stats`).
@@ -1187,11 +1256,9 @@ pub unsafe extern "C" fn afmesh_ffn_stats(
     cap: usize,
     count_out: *mut usize,
 ) -> afmesh_result {
-    boundary("afmesh_ffn_stats", || {
-        // SAFETY: the caller's contract.
-        let f = unsafe { obj(f, "f") }?;
-        let stats = f.state.live("FFN rank")?.stats();
-        write_stats(stats, out, cap, count_out)
+    // SAFETY: forwarded contract.
+    boundary("afmesh_ffn_stats", || unsafe {
+        stats_of(f, out, cap, count_out)
     })
 }
 
@@ -1201,17 +1268,8 @@ pub unsafe extern "C" fn afmesh_ffn_stats(
 /// `f` is NULL or live.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_ffn_finalize(f: *mut afmesh_ffn) -> afmesh_result {
-    boundary("afmesh_ffn_finalize", || {
-        // SAFETY: the caller's contract.
-        let f = unsafe { obj(f, "f") }?;
-        match std::mem::replace(&mut f.state, State::Finalized) {
-            State::Live(r) => r.shutdown().map_err(Fail::from),
-            other => {
-                f.state = other;
-                f.state.live("FFN rank").map(|_| ())
-            }
-        }
-    })
+    // SAFETY: forwarded contract.
+    boundary("afmesh_ffn_finalize", || unsafe { finalize_of(f) })
 }
 
 /// Drops every link at once (see `afmesh_attention_abort`).
@@ -1220,12 +1278,8 @@ pub unsafe extern "C" fn afmesh_ffn_finalize(f: *mut afmesh_ffn) -> afmesh_resul
 /// `f` is NULL or live.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_ffn_abort(f: *mut afmesh_ffn) -> afmesh_result {
-    boundary("afmesh_ffn_abort", || {
-        // SAFETY: the caller's contract.
-        let f = unsafe { obj(f, "f") }?;
-        drop(std::mem::replace(&mut f.state, State::Aborted));
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    boundary("afmesh_ffn_abort", || unsafe { abort_of(f) })
 }
 
 /// Frees the handle (aborting it first if still live). NULL is a no-op.

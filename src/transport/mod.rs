@@ -40,6 +40,20 @@ pub use shm::Region;
 
 use crate::error::Result;
 
+/// The sender-side check every backend makes before a write: the target
+/// range lies inside the peer's registered region (the receiver checks
+/// again; this one reports a local mistake as what it is).
+pub(crate) fn check_remote(remote: &RegionKey, offset: u64, total: u64, peer: &str) -> Result<()> {
+    if offset.checked_add(total).is_none_or(|end| end > remote.len) {
+        return Err(crate::error::Error::BufferSize {
+            what: format!("remote region {} of {peer} at offset {offset}", remote.id),
+            need: offset.saturating_add(total) as usize,
+            got: remote.len as usize,
+        });
+    }
+    Ok(())
+}
+
 /// Index of a link within one transport.
 pub type LinkId = usize;
 

@@ -272,16 +272,7 @@ impl Transport for ShmTransport {
         let len = u32::try_from(total).map_err(|_| {
             Error::Unsupported(format!("shm: one write of {total} bytes exceeds 4 GiB"))
         })?;
-        if offset.checked_add(total).is_none_or(|end| end > remote.len) {
-            return Err(Error::BufferSize {
-                what: format!(
-                    "remote region {} of {} at offset {offset}",
-                    remote.id, l.label
-                ),
-                need: offset.saturating_add(total) as usize,
-                got: remote.len as usize,
-            });
-        }
+        super::check_remote(remote, offset, total, &l.label)?;
         l.peer
             .write_region(offset, src)
             .map_err(|e| Error::BufferSize {

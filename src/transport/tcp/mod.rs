@@ -260,16 +260,7 @@ impl Transport for TcpTransport {
         })?;
         // The sender checks too, so a local mistake is reported here rather
         // than as the peer closing the link.
-        if offset.checked_add(total).is_none_or(|end| end > remote.len) {
-            return Err(Error::BufferSize {
-                what: format!(
-                    "remote region {} of {} at offset {offset}",
-                    remote.id, l.peer
-                ),
-                need: (offset.saturating_add(total)) as usize,
-                got: remote.len as usize,
-            });
-        }
+        super::check_remote(remote, offset, total, &l.peer)?;
         if src.len() + 1 > MAX_GATHER {
             return Err(Error::Unsupported(format!(
                 "tcp: gather list of {} > {}",
