@@ -210,10 +210,15 @@ impl Mesh {
         };
         let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
         let peer_len = peer_len.ok_or_else(|| Error::config("region size overflows"))? as u64;
-        if let Some(cpu) = cfg.cpu {
-            crate::transport::shm::sys::pin_to_cpu(cpu)
-                .map_err(|e| Error::io(format!("AFMESH_CPU={cpu}: pin"), e))?;
-        }
+        // A pinned rank owns its core: its waits spin without yielding.
+        let poll = match cfg.cpu {
+            Some(cpu) => {
+                crate::transport::shm::sys::pin_to_cpu(cpu)
+                    .map_err(|e| Error::io(format!("AFMESH_CPU={cpu}: pin"), e))?;
+                cfg.poll.pinned()
+            }
+            None => cfg.poll,
+        };
 
         // Shared memory is offered when allowed and the region is ours to
         // place in the segment.
@@ -229,7 +234,7 @@ impl Mesh {
                 tracing::info!("caller memory: links will use tcp (shared memory needs library-allocated buffers)");
                 None
             }
-            (kind, false) => match ShmTransport::create(&cfg.job, peer_count, my_len, cfg.poll, cfg.io_timeout) {
+            (kind, false) => match ShmTransport::create(&cfg.job, peer_count, my_len, poll, cfg.io_timeout) {
                 Ok(t) => Some(t),
                 Err(e) if kind == TransportKind::Auto => {
                     tracing::warn!("shared memory unavailable, links will use tcp: {e}");
@@ -246,7 +251,7 @@ impl Mesh {
             .as_ref()
             .map(|s| s.segment_name().to_string())
             .unwrap_or_default();
-        let mut mux = MuxTransport::new(TcpTransport::new(cfg.poll, cfg.io_timeout), shm);
+        let mut mux = MuxTransport::new(TcpTransport::new(poll, cfg.io_timeout), shm);
         let key = mux.register(region.clone())?;
 
         let scheduler = if cfg.embed_scheduler {

@@ -207,7 +207,10 @@ mod tests {
         for policy in [
             PollPolicy::Block,
             PollPolicy::default(),
-            PollPolicy::SpinThenPark(Duration::from_millis(2)),
+            PollPolicy::SpinThenPark {
+                spin: Duration::from_millis(2),
+                yield_cpu: true,
+            },
         ] {
             let mut me = MuxTransport::new(
                 TcpTransport::new(policy, t),

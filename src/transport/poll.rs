@@ -2,9 +2,11 @@
 //!
 //! On a 2-core machine with three or more processes, pure busy-polling
 //! starves the peer that has the work, so the default spins briefly (the
-//! common case of a reply already on its way) and then parks on the
-//! transport's wake-up primitive. Dedicated cores on a real server can ask
-//! for pure spinning.
+//! common case of a reply already on its way), yielding the CPU now and
+//! then so a peer that shares the core can run, and then parks on the
+//! transport's wake-up primitive. A rank pinned to its own core
+//! (`AFMESH_CPU`) spins without yielding: the core is its own. Dedicated
+//! cores on a real server can ask for pure spinning.
 
 use std::time::Duration;
 
@@ -15,15 +17,24 @@ use crate::error::{Error, Result};
 pub enum PollPolicy {
     /// Busy-poll until the deadline (dedicated cores only).
     Spin,
-    /// Busy-poll for this long, then yield a few times, then park.
-    SpinThenPark(Duration),
+    /// Busy-poll for `spin`, then park.
+    SpinThenPark {
+        /// How long to busy-poll.
+        spin: Duration,
+        /// Yield the CPU every few polls while spinning (off when the rank
+        /// owns its core).
+        yield_cpu: bool,
+    },
     /// Park at once.
     Block,
 }
 
 impl Default for PollPolicy {
     fn default() -> Self {
-        PollPolicy::SpinThenPark(Duration::from_micros(20))
+        PollPolicy::SpinThenPark {
+            spin: Duration::from_micros(20),
+            yield_cpu: true,
+        }
     }
 }
 
@@ -37,7 +48,10 @@ impl PollPolicy {
             "block" => Ok(PollPolicy::Block),
             "park" | "" => Ok(PollPolicy::default()),
             _ => match s.strip_prefix("park:").map(str::parse::<u64>) {
-                Some(Ok(us)) => Ok(PollPolicy::SpinThenPark(Duration::from_micros(us))),
+                Some(Ok(us)) => Ok(PollPolicy::SpinThenPark {
+                    spin: Duration::from_micros(us),
+                    yield_cpu: true,
+                }),
                 _ => Err(Error::config(format!(
                     "AFMESH_POLL={s:?}: expected spin, park, park:<micros> or block"
                 ))),
@@ -45,11 +59,36 @@ impl PollPolicy {
         }
     }
 
+    /// The same policy for a thread that owns its core: no yielding.
+    pub fn pinned(self) -> PollPolicy {
+        match self {
+            PollPolicy::SpinThenPark { spin, .. } => PollPolicy::SpinThenPark {
+                spin,
+                yield_cpu: false,
+            },
+            other => other,
+        }
+    }
+
+    /// One pause of a busy-poll loop (`spins` counts them). Yielding every
+    /// 16th pause lets a peer that shares our core run now instead of
+    /// after our spin (on a 2-core box with more ranks than cores that is
+    /// the common case); if none does, the yield returns at once.
+    #[inline]
+    pub fn relax(self, spins: u32) {
+        match self {
+            PollPolicy::SpinThenPark {
+                yield_cpu: true, ..
+            } if spins % 16 == 15 => std::thread::yield_now(),
+            _ => std::hint::spin_loop(),
+        }
+    }
+
     /// How long to busy-poll before parking, within a wait of `timeout`.
     pub fn spin_for(self, timeout: Duration) -> Duration {
         match self {
             PollPolicy::Spin => timeout,
-            PollPolicy::SpinThenPark(d) => d.min(timeout),
+            PollPolicy::SpinThenPark { spin, .. } => spin.min(timeout),
             PollPolicy::Block => Duration::ZERO,
         }
     }
@@ -65,8 +104,19 @@ mod tests {
         assert_eq!(PollPolicy::parse("block").unwrap(), PollPolicy::Block);
         assert_eq!(
             PollPolicy::parse("park:5").unwrap(),
-            PollPolicy::SpinThenPark(Duration::from_micros(5))
+            PollPolicy::SpinThenPark {
+                spin: Duration::from_micros(5),
+                yield_cpu: true
+            }
         );
+        assert_eq!(
+            PollPolicy::parse("park").unwrap().pinned(),
+            PollPolicy::SpinThenPark {
+                spin: Duration::from_micros(20),
+                yield_cpu: false
+            }
+        );
+        assert_eq!(PollPolicy::Spin.pinned(), PollPolicy::Spin);
         let e = PollPolicy::parse("fast").unwrap_err().to_string();
         assert!(e.contains("AFMESH_POLL"), "{e}");
     }

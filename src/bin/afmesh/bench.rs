@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Pin each rank to its own CPU: auto (when the ranks fit the CPUs),
+    /// on, off.
+    #[arg(long, default_value = "auto")]
+    pin: String,
     #[command(flatten)]
     work: WorkloadArgs,
 }
@@ -79,7 +83,21 @@ fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
-    let mut outs = vec![String::new(); children.0.len()];
+    // Drain every child's stdout as it is written: a report larger than a
+    // pipe's buffer would otherwise block the child before it can exit.
+    let readers: Vec<_> = children
+        .0
+        .iter_mut()
+        .map(|(_, c)| {
+            c.stdout.take().map(|mut o| {
+                std::thread::spawn(move || {
+                    let mut s = String::new();
+                    let _ = o.read_to_string(&mut s);
+                    s
+                })
+            })
+        })
+        .collect();
     let mut done = vec![false; children.0.len()];
     loop {
         for (i, (name, c)) in children.0.iter_mut().enumerate() {
@@ -88,23 +106,24 @@ fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
             }
             if let Some(st) = c.try_wait()? {
                 done[i] = true;
-                if let Some(mut o) = c.stdout.take() {
-                    o.read_to_string(&mut outs[i])?;
-                }
                 if !st.success() {
                     bail!("{name} failed ({st}); its stderr is above");
                 }
             }
         }
         if done.iter().all(|d| *d) {
-            return Ok(outs);
+            // The children have exited, so their pipes are at EOF.
+            return Ok(readers
+                .into_iter()
+                .map(|r| r.map(|h| h.join().unwrap_or_default()).unwrap_or_default())
+                .collect());
         }
         if Instant::now() > deadline {
             bail!("ranks did not finish in time");
         }
-        // Children write little until they exit; poll their status at a
-        // modest rate so the bench itself stays off the 2 cores.
-        std::thread::sleep(Duration::from_millis(5));
+        // Poll exit status at a modest rate so the bench itself stays off
+        // the cores the ranks use.
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -132,9 +151,22 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the afmesh binary")?;
     let wa = &args.work;
     let mut children = Children(Vec::new());
+    // One core per rank when they fit, as a deployment would pin them;
+    // otherwise the scheduler places them (and the poll policy yields).
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let pin = match args.pin.as_str() {
+        "auto" => (m + n) as usize <= cpus,
+        "on" => true,
+        _ => false,
+    };
+    let mut next_cpu = 0usize;
     for (role, count) in [("ffn", n), ("attention", m)] {
         for r in 0..count {
             let mut cmd = Command::new(&exe);
+            if pin {
+                cmd.env("AFMESH_CPU", (next_cpu % cpus).to_string());
+                next_cpu += 1;
+            }
             cmd.args([
                 "run",
                 "--json",
@@ -260,7 +292,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let verified = errors == 0;
     if args.json {
         println!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),

@@ -154,14 +154,6 @@ impl ShmTransport {
             loop {
                 match l.inbound.pop() {
                     Pop::Empty => break,
-                    Pop::Corrupt => {
-                        l.down = true;
-                        out.push(Completion::LinkError {
-                            link,
-                            reason: format!("{} corrupted its ring", l.label),
-                        });
-                        break;
-                    }
                     Pop::Entry(e) if e.flags & FLAG_CLOSE != 0 => {
                         l.down = true;
                         out.push(Completion::LinkClosed { link });
@@ -336,7 +328,7 @@ impl Transport for ShmTransport {
             if now >= spin_until {
                 break;
             }
-            std::hint::spin_loop();
+            self.policy.relax(spins);
             spins = spins.wrapping_add(1);
             if self.links.iter().any(|l| !l.down && !l.inbound.is_empty()) {
                 self.drain(out);
@@ -470,7 +462,7 @@ mod tests {
 
     #[test]
     fn bad_notice_is_a_link_error() {
-        let (a, mut b, _rb, _kb) = pair("shm-unit-3");
+        let (mut a, mut b, _rb, _kb) = pair("shm-unit-3");
         // A notice pointing past the region, as a broken peer would post.
         assert!(a.links[0].out.push(Entry {
             region: 0,

@@ -1,16 +1,21 @@
 //! A single-producer, single-consumer ring of write notices in shared
-//! memory: the producer's head and the consumer's tail each own a cache
-//! line, entries follow. The producer publishes an entry by storing the
-//! head (release); the consumer takes it by loading the head (acquire) and
-//! storing the tail. Nothing else is shared, so neither side ever waits on
-//! the other's cache line except to read the index it needs.
+//! memory.
+//!
+//! Each 32-byte entry carries its own sequence number (index + 1), stored
+//! last: the consumer knows an entry is new by reading the entry itself, so
+//! one notice costs one cache line crossing cores, not a line for the entry
+//! plus a line for a shared head index. The consumer's tail index lives on
+//! its own cache line; the producer reads it only when its cached copy says
+//! the ring is full, which a correct mesh (a few messages in flight per
+//! link) never reaches.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// Bytes of the ring header (head line + tail line).
+/// Bytes of the ring header (the consumer's tail line, and a spare line).
 pub const RING_HEADER: usize = 128;
 /// Bytes of one entry.
 pub const ENTRY_LEN: usize = 32;
+const SEQ_OFF: usize = 24;
 
 /// The entry flag for "this write carries an imm".
 pub const FLAG_IMM: u32 = 1;
@@ -37,16 +42,20 @@ pub fn ring_bytes(cap: u32) -> usize {
     RING_HEADER + cap as usize * ENTRY_LEN
 }
 
-/// A view of one ring inside a mapping.
-#[derive(Debug, Clone, Copy)]
+/// A view of one ring inside a mapping. The producer's position is its
+/// own (one producer per ring, for the life of the link).
+#[derive(Debug)]
 pub struct Ring {
     base: *mut u8,
     cap: u32,
+    head: u64,
+    cached_tail: u64,
 }
 
-// SAFETY: the ring is a view of shared memory; the head is only stored by
-// the one producer and the tail by the one consumer (the SPSC contract the
-// transport keeps: one link end per side), both through atomics.
+// SAFETY: the ring is a view of shared memory; entries are written only by
+// the one producer and the tail only by the one consumer (the SPSC contract
+// the transport keeps: one link end per side), through atomics for the
+// fields that publish.
 unsafe impl Send for Ring {}
 
 /// What `pop` found.
@@ -56,8 +65,6 @@ pub enum Pop {
     Entry(Entry),
     /// Nothing new.
     Empty,
-    /// The indices are impossible: the producer corrupted the ring.
-    Corrupt,
 }
 
 impl Ring {
@@ -68,17 +75,17 @@ impl Ring {
     /// bytes of (shared) memory that stay mapped as long as the ring is
     /// used, zeroed when the ring was first created.
     pub unsafe fn new(base: *mut u8, cap: u32) -> Ring {
-        Ring { base, cap }
-    }
-
-    fn head(&self) -> &AtomicU64 {
-        // SAFETY: `base` is aligned and mapped (`new`'s contract).
-        unsafe { &*self.base.cast::<AtomicU64>() }
+        Ring {
+            base,
+            cap: cap.max(1),
+            head: 0,
+            cached_tail: 0,
+        }
     }
 
     fn tail(&self) -> &AtomicU64 {
-        // SAFETY: `base + 64` is aligned and mapped (`new`'s contract).
-        unsafe { &*self.base.add(64).cast::<AtomicU64>() }
+        // SAFETY: `base` is aligned and mapped (`new`'s contract).
+        unsafe { &*self.base.cast::<AtomicU64>() }
     }
 
     fn slot(&self, i: u64) -> *mut u8 {
@@ -90,42 +97,50 @@ impl Ring {
         }
     }
 
+    fn seq(&self, i: u64) -> &AtomicU32 {
+        // SAFETY: inside the slot (see `slot`), 4-byte aligned (slots are
+        // 32-byte aligned, the field is at 24).
+        unsafe { &*self.slot(i).add(SEQ_OFF).cast::<AtomicU32>() }
+    }
+
     /// Producer: appends `e`; `false` if the ring is full.
-    pub fn push(&self, e: Entry) -> bool {
-        let h = self.head().load(Ordering::Relaxed);
-        let t = self.tail().load(Ordering::Acquire);
-        if h.wrapping_sub(t) >= u64::from(self.cap) {
-            return false;
+    pub fn push(&mut self, e: Entry) -> bool {
+        let cap = u64::from(self.cap);
+        if self.head.wrapping_sub(self.cached_tail) >= cap {
+            self.cached_tail = self.tail().load(Ordering::Acquire);
+            if self.head.wrapping_sub(self.cached_tail) >= cap {
+                return false;
+            }
         }
-        let mut b = [0u8; ENTRY_LEN];
+        let h = self.head;
+        let mut b = [0u8; SEQ_OFF];
         b[0..4].copy_from_slice(&e.region.to_le_bytes());
         b[4..8].copy_from_slice(&e.len.to_le_bytes());
         b[8..16].copy_from_slice(&e.offset.to_le_bytes());
         b[16..20].copy_from_slice(&e.imm.to_le_bytes());
         b[20..24].copy_from_slice(&e.flags.to_le_bytes());
-        // SAFETY: the slot is in the mapping and, until the head moves past
-        // it, owned by the producer (the consumer reads only below head).
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.slot(h), ENTRY_LEN) };
+        // SAFETY: the slot is in the mapping and, until its sequence says
+        // otherwise, the consumer does not read it.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.slot(h), SEQ_OFF) };
         // SeqCst (not just Release) so that the consumer's "sleeping" flag,
-        // read after this store, cannot be seen stale (see `Doorbell`).
-        self.head().store(h.wrapping_add(1), Ordering::SeqCst);
+        // read after this store, cannot be seen stale (see the doorbell in
+        // the transport).
+        self.seq(h)
+            .store((h as u32).wrapping_add(1), Ordering::SeqCst);
+        self.head = h.wrapping_add(1);
         true
     }
 
     /// Consumer: takes the oldest entry.
     pub fn pop(&self) -> Pop {
         let t = self.tail().load(Ordering::Relaxed);
-        let h = self.head().load(Ordering::SeqCst);
-        if h == t {
+        if self.seq(t).load(Ordering::SeqCst) != (t as u32).wrapping_add(1) {
             return Pop::Empty;
         }
-        if h.wrapping_sub(t) > u64::from(self.cap) {
-            return Pop::Corrupt;
-        }
-        let mut b = [0u8; ENTRY_LEN];
-        // SAFETY: the slot is in the mapping; the acquire load of the head
-        // made the producer's entry bytes visible.
-        unsafe { std::ptr::copy_nonoverlapping(self.slot(t), b.as_mut_ptr(), ENTRY_LEN) };
+        let mut b = [0u8; SEQ_OFF];
+        // SAFETY: in the mapping; the sequence load (acquire) made the
+        // producer's entry bytes visible.
+        unsafe { std::ptr::copy_nonoverlapping(self.slot(t), b.as_mut_ptr(), SEQ_OFF) };
         self.tail().store(t.wrapping_add(1), Ordering::Release);
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let mut off = [0u8; 8];
@@ -141,7 +156,8 @@ impl Ring {
 
     /// Whether the consumer has anything to take.
     pub fn is_empty(&self) -> bool {
-        self.head().load(Ordering::SeqCst) == self.tail().load(Ordering::Relaxed)
+        let t = self.tail().load(Ordering::Relaxed);
+        self.seq(t).load(Ordering::SeqCst) != (t as u32).wrapping_add(1)
     }
 }
 
@@ -154,28 +170,28 @@ mod tests {
     #[test]
     fn push_pop_full_and_corrupt() {
         let m = Mapping::anonymous(ring_bytes(4)).unwrap();
-        // SAFETY: fresh zeroed anonymous mapping of the right size.
-        let r = unsafe { Ring::new(m.ptr(), 4) };
-        assert_eq!(r.pop(), Pop::Empty);
-        for i in 0..4 {
-            assert!(r.push(Entry {
-                imm: i,
-                ..Entry::default()
-            }));
-        }
-        assert!(!r.push(Entry::default()), "full");
-        for i in 0..4 {
-            assert_eq!(
-                r.pop(),
-                Pop::Entry(Entry {
-                    imm: i,
+        // SAFETY: fresh zeroed anonymous mapping of the right size; one
+        // producer view and one consumer view.
+        let (mut p, c) = unsafe { (Ring::new(m.ptr(), 4), Ring::new(m.ptr(), 4)) };
+        assert_eq!(c.pop(), Pop::Empty);
+        for round in 0..3u32 {
+            for i in 0..4 {
+                let e = Entry {
+                    imm: round * 10 + i,
                     ..Entry::default()
-                })
-            );
+                };
+                assert!(p.push(e));
+            }
+            assert!(!p.push(Entry::default()), "full");
+            for i in 0..4 {
+                let want = Entry {
+                    imm: round * 10 + i,
+                    ..Entry::default()
+                };
+                assert_eq!(c.pop(), Pop::Entry(want));
+            }
+            assert!(c.is_empty());
         }
-        assert!(r.is_empty());
-        r.head().store(100, Ordering::SeqCst);
-        assert_eq!(r.pop(), Pop::Corrupt);
     }
 
     /// Producer and consumer on two threads, through a shared mapping:
@@ -188,7 +204,7 @@ mod tests {
             let m = m.clone();
             std::thread::spawn(move || {
                 // SAFETY: as above; this thread is the only producer.
-                let r = unsafe { Ring::new(m.ptr(), 64) };
+                let mut r = unsafe { Ring::new(m.ptr(), 64) };
                 let mut i = 0u64;
                 while i < N {
                     let e = Entry {
@@ -218,7 +234,6 @@ mod tests {
                     next += 1;
                 }
                 Pop::Empty => std::thread::yield_now(),
-                Pop::Corrupt => panic!("corrupt at {next}"),
             }
         }
         prod.join().unwrap();

@@ -308,6 +308,7 @@ impl Transport for TcpTransport {
         let start = Instant::now();
         let spin = self.policy.spin_for(timeout);
         let mut first = None;
+        let mut spins = 0u32;
         loop {
             match self.rx.try_recv() {
                 Ok(c) => {
@@ -320,7 +321,8 @@ impl Transport for TcpTransport {
             if start.elapsed() >= spin {
                 break;
             }
-            std::hint::spin_loop();
+            self.policy.relax(spins);
+            spins = spins.wrapping_add(1);
         }
         if first.is_none() && !timeout.is_zero() {
             let left = timeout.saturating_sub(start.elapsed());
