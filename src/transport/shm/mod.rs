@@ -328,7 +328,7 @@ impl Transport for ShmTransport {
             if now >= spin_until {
                 break;
             }
-            self.policy.relax(spins);
+            self.policy.relax(spins, now - begin);
             spins = spins.wrapping_add(1);
             if self.links.iter().any(|l| !l.down && !l.inbound.is_empty()) {
                 self.drain(out);

@@ -321,7 +321,7 @@ impl Transport for TcpTransport {
             if start.elapsed() >= spin {
                 break;
             }
-            self.policy.relax(spins);
+            self.policy.relax(spins, start.elapsed());
             spins = spins.wrapping_add(1);
         }
         if first.is_none() && !timeout.is_zero() {
