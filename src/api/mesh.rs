@@ -210,7 +210,9 @@ impl Mesh {
         };
         let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
         let peer_len = peer_len.ok_or_else(|| Error::config("region size overflows"))? as u64;
-        // A pinned rank owns its core: its waits spin without yielding.
+        // A pinned rank owns its core: its shared-memory waits spin without
+        // yielding. Tcp keeps the yielding policy: its reader threads run on
+        // the same core (they inherit the pin) and must get it.
         let poll = match cfg.cpu {
             Some(cpu) => {
                 crate::transport::shm::sys::pin_to_cpu(cpu)
@@ -251,7 +253,7 @@ impl Mesh {
             .as_ref()
             .map(|s| s.segment_name().to_string())
             .unwrap_or_default();
-        let mut mux = MuxTransport::new(TcpTransport::new(poll, cfg.io_timeout), shm);
+        let mut mux = MuxTransport::new(TcpTransport::new(cfg.poll, cfg.io_timeout), shm);
         let key = mux.register(region.clone())?;
 
         let scheduler = if cfg.embed_scheduler {

@@ -155,7 +155,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // otherwise the scheduler places them (and the poll policy yields).
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let pin = match args.pin.as_str() {
-        "auto" => (m + n) as usize <= cpus,
+        // Tcp ranks have reader threads besides the one that is pinned, so
+        // one core per rank is not theirs alone: left to the scheduler.
+        "auto" => (m + n) as usize <= cpus && args.transport != "tcp",
         "on" => true,
         _ => false,
     };
