@@ -89,7 +89,11 @@ pub struct FfnRank {
     rank: u32,
     region: Arc<Region>,
     stages: FfnStages,
+    /// Per (stage, attention rank), filled when the dispatch is counted:
+    /// when it landed, when it was posted, its side-block length.
     land_ns: Vec<u64>,
+    post_ns: Vec<u64>,
+    side_lens: Vec<u32>,
     events: Vec<Event>,
     support: Support,
 }
@@ -105,6 +109,8 @@ impl FfnRank {
         FfnRank {
             stages: FfnStages::new(layout.stages(), layout.m),
             land_ns: vec![0; layout.stages() * layout.m],
+            post_ns: vec![0; layout.stages() * layout.m],
+            side_lens: vec![0; layout.stages() * layout.m],
             events: Vec::with_capacity(64),
             engine,
             layout,
@@ -181,28 +187,17 @@ impl FfnRank {
         let (seq, tokens) = self.stages.hand_out(s)?;
         let m = self.layout.m;
         let offsets: Vec<usize> = (0..m).map(|a| self.layout.in_offset(s, a)).collect();
-        let headers: Vec<Option<Header>> = offsets
-            .iter()
-            .map(|&o| {
-                self.region
-                    .slice(o, HEADER_LEN)
-                    .ok()
-                    .and_then(|b| Header::decode(b).ok())
-            })
-            .collect();
+        let senders = s * m..(s + 1) * m;
         Some(Batch {
             stage: s as u32,
             seq,
-            side_lens: headers
-                .iter()
-                .map(|h| h.map_or(0, |h| h.side_len))
-                .collect(),
-            post_ns: headers.iter().map(|h| h.map_or(0, |h| h.post_ns)).collect(),
+            side_lens: self.side_lens[senders.clone()].to_vec(),
+            post_ns: self.post_ns[senders.clone()].to_vec(),
             tokens,
             offsets,
             row_bytes: self.layout.spec.row_bytes as usize,
             region: self.region.clone(),
-            land_ns: self.land_ns[s * m..(s + 1) * m].to_vec(),
+            land_ns: self.land_ns[senders].to_vec(),
             process_ns: now_ns(),
         })
     }
@@ -317,7 +312,10 @@ impl FfnRank {
         match self.stages.on_dispatch(s, a, h.sequence, h.tokens) {
             Ok(_) => {
                 self.engine.count_received(a);
-                self.land_ns[s * self.layout.m + a] = now_ns();
+                let i = s * self.layout.m + a;
+                self.land_ns[i] = now_ns();
+                self.post_ns[i] = h.post_ns;
+                self.side_lens[i] = h.side_len;
             }
             Err(r) => {
                 self.engine.count_rejected(a);
