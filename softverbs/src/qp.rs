@@ -335,40 +335,31 @@ pub unsafe extern "C" fn ibv_modify_qp(qp: *mut ibv_qp, attr: *mut ibv_qp_attr, 
             st.qp_access_flags = a.qp_access_flags;
             slot.access.store(a.qp_access_flags, Ordering::Release);
         }
-        if mask & IBV_QP_PORT != 0 {
-            st.port_num = a.port_num;
+        // Attributes kept for `ibv_query_qp`, each when its mask bit is set.
+        macro_rules! keep {
+            ($($bit:ident => $field:ident),* $(,)?) => {
+                $(if mask & $bit != 0 {
+                    st.$field = a.$field;
+                })*
+            };
         }
-        if mask & IBV_QP_PATH_MTU != 0 {
-            st.path_mtu = a.path_mtu;
-        }
-        if mask & IBV_QP_RQ_PSN != 0 {
-            st.rq_psn = a.rq_psn;
-        }
-        if mask & IBV_QP_SQ_PSN != 0 {
-            st.sq_psn = a.sq_psn;
-        }
-        if mask & IBV_QP_MAX_DEST_RD_ATOMIC != 0 {
-            st.max_dest_rd_atomic = a.max_dest_rd_atomic;
-        }
-        if mask & IBV_QP_MAX_QP_RD_ATOMIC != 0 {
-            st.max_rd_atomic = a.max_rd_atomic;
-        }
+        keep!(
+            IBV_QP_PORT => port_num,
+            IBV_QP_PATH_MTU => path_mtu,
+            IBV_QP_RQ_PSN => rq_psn,
+            IBV_QP_SQ_PSN => sq_psn,
+            IBV_QP_MAX_DEST_RD_ATOMIC => max_dest_rd_atomic,
+            IBV_QP_MAX_QP_RD_ATOMIC => max_rd_atomic,
+            IBV_QP_MIN_RNR_TIMER => min_rnr_timer,
+            IBV_QP_TIMEOUT => timeout,
+            IBV_QP_RETRY_CNT => retry_cnt,
+            IBV_QP_RNR_RETRY => rnr_retry,
+            IBV_QP_AV => ah_attr,
+        );
         if mask & IBV_QP_MIN_RNR_TIMER != 0 {
-            st.min_rnr_timer = a.min_rnr_timer;
+            // Peers read it to time their RNR retries.
             slot.min_rnr_timer
                 .store(u32::from(a.min_rnr_timer), Ordering::Release);
-        }
-        if mask & IBV_QP_TIMEOUT != 0 {
-            st.timeout = a.timeout;
-        }
-        if mask & IBV_QP_RETRY_CNT != 0 {
-            st.retry_cnt = a.retry_cnt;
-        }
-        if mask & IBV_QP_RNR_RETRY != 0 {
-            st.rnr_retry = a.rnr_retry;
-        }
-        if mask & IBV_QP_AV != 0 {
-            st.ah_attr = a.ah_attr;
         }
         if mask & IBV_QP_DEST_QPN != 0 {
             st.dest_qp_num = a.dest_qp_num;
@@ -629,55 +620,51 @@ fn wc_opcode(op: u32) -> u32 {
 /// Runs pending work requests in order until one must wait (RNR) or all
 /// are done. Called with the QP's lock held.
 fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
-    while let Some(p) = inner.pending.front() {
+    while let Some(p) = inner.pending.pop_front() {
         if inner.state == IBV_QPS_ERR {
-            let p = inner.pending.pop_front().expect("front exists");
             complete(f, sh, &p, IBV_WC_WR_FLUSH_ERR, 0);
             continue;
         }
         if Instant::now() < inner.next_try {
+            inner.pending.push_front(p);
             schedule(sh);
             return;
         }
-        match execute(f, sh, inner, p) {
+        // The status to complete `p` with, or the wait before its retry.
+        let status = match execute(f, sh, inner, &p) {
             Outcome::Done(len) => {
-                let p = inner.pending.pop_front().expect("front exists");
                 inner.rnr_tries = 0;
                 inner.retry_tries = 0;
                 if p.flags & IBV_SEND_SIGNALED != 0 || sh.sq_sig_all {
                     complete(f, sh, &p, IBV_WC_SUCCESS, len);
                 }
+                continue;
             }
-            Outcome::Rnr => {
-                let retry = inner.attr.rnr_retry;
-                if retry != 7 && inner.rnr_tries >= u32::from(retry) {
-                    let p = inner.pending.pop_front().expect("front exists");
-                    complete(f, sh, &p, IBV_WC_RNR_RETRY_EXC_ERR, 0);
-                    enter_error(f, sh, inner);
-                    continue;
-                }
+            Outcome::Rnr
+                if inner.attr.rnr_retry == 7
+                    || inner.rnr_tries < u32::from(inner.attr.rnr_retry) =>
+            {
                 inner.rnr_tries += 1;
-                let timer = remote_rnr_timer(f, inner);
-                inner.next_try = Instant::now() + timer;
-                schedule(sh);
-                return;
+                Err(remote_rnr_timer(f, inner))
             }
-            Outcome::NoAnswer => {
-                if inner.retry_tries >= u32::from(inner.attr.retry_cnt) {
-                    let p = inner.pending.pop_front().expect("front exists");
-                    complete(f, sh, &p, IBV_WC_RETRY_EXC_ERR, 0);
-                    enter_error(f, sh, inner);
-                    continue;
-                }
+            Outcome::Rnr => Ok(IBV_WC_RNR_RETRY_EXC_ERR),
+            Outcome::NoAnswer if inner.retry_tries < u32::from(inner.attr.retry_cnt) => {
                 inner.retry_tries += 1;
-                inner.next_try = Instant::now() + transport_timeout(inner.attr.timeout);
-                schedule(sh);
-                return;
+                Err(transport_timeout(inner.attr.timeout))
             }
-            Outcome::Fail(status) => {
-                let p = inner.pending.pop_front().expect("front exists");
+            Outcome::NoAnswer => Ok(IBV_WC_RETRY_EXC_ERR),
+            Outcome::Fail(status) => Ok(status),
+        };
+        match status {
+            Ok(status) => {
                 complete(f, sh, &p, status, 0);
                 enter_error(f, sh, inner);
+            }
+            Err(wait) => {
+                inner.next_try = Instant::now() + wait;
+                inner.pending.push_front(p);
+                schedule(sh);
+                return;
             }
         }
     }
