@@ -10,6 +10,9 @@
 #[path = "../../tests/common/proc.rs"]
 mod proc;
 
+#[path = "../../tests/common/cdylib.rs"]
+mod cdylib;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -26,19 +29,9 @@ fn root() -> PathBuf {
 fn lib_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // target/<profile>/deps/c_abi-<hash> -> target/<profile>
-        let exe = std::env::current_exe().unwrap();
-        let profile = exe.parent().unwrap().parent().unwrap();
-        let so = profile.join("libafmesh.so");
-        let hint = "build it first: `cargo build --workspace` (cargo test does not build cdylibs)";
-        let built = std::fs::metadata(&so)
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|_| panic!("{} not found; {hint}", so.display()));
-        let newest = newest_source(&root().join("src")).max(newest_source(&root().join("ffi/src")));
-        assert!(
-            built >= newest,
-            "{} is older than the sources; {hint}",
-            so.display()
+        let so = cdylib::built(
+            "libafmesh.so",
+            &[root().join("src"), root().join("ffi/src")],
         );
         let dir = std::env::temp_dir().join(format!("afmesh-c-abi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -49,20 +42,6 @@ fn lib_dir() -> &'static Path {
         }
         dir
     })
-}
-
-fn newest_source(dir: &Path) -> std::time::SystemTime {
-    let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        let t = if p.is_dir() {
-            newest_source(&p)
-        } else {
-            e.metadata().and_then(|m| m.modified()).unwrap_or(newest)
-        };
-        newest = newest.max(t);
-    }
-    newest
 }
 
 /// Compiles `src` (relative to the repository) into the scratch directory.

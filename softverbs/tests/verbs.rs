@@ -9,6 +9,9 @@
 #[path = "../../tests/common/proc.rs"]
 mod proc;
 
+#[path = "../../tests/common/cdylib.rs"]
+mod cdylib;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -16,41 +19,14 @@ use std::time::Duration;
 
 use proc::Proc;
 
-fn newest(dir: &Path) -> std::time::SystemTime {
-    let mut t = std::time::SystemTime::UNIX_EPOCH;
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        let m = if p.is_dir() {
-            newest(&p)
-        } else {
-            e.metadata().and_then(|m| m.modified()).unwrap_or(t)
-        };
-        t = t.max(m);
-    }
-    t
-}
-
-/// The built provider (`cargo build` makes cdylibs; `cargo test` does not).
+/// The built provider.
 fn provider() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let so = exe
-            .parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("libsoftverbs.so");
-        let hint = "build it first: `cargo build --workspace`";
-        let built = std::fs::metadata(&so)
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|_| panic!("{} not found; {hint}", so.display()));
-        assert!(
-            built >= newest(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src")),
-            "{} is older than its sources; {hint}",
-            so.display()
-        );
-        so
+        cdylib::built(
+            "libsoftverbs.so",
+            &[Path::new(env!("CARGO_MANIFEST_DIR")).join("src")],
+        )
     })
 }
 
