@@ -452,7 +452,13 @@ mod tests {
             b.poll(&mut out, Duration::from_secs(5)).unwrap();
             out
         });
-        std::thread::sleep(Duration::from_millis(50));
+        // Write only once the receiver has parked (its sleeping flag, seen
+        // through our mapping of its segment).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a.links[0].peer.sleeping().load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "receiver never parked");
+            std::thread::yield_now();
+        }
         a.write(0, &[b"x"], &kb, 0, Some(5)).unwrap();
         assert_eq!(
             t.join().unwrap(),
