@@ -16,6 +16,10 @@ pub struct PeerStats {
     pub sent: u64,
     /// Bytes written to the peer (headers included).
     pub sent_bytes: u64,
+    /// Bytes of those the library itself copied on the way (a staging copy,
+    /// or the shared-memory copy into the peer); 0 where the kernel or a NIC
+    /// moves the bytes (tcp, verbs).
+    pub copied_bytes: u64,
     /// Messages from the peer that were counted.
     pub received: u64,
     /// Messages from the peer that were rejected (stale, duplicate, bad).
@@ -140,9 +144,14 @@ impl Engine {
             .write(p.link, src, &p.key, offset, Some(imm.encode()))
         {
             Ok(()) => {
+                let copies = self.transport.copies(p.link);
+                let bytes = src.iter().map(|s| s.len() as u64).sum::<u64>();
                 let s = &mut self.peers[i].stats;
                 s.sent += 1;
-                s.sent_bytes += src.iter().map(|s| s.len() as u64).sum::<u64>();
+                s.sent_bytes += bytes;
+                if copies {
+                    s.copied_bytes += bytes;
+                }
                 Ok(())
             }
             Err(e @ (Error::BufferSize { .. } | Error::Unsupported(_) | Error::Config(_))) => {

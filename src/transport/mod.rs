@@ -112,6 +112,11 @@ pub trait Transport {
     fn links(&self) -> usize;
     /// Short name for logs (`"tcp"`, `"sim"`).
     fn name(&self) -> &'static str;
+    /// Whether a write on `link` is a copy made by this process (shm, sim)
+    /// rather than bytes handed to the kernel or a NIC (tcp, verbs).
+    fn copies(&self, _link: LinkId) -> bool {
+        false
+    }
 }
 
 /// The backends, enum-dispatched so the hot path has no virtual calls and
@@ -168,6 +173,9 @@ impl Transport for AnyTransport {
     }
     fn name(&self) -> &'static str {
         each!(self, t => t.name())
+    }
+    fn copies(&self, link: LinkId) -> bool {
+        each!(self, t => t.copies(link))
     }
 }
 

@@ -182,6 +182,10 @@ impl Transport for MuxTransport {
         self.routes.len()
     }
 
+    fn copies(&self, link: LinkId) -> bool {
+        matches!(self.routes.get(link), Some(Route::Shm(_)))
+    }
+
     fn name(&self) -> &'static str {
         match (self.from_tcp.is_empty(), self.from_shm.is_empty()) {
             (false, true) => "tcp",

@@ -393,6 +393,10 @@ impl Transport for ShmTransport {
     fn name(&self) -> &'static str {
         "shm"
     }
+
+    fn copies(&self, _link: LinkId) -> bool {
+        true
+    }
 }
 
 impl Drop for ShmTransport {

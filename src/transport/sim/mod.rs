@@ -445,6 +445,10 @@ impl Transport for SimTransport {
     fn name(&self) -> &'static str {
         "sim"
     }
+
+    fn copies(&self, _link: LinkId) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
