@@ -27,6 +27,7 @@
 
 pub mod mux;
 pub mod poll;
+mod region;
 pub mod shm;
 pub mod sim;
 pub mod tcp;
@@ -36,7 +37,7 @@ use std::time::Duration;
 
 pub use crate::proto::RegionKey;
 pub use poll::PollPolicy;
-pub use shm::Region;
+pub use region::{Region, REGION_ALIGN};
 
 use crate::error::Result;
 

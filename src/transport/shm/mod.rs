@@ -24,7 +24,6 @@
 //! the one place in the crate where bytes are shared without Rust's borrow
 //! rules.
 
-mod region;
 pub mod ring;
 pub mod segment;
 pub mod sys;
@@ -34,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use region::Region;
+pub use super::Region;
 pub use segment::{Doorbell, Segment};
 
 use super::{Completion, LinkId, PollPolicy, RegionKey, Transport};

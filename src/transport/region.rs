@@ -17,7 +17,7 @@ use std::io::Read;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::sys::Mapping;
+use super::shm::sys::Mapping;
 
 /// Alignment of library-allocated regions: a cache line, and what GPUs and
 /// NICs like for DMA.
