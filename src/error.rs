@@ -70,6 +70,19 @@ pub enum Error {
         /// Bytes given.
         got: usize,
     },
+    /// The caller passed something that cannot be right (a stale handle, a
+    /// stage out of range, a length that does not match).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A link's send window is full: nothing was posted; make progress and
+    /// post again.
+    #[error("send window to {peer} is full ({window} writes in flight)")]
+    Backpressure {
+        /// The peer.
+        peer: String,
+        /// The window.
+        window: usize,
+    },
     /// Authentication or job identity failed.
     #[error("auth: {0}")]
     Auth(String),

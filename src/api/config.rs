@@ -39,6 +39,16 @@ impl TransportKind {
     }
 }
 
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Shm => "shm",
+        })
+    }
+}
+
 /// How a rank joins its mesh.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {

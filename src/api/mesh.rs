@@ -1,7 +1,7 @@
 //! Joining a mesh: regions, rendezvous, links, barrier.
 
-use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::attention::AttentionRank;
 use super::config::{MeshConfig, TransportKind};
@@ -10,22 +10,22 @@ use super::layout::Layout;
 use super::StageSpec;
 use crate::bootstrap::client::Connecting;
 use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig, SchedulerHandle};
-use crate::bootstrap::{link, Session};
+use crate::bootstrap::Session;
 use crate::engine::{Engine, PeerStats};
 use crate::error::{Error, Peer, Result};
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
 use crate::proto::{Message, RegionKey, Role};
-use crate::transport::mux::MuxTransport;
+use crate::transport::mux::BACKENDS;
 use crate::transport::shm::ShmTransport;
 use crate::transport::sim::SimNetwork;
 use crate::transport::tcp::TcpTransport;
-use crate::transport::{AnyTransport, Region, Transport};
+use crate::transport::{Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Transport};
 
 /// Counters of a rank, per peer of the other role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankStats {
-    /// Backend name.
-    pub transport: &'static str,
+    /// Backend names of the links (`"shm+tcp"`).
+    pub transport: String,
     /// One entry per peer, by rank.
     pub peers: Vec<(Peer, PeerStats)>,
 }
@@ -189,8 +189,9 @@ impl Mesh {
         ))
     }
 
-    /// Everything but the role-specific wrapper: regions, rendezvous,
-    /// links (shm to same-host peers, tcp to the rest), barrier.
+    /// Everything but the role-specific wrapper: backends, regions,
+    /// rendezvous, links (each on the first backend that reaches the peer),
+    /// barrier.
     fn join_as(&self, role: Role, spec: StageSpec, memory: Memory) -> Result<Joined> {
         let cfg = &self.cfg;
         let layout = Layout::new(spec, cfg.attention, cfg.ffn)?;
@@ -210,9 +211,8 @@ impl Mesh {
         };
         let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
         let peer_len = peer_len.ok_or_else(|| Error::config("region size overflows"))? as u64;
-        // A pinned rank owns its core: its shared-memory waits spin without
-        // yielding. Tcp keeps the yielding policy: its reader threads run on
-        // the same core (they inherit the pin) and must get it.
+        let send_len = layout.in_slot.max(layout.out_slot);
+        // A pinned rank owns its core: its waits spin without yielding.
         let poll = match cfg.cpu {
             Some(cpu) => {
                 crate::transport::shm::sys::pin_to_cpu(cpu)
@@ -221,40 +221,6 @@ impl Mesh {
             }
             None => cfg.poll,
         };
-
-        // Shared memory is offered when allowed and the region is ours to
-        // place in the segment.
-        let caller = matches!(memory, Memory::Caller(_));
-        let shm = match (cfg.transport, caller) {
-            (TransportKind::Tcp, _) => None,
-            (TransportKind::Shm, true) => {
-                return Err(Error::Unsupported(
-                    "AFMESH_TRANSPORT=shm needs library-allocated buffers: peers cannot reach caller memory through shared memory".into(),
-                ))
-            }
-            (TransportKind::Auto, true) => {
-                tracing::info!("caller memory: links will use tcp (shared memory needs library-allocated buffers)");
-                None
-            }
-            (kind, false) => match ShmTransport::create(&cfg.job, peer_count, my_len, poll, cfg.io_timeout) {
-                Ok(t) => Some(t),
-                Err(e) if kind == TransportKind::Auto => {
-                    tracing::warn!("shared memory unavailable, links will use tcp: {e}");
-                    None
-                }
-                Err(e) => return Err(e),
-            },
-        };
-        let region = match (&shm, memory) {
-            (Some(s), _) => s.region()?,
-            (None, m) => region_for(m, my_len, "registered slots")?,
-        };
-        let shm_name = shm
-            .as_ref()
-            .map(|s| s.segment_name().to_string())
-            .unwrap_or_default();
-        let mut mux = MuxTransport::new(TcpTransport::new(cfg.poll, cfg.io_timeout), shm);
-        let key = mux.register(region.clone())?;
 
         let scheduler = if cfg.embed_scheduler {
             let s = Scheduler::bind(
@@ -272,17 +238,56 @@ impl Mesh {
             None
         };
         let conn = Connecting::connect(&cfg.scheduler, cfg.setup_timeout)?;
-        let (listener, link_addr) = if role == Role::Ffn {
-            let ip = conn.local_ip()?;
-            let l = TcpListener::bind((ip, 0))
-                .map_err(|e| Error::io(format!("bind link listener on {ip}"), e))?;
-            let a = l
-                .local_addr()
-                .map_err(|e| Error::io("link listener address", e))?;
-            (Some(l), a.to_string())
-        } else {
-            (None, String::new())
+
+        // The backends this rank offers, most preferred first.
+        let caller = matches!(memory, Memory::Caller(_));
+        let mut backends = Vec::new();
+        let mut shm_region = None;
+        let want = |name: &str| match cfg.transport {
+            TransportKind::Auto => true,
+            TransportKind::Tcp => name == "tcp",
+            TransportKind::Shm => name == "shm",
         };
+        for name in BACKENDS {
+            match *name {
+                "shm" if want("shm") => {
+                    match ShmTransport::create(&cfg.job, &cfg.host_id, peer_count, my_len) {
+                        Ok(t) => {
+                            if !caller {
+                                shm_region = Some(t.region()?);
+                            }
+                            backends.push(Backend::Shm(t));
+                        }
+                        Err(e) if cfg.transport == TransportKind::Auto => {
+                            tracing::warn!("shared memory unavailable, links will use tcp: {e}");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                "tcp" if want("tcp") => {
+                    backends.push(Backend::Tcp(TcpTransport::new(
+                        conn.local_ip()?,
+                        cfg.io_timeout,
+                    )?));
+                }
+                _ => {}
+            }
+        }
+        if caller && cfg.transport == TransportKind::Auto {
+            tracing::warn!(
+                "receive memory is caller memory: links to ranks on this host use tcp, since shared memory reaches only library-allocated buffers"
+            );
+        }
+        let mut mux = Mux::new(backends, poll);
+        let region = match (shm_region, memory) {
+            (Some(r), _) => r,
+            (None, m) => region_for(m, my_len, "registered slots")?,
+        };
+        mux.register(&region)?;
+        let staging = layout.stages() * peer_count as usize + 1;
+        let bounce = Arc::new(Region::alloc(send_len * staging).map_err(Error::config)?);
+        let bounce_key = mux.register(&bounce)?;
+
         let hello = Message::Hello {
             version: BOOTSTRAP_VERSION,
             job: cfg.job.clone(),
@@ -292,9 +297,7 @@ impl Mesh {
             n: cfg.ffn,
             geometry: spec,
             host_id: cfg.host_id.clone(),
-            link_addr,
-            shm: shm_name.clone(),
-            regions: vec![key],
+            endpoints: mux.endpoints(),
         };
         let mut session = conn.join(hello, cfg.io_timeout, cfg.setup_timeout)?;
         let rank = session.rank;
@@ -309,90 +312,81 @@ impl Mesh {
             });
         }
 
-        // Choose each link's transport; both ends decide the same way from
-        // the same address book.
-        let me = |r: u32| match role {
-            Role::Attention => Peer::Attention(r),
-            Role::Ffn => Peer::Ffn(r),
-        };
-        let them = |r: u32| match peer_role {
-            Role::Attention => Peer::Attention(r),
-            Role::Ffn => Peer::Ffn(r),
-        };
-        let mut via_shm = Vec::with_capacity(peers.len());
+        // Choose each link's backend; both ends decide the same way from the
+        // same address book.
+        let me = peer_of(role, rank);
+        let mut by_backend: Vec<Vec<(u32, PeerSpec)>> = vec![Vec::new(); mux.backends().len()];
         for e in &peers {
-            let why_not = if shm_name.is_empty() {
-                Some("this rank offers no shared memory".to_string())
-            } else if e.shm.is_empty() {
-                Some(format!("{} offers no shared memory", them(e.rank)))
-            } else if e.host_id != cfg.host_id {
-                Some(format!(
-                    "{} is on host {:?}, this rank on {:?}",
-                    them(e.rank),
-                    e.host_id,
-                    cfg.host_id
-                ))
-            } else {
-                None
-            };
-            match &why_not {
-                None => tracing::info!(
-                    "link {} -> {}: shm (same host {:?})",
-                    me(rank),
-                    them(e.rank),
-                    e.host_id
-                ),
-                Some(why) if cfg.transport == TransportKind::Shm => {
+            let them = peer_of(peer_role, e.rank);
+            match mux.choose(&e.endpoints) {
+                Ok(b) => {
+                    tracing::info!(
+                        "link {me} -> {them}: {} (host {:?})",
+                        mux.backends()[b].name(),
+                        e.host_id
+                    );
+                    let blob = e
+                        .endpoints
+                        .iter()
+                        .find(|(n, _)| n == mux.backends()[b].name())
+                        .map(|(_, blob)| blob.clone())
+                        .unwrap_or_default();
+                    by_backend[b].push((
+                        e.rank,
+                        PeerSpec {
+                            label: them.to_string(),
+                            blob,
+                            initiator: role == Role::Attention,
+                            peer_rank: e.rank,
+                            my_rank: rank,
+                            epoch: session.epoch,
+                        },
+                    ));
+                }
+                Err(why) => {
+                    let which = match cfg.transport {
+                        TransportKind::Auto => "no transport".to_string(),
+                        t => format!(
+                            "the configured transport (AFMESH_TRANSPORT={t} or MeshConfig::transport)"
+                        ),
+                    };
                     return Err(Error::config(format!(
-                        "AFMESH_TRANSPORT=shm, but link {} -> {} cannot use shared memory: {why}",
-                        me(rank),
-                        them(e.rank)
-                    )))
-                }
-                Some(why) => tracing::info!("link {} -> {}: tcp ({why})", me(rank), them(e.rank)),
-            }
-            via_shm.push(why_not.is_none());
-        }
-
-        let mut links = vec![usize::MAX; peers.len()];
-        let tcp_peers: Vec<_> = peers
-            .iter()
-            .zip(&via_shm)
-            .filter(|(_, s)| !**s)
-            .map(|(e, _)| e.clone())
-            .collect();
-        match role {
-            Role::Attention => {
-                let streams =
-                    link::connect_all(&tcp_peers, session.epoch, rank, cfg.setup_timeout)?;
-                for (e, s) in tcp_peers.iter().zip(streams) {
-                    links[e.rank as usize] = mux.add_tcp(s, them(e.rank).to_string())?;
-                }
-            }
-            Role::Ffn => {
-                let expected: Vec<u32> = tcp_peers.iter().map(|e| e.rank).collect();
-                let l = listener
-                    .as_ref()
-                    .ok_or_else(|| Error::config("FFN rank has no link listener"))?;
-                for (r, s) in link::accept_all(l, &expected, session.epoch, cfg.setup_timeout)? {
-                    links[r as usize] = mux.add_tcp(s, them(r).to_string())?;
+                        "{which} reaches link {me} -> {them} (host {:?}): {why}",
+                        e.host_id
+                    )));
                 }
             }
         }
-        for (e, _) in peers.iter().zip(&via_shm).filter(|(_, s)| **s) {
-            links[e.rank as usize] = mux.add_shm(&e.shm, rank, e.rank, them(e.rank).to_string())?;
+        let mut table: Vec<Option<(Peer, LinkId, RegionKey)>> = vec![None; peers.len()];
+        for (b, list) in by_backend.into_iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            let specs: Vec<PeerSpec> = list.iter().map(|(_, p)| p.clone()).collect();
+            let up = mux.connect(b, &specs, cfg.setup_timeout)?;
+            for ((r, _), c) in list.iter().zip(up) {
+                let them = peer_of(peer_role, *r);
+                let key = peer_key(c.remote.first(), peer_len, them)?;
+                table[*r as usize] = Some((them, c.link, key));
+            }
         }
-        let mut table = Vec::with_capacity(peers.len());
-        for e in &peers {
-            let key = peer_key(e.regions.first(), peer_len, them(e.rank))?;
-            table.push((them(e.rank), links[e.rank as usize], key));
-        }
+        let table: Vec<(Peer, LinkId, RegionKey)> = table
+            .into_iter()
+            .enumerate()
+            .map(|(r, t)| {
+                t.ok_or_else(|| Error::config(format!("no link to {peer_role} rank {r}")))
+            })
+            .collect::<Result<_>>()?;
         session.barrier(cfg.setup_timeout)?;
         // Every peer has mapped our segment: its name can go.
-        mux.unlink_shm();
-        tracing::info!(rank, transport = mux.name(), "{role} rank joined");
+        for b in mux.backends() {
+            if let Backend::Shm(s) = b {
+                s.unlink();
+            }
+        }
+        tracing::info!(rank, transport = %mux.name(), "{role} rank joined");
         Ok(Joined {
-            engine: Engine::new(AnyTransport::Mux(Box::new(mux)), table),
+            engine: Engine::new(mux, table, (bounce, bounce_key), send_len, cfg.io_timeout),
             layout,
             rank,
             region,
@@ -401,6 +395,13 @@ impl Mesh {
                 scheduler,
             },
         })
+    }
+}
+
+fn peer_of(role: Role, rank: u32) -> Peer {
+    match role {
+        Role::Attention => Peer::Attention(rank),
+        Role::Ffn => Peer::Ffn(rank),
     }
 }
 
@@ -445,61 +446,95 @@ pub fn sim_mesh(
     spec: StageSpec,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
     let layout = Layout::new(spec, m, n)?;
-    let mut a_t: Vec<_> = (0..m).map(|_| net.endpoint()).collect();
-    let mut f_t: Vec<_> = (0..n).map(|_| net.endpoint()).collect();
-    let a_regions: Vec<Arc<Region>> = (0..m)
-        .map(|_| Region::alloc(layout.out_region_len().unwrap_or(0)).map(Arc::new))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(Error::config)?;
-    let f_regions: Vec<Arc<Region>> = (0..n)
-        .map(|_| Region::alloc(layout.in_region_len().unwrap_or(0)).map(Arc::new))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(Error::config)?;
-    let a_keys: Vec<RegionKey> = a_t
-        .iter_mut()
-        .zip(&a_regions)
-        .map(|(t, r)| t.register(r.clone()))
-        .collect::<Result<_>>()?;
-    let f_keys: Vec<RegionKey> = f_t
-        .iter_mut()
-        .zip(&f_regions)
-        .map(|(t, r)| t.register(r.clone()))
-        .collect::<Result<_>>()?;
-    let mut a_peers: Vec<Vec<_>> = vec![Vec::new(); m as usize];
-    let mut f_peers: Vec<Vec<_>> = vec![Vec::new(); n as usize];
-    for i in 0..m as usize {
-        for j in 0..n as usize {
-            let (la, lf) = net.connect(&a_t[i], &f_t[j]);
-            a_peers[i].push((Peer::Ffn(j as u32), la, f_keys[j]));
-            f_peers[j].push((Peer::Attention(i as u32), lf, a_keys[i]));
-        }
+    let send_len = layout.in_slot.max(layout.out_slot);
+    struct Side {
+        mux: Mux,
+        region: Arc<Region>,
+        bounce: (Arc<Region>, LocalKey),
     }
-    let attn = a_t
+    let side = |len: usize| -> Result<Side> {
+        let mut mux = Mux::new(
+            vec![Backend::Sim(net.endpoint())],
+            crate::transport::PollPolicy::default(),
+        );
+        let region = Arc::new(Region::alloc(len).map_err(Error::config)?);
+        mux.register(&region)?;
+        let staging = layout.stages() * (m.max(n) as usize) + 1;
+        let bounce = Arc::new(Region::alloc(send_len * staging).map_err(Error::config)?);
+        let key = mux.register(&bounce)?;
+        Ok(Side {
+            mux,
+            region,
+            bounce: (bounce, key),
+        })
+    };
+    let mut a: Vec<Side> = (0..m)
+        .map(|_| side(layout.out_region_len().unwrap_or(0)))
+        .collect::<Result<_>>()?;
+    let mut f: Vec<Side> = (0..n)
+        .map(|_| side(layout.in_region_len().unwrap_or(0)))
+        .collect::<Result<_>>()?;
+    let a_blobs: Vec<Vec<u8>> = a.iter().map(|s| s.mux.backends()[0].endpoint()).collect();
+    let f_blobs: Vec<Vec<u8>> = f.iter().map(|s| s.mux.backends()[0].endpoint()).collect();
+    let spec_for = |label: String, blob: &[u8], initiator, peer_rank, my_rank| PeerSpec {
+        label,
+        blob: blob.to_vec(),
+        initiator,
+        peer_rank,
+        my_rank,
+        epoch: 1,
+    };
+    let mut a_peers = Vec::new();
+    for (i, s) in a.iter_mut().enumerate() {
+        let specs: Vec<PeerSpec> = (0..n)
+            .map(|j| spec_for(format!("F{j}"), &f_blobs[j as usize], true, j, i as u32))
+            .collect();
+        let up = s.mux.connect(0, &specs, Duration::ZERO)?;
+        a_peers.push(
+            up.into_iter()
+                .enumerate()
+                .map(|(j, c)| (Peer::Ffn(j as u32), c.link, c.remote[0]))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let mut f_peers = Vec::new();
+    for (j, s) in f.iter_mut().enumerate() {
+        let specs: Vec<PeerSpec> = (0..m)
+            .map(|i| spec_for(format!("A{i}"), &a_blobs[i as usize], false, i, j as u32))
+            .collect();
+        let up = s.mux.connect(0, &specs, Duration::ZERO)?;
+        f_peers.push(
+            up.into_iter()
+                .enumerate()
+                .map(|(i, c)| (Peer::Attention(i as u32), c.link, c.remote[0]))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let io = Duration::from_secs(10);
+    let attn = a
         .into_iter()
         .zip(a_peers)
-        .zip(a_regions)
         .enumerate()
-        .map(|(i, ((t, p), r))| {
+        .map(|(i, (s, p))| {
             AttentionRank::new(
-                Engine::new(t.into(), p),
+                Engine::new(s.mux, p, s.bounce, send_len, io),
                 layout,
                 i as u32,
-                r,
+                s.region,
                 Support::default(),
             )
         })
         .collect();
-    let ffn = f_t
+    let ffn = f
         .into_iter()
         .zip(f_peers)
-        .zip(f_regions)
         .enumerate()
-        .map(|(j, ((t, p), r))| {
+        .map(|(j, (s, p))| {
             FfnRank::new(
-                Engine::new(t.into(), p),
+                Engine::new(s.mux, p, s.bounce, send_len, io),
                 layout,
                 j as u32,
-                r,
+                s.region,
                 Support::default(),
             )
         })

@@ -5,7 +5,6 @@
 //! does not decode is dropped with a logged reason; the mesh still forms.
 
 pub mod client;
-pub mod link;
 pub mod rendezvous;
 
 use std::io::{Read, Write};

@@ -259,17 +259,13 @@ impl Scheduler {
                 Message::Hello {
                     role,
                     host_id,
-                    link_addr,
-                    shm,
-                    regions,
+                    endpoints,
                     ..
                 } => Some(Entry {
                     role: *role,
                     rank,
                     host_id: host_id.clone(),
-                    link_addr: link_addr.clone(),
-                    shm: shm.clone(),
-                    regions: regions.clone(),
+                    endpoints: endpoints.clone(),
                 }),
                 _ => None,
             })

@@ -3,11 +3,12 @@
 //! transport completions into per-peer events, remembers which peers are
 //! lost and why, and keeps the per-peer counters.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Peer, Result};
 use crate::proto::{Imm, RegionKey};
-use crate::transport::{AnyTransport, Completion, LinkId, Transport};
+use crate::transport::{Completion, LinkId, LocalKey, LocalSlice, Mux, Region};
 
 /// Counters for one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,15 +51,30 @@ pub(crate) enum Event {
 /// The progress engine for one rank.
 #[derive(Debug)]
 pub(crate) struct Engine {
-    transport: AnyTransport,
+    transport: Mux,
     peers: Vec<PeerLink>,
     link_to_peer: Vec<Option<usize>>,
     completions: Vec<Completion>,
+    /// Registered staging memory for writes, and completions seen while
+    /// waiting for one to be sent.
+    bounce: (Arc<Region>, LocalKey),
+    staging_len: usize,
+    staging_busy: Vec<Option<u64>>,
+    backlog: Vec<Completion>,
+    next_token: u64,
+    io_timeout: Duration,
 }
 
 impl Engine {
     /// `peers[i]` is reached over `links[i]` and written at `keys[i]`.
-    pub(crate) fn new(transport: AnyTransport, peers: Vec<(Peer, LinkId, RegionKey)>) -> Engine {
+    pub(crate) fn new(
+        transport: Mux,
+        peers: Vec<(Peer, LinkId, RegionKey)>,
+        bounce: (Arc<Region>, LocalKey),
+        staging_len: usize,
+        io_timeout: Duration,
+    ) -> Engine {
+        let staging_slots = bounce.0.len().checked_div(staging_len).unwrap_or(0);
         let nlinks = peers
             .iter()
             .map(|p| p.1 + 1)
@@ -82,10 +98,16 @@ impl Engine {
                 .collect(),
             link_to_peer,
             completions: Vec::with_capacity(64),
+            bounce,
+            staging_len,
+            staging_busy: vec![None; staging_slots],
+            backlog: Vec::new(),
+            next_token: 0,
+            io_timeout,
         }
     }
 
-    pub(crate) fn transport_name(&self) -> &'static str {
+    pub(crate) fn transport_name(&self) -> String {
         self.transport.name()
     }
 
@@ -132,20 +154,71 @@ impl Engine {
         }
     }
 
-    /// Writes `src` to peer `i` at `offset` of its region, with `imm`.
-    #[inline]
+    /// Writes `src` to peer `i` at `offset` of its region, with `imm`: one
+    /// posted write from a free staging slot, which is busy until `Sent`.
     pub(crate) fn write(&mut self, i: usize, src: &[&[u8]], offset: u64, imm: Imm) -> Result<()> {
         if self.peers[i].stats.lost.is_some() {
             return Err(self.lost_error(i));
         }
-        let p = &self.peers[i];
-        match self
-            .transport
-            .write(p.link, src, &p.key, offset, Some(imm.encode()))
-        {
+        let bytes = src.iter().map(|s| s.len() as u64).sum::<u64>();
+        let link = self.peers[i].link;
+        let copies = self.transport.caps_of(link).is_some_and(|c| c.copies);
+        let deadline = Instant::now() + self.io_timeout;
+        let result = loop {
+            let slot = self.staging_busy.iter().position(Option::is_none);
+            if let Some(slot) = slot {
+                let (region, key) = self.bounce.clone();
+                let at = (slot * self.staging_len) as u64;
+                if bytes > self.staging_len as u64 {
+                    break Err(Error::BufferSize {
+                        what: "staging for a write".into(),
+                        need: bytes as usize,
+                        got: self.staging_len,
+                    });
+                }
+                if let Err(e) = region.write_gather(at, src) {
+                    break Err(Error::config(e));
+                }
+                let token = self.next_token;
+                self.next_token += 1;
+                let slice = [LocalSlice {
+                    key,
+                    offset: at,
+                    len: bytes,
+                }];
+                let key = self.peers[i].key;
+                match self.transport.post_write(
+                    link,
+                    &slice,
+                    &key,
+                    offset,
+                    Some(imm.encode()),
+                    token,
+                ) {
+                    Ok(()) => {
+                        self.staging_busy[slot] = Some(token);
+                        break Ok(());
+                    }
+                    Err(Error::Backpressure { .. }) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            if Instant::now() > deadline {
+                break Err(Error::Timeout {
+                    op: "send window",
+                    peer: self.peers[i].peer.to_string(),
+                    after: self.io_timeout,
+                });
+            }
+            let mut out = Vec::new();
+            self.transport.poll(&mut out, Duration::from_millis(1))?;
+            for c in &out {
+                self.on_sent(c);
+            }
+            self.backlog.extend(out);
+        };
+        match result {
             Ok(()) => {
-                let copies = self.transport.copies(p.link);
-                let bytes = src.iter().map(|s| s.len() as u64).sum::<u64>();
                 let s = &mut self.peers[i].stats;
                 s.sent += 1;
                 s.sent_bytes += bytes;
@@ -154,12 +227,25 @@ impl Engine {
                 }
                 Ok(())
             }
-            Err(e @ (Error::BufferSize { .. } | Error::Unsupported(_) | Error::Config(_))) => {
-                Err(e)
-            }
+            Err(
+                e @ (Error::BufferSize { .. }
+                | Error::Unsupported(_)
+                | Error::Config(_)
+                | Error::InvalidArgument(_)),
+            ) => Err(e),
             Err(e) => {
                 self.mark_lost(i, e.to_string());
                 Err(self.lost_error(i))
+            }
+        }
+    }
+
+    fn on_sent(&mut self, c: &Completion) {
+        if let Completion::Sent { token } = c {
+            for b in &mut self.staging_busy {
+                if *b == Some(*token) {
+                    *b = None;
+                }
             }
         }
     }
@@ -168,7 +254,13 @@ impl Engine {
     /// completion) and appends per-peer events to `out`.
     pub(crate) fn poll(&mut self, timeout: Duration, out: &mut Vec<Event>) -> Result<()> {
         self.completions.clear();
-        self.transport.poll(&mut self.completions, timeout)?;
+        self.completions.append(&mut self.backlog);
+        let wait = if self.completions.is_empty() {
+            timeout
+        } else {
+            Duration::ZERO
+        };
+        self.transport.poll(&mut self.completions, wait)?;
         for c in self.completions.drain(..) {
             let (link, lost) = match c {
                 Completion::Arrival { link, imm } => {
@@ -177,6 +269,14 @@ impl Engine {
                             peer: *peer,
                             imm: Imm::decode(imm),
                         });
+                    }
+                    continue;
+                }
+                Completion::Sent { token } => {
+                    for b in &mut self.staging_busy {
+                        if *b == Some(token) {
+                            *b = None;
+                        }
                     }
                     continue;
                 }

@@ -8,7 +8,7 @@
 use super::codec::{DecodeError, Reader, Writer};
 
 /// Bootstrap protocol version, carried in `Hello`.
-pub const BOOTSTRAP_VERSION: u16 = 2;
+pub const BOOTSTRAP_VERSION: u16 = 3;
 /// Largest bootstrap frame accepted.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -83,14 +83,10 @@ pub struct Entry {
     pub role: Role,
     /// Its rank within the role.
     pub rank: u32,
-    /// Host identity (same host → shared memory possible).
+    /// Host identity, for logs (backends judge reachability themselves).
     pub host_id: String,
-    /// Where it accepts links (`host:port`), empty if it accepts none.
-    pub link_addr: String,
-    /// Its shared-memory segment, empty if it offers none.
-    pub shm: String,
-    /// Its registered regions, in registration order.
-    pub regions: Vec<RegionKey>,
+    /// One opaque endpoint blob per backend it offers, by backend name.
+    pub endpoints: Vec<(String, Vec<u8>)>,
 }
 
 /// A bootstrap message.
@@ -112,14 +108,10 @@ pub enum Message {
         n: u32,
         /// Stage geometry.
         geometry: Geometry,
-        /// My entry (role and rank fields are ignored by the server).
+        /// Host identity, for logs.
         host_id: String,
-        /// Where I accept links.
-        link_addr: String,
-        /// My shared-memory segment (empty: none).
-        shm: String,
-        /// My regions.
-        regions: Vec<RegionKey>,
+        /// My endpoint blob per backend, by backend name.
+        endpoints: Vec<(String, Vec<u8>)>,
     },
     /// Server → rank: your rank and everyone's entry.
     AddressBook {
@@ -165,32 +157,19 @@ pub enum Message {
     },
 }
 
-fn put_region(w: &mut Writer, k: &RegionKey) {
-    w.u32(k.id);
-    w.u32(k.rkey);
-    w.u64(k.addr);
-    w.u64(k.len);
-}
-
-fn get_region(r: &mut Reader<'_>) -> Result<RegionKey, DecodeError> {
-    Ok(RegionKey {
-        id: r.u32("region.id")?,
-        rkey: r.u32("region.rkey")?,
-        addr: r.u64("region.addr")?,
-        len: r.u64("region.len")?,
-    })
-}
-
-fn put_regions(w: &mut Writer, regions: &[RegionKey]) {
-    w.u32(regions.len() as u32);
-    for k in regions {
-        put_region(w, k);
+fn put_endpoints(w: &mut Writer, endpoints: &[(String, Vec<u8>)]) {
+    w.u32(endpoints.len() as u32);
+    for (name, blob) in endpoints {
+        w.str(name);
+        w.bytes(blob);
     }
 }
 
-fn get_regions(r: &mut Reader<'_>) -> Result<Vec<RegionKey>, DecodeError> {
-    let n = r.count("regions")?;
-    (0..n).map(|_| get_region(r)).collect()
+fn get_endpoints(r: &mut Reader<'_>) -> Result<Vec<(String, Vec<u8>)>, DecodeError> {
+    let n = r.count("endpoints")?;
+    (0..n)
+        .map(|_| Ok((r.str("endpoint.backend")?, r.bytes("endpoint.blob")?)))
+        .collect()
 }
 
 impl Message {
@@ -208,9 +187,7 @@ impl Message {
                 n,
                 geometry,
                 host_id,
-                link_addr,
-                shm,
-                regions,
+                endpoints,
             } => {
                 w.u8(1);
                 w.u16(*version);
@@ -225,9 +202,7 @@ impl Message {
                 w.u32(geometry.out_row_bytes);
                 w.u32(geometry.side_bytes);
                 w.str(host_id);
-                w.str(link_addr);
-                w.str(shm);
-                put_regions(&mut w, regions);
+                put_endpoints(&mut w, endpoints);
             }
             Message::AddressBook {
                 epoch,
@@ -244,9 +219,7 @@ impl Message {
                     w.u8(e.role.to_u8());
                     w.u32(e.rank);
                     w.str(&e.host_id);
-                    w.str(&e.link_addr);
-                    w.str(&e.shm);
-                    put_regions(&mut w, &e.regions);
+                    put_endpoints(&mut w, &e.endpoints);
                 }
             }
             Message::Refused { reason } => {
@@ -321,9 +294,7 @@ impl Message {
                         side_bytes: r.u32("side_bytes")?,
                     },
                     host_id: r.str("host_id")?,
-                    link_addr: r.str("link_addr")?,
-                    shm: r.str("shm")?,
-                    regions: get_regions(&mut r)?,
+                    endpoints: get_endpoints(&mut r)?,
                 }
             }
             2 => {
@@ -337,9 +308,7 @@ impl Message {
                         role: Role::from_u8(r.u8("entry.role")?)?,
                         rank: r.u32("entry.rank")?,
                         host_id: r.str("entry.host_id")?,
-                        link_addr: r.str("entry.link_addr")?,
-                        shm: r.str("entry.shm")?,
-                        regions: get_regions(&mut r)?,
+                        endpoints: get_endpoints(&mut r)?,
                     });
                 }
                 Message::AddressBook {
@@ -386,12 +355,10 @@ mod tests {
     }
 
     fn samples() -> Vec<Message> {
-        let regions = vec![RegionKey {
-            id: 1,
-            rkey: 2,
-            addr: 3,
-            len: 4,
-        }];
+        let endpoints = vec![
+            ("tcp".to_string(), b"127.0.0.1:9".to_vec()),
+            ("shm".to_string(), vec![0, 1, 2, 255]),
+        ];
         vec![
             Message::Hello {
                 version: BOOTSTRAP_VERSION,
@@ -408,9 +375,7 @@ mod tests {
                     side_bytes: 64,
                 },
                 host_id: "h".into(),
-                link_addr: "127.0.0.1:9".into(),
-                shm: "afmesh.job.1.0".into(),
-                regions: regions.clone(),
+                endpoints: endpoints.clone(),
             },
             Message::AddressBook {
                 epoch: 9,
@@ -420,9 +385,7 @@ mod tests {
                     role: Role::Ffn,
                     rank: 0,
                     host_id: "x".into(),
-                    link_addr: "y".into(),
-                    shm: String::new(),
-                    regions,
+                    endpoints,
                 }],
             },
             Message::Refused {
@@ -471,7 +434,7 @@ mod tests {
 
         #[test]
         fn hello_round_trips(job in ".{0,40}", host in "[a-z0-9.]{0,30}", pr in proptest::option::of(0u32..1000),
-                             m in any::<u32>(), n in any::<u32>(), ids in proptest::collection::vec(any::<u32>(), 0..8)) {
+                             m in any::<u32>(), n in any::<u32>(), blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..4)) {
             let msg = Message::Hello {
                 version: BOOTSTRAP_VERSION,
                 job,
@@ -481,9 +444,7 @@ mod tests {
                 n,
                 geometry: Geometry { stages: 1, max_tokens: 2, row_bytes: 3, out_row_bytes: 4, side_bytes: 5 },
                 host_id: host.clone(),
-                link_addr: String::new(),
-                shm: host.clone(),
-                regions: ids.into_iter().map(|id| RegionKey { id, ..Default::default() }).collect(),
+                endpoints: blobs.into_iter().enumerate().map(|(i, b)| (format!("b{i}"), b)).collect(),
             };
             prop_assert_eq!(decode_frame(&msg.encode()).unwrap(), msg);
         }

@@ -15,6 +15,8 @@ impl DecodeError {
 pub const MAX_STR: usize = 4096;
 /// Most elements in a list a message may carry.
 pub const MAX_LIST: usize = 65_536;
+/// Most bytes of one opaque blob (an endpoint).
+pub const MAX_BLOB: usize = 16_384;
 
 /// Appends fields to a byte vector.
 #[derive(Debug, Default)]
@@ -56,6 +58,13 @@ impl Writer {
         }
         self.u32(end as u32);
         self.buf.extend_from_slice(&s.as_bytes()[..end]);
+    }
+    /// A length-prefixed byte string (an opaque blob; at most
+    /// [`MAX_BLOB`] bytes are written so that it always decodes).
+    pub fn bytes(&mut self, b: &[u8]) {
+        let b = &b[..b.len().min(MAX_BLOB)];
+        self.u32(b.len() as u32);
+        self.buf.extend_from_slice(b);
     }
 }
 
@@ -119,6 +128,16 @@ impl<'a> Reader<'a> {
         }
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| DecodeError::new(format!("{what}: not UTF-8")))
+    }
+    /// A length-prefixed byte string of at most [`MAX_BLOB`] bytes.
+    pub fn bytes(&mut self, what: &str) -> Result<Vec<u8>, DecodeError> {
+        let n = self.u32(what)? as usize;
+        if n > MAX_BLOB {
+            return Err(DecodeError::new(format!(
+                "{what}: {n} bytes exceeds {MAX_BLOB}"
+            )));
+        }
+        Ok(self.take(n, what)?.to_vec())
     }
     /// A list length, checked against [`MAX_LIST`].
     pub fn count(&mut self, what: &str) -> Result<usize, DecodeError> {

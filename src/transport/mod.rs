@@ -1,29 +1,47 @@
 //! Transports: one contract, several backends.
 //!
 //! Every backend offers RDMA's one-sided model, the software ones by
-//! emulating it:
+//! emulating it. The contract, which the engine relies on and nothing more:
 //!
-//! * [`Transport::register`] makes a local [`Region`] writable by peers and
-//!   returns the [`RegionKey`] that peers target. All regions are registered
-//!   before the first link comes up; registration is never on the
-//!   per-message path.
-//! * [`Transport::write`] copies the concatenation of a gather list into a
-//!   peer's region at an offset. With an imm, the peer's [`Transport::poll`]
-//!   later yields exactly one [`Completion::Arrival`] carrying it, after all
-//!   bytes of that write are visible. `write` returns when the source
-//!   buffers may be reused.
-//! * Delivery may be unordered between writes. Callers count arrivals; they
-//!   never rely on order.
-//! * The receiver checks every offset and length against the target region
-//!   before a byte lands. A bad write is an error on that link
-//!   ([`Completion::LinkError`]), never memory corruption.
-//! * A link whose peer is gone yields one [`Completion::LinkDown`] (or
-//!   [`Completion::LinkClosed`] when the peer called [`Transport::close`]);
-//!   writes on it then fail.
+//! * **Memory.** [`Transport::register`] makes a [`Region`] (host memory now;
+//!   a [`MemoryKind::Cuda`] region later, without a change here) usable by
+//!   the backend and returns a [`Registration`]: a [`LocalKey`] for this
+//!   rank's posted writes and a [`RegionKey`] that peers target. Registration
+//!   happens at setup only, before [`Transport::endpoint`]; caller-owned
+//!   host memory registers exactly like library-allocated memory.
+//! * **Posted writes.** [`Transport::post_write`] takes local slices of
+//!   registered memory, a peer's region key and offset, an optional imm and a
+//!   caller token, and returns at once. Later this end's progress reports
+//!   [`Completion::Sent`] with the token (the local bytes may be reused) and
+//!   the target reports [`Completion::Arrival`] with the imm after every byte
+//!   of the write is visible there. `Sent` and the peer's `Arrival` are not
+//!   ordered with respect to each other. Each link has a send window
+//!   ([`Caps::window`] writes posted and not yet `Sent`); a post into a full
+//!   window fails at once with [`Error::Backpressure`], which is never a
+//!   drop: nothing was posted, the caller makes progress and posts again.
+//! * **One message, one write.** The engine puts each message's header in
+//!   registered memory right before its payload and posts the whole thing as
+//!   one write; backends never build or split messages.
+//! * **Unordered delivery.** Writes may land in any order unless
+//!   [`Caps::ordered`] says otherwise; the engine counts arrivals.
+//! * **Bounds.** Every write is checked against the target region before a
+//!   byte lands (software backends check at both ends; a NIC checks the
+//!   rkey). A bad write is [`Completion::LinkError`], never corruption.
+//! * **Bring-up.** Each backend publishes an opaque endpoint blob (addresses,
+//!   queue-pair numbers, shared-memory names, remote keys, whatever it needs)
+//!   that travels through the rendezvous unread; a peer's backend decides
+//!   from it whether it can reach this rank ([`Transport::reaches`]) and
+//!   brings up links from it ([`Transport::connect`]).
+//! * **Waiting.** A backend never blocks in [`Transport::progress`]. It
+//!   exposes how a rank can sleep until it has something ([`Wake`]): a
+//!   shared-memory doorbell, file descriptors, or its own park. The one
+//!   spin-then-park loop, under `AFMESH_POLL`, is [`mux::Mux::poll`].
+//! * **Links end** with one [`Completion::LinkDown`] (peer gone) or
+//!   [`Completion::LinkClosed`] (peer left in order); posts on them fail.
 //!
 //! Backends: [`sim`] (in-process, deterministic, with fault injection),
-//! [`tcp`], [`shm`] (same host), and [`mux`], which gives one rank shm
-//! links to same-host peers and tcp links to the rest. Verbs comes later.
+//! [`tcp`], [`shm`] (same host). [`mux`] gives a rank one link per peer,
+//! each on the first backend of the preference list that reaches it.
 
 pub mod mux;
 pub mod poll;
@@ -32,33 +50,94 @@ pub mod shm;
 pub mod sim;
 pub mod tcp;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::proto::RegionKey;
+pub use mux::Mux;
 pub use poll::PollPolicy;
 pub use region::{Region, REGION_ALIGN};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// The sender-side check every backend makes before a write: the target
-/// range lies inside the peer's registered region (the receiver checks
-/// again; this one reports a local mistake as what it is).
-pub(crate) fn check_remote(remote: &RegionKey, offset: u64, total: u64, peer: &str) -> Result<()> {
-    if offset.checked_add(total).is_none_or(|end| end > remote.len) {
-        return Err(crate::error::Error::BufferSize {
-            what: format!("remote region {} of {peer} at offset {offset}", remote.id),
-            need: offset.saturating_add(total) as usize,
-            got: remote.len as usize,
-        });
-    }
-    Ok(())
-}
-
-/// Index of a link within one transport.
+/// Index of a link within one backend (or within the mux).
 pub type LinkId = usize;
 
-/// Something `poll` reports.
+/// What memory a region is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemoryKind {
+    /// Ordinary host memory.
+    Host,
+    /// Memory of CUDA device `device`.
+    Cuda {
+        /// Device ordinal.
+        device: i32,
+    },
+}
+
+impl std::fmt::Display for MemoryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryKind::Host => f.write_str("host memory"),
+            MemoryKind::Cuda { device } => write!(f, "CUDA device {device} memory"),
+        }
+    }
+}
+
+/// A registered region as this rank names it in its own posted writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalKey(pub u32);
+
+/// What registering a region gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registration {
+    /// For this rank's posted writes from the region.
+    pub local: LocalKey,
+    /// What peers target (also carried in the endpoint blob).
+    pub remote: RegionKey,
+}
+
+/// `len` bytes at `offset` of a registered local region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalSlice {
+    /// The region.
+    pub key: LocalKey,
+    /// Offset in the region.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// What a backend can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// It moves host memory.
+    pub host: bool,
+    /// It moves CUDA device memory.
+    pub cuda: bool,
+    /// Writes on one link land in the order they were posted.
+    pub ordered: bool,
+    /// Largest single write, bytes.
+    pub max_message: u64,
+    /// Writes posted and not yet `Sent`, per link.
+    pub window: usize,
+    /// The library itself copies the payload (shm, sim) rather than a
+    /// kernel or NIC moving it (tcp, verbs).
+    pub copies: bool,
+}
+
+impl Caps {
+    /// Whether regions of `kind` can be registered.
+    pub fn moves(&self, kind: MemoryKind) -> bool {
+        match kind {
+            MemoryKind::Host => self.host,
+            MemoryKind::Cuda { .. } => self.cuda,
+        }
+    }
+}
+
+/// Something `progress` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completion {
     /// A peer's write with an imm landed; its bytes are visible.
@@ -67,6 +146,11 @@ pub enum Completion {
         link: LinkId,
         /// The immediate value.
         imm: u32,
+    },
+    /// A posted write left: its local memory may be reused.
+    Sent {
+        /// The caller's token.
+        token: u64,
     },
     /// The link is down (peer exited, connection reset, killed).
     LinkDown {
@@ -90,81 +174,152 @@ pub enum Completion {
     },
 }
 
+/// How a rank can sleep until a backend has something for it.
+#[derive(Debug, Clone)]
+pub enum Wake {
+    /// Nothing to wait for (no links).
+    Nothing,
+    /// A shared-memory doorbell that producers ring (and that other
+    /// backends' watchers may ring too).
+    Doorbell(shm::Doorbell),
+    /// Readable file descriptors (sockets, completion channels).
+    Fds(Vec<RawFd>),
+    /// Only the backend knows: call [`Transport::park`].
+    Own,
+}
+
+/// One peer to bring a link up with.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    /// For logs and errors (`"F1"`).
+    pub label: String,
+    /// The peer's endpoint blob for this backend.
+    pub blob: Vec<u8>,
+    /// This end starts the connection (attention ranks do).
+    pub initiator: bool,
+    /// The peer's rank within its role.
+    pub peer_rank: u32,
+    /// This rank within its role.
+    pub my_rank: u32,
+    /// Mesh incarnation: a link of another epoch is refused.
+    pub epoch: u64,
+}
+
+/// A link that came up.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    /// Its id in the backend.
+    pub link: LinkId,
+    /// The peer's regions, in its registration order.
+    pub remote: Vec<RegionKey>,
+}
+
 /// The transport contract (see the module docs).
 pub trait Transport {
-    /// Makes `region` writable by peers.
-    fn register(&mut self, region: Arc<Region>) -> Result<RegionKey>;
-    /// One-sided write of `src` (concatenated) to `remote` at `offset`.
-    fn write(
+    /// Short name for logs (`"tcp"`, `"shm"`).
+    fn name(&self) -> &'static str;
+    /// What the backend can do.
+    fn caps(&self) -> Caps;
+    /// Makes `region` usable for posted writes and as a write target.
+    fn register(&mut self, region: &Arc<Region>) -> Result<Registration>;
+    /// This rank's endpoint blob (after every registration).
+    fn endpoint(&self) -> Vec<u8>;
+    /// Whether this backend can link to the peer that published `blob`;
+    /// the reason when not.
+    fn reaches(&self, blob: &[u8]) -> std::result::Result<(), String>;
+    /// Brings up links to `peers`, all at once (an accepting backend waits
+    /// for all of them), within `timeout`.
+    fn connect(&mut self, peers: &[PeerSpec], timeout: Duration) -> Result<Vec<Connected>>;
+    /// Posts one write of the concatenated `src` to `remote` at `offset`.
+    fn post_write(
         &mut self,
         link: LinkId,
-        src: &[&[u8]],
+        src: &[LocalSlice],
         remote: &RegionKey,
         offset: u64,
         imm: Option<u32>,
+        token: u64,
     ) -> Result<()>;
-    /// Appends what has happened to `out`, waiting up to `timeout` for the
-    /// first event (zero: do not wait).
-    fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()>;
+    /// Appends what has happened to `out`; never blocks.
+    fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()>;
+    /// How to sleep until there is progress to make.
+    fn wake(&self) -> Wake;
+    /// Sleeps up to `timeout` (only called when [`Transport::wake`] is
+    /// [`Wake::Own`]).
+    fn park(&mut self, timeout: Duration) {
+        let _ = timeout;
+    }
     /// Tells every peer that this end is leaving in order, and stops
     /// writing. Best effort and bounded: a dead peer is skipped.
     fn close(&mut self);
     /// Number of links.
     fn links(&self) -> usize;
-    /// Short name for logs (`"tcp"`, `"sim"`).
-    fn name(&self) -> &'static str;
-    /// Whether a write on `link` is a copy made by this process (shm, sim)
-    /// rather than bytes handed to the kernel or a NIC (tcp, verbs).
-    fn copies(&self, _link: LinkId) -> bool {
-        false
-    }
 }
 
-/// The backends, enum-dispatched so the hot path has no virtual calls and
-/// the API types need no type parameter.
+/// The backends, enum-dispatched so the hot path has no virtual calls.
+/// Adding a backend: a module, a variant here, and its name in
+/// [`mux::BACKENDS`].
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum AnyTransport {
+pub enum Backend {
     /// In-process simulation.
     Sim(sim::SimTransport),
     /// TCP sockets.
     Tcp(tcp::TcpTransport),
     /// Shared memory.
     Shm(shm::ShmTransport),
-    /// Shared memory to same-host peers, tcp to the rest. Boxed: it holds
-    /// both backends, and ranks hold exactly one transport.
-    Mux(Box<mux::MuxTransport>),
 }
 
 macro_rules! each {
     ($self:ident, $t:ident => $e:expr) => {
         match $self {
-            AnyTransport::Sim($t) => $e,
-            AnyTransport::Tcp($t) => $e,
-            AnyTransport::Shm($t) => $e,
-            AnyTransport::Mux($t) => $e,
+            Backend::Sim($t) => $e,
+            Backend::Tcp($t) => $e,
+            Backend::Shm($t) => $e,
         }
     };
 }
 
-impl Transport for AnyTransport {
-    fn register(&mut self, region: Arc<Region>) -> Result<RegionKey> {
+impl Transport for Backend {
+    fn name(&self) -> &'static str {
+        each!(self, t => t.name())
+    }
+    fn caps(&self) -> Caps {
+        each!(self, t => t.caps())
+    }
+    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
         each!(self, t => t.register(region))
     }
+    fn endpoint(&self) -> Vec<u8> {
+        each!(self, t => t.endpoint())
+    }
+    fn reaches(&self, blob: &[u8]) -> std::result::Result<(), String> {
+        each!(self, t => t.reaches(blob))
+    }
+    fn connect(&mut self, peers: &[PeerSpec], timeout: Duration) -> Result<Vec<Connected>> {
+        each!(self, t => t.connect(peers, timeout))
+    }
     #[inline]
-    fn write(
+    fn post_write(
         &mut self,
         link: LinkId,
-        src: &[&[u8]],
+        src: &[LocalSlice],
         remote: &RegionKey,
         offset: u64,
         imm: Option<u32>,
+        token: u64,
     ) -> Result<()> {
-        each!(self, t => t.write(link, src, remote, offset, imm))
+        each!(self, t => t.post_write(link, src, remote, offset, imm, token))
     }
     #[inline]
-    fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()> {
-        each!(self, t => t.poll(out, timeout))
+    fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        each!(self, t => t.progress(out))
+    }
+    fn wake(&self) -> Wake {
+        each!(self, t => t.wake())
+    }
+    fn park(&mut self, timeout: Duration) {
+        each!(self, t => t.park(timeout))
     }
     fn close(&mut self) {
         each!(self, t => t.close())
@@ -172,22 +327,129 @@ impl Transport for AnyTransport {
     fn links(&self) -> usize {
         each!(self, t => t.links())
     }
-    fn name(&self) -> &'static str {
-        each!(self, t => t.name())
+}
+
+/// Local registered memory, as every backend keeps it: regions by
+/// [`LocalKey`], and the checks a posted write's source passes.
+#[derive(Debug, Default)]
+pub(crate) struct LocalRegions {
+    regions: Vec<Arc<Region>>,
+}
+
+impl LocalRegions {
+    pub(crate) fn add(&mut self, region: &Arc<Region>) -> LocalKey {
+        self.regions.push(region.clone());
+        LocalKey((self.regions.len() - 1) as u32)
     }
-    fn copies(&self, link: LinkId) -> bool {
-        each!(self, t => t.copies(link))
+
+    pub(crate) fn get(&self, id: u32) -> Option<&Arc<Region>> {
+        self.regions.get(id as usize)
+    }
+
+    pub(crate) fn all(&self) -> &[Arc<Region>] {
+        &self.regions
+    }
+
+    /// Resolves a slice to its region, checking that it lies inside.
+    pub(crate) fn resolve(&self, s: &LocalSlice) -> Result<(&Arc<Region>, usize, usize)> {
+        let r = self.get(s.key.0).ok_or_else(|| {
+            Error::InvalidArgument(format!("local key {} is not registered", s.key.0))
+        })?;
+        let (at, n) = r.check(s.offset, s.len).map_err(|e| Error::BufferSize {
+            what: format!("local region {}: {e}", s.key.0),
+            need: s.offset.saturating_add(s.len) as usize,
+            got: r.len(),
+        })?;
+        Ok((r, at, n))
     }
 }
 
-impl From<sim::SimTransport> for AnyTransport {
-    fn from(t: sim::SimTransport) -> Self {
-        AnyTransport::Sim(t)
+/// The checks every backend makes before posting: the link exists and is
+/// up, the total fits one message, and the target range lies inside the
+/// peer's region (the receiver checks again; this one reports a local
+/// mistake as what it is). Returns the total length.
+pub(crate) fn check_post(
+    link_state: Option<(&str, bool)>,
+    link: LinkId,
+    src: &[LocalSlice],
+    remote: &RegionKey,
+    offset: u64,
+    max_message: u64,
+) -> Result<u32> {
+    let (peer, down) =
+        link_state.ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))?;
+    if down {
+        return Err(Error::io(
+            format!("write to {peer}"),
+            std::io::Error::new(std::io::ErrorKind::NotConnected, "link is down"),
+        ));
     }
+    let total = src
+        .iter()
+        .try_fold(0u64, |a, s| a.checked_add(s.len))
+        .filter(|&t| t <= max_message)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "one write to {peer} larger than {max_message} bytes"
+            ))
+        })?;
+    if offset.checked_add(total).is_none_or(|end| end > remote.len) {
+        return Err(Error::BufferSize {
+            what: format!("remote region {} of {peer} at offset {offset}", remote.id),
+            need: offset.saturating_add(total) as usize,
+            got: remote.len as usize,
+        });
+    }
+    Ok(total as u32)
 }
 
-impl From<tcp::TcpTransport> for AnyTransport {
-    fn from(t: tcp::TcpTransport) -> Self {
-        AnyTransport::Tcp(t)
+/// Endpoint blobs: a tiny length-prefixed field codec every backend uses.
+pub(crate) mod blob {
+    use crate::proto::codec::{DecodeError, Reader, Writer};
+    use crate::proto::RegionKey;
+
+    /// Starts a blob with the backend's magic.
+    pub fn writer(magic: &str) -> Writer {
+        let mut w = Writer::new();
+        w.str(magic);
+        w
+    }
+
+    /// Opens a blob, checking the magic.
+    pub fn reader<'a>(b: &'a [u8], magic: &str) -> Result<Reader<'a>, DecodeError> {
+        let mut r = Reader::new(b);
+        let m = r.str("endpoint magic")?;
+        if m != magic {
+            return Err(DecodeError(format!(
+                "endpoint is {m:?}, expected {magic:?}"
+            )));
+        }
+        Ok(r)
+    }
+
+    /// Appends region keys.
+    pub fn put_keys(w: &mut Writer, keys: &[RegionKey]) {
+        w.u32(keys.len() as u32);
+        for k in keys {
+            w.u32(k.id);
+            w.u32(k.rkey);
+            w.u64(k.addr);
+            w.u64(k.len);
+        }
+    }
+
+    /// Reads region keys.
+    pub fn get_keys(r: &mut Reader<'_>) -> Result<Vec<RegionKey>, DecodeError> {
+        let n = r.count("region keys")?;
+        (0..n)
+            .map(|_| {
+                Ok(RegionKey {
+                    id: r.u32("key.id")?,
+                    rkey: r.u32("key.rkey")?,
+                    addr: r.u64("key.addr")?,
+                    len: r.u64("key.len")?,
+                })
+            })
+            .collect()
     }
 }

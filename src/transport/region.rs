@@ -1,19 +1,26 @@
 //! Registered memory regions.
 //!
 //! A region is a fixed run of bytes, 64-byte aligned when the library
-//! allocates it, that remote peers write into through a transport. Every
+//! allocates it, that peers write into through a transport (a receive
+//! region) or that this rank posts writes from (a send region). Every
 //! access through this type is bounds-checked first: a bad offset or length
-//! is an error, never a write outside the region.
+//! is an error, never an access outside the region.
 //!
-//! Concurrency: the protocol guarantees that a slot is written only while
-//! its owner is not reading it (a stage is not re-dispatched before it is
-//! combined). A peer that breaks the protocol can change bytes the owner is
-//! reading, exactly as with RDMA; since every bit pattern of `u8` is valid
-//! the owner sees wrong data, not an invalid value, and the stage machinery
-//! rejects the message.
+//! Soundness: bytes that a peer may be writing are never handed out as a
+//! Rust reference. The transports move bytes with raw-pointer copies and
+//! system calls ([`Region::write_gather`], [`Region::copy_to`],
+//! [`Region::read_fd`]); the engine reads headers with an explicit volatile
+//! copy-out ([`Region::copy_out`]). Shared views ([`Region::slice`]) are made
+//! only over bytes the protocol has handed to this rank and that no writer
+//! touches while the view lives: a gathered batch until it is responded to,
+//! a completed combine until it is released, this rank's own send memory.
+//! A peer that breaks the protocol can still change such bytes, exactly as
+//! with RDMA; the caller then sees wrong numbers, and the next header check
+//! rejects the peer's message.
 
 use std::alloc::{self, Layout};
 use std::io::Read;
+use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -228,15 +235,75 @@ impl Region {
         Ok(Ok(()))
     }
 
-    /// A read-only view of `[offset, offset + len)`.
+    /// Copies `out.len()` bytes at `offset` out of the region with volatile
+    /// reads, for bytes a peer may still be writing (message headers).
+    pub fn copy_out(&self, offset: usize, out: &mut [u8]) -> Result<(), String> {
+        let (at, n) = self.check(offset as u64, out.len() as u64)?;
+        for (i, b) in out.iter_mut().enumerate().take(n) {
+            // SAFETY: `at + i` is inside the allocation (checked above); a
+            // volatile byte read of shared memory is defined whatever a
+            // concurrent writer does, and yields some `u8`.
+            *b = unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(at + i)) };
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes at `offset` of this region to `dst_offset` of
+    /// `dst` (the in-process transports' "wire"), after checking both.
+    pub fn copy_to(
+        &self,
+        offset: u64,
+        len: u64,
+        dst: &Region,
+        dst_offset: u64,
+    ) -> Result<(), String> {
+        let (from, n) = self.check(offset, len)?;
+        let (to, _) = dst.check(dst_offset, len)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges are inside their allocations (checked above);
+        // `copy` allows them to overlap (a region copying into itself).
+        unsafe { std::ptr::copy(self.ptr.as_ptr().add(from), dst.ptr.as_ptr().add(to), n) };
+        Ok(())
+    }
+
+    /// One `read(2)` from `fd` into `[offset, offset + len)`, straight into
+    /// the region (no staging buffer). Returns the bytes read (0 at EOF).
+    /// A range outside the region is `InvalidInput`, before any read.
+    pub fn read_fd(&self, offset: u64, len: u64, fd: RawFd) -> std::io::Result<usize> {
+        let (at, n) = self
+            .check(offset, len)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        if n == 0 {
+            return Ok(0);
+        }
+        // SAFETY: the destination range is inside the allocation (checked
+        // above); the kernel writes at most `n` bytes there, and no Rust
+        // reference to those bytes exists while it does (module docs).
+        let r = unsafe { libc::read(fd, self.ptr.as_ptr().add(at).cast(), n) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    /// What memory this is.
+    pub fn kind(&self) -> super::MemoryKind {
+        super::MemoryKind::Host
+    }
+
+    /// A read-only view of `[offset, offset + len)`: only for bytes that no
+    /// writer touches while the view lives (module docs).
     pub fn slice(&self, offset: usize, len: usize) -> Result<&[u8], String> {
         let (at, n) = self.check(offset as u64, len as u64)?;
         if n == 0 {
             return Ok(&[]);
         }
         // SAFETY: the range is inside the allocation (checked above) and
-        // lives as long as `&self`; writers stay off it under the protocol,
-        // and any byte value is a valid `u8` if one does not.
+        // lives as long as `&self`; callers view only bytes that the stage
+        // protocol keeps writers off while the view lives (module docs).
         Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(at), n) })
     }
 }

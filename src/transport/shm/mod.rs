@@ -1,53 +1,53 @@
 //! Shared memory: ranks on one host exchange through each other's memory.
 //!
 //! Each rank owns a [`Segment`] in `/dev/shm`: a control page, one incoming
-//! single-producer/single-consumer [`ring`] per peer, and its registered
-//! region. A write copies the payload once, straight into the receiver's
-//! region through the sender's mapping of it, then publishes a 32-byte
-//! notice (region, offset, length, imm) on the receiver's ring for this
-//! link. The receiver polls its rings; every notice's offset and length is
-//! checked against its region before it counts. A parked receiver sleeps on
-//! a process-shared futex (its doorbell) that producers ring only when it
-//! is parked, so the fast path has no syscall.
+//! single-producer/single-consumer [`ring`] per peer, and its receive
+//! region. A posted write copies the payload once, from the sender's
+//! registered memory straight into the receiver's region through the
+//! sender's mapping of it, then publishes a notice (region, offset, length,
+//! imm) on the receiver's ring for this link; the write is `Sent` at once
+//! (the copy is done). The receiver's progress drains its rings and checks
+//! every notice's offset and length against its region before it counts. A
+//! parked receiver sleeps on a process-shared futex (its doorbell) that
+//! producers ring only when it is parked, so the fast path has no syscall.
 //!
-//! Only library-allocated regions can be shared this way (they live in the
-//! segment). Caller memory is not reachable by peers without
-//! cross-memory attach, which many containers forbid; a region outside the
-//! segment is refused with an error that says to use library-allocated
-//! buffers or tcp.
+//! Endpoint blob: host id, segment name, owner pid, and the key of the
+//! receive region when it lives in the segment. A peer on another host, or
+//! whose receive region is caller memory outside its segment, is not
+//! reached (the mux then picks the next backend and logs why).
 //!
 //! Peer death: each link watches its peer's process (pidfd). A peer that
 //! exits, even by SIGKILL, is reported as `LinkDown` within about a
-//! millisecond of polling, after whatever it wrote before dying.
-//!
-//! [`Region`] is also here: registered memory is memory that peers write,
-//! the one place in the crate where bytes are shared without Rust's borrow
-//! rules.
+//! millisecond of progress, after whatever it wrote before dying.
 
+pub mod fdwait;
 pub mod ring;
 pub mod segment;
 pub mod sys;
 
-use std::io;
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use super::Region;
 pub use segment::{Doorbell, Segment};
 
-use super::{Completion, LinkId, PollPolicy, RegionKey, Transport};
+use super::{
+    blob, check_post, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice, PeerSpec,
+    RegionKey, Registration, Transport, Wake,
+};
 use crate::error::{Error, Result};
 use ring::{Entry, Pop, Ring, FLAG_CLOSE, FLAG_IMM};
 
-/// How often a waiting rank checks that its peers' processes are alive.
+/// How often progress checks that the peers' processes are alive.
 const LIVENESS_EVERY: Duration = Duration::from_millis(1);
-/// Longest single futex sleep, so liveness is checked while parked too.
-const MAX_PARK: Duration = Duration::from_millis(5);
+const MAGIC: &str = "afmesh-shm-1";
 
 #[derive(Debug)]
 struct ShmLink {
     peer: Segment,
+    /// The peer's receive region, through our mapping of its segment.
+    target: Region,
     out: Ring,
     inbound: Ring,
     watch: sys::PidWatch,
@@ -60,37 +60,35 @@ struct ShmLink {
 pub struct ShmTransport {
     own: Segment,
     job: String,
+    host_id: String,
+    local: LocalRegions,
+    /// Whether registered region `i` is the segment's receive region.
+    in_segment: Vec<bool>,
     links: Vec<ShmLink>,
-    policy: PollPolicy,
-    io_timeout: Duration,
+    sent: VecDeque<u64>,
     next_liveness: Instant,
-    external_seen: u32,
 }
 
 impl ShmTransport {
-    /// Creates this rank's segment: `rings` incoming rings (one per peer
-    /// rank of the other role) and a region of `region_len` bytes.
-    pub fn create(
-        job: &str,
-        rings: u32,
-        region_len: usize,
-        policy: PollPolicy,
-        io_timeout: Duration,
-    ) -> Result<ShmTransport> {
+    /// Creates this rank's segment on host `host_id`: `rings` incoming
+    /// rings (one per peer rank of the other role) and a receive region of
+    /// `region_len` bytes.
+    pub fn create(job: &str, host_id: &str, rings: u32, region_len: usize) -> Result<ShmTransport> {
         let own = Segment::create(job, rings, region_len)
             .map_err(|e| Error::io("create shared-memory segment", e))?;
         Ok(ShmTransport {
             own,
             job: job.to_string(),
+            host_id: host_id.to_string(),
+            local: LocalRegions::default(),
+            in_segment: Vec::new(),
             links: Vec::new(),
-            policy,
-            io_timeout,
+            sent: VecDeque::new(),
             next_liveness: Instant::now(),
-            external_seen: 0,
         })
     }
 
-    /// The segment's region, as registered memory.
+    /// The segment's receive region, as registered memory.
     pub fn region(&self) -> Result<Arc<Region>> {
         let (off, len) = self.own.region_range();
         Region::from_mapping(self.own.mapping(), off, len)
@@ -103,40 +101,9 @@ impl ShmTransport {
         self.own.name()
     }
 
-    /// Rings this rank's own doorbell (for other backends' threads, so one
-    /// wait covers every link).
+    /// This rank's doorbell.
     pub fn doorbell(&self) -> Doorbell {
         self.own.doorbell_handle()
-    }
-
-    /// Maps peer segment `name` and links to it: our writes go to its ring
-    /// `my_index`, its writes come on our ring `peer_index`.
-    pub fn add_link(
-        &mut self,
-        name: &str,
-        my_index: u32,
-        peer_index: u32,
-        label: impl Into<String>,
-    ) -> Result<LinkId> {
-        let label = label.into();
-        let peer = Segment::open(name, &self.job)
-            .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?;
-        let out = peer.ring(my_index).ok_or_else(|| {
-            Error::config(format!("shm link to {label}: it has no ring {my_index}"))
-        })?;
-        let inbound = self.own.ring(peer_index).ok_or_else(|| {
-            Error::config(format!("shm link to {label}: we have no ring {peer_index}"))
-        })?;
-        let watch = sys::PidWatch::new(peer.pid());
-        self.links.push(ShmLink {
-            peer,
-            out,
-            inbound,
-            watch,
-            label,
-            down: false,
-        });
-        Ok(self.links.len() - 1)
     }
 
     /// Removes our segment's name: call once every peer has mapped it.
@@ -183,34 +150,19 @@ impl ShmTransport {
         }
     }
 
-    /// Whether another backend of this rank posted something since we
-    /// last looked (so the caller should poll it).
-    fn external_changed(&mut self) -> bool {
-        let now = self.own.external().load(Ordering::SeqCst);
-        if now != self.external_seen {
-            self.external_seen = now;
-            return true;
-        }
-        false
-    }
-
     fn check_liveness(&mut self, out: &mut Vec<Completion>) {
         let now = Instant::now();
         if now < self.next_liveness {
             return;
         }
         self.next_liveness = now + LIVENESS_EVERY;
-        let dead: Vec<usize> = (0..self.links.len())
-            .filter(|&i| !self.links[i].down && !self.links[i].watch.alive())
-            .collect();
-        if dead.is_empty() {
+        if self.links.iter().all(|l| l.down || l.watch.alive()) {
             return;
         }
         // Whatever a dead peer wrote before it died still counts.
         self.drain(out);
-        for link in dead {
-            let l = &mut self.links[link];
-            if !l.down {
+        for (link, l) in self.links.iter_mut().enumerate() {
+            if !l.down && !l.watch.alive() {
                 l.down = true;
                 // A peer that died before the mesh formed left its name
                 // behind; the survivors remove it.
@@ -225,52 +177,149 @@ impl ShmTransport {
 }
 
 impl Transport for ShmTransport {
-    fn register(&mut self, region: Arc<Region>) -> Result<RegionKey> {
-        if !region.is_in(&self.own.mapping()) {
-            return Err(Error::Unsupported(
-                "shm: this region is caller memory, which peers cannot reach; use library-allocated buffers, or AFMESH_TRANSPORT=tcp".into(),
-            ));
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            host: true,
+            cuda: false,
+            ordered: true,
+            max_message: u64::from(u32::MAX),
+            window: segment::RING_CAP as usize,
+            copies: true,
         }
-        Ok(RegionKey {
-            id: 0,
-            rkey: 0,
-            addr: 0,
-            len: region.len() as u64,
+    }
+
+    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
+        let (off, len) = self.own.region_range();
+        let map = self.own.mapping();
+        let in_segment = region.is_in(&map)
+            && region.addr() == map.ptr() as u64 + off as u64
+            && region.len() == len;
+        let local = self.local.add(region);
+        self.in_segment.push(in_segment);
+        Ok(Registration {
+            local,
+            remote: RegionKey {
+                id: local.0,
+                rkey: 0,
+                addr: 0,
+                len: region.len() as u64,
+            },
         })
     }
 
+    fn endpoint(&self) -> Vec<u8> {
+        let mut w = blob::writer(MAGIC);
+        w.str(&self.host_id);
+        w.str(self.own.name());
+        w.u32(self.own.pid());
+        // Only the segment's region is reachable by peers: key 0, id 0.
+        let keys: Vec<RegionKey> = self
+            .local
+            .all()
+            .iter()
+            .zip(&self.in_segment)
+            .filter(|(_, &inside)| inside)
+            .map(|(r, _)| RegionKey {
+                id: 0,
+                rkey: 0,
+                addr: 0,
+                len: r.len() as u64,
+            })
+            .take(1)
+            .collect();
+        blob::put_keys(&mut w, &keys);
+        w.finish()
+    }
+
+    fn reaches(&self, b: &[u8]) -> std::result::Result<(), String> {
+        let mut r = blob::reader(b, MAGIC).map_err(|e| e.0)?;
+        let host = r.str("host id").map_err(|e| e.0)?;
+        if host != self.host_id {
+            return Err(format!("on host {host:?}, this rank on {:?}", self.host_id));
+        }
+        r.str("segment").map_err(|e| e.0)?;
+        r.u32("pid").map_err(|e| e.0)?;
+        if blob::get_keys(&mut r).map_err(|e| e.0)?.is_empty() {
+            return Err("its receive memory is caller memory outside its shared segment".into());
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, peers: &[PeerSpec], _timeout: Duration) -> Result<Vec<Connected>> {
+        let mut up = Vec::with_capacity(peers.len());
+        for p in peers {
+            let label = p.label.clone();
+            let bad = |e: crate::proto::DecodeError| Error::BadFrame {
+                peer: label.clone(),
+                reason: format!("shm endpoint: {}", e.0),
+            };
+            self.reaches(&p.blob)
+                .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?;
+            let mut r = blob::reader(&p.blob, MAGIC).map_err(bad)?;
+            r.str("host id").map_err(bad)?;
+            let name = r.str("segment").map_err(bad)?;
+            r.u32("pid").map_err(bad)?;
+            let remote = blob::get_keys(&mut r).map_err(bad)?;
+            let peer = Segment::open(&name, &self.job)
+                .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?;
+            let out = peer.ring(p.my_rank).ok_or_else(|| {
+                Error::config(format!("shm link to {label}: it has no ring {}", p.my_rank))
+            })?;
+            let inbound = self.own.ring(p.peer_rank).ok_or_else(|| {
+                Error::config(format!(
+                    "shm link to {label}: we have no ring {}",
+                    p.peer_rank
+                ))
+            })?;
+            let (off, len) = peer.region_range();
+            let target = Region::from_mapping(peer.mapping(), off, len)
+                .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?;
+            let watch = sys::PidWatch::new(peer.pid());
+            self.links.push(ShmLink {
+                peer,
+                target,
+                out,
+                inbound,
+                watch,
+                label,
+                down: false,
+            });
+            up.push(Connected {
+                link: self.links.len() - 1,
+                remote,
+            });
+        }
+        Ok(up)
+    }
+
     #[inline]
-    fn write(
+    fn post_write(
         &mut self,
         link: LinkId,
-        src: &[&[u8]],
+        src: &[LocalSlice],
         remote: &RegionKey,
         offset: u64,
         imm: Option<u32>,
+        token: u64,
     ) -> Result<()> {
-        let io_timeout = self.io_timeout;
-        let l = self
-            .links
-            .get_mut(link)
-            .ok_or_else(|| Error::config(format!("shm: no link {link}")))?;
-        if l.down {
-            return Err(Error::io(
-                format!("write to {}", l.label),
-                io::Error::new(io::ErrorKind::NotConnected, "link is down"),
-            ));
+        let state = self.links.get(link).map(|l| (l.label.as_str(), l.down));
+        let len = check_post(state, link, src, remote, offset, u64::from(u32::MAX))?;
+        let l = &mut self.links[link];
+        let mut at = offset;
+        for s in src {
+            let (r, from, n) = self.local.resolve(s)?;
+            r.copy_to(from as u64, n as u64, &l.target, at)
+                .map_err(|e| Error::BufferSize {
+                    what: format!("{} region: {e}", l.label),
+                    need: at.saturating_add(n as u64) as usize,
+                    got: l.target.len(),
+                })?;
+            at += n as u64;
         }
-        let total: u64 = src.iter().map(|s| s.len() as u64).sum();
-        let len = u32::try_from(total).map_err(|_| {
-            Error::Unsupported(format!("shm: one write of {total} bytes exceeds 4 GiB"))
-        })?;
-        super::check_remote(remote, offset, total, &l.label)?;
-        l.peer
-            .write_region(offset, src)
-            .map_err(|e| Error::BufferSize {
-                what: format!("{} region: {e}", l.label),
-                need: offset.saturating_add(total) as usize,
-                got: l.peer.region_range().1,
-            })?;
         let e = Entry {
             region: remote.id,
             len,
@@ -279,97 +328,31 @@ impl Transport for ShmTransport {
             flags: if imm.is_some() { FLAG_IMM } else { 0 },
         };
         if !l.out.push(e) {
-            // Full: the consumer is behind. Wait, bounded, and give up if
-            // it dies.
-            let deadline = Instant::now() + io_timeout;
-            loop {
-                l.peer.ring_doorbell();
-                std::thread::yield_now();
-                if l.out.push(e) {
-                    break;
-                }
-                if !l.watch.alive() {
-                    l.down = true;
-                    return Err(Error::io(
-                        format!("write to {}", l.label),
-                        io::Error::new(io::ErrorKind::BrokenPipe, "peer process exited"),
-                    ));
-                }
-                if Instant::now() > deadline {
-                    return Err(Error::Timeout {
-                        op: "shm ring space",
-                        peer: l.label.clone(),
-                        after: io_timeout,
-                    });
-                }
-            }
+            // The consumer is far behind; the bytes landed but are not
+            // announced, so the caller posts the same write again later.
+            l.peer.ring_doorbell();
+            return Err(Error::Backpressure {
+                peer: l.label.clone(),
+                window: segment::RING_CAP as usize,
+            });
         }
         l.peer.ring_doorbell();
+        self.sent.push_back(token);
         Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()> {
+    fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
         let start = out.len();
         self.drain(out);
-        if out.len() > start {
-            return Ok(());
+        if out.len() == start {
+            self.check_liveness(out);
         }
-        self.check_liveness(out);
-        if out.len() > start || timeout.is_zero() || self.external_changed() {
-            return Ok(());
-        }
-        let begin = Instant::now();
-        let deadline = begin + timeout;
-        let spin_until = begin + self.policy.spin_for(timeout);
-        let mut spins = 0u32;
-        loop {
-            let now = Instant::now();
-            if now >= spin_until {
-                break;
-            }
-            self.policy.relax(spins, now - begin);
-            spins = spins.wrapping_add(1);
-            if self.links.iter().any(|l| !l.down && !l.inbound.is_empty()) {
-                self.drain(out);
-                if out.len() > start {
-                    return Ok(());
-                }
-            }
-            if spins % 64 == 0 && self.external_changed() {
-                return Ok(());
-            }
-            if spins % 1024 == 0 {
-                self.check_liveness(out);
-                if out.len() > start {
-                    return Ok(());
-                }
-            }
-        }
-        // Park on the doorbell.
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(());
-            }
-            let seen = self.own.doorbell().load(Ordering::SeqCst);
-            self.own.sleeping().store(1, Ordering::SeqCst);
-            self.drain(out);
-            // Another backend's traffic (tcp readers count it) means
-            // return, so the caller looks there.
-            let mut external = self.external_changed();
-            if out.len() == start && !external {
-                sys::futex_wait(self.own.doorbell(), seen, (deadline - now).min(MAX_PARK));
-                self.drain(out);
-                external = self.external_changed();
-            }
-            self.own.sleeping().store(0, Ordering::SeqCst);
-            if out.len() == start && !external {
-                self.check_liveness(out);
-            }
-            if out.len() > start || external {
-                return Ok(());
-            }
-        }
+        Ok(())
+    }
+
+    fn wake(&self) -> Wake {
+        Wake::Doorbell(self.own.doorbell_handle())
     }
 
     fn close(&mut self) {
@@ -388,14 +371,6 @@ impl Transport for ShmTransport {
     fn links(&self) -> usize {
         self.links.len()
     }
-
-    fn name(&self) -> &'static str {
-        "shm"
-    }
-
-    fn copies(&self, _link: LinkId) -> bool {
-        true
-    }
 }
 
 impl Drop for ShmTransport {
@@ -407,62 +382,109 @@ impl Drop for ShmTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::LocalKey;
+    use std::sync::atomic::Ordering;
 
-    fn pair(job: &str) -> (ShmTransport, ShmTransport, Arc<Region>, RegionKey) {
-        let mut a =
-            ShmTransport::create(job, 1, 4096, PollPolicy::default(), Duration::from_secs(1))
-                .unwrap();
-        let mut b =
-            ShmTransport::create(job, 1, 4096, PollPolicy::default(), Duration::from_secs(1))
-                .unwrap();
+    struct Pair {
+        a: ShmTransport,
+        b: ShmTransport,
+        src: Arc<Region>,
+        rb: Arc<Region>,
+        kb: RegionKey,
+    }
+
+    fn spec(blob: Vec<u8>) -> PeerSpec {
+        PeerSpec {
+            label: "peer".into(),
+            blob,
+            initiator: false,
+            peer_rank: 0,
+            my_rank: 0,
+            epoch: 1,
+        }
+    }
+
+    fn pair(job: &str) -> Pair {
+        let mut a = ShmTransport::create(job, "h", 1, 4096).unwrap();
+        let mut b = ShmTransport::create(job, "h", 1, 4096).unwrap();
+        let ra = a.region().unwrap();
+        a.register(&ra).unwrap();
+        let src = Arc::new(Region::alloc(4096).unwrap());
+        assert_eq!(a.register(&src).unwrap().local, LocalKey(1));
         let rb = b.region().unwrap();
-        let kb = b.register(rb.clone()).unwrap();
-        let na = a.segment_name().to_string();
-        let nb = b.segment_name().to_string();
-        a.add_link(&nb, 0, 0, "b").unwrap();
-        b.add_link(&na, 0, 0, "a").unwrap();
-        (a, b, rb, kb)
+        b.register(&rb).unwrap();
+        let (ea, eb) = (a.endpoint(), b.endpoint());
+        let kb = a.connect(&[spec(eb)], Duration::ZERO).unwrap()[0].remote[0];
+        b.connect(&[spec(ea)], Duration::ZERO).unwrap();
+        Pair { a, b, src, rb, kb }
+    }
+
+    fn from(offset: u64, len: u64) -> [LocalSlice; 1] {
+        [LocalSlice {
+            key: LocalKey(1),
+            offset,
+            len,
+        }]
     }
 
     fn wait(t: &mut ShmTransport) -> Vec<Completion> {
         let mut out = Vec::new();
         let d = Instant::now() + Duration::from_secs(5);
         while out.is_empty() && Instant::now() < d {
-            t.poll(&mut out, Duration::from_millis(50)).unwrap();
+            t.progress(&mut out).unwrap();
+            std::thread::yield_now();
         }
         out
     }
 
     #[test]
-    fn write_lands_then_arrives() {
-        let (mut a, mut b, rb, kb) = pair("shm-unit-1");
-        a.write(0, &[b"abc", b"def"], &kb, 10, Some(99)).unwrap();
-        assert_eq!(wait(&mut b), vec![Completion::Arrival { link: 0, imm: 99 }]);
-        assert_eq!(rb.slice(10, 6).unwrap(), b"abcdef");
+    fn write_lands_then_arrives_and_is_sent() {
+        let mut p = pair("shm-unit-1");
+        p.src.write_gather(0, &[b"abcdef"]).unwrap();
+        p.a.post_write(0, &from(0, 6), &p.kb, 10, Some(99), 5)
+            .unwrap();
+        assert_eq!(
+            wait(&mut p.b),
+            vec![Completion::Arrival { link: 0, imm: 99 }]
+        );
+        assert_eq!(wait(&mut p.a), vec![Completion::Sent { token: 5 }]);
+        assert_eq!(p.rb.slice(10, 6).unwrap(), b"abcdef");
         assert!(matches!(
-            a.write(0, &[&[0; 8]], &kb, 4090, None),
+            p.a.post_write(0, &from(0, 8), &p.kb, 4090, None, 6),
             Err(Error::BufferSize { .. })
         ));
-        drop(a);
-        assert_eq!(wait(&mut b), vec![Completion::LinkClosed { link: 0 }]);
+        drop(p.a);
+        assert_eq!(wait(&mut p.b), vec![Completion::LinkClosed { link: 0 }]);
     }
 
     #[test]
     fn parked_receiver_is_woken() {
-        let (mut a, mut b, _rb, kb) = pair("shm-unit-2");
+        let mut p = pair("shm-unit-2");
+        let bell = p.b.doorbell();
+        let mut b = p.b;
         let t = std::thread::spawn(move || {
             let mut out = Vec::new();
-            b.poll(&mut out, Duration::from_secs(5)).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while out.is_empty() && Instant::now() < deadline {
+                let seen = bell.arm();
+                b.progress(&mut out).unwrap();
+                if out.is_empty() {
+                    bell.wait(seen, Duration::from_secs(5));
+                }
+                bell.disarm();
+                b.progress(&mut out).unwrap();
+            }
             out
         });
         // Write only once the receiver has parked (its sleeping flag, seen
         // through our mapping of its segment).
         let deadline = Instant::now() + Duration::from_secs(5);
-        while a.links[0].peer.sleeping().load(Ordering::SeqCst) == 0 {
+        while p.a.links[0].peer.sleeping().load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < deadline, "receiver never parked");
             std::thread::yield_now();
         }
-        a.write(0, &[b"x"], &kb, 0, Some(5)).unwrap();
+        p.a.post_write(0, &from(0, 1), &p.kb, 0, Some(5), 1)
+            .unwrap();
         assert_eq!(
             t.join().unwrap(),
             vec![Completion::Arrival { link: 0, imm: 5 }]
@@ -471,32 +493,26 @@ mod tests {
 
     #[test]
     fn bad_notice_is_a_link_error() {
-        let (mut a, mut b, _rb, _kb) = pair("shm-unit-3");
+        let mut p = pair("shm-unit-3");
         // A notice pointing past the region, as a broken peer would post.
-        assert!(a.links[0].out.push(Entry {
+        assert!(p.a.links[0].out.push(Entry {
             region: 0,
             len: 16,
             offset: 4090,
             imm: 1,
             flags: FLAG_IMM
         }));
-        assert!(matches!(wait(&mut b)[0], Completion::LinkError { .. }));
+        assert!(matches!(wait(&mut p.b)[0], Completion::LinkError { .. }));
     }
 
     #[test]
-    fn caller_memory_is_refused() {
-        let mut a = ShmTransport::create(
-            "shm-unit-4",
-            1,
-            4096,
-            PollPolicy::default(),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        let e = a
-            .register(Arc::new(Region::alloc(64).unwrap()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("library-allocated"), "{e}");
+    fn caller_memory_is_not_reachable() {
+        let mut a = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
+        a.register(&Arc::new(Region::alloc(64).unwrap())).unwrap();
+        let b = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
+        let e = b.reaches(&a.endpoint()).unwrap_err();
+        assert!(e.contains("caller memory"), "{e}");
+        let c = ShmTransport::create("shm-unit-4", "other", 1, 4096).unwrap();
+        assert!(c.reaches(&a.endpoint()).unwrap_err().contains("host"));
     }
 }

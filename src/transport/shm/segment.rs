@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::ring::{ring_bytes, Ring};
 use super::sys::{self, Mapping};
@@ -297,6 +298,32 @@ pub struct Doorbell {
 }
 
 impl Doorbell {
+    fn word(&self, off: usize) -> &AtomicU32 {
+        // SAFETY: the control words are inside the first page of the
+        // mapping, 4-byte aligned, and live as long as `map`.
+        unsafe { &*self.map.ptr().add(off).cast::<AtomicU32>() }
+    }
+
+    /// The consumer is about to park: announces it (producers ring from
+    /// now on) and returns the doorbell value to wait on. The consumer must
+    /// look for work once more after this and before [`Doorbell::wait`]:
+    /// a producer that published before seeing the flag did not ring.
+    pub fn arm(&self) -> u32 {
+        let seen = self.word(DOORBELL_OFF).load(Ordering::SeqCst);
+        self.word(SLEEPING_OFF).store(1, Ordering::SeqCst);
+        seen
+    }
+
+    /// Sleeps until the doorbell moves from `seen`, at most `timeout`.
+    pub fn wait(&self, seen: u32, timeout: Duration) {
+        sys::futex_wait(self.word(DOORBELL_OFF), seen, timeout);
+    }
+
+    /// The consumer is awake again.
+    pub fn disarm(&self) {
+        self.word(SLEEPING_OFF).store(0, Ordering::SeqCst);
+    }
+
     /// Counts one external event and wakes the consumer if it is parked.
     pub fn ring(&self) {
         // SAFETY: the three words are inside the first page of the mapping,

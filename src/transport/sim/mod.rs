@@ -1,20 +1,28 @@
 //! The simulated network: every rank of an M×N mesh in one process, with
 //! virtual time and injectable faults — per-link delay and jitter (which
-//! reorders writes), drops, duplicates, and link death.
+//! reorders writes), drops, duplicates, a late or early `Sent`, a small send
+//! window, and link death.
 //!
 //! It is deterministic: the same seed and the same calls give the same
-//! deliveries in the same order. Writes are copied when posted and land
-//! (bytes first, then the arrival) when the network is stepped, so a test
-//! can interleave ranks and deliveries exactly as it likes. In *auto* mode,
-//! `poll` delivers everything pending first, for tests that run ranks on
-//! threads.
+//! deliveries in the same order. A posted write is an event at its landing
+//! time; its `Sent` is another event, by default at the same time right
+//! after the landing (a NIC's acknowledgement), or `sent_delay_ns` after the
+//! post when that is set (so `Sent` can come before or after the peer's
+//! `Arrival`). Like a NIC, the network reads the source bytes when the
+//! write leaves — at its `Sent` or its landing, whichever comes first — so a
+//! sender that reuses memory before `Sent` corrupts what lands, and the
+//! tests see it. In *auto* mode, progress delivers everything pending
+//! first, for tests that run ranks on threads.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{Completion, LinkId, Region, RegionKey, Transport};
+use super::{
+    blob, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, PeerSpec, Region, RegionKey,
+    Registration, Transport, Wake,
+};
 use crate::error::{Error, Result};
 
 /// Faults applied to writes leaving one end of a link.
@@ -28,6 +36,9 @@ pub struct Faults {
     pub drop_per_million: u32,
     /// Chance per million that a write is delivered twice.
     pub duplicate_per_million: u32,
+    /// `Sent` this long after the post (the bytes leave then), instead of
+    /// right after the landing. Smaller than the delay: `Sent` comes first.
+    pub sent_delay_ns: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -36,6 +47,7 @@ struct LinkEnd {
     peer_link: LinkId,
     faults: Faults,
     down: bool,
+    in_flight: usize,
 }
 
 #[derive(Debug, Default)]
@@ -43,16 +55,55 @@ struct Endpoint {
     regions: Vec<Arc<Region>>,
     links: Vec<LinkEnd>,
     inbox: VecDeque<Completion>,
+    /// Link id at this end per peer endpoint.
+    by_peer: HashMap<usize, LinkId>,
+}
+
+/// The bytes of a write: still in the sender's memory, or read out.
+#[derive(Debug)]
+enum Data {
+    Source(Vec<(Arc<Region>, u64, u64)>),
+    Bytes(Arc<Vec<u8>>),
+}
+
+impl Data {
+    fn read(&mut self) -> Arc<Vec<u8>> {
+        if let Data::Source(parts) = self {
+            let total: u64 = parts.iter().map(|p| p.2).sum();
+            let mut bytes = vec![0u8; total as usize];
+            let mut at = 0usize;
+            for (r, off, len) in parts.iter() {
+                let len = *len as usize;
+                // Bounds were checked when the write was posted.
+                let _ = r.copy_out(*off as usize, &mut bytes[at..at + len]);
+                at += len;
+            }
+            *self = Data::Bytes(Arc::new(bytes));
+        }
+        match self {
+            Data::Bytes(b) => b.clone(),
+            Data::Source(_) => Arc::new(Vec::new()),
+        }
+    }
 }
 
 #[derive(Debug)]
-struct Event {
-    to_ep: usize,
-    to_link: LinkId,
-    region: u32,
-    offset: u64,
-    data: Arc<Vec<u8>>,
-    imm: Option<u32>,
+enum Event {
+    Land {
+        to_ep: usize,
+        to_link: LinkId,
+        region: u32,
+        offset: u64,
+        data: Data,
+        imm: Option<u32>,
+    },
+    Sent {
+        ep: usize,
+        link: LinkId,
+        token: u64,
+        /// The landing events of this write still pending, to read out.
+        writes: Vec<(u64, u64)>,
+    },
 }
 
 /// What the network did, for assertions.
@@ -64,6 +115,8 @@ pub struct SimStats {
     pub dropped: u64,
     /// Extra copies scheduled by the duplicate fault.
     pub duplicated: u64,
+    /// `Sent` completions reported.
+    pub sent: u64,
 }
 
 #[derive(Debug)]
@@ -72,6 +125,7 @@ struct Net {
     rng: u64,
     order: u64,
     auto: bool,
+    window: usize,
     endpoints: Vec<Endpoint>,
     pending: BTreeMap<(u64, u64), Event>,
     stats: SimStats,
@@ -88,37 +142,66 @@ impl Net {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn schedule(&mut self, at: u64, ev: Event) {
+    fn schedule(&mut self, at: u64, ev: Event) -> (u64, u64) {
         self.order += 1;
         self.pending.insert((at, self.order), ev);
+        (at, self.order)
     }
 
     fn deliver(&mut self, ev: Event) {
-        let ep = &mut self.endpoints[ev.to_ep];
-        if ep.links[ev.to_link].down {
-            self.stats.dropped += 1;
-            return;
-        }
-        let result = match ep.regions.get(ev.region as usize) {
-            None => Err(format!("write to unknown region {}", ev.region)),
-            Some(r) => r.write_gather(ev.offset, &[&ev.data]),
-        };
-        match result {
-            Ok(()) => {
-                self.stats.delivered += 1;
-                if let Some(imm) = ev.imm {
-                    ep.inbox.push_back(Completion::Arrival {
-                        link: ev.to_link,
-                        imm,
-                    });
+        match ev {
+            Event::Sent {
+                ep,
+                link,
+                token,
+                writes,
+            } => {
+                for k in writes {
+                    if let Some(Event::Land { data, .. }) = self.pending.get_mut(&k) {
+                        data.read();
+                    }
+                }
+                let e = &mut self.endpoints[ep];
+                e.links[link].in_flight = e.links[link].in_flight.saturating_sub(1);
+                if !e.links[link].down {
+                    self.stats.sent += 1;
+                    e.inbox.push_back(Completion::Sent { token });
                 }
             }
-            Err(reason) => {
-                ep.inbox.push_back(Completion::LinkError {
-                    link: ev.to_link,
-                    reason,
-                });
-                self.kill(ev.to_ep, ev.to_link, "peer wrote out of bounds");
+            Event::Land {
+                to_ep,
+                to_link,
+                region,
+                offset,
+                mut data,
+                imm,
+            } => {
+                let bytes = data.read();
+                let ep = &mut self.endpoints[to_ep];
+                if ep.links[to_link].down {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                let result = match ep.regions.get(region as usize) {
+                    None => Err(format!("write to unknown region {region}")),
+                    Some(r) => r.write_gather(offset, &[&bytes]),
+                };
+                match result {
+                    Ok(()) => {
+                        self.stats.delivered += 1;
+                        if let Some(imm) = imm {
+                            ep.inbox
+                                .push_back(Completion::Arrival { link: to_link, imm });
+                        }
+                    }
+                    Err(reason) => {
+                        ep.inbox.push_back(Completion::LinkError {
+                            link: to_link,
+                            reason,
+                        });
+                        self.kill(to_ep, to_link, "peer wrote out of bounds");
+                    }
+                }
             }
         }
     }
@@ -139,9 +222,10 @@ impl Net {
             }
         }
         let before = self.pending.len();
-        self.pending.retain(|_, ev| {
-            !((ev.to_ep, ev.to_link) == (ep, link)
-                || (ev.to_ep, ev.to_link) == (peer_ep, peer_link))
+        let ends = [(ep, link), (peer_ep, peer_link)];
+        self.pending.retain(|_, ev| match ev {
+            Event::Land { to_ep, to_link, .. } => !ends.contains(&(*to_ep, *to_link)),
+            Event::Sent { ep, link, .. } => !ends.contains(&(*ep, *link)),
         });
         self.stats.dropped += (before - self.pending.len()) as u64;
     }
@@ -156,6 +240,31 @@ impl Net {
         }
         true
     }
+
+    fn link_pair(&mut self, a: usize, b: usize) -> (LinkId, LinkId) {
+        if let Some(&la) = self.endpoints[a].by_peer.get(&b) {
+            return (la, self.endpoints[a].links[la].peer_link);
+        }
+        let la = self.endpoints[a].links.len();
+        let lb = self.endpoints[b].links.len() + usize::from(a == b);
+        self.endpoints[a].links.push(LinkEnd {
+            peer_ep: b,
+            peer_link: lb,
+            faults: Faults::default(),
+            down: false,
+            in_flight: 0,
+        });
+        self.endpoints[b].links.push(LinkEnd {
+            peer_ep: a,
+            peer_link: la,
+            faults: Faults::default(),
+            down: false,
+            in_flight: 0,
+        });
+        self.endpoints[a].by_peer.insert(b, la);
+        self.endpoints[b].by_peer.insert(a, lb);
+        (la, lb)
+    }
 }
 
 /// The network all simulated endpoints share.
@@ -163,6 +272,9 @@ impl Net {
 pub struct SimNetwork {
     net: Arc<Mutex<Net>>,
 }
+
+/// Posted writes per link a sim endpoint accepts before backpressure.
+pub const SIM_WINDOW: usize = 64;
 
 impl SimNetwork {
     /// A network with this random seed.
@@ -173,6 +285,7 @@ impl SimNetwork {
                 rng: seed | 1,
                 order: 0,
                 auto: false,
+                window: SIM_WINDOW,
                 endpoints: Vec::new(),
                 pending: BTreeMap::new(),
                 stats: SimStats::default(),
@@ -186,9 +299,14 @@ impl SimNetwork {
         self.net.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// In auto mode every `poll` first delivers all pending writes.
+    /// In auto mode every `progress` first delivers all pending events.
     pub fn set_auto(&self, auto: bool) {
         self.lock().auto = auto;
+    }
+
+    /// Sets the send window of every link (writes posted, not yet `Sent`).
+    pub fn set_window(&self, window: usize) {
+        self.lock().window = window.max(1);
     }
 
     /// A new endpoint (one rank's transport).
@@ -201,24 +319,9 @@ impl SimNetwork {
         }
     }
 
-    /// Links two endpoints; returns the link id at each end.
+    /// Links two endpoints (or returns their link); the link id at each end.
     pub fn connect(&self, a: &SimTransport, b: &SimTransport) -> (LinkId, LinkId) {
-        let mut n = self.lock();
-        let la = n.endpoints[a.ep].links.len();
-        let lb = n.endpoints[b.ep].links.len() + usize::from(a.ep == b.ep);
-        n.endpoints[a.ep].links.push(LinkEnd {
-            peer_ep: b.ep,
-            peer_link: lb,
-            faults: Faults::default(),
-            down: false,
-        });
-        n.endpoints[b.ep].links.push(LinkEnd {
-            peer_ep: a.ep,
-            peer_link: la,
-            faults: Faults::default(),
-            down: false,
-        });
-        (la, lb)
+        self.lock().link_pair(a.ep, b.ep)
     }
 
     /// Sets the faults of writes leaving endpoint `ep` on `link`.
@@ -272,18 +375,18 @@ impl SimNetwork {
         let at = n.now;
         n.schedule(
             at,
-            Event {
+            Event::Land {
                 to_ep: ep,
                 to_link: link,
                 region,
                 offset,
-                data: Arc::new(data),
+                data: Data::Bytes(Arc::new(data)),
                 imm,
             },
         );
     }
 
-    /// Delivers the earliest pending write. `false` if none was pending.
+    /// Delivers the earliest pending event. `false` if none was pending.
     pub fn step(&self) -> bool {
         self.lock().step()
     }
@@ -298,7 +401,7 @@ impl SimNetwork {
         k
     }
 
-    /// Writes posted and not yet delivered.
+    /// Events (landings and `Sent`s) posted and not yet delivered.
     pub fn pending(&self) -> usize {
         self.lock().pending.len()
     }
@@ -335,44 +438,140 @@ fn link_error(link: LinkId, what: &str) -> Error {
     )
 }
 
+const MAGIC: &str = "afmesh-sim-1";
+
 impl Transport for SimTransport {
-    fn register(&mut self, region: Arc<Region>) -> Result<RegionKey> {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            host: true,
+            cuda: false,
+            ordered: false,
+            max_message: u64::from(u32::MAX),
+            window: self.net.lock().window,
+            copies: true,
+        }
+    }
+
+    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
         let mut n = self.net.lock();
         let e = &mut n.endpoints[self.ep];
         e.regions.push(region.clone());
-        Ok(RegionKey {
-            id: (e.regions.len() - 1) as u32,
-            rkey: 0,
-            addr: 0,
-            len: region.len() as u64,
+        let id = (e.regions.len() - 1) as u32;
+        Ok(Registration {
+            local: LocalKey(id),
+            remote: RegionKey {
+                id,
+                rkey: 0,
+                addr: 0,
+                len: region.len() as u64,
+            },
         })
     }
 
-    fn write(
+    fn endpoint(&self) -> Vec<u8> {
+        let n = self.net.lock();
+        let keys: Vec<RegionKey> = n.endpoints[self.ep]
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RegionKey {
+                id: i as u32,
+                rkey: 0,
+                addr: 0,
+                len: r.len() as u64,
+            })
+            .collect();
+        let mut w = blob::writer(MAGIC);
+        w.u64(Arc::as_ptr(&self.net.net) as u64);
+        w.u32(self.ep as u32);
+        blob::put_keys(&mut w, &keys);
+        w.finish()
+    }
+
+    fn reaches(&self, b: &[u8]) -> std::result::Result<(), String> {
+        let mut r = blob::reader(b, MAGIC).map_err(|e| e.0)?;
+        let net = r.u64("sim network").map_err(|e| e.0)?;
+        if net != Arc::as_ptr(&self.net.net) as u64 {
+            return Err("another simulated network".into());
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, peers: &[PeerSpec], _timeout: Duration) -> Result<Vec<Connected>> {
+        let mut out = Vec::with_capacity(peers.len());
+        for p in peers {
+            let bad = |e: crate::proto::DecodeError| Error::BadFrame {
+                peer: p.label.clone(),
+                reason: format!("sim endpoint: {}", e.0),
+            };
+            self.reaches(&p.blob)
+                .map_err(|e| Error::config(format!("{}: {e}", p.label)))?;
+            let mut r = blob::reader(&p.blob, MAGIC).map_err(bad)?;
+            r.u64("sim network").map_err(bad)?;
+            let peer_ep = r.u32("sim endpoint").map_err(bad)? as usize;
+            let remote = blob::get_keys(&mut r).map_err(bad)?;
+            let mut n = self.net.lock();
+            if peer_ep >= n.endpoints.len() {
+                return Err(Error::config(format!(
+                    "{}: no sim endpoint {peer_ep}",
+                    p.label
+                )));
+            }
+            let (link, _) = n.link_pair(self.ep, peer_ep);
+            out.push(Connected { link, remote });
+        }
+        Ok(out)
+    }
+
+    fn post_write(
         &mut self,
         link: LinkId,
-        src: &[&[u8]],
+        src: &[LocalSlice],
         remote: &RegionKey,
         offset: u64,
         imm: Option<u32>,
+        token: u64,
     ) -> Result<()> {
         let mut n = self.net.lock();
+        let window = n.window;
         let (peer_ep, peer_link, faults) = match n.endpoints[self.ep].links.get(link) {
             None => return Err(link_error(link, "no such link")),
             Some(l) if l.down => return Err(link_error(link, "link is down")),
+            Some(l) if l.in_flight >= window => {
+                return Err(Error::Backpressure {
+                    peer: format!("sim link {link}"),
+                    window,
+                })
+            }
             Some(l) => (l.peer_ep, l.peer_link, l.faults),
         };
-        let mut data = Vec::with_capacity(src.iter().map(|s| s.len()).sum());
+        let mut parts = Vec::with_capacity(src.len());
         for s in src {
-            data.extend_from_slice(s);
+            let r = n.endpoints[self.ep]
+                .regions
+                .get(s.key.0 as usize)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("local key {} is not registered", s.key.0))
+                })?;
+            r.check(s.offset, s.len).map_err(|e| Error::BufferSize {
+                what: format!("local region {}: {e}", s.key.0),
+                need: s.offset.saturating_add(s.len) as usize,
+                got: r.len(),
+            })?;
+            parts.push((r.clone(), s.offset, s.len));
         }
-        let data = Arc::new(data);
-        if faults.drop_per_million > 0 && n.rand() % 1_000_000 < u64::from(faults.drop_per_million)
-        {
+        n.endpoints[self.ep].links[link].in_flight += 1;
+        let mut lands = Vec::new();
+        let dropped = faults.drop_per_million > 0
+            && n.rand() % 1_000_000 < u64::from(faults.drop_per_million);
+        let copies = if dropped {
             n.stats.dropped += 1;
-            return Ok(());
-        }
-        let copies = if faults.duplicate_per_million > 0
+            0
+        } else if faults.duplicate_per_million > 0
             && n.rand() % 1_000_000 < u64::from(faults.duplicate_per_million)
         {
             n.stats.duplicated += 1;
@@ -380,6 +579,7 @@ impl Transport for SimTransport {
         } else {
             1
         };
+        let mut last = n.now;
         for _ in 0..copies {
             let jitter = if faults.jitter_ns > 0 {
                 n.rand() % (faults.jitter_ns + 1)
@@ -387,35 +587,52 @@ impl Transport for SimTransport {
                 0
             };
             let at = n.now + faults.delay_ns + jitter;
-            n.schedule(
+            last = last.max(at);
+            let k = n.schedule(
                 at,
-                Event {
+                Event::Land {
                     to_ep: peer_ep,
                     to_link: peer_link,
                     region: remote.id,
                     offset,
-                    data: data.clone(),
+                    data: Data::Source(parts.clone()),
                     imm,
                 },
             );
+            lands.push(k);
         }
+        let sent_at = match faults.sent_delay_ns {
+            Some(d) => n.now + d,
+            None => last,
+        };
+        n.schedule(
+            sent_at,
+            Event::Sent {
+                ep: self.ep,
+                link,
+                token,
+                writes: lands,
+            },
+        );
         Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()> {
+    fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
         let mut n = self.net.lock();
         if n.auto {
             while n.step() {}
         }
-        let inbox = &mut n.endpoints[self.ep].inbox;
-        let empty = inbox.is_empty();
-        out.extend(inbox.drain(..));
-        drop(n);
-        if empty && !timeout.is_zero() {
-            // Other threads drive the other ranks; let them run.
-            std::thread::yield_now();
-        }
+        out.extend(n.endpoints[self.ep].inbox.drain(..));
         Ok(())
+    }
+
+    fn wake(&self) -> Wake {
+        Wake::Own
+    }
+
+    fn park(&mut self, _timeout: Duration) {
+        // Other threads drive the other ranks; let them run.
+        std::thread::yield_now();
     }
 
     fn close(&mut self) {
@@ -441,107 +658,224 @@ impl Transport for SimTransport {
     fn links(&self) -> usize {
         self.net.lock().endpoints[self.ep].links.len()
     }
-
-    fn name(&self) -> &'static str {
-        "sim"
-    }
-
-    fn copies(&self, _link: LinkId) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pair(
-        seed: u64,
-    ) -> (
-        SimNetwork,
-        SimTransport,
-        SimTransport,
-        Arc<Region>,
-        RegionKey,
-    ) {
+    struct Pair {
+        net: SimNetwork,
+        a: SimTransport,
+        b: SimTransport,
+        src: Arc<Region>,
+        dst: Arc<Region>,
+        key: RegionKey,
+    }
+
+    fn pair(seed: u64) -> Pair {
         let net = SimNetwork::new(seed);
-        let a = net.endpoint();
+        let mut a = net.endpoint();
         let mut b = net.endpoint();
         net.connect(&a, &b);
-        let r = Arc::new(Region::alloc(64).unwrap());
-        let k = b.register(r.clone()).unwrap();
-        (net, a, b, r, k)
+        let src = Arc::new(Region::alloc(64).unwrap());
+        assert_eq!(a.register(&src).unwrap().local, LocalKey(0));
+        let dst = Arc::new(Region::alloc(64).unwrap());
+        let key = b.register(&dst).unwrap().remote;
+        Pair {
+            net,
+            a,
+            b,
+            src,
+            dst,
+            key,
+        }
+    }
+
+    fn from(offset: u64, len: u64) -> [LocalSlice; 1] {
+        [LocalSlice {
+            key: LocalKey(0),
+            offset,
+            len,
+        }]
+    }
+
+    fn drain(t: &mut SimTransport) -> Vec<Completion> {
+        let mut out = Vec::new();
+        t.progress(&mut out).unwrap();
+        out
     }
 
     #[test]
-    fn write_lands_on_step_then_arrives() {
-        let (net, mut a, mut b, r, k) = pair(1);
-        a.write(0, &[b"he", b"llo"], &k, 3, Some(42)).unwrap();
-        let mut out = Vec::new();
-        b.poll(&mut out, Duration::ZERO).unwrap();
-        assert!(out.is_empty(), "nothing lands before the network steps");
-        assert!(net.step());
-        b.poll(&mut out, Duration::ZERO).unwrap();
-        assert_eq!(out, vec![Completion::Arrival { link: 0, imm: 42 }]);
-        assert_eq!(r.slice(3, 5).unwrap(), b"hello");
+    fn write_lands_on_step_then_arrives_then_is_sent() {
+        let mut p = pair(1);
+        p.src.write_gather(0, &[b"hello"]).unwrap();
+        p.a.post_write(0, &from(0, 5), &p.key, 3, Some(42), 7)
+            .unwrap();
+        assert!(drain(&mut p.b).is_empty(), "nothing lands before a step");
+        assert!(p.net.step());
+        assert_eq!(
+            drain(&mut p.b),
+            vec![Completion::Arrival { link: 0, imm: 42 }]
+        );
+        assert_eq!(p.dst.slice(3, 5).unwrap(), b"hello");
+        assert!(drain(&mut p.a).is_empty(), "Sent trails the landing");
+        assert!(p.net.step());
+        assert_eq!(drain(&mut p.a), vec![Completion::Sent { token: 7 }]);
+    }
+
+    #[test]
+    fn early_sent_reads_the_source_then() {
+        let mut p = pair(2);
+        let faults = Faults {
+            delay_ns: 1000,
+            sent_delay_ns: Some(10),
+            ..Faults::default()
+        };
+        p.net.set_faults(p.a.endpoint_id(), 0, faults);
+        p.src.write_gather(0, &[b"old"]).unwrap();
+        p.a.post_write(0, &from(0, 3), &p.key, 0, Some(1), 9)
+            .unwrap();
+        assert!(p.net.step());
+        assert_eq!(drain(&mut p.a), vec![Completion::Sent { token: 9 }]);
+        // The source may be reused once Sent: what lands is what left.
+        p.src.write_gather(0, &[b"new"]).unwrap();
+        p.net.deliver_all();
+        assert_eq!(
+            drain(&mut p.b),
+            vec![Completion::Arrival { link: 0, imm: 1 }]
+        );
+        assert_eq!(p.dst.slice(0, 3).unwrap(), b"old");
+    }
+
+    #[test]
+    fn reuse_before_sent_corrupts_what_lands() {
+        let mut p = pair(3);
+        p.src.write_gather(0, &[b"old"]).unwrap();
+        p.a.post_write(0, &from(0, 3), &p.key, 0, Some(1), 1)
+            .unwrap();
+        p.src.write_gather(0, &[b"new"]).unwrap();
+        p.net.deliver_all();
+        assert_eq!(p.dst.slice(0, 3).unwrap(), b"new");
+    }
+
+    #[test]
+    fn full_window_is_backpressure_until_sent() {
+        let mut p = pair(4);
+        p.net.set_window(2);
+        p.a.post_write(0, &from(0, 1), &p.key, 0, Some(1), 1)
+            .unwrap();
+        p.a.post_write(0, &from(0, 1), &p.key, 1, Some(2), 2)
+            .unwrap();
+        let e =
+            p.a.post_write(0, &from(0, 1), &p.key, 2, Some(3), 3)
+                .unwrap_err();
+        assert!(matches!(e, Error::Backpressure { window: 2, .. }), "{e}");
+        // Nothing was posted by the refused call.
+        assert_eq!(p.net.pending(), 4);
+        p.net.deliver_all();
+        assert_eq!(
+            drain(&mut p.a),
+            vec![Completion::Sent { token: 1 }, Completion::Sent { token: 2 }]
+        );
+        p.a.post_write(0, &from(0, 1), &p.key, 2, Some(3), 3)
+            .unwrap();
     }
 
     #[test]
     fn out_of_bounds_is_a_link_error() {
-        let (net, mut a, mut b, _r, k) = pair(2);
-        a.write(0, &[&[0; 8]], &k, 60, Some(1)).unwrap();
-        net.deliver_all();
-        let mut out = Vec::new();
-        b.poll(&mut out, Duration::ZERO).unwrap();
-        assert!(matches!(out[0], Completion::LinkError { .. }), "{out:?}");
+        let mut p = pair(5);
+        // Lie about the region's length to get past the sender's check.
+        let lying = RegionKey {
+            len: 1 << 20,
+            ..p.key
+        };
+        p.a.post_write(0, &from(0, 8), &lying, 60, Some(1), 1)
+            .unwrap();
+        p.net.deliver_all();
+        assert!(matches!(drain(&mut p.b)[0], Completion::LinkError { .. }));
+        assert!(p.a.post_write(0, &from(0, 1), &p.key, 0, None, 2).is_err());
+        let local = p.a.post_write(0, &from(60, 8), &p.key, 0, None, 3);
         assert!(
-            a.write(0, &[&[0; 1]], &k, 0, None).is_err(),
-            "link is closed after"
+            local.is_err(),
+            "a source outside the local region is refused"
         );
     }
 
     #[test]
-    fn jitter_reorders_deterministically() {
+    fn jitter_reorders_arrivals_and_sents_deterministically() {
         let order = |seed| {
-            let (net, mut a, mut b, _r, k) = pair(seed);
-            net.set_faults(
-                a.endpoint_id(),
-                0,
-                Faults {
-                    jitter_ns: 1000,
-                    ..Faults::default()
-                },
-            );
-            for i in 0..20 {
-                a.write(0, &[&[0]], &k, 0, Some(i)).unwrap();
+            let mut p = pair(seed);
+            let faults = Faults {
+                jitter_ns: 1000,
+                ..Faults::default()
+            };
+            p.net.set_faults(p.a.endpoint_id(), 0, faults);
+            for i in 0..20u32 {
+                p.a.post_write(0, &from(0, 1), &p.key, 0, Some(i), u64::from(i))
+                    .unwrap();
             }
-            net.deliver_all();
-            let mut out = Vec::new();
-            b.poll(&mut out, Duration::ZERO).unwrap();
-            out.iter()
+            p.net.deliver_all();
+            let imms: Vec<u32> = drain(&mut p.b)
+                .iter()
                 .map(|c| match c {
                     Completion::Arrival { imm, .. } => *imm,
                     _ => u32::MAX,
                 })
-                .collect::<Vec<_>>()
+                .collect();
+            let sents: Vec<u64> = drain(&mut p.a)
+                .iter()
+                .map(|c| match c {
+                    Completion::Sent { token } => *token,
+                    _ => u64::MAX,
+                })
+                .collect();
+            (imms, sents)
         };
-        let o = order(7);
-        assert_eq!(o, order(7));
-        assert_eq!(o.len(), 20);
-        assert_ne!(o, (0..20).collect::<Vec<_>>(), "jitter reorders");
+        let (imms, sents) = order(7);
+        assert_eq!((imms.clone(), sents.clone()), order(7));
+        assert_eq!((imms.len(), sents.len()), (20, 20));
+        assert_ne!(imms, (0..20).collect::<Vec<_>>(), "jitter reorders");
+        assert_ne!(
+            sents,
+            (0..20).collect::<Vec<_>>(),
+            "completions out of order"
+        );
     }
 
     #[test]
-    fn kill_reports_down_on_both_ends() {
-        let (net, mut a, mut b, _r, k) = pair(3);
-        a.write(0, &[&[0]], &k, 0, Some(1)).unwrap();
-        net.kill_link(0, 0);
-        assert_eq!(net.pending(), 0);
-        let mut out = Vec::new();
-        a.poll(&mut out, Duration::ZERO).unwrap();
-        b.poll(&mut out, Duration::ZERO).unwrap();
-        assert_eq!(out.len(), 2);
-        assert!(out.iter().all(|c| matches!(c, Completion::LinkDown { .. })));
-        assert_eq!(net.stats().dropped, 1);
+    fn kill_reports_down_on_both_ends_and_drops_sents() {
+        let mut p = pair(6);
+        p.a.post_write(0, &from(0, 1), &p.key, 0, Some(1), 1)
+            .unwrap();
+        p.net.kill_link(0, 0);
+        assert_eq!(p.net.pending(), 0);
+        assert!(matches!(drain(&mut p.a)[..], [Completion::LinkDown { .. }]));
+        assert!(matches!(drain(&mut p.b)[..], [Completion::LinkDown { .. }]));
+    }
+
+    #[test]
+    fn endpoints_connect_both_ways_to_one_link() {
+        let net = SimNetwork::new(8);
+        let mut a = net.endpoint();
+        let mut b = net.endpoint();
+        let r = Arc::new(Region::alloc(16).unwrap());
+        b.register(&r).unwrap();
+        let spec = |blob: Vec<u8>| PeerSpec {
+            label: "peer".into(),
+            blob,
+            initiator: false,
+            peer_rank: 0,
+            my_rank: 0,
+            epoch: 1,
+        };
+        let ca = a.connect(&[spec(b.endpoint())], Duration::ZERO).unwrap();
+        let cb = b.connect(&[spec(a.endpoint())], Duration::ZERO).unwrap();
+        assert_eq!((ca[0].link, cb[0].link), (0, 0));
+        assert_eq!(ca[0].remote[0].len, 16);
+        assert!(SimNetwork::new(9)
+            .endpoint()
+            .reaches(&a.endpoint())
+            .is_err());
     }
 }

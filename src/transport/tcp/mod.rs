@@ -1,75 +1,103 @@
-//! TCP: one connection per link, `TCP_NODELAY`.
+//! TCP: one connection per link, `TCP_NODELAY`, driven on the caller's
+//! thread.
 //!
 //! A write is one frame — a 32-byte [`frame`] header naming the target
-//! region, offset, length and imm, then the payload — sent with vectored
-//! writes straight from the caller's buffers. On the receiving side a reader
-//! thread per link checks the target against the registered region and reads
-//! the payload straight into it (no staging copy), then posts the arrival on
-//! a channel that `poll` drains. A peer that exits closes its sockets, so the
-//! reader sees EOF or a reset and reports `LinkDown` at once.
+//! region, offset, length and imm, then the payload — written with
+//! non-blocking vectored writes straight from the sender's registered
+//! memory. What the socket does not take at once waits in the link's queue
+//! (bounded by the send window) and goes out on later progress; a write is
+//! `Sent` when its last byte is in the kernel. Receiving is the reverse, on
+//! the thread that makes progress (no reader threads, no hand-off): read
+//! the frame header, check the target against the registered region, then
+//! `read(2)` the payload straight into the region (no staging copy), and
+//! report the arrival. A rank that waits sleeps in `poll(2)` on its sockets
+//! (or on its doorbell, rung by a socket watcher, when it also has shm
+//! links). A peer that exits closes its sockets: EOF or a reset is
+//! `LinkDown`. A queue that makes no progress for the I/O timeout means a
+//! peer that stopped reading: `LinkDown` too.
 
+pub mod connect;
 pub mod frame;
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-
-use super::shm::Doorbell;
-use super::{Completion, LinkId, PollPolicy, Region, RegionKey, Transport};
+use super::{
+    blob, check_post, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice, PeerSpec,
+    Region, RegionKey, Registration, Transport, Wake,
+};
 use crate::error::{Error, Result};
 use frame::{FrameHeader, FRAME_LEN};
+
+/// Writes posted and not yet in the kernel, per link.
+pub const TCP_WINDOW: usize = 64;
+/// Most slices in one write (frame header + sources).
+const MAX_GATHER: usize = 8;
+const MAGIC: &str = "afmesh-tcp-1";
+
+/// A write waiting for socket space.
+#[derive(Debug)]
+struct Pending {
+    frame: [u8; FRAME_LEN],
+    parts: Vec<(Arc<Region>, usize, usize)>,
+    total: usize,
+    written: usize,
+    token: u64,
+}
+
+/// Where the reader is in the incoming stream.
+#[derive(Debug)]
+enum Rx {
+    Header { buf: [u8; FRAME_LEN], got: usize },
+    Body { h: FrameHeader, got: u64 },
+}
 
 #[derive(Debug)]
 struct Link {
     stream: TcpStream,
     peer: String,
     down: bool,
-    reader: Option<JoinHandle<()>>,
+    rx: Rx,
+    tx: VecDeque<Pending>,
+    /// When the head of `tx` last moved.
+    tx_moved: Instant,
 }
 
 /// The tcp backend.
 #[derive(Debug)]
 pub struct TcpTransport {
-    regions: Vec<Arc<Region>>,
-    frozen: Option<Arc<[Arc<Region>]>>,
+    local: LocalRegions,
+    listener: Option<TcpListener>,
+    listen_addr: String,
     links: Vec<Link>,
-    tx: Sender<Completion>,
-    rx: Receiver<Completion>,
-    policy: PollPolicy,
     io_timeout: Duration,
-    doorbell: Option<Doorbell>,
+    sent: Vec<u64>,
 }
 
 impl TcpTransport {
-    /// A transport with no links. `io_timeout` bounds every blocking socket
-    /// write.
-    pub fn new(policy: PollPolicy, io_timeout: Duration) -> TcpTransport {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        TcpTransport {
-            regions: Vec::new(),
-            frozen: None,
+    /// A transport with no links, accepting on `ip` (any free port).
+    /// `io_timeout` bounds how long a peer may leave our writes unread.
+    pub fn new(ip: IpAddr, io_timeout: Duration) -> Result<TcpTransport> {
+        let l = TcpListener::bind((ip, 0))
+            .map_err(|e| Error::io(format!("bind link listener on {ip}"), e))?;
+        let a = l
+            .local_addr()
+            .map_err(|e| Error::io("link listener address", e))?;
+        Ok(TcpTransport {
+            local: LocalRegions::default(),
+            listener: Some(l),
+            listen_addr: a.to_string(),
             links: Vec::new(),
-            tx,
-            rx,
-            policy,
             io_timeout,
-            doorbell: None,
-        }
+            sent: Vec::new(),
+        })
     }
 
-    /// Also rings `bell` whenever a reader thread posts a completion, so a
-    /// rank parked on its shared-memory doorbell sees tcp traffic too. Set
-    /// before adding links.
-    pub fn set_doorbell(&mut self, bell: Doorbell) {
-        self.doorbell = Some(bell);
-    }
-
-    /// Adopts a connected stream as a new link (the handshake is done by the
-    /// caller). Regions registered after the first link are refused.
+    /// Adopts a connected stream as a new link (the handshake is done).
     pub fn add_link(&mut self, stream: TcpStream, peer: impl Into<String>) -> Result<LinkId> {
         let peer = peer.into();
         let io_err = |op: &str, e| Error::io(format!("{op} on link to {peer}"), e);
@@ -77,190 +105,282 @@ impl TcpTransport {
             .set_nodelay(true)
             .map_err(|e| io_err("set TCP_NODELAY", e))?;
         stream
-            .set_read_timeout(None)
-            .map_err(|e| io_err("clear read timeout", e))?;
-        stream
-            .set_write_timeout(Some(self.io_timeout))
-            .map_err(|e| io_err("set write timeout", e))?;
-        let read_half = stream.try_clone().map_err(|e| io_err("clone socket", e))?;
-        let regions = self
-            .frozen
-            .get_or_insert_with(|| self.regions.clone().into())
-            .clone();
-        let link = self.links.len();
-        let tx = self.tx.clone();
-        let name = peer.clone();
-        let bell = self.doorbell.clone();
-        let reader = std::thread::Builder::new()
-            .name(format!("afmesh-tcp-rx-{link}"))
-            .spawn(move || read_loop(read_half, link, regions, Post { tx, bell }, name))
-            .map_err(|e| io_err("spawn reader thread", e))?;
+            .set_nonblocking(true)
+            .map_err(|e| io_err("set non-blocking", e))?;
         self.links.push(Link {
             stream,
             peer,
             down: false,
-            reader: Some(reader),
+            rx: Rx::Header {
+                buf: [0; FRAME_LEN],
+                got: 0,
+            },
+            tx: VecDeque::new(),
+            tx_moved: Instant::now(),
         });
-        Ok(link)
+        Ok(self.links.len() - 1)
     }
 }
 
-/// Where a reader thread posts: the channel, then the doorbell if any.
-struct Post {
-    tx: Sender<Completion>,
-    bell: Option<Doorbell>,
-}
-
-impl Post {
-    fn send(&self, c: Completion) -> Result<(), ()> {
-        let r = self.tx.send(c).map_err(|_| ());
-        if let Some(b) = &self.bell {
-            b.ring();
+/// Writes as much of the queue as the socket takes. `Ok(true)` when the
+/// queue moved.
+fn flush(l: &mut Link, sent: &mut Vec<u64>) -> io::Result<bool> {
+    let mut moved = false;
+    while let Some(p) = l.tx.front_mut() {
+        let mut iov: [IoSlice<'_>; MAX_GATHER] = [IoSlice::new(&[]); MAX_GATHER];
+        let mut n = 0;
+        let mut skip = p.written;
+        let frame: &[u8] = &p.frame;
+        let views = std::iter::once(Some(frame)).chain(
+            p.parts
+                .iter()
+                // The engine keeps a posted slot unchanged until `Sent`, and
+                // nothing else writes this rank's send memory.
+                .map(|(r, off, len)| r.slice(*off, *len).ok()),
+        );
+        for v in views {
+            let v = v.unwrap_or(&[]);
+            if skip >= v.len() {
+                skip -= v.len();
+                continue;
+            }
+            iov[n] = IoSlice::new(&v[skip..]);
+            skip = 0;
+            n += 1;
         }
-        r
-    }
-}
-
-fn read_loop(mut s: TcpStream, link: LinkId, regions: Arc<[Arc<Region>]>, tx: Post, peer: String) {
-    let down = |reason: String| Completion::LinkDown { link, reason };
-    loop {
-        let mut hb = [0u8; FRAME_LEN];
-        match read_full(&mut s, &mut hb) {
-            Ok(true) => {}
-            Ok(false) => {
-                let _ = tx.send(down(format!("connection to {peer} closed")));
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(down(format!("connection to {peer}: {e}")));
-                return;
-            }
-        }
-        let h = match FrameHeader::decode(&hb) {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = tx.send(Completion::LinkError {
-                    link,
-                    reason: format!("bad frame from {peer}: {e}"),
-                });
-                let _ = s.shutdown(Shutdown::Both);
-                return;
-            }
-        };
-        if h.close {
-            let _ = tx.send(Completion::LinkClosed { link });
-            return;
-        }
-        let landed = match regions.get(h.region as usize) {
-            None => Ok(Err(format!("write to unknown region {}", h.region))),
-            Some(r) => r.read_from(h.offset, u64::from(h.len), &mut s),
-        };
-        match landed {
-            Ok(Ok(())) => {
-                if let Some(imm) = h.imm {
-                    if tx.send(Completion::Arrival { link, imm }).is_err() {
-                        return; // transport dropped
-                    }
-                }
-            }
-            Ok(Err(reason)) => {
-                let _ = tx.send(Completion::LinkError {
-                    link,
-                    reason: format!("from {peer}: {reason}"),
-                });
-                let _ = s.shutdown(Shutdown::Both);
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(down(format!("connection to {peer} broke mid-message: {e}")));
-                return;
-            }
-        }
-    }
-}
-
-/// Fills `buf`; `Ok(false)` on a clean EOF before the first byte.
-fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<bool> {
-    let mut got = 0;
-    while got < buf.len() {
-        match s.read(&mut buf[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "EOF inside a frame header",
-                ))
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-fn write_all_vectored(s: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match s.write_vectored(bufs) {
+        match l.stream.write_vectored(&iov[..n]) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
-                    "socket accepted no bytes",
+                    "socket took no bytes",
                 ))
             }
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Ok(k) => {
+                moved = true;
+                p.written += k;
+                if p.written == p.total {
+                    sent.push(p.token);
+                    l.tx.pop_front();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    if moved {
+        l.tx_moved = Instant::now();
+    }
+    Ok(moved)
 }
 
-/// Most slices in one gather list (header + payload parts).
-const MAX_GATHER: usize = 8;
+/// What one pass over a link's socket found.
+enum Read1 {
+    /// Nothing more now.
+    Idle,
+    /// Keep reading.
+    More,
+    /// The link ended with this completion.
+    End(Completion),
+}
+
+fn read_some(
+    l: &mut Link,
+    link: LinkId,
+    regions: &[Arc<Region>],
+    out: &mut Vec<Completion>,
+) -> Read1 {
+    let down = |reason: String| Read1::End(Completion::LinkDown { link, reason });
+    match &mut l.rx {
+        Rx::Header { buf, got } => match l.stream.read(&mut buf[*got..]) {
+            Ok(0) if *got == 0 => down(format!("connection to {} closed", l.peer)),
+            Ok(0) => down(format!(
+                "connection to {} closed inside a frame header",
+                l.peer
+            )),
+            Ok(k) => {
+                *got += k;
+                if *got < FRAME_LEN {
+                    return Read1::More;
+                }
+                let h = match FrameHeader::decode(buf) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        return Read1::End(Completion::LinkError {
+                            link,
+                            reason: format!("bad frame from {}: {e}", l.peer),
+                        })
+                    }
+                };
+                if h.close {
+                    return Read1::End(Completion::LinkClosed { link });
+                }
+                let fits = regions
+                    .get(h.region as usize)
+                    .ok_or_else(|| format!("write to unknown region {}", h.region))
+                    .and_then(|r| r.check(h.offset, u64::from(h.len)).map(|_| ()));
+                if let Err(e) = fits {
+                    return Read1::End(Completion::LinkError {
+                        link,
+                        reason: format!("from {}: {e}", l.peer),
+                    });
+                }
+                if h.len == 0 {
+                    if let Some(imm) = h.imm {
+                        out.push(Completion::Arrival { link, imm });
+                    }
+                    *got = 0;
+                } else {
+                    l.rx = Rx::Body { h, got: 0 };
+                }
+                Read1::More
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read1::Idle,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Read1::More,
+            Err(e) => down(format!("connection to {}: {e}", l.peer)),
+        },
+        Rx::Body { h, got } => {
+            let want = u64::from(h.len) - *got;
+            // Checked against this region when the header came in.
+            let r = &regions[h.region as usize];
+            match r.read_fd(h.offset + *got, want, l.stream.as_raw_fd()) {
+                Ok(0) => down(format!("connection to {} closed mid-message", l.peer)),
+                Ok(k) => {
+                    *got += k as u64;
+                    if *got == u64::from(h.len) {
+                        if let Some(imm) = h.imm {
+                            out.push(Completion::Arrival { link, imm });
+                        }
+                        l.rx = Rx::Header {
+                            buf: [0; FRAME_LEN],
+                            got: 0,
+                        };
+                    }
+                    Read1::More
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read1::Idle,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Read1::More,
+                Err(e) => down(format!("connection to {} broke mid-message: {e}", l.peer)),
+            }
+        }
+    }
+}
 
 impl Transport for TcpTransport {
-    fn register(&mut self, region: Arc<Region>) -> Result<RegionKey> {
-        if self.frozen.is_some() {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            host: true,
+            cuda: false,
+            ordered: true,
+            max_message: u64::from(u32::MAX),
+            window: TCP_WINDOW,
+            copies: false,
+        }
+    }
+
+    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
+        if !self.links.is_empty() {
             return Err(Error::Unsupported(
                 "tcp: regions must be registered before the first link".into(),
             ));
         }
-        self.regions.push(region.clone());
-        Ok(RegionKey {
-            id: (self.regions.len() - 1) as u32,
-            rkey: 0,
-            addr: 0,
-            len: region.len() as u64,
+        let local = self.local.add(region);
+        Ok(Registration {
+            local,
+            remote: RegionKey {
+                id: local.0,
+                rkey: 0,
+                addr: 0,
+                len: region.len() as u64,
+            },
         })
     }
 
-    fn write(
+    fn endpoint(&self) -> Vec<u8> {
+        let keys: Vec<RegionKey> = self
+            .local
+            .all()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RegionKey {
+                id: i as u32,
+                rkey: 0,
+                addr: 0,
+                len: r.len() as u64,
+            })
+            .collect();
+        let mut w = blob::writer(MAGIC);
+        w.str(&self.listen_addr);
+        blob::put_keys(&mut w, &keys);
+        w.finish()
+    }
+
+    fn reaches(&self, b: &[u8]) -> std::result::Result<(), String> {
+        let mut r = blob::reader(b, MAGIC).map_err(|e| e.0)?;
+        r.str("listen address").map_err(|e| e.0)?;
+        Ok(())
+    }
+
+    fn connect(&mut self, peers: &[PeerSpec], timeout: Duration) -> Result<Vec<Connected>> {
+        let mut addrs = Vec::with_capacity(peers.len());
+        let mut keys = Vec::with_capacity(peers.len());
+        for p in peers {
+            let bad = |e: crate::proto::DecodeError| Error::BadFrame {
+                peer: p.label.clone(),
+                reason: format!("tcp endpoint: {}", e.0),
+            };
+            let mut r = blob::reader(&p.blob, MAGIC).map_err(bad)?;
+            addrs.push((p.label.clone(), r.str("listen address").map_err(bad)?));
+            keys.push(blob::get_keys(&mut r).map_err(bad)?);
+        }
+        let (initiators, acceptors): (Vec<usize>, Vec<usize>) =
+            (0..peers.len()).partition(|&i| peers[i].initiator);
+        let mut links = vec![usize::MAX; peers.len()];
+        if !initiators.is_empty() {
+            let Some(p0) = peers.first() else {
+                return Ok(Vec::new());
+            };
+            let to: Vec<(String, String)> = initiators.iter().map(|&i| addrs[i].clone()).collect();
+            let streams = connect::connect_all(&to, p0.epoch, p0.my_rank, timeout)?;
+            for (&i, s) in initiators.iter().zip(streams) {
+                links[i] = self.add_link(s, peers[i].label.clone())?;
+            }
+        }
+        if !acceptors.is_empty() {
+            let expected: Vec<u32> = acceptors.iter().map(|&i| peers[i].peer_rank).collect();
+            let l = self
+                .listener
+                .as_ref()
+                .ok_or_else(|| Error::config("tcp: the link listener is closed"))?;
+            let epoch = peers[acceptors[0]].epoch;
+            for (rank, s) in connect::accept_all(l, &expected, epoch, timeout)? {
+                if let Some(&i) = acceptors.iter().find(|&&i| peers[i].peer_rank == rank) {
+                    links[i] = self.add_link(s, peers[i].label.clone())?;
+                }
+            }
+        }
+        Ok(links
+            .into_iter()
+            .zip(keys)
+            .map(|(link, remote)| Connected { link, remote })
+            .collect())
+    }
+
+    fn post_write(
         &mut self,
         link: LinkId,
-        src: &[&[u8]],
+        src: &[LocalSlice],
         remote: &RegionKey,
         offset: u64,
         imm: Option<u32>,
+        token: u64,
     ) -> Result<()> {
-        let total: u64 = src.iter().map(|s| s.len() as u64).sum();
-        let l = self
-            .links
-            .get_mut(link)
-            .ok_or_else(|| Error::config(format!("tcp: no link {link}")))?;
-        if l.down {
-            return Err(Error::io(
-                format!("write to {}", l.peer),
-                io::Error::new(io::ErrorKind::NotConnected, "link is down"),
-            ));
-        }
-        let len = u32::try_from(total).map_err(|_| {
-            Error::Unsupported(format!("tcp: one write of {total} bytes exceeds 4 GiB"))
-        })?;
-        // The sender checks too, so a local mistake is reported here rather
-        // than as the peer closing the link.
-        super::check_remote(remote, offset, total, &l.peer)?;
+        let state = self.links.get(link).map(|l| (l.peer.as_str(), l.down));
+        let len = check_post(state, link, src, remote, offset, u64::from(u32::MAX))?;
         if src.len() + 1 > MAX_GATHER {
             return Err(Error::Unsupported(format!(
                 "tcp: gather list of {} > {}",
@@ -268,7 +388,19 @@ impl Transport for TcpTransport {
                 MAX_GATHER - 1
             )));
         }
-        let fh = FrameHeader {
+        let l = &mut self.links[link];
+        if l.tx.len() >= TCP_WINDOW {
+            return Err(Error::Backpressure {
+                peer: l.peer.clone(),
+                window: TCP_WINDOW,
+            });
+        }
+        let mut parts = Vec::with_capacity(src.len());
+        for s in src {
+            let (r, at, n) = self.local.resolve(s)?;
+            parts.push((r.clone(), at, n));
+        }
+        let frame = FrameHeader {
             region: remote.id,
             offset,
             len,
@@ -276,72 +408,86 @@ impl Transport for TcpTransport {
             close: false,
         }
         .encode();
-        let mut iov: [IoSlice<'_>; MAX_GATHER] = [IoSlice::new(&[]); MAX_GATHER];
-        iov[0] = IoSlice::new(&fh);
-        for (i, s) in src.iter().enumerate() {
-            iov[i + 1] = IoSlice::new(s);
+        if l.tx.is_empty() {
+            l.tx_moved = Instant::now();
         }
-        match write_all_vectored(&mut l.stream, &mut iov[..src.len() + 1]) {
-            Ok(()) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+        l.tx.push_back(Pending {
+            frame,
+            parts,
+            total: FRAME_LEN + len as usize,
+            written: 0,
+            token,
+        });
+        if l.tx.len() == 1 {
+            if let Err(e) = flush(l, &mut self.sent) {
                 l.down = true;
                 let _ = l.stream.shutdown(Shutdown::Both);
-                Err(Error::Timeout {
-                    op: "tcp write",
-                    peer: l.peer.clone(),
-                    after: self.io_timeout,
-                })
-            }
-            Err(e) => {
-                l.down = true;
-                Err(Error::io(format!("write to {}", l.peer), e))
-            }
-        }
-    }
-
-    fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        let spin = self.policy.spin_for(timeout);
-        let mut first = None;
-        let mut spins = 0u32;
-        loop {
-            match self.rx.try_recv() {
-                Ok(c) => {
-                    first = Some(c);
-                    break;
-                }
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {}
-            }
-            if start.elapsed() >= spin {
-                break;
-            }
-            self.policy.relax(spins, start.elapsed());
-            spins = spins.wrapping_add(1);
-        }
-        if first.is_none() && !timeout.is_zero() {
-            let left = timeout.saturating_sub(start.elapsed());
-            if !left.is_zero() {
-                match self.rx.recv_timeout(left) {
-                    Ok(c) => first = Some(c),
-                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
-                }
-            }
-        }
-        if let Some(c) = first {
-            self.mark(&c);
-            out.push(c);
-            while let Ok(c) = self.rx.try_recv() {
-                self.mark(&c);
-                out.push(c);
+                return Err(Error::io(format!("write to {}", l.peer), e));
             }
         }
         Ok(())
+    }
+
+    fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        // Writes that went out whole when posted come first.
+        out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
+        let regions = self.local.all();
+        for (link, l) in self.links.iter_mut().enumerate() {
+            if l.down {
+                continue;
+            }
+            let mut end = None;
+            if !l.tx.is_empty() {
+                match flush(l, &mut self.sent) {
+                    Ok(_) if !l.tx.is_empty() && l.tx_moved.elapsed() > self.io_timeout => {
+                        end = Some(Completion::LinkDown {
+                            link,
+                            reason: format!(
+                                "{} read none of our bytes for {:?}",
+                                l.peer, self.io_timeout
+                            ),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        end = Some(Completion::LinkDown {
+                            link,
+                            reason: format!("write to {}: {e}", l.peer),
+                        })
+                    }
+                }
+            }
+            while end.is_none() {
+                match read_some(l, link, regions, out) {
+                    Read1::Idle => break,
+                    Read1::More => {}
+                    Read1::End(c) => end = Some(c),
+                }
+            }
+            if let Some(c) = end {
+                l.down = true;
+                if matches!(c, Completion::LinkError { .. }) {
+                    let _ = l.stream.shutdown(Shutdown::Both);
+                }
+                out.push(c);
+            }
+        }
+        out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
+        Ok(())
+    }
+
+    fn wake(&self) -> Wake {
+        let fds: Vec<_> = self
+            .links
+            .iter()
+            .filter(|l| !l.down)
+            .map(|l| l.stream.as_raw_fd())
+            .collect();
+        if fds.is_empty() {
+            Wake::Nothing
+        } else {
+            Wake::Fds(fds)
+        }
     }
 
     fn close(&mut self) {
@@ -353,123 +499,205 @@ impl Transport for TcpTransport {
             close: true,
         }
         .encode();
+        let deadline = Instant::now() + Duration::from_millis(200);
         for l in &mut self.links {
-            if !l.down {
-                let _ = l.stream.set_write_timeout(Some(Duration::from_millis(200)));
-                let _ = l.stream.write_all(&bye);
-                let _ = l.stream.shutdown(Shutdown::Write);
-                l.down = true;
+            if l.down {
+                continue;
             }
+            l.down = true;
+            // What is queued goes first, then the goodbye, within a bound.
+            let _ = l.stream.set_nonblocking(false);
+            let _ = l.stream.set_write_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ));
+            let mut ok = true;
+            while ok && !l.tx.is_empty() {
+                let _ = l.stream.set_nonblocking(true);
+                ok = flush(l, &mut self.sent).is_ok() && Instant::now() < deadline;
+                if !l.tx.is_empty() {
+                    std::thread::yield_now();
+                }
+            }
+            let _ = l.stream.set_nonblocking(false);
+            let _ = l.stream.write_all(&bye);
+            let _ = l.stream.shutdown(Shutdown::Write);
         }
+        self.listener = None;
     }
 
     fn links(&self) -> usize {
         self.links.len()
     }
-
-    fn name(&self) -> &'static str {
-        "tcp"
-    }
-}
-
-impl TcpTransport {
-    fn mark(&mut self, c: &Completion) {
-        if let Completion::LinkDown { link, .. }
-        | Completion::LinkError { link, .. }
-        | Completion::LinkClosed { link } = c
-        {
-            if let Some(l) = self.links.get_mut(*link) {
-                l.down = true;
-            }
-        }
-    }
 }
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
-        // Peers hear that we leave in order; then shutting the sockets down
-        // wakes every reader with EOF, so the joins below cannot hang.
+        // Peers hear that we leave in order.
         self.close();
-        for l in &self.links {
-            let _ = l.stream.shutdown(Shutdown::Both);
-        }
-        for l in &mut self.links {
-            if let Some(h) = l.reader.take() {
-                let _ = h.join();
-            }
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use crate::transport::LocalKey;
 
-    fn pair() -> (TcpTransport, TcpTransport, Arc<Region>, RegionKey) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        let mut a = TcpTransport::new(PollPolicy::default(), Duration::from_secs(5));
-        let mut b = TcpTransport::new(PollPolicy::default(), Duration::from_secs(5));
-        let r = Arc::new(Region::alloc(1 << 20).unwrap());
-        let k = b.register(r.clone()).unwrap();
-        a.add_link(c, "b").unwrap();
-        b.add_link(s, "a").unwrap();
-        (a, b, r, k)
+    struct Pair {
+        a: TcpTransport,
+        b: TcpTransport,
+        src: Arc<Region>,
+        dst: Arc<Region>,
+        key: RegionKey,
     }
 
-    fn wait(t: &mut TcpTransport) -> Completion {
+    fn pair() -> Pair {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut a = TcpTransport::new(ip, Duration::from_secs(5)).unwrap();
+        let mut b = TcpTransport::new(ip, Duration::from_secs(5)).unwrap();
+        let src = Arc::new(Region::alloc(1 << 20).unwrap());
+        a.register(&src).unwrap();
+        let dst = Arc::new(Region::alloc(1 << 20).unwrap());
+        b.register(&dst).unwrap();
+        let spec = |blob, initiator| PeerSpec {
+            label: "peer".into(),
+            blob,
+            initiator,
+            peer_rank: 0,
+            my_rank: 0,
+            epoch: 3,
+        };
+        let (ea, eb) = (a.endpoint(), b.endpoint());
+        let t = std::thread::spawn(move || {
+            b.connect(&[spec(ea, false)], Duration::from_secs(5))
+                .unwrap();
+            b
+        });
+        let c = a
+            .connect(&[spec(eb, true)], Duration::from_secs(5))
+            .unwrap();
+        let b = t.join().unwrap();
+        Pair {
+            a,
+            b,
+            src,
+            dst,
+            key: c[0].remote[0],
+        }
+    }
+
+    fn from(offset: u64, len: u64) -> [LocalSlice; 1] {
+        [LocalSlice {
+            key: LocalKey(0),
+            offset,
+            len,
+        }]
+    }
+
+    fn wait(t: &mut TcpTransport, want: usize) -> Vec<Completion> {
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while out.is_empty() && Instant::now() < deadline {
-            t.poll(&mut out, Duration::from_millis(100)).unwrap();
+        while out.len() < want && Instant::now() < deadline {
+            t.progress(&mut out).unwrap();
+            if let Wake::Fds(f) = t.wake() {
+                let _ = crate::transport::shm::fdwait::poll_readable(&f, Duration::from_millis(10));
+            }
         }
-        out.remove(0)
+        out
     }
 
     #[test]
-    fn write_with_imm_lands() {
-        let (mut a, mut b, r, k) = pair();
+    fn write_with_imm_lands_and_is_sent() {
+        let mut p = pair();
         let big = vec![0xabu8; 300_000];
-        a.write(0, &[b"head", &big], &k, 100, Some(7)).unwrap();
-        assert_eq!(wait(&mut b), Completion::Arrival { link: 0, imm: 7 });
-        assert_eq!(r.slice(100, 4).unwrap(), b"head");
-        assert!(r.slice(104, big.len()).unwrap().iter().all(|&x| x == 0xab));
+        p.src.write_gather(0, &[b"head", &big]).unwrap();
+        p.a.post_write(0, &from(0, 300_004), &p.key, 100, Some(7), 11)
+            .unwrap();
+        let mut a_out = Vec::new();
+        let mut b_out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (a_out.is_empty() || b_out.is_empty()) && Instant::now() < deadline {
+            p.a.progress(&mut a_out).unwrap();
+            p.b.progress(&mut b_out).unwrap();
+        }
+        assert_eq!(b_out, vec![Completion::Arrival { link: 0, imm: 7 }]);
+        assert_eq!(a_out, vec![Completion::Sent { token: 11 }]);
+        assert_eq!(p.dst.slice(100, 4).unwrap(), b"head");
+        assert!(p
+            .dst
+            .slice(104, big.len())
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0xab));
+    }
+
+    #[test]
+    fn unread_writes_fill_the_window_then_backpressure() {
+        let mut p = pair();
+        let mut refused = None;
+        for i in 0..10_000u64 {
+            if let Err(e) = p.a.post_write(0, &from(0, 1 << 20), &p.key, 0, Some(1), i) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = refused.expect("the window filled");
+        assert!(matches!(e, Error::Backpressure { .. }), "{e}");
+        assert!(i >= TCP_WINDOW as u64, "{i}");
+        // The receiver drains; everything queued is eventually sent, in order.
+        let mut sent = Vec::new();
+        let mut arrivals = 0;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (sent.len() < i as usize || arrivals < i as usize) && Instant::now() < deadline {
+            let mut out = Vec::new();
+            p.a.progress(&mut out).unwrap();
+            p.b.progress(&mut out).unwrap();
+            for c in out {
+                match c {
+                    Completion::Sent { token } => sent.push(token),
+                    Completion::Arrival { .. } => arrivals += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(sent, (0..i).collect::<Vec<_>>());
+        assert_eq!(arrivals, i as usize);
     }
 
     #[test]
     fn sender_checks_bounds() {
-        let (mut a, _b, _r, k) = pair();
-        let e = a.write(0, &[&[0; 16]], &k, k.len - 8, Some(1)).unwrap_err();
+        let mut p = pair();
+        let k = p.key;
+        let e =
+            p.a.post_write(0, &from(0, 16), &k, k.len - 8, Some(1), 1)
+                .unwrap_err();
         assert!(matches!(e, Error::BufferSize { .. }), "{e}");
     }
 
     #[test]
     fn receiver_checks_bounds_and_closes() {
-        let (mut a, mut b, _r, k) = pair();
+        let mut p = pair();
         // Lie about the region length to get past the sender's check.
-        let lying = RegionKey { len: u64::MAX, ..k };
-        a.write(0, &[&[0; 16]], &lying, k.len - 8, Some(1)).unwrap();
-        assert!(matches!(wait(&mut b), Completion::LinkError { .. }));
-        assert!(matches!(wait(&mut a), Completion::LinkDown { .. }));
+        let lying = RegionKey {
+            len: u64::MAX,
+            ..p.key
+        };
+        p.a.post_write(0, &from(0, 16), &lying, p.key.len - 8, Some(1), 1)
+            .unwrap();
+        assert!(matches!(wait(&mut p.b, 1)[0], Completion::LinkError { .. }));
+        let out = wait(&mut p.a, 2);
+        assert!(
+            matches!(out.last(), Some(Completion::LinkDown { .. })),
+            "{out:?}"
+        );
     }
 
     #[test]
     fn peer_drop_is_an_orderly_close() {
-        let (a, mut b, _r, _k) = pair();
-        drop(a);
-        assert_eq!(wait(&mut b), Completion::LinkClosed { link: 0 });
-    }
-
-    #[test]
-    fn abrupt_peer_end_is_link_down() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        let mut b = TcpTransport::new(PollPolicy::default(), Duration::from_secs(5));
-        b.add_link(s, "a").unwrap();
-        drop(c);
-        assert!(matches!(wait(&mut b), Completion::LinkDown { .. }));
+        let p = pair();
+        let mut b = p.b;
+        drop(p.a);
+        assert_eq!(wait(&mut b, 1), vec![Completion::LinkClosed { link: 0 }]);
     }
 }

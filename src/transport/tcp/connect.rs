@@ -1,4 +1,4 @@
-//! Bringing up links between ranks: attention ranks connect to every FFN
+//! Bringing up tcp links between ranks: attention ranks connect to every FFN
 //! rank's link listener and introduce themselves; FFN ranks accept exactly
 //! the attention ranks of their epoch and drop anything else.
 
@@ -6,23 +6,24 @@ use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use super::{connect_retry, recv, send};
+use crate::bootstrap::{connect_retry, recv, send};
 use crate::error::{Error, Result};
-use crate::proto::{Entry, Message, Role};
+use crate::proto::{Message, Role};
 
-/// Connects to each FFN rank in `ffn` (ordered by rank) and handshakes.
+/// Connects to each `(label, address)` in turn and handshakes as attention
+/// rank `my_rank` of `epoch`.
 pub fn connect_all(
-    ffn: &[Entry],
+    peers: &[(String, String)],
     epoch: u64,
     my_rank: u32,
     timeout: Duration,
 ) -> Result<Vec<TcpStream>> {
     let deadline = Instant::now() + timeout;
-    let mut out = Vec::with_capacity(ffn.len());
-    for e in ffn {
+    let mut out = Vec::with_capacity(peers.len());
+    for (label, addr) in peers {
         let left = deadline.saturating_duration_since(Instant::now());
-        let name = format!("F{} at {}", e.rank, e.link_addr);
-        let mut s = connect_retry(&e.link_addr, left, "connect link")?;
+        let name = format!("{label} at {addr}");
+        let mut s = connect_retry(addr, left, "connect link")?;
         send(
             &mut s,
             &Message::LinkHello {
