@@ -9,10 +9,14 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::abi::*;
+use crate::cq::{Cq, CqShared};
+use crate::device::Context;
 use crate::fabric::{self, Fabric, Kind};
+use crate::memory::pd_id;
 use crate::ring::{self, RecvWr, MAX_SGE};
 use crate::shm::{self, Mapping};
-use crate::{guard, pd_id, set_errno, Context, Cq, CqShared, Srq, SrqShared};
+use crate::srq::{Srq, SrqShared};
+use crate::{guard, set_errno};
 
 /// Most work requests per queue.
 pub const MAX_WR: u32 = 16384;
@@ -365,7 +369,7 @@ pub unsafe extern "C" fn ibv_modify_qp(qp: *mut ibv_qp, attr: *mut ibv_qp_attr, 
             st.dest_qp_num = a.dest_qp_num;
             inner.remote = Some(Remote {
                 qpn: a.dest_qp_num,
-                dev: crate::resolve(&a.ah_attr),
+                dev: crate::device::resolve(&a.ah_attr),
             });
         }
         inner.state = to;
@@ -996,7 +1000,7 @@ fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> Outcome {
             .collect(),
     };
     let len: u64 = local.iter().map(|v| v.iov_len as u64).sum();
-    let slid = crate::lid_of(sh.dev);
+    let slid = crate::device::lid_of(sh.dev);
     match p.opcode {
         IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM | IBV_WR_RDMA_READ => {
             let (need, qp_need) = if p.opcode == IBV_WR_RDMA_READ {
