@@ -1,0 +1,374 @@
+//! Executing one work request as the initiator's NIC would: checking the
+//! target QP, keys, bounds, access and protection domains against the
+//! fabric table, moving the bytes with cross-memory attach, consuming the
+//! target's receive and pushing its completion.
+
+use std::sync::atomic::Ordering;
+
+use super::{Inner, Pending, QpShared};
+use crate::abi::*;
+use crate::fabric::{self, Fabric, Kind};
+use crate::ring::{self, RecvWr};
+use crate::shm;
+
+/// Why a work request did not complete.
+pub(super) enum Outcome {
+    Done(u32),
+    Rnr,
+    /// Nothing answered (no such QP, or not ready): retried after the
+    /// transport timeout, `retry_cnt` times.
+    NoAnswer,
+    /// Initiator status, and whether the QP moves to error.
+    Fail(u32),
+}
+
+/// A checked memory region: (owner pid, pd, access, addr, len).
+fn mr_lookup(f: &Fabric, key: u32) -> Option<(u32, u32, u32, u64, u64)> {
+    let (slot, gen) = fabric::key_parts(key);
+    let pid = f.live(Kind::Mr, slot, gen)?;
+    let m = f.mr(slot);
+    (m.key.load(Ordering::Acquire) == key).then(|| {
+        (
+            pid,
+            m.pd.load(Ordering::Acquire),
+            m.access.load(Ordering::Acquire),
+            m.addr.load(Ordering::Acquire),
+            m.len.load(Ordering::Acquire),
+        )
+    })
+}
+
+fn covers(addr: u64, len: u64, mr_addr: u64, mr_len: u64) -> bool {
+    addr >= mr_addr && addr.checked_add(len).is_some_and(|e| e <= mr_addr + mr_len)
+}
+
+/// Checks local scatter/gather entries against this process's regions.
+fn check_local(f: &Fabric, sh: &QpShared, sges: &[ibv_sge], need: u32) -> bool {
+    let me = shm::my_pid();
+    sges.iter().filter(|s| s.length > 0).all(|s| {
+        mr_lookup(f, s.lkey).is_some_and(|(pid, pd, access, a, l)| {
+            pid == me
+                && pd == sh.pd
+                && access & need == need
+                && covers(s.addr, u64::from(s.length), a, l)
+        })
+    })
+}
+
+fn iov(addr: u64, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    }
+}
+
+fn pvm_error(f: &Fabric, pid: u32, e: i32) -> u32 {
+    match e {
+        libc::ESRCH => {
+            // The target died after the checks: clean up after it.
+            f.reap(pid);
+            IBV_WC_RETRY_EXC_ERR
+        }
+        libc::EFAULT => IBV_WC_REM_ACCESS_ERR,
+        libc::EPERM => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!("softverbs: process_vm_writev/readv is not permitted (ptrace restrictions: run the processes as one user, set kernel.yama.ptrace_scope=0, or grant CAP_SYS_PTRACE)");
+            });
+            IBV_WC_LOC_QP_OP_ERR
+        }
+        _ => IBV_WC_GENERAL_ERR,
+    }
+}
+
+/// Moves `local` to/from `remote` in process `pid`, all bytes or an error.
+fn transfer(
+    pid: u32,
+    local: &[libc::iovec],
+    remote: &[libc::iovec],
+    write: bool,
+) -> Result<(), i32> {
+    let total: usize = local.iter().map(|v| v.iov_len).sum();
+    let mut done = 0usize;
+    while done < total {
+        // Rebuild both lists from `done` on (short transfers are legal).
+        let cut = |v: &[libc::iovec]| -> Vec<libc::iovec> {
+            let mut skip = done;
+            let mut out = Vec::new();
+            for x in v {
+                if skip >= x.iov_len {
+                    skip -= x.iov_len;
+                    continue;
+                }
+                out.push(iov(x.iov_base as u64 + skip as u64, x.iov_len - skip));
+                skip = 0;
+            }
+            out
+        };
+        let (l, r) = (cut(local), cut(remote));
+        // SAFETY: local iovecs point into this process's registered (or
+        // inline) memory, checked against the fabric's region table;
+        // remote ones were checked against the target's regions; the
+        // kernel validates both sides and reports faults as EFAULT.
+        let n = unsafe {
+            if write {
+                libc::process_vm_writev(
+                    pid as libc::pid_t,
+                    l.as_ptr(),
+                    l.len() as u64,
+                    r.as_ptr(),
+                    r.len() as u64,
+                    0,
+                )
+            } else {
+                libc::process_vm_readv(
+                    pid as libc::pid_t,
+                    l.as_ptr(),
+                    l.len() as u64,
+                    r.as_ptr(),
+                    r.len() as u64,
+                    0,
+                )
+            }
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        if n == 0 {
+            return Err(libc::EFAULT);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Pops a receive for the target QP (its RQ or SRQ).
+fn take_recv(f: &Fabric, slot: usize) -> Result<Option<RecvWr>, u32> {
+    let q = f.qp(slot);
+    let srq = q.srq.load(Ordering::Acquire);
+    let name = if srq > 0 {
+        f.file(
+            Kind::Srq,
+            srq as usize - 1,
+            q.srq_gen.load(Ordering::Acquire),
+        )
+    } else {
+        f.file(
+            Kind::Qp,
+            slot,
+            fabric::qpn_parts(q.qpn.load(Ordering::Acquire)).1,
+        )
+    };
+    let m = ring::map(&name).map_err(|e| {
+        if std::env::var_os("SOFTVERBS_DEBUG").is_some() {
+            eprintln!("softverbs: receive queue of QP slot {slot}: {e}");
+        }
+        IBV_WC_RETRY_EXC_ERR
+    })?;
+    let r = ring::rq_pop(&m);
+    if r.is_none() && std::env::var_os("SOFTVERBS_DEBUG").is_some() {
+        eprintln!("softverbs: RNR: no receive posted at QP slot {slot}");
+    }
+    Ok(r)
+}
+
+fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {
+    let q = f.qp(slot);
+    let (cq, gen) = (
+        q.recv_cq.load(Ordering::Acquire) as usize,
+        q.recv_cq_gen.load(Ordering::Acquire),
+    );
+    if f.live(Kind::Cq, cq, gen).is_none() {
+        return;
+    }
+    if let Ok(m) = ring::map(&f.file(Kind::Cq, cq, gen)) {
+        if ring::cq_push(f, &m, wc, solicited).is_err() {
+            // The target's CQ overflowed: as on a NIC, its QP fails.
+            q.state.store(IBV_QPS_ERR, Ordering::Release);
+        }
+    }
+}
+
+/// Executes one work request as the initiator's NIC would.
+pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> Outcome {
+    let debug = std::env::var_os("SOFTVERBS_DEBUG").is_some();
+    let no_answer = |why: String| {
+        if debug {
+            eprintln!("softverbs: QP {:#x}: no answer: {why}", sh.qpn);
+        }
+        Outcome::NoAnswer
+    };
+    let Some(remote) = &inner.remote else {
+        return no_answer("no destination".into());
+    };
+    let (rslot, rgen) = fabric::qpn_parts(remote.qpn);
+    let Some(rpid) = f.live(Kind::Qp, rslot, rgen) else {
+        return no_answer(format!("QP {:#x} does not exist", remote.qpn));
+    };
+    let rq = f.qp(rslot);
+    let rdev = rq.dev.load(Ordering::Acquire) as usize;
+    if remote.dev != Some(rdev) {
+        return no_answer(format!(
+            "QP {:#x} is on device {rdev}, the address names {:?}",
+            remote.qpn, remote.dev
+        ));
+    }
+    if !shm::pid_alive(rpid) {
+        // The target crashed: it will never answer; clean up after it.
+        f.reap(rpid);
+        if debug {
+            eprintln!(
+                "softverbs: QP {:#x}: the process of QP {:#x} exited",
+                sh.qpn, remote.qpn
+            );
+        }
+        return Outcome::Fail(IBV_WC_RETRY_EXC_ERR);
+    }
+    let rstate = rq.state.load(Ordering::Acquire);
+    if !matches!(rstate, IBV_QPS_RTR | IBV_QPS_RTS | IBV_QPS_SQD) {
+        return no_answer(format!("QP {:#x} is in state {rstate}", remote.qpn));
+    }
+    let rpd = rq.pd.load(Ordering::Acquire);
+    let need_local = if p.opcode == IBV_WR_RDMA_READ {
+        IBV_ACCESS_LOCAL_WRITE
+    } else {
+        0
+    };
+    if p.inline.is_none() && !check_local(f, sh, &p.sges, need_local) {
+        return Outcome::Fail(IBV_WC_LOC_PROT_ERR);
+    }
+    let local: Vec<libc::iovec> = match &p.inline {
+        Some(v) => vec![iov(v.as_ptr() as u64, v.len())],
+        None => p
+            .sges
+            .iter()
+            .filter(|s| s.length > 0)
+            .map(|s| iov(s.addr, s.length as usize))
+            .collect(),
+    };
+    let len: u64 = local.iter().map(|v| v.iov_len as u64).sum();
+    let slid = crate::device::lid_of(sh.dev);
+    match p.opcode {
+        IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM | IBV_WR_RDMA_READ => {
+            let (need, qp_need) = if p.opcode == IBV_WR_RDMA_READ {
+                (IBV_ACCESS_REMOTE_READ, IBV_ACCESS_REMOTE_READ)
+            } else {
+                (IBV_ACCESS_REMOTE_WRITE, IBV_ACCESS_REMOTE_WRITE)
+            };
+            let ok = len == 0
+                || mr_lookup(f, p.rkey).is_some_and(|(pid, pd, access, a, l)| {
+                    pid == rpid
+                        && pd == rpd
+                        && access & need == need
+                        && covers(p.remote_addr, len, a, l)
+                });
+            if !ok || rq.access.load(Ordering::Acquire) & qp_need != qp_need {
+                return Outcome::Fail(IBV_WC_REM_ACCESS_ERR);
+            }
+            let recv = if p.opcode == IBV_WR_RDMA_WRITE_WITH_IMM {
+                match take_recv(f, rslot) {
+                    Err(s) => return Outcome::Fail(s),
+                    Ok(None) => return Outcome::Rnr,
+                    Ok(Some(r)) => Some(r),
+                }
+            } else {
+                None
+            };
+            if len > 0 {
+                let r = [iov(p.remote_addr, len as usize)];
+                if let Err(e) = transfer(rpid, &local, &r, p.opcode != IBV_WR_RDMA_READ) {
+                    return Outcome::Fail(pvm_error(f, rpid, e));
+                }
+            }
+            if let Some(r) = recv {
+                let wc = ibv_wc {
+                    wr_id: r.wr_id,
+                    status: IBV_WC_SUCCESS,
+                    opcode: IBV_WC_RECV_RDMA_WITH_IMM,
+                    byte_len: len as u32,
+                    imm_data: p.imm,
+                    qp_num: rq.qpn.load(Ordering::Acquire),
+                    src_qp: sh.qpn,
+                    wc_flags: IBV_WC_WITH_IMM,
+                    slid,
+                    ..ibv_wc::default()
+                };
+                push_remote(f, rslot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
+            }
+            Outcome::Done(len as u32)
+        }
+        _ => {
+            // SEND, SEND_WITH_IMM.
+            let r = match take_recv(f, rslot) {
+                Err(s) => return Outcome::Fail(s),
+                Ok(None) => return Outcome::Rnr,
+                Ok(Some(r)) => r,
+            };
+            let rqpn = rq.qpn.load(Ordering::Acquire);
+            let recv_fail = |status: u32| ibv_wc {
+                wr_id: r.wr_id,
+                status,
+                opcode: IBV_WC_RECV,
+                qp_num: rqpn,
+                src_qp: sh.qpn,
+                slid,
+                ..ibv_wc::default()
+            };
+            let sges = &r.sge[..r.num_sge as usize];
+            let room: u64 = sges.iter().map(|s| u64::from(s.length)).sum();
+            if room < len {
+                push_remote(f, rslot, &recv_fail(IBV_WC_LOC_LEN_ERR), false);
+                rq.state.store(IBV_QPS_ERR, Ordering::Release);
+                return Outcome::Fail(IBV_WC_REM_INV_REQ_ERR);
+            }
+            let ok = sges.iter().filter(|s| s.length > 0).all(|s| {
+                mr_lookup(f, s.lkey).is_some_and(|(pid, pd, access, a, l)| {
+                    pid == rpid
+                        && pd == rpd
+                        && access & IBV_ACCESS_LOCAL_WRITE != 0
+                        && covers(s.addr, u64::from(s.length), a, l)
+                })
+            });
+            if !ok {
+                push_remote(f, rslot, &recv_fail(IBV_WC_LOC_PROT_ERR), false);
+                rq.state.store(IBV_QPS_ERR, Ordering::Release);
+                return Outcome::Fail(IBV_WC_REM_OP_ERR);
+            }
+            // Scatter into the receive's entries, in order, up to `len`.
+            let mut left = len;
+            let mut remote = Vec::new();
+            for s in sges {
+                if left == 0 {
+                    break;
+                }
+                let n = u64::from(s.length).min(left);
+                if n > 0 {
+                    remote.push(iov(s.addr, n as usize));
+                }
+                left -= n;
+            }
+            if len > 0 {
+                if let Err(e) = transfer(rpid, &local, &remote, true) {
+                    return Outcome::Fail(pvm_error(f, rpid, e));
+                }
+            }
+            let with_imm = p.opcode == IBV_WR_SEND_WITH_IMM;
+            let wc = ibv_wc {
+                wr_id: r.wr_id,
+                status: IBV_WC_SUCCESS,
+                opcode: IBV_WC_RECV,
+                byte_len: len as u32,
+                imm_data: if with_imm { p.imm } else { 0 },
+                qp_num: rqpn,
+                src_qp: sh.qpn,
+                wc_flags: if with_imm { IBV_WC_WITH_IMM } else { 0 },
+                slid,
+                ..ibv_wc::default()
+            };
+            push_remote(f, rslot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
+            Outcome::Done(len as u32)
+        }
+    }
+}
