@@ -22,36 +22,53 @@ pub(super) enum Outcome {
     Fail(u32),
 }
 
-/// A checked memory region: (owner pid, pd, access, addr, len).
-fn mr_lookup(f: &Fabric, key: u32) -> Option<(u32, u32, u32, u64, u64)> {
-    let (slot, gen) = fabric::key_parts(key);
-    let pid = f.live(Kind::Mr, slot, gen)?;
-    let m = f.mr(slot);
-    (m.key.load(Ordering::Acquire) == key).then(|| {
-        (
-            pid,
-            m.pd.load(Ordering::Acquire),
-            m.access.load(Ordering::Acquire),
-            m.addr.load(Ordering::Acquire),
-            m.len.load(Ordering::Acquire),
-        )
-    })
+/// A memory region as the fabric table has it, found by its key.
+#[derive(Debug, Clone, Copy)]
+struct MrEntry {
+    /// The process that registered it.
+    owner: u32,
+    /// Its protection domain.
+    pd: u32,
+    /// `IBV_ACCESS_*` flags.
+    access: u32,
+    addr: u64,
+    len: u64,
 }
 
-fn covers(addr: u64, len: u64, mr_addr: u64, mr_len: u64) -> bool {
-    addr >= mr_addr && addr.checked_add(len).is_some_and(|e| e <= mr_addr + mr_len)
+impl MrEntry {
+    /// The live region `key` names, if any.
+    fn lookup(f: &Fabric, key: u32) -> Option<MrEntry> {
+        let (slot, gen) = fabric::key_parts(key);
+        let owner = f.live(Kind::Mr, slot, gen)?;
+        let m = f.mr(slot);
+        (m.key.load(Ordering::Acquire) == key).then(|| MrEntry {
+            owner,
+            pd: m.pd.load(Ordering::Acquire),
+            access: m.access.load(Ordering::Acquire),
+            addr: m.addr.load(Ordering::Acquire),
+            len: m.len.load(Ordering::Acquire),
+        })
+    }
+
+    /// Whether process `pid`, in protection domain `pd`, may use `len`
+    /// bytes at `addr` of this region with every access in `need`.
+    fn allows(&self, pid: u32, pd: u32, need: u32, addr: u64, len: u64) -> bool {
+        self.owner == pid
+            && self.pd == pd
+            && self.access & need == need
+            && addr >= self.addr
+            && addr
+                .checked_add(len)
+                .is_some_and(|e| e <= self.addr + self.len)
+    }
 }
 
 /// Checks local scatter/gather entries against this process's regions.
 fn check_local(f: &Fabric, sh: &QpShared, sges: &[ibv_sge], need: u32) -> bool {
     let me = shm::my_pid();
     sges.iter().filter(|s| s.length > 0).all(|s| {
-        mr_lookup(f, s.lkey).is_some_and(|(pid, pd, access, a, l)| {
-            pid == me
-                && pd == sh.pd
-                && access & need == need
-                && covers(s.addr, u64::from(s.length), a, l)
-        })
+        MrEntry::lookup(f, s.lkey)
+            .is_some_and(|m| m.allows(me, sh.pd, need, s.addr, u64::from(s.length)))
     })
 }
 
@@ -258,12 +275,8 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
                 (IBV_ACCESS_REMOTE_WRITE, IBV_ACCESS_REMOTE_WRITE)
             };
             let ok = len == 0
-                || mr_lookup(f, p.rkey).is_some_and(|(pid, pd, access, a, l)| {
-                    pid == rpid
-                        && pd == rpd
-                        && access & need == need
-                        && covers(p.remote_addr, len, a, l)
-                });
+                || MrEntry::lookup(f, p.rkey)
+                    .is_some_and(|m| m.allows(rpid, rpd, need, p.remote_addr, len));
             if !ok || rq.access.load(Ordering::Acquire) & qp_need != qp_need {
                 return Outcome::Fail(IBV_WC_REM_ACCESS_ERR);
             }
@@ -324,11 +337,14 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
                 return Outcome::Fail(IBV_WC_REM_INV_REQ_ERR);
             }
             let ok = sges.iter().filter(|s| s.length > 0).all(|s| {
-                mr_lookup(f, s.lkey).is_some_and(|(pid, pd, access, a, l)| {
-                    pid == rpid
-                        && pd == rpd
-                        && access & IBV_ACCESS_LOCAL_WRITE != 0
-                        && covers(s.addr, u64::from(s.length), a, l)
+                MrEntry::lookup(f, s.lkey).is_some_and(|m| {
+                    m.allows(
+                        rpid,
+                        rpd,
+                        IBV_ACCESS_LOCAL_WRITE,
+                        s.addr,
+                        u64::from(s.length),
+                    )
                 })
             });
             if !ok {
