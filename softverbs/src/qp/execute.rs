@@ -1,13 +1,16 @@
-//! Executing one work request as the initiator's NIC would: checking the
-//! target QP, keys, bounds, access and protection domains against the
-//! fabric table, moving the bytes with cross-memory attach, consuming the
-//! target's receive and pushing its completion.
+//! Executing one work request as the initiator's NIC would. `execute`
+//! makes the checks every opcode shares (the target QP exists, is on the
+//! addressed device, its process runs, it is ready to receive; the local
+//! memory is registered to this process and PD) and gathers the local
+//! bytes, then hands over to the RDMA half (`rdma.rs`) or the SEND half
+//! (`send.rs`). Both use the helpers here: region lookups, the target's
+//! receive queue and completion queue, and the cross-memory copy.
 
 use std::sync::atomic::Ordering;
 
 use super::{Inner, Pending, QpShared};
 use crate::abi::*;
-use crate::fabric::{self, Fabric, Kind};
+use crate::fabric::{self, Fabric, Kind, QpSlot};
 use crate::ring::{self, RecvWr};
 use crate::shm;
 
@@ -24,7 +27,7 @@ pub(super) enum Outcome {
 
 /// A memory region as the fabric table has it, found by its key.
 #[derive(Debug, Clone, Copy)]
-struct MrEntry {
+pub(super) struct MrEntry {
     /// The process that registered it.
     owner: u32,
     /// Its protection domain.
@@ -37,7 +40,7 @@ struct MrEntry {
 
 impl MrEntry {
     /// The live region `key` names, if any.
-    fn lookup(f: &Fabric, key: u32) -> Option<MrEntry> {
+    pub(super) fn lookup(f: &Fabric, key: u32) -> Option<MrEntry> {
         let (slot, gen) = fabric::key_parts(key);
         let owner = f.live(Kind::Mr, slot, gen)?;
         let m = f.mr(slot);
@@ -52,7 +55,7 @@ impl MrEntry {
 
     /// Whether process `pid`, in protection domain `pd`, may use `len`
     /// bytes at `addr` of this region with every access in `need`.
-    fn allows(&self, pid: u32, pd: u32, need: u32, addr: u64, len: u64) -> bool {
+    pub(super) fn allows(&self, pid: u32, pd: u32, need: u32, addr: u64, len: u64) -> bool {
         self.owner == pid
             && self.pd == pd
             && self.access & need == need
@@ -72,14 +75,14 @@ fn check_local(f: &Fabric, sh: &QpShared, sges: &[ibv_sge], need: u32) -> bool {
     })
 }
 
-fn iov(addr: u64, len: usize) -> libc::iovec {
+pub(super) fn iov(addr: u64, len: usize) -> libc::iovec {
     libc::iovec {
         iov_base: addr as *mut libc::c_void,
         iov_len: len,
     }
 }
 
-fn pvm_error(f: &Fabric, pid: u32, e: i32) -> u32 {
+pub(super) fn pvm_error(f: &Fabric, pid: u32, e: i32) -> u32 {
     match e {
         libc::ESRCH => {
             // The target died after the checks: clean up after it.
@@ -99,7 +102,7 @@ fn pvm_error(f: &Fabric, pid: u32, e: i32) -> u32 {
 }
 
 /// Moves `local` to/from `remote` in process `pid`, all bytes or an error.
-fn transfer(
+pub(super) fn transfer(
     pid: u32,
     local: &[libc::iovec],
     remote: &[libc::iovec],
@@ -162,7 +165,7 @@ fn transfer(
 }
 
 /// Pops a receive for the target QP (its RQ or SRQ).
-fn take_recv(f: &Fabric, slot: usize) -> Result<Option<RecvWr>, u32> {
+pub(super) fn take_recv(f: &Fabric, slot: usize) -> Result<Option<RecvWr>, u32> {
     let q = f.qp(slot);
     let srq = q.srq.load(Ordering::Acquire);
     let name = if srq > 0 {
@@ -191,7 +194,7 @@ fn take_recv(f: &Fabric, slot: usize) -> Result<Option<RecvWr>, u32> {
     Ok(r)
 }
 
-fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {
+pub(super) fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {
     let q = f.qp(slot);
     let (cq, gen) = (
         q.recv_cq.load(Ordering::Acquire) as usize,
@@ -208,7 +211,30 @@ fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {
     }
 }
 
-/// Executes one work request as the initiator's NIC would.
+/// What both halves of execution start from: the target QP, found live,
+/// on the addressed device and ready to receive, and the initiator's local
+/// memory, checked against its regions and gathered.
+pub(super) struct Checked<'a> {
+    /// The target QP's slot in the fabric table.
+    pub slot: usize,
+    /// What peers see of it (state, access flags, QP number, receive CQ).
+    pub qp: &'a QpSlot,
+    /// The process that owns the target QP.
+    pub pid: u32,
+    /// The target QP's protection domain.
+    pub pd: u32,
+    /// The initiator's bytes: its inline copy, or its non-empty
+    /// scatter/gather entries.
+    pub local: Vec<libc::iovec>,
+    /// Their total length.
+    pub len: u64,
+    /// The initiator's LID, for the target's completion.
+    pub slid: u16,
+}
+
+/// Executes one work request as the initiator's NIC would: the checks
+/// every opcode shares here, then its RDMA half (`rdma.rs`) or its SEND
+/// half (`send.rs`).
 pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> Outcome {
     let debug = std::env::var_os("SOFTVERBS_DEBUG").is_some();
     let no_answer = |why: String| {
@@ -267,124 +293,20 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
     };
     let len: u64 = local.iter().map(|v| v.iov_len as u64).sum();
     let slid = crate::device::lid_of(sh.dev);
+    let t = Checked {
+        slot: rslot,
+        qp: rq,
+        pid: rpid,
+        pd: rpd,
+        local,
+        len,
+        slid,
+    };
     match p.opcode {
         IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM | IBV_WR_RDMA_READ => {
-            let (need, qp_need) = if p.opcode == IBV_WR_RDMA_READ {
-                (IBV_ACCESS_REMOTE_READ, IBV_ACCESS_REMOTE_READ)
-            } else {
-                (IBV_ACCESS_REMOTE_WRITE, IBV_ACCESS_REMOTE_WRITE)
-            };
-            let ok = len == 0
-                || MrEntry::lookup(f, p.rkey)
-                    .is_some_and(|m| m.allows(rpid, rpd, need, p.remote_addr, len));
-            if !ok || rq.access.load(Ordering::Acquire) & qp_need != qp_need {
-                return Outcome::Fail(IBV_WC_REM_ACCESS_ERR);
-            }
-            let recv = if p.opcode == IBV_WR_RDMA_WRITE_WITH_IMM {
-                match take_recv(f, rslot) {
-                    Err(s) => return Outcome::Fail(s),
-                    Ok(None) => return Outcome::Rnr,
-                    Ok(Some(r)) => Some(r),
-                }
-            } else {
-                None
-            };
-            if len > 0 {
-                let r = [iov(p.remote_addr, len as usize)];
-                if let Err(e) = transfer(rpid, &local, &r, p.opcode != IBV_WR_RDMA_READ) {
-                    return Outcome::Fail(pvm_error(f, rpid, e));
-                }
-            }
-            if let Some(r) = recv {
-                let wc = ibv_wc {
-                    wr_id: r.wr_id,
-                    status: IBV_WC_SUCCESS,
-                    opcode: IBV_WC_RECV_RDMA_WITH_IMM,
-                    byte_len: len as u32,
-                    imm_data: p.imm,
-                    qp_num: rq.qpn.load(Ordering::Acquire),
-                    src_qp: sh.qpn,
-                    wc_flags: IBV_WC_WITH_IMM,
-                    slid,
-                    ..ibv_wc::default()
-                };
-                push_remote(f, rslot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
-            }
-            Outcome::Done(len as u32)
+            super::rdma::execute_rdma(f, sh, p, &t)
         }
-        _ => {
-            // SEND, SEND_WITH_IMM.
-            let r = match take_recv(f, rslot) {
-                Err(s) => return Outcome::Fail(s),
-                Ok(None) => return Outcome::Rnr,
-                Ok(Some(r)) => r,
-            };
-            let rqpn = rq.qpn.load(Ordering::Acquire);
-            let recv_fail = |status: u32| ibv_wc {
-                wr_id: r.wr_id,
-                status,
-                opcode: IBV_WC_RECV,
-                qp_num: rqpn,
-                src_qp: sh.qpn,
-                slid,
-                ..ibv_wc::default()
-            };
-            let sges = &r.sge[..r.num_sge as usize];
-            let room: u64 = sges.iter().map(|s| u64::from(s.length)).sum();
-            if room < len {
-                push_remote(f, rslot, &recv_fail(IBV_WC_LOC_LEN_ERR), false);
-                rq.state.store(IBV_QPS_ERR, Ordering::Release);
-                return Outcome::Fail(IBV_WC_REM_INV_REQ_ERR);
-            }
-            let ok = sges.iter().filter(|s| s.length > 0).all(|s| {
-                MrEntry::lookup(f, s.lkey).is_some_and(|m| {
-                    m.allows(
-                        rpid,
-                        rpd,
-                        IBV_ACCESS_LOCAL_WRITE,
-                        s.addr,
-                        u64::from(s.length),
-                    )
-                })
-            });
-            if !ok {
-                push_remote(f, rslot, &recv_fail(IBV_WC_LOC_PROT_ERR), false);
-                rq.state.store(IBV_QPS_ERR, Ordering::Release);
-                return Outcome::Fail(IBV_WC_REM_OP_ERR);
-            }
-            // Scatter into the receive's entries, in order, up to `len`.
-            let mut left = len;
-            let mut remote = Vec::new();
-            for s in sges {
-                if left == 0 {
-                    break;
-                }
-                let n = u64::from(s.length).min(left);
-                if n > 0 {
-                    remote.push(iov(s.addr, n as usize));
-                }
-                left -= n;
-            }
-            if len > 0 {
-                if let Err(e) = transfer(rpid, &local, &remote, true) {
-                    return Outcome::Fail(pvm_error(f, rpid, e));
-                }
-            }
-            let with_imm = p.opcode == IBV_WR_SEND_WITH_IMM;
-            let wc = ibv_wc {
-                wr_id: r.wr_id,
-                status: IBV_WC_SUCCESS,
-                opcode: IBV_WC_RECV,
-                byte_len: len as u32,
-                imm_data: if with_imm { p.imm } else { 0 },
-                qp_num: rqpn,
-                src_qp: sh.qpn,
-                wc_flags: if with_imm { IBV_WC_WITH_IMM } else { 0 },
-                slid,
-                ..ibv_wc::default()
-            };
-            push_remote(f, rslot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
-            Outcome::Done(len as u32)
-        }
+        // SEND, SEND_WITH_IMM.
+        _ => super::send::execute_send(f, sh, p, &t),
     }
 }

@@ -1,12 +1,15 @@
 //! Reliable-connected queue pairs: the state machine of `ibv_modify_qp`
 //! here; posting (`post`), running work requests in order with their
 //! retries and completions (`progress`), and the initiator-side execution
-//! of one work request (`execute`) beside it (see the crate docs for how
-//! data moves).
+//! of one work request beside it: the checks all opcodes share
+//! (`execute`), then the RDMA half (`rdma`) or the SEND half (`send`). The
+//! crate docs say how data moves.
 
 mod execute;
 mod post;
 mod progress;
+mod rdma;
+mod send;
 
 use std::collections::VecDeque;
 use std::ptr;
