@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::shm::{self, Mapping};
+use crate::shm::{self, AtomicOnly, Mapping};
 
 pub const MAX_QP: usize = 1024;
 pub const MAX_MR: usize = 4096;
@@ -36,6 +36,9 @@ pub struct SlotHdr {
     pub pid: AtomicU32,
     pub _r: AtomicU32,
 }
+
+// SAFETY: `#[repr(C)]` and made only of atomics.
+unsafe impl AtomicOnly for SlotHdr {}
 
 /// A queue pair as peers see it.
 #[repr(C, align(64))]
@@ -60,6 +63,9 @@ pub struct QpSlot {
     pub qpn: AtomicU32,
 }
 
+// SAFETY: `#[repr(C)]` and made only of atomics (and a `SlotHdr`).
+unsafe impl AtomicOnly for QpSlot {}
+
 /// A memory region as peers see it.
 #[repr(C, align(64))]
 pub struct MrSlot {
@@ -72,6 +78,9 @@ pub struct MrSlot {
     pub len: AtomicU64,
 }
 
+// SAFETY: `#[repr(C)]` and made only of atomics (and a `SlotHdr`).
+unsafe impl AtomicOnly for MrSlot {}
+
 /// A completion queue or shared receive queue: its ring file is named by
 /// slot and generation.
 #[repr(C, align(64))]
@@ -79,6 +88,9 @@ pub struct ObjSlot {
     pub hdr: SlotHdr,
     pub pd: AtomicU32,
 }
+
+// SAFETY: `#[repr(C)]` and made only of atomics (and a `SlotHdr`).
+unsafe impl AtomicOnly for ObjSlot {}
 
 /// A completion channel: events are CQ slots, pushed by whoever adds a
 /// completion to an armed CQ; `seq` is the futex its owner sleeps on.
@@ -91,6 +103,9 @@ pub struct ChSlot {
     pub tail: AtomicU32,
     pub events: [AtomicU32; CH_EVENTS],
 }
+
+// SAFETY: `#[repr(C)]` and made only of atomics (and a `SlotHdr`).
+unsafe impl AtomicOnly for ChSlot {}
 
 #[derive(Debug)]
 pub struct Fabric {
@@ -296,7 +311,7 @@ impl Fabric {
 
     fn remove_files(&self, kind: Kind, i: usize, gen: u32) {
         if matches!(kind, Kind::Qp | Kind::Srq | Kind::Cq) {
-            shm::unlink(&self.file(kind, i, gen & 0xfff));
+            let _ = shm::unlink(&self.file(kind, i, gen & 0xfff));
         }
     }
 

@@ -23,9 +23,10 @@ use proc::Proc;
 fn provider() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
         cdylib::built(
             "libsoftverbs.so",
-            &[Path::new(env!("CARGO_MANIFEST_DIR")).join("src")],
+            &[here.join("src"), here.join("../sys/src")],
         )
     })
 }

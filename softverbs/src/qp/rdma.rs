@@ -1,0 +1,60 @@
+//! The RDMA half of execution: WRITE, WRITE_WITH_IMM and READ move bytes
+//! straight to or from the target's registered memory, named by remote key
+//! and address; WRITE_WITH_IMM also consumes a receive to carry its
+//! immediate.
+
+use std::sync::atomic::Ordering;
+
+use super::execute::{iov, push_remote, pvm_error, take_recv, transfer, Checked, MrEntry, Outcome};
+use super::{Pending, QpShared};
+use crate::abi::*;
+use crate::fabric::Fabric;
+
+/// Executes an RDMA WRITE, WRITE_WITH_IMM or READ whose target and local
+/// memory `t` has checked.
+pub(super) fn execute_rdma(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'_>) -> Outcome {
+    let read = p.opcode == IBV_WR_RDMA_READ;
+    // What the region and the target QP must both allow.
+    let need = if read {
+        IBV_ACCESS_REMOTE_READ
+    } else {
+        IBV_ACCESS_REMOTE_WRITE
+    };
+    let ok = t.len == 0
+        || MrEntry::lookup(f, p.rkey)
+            .is_some_and(|m| m.allows(t.pid, t.pd, need, p.remote_addr, t.len));
+    if !ok || t.qp.access.load(Ordering::Acquire) & need != need {
+        return Outcome::Fail(IBV_WC_REM_ACCESS_ERR);
+    }
+    let recv = if p.opcode == IBV_WR_RDMA_WRITE_WITH_IMM {
+        match take_recv(f, t.slot) {
+            Err(s) => return Outcome::Fail(s),
+            Ok(None) => return Outcome::Rnr,
+            Ok(Some(r)) => Some(r),
+        }
+    } else {
+        None
+    };
+    if t.len > 0 {
+        let r = [iov(p.remote_addr, t.len as usize)];
+        if let Err(e) = transfer(t.pid, &t.local, &r, !read) {
+            return Outcome::Fail(pvm_error(f, t.pid, e));
+        }
+    }
+    if let Some(r) = recv {
+        let wc = ibv_wc {
+            wr_id: r.wr_id,
+            status: IBV_WC_SUCCESS,
+            opcode: IBV_WC_RECV_RDMA_WITH_IMM,
+            byte_len: t.len as u32,
+            imm_data: p.imm,
+            qp_num: t.qp.qpn.load(Ordering::Acquire),
+            src_qp: sh.qpn,
+            wc_flags: IBV_WC_WITH_IMM,
+            slid: t.slid,
+            ..ibv_wc::default()
+        };
+        push_remote(f, t.slot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
+    }
+    Outcome::Done(t.len as u32)
+}

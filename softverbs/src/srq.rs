@@ -1,0 +1,177 @@
+//! Shared receive queues: one receive ring in shared memory that the
+//! queue pairs created on it consume.
+
+use std::ptr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::abi::*;
+use crate::fabric::Kind;
+use crate::memory::pd_id;
+use crate::shm::Mapping;
+use crate::{fabric, fabric_or_errno, guard, qp, ring, set_errno};
+
+#[repr(C)]
+pub struct Srq {
+    pub ibv: ibv_srq,
+    pub shared: Arc<SrqShared>,
+}
+
+#[derive(Debug)]
+pub struct SrqShared {
+    pub slot: usize,
+    pub gen: u32,
+    pub ring: Arc<Mapping>,
+    pub name: String,
+    pub max_sge: u32,
+    pub max_wr: u32,
+    pub limit: AtomicU32,
+}
+
+/// # Safety
+/// `pd` came from `ibv_alloc_pd`; `attr` is valid.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_create_srq(
+    pd: *mut ibv_pd,
+    attr: *mut ibv_srq_init_attr,
+) -> *mut ibv_srq {
+    guard(ptr::null_mut(), || {
+        let Some(f) = fabric_or_errno() else {
+            return ptr::null_mut();
+        };
+        let Some(pdid) = pd_id(pd) else {
+            set_errno(libc::EINVAL);
+            return ptr::null_mut();
+        };
+        if attr.is_null() {
+            set_errno(libc::EINVAL);
+            return ptr::null_mut();
+        }
+        // SAFETY: non-NULL, caller-provided.
+        let a = unsafe { &mut *attr };
+        if a.attr.max_wr == 0
+            || a.attr.max_wr > qp::MAX_WR
+            || a.attr.max_sge as usize > ring::MAX_SGE
+        {
+            set_errno(libc::EINVAL);
+            return ptr::null_mut();
+        }
+        let Some((slot, gen)) = f.claim(Kind::Srq) else {
+            set_errno(libc::ENOMEM);
+            return ptr::null_mut();
+        };
+        f.srq(slot).pd.store(pdid, Ordering::Relaxed);
+        let name = f.file(Kind::Srq, slot, gen);
+        let ring = match ring::rq_create(&name, a.attr.max_wr) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("softverbs: create SRQ: {e}");
+                f.release(Kind::Srq, slot);
+                set_errno(libc::ENOMEM);
+                return ptr::null_mut();
+            }
+        };
+        f.publish(Kind::Srq, slot);
+        // SAFETY: `pd` is live.
+        let context = unsafe { (*pd).context };
+        let srq = Box::new(Srq {
+            ibv: ibv_srq {
+                context,
+                srq_context: a.srq_context,
+                pd,
+                handle: slot as u32,
+                mutex: pthread_mutex::default(),
+                cond: pthread_cond::default(),
+                events_completed: 0,
+            },
+            shared: Arc::new(SrqShared {
+                slot,
+                gen,
+                ring,
+                name,
+                max_sge: a.attr.max_sge.max(1),
+                max_wr: a.attr.max_wr,
+                limit: AtomicU32::new(a.attr.srq_limit),
+            }),
+        });
+        Box::into_raw(srq).cast()
+    })
+}
+
+/// # Safety
+/// `srq` came from `ibv_create_srq`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_destroy_srq(srq: *mut ibv_srq) -> i32 {
+    guard(libc::EIO, || {
+        if srq.is_null() {
+            return libc::EINVAL;
+        }
+        // SAFETY: from `Box::into_raw`, destroyed once.
+        let s = unsafe { Box::from_raw(srq.cast::<Srq>()) };
+        if let Ok(f) = fabric::get() {
+            f.release(Kind::Srq, s.shared.slot);
+        }
+        ring::forget(&s.shared.name);
+        0
+    })
+}
+
+/// # Safety
+/// Pointers are valid.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_query_srq(srq: *mut ibv_srq, attr: *mut ibv_srq_attr) -> i32 {
+    if srq.is_null() || attr.is_null() {
+        return libc::EINVAL;
+    }
+    // SAFETY: a live SRQ; `attr` writable.
+    unsafe {
+        let s = &(&*srq.cast::<Srq>()).shared;
+        attr.write(ibv_srq_attr {
+            max_wr: s.max_wr,
+            max_sge: s.max_sge,
+            srq_limit: s.limit.load(Ordering::Relaxed),
+        });
+    }
+    0
+}
+
+/// Only the limit can change (resizing is not emulated).
+///
+/// # Safety
+/// Pointers are valid.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_modify_srq(
+    srq: *mut ibv_srq,
+    attr: *mut ibv_srq_attr,
+    mask: i32,
+) -> i32 {
+    if srq.is_null() || attr.is_null() || mask & 1 != 0 {
+        return libc::EINVAL;
+    }
+    if mask & 2 != 0 {
+        // SAFETY: a live SRQ; `attr` readable.
+        let (s, limit) = unsafe { (&*srq.cast::<Srq>(), (*attr).srq_limit) };
+        s.shared.limit.store(limit, Ordering::Relaxed);
+    }
+    0
+}
+
+/// The `post_srq_recv` op behind `ibv_post_srq_recv`.
+///
+/// # Safety
+/// Pointers are valid.
+pub unsafe extern "C" fn post_srq_recv(
+    srq: *mut ibv_srq,
+    wr: *mut ibv_recv_wr,
+    bad: *mut *mut ibv_recv_wr,
+) -> i32 {
+    guard(libc::EIO, || {
+        if srq.is_null() {
+            return libc::EINVAL;
+        }
+        // SAFETY: a live SRQ.
+        let s = unsafe { &(*srq.cast::<Srq>()).shared };
+        // SAFETY: forwarded contract.
+        unsafe { qp::post_recv_list(&s.ring, s.max_sge, wr, bad) }
+    })
+}

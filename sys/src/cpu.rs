@@ -1,0 +1,64 @@
+//! Pinning threads to CPUs.
+
+use std::io;
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cpu {cpu} out of range"),
+        ));
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so CPU_SET stays
+    // inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of
+    // `set`, which is that long.
+    crate::syscall!(unsafe {
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    })
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPUs the calling thread may run on.
+    fn allowed() -> Vec<usize> {
+        // SAFETY: an all-zero cpu_set_t is a valid out-parameter.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sched_getaffinity writes at most `size_of` bytes of `set`.
+        crate::syscall!(unsafe {
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+        })
+        .unwrap();
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: every index is below CPU_SETSIZE.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    }
+
+    #[test]
+    fn pins_the_calling_thread_only() {
+        let before = allowed();
+        let cpu = *before.last().unwrap();
+        let inside = std::thread::spawn(move || {
+            pin_to_cpu(cpu).unwrap();
+            allowed()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inside, vec![cpu]);
+        assert_eq!(allowed(), before, "other threads keep their set");
+    }
+
+    #[test]
+    fn out_of_range_cpu_is_refused() {
+        let e = pin_to_cpu(libc::CPU_SETSIZE as usize).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    }
+}
