@@ -11,6 +11,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use afmesh_core::Error;
 
+// A new code takes the next value here and a row in `result_table!` below
+// (the build fails without one); a value is never renumbered or reused.
 /// Result codes. The values are part of the ABI and never change.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,60 @@ pub enum afmesh_result {
     /// A bug inside afmesh was caught at the boundary.
     AFMESH_ERR_PANIC = 12,
 }
+
+/// The one table of result codes: each `afmesh_result` variant with what
+/// `afmesh_result_str` says for it, in value order.
+///
+/// The enum is written out above, not generated here, because cbindgen
+/// reads source and cannot see a macro's output. The macro ties the two
+/// together at build time: the match it writes has no wildcard arm, so a
+/// variant missing from the table (or a row naming no variant) does not
+/// compile, and the assertion after it rejects rows out of value order.
+macro_rules! result_table {
+    ($($code:ident => $text:literal,)+) => {
+        /// Every code, in value order: the code with value `i` is at `i`.
+        const ALL_RESULTS: &[afmesh_result] = &[$(afmesh_result::$code),+];
+
+        impl afmesh_result {
+            /// What `afmesh_result_str` says for this code.
+            #[deny(unreachable_patterns)]
+            const fn text(self) -> &'static CStr {
+                match self {
+                    $(afmesh_result::$code => $text,)+
+                }
+            }
+        }
+    };
+}
+
+result_table! {
+    AFMESH_OK => c"success",
+    AFMESH_ERR_INVALID_ARGUMENT => c"invalid argument",
+    AFMESH_ERR_CONFIG => c"configuration error",
+    AFMESH_ERR_TIMEOUT => c"timeout",
+    AFMESH_ERR_PEER_LOST => c"peer lost",
+    AFMESH_ERR_STAGE_BUSY => c"stage busy",
+    AFMESH_ERR_BAD_FRAME => c"bad frame",
+    AFMESH_ERR_BUFFER_SIZE => c"buffer size",
+    AFMESH_ERR_AUTH => c"authentication failed",
+    AFMESH_ERR_UNSUPPORTED => c"unsupported",
+    AFMESH_ERR_SHUTDOWN => c"shut down",
+    AFMESH_ERR_IO => c"I/O error",
+    AFMESH_ERR_PANIC => c"internal error (panic)",
+}
+
+// Rows in value order with no gap or repeat, so `afmesh_result_str` can
+// index the table by the value it is given.
+const _: () = {
+    let mut i = 0;
+    while i < ALL_RESULTS.len() {
+        assert!(
+            ALL_RESULTS[i] as usize == i,
+            "result_table rows must be in value order, one per code"
+        );
+        i += 1;
+    }
+};
 
 use afmesh_result::*;
 
@@ -105,23 +161,11 @@ pub(crate) fn boundary(name: &str, f: impl FnOnce() -> Result<(), Fail>) -> afme
 /// blocks.
 #[no_mangle]
 pub extern "C" fn afmesh_result_str(result: i32) -> *const c_char {
-    let s: &'static CStr = match result {
-        0 => c"success",
-        1 => c"invalid argument",
-        2 => c"configuration error",
-        3 => c"timeout",
-        4 => c"peer lost",
-        5 => c"stage busy",
-        6 => c"bad frame",
-        7 => c"buffer size",
-        8 => c"authentication failed",
-        9 => c"unsupported",
-        10 => c"shut down",
-        11 => c"I/O error",
-        12 => c"internal error (panic)",
-        _ => c"unknown result code",
-    };
-    s.as_ptr()
+    usize::try_from(result)
+        .ok()
+        .and_then(|i| ALL_RESULTS.get(i))
+        .map_or(c"unknown result code", |r| r.text())
+        .as_ptr()
 }
 
 /// The message of the last failure on this thread (never NULL; empty if
@@ -129,4 +173,48 @@ pub extern "C" fn afmesh_result_str(result: i32) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn afmesh_last_error_message() -> *const c_char {
     LAST_ERROR.with(|l| l.borrow().as_ptr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(result: i32) -> &'static str {
+        // SAFETY: `afmesh_result_str` returns a static NUL-terminated string.
+        unsafe { CStr::from_ptr(afmesh_result_str(result)) }
+            .to_str()
+            .unwrap()
+    }
+
+    #[test]
+    fn result_str_gives_each_code_its_text() {
+        // Pinned: these strings are what C callers have always seen.
+        let expected = [
+            (AFMESH_OK, "success"),
+            (AFMESH_ERR_INVALID_ARGUMENT, "invalid argument"),
+            (AFMESH_ERR_CONFIG, "configuration error"),
+            (AFMESH_ERR_TIMEOUT, "timeout"),
+            (AFMESH_ERR_PEER_LOST, "peer lost"),
+            (AFMESH_ERR_STAGE_BUSY, "stage busy"),
+            (AFMESH_ERR_BAD_FRAME, "bad frame"),
+            (AFMESH_ERR_BUFFER_SIZE, "buffer size"),
+            (AFMESH_ERR_AUTH, "authentication failed"),
+            (AFMESH_ERR_UNSUPPORTED, "unsupported"),
+            (AFMESH_ERR_SHUTDOWN, "shut down"),
+            (AFMESH_ERR_IO, "I/O error"),
+            (AFMESH_ERR_PANIC, "internal error (panic)"),
+        ];
+        assert_eq!(ALL_RESULTS.len(), expected.len());
+        for (value, (code, want)) in expected.into_iter().enumerate() {
+            assert_eq!(code as usize, value);
+            assert_eq!(text(code as i32), want);
+        }
+    }
+
+    #[test]
+    fn result_str_of_an_unknown_value() {
+        for value in [-1, 13, 999, i32::MIN, i32::MAX] {
+            assert_eq!(text(value), "unknown result code", "{value}");
+        }
+    }
 }
