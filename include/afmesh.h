@@ -397,50 +397,6 @@ enum afmesh_result afmesh_attention_memory_len(const struct afmesh_config *cfg,
                                                uintptr_t *out);
 
 /**
- * Joins a mesh as an FFN rank with library-allocated slots (see
- * `afmesh_attention_new`). Free with `afmesh_ffn_free`.
- *
- * # Safety
- * `cfg` and `spec` are NULL or valid; `out` is NULL or writable.
- */
-enum afmesh_result afmesh_ffn_new(const struct afmesh_config *cfg,
-                                  const struct afmesh_stage_spec *spec,
-                                  struct afmesh_ffn **out);
-
-/**
- * Like `afmesh_ffn_new`, configured from the environment.
- *
- * # Safety
- * `spec` is NULL or valid; `out` is NULL or writable.
- */
-enum afmesh_result afmesh_ffn_new_from_env(const struct afmesh_stage_spec *spec,
-                                           struct afmesh_ffn **out);
-
-/**
- * Like `afmesh_ffn_new`, with the input slots in caller memory (see
- * `afmesh_attention_new_with_buffer`).
- *
- * # Safety
- * As `afmesh_ffn_new`, and `buffer` is valid for `len` bytes until the
- * handle and every batch from it are freed.
- */
-enum afmesh_result afmesh_ffn_new_with_buffer(const struct afmesh_config *cfg,
-                                              const struct afmesh_stage_spec *spec,
-                                              void *buffer,
-                                              uintptr_t len,
-                                              struct afmesh_ffn **out);
-
-/**
- * Bytes of caller memory an FFN rank needs. Never blocks; thread-safe.
- *
- * # Safety
- * Pointers are NULL or valid.
- */
-enum afmesh_result afmesh_ffn_memory_len(const struct afmesh_config *cfg,
-                                         const struct afmesh_stage_spec *spec,
-                                         uintptr_t *out);
-
-/**
  * Sends `tokens` (whole rows) and `side` to every FFN rank for `stage`.
  * Returns once the data is handed to the transport (does not wait for the
  * FFN); the buffers may be reused at once. Not thread-safe per handle.
@@ -541,6 +497,50 @@ enum afmesh_result afmesh_attention_abort(struct afmesh_attention *a);
 void afmesh_attention_free(struct afmesh_attention *a);
 
 /**
+ * Joins a mesh as an FFN rank with library-allocated slots (see
+ * `afmesh_attention_new`). Free with `afmesh_ffn_free`.
+ *
+ * # Safety
+ * `cfg` and `spec` are NULL or valid; `out` is NULL or writable.
+ */
+enum afmesh_result afmesh_ffn_new(const struct afmesh_config *cfg,
+                                  const struct afmesh_stage_spec *spec,
+                                  struct afmesh_ffn **out);
+
+/**
+ * Like `afmesh_ffn_new`, configured from the environment.
+ *
+ * # Safety
+ * `spec` is NULL or valid; `out` is NULL or writable.
+ */
+enum afmesh_result afmesh_ffn_new_from_env(const struct afmesh_stage_spec *spec,
+                                           struct afmesh_ffn **out);
+
+/**
+ * Like `afmesh_ffn_new`, with the input slots in caller memory (see
+ * `afmesh_attention_new_with_buffer`).
+ *
+ * # Safety
+ * As `afmesh_ffn_new`, and `buffer` is valid for `len` bytes until the
+ * handle and every batch from it are freed.
+ */
+enum afmesh_result afmesh_ffn_new_with_buffer(const struct afmesh_config *cfg,
+                                              const struct afmesh_stage_spec *spec,
+                                              void *buffer,
+                                              uintptr_t len,
+                                              struct afmesh_ffn **out);
+
+/**
+ * Bytes of caller memory an FFN rank needs. Never blocks; thread-safe.
+ *
+ * # Safety
+ * Pointers are NULL or valid.
+ */
+enum afmesh_result afmesh_ffn_memory_len(const struct afmesh_config *cfg,
+                                         const struct afmesh_stage_spec *spec,
+                                         uintptr_t *out);
+
+/**
  * Waits up to `timeout_ms` for the oldest stage every attention rank has
  * dispatched to; `*out` owns the batch (free with `afmesh_batch_free`,
  * after `afmesh_ffn_respond`). Blocks. Not thread-safe per handle.
@@ -551,33 +551,6 @@ void afmesh_attention_free(struct afmesh_attention *a);
 enum afmesh_result afmesh_ffn_get_batch(struct afmesh_ffn *f,
                                         uint32_t timeout_ms,
                                         struct afmesh_batch **out);
-
-/**
- * What a batch is. Never blocks.
- *
- * # Safety
- * Pointers are NULL or valid.
- */
-enum afmesh_result afmesh_batch_info(const struct afmesh_batch *b, struct afmesh_batch_meta *out);
-
-/**
- * Attention rank `sender`'s part of the batch, zero-copy (valid until the
- * batch is freed). Never blocks.
- *
- * # Safety
- * Pointers are NULL or valid.
- */
-enum afmesh_result afmesh_batch_sender(const struct afmesh_batch *b,
-                                       uint32_t sender,
-                                       struct afmesh_sender_view *out);
-
-/**
- * Frees a batch. NULL is a no-op.
- *
- * # Safety
- * `b` is NULL or a batch from `afmesh_ffn_get_batch` not yet freed.
- */
-void afmesh_batch_free(struct afmesh_batch *b);
 
 /**
  * Sends each attention rank `i` its rows `outputs[i]` (`lens[i]` bytes =
@@ -636,6 +609,33 @@ enum afmesh_result afmesh_ffn_abort(struct afmesh_ffn *f);
  * `f` is NULL or a handle from `afmesh_ffn_new*` not yet freed.
  */
 void afmesh_ffn_free(struct afmesh_ffn *f);
+
+/**
+ * What a batch is. Never blocks.
+ *
+ * # Safety
+ * Pointers are NULL or valid.
+ */
+enum afmesh_result afmesh_batch_info(const struct afmesh_batch *b, struct afmesh_batch_meta *out);
+
+/**
+ * Attention rank `sender`'s part of the batch, zero-copy (valid until the
+ * batch is freed). Never blocks.
+ *
+ * # Safety
+ * Pointers are NULL or valid.
+ */
+enum afmesh_result afmesh_batch_sender(const struct afmesh_batch *b,
+                                       uint32_t sender,
+                                       struct afmesh_sender_view *out);
+
+/**
+ * Frees a batch. NULL is a no-op.
+ *
+ * # Safety
+ * `b` is NULL or a batch from `afmesh_ffn_get_batch` not yet freed.
+ */
+void afmesh_batch_free(struct afmesh_batch *b);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,5 +1,6 @@
 //! The committed `include/afmesh.h` is exactly what cbindgen makes of
-//! `ffi/src/lib.rs`: a changed ABI cannot land without its header.
+//! `ffi/src/lib.rs` and the modules it declares (cbindgen follows `mod`):
+//! a changed ABI cannot land without its header.
 //! `AFMESH_BLESS=1` rewrites the header instead of comparing.
 
 use std::path::Path;

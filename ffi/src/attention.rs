@@ -1,0 +1,391 @@
+//! `afmesh_attention_*`: an attention rank, which dispatches rows to every
+//! FFN rank and waits for their combined partials.
+
+use std::ffi::c_void;
+
+use afmesh_core::transport::Region;
+use afmesh_core::{AttentionRank, DispatchHandle, Dtype, Error, Mesh, RankStats, StageSpec};
+
+use crate::args::{bytes, ms, obj};
+use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Source};
+use crate::error::afmesh_result::{self, AFMESH_ERR_BUFFER_SIZE};
+use crate::error::{boundary, invalid, Fail};
+use crate::handle::{
+    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, stats_of, Handle, RankOps,
+    State,
+};
+
+/// A dispatch in flight.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct afmesh_dispatch {
+    /// The stage.
+    pub stage: u32,
+    /// The stage's sequence number.
+    pub sequence: u32,
+}
+
+/// Element types for `afmesh_attention_wait_combine_sum` (values fixed).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub enum afmesh_dtype {
+    /// IEEE binary32.
+    AFMESH_DTYPE_F32 = 0,
+    /// IEEE binary16.
+    AFMESH_DTYPE_F16 = 1,
+    /// bfloat16.
+    AFMESH_DTYPE_BF16 = 2,
+}
+
+/// An attention rank (opaque).
+#[derive(Debug)]
+pub struct afmesh_attention {
+    state: State<AttentionRank>,
+}
+
+impl RankOps for AttentionRank {
+    const WHAT: &'static str = "attention rank";
+    fn shutdown(self) -> afmesh_core::Result<()> {
+        AttentionRank::shutdown(self)
+    }
+    fn info(&self) -> afmesh_rank_info {
+        afmesh_rank_info {
+            rank: self.rank(),
+            num_attention: self.attention_ranks() as u32,
+            num_ffn: self.ffn_ranks() as u32,
+            stages: self.spec().stages,
+        }
+    }
+    fn stats(&self) -> RankStats {
+        AttentionRank::stats(self)
+    }
+}
+
+impl Handle for afmesh_attention {
+    type Rank = AttentionRank;
+    fn state(&mut self) -> &mut State<AttentionRank> {
+        &mut self.state
+    }
+}
+
+fn attention_handle(
+    mesh: Mesh,
+    spec: StageSpec,
+    region: Option<Region>,
+) -> Result<afmesh_attention, Error> {
+    let rank = match region {
+        None => mesh.attention(spec)?,
+        Some(r) => mesh.attention_with_region(spec, r)?,
+    };
+    Ok(afmesh_attention {
+        state: State::Live(rank),
+    })
+}
+
+/// Joins a mesh as an attention rank with library-allocated slots. Blocks
+/// until the mesh forms (bounded by `setup_timeout_ms`). On success `*out`
+/// owns a new handle; free it with `afmesh_attention_free`. Thread-safe
+/// (it creates a new handle).
+///
+/// # Safety
+/// `cfg` and `spec` are NULL or valid; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_new(
+    cfg: *const afmesh_config,
+    spec: *const afmesh_stage_spec,
+    out: *mut *mut afmesh_attention,
+) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_new", || unsafe {
+        construct(Source::Config(cfg), spec, None, out, attention_handle)
+    })
+}
+
+/// Like `afmesh_attention_new`, configured from the environment
+/// (`AFMESH_*`, `DMLC_*`).
+///
+/// # Safety
+/// `spec` is NULL or valid; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_new_from_env(
+    spec: *const afmesh_stage_spec,
+    out: *mut *mut afmesh_attention,
+) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_new_from_env", || unsafe {
+        construct(Source::Env, spec, None, out, attention_handle)
+    })
+}
+
+/// Like `afmesh_attention_new`, with the output slots in caller memory
+/// `buffer` of `len` bytes (at least `afmesh_attention_memory_len`). The
+/// buffer must stay valid, and untouched except through afmesh, until the
+/// handle is freed. Caller memory is reached over tcp (shared memory needs
+/// library-allocated buffers).
+///
+/// # Safety
+/// As `afmesh_attention_new`, and `buffer` is valid for `len` bytes until
+/// the handle is freed.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_new_with_buffer(
+    cfg: *const afmesh_config,
+    spec: *const afmesh_stage_spec,
+    buffer: *mut c_void,
+    len: usize,
+    out: *mut *mut afmesh_attention,
+) -> afmesh_result {
+    boundary("afmesh_attention_new_with_buffer", || {
+        // SAFETY: forwarded contract.
+        unsafe {
+            construct(
+                Source::Config(cfg),
+                spec,
+                Some((buffer, len)),
+                out,
+                attention_handle,
+            )
+        }
+    })
+}
+
+/// Bytes of caller memory an attention rank needs for `spec` in the mesh of
+/// `cfg`. Never blocks; thread-safe.
+///
+/// # Safety
+/// Pointers are NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_memory_len(
+    cfg: *const afmesh_config,
+    spec: *const afmesh_stage_spec,
+    out: *mut usize,
+) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_memory_len", || unsafe {
+        memory_len(cfg, spec, out, true)
+    })
+}
+
+/// Sends `tokens` (whole rows) and `side` to every FFN rank for `stage`.
+/// Returns once the data is handed to the transport (does not wait for the
+/// FFN); the buffers may be reused at once. Not thread-safe per handle.
+///
+/// # Safety
+/// `a` is NULL or a live handle; `tokens`/`side` are NULL (with length 0)
+/// or readable for their lengths; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_dispatch(
+    a: *mut afmesh_attention,
+    stage: u32,
+    tokens: *const c_void,
+    tokens_len: usize,
+    side: *const c_void,
+    side_len: usize,
+    out: *mut afmesh_dispatch,
+) -> afmesh_result {
+    boundary("afmesh_attention_dispatch", || {
+        // SAFETY: the caller's contract.
+        let (a, tokens, side) = unsafe {
+            (
+                obj(a, "a")?,
+                bytes(tokens, tokens_len, "tokens")?,
+                bytes(side, side_len, "side")?,
+            )
+        };
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        let h = a
+            .state
+            .live("attention rank")?
+            .dispatch(stage, tokens, side)?;
+        // SAFETY: checked non-NULL.
+        unsafe {
+            out.write(afmesh_dispatch {
+                stage: h.stage(),
+                sequence: h.sequence(),
+            })
+        };
+        Ok(())
+    })
+}
+
+/// Waits up to `timeout_ms` for every FFN rank's combine of `handle`.
+/// Writes one pointer per FFN rank into `partials` (which holds
+/// `partials_cap` pointers; at least N) and the row count into
+/// `*tokens_out`. Each partial is `tokens * out_row_bytes` bytes and stays
+/// valid until `stage` is dispatched again. Blocks. Not thread-safe per
+/// handle.
+///
+/// # Safety
+/// `a` is NULL or live; `partials` is NULL or writable for `partials_cap`
+/// pointers; `tokens_out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_wait_combine(
+    a: *mut afmesh_attention,
+    handle: afmesh_dispatch,
+    timeout_ms: u32,
+    partials: *mut *const c_void,
+    partials_cap: usize,
+    tokens_out: *mut u32,
+) -> afmesh_result {
+    boundary("afmesh_attention_wait_combine", || {
+        // SAFETY: the caller's contract.
+        let a = unsafe { obj(a, "a") }?;
+        if partials.is_null() {
+            return Err(invalid("partials is NULL"));
+        }
+        if tokens_out.is_null() {
+            return Err(invalid("tokens_out is NULL"));
+        }
+        let rank = a.state.live("attention rank")?;
+        let n = rank.ffn_ranks();
+        if partials_cap < n {
+            return Err(Fail(
+                AFMESH_ERR_BUFFER_SIZE,
+                format!("partials holds {partials_cap} pointers, need {n}"),
+            ));
+        }
+        let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
+        let c = rank.wait_combine(h, ms(timeout_ms))?;
+        for f in 0..n {
+            let p = c
+                .partial(f)
+                .map_or(std::ptr::null(), |s| s.as_ptr().cast::<c_void>());
+            // SAFETY: `partials` holds at least `n` pointers (checked).
+            unsafe { partials.add(f).write(p) };
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { tokens_out.write(c.tokens() as u32) };
+        Ok(())
+    })
+}
+
+/// Waits up to `timeout_ms` for the combine of `handle` and writes the
+/// element-wise sum of the N partials (`dtype`: an `afmesh_dtype` value)
+/// into `out` (`tokens * out_row_bytes` bytes). Blocks.
+///
+/// # Safety
+/// `a` is NULL or live; `out` is NULL or writable for `out_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_wait_combine_sum(
+    a: *mut afmesh_attention,
+    handle: afmesh_dispatch,
+    dtype: i32,
+    timeout_ms: u32,
+    out: *mut c_void,
+    out_len: usize,
+) -> afmesh_result {
+    boundary("afmesh_attention_wait_combine_sum", || {
+        // SAFETY: the caller's contract.
+        let a = unsafe { obj(a, "a") }?;
+        let dtype = match dtype {
+            0 => Dtype::F32,
+            1 => Dtype::F16,
+            2 => Dtype::Bf16,
+            d => return Err(invalid(format!("dtype {d} is not an afmesh_dtype"))),
+        };
+        if out.is_null() && out_len > 0 {
+            return Err(invalid("out is NULL"));
+        }
+        let rank = a.state.live("attention rank")?;
+        let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
+        let c = rank.wait_combine(h, ms(timeout_ms))?;
+        let need = c.tokens() * rank_out_row(&c);
+        if out_len != need {
+            return Err(Fail(
+                AFMESH_ERR_BUFFER_SIZE,
+                format!(
+                    "sum output of {out_len} bytes for {} tokens, need {need}",
+                    c.tokens()
+                ),
+            ));
+        }
+        if need == 0 {
+            return Ok(());
+        }
+        // SAFETY: `out` is writable for `out_len` bytes (contract), and
+        // not aliased by afmesh memory.
+        let out = unsafe { std::slice::from_raw_parts_mut(out.cast::<u8>(), out_len) };
+        c.sum_into(dtype, out)?;
+        Ok(())
+    })
+}
+
+fn rank_out_row(c: &afmesh_core::Combined<'_>) -> usize {
+    if c.tokens() == 0 {
+        return 0;
+    }
+    c.partial(0).map_or(0, |p| p.len() / c.tokens())
+}
+
+/// Who this attention rank is. Never blocks.
+///
+/// # Safety
+/// Pointers are NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_info(
+    a: *mut afmesh_attention,
+    out: *mut afmesh_rank_info,
+) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_info", || unsafe { info_of(a, out) })
+}
+
+/// Per-FFN-rank counters: writes up to `cap` entries into `out` and their
+/// number into `*count_out`. Never blocks.
+///
+/// # Safety
+/// `out` is NULL or writable for `cap` entries; other pointers NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_stats(
+    a: *mut afmesh_attention,
+    out: *mut afmesh_peer_stats,
+    cap: usize,
+    count_out: *mut usize,
+) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_stats", || unsafe {
+        stats_of(a, out, cap, count_out)
+    })
+}
+
+/// Leaves the mesh in order (tells the scheduler and every peer). The
+/// handle stays allocated: later calls fail with `AFMESH_ERR_SHUTDOWN`
+/// until it is freed. Blocks briefly (bounded).
+///
+/// # Safety
+/// `a` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_finalize(a: *mut afmesh_attention) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_finalize", || unsafe { finalize_of(a) })
+}
+
+/// Drops every link at once, for an engine that is failing; peers see the
+/// links go. The handle stays allocated (later calls fail with
+/// `AFMESH_ERR_SHUTDOWN`). Never blocks on peers.
+///
+/// # Safety
+/// `a` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_abort(a: *mut afmesh_attention) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_abort", || unsafe { abort_of(a) })
+}
+
+/// Frees the handle (aborting it first if it is still live). NULL is a
+/// no-op.
+///
+/// # Safety
+/// `a` is NULL or a handle from `afmesh_attention_new*` not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_free(a: *mut afmesh_attention) {
+    let _ = boundary("afmesh_attention_free", || {
+        if !a.is_null() {
+            // SAFETY: `a` came from `Box::into_raw` in a constructor and is
+            // freed once (the caller's contract).
+            drop(unsafe { Box::from_raw(a) });
+        }
+        Ok(())
+    });
+}
