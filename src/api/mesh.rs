@@ -251,7 +251,10 @@ impl Mesh {
         for name in BACKENDS {
             match *name {
                 "shm" if want("shm") => {
-                    match ShmTransport::create(&cfg.job, &cfg.host_id, peer_count, my_len) {
+                    // Caller memory stays where it is (peers reach it by
+                    // cross-memory attach); the segment then holds only rings.
+                    let seg_len = if caller { 0 } else { my_len };
+                    match ShmTransport::create(&cfg.job, &cfg.host_id, peer_count, seg_len) {
                         Ok(t) => {
                             if !caller {
                                 shm_region = Some(t.region()?);
@@ -272,11 +275,6 @@ impl Mesh {
                 }
                 _ => {}
             }
-        }
-        if caller && cfg.transport == TransportKind::Auto {
-            tracing::warn!(
-                "receive memory is caller memory: links to ranks on this host use tcp, since shared memory reaches only library-allocated buffers"
-            );
         }
         let mut mux = Mux::new(backends, poll);
         let region = match (shm_region, memory) {

@@ -11,15 +11,24 @@
 //! parked receiver sleeps on a process-shared futex (its doorbell) that
 //! producers ring only when it is parked, so the fast path has no syscall.
 //!
-//! Endpoint blob: host id, segment name, owner pid, and the key of the
-//! receive region when it lives in the segment. A peer on another host, or
-//! whose receive region is caller memory outside its segment, is not
-//! reached (the mux then picks the next backend and logs why).
+//! Caller memory: a receive region outside the segment (the caller's own
+//! buffers) is written with cross-memory attach ([`cma`]): the kernel copies
+//! once, from the sender's memory straight into the receiver's, then the
+//! notice follows on the ring as usual.
+//!
+//! Endpoint blob: host id, segment name, owner pid, the address of the
+//! owner's identity nonce, and a key per registered region (in the segment,
+//! or caller memory by address). A peer on another host is not reached; nor
+//! is caller memory of a process we may not attach to, or whose pid does not
+//! name it from here (another pid namespace): the probe reads the owner's
+//! nonce through cross-memory attach and compares it with the one in its
+//! segment. The mux then picks the next backend and logs why.
 //!
 //! Peer death: each link watches its peer's process (pidfd). A peer that
 //! exits, even by SIGKILL, is reported as `LinkDown` within about a
 //! millisecond of progress, after whatever it wrote before dying.
 
+pub mod cma;
 pub mod fdwait;
 pub mod ring;
 pub mod segment;
@@ -41,13 +50,47 @@ use ring::{Entry, Pop, Ring, FLAG_CLOSE, FLAG_IMM};
 
 /// How often progress checks that the peers' processes are alive.
 const LIVENESS_EVERY: Duration = Duration::from_millis(1);
-const MAGIC: &str = "afmesh-shm-1";
+const MAGIC: &str = "afmesh-shm-2";
+/// `RegionKey::rkey` of a region in the owner's segment.
+const IN_SEGMENT: u32 = 0;
+/// `RegionKey::rkey` of caller memory, reached by cross-memory attach.
+const BY_ADDRESS: u32 = 1;
+
+/// Where a peer's region is, from here.
+#[derive(Debug)]
+enum Target {
+    /// Through our mapping of its segment.
+    Mapped(Region),
+    /// In its process, at this address (cross-memory attach).
+    Address { pid: u32, addr: u64, len: u64 },
+}
+
+/// A peer's endpoint, decoded.
+struct PeerEndpoint {
+    host: String,
+    segment: String,
+    pid: u32,
+    nonce_addr: u64,
+    keys: Vec<RegionKey>,
+}
+
+fn decode(b: &[u8]) -> std::result::Result<PeerEndpoint, String> {
+    let mut r = blob::reader(b, MAGIC).map_err(|e| e.0)?;
+    let e = |x: crate::proto::DecodeError| x.0;
+    Ok(PeerEndpoint {
+        host: r.str("host id").map_err(e)?,
+        segment: r.str("segment").map_err(e)?,
+        pid: r.u32("pid").map_err(e)?,
+        nonce_addr: r.u64("nonce address").map_err(e)?,
+        keys: blob::get_keys(&mut r).map_err(e)?,
+    })
+}
 
 #[derive(Debug)]
 struct ShmLink {
     peer: Segment,
-    /// The peer's receive region, through our mapping of its segment.
-    target: Region,
+    /// The peer's regions, by key id.
+    targets: Vec<Target>,
     out: Ring,
     inbound: Ring,
     watch: sys::PidWatch,
@@ -64,6 +107,8 @@ pub struct ShmTransport {
     local: LocalRegions,
     /// Whether registered region `i` is the segment's receive region.
     in_segment: Vec<bool>,
+    /// Identity nonce: here, and in the segment's control page.
+    nonce: Box<u64>,
     links: Vec<ShmLink>,
     sent: VecDeque<u64>,
     next_liveness: Instant,
@@ -74,7 +119,8 @@ impl ShmTransport {
     /// rings (one per peer rank of the other role) and a receive region of
     /// `region_len` bytes.
     pub fn create(job: &str, host_id: &str, rings: u32, region_len: usize) -> Result<ShmTransport> {
-        let own = Segment::create(job, rings, region_len)
+        let nonce = Box::new(identity_nonce());
+        let own = Segment::create(job, rings, region_len, *nonce)
             .map_err(|e| Error::io("create shared-memory segment", e))?;
         Ok(ShmTransport {
             own,
@@ -82,6 +128,7 @@ impl ShmTransport {
             host_id: host_id.to_string(),
             local: LocalRegions::default(),
             in_segment: Vec::new(),
+            nonce,
             links: Vec::new(),
             sent: VecDeque::new(),
             next_liveness: Instant::now(),
@@ -112,7 +159,7 @@ impl ShmTransport {
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>) {
-        let (_, region_len) = self.own.region_range();
+        let regions = self.local.all();
         for (link, l) in self.links.iter_mut().enumerate() {
             if l.down {
                 continue;
@@ -126,16 +173,17 @@ impl ShmTransport {
                         break;
                     }
                     Pop::Entry(e) => {
+                        let region_len = regions.get(e.region as usize).map_or(0, |r| r.len());
                         let fits = e
                             .offset
                             .checked_add(u64::from(e.len))
                             .is_some_and(|end| end <= region_len as u64);
-                        if e.region != 0 || !fits || e.flags & !FLAG_IMM != 0 {
+                        if !fits || e.flags & !FLAG_IMM != 0 {
                             l.down = true;
                             out.push(Completion::LinkError {
                                 link,
                                 reason: format!(
-                                    "{}: notice for region {} offset {} length {} (flags {:#x}) outside region of {region_len} bytes",
+                                    "{}: notice for region {} offset {} length {} (flags {:#x}) outside that region ({region_len} bytes)",
                                     l.label, e.region, e.offset, e.len, e.flags
                                 ),
                             });
@@ -216,35 +264,52 @@ impl Transport for ShmTransport {
         w.str(&self.host_id);
         w.str(self.own.name());
         w.u32(self.own.pid());
-        // Only the segment's region is reachable by peers: key 0, id 0.
+        w.u64(&*self.nonce as *const u64 as u64);
         let keys: Vec<RegionKey> = self
             .local
             .all()
             .iter()
             .zip(&self.in_segment)
-            .filter(|(_, &inside)| inside)
-            .map(|(r, _)| RegionKey {
-                id: 0,
-                rkey: 0,
-                addr: 0,
+            .enumerate()
+            .map(|(i, (r, &inside))| RegionKey {
+                id: i as u32,
+                rkey: if inside { IN_SEGMENT } else { BY_ADDRESS },
+                addr: if inside { 0 } else { r.addr() },
                 len: r.len() as u64,
             })
-            .take(1)
             .collect();
         blob::put_keys(&mut w, &keys);
         w.finish()
     }
 
     fn reaches(&self, b: &[u8]) -> std::result::Result<(), String> {
-        let mut r = blob::reader(b, MAGIC).map_err(|e| e.0)?;
-        let host = r.str("host id").map_err(|e| e.0)?;
-        if host != self.host_id {
-            return Err(format!("on host {host:?}, this rank on {:?}", self.host_id));
+        let p = decode(b)?;
+        if p.host != self.host_id {
+            return Err(format!(
+                "on host {:?}, this rank on {:?}",
+                p.host, self.host_id
+            ));
         }
-        r.str("segment").map_err(|e| e.0)?;
-        r.u32("pid").map_err(|e| e.0)?;
-        if blob::get_keys(&mut r).map_err(|e| e.0)?.is_empty() {
-            return Err("its receive memory is caller memory outside its shared segment".into());
+        if p.keys.iter().any(|k| k.rkey == BY_ADDRESS) {
+            // Its receive memory is caller memory: we must be able to
+            // attach to the right process. Its segment says which nonce
+            // that process holds; read it through the pid it gave.
+            let seg = Segment::open(&p.segment, &self.job)?;
+            match cma::read_u64(p.pid, p.nonce_addr) {
+                Ok(v) if v == seg.nonce() => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "process {} is not the one that published the segment (another pid namespace?), so its caller memory cannot be reached",
+                        p.pid
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot attach to process {} to reach its caller memory ({e}); allow ptrace between the ranks, or use library-allocated buffers",
+                        p.pid
+                    ))
+                }
+            }
         }
         Ok(())
     }
@@ -253,18 +318,13 @@ impl Transport for ShmTransport {
         let mut up = Vec::with_capacity(peers.len());
         for p in peers {
             let label = p.label.clone();
-            let bad = |e: crate::proto::DecodeError| Error::BadFrame {
-                peer: label.clone(),
-                reason: format!("shm endpoint: {}", e.0),
-            };
             self.reaches(&p.blob)
                 .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?;
-            let mut r = blob::reader(&p.blob, MAGIC).map_err(bad)?;
-            r.str("host id").map_err(bad)?;
-            let name = r.str("segment").map_err(bad)?;
-            r.u32("pid").map_err(bad)?;
-            let remote = blob::get_keys(&mut r).map_err(bad)?;
-            let peer = Segment::open(&name, &self.job)
+            let ep = decode(&p.blob).map_err(|e| Error::BadFrame {
+                peer: label.clone(),
+                reason: format!("shm endpoint: {e}"),
+            })?;
+            let peer = Segment::open(&ep.segment, &self.job)
                 .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?;
             let out = peer.ring(p.my_rank).ok_or_else(|| {
                 Error::config(format!("shm link to {label}: it has no ring {}", p.my_rank))
@@ -275,13 +335,33 @@ impl Transport for ShmTransport {
                     p.peer_rank
                 ))
             })?;
-            let (off, len) = peer.region_range();
-            let target = Region::from_mapping(peer.mapping(), off, len)
-                .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?;
+            let mut targets = Vec::with_capacity(ep.keys.len());
+            for (i, k) in ep.keys.iter().enumerate() {
+                if k.id as usize != i {
+                    return Err(Error::BadFrame {
+                        peer: label,
+                        reason: format!("shm endpoint: region key {i} has id {}", k.id),
+                    });
+                }
+                targets.push(match k.rkey {
+                    IN_SEGMENT => {
+                        let (off, len) = peer.region_range();
+                        Target::Mapped(
+                            Region::from_mapping(peer.mapping(), off, len)
+                                .map_err(|e| Error::config(format!("shm link to {label}: {e}")))?,
+                        )
+                    }
+                    _ => Target::Address {
+                        pid: ep.pid,
+                        addr: k.addr,
+                        len: k.len,
+                    },
+                });
+            }
             let watch = sys::PidWatch::new(peer.pid());
             self.links.push(ShmLink {
                 peer,
-                target,
+                targets,
                 out,
                 inbound,
                 watch,
@@ -290,7 +370,7 @@ impl Transport for ShmTransport {
             });
             up.push(Connected {
                 link: self.links.len() - 1,
-                remote,
+                remote: ep.keys,
             });
         }
         Ok(up)
@@ -309,15 +389,30 @@ impl Transport for ShmTransport {
         let state = self.links.get(link).map(|l| (l.label.as_str(), l.down));
         let len = check_post(state, link, src, remote, offset, u64::from(u32::MAX))?;
         let l = &mut self.links[link];
+        let target = l.targets.get(remote.id as usize).ok_or_else(|| {
+            Error::InvalidArgument(format!("{} has no region {}", l.label, remote.id))
+        })?;
         let mut at = offset;
         for s in src {
             let (r, from, n) = self.local.resolve(s)?;
-            r.copy_to(from as u64, n as u64, &l.target, at)
-                .map_err(|e| Error::BufferSize {
-                    what: format!("{} region: {e}", l.label),
-                    need: at.saturating_add(n as u64) as usize,
-                    got: l.target.len(),
-                })?;
+            let landed = match target {
+                Target::Mapped(t) => r.copy_to(from as u64, n as u64, t, at),
+                Target::Address { pid, addr, len } => {
+                    if at.checked_add(n as u64).is_none_or(|end| end > *len) {
+                        Err(format!(
+                            "write of {n} bytes at offset {at} outside region of {len} bytes"
+                        ))
+                    } else {
+                        cma::write_to(*pid, addr + at, r, from, n)
+                            .map_err(|e| format!("cross-memory write to process {pid}: {e}"))
+                    }
+                }
+            };
+            landed.map_err(|e| Error::BufferSize {
+                what: format!("{} region {}: {e}", l.label, remote.id),
+                need: at.saturating_add(n as u64) as usize,
+                got: remote.len as usize,
+            })?;
             at += n as u64;
         }
         let e = Entry {
@@ -371,6 +466,21 @@ impl Transport for ShmTransport {
     fn links(&self) -> usize {
         self.links.len()
     }
+}
+
+/// A value that tells this process's segment from another's: the pid, the
+/// clock and an address, mixed.
+fn identity_nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let local = 0u8;
+    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ (&local as *const u8 as u64);
+    // splitmix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 impl Drop for ShmTransport {
@@ -506,13 +616,52 @@ mod tests {
     }
 
     #[test]
-    fn caller_memory_is_not_reachable() {
+    fn caller_memory_is_written_by_cross_memory_attach() {
         let mut a = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
-        a.register(&Arc::new(Region::alloc(64).unwrap())).unwrap();
-        let b = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
-        let e = b.reaches(&a.endpoint()).unwrap_err();
-        assert!(e.contains("caller memory"), "{e}");
+        let src = Arc::new(Region::alloc(64).unwrap());
+        a.register(&src).unwrap();
+        let mut b = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
+        let caller = Arc::new(Region::from_vec(vec![0u8; 100]));
+        b.register(&caller).unwrap();
+        let eb = b.endpoint();
+        b.reaches(&a.endpoint()).unwrap();
+        a.reaches(&eb).unwrap();
+        let kb = a.connect(&[spec(eb)], Duration::ZERO).unwrap()[0].remote[0];
+        assert_eq!((kb.rkey, kb.len), (BY_ADDRESS, 100));
+        b.connect(&[spec(a.endpoint())], Duration::ZERO).unwrap();
+        src.write_gather(0, &[b"caller!"]).unwrap();
+        let from = [LocalSlice {
+            key: LocalKey(0),
+            offset: 0,
+            len: 7,
+        }];
+        a.post_write(0, &from, &kb, 90, Some(3), 1).unwrap();
+        assert_eq!(wait(&mut b), vec![Completion::Arrival { link: 0, imm: 3 }]);
+        assert_eq!(caller.slice(90, 7).unwrap(), b"caller!");
+        let e = a.post_write(0, &from, &kb, 95, Some(3), 2).unwrap_err();
+        assert!(matches!(e, Error::BufferSize { .. }), "{e}");
         let c = ShmTransport::create("shm-unit-4", "other", 1, 4096).unwrap();
         assert!(c.reaches(&a.endpoint()).unwrap_err().contains("host"));
+    }
+
+    #[test]
+    fn a_wrong_pid_is_not_attached_to() {
+        let mut b = ShmTransport::create("shm-unit-5", "h", 1, 4096).unwrap();
+        b.register(&Arc::new(Region::from_vec(vec![0u8; 8])))
+            .unwrap();
+        // The blob names our pid but a nonce address that holds another
+        // value: as if the pid named another process.
+        let mut p = decode(&b.endpoint()).unwrap();
+        let decoy = 0u64;
+        p.nonce_addr = &decoy as *const u64 as u64;
+        let mut w = blob::writer(MAGIC);
+        w.str(&p.host);
+        w.str(&p.segment);
+        w.u32(p.pid);
+        w.u64(p.nonce_addr);
+        blob::put_keys(&mut w, &p.keys);
+        let a = ShmTransport::create("shm-unit-5", "h", 1, 4096).unwrap();
+        let e = a.reaches(&w.finish()).unwrap_err();
+        assert!(e.contains("pid namespace"), "{e}");
     }
 }

@@ -21,6 +21,8 @@ const PAGE: usize = 4096;
 const DOORBELL_OFF: usize = 128;
 const SLEEPING_OFF: usize = 192;
 const EXTERNAL_OFF: usize = 256;
+/// The owner's identity nonce (see `ShmTransport`'s cross-memory probe).
+const NONCE_OFF: usize = 48;
 /// Entries per incoming ring. In-flight messages per link are bounded by
 /// the stages, so this never fills in a correct mesh.
 pub const RING_CAP: u32 = 256;
@@ -111,7 +113,12 @@ pub fn remove_stale() -> usize {
 impl Segment {
     /// Creates this rank's segment with `rings` incoming rings and a region
     /// of `region_len` bytes.
-    pub fn create(job: &str, rings: u32, region_len: usize) -> std::io::Result<Segment> {
+    pub fn create(
+        job: &str,
+        rings: u32,
+        region_len: usize,
+        nonce: u64,
+    ) -> std::io::Result<Segment> {
         remove_stale();
         let pid = std::process::id();
         let name = format!(
@@ -129,6 +136,7 @@ impl Segment {
         write_bytes(&map, 24, &(region_off as u64).to_le_bytes());
         write_bytes(&map, 32, &(region_len as u64).to_le_bytes());
         write_bytes(&map, 40, &job_hash(job).to_le_bytes());
+        write_bytes(&map, NONCE_OFF, &nonce.to_le_bytes());
         write_bytes(&map, 0, &MAGIC.to_le_bytes());
         Ok(Segment {
             map: Arc::new(map),
@@ -187,6 +195,11 @@ impl Segment {
     /// The file name peers open.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The owner's identity nonce.
+    pub fn nonce(&self) -> u64 {
+        read_u64(&self.map, NONCE_OFF)
     }
 
     /// The creating process.
@@ -357,7 +370,7 @@ mod tests {
 
     #[test]
     fn create_open_write_unlink() {
-        let s = Segment::create("unit-test", 3, 1000).unwrap();
+        let s = Segment::create("unit-test", 3, 1000, 7).unwrap();
         let p = Segment::open(s.name(), "unit-test").unwrap();
         assert_eq!(
             (p.pid(), p.rings(), p.region_range().1),
