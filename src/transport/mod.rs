@@ -182,8 +182,14 @@ pub enum Wake {
     /// A shared-memory doorbell that producers ring (and that other
     /// backends' watchers may ring too).
     Doorbell(shm::Doorbell),
-    /// Readable file descriptors (sockets, completion channels).
-    Fds(Vec<RawFd>),
+    /// File descriptors (sockets, completion channels): all to be watched
+    /// for reading, those in `write` also for writing.
+    Fds {
+        /// Watched for readability.
+        read: Vec<RawFd>,
+        /// Also watched for writability (a send queue is waiting).
+        write: Vec<RawFd>,
+    },
     /// Only the backend knows: call [`Transport::park`].
     Own,
 }

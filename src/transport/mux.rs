@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::shm::fdwait::{poll_readable, FdWatcher};
+use super::shm::sys::{poll_ready, FdWatcher};
 use super::{
     Backend, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, PeerSpec, PollPolicy,
     Region, RegionKey, Transport, Wake,
@@ -275,6 +275,7 @@ impl Mux {
     fn park(&mut self, out: &mut Vec<Completion>, t: Duration) -> Result<()> {
         let mut bell = None;
         let mut fds = Vec::new();
+        let mut wfds = Vec::new();
         let mut own = None;
         for (i, b) in self.backends.iter().enumerate() {
             if self.back[i].is_empty() {
@@ -283,7 +284,10 @@ impl Mux {
             match b.wake() {
                 Wake::Nothing => {}
                 Wake::Doorbell(d) => bell = Some(d),
-                Wake::Fds(f) => fds.extend(f),
+                Wake::Fds { read, write } => {
+                    fds.extend(read);
+                    wfds.extend(write);
+                }
                 Wake::Own => own = Some(i),
             }
         }
@@ -293,8 +297,9 @@ impl Mux {
             (Some(bell), fds_empty, None) => {
                 if !fds_empty && (self.watcher.is_none() || self.watched != fds.len()) {
                     self.watcher = None;
+                    let ring = bell.clone();
                     self.watcher = Some(
-                        FdWatcher::start(&fds, bell.clone())
+                        FdWatcher::start(&fds, move || ring.ring())
                             .map_err(|e| Error::io("start the socket watcher", e))?,
                     );
                     self.watched = fds.len();
@@ -313,7 +318,7 @@ impl Mux {
                 }
             }
             (None, false, None) => {
-                poll_readable(&fds, t).map_err(|e| Error::io("poll sockets", e))?;
+                poll_ready(&fds, &wfds, t).map_err(|e| Error::io("poll sockets", e))?;
             }
             (None, true, None) => std::thread::sleep(t.min(Duration::from_millis(1))),
         }

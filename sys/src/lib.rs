@@ -8,6 +8,8 @@
 //!   and wake-up of words in those mappings.
 //! * [`pid_alive`] and [`PidWatch`]: whether a peer process still runs.
 //! * [`pin_to_cpu`]: pinning the calling thread.
+//! * [`poll_ready`] and [`FdWatcher`]: waiting for sockets, directly or
+//!   from a watcher thread that wakes a sleeper of another kind.
 //!
 //! Every libc call that reports failure as `-1` goes through one macro,
 //! [`syscall!`], which turns it into the thread's `errno` as
@@ -37,11 +39,13 @@ macro_rules! syscall {
 }
 
 mod cpu;
+mod fd;
 mod futex;
 mod mapping;
 mod process;
 
 pub use cpu::pin_to_cpu;
+pub use fd::{poll_ready, FdWatcher};
 pub use futex::{futex_wait, futex_wake};
 pub use mapping::{unlink, AtomicOnly, Mapping, SHM_DIR};
 pub use process::{pid_alive, PidWatch};

@@ -29,7 +29,6 @@
 //! millisecond of progress, after whatever it wrote before dying.
 
 pub mod cma;
-pub mod fdwait;
 pub mod ring;
 pub mod segment;
 pub mod sys;

@@ -477,16 +477,16 @@ impl Transport for TcpTransport {
     }
 
     fn wake(&self) -> Wake {
-        let fds: Vec<_> = self
-            .links
-            .iter()
-            .filter(|l| !l.down)
+        let up = self.links.iter().filter(|l| !l.down);
+        let read: Vec<_> = up.clone().map(|l| l.stream.as_raw_fd()).collect();
+        let write: Vec<_> = up
+            .filter(|l| !l.tx.is_empty())
             .map(|l| l.stream.as_raw_fd())
             .collect();
-        if fds.is_empty() {
+        if read.is_empty() {
             Wake::Nothing
         } else {
-            Wake::Fds(fds)
+            Wake::Fds { read, write }
         }
     }
 
@@ -600,8 +600,12 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         while out.len() < want && Instant::now() < deadline {
             t.progress(&mut out).unwrap();
-            if let Wake::Fds(f) = t.wake() {
-                let _ = crate::transport::shm::fdwait::poll_readable(&f, Duration::from_millis(10));
+            if let Wake::Fds { read, write } = t.wake() {
+                let _ = crate::transport::shm::sys::poll_ready(
+                    &read,
+                    &write,
+                    Duration::from_millis(10),
+                );
             }
         }
         out

@@ -1,24 +1,25 @@
-//! Waiting on file descriptors: `poll(2)` for a rank whose links are all
-//! sockets, and a watcher thread for a rank that parks on its shared-memory
-//! doorbell but also has sockets. The watcher only rings the doorbell when a
-//! socket becomes readable (edge-triggered epoll, so it does not spin on
-//! bytes the rank has not read yet); the rank reads the sockets on its own
-//! thread.
+//! Waiting on file descriptors: `poll(2)` for a thread whose work arrives
+//! on sockets, and a watcher thread for one that sleeps on something else
+//! (a futex) but also has sockets. The watcher only calls back when a
+//! descriptor becomes ready (edge-triggered epoll, so it does not spin on
+//! bytes nobody has read yet); the owner reads the sockets itself.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::segment::Doorbell;
-
-/// Waits up to `timeout` until one of `fds` is readable (or hung up).
-/// Returns whether one is.
-pub fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<bool> {
+/// Waits up to `timeout` until one of `fds` is readable (or hung up), or,
+/// for those in `writable`, writable. Returns whether one is ready.
+pub fn poll_ready(fds: &[RawFd], writable: &[RawFd], timeout: Duration) -> io::Result<bool> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
             fd,
-            events: libc::POLLIN,
+            events: if writable.contains(&fd) {
+                libc::POLLIN | libc::POLLOUT
+            } else {
+                libc::POLLIN
+            },
             revents: 0,
         })
         .collect();
@@ -36,8 +37,8 @@ pub fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<bool> {
     Ok(r > 0)
 }
 
-/// A thread that rings `bell` whenever one of its descriptors becomes
-/// readable. Stopped and joined on drop.
+/// A thread that calls `ready` whenever one of its descriptors becomes
+/// readable or writable. Stopped and joined on drop.
 #[derive(Debug)]
 pub struct FdWatcher {
     stop: RawFd,
@@ -46,7 +47,7 @@ pub struct FdWatcher {
 
 impl FdWatcher {
     /// Starts watching `fds`.
-    pub fn start(fds: &[RawFd], bell: Doorbell) -> io::Result<FdWatcher> {
+    pub fn start(fds: &[RawFd], ready: impl Fn() + Send + 'static) -> io::Result<FdWatcher> {
         // SAFETY: plain syscalls returning new descriptors or -1.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -71,7 +72,7 @@ impl FdWatcher {
             }
             Ok(())
         };
-        let edge = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        let edge = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         let added = add(stop, libc::EPOLLIN as u32)
             .and_then(|_| fds.iter().try_for_each(|&fd| add(fd, edge)));
         if let Err(e) = added {
@@ -84,7 +85,7 @@ impl FdWatcher {
         }
         let thread = std::thread::Builder::new()
             .name("afmesh-fd-watch".into())
-            .spawn(move || watch(ep, stop, bell));
+            .spawn(move || watch(ep, stop, ready));
         match thread {
             Ok(t) => Ok(FdWatcher {
                 stop,
@@ -102,7 +103,7 @@ impl FdWatcher {
     }
 }
 
-fn watch(ep: RawFd, stop: RawFd, bell: Doorbell) {
+fn watch(ep: RawFd, stop: RawFd, ready: impl Fn()) {
     let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
     'outer: loop {
         // SAFETY: `evs` is writable for its length; `ep` stays open until
@@ -120,7 +121,7 @@ fn watch(ep: RawFd, stop: RawFd, bell: Doorbell) {
             }
         }
         if n > 0 {
-            bell.ring();
+            ready();
         }
     }
     // SAFETY: the epoll fd is this thread's to close.
