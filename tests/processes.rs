@@ -79,11 +79,17 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
         "max_us",
         "goodput_gbps",
         "floor_us",
+        "p999_us",
         "ratio",
     ] {
         let v: f64 = json_field(line, k).parse().unwrap();
         assert!(v > 0.0, "{k} = {v}");
     }
+    // Shared memory copies each message once, into the peer; tcp leaves
+    // the copying to the kernel.
+    let copies: f64 = json_field(line, "copies_per_msg").parse().unwrap();
+    let want = if transport == "shm" { 1.0 } else { 0.0 };
+    assert!((copies - want).abs() < 1e-3, "copies_per_msg = {copies}");
 }
 
 fn varying_token_counts_across_processes(transport: &str) {

@@ -6,6 +6,10 @@
 //! one writing all the bytes a layer dispatches, the other answering with
 //! all the bytes a layer combines — the least any TCP transport must pay
 //! for the same layer on this machine.
+//!
+//! Besides latency (p50, p99, p99.9 of the slowest attention rank per
+//! layer), the bench reports copies per message: the bytes the library
+//! itself copied over the bytes it sent, summed over every rank.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -41,7 +45,7 @@ pub struct BenchArgs {
 }
 
 /// Kills its children on every path out.
-struct Children(Vec<(String, Child)>);
+pub struct Children(pub Vec<(String, Child)>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -52,20 +56,54 @@ impl Drop for Children {
     }
 }
 
-/// Sorted summary: (p50, p99, max, mean).
-pub fn summarize(v: &[f64]) -> (f64, f64, f64, f64) {
+/// Order statistics of a run's per-layer microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Summary {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+pub fn summarize(v: &[f64]) -> Summary {
     if v.is_empty() {
-        return (0.0, 0.0, 0.0, 0.0);
+        return Summary::default();
     }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| s[((s.len() as f64 - 1.0) * p).round() as usize];
-    (
-        q(0.5),
-        q(0.99),
-        s[s.len() - 1],
-        s.iter().sum::<f64>() / s.len() as f64,
-    )
+    Summary {
+        p50: q(0.5),
+        p99: q(0.99),
+        p999: q(0.999),
+        max: s[s.len() - 1],
+        mean: s.iter().sum::<f64>() / s.len() as f64,
+    }
+}
+
+/// The `lat_us` list of a rank's (or floor peer's) JSON report.
+pub fn lat_of(line: &str) -> Option<Vec<f64>> {
+    field(line, "lat_us").map(|l| {
+        l.trim_matches(['[', ']'])
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    })
+}
+
+/// Per layer, the slowest rank's time: a layer is done when its slowest
+/// attention rank is.
+pub fn slowest(per_rank: &[Vec<f64>], iters: u32) -> Vec<f64> {
+    (0..iters as usize)
+        .map(|i| {
+            per_rank
+                .iter()
+                .map(|v| v.get(i).copied().unwrap_or(0.0))
+                .fold(0.0, f64::max)
+        })
+        .collect()
 }
 
 fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
@@ -82,7 +120,7 @@ fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     Some(&rest[..end])
 }
 
-fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
+pub fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
     // Drain every child's stdout as it is written: a report larger than a
     // pipe's buffer would otherwise block the child before it can exit.
     let readers: Vec<_> = children
@@ -232,26 +270,25 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut errors = 0u64;
     let mut first_error: Option<String> = None;
     let (mut ffn_us, mut net_us) = (0.0, 0.0);
+    let (mut sent_bytes, mut copied_bytes) = (0u64, 0u64);
     let mut transport = String::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
-        let e: u64 = field(line, "errors")
-            .and_then(|v| v.parse().ok())
-            .context("rank output lacks errors")?;
-        errors += e;
+        let count = |key: &str| -> Result<u64> {
+            field(line, key)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("rank output lacks {key}: {line}"))
+        };
+        errors += count("errors")?;
+        sent_bytes += count("sent_bytes")?;
+        copied_bytes += count("copied_bytes")?;
         if let Some(fe) = field(line, "first_error").filter(|v| *v != "null") {
             first_error.get_or_insert(fe.trim_matches('"').to_string());
         }
         if let Some(t) = field(line, "transport") {
             transport = t.trim_matches('"').to_string();
         }
-        if let Some(l) = field(line, "lat_us") {
-            let v: Vec<f64> = l
-                .trim_matches(['[', ']'])
-                .split(',')
-                .filter(|x| !x.is_empty())
-                .filter_map(|x| x.parse().ok())
-                .collect();
+        if let Some(v) = lat_of(line) {
             per_rank.push(v);
             ffn_us += field(line, "ffn_us")
                 .and_then(|v| v.parse::<f64>().ok())
@@ -266,16 +303,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if per_rank.len() != m as usize {
         bail!("expected {m} attention reports, got {}", per_rank.len());
     }
-    // A layer is done when its slowest attention rank is.
-    let lat: Vec<f64> = (0..w.iters as usize)
-        .map(|i| {
-            per_rank
-                .iter()
-                .map(|v| v.get(i).copied().unwrap_or(0.0))
-                .fold(0.0, f64::max)
-        })
-        .collect();
-    let (p50, p99, max, mean) = summarize(&lat);
+    let mesh = summarize(&slowest(&per_rank, w.iters));
+    let copies = if sent_bytes == 0 {
+        0.0
+    } else {
+        copied_bytes as f64 / sent_bytes as f64
+    };
     let (d, c) = w.layer_bytes(m, n);
     let (floor, floor_name) = if transport == "shm" {
         (
@@ -288,13 +321,20 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "tcp stream, 2 processes",
         )
     };
-    let (floor_p50, ..) = summarize(&floor);
+    let floor_p50 = summarize(&floor).p50;
+    let Summary {
+        p50,
+        p99,
+        p999,
+        max,
+        mean,
+    } = mesh;
     let goodput = (d + c) as f64 / (mean * 1e-6) / 1e9;
     let ratio = p50 / floor_p50;
     let verified = errors == 0;
     if args.json {
         println!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -314,10 +354,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             c as f64 / 1e6
         );
         println!(
-            "  per layer     mean {mean:.1} us  p50 {p50:.1} us  p99 {p99:.1} us  max {max:.1} us"
+            "  per layer     mean {mean:.1} us  p50 {p50:.1} us  p99 {p99:.1} us  p99.9 {p999:.1} us  max {max:.1} us"
         );
         println!("  goodput       {goodput:.2} GB/s");
-        println!("  floor         {floor_p50:.1} us (the same bytes: {floor_name})");
+        println!(
+            "  copies        {copies:.2} per message (bytes the library copied / bytes it sent)"
+        );
+        println!("  floor         {floor_p50:.2} us (the same bytes: {floor_name})");
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
         println!("  verified      {verified} ({errors} errors)");

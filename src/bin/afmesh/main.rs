@@ -238,11 +238,12 @@ fn run(args: &RunArgs) -> Result<()> {
             let rank = a.rank();
             let stats = a.stats();
             let (rejected, transport) = (stats.rejected(), stats.transport);
+            let (sent, copied) = moved(&stats);
             a.shutdown()?;
             if args.json {
                 let lat: Vec<String> = rep.lat_us.iter().map(|x| format!("{x:.3}")).collect();
                 println!(
-                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
+                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
                     rep.errors,
                     rep.ffn_us,
                     rep.net_us,
@@ -250,7 +251,7 @@ fn run(args: &RunArgs) -> Result<()> {
                     lat.join(",")
                 );
             } else {
-                let (p50, _, _, _) = bench::summarize(&rep.lat_us);
+                let p50 = bench::summarize(&rep.lat_us).p50;
                 println!(
                     "A{rank}: {} layers, p50 {p50:.1} us, {} verification errors",
                     rep.lat_us.len(),
@@ -274,11 +275,13 @@ fn run(args: &RunArgs) -> Result<()> {
             );
             let rep = workload::run_ffn(&mut f, &w)?;
             let rank = f.rank();
-            let rejected = f.stats().rejected();
+            let stats = f.stats();
+            let rejected = stats.rejected();
+            let (sent, copied) = moved(&stats);
             f.shutdown()?;
             if args.json {
                 println!(
-                    "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"first_error\":{}}}",
+                    "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"first_error\":{}}}",
                     rep.batches,
                     rep.errors,
                     json_str(rep.first_error.as_deref())
@@ -299,6 +302,14 @@ fn run(args: &RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes this rank sent to all its peers, and of those the bytes the
+/// library itself copied.
+fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
+    stats.peers.iter().fold((0, 0), |(s, c), (_, p)| {
+        (s + p.sent_bytes, c + p.copied_bytes)
+    })
 }
 
 fn announce(args: &RunArgs, who: String, m: usize, n: usize) {
