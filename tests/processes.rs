@@ -79,6 +79,7 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
         "max_us",
         "goodput_gbps",
         "floor_us",
+        "floor_exchange_us",
         "p999_us",
         "ratio",
     ] {
@@ -90,6 +91,12 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
     let copies: f64 = json_field(line, "copies_per_msg").parse().unwrap();
     let want = if transport == "shm" { 1.0 } else { 0.0 };
     assert!((copies - want).abs() < 1e-3, "copies_per_msg = {copies}");
+    let floor: f64 = json_field(line, "floor_us").parse().unwrap();
+    let exchange: f64 = json_field(line, "floor_exchange_us").parse().unwrap();
+    match json_field(line, "floor_memcpy_us") {
+        "null" => assert_eq!(floor, exchange, "{line}"),
+        m => assert_eq!(floor, exchange.min(m.parse().unwrap()), "{line}"),
+    }
 }
 
 fn varying_token_counts_across_processes(transport: &str) {

@@ -1,18 +1,21 @@
 //! `afmesh bench`: a whole mesh on this host, verified, against its floor.
 //!
-//! The mesh: an embedded scheduler and M+N `afmesh run` processes. The
-//! floor over shared memory: one thread copying the same bytes once. The
-//! floor over tcp: two processes joined by one plain TCP stream (`TCP_NODELAY`),
-//! one writing all the bytes a layer dispatches, the other answering with
-//! all the bytes a layer combines — the least any TCP transport must pay
-//! for the same layer on this machine.
+//! The mesh: an embedded scheduler and M+N `afmesh run` processes, every
+//! byte checked. The floor: the same bytes per (attention, FFN) pair and
+//! layer moved the plainest way, in the same run and pinned the same way
+//! ([`crate::floor`]). Over tcp it is M+N processes exchanging over one
+//! blocking `TCP_NODELAY` connection per pair. Over shared memory it is the
+//! faster of two plain ways, both printed: M+N processes exchanging through
+//! per-pair buffers and flags in one mapping, and one thread copying the
+//! layer's bytes once. The floor sends each pair's stages as one message
+//! each way; with `--vary-tokens` it moves the first timed layer's bytes
+//! every layer.
 //!
 //! Besides latency (p50, p99, p99.9 of the slowest attention rank per
 //! layer), the bench reports copies per message: the bytes the library
 //! itself copied over the bytes it sent, summed over every rank.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ use afmesh::bootstrap::{Scheduler, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::floor;
+use crate::workload::Workload;
 use crate::{json_str, WorkloadArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -310,18 +315,24 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         copied_bytes as f64 / sent_bytes as f64
     };
     let (d, c) = w.layer_bytes(m, n);
-    let (floor, floor_name) = if transport == "shm" {
-        (
-            memcpy_floor(d, c, w.warmup.max(5) + w.iters),
-            "memcpy, 1 thread",
-        )
+    let plan = floor_plan(&w, m, n, pin.then_some(cpus));
+    let floors = if transport == "shm" {
+        let exchange = summarize(&floor::shm(&plan).context("shm floor")?);
+        let memcpy = summarize(&floor::memcpy(d, c, plan.warmup + plan.iters));
+        Floors {
+            exchange: exchange.p50,
+            exchange_name: format!("shm exchange, {m}+{n} processes"),
+            memcpy: Some(memcpy.p50),
+        }
     } else {
-        (
-            measure_floor(d, c, w.warmup.max(5) + w.iters)?,
-            "tcp stream, 2 processes",
-        )
+        let exchange = summarize(&floor::tcp(&plan).context("tcp floor")?);
+        Floors {
+            exchange: exchange.p50,
+            exchange_name: format!("tcp exchange, {m}+{n} processes"),
+            memcpy: None,
+        }
     };
-    let floor_p50 = summarize(&floor).p50;
+    let (floor_p50, floor_name) = floors.best();
     let Summary {
         p50,
         p99,
@@ -333,8 +344,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let ratio = p50 / floor_p50;
     let verified = errors == 0;
     if args.json {
+        let memcpy_us = floors
+            .memcpy
+            .map_or_else(|| "null".to_string(), |v| format!("{v:.2}"));
         println!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -343,6 +357,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             wa.iters,
             wa.warmup,
             d + c,
+            floors.exchange,
             json_str(first_error.as_deref())
         );
     } else {
@@ -361,6 +376,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "  copies        {copies:.2} per message (bytes the library copied / bytes it sent)"
         );
         println!("  floor         {floor_p50:.2} us (the same bytes: {floor_name})");
+        if let Some(memcpy) = floors.memcpy {
+            println!(
+                "    exchange    {:.2} us ({})",
+                floors.exchange, floors.exchange_name
+            );
+            println!("    memcpy      {memcpy:.2} us (1 thread copies the layer once)");
+        }
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
         println!("  verified      {verified} ({errors} errors)");
@@ -379,87 +401,44 @@ fn elem(e: crate::workload::Elem) -> &'static str {
     }
 }
 
-/// Per-iteration microseconds of copying a layer's bytes once, from one
-/// buffer to another, on one thread: what any shared-memory transport
-/// must at least do.
-fn memcpy_floor(dispatch: u64, combine: u64, iters: u32) -> Vec<f64> {
-    let src_d = vec![0x5au8; dispatch as usize];
-    let src_c = vec![0xa5u8; combine as usize];
-    let mut dst_d = vec![0u8; dispatch as usize];
-    let mut dst_c = vec![0u8; combine as usize];
-    let warm = 5.min(iters);
-    let mut v = Vec::with_capacity(iters as usize);
-    for i in 0..iters {
-        let t = Instant::now();
-        dst_d.copy_from_slice(std::hint::black_box(&src_d));
-        dst_c.copy_from_slice(std::hint::black_box(&src_c));
-        std::hint::black_box((&dst_d, &dst_c));
-        if i >= warm {
-            v.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    v
+/// The floors measured beside one mesh (p50 microseconds).
+#[derive(Debug)]
+struct Floors {
+    exchange: f64,
+    exchange_name: String,
+    /// Shared memory only: one thread's copy of the layer.
+    memcpy: Option<f64>,
 }
 
-/// Per-iteration microseconds of the floor exchange.
-fn measure_floor(dispatch: u64, combine: u64, iters: u32) -> Result<Vec<f64>> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
-        .args(["floor-peer", "--connect", &l.local_addr()?.to_string()])
-        .args([
-            "--dispatch",
-            &dispatch.to_string(),
-            "--combine",
-            &combine.to_string(),
-            "--iters",
-            &iters.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()?;
-    let mut guard = Children(vec![("floor peer".into(), child)]);
-    l.set_nonblocking(true)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match l.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            Err(e) => return Err(e).context("floor peer did not connect"),
+impl Floors {
+    /// The faster plain way: the floor the mesh is held to.
+    fn best(&self) -> (f64, String) {
+        match self.memcpy {
+            Some(c) if c < self.exchange => (c, "memcpy, 1 thread".into()),
+            _ => (self.exchange, self.exchange_name.clone()),
         }
+    }
+}
+
+/// The exchange floor for `w` on M×N, pinned to `cpus` CPUs the way the
+/// mesh's ranks are (or not pinned).
+fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<usize>) -> floor::Plan {
+    // Attention rank a's bytes per FFN rank: what `layer_bytes` adds for
+    // it, one FFN rank at a time (headers and side block included).
+    let pair = |a: u32| {
+        let (d1, c1) = w.layer_bytes(a + 1, 1);
+        let (d0, c0) = w.layer_bytes(a, 1);
+        (d1 - d0, c1 - c0)
     };
-    s.set_nonblocking(false)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let out = vec![0x5au8; dispatch as usize];
-    let mut back = vec![0u8; combine as usize];
-    let warm = 5.min(iters);
-    let mut v = Vec::with_capacity(iters as usize);
-    for i in 0..iters {
-        let t = Instant::now();
-        s.write_all(&out)?;
-        s.read_exact(&mut back)?;
-        if i >= warm {
-            v.push(t.elapsed().as_secs_f64() * 1e6);
-        }
+    let (dispatch, combine) = (0..m).map(pair).unzip();
+    floor::Plan {
+        m,
+        n,
+        dispatch,
+        combine,
+        warmup: w.warmup.max(5),
+        iters: w.iters,
+        timeout: w.timeout,
+        cpus,
     }
-    if let Some((_, c)) = guard.0.first_mut() {
-        let _ = c.wait();
-    }
-    guard.0.clear();
-    Ok(v)
-}
-
-pub fn floor_peer(connect: &str, dispatch: u64, combine: u64, iters: u32) -> Result<()> {
-    let mut s = TcpStream::connect(connect)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut inb = vec![0u8; dispatch as usize];
-    let out = vec![0xa5u8; combine as usize];
-    for _ in 0..iters {
-        s.read_exact(&mut inb)?;
-        s.write_all(&out)?;
-    }
-    Ok(())
 }

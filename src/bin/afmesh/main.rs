@@ -2,6 +2,7 @@
 //! run, and a whole-mesh benchmark on this host.
 
 mod bench;
+mod floor;
 mod workload;
 
 use std::time::Duration;
@@ -49,18 +50,9 @@ enum Cmd {
     /// Start a scheduler and M+N ranks on this host, run the workload,
     /// verify it, and compare with the floor.
     Bench(bench::BenchArgs),
-    /// The far end of the floor measurement (used by `bench`).
+    /// One process of a floor exchange (used by `bench`).
     #[command(hide = true)]
-    FloorPeer {
-        #[arg(long)]
-        connect: String,
-        #[arg(long)]
-        dispatch: u64,
-        #[arg(long)]
-        combine: u64,
-        #[arg(long)]
-        iters: u32,
-    },
+    FloorPeer(floor::PeerArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -161,12 +153,7 @@ fn main() {
         } => scheduler(&bind, attention, ffn, job, join_timeout),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench::bench(&args),
-        Cmd::FloorPeer {
-            connect,
-            dispatch,
-            combine,
-            iters,
-        } => bench::floor_peer(&connect, dispatch, combine, iters),
+        Cmd::FloorPeer(args) => floor::peer(&args),
     };
     if let Err(e) = r {
         eprintln!("afmesh: {e:#}");
