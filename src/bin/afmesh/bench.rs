@@ -7,9 +7,9 @@
 //! blocking `TCP_NODELAY` connection per pair. Over shared memory it is the
 //! faster of two plain ways, both printed: M+N processes exchanging through
 //! per-pair buffers and flags in one mapping, and one thread copying the
-//! layer's bytes once. The floor sends each pair's stages as one message
-//! each way; with `--vary-tokens` it moves the first timed layer's bytes
-//! every layer.
+//! layer's bytes once. The tcp exchange sends each pair's stages as one
+//! message each way, the shm exchange one message per stage; with
+//! `--vary-tokens` both move the first timed layer's bytes every layer.
 //!
 //! Besides latency (p50, p99, p99.9 of the slowest attention rank per
 //! layer), the bench reports copies per message: the bytes the library
@@ -436,6 +436,7 @@ fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<usize>) -> floor::Plan 
         n,
         dispatch,
         combine,
+        stages: w.stages,
         warmup: w.warmup.max(5),
         iters: w.iters,
         timeout: w.timeout,

@@ -8,17 +8,22 @@
 //!   reply. Each FFN process serves each connection on a thread of its
 //!   own: read the attention rank's bytes, write the combine reply.
 //! * **shm exchange**: the same M+N processes over one shared mapping with
-//!   a mailbox per pair ([`mailbox`]): the attention process copies its
-//!   bytes into the pair's buffer and raises a flag; the FFN process,
-//!   spinning (then yielding, unless pinned) on its flags, copies its reply
-//!   back and raises the attention's flag.
+//!   a mailbox per pair ([`mailbox`]): the attention process copies each
+//!   stage's bytes into the pair's buffer and raises a flag; the FFN
+//!   process, spinning (then yielding, unless pinned) on its flags, copies
+//!   its reply back and raises the attention's flag. Stages are separate
+//!   messages, so the FFN answers one while the next is copied in, as the
+//!   mesh's stages overlap.
 //! * **memcpy**: one thread copying a layer's bytes once, with no second
 //!   process and no flag — the least any shared-memory transport pays.
 //!
 //! The bytes per (attention, FFN) pair and layer are what the mesh sends
-//! per pair over all its stages, headers included, in one message each
-//! way. Every process is pinned as the mesh's ranks are, and every wait is
-//! bounded by the workload's timeout.
+//! per pair over all its stages, headers included: over tcp in one message
+//! each way (a blocking writer that reads nothing until it has written
+//! everything cannot take replies to early stages without risking a
+//! deadlock on full socket buffers), over shm split evenly into one message
+//! per stage. Every process is pinned as the mesh's ranks are, and every
+//! wait is bounded by the workload's timeout.
 
 mod mailbox;
 
@@ -46,6 +51,8 @@ pub struct Plan {
     pub dispatch: Vec<u64>,
     /// Per attention rank: bytes each FFN rank sends it back per layer.
     pub combine: Vec<u64>,
+    /// Messages per pair and layer, each way (shm; tcp sends one).
+    pub stages: u32,
     pub warmup: u32,
     pub iters: u32,
     pub timeout: Duration,
@@ -73,6 +80,7 @@ impl Plan {
             .args(["--ffn", &self.n.to_string()])
             .args(["--dispatch", &list(&self.dispatch)])
             .args(["--combine", &list(&self.combine)])
+            .args(["--stages", &self.stages.to_string()])
             .args(["--warmup", &self.warmup.to_string()])
             .args(["--iters", &self.iters.to_string()])
             .args(["--timeout-ms", &self.timeout.as_millis().to_string()])
@@ -241,6 +249,9 @@ pub struct PeerArgs {
     /// Per attention rank: bytes each FFN rank answers it with per layer.
     #[arg(long, value_delimiter = ',')]
     combine: Vec<u64>,
+    /// Messages per pair and layer, each way (shm).
+    #[arg(long, default_value_t = 1)]
+    stages: u32,
     #[arg(long)]
     warmup: u32,
     #[arg(long)]
@@ -284,6 +295,9 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
         PeerRole::Attention => m,
         PeerRole::Ffn => n,
     };
+    if args.stages == 0 {
+        bail!("floor peer: --stages 0");
+    }
     if args.rank as usize >= own {
         bail!("floor peer: rank {} of {own}", args.rank);
     }
@@ -426,6 +440,11 @@ impl Waiter {
         }
     }
 
+    /// Something arrived: spin again before yielding on the next wait.
+    fn progressed(&mut self) {
+        self.looks = 0;
+    }
+
     fn relax(&mut self, what: impl FnOnce() -> String) -> Result<()> {
         self.looks = self.looks.wrapping_add(1);
         if self.looks % 64 == 0 && Instant::now() > self.deadline {
@@ -440,23 +459,43 @@ impl Waiter {
     }
 }
 
+/// (offset, length) of each of `stages` messages that split `total` bytes
+/// as evenly as they can.
+fn parts(total: usize, stages: u32) -> Vec<(usize, usize)> {
+    let s = stages as usize;
+    let mut at = 0;
+    (0..s)
+        .map(|i| {
+            let len = total / s + usize::from(i < total % s);
+            at += len;
+            (at - len, len)
+        })
+        .collect()
+}
+
 fn shm_attention(args: &PeerArgs, boxes: &Mailboxes) -> Result<Vec<f64>> {
     let a = args.rank as usize;
     let n = args.ffn as usize;
     let (d, _) = args.sizes(a);
     let src = vec![0x5au8; d];
+    let parts = parts(d, args.stages);
+    let per_layer = u64::from(args.stages);
     let mut lat = Vec::with_capacity(args.iters as usize);
     for layer in 0..args.layers() {
-        let k = u64::from(layer) + 1;
+        let first = u64::from(layer) * per_layer + 1;
+        let last = first + per_layer - 1;
         let t = Instant::now();
-        for f in 0..n {
-            boxes.put_dispatch(a, f, &src);
-            boxes.request(a, f).store(k, Ordering::Release);
+        for (k, &(at, len)) in (first..).zip(&parts) {
+            for f in 0..n {
+                boxes.put_dispatch(a, f, at, &src[at..at + len]);
+                boxes.request(a, f).store(k, Ordering::Release);
+            }
         }
+        // Replies come in order per pair: the last one means all are in.
         let mut w = Waiter::new(args.cpu.is_some(), args.timeout());
         for f in 0..n {
-            while boxes.reply(a, f).load(Ordering::Acquire) != k {
-                w.relax(|| format!("F{f}'s reply to layer {layer}"))?;
+            while boxes.reply(a, f).load(Ordering::Acquire) != last {
+                w.relax(|| format!("F{f}'s replies to layer {layer}"))?;
             }
         }
         if layer >= args.warmup {
@@ -470,32 +509,61 @@ fn shm_ffn(args: &PeerArgs, boxes: &Mailboxes) -> Result<()> {
     let f = args.rank as usize;
     let m = args.attention as usize;
     let replies: Vec<Vec<u8>> = (0..m).map(|a| vec![0xa5u8; args.sizes(a).1]).collect();
-    let mut pending = Vec::with_capacity(m);
+    let parts: Vec<_> = (0..m)
+        .map(|a| parts(args.sizes(a).1, args.stages))
+        .collect();
+    let per_layer = u64::from(args.stages);
+    // Per attention rank: the next message to answer.
+    let mut next = vec![1u64; m];
     for layer in 0..args.layers() {
-        let k = u64::from(layer) + 1;
-        pending.clear();
-        pending.extend(0..m);
+        let last = (u64::from(layer) + 1) * per_layer;
         let mut w = Waiter::new(args.cpu.is_some(), args.timeout());
-        // Serve the attention ranks in the order their bytes land.
-        while !pending.is_empty() {
-            let mut i = 0;
-            while i < pending.len() {
-                let a = pending[i];
+        // Answer each attention rank's messages in the order they land.
+        while next.iter().any(|&k| k <= last) {
+            let mut answered = false;
+            for (a, k) in next.iter_mut().enumerate() {
+                if *k > last {
+                    continue;
+                }
                 let r = boxes.request(a, f).load(Ordering::Acquire);
-                if r == k {
-                    boxes.put_combine(a, f, &replies[a]);
-                    boxes.reply(a, f).store(k, Ordering::Release);
-                    pending.swap_remove(i);
-                } else if r > k {
-                    bail!("A{a} raised layer {r} while layer {k} was unanswered");
-                } else {
-                    i += 1;
+                if r > last {
+                    bail!("A{a} raised message {r} before layer {layer} was answered");
+                }
+                while *k <= r {
+                    let (at, len) = parts[a][((*k - 1) % per_layer) as usize];
+                    boxes.put_combine(a, f, at, &replies[a][at..at + len]);
+                    boxes.reply(a, f).store(*k, Ordering::Release);
+                    *k += 1;
+                    answered = true;
                 }
             }
-            if !pending.is_empty() {
-                w.relax(|| format!("layer {layer} from {} attention ranks", pending.len()))?;
+            if answered {
+                w.progressed();
+            } else {
+                w.relax(|| format!("layer {layer} from the attention ranks"))?;
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parts;
+
+    #[test]
+    fn parts_cover_the_bytes_in_order() {
+        for (total, stages) in [(10, 3), (3, 3), (2, 3), (7168, 1), (0, 2)] {
+            let p = parts(total, stages);
+            assert_eq!(p.len(), stages as usize);
+            assert_eq!(p.iter().map(|x| x.1).sum::<usize>(), total);
+            let mut at = 0;
+            for &(off, len) in &p {
+                assert_eq!(off, at);
+                at += len;
+            }
+            let (lo, hi) = (p.iter().map(|x| x.1).min(), p.iter().map(|x| x.1).max());
+            assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{p:?}");
+        }
+    }
 }

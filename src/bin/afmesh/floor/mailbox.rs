@@ -2,17 +2,19 @@
 //! (attention, FFN) pair, each a dispatch buffer, a combine buffer and two
 //! flags. The only `unsafe` of the `afmesh` command lives here.
 //!
-//! Protocol, per pair and layer `k` (1, 2, ...): the attention process
-//! copies its bytes into the dispatch buffer and stores `k` in `request`
-//! (Release); the FFN process sees `request == k` (Acquire), copies its
-//! reply into the combine buffer and stores `k` in `reply` (Release); the
-//! attention process sees `reply == k` (Acquire). Each buffer has one
-//! writer, each flag one writer, and a writer touches its buffer for layer
-//! `k + 1` only after the other side has published layer `k`, so no bytes
-//! are written by two processes at once. The buffers are written through
-//! raw pointers and never read by this program (a floor moves bytes; it
-//! does not look at them), so a peer that breaks the protocol can garble
-//! bytes but cannot make a Rust reference lie.
+//! Protocol, per pair: messages are numbered 1, 2, ... (a layer's stages in
+//! order, then the next layer's). For message `k` the attention process
+//! copies its bytes into its part of the dispatch buffer and stores `k` in
+//! `request` (Release); the FFN process, answering message `k` once
+//! `request >= k` (Acquire), copies its reply into its part of the combine
+//! buffer and stores `k` in `reply` (Release); the attention process reads
+//! `reply` (Acquire). The messages of one layer use disjoint parts of the
+//! buffers, and the attention process starts the next layer only once the
+//! last reply of this one is in, so each byte has one writer at a time.
+//! The buffers are written through raw pointers and never read by this
+//! program (a floor moves bytes; it does not look at them), so a peer that
+//! breaks the protocol can garble bytes but cannot make a Rust reference
+//! lie.
 //!
 //! Each flag has a 128-byte span of its own (two cache lines: adjacent-line
 //! prefetch would otherwise couple the two writers); buffers start on pages.
@@ -150,28 +152,33 @@ impl Mailboxes {
         self.atomic(self.layout.flag(a, f, 1))
     }
 
-    fn put(&self, (offset, len): (usize, usize), src: &[u8]) {
-        assert_eq!(src.len(), len, "floor mailbox: wrong message size");
-        // SAFETY: `offset..offset + len` is a buffer of the layout, inside
-        // the mapping (its length was checked in `new`); `src` is private
-        // memory of this process, which never holds a reference into the
-        // mapping, so the ranges do not overlap. Only the one process the
-        // protocol names writes this buffer, and no process reads it.
+    fn put(&self, (base, len): (usize, usize), at: usize, src: &[u8]) {
+        assert!(
+            at.checked_add(src.len()).is_some_and(|end| end <= len),
+            "floor mailbox: {} bytes at {at} overflow a {len}-byte buffer",
+            src.len()
+        );
+        // SAFETY: `base..base + len` is a buffer of the layout, inside the
+        // mapping (its length was checked in `new`), and the write stays
+        // inside it (asserted above); `src` is private memory of this
+        // process, which never holds a reference into the mapping, so the
+        // ranges do not overlap. Only the one process the protocol names
+        // writes this part of the buffer, and no process reads it.
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.ptr().add(offset), len);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.ptr().add(base + at), src.len());
         }
     }
 
     /// Copies attention rank `a`'s bytes for FFN rank `f` into the pair's
-    /// dispatch buffer (the attention rank's half of the protocol).
-    pub fn put_dispatch(&self, a: usize, f: usize, src: &[u8]) {
-        self.put(self.layout.buffers(a, f).0, src);
+    /// dispatch buffer at `at` (the attention rank's half of the protocol).
+    pub fn put_dispatch(&self, a: usize, f: usize, at: usize, src: &[u8]) {
+        self.put(self.layout.buffers(a, f).0, at, src);
     }
 
     /// Copies FFN rank `f`'s reply for attention rank `a` into the pair's
-    /// combine buffer (the FFN rank's half).
-    pub fn put_combine(&self, a: usize, f: usize, src: &[u8]) {
-        self.put(self.layout.buffers(a, f).1, src);
+    /// combine buffer at `at` (the FFN rank's half).
+    pub fn put_combine(&self, a: usize, f: usize, at: usize, src: &[u8]) {
+        self.put(self.layout.buffers(a, f).1, at, src);
     }
 }
 
@@ -205,14 +212,22 @@ mod tests {
     fn flags_and_bytes_round_trip_through_the_mapping() {
         let l = Layout::new(1, 2, &[16], &[8]).unwrap();
         let m = Mailboxes::new(Mapping::anonymous(l.len()).unwrap(), l.clone()).unwrap();
-        m.put_dispatch(0, 1, &[7u8; 16]);
-        m.put_combine(0, 1, &[9u8; 8]);
+        m.put_dispatch(0, 1, 0, &[7u8; 16]);
+        m.put_combine(0, 1, 4, &[9u8; 4]);
         m.request(0, 1).store(3, Ordering::Release);
         assert_eq!(m.request(0, 1).load(Ordering::Acquire), 3);
         assert_eq!(m.reply(0, 1).load(Ordering::Acquire), 0);
         assert_eq!(m.request(0, 0).load(Ordering::Acquire), 0);
         let wrong = Mapping::anonymous(l.len() + PAGE).unwrap();
         assert!(Mailboxes::new(wrong, l).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "overflow")]
+    fn a_write_past_its_buffer_is_refused() {
+        let l = Layout::new(1, 1, &[16], &[8]).unwrap();
+        let m = Mailboxes::new(Mapping::anonymous(l.len()).unwrap(), l).unwrap();
+        m.put_combine(0, 0, 4, &[9u8; 5]);
     }
 
     #[test]
