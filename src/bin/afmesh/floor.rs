@@ -7,6 +7,11 @@
 //!   writes its dispatch bytes on every connection, then reads every
 //!   reply. Each FFN process serves each connection on a thread of its
 //!   own: read the attention rank's bytes, write the combine reply.
+//! * **tcp exchange, polled**: the same, with non-blocking sockets whose
+//!   callers spin (then yield) on `WouldBlock` instead of sleeping in the
+//!   kernel. The mesh's ranks spin before they park; a floor that always
+//!   sleeps pays a wake-up per socket-buffer's worth of bytes (on a busy
+//!   host, a scheduling delay each), so it may be the slower plain way.
 //! * **shm exchange**: the same M+N processes over one shared mapping with
 //!   a mailbox per pair ([`mailbox`]): the attention process copies each
 //!   stage's bytes into the pair's buffer and raises a flag; the FFN
@@ -109,16 +114,18 @@ impl Plan {
     }
 }
 
-/// Per-layer microseconds of the tcp exchange floor.
-pub fn tcp(plan: &Plan) -> Result<Vec<f64>> {
+/// Per-layer microseconds of the tcp exchange floor; `polled`: its
+/// sockets are non-blocking and waits spin.
+pub fn tcp(plan: &Plan, polled: bool) -> Result<Vec<f64>> {
     let deadline = Instant::now() + plan.budget();
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
     for f in 0..plan.n {
-        let mut child = plan
-            .command("tcp", "ffn", f)?
-            .spawn()
-            .context("spawning a floor peer")?;
+        let mut cmd = plan.command("tcp", "ffn", f)?;
+        if polled {
+            cmd.arg("--poll");
+        }
+        let mut child = cmd.spawn().context("spawning a floor peer")?;
         let out = child.stdout.take();
         children.0.push((format!("tcp floor F{f}"), child));
         let line = first_line(out, plan.timeout).with_context(|| format!("tcp floor F{f}"))?;
@@ -129,8 +136,11 @@ pub fn tcp(plan: &Plan) -> Result<Vec<f64>> {
     }
     let connect = addrs.join(",");
     for a in 0..plan.m {
-        let child = plan
-            .command("tcp", "attention", a)?
+        let mut cmd = plan.command("tcp", "attention", a)?;
+        if polled {
+            cmd.arg("--poll");
+        }
+        let child = cmd
             .args(["--connect", &connect])
             .spawn()
             .context("spawning a floor peer")?;
@@ -267,6 +277,9 @@ pub struct PeerArgs {
     /// Pin this process to a CPU (its waits then spin without yielding).
     #[arg(long)]
     cpu: Option<usize>,
+    /// Tcp: non-blocking sockets, waits spin instead of sleeping.
+    #[arg(long)]
+    poll: bool,
 }
 
 impl PeerArgs {
@@ -332,6 +345,71 @@ fn configure(s: &TcpStream, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// A floor connection: blocking (the kernel's timeouts bound each call),
+/// or non-blocking with spinning waits bounded by a [`Waiter`].
+struct Conn {
+    s: TcpStream,
+    /// `Some` when polled: (pinned, timeout) for each wait's `Waiter`.
+    poll: Option<(bool, Duration)>,
+}
+
+impl Conn {
+    fn new(s: TcpStream, args: &PeerArgs) -> Result<Conn> {
+        configure(&s, args.timeout())?;
+        if args.poll {
+            s.set_nonblocking(true)?;
+        }
+        Ok(Conn {
+            s,
+            poll: args.poll.then_some((args.cpu.is_some(), args.timeout())),
+        })
+    }
+
+    fn write_all(&mut self, mut buf: &[u8]) -> Result<()> {
+        let Some((pinned, timeout)) = self.poll else {
+            return Ok(self.s.write_all(buf)?);
+        };
+        let mut w = Waiter::new(pinned, timeout);
+        while !buf.is_empty() {
+            match self.s.write(buf) {
+                Ok(0) => bail!("the socket took no bytes"),
+                Ok(k) => {
+                    buf = &buf[k..];
+                    w.progressed();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    w.relax(|| "room in the socket".into())?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<()> {
+        let Some((pinned, timeout)) = self.poll else {
+            return Ok(self.s.read_exact(buf)?);
+        };
+        let mut w = Waiter::new(pinned, timeout);
+        while !buf.is_empty() {
+            match self.s.read(buf) {
+                Ok(0) => bail!("the peer closed the connection"),
+                Ok(k) => {
+                    buf = &mut buf[k..];
+                    w.progressed();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    w.relax(|| "bytes from the peer".into())?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
 fn tcp_attention(args: &PeerArgs) -> Result<Vec<f64>> {
     let me = args.rank as usize;
     if args.connect.len() != args.ffn as usize {
@@ -348,7 +426,7 @@ fn tcp_attention(args: &PeerArgs) -> Result<Vec<f64>> {
             .with_context(|| format!("connecting to F{f} at {addr}"))?;
         configure(&s, args.timeout())?;
         s.write_all(&args.rank.to_le_bytes())?;
-        conns.push(s);
+        conns.push(Conn::new(s, args)?);
     }
     let (d, c) = args.sizes(me);
     let out = vec![0x5au8; d];
@@ -400,6 +478,7 @@ fn tcp_ffn(args: &PeerArgs) -> Result<()> {
         }
         let (d, c) = args.sizes(a);
         let layers = args.layers();
+        let mut s = Conn::new(s, args)?;
         servers.push(std::thread::spawn(move || -> Result<()> {
             let mut inb = vec![0u8; d];
             let out = vec![0xa5u8; c];
