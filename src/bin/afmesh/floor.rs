@@ -422,11 +422,12 @@ fn tcp_attention(args: &PeerArgs) -> Result<Vec<f64>> {
     let mut conns = Vec::with_capacity(args.connect.len());
     for (f, a) in args.connect.iter().enumerate() {
         let addr: SocketAddr = a.parse().with_context(|| format!("address {a:?}"))?;
-        let mut s = TcpStream::connect_timeout(&addr, args.timeout())
+        let s = TcpStream::connect_timeout(&addr, args.timeout())
             .with_context(|| format!("connecting to F{f} at {addr}"))?;
-        configure(&s, args.timeout())?;
-        s.write_all(&args.rank.to_le_bytes())?;
-        conns.push(Conn::new(s, args)?);
+        let mut conn = Conn::new(s, args)?;
+        conn.write_all(&args.rank.to_le_bytes())
+            .with_context(|| format!("greeting F{f}"))?;
+        conns.push(conn);
     }
     let (d, c) = args.sizes(me);
     let out = vec![0x5au8; d];
@@ -459,7 +460,7 @@ fn tcp_ffn(args: &PeerArgs) -> Result<()> {
     let mut seen = vec![false; m];
     let mut servers = Vec::with_capacity(m);
     while servers.len() < m {
-        let mut s = match l.accept() {
+        let s = match l.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 // Setup only, before any timed layer: a coarse poll is fine.
@@ -469,16 +470,15 @@ fn tcp_ffn(args: &PeerArgs) -> Result<()> {
             Err(e) => return Err(e).context("attention floor peers did not all connect"),
         };
         s.set_nonblocking(false)?;
-        configure(&s, args.timeout())?;
+        let mut s = Conn::new(s, args)?;
         let mut hello = [0u8; 4];
-        s.read_exact(&mut hello)?;
+        s.read_exact(&mut hello).context("reading a hello")?;
         let a = u32::from_le_bytes(hello) as usize;
         if a >= m || std::mem::replace(&mut seen[a], true) {
             bail!("floor peer: unexpected hello from attention rank {a}");
         }
         let (d, c) = args.sizes(a);
         let layers = args.layers();
-        let mut s = Conn::new(s, args)?;
         servers.push(std::thread::spawn(move || -> Result<()> {
             let mut inb = vec![0u8; d];
             let out = vec![0xa5u8; c];
