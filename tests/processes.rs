@@ -79,11 +79,39 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
         "max_us",
         "goodput_gbps",
         "floor_us",
+        "floor_exchange_us",
+        "p999_us",
         "ratio",
     ] {
         let v: f64 = json_field(line, k).parse().unwrap();
         assert!(v > 0.0, "{k} = {v}");
     }
+    // Shared memory copies each message once, into the peer; tcp leaves
+    // the copying to the kernel.
+    let copies: f64 = json_field(line, "copies_per_msg").parse().unwrap();
+    let want = if transport == "shm" { 1.0 } else { 0.0 };
+    assert!((copies - want).abs() < 1e-3, "copies_per_msg = {copies}");
+    // The floor is the fastest plain way measured: the exchange, and over
+    // tcp its polled twin, over shm one thread's memcpy.
+    let floor: f64 = json_field(line, "floor_us").parse().unwrap();
+    let ways: Vec<f64> = ["floor_exchange_us", "floor_polled_us", "floor_memcpy_us"]
+        .iter()
+        .map(|k| json_field(line, k))
+        .filter(|v| *v != "null")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (other, other_null) = if transport == "shm" {
+        ("floor_memcpy_us", "floor_polled_us")
+    } else {
+        ("floor_polled_us", "floor_memcpy_us")
+    };
+    assert_ne!(json_field(line, other), "null", "{line}");
+    assert_eq!(json_field(line, other_null), "null", "{line}");
+    assert_eq!(
+        floor,
+        ways.iter().copied().fold(f64::MAX, f64::min),
+        "{line}"
+    );
 }
 
 fn varying_token_counts_across_processes(transport: &str) {

@@ -1,14 +1,22 @@
 //! `afmesh bench`: a whole mesh on this host, verified, against its floor.
 //!
-//! The mesh: an embedded scheduler and M+N `afmesh run` processes. The
-//! floor over shared memory: one thread copying the same bytes once. The
-//! floor over tcp: two processes joined by one plain TCP stream (`TCP_NODELAY`),
-//! one writing all the bytes a layer dispatches, the other answering with
-//! all the bytes a layer combines — the least any TCP transport must pay
-//! for the same layer on this machine.
+//! The mesh: an embedded scheduler and M+N `afmesh run` processes, every
+//! byte checked. The floor: the same bytes per (attention, FFN) pair and
+//! layer moved the plainest way, in the same run and pinned the same way
+//! ([`crate::floor`]); where two plain ways exist, the faster, both
+//! printed. Over tcp: M+N processes exchanging over one `TCP_NODELAY`
+//! connection per pair, with blocking sockets and with polled non-blocking
+//! ones. Over shared memory: M+N processes exchanging through per-pair
+//! buffers and flags in one mapping, and one thread copying the layer's
+//! bytes once. The tcp exchange sends each pair's stages as one
+//! message each way, the shm exchange one message per stage; with
+//! `--vary-tokens` both move the first timed layer's bytes every layer.
+//!
+//! Besides latency (p50, p99, p99.9 of the slowest attention rank per
+//! layer), the bench reports copies per message: the bytes the library
+//! itself copied over the bytes it sent, summed over every rank.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +24,8 @@ use afmesh::bootstrap::{Scheduler, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::floor;
+use crate::workload::Workload;
 use crate::{json_str, WorkloadArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -41,7 +51,7 @@ pub struct BenchArgs {
 }
 
 /// Kills its children on every path out.
-struct Children(Vec<(String, Child)>);
+pub struct Children(pub Vec<(String, Child)>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -52,20 +62,54 @@ impl Drop for Children {
     }
 }
 
-/// Sorted summary: (p50, p99, max, mean).
-pub fn summarize(v: &[f64]) -> (f64, f64, f64, f64) {
+/// Order statistics of a run's per-layer microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Summary {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+pub fn summarize(v: &[f64]) -> Summary {
     if v.is_empty() {
-        return (0.0, 0.0, 0.0, 0.0);
+        return Summary::default();
     }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| s[((s.len() as f64 - 1.0) * p).round() as usize];
-    (
-        q(0.5),
-        q(0.99),
-        s[s.len() - 1],
-        s.iter().sum::<f64>() / s.len() as f64,
-    )
+    Summary {
+        p50: q(0.5),
+        p99: q(0.99),
+        p999: q(0.999),
+        max: s[s.len() - 1],
+        mean: s.iter().sum::<f64>() / s.len() as f64,
+    }
+}
+
+/// The `lat_us` list of a rank's (or floor peer's) JSON report.
+pub fn lat_of(line: &str) -> Option<Vec<f64>> {
+    field(line, "lat_us").map(|l| {
+        l.trim_matches(['[', ']'])
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    })
+}
+
+/// Per layer, the slowest rank's time: a layer is done when its slowest
+/// attention rank is.
+pub fn slowest(per_rank: &[Vec<f64>], iters: u32) -> Vec<f64> {
+    (0..iters as usize)
+        .map(|i| {
+            per_rank
+                .iter()
+                .map(|v| v.get(i).copied().unwrap_or(0.0))
+                .fold(0.0, f64::max)
+        })
+        .collect()
 }
 
 fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
@@ -82,7 +126,7 @@ fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     Some(&rest[..end])
 }
 
-fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
+pub fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
     // Drain every child's stdout as it is written: a report larger than a
     // pipe's buffer would otherwise block the child before it can exit.
     let readers: Vec<_> = children
@@ -232,26 +276,25 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut errors = 0u64;
     let mut first_error: Option<String> = None;
     let (mut ffn_us, mut net_us) = (0.0, 0.0);
+    let (mut sent_bytes, mut copied_bytes) = (0u64, 0u64);
     let mut transport = String::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
-        let e: u64 = field(line, "errors")
-            .and_then(|v| v.parse().ok())
-            .context("rank output lacks errors")?;
-        errors += e;
+        let count = |key: &str| -> Result<u64> {
+            field(line, key)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("rank output lacks {key}: {line}"))
+        };
+        errors += count("errors")?;
+        sent_bytes += count("sent_bytes")?;
+        copied_bytes += count("copied_bytes")?;
         if let Some(fe) = field(line, "first_error").filter(|v| *v != "null") {
             first_error.get_or_insert(fe.trim_matches('"').to_string());
         }
         if let Some(t) = field(line, "transport") {
             transport = t.trim_matches('"').to_string();
         }
-        if let Some(l) = field(line, "lat_us") {
-            let v: Vec<f64> = l
-                .trim_matches(['[', ']'])
-                .split(',')
-                .filter(|x| !x.is_empty())
-                .filter_map(|x| x.parse().ok())
-                .collect();
+        if let Some(v) = lat_of(line) {
             per_rank.push(v);
             ffn_us += field(line, "ffn_us")
                 .and_then(|v| v.parse::<f64>().ok())
@@ -266,35 +309,49 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if per_rank.len() != m as usize {
         bail!("expected {m} attention reports, got {}", per_rank.len());
     }
-    // A layer is done when its slowest attention rank is.
-    let lat: Vec<f64> = (0..w.iters as usize)
-        .map(|i| {
-            per_rank
-                .iter()
-                .map(|v| v.get(i).copied().unwrap_or(0.0))
-                .fold(0.0, f64::max)
-        })
-        .collect();
-    let (p50, p99, max, mean) = summarize(&lat);
-    let (d, c) = w.layer_bytes(m, n);
-    let (floor, floor_name) = if transport == "shm" {
-        (
-            memcpy_floor(d, c, w.warmup.max(5) + w.iters),
-            "memcpy, 1 thread",
-        )
+    let mesh = summarize(&slowest(&per_rank, w.iters));
+    let copies = if sent_bytes == 0 {
+        0.0
     } else {
-        (
-            measure_floor(d, c, w.warmup.max(5) + w.iters)?,
-            "tcp stream, 2 processes",
-        )
+        copied_bytes as f64 / sent_bytes as f64
     };
-    let (floor_p50, ..) = summarize(&floor);
+    let (d, c) = w.layer_bytes(m, n);
+    let plan = floor_plan(&w, m, n, pin.then_some(cpus));
+    let floors = if transport == "shm" {
+        let exchange = floor::shm(&plan).context("shm floor")?;
+        let memcpy = floor::memcpy(d, c, plan.warmup + plan.iters);
+        Floors {
+            exchange: summarize(&exchange).p50,
+            exchange_name: format!("shm exchange, {m}+{n} processes"),
+            polled: None,
+            memcpy: Some(summarize(&memcpy).p50),
+        }
+    } else {
+        let blocking = floor::tcp(&plan, false).context("tcp floor")?;
+        let polled = floor::tcp(&plan, true).context("polled tcp floor")?;
+        Floors {
+            exchange: summarize(&blocking).p50,
+            exchange_name: format!("tcp exchange, {m}+{n} processes"),
+            polled: Some(summarize(&polled).p50),
+            memcpy: None,
+        }
+    };
+    let (floor_p50, floor_name) = floors.best();
+    let Summary {
+        p50,
+        p99,
+        p999,
+        max,
+        mean,
+    } = mesh;
     let goodput = (d + c) as f64 / (mean * 1e-6) / 1e9;
     let ratio = p50 / floor_p50;
     let verified = errors == 0;
     if args.json {
+        let or_null = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |v| format!("{v:.2}"));
+        let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         println!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.3},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -303,6 +360,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             wa.iters,
             wa.warmup,
             d + c,
+            floors.exchange,
             json_str(first_error.as_deref())
         );
     } else {
@@ -314,10 +372,25 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             c as f64 / 1e6
         );
         println!(
-            "  per layer     mean {mean:.1} us  p50 {p50:.1} us  p99 {p99:.1} us  max {max:.1} us"
+            "  per layer     mean {mean:.1} us  p50 {p50:.1} us  p99 {p99:.1} us  p99.9 {p999:.1} us  max {max:.1} us"
         );
         println!("  goodput       {goodput:.2} GB/s");
-        println!("  floor         {floor_p50:.1} us (the same bytes: {floor_name})");
+        println!(
+            "  copies        {copies:.2} per message (bytes the library copied / bytes it sent)"
+        );
+        println!("  floor         {floor_p50:.2} us (the same bytes: {floor_name}); the faster of");
+        println!(
+            "    exchange    {:.2} us ({})",
+            floors.exchange, floors.exchange_name
+        );
+        if let Some(polled) = floors.polled {
+            println!(
+                "    polled      {polled:.2} us (the same, sockets polled instead of blocking)"
+            );
+        }
+        if let Some(memcpy) = floors.memcpy {
+            println!("    memcpy      {memcpy:.2} us (1 thread copies the layer once)");
+        }
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
         println!("  verified      {verified} ({errors} errors)");
@@ -336,87 +409,52 @@ fn elem(e: crate::workload::Elem) -> &'static str {
     }
 }
 
-/// Per-iteration microseconds of copying a layer's bytes once, from one
-/// buffer to another, on one thread: what any shared-memory transport
-/// must at least do.
-fn memcpy_floor(dispatch: u64, combine: u64, iters: u32) -> Vec<f64> {
-    let src_d = vec![0x5au8; dispatch as usize];
-    let src_c = vec![0xa5u8; combine as usize];
-    let mut dst_d = vec![0u8; dispatch as usize];
-    let mut dst_c = vec![0u8; combine as usize];
-    let warm = 5.min(iters);
-    let mut v = Vec::with_capacity(iters as usize);
-    for i in 0..iters {
-        let t = Instant::now();
-        dst_d.copy_from_slice(std::hint::black_box(&src_d));
-        dst_c.copy_from_slice(std::hint::black_box(&src_c));
-        std::hint::black_box((&dst_d, &dst_c));
-        if i >= warm {
-            v.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    v
+/// The floors measured beside one mesh (p50 microseconds).
+#[derive(Debug)]
+struct Floors {
+    /// The exchange as the mesh does it, by plain processes.
+    exchange: f64,
+    exchange_name: String,
+    /// Tcp only: the exchange over polled non-blocking sockets.
+    polled: Option<f64>,
+    /// Shared memory only: one thread's copy of the layer.
+    memcpy: Option<f64>,
 }
 
-/// Per-iteration microseconds of the floor exchange.
-fn measure_floor(dispatch: u64, combine: u64, iters: u32) -> Result<Vec<f64>> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
-        .args(["floor-peer", "--connect", &l.local_addr()?.to_string()])
-        .args([
-            "--dispatch",
-            &dispatch.to_string(),
-            "--combine",
-            &combine.to_string(),
-            "--iters",
-            &iters.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()?;
-    let mut guard = Children(vec![("floor peer".into(), child)]);
-    l.set_nonblocking(true)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match l.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            Err(e) => return Err(e).context("floor peer did not connect"),
+impl Floors {
+    /// The fastest plain way: the floor the mesh is held to.
+    fn best(&self) -> (f64, String) {
+        let mut best = (self.exchange, self.exchange_name.clone());
+        if let Some(p) = self.polled.filter(|p| *p < best.0) {
+            best = (p, format!("{}, polled", self.exchange_name));
         }
+        if let Some(c) = self.memcpy.filter(|c| *c < best.0) {
+            best = (c, "memcpy, 1 thread".into());
+        }
+        best
+    }
+}
+
+/// The exchange floor for `w` on M×N, pinned to `cpus` CPUs the way the
+/// mesh's ranks are (or not pinned).
+fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<usize>) -> floor::Plan {
+    // Attention rank a's bytes per FFN rank: what `layer_bytes` adds for
+    // it, one FFN rank at a time (headers and side block included).
+    let pair = |a: u32| {
+        let (d1, c1) = w.layer_bytes(a + 1, 1);
+        let (d0, c0) = w.layer_bytes(a, 1);
+        (d1 - d0, c1 - c0)
     };
-    s.set_nonblocking(false)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let out = vec![0x5au8; dispatch as usize];
-    let mut back = vec![0u8; combine as usize];
-    let warm = 5.min(iters);
-    let mut v = Vec::with_capacity(iters as usize);
-    for i in 0..iters {
-        let t = Instant::now();
-        s.write_all(&out)?;
-        s.read_exact(&mut back)?;
-        if i >= warm {
-            v.push(t.elapsed().as_secs_f64() * 1e6);
-        }
+    let (dispatch, combine) = (0..m).map(pair).unzip();
+    floor::Plan {
+        m,
+        n,
+        dispatch,
+        combine,
+        stages: w.stages,
+        warmup: w.warmup.max(5),
+        iters: w.iters,
+        timeout: w.timeout,
+        cpus,
     }
-    if let Some((_, c)) = guard.0.first_mut() {
-        let _ = c.wait();
-    }
-    guard.0.clear();
-    Ok(v)
-}
-
-pub fn floor_peer(connect: &str, dispatch: u64, combine: u64, iters: u32) -> Result<()> {
-    let mut s = TcpStream::connect(connect)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut inb = vec![0u8; dispatch as usize];
-    let out = vec![0xa5u8; combine as usize];
-    for _ in 0..iters {
-        s.read_exact(&mut inb)?;
-        s.write_all(&out)?;
-    }
-    Ok(())
 }

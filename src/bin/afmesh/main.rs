@@ -2,6 +2,7 @@
 //! run, and a whole-mesh benchmark on this host.
 
 mod bench;
+mod floor;
 mod workload;
 
 use std::time::Duration;
@@ -49,18 +50,9 @@ enum Cmd {
     /// Start a scheduler and M+N ranks on this host, run the workload,
     /// verify it, and compare with the floor.
     Bench(bench::BenchArgs),
-    /// The far end of the floor measurement (used by `bench`).
+    /// One process of a floor exchange (used by `bench`).
     #[command(hide = true)]
-    FloorPeer {
-        #[arg(long)]
-        connect: String,
-        #[arg(long)]
-        dispatch: u64,
-        #[arg(long)]
-        combine: u64,
-        #[arg(long)]
-        iters: u32,
-    },
+    FloorPeer(floor::PeerArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -161,12 +153,7 @@ fn main() {
         } => scheduler(&bind, attention, ffn, job, join_timeout),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench::bench(&args),
-        Cmd::FloorPeer {
-            connect,
-            dispatch,
-            combine,
-            iters,
-        } => bench::floor_peer(&connect, dispatch, combine, iters),
+        Cmd::FloorPeer(args) => floor::peer(&args),
     };
     if let Err(e) = r {
         eprintln!("afmesh: {e:#}");
@@ -238,11 +225,12 @@ fn run(args: &RunArgs) -> Result<()> {
             let rank = a.rank();
             let stats = a.stats();
             let (rejected, transport) = (stats.rejected(), stats.transport);
+            let (sent, copied) = moved(&stats);
             a.shutdown()?;
             if args.json {
                 let lat: Vec<String> = rep.lat_us.iter().map(|x| format!("{x:.3}")).collect();
                 println!(
-                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
+                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
                     rep.errors,
                     rep.ffn_us,
                     rep.net_us,
@@ -250,7 +238,7 @@ fn run(args: &RunArgs) -> Result<()> {
                     lat.join(",")
                 );
             } else {
-                let (p50, _, _, _) = bench::summarize(&rep.lat_us);
+                let p50 = bench::summarize(&rep.lat_us).p50;
                 println!(
                     "A{rank}: {} layers, p50 {p50:.1} us, {} verification errors",
                     rep.lat_us.len(),
@@ -274,11 +262,13 @@ fn run(args: &RunArgs) -> Result<()> {
             );
             let rep = workload::run_ffn(&mut f, &w)?;
             let rank = f.rank();
-            let rejected = f.stats().rejected();
+            let stats = f.stats();
+            let rejected = stats.rejected();
+            let (sent, copied) = moved(&stats);
             f.shutdown()?;
             if args.json {
                 println!(
-                    "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"first_error\":{}}}",
+                    "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"first_error\":{}}}",
                     rep.batches,
                     rep.errors,
                     json_str(rep.first_error.as_deref())
@@ -299,6 +289,14 @@ fn run(args: &RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes this rank sent to all its peers, and of those the bytes the
+/// library itself copied.
+fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
+    stats.peers.iter().fold((0, 0), |(s, c), (_, p)| {
+        (s + p.sent_bytes, c + p.copied_bytes)
+    })
 }
 
 fn announce(args: &RunArgs, who: String, m: usize, n: usize) {
