@@ -224,7 +224,7 @@ fn run(args: &RunArgs) -> Result<()> {
             let rep = workload::run_attention(&mut a, &w)?;
             let rank = a.rank();
             let stats = a.stats();
-            let (rejected, transport) = (stats.rejected(), stats.transport);
+            let (rejected, transport) = (stats.rejected(), stats.transport.clone());
             let (sent, copied) = moved(&stats);
             a.shutdown()?;
             if args.json {
