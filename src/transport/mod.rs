@@ -26,6 +26,7 @@
 //! links to same-host peers and tcp links to the rest. Verbs comes later.
 
 pub mod mux;
+pub mod notice;
 pub mod poll;
 pub mod shm;
 pub mod sim;

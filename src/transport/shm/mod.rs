@@ -3,9 +3,9 @@
 //! Each rank owns a [`Segment`] in `/dev/shm`: a control page, one incoming
 //! single-producer/single-consumer [`ring`] per peer, and its registered
 //! region. A write copies the payload once, straight into the receiver's
-//! region through the sender's mapping of it, then publishes a 32-byte
-//! notice (region, offset, length, imm) on the receiver's ring for this
-//! link. The receiver polls its rings; every notice's offset and length is
+//! region through the sender's mapping of it, then publishes its
+//! [`Notice`](super::notice::Notice) in a 32-byte entry of the receiver's
+//! ring for this link. The receiver polls its rings; every notice's offset and length is
 //! checked against its region before it counts. A parked receiver sleeps on
 //! a process-shared futex (its doorbell) that producers ring only when it
 //! is parked, so the fast path has no syscall.
@@ -37,9 +37,10 @@ use std::time::{Duration, Instant};
 pub use region::Region;
 pub use segment::{Doorbell, Segment};
 
+use super::notice::Notice;
 use super::{Completion, LinkId, PollPolicy, RegionKey, Transport};
 use crate::error::{Error, Result};
-use ring::{Entry, Pop, Ring, FLAG_CLOSE, FLAG_IMM};
+use ring::Ring;
 
 /// How often a waiting rank checks that its peers' processes are alive.
 const LIVENESS_EVERY: Duration = Duration::from_millis(1);
@@ -151,32 +152,39 @@ impl ShmTransport {
             if l.down {
                 continue;
             }
-            loop {
-                match l.inbound.pop() {
-                    Pop::Empty => break,
-                    Pop::Entry(e) if e.flags & FLAG_CLOSE != 0 => {
+            while let Some(b) = l.inbound.pop() {
+                match Notice::decode(&b) {
+                    Err(e) => {
+                        l.down = true;
+                        out.push(Completion::LinkError {
+                            link,
+                            reason: format!("{}: bad notice: {e}", l.label),
+                        });
+                        break;
+                    }
+                    Ok(n) if n.close => {
                         l.down = true;
                         out.push(Completion::LinkClosed { link });
                         break;
                     }
-                    Pop::Entry(e) => {
-                        let fits = e
+                    Ok(n) => {
+                        let fits = n
                             .offset
-                            .checked_add(u64::from(e.len))
+                            .checked_add(u64::from(n.len))
                             .is_some_and(|end| end <= region_len as u64);
-                        if e.region != 0 || !fits || e.flags & !FLAG_IMM != 0 {
+                        if n.region != 0 || !fits {
                             l.down = true;
                             out.push(Completion::LinkError {
                                 link,
                                 reason: format!(
-                                    "{}: notice for region {} offset {} length {} (flags {:#x}) outside region of {region_len} bytes",
-                                    l.label, e.region, e.offset, e.len, e.flags
+                                    "{}: notice for region {} offset {} length {} outside region of {region_len} bytes",
+                                    l.label, n.region, n.offset, n.len
                                 ),
                             });
                             break;
                         }
-                        if e.flags & FLAG_IMM != 0 {
-                            out.push(Completion::Arrival { link, imm: e.imm });
+                        if let Some(imm) = n.imm {
+                            out.push(Completion::Arrival { link, imm });
                         }
                     }
                 }
@@ -272,21 +280,22 @@ impl Transport for ShmTransport {
                 need: offset.saturating_add(total) as usize,
                 got: l.peer.region_range().1,
             })?;
-        let e = Entry {
+        let notice = Notice {
             region: remote.id,
-            len,
             offset,
-            imm: imm.unwrap_or(0),
-            flags: if imm.is_some() { FLAG_IMM } else { 0 },
-        };
-        if !l.out.push(e) {
+            len,
+            imm,
+            close: false,
+        }
+        .encode();
+        if !l.out.push(&notice) {
             // Full: the consumer is behind. Wait, bounded, and give up if
             // it dies.
             let deadline = Instant::now() + io_timeout;
             loop {
                 l.peer.ring_doorbell();
                 std::thread::yield_now();
-                if l.out.push(e) {
+                if l.out.push(&notice) {
                     break;
                 }
                 if !l.watch.alive() {
@@ -377,10 +386,7 @@ impl Transport for ShmTransport {
         for l in &mut self.links {
             if !l.down {
                 l.down = true;
-                let _ = l.out.push(Entry {
-                    flags: FLAG_CLOSE,
-                    ..Entry::default()
-                });
+                let _ = l.out.push(&Notice::CLOSE.encode());
                 l.peer.ring_doorbell();
             }
         }
@@ -474,14 +480,31 @@ mod tests {
     fn bad_notice_is_a_link_error() {
         let (mut a, mut b, _rb, _kb) = pair("shm-unit-3");
         // A notice pointing past the region, as a broken peer would post.
-        assert!(a.links[0].out.push(Entry {
-            region: 0,
-            len: 16,
-            offset: 4090,
-            imm: 1,
-            flags: FLAG_IMM
-        }));
+        assert!(a.links[0].out.push(
+            &Notice {
+                region: 0,
+                len: 16,
+                offset: 4090,
+                imm: Some(1),
+                close: false,
+            }
+            .encode()
+        ));
         assert!(matches!(wait(&mut b)[0], Completion::LinkError { .. }));
+    }
+
+    #[test]
+    fn notice_with_unknown_flags_is_a_link_error() {
+        let (mut a, mut b, _rb, _kb) = pair("shm-unit-5");
+        let mut bad = Notice::CLOSE.encode();
+        bad[0] |= 0x80;
+        assert!(a.links[0].out.push(&bad));
+        match &wait(&mut b)[..] {
+            [Completion::LinkError { reason, .. }] => {
+                assert!(reason.contains("unknown bits"), "{reason}")
+            }
+            other => panic!("want one link error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -1,41 +1,26 @@
 //! A single-producer, single-consumer ring of write notices in shared
 //! memory.
 //!
-//! Each 32-byte entry carries its own sequence number (index + 1), stored
-//! last: the consumer knows an entry is new by reading the entry itself, so
-//! one notice costs one cache line crossing cores, not a line for the entry
-//! plus a line for a shared head index. The consumer's tail index lives on
-//! its own cache line; the producer reads it only when its cached copy says
-//! the ring is full, which a correct mesh (a few messages in flight per
-//! link) never reaches.
+//! Each 32-byte entry is an encoded [`Notice`](crate::transport::notice)
+//! and its own sequence number (index + 1), stored last: the consumer knows
+//! an entry is new by reading the entry itself, so one notice costs one
+//! cache line crossing cores, not a line for the entry plus a line for a
+//! shared head index. The consumer's tail index lives on its own cache
+//! line; the producer reads it only when its cached copy says the ring is
+//! full, which a correct mesh (a few messages in flight per link) never
+//! reaches.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::transport::notice::NOTICE_LEN;
 
 /// Bytes of the ring header (the consumer's tail line, and a spare line).
 pub const RING_HEADER: usize = 128;
 /// Bytes of one entry.
 pub const ENTRY_LEN: usize = 32;
-const SEQ_OFF: usize = 24;
-
-/// The entry flag for "this write carries an imm".
-pub const FLAG_IMM: u32 = 1;
-/// The entry flag for "the producer closed the link in order".
-pub const FLAG_CLOSE: u32 = 2;
-
-/// A write notice: `len` bytes landed at `offset` of region `region`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Entry {
-    /// Target region id.
-    pub region: u32,
-    /// Payload length.
-    pub len: u32,
-    /// Offset in the region.
-    pub offset: u64,
-    /// The immediate.
-    pub imm: u32,
-    /// `FLAG_*` bits.
-    pub flags: u32,
-}
+/// The sequence word follows the notice.
+const SEQ_OFF: usize = NOTICE_LEN;
+const _: () = assert!(SEQ_OFF + 4 <= ENTRY_LEN && SEQ_OFF % 4 == 0);
 
 /// Bytes a ring of `cap` entries occupies.
 pub fn ring_bytes(cap: u32) -> usize {
@@ -57,15 +42,6 @@ pub struct Ring {
 // the transport keeps: one link end per side), through atomics for the
 // fields that publish.
 unsafe impl Send for Ring {}
-
-/// What `pop` found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pop {
-    /// An entry.
-    Entry(Entry),
-    /// Nothing new.
-    Empty,
-}
 
 impl Ring {
     /// A ring of `cap` entries at `base`.
@@ -103,8 +79,8 @@ impl Ring {
         unsafe { &*self.slot(i).add(SEQ_OFF).cast::<AtomicU32>() }
     }
 
-    /// Producer: appends `e`; `false` if the ring is full.
-    pub fn push(&mut self, e: Entry) -> bool {
+    /// Producer: appends an encoded notice; `false` if the ring is full.
+    pub fn push(&mut self, notice: &[u8; NOTICE_LEN]) -> bool {
         let cap = u64::from(self.cap);
         if self.head.wrapping_sub(self.cached_tail) >= cap {
             self.cached_tail = self.tail().load(Ordering::Acquire);
@@ -113,15 +89,9 @@ impl Ring {
             }
         }
         let h = self.head;
-        let mut b = [0u8; SEQ_OFF];
-        b[0..4].copy_from_slice(&e.region.to_le_bytes());
-        b[4..8].copy_from_slice(&e.len.to_le_bytes());
-        b[8..16].copy_from_slice(&e.offset.to_le_bytes());
-        b[16..20].copy_from_slice(&e.imm.to_le_bytes());
-        b[20..24].copy_from_slice(&e.flags.to_le_bytes());
         // SAFETY: the slot is in the mapping and, until its sequence says
         // otherwise, the consumer does not read it.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.slot(h), SEQ_OFF) };
+        unsafe { std::ptr::copy_nonoverlapping(notice.as_ptr(), self.slot(h), NOTICE_LEN) };
         // SeqCst (not just Release) so that the consumer's "sleeping" flag,
         // read after this store, cannot be seen stale (see the doorbell in
         // the transport).
@@ -131,27 +101,18 @@ impl Ring {
         true
     }
 
-    /// Consumer: takes the oldest entry.
-    pub fn pop(&self) -> Pop {
+    /// Consumer: takes the oldest encoded notice.
+    pub fn pop(&self) -> Option<[u8; NOTICE_LEN]> {
         let t = self.tail().load(Ordering::Relaxed);
         if self.seq(t).load(Ordering::SeqCst) != (t as u32).wrapping_add(1) {
-            return Pop::Empty;
+            return None;
         }
-        let mut b = [0u8; SEQ_OFF];
+        let mut b = [0u8; NOTICE_LEN];
         // SAFETY: in the mapping; the sequence load (acquire) made the
         // producer's entry bytes visible.
-        unsafe { std::ptr::copy_nonoverlapping(self.slot(t), b.as_mut_ptr(), SEQ_OFF) };
+        unsafe { std::ptr::copy_nonoverlapping(self.slot(t), b.as_mut_ptr(), NOTICE_LEN) };
         self.tail().store(t.wrapping_add(1), Ordering::Release);
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let mut off = [0u8; 8];
-        off.copy_from_slice(&b[8..16]);
-        Pop::Entry(Entry {
-            region: u32_at(0),
-            len: u32_at(4),
-            offset: u64::from_le_bytes(off),
-            imm: u32_at(16),
-            flags: u32_at(20),
-        })
+        Some(b)
     }
 
     /// Whether the consumer has anything to take.
@@ -165,30 +126,33 @@ impl Ring {
 mod tests {
     use super::super::sys::Mapping;
     use super::*;
+    use crate::transport::notice::Notice;
     use std::sync::Arc;
 
+    fn notice(i: u64) -> Notice {
+        Notice {
+            region: (i >> 32) as u32,
+            len: i as u32,
+            offset: i.wrapping_mul(0x9e37_79b9),
+            imm: Some(!(i as u32)),
+            close: false,
+        }
+    }
+
     #[test]
-    fn push_pop_full_and_corrupt() {
+    fn push_pop_full() {
         let m = Mapping::anonymous(ring_bytes(4)).unwrap();
         // SAFETY: fresh zeroed anonymous mapping of the right size; one
         // producer view and one consumer view.
         let (mut p, c) = unsafe { (Ring::new(m.ptr(), 4), Ring::new(m.ptr(), 4)) };
-        assert_eq!(c.pop(), Pop::Empty);
-        for round in 0..3u32 {
+        assert_eq!(c.pop(), None);
+        for round in 0..3u64 {
             for i in 0..4 {
-                let e = Entry {
-                    imm: round * 10 + i,
-                    ..Entry::default()
-                };
-                assert!(p.push(e));
+                assert!(p.push(&notice(round * 10 + i).encode()));
             }
-            assert!(!p.push(Entry::default()), "full");
+            assert!(!p.push(&Notice::CLOSE.encode()), "full");
             for i in 0..4 {
-                let want = Entry {
-                    imm: round * 10 + i,
-                    ..Entry::default()
-                };
-                assert_eq!(c.pop(), Pop::Entry(want));
+                assert_eq!(c.pop(), Some(notice(round * 10 + i).encode()));
             }
             assert!(c.is_empty());
         }
@@ -207,14 +171,7 @@ mod tests {
                 let mut r = unsafe { Ring::new(m.ptr(), 64) };
                 let mut i = 0u64;
                 while i < N {
-                    let e = Entry {
-                        region: (i >> 32) as u32,
-                        len: i as u32,
-                        offset: i.wrapping_mul(0x9e37_79b9),
-                        imm: !(i as u32),
-                        flags: FLAG_IMM,
-                    };
-                    if r.push(e) {
+                    if r.push(&notice(i).encode()) {
                         i += 1;
                     } else {
                         std::thread::yield_now();
@@ -227,16 +184,14 @@ mod tests {
         let mut next = 0u64;
         while next < N {
             match r.pop() {
-                Pop::Entry(e) => {
-                    assert_eq!(e.len, next as u32);
-                    assert_eq!(e.offset, next.wrapping_mul(0x9e37_79b9));
-                    assert_eq!(e.imm, !(next as u32));
+                Some(b) => {
+                    assert_eq!(Notice::decode(&b), Ok(notice(next)));
                     next += 1;
                 }
-                Pop::Empty => std::thread::yield_now(),
+                None => std::thread::yield_now(),
             }
         }
         prod.join().unwrap();
-        assert_eq!(r.pop(), Pop::Empty);
+        assert_eq!(r.pop(), None);
     }
 }

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use super::notice::Notice;
 use super::shm::Doorbell;
 use super::{Completion, LinkId, PollPolicy, Region, RegionKey, Transport};
 use crate::error::{Error, Result};
-use frame::{FrameHeader, FRAME_LEN};
+use frame::FRAME_LEN;
 
 #[derive(Debug)]
 struct Link {
@@ -136,7 +137,7 @@ fn read_loop(mut s: TcpStream, link: LinkId, regions: Arc<[Arc<Region>]>, tx: Po
                 return;
             }
         }
-        let h = match FrameHeader::decode(&hb) {
+        let h = match frame::decode(&hb) {
             Ok(h) => h,
             Err(e) => {
                 let _ = tx.send(Completion::LinkError {
@@ -268,14 +269,13 @@ impl Transport for TcpTransport {
                 MAX_GATHER - 1
             )));
         }
-        let fh = FrameHeader {
+        let fh = frame::encode(&Notice {
             region: remote.id,
             offset,
             len,
             imm,
             close: false,
-        }
-        .encode();
+        });
         let mut iov: [IoSlice<'_>; MAX_GATHER] = [IoSlice::new(&[]); MAX_GATHER];
         iov[0] = IoSlice::new(&fh);
         for (i, s) in src.iter().enumerate() {
@@ -345,14 +345,7 @@ impl Transport for TcpTransport {
     }
 
     fn close(&mut self) {
-        let bye = FrameHeader {
-            region: 0,
-            offset: 0,
-            len: 0,
-            imm: None,
-            close: true,
-        }
-        .encode();
+        let bye = frame::encode(&Notice::CLOSE);
         for l in &mut self.links {
             if !l.down {
                 let _ = l.stream.set_write_timeout(Some(Duration::from_millis(200)));
