@@ -10,8 +10,8 @@
 //! full, which a correct mesh (a few messages in flight per link) never
 //! reaches.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-
+use crate::sync::shared::{AtomicU32, AtomicU64};
+use crate::sync::Ordering;
 use crate::transport::notice::NOTICE_LEN;
 
 /// Bytes of the ring header (the consumer's tail line, and a spare line).
@@ -27,21 +27,114 @@ pub fn ring_bytes(cap: u32) -> usize {
     RING_HEADER + cap as usize * ENTRY_LEN
 }
 
-/// A view of one ring inside a mapping. The producer's position is its
-/// own (one producer per ring, for the life of the link).
+/// Where a ring keeps its tail, its sequence words and its notices:
+/// [`Mapped`] shared memory in production, loom-modelled memory in the
+/// model tests. Index `i` means the slot `i % cap`.
+pub trait Slots {
+    /// Entries in the ring (at least 1).
+    fn cap(&self) -> u32;
+    /// Loads the consumer's tail.
+    fn load_tail(&self, order: Ordering) -> u64;
+    /// Stores the consumer's tail.
+    fn store_tail(&self, tail: u64, order: Ordering);
+    /// Loads the sequence word of slot `i`.
+    fn load_seq(&self, i: u64, order: Ordering) -> u32;
+    /// Stores the sequence word of slot `i`.
+    fn store_seq(&self, i: u64, seq: u32, order: Ordering);
+    /// Writes the notice of slot `i`.
+    ///
+    /// # Safety
+    /// Only the ring's one producer, while the slot is free: the consumer
+    /// has moved the tail past the slot's previous entry.
+    unsafe fn write(&self, i: u64, notice: &[u8; NOTICE_LEN]);
+    /// Reads the notice of slot `i`.
+    ///
+    /// # Safety
+    /// Only the ring's one consumer, after it saw the slot's sequence
+    /// published and before it moves the tail past it.
+    unsafe fn read(&self, i: u64) -> [u8; NOTICE_LEN];
+}
+
+/// A ring's slots in a (shared) mapping.
 #[derive(Debug)]
-pub struct Ring {
+pub struct Mapped {
     base: *mut u8,
     cap: u32,
+}
+
+// SAFETY: a view of shared memory; entries are written only by the one
+// producer and the tail only by the one consumer (the SPSC contract the
+// transport keeps: one link end per side), through atomics for the fields
+// that publish.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    fn slot(&self, i: u64) -> *mut u8 {
+        // SAFETY: the index is reduced modulo `cap`, so the slot lies in the
+        // mapped entry array (`Ring::new`'s contract).
+        unsafe {
+            self.base
+                .add(RING_HEADER + (i % u64::from(self.cap)) as usize * ENTRY_LEN)
+        }
+    }
+
+    fn tail(&self) -> &AtomicU64 {
+        // SAFETY: `base` is aligned and mapped (`Ring::new`'s contract).
+        unsafe { &*self.base.cast::<AtomicU64>() }
+    }
+
+    fn seq(&self, i: u64) -> &AtomicU32 {
+        // SAFETY: inside the slot (see `slot`), 4-byte aligned (slots are
+        // 32-byte aligned, the field is at 24).
+        unsafe { &*self.slot(i).add(SEQ_OFF).cast::<AtomicU32>() }
+    }
+}
+
+impl Slots for Mapped {
+    #[inline(always)]
+    fn cap(&self) -> u32 {
+        self.cap
+    }
+    #[inline(always)]
+    fn load_tail(&self, order: Ordering) -> u64 {
+        self.tail().load(order)
+    }
+    #[inline(always)]
+    fn store_tail(&self, tail: u64, order: Ordering) {
+        self.tail().store(tail, order)
+    }
+    #[inline(always)]
+    fn load_seq(&self, i: u64, order: Ordering) -> u32 {
+        self.seq(i).load(order)
+    }
+    #[inline(always)]
+    fn store_seq(&self, i: u64, seq: u32, order: Ordering) {
+        self.seq(i).store(seq, order)
+    }
+    #[inline(always)]
+    unsafe fn write(&self, i: u64, notice: &[u8; NOTICE_LEN]) {
+        // SAFETY: the slot is in the mapping (see `slot`) and the caller
+        // holds it (`write`'s contract).
+        unsafe { std::ptr::copy_nonoverlapping(notice.as_ptr(), self.slot(i), NOTICE_LEN) }
+    }
+    #[inline(always)]
+    unsafe fn read(&self, i: u64) -> [u8; NOTICE_LEN] {
+        let mut b = [0u8; NOTICE_LEN];
+        // SAFETY: the slot is in the mapping (see `slot`) and the caller
+        // holds it (`read`'s contract).
+        unsafe { std::ptr::copy_nonoverlapping(self.slot(i), b.as_mut_ptr(), NOTICE_LEN) };
+        b
+    }
+}
+
+/// One end of a ring. The producer's position is its own (one producer
+/// per ring, for the life of the link).
+#[derive(Debug)]
+pub struct Ring<S: Slots = Mapped> {
+    slots: S,
     head: u64,
     cached_tail: u64,
 }
-
-// SAFETY: the ring is a view of shared memory; entries are written only by
-// the one producer and the tail only by the one consumer (the SPSC contract
-// the transport keeps: one link end per side), through atomics for the
-// fields that publish.
-unsafe impl Send for Ring {}
 
 impl Ring {
     /// A ring of `cap` entries at `base`.
@@ -51,74 +144,65 @@ impl Ring {
     /// bytes of (shared) memory that stay mapped as long as the ring is
     /// used, zeroed when the ring was first created.
     pub unsafe fn new(base: *mut u8, cap: u32) -> Ring {
-        Ring {
+        Ring::over(Mapped {
             base,
             cap: cap.max(1),
+        })
+    }
+}
+
+impl<S: Slots> Ring<S> {
+    /// One end of the ring in `slots`.
+    pub fn over(slots: S) -> Ring<S> {
+        Ring {
+            slots,
             head: 0,
             cached_tail: 0,
         }
     }
 
-    fn tail(&self) -> &AtomicU64 {
-        // SAFETY: `base` is aligned and mapped (`new`'s contract).
-        unsafe { &*self.base.cast::<AtomicU64>() }
-    }
-
-    fn slot(&self, i: u64) -> *mut u8 {
-        // SAFETY: the index is reduced modulo `cap`, so the slot lies in the
-        // mapped entry array.
-        unsafe {
-            self.base
-                .add(RING_HEADER + (i % u64::from(self.cap)) as usize * ENTRY_LEN)
-        }
-    }
-
-    fn seq(&self, i: u64) -> &AtomicU32 {
-        // SAFETY: inside the slot (see `slot`), 4-byte aligned (slots are
-        // 32-byte aligned, the field is at 24).
-        unsafe { &*self.slot(i).add(SEQ_OFF).cast::<AtomicU32>() }
-    }
-
     /// Producer: appends an encoded notice; `false` if the ring is full.
+    #[inline]
     pub fn push(&mut self, notice: &[u8; NOTICE_LEN]) -> bool {
-        let cap = u64::from(self.cap);
+        let cap = u64::from(self.slots.cap());
         if self.head.wrapping_sub(self.cached_tail) >= cap {
-            self.cached_tail = self.tail().load(Ordering::Acquire);
+            self.cached_tail = self.slots.load_tail(Ordering::Acquire);
             if self.head.wrapping_sub(self.cached_tail) >= cap {
                 return false;
             }
         }
         let h = self.head;
-        // SAFETY: the slot is in the mapping and, until its sequence says
-        // otherwise, the consumer does not read it.
-        unsafe { std::ptr::copy_nonoverlapping(notice.as_ptr(), self.slot(h), NOTICE_LEN) };
+        // SAFETY: we are the one producer and, until its sequence says
+        // otherwise, the consumer does not read the slot (the tail check
+        // above: the consumer is done with its previous entry).
+        unsafe { self.slots.write(h, notice) };
         // SeqCst (not just Release) so that the consumer's "sleeping" flag,
         // read after this store, cannot be seen stale (see the doorbell in
         // the transport).
-        self.seq(h)
-            .store((h as u32).wrapping_add(1), Ordering::SeqCst);
+        self.slots
+            .store_seq(h, (h as u32).wrapping_add(1), Ordering::SeqCst);
         self.head = h.wrapping_add(1);
         true
     }
 
     /// Consumer: takes the oldest encoded notice.
+    #[inline]
     pub fn pop(&self) -> Option<[u8; NOTICE_LEN]> {
-        let t = self.tail().load(Ordering::Relaxed);
-        if self.seq(t).load(Ordering::SeqCst) != (t as u32).wrapping_add(1) {
+        let t = self.slots.load_tail(Ordering::Relaxed);
+        if self.slots.load_seq(t, Ordering::SeqCst) != (t as u32).wrapping_add(1) {
             return None;
         }
-        let mut b = [0u8; NOTICE_LEN];
-        // SAFETY: in the mapping; the sequence load (acquire) made the
-        // producer's entry bytes visible.
-        unsafe { std::ptr::copy_nonoverlapping(self.slot(t), b.as_mut_ptr(), NOTICE_LEN) };
-        self.tail().store(t.wrapping_add(1), Ordering::Release);
+        // SAFETY: we are the one consumer; the sequence load (acquire) saw
+        // the entry published and made its bytes visible.
+        let b = unsafe { self.slots.read(t) };
+        self.slots.store_tail(t.wrapping_add(1), Ordering::Release);
         Some(b)
     }
 
     /// Whether the consumer has anything to take.
     pub fn is_empty(&self) -> bool {
-        let t = self.tail().load(Ordering::Relaxed);
-        self.seq(t).load(Ordering::SeqCst) != (t as u32).wrapping_add(1)
+        let t = self.slots.load_tail(Ordering::Relaxed);
+        self.slots.load_seq(t, Ordering::SeqCst) != (t as u32).wrapping_add(1)
     }
 }
 
