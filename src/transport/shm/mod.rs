@@ -30,11 +30,11 @@ pub mod segment;
 pub mod sys;
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use region::Region;
+use segment::Bell;
 pub use segment::{Doorbell, Segment};
 
 use super::notice::Notice;
@@ -195,7 +195,7 @@ impl ShmTransport {
     /// Whether another backend of this rank posted something since we
     /// last looked (so the caller should poll it).
     fn external_changed(&mut self) -> bool {
-        let now = self.own.external().load(Ordering::SeqCst);
+        let now = self.own.bell().external();
         if now != self.external_seen {
             self.external_seen = now;
             return true;
@@ -355,25 +355,26 @@ impl Transport for ShmTransport {
                 }
             }
         }
-        // Park on the doorbell.
+        // Park on the doorbell (the protocol is in `segment`).
+        let map = self.own.mapping();
+        let bell = Bell::of(&map);
         loop {
             let now = Instant::now();
             if now >= deadline {
                 return Ok(());
             }
-            let seen = self.own.doorbell().load(Ordering::SeqCst);
-            self.own.sleeping().store(1, Ordering::SeqCst);
-            self.drain(out);
             // Another backend's traffic (tcp readers count it) means
             // return, so the caller looks there.
-            let mut external = self.external_changed();
-            if out.len() == start && !external {
-                sys::futex_wait(self.own.doorbell(), seen, (deadline - now).min(MAX_PARK));
-                self.drain(out);
-                external = self.external_changed();
-            }
-            self.own.sleeping().store(0, Ordering::SeqCst);
-            if out.len() == start && !external {
+            let mut external = false;
+            let found = bell.park(
+                || {
+                    self.drain(out);
+                    external = self.external_changed();
+                    out.len() > start || external
+                },
+                |word, seen| sys::futex_wait(word, seen, (deadline - now).min(MAX_PARK)),
+            );
+            if !found {
                 self.check_liveness(out);
             }
             if out.len() > start || external {
@@ -414,6 +415,7 @@ impl Drop for ShmTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     fn pair(job: &str) -> (ShmTransport, ShmTransport, Arc<Region>, RegionKey) {
         let mut a =

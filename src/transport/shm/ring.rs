@@ -9,6 +9,22 @@
 //! line; the producer reads it only when its cached copy says the ring is
 //! full, which a correct mesh (a few messages in flight per link) never
 //! reaches.
+//!
+//! Orderings, and what each pairs with:
+//!
+//! * `push` stores the sequence with `Release` after writing the notice;
+//!   `pop` (and `is_empty`) load it with `Acquire`. A consumer that sees
+//!   the sequence sees the notice.
+//! * `pop` stores the tail with `Release` after copying the notice out;
+//!   `push` loads it with `Acquire` when the ring looks full. The producer
+//!   rewrites a slot only after the consumer is done reading it.
+//! * `pop` loads the tail `Relaxed`: only the consumer writes it.
+//!
+//! Parking is not the ring's business: the producer's "publish, then see
+//! whether the consumer sleeps" against the consumer's "announce sleep,
+//! then re-check" is ordered by the `SeqCst` fences of the doorbell
+//! (`segment::Bell`), which run after `push` and before the re-check.
+//! On x86 every access here is a plain `mov`.
 
 use crate::sync::shared::{AtomicU32, AtomicU64};
 use crate::sync::Ordering;
@@ -176,11 +192,10 @@ impl<S: Slots> Ring<S> {
         // otherwise, the consumer does not read the slot (the tail check
         // above: the consumer is done with its previous entry).
         unsafe { self.slots.write(h, notice) };
-        // SeqCst (not just Release) so that the consumer's "sleeping" flag,
-        // read after this store, cannot be seen stale (see the doorbell in
-        // the transport).
+        // Release: pairs with the consumer's acquire load of the sequence,
+        // so the notice bytes are visible once the sequence is.
         self.slots
-            .store_seq(h, (h as u32).wrapping_add(1), Ordering::SeqCst);
+            .store_seq(h, (h as u32).wrapping_add(1), Ordering::Release);
         self.head = h.wrapping_add(1);
         true
     }
@@ -189,7 +204,8 @@ impl<S: Slots> Ring<S> {
     #[inline]
     pub fn pop(&self) -> Option<[u8; NOTICE_LEN]> {
         let t = self.slots.load_tail(Ordering::Relaxed);
-        if self.slots.load_seq(t, Ordering::SeqCst) != (t as u32).wrapping_add(1) {
+        // Acquire: pairs with `push`'s release store of the sequence.
+        if self.slots.load_seq(t, Ordering::Acquire) != (t as u32).wrapping_add(1) {
             return None;
         }
         // SAFETY: we are the one consumer; the sequence load (acquire) saw
@@ -202,7 +218,7 @@ impl<S: Slots> Ring<S> {
     /// Whether the consumer has anything to take.
     pub fn is_empty(&self) -> bool {
         let t = self.slots.load_tail(Ordering::Relaxed);
-        self.slots.load_seq(t, Ordering::SeqCst) != (t as u32).wrapping_add(1)
+        self.slots.load_seq(t, Ordering::Acquire) != (t as u32).wrapping_add(1)
     }
 }
 

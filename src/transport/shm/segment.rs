@@ -7,12 +7,43 @@
 //! mesh's barrier), so even a crash later leaves nothing behind; files left
 //! by a crash during setup are removed by the next rank that starts on the
 //! host, once their owner process is gone.
+//!
+//! # The doorbell
+//!
+//! A consumer with nothing to do parks on a futex, its doorbell; producers
+//! ring it only when it is parked, so the fast path has no syscall. The
+//! words live in the control page and the protocol is [`Bell`]'s:
+//!
+//! ```text
+//! consumer (Bell::park)                 producer (after publishing: Bell::bump)
+//!   seen = bell                           publish: ring sequence (release),
+//!   sleeping = 1            (release)              or external += 1
+//!   fence(SeqCst)           (Fc)          fence(SeqCst)              (Fp)
+//!   re-check rings, external              if sleeping != 0 (acquire):
+//!   if nothing: futex_wait(bell, seen)        bell += 1; futex_wake(bell)
+//!   sleeping = 0
+//! ```
+//!
+//! `Fc` and `Fp` fall in one total order. If `Fc` is first, the producer's
+//! load after `Fp` sees `sleeping = 1` and rings; the bump comes after the
+//! consumer read `seen` (the release store and acquire load of `sleeping`
+//! order that read before the bump), so the futex wait returns at once or
+//! is woken. If `Fp` is first, the consumer's re-check after `Fc` sees what
+//! the producer published before `Fp`. No wakeup is lost. Each side stores
+//! one word and then loads the other's (Dekker's pattern), which release
+//! and acquire alone do not order: the two fences do, and they are the
+//! form loom can check (`crate::sync`); the loom tests below run this code.
+//! The bump itself is relaxed: the futex calls order themselves against
+//! the word (the kernel compares it under its own lock), and after a wake
+//! the consumer's next round of the protocol re-checks from the start.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use super::ring::{ring_bytes, Ring};
 use super::sys::{self, Mapping};
+use crate::sync::shared::AtomicU32;
+use crate::sync::{fence, Ordering, Word32};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"AFMSHM01");
 const VERSION: u32 = 1;
@@ -69,7 +100,7 @@ fn write_bytes(m: &Mapping, off: usize, b: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), m.ptr().add(off), b.len()) };
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn sanitize(job: &str) -> String {
     job.chars()
@@ -216,21 +247,18 @@ impl Segment {
 
     /// The doorbell word: bumped by producers to wake a parked consumer.
     pub fn doorbell(&self) -> &AtomicU32 {
-        // SAFETY: inside the first page, 4-byte aligned, lives with `map`.
-        unsafe { &*self.map.ptr().add(DOORBELL_OFF).cast::<AtomicU32>() }
+        self.bell().bell
     }
 
     /// Non-zero while the consumer is parked (or about to be).
     pub fn sleeping(&self) -> &AtomicU32 {
-        // SAFETY: as for `doorbell`.
-        unsafe { &*self.map.ptr().add(SLEEPING_OFF).cast::<AtomicU32>() }
+        self.bell().sleeping
     }
 
     /// Bumped by other backends of this rank (tcp readers) when they have
     /// something; the consumer returns from a wait when it changes.
     pub fn external(&self) -> &AtomicU32 {
-        // SAFETY: as for `doorbell`.
-        unsafe { &*self.map.ptr().add(EXTERNAL_OFF).cast::<AtomicU32>() }
+        self.bell().external
     }
 
     /// The mapping (to keep alive from regions and wakers).
@@ -266,11 +294,16 @@ impl Segment {
         Ok(())
     }
 
-    /// Wakes the consumer if it is parked.
+    /// The doorbell protocol over this segment's control page.
+    pub(crate) fn bell(&self) -> Bell<'_> {
+        Bell::of(&self.map)
+    }
+
+    /// Wakes the consumer if it is parked. Call after publishing.
     pub fn ring_doorbell(&self) {
-        if self.sleeping().load(Ordering::SeqCst) != 0 {
-            self.doorbell().fetch_add(1, Ordering::SeqCst);
-            sys::futex_wake(self.doorbell());
+        let bell = self.bell();
+        if bell.bump() {
+            sys::futex_wake(bell.bell);
         }
     }
 
@@ -299,22 +332,92 @@ pub struct Doorbell {
 impl Doorbell {
     /// Counts one external event and wakes the consumer if it is parked.
     pub fn ring(&self) {
-        // SAFETY: the three words are inside the first page of the mapping,
-        // aligned, and live as long as `map`.
-        let (sleeping, bell, external) = unsafe {
-            (
-                &*self.map.ptr().add(SLEEPING_OFF).cast::<AtomicU32>(),
-                &*self.map.ptr().add(DOORBELL_OFF).cast::<AtomicU32>(),
-                &*self.map.ptr().add(EXTERNAL_OFF).cast::<AtomicU32>(),
-            )
-        };
-        // The count first: a consumer that sets `sleeping` afterwards sees
-        // it before it parks (both SeqCst), one that set it before is woken.
-        external.fetch_add(1, Ordering::SeqCst);
-        if sleeping.load(Ordering::SeqCst) != 0 {
-            bell.fetch_add(1, Ordering::SeqCst);
-            sys::futex_wake(bell);
+        let bell = Bell::of(&self.map);
+        if bell.count_external() {
+            sys::futex_wake(bell.bell);
         }
+    }
+}
+
+/// A consumer's doorbell: the words it parks on, and the protocol over
+/// them (see the module docs). Over the control page in production
+/// ([`Bell::of`]), over loom's atomics in the model tests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bell<'a, W = AtomicU32> {
+    /// Non-zero while the consumer is parked or about to be.
+    pub(crate) sleeping: &'a W,
+    /// The futex word: bumped to wake the consumer.
+    pub(crate) bell: &'a W,
+    /// Counts other backends' events (tcp readers of the same rank).
+    pub(crate) external: &'a W,
+}
+
+impl Bell<'_> {
+    /// The doorbell in the control page of `map`.
+    pub(crate) fn of(map: &Mapping) -> Bell<'_> {
+        // SAFETY: every mapping has its first page (checked at create and
+        // open); the words are inside it, 4-byte aligned, and live as long
+        // as `map`, which the result borrows.
+        unsafe {
+            Bell {
+                sleeping: &*map.ptr().add(SLEEPING_OFF).cast::<AtomicU32>(),
+                bell: &*map.ptr().add(DOORBELL_OFF).cast::<AtomicU32>(),
+                external: &*map.ptr().add(EXTERNAL_OFF).cast::<AtomicU32>(),
+            }
+        }
+    }
+}
+
+impl<W: Word32> Bell<'_, W> {
+    /// Producer, after publishing: bumps the bell if the consumer is parked
+    /// or about to be. `true` means the caller must wake the futex.
+    #[inline]
+    pub(crate) fn bump(&self) -> bool {
+        // Fp: pairs with the consumer's Fc in `park`.
+        fence(Ordering::SeqCst);
+        // Acquire pairs with `park`'s release store of 1: the consumer read
+        // `seen` before this bump.
+        if self.sleeping.load(Ordering::Acquire) != 0 {
+            self.bell.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Another backend's event: counts it, then as [`Bell::bump`].
+    pub(crate) fn count_external(&self) -> bool {
+        // Ordered before the check of `sleeping` by `bump`'s fence.
+        self.external.fetch_add(1, Ordering::Relaxed);
+        self.bump()
+    }
+
+    /// The count of other backends' events (read after `park`'s fence,
+    /// when it matters).
+    pub(crate) fn external(&self) -> u32 {
+        self.external.load(Ordering::Relaxed)
+    }
+
+    /// Consumer: announces the park, runs `recheck` (is there anything,
+    /// now that producers will ring?), and if not, `wait`s on the bell word
+    /// for a change from the value it had before the announcement, then
+    /// re-checks once more. Returns what the last `recheck` said.
+    pub(crate) fn park(
+        &self,
+        mut recheck: impl FnMut() -> bool,
+        wait: impl FnOnce(&W, u32),
+    ) -> bool {
+        let seen = self.bell.load(Ordering::Relaxed);
+        self.sleeping.store(1, Ordering::Release);
+        // Fc: pairs with the producer's Fp in `bump`.
+        fence(Ordering::SeqCst);
+        let mut found = recheck();
+        if !found {
+            wait(self.bell, seen);
+            found = recheck();
+        }
+        // A producer that still sees 1 only rings once too often.
+        self.sleeping.store(0, Ordering::Relaxed);
+        found
     }
 }
 
