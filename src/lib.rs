@@ -57,6 +57,7 @@ pub mod bootstrap;
 mod engine;
 pub mod error;
 pub mod proto;
+mod sync;
 pub mod transport;
 
 pub use api::{

@@ -44,6 +44,7 @@
 //! each on the first backend of the preference list that reaches it.
 
 pub mod mux;
+pub mod notice;
 pub mod poll;
 mod region;
 pub mod shm;

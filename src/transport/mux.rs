@@ -304,14 +304,14 @@ impl Mux {
                     );
                     self.watched = fds.len();
                 }
-                let seen = bell.arm();
-                // Look once more after announcing the park: a producer that
-                // published before it saw the flag did not ring.
-                let r = self.progress(out);
-                if r.is_ok() && out.len() == start {
-                    bell.wait(seen, t);
-                }
-                bell.disarm();
+                let mut r = Ok(());
+                bell.park(
+                    || {
+                        r = self.progress(out);
+                        r.is_err() || out.len() > start
+                    },
+                    t,
+                );
                 r?;
                 if out.len() > start {
                     return Ok(());

@@ -40,12 +40,13 @@ use std::time::{Duration, Instant};
 pub use super::Region;
 pub use segment::{Doorbell, Segment};
 
+use super::notice::Notice;
 use super::{
     blob, check_post, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice, PeerSpec,
     RegionKey, Registration, Transport, Wake,
 };
 use crate::error::{Error, Result};
-use ring::{Entry, Pop, Ring, FLAG_CLOSE, FLAG_IMM};
+use ring::Ring;
 
 /// How often progress checks that the peers' processes are alive.
 const LIVENESS_EVERY: Duration = Duration::from_millis(1);
@@ -163,33 +164,40 @@ impl ShmTransport {
             if l.down {
                 continue;
             }
-            loop {
-                match l.inbound.pop() {
-                    Pop::Empty => break,
-                    Pop::Entry(e) if e.flags & FLAG_CLOSE != 0 => {
+            while let Some(b) = l.inbound.pop() {
+                match Notice::decode(&b) {
+                    Err(e) => {
+                        l.down = true;
+                        out.push(Completion::LinkError {
+                            link,
+                            reason: format!("{}: bad notice: {e}", l.label),
+                        });
+                        break;
+                    }
+                    Ok(n) if n.close => {
                         l.down = true;
                         out.push(Completion::LinkClosed { link });
                         break;
                     }
-                    Pop::Entry(e) => {
-                        let region_len = regions.get(e.region as usize).map_or(0, |r| r.len());
-                        let fits = e
+                    Ok(n) => {
+                        let region_len = regions.get(n.region as usize).map_or(0, |r| r.len());
+                        let fits = n
                             .offset
-                            .checked_add(u64::from(e.len))
+                            .checked_add(u64::from(n.len))
                             .is_some_and(|end| end <= region_len as u64);
-                        if !fits || e.flags & !FLAG_IMM != 0 {
+                        if !fits {
                             l.down = true;
                             out.push(Completion::LinkError {
                                 link,
                                 reason: format!(
-                                    "{}: notice for region {} offset {} length {} (flags {:#x}) outside that region ({region_len} bytes)",
-                                    l.label, e.region, e.offset, e.len, e.flags
+                                    "{}: notice for region {} offset {} length {} outside that region ({region_len} bytes)",
+                                    l.label, n.region, n.offset, n.len
                                 ),
                             });
                             break;
                         }
-                        if e.flags & FLAG_IMM != 0 {
-                            out.push(Completion::Arrival { link, imm: e.imm });
+                        if let Some(imm) = n.imm {
+                            out.push(Completion::Arrival { link, imm });
                         }
                     }
                 }
@@ -414,14 +422,15 @@ impl Transport for ShmTransport {
             })?;
             at += n as u64;
         }
-        let e = Entry {
+        let notice = Notice {
             region: remote.id,
-            len,
             offset,
-            imm: imm.unwrap_or(0),
-            flags: if imm.is_some() { FLAG_IMM } else { 0 },
-        };
-        if !l.out.push(e) {
+            len,
+            imm,
+            close: false,
+        }
+        .encode();
+        if !l.out.push(&notice) {
             // The consumer is far behind; the bytes landed but are not
             // announced, so the caller posts the same write again later.
             l.peer.ring_doorbell();
@@ -453,10 +462,7 @@ impl Transport for ShmTransport {
         for l in &mut self.links {
             if !l.down {
                 l.down = true;
-                let _ = l.out.push(Entry {
-                    flags: FLAG_CLOSE,
-                    ..Entry::default()
-                });
+                let _ = l.out.push(&Notice::CLOSE.encode());
                 l.peer.ring_doorbell();
             }
         }
@@ -575,13 +581,13 @@ mod tests {
             let mut out = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(5);
             while out.is_empty() && Instant::now() < deadline {
-                let seen = bell.arm();
-                b.progress(&mut out).unwrap();
-                if out.is_empty() {
-                    bell.wait(seen, Duration::from_secs(5));
-                }
-                bell.disarm();
-                b.progress(&mut out).unwrap();
+                bell.park(
+                    || {
+                        b.progress(&mut out).unwrap();
+                        !out.is_empty()
+                    },
+                    Duration::from_secs(5),
+                );
             }
             out
         });
@@ -604,14 +610,31 @@ mod tests {
     fn bad_notice_is_a_link_error() {
         let mut p = pair("shm-unit-3");
         // A notice pointing past the region, as a broken peer would post.
-        assert!(p.a.links[0].out.push(Entry {
-            region: 0,
-            len: 16,
-            offset: 4090,
-            imm: 1,
-            flags: FLAG_IMM
-        }));
+        assert!(p.a.links[0].out.push(
+            &Notice {
+                region: 0,
+                len: 16,
+                offset: 4090,
+                imm: Some(1),
+                close: false,
+            }
+            .encode()
+        ));
         assert!(matches!(wait(&mut p.b)[0], Completion::LinkError { .. }));
+    }
+
+    #[test]
+    fn notice_with_unknown_flags_is_a_link_error() {
+        let mut p = pair("shm-unit-6");
+        let mut bad = Notice::CLOSE.encode();
+        bad[0] |= 0x80;
+        assert!(p.a.links[0].out.push(&bad));
+        match &wait(&mut p.b)[..] {
+            [Completion::LinkError { reason, .. }] => {
+                assert!(reason.contains("unknown bits"), "{reason}")
+            }
+            other => panic!("want one link error, got {other:?}"),
+        }
     }
 
     #[test]

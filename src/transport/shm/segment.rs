@@ -7,13 +7,44 @@
 //! mesh's barrier), so even a crash later leaves nothing behind; files left
 //! by a crash during setup are removed by the next rank that starts on the
 //! host, once their owner process is gone.
+//!
+//! # The doorbell
+//!
+//! A consumer with nothing to do parks on a futex, its doorbell; producers
+//! ring it only when it is parked, so the fast path has no syscall. The
+//! words live in the control page and the protocol is [`Bell`]'s:
+//!
+//! ```text
+//! consumer (Bell::park)                 producer (after publishing: Bell::bump)
+//!   seen = bell                           publish: ring sequence (release),
+//!   sleeping = 1            (release)              or external += 1
+//!   fence(SeqCst)           (Fc)          fence(SeqCst)              (Fp)
+//!   re-check rings, external              if sleeping != 0 (acquire):
+//!   if nothing: futex_wait(bell, seen)        bell += 1; futex_wake(bell)
+//!   sleeping = 0
+//! ```
+//!
+//! `Fc` and `Fp` fall in one total order. If `Fc` is first, the producer's
+//! load after `Fp` sees `sleeping = 1` and rings; the bump comes after the
+//! consumer read `seen` (the release store and acquire load of `sleeping`
+//! order that read before the bump), so the futex wait returns at once or
+//! is woken. If `Fp` is first, the consumer's re-check after `Fc` sees what
+//! the producer published before `Fp`. No wakeup is lost. Each side stores
+//! one word and then loads the other's (Dekker's pattern), which release
+//! and acquire alone do not order: the two fences do, and they are the
+//! form loom can check (`crate::sync`); the loom tests below run this code.
+//! The bump itself is relaxed: the futex calls order themselves against
+//! the word (the kernel compares it under its own lock), and after a wake
+//! the consumer's next round of the protocol re-checks from the start.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::ring::{ring_bytes, Ring};
 use super::sys::{self, Mapping};
+use crate::sync::shared::AtomicU32;
+use crate::sync::{fence, Ordering, Word32};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"AFMSHM01");
 const VERSION: u32 = 1;
@@ -72,7 +103,7 @@ fn write_bytes(m: &Mapping, off: usize, b: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), m.ptr().add(off), b.len()) };
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn sanitize(job: &str) -> String {
     job.chars()
@@ -230,21 +261,18 @@ impl Segment {
 
     /// The doorbell word: bumped by producers to wake a parked consumer.
     pub fn doorbell(&self) -> &AtomicU32 {
-        // SAFETY: inside the first page, 4-byte aligned, lives with `map`.
-        unsafe { &*self.map.ptr().add(DOORBELL_OFF).cast::<AtomicU32>() }
+        self.bell().bell
     }
 
     /// Non-zero while the consumer is parked (or about to be).
     pub fn sleeping(&self) -> &AtomicU32 {
-        // SAFETY: as for `doorbell`.
-        unsafe { &*self.map.ptr().add(SLEEPING_OFF).cast::<AtomicU32>() }
+        self.bell().sleeping
     }
 
     /// Bumped by other backends of this rank (tcp readers) when they have
     /// something; the consumer returns from a wait when it changes.
     pub fn external(&self) -> &AtomicU32 {
-        // SAFETY: as for `doorbell`.
-        unsafe { &*self.map.ptr().add(EXTERNAL_OFF).cast::<AtomicU32>() }
+        self.bell().external
     }
 
     /// The mapping (to keep alive from regions and wakers).
@@ -280,11 +308,16 @@ impl Segment {
         Ok(())
     }
 
-    /// Wakes the consumer if it is parked.
+    /// The doorbell protocol over this segment's control page.
+    pub(crate) fn bell(&self) -> Bell<'_> {
+        Bell::of(&self.map)
+    }
+
+    /// Wakes the consumer if it is parked. Call after publishing.
     pub fn ring_doorbell(&self) {
-        if self.sleeping().load(Ordering::SeqCst) != 0 {
-            self.doorbell().fetch_add(1, Ordering::SeqCst);
-            sys::futex_wake(self.doorbell());
+        let bell = self.bell();
+        if bell.bump() {
+            sys::futex_wake(bell.bell);
         }
     }
 
@@ -311,50 +344,103 @@ pub struct Doorbell {
 }
 
 impl Doorbell {
-    fn word(&self, off: usize) -> &AtomicU32 {
-        // SAFETY: the control words are inside the first page of the
-        // mapping, 4-byte aligned, and live as long as `map`.
-        unsafe { &*self.map.ptr().add(off).cast::<AtomicU32>() }
-    }
-
-    /// The consumer is about to park: announces it (producers ring from
-    /// now on) and returns the doorbell value to wait on. The consumer must
-    /// look for work once more after this and before [`Doorbell::wait`]:
-    /// a producer that published before seeing the flag did not ring.
-    pub fn arm(&self) -> u32 {
-        let seen = self.word(DOORBELL_OFF).load(Ordering::SeqCst);
-        self.word(SLEEPING_OFF).store(1, Ordering::SeqCst);
-        seen
-    }
-
-    /// Sleeps until the doorbell moves from `seen`, at most `timeout`.
-    pub fn wait(&self, seen: u32, timeout: Duration) {
-        sys::futex_wait(self.word(DOORBELL_OFF), seen, timeout);
-    }
-
-    /// The consumer is awake again.
-    pub fn disarm(&self) {
-        self.word(SLEEPING_OFF).store(0, Ordering::SeqCst);
+    /// Parks the consumer (the [`Bell`] protocol): announces the park,
+    /// runs `recheck` (is there work, now that producers will ring?), and
+    /// if not sleeps until rung, at most `timeout`, then re-checks. Returns
+    /// what the last `recheck` said.
+    pub fn park(&self, recheck: impl FnMut() -> bool, timeout: Duration) -> bool {
+        Bell::of(&self.map).park(recheck, |word, seen| sys::futex_wait(word, seen, timeout))
     }
 
     /// Counts one external event and wakes the consumer if it is parked.
     pub fn ring(&self) {
-        // SAFETY: the three words are inside the first page of the mapping,
-        // aligned, and live as long as `map`.
-        let (sleeping, bell, external) = unsafe {
-            (
-                &*self.map.ptr().add(SLEEPING_OFF).cast::<AtomicU32>(),
-                &*self.map.ptr().add(DOORBELL_OFF).cast::<AtomicU32>(),
-                &*self.map.ptr().add(EXTERNAL_OFF).cast::<AtomicU32>(),
-            )
-        };
-        // The count first: a consumer that sets `sleeping` afterwards sees
-        // it before it parks (both SeqCst), one that set it before is woken.
-        external.fetch_add(1, Ordering::SeqCst);
-        if sleeping.load(Ordering::SeqCst) != 0 {
-            bell.fetch_add(1, Ordering::SeqCst);
-            sys::futex_wake(bell);
+        let bell = Bell::of(&self.map);
+        if bell.count_external() {
+            sys::futex_wake(bell.bell);
         }
+    }
+}
+
+/// A consumer's doorbell: the words it parks on, and the protocol over
+/// them (see the module docs). Over the control page in production
+/// ([`Bell::of`]), over loom's atomics in the model tests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bell<'a, W = AtomicU32> {
+    /// Non-zero while the consumer is parked or about to be.
+    pub(crate) sleeping: &'a W,
+    /// The futex word: bumped to wake the consumer.
+    pub(crate) bell: &'a W,
+    /// Counts other backends' events (tcp readers of the same rank).
+    pub(crate) external: &'a W,
+}
+
+impl Bell<'_> {
+    /// The doorbell in the control page of `map`.
+    pub(crate) fn of(map: &Mapping) -> Bell<'_> {
+        // SAFETY: every mapping has its first page (checked at create and
+        // open); the words are inside it, 4-byte aligned, and live as long
+        // as `map`, which the result borrows.
+        unsafe {
+            Bell {
+                sleeping: &*map.ptr().add(SLEEPING_OFF).cast::<AtomicU32>(),
+                bell: &*map.ptr().add(DOORBELL_OFF).cast::<AtomicU32>(),
+                external: &*map.ptr().add(EXTERNAL_OFF).cast::<AtomicU32>(),
+            }
+        }
+    }
+}
+
+impl<W: Word32> Bell<'_, W> {
+    /// Producer, after publishing: bumps the bell if the consumer is parked
+    /// or about to be. `true` means the caller must wake the futex.
+    #[inline]
+    pub(crate) fn bump(&self) -> bool {
+        // Fp: pairs with the consumer's Fc in `park`.
+        fence(Ordering::SeqCst);
+        // Acquire pairs with `park`'s release store of 1: the consumer read
+        // `seen` before this bump.
+        if self.sleeping.load(Ordering::Acquire) != 0 {
+            self.bell.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Another backend's event: counts it, then as [`Bell::bump`].
+    pub(crate) fn count_external(&self) -> bool {
+        // Ordered before the check of `sleeping` by `bump`'s fence.
+        self.external.fetch_add(1, Ordering::Relaxed);
+        self.bump()
+    }
+
+    /// The count of other backends' events (read after `park`'s fence,
+    /// when it matters).
+    #[cfg(loom)]
+    pub(crate) fn external(&self) -> u32 {
+        self.external.load(Ordering::Relaxed)
+    }
+
+    /// Consumer: announces the park, runs `recheck` (is there anything,
+    /// now that producers will ring?), and if not, `wait`s on the bell word
+    /// for a change from the value it had before the announcement, then
+    /// re-checks once more. Returns what the last `recheck` said.
+    pub(crate) fn park(
+        &self,
+        mut recheck: impl FnMut() -> bool,
+        wait: impl FnOnce(&W, u32),
+    ) -> bool {
+        let seen = self.bell.load(Ordering::Relaxed);
+        self.sleeping.store(1, Ordering::Release);
+        // Fc: pairs with the producer's Fp in `bump`.
+        fence(Ordering::SeqCst);
+        let mut found = recheck();
+        if !found {
+            wait(self.bell, seen);
+            found = recheck();
+        }
+        // A producer that still sees 1 only rings once too often.
+        self.sleeping.store(0, Ordering::Relaxed);
+        found
     }
 }
 
@@ -400,5 +486,148 @@ mod tests {
         // Another test's segment creation may have removed it first.
         remove_stale();
         assert!(!std::path::Path::new(&format!("{}/{name}", sys::SHM_DIR)).exists());
+    }
+}
+
+/// Model checking of the doorbell: `scripts/loom` runs these under every
+/// interleaving and every value a load may see (within a bound on
+/// preemptions). The code under test is production's: `Ring` and
+/// `Bell::{bump, count_external, park}`, over loom's memory; only the
+/// futex is a stand-in.
+#[cfg(test)]
+#[cfg(loom)]
+mod loom_tests {
+    use super::super::ring::{model::ModelSlots, Ring};
+    use super::*;
+    use crate::sync::AtomicU32 as ModelWord;
+    use crate::transport::notice::Notice;
+    use loom::sync::{Condvar, Mutex};
+
+    /// The control page's three words.
+    struct Words {
+        sleeping: ModelWord,
+        bell: ModelWord,
+        external: ModelWord,
+    }
+
+    impl Words {
+        fn new() -> Arc<Words> {
+            Arc::new(Words {
+                sleeping: ModelWord::new(0),
+                bell: ModelWord::new(0),
+                external: ModelWord::new(0),
+            })
+        }
+
+        fn bell(&self) -> Bell<'_, ModelWord> {
+            Bell {
+                sleeping: &self.sleeping,
+                bell: &self.bell,
+                external: &self.external,
+            }
+        }
+    }
+
+    /// A futex as the kernel keeps one: `wait` sleeps only if the word
+    /// still holds `seen` when checked under the lock that `wake` takes,
+    /// and then until a `wake`. No timeout: a consumer that sleeps and is
+    /// never rung stays asleep, and loom reports the model deadlocked.
+    struct Futex {
+        lock: Mutex<()>,
+        woken: Condvar,
+    }
+
+    impl Futex {
+        fn new() -> Arc<Futex> {
+            Arc::new(Futex {
+                lock: Mutex::new(()),
+                woken: Condvar::new(),
+            })
+        }
+
+        fn wait(&self, word: &ModelWord, seen: u32) {
+            let g = self.lock.lock().unwrap();
+            if word.load(Ordering::Relaxed) == seen {
+                drop(self.woken.wait(g).unwrap());
+            }
+        }
+
+        fn wake(&self) {
+            let _g = self.lock.lock().unwrap();
+            self.woken.notify_all();
+        }
+    }
+
+    const NOTICE: Notice = Notice {
+        region: 0,
+        offset: 64,
+        len: 8,
+        imm: Some(7),
+        close: false,
+    };
+
+    /// A producer pushes one notice and rings (`Segment::ring_doorbell`)
+    /// while the consumer parks as `ShmTransport::poll` does, until it has
+    /// the notice. The lost wakeup (the consumer's re-check misses the push
+    /// and the producer misses `sleeping`, so the consumer sleeps unrung)
+    /// shows as a deadlock.
+    #[test]
+    fn doorbell_never_misses_a_push() {
+        loom::model(|| {
+            let slots = ModelSlots::new(2);
+            let mut producer = Ring::over(slots.clone());
+            let consumer = Ring::over(slots);
+            let (words, futex) = (Words::new(), Futex::new());
+            let t = {
+                let (words, futex) = (words.clone(), futex.clone());
+                loom::thread::spawn(move || {
+                    assert!(producer.push(&NOTICE.encode()));
+                    if words.bell().bump() {
+                        futex.wake();
+                    }
+                })
+            };
+            let mut got = None;
+            while got.is_none() {
+                words.bell().park(
+                    || {
+                        got = consumer.pop();
+                        got.is_some()
+                    },
+                    |word, seen| futex.wait(word, seen),
+                );
+            }
+            t.join().unwrap();
+            assert_eq!(got.map(|b| Notice::decode(&b)), Some(Ok(NOTICE)));
+        });
+    }
+
+    /// As above for another backend's event (`Doorbell::ring`, which a
+    /// tcp reader calls): a parked consumer always learns of it.
+    #[test]
+    fn doorbell_never_misses_an_external_event() {
+        loom::model(|| {
+            let (words, futex) = (Words::new(), Futex::new());
+            let t = {
+                let (words, futex) = (words.clone(), futex.clone());
+                loom::thread::spawn(move || {
+                    if words.bell().count_external() {
+                        futex.wake();
+                    }
+                })
+            };
+            // ShmTransport::external_changed, from a count of 0.
+            let mut changed = false;
+            while !changed {
+                words.bell().park(
+                    || {
+                        changed = words.bell().external() != 0;
+                        changed
+                    },
+                    |word, seen| futex.wait(word, seen),
+                );
+            }
+            t.join().unwrap();
+        });
     }
 }

@@ -26,12 +26,13 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::notice::Notice;
 use super::{
     blob, check_post, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice, PeerSpec,
     Region, RegionKey, Registration, Transport, Wake,
 };
 use crate::error::{Error, Result};
-use frame::{FrameHeader, FRAME_LEN};
+use frame::FRAME_LEN;
 
 /// Writes posted and not yet in the kernel, per link.
 pub const TCP_WINDOW: usize = 64;
@@ -53,7 +54,7 @@ struct Pending {
 #[derive(Debug)]
 enum Rx {
     Header { buf: [u8; FRAME_LEN], got: usize },
-    Body { h: FrameHeader, got: u64 },
+    Body { h: Notice, got: u64 },
 }
 
 #[derive(Debug)]
@@ -203,7 +204,7 @@ fn read_some(
                 if *got < FRAME_LEN {
                     return Read1::More;
                 }
-                let h = match FrameHeader::decode(buf) {
+                let h = match frame::decode(buf) {
                     Ok(h) => h,
                     Err(e) => {
                         return Read1::End(Completion::LinkError {
@@ -400,14 +401,13 @@ impl Transport for TcpTransport {
             let (r, at, n) = self.local.resolve(s)?;
             parts.push((r.clone(), at, n));
         }
-        let frame = FrameHeader {
+        let frame = frame::encode(&Notice {
             region: remote.id,
             offset,
             len,
             imm,
             close: false,
-        }
-        .encode();
+        });
         if l.tx.is_empty() {
             l.tx_moved = Instant::now();
         }
@@ -491,14 +491,7 @@ impl Transport for TcpTransport {
     }
 
     fn close(&mut self) {
-        let bye = FrameHeader {
-            region: 0,
-            offset: 0,
-            len: 0,
-            imm: None,
-            close: true,
-        }
-        .encode();
+        let bye = frame::encode(&Notice::CLOSE);
         let deadline = Instant::now() + Duration::from_millis(200);
         for l in &mut self.links {
             if l.down {
