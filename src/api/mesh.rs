@@ -10,7 +10,7 @@ use super::layout::Layout;
 use super::StageSpec;
 use crate::bootstrap::client::Connecting;
 use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig, SchedulerHandle};
-use crate::bootstrap::Session;
+use crate::bootstrap::{LinkGuard, Session};
 use crate::engine::{Engine, PeerStats};
 use crate::error::{Error, Peer, Result};
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
@@ -230,6 +230,8 @@ impl Mesh {
                     ffn: Some(cfg.ffn),
                     job: Some(cfg.job.clone()),
                     join_timeout: cfg.setup_timeout,
+                    // It lives in this rank: when the job fails, so do both.
+                    retry: false,
                     ..SchedulerConfig::default()
                 },
             )?;
@@ -265,10 +267,12 @@ impl Mesh {
                     }
                 }
                 "tcp" if want("tcp") => {
-                    backends.push(Backend::Tcp(TcpTransport::new(
-                        conn.local_ip()?,
-                        cfg.io_timeout,
-                    )?));
+                    let guard = LinkGuard {
+                        watch: conn.watch(),
+                    };
+                    backends.push(Backend::Tcp(
+                        TcpTransport::new(conn.local_ip()?, cfg.io_timeout)?.with_guard(guard),
+                    ));
                 }
                 _ => {}
             }

@@ -27,6 +27,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the rendezvous server until every rank of the mesh has left.
+    ///
+    /// A setup attempt that fails (a rank refused or dead) is reported to
+    /// every rank at once; the scheduler then waits for a fresh attempt,
+    /// and exits with an error when none forms within --join-timeout.
     Scheduler {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:8123")]
@@ -40,7 +44,7 @@ enum Cmd {
         /// Job name (default: from the first rank's hello).
         #[arg(long)]
         job: Option<String>,
-        /// Seconds the mesh may take to form.
+        /// Seconds a setup attempt may take to form.
         #[arg(long, default_value_t = 60)]
         join_timeout: u64,
     },
@@ -194,8 +198,8 @@ fn scheduler(
     eprintln!("afmesh scheduler listening on {}", s.local_addr()?);
     let summary = s.run()?;
     eprintln!(
-        "afmesh scheduler: mesh {}A+{}F (epoch {:#x}) finished; {} stray connections dropped",
-        summary.attention, summary.ffn, summary.epoch, summary.dropped
+        "afmesh scheduler: mesh {}A+{}F (epoch {:#x}) finished; {} stray connections dropped, {} setup attempts failed before it",
+        summary.attention, summary.ffn, summary.epoch, summary.dropped, summary.failed_attempts
     );
     Ok(())
 }
