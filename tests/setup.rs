@@ -1,6 +1,7 @@
-//! Setup as a transaction, across processes of the project's own binary: a
-//! job that cannot form fails every rank at once with the reason, and the
-//! scheduler takes a fresh attempt right after.
+//! Setup as a transaction, and the cluster token, across processes of the
+//! project's own binary: a job that cannot form fails every rank at once
+//! with the reason, the scheduler takes a fresh attempt right after, and
+//! a wrong token is refused while the job goes on.
 
 #![allow(clippy::unwrap_used)]
 
@@ -225,4 +226,89 @@ fn a_late_rank_hears_the_job_already_formed() {
     let (took, out) = fails(&mut late, t0, Duration::from_secs(2));
     assert!(out.contains("already formed"), "{out}");
     eprintln!("the late rank was refused after {took:?}");
+}
+
+/// A token file under the temp dir, removed on drop.
+struct TokenFile(std::path::PathBuf);
+
+impl TokenFile {
+    fn new(tag: &str, secret: &str) -> TokenFile {
+        let p = std::env::temp_dir().join(format!("afmesh-{tag}-{}.token", std::process::id()));
+        std::fs::write(&p, format!("{secret}\n")).unwrap();
+        TokenFile(p)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_wrong_token_is_auth_within_a_second_while_the_job_forms() {
+    let job = job("token");
+    let file = TokenFile::new("token", "correct horse battery staple");
+    let (mut sched, addr) = scheduler(&["--token-file", file.path()], &[]);
+    let good = [
+        ("AFMESH_JOB", job.as_str()),
+        ("AFMESH_TOKEN_FILE", file.path()),
+    ];
+    let mut f0 = rank("ffn", 0, &addr, 1, 1, SHORT, &good);
+    // Strangers: a wrong token, and none at all.
+    for (name, env) in [
+        (
+            "wrong",
+            vec![("AFMESH_JOB", job.as_str()), ("AFMESH_TOKEN", "guess")],
+        ),
+        ("none", vec![("AFMESH_JOB", job.as_str())]),
+    ] {
+        let t0 = Instant::now();
+        let mut p = rank("attention", 0, &addr, 1, 1, SHORT, &env);
+        let (took, out) = fails(&mut p, t0, Duration::from_secs(1));
+        assert!(out.contains("afmesh: auth: "), "{out}");
+        eprintln!("the rank with {name} token got Auth after {took:?}");
+    }
+    let mut a0 = rank("attention", 0, &addr, 1, 1, SHORT, &good);
+    for p in [&mut f0, &mut a0] {
+        let st = p.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "{}:\n{}", p.name, p.output());
+    }
+    let st = sched.wait_exit(Duration::from_secs(10));
+    let out = sched.output();
+    assert!(st.success(), "{out}");
+    assert_eq!(out.matches("auth failed from").count(), 2, "{out}");
+    assert!(out.contains("wrong cluster token"), "{out}");
+    assert!(out.contains("2 failed the token"), "{out}");
+    assert!(
+        !out.contains("correct horse"),
+        "the token is never logged:\n{out}"
+    );
+}
+
+#[test]
+fn without_a_token_the_scheduler_binds_loopback_and_warns_elsewhere() {
+    let listening = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = afmesh();
+        cmd.arg("scheduler").args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let p = Proc::spawn("scheduler", cmd);
+        let line = p.wait_line(Duration::from_secs(10), |l| l.contains("listening on"));
+        (p, line)
+    };
+    let (_p, line) = listening(&["--bind", "0"], &[]);
+    assert!(line.contains("listening on 127.0.0.1:"), "{line}");
+    let (_p, line) = listening(&["--bind", "0"], &[("AFMESH_TOKEN", "t")]);
+    assert!(line.contains("listening on 0.0.0.0:"), "{line}");
+    let (p, line) = listening(&["--bind", "0.0.0.0:0"], &[]);
+    assert!(line.contains("listening on 0.0.0.0:"), "{line}");
+    let warn = p.wait_line(Duration::from_secs(10), |l| {
+        l.contains("without a cluster token")
+    });
+    assert!(warn.contains("WARN"), "{warn}");
 }

@@ -230,6 +230,7 @@ impl Mesh {
                     ffn: Some(cfg.ffn),
                     job: Some(cfg.job.clone()),
                     join_timeout: cfg.setup_timeout,
+                    token: cfg.token.clone(),
                     // It lives in this rank: when the job fails, so do both.
                     retry: false,
                     ..SchedulerConfig::default()
@@ -239,7 +240,7 @@ impl Mesh {
         } else {
             None
         };
-        let conn = Connecting::connect(&cfg.scheduler, cfg.setup_timeout)?;
+        let conn = Connecting::connect(&cfg.scheduler, cfg.token.as_ref(), cfg.setup_timeout)?;
 
         // The backends this rank offers, most preferred first.
         let caller = matches!(memory, Memory::Caller(_));
@@ -268,6 +269,7 @@ impl Mesh {
                 }
                 "tcp" if want("tcp") => {
                     let guard = LinkGuard {
+                        token: cfg.token.clone(),
                         watch: conn.watch(),
                     };
                     backends.push(Backend::Tcp(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::{connect_retry, recv, recv_by, send};
+use super::{auth, connect_retry, recv, recv_by, send, Token};
 use crate::error::{Error, Peer, Result};
 use crate::proto::{Entry, FailCause, Message, Role};
 
@@ -148,10 +148,16 @@ pub struct Connecting {
 }
 
 impl Connecting {
-    /// Connects to the server, retrying until `timeout`.
-    pub fn connect(server: &str, timeout: Duration) -> Result<Connecting> {
+    /// Connects to the server, retrying until `timeout`, and proves
+    /// `token` (a wrong or missing token is [`Error::Auth`]).
+    pub fn connect(server: &str, token: Option<&Token>, timeout: Duration) -> Result<Connecting> {
         let since = Instant::now();
-        let stream = connect_retry(server, timeout, "connect to scheduler")?;
+        let mut stream = connect_retry(server, timeout, "connect to scheduler")?;
+        let left = timeout
+            .saturating_sub(since.elapsed())
+            .max(Duration::from_millis(100));
+        let name = format!("scheduler {server}");
+        auth::initiate(&mut stream, token, left, &name)?;
         Ok(Connecting {
             stream,
             server: server.to_string(),
@@ -374,6 +380,7 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         let t = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
+            auth::accept(&mut s, None, T, "the scheduler", "rank").unwrap();
             assert!(matches!(
                 recv(&mut s, T, "rank").unwrap(),
                 Message::Hello { .. }
@@ -399,7 +406,7 @@ mod tests {
             rank: Some((Role::Ffn, 1)),
             reason: "died during setup".into(),
         });
-        let conn = Connecting::connect(&addr, T).unwrap();
+        let conn = Connecting::connect(&addr, None, T).unwrap();
         let watch = conn.watch();
         let mut session = conn.join(hello(), T, T).unwrap();
         let t0 = Instant::now();
@@ -439,7 +446,7 @@ mod tests {
             rank: Some((Role::Attention, 1)),
             reason: "A1 asked for max_tokens 64, the job has 128 (set by F0)".into(),
         });
-        let conn = Connecting::connect(&addr, T).unwrap();
+        let conn = Connecting::connect(&addr, None, T).unwrap();
         let mut session = conn.join(hello(), T, T).unwrap();
         match session.barrier(T) {
             Err(Error::Config(m)) => assert!(m.contains("A1 asked for max_tokens 64"), "{m}"),

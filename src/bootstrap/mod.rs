@@ -2,10 +2,12 @@
 //! the handshake that brings up a link between two ranks.
 //!
 //! Every step has a bounded timeout. A connection that sends something that
-//! does not decode is dropped with a logged reason; the mesh still forms. Setup is a
+//! does not decode, or fails to prove the cluster token ([`auth`]), is
+//! dropped with a logged reason; the mesh still forms. Setup is a
 //! transaction: when the job cannot form (a rank refused or dead), every
 //! rank hears it at once and the scheduler forgets the attempt.
 
+pub mod auth;
 pub mod client;
 pub mod rendezvous;
 
@@ -16,13 +18,17 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::proto::Message;
 
+pub use auth::Token;
 pub use client::{Session, SetupWatch};
 pub use rendezvous::{Scheduler, SchedulerConfig};
 
-/// What bringing up a link needs besides addresses: the watch that ends
-/// the wait early when the scheduler says the job failed.
+/// What bringing up a link needs besides addresses: the cluster token to
+/// prove (see [`auth`]) and the watch that ends the wait early when the
+/// scheduler says the job failed.
 #[derive(Debug, Clone, Default)]
 pub struct LinkGuard {
+    /// The cluster token; `None`: links are not authenticated.
+    pub token: Option<Token>,
     /// The rank's setup watch.
     pub watch: SetupWatch,
 }

@@ -16,8 +16,8 @@
 //! join timeout; without it (a scheduler embedded in a rank), it returns
 //! the failure. A rank that arrives after the mesh formed is told so.
 //!
-//! Connections that are not ranks of the job (garbage) are dropped with a
-//! logged reason; the job goes on.
+//! Connections that are not ranks of the job — garbage, a wrong cluster
+//! token — are dropped with a logged reason; the job goes on.
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::{recv, recv_by, send};
+use super::{auth, recv, recv_by, send, Token};
 use crate::error::{Error, Peer, Result};
 use crate::proto::{Entry, FailCause, Geometry, Message, Role};
 
@@ -43,8 +43,12 @@ pub struct SchedulerConfig {
     /// How long one attempt may take to join and reach the barrier,
     /// counted from the server's start or from the last failed attempt.
     pub join_timeout: Duration,
-    /// How long one connection may take to say hello.
+    /// How long one connection may take to authenticate and say hello.
     pub hello_timeout: Duration,
+    /// The cluster token every rank must prove; `None`: ranks are not
+    /// authenticated (then bind a loopback address: binding another one
+    /// logs a warning).
+    pub token: Option<Token>,
     /// After a failed attempt, wait for a fresh one (`true`, the default:
     /// a standalone scheduler) or return the failure (`false`: a scheduler
     /// embedded in a rank, which fails with it).
@@ -59,6 +63,7 @@ impl Default for SchedulerConfig {
             job: None,
             join_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(5),
+            token: None,
             retry: true,
         }
     }
@@ -75,6 +80,8 @@ pub struct Summary {
     pub ffn: u32,
     /// Connections dropped for not speaking the protocol.
     pub dropped: u32,
+    /// Connections refused for failing the cluster token.
+    pub auth_failures: u32,
     /// Setup attempts that failed before the one that formed.
     pub failed_attempts: u32,
 }
@@ -99,7 +106,7 @@ struct Ask {
     endpoints: Vec<(String, Vec<u8>)>,
 }
 
-/// A connection that said hello.
+/// An authenticated connection that said hello.
 #[derive(Debug)]
 struct Joiner {
     stream: TcpStream,
@@ -124,6 +131,7 @@ impl Joiner {
 enum Event {
     Hello(Box<Joiner>),
     Dropped,
+    AuthFailed,
     /// A member said something.
     Said {
         id: u64,
@@ -198,11 +206,19 @@ impl SchedulerHandle {
 }
 
 impl Scheduler {
-    /// Binds the listening socket (`host:port`; port 0 picks one).
+    /// Binds the listening socket (`host:port`; port 0 picks one). Without
+    /// a token, a listener that is not on loopback logs a warning.
     pub fn bind(addr: &str, cfg: SchedulerConfig) -> Result<Scheduler> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::io(format!("bind scheduler to {addr}"), e))?;
-        Ok(Scheduler { listener, cfg })
+        let s = Scheduler { listener, cfg };
+        let at = s.local_addr()?;
+        if s.cfg.token.is_none() && !at.ip().is_loopback() {
+            tracing::warn!(
+                "scheduler listening on {at} without a cluster token: anyone who reaches it can join this job or disturb it; give the scheduler and every rank a token (AFMESH_TOKEN or AFMESH_TOKEN_FILE; afmesh scheduler --token-file), or bind a loopback address"
+            );
+        }
+        Ok(s)
     }
 
     /// The bound address.
@@ -235,10 +251,11 @@ impl Scheduler {
                 .map_err(|e| Error::io("clone listener", e))?;
             let stop = stop.clone();
             let tx = tx.clone();
+            let token = self.cfg.token.clone();
             let hello_timeout = self.cfg.hello_timeout;
             std::thread::Builder::new()
                 .name("afmesh-sched-accept".into())
-                .spawn(move || accept_loop(listener, tx, stop, hello_timeout))
+                .spawn(move || accept_loop(listener, tx, stop, token, hello_timeout))
                 .map_err(|e| Error::io("spawn accept thread", e))?
         };
         let result = Server {
@@ -246,6 +263,7 @@ impl Scheduler {
             tx,
             next_id: 0,
             dropped: 0,
+            auth_failures: 0,
             failed_attempts: 0,
         }
         .serve(&rx);
@@ -269,6 +287,7 @@ struct Server<'a> {
     tx: Sender<Event>,
     next_id: u64,
     dropped: u32,
+    auth_failures: u32,
     failed_attempts: u32,
 }
 
@@ -324,6 +343,10 @@ impl Server<'_> {
                     self.dropped += 1;
                     continue;
                 }
+                Ok(Event::AuthFailed) => {
+                    self.auth_failures += 1;
+                    continue;
+                }
                 Ok(Event::Hello(j)) => self.hello(&mut a, *j),
                 Ok(Event::Said { id, msg }) => self.said(&mut a, id, msg),
                 Ok(Event::Gone { id, why }) => self.gone(&mut a, id, &why),
@@ -336,6 +359,7 @@ impl Server<'_> {
                         attention: a.m.map_or(0, |x| x.0),
                         ffn: a.n.unwrap_or(0),
                         dropped: self.dropped,
+                        auth_failures: self.auth_failures,
                         failed_attempts: self.failed_attempts,
                     })
                 }
@@ -811,6 +835,7 @@ fn accept_loop(
     listener: TcpListener,
     tx: Sender<Event>,
     stop: Arc<AtomicBool>,
+    token: Option<Token>,
     hello_timeout: Duration,
 ) {
     for conn in listener.incoming() {
@@ -825,20 +850,36 @@ fn accept_loop(
             }
         };
         let tx = tx.clone();
+        let token = token.clone();
         std::thread::spawn(move || {
-            let _ = tx.send(greet(stream, hello_timeout));
+            let _ = tx.send(greet(stream, token.as_ref(), hello_timeout));
         });
     }
 }
 
-/// Reads a new connection's hello.
-fn greet(mut stream: TcpStream, timeout: Duration) -> Event {
+/// Authenticates a new connection and reads its hello.
+fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Event {
     let Ok(from) = stream.peer_addr() else {
         return Event::Dropped;
     };
     let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + timeout;
     let name = from.to_string();
-    match recv(&mut stream, timeout, &name) {
+    match auth::accept(&mut stream, token, timeout, "the scheduler", &name) {
+        Ok(()) => {}
+        Err(Error::Auth(why)) => {
+            tracing::warn!(%from, "auth failed from {from}: {why}");
+            return Event::AuthFailed;
+        }
+        Err(e) => {
+            tracing::warn!(%from, "dropping connection: {e}");
+            return Event::Dropped;
+        }
+    }
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    match recv(&mut stream, left, &name) {
         Ok(Message::Hello {
             job,
             role,
@@ -863,6 +904,10 @@ fn greet(mut stream: TcpStream, timeout: Duration) -> Event {
                 endpoints,
             },
         })),
+        Ok(Message::AuthRefused { reason }) => {
+            tracing::warn!(%from, "auth failed from {from}: the rank refused the scheduler: {reason}");
+            Event::AuthFailed
+        }
         Ok(other) => {
             tracing::warn!(%from, "dropping connection: expected hello, got {}", other.kind());
             Event::Dropped
