@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use crate::bootstrap::Token;
 use crate::error::{Error, Result};
 use crate::proto::Role;
 use crate::transport::PollPolicy;
@@ -79,6 +80,10 @@ pub struct MeshConfig {
     pub embed_scheduler: bool,
     /// Pin the joining thread (the one that will drive the rank) to this CPU.
     pub cpu: Option<usize>,
+    /// The cluster token this rank proves to the scheduler and to its
+    /// peers (`AFMESH_TOKEN`, or `AFMESH_TOKEN_FILE`); `None`: no
+    /// authentication, and a scheduler that has a token refuses the rank.
+    pub token: Option<Token>,
 }
 
 impl MeshConfig {
@@ -98,6 +103,7 @@ impl MeshConfig {
             io_timeout: Duration::from_secs(10),
             embed_scheduler: false,
             cpu: None,
+            token: None,
         }
     }
 
@@ -172,6 +178,7 @@ impl MeshConfig {
         if let Some(kv) = pick("AFMESH_CPU", "AFMESH_CPU") {
             c.cpu = Some(num(kv)? as usize);
         }
+        c.token = token_from(&get)?;
         if let Some(v) = get("AFMESH_EMBED_SCHEDULER") {
             c.embed_scheduler = match v.trim() {
                 "1" | "true" | "yes" => true,
@@ -185,6 +192,31 @@ impl MeshConfig {
         }
         Ok(c)
     }
+}
+
+impl MeshConfig {
+    /// The cluster token from `AFMESH_TOKEN` or `AFMESH_TOKEN_FILE` (what
+    /// [`MeshConfig::from_env`] reads; the scheduler reads the same).
+    pub fn token_from_env() -> Result<Option<Token>> {
+        token_from(&|k: &str| std::env::var(k).ok())
+    }
+}
+
+fn token_from(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Token>> {
+    Ok(match (get("AFMESH_TOKEN"), get("AFMESH_TOKEN_FILE")) {
+        (Some(_), Some(_)) => {
+            return Err(Error::config(
+                "AFMESH_TOKEN and AFMESH_TOKEN_FILE are both set: set one",
+            ))
+        }
+        (Some(t), None) => {
+            Some(Token::new(t).map_err(|e| Error::config(format!("AFMESH_TOKEN: {e}")))?)
+        }
+        (None, Some(f)) => Some(
+            Token::from_file(&f).map_err(|e| Error::config(format!("AFMESH_TOKEN_FILE: {e}")))?,
+        ),
+        (None, None) => None,
+    })
 }
 
 fn default_host_id() -> String {
@@ -269,6 +301,40 @@ mod tests {
         let e = with(("AFMESH_CPU", "first")).unwrap_err().to_string();
         assert!(e.contains("AFMESH_CPU"), "{e}");
         assert_eq!(cfg(&base).unwrap().transport, TransportKind::Auto);
+    }
+
+    #[test]
+    fn token_from_the_environment_or_a_file() {
+        let base = [
+            ("AFMESH_SCHEDULER", "h:1"),
+            ("AFMESH_NUM_ATTENTION", "1"),
+            ("AFMESH_NUM_FFN", "1"),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            cfg(&v)
+        };
+        assert!(with(&[]).unwrap().token.is_none());
+        let c = with(&[("AFMESH_TOKEN", "s3cret")]).unwrap();
+        assert!(c.token.is_some());
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug hides the token"
+        );
+        let path = std::env::temp_dir().join(format!("afmesh-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let p = path.to_string_lossy().into_owned();
+        assert!(with(&[("AFMESH_TOKEN_FILE", &p)]).unwrap().token.is_some());
+        let e = with(&[("AFMESH_TOKEN_FILE", &p), ("AFMESH_TOKEN", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("both set"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = with(&[("AFMESH_TOKEN_FILE", &p)]).unwrap_err().to_string();
+        assert!(e.contains("AFMESH_TOKEN_FILE") && e.contains(&p), "{e}");
+        let e = with(&[("AFMESH_TOKEN", " ")]).unwrap_err().to_string();
+        assert!(e.contains("AFMESH_TOKEN") && e.contains("empty"), "{e}");
     }
 
     #[test]

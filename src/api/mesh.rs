@@ -10,7 +10,7 @@ use super::layout::Layout;
 use super::StageSpec;
 use crate::bootstrap::client::Connecting;
 use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig, SchedulerHandle};
-use crate::bootstrap::Session;
+use crate::bootstrap::{LinkGuard, Session};
 use crate::engine::{Engine, PeerStats};
 use crate::error::{Error, Peer, Result};
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
@@ -230,6 +230,9 @@ impl Mesh {
                     ffn: Some(cfg.ffn),
                     job: Some(cfg.job.clone()),
                     join_timeout: cfg.setup_timeout,
+                    token: cfg.token.clone(),
+                    // It lives in this rank: when the job fails, so do both.
+                    retry: false,
                     ..SchedulerConfig::default()
                 },
             )?;
@@ -237,7 +240,7 @@ impl Mesh {
         } else {
             None
         };
-        let conn = Connecting::connect(&cfg.scheduler, cfg.setup_timeout)?;
+        let conn = Connecting::connect(&cfg.scheduler, cfg.token.as_ref(), cfg.setup_timeout)?;
 
         // The backends this rank offers, most preferred first.
         let caller = matches!(memory, Memory::Caller(_));
@@ -268,10 +271,13 @@ impl Mesh {
                     }
                 }
                 "tcp" if want("tcp") => {
-                    backends.push(Backend::Tcp(TcpTransport::new(
-                        conn.local_ip()?,
-                        cfg.io_timeout,
-                    )?));
+                    let guard = LinkGuard {
+                        token: cfg.token.clone(),
+                        watch: conn.watch(),
+                    };
+                    backends.push(Backend::Tcp(
+                        TcpTransport::new(conn.local_ip()?, cfg.io_timeout)?.with_guard(guard),
+                    ));
                 }
                 _ => {}
             }

@@ -1,11 +1,121 @@
 //! A rank's side of the rendezvous.
+//!
+//! Once the address book has arrived, a reader thread owns the receiving
+//! half of the scheduler connection, so that a `JobFailed` (a rank refused
+//! or dead) reaches the rank while it is busy bringing up links: the
+//! [`SetupWatch`] carries it to every wait of the setup.
 
-use std::net::{IpAddr, TcpStream};
-use std::time::Duration;
+use std::net::{IpAddr, Shutdown, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::{connect_retry, recv, send};
-use crate::error::{Error, Result};
-use crate::proto::{Entry, Message, Role};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::{auth, connect_retry, recv, recv_by, send, Token};
+use crate::error::{Error, Peer, Result};
+use crate::proto::{Entry, FailCause, Message, Role};
+
+/// Why the scheduler says this setup attempt is over.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// `JobFailed`, as received.
+    Job {
+        cause: FailCause,
+        rank: Option<(Role, u32)>,
+        reason: String,
+        waited: Duration,
+    },
+    /// The scheduler connection ended during setup.
+    Closed { why: String },
+}
+
+impl Failure {
+    fn to_error(&self) -> Error {
+        match self {
+            Failure::Job {
+                cause,
+                rank,
+                reason,
+                waited,
+            } => job_failed(*cause, *rank, reason, *waited),
+            Failure::Closed { why } => Error::PeerLost {
+                peer: Peer::Scheduler,
+                reason: format!("the scheduler connection ended during setup: {why}"),
+            },
+        }
+    }
+}
+
+/// The error a rank returns for `JobFailed`.
+fn job_failed(
+    cause: FailCause,
+    rank: Option<(Role, u32)>,
+    reason: &str,
+    waited: Duration,
+) -> Error {
+    match (cause, rank) {
+        (FailCause::Lost, Some((role, r))) => Error::PeerLost {
+            peer: match role {
+                Role::Attention => Peer::Attention(r),
+                Role::Ffn => Peer::Ffn(r),
+            },
+            reason: format!("{reason}; the job cannot form"),
+        },
+        (FailCause::Timeout, _) => Error::Timeout {
+            op: "mesh join",
+            peer: format!("the scheduler: {reason}"),
+            after: waited,
+        },
+        _ => Error::config(format!("the job cannot form: {reason}")),
+    }
+}
+
+/// Whether the scheduler has called off this rank's setup attempt. Cheap
+/// to clone and to check; the waits of link bring-up check it so that a
+/// failed job ends them at once instead of at their timeout.
+#[derive(Debug, Clone, Default)]
+pub struct SetupWatch(Arc<Mutex<Option<Failure>>>);
+
+impl SetupWatch {
+    /// `Err` once the scheduler has said the job cannot form (or its
+    /// connection ended) — the error the rank should return.
+    pub fn check(&self) -> Result<()> {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(f) => Err(f.to_error()),
+        }
+    }
+
+    /// Records a `JobFailed` from the scheduler (received `waited` after
+    /// the rank connected).
+    pub(crate) fn job_failed(
+        &self,
+        cause: FailCause,
+        rank: Option<(Role, u32)>,
+        reason: &str,
+        waited: Duration,
+    ) {
+        self.set(Failure::Job {
+            cause,
+            rank,
+            reason: reason.to_string(),
+            waited,
+        });
+    }
+
+    fn set(&self, f: Failure) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(f);
+        }
+    }
+}
+
+/// What the reader thread hands over.
+enum Inbound {
+    Message(Message),
+    Closed,
+}
 
 /// A rank's connection to the rendezvous server, from hello to bye.
 #[derive(Debug)]
@@ -21,6 +131,8 @@ pub struct Session {
     pub rank: u32,
     /// Every rank of the mesh.
     pub entries: Vec<Entry>,
+    inbox: Receiver<Inbound>,
+    watch: SetupWatch,
     said_bye: bool,
 }
 
@@ -31,15 +143,26 @@ pub struct Session {
 pub struct Connecting {
     stream: TcpStream,
     server: String,
+    since: Instant,
+    watch: SetupWatch,
 }
 
 impl Connecting {
-    /// Connects to the server, retrying until `timeout`.
-    pub fn connect(server: &str, timeout: Duration) -> Result<Connecting> {
-        let stream = connect_retry(server, timeout, "connect to scheduler")?;
+    /// Connects to the server, retrying until `timeout`, and proves
+    /// `token` (a wrong or missing token is [`Error::Auth`]).
+    pub fn connect(server: &str, token: Option<&Token>, timeout: Duration) -> Result<Connecting> {
+        let since = Instant::now();
+        let mut stream = connect_retry(server, timeout, "connect to scheduler")?;
+        let left = timeout
+            .saturating_sub(since.elapsed())
+            .max(Duration::from_millis(100));
+        let name = format!("scheduler {server}");
+        auth::initiate(&mut stream, token, left, &name)?;
         Ok(Connecting {
             stream,
             server: server.to_string(),
+            since,
+            watch: SetupWatch::default(),
         })
     }
 
@@ -52,6 +175,11 @@ impl Connecting {
             .map_err(|e| Error::io("local address of scheduler connection", e))
     }
 
+    /// The watch that will report a failed job during this rank's setup.
+    pub fn watch(&self) -> SetupWatch {
+        self.watch.clone()
+    }
+
     /// Sends the hello and waits (up to `timeout`) for the address book.
     pub fn join(
         mut self,
@@ -60,50 +188,128 @@ impl Connecting {
         timeout: Duration,
     ) -> Result<Session> {
         send(&mut self.stream, &hello, io_timeout, &self.server)?;
-        match recv(&mut self.stream, timeout, &self.server)? {
+        let (epoch, role, rank, entries) = match recv(&mut self.stream, timeout, &self.server)? {
             Message::AddressBook {
                 epoch,
                 role,
                 rank,
                 entries,
-            } => Ok(Session {
-                stream: self.stream,
-                server: self.server,
-                io_timeout,
-                epoch,
-                role,
+            } => (epoch, role, rank, entries),
+            Message::Refused { reason } => {
+                return Err(Error::config(format!(
+                    "scheduler {} refused this rank: {reason}",
+                    self.server
+                )))
+            }
+            Message::JobFailed {
+                cause,
                 rank,
-                entries,
-                said_bye: false,
-            }),
-            Message::Refused { reason } => Err(Error::config(format!(
-                "scheduler {} refused this rank: {reason}",
-                self.server
-            ))),
-            other => Err(Error::BadFrame {
-                peer: self.server,
-                reason: format!("expected the address book, got {other:?}"),
-            }),
-        }
+                reason,
+            } => return Err(job_failed(cause, rank, &reason, self.since.elapsed())),
+            other => {
+                return Err(Error::BadFrame {
+                    peer: self.server,
+                    reason: format!("expected the address book, got {}", other.kind()),
+                })
+            }
+        };
+        let inbox = self.spawn_reader()?;
+        Ok(Session {
+            stream: self.stream,
+            server: self.server,
+            io_timeout,
+            epoch,
+            role,
+            rank,
+            entries,
+            inbox,
+            watch: self.watch,
+            said_bye: false,
+        })
+    }
+
+    /// Hands the receiving half to a thread: every message goes to the
+    /// inbox, and a failure of the job also to the watch.
+    fn spawn_reader(&self) -> Result<Receiver<Inbound>> {
+        let mut rs = self
+            .stream
+            .try_clone()
+            .map_err(|e| Error::io("clone scheduler connection", e))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watch = self.watch.clone();
+        let server = self.server.clone();
+        let since = self.since;
+        std::thread::Builder::new()
+            .name("afmesh-session".into())
+            .spawn(move || loop {
+                match recv_by(&mut rs, None, &server) {
+                    Ok(Message::JobFailed {
+                        cause,
+                        rank,
+                        reason,
+                    }) => {
+                        watch.job_failed(cause, rank, &reason, since.elapsed());
+                        let _ = tx.send(Inbound::Message(Message::JobFailed {
+                            cause,
+                            rank,
+                            reason,
+                        }));
+                    }
+                    Ok(m) => {
+                        if tx.send(Inbound::Message(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        watch.set(Failure::Closed { why: e.to_string() });
+                        let _ = tx.send(Inbound::Closed);
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn scheduler session thread", e))?;
+        Ok(rx)
     }
 }
 
 impl Session {
-    /// Waits (up to `timeout`) until every rank of the mesh reaches the barrier.
+    /// Waits (up to `timeout`) until every rank of the mesh reaches the
+    /// barrier. A job that failed meanwhile is its error.
     pub fn barrier(&mut self, timeout: Duration) -> Result<()> {
+        self.watch.check()?;
         send(
             &mut self.stream,
             &Message::BarrierEnter { epoch: self.epoch },
             self.io_timeout,
             &self.server,
         )?;
-        match recv(&mut self.stream, timeout, &self.server)? {
-            Message::BarrierRelease { epoch } if epoch == self.epoch => Ok(()),
-            other => Err(Error::BadFrame {
+        match self.inbox.recv_timeout(timeout) {
+            Ok(Inbound::Message(Message::BarrierRelease { epoch })) if epoch == self.epoch => {
+                Ok(())
+            }
+            Ok(Inbound::Message(Message::JobFailed { .. }))
+            | Ok(Inbound::Closed)
+            | Err(RecvTimeoutError::Disconnected) => {
+                Err(self.watch.check().err().unwrap_or_else(|| Error::PeerLost {
+                    peer: Peer::Scheduler,
+                    reason: "the scheduler connection ended during setup".into(),
+                }))
+            }
+            Ok(Inbound::Message(other)) => Err(Error::BadFrame {
                 peer: self.server.clone(),
-                reason: format!("expected barrier release, got {other:?}"),
+                reason: format!("expected barrier release, got {}", other.kind()),
+            }),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                op: "barrier",
+                peer: format!("scheduler {}", self.server),
+                after: timeout,
             }),
         }
+    }
+
+    /// The watch over this setup attempt.
+    pub fn watch(&self) -> SetupWatch {
+        self.watch.clone()
     }
 
     /// Entries of one role, indexed by rank.
@@ -135,5 +341,118 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.bye();
+        // Ends the reader thread's wait.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Geometry;
+    use std::net::TcpListener;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn hello() -> Message {
+        Message::Hello {
+            version: crate::proto::bootstrap::BOOTSTRAP_VERSION,
+            job: "j".into(),
+            role: Role::Attention,
+            preferred_rank: Some(0),
+            m: 1,
+            n: 2,
+            geometry: Geometry {
+                stages: 1,
+                max_tokens: 1,
+                row_bytes: 1,
+                out_row_bytes: 1,
+                side_bytes: 0,
+            },
+            host_id: "h".into(),
+            endpoints: Vec::new(),
+        }
+    }
+
+    /// A scheduler that sends the address book, then `after` it.
+    fn scheduler(after: Message) -> (String, std::thread::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            auth::accept(&mut s, None, T, "the scheduler", "rank").unwrap();
+            assert!(matches!(
+                recv(&mut s, T, "rank").unwrap(),
+                Message::Hello { .. }
+            ));
+            let book = Message::AddressBook {
+                epoch: 7,
+                role: Role::Attention,
+                rank: 0,
+                entries: Vec::new(),
+            };
+            send(&mut s, &book, T, "rank").unwrap();
+            send(&mut s, &after, T, "rank").unwrap();
+            // Hold the connection until the rank hangs up.
+            let _ = recv(&mut s, T, "rank");
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn job_failed_after_the_book_reaches_the_watch_and_the_barrier() {
+        let (addr, sched) = scheduler(Message::JobFailed {
+            cause: FailCause::Lost,
+            rank: Some((Role::Ffn, 1)),
+            reason: "died during setup".into(),
+        });
+        let conn = Connecting::connect(&addr, None, T).unwrap();
+        let watch = conn.watch();
+        let mut session = conn.join(hello(), T, T).unwrap();
+        let t0 = Instant::now();
+        while watch.check().is_ok() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "the watch never fired"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        match watch.check() {
+            Err(Error::PeerLost { peer, reason }) => {
+                assert_eq!(peer, Peer::Ffn(1));
+                assert!(reason.contains("died during setup"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = session.barrier(T).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::PeerLost {
+                    peer: Peer::Ffn(1),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        drop(session);
+        sched.join().unwrap();
+    }
+
+    #[test]
+    fn a_mismatch_is_a_config_error_naming_the_reason() {
+        let (addr, sched) = scheduler(Message::JobFailed {
+            cause: FailCause::Mismatch,
+            rank: Some((Role::Attention, 1)),
+            reason: "A1 asked for max_tokens 64, the job has 128 (set by F0)".into(),
+        });
+        let conn = Connecting::connect(&addr, None, T).unwrap();
+        let mut session = conn.join(hello(), T, T).unwrap();
+        match session.barrier(T) {
+            Err(Error::Config(m)) => assert!(m.contains("A1 asked for max_tokens 64"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        drop(session);
+        sched.join().unwrap();
     }
 }

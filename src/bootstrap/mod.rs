@@ -2,8 +2,12 @@
 //! the handshake that brings up a link between two ranks.
 //!
 //! Every step has a bounded timeout. A connection that sends something that
-//! does not decode is dropped with a logged reason; the mesh still forms.
+//! does not decode, or fails to prove the cluster token ([`auth`]), is
+//! dropped with a logged reason; the mesh still forms. Setup is a
+//! transaction: when the job cannot form (a rank refused or dead), every
+//! rank hears it at once and the scheduler forgets the attempt.
 
+pub mod auth;
 pub mod client;
 pub mod rendezvous;
 
@@ -14,8 +18,20 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::proto::Message;
 
-pub use client::Session;
+pub use auth::Token;
+pub use client::{Session, SetupWatch};
 pub use rendezvous::{Scheduler, SchedulerConfig};
+
+/// What bringing up a link needs besides addresses: the cluster token to
+/// prove (see [`auth`]) and the watch that ends the wait early when the
+/// scheduler says the job failed.
+#[derive(Debug, Clone, Default)]
+pub struct LinkGuard {
+    /// The cluster token; `None`: links are not authenticated.
+    pub token: Option<Token>,
+    /// The rank's setup watch.
+    pub watch: SetupWatch,
+}
 
 /// Sends one bootstrap message with a write timeout.
 pub(crate) fn send(s: &mut TcpStream, m: &Message, timeout: Duration, to: &str) -> Result<()> {
@@ -33,7 +49,12 @@ pub(crate) fn send(s: &mut TcpStream, m: &Message, timeout: Duration, to: &str) 
 
 /// Receives one bootstrap message, waiting at most `timeout`.
 pub(crate) fn recv(s: &mut TcpStream, timeout: Duration, from: &str) -> Result<Message> {
-    let deadline = Instant::now() + timeout;
+    recv_by(s, Some(Instant::now() + timeout), from)
+}
+
+/// Receives one bootstrap message, waiting until `deadline` or, without
+/// one, until a message or the end of the connection.
+pub(crate) fn recv_by(s: &mut TcpStream, deadline: Option<Instant>, from: &str) -> Result<Message> {
     let mut prefix = [0u8; 4];
     read_exact_by(s, &mut prefix, deadline, from)?;
     let n = Message::frame_len(prefix).map_err(|e| Error::BadFrame {
@@ -48,18 +69,23 @@ pub(crate) fn recv(s: &mut TcpStream, timeout: Duration, from: &str) -> Result<M
     })
 }
 
-fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant, from: &str) -> Result<()> {
+fn read_exact_by(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+    from: &str,
+) -> Result<()> {
     let mut got = 0;
     while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
             return Err(Error::Timeout {
                 op: "bootstrap receive",
                 peer: from.to_string(),
                 after: Duration::ZERO,
             });
         }
-        s.set_read_timeout(Some(left))
+        s.set_read_timeout(left)
             .map_err(|e| Error::io(format!("set read timeout from {from}"), e))?;
         match s.read(&mut buf[got..]) {
             Ok(0) => {
@@ -79,7 +105,7 @@ fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant, from: &st
                 return Err(Error::Timeout {
                     op: "bootstrap receive",
                     peer: from.to_string(),
-                    after: left,
+                    after: left.unwrap_or_default(),
                 })
             }
             Err(e) => return Err(Error::io(format!("receive from {from}"), e)),
@@ -103,10 +129,21 @@ pub(crate) fn connect_retry(
     timeout: Duration,
     what: &'static str,
 ) -> Result<TcpStream> {
+    connect_retry_unless(addr, timeout, what, &SetupWatch::default())
+}
+
+/// [`connect_retry`], giving up early when `watch` reports the job failed.
+pub(crate) fn connect_retry_unless(
+    addr: &str,
+    timeout: Duration,
+    what: &'static str,
+    watch: &SetupWatch,
+) -> Result<TcpStream> {
     let sa = resolve(addr)?;
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(5);
     loop {
+        watch.check()?;
         let left = deadline.saturating_duration_since(Instant::now());
         match TcpStream::connect_timeout(
             &sa,
@@ -126,7 +163,7 @@ pub(crate) fn connect_retry(
                     });
                 }
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(200));
+                backoff = (backoff * 2).min(Duration::from_millis(100));
             }
         }
     }

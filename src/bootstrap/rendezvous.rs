@@ -1,11 +1,25 @@
 //! The rendezvous server (`afmesh scheduler`, or embedded in a rank).
 //!
-//! It admits M attention and N FFN ranks, assigns their ranks (honouring a
-//! free preferred rank), checks that they agree on the job, the mesh size
-//! and the stage geometry, sends everyone the address book with a fresh
-//! epoch, runs one barrier, and then waits for every rank to leave.
+//! It admits M attention and N FFN ranks, assigns their ranks (honouring
+//! an explicit rank, refusing one asked for twice), checks that they agree
+//! on the job, the mesh size and the stage geometry, sends everyone the
+//! address book with a fresh epoch, runs one barrier, and then waits for
+//! every rank to leave.
+//!
+//! Setup is a transaction. Until the barrier releases, the first rank that
+//! is refused (it disagrees with the job) or whose connection closes (it
+//! died, or gave up) ends the attempt: every rank connected to it hears
+//! `JobFailed` at once, naming the rank and why, and the server forgets
+//! the attempt. Then, with [`SchedulerConfig::retry`] (a standalone
+//! scheduler), it takes a fresh attempt from scratch — ranks started again
+//! right away join it — and gives up only when no attempt forms within the
+//! join timeout; without it (a scheduler embedded in a rank), it returns
+//! the failure. A rank that arrives after the mesh formed is told so.
+//!
+//! Connections that are not ranks of the job — garbage, a wrong cluster
+//! token — are dropped with a logged reason; the job goes on.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::{recv, send};
-use crate::error::{Error, Result};
-use crate::proto::{Entry, Geometry, Message, Role};
+use super::{auth, recv, recv_by, send, Token};
+use crate::error::{Error, Peer, Result};
+use crate::proto::{Entry, FailCause, Geometry, Message, Role};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -26,10 +40,19 @@ pub struct SchedulerConfig {
     pub ffn: Option<u32>,
     /// Job name; `None`: take it from the first hello.
     pub job: Option<String>,
-    /// How long the whole mesh may take to join and reach the barrier.
+    /// How long one attempt may take to join and reach the barrier,
+    /// counted from the server's start or from the last failed attempt.
     pub join_timeout: Duration,
-    /// How long one connection may take to say hello.
+    /// How long one connection may take to authenticate and say hello.
     pub hello_timeout: Duration,
+    /// The cluster token every rank must prove; `None`: ranks are not
+    /// authenticated (then bind a loopback address: binding another one
+    /// logs a warning).
+    pub token: Option<Token>,
+    /// After a failed attempt, wait for a fresh one (`true`, the default:
+    /// a standalone scheduler) or return the failure (`false`: a scheduler
+    /// embedded in a rank, which fails with it).
+    pub retry: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -40,6 +63,8 @@ impl Default for SchedulerConfig {
             job: None,
             join_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(5),
+            token: None,
+            retry: true,
         }
     }
 }
@@ -55,6 +80,10 @@ pub struct Summary {
     pub ffn: u32,
     /// Connections dropped for not speaking the protocol.
     pub dropped: u32,
+    /// Connections refused for failing the cluster token.
+    pub auth_failures: u32,
+    /// Setup attempts that failed before the one that formed.
+    pub failed_attempts: u32,
 }
 
 /// A bound rendezvous server.
@@ -64,15 +93,92 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
 }
 
+/// What a rank asked for in its hello.
+#[derive(Debug)]
+struct Ask {
+    job: String,
+    role: Role,
+    preferred_rank: Option<u32>,
+    m: u32,
+    n: u32,
+    geometry: Geometry,
+    host_id: String,
+    endpoints: Vec<(String, Vec<u8>)>,
+}
+
+/// An authenticated connection that said hello.
+#[derive(Debug)]
 struct Joiner {
     stream: TcpStream,
     from: SocketAddr,
-    hello: Message,
+    ask: Ask,
 }
 
-enum Accepted {
+impl Joiner {
+    /// How errors name it: by the rank it asked for, or by where it is.
+    fn name(&self) -> String {
+        match self.ask.preferred_rank {
+            Some(r) => label(self.ask.role, r),
+            None => format!(
+                "an {} rank (host {}, {})",
+                self.ask.role, self.ask.host_id, self.from
+            ),
+        }
+    }
+}
+
+/// What the server's threads report to its main loop.
+enum Event {
     Hello(Box<Joiner>),
     Dropped,
+    AuthFailed,
+    /// A member said something.
+    Said {
+        id: u64,
+        msg: Message,
+    },
+    /// A member's connection ended.
+    Gone {
+        id: u64,
+        why: String,
+    },
+}
+
+/// A rank admitted to the current attempt.
+#[derive(Debug)]
+struct Member {
+    id: u64,
+    joiner: Joiner,
+    /// Assigned when the address book goes out.
+    rank: Option<u32>,
+    entered: bool,
+    left: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Gathering,
+    Barrier { epoch: u64 },
+    Running { epoch: u64 },
+}
+
+/// A setup attempt: what the job is so far, and who is in it.
+#[derive(Debug)]
+struct Attempt {
+    m: Option<(u32, String)>,
+    n: Option<u32>,
+    job: Option<(String, String)>,
+    geometry: Option<(Geometry, String)>,
+    members: Vec<Member>,
+    deadline: Instant,
+    phase: Phase,
+}
+
+/// How an attempt ended early.
+struct Failed {
+    cause: FailCause,
+    rank: Option<(Role, u32)>,
+    reason: String,
 }
 
 /// A server running on its own thread.
@@ -100,11 +206,19 @@ impl SchedulerHandle {
 }
 
 impl Scheduler {
-    /// Binds the listening socket (`host:port`; port 0 picks one).
+    /// Binds the listening socket (`host:port`; port 0 picks one). Without
+    /// a token, a listener that is not on loopback logs a warning.
     pub fn bind(addr: &str, cfg: SchedulerConfig) -> Result<Scheduler> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::io(format!("bind scheduler to {addr}"), e))?;
-        Ok(Scheduler { listener, cfg })
+        let s = Scheduler { listener, cfg };
+        let at = s.local_addr()?;
+        if s.cfg.token.is_none() && !at.ip().is_loopback() {
+            tracing::warn!(
+                "scheduler listening on {at} without a cluster token: anyone who reaches it can join this job or disturb it; give the scheduler and every rank a token (AFMESH_TOKEN or AFMESH_TOKEN_FILE; afmesh scheduler --token-file), or bind a loopback address"
+            );
+        }
+        Ok(s)
     }
 
     /// The bound address.
@@ -124,10 +238,11 @@ impl Scheduler {
         Ok(SchedulerHandle { addr, thread })
     }
 
-    /// Runs until every admitted rank has left (or setup fails).
+    /// Runs until every rank of a formed mesh has left, or setup fails for
+    /// good (see the module docs).
     pub fn run(self) -> Result<Summary> {
         let addr = self.local_addr()?;
-        let (tx, rx) = crossbeam_channel::unbounded::<Accepted>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Event>();
         let stop = Arc::new(AtomicBool::new(false));
         let acceptor = {
             let listener = self
@@ -135,211 +250,527 @@ impl Scheduler {
                 .try_clone()
                 .map_err(|e| Error::io("clone listener", e))?;
             let stop = stop.clone();
+            let tx = tx.clone();
+            let token = self.cfg.token.clone();
             let hello_timeout = self.cfg.hello_timeout;
             std::thread::Builder::new()
                 .name("afmesh-sched-accept".into())
-                .spawn(move || accept_loop(listener, tx, stop, hello_timeout))
+                .spawn(move || accept_loop(listener, tx, stop, token, hello_timeout))
                 .map_err(|e| Error::io("spawn accept thread", e))?
         };
-        let result = self.form(&rx);
+        let result = Server {
+            cfg: &self.cfg,
+            tx,
+            next_id: 0,
+            dropped: 0,
+            auth_failures: 0,
+            failed_attempts: 0,
+        }
+        .serve(&rx);
         stop.store(true, Ordering::SeqCst);
         // Wake the acceptor so it sees the stop flag.
         let _ = TcpStream::connect_timeout(&wake_addr(addr), Duration::from_secs(1));
         let _ = acceptor.join();
         // Late joiners still queued get a clear refusal.
-        while let Ok(Accepted::Hello(mut j)) = rx.try_recv() {
-            let _ = send(
-                &mut j.stream,
-                &Message::Refused {
-                    reason: "mesh already formed".into(),
-                },
-                Duration::from_secs(1),
-                &j.from.to_string(),
-            );
+        while let Ok(ev) = rx.try_recv() {
+            if let Event::Hello(mut j) = ev {
+                refuse(&mut j, "the job is over: this scheduler has finished");
+            }
         }
         result
     }
+}
 
-    fn form(&self, rx: &Receiver<Accepted>) -> Result<Summary> {
-        let deadline = Instant::now() + self.cfg.join_timeout;
-        let mut m = self.cfg.attention;
-        let mut n = self.cfg.ffn;
-        let mut job = self.cfg.job.clone();
-        let mut geometry: Option<Geometry> = None;
-        let mut joined: Vec<Joiner> = Vec::new();
-        let mut dropped = 0u32;
+/// The main loop's state.
+struct Server<'a> {
+    cfg: &'a SchedulerConfig,
+    tx: Sender<Event>,
+    next_id: u64,
+    dropped: u32,
+    auth_failures: u32,
+    failed_attempts: u32,
+}
+
+impl Server<'_> {
+    fn fresh(&self) -> Attempt {
+        Attempt {
+            m: self.cfg.attention.map(|m| (m, "the scheduler".to_string())),
+            n: self.cfg.ffn,
+            job: self
+                .cfg
+                .job
+                .clone()
+                .map(|j| (j, "the scheduler".to_string())),
+            geometry: None,
+            members: Vec::new(),
+            deadline: Instant::now() + self.cfg.join_timeout,
+            phase: Phase::Gathering,
+        }
+    }
+
+    fn serve(&mut self, rx: &Receiver<Event>) -> Result<Summary> {
+        let mut a = self.fresh();
         loop {
-            if let (Some(m), Some(n)) = (m, n) {
-                let a = joined
-                    .iter()
-                    .filter(|j| role_of(&j.hello) == Some(Role::Attention))
-                    .count();
-                if a == m as usize && joined.len() == (m + n) as usize {
-                    break;
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let acc = match rx.recv_timeout(left) {
-                Ok(a) => a,
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                    let want = format!("{}A+{}F", m.unwrap_or(0), n.unwrap_or(0));
-                    for j in &mut joined {
-                        refuse(j, "mesh did not form in time");
+            let ev = match a.phase {
+                Phase::Running { .. } => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                _ => rx.recv_timeout(a.deadline.saturating_duration_since(Instant::now())),
+            };
+            let outcome = match ev {
+                Err(_) => {
+                    let (k, want) = (a.members.len(), a.size());
+                    let reason = format!(
+                        "the mesh did not form within {:?}: {k} of {want} ranks joined{}",
+                        self.cfg.join_timeout,
+                        a.missing()
+                    );
+                    if k > 0 {
+                        self.fail(
+                            &mut a,
+                            Failed {
+                                cause: FailCause::Timeout,
+                                rank: None,
+                                reason: reason.clone(),
+                            },
+                        );
                     }
                     return Err(Error::Timeout {
                         op: "mesh join",
-                        peer: format!("{} of {want} ranks joined", joined.len()),
+                        peer: format!("{k} of {want} ranks joined{}", a.missing()),
                         after: self.cfg.join_timeout,
                     });
                 }
-            };
-            let mut j = match acc {
-                Accepted::Dropped => {
-                    dropped += 1;
+                Ok(Event::Dropped) => {
+                    self.dropped += 1;
                     continue;
                 }
-                Accepted::Hello(j) => *j,
+                Ok(Event::AuthFailed) => {
+                    self.auth_failures += 1;
+                    continue;
+                }
+                Ok(Event::Hello(j)) => self.hello(&mut a, *j),
+                Ok(Event::Said { id, msg }) => self.said(&mut a, id, msg),
+                Ok(Event::Gone { id, why }) => self.gone(&mut a, id, &why),
             };
-            let Message::Hello {
-                job: hjob,
-                role,
-                m: hm,
-                n: hn,
-                geometry: hg,
-                ..
-            } = &j.hello
-            else {
-                continue;
-            };
-            let problem = if job.as_deref().is_some_and(|x| x != hjob) {
-                Some(format!(
-                    "job {hjob:?} is not this mesh's job {:?}",
-                    job.as_deref().unwrap_or("")
-                ))
-            } else if m.is_some_and(|x| x != *hm) || n.is_some_and(|x| x != *hn) {
-                Some(format!(
-                    "rank expects {hm}A+{hn}F, mesh is {}A+{}F",
-                    m.unwrap_or(*hm),
-                    n.unwrap_or(*hn)
-                ))
-            } else if geometry.is_some_and(|g| g != *hg) {
-                Some(format!(
-                    "stage geometry {hg:?} differs from the mesh's {:?}",
-                    geometry
-                ))
-            } else if *hm == 0 || *hn == 0 {
-                Some("a mesh needs at least one attention and one FFN rank".into())
-            } else {
-                let count = joined
-                    .iter()
-                    .filter(|x| role_of(&x.hello) == Some(*role))
-                    .count() as u32;
-                let cap = if *role == Role::Attention { *hm } else { *hn };
-                (count >= cap).then(|| format!("all {cap} {role} ranks have already joined"))
-            };
-            if let Some(p) = problem {
-                tracing::warn!(from = %j.from, "refusing rank: {p}");
-                refuse(&mut j, &p);
-                continue;
+            match outcome {
+                Ok(None) => {}
+                Ok(Some(epoch)) => {
+                    return Ok(Summary {
+                        epoch,
+                        attention: a.m.map_or(0, |x| x.0),
+                        ffn: a.n.unwrap_or(0),
+                        dropped: self.dropped,
+                        auth_failures: self.auth_failures,
+                        failed_attempts: self.failed_attempts,
+                    })
+                }
+                Err(f) => {
+                    let err = match (f.cause, f.rank) {
+                        (FailCause::Lost, Some((role, r))) => Error::PeerLost {
+                            peer: peer(role, r),
+                            reason: f.reason.clone(),
+                        },
+                        _ => Error::config(format!("the job cannot form: {}", f.reason)),
+                    };
+                    self.fail(&mut a, f);
+                    if !self.cfg.retry {
+                        return Err(err);
+                    }
+                    tracing::info!("waiting for a fresh setup attempt");
+                    a = self.fresh();
+                }
             }
-            job.get_or_insert_with(|| hjob.clone());
-            m.get_or_insert(*hm);
-            n.get_or_insert(*hn);
-            geometry.get_or_insert(*hg);
-            tracing::debug!(from = %j.from, %role, "rank joined");
-            joined.push(j);
         }
-        let (m, n) = (m.unwrap_or(0), n.unwrap_or(0));
-        let ranks = assign_ranks(&joined, m, n);
+    }
+
+    /// Ends the attempt: every member hears why at once.
+    fn fail(&mut self, a: &mut Attempt, f: Failed) {
+        self.failed_attempts += 1;
+        tracing::warn!(
+            "setup attempt failed, telling {} ranks: {}",
+            a.members.len(),
+            f.reason
+        );
+        let msg = Message::JobFailed {
+            cause: f.cause,
+            rank: f.rank,
+            reason: f.reason,
+        };
+        for m in &mut a.members {
+            let j = &mut m.joiner;
+            let _ = send(
+                &mut j.stream,
+                &msg,
+                Duration::from_secs(1),
+                &j.from.to_string(),
+            );
+            let _ = j.stream.shutdown(Shutdown::Both);
+        }
+        a.members.clear();
+    }
+
+    /// A rank said hello: admit it, or refuse it (which fails the attempt
+    /// while it is forming). `Ok(Some(epoch))` never comes from here.
+    fn hello(&mut self, a: &mut Attempt, mut j: Joiner) -> Result<Option<u64>, Failed> {
+        if let Phase::Barrier { epoch } | Phase::Running { epoch } = a.phase {
+            let job = a.job.as_ref().map_or("", |x| x.0.as_str());
+            let reason = format!(
+                "job \"{job}\" already formed ({}, epoch {epoch:#x}): {} arrived too late",
+                a.size(),
+                j.name()
+            );
+            tracing::warn!(from = %j.from, "refusing rank: {reason}");
+            refuse(&mut j, &reason);
+            return Ok(None);
+        }
+        if let Some(problem) = a.problem(&j) {
+            tracing::warn!(from = %j.from, "refusing rank: {problem}");
+            refuse(&mut j, &problem);
+            return Err(Failed {
+                cause: FailCause::Mismatch,
+                rank: j.ask.preferred_rank.map(|r| (j.ask.role, r)),
+                reason: problem,
+            });
+        }
+        let name = j.name();
+        a.job
+            .get_or_insert_with(|| (j.ask.job.clone(), name.clone()));
+        a.m.get_or_insert_with(|| (j.ask.m, name.clone()));
+        a.n.get_or_insert(j.ask.n);
+        a.geometry
+            .get_or_insert_with(|| (j.ask.geometry, name.clone()));
+        let id = self.next_id;
+        self.next_id += 1;
+        tracing::debug!(from = %j.from, role = %j.ask.role, "rank joined");
+        if let Err(e) = self.watch(id, &j) {
+            tracing::warn!(from = %j.from, "cannot watch the rank's connection: {e}");
+            refuse(&mut j, "the scheduler cannot watch this connection");
+            return Ok(None);
+        }
+        a.members.push(Member {
+            id,
+            joiner: j,
+            rank: None,
+            entered: false,
+            left: false,
+        });
+        if a.full() {
+            self.send_books(a)?;
+        }
+        Ok(None)
+    }
+
+    /// Every rank has joined: assign ranks and send the address book.
+    fn send_books(&mut self, a: &mut Attempt) -> Result<(), Failed> {
+        let (m, n) = (a.m.as_ref().map_or(0, |x| x.0), a.n.unwrap_or(0));
+        let ranks = assign_ranks(&a.members, m, n);
+        for (mem, r) in a.members.iter_mut().zip(&ranks) {
+            mem.rank = Some(*r);
+        }
         let epoch = new_epoch();
-        let entries: Vec<Entry> = joined
+        let entries: Vec<Entry> = a
+            .members
             .iter()
-            .zip(&ranks)
-            .filter_map(|(j, &rank)| match &j.hello {
-                Message::Hello {
-                    role,
-                    host_id,
-                    endpoints,
-                    ..
-                } => Some(Entry {
-                    role: *role,
-                    rank,
-                    host_id: host_id.clone(),
-                    endpoints: endpoints.clone(),
-                }),
-                _ => None,
+            .map(|mem| Entry {
+                role: mem.joiner.ask.role,
+                rank: mem.rank.unwrap_or(u32::MAX),
+                host_id: mem.joiner.ask.host_id.clone(),
+                endpoints: mem.joiner.ask.endpoints.clone(),
             })
             .collect();
         let io_to = self.cfg.hello_timeout;
-        for (j, &rank) in joined.iter_mut().zip(&ranks) {
-            let role = role_of(&j.hello).unwrap_or(Role::Attention);
+        for mem in &mut a.members {
+            let (role, rank) = (mem.joiner.ask.role, mem.rank.unwrap_or(u32::MAX));
             let book = Message::AddressBook {
                 epoch,
                 role,
                 rank,
                 entries: entries.clone(),
             };
-            send(&mut j.stream, &book, io_to, &j.from.to_string())?;
-        }
-        // Barrier.
-        for j in &mut joined {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            match recv(&mut j.stream, left, &j.from.to_string())? {
-                Message::BarrierEnter { epoch: e } if e == epoch => {}
-                other => {
-                    return Err(Error::BadFrame {
-                        peer: j.from.to_string(),
-                        reason: format!("expected barrier for epoch {epoch}, got {other:?}"),
-                    })
-                }
+            let j = &mut mem.joiner;
+            if let Err(e) = send(&mut j.stream, &book, io_to, &j.from.to_string()) {
+                return Err(Failed {
+                    cause: FailCause::Lost,
+                    rank: Some((role, rank)),
+                    reason: format!("did not take its address book: {e}"),
+                });
             }
         }
-        for j in &mut joined {
-            send(
-                &mut j.stream,
-                &Message::BarrierRelease { epoch },
-                io_to,
-                &j.from.to_string(),
-            )?;
-        }
-        tracing::info!(epoch, m, n, "mesh formed");
-        // Wait for every rank to leave (Bye or EOF), each on its own thread.
-        let waiters: Vec<_> = joined
-            .into_iter()
-            .map(|mut j| {
-                std::thread::spawn(move || {
-                    let from = j.from.to_string();
-                    loop {
-                        match recv(&mut j.stream, Duration::from_secs(3600), &from) {
-                            Ok(Message::Bye) => return,
-                            Ok(other) => {
-                                tracing::warn!(%from, "unexpected after barrier: {other:?}")
-                            }
-                            Err(Error::Timeout { .. }) => continue,
-                            Err(_) => return,
+        tracing::debug!(epoch, m, n, "address book sent");
+        a.phase = Phase::Barrier { epoch };
+        Ok(())
+    }
+
+    /// A member said something. `Ok(Some(epoch))`: every rank has left.
+    fn said(&mut self, a: &mut Attempt, id: u64, msg: Message) -> Result<Option<u64>, Failed> {
+        let Some(i) = a.members.iter().position(|m| m.id == id) else {
+            return Ok(None);
+        };
+        match (a.phase, msg) {
+            (Phase::Barrier { epoch }, Message::BarrierEnter { epoch: e }) if e == epoch => {
+                a.members[i].entered = true;
+                if a.members.iter().all(|m| m.entered) {
+                    let io_to = self.cfg.hello_timeout;
+                    for mem in &mut a.members {
+                        let j = &mut mem.joiner;
+                        let release = Message::BarrierRelease { epoch };
+                        if let Err(e) = send(&mut j.stream, &release, io_to, &j.from.to_string()) {
+                            // It died after entering; the others go on and
+                            // find out on their links.
+                            tracing::warn!(from = %j.from, "barrier release not sent: {e}");
                         }
                     }
-                })
-            })
-            .collect();
-        for w in waiters {
-            let _ = w.join();
+                    a.phase = Phase::Running { epoch };
+                    tracing::info!(epoch, "mesh {} formed", a.size());
+                }
+                Ok(None)
+            }
+            (Phase::Running { .. }, Message::Bye) => Ok(self.left(a, i)),
+            (Phase::Gathering | Phase::Barrier { .. }, Message::Bye) => Err(Failed {
+                cause: FailCause::Lost,
+                rank: Some(a.rank_of(i)),
+                reason: "left during setup (its own setup failed: see its log)".into(),
+            }),
+            (Phase::Running { .. }, other) => {
+                tracing::warn!(
+                    "{} sent an unexpected {} after the barrier",
+                    a.name(i),
+                    other.kind()
+                );
+                Ok(None)
+            }
+            (_, other) => Err(Failed {
+                cause: FailCause::Mismatch,
+                rank: Some(a.rank_of(i)),
+                reason: format!(
+                    "{} sent an unexpected {} during setup",
+                    a.name(i),
+                    other.kind()
+                ),
+            }),
         }
-        Ok(Summary {
-            epoch,
-            attention: m,
-            ffn: n,
-            dropped,
-        })
+    }
+
+    /// A member's connection ended.
+    fn gone(&mut self, a: &mut Attempt, id: u64, why: &str) -> Result<Option<u64>, Failed> {
+        let Some(i) = a.members.iter().position(|m| m.id == id) else {
+            return Ok(None);
+        };
+        match a.phase {
+            Phase::Running { .. } => Ok(self.left(a, i)),
+            _ => Err(Failed {
+                cause: FailCause::Lost,
+                rank: Some(a.rank_of(i)),
+                reason: format!("died during setup (its scheduler connection ended: {why})"),
+            }),
+        }
+    }
+
+    /// Member `i` left a running mesh; `Some(epoch)` once all have.
+    fn left(&mut self, a: &mut Attempt, i: usize) -> Option<u64> {
+        let mem = &mut a.members[i];
+        mem.left = true;
+        let _ = mem.joiner.stream.shutdown(Shutdown::Both);
+        match a.phase {
+            Phase::Running { epoch } if a.members.iter().all(|m| m.left) => Some(epoch),
+            _ => None,
+        }
+    }
+
+    /// A thread that reports what the member says, and when it is gone.
+    fn watch(&self, id: u64, j: &Joiner) -> Result<()> {
+        let mut s = j
+            .stream
+            .try_clone()
+            .map_err(|e| Error::io("clone rank connection", e))?;
+        let from = j.from.to_string();
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("afmesh-sched-rank".into())
+            .spawn(move || loop {
+                match recv_by(&mut s, None, &from) {
+                    Ok(msg) => {
+                        let bye = msg == Message::Bye;
+                        if tx.send(Event::Said { id, msg }).is_err() || bye {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Event::Gone {
+                            id,
+                            why: e.to_string(),
+                        });
+                        return;
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| Error::io("spawn rank watcher", e))
     }
 }
 
-fn role_of(m: &Message) -> Option<Role> {
-    match m {
-        Message::Hello { role, .. } => Some(*role),
-        _ => None,
+impl Attempt {
+    fn size(&self) -> String {
+        match (&self.m, self.n) {
+            (Some((m, _)), Some(n)) => format!("{m}A+{n}F"),
+            _ => "?A+?F".into(),
+        }
+    }
+
+    fn full(&self) -> bool {
+        let (Some((m, _)), Some(n)) = (&self.m, self.n) else {
+            return false;
+        };
+        let a = self.count(Role::Attention);
+        a == *m as usize && self.members.len() == (m + n) as usize
+    }
+
+    fn count(&self, role: Role) -> usize {
+        self.members
+            .iter()
+            .filter(|x| x.joiner.ask.role == role)
+            .count()
+    }
+
+    /// `"; missing: A1, F0"` from the explicit ranks; empty when unknown.
+    fn missing(&self) -> String {
+        let (Some((m, _)), Some(n)) = (&self.m, self.n) else {
+            return String::new();
+        };
+        let mut gone = Vec::new();
+        for (role, cap) in [(Role::Attention, *m), (Role::Ffn, n)] {
+            let asked: Vec<u32> = self
+                .members
+                .iter()
+                .filter(|x| x.joiner.ask.role == role)
+                .filter_map(|x| x.joiner.ask.preferred_rank)
+                .collect();
+            let unnamed = self.count(role) - asked.len();
+            let free: Vec<u32> = (0..cap).filter(|r| !asked.contains(r)).collect();
+            // Ranks that asked for none fill the lowest free ones.
+            gone.extend(free.iter().skip(unnamed).map(|&r| label(role, r)));
+        }
+        if gone.is_empty() {
+            String::new()
+        } else {
+            format!("; missing: {}", gone.join(", "))
+        }
+    }
+
+    fn name(&self, i: usize) -> String {
+        let (role, r) = self.rank_of(i);
+        match (
+            self.members[i].rank,
+            self.members[i].joiner.ask.preferred_rank,
+        ) {
+            (None, None) => self.members[i].joiner.name(),
+            _ => label(role, r),
+        }
+    }
+
+    /// Member `i`'s rank: assigned, asked for, or what it would be
+    /// assigned now.
+    fn rank_of(&self, i: usize) -> (Role, u32) {
+        let mem = &self.members[i];
+        let role = mem.joiner.ask.role;
+        let r = mem
+            .rank
+            .or(mem.joiner.ask.preferred_rank)
+            .unwrap_or_else(|| {
+                let (m, n) = (self.m.as_ref().map_or(0, |x| x.0), self.n.unwrap_or(0));
+                assign_ranks(&self.members, m, n)[i]
+            });
+        (role, r)
+    }
+
+    /// Why `j` cannot join this attempt, naming it and the field.
+    fn problem(&self, j: &Joiner) -> Option<String> {
+        let who = j.name();
+        let ask = &j.ask;
+        if let Some((job, from)) = &self.job {
+            if *job != ask.job {
+                return Some(format!(
+                    "{who} asked for job \"{}\", the job is \"{job}\" (set by {from})",
+                    ask.job
+                ));
+            }
+        }
+        if ask.m == 0 || ask.n == 0 {
+            return Some(format!(
+                "{who} asked for a {}A+{}F mesh: a mesh needs at least one attention and one FFN rank",
+                ask.m, ask.n
+            ));
+        }
+        if let (Some((m, from)), Some(n)) = (&self.m, self.n) {
+            if (*m, n) != (ask.m, ask.n) {
+                return Some(format!(
+                    "{who} expects a {}A+{}F mesh, the job is {m}A+{n}F (set by {from})",
+                    ask.m, ask.n
+                ));
+            }
+        }
+        if let Some((g, from)) = &self.geometry {
+            let h = &ask.geometry;
+            let diffs: Vec<String> = [
+                ("stages", h.stages, g.stages),
+                ("max_tokens", h.max_tokens, g.max_tokens),
+                ("row_bytes", h.row_bytes, g.row_bytes),
+                ("out_row_bytes", h.out_row_bytes, g.out_row_bytes),
+                ("side_bytes", h.side_bytes, g.side_bytes),
+            ]
+            .iter()
+            .filter(|(_, mine, theirs)| mine != theirs)
+            .map(|(field, mine, theirs)| format!("{field} {mine}, the job has {theirs}"))
+            .collect();
+            if !diffs.is_empty() {
+                return Some(format!(
+                    "{who} asked for {} (set by {from})",
+                    diffs.join("; ")
+                ));
+            }
+        }
+        // The mesh size is the job's by now.
+        let role = ask.role;
+        let cap = match role {
+            Role::Attention => ask.m,
+            Role::Ffn => ask.n,
+        };
+        if let Some(p) = ask.preferred_rank {
+            if p >= cap {
+                return Some(format!(
+                    "an {role} rank (host {}, {}) asked for rank {p}, the job has {cap} {role} ranks (0..={})",
+                    ask.host_id,
+                    j.from,
+                    cap - 1
+                ));
+            }
+            if let Some(other) = self
+                .members
+                .iter()
+                .find(|x| x.joiner.ask.role == role && x.joiner.ask.preferred_rank == Some(p))
+            {
+                return Some(format!(
+                    "{who} is asked for twice: by host {} ({}) and by host {} ({})",
+                    other.joiner.ask.host_id, other.joiner.from, ask.host_id, j.from
+                ));
+            }
+        }
+        if self.count(role) >= cap as usize {
+            return Some(format!(
+                "{who} is one {role} rank too many: all {cap} have joined"
+            ));
+        }
+        None
+    }
+}
+
+fn label(role: Role, rank: u32) -> String {
+    peer(role, rank).to_string()
+}
+
+fn peer(role: Role, rank: u32) -> Peer {
+    match role {
+        Role::Attention => Peer::Attention(rank),
+        Role::Ffn => Peer::Ffn(rank),
     }
 }
 
@@ -354,24 +785,21 @@ fn refuse(j: &mut Joiner, reason: &str) {
     );
 }
 
-/// Ranks in join order: a free preferred rank first, then the lowest free.
-fn assign_ranks(joined: &[Joiner], m: u32, n: u32) -> Vec<u32> {
-    let mut ranks = vec![u32::MAX; joined.len()];
+/// Ranks in join order: the asked-for rank (unique, checked at admission),
+/// then the lowest free one.
+fn assign_ranks(members: &[Member], m: u32, n: u32) -> Vec<u32> {
+    let mut ranks = vec![u32::MAX; members.len()];
     for role in [Role::Attention, Role::Ffn] {
         let cap = if role == Role::Attention { m } else { n } as usize;
         let mut taken = vec![false; cap];
-        let mine: Vec<usize> = (0..joined.len())
-            .filter(|&i| role_of(&joined[i].hello) == Some(role))
+        let mine: Vec<usize> = (0..members.len())
+            .filter(|&i| members[i].joiner.ask.role == role)
             .collect();
         for &i in &mine {
-            if let Message::Hello {
-                preferred_rank: Some(p),
-                ..
-            } = &joined[i].hello
-            {
-                if (*p as usize) < cap && !taken[*p as usize] {
-                    taken[*p as usize] = true;
-                    ranks[i] = *p;
+            if let Some(p) = members[i].joiner.ask.preferred_rank {
+                if (p as usize) < cap && !taken[p as usize] {
+                    taken[p as usize] = true;
+                    ranks[i] = p;
                 }
             }
         }
@@ -405,15 +833,16 @@ fn wake_addr(bound: SocketAddr) -> SocketAddr {
 
 fn accept_loop(
     listener: TcpListener,
-    tx: Sender<Accepted>,
+    tx: Sender<Event>,
     stop: Arc<AtomicBool>,
+    token: Option<Token>,
     hello_timeout: Duration,
 ) {
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let mut stream = match conn {
+        let stream = match conn {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("scheduler accept: {e}");
@@ -421,29 +850,168 @@ fn accept_loop(
             }
         };
         let tx = tx.clone();
+        let token = token.clone();
         std::thread::spawn(move || {
-            let from = match stream.peer_addr() {
-                Ok(a) => a,
-                Err(_) => return,
-            };
-            let _ = stream.set_nodelay(true);
-            match recv(&mut stream, hello_timeout, &from.to_string()) {
-                Ok(hello @ Message::Hello { .. }) => {
-                    let _ = tx.send(Accepted::Hello(Box::new(Joiner {
-                        stream,
-                        from,
-                        hello,
-                    })));
-                }
-                Ok(other) => {
-                    tracing::warn!(%from, "dropping connection: expected hello, got {other:?}");
-                    let _ = tx.send(Accepted::Dropped);
-                }
-                Err(e) => {
-                    tracing::warn!(%from, "dropping connection: {e}");
-                    let _ = tx.send(Accepted::Dropped);
-                }
-            }
+            let _ = tx.send(greet(stream, token.as_ref(), hello_timeout));
         });
+    }
+}
+
+/// Authenticates a new connection and reads its hello.
+fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Event {
+    let Ok(from) = stream.peer_addr() else {
+        return Event::Dropped;
+    };
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + timeout;
+    let name = from.to_string();
+    match auth::accept(&mut stream, token, timeout, "the scheduler", &name) {
+        Ok(()) => {}
+        Err(Error::Auth(why)) => {
+            tracing::warn!(%from, "auth failed from {from}: {why}");
+            return Event::AuthFailed;
+        }
+        Err(e) => {
+            tracing::warn!(%from, "dropping connection: {e}");
+            return Event::Dropped;
+        }
+    }
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    match recv(&mut stream, left, &name) {
+        Ok(Message::Hello {
+            job,
+            role,
+            preferred_rank,
+            m,
+            n,
+            geometry,
+            host_id,
+            endpoints,
+            ..
+        }) => Event::Hello(Box::new(Joiner {
+            stream,
+            from,
+            ask: Ask {
+                job,
+                role,
+                preferred_rank,
+                m,
+                n,
+                geometry,
+                host_id,
+                endpoints,
+            },
+        })),
+        Ok(Message::AuthRefused { reason }) => {
+            tracing::warn!(%from, "auth failed from {from}: the rank refused the scheduler: {reason}");
+            Event::AuthFailed
+        }
+        Ok(other) => {
+            tracing::warn!(%from, "dropping connection: expected hello, got {}", other.kind());
+            Event::Dropped
+        }
+        Err(e) => {
+            tracing::warn!(%from, "dropping connection: {e}");
+            Event::Dropped
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joiner(role: Role, rank: Option<u32>, m: u32, n: u32, max_tokens: u32) -> Joiner {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        Joiner {
+            from: stream.local_addr().unwrap(),
+            stream,
+            ask: Ask {
+                job: "j".into(),
+                role,
+                preferred_rank: rank,
+                m,
+                n,
+                geometry: Geometry {
+                    stages: 3,
+                    max_tokens,
+                    row_bytes: 1024,
+                    out_row_bytes: 2048,
+                    side_bytes: 0,
+                },
+                host_id: "h".into(),
+                endpoints: Vec::new(),
+            },
+        }
+    }
+
+    fn attempt_with(members: Vec<Joiner>) -> Attempt {
+        let first = &members[0];
+        let name = first.name();
+        Attempt {
+            m: Some((first.ask.m, name.clone())),
+            n: Some(first.ask.n),
+            job: Some((first.ask.job.clone(), name.clone())),
+            geometry: Some((first.ask.geometry, name)),
+            members: members
+                .into_iter()
+                .enumerate()
+                .map(|(i, joiner)| Member {
+                    id: i as u64,
+                    joiner,
+                    rank: None,
+                    entered: false,
+                    left: false,
+                })
+                .collect(),
+            deadline: Instant::now(),
+            phase: Phase::Gathering,
+        }
+    }
+
+    #[test]
+    fn geometry_mismatch_names_the_rank_and_the_field() {
+        let a = attempt_with(vec![joiner(Role::Ffn, Some(0), 2, 1, 128)]);
+        let p = a
+            .problem(&joiner(Role::Attention, Some(1), 2, 1, 64))
+            .unwrap();
+        assert_eq!(p, "A1 asked for max_tokens 64, the job has 128 (set by F0)");
+    }
+
+    #[test]
+    fn a_rank_asked_for_twice_or_out_of_range_is_refused() {
+        let a = attempt_with(vec![joiner(Role::Ffn, Some(0), 1, 2, 8)]);
+        let p = a.problem(&joiner(Role::Ffn, Some(0), 1, 2, 8)).unwrap();
+        assert!(p.starts_with("F0 is asked for twice"), "{p}");
+        let p = a.problem(&joiner(Role::Ffn, Some(2), 1, 2, 8)).unwrap();
+        assert!(
+            p.contains("asked for rank 2, the job has 2 ffn ranks"),
+            "{p}"
+        );
+        assert!(a.problem(&joiner(Role::Ffn, Some(1), 1, 2, 8)).is_none());
+        assert!(a.problem(&joiner(Role::Ffn, None, 1, 2, 8)).is_none());
+    }
+
+    #[test]
+    fn size_mismatch_and_surplus_are_named() {
+        let a = attempt_with(vec![joiner(Role::Attention, Some(0), 1, 1, 8)]);
+        let p = a.problem(&joiner(Role::Ffn, Some(0), 2, 1, 8)).unwrap();
+        assert_eq!(p, "F0 expects a 2A+1F mesh, the job is 1A+1F (set by A0)");
+        let p = a.problem(&joiner(Role::Attention, None, 1, 1, 8)).unwrap();
+        assert!(p.contains("one attention rank too many"), "{p}");
+    }
+
+    #[test]
+    fn unnamed_ranks_get_the_lowest_free_rank() {
+        let a = attempt_with(vec![
+            joiner(Role::Ffn, None, 1, 3, 8),
+            joiner(Role::Ffn, Some(0), 1, 3, 8),
+        ]);
+        assert_eq!(assign_ranks(&a.members, 1, 3), vec![1, 0]);
+        assert_eq!(a.rank_of(0), (Role::Ffn, 1));
+        assert_eq!(a.missing(), "; missing: A0, F2");
     }
 }

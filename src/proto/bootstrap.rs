@@ -4,11 +4,35 @@
 //! Framing is a u32 little-endian length, then a tag byte, then the fields.
 //! [`Message::decode`] checks every length and value, so a stranger sending
 //! garbage gets an error, never a panic or a huge allocation.
+//!
+//! Every connection (rank to scheduler, attention rank to FFN rank) opens
+//! with the same authentication exchange, the side that connected
+//! speaking first:
+//!
+//! ```text
+//! initiator                               acceptor
+//!   Greeting { version, nonce_i, token } ->
+//!                                        <- Challenge { nonce_a }  (or AuthRefused)
+//!   -- only when both hold a cluster token: --
+//!   Proof { HMAC(token, initiator, nonce_i, nonce_a) } ->
+//!                                        <- Proof { HMAC(token, acceptor, ...) }  (or AuthRefused)
+//! ```
+//!
+//! The token itself never crosses the wire. Then the rendezvous goes
+//! `Hello` → `AddressBook` → `BarrierEnter` → `BarrierRelease` → `Bye`,
+//! where the server may instead answer `Refused` (this rank is not
+//! admitted) or, to every rank of an attempt at once, `JobFailed` (the job
+//! cannot form: a rank was refused, died, or the mesh did not form in
+//! time).
 
 use super::codec::{DecodeError, Reader, Writer};
 
 /// Bootstrap protocol version, carried in `Hello`.
-pub const BOOTSTRAP_VERSION: u16 = 3;
+pub const BOOTSTRAP_VERSION: u16 = 4;
+/// Bytes of a handshake nonce.
+pub const NONCE_LEN: usize = 32;
+/// Bytes of a handshake proof (HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
 /// Largest bootstrap frame accepted.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -89,6 +113,36 @@ pub struct Entry {
     pub endpoints: Vec<(String, Vec<u8>)>,
 }
 
+/// Why a job could not form, as the rendezvous server tells its ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailCause {
+    /// A rank asked for something the job does not agree with (geometry,
+    /// job name, mesh size, a rank taken or out of range).
+    Mismatch,
+    /// A rank died or left before the mesh formed.
+    Lost,
+    /// The mesh did not form within the server's join timeout.
+    Timeout,
+}
+
+impl FailCause {
+    fn to_u8(self) -> u8 {
+        match self {
+            FailCause::Mismatch => 1,
+            FailCause::Lost => 2,
+            FailCause::Timeout => 3,
+        }
+    }
+    fn from_u8(v: u8) -> Result<FailCause, DecodeError> {
+        match v {
+            1 => Ok(FailCause::Mismatch),
+            2 => Ok(FailCause::Lost),
+            3 => Ok(FailCause::Timeout),
+            _ => Err(DecodeError::new(format!("cause: unknown value {v}"))),
+        }
+    }
+}
+
 /// A bootstrap message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -155,6 +209,39 @@ pub enum Message {
         /// Epoch.
         epoch: u64,
     },
+    /// Initiator → acceptor, first on every connection.
+    Greeting {
+        /// [`BOOTSTRAP_VERSION`].
+        version: u16,
+        /// Fresh random nonce.
+        nonce: [u8; NONCE_LEN],
+        /// Whether the initiator holds a cluster token.
+        token: bool,
+    },
+    /// Acceptor → initiator: its fresh nonce; the greeting was accepted.
+    Challenge {
+        /// Fresh random nonce.
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Either side: proof of the token over both nonces.
+    Proof {
+        /// HMAC-SHA256 (see `bootstrap::auth`).
+        mac: [u8; MAC_LEN],
+    },
+    /// Either side: authentication failed; the connection closes.
+    AuthRefused {
+        /// Reason.
+        reason: String,
+    },
+    /// Server → every rank of a setup attempt: the job cannot form.
+    JobFailed {
+        /// What went wrong.
+        cause: FailCause,
+        /// The rank it is about, when there is one.
+        rank: Option<(Role, u32)>,
+        /// What went wrong, for people.
+        reason: String,
+    },
 }
 
 fn put_endpoints(w: &mut Writer, endpoints: &[(String, Vec<u8>)]) {
@@ -173,6 +260,25 @@ fn get_endpoints(r: &mut Reader<'_>) -> Result<Vec<(String, Vec<u8>)>, DecodeErr
 }
 
 impl Message {
+    /// What kind of message this is, in words (for errors and logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::AddressBook { .. } => "address book",
+            Message::Refused { .. } => "refusal",
+            Message::BarrierEnter { .. } => "barrier entry",
+            Message::BarrierRelease { .. } => "barrier release",
+            Message::Bye => "bye",
+            Message::LinkHello { .. } => "link hello",
+            Message::LinkAck { .. } => "link ack",
+            Message::Greeting { .. } => "greeting",
+            Message::Challenge { .. } => "challenge",
+            Message::Proof { .. } => "proof",
+            Message::AuthRefused { .. } => "auth refusal",
+            Message::JobFailed { .. } => "job failure",
+        }
+    }
+
     /// Encodes as a frame: length prefix, tag, fields.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -244,6 +350,47 @@ impl Message {
             Message::LinkAck { epoch } => {
                 w.u8(8);
                 w.u64(*epoch);
+            }
+            Message::Greeting {
+                version,
+                nonce,
+                token,
+            } => {
+                w.u8(9);
+                w.u16(*version);
+                w.array(nonce);
+                w.u8(u8::from(*token));
+            }
+            Message::Challenge { nonce } => {
+                w.u8(10);
+                w.array(nonce);
+            }
+            Message::Proof { mac } => {
+                w.u8(11);
+                w.array(mac);
+            }
+            Message::AuthRefused { reason } => {
+                w.u8(12);
+                w.str(reason);
+            }
+            Message::JobFailed {
+                cause,
+                rank,
+                reason,
+            } => {
+                w.u8(13);
+                w.u8(cause.to_u8());
+                match rank {
+                    Some((role, r)) => {
+                        w.u8(role.to_u8());
+                        w.u32(*r);
+                    }
+                    None => {
+                        w.u8(0);
+                        w.u32(0);
+                    }
+                }
+                w.str(reason);
             }
         }
         let mut b = w.finish();
@@ -336,6 +483,45 @@ impl Message {
             8 => Message::LinkAck {
                 epoch: r.u64("epoch")?,
             },
+            9 => {
+                let version = r.u16("version")?;
+                if version != BOOTSTRAP_VERSION {
+                    return Err(DecodeError::new(format!(
+                        "greeting: bootstrap version {version}, this build speaks {BOOTSTRAP_VERSION}"
+                    )));
+                }
+                Message::Greeting {
+                    version,
+                    nonce: r.array("nonce")?,
+                    token: match r.u8("token")? {
+                        0 => false,
+                        1 => true,
+                        v => return Err(DecodeError::new(format!("token: flag {v}"))),
+                    },
+                }
+            }
+            10 => Message::Challenge {
+                nonce: r.array("nonce")?,
+            },
+            11 => Message::Proof {
+                mac: r.array("mac")?,
+            },
+            12 => Message::AuthRefused {
+                reason: r.str("reason")?,
+            },
+            13 => {
+                let cause = FailCause::from_u8(r.u8("cause")?)?;
+                let role = r.u8("rank.role")?;
+                let rank = r.u32("rank")?;
+                Message::JobFailed {
+                    cause,
+                    rank: match role {
+                        0 => None,
+                        v => Some((Role::from_u8(v)?, rank)),
+                    },
+                    reason: r.str("reason")?,
+                }
+            }
             t => return Err(DecodeError::new(format!("tag: unknown message {t}"))),
         };
         r.end("message")?;
@@ -400,6 +586,28 @@ mod tests {
                 rank: 7,
             },
             Message::LinkAck { epoch: 5 },
+            Message::Greeting {
+                version: BOOTSTRAP_VERSION,
+                nonce: [7; NONCE_LEN],
+                token: true,
+            },
+            Message::Challenge {
+                nonce: [1; NONCE_LEN],
+            },
+            Message::Proof { mac: [2; MAC_LEN] },
+            Message::AuthRefused {
+                reason: "wrong token".into(),
+            },
+            Message::JobFailed {
+                cause: FailCause::Mismatch,
+                rank: Some((Role::Attention, 1)),
+                reason: "A1 asked for max_tokens 64, the job has 128".into(),
+            },
+            Message::JobFailed {
+                cause: FailCause::Timeout,
+                rank: None,
+                reason: "late".into(),
+            },
         ]
     }
 
@@ -408,6 +616,20 @@ mod tests {
         for m in samples() {
             assert_eq!(decode_frame(&m.encode()).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn other_versions_are_named() {
+        let mut b = Message::Greeting {
+            version: BOOTSTRAP_VERSION,
+            nonce: [0; NONCE_LEN],
+            token: false,
+        }
+        .encode();
+        b[5..7].copy_from_slice(&(BOOTSTRAP_VERSION - 1).to_le_bytes());
+        let e = Message::decode(&b[4..]).unwrap_err();
+        let want = format!("bootstrap version {}", BOOTSTRAP_VERSION - 1);
+        assert!(e.0.contains(&want), "{e}");
     }
 
     #[test]
@@ -423,7 +645,7 @@ mod tests {
         }
 
         #[test]
-        fn truncated_samples_error(i in 0usize..8, cut in 1usize..64) {
+        fn truncated_samples_error(i in 0usize..14, cut in 1usize..64) {
             let m = &samples()[i];
             let b = m.encode();
             let body = &b[4..];

@@ -59,6 +59,10 @@ impl Writer {
         self.u32(end as u32);
         self.buf.extend_from_slice(&s.as_bytes()[..end]);
     }
+    /// Fixed-size bytes, no length prefix (a nonce, a MAC).
+    pub fn array(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
     /// A length-prefixed byte string (an opaque blob; at most
     /// [`MAX_BLOB`] bytes are written so that it always decodes).
     pub fn bytes(&mut self, b: &[u8]) {
@@ -129,6 +133,12 @@ impl<'a> Reader<'a> {
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| DecodeError::new(format!("{what}: not UTF-8")))
     }
+    /// `N` bytes, no length prefix.
+    pub fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], DecodeError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
     /// A length-prefixed byte string of at most [`MAX_BLOB`] bytes.
     pub fn bytes(&mut self, what: &str) -> Result<Vec<u8>, DecodeError> {
         let n = self.u32(what)? as usize;
@@ -173,6 +183,7 @@ mod tests {
         w.u32(0xdead_beef);
         w.u64(u64::MAX - 3);
         w.str("héllo");
+        w.array(&[9; 3]);
         let b = w.finish();
         let mut r = Reader::new(&b);
         assert_eq!(r.u8("a").unwrap(), 7);
@@ -180,6 +191,7 @@ mod tests {
         assert_eq!(r.u32("c").unwrap(), 0xdead_beef);
         assert_eq!(r.u64("d").unwrap(), u64::MAX - 3);
         assert_eq!(r.str("e").unwrap(), "héllo");
+        assert_eq!(r.array::<3>("f").unwrap(), [9; 3]);
         r.end("msg").unwrap();
     }
 

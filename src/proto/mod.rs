@@ -12,7 +12,7 @@ pub mod codec;
 pub mod header;
 pub mod stage;
 
-pub use bootstrap::{Entry, Geometry, Message, RegionKey, Role};
+pub use bootstrap::{Entry, FailCause, Geometry, Message, RegionKey, Role};
 pub use codec::DecodeError;
 pub use header::{Header, Imm, Kind, HEADER_LEN};
 pub use stage::{AttentionStages, FfnStages, Reject};

@@ -18,6 +18,8 @@ pub fn afmesh() -> Command {
         "AFMESH_HOST_ID",
         "AFMESH_POLL",
         "AFMESH_CPU",
+        "AFMESH_TOKEN",
+        "AFMESH_TOKEN_FILE",
     ] {
         c.env_remove(k);
     }

@@ -7,7 +7,7 @@ mod workload;
 
 use std::time::Duration;
 
-use afmesh::bootstrap::{Scheduler, SchedulerConfig};
+use afmesh::bootstrap::{Scheduler, SchedulerConfig, Token};
 use afmesh::{Mesh, MeshConfig, Role};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -28,10 +28,22 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the rendezvous server until every rank of the mesh has left.
+    ///
+    /// A setup attempt that fails (a rank refused or dead) is reported to
+    /// every rank at once; the scheduler then waits for a fresh attempt,
+    /// and exits with an error when none forms within --join-timeout.
     Scheduler {
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:8123")]
+        /// Address to listen on: HOST:PORT, or a PORT on the default host,
+        /// which is 127.0.0.1 without a cluster token and 0.0.0.0 with one.
+        #[arg(long, default_value = "8123")]
         bind: String,
+        /// Cluster token every rank must prove (default: AFMESH_TOKEN).
+        /// Visible to other users in the process list: prefer --token-file.
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// File holding the cluster token (default: AFMESH_TOKEN_FILE).
+        #[arg(long)]
+        token_file: Option<std::path::PathBuf>,
         /// Attention ranks to admit (default: from the first rank's hello).
         #[arg(long)]
         attention: Option<u32>,
@@ -41,7 +53,7 @@ enum Cmd {
         /// Job name (default: from the first rank's hello).
         #[arg(long)]
         job: Option<String>,
-        /// Seconds the mesh may take to form.
+        /// Seconds a setup attempt may take to form.
         #[arg(long, default_value_t = 60)]
         join_timeout: u64,
     },
@@ -146,11 +158,14 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Scheduler {
             bind,
+            token,
+            token_file,
             attention,
             ffn,
             job,
             join_timeout,
-        } => scheduler(&bind, attention, ffn, job, join_timeout),
+        } => scheduler_token(token, token_file)
+            .and_then(|t| scheduler(&bind, t, attention, ffn, job, join_timeout)),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::FloorPeer(args) => floor::peer(&args),
@@ -161,28 +176,56 @@ fn main() {
     }
 }
 
+/// The scheduler's token: the flags, else the environment ranks read too.
+fn scheduler_token(
+    token: Option<String>,
+    file: Option<std::path::PathBuf>,
+) -> Result<Option<Token>> {
+    Ok(match (token, file) {
+        (Some(t), _) => Some(Token::new(t).context("--token")?),
+        (None, Some(f)) => Some(Token::from_file(&f).context("--token-file")?),
+        (None, None) => MeshConfig::token_from_env()?,
+    })
+}
+
+/// `--bind`: a bare port goes on loopback unless there is a token.
+fn bind_address(bind: &str, has_token: bool) -> String {
+    match bind.parse::<u16>() {
+        Ok(port) if has_token => format!("0.0.0.0:{port}"),
+        Ok(port) => format!("127.0.0.1:{port}"),
+        Err(_) => bind.to_string(),
+    }
+}
+
 fn scheduler(
     bind: &str,
+    token: Option<Token>,
     attention: Option<u32>,
     ffn: Option<u32>,
     job: Option<String>,
     join_timeout: u64,
 ) -> Result<()> {
     let s = Scheduler::bind(
-        bind,
+        &bind_address(bind, token.is_some()),
         SchedulerConfig {
             attention,
             ffn,
             job,
             join_timeout: Duration::from_secs(join_timeout),
+            token,
             ..SchedulerConfig::default()
         },
     )?;
     eprintln!("afmesh scheduler listening on {}", s.local_addr()?);
     let summary = s.run()?;
     eprintln!(
-        "afmesh scheduler: mesh {}A+{}F (epoch {:#x}) finished; {} stray connections dropped",
-        summary.attention, summary.ffn, summary.epoch, summary.dropped
+        "afmesh scheduler: mesh {}A+{}F (epoch {:#x}) finished; {} stray connections dropped, {} failed the token, {} setup attempts failed before it",
+        summary.attention,
+        summary.ffn,
+        summary.epoch,
+        summary.dropped,
+        summary.auth_failures,
+        summary.failed_attempts
     );
     Ok(())
 }
@@ -321,5 +364,17 @@ pub fn json_str(s: Option<&str>) -> String {
             o.push('"');
             o
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bind_address;
+
+    #[test]
+    fn a_bare_port_binds_loopback_unless_there_is_a_token() {
+        assert_eq!(bind_address("8123", false), "127.0.0.1:8123");
+        assert_eq!(bind_address("0", true), "0.0.0.0:0");
+        assert_eq!(bind_address("10.0.0.1:9", false), "10.0.0.1:9");
     }
 }

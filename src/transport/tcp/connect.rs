@@ -1,21 +1,25 @@
 //! Bringing up tcp links between ranks: attention ranks connect to every FFN
-//! rank's link listener and introduce themselves; FFN ranks accept exactly
-//! the attention ranks of their epoch and drop anything else.
+//! rank's link listener, prove the cluster token and introduce themselves;
+//! FFN ranks accept exactly the attention ranks of their epoch that prove
+//! it, and drop anything else with a logged reason. Both ends give up at
+//! once when the scheduler says the job failed (the [`LinkGuard`]'s watch).
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::bootstrap::{connect_retry, recv, send};
+use crate::bootstrap::{auth, connect_retry_unless, recv, send, LinkGuard};
 use crate::error::{Error, Result};
 use crate::proto::{Message, Role};
 
 /// Connects to each `(label, address)` in turn and handshakes as attention
-/// rank `my_rank` of `epoch`.
+/// rank `my_rank` of `epoch`, proving `guard`'s token. A peer that refuses
+/// the token, or cannot prove it, is [`Error::Auth`].
 pub fn connect_all(
     peers: &[(String, String)],
     epoch: u64,
     my_rank: u32,
+    guard: &LinkGuard,
     timeout: Duration,
 ) -> Result<Vec<TcpStream>> {
     let deadline = Instant::now() + timeout;
@@ -23,7 +27,11 @@ pub fn connect_all(
     for (label, addr) in peers {
         let left = deadline.saturating_duration_since(Instant::now());
         let name = format!("{label} at {addr}");
-        let mut s = connect_retry(addr, left, "connect link")?;
+        let mut s = connect_retry_unless(addr, left, "connect link", &guard.watch)?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        auth::initiate(&mut s, guard.token.as_ref(), left, &name)?;
         send(
             &mut s,
             &Message::LinkHello {
@@ -39,10 +47,19 @@ pub fn connect_all(
             .max(Duration::from_millis(1));
         match recv(&mut s, left, &name)? {
             Message::LinkAck { epoch: e2 } if e2 == epoch => out.push(s),
+            Message::LinkAck { epoch: e2 } => {
+                return Err(Error::BadFrame {
+                    peer: name,
+                    reason: format!("link ack for epoch {e2:#x}, expected {epoch:#x}"),
+                })
+            }
             other => {
                 return Err(Error::BadFrame {
                     peer: name,
-                    reason: format!("expected link ack for epoch {epoch}, got {other:?}"),
+                    reason: format!(
+                        "expected link ack for epoch {epoch:#x}, got {}",
+                        other.kind()
+                    ),
                 })
             }
         }
@@ -52,11 +69,13 @@ pub fn connect_all(
 
 /// Accepts one link from each attention rank in `expected` (of a mesh of
 /// `m`), for `epoch`; returns them with their ranks. Connections that do
-/// not handshake correctly are dropped with a logged reason.
+/// not prove `guard`'s token or handshake correctly are dropped with a
+/// logged reason.
 pub fn accept_all(
     listener: &TcpListener,
     expected: &[u32],
     epoch: u64,
+    guard: &LinkGuard,
     timeout: Duration,
 ) -> Result<Vec<(u32, TcpStream)>> {
     let deadline = Instant::now() + timeout;
@@ -65,6 +84,7 @@ pub fn accept_all(
         .set_nonblocking(true)
         .map_err(|e| Error::io("link listener nonblocking", e))?;
     while got.len() < expected.len() {
+        guard.watch.check()?;
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let missing: Vec<String> = expected
@@ -91,6 +111,23 @@ pub fn accept_all(
         let _ = s.set_nonblocking(false);
         let name = from.to_string();
         let per_conn = left.min(Duration::from_secs(5));
+        match auth::accept(
+            &mut s,
+            guard.token.as_ref(),
+            per_conn,
+            "this FFN rank",
+            &name,
+        ) {
+            Ok(()) => {}
+            Err(Error::Auth(why)) => {
+                tracing::warn!(%from, "auth failed on a link connection from {from}: {why}");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%from, "dropping link connection: {e}");
+                continue;
+            }
+        }
         match recv(&mut s, per_conn, &name) {
             Ok(Message::LinkHello {
                 epoch: e,
@@ -100,11 +137,113 @@ pub fn accept_all(
                 send(&mut s, &Message::LinkAck { epoch }, per_conn, &name)?;
                 got.insert(rank, s);
             }
-            Ok(other) => tracing::warn!(%from, "dropping link connection: unexpected {other:?}"),
+            Ok(Message::LinkHello {
+                epoch: e,
+                role,
+                rank,
+            }) => {
+                let want: Vec<String> = expected.iter().map(|r| format!("A{r}")).collect();
+                tracing::warn!(
+                    %from,
+                    "dropping link connection: {role} rank {rank} of epoch {e:#x} is not one this rank expects ({} of epoch {epoch:#x}, not yet linked)",
+                    want.join(", ")
+                )
+            }
+            Ok(other) => {
+                tracing::warn!(%from, "dropping link connection: unexpected {}", other.kind())
+            }
             Err(e) => tracing::warn!(%from, "dropping link connection: {e}"),
         }
     }
     let mut v: Vec<(u32, TcpStream)> = got.into_iter().collect();
     v.sort_by_key(|(r, _)| *r);
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bootstrap::{SetupWatch, Token};
+    use crate::error::Peer;
+    use crate::proto::FailCause;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn guard(token: Option<&str>) -> LinkGuard {
+        LinkGuard {
+            token: token.map(|t| Token::new(t).unwrap()),
+            watch: SetupWatch::default(),
+        }
+    }
+
+    /// Fails `watch` as the scheduler would, after `delay`.
+    fn fail_later(watch: &SetupWatch, delay: Duration) {
+        let w = watch.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            w.job_failed(
+                FailCause::Lost,
+                Some((Role::Attention, 1)),
+                "died during setup",
+                delay,
+            );
+        });
+    }
+
+    #[test]
+    fn a_failed_job_ends_the_accept_wait_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let g = guard(None);
+        fail_later(&g.watch, Duration::from_millis(50));
+        let t0 = Instant::now();
+        let e = accept_all(&l, &[0, 1], 1, &g, T).unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(
+                e,
+                Error::PeerLost {
+                    peer: Peer::Attention(1),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+    }
+
+    #[test]
+    fn a_failed_job_ends_the_connect_retries_at_once() {
+        // A port with nobody listening: connects are refused and retried.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let g = guard(None);
+        fail_later(&g.watch, Duration::from_millis(50));
+        let t0 = Instant::now();
+        let e = connect_all(&[("F0".into(), addr)], 1, 0, &g, T).unwrap_err();
+        let took = t0.elapsed();
+        assert!(matches!(e, Error::PeerLost { .. }), "{e}");
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+    }
+
+    #[test]
+    fn a_link_with_the_wrong_token_is_auth_and_the_right_one_comes_up() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let acceptor =
+            std::thread::spawn(move || accept_all(&l, &[0], 9, &guard(Some("right")), T));
+        let peers = [("F0".to_string(), addr)];
+        let t0 = Instant::now();
+        let e = connect_all(&peers, 9, 0, &guard(Some("wrong")), T).unwrap_err();
+        assert!(matches!(e, Error::Auth(_)), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        let e = connect_all(&peers, 9, 0, &guard(None), T).unwrap_err();
+        assert!(matches!(e, Error::Auth(_)), "{e}");
+        let up = connect_all(&peers, 9, 0, &guard(Some("right")), T).unwrap();
+        assert_eq!(up.len(), 1);
+        let got = acceptor.join().unwrap().unwrap();
+        assert_eq!(got.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![0]);
+    }
 }

@@ -77,6 +77,7 @@ pub struct TcpTransport {
     links: Vec<Link>,
     io_timeout: Duration,
     sent: Vec<u64>,
+    guard: crate::bootstrap::LinkGuard,
 }
 
 impl TcpTransport {
@@ -95,7 +96,15 @@ impl TcpTransport {
             links: Vec::new(),
             io_timeout,
             sent: Vec::new(),
+            guard: Default::default(),
         })
+    }
+
+    /// Links prove `guard`'s cluster token and give up when its watch says
+    /// the job failed.
+    pub fn with_guard(mut self, guard: crate::bootstrap::LinkGuard) -> TcpTransport {
+        self.guard = guard;
+        self
     }
 
     /// Adopts a connected stream as a new link (the handshake is done).
@@ -346,7 +355,7 @@ impl Transport for TcpTransport {
                 return Ok(Vec::new());
             };
             let to: Vec<(String, String)> = initiators.iter().map(|&i| addrs[i].clone()).collect();
-            let streams = connect::connect_all(&to, p0.epoch, p0.my_rank, timeout)?;
+            let streams = connect::connect_all(&to, p0.epoch, p0.my_rank, &self.guard, timeout)?;
             for (&i, s) in initiators.iter().zip(streams) {
                 links[i] = self.add_link(s, peers[i].label.clone())?;
             }
@@ -358,7 +367,7 @@ impl Transport for TcpTransport {
                 .as_ref()
                 .ok_or_else(|| Error::config("tcp: the link listener is closed"))?;
             let epoch = peers[acceptors[0]].epoch;
-            for (rank, s) in connect::accept_all(l, &expected, epoch, timeout)? {
+            for (rank, s) in connect::accept_all(l, &expected, epoch, &self.guard, timeout)? {
                 if let Some(&i) = acceptors.iter().find(|&&i| peers[i].peer_rank == rank) {
                     links[i] = self.add_link(s, peers[i].label.clone())?;
                 }
