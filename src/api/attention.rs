@@ -9,7 +9,7 @@ use super::mesh::{RankStats, Support};
 use super::reduce::{sum_into, Dtype};
 use crate::engine::{now_ns, Engine, Event};
 use crate::error::{Error, Peer, Result};
-use crate::proto::{AttentionStages, Header, Imm, Kind, HEADER_LEN};
+use crate::proto::{accept, AttentionStages, Header, Imm, Kind, HEADER_LEN};
 use crate::transport::Region;
 
 /// A dispatch in flight; redeem it with [`AttentionRank::wait_combine`].
@@ -358,61 +358,30 @@ impl AttentionRank {
     }
 
     fn on_arrival(&mut self, f: usize, imm: Imm) {
-        let spec = self.layout.spec;
-        let reject = |me: &mut Self, why: String| {
-            me.engine.count_rejected(f);
-            tracing::warn!(peer = %Peer::Ffn(f as u32), "rejected combine: {why}");
+        let (layout, region) = (self.layout, &self.region);
+        let read = |s: usize| {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(region.slice(layout.out_offset(s, f), HEADER_LEN)?);
+            Ok(h)
         };
-        if imm.kind != Kind::Combine || u32::from(imm.stage) >= spec.stages {
-            return reject(
-                self,
-                format!("imm {imm:?} is not a combine of a registered stage"),
-            );
-        }
-        let s = imm.stage as usize;
-        let off = self.layout.out_offset(s, f);
-        let h = match self
-            .region
-            .slice(off, HEADER_LEN)
-            .and_then(|b| Header::decode(b).map_err(|e| e.0))
-        {
-            Ok(h) => h,
-            Err(e) => return reject(self, format!("header: {e}")),
-        };
-        if !imm.matches(&h)
-            || h.sender as usize != f
-            || h.row_bytes != spec.out_row_bytes
-            || h.tokens > spec.max_tokens
-            || h.side_len != 0
-        {
-            return reject(
-                self,
-                format!("header {h:?} does not match imm {imm:?} from F{f}"),
-            );
-        }
-        match self.stages.on_combine(s, f, h.sequence, h.tokens) {
-            Ok(_) => {
+        match accept(&layout.spec, f, imm, read, &mut self.stages) {
+            Ok(a) => {
                 self.engine.count_received(f);
+                let s = a.stage;
                 self.traces[s * self.layout.n + f] = Trace {
                     post_ns: self.post_ns[s],
-                    land_ns: h.land_ns,
-                    process_ns: h.process_ns,
-                    respond_ns: h.respond_ns,
+                    land_ns: a.header.land_ns,
+                    process_ns: a.header.process_ns,
+                    respond_ns: a.header.respond_ns,
                     back_ns: now_ns(),
                 };
             }
             Err(r) => {
                 self.engine.count_rejected(f);
                 if r.is_replay() {
-                    tracing::debug!(
-                        "dropped combine from F{f}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
+                    tracing::debug!(peer = %Peer::Ffn(f as u32), "dropped combine (stage {}, seq {}): {r}", imm.stage, imm.seq24);
                 } else {
-                    tracing::warn!(
-                        "rejected combine from F{f}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
+                    tracing::warn!(peer = %Peer::Ffn(f as u32), "rejected combine (stage {}, seq {}): {r}", imm.stage, imm.seq24);
                 }
             }
         }

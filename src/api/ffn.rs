@@ -8,7 +8,7 @@ use super::layout::Layout;
 use super::mesh::{RankStats, Support};
 use crate::engine::{now_ns, Engine, Event};
 use crate::error::{Error, Peer, Result};
-use crate::proto::{FfnStages, Header, Imm, Kind, HEADER_LEN};
+use crate::proto::{accept, FfnStages, Header, Imm, Kind, HEADER_LEN};
 use crate::transport::Region;
 
 /// One gathered stage: every attention rank's block, viewed in place in the
@@ -277,58 +277,26 @@ impl FfnRank {
     }
 
     fn on_arrival(&mut self, a: usize, imm: Imm) {
-        let spec = self.layout.spec;
-        let reject = |me: &mut Self, why: String| {
-            me.engine.count_rejected(a);
-            tracing::warn!(peer = %Peer::Attention(a as u32), "rejected dispatch: {why}");
+        let (layout, region) = (self.layout, &self.region);
+        let read = |s: usize| {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(region.slice(layout.in_offset(s, a), HEADER_LEN)?);
+            Ok(h)
         };
-        if imm.kind != Kind::Dispatch || u32::from(imm.stage) >= spec.stages {
-            return reject(
-                self,
-                format!("imm {imm:?} is not a dispatch of a registered stage"),
-            );
-        }
-        let s = imm.stage as usize;
-        let off = self.layout.in_offset(s, a);
-        let h = match self
-            .region
-            .slice(off, HEADER_LEN)
-            .and_then(|b| Header::decode(b).map_err(|e| e.0))
-        {
-            Ok(h) => h,
-            Err(e) => return reject(self, format!("header: {e}")),
-        };
-        if !imm.matches(&h)
-            || h.sender as usize != a
-            || h.row_bytes != spec.row_bytes
-            || h.tokens > spec.max_tokens
-            || h.side_len > spec.side_bytes
-        {
-            return reject(
-                self,
-                format!("header {h:?} does not match imm {imm:?} from A{a}"),
-            );
-        }
-        match self.stages.on_dispatch(s, a, h.sequence, h.tokens) {
-            Ok(_) => {
+        match accept(&layout.spec, a, imm, read, &mut self.stages) {
+            Ok(acc) => {
                 self.engine.count_received(a);
-                let i = s * self.layout.m + a;
+                let i = acc.stage * self.layout.m + a;
                 self.land_ns[i] = now_ns();
-                self.post_ns[i] = h.post_ns;
-                self.side_lens[i] = h.side_len;
+                self.post_ns[i] = acc.header.post_ns;
+                self.side_lens[i] = acc.header.side_len;
             }
             Err(r) => {
                 self.engine.count_rejected(a);
                 if r.is_replay() {
-                    tracing::debug!(
-                        "dropped dispatch from A{a}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
+                    tracing::debug!(peer = %Peer::Attention(a as u32), "dropped dispatch (stage {}, seq {}): {r}", imm.stage, imm.seq24);
                 } else {
-                    tracing::warn!(
-                        "rejected dispatch from A{a}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
+                    tracing::warn!(peer = %Peer::Attention(a as u32), "rejected dispatch (stage {}, seq {}): {r}", imm.stage, imm.seq24);
                 }
             }
         }

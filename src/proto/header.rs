@@ -26,6 +26,15 @@ pub enum Kind {
     Combine,
 }
 
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Dispatch => "dispatch",
+            Kind::Combine => "combine",
+        })
+    }
+}
+
 impl Kind {
     fn to_u8(self) -> u8 {
         match self {
