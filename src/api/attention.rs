@@ -1,16 +1,13 @@
 //! The attention side: dispatch token blocks to every FFN rank, wait for
 //! their combines.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::layout::Layout;
-use super::mesh::{RankStats, Support};
 use super::reduce::{sum_into, Dtype};
-use crate::engine::{now_ns, Engine, Event};
-use crate::error::{Error, Peer, Result};
-use crate::proto::{accept, AttentionStages, Header, Imm, Kind, HEADER_LEN};
-use crate::transport::Region;
+use crate::engine::{now_ns, Engine, RankStats, Sink};
+use crate::error::{Error, Result};
+use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
 
 /// A dispatch in flight; redeem it with [`AttentionRank::wait_combine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,18 +66,41 @@ impl Trace {
     }
 }
 
-/// An attention rank of a mesh.
+/// An attention rank of a mesh: a face over the [`Engine`].
 #[derive(Debug)]
 pub struct AttentionRank {
     engine: Engine,
+    st: State,
+}
+
+/// What only the attention role keeps: its stage machine and the trace
+/// stamps of each combine.
+#[derive(Debug)]
+struct State {
     layout: Layout,
     rank: u32,
-    region: Arc<Region>,
     stages: AttentionStages,
+    /// Per (stage, FFN rank): the last combine's stamps.
     traces: Vec<Trace>,
+    /// Per stage: when its dispatch was posted.
     post_ns: Vec<u64>,
-    events: Vec<Event>,
-    support: Support,
+}
+
+impl Sink for State {
+    type Counter = AttentionStages;
+    fn counter(&mut self) -> &mut AttentionStages {
+        &mut self.stages
+    }
+    fn accepted(&mut self, f: usize, a: &Accepted, at_ns: u64) {
+        let s = a.stage;
+        self.traces[s * self.layout.n + f] = Trace {
+            post_ns: self.post_ns[s],
+            land_ns: a.header.land_ns,
+            process_ns: a.header.process_ns,
+            respond_ns: a.header.respond_ns,
+            back_ns: at_ns,
+        };
+    }
 }
 
 /// The combined result of one dispatch: N partial blocks, viewed in place
@@ -99,20 +119,21 @@ impl<'a> Combined<'a> {
     }
     /// Number of partials (FFN ranks).
     pub fn len(&self) -> usize {
-        self.rank.layout.n
+        self.rank.st.layout.n
     }
     /// Whether there are no partials (never, in a valid mesh).
     pub fn is_empty(&self) -> bool {
-        self.rank.layout.n == 0
+        self.rank.st.layout.n == 0
     }
     /// FFN rank `f`'s rows (`tokens × out_row_bytes`), zero-copy.
     pub fn partial(&self, f: usize) -> Option<&'a [u8]> {
-        if f >= self.rank.layout.n {
+        let layout = &self.rank.st.layout;
+        if f >= layout.n {
             return None;
         }
-        let off = self.rank.layout.out_offset(self.stage, f) + HEADER_LEN;
-        let len = self.tokens * self.rank.layout.spec.out_row_bytes as usize;
-        self.rank.region.slice(off, len).ok()
+        let off = layout.out_offset(self.stage, f) + HEADER_LEN;
+        let len = self.tokens * layout.spec.out_row_bytes as usize;
+        self.rank.engine.recv_region().slice(off, len).ok()
     }
     /// All partials, in FFN-rank order.
     pub fn partials(&self) -> Vec<&'a [u8]> {
@@ -124,57 +145,51 @@ impl<'a> Combined<'a> {
     }
     /// Trace stamps of FFN rank `f`'s combine.
     pub fn trace(&self, f: usize) -> Option<Trace> {
-        self.rank
-            .traces
-            .get(self.stage * self.rank.layout.n + f)
-            .copied()
+        let st = &self.rank.st;
+        if f >= st.layout.n {
+            return None;
+        }
+        st.traces.get(self.stage * st.layout.n + f).copied()
     }
 }
 
 impl AttentionRank {
-    pub(crate) fn new(
-        engine: Engine,
-        layout: Layout,
-        rank: u32,
-        region: Arc<Region>,
-        support: Support,
-    ) -> Self {
+    pub(crate) fn new(engine: Engine, layout: Layout, rank: u32) -> Self {
         let s = layout.stages();
         AttentionRank {
-            stages: AttentionStages::new(s, layout.n),
-            traces: vec![Trace::default(); s * layout.n],
-            post_ns: vec![0; s],
-            events: Vec::with_capacity(64),
             engine,
-            layout,
-            rank,
-            region,
-            support,
+            st: State {
+                stages: AttentionStages::new(s, layout.n),
+                traces: vec![Trace::default(); s * layout.n],
+                post_ns: vec![0; s],
+                layout,
+                rank,
+            },
         }
     }
 
     /// This rank's index among the attention ranks.
     pub fn rank(&self) -> u32 {
-        self.rank
+        self.st.rank
     }
     /// Number of attention ranks (M).
     pub fn attention_ranks(&self) -> usize {
-        self.layout.m
+        self.st.layout.m
     }
     /// Number of FFN ranks (N).
     pub fn ffn_ranks(&self) -> usize {
-        self.layout.n
+        self.st.layout.n
     }
     /// The stage geometry.
     pub fn spec(&self) -> super::StageSpec {
-        self.layout.spec
+        self.st.layout.spec
     }
 
     /// Sends `tokens` (whole rows of `row_bytes`) and `side` to every FFN
     /// rank for `stage`. Returns once the data is handed to the transport;
     /// the buffers may be reused at once.
     pub fn dispatch(&mut self, stage: u32, tokens: &[u8], side: &[u8]) -> Result<DispatchHandle> {
-        let spec = self.layout.spec;
+        let spec = self.st.layout.spec;
         if stage >= spec.stages {
             return Err(Error::config(format!(
                 "stage {stage}: only {} stages registered",
@@ -208,22 +223,23 @@ impl AttentionRank {
             });
         }
         // Notice peer deaths that already happened before committing.
-        self.pump(Duration::ZERO)?;
-        if let Some(f) = (0..self.layout.n).find(|&f| self.engine.lost(f).is_some()) {
+        self.progress()?;
+        if let Some(f) = self.engine.first_lost(0..self.st.layout.n) {
             return Err(self.engine.lost_error(f));
         }
         let s = stage as usize;
         let seq = self
+            .st
             .stages
             .dispatch(s, count as u32)
             .ok_or(Error::StageBusy { stage })?;
         let post = now_ns();
-        self.post_ns[s] = post;
+        self.st.post_ns[s] = post;
         let header = Header {
             kind: Kind::Dispatch,
             stage: stage as u8,
             sequence: seq,
-            sender: self.rank,
+            sender: self.st.rank,
             tokens: count as u32,
             row_bytes: spec.row_bytes,
             side_len: side.len() as u32,
@@ -234,11 +250,11 @@ impl AttentionRank {
         }
         .encode();
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
-        let offset = self.layout.in_offset(s, self.rank as usize) as u64;
-        for f in 0..self.layout.n {
+        let offset = self.st.layout.in_offset(s, self.st.rank as usize) as u64;
+        for f in 0..self.st.layout.n {
             if let Err(e) = self.engine.write(f, &[&header, tokens, side], offset, imm) {
                 // The combine can never complete: free the stage.
-                self.stages.abandon(s);
+                self.st.stages.abandon(s);
                 return Err(e);
             }
         }
@@ -255,8 +271,8 @@ impl AttentionRank {
     ) -> Result<Combined<'_>> {
         self.wait_all(&[handle], timeout)?;
         let s = handle.stage as usize;
-        let tokens = self.stages.tokens(s).unwrap_or(0) as usize;
-        self.stages.finish(s);
+        let tokens = self.st.stages.tokens(s).unwrap_or(0) as usize;
+        self.st.stages.finish(s);
         Ok(Combined {
             rank: self,
             stage: s,
@@ -279,9 +295,9 @@ impl AttentionRank {
 
     /// Non-blocking: the combine of `handle` if it is complete.
     pub fn try_combine(&mut self, handle: DispatchHandle) -> Result<Option<Combined<'_>>> {
-        self.pump(Duration::ZERO)?;
-        self.check(handle)?;
-        if self.stages.is_combined(handle.stage as usize) {
+        self.progress()?;
+        self.st.check(handle)?;
+        if self.st.stages.is_combined(handle.stage as usize) {
             return self.wait_combine(handle, Duration::ZERO).map(Some);
         }
         Ok(None)
@@ -291,44 +307,52 @@ impl AttentionRank {
     /// without taking them (take them with `wait_combine`, which then
     /// returns at once).
     pub fn wait_all(&mut self, handles: &[DispatchHandle], timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut pending = None;
+        let mut waiting = None;
+        let done = self.engine.wait(&mut self.st, timeout, |engine, st| {
+            waiting = None;
             for h in handles {
-                self.check(*h)?;
+                st.check(*h)?;
                 let s = h.stage as usize;
-                if !self.stages.is_combined(s) {
-                    if let Some(f) = self
-                        .stages
-                        .missing(s)
-                        .into_iter()
-                        .find(|&f| self.engine.lost(f).is_some())
-                    {
-                        self.stages.abandon(s);
-                        return Err(self.engine.lost_error(f));
-                    }
-                    pending.get_or_insert(s);
+                if st.stages.is_combined(s) {
+                    continue;
                 }
+                if let Some(f) = engine.first_lost(st.stages.missing(s)) {
+                    // The combine can never complete: free the stage.
+                    st.stages.abandon(s);
+                    return Err(engine.lost_error(f));
+                }
+                waiting.get_or_insert(s);
             }
-            let Some(s) = pending else { return Ok(()) };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let who: Vec<String> = self
-                    .stages
-                    .missing(s)
-                    .iter()
-                    .map(|&f| self.engine.peer(f).to_string())
-                    .collect();
-                return Err(Error::Timeout {
-                    op: "combine",
-                    peer: who.join(","),
-                    after: timeout,
-                });
-            }
-            self.pump(left)?;
+            Ok(waiting.is_none().then_some(()))
+        })?;
+        match (done, waiting) {
+            (Some(()), _) | (None, None) => Ok(()),
+            (None, Some(s)) => Err(Error::Timeout {
+                op: "combine",
+                peer: self.engine.names(self.st.stages.missing(s)),
+                after: timeout,
+            }),
         }
     }
 
+    /// Makes progress without waiting: counts whatever has landed.
+    pub fn progress(&mut self) -> Result<()> {
+        self.engine.pump(Duration::ZERO, &mut self.st)
+    }
+
+    /// Counters per FFN rank.
+    pub fn stats(&self) -> RankStats {
+        self.engine.stats()
+    }
+
+    /// Leaves the mesh in order: closes the links, tells the scheduler.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.engine.shutdown();
+        Ok(())
+    }
+}
+
+impl State {
     fn check(&self, h: DispatchHandle) -> Result<()> {
         if !self.stages.in_flight(h.stage as usize, h.seq) {
             return Err(Error::config(format!(
@@ -336,66 +360,6 @@ impl AttentionRank {
                 h.stage, h.seq
             )));
         }
-        Ok(())
-    }
-
-    /// Makes progress without waiting: counts whatever has landed.
-    pub fn progress(&mut self) -> Result<()> {
-        self.pump(Duration::ZERO)
-    }
-
-    fn pump(&mut self, timeout: Duration) -> Result<()> {
-        let mut events = std::mem::take(&mut self.events);
-        events.clear();
-        let r = self.engine.poll(timeout, &mut events);
-        for ev in events.drain(..) {
-            if let Event::Arrival { peer, imm } = ev {
-                self.on_arrival(peer, imm);
-            }
-        }
-        self.events = events;
-        r
-    }
-
-    fn on_arrival(&mut self, f: usize, imm: Imm) {
-        let (layout, region) = (self.layout, &self.region);
-        let read = |s: usize| {
-            let mut h = [0u8; HEADER_LEN];
-            h.copy_from_slice(region.slice(layout.out_offset(s, f), HEADER_LEN)?);
-            Ok(h)
-        };
-        match accept(&layout.spec, f, imm, read, &mut self.stages) {
-            Ok(a) => {
-                self.engine.count_received(f);
-                let s = a.stage;
-                self.traces[s * self.layout.n + f] = Trace {
-                    post_ns: self.post_ns[s],
-                    land_ns: a.header.land_ns,
-                    process_ns: a.header.process_ns,
-                    respond_ns: a.header.respond_ns,
-                    back_ns: now_ns(),
-                };
-            }
-            Err(r) => {
-                self.engine.count_rejected(f);
-                if r.is_replay() {
-                    tracing::debug!(peer = %Peer::Ffn(f as u32), "dropped combine (stage {}, seq {}): {r}", imm.stage, imm.seq24);
-                } else {
-                    tracing::warn!(peer = %Peer::Ffn(f as u32), "rejected combine (stage {}, seq {}): {r}", imm.stage, imm.seq24);
-                }
-            }
-        }
-    }
-
-    /// Counters per FFN rank.
-    pub fn stats(&self) -> RankStats {
-        RankStats::new(&self.engine)
-    }
-
-    /// Leaves the mesh in order: tells the scheduler, closes the links.
-    pub fn shutdown(mut self) -> Result<()> {
-        self.engine.close();
-        self.support.shutdown();
         Ok(())
     }
 }

@@ -2,13 +2,12 @@
 //! each with its rows.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::layout::Layout;
-use super::mesh::{RankStats, Support};
-use crate::engine::{now_ns, Engine, Event};
-use crate::error::{Error, Peer, Result};
-use crate::proto::{accept, FfnStages, Header, Imm, Kind, HEADER_LEN};
+use crate::engine::{now_ns, Engine, RankStats, Sink};
+use crate::error::{Error, Result};
+use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
 use crate::transport::Region;
 
 /// One gathered stage: every attention rank's block, viewed in place in the
@@ -81,108 +80,46 @@ impl Batch {
     }
 }
 
-/// An FFN rank of a mesh.
+/// An FFN rank of a mesh: a face over the [`Engine`].
 #[derive(Debug)]
 pub struct FfnRank {
     engine: Engine,
+    st: State,
+}
+
+/// What only the FFN role keeps: its stage machine and, per (stage,
+/// attention rank), what the counted dispatch said.
+#[derive(Debug)]
+struct State {
     layout: Layout,
     rank: u32,
-    region: Arc<Region>,
     stages: FfnStages,
-    /// Per (stage, attention rank), filled when the dispatch is counted:
-    /// when it landed, when it was posted, its side-block length.
+    /// When it landed, when it was posted, its side-block length.
     land_ns: Vec<u64>,
     post_ns: Vec<u64>,
     side_lens: Vec<u32>,
-    events: Vec<Event>,
-    support: Support,
 }
 
-impl FfnRank {
-    pub(crate) fn new(
-        engine: Engine,
-        layout: Layout,
-        rank: u32,
-        region: Arc<Region>,
-        support: Support,
-    ) -> Self {
-        FfnRank {
-            stages: FfnStages::new(layout.stages(), layout.m),
-            land_ns: vec![0; layout.stages() * layout.m],
-            post_ns: vec![0; layout.stages() * layout.m],
-            side_lens: vec![0; layout.stages() * layout.m],
-            events: Vec::with_capacity(64),
-            engine,
-            layout,
-            rank,
-            region,
-            support,
-        }
+impl Sink for State {
+    type Counter = FfnStages;
+    fn counter(&mut self) -> &mut FfnStages {
+        &mut self.stages
+    }
+    fn accepted(&mut self, a: usize, acc: &Accepted, at_ns: u64) {
+        let i = acc.stage * self.layout.m + a;
+        self.land_ns[i] = at_ns;
+        self.post_ns[i] = acc.header.post_ns;
+        self.side_lens[i] = acc.header.side_len;
+    }
+}
+
+impl State {
+    /// The first attention rank that is lost while a stage still needs it.
+    fn lost_needed(&self, engine: &Engine) -> Option<usize> {
+        engine.first_lost((0..self.layout.m).filter(|&a| self.stages.needs(a)))
     }
 
-    /// This rank's index among the FFN ranks.
-    pub fn rank(&self) -> u32 {
-        self.rank
-    }
-    /// Number of attention ranks (M).
-    pub fn attention_ranks(&self) -> usize {
-        self.layout.m
-    }
-    /// Number of FFN ranks (N).
-    pub fn ffn_ranks(&self) -> usize {
-        self.layout.n
-    }
-    /// The stage geometry.
-    pub fn spec(&self) -> super::StageSpec {
-        self.layout.spec
-    }
-
-    /// Waits up to `timeout` for the oldest stage that every attention rank
-    /// has dispatched to.
-    pub fn get_batch(&mut self, timeout: Duration) -> Result<Batch> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(b) = self.take_complete() {
-                return Ok(b);
-            }
-            if let Some(a) =
-                (0..self.layout.m).find(|&a| self.engine.lost(a).is_some() && self.stages.needs(a))
-            {
-                return Err(self.engine.lost_error(a));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let who: Vec<String> = self
-                    .stages
-                    .missing()
-                    .iter()
-                    .map(|&a| Peer::Attention(a as u32).to_string())
-                    .collect();
-                return Err(Error::Timeout {
-                    op: "get_batch",
-                    peer: who.join(","),
-                    after: timeout,
-                });
-            }
-            self.pump(left)?;
-        }
-    }
-
-    /// Non-blocking `get_batch`.
-    pub fn try_get_batch(&mut self) -> Result<Option<Batch>> {
-        self.pump(Duration::ZERO)?;
-        if let Some(b) = self.take_complete() {
-            return Ok(Some(b));
-        }
-        if let Some(a) =
-            (0..self.layout.m).find(|&a| self.engine.lost(a).is_some() && self.stages.needs(a))
-        {
-            return Err(self.engine.lost_error(a));
-        }
-        Ok(None)
-    }
-
-    fn take_complete(&mut self) -> Option<Batch> {
+    fn take_complete(&mut self, region: &Arc<Region>) -> Option<Batch> {
         let s = self.stages.oldest_complete()?;
         let (seq, tokens) = self.stages.hand_out(s)?;
         let m = self.layout.m;
@@ -196,10 +133,76 @@ impl FfnRank {
             tokens,
             offsets,
             row_bytes: self.layout.spec.row_bytes as usize,
-            region: self.region.clone(),
+            region: region.clone(),
             land_ns: self.land_ns[senders].to_vec(),
             process_ns: now_ns(),
         })
+    }
+}
+
+impl FfnRank {
+    pub(crate) fn new(engine: Engine, layout: Layout, rank: u32) -> Self {
+        let n = layout.stages() * layout.m;
+        FfnRank {
+            engine,
+            st: State {
+                stages: FfnStages::new(layout.stages(), layout.m),
+                land_ns: vec![0; n],
+                post_ns: vec![0; n],
+                side_lens: vec![0; n],
+                layout,
+                rank,
+            },
+        }
+    }
+
+    /// This rank's index among the FFN ranks.
+    pub fn rank(&self) -> u32 {
+        self.st.rank
+    }
+    /// Number of attention ranks (M).
+    pub fn attention_ranks(&self) -> usize {
+        self.st.layout.m
+    }
+    /// Number of FFN ranks (N).
+    pub fn ffn_ranks(&self) -> usize {
+        self.st.layout.n
+    }
+    /// The stage geometry.
+    pub fn spec(&self) -> super::StageSpec {
+        self.st.layout.spec
+    }
+
+    /// Waits up to `timeout` for the oldest stage that every attention rank
+    /// has dispatched to.
+    pub fn get_batch(&mut self, timeout: Duration) -> Result<Batch> {
+        let region = self.engine.recv_region().clone();
+        let got = self.engine.wait(&mut self.st, timeout, |engine, st| {
+            if let Some(b) = st.take_complete(&region) {
+                return Ok(Some(b));
+            }
+            match st.lost_needed(engine) {
+                Some(a) => Err(engine.lost_error(a)),
+                None => Ok(None),
+            }
+        })?;
+        got.ok_or_else(|| Error::Timeout {
+            op: "get_batch",
+            peer: self.engine.names(self.st.stages.missing()),
+            after: timeout,
+        })
+    }
+
+    /// Non-blocking `get_batch`.
+    pub fn try_get_batch(&mut self) -> Result<Option<Batch>> {
+        self.progress()?;
+        if let Some(b) = self.st.take_complete(self.engine.recv_region()) {
+            return Ok(Some(b));
+        }
+        match self.st.lost_needed(&self.engine) {
+            Some(a) => Err(self.engine.lost_error(a)),
+            None => Ok(None),
+        }
     }
 
     /// Sends each attention rank `a` its rows `outputs[a]`
@@ -207,12 +210,13 @@ impl FfnRank {
     /// for its next sequence. If an attention rank is lost, the others are
     /// still answered and the loss is returned.
     pub fn respond(&mut self, batch: &Batch, outputs: &[&[u8]]) -> Result<()> {
-        let spec = self.layout.spec;
+        let layout = self.st.layout;
+        let spec = layout.spec;
         let s = batch.stage as usize;
-        if outputs.len() != self.layout.m {
+        if outputs.len() != layout.m {
             return Err(Error::BufferSize {
                 what: "respond: one output block per attention rank".into(),
-                need: self.layout.m,
+                need: layout.m,
                 got: outputs.len(),
             });
         }
@@ -226,7 +230,7 @@ impl FfnRank {
                 });
             }
         }
-        if !self.stages.respond(s, batch.seq) {
+        if !self.st.stages.respond(s, batch.seq) {
             return Err(Error::config(format!(
                 "respond: batch (stage {}, sequence {}) was already answered",
                 batch.stage, batch.seq
@@ -240,7 +244,7 @@ impl FfnRank {
                 kind: Kind::Combine,
                 stage: batch.stage as u8,
                 sequence: batch.seq,
-                sender: self.rank,
+                sender: self.st.rank,
                 tokens: batch.token_count(a) as u32,
                 row_bytes: spec.out_row_bytes,
                 side_len: 0,
@@ -250,7 +254,7 @@ impl FfnRank {
                 respond_ns: respond,
             }
             .encode();
-            let offset = self.layout.out_offset(s, self.rank as usize) as u64;
+            let offset = layout.out_offset(s, self.st.rank as usize) as u64;
             if let Err(e) = self.engine.write(a, &[&header, out], offset, imm) {
                 first_err.get_or_insert(e);
             }
@@ -260,57 +264,17 @@ impl FfnRank {
 
     /// Makes progress without waiting: counts whatever has landed.
     pub fn progress(&mut self) -> Result<()> {
-        self.pump(Duration::ZERO)
-    }
-
-    fn pump(&mut self, timeout: Duration) -> Result<()> {
-        let mut events = std::mem::take(&mut self.events);
-        events.clear();
-        let r = self.engine.poll(timeout, &mut events);
-        for ev in events.drain(..) {
-            if let Event::Arrival { peer, imm } = ev {
-                self.on_arrival(peer, imm);
-            }
-        }
-        self.events = events;
-        r
-    }
-
-    fn on_arrival(&mut self, a: usize, imm: Imm) {
-        let (layout, region) = (self.layout, &self.region);
-        let read = |s: usize| {
-            let mut h = [0u8; HEADER_LEN];
-            h.copy_from_slice(region.slice(layout.in_offset(s, a), HEADER_LEN)?);
-            Ok(h)
-        };
-        match accept(&layout.spec, a, imm, read, &mut self.stages) {
-            Ok(acc) => {
-                self.engine.count_received(a);
-                let i = acc.stage * self.layout.m + a;
-                self.land_ns[i] = now_ns();
-                self.post_ns[i] = acc.header.post_ns;
-                self.side_lens[i] = acc.header.side_len;
-            }
-            Err(r) => {
-                self.engine.count_rejected(a);
-                if r.is_replay() {
-                    tracing::debug!(peer = %Peer::Attention(a as u32), "dropped dispatch (stage {}, seq {}): {r}", imm.stage, imm.seq24);
-                } else {
-                    tracing::warn!(peer = %Peer::Attention(a as u32), "rejected dispatch (stage {}, seq {}): {r}", imm.stage, imm.seq24);
-                }
-            }
-        }
+        self.engine.pump(Duration::ZERO, &mut self.st)
     }
 
     /// Counters per attention rank.
     pub fn stats(&self) -> RankStats {
-        RankStats::new(&self.engine)
+        self.engine.stats()
     }
 
-    /// Leaves the mesh in order: tells the scheduler, closes the links.
+    /// Leaves the mesh in order: closes the links, tells the scheduler.
     pub fn shutdown(mut self) -> Result<()> {
-        self.engine.close();
-        self.support.shutdown();
+        self.engine.shutdown();
         Ok(())
     }
 }

@@ -9,9 +9,9 @@ use super::ffn::FfnRank;
 use super::layout::Layout;
 use super::StageSpec;
 use crate::bootstrap::client::Connecting;
-use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig, SchedulerHandle};
-use crate::bootstrap::{link, Session};
-use crate::engine::{Engine, PeerStats};
+use crate::bootstrap::link;
+use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig};
+use crate::engine::{Engine, Receive, Support};
 use crate::error::{Error, Peer, Result};
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
 use crate::proto::{Message, RegionKey, Role};
@@ -20,52 +20,6 @@ use crate::transport::shm::ShmTransport;
 use crate::transport::sim::SimNetwork;
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{AnyTransport, Region, Transport};
-
-/// Counters of a rank, per peer of the other role.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RankStats {
-    /// Backend name.
-    pub transport: &'static str,
-    /// One entry per peer, by rank.
-    pub peers: Vec<(Peer, PeerStats)>,
-}
-
-impl RankStats {
-    pub(crate) fn new(e: &Engine) -> RankStats {
-        RankStats {
-            transport: e.transport_name(),
-            peers: e
-                .stats()
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| (e.peer(i), s))
-                .collect(),
-        }
-    }
-    /// Messages rejected from all peers.
-    pub fn rejected(&self) -> u64 {
-        self.peers.iter().map(|p| p.1.rejected).sum()
-    }
-}
-
-/// What a rank keeps besides its links: the scheduler session (for an
-/// orderly goodbye) and an embedded scheduler, if it runs one.
-#[derive(Debug, Default)]
-pub(crate) struct Support {
-    session: Option<Session>,
-    scheduler: Option<SchedulerHandle>,
-}
-
-impl Support {
-    pub(crate) fn shutdown(&mut self) {
-        if let Some(s) = &mut self.session {
-            s.bye();
-        }
-        // An embedded scheduler finishes on its own once every rank has
-        // left; dropping the handle detaches it so this never blocks.
-        self.scheduler.take();
-    }
-}
 
 /// A rank of either role, as [`Mesh::join`] returns it.
 #[derive(Debug)]
@@ -176,17 +130,13 @@ impl Mesh {
     fn join_attention(&self, spec: StageSpec, memory: Memory) -> Result<AttentionRank> {
         self.check_role(Role::Attention)?;
         let j = self.join_as(Role::Attention, spec, memory)?;
-        Ok(AttentionRank::new(
-            j.engine, j.layout, j.rank, j.region, j.support,
-        ))
+        Ok(AttentionRank::new(j.engine, j.layout, j.rank))
     }
 
     fn join_ffn(&self, spec: StageSpec, memory: Memory) -> Result<FfnRank> {
         self.check_role(Role::Ffn)?;
         let j = self.join_as(Role::Ffn, spec, memory)?;
-        Ok(FfnRank::new(
-            j.engine, j.layout, j.rank, j.region, j.support,
-        ))
+        Ok(FfnRank::new(j.engine, j.layout, j.rank))
     }
 
     /// Everything but the role-specific wrapper: regions, rendezvous,
@@ -391,15 +341,23 @@ impl Mesh {
         // Every peer has mapped our segment: its name can go.
         mux.unlink_shm();
         tracing::info!(rank, transport = mux.name(), "{role} rank joined");
+        let recv = Receive {
+            region,
+            slot: match role {
+                Role::Attention => layout.out_slot,
+                Role::Ffn => layout.in_slot,
+            },
+        };
         Ok(Joined {
-            engine: Engine::new(AnyTransport::Mux(Box::new(mux)), table),
+            engine: Engine::new(
+                AnyTransport::Mux(Box::new(mux)),
+                table,
+                spec,
+                recv,
+                Support::new(session, scheduler),
+            ),
             layout,
             rank,
-            region,
-            support: Support {
-                session: Some(session),
-                scheduler,
-            },
         })
     }
 }
@@ -408,8 +366,6 @@ struct Joined {
     engine: Engine,
     layout: Layout,
     rank: u32,
-    region: Arc<Region>,
-    support: Support,
 }
 
 fn region_for(memory: Memory, need: usize, what: &str) -> Result<Arc<Region>> {
@@ -480,13 +436,12 @@ pub fn sim_mesh(
         .zip(a_regions)
         .enumerate()
         .map(|(i, ((t, p), r))| {
-            AttentionRank::new(
-                Engine::new(t.into(), p),
-                layout,
-                i as u32,
-                r,
-                Support::default(),
-            )
+            let recv = Receive {
+                region: r,
+                slot: layout.out_slot,
+            };
+            let engine = Engine::new(t.into(), p, spec, recv, Support::default());
+            AttentionRank::new(engine, layout, i as u32)
         })
         .collect();
     let ffn = f_t
@@ -495,13 +450,12 @@ pub fn sim_mesh(
         .zip(f_regions)
         .enumerate()
         .map(|(j, ((t, p), r))| {
-            FfnRank::new(
-                Engine::new(t.into(), p),
-                layout,
-                j as u32,
-                r,
-                Support::default(),
-            )
+            let recv = Receive {
+                region: r,
+                slot: layout.in_slot,
+            };
+            let engine = Engine::new(t.into(), p, spec, recv, Support::default());
+            FfnRank::new(engine, layout, j as u32)
         })
         .collect();
     Ok((attn, ffn))

@@ -1,31 +1,38 @@
-//! Progress: the layer between the role APIs and a transport. It owns the
-//! transport and the peer table, posts writes to peers by index, turns
-//! transport completions into per-peer events, remembers which peers are
-//! lost and why, and keeps the per-peer counters.
+//! The rank core: what attention and FFN ranks share, written once.
+//!
+//! An [`Engine`] owns the transport, the peer table and the rank's receive
+//! region. It posts messages to peers by index, and its pump polls the
+//! transport and turns completions into effects: an arrival is judged by
+//! [`proto::accept`](crate::proto::accept) against the header in the slot
+//! it names and, when accepted, handed to the role's [`Sink`]; a lost link
+//! marks its peer lost (first reason wins). It keeps the per-peer counters
+//! and ends the rank in order (links closed, goodbye to the scheduler).
+//!
+//! The role faces in `crate::api` hold an engine plus their stage machine
+//! and bookkeeping; they never poll the transport themselves.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod stats;
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use stats::{PeerStats, RankStats};
+pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
-use crate::proto::{Imm, RegionKey};
-use crate::transport::{AnyTransport, Completion, LinkId, Transport};
+use crate::proto::{accept, Accepted, Geometry, Imm, RegionKey, StageCounter, HEADER_LEN};
+use crate::transport::{AnyTransport, Completion, LinkId, Region, Transport};
 
-/// Counters for one peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerStats {
-    /// Messages written to the peer.
-    pub sent: u64,
-    /// Bytes written to the peer (headers included).
-    pub sent_bytes: u64,
-    /// Bytes of those the library itself copied on the way (a staging copy,
-    /// or the shared-memory copy into the peer); 0 where the kernel or a NIC
-    /// moves the bytes (tcp, verbs).
-    pub copied_bytes: u64,
-    /// Messages from the peer that were counted.
-    pub received: u64,
-    /// Messages from the peer that were rejected (stale, duplicate, bad).
-    pub rejected: u64,
-    /// Why the peer is lost, if it is.
-    pub lost: Option<String>,
+/// Where a role's arrivals go: the stage machine that counts them, and what
+/// the role records about an accepted one.
+pub(crate) trait Sink {
+    /// The stage machine.
+    type Counter: StageCounter;
+    /// The stage machine, to count an arrival whose header checked out.
+    fn counter(&mut self) -> &mut Self::Counter;
+    /// Peer `peer`'s message was counted; `at_ns` is when it was seen.
+    fn accepted(&mut self, peer: usize, accepted: &Accepted, at_ns: u64);
 }
 
 /// A peer's side of the table.
@@ -38,27 +45,36 @@ struct PeerLink {
     stats: PeerStats,
 }
 
-/// What happened on a peer's link.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Event {
-    /// A message announced by `imm` landed from peer `peer`.
-    Arrival { peer: usize, imm: Imm },
-    /// The peer is gone.
-    Lost { peer: usize },
+/// Where the peers' messages land: one slot per (stage, peer), the slot of
+/// (stage `s`, peer `p`) at `(s × peers + p) × slot` with its header first.
+#[derive(Debug)]
+pub(crate) struct Receive {
+    pub(crate) region: Arc<Region>,
+    pub(crate) slot: usize,
 }
 
-/// The progress engine for one rank.
+/// The rank core.
 #[derive(Debug)]
 pub(crate) struct Engine {
     transport: AnyTransport,
     peers: Vec<PeerLink>,
     link_to_peer: Vec<Option<usize>>,
     completions: Vec<Completion>,
+    geometry: Geometry,
+    recv: Receive,
+    support: Support,
 }
 
 impl Engine {
-    /// `peers[i]` is reached over `links[i]` and written at `keys[i]`.
-    pub(crate) fn new(transport: AnyTransport, peers: Vec<(Peer, LinkId, RegionKey)>) -> Engine {
+    /// `peers[i]` is reached over `links[i]` and written at `keys[i]`; its
+    /// messages land in `recv`.
+    pub(crate) fn new(
+        transport: AnyTransport,
+        peers: Vec<(Peer, LinkId, RegionKey)>,
+        geometry: Geometry,
+        recv: Receive,
+        support: Support,
+    ) -> Engine {
         let nlinks = peers
             .iter()
             .map(|p| p.1 + 1)
@@ -82,20 +98,29 @@ impl Engine {
                 .collect(),
             link_to_peer,
             completions: Vec::with_capacity(64),
+            geometry,
+            recv,
+            support,
         }
-    }
-
-    pub(crate) fn transport_name(&self) -> &'static str {
-        self.transport.name()
     }
 
     pub(crate) fn peer(&self, i: usize) -> Peer {
         self.peers[i].peer
     }
 
+    /// The region peers write into.
+    pub(crate) fn recv_region(&self) -> &Arc<Region> {
+        &self.recv.region
+    }
+
     /// Why peer `i` is lost, if it is.
     pub(crate) fn lost(&self, i: usize) -> Option<&str> {
         self.peers.get(i).and_then(|p| p.stats.lost.as_deref())
+    }
+
+    /// The first peer among `among` that is lost.
+    pub(crate) fn first_lost(&self, among: impl IntoIterator<Item = usize>) -> Option<usize> {
+        among.into_iter().find(|&i| self.lost(i).is_some())
     }
 
     pub(crate) fn lost_error(&self, i: usize) -> Error {
@@ -105,26 +130,36 @@ impl Engine {
         }
     }
 
-    /// Tells every peer we leave in order.
-    pub(crate) fn close(&mut self) {
+    /// Names peers for an error message: `"A0,A2"`.
+    pub(crate) fn names(&self, peers: impl IntoIterator<Item = usize>) -> String {
+        peers
+            .into_iter()
+            .map(|i| self.peer(i).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Counters per peer.
+    pub(crate) fn stats(&self) -> RankStats {
+        RankStats {
+            transport: self.transport.name(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| (p.peer, p.stats.clone()))
+                .collect(),
+        }
+    }
+
+    /// Leaves in order: tells every peer (closing the links), then the
+    /// scheduler.
+    pub(crate) fn shutdown(&mut self) {
         self.transport.close();
+        self.support.shutdown();
     }
 
-    pub(crate) fn stats(&self) -> Vec<PeerStats> {
-        self.peers.iter().map(|p| p.stats.clone()).collect()
-    }
-
-    pub(crate) fn count_received(&mut self, i: usize) {
-        self.peers[i].stats.received += 1;
-    }
-
-    pub(crate) fn count_rejected(&mut self, i: usize) {
-        self.peers[i].stats.rejected += 1;
-    }
-
-    /// Marks peer `i` lost (first reason wins) and closes nothing: the
-    /// transport already saw it, or the caller decided the peer is broken.
-    pub(crate) fn mark_lost(&mut self, i: usize, reason: String) {
+    /// Marks peer `i` lost (first reason wins).
+    fn mark_lost(&mut self, i: usize, reason: String) {
         let p = &mut self.peers[i];
         if p.stats.lost.is_none() {
             tracing::warn!(peer = %p.peer, "peer lost: {reason}");
@@ -164,48 +199,99 @@ impl Engine {
         }
     }
 
-    /// Polls the transport (waiting up to `timeout` for the first
-    /// completion) and appends per-peer events to `out`.
-    pub(crate) fn poll(&mut self, timeout: Duration, out: &mut Vec<Event>) -> Result<()> {
-        self.completions.clear();
-        self.transport.poll(&mut self.completions, timeout)?;
-        for c in self.completions.drain(..) {
-            let (link, lost) = match c {
+    /// Polls the transport, waiting up to `timeout` for the first
+    /// completion, and acts on everything it reports: arrivals go through
+    /// acceptance into `sink`, lost links mark their peers.
+    pub(crate) fn pump<S: Sink>(&mut self, timeout: Duration, sink: &mut S) -> Result<()> {
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.clear();
+        let r = self.transport.poll(&mut completions, timeout);
+        for c in completions.drain(..) {
+            match c {
                 Completion::Arrival { link, imm } => {
-                    if let Some(Some(peer)) = self.link_to_peer.get(link) {
-                        out.push(Event::Arrival {
-                            peer: *peer,
-                            imm: Imm::decode(imm),
-                        });
+                    if let Some(peer) = self.peer_of(link) {
+                        self.arrival(peer, Imm::decode(imm), sink);
                     }
-                    continue;
                 }
                 Completion::LinkClosed { link } => {
-                    if let Some(Some(peer)) = self.link_to_peer.get(link).copied() {
+                    if let Some(peer) = self.peer_of(link) {
                         let p = &mut self.peers[peer];
                         if p.stats.lost.is_none() {
                             tracing::debug!(peer = %p.peer, "peer closed the link in order");
                             p.stats.lost = Some("peer shut down".into());
-                            out.push(Event::Lost { peer });
                         }
                     }
-                    continue;
                 }
-                Completion::LinkDown { link, reason } => (link, reason),
+                Completion::LinkDown { link, reason } => {
+                    if let Some(peer) = self.peer_of(link) {
+                        self.mark_lost(peer, reason);
+                    }
+                }
                 Completion::LinkError { link, reason } => {
-                    (link, format!("protocol error: {reason}"))
-                }
-            };
-            if let Some(Some(peer)) = self.link_to_peer.get(link).copied() {
-                let p = &mut self.peers[peer];
-                if p.stats.lost.is_none() {
-                    tracing::warn!(peer = %p.peer, "peer lost: {lost}");
-                    p.stats.lost = Some(lost);
-                    out.push(Event::Lost { peer });
+                    if let Some(peer) = self.peer_of(link) {
+                        self.mark_lost(peer, format!("protocol error: {reason}"));
+                    }
                 }
             }
         }
-        Ok(())
+        self.completions = completions;
+        r
+    }
+
+    /// Pumps until `ready` yields a value or errs, or `timeout` runs out
+    /// (`Ok(None)`). `ready` is asked first, so a zero timeout still looks
+    /// once.
+    pub(crate) fn wait<S: Sink, T>(
+        &mut self,
+        sink: &mut S,
+        timeout: Duration,
+        mut ready: impl FnMut(&Engine, &mut S) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            if let Some(v) = ready(self, sink)? {
+                return Ok(Some(v));
+            }
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.pump(left, sink)?;
+        }
+    }
+
+    fn peer_of(&self, link: LinkId) -> Option<usize> {
+        self.link_to_peer.get(link).copied().flatten()
+    }
+
+    /// Judges peer `peer`'s arrival announced by `imm`.
+    fn arrival<S: Sink>(&mut self, peer: usize, imm: Imm, sink: &mut S) {
+        let (region, slot, peers) = (&self.recv.region, self.recv.slot, self.peers.len());
+        // The header is copied out at once: the slot is peer-written memory.
+        let read = |stage: usize| {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(region.slice((stage * peers + peer) * slot, HEADER_LEN)?);
+            Ok(h)
+        };
+        let stats = &mut self.peers[peer].stats;
+        match accept(&self.geometry, peer, imm, read, sink.counter()) {
+            Ok(a) => {
+                stats.received += 1;
+                sink.accepted(peer, &a, now_ns());
+            }
+            Err(r) => {
+                stats.rejected += 1;
+                let who = self.peers[peer].peer;
+                if r.is_replay() {
+                    tracing::debug!(peer = %who, "dropped {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
+                } else {
+                    tracing::warn!(peer = %who, "rejected {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
+                }
+            }
+        }
     }
 }
 
