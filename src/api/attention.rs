@@ -191,7 +191,7 @@ impl AttentionRank {
     pub fn dispatch(&mut self, stage: u32, tokens: &[u8], side: &[u8]) -> Result<DispatchHandle> {
         let spec = self.st.layout.spec;
         if stage >= spec.stages {
-            return Err(Error::config(format!(
+            return Err(Error::invalid(format!(
                 "stage {stage}: only {} stages registered",
                 spec.stages
             )));
@@ -355,7 +355,7 @@ impl AttentionRank {
 impl State {
     fn check(&self, h: DispatchHandle) -> Result<()> {
         if !self.stages.in_flight(h.stage as usize, h.seq) {
-            return Err(Error::config(format!(
+            return Err(Error::invalid(format!(
                 "dispatch handle (stage {}, sequence {}) is not in flight: already combined, or abandoned",
                 h.stage, h.seq
             )));

@@ -214,11 +214,11 @@ impl FfnRank {
         let spec = layout.spec;
         let s = batch.stage as usize;
         if outputs.len() != layout.m {
-            return Err(Error::BufferSize {
-                what: "respond: one output block per attention rank".into(),
-                need: layout.m,
-                got: outputs.len(),
-            });
+            return Err(Error::invalid(format!(
+                "respond: {} output blocks for {} attention ranks",
+                outputs.len(),
+                layout.m
+            )));
         }
         for (a, out) in outputs.iter().enumerate() {
             let need = batch.token_count(a) * spec.out_row_bytes as usize;
@@ -231,7 +231,7 @@ impl FfnRank {
             }
         }
         if !self.st.stages.respond(s, batch.seq) {
-            return Err(Error::config(format!(
+            return Err(Error::invalid(format!(
                 "respond: batch (stage {}, sequence {}) was already answered",
                 batch.stage, batch.seq
             )));

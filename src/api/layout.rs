@@ -35,7 +35,12 @@ impl Layout {
                 "mesh {m}A+{n}F: need at least one rank of each role"
             )));
         }
-        let too_big = || Error::config(format!("stage geometry {spec:?} overflows"));
+        let too_big = || {
+            Error::config(format!(
+                "stage geometry overflows: {} stages, {} tokens, row_bytes {}, out_row_bytes {}, side_bytes {} ({m}A+{n}F)",
+                spec.stages, spec.max_tokens, spec.row_bytes, spec.out_row_bytes, spec.side_bytes
+            ))
+        };
         let mt = spec.max_tokens as usize;
         let in_slot = mt
             .checked_mul(spec.row_bytes as usize)
