@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use afmesh::transport::sim::{Faults, SimNetwork};
-use afmesh::{sim_mesh, AttentionRank, DispatchHandle, Dtype, Error, FfnRank, Peer, StageSpec};
+use afmesh::{
+    sim_mesh, AttentionRank, DispatchHandle, Dtype, Error, FfnRank, Peer, RespondError, StageSpec,
+};
 
 const ROW: u32 = 16;
 const OUT_ROW: u32 = 8; // two f32
@@ -90,7 +92,7 @@ fn serve(f: &mut FfnRank, layer_of: &dyn Fn(u32, u32) -> u32) -> usize {
             );
         }
         let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
-        f.respond(&b, &refs).expect("respond");
+        f.respond(b, &refs).expect("respond");
         served += 1;
     }
     served
@@ -343,8 +345,11 @@ fn killed_rank_is_peer_lost_without_hang() {
     let outs = vec![vec![0u8; 4 * OUT_ROW as usize]; 2];
     let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
     assert!(matches!(
-        ffn[1].respond(&b, &refs),
-        Err(Error::PeerLost { .. })
+        ffn[1].respond(b, &refs),
+        Err(RespondError {
+            batch: None,
+            error: Error::PeerLost { .. }
+        })
     ));
     match ffn[1].get_batch(Duration::from_secs(5)) {
         Err(Error::PeerLost { peer, .. }) => assert!(matches!(peer, Peer::Attention(_))),
@@ -450,21 +455,146 @@ fn respond_checks_outputs() {
     net.deliver_all();
     let b = ffn[0].try_get_batch().unwrap().unwrap();
     let ok = vec![0u8; 2 * OUT_ROW as usize];
-    assert!(matches!(
-        ffn[0].respond(&b, &[&ok]),
-        Err(Error::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        ffn[0].respond(&b, &[&ok, &ok[..8]]),
-        Err(Error::BufferSize { .. })
-    ));
-    ffn[0].respond(&b, &[&ok, &ok]).unwrap();
+    let b = match ffn[0].respond(b, &[&ok]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::InvalidArgument(_),
+        }) => b,
+        other => panic!("expected InvalidArgument with the batch back, got {other:?}"),
+    };
+    let b = match ffn[0].respond(b, &[&ok, &ok[..8]]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::BufferSize { .. },
+        }) => b,
+        other => panic!("expected BufferSize with the batch back, got {other:?}"),
+    };
+    ffn[0].respond(b, &[&ok, &ok]).unwrap();
+    // Answering a batch twice does not compile: respond consumes it (see
+    // the compile_fail example on `FfnRank::respond`).
+}
+
+#[test]
+fn respond_with_a_wrong_size_gives_the_batch_back_and_a_retry_succeeds() {
+    let net = SimNetwork::new(12);
+    let (mut attn, mut ffn) = sim_mesh(&net, 2, 2, spec(2, 4)).unwrap();
+    let hs: Vec<_> = attn
+        .iter_mut()
+        .enumerate()
+        .map(|(i, a)| {
+            a.dispatch(1, &tokens_for(i as u32, 0, 1, 3), &side_for(i as u32, 0))
+                .unwrap()
+        })
+        .collect();
+    net.deliver_all();
+    let b = ffn[0].get_batch(Duration::ZERO).unwrap();
+    let good: Vec<Vec<u8>> = (0..2)
+        .map(|a| vec![a as u8 + 1; 3 * OUT_ROW as usize])
+        .collect();
+    let short = &good[1][..3 * OUT_ROW as usize - 1];
+    let sent_before = ffn[0].stats().peers[0].1.sent;
+    let b = match ffn[0].respond(b, &[&good[0], short]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::BufferSize { need, got, .. },
+        }) => {
+            assert_eq!((need, got), (24, 23));
+            b
+        }
+        other => panic!("expected BufferSize with the batch back, got {other:?}"),
+    };
+    // Nothing was sent, the stage is as it was, the views still work.
+    assert_eq!(ffn[0].stats().peers[0].1.sent, sent_before);
+    assert_eq!(net.pending(), 0);
+    assert_eq!(b.tokens(1), &tokens_for(1, 0, 1, 3)[..]);
+    assert_eq!(b.side(0), &side_for(0, 0)[..]);
+    assert!(
+        ffn[0].try_get_batch().unwrap().is_none(),
+        "not handed out twice"
+    );
+    // A batch of another FFN rank is refused and given back too.
+    let other = ffn[1].get_batch(Duration::ZERO).unwrap();
+    let other = match ffn[0].respond(other, &[&good[0], &good[1]]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::InvalidArgument(_),
+        }) => b,
+        other => panic!("expected InvalidArgument with the batch back, got {other:?}"),
+    };
+    let refs: Vec<&[u8]> = good.iter().map(|v| &v[..]).collect();
+    ffn[0].respond(b, &refs).unwrap();
+    ffn[1].respond(other, &refs).unwrap();
+    net.deliver_all();
+    for (a, h) in attn.iter_mut().zip(hs) {
+        let me = a.rank() as u8;
+        let c = a.wait_combine(h, Duration::ZERO).unwrap();
+        assert_eq!(c.partial(0).unwrap(), &vec![me + 1; 24][..]);
+        assert_eq!(c.partial(1).unwrap(), &vec![me + 1; 24][..]);
+    }
+}
+
+#[test]
+fn wait_combine_sum_checks_the_output_before_taking_the_combine() {
+    let net = SimNetwork::new(13);
+    net.set_auto(true);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(1, 4)).unwrap();
+    let a = &mut attn[0];
+    let mut layer = 0;
+    let mut round = |a: &mut AttentionRank, ffn: &mut [FfnRank], count: u32| {
+        let h = a
+            .dispatch(0, &tokens_for(0, layer, 0, count), &side_for(0, layer))
+            .unwrap();
+        for f in ffn.iter_mut() {
+            let l = layer;
+            assert_eq!(serve(f, &|_, _| l), 1);
+        }
+        layer += 1;
+        h
+    };
+    let h = round(a, &mut ffn, 3);
+    let need = 3 * OUT_ROW as usize;
+    let mut short = vec![0u8; need - 1];
+    match a.wait_combine_sum(h, Dtype::F32, &mut short, Duration::from_secs(1)) {
+        Err(Error::BufferSize { need: n, got, .. }) => assert_eq!((n, got), (need, need - 1)),
+        other => panic!("expected BufferSize, got {other:?}"),
+    }
     assert!(
         matches!(
-            ffn[0].respond(&b, &[&ok, &ok]),
-            Err(Error::InvalidArgument(_))
+            a.wait_combine_sum(h, Dtype::Bf16, &mut short, Duration::ZERO),
+            Err(Error::BufferSize { .. })
         ),
-        "answered once"
+        "still there after a refusal"
+    );
+    let mut out = vec![0u8; need];
+    assert_eq!(
+        a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::from_secs(1))
+            .unwrap(),
+        need
+    );
+    let rows = tokens_for(0, 0, 0, 3);
+    for (r, got) in out.chunks(8).enumerate() {
+        let want0 = f32::from(rows[r * ROW as usize]) * 2.0 + 1.0;
+        let want1 = r as f32 * 3.0;
+        assert_eq!(f32::from_le_bytes(got[..4].try_into().unwrap()), want0);
+        assert_eq!(f32::from_le_bytes(got[4..].try_into().unwrap()), want1);
+    }
+    assert!(matches!(
+        a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::ZERO),
+        Err(Error::InvalidArgument(_))
+    ));
+    // A larger buffer is fine: only the first tokens × out_row_bytes bytes
+    // are written.
+    let h = round(a, &mut ffn, 2);
+    let mut big = vec![0xabu8; 4 * OUT_ROW as usize];
+    let used = a
+        .wait_combine_sum(h, Dtype::F32, &mut big, Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(used, 2 * OUT_ROW as usize);
+    assert!(big[used..].iter().all(|&b| b == 0xab));
+    let rows = tokens_for(0, 1, 0, 2);
+    assert_eq!(
+        f32::from_le_bytes(big[8..12].try_into().unwrap()),
+        f32::from(rows[ROW as usize]) * 2.0 + 1.0
     );
 }
 
@@ -484,7 +614,7 @@ fn threaded_ranks_with_blocking_waits() {
                         .map(|a| vec![f.rank() as u8 + 1; b.token_count(a) * OUT_ROW as usize])
                         .collect();
                     let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
-                    f.respond(&b, &refs).unwrap();
+                    f.respond(b, &refs).unwrap();
                 }
             })
         })

@@ -240,7 +240,16 @@ pub struct afmesh_ffn {
 /// A gathered stage on an FFN rank (opaque); free with `afmesh_batch_free`.
 #[derive(Debug)]
 pub struct afmesh_batch {
-    batch: Batch,
+    /// `None` once answered: `afmesh_ffn_respond` took it.
+    batch: Option<Batch>,
+}
+
+impl afmesh_batch {
+    fn live(&self) -> Result<&Batch, Fail> {
+        self.batch
+            .as_ref()
+            .ok_or_else(|| invalid("the batch was already answered (afmesh_ffn_respond)"))
+    }
 }
 
 struct Fail(afmesh_result, String);
@@ -1107,7 +1116,7 @@ pub unsafe extern "C" fn afmesh_ffn_get_batch(
             return Err(invalid("out is NULL"));
         }
         let batch = f.state.live("FFN rank")?.get_batch(ms(timeout_ms))?;
-        let b = Box::into_raw(Box::new(afmesh_batch { batch }));
+        let b = Box::into_raw(Box::new(afmesh_batch { batch: Some(batch) }));
         // SAFETY: checked non-NULL.
         unsafe { out.write(b) };
         Ok(())
@@ -1125,15 +1134,15 @@ pub unsafe extern "C" fn afmesh_batch_info(
 ) -> afmesh_result {
     boundary("afmesh_batch_info", || {
         // SAFETY: the caller's contract.
-        let b = unsafe { obj_ref(b, "b") }?;
+        let b = unsafe { obj_ref(b, "b") }?.live()?;
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
         let info = afmesh_batch_meta {
-            stage: b.batch.stage(),
-            sequence: b.batch.sequence(),
-            senders: b.batch.senders() as u32,
-            total_tokens: b.batch.total_tokens() as u32,
+            stage: b.stage(),
+            sequence: b.sequence(),
+            senders: b.senders() as u32,
+            total_tokens: b.total_tokens() as u32,
         };
         // SAFETY: checked non-NULL.
         unsafe { out.write(info) };
@@ -1142,7 +1151,7 @@ pub unsafe extern "C" fn afmesh_batch_info(
 }
 
 /// Attention rank `sender`'s part of the batch, zero-copy (valid until the
-/// batch is freed). Never blocks.
+/// batch is answered or freed). Never blocks.
 ///
 /// # Safety
 /// Pointers are NULL or valid.
@@ -1154,24 +1163,24 @@ pub unsafe extern "C" fn afmesh_batch_sender(
 ) -> afmesh_result {
     boundary("afmesh_batch_sender", || {
         // SAFETY: the caller's contract.
-        let b = unsafe { obj_ref(b, "b") }?;
+        let b = unsafe { obj_ref(b, "b") }?.live()?;
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
         let a = sender as usize;
-        if a >= b.batch.senders() {
+        if a >= b.senders() {
             return Err(invalid(format!(
                 "sender {sender} of {} senders",
-                b.batch.senders()
+                b.senders()
             )));
         }
-        let t = b.batch.tokens(a);
-        let s = b.batch.side(a);
-        let count = b.batch.token_count(a);
+        let t = b.tokens(a);
+        let s = b.side(a);
+        let count = b.token_count(a);
         let view = afmesh_sender_view {
             tokens: t.as_ptr().cast(),
             token_count: count as u32,
-            row_bytes: b.batch.row_bytes() as u32,
+            row_bytes: b.row_bytes() as u32,
             side: s.as_ptr().cast(),
             side_len: s.len() as u32,
         };
@@ -1201,20 +1210,26 @@ pub unsafe extern "C" fn afmesh_batch_free(b: *mut afmesh_batch) {
 /// its token count × out_row_bytes); `count` must be M. Returns once the
 /// data is handed to the transport. Not thread-safe per handle.
 ///
+/// The batch is answered by this call: its views end, and later use of it
+/// (info, sender views, respond) fails with `AFMESH_ERR_INVALID_ARGUMENT`;
+/// it still needs `afmesh_batch_free`. If the arguments are refused
+/// (`AFMESH_ERR_INVALID_ARGUMENT`, `AFMESH_ERR_BUFFER_SIZE`), nothing was
+/// sent and the batch can be answered again.
+///
 /// # Safety
 /// `f`, `b` are NULL or live; `outputs` and `lens` are NULL or readable
 /// for `count` elements, each output readable for its length.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_ffn_respond(
     f: *mut afmesh_ffn,
-    b: *const afmesh_batch,
+    b: *mut afmesh_batch,
     outputs: *const *const c_void,
     lens: *const usize,
     count: usize,
 ) -> afmesh_result {
     boundary("afmesh_ffn_respond", || {
         // SAFETY: the caller's contract.
-        let (f, b) = unsafe { (obj(f, "f")?, obj_ref(b, "b")?) };
+        let (f, b) = unsafe { (obj(f, "f")?, obj(b, "b")?) };
         if outputs.is_null() {
             return Err(invalid("outputs is NULL"));
         }
@@ -1228,8 +1243,16 @@ pub unsafe extern "C" fn afmesh_ffn_respond(
             // SAFETY: each output is readable for its length (contract).
             outs.push(unsafe { bytes(p, n, &format!("outputs[{i}]")) }?);
         }
-        f.state.live("FFN rank")?.respond(&b.batch, &outs)?;
-        Ok(())
+        let rank = f.state.live("FFN rank")?;
+        let batch = b
+            .batch
+            .take()
+            .ok_or_else(|| invalid("the batch was already answered"))?;
+        rank.respond(batch, &outs).map_err(|e| {
+            // Refused arguments give the batch back: it can be answered again.
+            b.batch = e.batch;
+            Fail::from(e.error)
+        })
     })
 }
 

@@ -281,16 +281,38 @@ impl AttentionRank {
     }
 
     /// Waits for the combine of `handle` and writes the element-wise sum of
-    /// the N partials into `out` (`tokens × out_row_bytes` bytes).
+    /// the N partials into the first `tokens × out_row_bytes` bytes of
+    /// `out`; returns that length. `out` is checked first: if it is too
+    /// short (`BufferSize`), or `dtype` does not divide `out_row_bytes`
+    /// (`InvalidArgument`), nothing is consumed and the combine can still
+    /// be taken.
     pub fn wait_combine_sum(
         &mut self,
         handle: DispatchHandle,
         dtype: Dtype,
         out: &mut [u8],
         timeout: Duration,
-    ) -> Result<()> {
+    ) -> Result<usize> {
+        self.st.check(handle)?;
+        let out_row = self.st.layout.spec.out_row_bytes as usize;
+        if out_row % dtype.size() != 0 {
+            return Err(Error::invalid(format!(
+                "wait_combine_sum: rows of {out_row} bytes are not whole {} elements",
+                dtype.name()
+            )));
+        }
+        let tokens = self.st.stages.tokens(handle.stage as usize).unwrap_or(0) as usize;
+        let need = tokens * out_row;
+        if out.len() < need {
+            return Err(Error::BufferSize {
+                what: format!("wait_combine_sum output for {tokens} tokens"),
+                need,
+                got: out.len(),
+            });
+        }
         let c = self.wait_combine(handle, timeout)?;
-        c.sum_into(dtype, out)
+        c.sum_into(dtype, &mut out[..need])?;
+        Ok(need)
     }
 
     /// Non-blocking: the combine of `handle` if it is complete.

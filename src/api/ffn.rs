@@ -11,19 +11,48 @@ use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
 use crate::transport::Region;
 
 /// One gathered stage: every attention rank's block, viewed in place in the
-/// registered input slots. Answer it with [`FfnRank::respond`].
+/// registered input slots. Answer it with [`FfnRank::respond`], which takes
+/// it by value: its views end there, before the attention ranks may write
+/// the slots again.
+///
+/// ```
+/// use std::time::Duration;
+/// use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+///
+/// let net = SimNetwork::new(1);
+/// let spec = StageSpec { stages: 1, max_tokens: 2, row_bytes: 8, out_row_bytes: 4, side_bytes: 8 };
+/// let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec)?;
+/// let h = attn[0].dispatch(0, &[7; 16], b"expert")?;
+/// net.deliver_all();
+/// let batch = ffn[0].get_batch(Duration::from_secs(1))?;
+/// assert_eq!((batch.token_count(0), batch.side(0)), (2, &b"expert"[..]));
+/// // Answer each row with its first 4 bytes; the views end before respond.
+/// let out: Vec<u8> = batch.tokens(0).chunks(8).flat_map(|r| r[..4].to_vec()).collect();
+/// ffn[0].respond(batch, &[&out])?;
+/// net.deliver_all();
+/// assert_eq!(attn[0].wait_combine(h, Duration::from_secs(1))?.partial(0), Some(&[7u8; 8][..]));
+/// # Ok::<(), afmesh::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Batch {
     stage: u32,
     seq: u32,
-    tokens: Vec<u32>,
-    side_lens: Vec<u32>,
-    offsets: Vec<usize>,
     row_bytes: usize,
+    /// Per attention rank, what its counted dispatch said.
+    parts: Vec<Part>,
     region: Arc<Region>,
-    land_ns: Vec<u64>,
-    post_ns: Vec<u64>,
     process_ns: u64,
+}
+
+/// One attention rank's part of a batch.
+#[derive(Debug, Clone, Copy, Default)]
+struct Part {
+    /// Its input slot in the region.
+    offset: usize,
+    tokens: u32,
+    side_len: u32,
+    post_ns: u64,
+    land_ns: u64,
 }
 
 impl Batch {
@@ -37,11 +66,11 @@ impl Batch {
     }
     /// Number of senders (attention ranks).
     pub fn senders(&self) -> usize {
-        self.tokens.len()
+        self.parts.len()
     }
     /// Tokens attention rank `a` sent.
     pub fn token_count(&self, a: usize) -> usize {
-        self.tokens.get(a).copied().unwrap_or(0) as usize
+        self.parts.get(a).map_or(0, |p| p.tokens as usize)
     }
     /// Bytes of one dispatched row.
     pub fn row_bytes(&self) -> usize {
@@ -49,34 +78,64 @@ impl Batch {
     }
     /// Tokens from all senders.
     pub fn total_tokens(&self) -> usize {
-        self.tokens.iter().map(|&t| t as usize).sum()
+        self.parts.iter().map(|p| p.tokens as usize).sum()
     }
     /// Attention rank `a`'s rows, zero-copy.
     pub fn tokens(&self, a: usize) -> &[u8] {
-        let Some(&off) = self.offsets.get(a) else {
+        let Some(p) = self.parts.get(a) else {
             return &[];
         };
         self.region
-            .slice(off + HEADER_LEN, self.token_count(a) * self.row_bytes)
+            .slice(p.offset + HEADER_LEN, p.tokens as usize * self.row_bytes)
             .unwrap_or(&[])
     }
     /// Attention rank `a`'s side block, zero-copy.
     pub fn side(&self, a: usize) -> &[u8] {
-        let Some(&off) = self.offsets.get(a) else {
+        let Some(p) = self.parts.get(a) else {
             return &[];
         };
-        let rows = self.token_count(a) * self.row_bytes;
+        let rows = p.tokens as usize * self.row_bytes;
         self.region
-            .slice(off + HEADER_LEN + rows, self.side_lens[a] as usize)
+            .slice(p.offset + HEADER_LEN + rows, p.side_len as usize)
             .unwrap_or(&[])
     }
     /// When attention rank `a` posted its dispatch (its clock, ns).
     pub fn posted_ns(&self, a: usize) -> u64 {
-        self.post_ns.get(a).copied().unwrap_or(0)
+        self.parts.get(a).map_or(0, |p| p.post_ns)
     }
     /// When attention rank `a`'s dispatch was seen here (ns).
     pub fn landed_ns(&self, a: usize) -> u64 {
-        self.land_ns.get(a).copied().unwrap_or(0)
+        self.parts.get(a).map_or(0, |p| p.land_ns)
+    }
+}
+
+/// A [`FfnRank::respond`] that did not go through.
+#[derive(Debug)]
+pub struct RespondError {
+    /// The batch, given back when the arguments were refused: nothing was
+    /// sent and its stage is as it was, so it can be answered again.
+    /// `None` once the response was committed: some attention ranks could
+    /// not be reached (e.g. one was lost), the others were answered.
+    pub batch: Option<Batch>,
+    /// What went wrong.
+    pub error: Error,
+}
+
+impl std::fmt::Display for RespondError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for RespondError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl From<RespondError> for Error {
+    fn from(e: RespondError) -> Error {
+        e.error
     }
 }
 
@@ -94,10 +153,7 @@ struct State {
     layout: Layout,
     rank: u32,
     stages: FfnStages,
-    /// When it landed, when it was posted, its side-block length.
-    land_ns: Vec<u64>,
-    post_ns: Vec<u64>,
-    side_lens: Vec<u32>,
+    parts: Vec<Part>,
 }
 
 impl Sink for State {
@@ -106,10 +162,13 @@ impl Sink for State {
         &mut self.stages
     }
     fn accepted(&mut self, a: usize, acc: &Accepted, at_ns: u64) {
-        let i = acc.stage * self.layout.m + a;
-        self.land_ns[i] = at_ns;
-        self.post_ns[i] = acc.header.post_ns;
-        self.side_lens[i] = acc.header.side_len;
+        self.parts[acc.stage * self.layout.m + a] = Part {
+            offset: self.layout.in_offset(acc.stage, a),
+            tokens: acc.header.tokens,
+            side_len: acc.header.side_len,
+            post_ns: acc.header.post_ns,
+            land_ns: at_ns,
+        };
     }
 }
 
@@ -121,20 +180,14 @@ impl State {
 
     fn take_complete(&mut self, region: &Arc<Region>) -> Option<Batch> {
         let s = self.stages.oldest_complete()?;
-        let (seq, tokens) = self.stages.hand_out(s)?;
+        let (seq, _tokens) = self.stages.hand_out(s)?;
         let m = self.layout.m;
-        let offsets: Vec<usize> = (0..m).map(|a| self.layout.in_offset(s, a)).collect();
-        let senders = s * m..(s + 1) * m;
         Some(Batch {
             stage: s as u32,
             seq,
-            side_lens: self.side_lens[senders.clone()].to_vec(),
-            post_ns: self.post_ns[senders.clone()].to_vec(),
-            tokens,
-            offsets,
             row_bytes: self.layout.spec.row_bytes as usize,
+            parts: self.parts[s * m..(s + 1) * m].to_vec(),
             region: region.clone(),
-            land_ns: self.land_ns[senders].to_vec(),
             process_ns: now_ns(),
         })
     }
@@ -142,14 +195,11 @@ impl State {
 
 impl FfnRank {
     pub(crate) fn new(engine: Engine, layout: Layout, rank: u32) -> Self {
-        let n = layout.stages() * layout.m;
         FfnRank {
             engine,
             st: State {
                 stages: FfnStages::new(layout.stages(), layout.m),
-                land_ns: vec![0; n],
-                post_ns: vec![0; n],
-                side_lens: vec![0; n],
+                parts: vec![Part::default(); layout.stages() * layout.m],
                 layout,
                 rank,
             },
@@ -207,35 +257,41 @@ impl FfnRank {
 
     /// Sends each attention rank `a` its rows `outputs[a]`
     /// (`batch.token_count(a) × out_row_bytes` bytes), and frees the stage
-    /// for its next sequence. If an attention rank is lost, the others are
-    /// still answered and the loss is returned.
-    pub fn respond(&mut self, batch: &Batch, outputs: &[&[u8]]) -> Result<()> {
+    /// for its next sequence. The batch is consumed, and with it every view
+    /// of its slots, which attention ranks may write again from now on:
+    ///
+    /// ```compile_fail,E0505
+    /// # use std::time::Duration;
+    /// # use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+    /// # let net = SimNetwork::new(1);
+    /// # let spec = StageSpec { stages: 1, max_tokens: 2, row_bytes: 8, out_row_bytes: 8, side_bytes: 0 };
+    /// # let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec).unwrap();
+    /// # let _h = attn[0].dispatch(0, &[7; 16], &[]).unwrap();
+    /// # net.deliver_all();
+    /// let batch = ffn[0].get_batch(Duration::from_secs(1)).unwrap();
+    /// let rows = batch.tokens(0);
+    /// let out = vec![0u8; 16];
+    /// ffn[0].respond(batch, &[&out]).unwrap();
+    /// assert_eq!(rows[0], 7); // error: the view outlives the batch
+    /// ```
+    ///
+    /// Arguments are checked before anything changes: on a wrong number of
+    /// outputs (`InvalidArgument`), a wrong length (`BufferSize`) or a batch
+    /// of another rank, the error carries the batch back and the stage is
+    /// as it was. If an attention rank is lost, the others are still
+    /// answered and the loss is returned (without the batch).
+    pub fn respond(&mut self, batch: Batch, outputs: &[&[u8]]) -> Result<(), RespondError> {
+        if let Err(error) = self.check_outputs(&batch, outputs) {
+            return Err(RespondError {
+                batch: Some(batch),
+                error,
+            });
+        }
+        self.commit(&batch)
+            .map_err(|error| RespondError { batch: None, error })?;
         let layout = self.st.layout;
         let spec = layout.spec;
         let s = batch.stage as usize;
-        if outputs.len() != layout.m {
-            return Err(Error::invalid(format!(
-                "respond: {} output blocks for {} attention ranks",
-                outputs.len(),
-                layout.m
-            )));
-        }
-        for (a, out) in outputs.iter().enumerate() {
-            let need = batch.token_count(a) * spec.out_row_bytes as usize;
-            if out.len() != need {
-                return Err(Error::BufferSize {
-                    what: format!("respond output for A{a} ({} tokens)", batch.token_count(a)),
-                    need,
-                    got: out.len(),
-                });
-            }
-        }
-        if !self.st.stages.respond(s, batch.seq) {
-            return Err(Error::invalid(format!(
-                "respond: batch (stage {}, sequence {}) was already answered",
-                batch.stage, batch.seq
-            )));
-        }
         let imm = Imm::new(Kind::Combine, batch.stage as u8, batch.seq);
         let respond = now_ns();
         let mut first_err = None;
@@ -259,7 +315,69 @@ impl FfnRank {
                 first_err.get_or_insert(e);
             }
         }
-        first_err.map_or(Ok(()), Err)
+        match first_err {
+            None => Ok(()),
+            Some(error) => Err(RespondError { batch: None, error }),
+        }
+    }
+
+    /// Whether `batch` is this rank's, handed out and not yet answered.
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        if !Arc::ptr_eq(&batch.region, self.engine.recv_region()) {
+            return Err(Error::invalid(format!(
+                "respond: the batch (stage {}, sequence {}) belongs to another FFN rank",
+                batch.stage, batch.seq
+            )));
+        }
+        if !self
+            .st
+            .stages
+            .is_handed_out(batch.stage as usize, batch.seq)
+        {
+            return Err(Error::invalid(format!(
+                "respond: batch (stage {}, sequence {}) is not waiting for an answer",
+                batch.stage, batch.seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// `outputs` holds one block of the right length per attention rank.
+    fn check_outputs(&self, batch: &Batch, outputs: &[&[u8]]) -> Result<()> {
+        self.check_batch(batch)?;
+        let m = self.st.layout.m;
+        if outputs.len() != m {
+            return Err(Error::invalid(format!(
+                "respond: {} output blocks for {m} attention ranks",
+                outputs.len()
+            )));
+        }
+        let out_row = self.st.layout.spec.out_row_bytes as usize;
+        for (a, out) in outputs.iter().enumerate() {
+            let need = batch.token_count(a) * out_row;
+            if out.len() != need {
+                return Err(Error::BufferSize {
+                    what: format!("respond output for A{a} ({} tokens)", batch.token_count(a)),
+                    need,
+                    got: out.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the batch's stage to its next sequence: from here on the
+    /// attention ranks may write its slots.
+    fn commit(&mut self, batch: &Batch) -> Result<()> {
+        if self.st.stages.respond(batch.stage as usize, batch.seq) {
+            Ok(())
+        } else {
+            // `check_batch` ran first; only a bug gets here.
+            Err(Error::invalid(format!(
+                "respond: batch (stage {}, sequence {}) was already answered",
+                batch.stage, batch.seq
+            )))
+        }
     }
 
     /// Makes progress without waiting: counts whatever has landed.

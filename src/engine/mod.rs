@@ -239,8 +239,9 @@ impl Engine {
     }
 
     /// Pumps until `ready` yields a value or errs, or `timeout` runs out
-    /// (`Ok(None)`). `ready` is asked first, so a zero timeout still looks
-    /// once.
+    /// (`Ok(None)`). `ready` is asked first, and the transport is polled at
+    /// least once before giving up, so a zero timeout takes what has
+    /// already landed.
     pub(crate) fn wait<S: Sink, T>(
         &mut self,
         sink: &mut S,
@@ -248,6 +249,7 @@ impl Engine {
         mut ready: impl FnMut(&Engine, &mut S) -> Result<Option<T>>,
     ) -> Result<Option<T>> {
         let deadline = Instant::now().checked_add(timeout);
+        let mut polled = false;
         loop {
             if let Some(v) = ready(self, sink)? {
                 return Ok(Some(v));
@@ -256,10 +258,11 @@ impl Engine {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => timeout,
             };
-            if left.is_zero() {
+            if left.is_zero() && polled {
                 return Ok(None);
             }
             self.pump(left, sink)?;
+            polled = true;
         }
     }
 

@@ -315,7 +315,8 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
             }
         }
         let refs: Vec<&[u8]> = outs.iter().zip(&lens).map(|(o, &l)| &o[..l]).collect();
-        f.respond(&b, &refs)
+        f.respond(b, &refs)
+            .map_err(afmesh::Error::from)
             .with_context(|| format!("F{me}: respond stage {s}"))?;
         rep.batches += 1;
     }
