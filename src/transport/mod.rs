@@ -29,6 +29,7 @@ pub mod mux;
 pub mod poll;
 pub mod shm;
 pub mod sim;
+pub mod slots;
 pub mod tcp;
 
 use std::sync::Arc;
