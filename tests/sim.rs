@@ -63,11 +63,21 @@ fn ffn_row(row: &[u8], f: u32, r: usize) -> [f32; 2] {
     [f32::from(row[0]) + f as f32, (r as f32) * (f as f32 + 1.0)]
 }
 
+/// The FFN's answer to attention rank `a`'s rows.
+fn ffn_rows(input: &[u8], f: u32) -> Vec<u8> {
+    input
+        .chunks(ROW as usize)
+        .enumerate()
+        .flat_map(|(r, row)| ffn_row(row, f, r).into_iter().flat_map(f32::to_le_bytes))
+        .collect()
+}
+
 /// Serves every complete batch on `f`, checking its inputs. Returns how many.
+/// Odd sequences are answered in place (`respond_with`), even ones from
+/// buffers (`respond`).
 fn serve(f: &mut FfnRank, layer_of: &dyn Fn(u32, u32) -> u32) -> usize {
     let mut served = 0;
     while let Some(b) = f.try_get_batch().expect("get_batch") {
-        let mut outs: Vec<Vec<u8>> = Vec::new();
         for a in 0..b.senders() {
             let layer = layer_of(a as u32, b.stage());
             let t = b.tokens(a);
@@ -80,22 +90,49 @@ fn serve(f: &mut FfnRank, layer_of: &dyn Fn(u32, u32) -> u32) -> usize {
                 b.stage()
             );
             assert_eq!(b.side(a), &side_for(a as u32, layer)[..]);
-            outs.push(
-                t.chunks(ROW as usize)
-                    .enumerate()
-                    .flat_map(|(r, row)| {
-                        ffn_row(row, f.rank(), r)
-                            .into_iter()
-                            .flat_map(f32::to_le_bytes)
-                    })
-                    .collect(),
-            );
         }
-        let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
-        f.respond(b, &refs).expect("respond");
+        let me = f.rank();
+        if b.sequence() % 2 == 1 {
+            f.respond_with(b, |b, a, rows| {
+                for (r, (out, row)) in rows
+                    .chunks_mut(OUT_ROW as usize)
+                    .zip(b.tokens(a).chunks(ROW as usize))
+                    .enumerate()
+                {
+                    let [x, y] = ffn_row(row, me, r);
+                    out[..4].copy_from_slice(&x.to_le_bytes());
+                    out[4..].copy_from_slice(&y.to_le_bytes());
+                }
+            })
+            .expect("respond_with");
+        } else {
+            let outs: Vec<Vec<u8>> = (0..b.senders())
+                .map(|a| ffn_rows(b.tokens(a), me))
+                .collect();
+            let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
+            f.respond(b, &refs).expect("respond");
+        }
         served += 1;
     }
     served
+}
+
+/// Dispatches attention rank `a`'s block for (layer, stage): from buffers
+/// on even layer + stage, built in place (`dispatch_with`) on odd.
+fn dispatch(a: &mut AttentionRank, layer: u32, stage: u32, count: u32) -> DispatchHandle {
+    let me = a.rank();
+    let tokens = tokens_for(me, layer, stage, count);
+    let side = side_for(me, layer);
+    if (layer + stage) % 2 == 0 {
+        return a.dispatch(stage, &tokens, &side).unwrap();
+    }
+    a.dispatch_with(stage, count as usize, |rows, area| {
+        assert_eq!((rows.len(), area.len()), (tokens.len(), 8));
+        rows.copy_from_slice(&tokens);
+        area[..side.len()].copy_from_slice(&side);
+        side.len()
+    })
+    .unwrap()
 }
 
 fn check_combined(a: &mut AttentionRank, h: DispatchHandle, layer: u32, count: u32) -> bool {
@@ -108,15 +145,7 @@ fn check_combined(a: &mut AttentionRank, h: DispatchHandle, layer: u32, count: u
     assert_eq!(c.tokens(), count as usize);
     for f in 0..n {
         let p = c.partial(f).unwrap();
-        let want: Vec<u8> = expect_rows
-            .chunks(ROW as usize)
-            .enumerate()
-            .flat_map(|(r, row)| {
-                ffn_row(row, f as u32, r)
-                    .into_iter()
-                    .flat_map(f32::to_le_bytes)
-            })
-            .collect();
+        let want = ffn_rows(&expect_rows, f as u32);
         assert_eq!(
             p,
             &want[..],
@@ -158,13 +187,7 @@ fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults)
                     None if next_layer[ai][s] < layers => {
                         let l = next_layer[ai][s];
                         let count = token_count(seed, ai as u32, l, s as u32, max);
-                        let h = a
-                            .dispatch(
-                                s as u32,
-                                &tokens_for(ai as u32, l, s as u32, count),
-                                &side_for(ai as u32, l),
-                            )
-                            .unwrap();
+                        let h = dispatch(a, l, s as u32, count);
                         inflight[ai][s] = Some((h, l, count));
                         next_layer[ai][s] += 1;
                         progressed = true;
@@ -596,6 +619,57 @@ fn wait_combine_sum_checks_the_output_before_taking_the_combine() {
         f32::from_le_bytes(big[8..12].try_into().unwrap()),
         f32::from(rows[ROW as usize]) * 2.0 + 1.0
     );
+}
+
+#[test]
+fn messages_are_one_write_each_and_in_place_ones_copy_nothing() {
+    let net = SimNetwork::new(14);
+    let (mut attn, mut ffn) = sim_mesh(&net, 2, 2, spec(1, 4)).unwrap();
+    let (t0, s0) = (tokens_for(0, 0, 0, 3), side_for(0, 0));
+    let h0 = attn[0]
+        .dispatch_with(0, 3, |rows, area| {
+            rows.copy_from_slice(&t0);
+            area[..8].copy_from_slice(&s0);
+            8
+        })
+        .unwrap();
+    assert_eq!(net.pending(), 2, "one write per FFN rank");
+    // A side block longer than side_bytes is refused after the fill:
+    // nothing is sent and the stage stays idle.
+    assert!(matches!(
+        attn[1].dispatch_with(0, 1, |_, _| 9),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(net.pending(), 2);
+    let h1 = attn[1]
+        .dispatch(0, &tokens_for(1, 0, 0, 2), &side_for(1, 0))
+        .unwrap();
+    assert_eq!(net.deliver_all(), 4);
+    for f in &mut ffn {
+        let b = f.get_batch(Duration::ZERO).unwrap();
+        assert_eq!(b.tokens(0), &t0[..]);
+        assert_eq!(b.side(0), &s0[..]);
+        let me = f.rank();
+        f.respond_with(b, |b, a, rows| {
+            rows.copy_from_slice(&ffn_rows(b.tokens(a), me))
+        })
+        .unwrap();
+    }
+    assert_eq!(net.deliver_all(), 4, "one write per attention rank");
+    assert!(check_combined(&mut attn[0], h0, 0, 3));
+    assert!(check_combined(&mut attn[1], h1, 0, 2));
+    // Header, side area (8 bytes rounded up to 64), the rows actually sent.
+    let a0 = &attn[0].stats().peers[0].1;
+    let a1 = &attn[1].stats().peers[0].1;
+    assert_eq!((a0.sent, a0.sent_bytes), (1, 64 + 64 + 3 * 16));
+    assert_eq!((a1.sent, a1.sent_bytes), (1, 64 + 64 + 2 * 16));
+    // The simulated network copies every byte it moves; the copying
+    // dispatch adds its copy into the send slot, the in-place one nothing.
+    assert_eq!(a0.copied_bytes, a0.sent_bytes);
+    assert_eq!(a1.copied_bytes, a1.sent_bytes + 2 * 16 + 8);
+    let f0 = &ffn[0].stats().peers[0].1;
+    assert_eq!((f0.sent, f0.sent_bytes), (1, 64 + 3 * 8));
+    assert_eq!(f0.copied_bytes, f0.sent_bytes);
 }
 
 #[test]

@@ -186,16 +186,11 @@ impl AttentionRank {
     }
 
     /// Sends `tokens` (whole rows of `row_bytes`) and `side` to every FFN
-    /// rank for `stage`. Returns once the data is handed to the transport;
-    /// the buffers may be reused at once.
+    /// rank for `stage`: copies them into the stage's send slot and posts
+    /// it. The buffers may be reused at once. [`AttentionRank::dispatch_with`]
+    /// builds the message in place instead.
     pub fn dispatch(&mut self, stage: u32, tokens: &[u8], side: &[u8]) -> Result<DispatchHandle> {
         let spec = self.st.layout.spec;
-        if stage >= spec.stages {
-            return Err(Error::invalid(format!(
-                "stage {stage}: only {} stages registered",
-                spec.stages
-            )));
-        }
         let row = spec.row_bytes as usize;
         let count = tokens.len().checked_div(row).unwrap_or(0);
         if row == 0 && !tokens.is_empty() || row != 0 && tokens.len() % row != 0 {
@@ -205,16 +200,6 @@ impl AttentionRank {
                 got: tokens.len(),
             });
         }
-        if count > spec.max_tokens as usize {
-            return Err(Error::BufferSize {
-                what: format!(
-                    "dispatch of {count} tokens exceeds max_tokens {}",
-                    spec.max_tokens
-                ),
-                need: count * row,
-                got: spec.max_tokens as usize * row,
-            });
-        }
         if side.len() > spec.side_bytes as usize {
             return Err(Error::BufferSize {
                 what: "dispatch side block exceeds side_bytes".into(),
@@ -222,16 +207,97 @@ impl AttentionRank {
                 got: spec.side_bytes as usize,
             });
         }
+        let h = self.dispatch_with(stage, count, |rows, area| {
+            rows.copy_from_slice(tokens);
+            area[..side.len()].copy_from_slice(side);
+            side.len()
+        })?;
+        for f in 0..self.st.layout.n {
+            self.engine.count_copied(f, tokens.len() + side.len());
+        }
+        Ok(h)
+    }
+
+    /// Sends `tokens` rows to every FFN rank for `stage`, built in place:
+    /// `fill(rows, side_area)` writes the rows (`tokens × row_bytes` bytes)
+    /// and the side block at the start of the side area (`side_bytes`
+    /// bytes) straight into the registered send slot, and returns the side
+    /// block's length. No copy is made; the message leaves in one write.
+    /// The slot is the stage's own and keeps its bytes between dispatches
+    /// of the stage, so `fill` may rewrite only what changed.
+    ///
+    /// Checked before `fill` runs: the stage exists and is idle, `tokens`
+    /// is at most `max_tokens`, no FFN rank is lost. A side length over
+    /// `side_bytes` is refused after `fill` (`InvalidArgument`); nothing is
+    /// sent then and the stage stays idle.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+    /// # let net = SimNetwork::new(1);
+    /// # let spec = StageSpec { stages: 1, max_tokens: 4, row_bytes: 8, out_row_bytes: 8, side_bytes: 8 };
+    /// # let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec)?;
+    /// let h = attn[0].dispatch_with(0, 2, |rows, side| {
+    ///     rows.fill(3); // 2 rows of 8 bytes, written in place
+    ///     side[..2].copy_from_slice(&[1, 2]);
+    ///     2
+    /// })?;
+    /// # net.deliver_all();
+    /// # let b = ffn[0].get_batch(Duration::from_secs(1))?;
+    /// # assert_eq!((b.tokens(0), b.side(0)), (&[3u8; 16][..], &[1u8, 2][..]));
+    /// # Ok::<(), afmesh::Error>(())
+    /// ```
+    pub fn dispatch_with(
+        &mut self,
+        stage: u32,
+        tokens: usize,
+        fill: impl FnOnce(&mut [u8], &mut [u8]) -> usize,
+    ) -> Result<DispatchHandle> {
+        let layout = self.st.layout;
+        let spec = layout.spec;
+        if stage >= spec.stages {
+            return Err(Error::invalid(format!(
+                "stage {stage}: only {} stages registered",
+                spec.stages
+            )));
+        }
+        let row = spec.row_bytes as usize;
+        if tokens > spec.max_tokens as usize {
+            return Err(Error::BufferSize {
+                what: format!(
+                    "dispatch of {tokens} tokens exceeds max_tokens {}",
+                    spec.max_tokens
+                ),
+                need: tokens * row,
+                got: spec.max_tokens as usize * row,
+            });
+        }
         // Notice peer deaths that already happened before committing.
         self.progress()?;
-        if let Some(f) = self.engine.first_lost(0..self.st.layout.n) {
+        if let Some(f) = self.engine.first_lost(0..layout.n) {
             return Err(self.engine.lost_error(f));
         }
         let s = stage as usize;
+        if !self.st.stages.is_idle(s) {
+            return Err(Error::StageBusy { stage });
+        }
+        // The slot's previous message may still be on its way out.
+        self.engine.reclaim(s, &mut self.st)?;
+        let rows_len = tokens * row;
+        let side_bytes = spec.side_bytes as usize;
+        let slot = self.engine.fill(s)?;
+        let (_, rest) = slot.split_at_mut(HEADER_LEN);
+        let (area, rows) = rest.split_at_mut(layout.side_area);
+        let side_len = fill(&mut rows[..rows_len], &mut area[..side_bytes]);
+        if side_len > side_bytes {
+            return Err(Error::invalid(format!(
+                "dispatch_with: side block of {side_len} bytes exceeds side_bytes {side_bytes}"
+            )));
+        }
         let seq = self
             .st
             .stages
-            .dispatch(s, count as u32)
+            .dispatch(s, tokens as u32)
             .ok_or(Error::StageBusy { stage })?;
         let post = now_ns();
         self.st.post_ns[s] = post;
@@ -240,19 +306,20 @@ impl AttentionRank {
             stage: stage as u8,
             sequence: seq,
             sender: self.st.rank,
-            tokens: count as u32,
+            tokens: tokens as u32,
             row_bytes: spec.row_bytes,
-            side_len: side.len() as u32,
+            side_len: side_len as u32,
             post_ns: post,
             land_ns: 0,
             process_ns: 0,
             respond_ns: 0,
-        }
-        .encode();
+        };
+        self.engine.fill(s)?[..HEADER_LEN].copy_from_slice(&header.encode());
+        let msg = self.engine.message(s, layout.rows_at() + rows_len)?;
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
-        let offset = self.st.layout.in_offset(s, self.st.rank as usize) as u64;
-        for f in 0..self.st.layout.n {
-            if let Err(e) = self.engine.write(f, &[&header, tokens, side], offset, imm) {
+        let offset = layout.in_offset(s, self.st.rank as usize) as u64;
+        for f in 0..layout.n {
+            if let Err(e) = self.engine.post(f, msg, offset, imm) {
                 // The combine can never complete: free the stage.
                 self.st.stages.abandon(s);
                 return Err(e);

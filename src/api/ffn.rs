@@ -38,6 +38,8 @@ pub struct Batch {
     stage: u32,
     seq: u32,
     row_bytes: usize,
+    /// Offset of the rows in a slot (after the header and the side area).
+    rows_at: usize,
     /// Per attention rank, what its counted dispatch said.
     parts: Vec<Part>,
     region: Arc<Region>,
@@ -86,7 +88,7 @@ impl Batch {
             return &[];
         };
         self.region
-            .slice(p.offset + HEADER_LEN, p.tokens as usize * self.row_bytes)
+            .slice(p.offset + self.rows_at, p.tokens as usize * self.row_bytes)
             .unwrap_or(&[])
     }
     /// Attention rank `a`'s side block, zero-copy.
@@ -94,9 +96,8 @@ impl Batch {
         let Some(p) = self.parts.get(a) else {
             return &[];
         };
-        let rows = p.tokens as usize * self.row_bytes;
         self.region
-            .slice(p.offset + HEADER_LEN + rows, p.side_len as usize)
+            .slice(p.offset + HEADER_LEN, p.side_len as usize)
             .unwrap_or(&[])
     }
     /// When attention rank `a` posted its dispatch (its clock, ns).
@@ -186,6 +187,7 @@ impl State {
             stage: s as u32,
             seq,
             row_bytes: self.layout.spec.row_bytes as usize,
+            rows_at: self.layout.rows_at(),
             parts: self.parts[s * m..(s + 1) * m].to_vec(),
             region: region.clone(),
             process_ns: now_ns(),
@@ -287,31 +289,106 @@ impl FfnRank {
                 error,
             });
         }
-        self.commit(&batch)
-            .map_err(|error| RespondError { batch: None, error })?;
+        let r = self.respond_with(batch, |_, a, rows| rows.copy_from_slice(outputs[a]));
+        // The outputs were copied into the send slots once the answer was
+        // committed.
+        if r.as_ref().map_or_else(|e| e.batch.is_none(), |()| true) {
+            for (a, o) in outputs.iter().enumerate() {
+                self.engine.count_copied(a, o.len());
+            }
+        }
+        r
+    }
+
+    /// Answers `batch` with rows built in place: `fill(&batch, a, rows)`
+    /// writes attention rank `a`'s rows (`batch.token_count(a) ×
+    /// out_row_bytes` bytes) straight into the registered send slot, once
+    /// per attention rank in order, and may read the batch's views while it
+    /// does (the input slots are not written again before the answer is
+    /// committed, after the last `fill`). No copy is made; each answer
+    /// leaves in one write. The slot of (stage, `a`) keeps its bytes
+    /// between answers, so `fill` may rewrite only what changed. Otherwise as [`FfnRank::respond`]: the batch is
+    /// consumed, and a batch refused before `fill` runs comes back in the
+    /// error.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+    /// # let net = SimNetwork::new(1);
+    /// # let spec = StageSpec { stages: 1, max_tokens: 4, row_bytes: 8, out_row_bytes: 4, side_bytes: 0 };
+    /// # let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec)?;
+    /// # let h = attn[0].dispatch(0, &[5; 16], &[])?;
+    /// # net.deliver_all();
+    /// let batch = ffn[0].get_batch(Duration::from_secs(1))?;
+    /// // Each output row is the first 4 bytes of its input row.
+    /// ffn[0].respond_with(batch, |b, a, rows| {
+    ///     for (out, inp) in rows.chunks_mut(4).zip(b.tokens(a).chunks(8)) {
+    ///         out.copy_from_slice(&inp[..4]);
+    ///     }
+    /// })?;
+    /// # net.deliver_all();
+    /// # assert_eq!(attn[0].wait_combine(h, Duration::from_secs(1))?.partial(0), Some(&[5u8; 8][..]));
+    /// # Ok::<(), afmesh::Error>(())
+    /// ```
+    pub fn respond_with(
+        &mut self,
+        batch: Batch,
+        mut fill: impl FnMut(&Batch, usize, &mut [u8]),
+    ) -> Result<(), RespondError> {
+        let give_back = |batch, error| RespondError {
+            batch: Some(batch),
+            error,
+        };
+        if let Err(e) = self.check_batch(&batch) {
+            return Err(give_back(batch, e));
+        }
         let layout = self.st.layout;
-        let spec = layout.spec;
+        let m = layout.m;
         let s = batch.stage as usize;
+        let out_row = layout.spec.out_row_bytes as usize;
+        // Each slot's previous answer may still be on its way out.
+        for a in 0..m {
+            if let Err(e) = self.engine.reclaim(s * m + a, &mut self.st) {
+                return Err(give_back(batch, e));
+            }
+        }
+        for a in 0..m {
+            let rows = batch.token_count(a) * out_row;
+            match self.engine.fill(s * m + a) {
+                Ok(slot) => fill(&batch, a, &mut slot[HEADER_LEN..HEADER_LEN + rows]),
+                Err(e) => return Err(give_back(batch, e)),
+            }
+        }
+        if let Err(error) = self.commit(&batch) {
+            return Err(RespondError { batch: None, error });
+        }
         let imm = Imm::new(Kind::Combine, batch.stage as u8, batch.seq);
+        let offset = layout.out_offset(s, self.st.rank as usize) as u64;
         let respond = now_ns();
         let mut first_err = None;
-        for (a, out) in outputs.iter().enumerate() {
+        for a in 0..m {
+            let tokens = batch.token_count(a);
             let header = Header {
                 kind: Kind::Combine,
                 stage: batch.stage as u8,
                 sequence: batch.seq,
                 sender: self.st.rank,
-                tokens: batch.token_count(a) as u32,
-                row_bytes: spec.out_row_bytes,
+                tokens: tokens as u32,
+                row_bytes: layout.spec.out_row_bytes,
                 side_len: 0,
                 post_ns: batch.posted_ns(a),
                 land_ns: batch.landed_ns(a),
                 process_ns: batch.process_ns,
                 respond_ns: respond,
-            }
-            .encode();
-            let offset = layout.out_offset(s, self.st.rank as usize) as u64;
-            if let Err(e) = self.engine.write(a, &[&header, out], offset, imm) {
+            };
+            let slot = s * m + a;
+            let posted = self
+                .engine
+                .fill(slot)
+                .map(|buf| buf[..HEADER_LEN].copy_from_slice(&header.encode()))
+                .and_then(|()| self.engine.message(slot, HEADER_LEN + tokens * out_row))
+                .and_then(|msg| self.engine.post(a, msg, offset, imm));
+            if let Err(e) = posted {
                 first_err.get_or_insert(e);
             }
         }

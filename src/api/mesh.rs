@@ -348,14 +348,20 @@ impl Mesh {
                 Role::Ffn => layout.in_slot,
             },
         };
+        // Messages are built in library memory of their own (with posted
+        // writes, registered for local reads only).
+        let send = layout.send_slots(role)?;
+        let mut engine = Engine::new(
+            AnyTransport::Mux(Box::new(mux)),
+            table,
+            spec,
+            recv,
+            send,
+            Support::new(session, scheduler),
+        );
+        engine.set_send_timeout(cfg.io_timeout);
         Ok(Joined {
-            engine: Engine::new(
-                AnyTransport::Mux(Box::new(mux)),
-                table,
-                spec,
-                recv,
-                Support::new(session, scheduler),
-            ),
+            engine,
             layout,
             rank,
         })
@@ -440,10 +446,11 @@ pub fn sim_mesh(
                 region: r,
                 slot: layout.out_slot,
             };
-            let engine = Engine::new(t.into(), p, spec, recv, Support::default());
-            AttentionRank::new(engine, layout, i as u32)
+            let send = layout.send_slots(Role::Attention)?;
+            let engine = Engine::new(t.into(), p, spec, recv, send, Support::default());
+            Ok(AttentionRank::new(engine, layout, i as u32))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let ffn = f_t
         .into_iter()
         .zip(f_peers)
@@ -454,9 +461,10 @@ pub fn sim_mesh(
                 region: r,
                 slot: layout.in_slot,
             };
-            let engine = Engine::new(t.into(), p, spec, recv, Support::default());
-            FfnRank::new(engine, layout, j as u32)
+            let send = layout.send_slots(Role::Ffn)?;
+            let engine = Engine::new(t.into(), p, spec, recv, send, Support::default());
+            Ok(FfnRank::new(engine, layout, j as u32))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok((attn, ffn))
 }

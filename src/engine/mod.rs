@@ -1,16 +1,20 @@
 //! The rank core: what attention and FFN ranks share, written once.
 //!
-//! An [`Engine`] owns the transport, the peer table and the rank's receive
-//! region. It posts messages to peers by index, and its pump polls the
-//! transport and turns completions into effects: an arrival is judged by
+//! An [`Engine`] owns the transport, the peer table, the rank's receive
+//! region and its send slots. It posts messages from send slots to peers by
+//! index (`post`, in `send.rs`) and learns in one place when a slot may be
+//! reused (`on_sent`). Its pump polls the transport and turns completions
+//! into effects: an arrival is judged by
 //! [`proto::accept`](crate::proto::accept) against the header in the slot
 //! it names and, when accepted, handed to the role's [`Sink`]; a lost link
-//! marks its peer lost (first reason wins). It keeps the per-peer counters
-//! and ends the rank in order (links closed, goodbye to the scheduler).
+//! marks its peer lost (first reason wins) and releases the sends to it. It
+//! keeps the per-peer counters and ends the rank in order (links closed,
+//! goodbye to the scheduler).
 //!
 //! The role faces in `crate::api` hold an engine plus their stage machine
 //! and bookkeeping; they never poll the transport themselves.
 
+mod send;
 mod stats;
 mod support;
 
@@ -22,6 +26,7 @@ pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
 use crate::proto::{accept, Accepted, Geometry, Imm, RegionKey, StageCounter, HEADER_LEN};
+use crate::transport::slots::SendSlots;
 use crate::transport::{AnyTransport, Completion, LinkId, Region, Transport};
 
 /// Where a role's arrivals go: the stage machine that counts them, and what
@@ -43,6 +48,8 @@ struct PeerLink {
     /// The peer region our writes target.
     key: RegionKey,
     stats: PeerStats,
+    /// Whether it was lost by leaving in order (rather than failing).
+    orderly: bool,
 }
 
 /// Where the peers' messages land: one slot per (stage, peer), the slot of
@@ -62,17 +69,25 @@ pub(crate) struct Engine {
     completions: Vec<Completion>,
     geometry: Geometry,
     recv: Receive,
+    send: SendSlots,
+    /// Per (send slot, peer): the generation of the post whose send has not
+    /// completed, if any (see `send.rs`).
+    outstanding: Vec<Option<u32>>,
+    generation: u32,
+    /// Bound on waiting for a send slot's sends to complete.
+    send_timeout: Duration,
     support: Support,
 }
 
 impl Engine {
     /// `peers[i]` is reached over `links[i]` and written at `keys[i]`; its
-    /// messages land in `recv`.
+    /// messages land in `recv`; this rank's messages are built in `send`.
     pub(crate) fn new(
         transport: AnyTransport,
         peers: Vec<(Peer, LinkId, RegionKey)>,
         geometry: Geometry,
         recv: Receive,
+        send: SendSlots,
         support: Support,
     ) -> Engine {
         let nlinks = peers
@@ -81,6 +96,7 @@ impl Engine {
             .max()
             .unwrap_or(0)
             .max(transport.links());
+        let npeers = peers.len();
         let mut link_to_peer = vec![None; nlinks];
         for (i, p) in peers.iter().enumerate() {
             link_to_peer[p.1] = Some(i);
@@ -94,14 +110,24 @@ impl Engine {
                     link,
                     key,
                     stats: PeerStats::default(),
+                    orderly: false,
                 })
                 .collect(),
             link_to_peer,
             completions: Vec::with_capacity(64),
             geometry,
             recv,
+            outstanding: vec![None; send.count() * npeers],
+            send,
+            generation: 0,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
             support,
         }
+    }
+
+    /// Bounds waits for send completions (a blocking write's bound).
+    pub(crate) fn set_send_timeout(&mut self, t: Duration) {
+        self.send_timeout = t;
     }
 
     pub(crate) fn peer(&self, i: usize) -> Peer {
@@ -118,9 +144,21 @@ impl Engine {
         self.peers.get(i).and_then(|p| p.stats.lost.as_deref())
     }
 
-    /// The first peer among `among` that is lost.
+    /// A peer among `among` that is lost: the first that failed, else the
+    /// first that left in order (a peer often leaves because another
+    /// failed; the failure is the news).
     pub(crate) fn first_lost(&self, among: impl IntoIterator<Item = usize>) -> Option<usize> {
-        among.into_iter().find(|&i| self.lost(i).is_some())
+        let mut left = None;
+        for i in among {
+            match self.peers.get(i) {
+                Some(p) if p.stats.lost.is_some() && !p.orderly => return Some(i),
+                Some(p) if p.stats.lost.is_some() => {
+                    left.get_or_insert(i);
+                }
+                _ => {}
+            }
+        }
+        left
     }
 
     pub(crate) fn lost_error(&self, i: usize) -> Error {
@@ -158,45 +196,20 @@ impl Engine {
         self.support.shutdown();
     }
 
-    /// Marks peer `i` lost (first reason wins).
-    fn mark_lost(&mut self, i: usize, reason: String) {
+    /// Marks peer `i` lost (first reason wins); sends to it will not
+    /// complete, so their slots are released.
+    fn mark_lost(&mut self, i: usize, reason: String, orderly: bool) {
         let p = &mut self.peers[i];
         if p.stats.lost.is_none() {
-            tracing::warn!(peer = %p.peer, "peer lost: {reason}");
+            if orderly {
+                tracing::debug!(peer = %p.peer, "peer closed the link in order");
+            } else {
+                tracing::warn!(peer = %p.peer, "peer lost: {reason}");
+            }
             p.stats.lost = Some(reason);
+            p.orderly = orderly;
         }
-    }
-
-    /// Writes `src` to peer `i` at `offset` of its region, with `imm`.
-    #[inline]
-    pub(crate) fn write(&mut self, i: usize, src: &[&[u8]], offset: u64, imm: Imm) -> Result<()> {
-        if self.peers[i].stats.lost.is_some() {
-            return Err(self.lost_error(i));
-        }
-        let p = &self.peers[i];
-        match self
-            .transport
-            .write(p.link, src, &p.key, offset, Some(imm.encode()))
-        {
-            Ok(()) => {
-                let copies = self.transport.copies(p.link);
-                let bytes = src.iter().map(|s| s.len() as u64).sum::<u64>();
-                let s = &mut self.peers[i].stats;
-                s.sent += 1;
-                s.sent_bytes += bytes;
-                if copies {
-                    s.copied_bytes += bytes;
-                }
-                Ok(())
-            }
-            Err(e @ (Error::BufferSize { .. } | Error::Unsupported(_) | Error::Config(_))) => {
-                Err(e)
-            }
-            Err(e) => {
-                self.mark_lost(i, e.to_string());
-                Err(self.lost_error(i))
-            }
-        }
+        self.release_sends_to(i);
     }
 
     /// Polls the transport, waiting up to `timeout` for the first
@@ -215,21 +228,17 @@ impl Engine {
                 }
                 Completion::LinkClosed { link } => {
                     if let Some(peer) = self.peer_of(link) {
-                        let p = &mut self.peers[peer];
-                        if p.stats.lost.is_none() {
-                            tracing::debug!(peer = %p.peer, "peer closed the link in order");
-                            p.stats.lost = Some("peer shut down".into());
-                        }
+                        self.mark_lost(peer, "peer shut down".into(), true);
                     }
                 }
                 Completion::LinkDown { link, reason } => {
                     if let Some(peer) = self.peer_of(link) {
-                        self.mark_lost(peer, reason);
+                        self.mark_lost(peer, reason, false);
                     }
                 }
                 Completion::LinkError { link, reason } => {
                     if let Some(peer) = self.peer_of(link) {
-                        self.mark_lost(peer, format!("protocol error: {reason}"));
+                        self.mark_lost(peer, format!("protocol error: {reason}"), false);
                     }
                 }
             }
@@ -297,6 +306,10 @@ impl Engine {
         }
     }
 }
+
+/// How long a rank waits by default for the sends from a slot to complete
+/// before it fills the slot again.
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Wall-clock nanoseconds, for trace stamps (comparable across processes
 /// of one host; across hosts only as good as their clock sync).
