@@ -409,6 +409,14 @@ fn stage_busy_and_limits() {
         a.dispatch(2, &[], &[]),
         Err(Error::InvalidArgument(_))
     ));
+    assert!(matches!(
+        a.dispatch_with(0, usize::MAX, |_, _| 0),
+        Err(Error::BufferSize { .. })
+    ));
+    assert!(matches!(
+        a.dispatch_with(2, 0, |_, _| 0),
+        Err(Error::InvalidArgument(_))
+    ));
     assert_eq!(net.pending(), 0, "nothing is sent on a refused dispatch");
     let h = a
         .dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0))

@@ -268,7 +268,7 @@ impl AttentionRank {
                     "dispatch of {tokens} tokens exceeds max_tokens {}",
                     spec.max_tokens
                 ),
-                need: tokens * row,
+                need: tokens.saturating_mul(row),
                 got: spec.max_tokens as usize * row,
             });
         }
