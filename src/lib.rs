@@ -50,7 +50,8 @@
 //!
 //! Layers, bottom up: [`proto`] (sans-IO wire format and state machines),
 //! [`transport`] (one-sided writes: `sim`, `tcp`), [`bootstrap`]
-//! (rendezvous), `engine` (progress), and the API re-exported here.
+//! (rendezvous), `engine` (the rank core both roles share: progress,
+//! acceptance, sends, stats), and the API re-exported here.
 
 pub mod api;
 pub mod bootstrap;

@@ -388,6 +388,26 @@ fn killed_rank_is_peer_lost_without_hang() {
 }
 
 #[test]
+fn a_failed_peer_is_named_before_one_that_left_in_order() {
+    let net = SimNetwork::new(15);
+    let (mut attn, ffn) = sim_mesh(&net, 1, 2, spec(1, 4)).unwrap();
+    let h = attn[0].dispatch(0, &[], &side_for(0, 0)).unwrap();
+    net.deliver_all();
+    // F0 leaves in order (as it would after noticing the failure), then F1
+    // dies; A0 sees both before it looks.
+    let mut ffn = ffn.into_iter();
+    ffn.next().unwrap().shutdown().unwrap();
+    let f1_endpoint = 1 + 1;
+    net.kill_endpoint(f1_endpoint);
+    match attn[0].wait_combine(h, Duration::from_secs(1)) {
+        Err(Error::PeerLost { peer, reason }) => {
+            assert_eq!(peer, Peer::Ffn(1), "{reason}")
+        }
+        other => panic!("expected PeerLost, got {other:?}"),
+    }
+}
+
+#[test]
 fn stage_busy_and_limits() {
     let net = SimNetwork::new(8);
     let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(2, 4)).unwrap();
