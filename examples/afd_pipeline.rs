@@ -184,7 +184,7 @@ fn ffn_rank(cfg: MeshConfig, layers: usize) -> Result<()> {
             outs.push(bytes(&out));
         }
         let refs: Vec<&[u8]> = outs.iter().map(|o| &o[..]).collect();
-        f.respond(&b, &refs)?;
+        f.respond(b, &refs)?;
     }
     f.shutdown()?;
     Ok(())

@@ -557,12 +557,18 @@ enum afmesh_result afmesh_ffn_get_batch(struct afmesh_ffn *f,
  * its token count × out_row_bytes); `count` must be M. Returns once the
  * data is handed to the transport. Not thread-safe per handle.
  *
+ * The batch is answered by this call: its views end, and later use of it
+ * (info, sender views, respond) fails with `AFMESH_ERR_INVALID_ARGUMENT`;
+ * it still needs `afmesh_batch_free`. If the arguments are refused
+ * (`AFMESH_ERR_INVALID_ARGUMENT`, `AFMESH_ERR_BUFFER_SIZE`), nothing was
+ * sent and the batch can be answered again.
+ *
  * # Safety
  * `f`, `b` are NULL or live; `outputs` and `lens` are NULL or readable
  * for `count` elements, each output readable for its length.
  */
 enum afmesh_result afmesh_ffn_respond(struct afmesh_ffn *f,
-                                      const struct afmesh_batch *b,
+                                      struct afmesh_batch *b,
                                       const void *const *outputs,
                                       const uintptr_t *lens,
                                       uintptr_t count);
@@ -620,7 +626,7 @@ enum afmesh_result afmesh_batch_info(const struct afmesh_batch *b, struct afmesh
 
 /**
  * Attention rank `sender`'s part of the batch, zero-copy (valid until the
- * batch is freed). Never blocks.
+ * batch is answered or freed). Never blocks.
  *
  * # Safety
  * Pointers are NULL or valid.

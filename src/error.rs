@@ -70,10 +70,6 @@ pub enum Error {
         /// Bytes given.
         got: usize,
     },
-    /// The caller passed something that cannot be right (a stale handle, a
-    /// stage out of range, a length that does not match).
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
     /// A link's send window is full: nothing was posted; make progress and
     /// post again.
     #[error("send window to {peer} is full ({window} writes in flight)")]
@@ -89,6 +85,11 @@ pub enum Error {
     /// Bad configuration: the message names the setting.
     #[error("config: {0}")]
     Config(String),
+    /// The API was misused: a handle or batch that is not in flight here,
+    /// a stage out of range, a wrong number of buffers. Nothing changed;
+    /// the message names the argument.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// Asked for something this build or backend does not do.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -116,6 +117,10 @@ impl Error {
 
     pub(crate) fn config(msg: impl Into<String>) -> Self {
         Error::Config(msg.into())
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
     }
 }
 

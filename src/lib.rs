@@ -29,7 +29,7 @@
 //!         let batch = f.get_batch(Duration::from_secs(10))?;
 //!         // Answer each token row with its first 4 bytes.
 //!         let out: Vec<u8> = batch.tokens(0).chunks(8).flat_map(|r| r[..4].to_vec()).collect();
-//!         f.respond(&batch, &[&out])?;
+//!         f.respond(batch, &[&out])?;
 //!         f.shutdown()
 //!     })
 //! };
@@ -50,7 +50,8 @@
 //!
 //! Layers, bottom up: [`proto`] (sans-IO wire format and state machines),
 //! [`transport`] (one-sided writes: `sim`, `tcp`), [`bootstrap`]
-//! (rendezvous), `engine` (progress), and the API re-exported here.
+//! (rendezvous), `engine` (the rank core both roles share: progress,
+//! acceptance, sends, stats), and the API re-exported here.
 
 pub mod api;
 pub mod bootstrap;
@@ -62,7 +63,7 @@ pub mod transport;
 
 pub use api::{
     sim_mesh, AttentionRank, Batch, Combined, DispatchHandle, Dtype, FfnRank, Mesh, MeshConfig,
-    Rank, RankStats, StageSpec, Trace, TransportKind,
+    Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
 };
 pub use engine::PeerStats;
 pub use error::{Error, Peer, Result};

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use afmesh::transport::sim::{Faults, SimNetwork};
-use afmesh::{sim_mesh, AttentionRank, DispatchHandle, Dtype, Error, FfnRank, Peer, StageSpec};
+use afmesh::{
+    sim_mesh, AttentionRank, DispatchHandle, Dtype, Error, FfnRank, Peer, RespondError, StageSpec,
+};
 
 const ROW: u32 = 16;
 const OUT_ROW: u32 = 8; // two f32
@@ -61,11 +63,21 @@ fn ffn_row(row: &[u8], f: u32, r: usize) -> [f32; 2] {
     [f32::from(row[0]) + f as f32, (r as f32) * (f as f32 + 1.0)]
 }
 
+/// The FFN's answer to attention rank `a`'s rows.
+fn ffn_rows(input: &[u8], f: u32) -> Vec<u8> {
+    input
+        .chunks(ROW as usize)
+        .enumerate()
+        .flat_map(|(r, row)| ffn_row(row, f, r).into_iter().flat_map(f32::to_le_bytes))
+        .collect()
+}
+
 /// Serves every complete batch on `f`, checking its inputs. Returns how many.
+/// Odd sequences are answered in place (`respond_with`), even ones from
+/// buffers (`respond`).
 fn serve(f: &mut FfnRank, layer_of: &dyn Fn(u32, u32) -> u32) -> usize {
     let mut served = 0;
     while let Some(b) = f.try_get_batch().expect("get_batch") {
-        let mut outs: Vec<Vec<u8>> = Vec::new();
         for a in 0..b.senders() {
             let layer = layer_of(a as u32, b.stage());
             let t = b.tokens(a);
@@ -78,22 +90,49 @@ fn serve(f: &mut FfnRank, layer_of: &dyn Fn(u32, u32) -> u32) -> usize {
                 b.stage()
             );
             assert_eq!(b.side(a), &side_for(a as u32, layer)[..]);
-            outs.push(
-                t.chunks(ROW as usize)
-                    .enumerate()
-                    .flat_map(|(r, row)| {
-                        ffn_row(row, f.rank(), r)
-                            .into_iter()
-                            .flat_map(f32::to_le_bytes)
-                    })
-                    .collect(),
-            );
         }
-        let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
-        f.respond(&b, &refs).expect("respond");
+        let me = f.rank();
+        if b.sequence() % 2 == 1 {
+            f.respond_with(b, |b, a, rows| {
+                for (r, (out, row)) in rows
+                    .chunks_mut(OUT_ROW as usize)
+                    .zip(b.tokens(a).chunks(ROW as usize))
+                    .enumerate()
+                {
+                    let [x, y] = ffn_row(row, me, r);
+                    out[..4].copy_from_slice(&x.to_le_bytes());
+                    out[4..].copy_from_slice(&y.to_le_bytes());
+                }
+            })
+            .expect("respond_with");
+        } else {
+            let outs: Vec<Vec<u8>> = (0..b.senders())
+                .map(|a| ffn_rows(b.tokens(a), me))
+                .collect();
+            let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
+            f.respond(b, &refs).expect("respond");
+        }
         served += 1;
     }
     served
+}
+
+/// Dispatches attention rank `a`'s block for (layer, stage): from buffers
+/// on even layer + stage, built in place (`dispatch_with`) on odd.
+fn dispatch(a: &mut AttentionRank, layer: u32, stage: u32, count: u32) -> DispatchHandle {
+    let me = a.rank();
+    let tokens = tokens_for(me, layer, stage, count);
+    let side = side_for(me, layer);
+    if (layer + stage) % 2 == 0 {
+        return a.dispatch(stage, &tokens, &side).unwrap();
+    }
+    a.dispatch_with(stage, count as usize, |rows, area| {
+        assert_eq!((rows.len(), area.len()), (tokens.len(), 8));
+        rows.copy_from_slice(&tokens);
+        area[..side.len()].copy_from_slice(&side);
+        side.len()
+    })
+    .unwrap()
 }
 
 fn check_combined(a: &mut AttentionRank, h: DispatchHandle, layer: u32, count: u32) -> bool {
@@ -106,15 +145,7 @@ fn check_combined(a: &mut AttentionRank, h: DispatchHandle, layer: u32, count: u
     assert_eq!(c.tokens(), count as usize);
     for f in 0..n {
         let p = c.partial(f).unwrap();
-        let want: Vec<u8> = expect_rows
-            .chunks(ROW as usize)
-            .enumerate()
-            .flat_map(|(r, row)| {
-                ffn_row(row, f as u32, r)
-                    .into_iter()
-                    .flat_map(f32::to_le_bytes)
-            })
-            .collect();
+        let want = ffn_rows(&expect_rows, f as u32);
         assert_eq!(
             p,
             &want[..],
@@ -156,13 +187,7 @@ fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults)
                     None if next_layer[ai][s] < layers => {
                         let l = next_layer[ai][s];
                         let count = token_count(seed, ai as u32, l, s as u32, max);
-                        let h = a
-                            .dispatch(
-                                s as u32,
-                                &tokens_for(ai as u32, l, s as u32, count),
-                                &side_for(ai as u32, l),
-                            )
-                            .unwrap();
+                        let h = dispatch(a, l, s as u32, count);
                         inflight[ai][s] = Some((h, l, count));
                         next_layer[ai][s] += 1;
                         progressed = true;
@@ -343,8 +368,11 @@ fn killed_rank_is_peer_lost_without_hang() {
     let outs = vec![vec![0u8; 4 * OUT_ROW as usize]; 2];
     let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
     assert!(matches!(
-        ffn[1].respond(&b, &refs),
-        Err(Error::PeerLost { .. })
+        ffn[1].respond(b, &refs),
+        Err(RespondError {
+            batch: None,
+            error: Error::PeerLost { .. }
+        })
     ));
     match ffn[1].get_batch(Duration::from_secs(5)) {
         Err(Error::PeerLost { peer, .. }) => assert!(matches!(peer, Peer::Attention(_))),
@@ -356,6 +384,26 @@ fn killed_rank_is_peer_lost_without_hang() {
             assert_eq!((op, peer.as_str()), ("get_batch", "A0,A1"))
         }
         other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_failed_peer_is_named_before_one_that_left_in_order() {
+    let net = SimNetwork::new(15);
+    let (mut attn, ffn) = sim_mesh(&net, 1, 2, spec(1, 4)).unwrap();
+    let h = attn[0].dispatch(0, &[], &side_for(0, 0)).unwrap();
+    net.deliver_all();
+    // F0 leaves in order (as it would after noticing the failure), then F1
+    // dies; A0 sees both before it looks.
+    let mut ffn = ffn.into_iter();
+    ffn.next().unwrap().shutdown().unwrap();
+    let f1_endpoint = 1 + 1;
+    net.kill_endpoint(f1_endpoint);
+    match attn[0].wait_combine(h, Duration::from_secs(1)) {
+        Err(Error::PeerLost { peer, reason }) => {
+            assert_eq!(peer, Peer::Ffn(1), "{reason}")
+        }
+        other => panic!("expected PeerLost, got {other:?}"),
     }
 }
 
@@ -377,7 +425,18 @@ fn stage_busy_and_limits() {
         a.dispatch(0, &[], &[0; 9]),
         Err(Error::BufferSize { .. })
     ));
-    assert!(matches!(a.dispatch(2, &[], &[]), Err(Error::Config(_))));
+    assert!(matches!(
+        a.dispatch(2, &[], &[]),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        a.dispatch_with(0, usize::MAX, |_, _| 0),
+        Err(Error::BufferSize { .. })
+    ));
+    assert!(matches!(
+        a.dispatch_with(2, 0, |_, _| 0),
+        Err(Error::InvalidArgument(_))
+    ));
     assert_eq!(net.pending(), 0, "nothing is sent on a refused dispatch");
     let h = a
         .dispatch(0, &tokens_for(0, 0, 0, 4), &side_for(0, 0))
@@ -400,7 +459,10 @@ fn stage_busy_and_limits() {
     a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::ZERO)
         .unwrap();
     assert!(
-        matches!(a.wait_combine(h, Duration::ZERO), Err(Error::Config(_))),
+        matches!(
+            a.wait_combine(h, Duration::ZERO),
+            Err(Error::InvalidArgument(_))
+        ),
         "a handle is redeemed once"
     );
     let _ = a.dispatch(0, &[], &[]).unwrap();
@@ -444,19 +506,204 @@ fn respond_checks_outputs() {
     net.deliver_all();
     let b = ffn[0].try_get_batch().unwrap().unwrap();
     let ok = vec![0u8; 2 * OUT_ROW as usize];
-    assert!(matches!(
-        ffn[0].respond(&b, &[&ok]),
-        Err(Error::BufferSize { .. })
-    ));
-    assert!(matches!(
-        ffn[0].respond(&b, &[&ok, &ok[..8]]),
-        Err(Error::BufferSize { .. })
-    ));
-    ffn[0].respond(&b, &[&ok, &ok]).unwrap();
+    let b = match ffn[0].respond(b, &[&ok]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::InvalidArgument(_),
+        }) => b,
+        other => panic!("expected InvalidArgument with the batch back, got {other:?}"),
+    };
+    let b = match ffn[0].respond(b, &[&ok, &ok[..8]]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::BufferSize { .. },
+        }) => b,
+        other => panic!("expected BufferSize with the batch back, got {other:?}"),
+    };
+    ffn[0].respond(b, &[&ok, &ok]).unwrap();
+    // Answering a batch twice does not compile: respond consumes it (see
+    // the compile_fail example on `FfnRank::respond`).
+}
+
+#[test]
+fn respond_with_a_wrong_size_gives_the_batch_back_and_a_retry_succeeds() {
+    let net = SimNetwork::new(12);
+    let (mut attn, mut ffn) = sim_mesh(&net, 2, 2, spec(2, 4)).unwrap();
+    let hs: Vec<_> = attn
+        .iter_mut()
+        .enumerate()
+        .map(|(i, a)| {
+            a.dispatch(1, &tokens_for(i as u32, 0, 1, 3), &side_for(i as u32, 0))
+                .unwrap()
+        })
+        .collect();
+    net.deliver_all();
+    let b = ffn[0].get_batch(Duration::ZERO).unwrap();
+    let good: Vec<Vec<u8>> = (0..2)
+        .map(|a| vec![a as u8 + 1; 3 * OUT_ROW as usize])
+        .collect();
+    let short = &good[1][..3 * OUT_ROW as usize - 1];
+    let sent_before = ffn[0].stats().peers[0].1.sent;
+    let b = match ffn[0].respond(b, &[&good[0], short]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::BufferSize { need, got, .. },
+        }) => {
+            assert_eq!((need, got), (24, 23));
+            b
+        }
+        other => panic!("expected BufferSize with the batch back, got {other:?}"),
+    };
+    // Nothing was sent, the stage is as it was, the views still work.
+    assert_eq!(ffn[0].stats().peers[0].1.sent, sent_before);
+    assert_eq!(net.pending(), 0);
+    assert_eq!(b.tokens(1), &tokens_for(1, 0, 1, 3)[..]);
+    assert_eq!(b.side(0), &side_for(0, 0)[..]);
     assert!(
-        matches!(ffn[0].respond(&b, &[&ok, &ok]), Err(Error::Config(_))),
-        "answered once"
+        ffn[0].try_get_batch().unwrap().is_none(),
+        "not handed out twice"
     );
+    // A batch of another FFN rank is refused and given back too.
+    let other = ffn[1].get_batch(Duration::ZERO).unwrap();
+    let other = match ffn[0].respond(other, &[&good[0], &good[1]]) {
+        Err(RespondError {
+            batch: Some(b),
+            error: Error::InvalidArgument(_),
+        }) => b,
+        other => panic!("expected InvalidArgument with the batch back, got {other:?}"),
+    };
+    let refs: Vec<&[u8]> = good.iter().map(|v| &v[..]).collect();
+    ffn[0].respond(b, &refs).unwrap();
+    ffn[1].respond(other, &refs).unwrap();
+    net.deliver_all();
+    for (a, h) in attn.iter_mut().zip(hs) {
+        let me = a.rank() as u8;
+        let c = a.wait_combine(h, Duration::ZERO).unwrap();
+        assert_eq!(c.partial(0).unwrap(), &vec![me + 1; 24][..]);
+        assert_eq!(c.partial(1).unwrap(), &vec![me + 1; 24][..]);
+    }
+}
+
+#[test]
+fn wait_combine_sum_checks_the_output_before_taking_the_combine() {
+    let net = SimNetwork::new(13);
+    net.set_auto(true);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(1, 4)).unwrap();
+    let a = &mut attn[0];
+    let mut layer = 0;
+    let mut round = |a: &mut AttentionRank, ffn: &mut [FfnRank], count: u32| {
+        let h = a
+            .dispatch(0, &tokens_for(0, layer, 0, count), &side_for(0, layer))
+            .unwrap();
+        for f in ffn.iter_mut() {
+            let l = layer;
+            assert_eq!(serve(f, &|_, _| l), 1);
+        }
+        layer += 1;
+        h
+    };
+    let h = round(a, &mut ffn, 3);
+    let need = 3 * OUT_ROW as usize;
+    let mut short = vec![0u8; need - 1];
+    match a.wait_combine_sum(h, Dtype::F32, &mut short, Duration::from_secs(1)) {
+        Err(Error::BufferSize { need: n, got, .. }) => assert_eq!((n, got), (need, need - 1)),
+        other => panic!("expected BufferSize, got {other:?}"),
+    }
+    assert!(
+        matches!(
+            a.wait_combine_sum(h, Dtype::Bf16, &mut short, Duration::ZERO),
+            Err(Error::BufferSize { .. })
+        ),
+        "still there after a refusal"
+    );
+    let mut out = vec![0u8; need];
+    assert_eq!(
+        a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::from_secs(1))
+            .unwrap(),
+        need
+    );
+    let rows = tokens_for(0, 0, 0, 3);
+    for (r, got) in out.chunks(8).enumerate() {
+        let want0 = f32::from(rows[r * ROW as usize]) * 2.0 + 1.0;
+        let want1 = r as f32 * 3.0;
+        assert_eq!(f32::from_le_bytes(got[..4].try_into().unwrap()), want0);
+        assert_eq!(f32::from_le_bytes(got[4..].try_into().unwrap()), want1);
+    }
+    assert!(matches!(
+        a.wait_combine_sum(h, Dtype::F32, &mut out, Duration::ZERO),
+        Err(Error::InvalidArgument(_))
+    ));
+    // A larger buffer is fine: only the first tokens × out_row_bytes bytes
+    // are written.
+    let h = round(a, &mut ffn, 2);
+    let mut big = vec![0xabu8; 4 * OUT_ROW as usize];
+    let used = a
+        .wait_combine_sum(h, Dtype::F32, &mut big, Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(used, 2 * OUT_ROW as usize);
+    assert!(big[used..].iter().all(|&b| b == 0xab));
+    let rows = tokens_for(0, 1, 0, 2);
+    assert_eq!(
+        f32::from_le_bytes(big[8..12].try_into().unwrap()),
+        f32::from(rows[ROW as usize]) * 2.0 + 1.0
+    );
+}
+
+#[test]
+fn messages_are_one_write_each_and_in_place_ones_copy_nothing() {
+    let net = SimNetwork::new(14);
+    let (mut attn, mut ffn) = sim_mesh(&net, 2, 2, spec(1, 4)).unwrap();
+    let (t0, s0) = (tokens_for(0, 0, 0, 3), side_for(0, 0));
+    let h0 = attn[0]
+        .dispatch_with(0, 3, |rows, area| {
+            rows.copy_from_slice(&t0);
+            area[..8].copy_from_slice(&s0);
+            8
+        })
+        .unwrap();
+    assert_eq!(
+        net.pending(),
+        4,
+        "one write per FFN rank (each a landing and its Sent)"
+    );
+    // A side block longer than side_bytes is refused after the fill:
+    // nothing is sent and the stage stays idle.
+    assert!(matches!(
+        attn[1].dispatch_with(0, 1, |_, _| 9),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(net.pending(), 4);
+    let h1 = attn[1]
+        .dispatch(0, &tokens_for(1, 0, 0, 2), &side_for(1, 0))
+        .unwrap();
+    assert_eq!(net.deliver_all(), 8);
+    assert_eq!(net.stats().delivered, 4);
+    for f in &mut ffn {
+        let b = f.get_batch(Duration::ZERO).unwrap();
+        assert_eq!(b.tokens(0), &t0[..]);
+        assert_eq!(b.side(0), &s0[..]);
+        let me = f.rank();
+        f.respond_with(b, |b, a, rows| {
+            rows.copy_from_slice(&ffn_rows(b.tokens(a), me))
+        })
+        .unwrap();
+    }
+    assert_eq!(net.deliver_all(), 8, "landings and their Sents");
+    assert_eq!(net.stats().delivered, 8, "one write per attention rank");
+    assert!(check_combined(&mut attn[0], h0, 0, 3));
+    assert!(check_combined(&mut attn[1], h1, 0, 2));
+    // Header, side area (8 bytes rounded up to 64), the rows actually sent.
+    let a0 = &attn[0].stats().peers[0].1;
+    let a1 = &attn[1].stats().peers[0].1;
+    assert_eq!((a0.sent, a0.sent_bytes), (1, 64 + 64 + 3 * 16));
+    assert_eq!((a1.sent, a1.sent_bytes), (1, 64 + 64 + 2 * 16));
+    // The simulated network copies every byte it moves; the copying
+    // dispatch adds its copy into the send slot, the in-place one nothing.
+    assert_eq!(a0.copied_bytes, a0.sent_bytes);
+    assert_eq!(a1.copied_bytes, a1.sent_bytes + 2 * 16 + 8);
+    let f0 = &ffn[0].stats().peers[0].1;
+    assert_eq!((f0.sent, f0.sent_bytes), (1, 64 + 3 * 8));
+    assert_eq!(f0.copied_bytes, f0.sent_bytes);
 }
 
 #[test]
@@ -475,7 +722,7 @@ fn threaded_ranks_with_blocking_waits() {
                         .map(|a| vec![f.rank() as u8 + 1; b.token_count(a) * OUT_ROW as usize])
                         .collect();
                     let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
-                    f.respond(&b, &refs).unwrap();
+                    f.respond(b, &refs).unwrap();
                 }
             })
         })

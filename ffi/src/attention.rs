@@ -289,33 +289,18 @@ pub unsafe extern "C" fn afmesh_attention_wait_combine_sum(
         }
         let rank = a.state.live("attention rank")?;
         let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
-        let c = rank.wait_combine(h, ms(timeout_ms))?;
-        let need = c.tokens() * rank_out_row(&c);
-        if out_len != need {
-            return Err(Fail(
-                AFMESH_ERR_BUFFER_SIZE,
-                format!(
-                    "sum output of {out_len} bytes for {} tokens, need {need}",
-                    c.tokens()
-                ),
-            ));
-        }
-        if need == 0 {
-            return Ok(());
-        }
-        // SAFETY: `out` is writable for `out_len` bytes (contract), and
-        // not aliased by afmesh memory.
-        let out = unsafe { std::slice::from_raw_parts_mut(out.cast::<u8>(), out_len) };
-        c.sum_into(dtype, out)?;
+        let out: &mut [u8] = if out_len == 0 {
+            &mut []
+        } else {
+            // SAFETY: `out` is non-NULL (checked above) and writable for
+            // `out_len` bytes (contract), and not aliased by afmesh memory.
+            unsafe { std::slice::from_raw_parts_mut(out.cast::<u8>(), out_len) }
+        };
+        // Checks `out` before it takes the combine: a refused call leaves
+        // the combine in place for a retry.
+        rank.wait_combine_sum(h, dtype, out, ms(timeout_ms))?;
         Ok(())
     })
-}
-
-fn rank_out_row(c: &afmesh_core::Combined<'_>) -> usize {
-    if c.tokens() == 0 {
-        return 0;
-    }
-    c.partial(0).map_or(0, |p| p.len() / c.tokens())
 }
 
 /// Who this attention rank is. Never blocks.

@@ -6,12 +6,22 @@ use std::ffi::c_void;
 use afmesh_core::Batch;
 
 use crate::args::obj_ref;
-use crate::error::{afmesh_result, boundary, invalid};
+use crate::error::{afmesh_result, boundary, invalid, Fail};
 
 /// A gathered stage on an FFN rank (opaque); free with `afmesh_batch_free`.
 #[derive(Debug)]
 pub struct afmesh_batch {
-    pub(crate) batch: Batch,
+    /// `None` once answered: `afmesh_ffn_respond` took it.
+    pub(crate) batch: Option<Batch>,
+}
+
+impl afmesh_batch {
+    /// The batch, unless it was answered (its views ended then).
+    pub(crate) fn live(&self) -> Result<&Batch, Fail> {
+        self.batch
+            .as_ref()
+            .ok_or_else(|| invalid("the batch was already answered (afmesh_ffn_respond)"))
+    }
 }
 
 /// What a batch is.
@@ -56,15 +66,15 @@ pub unsafe extern "C" fn afmesh_batch_info(
 ) -> afmesh_result {
     boundary("afmesh_batch_info", || {
         // SAFETY: the caller's contract.
-        let b = unsafe { obj_ref(b, "b") }?;
+        let b = unsafe { obj_ref(b, "b") }?.live()?;
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
         let info = afmesh_batch_meta {
-            stage: b.batch.stage(),
-            sequence: b.batch.sequence(),
-            senders: b.batch.senders() as u32,
-            total_tokens: b.batch.total_tokens() as u32,
+            stage: b.stage(),
+            sequence: b.sequence(),
+            senders: b.senders() as u32,
+            total_tokens: b.total_tokens() as u32,
         };
         // SAFETY: checked non-NULL.
         unsafe { out.write(info) };
@@ -73,7 +83,7 @@ pub unsafe extern "C" fn afmesh_batch_info(
 }
 
 /// Attention rank `sender`'s part of the batch, zero-copy (valid until the
-/// batch is freed). Never blocks.
+/// batch is answered or freed). Never blocks.
 ///
 /// # Safety
 /// Pointers are NULL or valid.
@@ -85,24 +95,24 @@ pub unsafe extern "C" fn afmesh_batch_sender(
 ) -> afmesh_result {
     boundary("afmesh_batch_sender", || {
         // SAFETY: the caller's contract.
-        let b = unsafe { obj_ref(b, "b") }?;
+        let b = unsafe { obj_ref(b, "b") }?.live()?;
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
         let a = sender as usize;
-        if a >= b.batch.senders() {
+        if a >= b.senders() {
             return Err(invalid(format!(
                 "sender {sender} of {} senders",
-                b.batch.senders()
+                b.senders()
             )));
         }
-        let t = b.batch.tokens(a);
-        let s = b.batch.side(a);
-        let count = b.batch.token_count(a);
+        let t = b.tokens(a);
+        let s = b.side(a);
+        let count = b.token_count(a);
         let view = afmesh_sender_view {
             tokens: t.as_ptr().cast(),
             token_count: count as u32,
-            row_bytes: b.batch.row_bytes() as u32,
+            row_bytes: b.row_bytes() as u32,
             side: s.as_ptr().cast(),
             side_len: s.len() as u32,
         };

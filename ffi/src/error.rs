@@ -113,6 +113,7 @@ impl From<Error> for Fail {
             Error::BufferSize { .. } => AFMESH_ERR_BUFFER_SIZE,
             Error::Auth(_) => AFMESH_ERR_AUTH,
             Error::Config(_) => AFMESH_ERR_CONFIG,
+            Error::InvalidArgument(_) => AFMESH_ERR_INVALID_ARGUMENT,
             Error::Unsupported(_) => AFMESH_ERR_UNSUPPORTED,
             Error::Shutdown(_) => AFMESH_ERR_SHUTDOWN,
             Error::Io { .. } => AFMESH_ERR_IO,

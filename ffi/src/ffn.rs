@@ -6,10 +6,10 @@ use std::ffi::c_void;
 use afmesh_core::transport::Region;
 use afmesh_core::{Error, FfnRank, Mesh, RankStats, StageSpec};
 
-use crate::args::{bytes, ms, obj, obj_ref};
+use crate::args::{bytes, ms, obj};
 use crate::batch::afmesh_batch;
 use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Source};
-use crate::error::{afmesh_result, boundary, invalid};
+use crate::error::{afmesh_result, boundary, invalid, Fail};
 use crate::handle::{
     abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, stats_of, Handle, RankOps,
     State,
@@ -151,7 +151,7 @@ pub unsafe extern "C" fn afmesh_ffn_get_batch(
             return Err(invalid("out is NULL"));
         }
         let batch = f.state.live("FFN rank")?.get_batch(ms(timeout_ms))?;
-        let b = Box::into_raw(Box::new(afmesh_batch { batch }));
+        let b = Box::into_raw(Box::new(afmesh_batch { batch: Some(batch) }));
         // SAFETY: checked non-NULL.
         unsafe { out.write(b) };
         Ok(())
@@ -162,20 +162,26 @@ pub unsafe extern "C" fn afmesh_ffn_get_batch(
 /// its token count × out_row_bytes); `count` must be M. Returns once the
 /// data is handed to the transport. Not thread-safe per handle.
 ///
+/// The batch is answered by this call: its views end, and later use of it
+/// (info, sender views, respond) fails with `AFMESH_ERR_INVALID_ARGUMENT`;
+/// it still needs `afmesh_batch_free`. If the arguments are refused
+/// (`AFMESH_ERR_INVALID_ARGUMENT`, `AFMESH_ERR_BUFFER_SIZE`), nothing was
+/// sent and the batch can be answered again.
+///
 /// # Safety
 /// `f`, `b` are NULL or live; `outputs` and `lens` are NULL or readable
 /// for `count` elements, each output readable for its length.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_ffn_respond(
     f: *mut afmesh_ffn,
-    b: *const afmesh_batch,
+    b: *mut afmesh_batch,
     outputs: *const *const c_void,
     lens: *const usize,
     count: usize,
 ) -> afmesh_result {
     boundary("afmesh_ffn_respond", || {
         // SAFETY: the caller's contract.
-        let (f, b) = unsafe { (obj(f, "f")?, obj_ref(b, "b")?) };
+        let (f, b) = unsafe { (obj(f, "f")?, obj(b, "b")?) };
         if outputs.is_null() {
             return Err(invalid("outputs is NULL"));
         }
@@ -189,8 +195,16 @@ pub unsafe extern "C" fn afmesh_ffn_respond(
             // SAFETY: each output is readable for its length (contract).
             outs.push(unsafe { bytes(p, n, &format!("outputs[{i}]")) }?);
         }
-        f.state.live("FFN rank")?.respond(&b.batch, &outs)?;
-        Ok(())
+        let rank = f.state.live("FFN rank")?;
+        let batch = b
+            .batch
+            .take()
+            .ok_or_else(|| invalid("the batch was already answered"))?;
+        rank.respond(batch, &outs).map_err(|e| {
+            // Refused arguments give the batch back: it can be answered again.
+            b.batch = e.batch;
+            Fail::from(e.error)
+        })
     })
 }
 

@@ -1,16 +1,13 @@
 //! The attention side: dispatch token blocks to every FFN rank, wait for
 //! their combines.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::layout::Layout;
-use super::mesh::{RankStats, Support};
 use super::reduce::{sum_into, Dtype};
-use crate::engine::{now_ns, Engine, Event};
-use crate::error::{Error, Peer, Result};
-use crate::proto::{AttentionStages, Header, Imm, Kind, HEADER_LEN};
-use crate::transport::Region;
+use crate::engine::{now_ns, Engine, RankStats, Sink};
+use crate::error::{Error, Result};
+use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
 
 /// A dispatch in flight; redeem it with [`AttentionRank::wait_combine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,18 +66,41 @@ impl Trace {
     }
 }
 
-/// An attention rank of a mesh.
+/// An attention rank of a mesh: a face over the [`Engine`].
 #[derive(Debug)]
 pub struct AttentionRank {
     engine: Engine,
+    st: State,
+}
+
+/// What only the attention role keeps: its stage machine and the trace
+/// stamps of each combine.
+#[derive(Debug)]
+struct State {
     layout: Layout,
     rank: u32,
-    region: Arc<Region>,
     stages: AttentionStages,
+    /// Per (stage, FFN rank): the last combine's stamps.
     traces: Vec<Trace>,
+    /// Per stage: when its dispatch was posted.
     post_ns: Vec<u64>,
-    events: Vec<Event>,
-    support: Support,
+}
+
+impl Sink for State {
+    type Counter = AttentionStages;
+    fn counter(&mut self) -> &mut AttentionStages {
+        &mut self.stages
+    }
+    fn accepted(&mut self, f: usize, a: &Accepted, at_ns: u64) {
+        let s = a.stage;
+        self.traces[s * self.layout.n + f] = Trace {
+            post_ns: self.post_ns[s],
+            land_ns: a.header.land_ns,
+            process_ns: a.header.process_ns,
+            respond_ns: a.header.respond_ns,
+            back_ns: at_ns,
+        };
+    }
 }
 
 /// The combined result of one dispatch: N partial blocks, viewed in place
@@ -99,20 +119,21 @@ impl<'a> Combined<'a> {
     }
     /// Number of partials (FFN ranks).
     pub fn len(&self) -> usize {
-        self.rank.layout.n
+        self.rank.st.layout.n
     }
     /// Whether there are no partials (never, in a valid mesh).
     pub fn is_empty(&self) -> bool {
-        self.rank.layout.n == 0
+        self.rank.st.layout.n == 0
     }
     /// FFN rank `f`'s rows (`tokens × out_row_bytes`), zero-copy.
     pub fn partial(&self, f: usize) -> Option<&'a [u8]> {
-        if f >= self.rank.layout.n {
+        let layout = &self.rank.st.layout;
+        if f >= layout.n {
             return None;
         }
-        let off = self.rank.layout.out_offset(self.stage, f) + HEADER_LEN;
-        let len = self.tokens * self.rank.layout.spec.out_row_bytes as usize;
-        self.rank.region.slice(off, len).ok()
+        let off = layout.out_offset(self.stage, f) + HEADER_LEN;
+        let len = self.tokens * layout.spec.out_row_bytes as usize;
+        self.rank.engine.recv_region().slice(off, len).ok()
     }
     /// All partials, in FFN-rank order.
     pub fn partials(&self) -> Vec<&'a [u8]> {
@@ -124,63 +145,52 @@ impl<'a> Combined<'a> {
     }
     /// Trace stamps of FFN rank `f`'s combine.
     pub fn trace(&self, f: usize) -> Option<Trace> {
-        self.rank
-            .traces
-            .get(self.stage * self.rank.layout.n + f)
-            .copied()
+        let st = &self.rank.st;
+        if f >= st.layout.n {
+            return None;
+        }
+        st.traces.get(self.stage * st.layout.n + f).copied()
     }
 }
 
 impl AttentionRank {
-    pub(crate) fn new(
-        engine: Engine,
-        layout: Layout,
-        rank: u32,
-        region: Arc<Region>,
-        support: Support,
-    ) -> Self {
+    pub(crate) fn new(engine: Engine, layout: Layout, rank: u32) -> Self {
         let s = layout.stages();
         AttentionRank {
-            stages: AttentionStages::new(s, layout.n),
-            traces: vec![Trace::default(); s * layout.n],
-            post_ns: vec![0; s],
-            events: Vec::with_capacity(64),
             engine,
-            layout,
-            rank,
-            region,
-            support,
+            st: State {
+                stages: AttentionStages::new(s, layout.n),
+                traces: vec![Trace::default(); s * layout.n],
+                post_ns: vec![0; s],
+                layout,
+                rank,
+            },
         }
     }
 
     /// This rank's index among the attention ranks.
     pub fn rank(&self) -> u32 {
-        self.rank
+        self.st.rank
     }
     /// Number of attention ranks (M).
     pub fn attention_ranks(&self) -> usize {
-        self.layout.m
+        self.st.layout.m
     }
     /// Number of FFN ranks (N).
     pub fn ffn_ranks(&self) -> usize {
-        self.layout.n
+        self.st.layout.n
     }
     /// The stage geometry.
     pub fn spec(&self) -> super::StageSpec {
-        self.layout.spec
+        self.st.layout.spec
     }
 
     /// Sends `tokens` (whole rows of `row_bytes`) and `side` to every FFN
-    /// rank for `stage`. Returns once the data is handed to the transport;
-    /// the buffers may be reused at once.
+    /// rank for `stage`: copies them into the stage's send slot and posts
+    /// it. The buffers may be reused at once. [`AttentionRank::dispatch_with`]
+    /// builds the message in place instead.
     pub fn dispatch(&mut self, stage: u32, tokens: &[u8], side: &[u8]) -> Result<DispatchHandle> {
-        let spec = self.layout.spec;
-        if stage >= spec.stages {
-            return Err(Error::config(format!(
-                "stage {stage}: only {} stages registered",
-                spec.stages
-            )));
-        }
+        let spec = self.st.layout.spec;
         let row = spec.row_bytes as usize;
         let count = tokens.len().checked_div(row).unwrap_or(0);
         if row == 0 && !tokens.is_empty() || row != 0 && tokens.len() % row != 0 {
@@ -190,16 +200,6 @@ impl AttentionRank {
                 got: tokens.len(),
             });
         }
-        if count > spec.max_tokens as usize {
-            return Err(Error::BufferSize {
-                what: format!(
-                    "dispatch of {count} tokens exceeds max_tokens {}",
-                    spec.max_tokens
-                ),
-                need: count * row,
-                got: spec.max_tokens as usize * row,
-            });
-        }
         if side.len() > spec.side_bytes as usize {
             return Err(Error::BufferSize {
                 what: "dispatch side block exceeds side_bytes".into(),
@@ -207,38 +207,121 @@ impl AttentionRank {
                 got: spec.side_bytes as usize,
             });
         }
+        let h = self.dispatch_with(stage, count, |rows, area| {
+            rows.copy_from_slice(tokens);
+            area[..side.len()].copy_from_slice(side);
+            side.len()
+        })?;
+        for f in 0..self.st.layout.n {
+            self.engine.count_copied(f, tokens.len() + side.len());
+        }
+        Ok(h)
+    }
+
+    /// Sends `tokens` rows to every FFN rank for `stage`, built in place:
+    /// `fill(rows, side_area)` writes the rows (`tokens × row_bytes` bytes)
+    /// and the side block at the start of the side area (`side_bytes`
+    /// bytes) straight into the registered send slot, and returns the side
+    /// block's length. No copy is made; the message leaves in one write.
+    /// The slot is the stage's own and keeps its bytes between dispatches
+    /// of the stage, so `fill` may rewrite only what changed.
+    ///
+    /// Checked before `fill` runs: the stage exists and is idle, `tokens`
+    /// is at most `max_tokens`, no FFN rank is lost. A side length over
+    /// `side_bytes` is refused after `fill` (`InvalidArgument`); nothing is
+    /// sent then and the stage stays idle.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+    /// # let net = SimNetwork::new(1);
+    /// # let spec = StageSpec { stages: 1, max_tokens: 4, row_bytes: 8, out_row_bytes: 8, side_bytes: 8 };
+    /// # let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec)?;
+    /// let h = attn[0].dispatch_with(0, 2, |rows, side| {
+    ///     rows.fill(3); // 2 rows of 8 bytes, written in place
+    ///     side[..2].copy_from_slice(&[1, 2]);
+    ///     2
+    /// })?;
+    /// # net.deliver_all();
+    /// # let b = ffn[0].get_batch(Duration::from_secs(1))?;
+    /// # assert_eq!((b.tokens(0), b.side(0)), (&[3u8; 16][..], &[1u8, 2][..]));
+    /// # Ok::<(), afmesh::Error>(())
+    /// ```
+    pub fn dispatch_with(
+        &mut self,
+        stage: u32,
+        tokens: usize,
+        fill: impl FnOnce(&mut [u8], &mut [u8]) -> usize,
+    ) -> Result<DispatchHandle> {
+        let layout = self.st.layout;
+        let spec = layout.spec;
+        if stage >= spec.stages {
+            return Err(Error::invalid(format!(
+                "stage {stage}: only {} stages registered",
+                spec.stages
+            )));
+        }
+        let row = spec.row_bytes as usize;
+        if tokens > spec.max_tokens as usize {
+            return Err(Error::BufferSize {
+                what: format!(
+                    "dispatch of {tokens} tokens exceeds max_tokens {}",
+                    spec.max_tokens
+                ),
+                need: tokens.saturating_mul(row),
+                got: spec.max_tokens as usize * row,
+            });
+        }
         // Notice peer deaths that already happened before committing.
-        self.pump(Duration::ZERO)?;
-        if let Some(f) = (0..self.layout.n).find(|&f| self.engine.lost(f).is_some()) {
+        self.progress()?;
+        if let Some(f) = self.engine.first_lost(0..layout.n) {
             return Err(self.engine.lost_error(f));
         }
         let s = stage as usize;
+        if !self.st.stages.is_idle(s) {
+            return Err(Error::StageBusy { stage });
+        }
+        // The slot's previous message may still be on its way out.
+        self.engine.reclaim(s, &mut self.st)?;
+        let rows_len = tokens * row;
+        let side_bytes = spec.side_bytes as usize;
+        let slot = self.engine.fill(s)?;
+        let (_, rest) = slot.split_at_mut(HEADER_LEN);
+        let (area, rows) = rest.split_at_mut(layout.side_area);
+        let side_len = fill(&mut rows[..rows_len], &mut area[..side_bytes]);
+        if side_len > side_bytes {
+            return Err(Error::invalid(format!(
+                "dispatch_with: side block of {side_len} bytes exceeds side_bytes {side_bytes}"
+            )));
+        }
         let seq = self
+            .st
             .stages
-            .dispatch(s, count as u32)
+            .dispatch(s, tokens as u32)
             .ok_or(Error::StageBusy { stage })?;
         let post = now_ns();
-        self.post_ns[s] = post;
+        self.st.post_ns[s] = post;
         let header = Header {
             kind: Kind::Dispatch,
             stage: stage as u8,
             sequence: seq,
-            sender: self.rank,
-            tokens: count as u32,
+            sender: self.st.rank,
+            tokens: tokens as u32,
             row_bytes: spec.row_bytes,
-            side_len: side.len() as u32,
+            side_len: side_len as u32,
             post_ns: post,
             land_ns: 0,
             process_ns: 0,
             respond_ns: 0,
-        }
-        .encode();
+        };
+        self.engine.fill(s)?[..HEADER_LEN].copy_from_slice(&header.encode());
+        let msg = self.engine.message(s, layout.rows_at() + rows_len)?;
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
-        let offset = self.layout.in_offset(s, self.rank as usize) as u64;
-        for f in 0..self.layout.n {
-            if let Err(e) = self.engine.write(f, &[&header, tokens, side], offset, imm) {
+        let offset = layout.in_offset(s, self.st.rank as usize) as u64;
+        for f in 0..layout.n {
+            if let Err(e) = self.engine.post(f, msg, offset, imm) {
                 // The combine can never complete: free the stage.
-                self.stages.abandon(s);
+                self.st.stages.abandon(s);
                 return Err(e);
             }
         }
@@ -255,8 +338,8 @@ impl AttentionRank {
     ) -> Result<Combined<'_>> {
         self.wait_all(&[handle], timeout)?;
         let s = handle.stage as usize;
-        let tokens = self.stages.tokens(s).unwrap_or(0) as usize;
-        self.stages.finish(s);
+        let tokens = self.st.stages.tokens(s).unwrap_or(0) as usize;
+        self.st.stages.finish(s);
         Ok(Combined {
             rank: self,
             stage: s,
@@ -265,23 +348,45 @@ impl AttentionRank {
     }
 
     /// Waits for the combine of `handle` and writes the element-wise sum of
-    /// the N partials into `out` (`tokens × out_row_bytes` bytes).
+    /// the N partials into the first `tokens × out_row_bytes` bytes of
+    /// `out`; returns that length. `out` is checked first: if it is too
+    /// short (`BufferSize`), or `dtype` does not divide `out_row_bytes`
+    /// (`InvalidArgument`), nothing is consumed and the combine can still
+    /// be taken.
     pub fn wait_combine_sum(
         &mut self,
         handle: DispatchHandle,
         dtype: Dtype,
         out: &mut [u8],
         timeout: Duration,
-    ) -> Result<()> {
+    ) -> Result<usize> {
+        self.st.check(handle)?;
+        let out_row = self.st.layout.spec.out_row_bytes as usize;
+        if out_row % dtype.size() != 0 {
+            return Err(Error::invalid(format!(
+                "wait_combine_sum: rows of {out_row} bytes are not whole {} elements",
+                dtype.name()
+            )));
+        }
+        let tokens = self.st.stages.tokens(handle.stage as usize).unwrap_or(0) as usize;
+        let need = tokens * out_row;
+        if out.len() < need {
+            return Err(Error::BufferSize {
+                what: format!("wait_combine_sum output for {tokens} tokens"),
+                need,
+                got: out.len(),
+            });
+        }
         let c = self.wait_combine(handle, timeout)?;
-        c.sum_into(dtype, out)
+        c.sum_into(dtype, &mut out[..need])?;
+        Ok(need)
     }
 
     /// Non-blocking: the combine of `handle` if it is complete.
     pub fn try_combine(&mut self, handle: DispatchHandle) -> Result<Option<Combined<'_>>> {
-        self.pump(Duration::ZERO)?;
-        self.check(handle)?;
-        if self.stages.is_combined(handle.stage as usize) {
+        self.progress()?;
+        self.st.check(handle)?;
+        if self.st.stages.is_combined(handle.stage as usize) {
             return self.wait_combine(handle, Duration::ZERO).map(Some);
         }
         Ok(None)
@@ -291,142 +396,59 @@ impl AttentionRank {
     /// without taking them (take them with `wait_combine`, which then
     /// returns at once).
     pub fn wait_all(&mut self, handles: &[DispatchHandle], timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut pending = None;
+        let mut waiting = None;
+        let done = self.engine.wait(&mut self.st, timeout, |engine, st| {
+            waiting = None;
             for h in handles {
-                self.check(*h)?;
+                st.check(*h)?;
                 let s = h.stage as usize;
-                if !self.stages.is_combined(s) {
-                    if let Some(f) = self
-                        .stages
-                        .missing(s)
-                        .into_iter()
-                        .find(|&f| self.engine.lost(f).is_some())
-                    {
-                        self.stages.abandon(s);
-                        return Err(self.engine.lost_error(f));
-                    }
-                    pending.get_or_insert(s);
+                if st.stages.is_combined(s) {
+                    continue;
                 }
+                if let Some(f) = engine.first_lost(st.stages.missing(s)) {
+                    // The combine can never complete: free the stage.
+                    st.stages.abandon(s);
+                    return Err(engine.lost_error(f));
+                }
+                waiting.get_or_insert(s);
             }
-            let Some(s) = pending else { return Ok(()) };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let who: Vec<String> = self
-                    .stages
-                    .missing(s)
-                    .iter()
-                    .map(|&f| self.engine.peer(f).to_string())
-                    .collect();
-                return Err(Error::Timeout {
-                    op: "combine",
-                    peer: who.join(","),
-                    after: timeout,
-                });
-            }
-            self.pump(left)?;
+            Ok(waiting.is_none().then_some(()))
+        })?;
+        match (done, waiting) {
+            (Some(()), _) | (None, None) => Ok(()),
+            (None, Some(s)) => Err(Error::Timeout {
+                op: "combine",
+                peer: self.engine.names(self.st.stages.missing(s)),
+                after: timeout,
+            }),
         }
-    }
-
-    fn check(&self, h: DispatchHandle) -> Result<()> {
-        if !self.stages.in_flight(h.stage as usize, h.seq) {
-            return Err(Error::config(format!(
-                "dispatch handle (stage {}, sequence {}) is not in flight: already combined, or abandoned",
-                h.stage, h.seq
-            )));
-        }
-        Ok(())
     }
 
     /// Makes progress without waiting: counts whatever has landed.
     pub fn progress(&mut self) -> Result<()> {
-        self.pump(Duration::ZERO)
-    }
-
-    fn pump(&mut self, timeout: Duration) -> Result<()> {
-        let mut events = std::mem::take(&mut self.events);
-        events.clear();
-        let r = self.engine.poll(timeout, &mut events);
-        for ev in events.drain(..) {
-            if let Event::Arrival { peer, imm } = ev {
-                self.on_arrival(peer, imm);
-            }
-        }
-        self.events = events;
-        r
-    }
-
-    fn on_arrival(&mut self, f: usize, imm: Imm) {
-        let spec = self.layout.spec;
-        let reject = |me: &mut Self, why: String| {
-            me.engine.count_rejected(f);
-            tracing::warn!(peer = %Peer::Ffn(f as u32), "rejected combine: {why}");
-        };
-        if imm.kind != Kind::Combine || u32::from(imm.stage) >= spec.stages {
-            return reject(
-                self,
-                format!("imm {imm:?} is not a combine of a registered stage"),
-            );
-        }
-        let s = imm.stage as usize;
-        let off = self.layout.out_offset(s, f);
-        let h = match self
-            .region
-            .slice(off, HEADER_LEN)
-            .and_then(|b| Header::decode(b).map_err(|e| e.0))
-        {
-            Ok(h) => h,
-            Err(e) => return reject(self, format!("header: {e}")),
-        };
-        if !imm.matches(&h)
-            || h.sender as usize != f
-            || h.row_bytes != spec.out_row_bytes
-            || h.tokens > spec.max_tokens
-            || h.side_len != 0
-        {
-            return reject(
-                self,
-                format!("header {h:?} does not match imm {imm:?} from F{f}"),
-            );
-        }
-        match self.stages.on_combine(s, f, h.sequence, h.tokens) {
-            Ok(_) => {
-                self.engine.count_received(f);
-                self.traces[s * self.layout.n + f] = Trace {
-                    post_ns: self.post_ns[s],
-                    land_ns: h.land_ns,
-                    process_ns: h.process_ns,
-                    respond_ns: h.respond_ns,
-                    back_ns: now_ns(),
-                };
-            }
-            Err(r) => {
-                self.engine.count_rejected(f);
-                if r.is_replay() {
-                    tracing::debug!(
-                        "dropped combine from F{f}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
-                } else {
-                    tracing::warn!(
-                        "rejected combine from F{f}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
-                }
-            }
-        }
+        self.engine.pump(Duration::ZERO, &mut self.st)
     }
 
     /// Counters per FFN rank.
     pub fn stats(&self) -> RankStats {
-        RankStats::new(&self.engine)
+        self.engine.stats()
     }
 
-    /// Leaves the mesh in order: tells the scheduler, closes the links.
+    /// Leaves the mesh in order: closes the links, tells the scheduler.
     pub fn shutdown(mut self) -> Result<()> {
-        self.engine.close();
-        self.support.shutdown();
+        self.engine.shutdown();
+        Ok(())
+    }
+}
+
+impl State {
+    fn check(&self, h: DispatchHandle) -> Result<()> {
+        if !self.stages.in_flight(h.stage as usize, h.seq) {
+            return Err(Error::invalid(format!(
+                "dispatch handle (stage {}, sequence {}) is not in flight: already combined, or abandoned",
+                h.stage, h.seq
+            )));
+        }
         Ok(())
     }
 }

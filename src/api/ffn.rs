@@ -2,29 +2,59 @@
 //! each with its rows.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::layout::Layout;
-use super::mesh::{RankStats, Support};
-use crate::engine::{now_ns, Engine, Event};
-use crate::error::{Error, Peer, Result};
-use crate::proto::{FfnStages, Header, Imm, Kind, HEADER_LEN};
+use crate::engine::{now_ns, Engine, RankStats, Sink};
+use crate::error::{Error, Result};
+use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
 use crate::transport::Region;
 
 /// One gathered stage: every attention rank's block, viewed in place in the
-/// registered input slots. Answer it with [`FfnRank::respond`].
+/// registered input slots. Answer it with [`FfnRank::respond`], which takes
+/// it by value: its views end there, before the attention ranks may write
+/// the slots again.
+///
+/// ```
+/// use std::time::Duration;
+/// use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+///
+/// let net = SimNetwork::new(1);
+/// let spec = StageSpec { stages: 1, max_tokens: 2, row_bytes: 8, out_row_bytes: 4, side_bytes: 8 };
+/// let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec)?;
+/// let h = attn[0].dispatch(0, &[7; 16], b"expert")?;
+/// net.deliver_all();
+/// let batch = ffn[0].get_batch(Duration::from_secs(1))?;
+/// assert_eq!((batch.token_count(0), batch.side(0)), (2, &b"expert"[..]));
+/// // Answer each row with its first 4 bytes; the views end before respond.
+/// let out: Vec<u8> = batch.tokens(0).chunks(8).flat_map(|r| r[..4].to_vec()).collect();
+/// ffn[0].respond(batch, &[&out])?;
+/// net.deliver_all();
+/// assert_eq!(attn[0].wait_combine(h, Duration::from_secs(1))?.partial(0), Some(&[7u8; 8][..]));
+/// # Ok::<(), afmesh::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Batch {
     stage: u32,
     seq: u32,
-    tokens: Vec<u32>,
-    side_lens: Vec<u32>,
-    offsets: Vec<usize>,
     row_bytes: usize,
+    /// Offset of the rows in a slot (after the header and the side area).
+    rows_at: usize,
+    /// Per attention rank, what its counted dispatch said.
+    parts: Vec<Part>,
     region: Arc<Region>,
-    land_ns: Vec<u64>,
-    post_ns: Vec<u64>,
     process_ns: u64,
+}
+
+/// One attention rank's part of a batch.
+#[derive(Debug, Clone, Copy, Default)]
+struct Part {
+    /// Its input slot in the region.
+    offset: usize,
+    tokens: u32,
+    side_len: u32,
+    post_ns: u64,
+    land_ns: u64,
 }
 
 impl Batch {
@@ -38,11 +68,11 @@ impl Batch {
     }
     /// Number of senders (attention ranks).
     pub fn senders(&self) -> usize {
-        self.tokens.len()
+        self.parts.len()
     }
     /// Tokens attention rank `a` sent.
     pub fn token_count(&self, a: usize) -> usize {
-        self.tokens.get(a).copied().unwrap_or(0) as usize
+        self.parts.get(a).map_or(0, |p| p.tokens as usize)
     }
     /// Bytes of one dispatched row.
     pub fn row_bytes(&self) -> usize {
@@ -50,174 +80,358 @@ impl Batch {
     }
     /// Tokens from all senders.
     pub fn total_tokens(&self) -> usize {
-        self.tokens.iter().map(|&t| t as usize).sum()
+        self.parts.iter().map(|p| p.tokens as usize).sum()
     }
     /// Attention rank `a`'s rows, zero-copy.
     pub fn tokens(&self, a: usize) -> &[u8] {
-        let Some(&off) = self.offsets.get(a) else {
+        let Some(p) = self.parts.get(a) else {
             return &[];
         };
         self.region
-            .slice(off + HEADER_LEN, self.token_count(a) * self.row_bytes)
+            .slice(p.offset + self.rows_at, p.tokens as usize * self.row_bytes)
             .unwrap_or(&[])
     }
     /// Attention rank `a`'s side block, zero-copy.
     pub fn side(&self, a: usize) -> &[u8] {
-        let Some(&off) = self.offsets.get(a) else {
+        let Some(p) = self.parts.get(a) else {
             return &[];
         };
-        let rows = self.token_count(a) * self.row_bytes;
         self.region
-            .slice(off + HEADER_LEN + rows, self.side_lens[a] as usize)
+            .slice(p.offset + HEADER_LEN, p.side_len as usize)
             .unwrap_or(&[])
     }
     /// When attention rank `a` posted its dispatch (its clock, ns).
     pub fn posted_ns(&self, a: usize) -> u64 {
-        self.post_ns.get(a).copied().unwrap_or(0)
+        self.parts.get(a).map_or(0, |p| p.post_ns)
     }
     /// When attention rank `a`'s dispatch was seen here (ns).
     pub fn landed_ns(&self, a: usize) -> u64 {
-        self.land_ns.get(a).copied().unwrap_or(0)
+        self.parts.get(a).map_or(0, |p| p.land_ns)
     }
 }
 
-/// An FFN rank of a mesh.
+/// A [`FfnRank::respond`] that did not go through.
+#[derive(Debug)]
+pub struct RespondError {
+    /// The batch, given back when the arguments were refused: nothing was
+    /// sent and its stage is as it was, so it can be answered again.
+    /// `None` once the response was committed: some attention ranks could
+    /// not be reached (e.g. one was lost), the others were answered.
+    pub batch: Option<Batch>,
+    /// What went wrong.
+    pub error: Error,
+}
+
+impl std::fmt::Display for RespondError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for RespondError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl From<RespondError> for Error {
+    fn from(e: RespondError) -> Error {
+        e.error
+    }
+}
+
+/// An FFN rank of a mesh: a face over the [`Engine`].
 #[derive(Debug)]
 pub struct FfnRank {
     engine: Engine,
+    st: State,
+}
+
+/// What only the FFN role keeps: its stage machine and, per (stage,
+/// attention rank), what the counted dispatch said.
+#[derive(Debug)]
+struct State {
     layout: Layout,
     rank: u32,
-    region: Arc<Region>,
     stages: FfnStages,
-    /// Per (stage, attention rank), filled when the dispatch is counted:
-    /// when it landed, when it was posted, its side-block length.
-    land_ns: Vec<u64>,
-    post_ns: Vec<u64>,
-    side_lens: Vec<u32>,
-    events: Vec<Event>,
-    support: Support,
+    parts: Vec<Part>,
+}
+
+impl Sink for State {
+    type Counter = FfnStages;
+    fn counter(&mut self) -> &mut FfnStages {
+        &mut self.stages
+    }
+    fn accepted(&mut self, a: usize, acc: &Accepted, at_ns: u64) {
+        self.parts[acc.stage * self.layout.m + a] = Part {
+            offset: self.layout.in_offset(acc.stage, a),
+            tokens: acc.header.tokens,
+            side_len: acc.header.side_len,
+            post_ns: acc.header.post_ns,
+            land_ns: at_ns,
+        };
+    }
+}
+
+impl State {
+    /// The first attention rank that is lost while a stage still needs it.
+    fn lost_needed(&self, engine: &Engine) -> Option<usize> {
+        engine.first_lost((0..self.layout.m).filter(|&a| self.stages.needs(a)))
+    }
+
+    fn take_complete(&mut self, region: &Arc<Region>) -> Option<Batch> {
+        let s = self.stages.oldest_complete()?;
+        let (seq, _tokens) = self.stages.hand_out(s)?;
+        let m = self.layout.m;
+        Some(Batch {
+            stage: s as u32,
+            seq,
+            row_bytes: self.layout.spec.row_bytes as usize,
+            rows_at: self.layout.rows_at(),
+            parts: self.parts[s * m..(s + 1) * m].to_vec(),
+            region: region.clone(),
+            process_ns: now_ns(),
+        })
+    }
 }
 
 impl FfnRank {
-    pub(crate) fn new(
-        engine: Engine,
-        layout: Layout,
-        rank: u32,
-        region: Arc<Region>,
-        support: Support,
-    ) -> Self {
+    pub(crate) fn new(engine: Engine, layout: Layout, rank: u32) -> Self {
         FfnRank {
-            stages: FfnStages::new(layout.stages(), layout.m),
-            land_ns: vec![0; layout.stages() * layout.m],
-            post_ns: vec![0; layout.stages() * layout.m],
-            side_lens: vec![0; layout.stages() * layout.m],
-            events: Vec::with_capacity(64),
             engine,
-            layout,
-            rank,
-            region,
-            support,
+            st: State {
+                stages: FfnStages::new(layout.stages(), layout.m),
+                parts: vec![Part::default(); layout.stages() * layout.m],
+                layout,
+                rank,
+            },
         }
     }
 
     /// This rank's index among the FFN ranks.
     pub fn rank(&self) -> u32 {
-        self.rank
+        self.st.rank
     }
     /// Number of attention ranks (M).
     pub fn attention_ranks(&self) -> usize {
-        self.layout.m
+        self.st.layout.m
     }
     /// Number of FFN ranks (N).
     pub fn ffn_ranks(&self) -> usize {
-        self.layout.n
+        self.st.layout.n
     }
     /// The stage geometry.
     pub fn spec(&self) -> super::StageSpec {
-        self.layout.spec
+        self.st.layout.spec
     }
 
     /// Waits up to `timeout` for the oldest stage that every attention rank
     /// has dispatched to.
     pub fn get_batch(&mut self, timeout: Duration) -> Result<Batch> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(b) = self.take_complete() {
-                return Ok(b);
+        let region = self.engine.recv_region().clone();
+        let got = self.engine.wait(&mut self.st, timeout, |engine, st| {
+            if let Some(b) = st.take_complete(&region) {
+                return Ok(Some(b));
             }
-            if let Some(a) =
-                (0..self.layout.m).find(|&a| self.engine.lost(a).is_some() && self.stages.needs(a))
-            {
-                return Err(self.engine.lost_error(a));
+            match st.lost_needed(engine) {
+                Some(a) => Err(engine.lost_error(a)),
+                None => Ok(None),
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let who: Vec<String> = self
-                    .stages
-                    .missing()
-                    .iter()
-                    .map(|&a| Peer::Attention(a as u32).to_string())
-                    .collect();
-                return Err(Error::Timeout {
-                    op: "get_batch",
-                    peer: who.join(","),
-                    after: timeout,
-                });
-            }
-            self.pump(left)?;
-        }
+        })?;
+        got.ok_or_else(|| Error::Timeout {
+            op: "get_batch",
+            peer: self.engine.names(self.st.stages.missing()),
+            after: timeout,
+        })
     }
 
     /// Non-blocking `get_batch`.
     pub fn try_get_batch(&mut self) -> Result<Option<Batch>> {
-        self.pump(Duration::ZERO)?;
-        if let Some(b) = self.take_complete() {
+        self.progress()?;
+        if let Some(b) = self.st.take_complete(self.engine.recv_region()) {
             return Ok(Some(b));
         }
-        if let Some(a) =
-            (0..self.layout.m).find(|&a| self.engine.lost(a).is_some() && self.stages.needs(a))
-        {
-            return Err(self.engine.lost_error(a));
+        match self.st.lost_needed(&self.engine) {
+            Some(a) => Err(self.engine.lost_error(a)),
+            None => Ok(None),
         }
-        Ok(None)
-    }
-
-    fn take_complete(&mut self) -> Option<Batch> {
-        let s = self.stages.oldest_complete()?;
-        let (seq, tokens) = self.stages.hand_out(s)?;
-        let m = self.layout.m;
-        let offsets: Vec<usize> = (0..m).map(|a| self.layout.in_offset(s, a)).collect();
-        let senders = s * m..(s + 1) * m;
-        Some(Batch {
-            stage: s as u32,
-            seq,
-            side_lens: self.side_lens[senders.clone()].to_vec(),
-            post_ns: self.post_ns[senders.clone()].to_vec(),
-            tokens,
-            offsets,
-            row_bytes: self.layout.spec.row_bytes as usize,
-            region: self.region.clone(),
-            land_ns: self.land_ns[senders].to_vec(),
-            process_ns: now_ns(),
-        })
     }
 
     /// Sends each attention rank `a` its rows `outputs[a]`
     /// (`batch.token_count(a) × out_row_bytes` bytes), and frees the stage
-    /// for its next sequence. If an attention rank is lost, the others are
-    /// still answered and the loss is returned.
-    pub fn respond(&mut self, batch: &Batch, outputs: &[&[u8]]) -> Result<()> {
-        let spec = self.layout.spec;
-        let s = batch.stage as usize;
-        if outputs.len() != self.layout.m {
-            return Err(Error::BufferSize {
-                what: "respond: one output block per attention rank".into(),
-                need: self.layout.m,
-                got: outputs.len(),
+    /// for its next sequence. The batch is consumed, and with it every view
+    /// of its slots, which attention ranks may write again from now on:
+    ///
+    /// ```compile_fail,E0505
+    /// # use std::time::Duration;
+    /// # use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+    /// # let net = SimNetwork::new(1);
+    /// # let spec = StageSpec { stages: 1, max_tokens: 2, row_bytes: 8, out_row_bytes: 8, side_bytes: 0 };
+    /// # let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec).unwrap();
+    /// # let _h = attn[0].dispatch(0, &[7; 16], &[]).unwrap();
+    /// # net.deliver_all();
+    /// let batch = ffn[0].get_batch(Duration::from_secs(1)).unwrap();
+    /// let rows = batch.tokens(0);
+    /// let out = vec![0u8; 16];
+    /// ffn[0].respond(batch, &[&out]).unwrap();
+    /// assert_eq!(rows[0], 7); // error: the view outlives the batch
+    /// ```
+    ///
+    /// Arguments are checked before anything changes: on a wrong number of
+    /// outputs (`InvalidArgument`), a wrong length (`BufferSize`) or a batch
+    /// of another rank, the error carries the batch back and the stage is
+    /// as it was. If an attention rank is lost, the others are still
+    /// answered and the loss is returned (without the batch).
+    pub fn respond(&mut self, batch: Batch, outputs: &[&[u8]]) -> Result<(), RespondError> {
+        if let Err(error) = self.check_outputs(&batch, outputs) {
+            return Err(RespondError {
+                batch: Some(batch),
+                error,
             });
         }
+        let r = self.respond_with(batch, |_, a, rows| rows.copy_from_slice(outputs[a]));
+        // The outputs were copied into the send slots once the answer was
+        // committed.
+        if r.as_ref().map_or_else(|e| e.batch.is_none(), |()| true) {
+            for (a, o) in outputs.iter().enumerate() {
+                self.engine.count_copied(a, o.len());
+            }
+        }
+        r
+    }
+
+    /// Answers `batch` with rows built in place: `fill(&batch, a, rows)`
+    /// writes attention rank `a`'s rows (`batch.token_count(a) ×
+    /// out_row_bytes` bytes) straight into the registered send slot, once
+    /// per attention rank in order, and may read the batch's views while it
+    /// does (the input slots are not written again before the answer is
+    /// committed, after the last `fill`). No copy is made; each answer
+    /// leaves in one write. The slot of (stage, `a`) keeps its bytes
+    /// between answers, so `fill` may rewrite only what changed. Otherwise as [`FfnRank::respond`]: the batch is
+    /// consumed, and a batch refused before `fill` runs comes back in the
+    /// error.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use afmesh::{sim_mesh, transport::sim::SimNetwork, StageSpec};
+    /// # let net = SimNetwork::new(1);
+    /// # let spec = StageSpec { stages: 1, max_tokens: 4, row_bytes: 8, out_row_bytes: 4, side_bytes: 0 };
+    /// # let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec)?;
+    /// # let h = attn[0].dispatch(0, &[5; 16], &[])?;
+    /// # net.deliver_all();
+    /// let batch = ffn[0].get_batch(Duration::from_secs(1))?;
+    /// // Each output row is the first 4 bytes of its input row.
+    /// ffn[0].respond_with(batch, |b, a, rows| {
+    ///     for (out, inp) in rows.chunks_mut(4).zip(b.tokens(a).chunks(8)) {
+    ///         out.copy_from_slice(&inp[..4]);
+    ///     }
+    /// })?;
+    /// # net.deliver_all();
+    /// # assert_eq!(attn[0].wait_combine(h, Duration::from_secs(1))?.partial(0), Some(&[5u8; 8][..]));
+    /// # Ok::<(), afmesh::Error>(())
+    /// ```
+    pub fn respond_with(
+        &mut self,
+        batch: Batch,
+        mut fill: impl FnMut(&Batch, usize, &mut [u8]),
+    ) -> Result<(), RespondError> {
+        let give_back = |batch, error| RespondError {
+            batch: Some(batch),
+            error,
+        };
+        if let Err(e) = self.check_batch(&batch) {
+            return Err(give_back(batch, e));
+        }
+        let layout = self.st.layout;
+        let m = layout.m;
+        let s = batch.stage as usize;
+        let out_row = layout.spec.out_row_bytes as usize;
+        // Each slot's previous answer may still be on its way out.
+        for a in 0..m {
+            if let Err(e) = self.engine.reclaim(s * m + a, &mut self.st) {
+                return Err(give_back(batch, e));
+            }
+        }
+        for a in 0..m {
+            let rows = batch.token_count(a) * out_row;
+            match self.engine.fill(s * m + a) {
+                Ok(slot) => fill(&batch, a, &mut slot[HEADER_LEN..HEADER_LEN + rows]),
+                Err(e) => return Err(give_back(batch, e)),
+            }
+        }
+        if let Err(error) = self.commit(&batch) {
+            return Err(RespondError { batch: None, error });
+        }
+        let imm = Imm::new(Kind::Combine, batch.stage as u8, batch.seq);
+        let offset = layout.out_offset(s, self.st.rank as usize) as u64;
+        let respond = now_ns();
+        let mut first_err = None;
+        for a in 0..m {
+            let tokens = batch.token_count(a);
+            let header = Header {
+                kind: Kind::Combine,
+                stage: batch.stage as u8,
+                sequence: batch.seq,
+                sender: self.st.rank,
+                tokens: tokens as u32,
+                row_bytes: layout.spec.out_row_bytes,
+                side_len: 0,
+                post_ns: batch.posted_ns(a),
+                land_ns: batch.landed_ns(a),
+                process_ns: batch.process_ns,
+                respond_ns: respond,
+            };
+            let slot = s * m + a;
+            let posted = self
+                .engine
+                .fill(slot)
+                .map(|buf| buf[..HEADER_LEN].copy_from_slice(&header.encode()))
+                .and_then(|()| self.engine.message(slot, HEADER_LEN + tokens * out_row))
+                .and_then(|msg| self.engine.post(a, msg, offset, imm));
+            if let Err(e) = posted {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            None => Ok(()),
+            Some(error) => Err(RespondError { batch: None, error }),
+        }
+    }
+
+    /// Whether `batch` is this rank's, handed out and not yet answered.
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        if !Arc::ptr_eq(&batch.region, self.engine.recv_region()) {
+            return Err(Error::invalid(format!(
+                "respond: the batch (stage {}, sequence {}) belongs to another FFN rank",
+                batch.stage, batch.seq
+            )));
+        }
+        if !self
+            .st
+            .stages
+            .is_handed_out(batch.stage as usize, batch.seq)
+        {
+            return Err(Error::invalid(format!(
+                "respond: batch (stage {}, sequence {}) is not waiting for an answer",
+                batch.stage, batch.seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// `outputs` holds one block of the right length per attention rank.
+    fn check_outputs(&self, batch: &Batch, outputs: &[&[u8]]) -> Result<()> {
+        self.check_batch(batch)?;
+        let m = self.st.layout.m;
+        if outputs.len() != m {
+            return Err(Error::invalid(format!(
+                "respond: {} output blocks for {m} attention ranks",
+                outputs.len()
+            )));
+        }
+        let out_row = self.st.layout.spec.out_row_bytes as usize;
         for (a, out) in outputs.iter().enumerate() {
-            let need = batch.token_count(a) * spec.out_row_bytes as usize;
+            let need = batch.token_count(a) * out_row;
             if out.len() != need {
                 return Err(Error::BufferSize {
                     what: format!("respond output for A{a} ({} tokens)", batch.token_count(a)),
@@ -226,123 +440,36 @@ impl FfnRank {
                 });
             }
         }
-        if !self.stages.respond(s, batch.seq) {
-            return Err(Error::config(format!(
+        Ok(())
+    }
+
+    /// Moves the batch's stage to its next sequence: from here on the
+    /// attention ranks may write its slots.
+    fn commit(&mut self, batch: &Batch) -> Result<()> {
+        if self.st.stages.respond(batch.stage as usize, batch.seq) {
+            Ok(())
+        } else {
+            // `check_batch` ran first; only a bug gets here.
+            Err(Error::invalid(format!(
                 "respond: batch (stage {}, sequence {}) was already answered",
                 batch.stage, batch.seq
-            )));
+            )))
         }
-        let imm = Imm::new(Kind::Combine, batch.stage as u8, batch.seq);
-        let respond = now_ns();
-        let mut first_err = None;
-        for (a, out) in outputs.iter().enumerate() {
-            let header = Header {
-                kind: Kind::Combine,
-                stage: batch.stage as u8,
-                sequence: batch.seq,
-                sender: self.rank,
-                tokens: batch.token_count(a) as u32,
-                row_bytes: spec.out_row_bytes,
-                side_len: 0,
-                post_ns: batch.posted_ns(a),
-                land_ns: batch.landed_ns(a),
-                process_ns: batch.process_ns,
-                respond_ns: respond,
-            }
-            .encode();
-            let offset = self.layout.out_offset(s, self.rank as usize) as u64;
-            if let Err(e) = self.engine.write(a, &[&header, out], offset, imm) {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
     }
 
     /// Makes progress without waiting: counts whatever has landed.
     pub fn progress(&mut self) -> Result<()> {
-        self.pump(Duration::ZERO)
-    }
-
-    fn pump(&mut self, timeout: Duration) -> Result<()> {
-        let mut events = std::mem::take(&mut self.events);
-        events.clear();
-        let r = self.engine.poll(timeout, &mut events);
-        for ev in events.drain(..) {
-            if let Event::Arrival { peer, imm } = ev {
-                self.on_arrival(peer, imm);
-            }
-        }
-        self.events = events;
-        r
-    }
-
-    fn on_arrival(&mut self, a: usize, imm: Imm) {
-        let spec = self.layout.spec;
-        let reject = |me: &mut Self, why: String| {
-            me.engine.count_rejected(a);
-            tracing::warn!(peer = %Peer::Attention(a as u32), "rejected dispatch: {why}");
-        };
-        if imm.kind != Kind::Dispatch || u32::from(imm.stage) >= spec.stages {
-            return reject(
-                self,
-                format!("imm {imm:?} is not a dispatch of a registered stage"),
-            );
-        }
-        let s = imm.stage as usize;
-        let off = self.layout.in_offset(s, a);
-        let h = match self
-            .region
-            .slice(off, HEADER_LEN)
-            .and_then(|b| Header::decode(b).map_err(|e| e.0))
-        {
-            Ok(h) => h,
-            Err(e) => return reject(self, format!("header: {e}")),
-        };
-        if !imm.matches(&h)
-            || h.sender as usize != a
-            || h.row_bytes != spec.row_bytes
-            || h.tokens > spec.max_tokens
-            || h.side_len > spec.side_bytes
-        {
-            return reject(
-                self,
-                format!("header {h:?} does not match imm {imm:?} from A{a}"),
-            );
-        }
-        match self.stages.on_dispatch(s, a, h.sequence, h.tokens) {
-            Ok(_) => {
-                self.engine.count_received(a);
-                let i = s * self.layout.m + a;
-                self.land_ns[i] = now_ns();
-                self.post_ns[i] = h.post_ns;
-                self.side_lens[i] = h.side_len;
-            }
-            Err(r) => {
-                self.engine.count_rejected(a);
-                if r.is_replay() {
-                    tracing::debug!(
-                        "dropped dispatch from A{a}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
-                } else {
-                    tracing::warn!(
-                        "rejected dispatch from A{a}, stage {s}, seq {}: {r}",
-                        h.sequence
-                    );
-                }
-            }
-        }
+        self.engine.pump(Duration::ZERO, &mut self.st)
     }
 
     /// Counters per attention rank.
     pub fn stats(&self) -> RankStats {
-        RankStats::new(&self.engine)
+        self.engine.stats()
     }
 
-    /// Leaves the mesh in order: tells the scheduler, closes the links.
+    /// Leaves the mesh in order: closes the links, tells the scheduler.
     pub fn shutdown(mut self) -> Result<()> {
-        self.engine.close();
-        self.support.shutdown();
+        self.engine.shutdown();
         Ok(())
     }
 }

@@ -1,20 +1,37 @@
-//! Where each message lands: slot offsets in the registered regions.
+//! Where each message is built and where it lands: slot offsets in the
+//! send and receive regions.
 //!
-//! FFN rank: one input slot per (stage, attention rank); attention rank:
-//! one output slot per (stage, FFN rank). A slot is the 64-byte header then
-//! the payload, rounded up to 64 bytes so that slots never share a cache
-//! line.
+//! A dispatch slot is the 64-byte header, the side area
+//! (`round_up_64(side_bytes)`, the side block at its start), then the rows
+//! (`max_tokens × row_bytes`) at the fixed 64-aligned offset
+//! [`Layout::rows_at`]. A combine slot is the header then the rows
+//! (`max_tokens × out_row_bytes`). Slots are rounded up to 64 bytes so that
+//! they never share a cache line. A message is the prefix of its slot:
+//! header, side area, and the rows actually sent.
+//!
+//! Receive regions: an FFN rank has a dispatch slot per (stage, attention
+//! rank), an attention rank a combine slot per (stage, FFN rank). Send
+//! regions: an attention rank has a dispatch slot per stage (the same
+//! message goes to every FFN rank), an FFN rank a combine slot per (stage,
+//! attention rank). A message leaves its send slot and lands in a receive
+//! slot of the same shape.
 
 use crate::error::{Error, Result};
-use crate::proto::{Geometry, HEADER_LEN};
+use crate::proto::{Geometry, Role, HEADER_LEN};
+use crate::transport::slots::SendSlots;
+use crate::transport::Region;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Layout {
     pub spec: Geometry,
     pub m: usize,
     pub n: usize,
+    /// Bytes of a dispatch slot.
     pub in_slot: usize,
+    /// Bytes of a combine slot.
     pub out_slot: usize,
+    /// Bytes of the side area of a dispatch slot.
+    pub side_area: usize,
 }
 
 fn round64(x: usize) -> usize {
@@ -35,11 +52,17 @@ impl Layout {
                 "mesh {m}A+{n}F: need at least one rank of each role"
             )));
         }
-        let too_big = || Error::config(format!("stage geometry {spec:?} overflows"));
+        let too_big = || {
+            Error::config(format!(
+                "stage geometry overflows: {} stages, {} tokens, row_bytes {}, out_row_bytes {}, side_bytes {} ({m}A+{n}F)",
+                spec.stages, spec.max_tokens, spec.row_bytes, spec.out_row_bytes, spec.side_bytes
+            ))
+        };
         let mt = spec.max_tokens as usize;
+        let side_area = round64(spec.side_bytes as usize);
         let in_slot = mt
             .checked_mul(spec.row_bytes as usize)
-            .and_then(|x| x.checked_add(spec.side_bytes as usize + HEADER_LEN))
+            .and_then(|x| x.checked_add(side_area + HEADER_LEN))
             .map(round64)
             .ok_or_else(too_big)?;
         let out_slot = mt
@@ -56,9 +79,12 @@ impl Layout {
             n: n as usize,
             in_slot,
             out_slot,
+            side_area,
         };
         l.in_region_len().ok_or_else(too_big)?;
         l.out_region_len().ok_or_else(too_big)?;
+        l.attention_send_len().ok_or_else(too_big)?;
+        l.ffn_send_len().ok_or_else(too_big)?;
         Ok(l)
     }
 
@@ -78,6 +104,36 @@ impl Layout {
             .checked_mul(self.out_slot)
     }
 
+    /// Bytes of an attention rank's send region: a dispatch slot per stage.
+    pub fn attention_send_len(&self) -> Option<usize> {
+        self.stages().checked_mul(self.in_slot)
+    }
+
+    /// Bytes of an FFN rank's send region: a combine slot per (stage,
+    /// attention rank).
+    pub fn ffn_send_len(&self) -> Option<usize> {
+        self.stages()
+            .checked_mul(self.m)?
+            .checked_mul(self.out_slot)
+    }
+
+    /// A rank's send slots, in library memory (process-private: peers
+    /// never write it).
+    pub fn send_slots(&self, role: Role) -> Result<SendSlots> {
+        let (len, slot, count) = match role {
+            Role::Attention => (self.attention_send_len(), self.in_slot, self.stages()),
+            Role::Ffn => (self.ffn_send_len(), self.out_slot, self.stages() * self.m),
+        };
+        let len = len.ok_or_else(|| Error::config("send region size overflows"))?;
+        let region = Region::alloc(len).map_err(Error::config)?;
+        SendSlots::new(region, slot, count)
+    }
+
+    /// Offset of the rows in a dispatch slot (64-aligned).
+    pub fn rows_at(&self) -> usize {
+        HEADER_LEN + self.side_area
+    }
+
     /// Offset of attention rank `a`'s input slot for `stage` on an FFN rank.
     pub fn in_offset(&self, stage: usize, a: usize) -> usize {
         (stage * self.m + a) * self.in_slot
@@ -86,5 +142,66 @@ impl Layout {
     /// Offset of FFN rank `f`'s output slot for `stage` on an attention rank.
     pub fn out_offset(&self, stage: usize, f: usize) -> usize {
         (stage * self.n + f) * self.out_slot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn side_area_sits_before_the_rows_at_a_64_aligned_offset() {
+        let spec = Geometry {
+            stages: 3,
+            max_tokens: 5,
+            row_bytes: 10,
+            out_row_bytes: 6,
+            side_bytes: 70,
+        };
+        let l = Layout::new(spec, 2, 4).unwrap();
+        assert_eq!(l.side_area, 128);
+        assert_eq!(l.rows_at(), 64 + 128);
+        assert_eq!(l.in_slot, (64 + 128 + 50usize).div_ceil(64) * 64);
+        assert_eq!(l.out_slot, 128);
+        assert_eq!(l.in_offset(2, 1), 5 * l.in_slot);
+        assert_eq!(l.out_offset(1, 3), 7 * l.out_slot);
+        // Send regions: a dispatch slot per stage; a combine slot per
+        // (stage, attention rank).
+        let a = l.send_slots(Role::Attention).unwrap();
+        assert_eq!((a.count(), a.slot_len()), (3, l.in_slot));
+        let f = l.send_slots(Role::Ffn).unwrap();
+        assert_eq!((f.count(), f.slot_len()), (6, l.out_slot));
+        let none = Layout::new(
+            Geometry {
+                side_bytes: 0,
+                ..spec
+            },
+            1,
+            1,
+        )
+        .unwrap();
+        assert_eq!(none.rows_at(), 64);
+    }
+
+    #[test]
+    fn overflow_is_a_config_error_naming_the_geometry() {
+        let spec = Geometry {
+            stages: 128,
+            max_tokens: u32::MAX,
+            row_bytes: u32::MAX,
+            out_row_bytes: 1,
+            side_bytes: 0,
+        };
+        match Layout::new(spec, 1, 1) {
+            Err(Error::Config(m)) => {
+                assert!(
+                    m.contains("row_bytes 4294967295") && !m.contains('{'),
+                    "{m}"
+                )
+            }
+            other => panic!("expected Config, got {other:?}"),
+        }
     }
 }

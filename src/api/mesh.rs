@@ -9,63 +9,18 @@ use super::ffn::FfnRank;
 use super::layout::Layout;
 use super::StageSpec;
 use crate::bootstrap::client::Connecting;
-use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig, SchedulerHandle};
-use crate::bootstrap::{LinkGuard, Session};
-use crate::engine::{Engine, PeerStats};
+use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig};
+use crate::bootstrap::LinkGuard;
+use crate::engine::{Engine, Receive, Support};
 use crate::error::{Error, Peer, Result};
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
 use crate::proto::{Message, RegionKey, Role};
 use crate::transport::mux::BACKENDS;
 use crate::transport::shm::ShmTransport;
 use crate::transport::sim::SimNetwork;
+use crate::transport::slots::SendSlots;
 use crate::transport::tcp::TcpTransport;
-use crate::transport::{Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Transport};
-
-/// Counters of a rank, per peer of the other role.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RankStats {
-    /// Backend names of the links (`"shm+tcp"`).
-    pub transport: String,
-    /// One entry per peer, by rank.
-    pub peers: Vec<(Peer, PeerStats)>,
-}
-
-impl RankStats {
-    pub(crate) fn new(e: &Engine) -> RankStats {
-        RankStats {
-            transport: e.transport_name(),
-            peers: e
-                .stats()
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| (e.peer(i), s))
-                .collect(),
-        }
-    }
-    /// Messages rejected from all peers.
-    pub fn rejected(&self) -> u64 {
-        self.peers.iter().map(|p| p.1.rejected).sum()
-    }
-}
-
-/// What a rank keeps besides its links: the scheduler session (for an
-/// orderly goodbye) and an embedded scheduler, if it runs one.
-#[derive(Debug, Default)]
-pub(crate) struct Support {
-    session: Option<Session>,
-    scheduler: Option<SchedulerHandle>,
-}
-
-impl Support {
-    pub(crate) fn shutdown(&mut self) {
-        if let Some(s) = &mut self.session {
-            s.bye();
-        }
-        // An embedded scheduler finishes on its own once every rank has
-        // left; dropping the handle detaches it so this never blocks.
-        self.scheduler.take();
-    }
-}
+use crate::transport::{Access, Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Transport};
 
 /// A rank of either role, as [`Mesh::join`] returns it.
 #[derive(Debug)]
@@ -176,17 +131,13 @@ impl Mesh {
     fn join_attention(&self, spec: StageSpec, memory: Memory) -> Result<AttentionRank> {
         self.check_role(Role::Attention)?;
         let j = self.join_as(Role::Attention, spec, memory)?;
-        Ok(AttentionRank::new(
-            j.engine, j.layout, j.rank, j.region, j.support,
-        ))
+        Ok(AttentionRank::new(j.engine, j.layout, j.rank))
     }
 
     fn join_ffn(&self, spec: StageSpec, memory: Memory) -> Result<FfnRank> {
         self.check_role(Role::Ffn)?;
         let j = self.join_as(Role::Ffn, spec, memory)?;
-        Ok(FfnRank::new(
-            j.engine, j.layout, j.rank, j.region, j.support,
-        ))
+        Ok(FfnRank::new(j.engine, j.layout, j.rank))
     }
 
     /// Everything but the role-specific wrapper: backends, regions,
@@ -211,7 +162,6 @@ impl Mesh {
         };
         let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
         let peer_len = peer_len.ok_or_else(|| Error::config("region size overflows"))? as u64;
-        let send_len = layout.in_slot.max(layout.out_slot);
         // A pinned rank owns its core: its waits spin without yielding.
         let poll = match cfg.cpu {
             Some(cpu) => {
@@ -287,10 +237,11 @@ impl Mesh {
             (Some(r), _) => r,
             (None, m) => region_for(m, my_len, "registered slots")?,
         };
-        mux.register(&region)?;
-        let staging = layout.stages() * peer_count as usize + 1;
-        let bounce = Arc::new(Region::alloc(send_len * staging).map_err(Error::config)?);
-        let bounce_key = mux.register(&bounce)?;
+        mux.register(&region, Access::RemoteWrite)?;
+        // Messages are built in send slots of their own, registered for
+        // this rank's posted writes.
+        let send = layout.send_slots(role)?;
+        let send_key = mux.register(send.region(), Access::Local)?;
 
         let hello = Message::Hello {
             version: BOOTSTRAP_VERSION,
@@ -389,15 +340,27 @@ impl Mesh {
             }
         }
         tracing::info!(rank, transport = %mux.name(), "{role} rank joined");
+        let recv = Receive {
+            region,
+            slot: match role {
+                Role::Attention => layout.out_slot,
+                Role::Ffn => layout.in_slot,
+            },
+        };
+        let mut engine = Engine::new(
+            mux,
+            table,
+            spec,
+            recv,
+            send,
+            send_key,
+            Support::new(session, scheduler),
+        );
+        engine.set_send_timeout(cfg.io_timeout);
         Ok(Joined {
-            engine: Engine::new(mux, table, (bounce, bounce_key), send_len, cfg.io_timeout),
+            engine,
             layout,
             rank,
-            region,
-            support: Support {
-                session: Some(session),
-                scheduler,
-            },
         })
     }
 }
@@ -413,8 +376,6 @@ struct Joined {
     engine: Engine,
     layout: Layout,
     rank: u32,
-    region: Arc<Region>,
-    support: Support,
 }
 
 fn region_for(memory: Memory, need: usize, what: &str) -> Result<Arc<Region>> {
@@ -450,33 +411,33 @@ pub fn sim_mesh(
     spec: StageSpec,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
     let layout = Layout::new(spec, m, n)?;
-    let send_len = layout.in_slot.max(layout.out_slot);
     struct Side {
         mux: Mux,
         region: Arc<Region>,
-        bounce: (Arc<Region>, LocalKey),
+        send: SendSlots,
+        send_key: LocalKey,
     }
-    let side = |len: usize| -> Result<Side> {
+    let side = |len: usize, role: Role| -> Result<Side> {
         let mut mux = Mux::new(
             vec![Backend::Sim(net.endpoint())],
             crate::transport::PollPolicy::default(),
         );
         let region = Arc::new(Region::alloc(len).map_err(Error::config)?);
-        mux.register(&region)?;
-        let staging = layout.stages() * (m.max(n) as usize) + 1;
-        let bounce = Arc::new(Region::alloc(send_len * staging).map_err(Error::config)?);
-        let key = mux.register(&bounce)?;
+        mux.register(&region, Access::RemoteWrite)?;
+        let send = layout.send_slots(role)?;
+        let send_key = mux.register(send.region(), Access::Local)?;
         Ok(Side {
             mux,
             region,
-            bounce: (bounce, key),
+            send,
+            send_key,
         })
     };
     let mut a: Vec<Side> = (0..m)
-        .map(|_| side(layout.out_region_len().unwrap_or(0)))
+        .map(|_| side(layout.out_region_len().unwrap_or(0), Role::Attention))
         .collect::<Result<_>>()?;
     let mut f: Vec<Side> = (0..n)
-        .map(|_| side(layout.in_region_len().unwrap_or(0)))
+        .map(|_| side(layout.in_region_len().unwrap_or(0), Role::Ffn))
         .collect::<Result<_>>()?;
     let a_blobs: Vec<Vec<u8>> = a.iter().map(|s| s.mux.backends()[0].endpoint()).collect();
     let f_blobs: Vec<Vec<u8>> = f.iter().map(|s| s.mux.backends()[0].endpoint()).collect();
@@ -514,19 +475,17 @@ pub fn sim_mesh(
                 .collect::<Vec<_>>(),
         );
     }
-    let io = Duration::from_secs(10);
     let attn = a
         .into_iter()
         .zip(a_peers)
         .enumerate()
         .map(|(i, (s, p))| {
-            AttentionRank::new(
-                Engine::new(s.mux, p, s.bounce, send_len, io),
-                layout,
-                i as u32,
-                s.region,
-                Support::default(),
-            )
+            let recv = Receive {
+                region: s.region,
+                slot: layout.out_slot,
+            };
+            let engine = Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());
+            AttentionRank::new(engine, layout, i as u32)
         })
         .collect();
     let ffn = f
@@ -534,13 +493,12 @@ pub fn sim_mesh(
         .zip(f_peers)
         .enumerate()
         .map(|(j, (s, p))| {
-            FfnRank::new(
-                Engine::new(s.mux, p, s.bounce, send_len, io),
-                layout,
-                j as u32,
-                s.region,
-                Support::default(),
-            )
+            let recv = Receive {
+                region: s.region,
+                slot: layout.in_slot,
+            };
+            let engine = Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());
+            FfnRank::new(engine, layout, j as u32)
         })
         .collect();
     Ok((attn, ffn))

@@ -9,10 +9,11 @@ mod layout;
 mod mesh;
 pub mod reduce;
 
+pub use crate::engine::RankStats;
 pub use attention::{AttentionRank, Combined, DispatchHandle, Trace};
 pub use config::{MeshConfig, TransportKind};
-pub use ffn::{Batch, FfnRank};
-pub use mesh::{sim_mesh, Mesh, Rank, RankStats};
+pub use ffn::{Batch, FfnRank, RespondError};
+pub use mesh::{sim_mesh, Mesh, Rank};
 pub use reduce::Dtype;
 
 /// The stage geometry: stages, most tokens per attention rank, bytes of a

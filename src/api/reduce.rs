@@ -26,6 +26,15 @@ impl Dtype {
         }
     }
 
+    /// `"f32"`, `"f16"` or `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+
     /// Parses `f32`, `f16` or `bf16`.
     pub fn parse(s: &str) -> Result<Dtype> {
         match s {
@@ -67,7 +76,10 @@ pub fn sum_into(dtype: Dtype, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
     let es = dtype.size();
     if out.len() % es != 0 {
         return Err(Error::BufferSize {
-            what: format!("sum output is not a whole number of {dtype:?} elements"),
+            what: format!(
+                "sum output is not a whole number of {} elements",
+                dtype.name()
+            ),
             need: out.len().div_ceil(es) * es,
             got: out.len(),
         });

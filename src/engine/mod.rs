@@ -1,32 +1,43 @@
-//! Progress: the layer between the role APIs and a transport. It owns the
-//! transport and the peer table, posts writes to peers by index, turns
-//! transport completions into per-peer events, remembers which peers are
-//! lost and why, and keeps the per-peer counters.
+//! The rank core: what attention and FFN ranks share, written once.
+//!
+//! An [`Engine`] owns the transport, the peer table, the rank's receive
+//! region and its send slots. It posts messages from send slots to peers by
+//! index (`post`, in `send.rs`) and learns in one place when a slot may be
+//! reused (`on_sent`). Its pump polls the transport and turns completions
+//! into effects: an arrival is judged by
+//! [`proto::accept`](crate::proto::accept) against the header in the slot
+//! it names and, when accepted, handed to the role's [`Sink`]; a lost link
+//! marks its peer lost (first reason wins) and releases the sends to it. It
+//! keeps the per-peer counters and ends the rank in order (links closed,
+//! goodbye to the scheduler).
+//!
+//! The role faces in `crate::api` hold an engine plus their stage machine
+//! and bookkeeping; they never poll the transport themselves.
+
+mod send;
+mod stats;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::error::{Error, Peer, Result};
-use crate::proto::{Imm, RegionKey};
-use crate::transport::{Completion, LinkId, LocalKey, LocalSlice, Mux, Region};
+pub use stats::{PeerStats, RankStats};
+pub(crate) use support::Support;
 
-/// Counters for one peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerStats {
-    /// Messages written to the peer.
-    pub sent: u64,
-    /// Bytes written to the peer (headers included).
-    pub sent_bytes: u64,
-    /// Bytes of those the library itself copied on the way (a staging copy,
-    /// or the shared-memory copy into the peer); 0 where the kernel or a NIC
-    /// moves the bytes (tcp, verbs).
-    pub copied_bytes: u64,
-    /// Messages from the peer that were counted.
-    pub received: u64,
-    /// Messages from the peer that were rejected (stale, duplicate, bad).
-    pub rejected: u64,
-    /// Why the peer is lost, if it is.
-    pub lost: Option<String>,
+use crate::error::{Error, Peer, Result};
+use crate::proto::{accept, Accepted, Geometry, Imm, RegionKey, StageCounter, HEADER_LEN};
+use crate::transport::slots::SendSlots;
+use crate::transport::{Completion, LinkId, LocalKey, Mux, Region};
+
+/// Where a role's arrivals go: the stage machine that counts them, and what
+/// the role records about an accepted one.
+pub(crate) trait Sink {
+    /// The stage machine.
+    type Counter: StageCounter;
+    /// The stage machine, to count an arrival whose header checked out.
+    fn counter(&mut self) -> &mut Self::Counter;
+    /// Peer `peer`'s message was counted; `at_ns` is when it was seen.
+    fn accepted(&mut self, peer: usize, accepted: &Accepted, at_ns: u64);
 }
 
 /// A peer's side of the table.
@@ -37,56 +48,70 @@ struct PeerLink {
     /// The peer region our writes target.
     key: RegionKey,
     stats: PeerStats,
+    /// Whether it was lost by leaving in order (rather than failing).
+    orderly: bool,
 }
 
-/// What happened on a peer's link.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Event {
-    /// A message announced by `imm` landed from peer `peer`.
-    Arrival { peer: usize, imm: Imm },
-    /// The peer is gone.
-    Lost { peer: usize },
+/// Where the peers' messages land: one slot per (stage, peer), the slot of
+/// (stage `s`, peer `p`) at `(s × peers + p) × slot` with its header first.
+#[derive(Debug)]
+pub(crate) struct Receive {
+    pub(crate) region: Arc<Region>,
+    pub(crate) slot: usize,
 }
 
-/// The progress engine for one rank.
+/// The rank core.
 #[derive(Debug)]
 pub(crate) struct Engine {
     transport: Mux,
+    /// The send region's key, for posted writes from it.
+    send_key: LocalKey,
+    /// Completions taken while waiting out a full send window, for the next
+    /// pump.
+    backlog: Vec<Completion>,
     peers: Vec<PeerLink>,
     link_to_peer: Vec<Option<usize>>,
     completions: Vec<Completion>,
-    /// Registered staging memory for writes, and completions seen while
-    /// waiting for one to be sent.
-    bounce: (Arc<Region>, LocalKey),
-    staging_len: usize,
-    staging_busy: Vec<Option<u64>>,
-    backlog: Vec<Completion>,
-    next_token: u64,
-    io_timeout: Duration,
+    geometry: Geometry,
+    recv: Receive,
+    send: SendSlots,
+    /// Per (send slot, peer): the generation of the post whose send has not
+    /// completed, if any (see `send.rs`).
+    outstanding: Vec<Option<u32>>,
+    generation: u32,
+    /// Bound on waiting for a send slot's sends to complete.
+    send_timeout: Duration,
+    support: Support,
 }
 
 impl Engine {
-    /// `peers[i]` is reached over `links[i]` and written at `keys[i]`.
+    /// `peers[i]` is reached over `links[i]` and written at `keys[i]`; its
+    /// messages land in `recv`; this rank's messages are built in `send`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         transport: Mux,
         peers: Vec<(Peer, LinkId, RegionKey)>,
-        bounce: (Arc<Region>, LocalKey),
-        staging_len: usize,
-        io_timeout: Duration,
+        geometry: Geometry,
+        recv: Receive,
+        send: SendSlots,
+        send_key: LocalKey,
+        support: Support,
     ) -> Engine {
-        let staging_slots = bounce.0.len().checked_div(staging_len).unwrap_or(0);
         let nlinks = peers
             .iter()
             .map(|p| p.1 + 1)
             .max()
             .unwrap_or(0)
             .max(transport.links());
+        let npeers = peers.len();
         let mut link_to_peer = vec![None; nlinks];
         for (i, p) in peers.iter().enumerate() {
             link_to_peer[p.1] = Some(i);
         }
         Engine {
             transport,
+            send_key,
+            backlog: Vec::new(),
             peers: peers
                 .into_iter()
                 .map(|(peer, link, key)| PeerLink {
@@ -94,30 +119,55 @@ impl Engine {
                     link,
                     key,
                     stats: PeerStats::default(),
+                    orderly: false,
                 })
                 .collect(),
             link_to_peer,
             completions: Vec::with_capacity(64),
-            bounce,
-            staging_len,
-            staging_busy: vec![None; staging_slots],
-            backlog: Vec::new(),
-            next_token: 0,
-            io_timeout,
+            geometry,
+            recv,
+            outstanding: vec![None; send.count() * npeers],
+            send,
+            generation: 0,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            support,
         }
     }
 
-    pub(crate) fn transport_name(&self) -> String {
-        self.transport.name()
+    /// Bounds waits for send completions (a blocking write's bound).
+    pub(crate) fn set_send_timeout(&mut self, t: Duration) {
+        self.send_timeout = t;
     }
 
     pub(crate) fn peer(&self, i: usize) -> Peer {
         self.peers[i].peer
     }
 
+    /// The region peers write into.
+    pub(crate) fn recv_region(&self) -> &Arc<Region> {
+        &self.recv.region
+    }
+
     /// Why peer `i` is lost, if it is.
     pub(crate) fn lost(&self, i: usize) -> Option<&str> {
         self.peers.get(i).and_then(|p| p.stats.lost.as_deref())
+    }
+
+    /// A peer among `among` that is lost: the first that failed, else the
+    /// first that left in order (a peer often leaves because another
+    /// failed; the failure is the news).
+    pub(crate) fn first_lost(&self, among: impl IntoIterator<Item = usize>) -> Option<usize> {
+        let mut left = None;
+        for i in among {
+            match self.peers.get(i) {
+                Some(p) if p.stats.lost.is_some() && !p.orderly => return Some(i),
+                Some(p) if p.stats.lost.is_some() => {
+                    left.get_or_insert(i);
+                }
+                _ => {}
+            }
+        }
+        left
     }
 
     pub(crate) fn lost_error(&self, i: usize) -> Error {
@@ -127,187 +177,156 @@ impl Engine {
         }
     }
 
-    /// Tells every peer we leave in order.
-    pub(crate) fn close(&mut self) {
+    /// Names peers for an error message: `"A0,A2"`.
+    pub(crate) fn names(&self, peers: impl IntoIterator<Item = usize>) -> String {
+        peers
+            .into_iter()
+            .map(|i| self.peer(i).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Counters per peer.
+    pub(crate) fn stats(&self) -> RankStats {
+        RankStats {
+            transport: self.transport.name(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| (p.peer, p.stats.clone()))
+                .collect(),
+        }
+    }
+
+    /// Leaves in order: tells every peer (closing the links), then the
+    /// scheduler.
+    pub(crate) fn shutdown(&mut self) {
         self.transport.close();
+        self.support.shutdown();
     }
 
-    pub(crate) fn stats(&self) -> Vec<PeerStats> {
-        self.peers.iter().map(|p| p.stats.clone()).collect()
-    }
-
-    pub(crate) fn count_received(&mut self, i: usize) {
-        self.peers[i].stats.received += 1;
-    }
-
-    pub(crate) fn count_rejected(&mut self, i: usize) {
-        self.peers[i].stats.rejected += 1;
-    }
-
-    /// Marks peer `i` lost (first reason wins) and closes nothing: the
-    /// transport already saw it, or the caller decided the peer is broken.
-    pub(crate) fn mark_lost(&mut self, i: usize, reason: String) {
+    /// Marks peer `i` lost (first reason wins); sends to it will not
+    /// complete, so their slots are released.
+    fn mark_lost(&mut self, i: usize, reason: String, orderly: bool) {
         let p = &mut self.peers[i];
         if p.stats.lost.is_none() {
-            tracing::warn!(peer = %p.peer, "peer lost: {reason}");
+            if orderly {
+                tracing::debug!(peer = %p.peer, "peer closed the link in order");
+            } else {
+                tracing::warn!(peer = %p.peer, "peer lost: {reason}");
+            }
             p.stats.lost = Some(reason);
+            p.orderly = orderly;
         }
+        self.release_sends_to(i);
     }
 
-    /// Writes `src` to peer `i` at `offset` of its region, with `imm`: one
-    /// posted write from a free staging slot, which is busy until `Sent`.
-    pub(crate) fn write(&mut self, i: usize, src: &[&[u8]], offset: u64, imm: Imm) -> Result<()> {
-        if self.peers[i].stats.lost.is_some() {
-            return Err(self.lost_error(i));
-        }
-        let bytes = src.iter().map(|s| s.len() as u64).sum::<u64>();
-        let link = self.peers[i].link;
-        let copies = self.transport.caps_of(link).is_some_and(|c| c.copies);
-        let deadline = Instant::now() + self.io_timeout;
-        let result = loop {
-            let slot = self.staging_busy.iter().position(Option::is_none);
-            if let Some(slot) = slot {
-                let (region, key) = self.bounce.clone();
-                let at = (slot * self.staging_len) as u64;
-                if bytes > self.staging_len as u64 {
-                    break Err(Error::BufferSize {
-                        what: "staging for a write".into(),
-                        need: bytes as usize,
-                        got: self.staging_len,
-                    });
-                }
-                if let Err(e) = region.write_gather(at, src) {
-                    break Err(Error::config(e));
-                }
-                let token = self.next_token;
-                self.next_token += 1;
-                let slice = [LocalSlice {
-                    key,
-                    offset: at,
-                    len: bytes,
-                }];
-                let key = self.peers[i].key;
-                match self.transport.post_write(
-                    link,
-                    &slice,
-                    &key,
-                    offset,
-                    Some(imm.encode()),
-                    token,
-                ) {
-                    Ok(()) => {
-                        self.staging_busy[slot] = Some(token);
-                        break Ok(());
-                    }
-                    Err(Error::Backpressure { .. }) => {}
-                    Err(e) => break Err(e),
-                }
-            }
-            if Instant::now() > deadline {
-                break Err(Error::Timeout {
-                    op: "send window",
-                    peer: self.peers[i].peer.to_string(),
-                    after: self.io_timeout,
-                });
-            }
-            let mut out = Vec::new();
-            self.transport.poll(&mut out, Duration::from_millis(1))?;
-            for c in &out {
-                self.on_sent(c);
-            }
-            self.backlog.extend(out);
-        };
-        match result {
-            Ok(()) => {
-                let s = &mut self.peers[i].stats;
-                s.sent += 1;
-                s.sent_bytes += bytes;
-                if copies {
-                    s.copied_bytes += bytes;
-                }
-                Ok(())
-            }
-            Err(
-                e @ (Error::BufferSize { .. }
-                | Error::Unsupported(_)
-                | Error::Config(_)
-                | Error::InvalidArgument(_)),
-            ) => Err(e),
-            Err(e) => {
-                self.mark_lost(i, e.to_string());
-                Err(self.lost_error(i))
-            }
-        }
-    }
-
-    fn on_sent(&mut self, c: &Completion) {
-        if let Completion::Sent { token } = c {
-            for b in &mut self.staging_busy {
-                if *b == Some(*token) {
-                    *b = None;
-                }
-            }
-        }
-    }
-
-    /// Polls the transport (waiting up to `timeout` for the first
-    /// completion) and appends per-peer events to `out`.
-    pub(crate) fn poll(&mut self, timeout: Duration, out: &mut Vec<Event>) -> Result<()> {
-        self.completions.clear();
-        self.completions.append(&mut self.backlog);
-        let wait = if self.completions.is_empty() {
+    /// Polls the transport, waiting up to `timeout` for the first
+    /// completion, and acts on everything it reports: arrivals go through
+    /// acceptance into `sink`, lost links mark their peers.
+    pub(crate) fn pump<S: Sink>(&mut self, timeout: Duration, sink: &mut S) -> Result<()> {
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.clear();
+        completions.append(&mut self.backlog);
+        let wait = if completions.is_empty() {
             timeout
         } else {
             Duration::ZERO
         };
-        self.transport.poll(&mut self.completions, wait)?;
-        for c in self.completions.drain(..) {
-            let (link, lost) = match c {
+        let r = self.transport.poll(&mut completions, wait);
+        for c in completions.drain(..) {
+            match c {
+                Completion::Sent { token } => self.on_sent(token),
                 Completion::Arrival { link, imm } => {
-                    if let Some(Some(peer)) = self.link_to_peer.get(link) {
-                        out.push(Event::Arrival {
-                            peer: *peer,
-                            imm: Imm::decode(imm),
-                        });
+                    if let Some(peer) = self.peer_of(link) {
+                        self.arrival(peer, Imm::decode(imm), sink);
                     }
-                    continue;
-                }
-                Completion::Sent { token } => {
-                    for b in &mut self.staging_busy {
-                        if *b == Some(token) {
-                            *b = None;
-                        }
-                    }
-                    continue;
                 }
                 Completion::LinkClosed { link } => {
-                    if let Some(Some(peer)) = self.link_to_peer.get(link).copied() {
-                        let p = &mut self.peers[peer];
-                        if p.stats.lost.is_none() {
-                            tracing::debug!(peer = %p.peer, "peer closed the link in order");
-                            p.stats.lost = Some("peer shut down".into());
-                            out.push(Event::Lost { peer });
-                        }
+                    if let Some(peer) = self.peer_of(link) {
+                        self.mark_lost(peer, "peer shut down".into(), true);
                     }
-                    continue;
                 }
-                Completion::LinkDown { link, reason } => (link, reason),
+                Completion::LinkDown { link, reason } => {
+                    if let Some(peer) = self.peer_of(link) {
+                        self.mark_lost(peer, reason, false);
+                    }
+                }
                 Completion::LinkError { link, reason } => {
-                    (link, format!("protocol error: {reason}"))
-                }
-            };
-            if let Some(Some(peer)) = self.link_to_peer.get(link).copied() {
-                let p = &mut self.peers[peer];
-                if p.stats.lost.is_none() {
-                    tracing::warn!(peer = %p.peer, "peer lost: {lost}");
-                    p.stats.lost = Some(lost);
-                    out.push(Event::Lost { peer });
+                    if let Some(peer) = self.peer_of(link) {
+                        self.mark_lost(peer, format!("protocol error: {reason}"), false);
+                    }
                 }
             }
         }
-        Ok(())
+        self.completions = completions;
+        r
+    }
+
+    /// Pumps until `ready` yields a value or errs, or `timeout` runs out
+    /// (`Ok(None)`). `ready` is asked first, and the transport is polled at
+    /// least once before giving up, so a zero timeout takes what has
+    /// already landed.
+    pub(crate) fn wait<S: Sink, T>(
+        &mut self,
+        sink: &mut S,
+        timeout: Duration,
+        mut ready: impl FnMut(&Engine, &mut S) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut polled = false;
+        loop {
+            if let Some(v) = ready(self, sink)? {
+                return Ok(Some(v));
+            }
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            if left.is_zero() && polled {
+                return Ok(None);
+            }
+            self.pump(left, sink)?;
+            polled = true;
+        }
+    }
+
+    fn peer_of(&self, link: LinkId) -> Option<usize> {
+        self.link_to_peer.get(link).copied().flatten()
+    }
+
+    /// Judges peer `peer`'s arrival announced by `imm`.
+    fn arrival<S: Sink>(&mut self, peer: usize, imm: Imm, sink: &mut S) {
+        let (region, slot, peers) = (&self.recv.region, self.recv.slot, self.peers.len());
+        // The header is copied out with volatile reads: the slot is
+        // peer-written memory, and a replay may be landing on it.
+        let read = |stage: usize| {
+            let mut h = [0u8; HEADER_LEN];
+            region.copy_out((stage * peers + peer) * slot, &mut h)?;
+            Ok(h)
+        };
+        let stats = &mut self.peers[peer].stats;
+        match accept(&self.geometry, peer, imm, read, sink.counter()) {
+            Ok(a) => {
+                stats.received += 1;
+                sink.accepted(peer, &a, now_ns());
+            }
+            Err(r) => {
+                stats.rejected += 1;
+                let who = self.peers[peer].peer;
+                if r.is_replay() {
+                    tracing::debug!(peer = %who, "dropped {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
+                } else {
+                    tracing::warn!(peer = %who, "rejected {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
+                }
+            }
+        }
     }
 }
+
+/// How long a rank waits by default for the sends from a slot to complete
+/// before it fills the slot again.
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Wall-clock nanoseconds, for trace stamps (comparable across processes
 /// of one host; across hosts only as good as their clock sync).

@@ -1,17 +1,20 @@
 //! The message header and the immediate value.
 //!
 //! Every message is one write into a slot of the receiver's registered region:
-//! a 64-byte [`Header`] followed by the payload (token rows, then the side
-//! block). The write carries an [`Imm`] naming (kind, stage, sequence); the
-//! receiver reads the header from the slot that the imm points at and checks
-//! that both agree before it counts the arrival.
+//! a 64-byte [`Header`], then (dispatches only) the side area, a fixed
+//! `round_up_64(side_bytes)` bytes whose first `side_len` are the side
+//! block, then the token rows at a fixed 64-aligned offset. The write
+//! carries an [`Imm`] naming (kind, stage, sequence); the receiver reads the
+//! header from the slot that the imm points at and checks that both agree
+//! before it counts the arrival ([`accept`](super::accept::accept)).
 
 use super::codec::{DecodeError, Reader};
 
 /// `"AFMH"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"AFMH");
 /// Wire format version; a peer with another version is refused.
-pub const VERSION: u8 = 1;
+/// 2: the side block moved in front of the rows (a fixed side area).
+pub const VERSION: u8 = 2;
 /// Bytes of an encoded [`Header`].
 pub const HEADER_LEN: usize = 64;
 /// Stages are carried in 7 bits of the immediate.
@@ -24,6 +27,15 @@ pub enum Kind {
     Dispatch,
     /// FFN → attention: output rows.
     Combine,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Dispatch => "dispatch",
+            Kind::Combine => "combine",
+        })
+    }
 }
 
 impl Kind {
@@ -57,7 +69,8 @@ pub struct Header {
     pub tokens: u32,
     /// Bytes of one row.
     pub row_bytes: u32,
-    /// Bytes of the side block after the rows.
+    /// Bytes of the side block (at the start of the side area, before the
+    /// rows).
     pub side_len: u32,
     /// Trace stamp: when the message was posted (sender's clock, ns).
     pub post_ns: u64,
@@ -70,7 +83,8 @@ pub struct Header {
 }
 
 impl Header {
-    /// Payload bytes after the header: rows then side block.
+    /// Payload bytes the header describes: rows plus side block (the write
+    /// also carries the unused rest of the side area).
     pub fn payload_len(&self) -> Option<usize> {
         (self.tokens as usize)
             .checked_mul(self.row_bytes as usize)?

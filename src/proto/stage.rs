@@ -13,8 +13,13 @@
 //! twice, a message for a stage in the wrong state — are a [`Reject`]; the
 //! engine drops them and counts them, and the state does not change.
 
-/// Why an arrival was not counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use super::codec::DecodeError;
+use super::header::Kind;
+
+/// Why an arrival was not accepted: the header does not agree with its
+/// imm, its link or the geometry (see [`accept`](super::accept::accept)),
+/// or the stage machine does not expect it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
     /// The stage index is outside the registered stages.
     NoSuchStage,
@@ -30,27 +35,138 @@ pub enum Reject {
     Unexpected,
     /// The token count differs from what was dispatched.
     WrongTokens,
+    /// The imm or the header names a kind of message this rank does not
+    /// receive (an attention rank receives combines, an FFN rank dispatches).
+    WrongKind {
+        /// The kind the message claims.
+        got: Kind,
+    },
+    /// The header in the slot does not decode.
+    BadHeader(DecodeError),
+    /// A header field disagrees with the imm or the link it came on, or
+    /// with the geometry.
+    Mismatch {
+        /// Which field.
+        field: Field,
+        /// Its value in the header.
+        header: u64,
+        /// The value the imm, the link or the geometry requires.
+        expected: u64,
+    },
+    /// A header field exceeds what the geometry allows.
+    TooLarge {
+        /// Which field.
+        field: Field,
+        /// Its value in the header.
+        header: u64,
+        /// The most the geometry allows.
+        max: u64,
+    },
+}
+
+/// A header field named in a [`Reject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    /// [`Header::stage`](super::Header::stage).
+    Stage,
+    /// [`Header::sequence`](super::Header::sequence) (its low 24 bits, as
+    /// the imm carries them).
+    Sequence,
+    /// [`Header::sender`](super::Header::sender).
+    Sender,
+    /// [`Header::row_bytes`](super::Header::row_bytes).
+    RowBytes,
+    /// [`Header::tokens`](super::Header::tokens).
+    Tokens,
+    /// [`Header::side_len`](super::Header::side_len).
+    SideLen,
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Field::Stage => "stage",
+            Field::Sequence => "sequence",
+            Field::Sender => "sender",
+            Field::RowBytes => "row_bytes",
+            Field::Tokens => "tokens",
+            Field::SideLen => "side_len",
+        })
+    }
 }
 
 impl Reject {
     /// Whether the message is harmless to drop (a replay) rather than a sign
     /// that the peer is broken.
-    pub fn is_replay(self) -> bool {
+    pub fn is_replay(&self) -> bool {
         matches!(self, Reject::Stale | Reject::Duplicate)
     }
 }
 
 impl std::fmt::Display for Reject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Reject::NoSuchStage => "no such stage",
-            Reject::NoSuchPeer => "no such peer",
-            Reject::Stale => "stale sequence",
-            Reject::Duplicate => "duplicate message",
-            Reject::Ahead => "sequence ahead of the protocol",
-            Reject::Unexpected => "stage not expecting this message",
-            Reject::WrongTokens => "token count differs from the dispatch",
-        })
+        match self {
+            Reject::NoSuchStage => f.write_str("no such stage"),
+            Reject::NoSuchPeer => f.write_str("no such peer"),
+            Reject::Stale => f.write_str("stale sequence"),
+            Reject::Duplicate => f.write_str("duplicate message"),
+            Reject::Ahead => f.write_str("sequence ahead of the protocol"),
+            Reject::Unexpected => f.write_str("stage not expecting this message"),
+            Reject::WrongTokens => f.write_str("token count differs from the dispatch"),
+            Reject::WrongKind { got } => write!(f, "a {got} is not received here"),
+            Reject::BadHeader(e) => write!(f, "header: {e}"),
+            Reject::Mismatch {
+                field,
+                header,
+                expected,
+            } => write!(f, "header {field} is {header}, expected {expected}"),
+            Reject::TooLarge { field, header, max } => {
+                write!(f, "header {field} is {header}, at most {max} allowed")
+            }
+        }
+    }
+}
+
+/// A stage machine that counts arrivals of one kind of message: what
+/// [`accept`](super::accept::accept) feeds once a header checks out.
+pub trait StageCounter {
+    /// The kind of message counted.
+    const KIND: Kind;
+    /// Counts `from`'s message for `stage` at `sequence` carrying `tokens`
+    /// rows. `Ok(true)` once the stage has every peer's; on `Err` the state
+    /// is unchanged.
+    fn count(
+        &mut self,
+        stage: usize,
+        from: usize,
+        sequence: u32,
+        tokens: u32,
+    ) -> Result<bool, Reject>;
+}
+
+impl StageCounter for AttentionStages {
+    const KIND: Kind = Kind::Combine;
+    fn count(
+        &mut self,
+        stage: usize,
+        from: usize,
+        sequence: u32,
+        tokens: u32,
+    ) -> Result<bool, Reject> {
+        self.on_combine(stage, from, sequence, tokens)
+    }
+}
+
+impl StageCounter for FfnStages {
+    const KIND: Kind = Kind::Dispatch;
+    fn count(
+        &mut self,
+        stage: usize,
+        from: usize,
+        sequence: u32,
+        tokens: u32,
+    ) -> Result<bool, Reject> {
+        self.on_dispatch(stage, from, sequence, tokens)
     }
 }
 
@@ -67,7 +183,7 @@ enum AState {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct AStage {
     state: AState,
     /// Sequence of the current (or next) dispatch of this stage.
@@ -75,7 +191,7 @@ struct AStage {
 }
 
 /// An attention rank's stages.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttentionStages {
     stages: Vec<AStage>,
     peers: usize,
@@ -161,6 +277,13 @@ impl AttentionStages {
         }
     }
 
+    /// Whether `stage` may be dispatched now (it exists and is idle).
+    pub fn is_idle(&self, stage: usize) -> bool {
+        self.stages
+            .get(stage)
+            .is_some_and(|s| s.state == AState::Idle)
+    }
+
     /// Whether `stage` has all its combines.
     pub fn is_combined(&self, stage: usize) -> bool {
         matches!(
@@ -229,7 +352,7 @@ enum FState {
     HandedOut,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct FStage {
     state: FState,
     seq: u32,
@@ -238,7 +361,7 @@ struct FStage {
 }
 
 /// An FFN rank's stages.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FfnStages {
     stages: Vec<FStage>,
     peers: usize,
@@ -319,6 +442,13 @@ impl FfnStages {
         Some((s.seq, s.tokens.iter().map(|t| t.unwrap_or(0)).collect()))
     }
 
+    /// Whether `stage` is handed out at `seq` and not yet answered.
+    pub fn is_handed_out(&self, stage: usize, seq: u32) -> bool {
+        self.stages
+            .get(stage)
+            .is_some_and(|s| s.state == FState::HandedOut && s.seq == seq)
+    }
+
     /// The caller responded to `stage` at `seq`: collect the next sequence.
     pub fn respond(&mut self, stage: usize, seq: u32) -> bool {
         let peers = self.peers;
@@ -364,7 +494,9 @@ mod tests {
     #[test]
     fn attention_cycle_and_busy() {
         let mut a = AttentionStages::new(3, 2);
+        assert!(a.is_idle(1) && !a.is_idle(3));
         assert_eq!(a.dispatch(1, 5), Some(0));
+        assert!(!a.is_idle(1));
         assert_eq!(a.dispatch(1, 5), None, "busy");
         assert_eq!(a.on_combine(1, 0, 0, 5), Ok(false));
         assert_eq!(a.on_combine(1, 0, 0, 5), Err(Reject::Duplicate));
@@ -377,6 +509,7 @@ mod tests {
             "combined but not taken is still busy"
         );
         assert!(a.finish(1));
+        assert!(a.is_idle(1));
         assert_eq!(a.on_combine(1, 1, 0, 5), Err(Reject::Stale));
         assert_eq!(a.dispatch(1, 7), Some(1));
         assert_eq!(a.on_combine(1, 0, 2, 7), Err(Reject::Ahead));
@@ -407,10 +540,12 @@ mod tests {
         assert_eq!(f.oldest_complete(), Some(0));
         let (seq, toks) = f.hand_out(0).unwrap();
         assert_eq!((seq, toks), (0, vec![9, 0]));
+        assert!(f.is_handed_out(0, 0) && !f.is_handed_out(0, 1) && !f.is_handed_out(2, 0));
         assert!(f.hand_out(0).is_none());
         assert_eq!(f.oldest_complete(), Some(2));
         assert!(f.respond(0, 0));
         assert!(!f.respond(0, 0));
+        assert!(!f.is_handed_out(0, 0));
         assert_eq!(f.on_dispatch(0, 0, 0, 1), Err(Reject::Stale));
         assert_eq!(f.on_dispatch(0, 0, 2, 1), Err(Reject::Ahead));
         // Stage 0 at seq 1 completing is younger than stage 2 at seq 0.

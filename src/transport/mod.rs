@@ -49,6 +49,7 @@ pub mod poll;
 mod region;
 pub mod shm;
 pub mod sim;
+pub mod slots;
 pub mod tcp;
 
 use std::os::fd::RawFd;
@@ -84,6 +85,16 @@ impl std::fmt::Display for MemoryKind {
             MemoryKind::Cuda { device } => write!(f, "CUDA device {device} memory"),
         }
     }
+}
+
+/// Who may use a registered region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Only this rank, as the source of its posted writes: not published,
+    /// and a peer's write naming it is a protocol error.
+    Local,
+    /// Also peers, as the target of their writes (a receive region).
+    RemoteWrite,
 }
 
 /// A registered region as this rank names it in its own posted writes.
@@ -227,8 +238,9 @@ pub trait Transport {
     fn name(&self) -> &'static str;
     /// What the backend can do.
     fn caps(&self) -> Caps;
-    /// Makes `region` usable for posted writes and as a write target.
-    fn register(&mut self, region: &Arc<Region>) -> Result<Registration>;
+    /// Makes `region` usable as the source of posted writes and, with
+    /// [`Access::RemoteWrite`], as the target of peers' writes.
+    fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration>;
     /// This rank's endpoint blob (after every registration).
     fn endpoint(&self) -> Vec<u8>;
     /// Whether this backend can link to the peer that published `blob`;
@@ -294,8 +306,8 @@ impl Transport for Backend {
     fn caps(&self) -> Caps {
         each!(self, t => t.caps())
     }
-    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
-        each!(self, t => t.register(region))
+    fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
+        each!(self, t => t.register(region, access))
     }
     fn endpoint(&self) -> Vec<u8> {
         each!(self, t => t.endpoint())
@@ -341,11 +353,13 @@ impl Transport for Backend {
 #[derive(Debug, Default)]
 pub(crate) struct LocalRegions {
     regions: Vec<Arc<Region>>,
+    access: Vec<Access>,
 }
 
 impl LocalRegions {
-    pub(crate) fn add(&mut self, region: &Arc<Region>) -> LocalKey {
+    pub(crate) fn add(&mut self, region: &Arc<Region>, access: Access) -> LocalKey {
         self.regions.push(region.clone());
+        self.access.push(access);
         LocalKey((self.regions.len() - 1) as u32)
     }
 
@@ -353,8 +367,22 @@ impl LocalRegions {
         self.regions.get(id as usize)
     }
 
-    pub(crate) fn all(&self) -> &[Arc<Region>] {
-        &self.regions
+    /// Region `id` if peers may write it.
+    pub(crate) fn target(&self, id: u32) -> Option<&Arc<Region>> {
+        match self.access.get(id as usize) {
+            Some(Access::RemoteWrite) => self.regions.get(id as usize),
+            _ => None,
+        }
+    }
+
+    /// The regions peers may write, with their ids.
+    pub(crate) fn targets(&self) -> impl Iterator<Item = (u32, &Arc<Region>)> {
+        self.regions
+            .iter()
+            .zip(&self.access)
+            .enumerate()
+            .filter(|(_, (_, a))| **a == Access::RemoteWrite)
+            .map(|(i, (r, _))| (i as u32, r))
     }
 
     /// Resolves a slice to its region, checking that it lies inside.

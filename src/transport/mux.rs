@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use super::shm::sys::{poll_ready, FdWatcher};
 use super::{
-    Backend, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, PeerSpec, PollPolicy,
-    Region, RegionKey, Transport, Wake,
+    Access, Backend, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, PeerSpec,
+    PollPolicy, Region, RegionKey, Transport, Wake,
 };
 use crate::error::{Error, Result};
 
@@ -83,12 +83,12 @@ impl Mux {
     /// Registers `region` with every backend that moves its kind of memory;
     /// the mux's local key names it in [`Mux::post_write`]. An error if no
     /// backend can move it.
-    pub fn register(&mut self, region: &Arc<Region>) -> Result<LocalKey> {
+    pub fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<LocalKey> {
         let kind = region.kind();
         let mut keys = Vec::with_capacity(self.backends.len());
         for b in &mut self.backends {
             keys.push(if b.caps().moves(kind) {
-                Some(b.register(region)?.local)
+                Some(b.register(region, access)?.local)
             } else {
                 None
             });

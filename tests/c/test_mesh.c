@@ -126,9 +126,27 @@ static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
             outs[a] = out[a];
             lens[a] = v.token_count * ROW;
         }
+        if (meta.senders > 0) {
+            /* A refused respond gives the batch back: nothing is sent. */
+            size_t good = lens[0];
+            lens[0] = good + 1;
+            afmesh_result bad = afmesh_ffn_respond(f, b, outs, lens, meta.senders);
+            lens[0] = good;
+            if (bad != AFMESH_ERR_BUFFER_SIZE) {
+                afmesh_batch_free(b);
+                fail("respond with a wrong length", bad);
+                return 101;
+            }
+        }
         afmesh_result r = afmesh_ffn_respond(f, b, outs, lens, meta.senders);
+        /* Once answered, the batch and its views are gone. */
+        afmesh_result again = afmesh_batch_info(b, &meta);
         afmesh_batch_free(b);
         if (r != AFMESH_OK) return fail("respond", r);
+        if (again != AFMESH_ERR_INVALID_ARGUMENT) {
+            fail("batch_info after respond", again);
+            return 102;
+        }
     }
     return 0;
 }

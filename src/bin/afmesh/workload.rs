@@ -3,6 +3,12 @@
 //! stage, attention rank, row); the FFN answers each row with its stamp
 //! mixed with its own rank, over a body pattern of its own. The attention
 //! rank checks every byte of every partial it gets back.
+//!
+//! Both sides build their messages in place in the send slots
+//! (`dispatch_with`, `respond_with`), as an engine that computes straight
+//! into registered memory would: no copy is made on the way out. A slot
+//! keeps its bytes between uses, so a row's body is written once and only
+//! its stamp is rewritten per layer.
 
 use std::time::{Duration, Instant};
 
@@ -142,13 +148,8 @@ pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionRep
     let row = spec.row_bytes as usize;
     let out_row = spec.out_row_bytes as usize;
     let max = w.tokens as usize;
-    let mut bufs: Vec<Vec<u8>> = (0..w.stages)
-        .map(|_| {
-            (0..max * row)
-                .map(|i| in_body(me, i / row, i % row))
-                .collect()
-        })
-        .collect();
+    // Rows of each stage's send slot whose body is already written.
+    let mut filled = vec![0usize; w.stages as usize];
     let expect_body: Vec<Vec<u8>> = (0..n)
         .map(|f| {
             (0..max * out_row)
@@ -170,19 +171,25 @@ pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionRep
         let t0 = Instant::now();
         for s in 0..w.stages {
             let count = w.count(layer, s, me) as usize;
-            let buf = &mut bufs[s as usize];
-            for r in 0..count {
-                buf[r * row..r * row + 8].copy_from_slice(&stamp(layer, s, me, r).to_le_bytes());
-            }
-            let mut side = [0u8; SIDE_BYTES as usize];
-            side[0..4].copy_from_slice(&layer.to_le_bytes());
-            side[4..8].copy_from_slice(&s.to_le_bytes());
-            side[8..12].copy_from_slice(&me.to_le_bytes());
-            side[12..16].copy_from_slice(&(count as u32).to_le_bytes());
-            handles.push(
-                a.dispatch(s, &buf[..count * row], &side)
-                    .with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?,
-            );
+            let done = &mut filled[s as usize];
+            let h = a.dispatch_with(s, count, |rows, side| {
+                for r in 0..count {
+                    let rw = &mut rows[r * row..(r + 1) * row];
+                    rw[..8].copy_from_slice(&stamp(layer, s, me, r).to_le_bytes());
+                    if r >= *done {
+                        for (k, b) in rw.iter_mut().enumerate().skip(8) {
+                            *b = in_body(me, r, k);
+                        }
+                    }
+                }
+                *done = (*done).max(count);
+                side[0..4].copy_from_slice(&layer.to_le_bytes());
+                side[4..8].copy_from_slice(&s.to_le_bytes());
+                side[8..12].copy_from_slice(&me.to_le_bytes());
+                side[12..16].copy_from_slice(&(count as u32).to_le_bytes());
+                SIDE_BYTES as usize
+            });
+            handles.push(h.with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?);
         }
         a.wait_all(&handles, w.timeout)
             .with_context(|| format!("A{me}: combine of layer {layer}"))?;
@@ -251,14 +258,9 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
     let m = f.attention_ranks();
     let row = spec.row_bytes as usize;
     let out_row = spec.out_row_bytes as usize;
-    let max = w.tokens as usize;
-    let mut outs: Vec<Vec<u8>> = (0..m)
-        .map(|_| {
-            (0..max * out_row)
-                .map(|i| out_body(me, i / out_row, i % out_row))
-                .collect()
-        })
-        .collect();
+    // Rows of each (stage, attention rank) send slot whose body is already
+    // written.
+    let mut filled = vec![0usize; w.stages as usize * m];
     let mut rep = FfnReport {
         batches: 0,
         errors: 0,
@@ -274,11 +276,9 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
             rep.errors += 1;
             rep.first_error.get_or_insert(what);
         };
-        let mut lens = Vec::with_capacity(m);
-        for (a, out) in outs.iter_mut().enumerate() {
+        for a in 0..m {
             let side = b.side(a);
             let count = b.token_count(a);
-            lens.push(count * out_row);
             if side.len() != SIDE_BYTES as usize {
                 bad(format!(
                     "stage {s} A{a}: side block of {} bytes",
@@ -310,13 +310,29 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
                         "layer {layer} stage {s} A{a} row {r}: wrong input bytes"
                     ));
                 }
-                let v = u64::from_le_bytes(inrow[..8].try_into().unwrap_or([0; 8])) ^ ffn_key(me);
-                out[r * out_row..r * out_row + 8].copy_from_slice(&v.to_le_bytes());
             }
         }
-        let refs: Vec<&[u8]> = outs.iter().zip(&lens).map(|(o, &l)| &o[..l]).collect();
-        f.respond(&b, &refs)
-            .with_context(|| format!("F{me}: respond stage {s}"))?;
+        // Each answer row: the input stamp mixed with this rank's key, over
+        // this rank's body.
+        let filled = &mut filled[s as usize * m..(s as usize + 1) * m];
+        f.respond_with(b, |b, a, rows| {
+            let input = b.tokens(a);
+            let count = b.token_count(a);
+            for r in 0..count {
+                let inrow = &input[r * row..(r + 1) * row];
+                let v = u64::from_le_bytes(inrow[..8].try_into().unwrap_or([0; 8])) ^ ffn_key(me);
+                let out = &mut rows[r * out_row..(r + 1) * out_row];
+                out[..8].copy_from_slice(&v.to_le_bytes());
+                if r >= filled[a] {
+                    for (k, o) in out.iter_mut().enumerate().skip(8) {
+                        *o = out_body(me, r, k);
+                    }
+                }
+            }
+            filled[a] = filled[a].max(count);
+        })
+        .map_err(afmesh::Error::from)
+        .with_context(|| format!("F{me}: respond stage {s}"))?;
         rep.batches += 1;
     }
     Ok(rep)

@@ -42,8 +42,8 @@ pub use segment::{Doorbell, Segment};
 
 use super::notice::Notice;
 use super::{
-    blob, check_post, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice, PeerSpec,
-    RegionKey, Registration, Transport, Wake,
+    blob, check_post, Access, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice,
+    PeerSpec, RegionKey, Registration, Transport, Wake,
 };
 use crate::error::{Error, Result};
 use ring::Ring;
@@ -89,8 +89,8 @@ fn decode(b: &[u8]) -> std::result::Result<PeerEndpoint, String> {
 #[derive(Debug)]
 struct ShmLink {
     peer: Segment,
-    /// The peer's regions, by key id.
-    targets: Vec<Target>,
+    /// The peer's regions, by key id (`None`: not a region it publishes).
+    targets: Vec<Option<Target>>,
     out: Ring,
     inbound: Ring,
     watch: sys::PidWatch,
@@ -159,7 +159,7 @@ impl ShmTransport {
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>) {
-        let regions = self.local.all();
+        let regions = &self.local;
         for (link, l) in self.links.iter_mut().enumerate() {
             if l.down {
                 continue;
@@ -180,7 +180,7 @@ impl ShmTransport {
                         break;
                     }
                     Ok(n) => {
-                        let region_len = regions.get(n.region as usize).map_or(0, |r| r.len());
+                        let region_len = regions.target(n.region).map_or(0, |r| r.len());
                         let fits = n
                             .offset
                             .checked_add(u64::from(n.len))
@@ -247,13 +247,13 @@ impl Transport for ShmTransport {
         }
     }
 
-    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
+    fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
         let (off, len) = self.own.region_range();
         let map = self.own.mapping();
         let in_segment = region.is_in(&map)
             && region.addr() == map.ptr() as u64 + off as u64
             && region.len() == len;
-        let local = self.local.add(region);
+        let local = self.local.add(region, access);
         self.in_segment.push(in_segment);
         Ok(Registration {
             local,
@@ -274,15 +274,15 @@ impl Transport for ShmTransport {
         w.u64(&*self.nonce as *const u64 as u64);
         let keys: Vec<RegionKey> = self
             .local
-            .all()
-            .iter()
-            .zip(&self.in_segment)
-            .enumerate()
-            .map(|(i, (r, &inside))| RegionKey {
-                id: i as u32,
-                rkey: if inside { IN_SEGMENT } else { BY_ADDRESS },
-                addr: if inside { 0 } else { r.addr() },
-                len: r.len() as u64,
+            .targets()
+            .map(|(i, r)| {
+                let inside = self.in_segment[i as usize];
+                RegionKey {
+                    id: i,
+                    rkey: if inside { IN_SEGMENT } else { BY_ADDRESS },
+                    addr: if inside { 0 } else { r.addr() },
+                    len: r.len() as u64,
+                }
             })
             .collect();
         blob::put_keys(&mut w, &keys);
@@ -342,15 +342,19 @@ impl Transport for ShmTransport {
                     p.peer_rank
                 ))
             })?;
-            let mut targets = Vec::with_capacity(ep.keys.len());
-            for (i, k) in ep.keys.iter().enumerate() {
-                if k.id as usize != i {
+            let mut targets: Vec<Option<Target>> = Vec::new();
+            for k in &ep.keys {
+                let id = k.id as usize;
+                if id >= crate::proto::codec::MAX_LIST {
                     return Err(Error::BadFrame {
                         peer: label,
-                        reason: format!("shm endpoint: region key {i} has id {}", k.id),
+                        reason: format!("shm endpoint: region id {id}"),
                     });
                 }
-                targets.push(match k.rkey {
+                if targets.len() <= id {
+                    targets.resize_with(id + 1, || None);
+                }
+                targets[id] = Some(match k.rkey {
                     IN_SEGMENT => {
                         let (off, len) = peer.region_range();
                         Target::Mapped(
@@ -396,9 +400,13 @@ impl Transport for ShmTransport {
         let state = self.links.get(link).map(|l| (l.label.as_str(), l.down));
         let len = check_post(state, link, src, remote, offset, u64::from(u32::MAX))?;
         let l = &mut self.links[link];
-        let target = l.targets.get(remote.id as usize).ok_or_else(|| {
-            Error::InvalidArgument(format!("{} has no region {}", l.label, remote.id))
-        })?;
+        let target = l
+            .targets
+            .get(remote.id as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("{} has no region {}", l.label, remote.id))
+            })?;
         let mut at = offset;
         for s in src {
             let (r, from, n) = self.local.resolve(s)?;
@@ -523,11 +531,11 @@ mod tests {
         let mut a = ShmTransport::create(job, "h", 1, 4096).unwrap();
         let mut b = ShmTransport::create(job, "h", 1, 4096).unwrap();
         let ra = a.region().unwrap();
-        a.register(&ra).unwrap();
+        a.register(&ra, Access::RemoteWrite).unwrap();
         let src = Arc::new(Region::alloc(4096).unwrap());
-        assert_eq!(a.register(&src).unwrap().local, LocalKey(1));
+        assert_eq!(a.register(&src, Access::Local).unwrap().local, LocalKey(1));
         let rb = b.region().unwrap();
-        b.register(&rb).unwrap();
+        b.register(&rb, Access::RemoteWrite).unwrap();
         let (ea, eb) = (a.endpoint(), b.endpoint());
         let kb = a.connect(&[spec(eb)], Duration::ZERO).unwrap()[0].remote[0];
         b.connect(&[spec(ea)], Duration::ZERO).unwrap();
@@ -641,10 +649,10 @@ mod tests {
     fn caller_memory_is_written_by_cross_memory_attach() {
         let mut a = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
         let src = Arc::new(Region::alloc(64).unwrap());
-        a.register(&src).unwrap();
+        a.register(&src, Access::Local).unwrap();
         let mut b = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
         let caller = Arc::new(Region::from_vec(vec![0u8; 100]));
-        b.register(&caller).unwrap();
+        b.register(&caller, Access::RemoteWrite).unwrap();
         let eb = b.endpoint();
         b.reaches(&a.endpoint()).unwrap();
         a.reaches(&eb).unwrap();
@@ -669,8 +677,11 @@ mod tests {
     #[test]
     fn a_wrong_pid_is_not_attached_to() {
         let mut b = ShmTransport::create("shm-unit-5", "h", 1, 4096).unwrap();
-        b.register(&Arc::new(Region::from_vec(vec![0u8; 8])))
-            .unwrap();
+        b.register(
+            &Arc::new(Region::from_vec(vec![0u8; 8])),
+            Access::RemoteWrite,
+        )
+        .unwrap();
         // The blob names our pid but a nonce address that holds another
         // value: as if the pid named another process.
         let mut p = decode(&b.endpoint()).unwrap();

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{
-    blob, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, PeerSpec, Region, RegionKey,
-    Registration, Transport, Wake,
+    blob, Access, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, PeerSpec, Region,
+    RegionKey, Registration, Transport, Wake,
 };
 use crate::error::{Error, Result};
 
@@ -53,6 +53,7 @@ struct LinkEnd {
 #[derive(Debug, Default)]
 struct Endpoint {
     regions: Vec<Arc<Region>>,
+    access: Vec<Access>,
     links: Vec<LinkEnd>,
     inbox: VecDeque<Completion>,
     /// Link id at this end per peer endpoint.
@@ -183,8 +184,12 @@ impl Net {
                     return;
                 }
                 let result = match ep.regions.get(region as usize) {
-                    None => Err(format!("write to unknown region {region}")),
-                    Some(r) => r.write_gather(offset, &[&bytes]),
+                    Some(r) if ep.access.get(region as usize) == Some(&Access::RemoteWrite) => {
+                        r.write_gather(offset, &[&bytes])
+                    }
+                    _ => Err(format!(
+                        "write to region {region}, which peers may not write"
+                    )),
                 };
                 match result {
                     Ok(()) => {
@@ -456,10 +461,11 @@ impl Transport for SimTransport {
         }
     }
 
-    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
+    fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
         let mut n = self.net.lock();
         let e = &mut n.endpoints[self.ep];
         e.regions.push(region.clone());
+        e.access.push(access);
         let id = (e.regions.len() - 1) as u32;
         Ok(Registration {
             local: LocalKey(id),
@@ -474,10 +480,12 @@ impl Transport for SimTransport {
 
     fn endpoint(&self) -> Vec<u8> {
         let n = self.net.lock();
-        let keys: Vec<RegionKey> = n.endpoints[self.ep]
+        let e = &n.endpoints[self.ep];
+        let keys: Vec<RegionKey> = e
             .regions
             .iter()
             .enumerate()
+            .filter(|(i, _)| e.access[*i] == Access::RemoteWrite)
             .map(|(i, r)| RegionKey {
                 id: i as u32,
                 rkey: 0,
@@ -679,9 +687,9 @@ mod tests {
         let mut b = net.endpoint();
         net.connect(&a, &b);
         let src = Arc::new(Region::alloc(64).unwrap());
-        assert_eq!(a.register(&src).unwrap().local, LocalKey(0));
+        assert_eq!(a.register(&src, Access::Local).unwrap().local, LocalKey(0));
         let dst = Arc::new(Region::alloc(64).unwrap());
-        let key = b.register(&dst).unwrap().remote;
+        let key = b.register(&dst, Access::RemoteWrite).unwrap().remote;
         Pair {
             net,
             a,
@@ -860,7 +868,7 @@ mod tests {
         let mut a = net.endpoint();
         let mut b = net.endpoint();
         let r = Arc::new(Region::alloc(16).unwrap());
-        b.register(&r).unwrap();
+        b.register(&r, Access::RemoteWrite).unwrap();
         let spec = |blob: Vec<u8>| PeerSpec {
             label: "peer".into(),
             blob,

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use super::notice::Notice;
 use super::{
-    blob, check_post, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice, PeerSpec,
-    Region, RegionKey, Registration, Transport, Wake,
+    blob, check_post, Access, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice,
+    PeerSpec, Region, RegionKey, Registration, Transport, Wake,
 };
 use crate::error::{Error, Result};
 use frame::FRAME_LEN;
@@ -197,7 +197,7 @@ enum Read1 {
 fn read_some(
     l: &mut Link,
     link: LinkId,
-    regions: &[Arc<Region>],
+    regions: &LocalRegions,
     out: &mut Vec<Completion>,
 ) -> Read1 {
     let down = |reason: String| Read1::End(Completion::LinkDown { link, reason });
@@ -226,8 +226,10 @@ fn read_some(
                     return Read1::End(Completion::LinkClosed { link });
                 }
                 let fits = regions
-                    .get(h.region as usize)
-                    .ok_or_else(|| format!("write to unknown region {}", h.region))
+                    .target(h.region)
+                    .ok_or_else(|| {
+                        format!("write to region {}, which peers may not write", h.region)
+                    })
                     .and_then(|r| r.check(h.offset, u64::from(h.len)).map(|_| ()));
                 if let Err(e) = fits {
                     return Read1::End(Completion::LinkError {
@@ -252,7 +254,9 @@ fn read_some(
         Rx::Body { h, got } => {
             let want = u64::from(h.len) - *got;
             // Checked against this region when the header came in.
-            let r = &regions[h.region as usize];
+            let Some(r) = regions.target(h.region) else {
+                return down(format!("{}: region {} vanished", l.peer, h.region));
+            };
             match r.read_fd(h.offset + *got, want, l.stream.as_raw_fd()) {
                 Ok(0) => down(format!("connection to {} closed mid-message", l.peer)),
                 Ok(k) => {
@@ -292,13 +296,13 @@ impl Transport for TcpTransport {
         }
     }
 
-    fn register(&mut self, region: &Arc<Region>) -> Result<Registration> {
+    fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
         if !self.links.is_empty() {
             return Err(Error::Unsupported(
                 "tcp: regions must be registered before the first link".into(),
             ));
         }
-        let local = self.local.add(region);
+        let local = self.local.add(region, access);
         Ok(Registration {
             local,
             remote: RegionKey {
@@ -313,11 +317,9 @@ impl Transport for TcpTransport {
     fn endpoint(&self) -> Vec<u8> {
         let keys: Vec<RegionKey> = self
             .local
-            .all()
-            .iter()
-            .enumerate()
+            .targets()
             .map(|(i, r)| RegionKey {
-                id: i as u32,
+                id: i,
                 rkey: 0,
                 addr: 0,
                 len: r.len() as u64,
@@ -440,7 +442,7 @@ impl Transport for TcpTransport {
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
         // Writes that went out whole when posted come first.
         out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
-        let regions = self.local.all();
+        let regions = &self.local;
         for (link, l) in self.links.iter_mut().enumerate() {
             if l.down {
                 continue;
@@ -559,9 +561,9 @@ mod tests {
         let mut a = TcpTransport::new(ip, Duration::from_secs(5)).unwrap();
         let mut b = TcpTransport::new(ip, Duration::from_secs(5)).unwrap();
         let src = Arc::new(Region::alloc(1 << 20).unwrap());
-        a.register(&src).unwrap();
+        a.register(&src, Access::Local).unwrap();
         let dst = Arc::new(Region::alloc(1 << 20).unwrap());
-        b.register(&dst).unwrap();
+        b.register(&dst, Access::RemoteWrite).unwrap();
         let spec = |blob, initiator| PeerSpec {
             label: "peer".into(),
             blob,

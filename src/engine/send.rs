@@ -1,0 +1,333 @@
+//! Sending: messages leave from send slots, one write each, and a slot is
+//! filled again only once every send from it completed.
+//!
+//! This is the seam to the transport. [`Engine::post`] is the only place a
+//! message is handed to the transport, and [`Engine::on_sent`] the only
+//! place a send is known complete. Each post gets a token naming (send
+//! slot, peer) and a generation; `on_sent` releases exactly the post it
+//! names, so a late or repeated completion never releases a slot refilled
+//! since. A lost peer's pending sends are released when it is marked lost.
+//!
+//! The transport reports `Sent { token }` later (shm at once, tcp when the
+//! kernel took the last byte, a NIC when its completion is polled),
+//! possibly after the peer already answered; the slot stays refused until
+//! then. A full send window is waited out here, bounded by the send
+//! timeout, while completions are still taken.
+
+use std::time::{Duration, Instant};
+
+use super::{Engine, Sink};
+use crate::error::{Error, Result};
+use crate::proto::Imm;
+use crate::transport::slots::SlotRef;
+use crate::transport::{Completion, LocalSlice};
+
+impl Engine {
+    /// Send slot `slot`, to build a message in; refused while a send from
+    /// it is pending.
+    pub(crate) fn fill(&mut self, slot: usize) -> Result<&mut [u8]> {
+        self.send.fill(slot)
+    }
+
+    /// The first `len` bytes of send slot `slot`, as a message.
+    pub(crate) fn message(&self, slot: usize, len: usize) -> Result<SlotRef> {
+        self.send.message(slot, len)
+    }
+
+    /// Waits (pumping, so arrivals are still counted) until every send from
+    /// slot `slot` completed, up to the send timeout.
+    pub(crate) fn reclaim<S: Sink>(&mut self, slot: usize, sink: &mut S) -> Result<()> {
+        if self.send.is_free(slot) {
+            return Ok(());
+        }
+        let timeout = self.send_timeout;
+        match self.wait(sink, timeout, |e, _| Ok(e.send.is_free(slot).then_some(())))? {
+            Some(()) => Ok(()),
+            None => Err(Error::Timeout {
+                op: "send completion",
+                peer: self.names(self.pending_peers(slot)),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Counts `bytes` that the library copied into a send slot for peer
+    /// `peer` (the copying `dispatch` and `respond`; zero-copy fills count
+    /// nothing).
+    pub(crate) fn count_copied(&mut self, peer: usize, bytes: usize) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.stats.copied_bytes += bytes as u64;
+        }
+    }
+
+    /// Posts message `msg` to peer `peer` at `remote_offset` of its region,
+    /// announced by `imm`. The slot is refused to `fill` until the send
+    /// completes ([`Engine::on_sent`]).
+    pub(crate) fn post(
+        &mut self,
+        peer: usize,
+        msg: SlotRef,
+        remote_offset: u64,
+        imm: Imm,
+    ) -> Result<()> {
+        if self.peers[peer].stats.lost.is_some() {
+            return Err(self.lost_error(peer));
+        }
+        let index = msg.slot * self.peers.len() + peer;
+        match self.outstanding.get(index) {
+            Some(None) => {}
+            Some(Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "send slot {} is already posted to {}",
+                    msg.slot, self.peers[peer].peer
+                )))
+            }
+            None => return Err(Error::invalid(format!("no send slot {}", msg.slot))),
+        }
+        self.generation = self.generation.wrapping_add(1);
+        let token = (u64::from(self.generation) << 32) | index as u64;
+        let p = &self.peers[peer];
+        let (link, key) = (p.link, p.key);
+        let src = [LocalSlice {
+            key: self.send_key,
+            offset: msg.offset as u64,
+            len: msg.len as u64,
+        }];
+        let deadline = Instant::now() + self.send_timeout;
+        let posted = loop {
+            match self.transport.post_write(
+                link,
+                &src,
+                &key,
+                remote_offset,
+                Some(imm.encode()),
+                token,
+            ) {
+                Err(Error::Backpressure { .. }) if Instant::now() < deadline => {
+                    // The window is full: make progress (completions free
+                    // it; arrivals wait in the backlog for the next pump).
+                    let mut out = Vec::new();
+                    self.transport.poll(&mut out, Duration::from_millis(1))?;
+                    for c in out {
+                        match c {
+                            Completion::Sent { token } => self.on_sent(token),
+                            other => self.backlog.push(other),
+                        }
+                    }
+                }
+                other => break other,
+            }
+        };
+        match posted {
+            Ok(()) => {
+                self.outstanding[index] = Some(self.generation);
+                self.send.posted(msg.slot, 1);
+                let copies = self.transport.caps_of(link).is_some_and(|c| c.copies);
+                let s = &mut self.peers[peer].stats;
+                s.sent += 1;
+                s.sent_bytes += msg.len as u64;
+                if copies {
+                    s.copied_bytes += msg.len as u64;
+                }
+                Ok(())
+            }
+            Err(
+                e @ (Error::BufferSize { .. }
+                | Error::Unsupported(_)
+                | Error::Config(_)
+                | Error::InvalidArgument(_)),
+            ) => Err(e),
+            Err(e) => {
+                self.mark_lost(peer, e.to_string(), false);
+                Err(self.lost_error(peer))
+            }
+        }
+    }
+
+    /// The send posted with `token` completed: its slot may be reused once
+    /// its other sends completed too. Unknown or stale tokens are ignored.
+    pub(crate) fn on_sent(&mut self, token: u64) {
+        let index = (token & 0xffff_ffff) as usize;
+        let generation = (token >> 32) as u32;
+        if let Some(o) = self.outstanding.get_mut(index) {
+            if *o == Some(generation) {
+                *o = None;
+                self.send.sent(index / self.peers.len());
+            }
+        }
+    }
+
+    /// Peer `peer` is lost: its pending sends will not complete.
+    pub(super) fn release_sends_to(&mut self, peer: usize) {
+        let n = self.peers.len();
+        for slot in 0..self.send.count() {
+            if let Some(o) = self.outstanding.get_mut(slot * n + peer) {
+                if o.take().is_some() {
+                    self.send.sent(slot);
+                }
+            }
+        }
+    }
+
+    /// Peers with a send from `slot` pending.
+    fn pending_peers(&self, slot: usize) -> Vec<usize> {
+        let n = self.peers.len();
+        (0..n)
+            .filter(|&p| matches!(self.outstanding.get(slot * n + p), Some(Some(_))))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::super::{Engine, Receive, Sink, Support};
+    use crate::error::{Error, Peer};
+    use crate::proto::{Accepted, AttentionStages, Geometry, Imm, Kind};
+    use crate::transport::sim::{SimNetwork, SimTransport};
+    use crate::transport::slots::SendSlots;
+    use crate::transport::{Access, Backend, Mux, PeerSpec, PollPolicy, Region, Transport};
+
+    const G: Geometry = Geometry {
+        stages: 2,
+        max_tokens: 1,
+        row_bytes: 64,
+        out_row_bytes: 64,
+        side_bytes: 0,
+    };
+
+    struct Counts(AttentionStages);
+
+    impl Sink for Counts {
+        type Counter = AttentionStages;
+        fn counter(&mut self) -> &mut AttentionStages {
+            &mut self.0
+        }
+        fn accepted(&mut self, _: usize, _: &Accepted, _: u64) {}
+    }
+
+    /// An engine with two 128-byte send slots and one peer, F0, whose
+    /// region is returned.
+    fn engine(net: &SimNetwork) -> (Engine, SimTransport, Arc<Region>) {
+        let mut a = Mux::new(vec![Backend::Sim(net.endpoint())], PollPolicy::default());
+        let mut f = net.endpoint();
+        let theirs = Arc::new(Region::alloc(256).unwrap());
+        f.register(&theirs, Access::RemoteWrite).unwrap();
+        let recv = Receive {
+            region: Arc::new(Region::alloc(256).unwrap()),
+            slot: 128,
+        };
+        a.register(&recv.region, Access::RemoteWrite).unwrap();
+        let send = SendSlots::new(Region::alloc(256).unwrap(), 128, 2).unwrap();
+        let send_key = a.register(send.region(), Access::Local).unwrap();
+        let peer = PeerSpec {
+            label: "F0".into(),
+            blob: f.endpoint(),
+            initiator: true,
+            peer_rank: 0,
+            my_rank: 0,
+            epoch: 1,
+        };
+        let up = a.connect(0, &[peer], Duration::ZERO).unwrap();
+        let e = Engine::new(
+            a,
+            vec![(Peer::Ffn(0), up[0].link, up[0].remote[0])],
+            G,
+            recv,
+            send,
+            send_key,
+            Support::default(),
+        );
+        (e, f, theirs)
+    }
+
+    /// Marks slot `slot` posted to peer 0 with generation `g` and no
+    /// completion yet, as a posted-write transport leaves it.
+    fn in_flight(e: &mut Engine, slot: usize, g: u32) -> u64 {
+        e.outstanding[slot] = Some(g);
+        e.send.posted(slot, 1);
+        (u64::from(g) << 32) | slot as u64
+    }
+
+    #[test]
+    fn a_message_is_the_slot_prefix_in_one_write() {
+        let net = SimNetwork::new(1);
+        let (mut e, _f, theirs) = engine(&net);
+        e.fill(1).unwrap()[..5].copy_from_slice(b"hello");
+        let msg = e.message(1, 5).unwrap();
+        e.post(0, msg, 100, Imm::new(Kind::Dispatch, 1, 0)).unwrap();
+        // Posted, not yet sent: the slot is refused.
+        assert!(matches!(e.fill(1), Err(Error::InvalidArgument(_))));
+        assert_eq!(net.deliver_all(), 2, "the landing, then the Sent");
+        assert_eq!(theirs.slice(100, 5).unwrap(), b"hello");
+        let s = &e.stats().peers[0].1;
+        assert_eq!((s.sent, s.sent_bytes), (1, 5));
+        let mut sink = Counts(AttentionStages::new(2, 1));
+        e.pump(Duration::ZERO, &mut sink).unwrap();
+        assert!(e.send.is_free(1));
+        assert!(e.fill(1).is_ok());
+    }
+
+    #[test]
+    fn a_slot_is_refused_until_its_own_send_completes() {
+        let net = SimNetwork::new(2);
+        let (mut e, _f, _) = engine(&net);
+        let token = in_flight(&mut e, 0, 7);
+        assert!(matches!(e.fill(0), Err(Error::InvalidArgument(_))));
+        let msg = e.message(0, 64).unwrap();
+        assert!(
+            e.post(0, msg, 0, Imm::new(Kind::Dispatch, 0, 0)).is_err(),
+            "a slot is posted to a peer once at a time"
+        );
+        e.on_sent(token ^ (1 << 32)); // another generation: not this post
+        e.on_sent(token + 1); // another slot
+        assert!(!e.send.is_free(0));
+        e.on_sent(token);
+        assert!(e.send.is_free(0));
+        e.on_sent(token); // repeated: ignored
+        assert_eq!(e.send.pending(0), 0);
+        assert!(e.fill(0).is_ok());
+    }
+
+    #[test]
+    fn a_lost_peer_releases_its_sends() {
+        let net = SimNetwork::new(3);
+        let (mut e, _f, _) = engine(&net);
+        in_flight(&mut e, 1, 3);
+        net.kill_link(0, 0);
+        let mut sink = Counts(AttentionStages::new(2, 1));
+        e.pump(Duration::ZERO, &mut sink).unwrap();
+        assert!(e.lost(0).is_some());
+        assert!(e.send.is_free(1));
+        let msg = e.message(1, 8).unwrap();
+        assert!(matches!(
+            e.post(0, msg, 0, Imm::new(Kind::Dispatch, 1, 0)),
+            Err(Error::PeerLost {
+                peer: Peer::Ffn(0),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn reclaim_waits_for_the_completion_and_times_out_naming_the_peer() {
+        let net = SimNetwork::new(4);
+        let (mut e, _f, _) = engine(&net);
+        let mut sink = Counts(AttentionStages::new(2, 1));
+        e.reclaim(0, &mut sink).unwrap();
+        in_flight(&mut e, 0, 1);
+        e.set_send_timeout(Duration::from_millis(5));
+        match e.reclaim(0, &mut sink) {
+            Err(Error::Timeout {
+                op: "send completion",
+                peer,
+                ..
+            }) => assert_eq!(peer, "F0"),
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+    }
+}

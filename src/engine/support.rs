@@ -1,0 +1,32 @@
+//! What a rank keeps besides its links: the scheduler session, for an
+//! orderly goodbye, and an embedded scheduler, if it runs one.
+
+use crate::bootstrap::rendezvous::SchedulerHandle;
+use crate::bootstrap::Session;
+
+/// The rank's ties to the rendezvous (none on a simulated mesh).
+#[derive(Debug, Default)]
+pub(crate) struct Support {
+    session: Option<Session>,
+    scheduler: Option<SchedulerHandle>,
+}
+
+impl Support {
+    pub(crate) fn new(session: Session, scheduler: Option<SchedulerHandle>) -> Support {
+        Support {
+            session: Some(session),
+            scheduler,
+        }
+    }
+
+    /// Says goodbye to the scheduler. Bounded; never blocks on an embedded
+    /// scheduler.
+    pub(crate) fn shutdown(&mut self) {
+        if let Some(s) = &mut self.session {
+            s.bye();
+        }
+        // An embedded scheduler finishes on its own once every rank has
+        // left; dropping the handle detaches it so this never blocks.
+        self.scheduler.take();
+    }
+}
