@@ -748,3 +748,125 @@ fn threaded_ranks_with_blocking_waits() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn sent_before_the_peers_arrival() {
+    // Every write is Sent 10 ns after it is posted and lands 20 µs later.
+    let net = run_mesh(
+        2,
+        3,
+        3,
+        4,
+        17,
+        Faults {
+            delay_ns: 20_000,
+            jitter_ns: 5_000,
+            sent_delay_ns: Some(10),
+            ..Faults::default()
+        },
+    );
+    assert_eq!(net.stats().sent, net.stats().delivered);
+}
+
+#[test]
+fn sent_after_the_peers_arrival_and_combine() {
+    let net = SimNetwork::new(21);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
+    // Writes land after 1 µs; their Sent comes 1 ms after the post.
+    net.set_faults_everywhere(Faults {
+        delay_ns: 1_000,
+        sent_delay_ns: Some(1_000_000),
+        ..Faults::default()
+    });
+    let a = &mut attn[0];
+    let h = dispatch(a, 0, 0, 3);
+    assert!(net.step(), "the dispatch lands");
+    let b = ffn[0]
+        .try_get_batch()
+        .unwrap()
+        .expect("the batch is complete");
+    let out = ffn_rows(b.tokens(0), 0);
+    ffn[0].respond(b, &[&out]).unwrap();
+    assert!(net.step(), "the combine lands");
+    // Both Sents are still pending, yet the combine is complete.
+    assert_eq!(net.pending(), 2);
+    assert!(check_combined(a, h, 0, 3));
+    assert_eq!(net.pending(), 2);
+    // The next dispatch of the stage waits for its slot's Sent: a thread
+    // plays the network while it does.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stepper = {
+        let (net, done) = (net.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if !net.step() {
+                    std::thread::yield_now();
+                }
+            }
+        })
+    };
+    let h = dispatch(a, 1, 0, 2);
+    let b = ffn[0].get_batch(Duration::from_secs(5)).unwrap();
+    assert_eq!(b.tokens(0), &tokens_for(0, 1, 0, 2)[..]);
+    let out = ffn_rows(b.tokens(0), 0);
+    ffn[0].respond(b, &[&out]).unwrap();
+    let c = a.wait_combine(h, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.partial(0).unwrap(), &out[..]);
+    drop(c);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    stepper.join().unwrap();
+    assert_eq!(net.stats().sent, 4);
+}
+
+#[test]
+fn a_full_send_window_is_waited_out() {
+    // One write in flight per link: the three stages' dispatches queue
+    // behind each other's Sent, and every combine still arrives intact.
+    let net = SimNetwork::new(23);
+    net.set_auto(true);
+    net.set_window(1);
+    let (attn, ffn) = sim_mesh(&net, 2, 2, spec(3, 8)).unwrap();
+    net.set_faults_everywhere(Faults {
+        delay_ns: 500,
+        jitter_ns: 2_000,
+        sent_delay_ns: Some(3_000),
+        ..Faults::default()
+    });
+    let layers = 10u32;
+    let fs: Vec<_> = ffn
+        .into_iter()
+        .map(|mut f| {
+            std::thread::spawn(move || {
+                for _ in 0..layers * 3 {
+                    let b = f.get_batch(Duration::from_secs(10)).unwrap();
+                    let me = f.rank();
+                    let outs: Vec<Vec<u8>> = (0..b.senders())
+                        .map(|a| ffn_rows(b.tokens(a), me))
+                        .collect();
+                    let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
+                    f.respond(b, &refs).unwrap();
+                }
+            })
+        })
+        .collect();
+    let as_: Vec<_> = attn
+        .into_iter()
+        .map(|mut a| {
+            std::thread::spawn(move || {
+                for l in 0..layers {
+                    let hs: Vec<_> = (0..3).map(|s| (s, dispatch(&mut a, l, s, 5))).collect();
+                    for (s, h) in hs {
+                        let rows = tokens_for(a.rank(), l, s, 5);
+                        let c = a.wait_combine(h, Duration::from_secs(10)).unwrap();
+                        for f in 0..2 {
+                            assert_eq!(c.partial(f).unwrap(), &ffn_rows(&rows, f as u32)[..]);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in as_.into_iter().chain(fs) {
+        t.join().unwrap();
+    }
+}
