@@ -812,7 +812,6 @@ fn sent_after_the_peers_arrival_and_combine() {
     ffn[0].respond(b, &[&out]).unwrap();
     let c = a.wait_combine(h, Duration::from_secs(5)).unwrap();
     assert_eq!(c.partial(0).unwrap(), &out[..]);
-    drop(c);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     stepper.join().unwrap();
     assert_eq!(net.stats().sent, 4);
