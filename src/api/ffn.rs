@@ -155,6 +155,9 @@ struct State {
     rank: u32,
     stages: FfnStages,
     parts: Vec<Part>,
+    /// Part lists of answered batches, reused so that handing out a batch
+    /// allocates nothing.
+    spare: Vec<Vec<Part>>,
 }
 
 impl Sink for State {
@@ -188,7 +191,12 @@ impl State {
             seq,
             row_bytes: self.layout.spec.row_bytes as usize,
             rows_at: self.layout.rows_at(),
-            parts: self.parts[s * m..(s + 1) * m].to_vec(),
+            parts: {
+                let mut v = self.spare.pop().unwrap_or_default();
+                v.clear();
+                v.extend_from_slice(&self.parts[s * m..(s + 1) * m]);
+                v
+            },
             region: region.clone(),
             process_ns: now_ns(),
         })
@@ -202,6 +210,7 @@ impl FfnRank {
             st: State {
                 stages: FfnStages::new(layout.stages(), layout.m),
                 parts: vec![Part::default(); layout.stages() * layout.m],
+                spare: Vec::new(),
                 layout,
                 rank,
             },
@@ -391,6 +400,10 @@ impl FfnRank {
             if let Err(e) = posted {
                 first_err.get_or_insert(e);
             }
+        }
+        // The batch's views end here; its part list serves the next one.
+        if self.st.spare.len() < layout.stages() {
+            self.st.spare.push(batch.parts);
         }
         match first_err {
             None => Ok(()),

@@ -190,6 +190,9 @@ enum Read1 {
     Idle,
     /// Keep reading.
     More,
+    /// A message arrived: the caller has news, so this pass ends (the
+    /// next one reads on; a burst costs no extra `read` that finds nothing).
+    Landed,
     /// The link ended with this completion.
     End(Completion),
 }
@@ -238,10 +241,11 @@ fn read_some(
                     });
                 }
                 if h.len == 0 {
+                    *got = 0;
                     if let Some(imm) = h.imm {
                         out.push(Completion::Arrival { link, imm });
+                        return Read1::Landed;
                     }
-                    *got = 0;
                 } else {
                     l.rx = Rx::Body { h, got: 0 };
                 }
@@ -262,13 +266,15 @@ fn read_some(
                 Ok(k) => {
                     *got += k as u64;
                     if *got == u64::from(h.len) {
-                        if let Some(imm) = h.imm {
-                            out.push(Completion::Arrival { link, imm });
-                        }
+                        let imm = h.imm;
                         l.rx = Rx::Header {
                             buf: [0; FRAME_LEN],
                             got: 0,
                         };
+                        if let Some(imm) = imm {
+                            out.push(Completion::Arrival { link, imm });
+                            return Read1::Landed;
+                        }
                     }
                     Read1::More
                 }
@@ -470,7 +476,7 @@ impl Transport for TcpTransport {
             }
             while end.is_none() {
                 match read_some(l, link, regions, out) {
-                    Read1::Idle => break,
+                    Read1::Idle | Read1::Landed => break,
                     Read1::More => {}
                     Read1::End(c) => end = Some(c),
                 }
