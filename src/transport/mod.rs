@@ -363,6 +363,20 @@ impl LocalRegions {
         LocalKey((self.regions.len() - 1) as u32)
     }
 
+    /// Adds `region`; its id is both keys' (what software backends use).
+    pub(crate) fn register(&mut self, region: &Arc<Region>, access: Access) -> Registration {
+        let local = self.add(region, access);
+        Registration {
+            local,
+            remote: RegionKey {
+                id: local.0,
+                rkey: 0,
+                addr: 0,
+                len: region.len() as u64,
+            },
+        }
+    }
+
     pub(crate) fn get(&self, id: u32) -> Option<&Arc<Region>> {
         self.regions.get(id as usize)
     }

@@ -256,17 +256,8 @@ impl Transport for ShmTransport {
         let in_segment = region.is_in(&map)
             && region.addr() == map.ptr() as u64 + off as u64
             && region.len() == len;
-        let local = self.local.add(region, access);
         self.in_segment.push(in_segment);
-        Ok(Registration {
-            local,
-            remote: RegionKey {
-                id: local.0,
-                rkey: 0,
-                addr: 0,
-                len: region.len() as u64,
-            },
-        })
+        Ok(self.local.register(region, access))
     }
 
     fn endpoint(&self) -> Vec<u8> {

@@ -308,16 +308,7 @@ impl Transport for TcpTransport {
                 "tcp: regions must be registered before the first link".into(),
             ));
         }
-        let local = self.local.add(region, access);
-        Ok(Registration {
-            local,
-            remote: RegionKey {
-                id: local.0,
-                rkey: 0,
-                addr: 0,
-                len: region.len() as u64,
-            },
-        })
+        Ok(self.local.register(region, access))
     }
 
     fn endpoint(&self) -> Vec<u8> {
