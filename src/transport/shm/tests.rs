@@ -1,0 +1,195 @@
+//! Unit tests of the shm backend.
+
+use super::*;
+use crate::transport::LocalKey;
+use std::sync::atomic::Ordering;
+
+struct Pair {
+    a: ShmTransport,
+    b: ShmTransport,
+    src: Arc<Region>,
+    rb: Arc<Region>,
+    kb: RegionKey,
+}
+
+fn spec(blob: Vec<u8>) -> PeerSpec {
+    PeerSpec {
+        label: "peer".into(),
+        blob,
+        initiator: false,
+        peer_rank: 0,
+        my_rank: 0,
+        epoch: 1,
+    }
+}
+
+fn pair(job: &str) -> Pair {
+    let mut a = ShmTransport::create(job, "h", 1, 4096).unwrap();
+    let mut b = ShmTransport::create(job, "h", 1, 4096).unwrap();
+    let ra = a.region().unwrap();
+    a.register(&ra, Access::RemoteWrite).unwrap();
+    let src = Arc::new(Region::alloc(4096).unwrap());
+    assert_eq!(a.register(&src, Access::Local).unwrap().local, LocalKey(1));
+    let rb = b.region().unwrap();
+    b.register(&rb, Access::RemoteWrite).unwrap();
+    let (ea, eb) = (a.endpoint(), b.endpoint());
+    let kb = a.connect(&[spec(eb)], Duration::ZERO).unwrap()[0].remote[0];
+    b.connect(&[spec(ea)], Duration::ZERO).unwrap();
+    Pair { a, b, src, rb, kb }
+}
+
+fn from(offset: u64, len: u64) -> [LocalSlice; 1] {
+    [LocalSlice {
+        key: LocalKey(1),
+        offset,
+        len,
+    }]
+}
+
+fn wait(t: &mut ShmTransport) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let d = Instant::now() + Duration::from_secs(5);
+    while out.is_empty() && Instant::now() < d {
+        t.progress(&mut out).unwrap();
+        std::thread::yield_now();
+    }
+    out
+}
+
+#[test]
+fn write_lands_then_arrives_and_is_sent() {
+    let mut p = pair("shm-unit-1");
+    p.src.write_gather(0, &[b"abcdef"]).unwrap();
+    p.a.post_write(0, &from(0, 6), &p.kb, 10, Some(99), 5)
+        .unwrap();
+    assert_eq!(
+        wait(&mut p.b),
+        vec![Completion::Arrival { link: 0, imm: 99 }]
+    );
+    assert_eq!(wait(&mut p.a), vec![Completion::Sent { token: 5 }]);
+    assert_eq!(p.rb.slice(10, 6).unwrap(), b"abcdef");
+    assert!(matches!(
+        p.a.post_write(0, &from(0, 8), &p.kb, 4090, None, 6),
+        Err(Error::BufferSize { .. })
+    ));
+    drop(p.a);
+    assert_eq!(wait(&mut p.b), vec![Completion::LinkClosed { link: 0 }]);
+}
+
+#[test]
+fn parked_receiver_is_woken() {
+    let mut p = pair("shm-unit-2");
+    let bell = p.b.doorbell();
+    let mut b = p.b;
+    let t = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.is_empty() && Instant::now() < deadline {
+            bell.park(
+                || {
+                    b.progress(&mut out).unwrap();
+                    !out.is_empty()
+                },
+                Duration::from_secs(5),
+            );
+        }
+        out
+    });
+    // Write only once the receiver has parked (its sleeping flag, seen
+    // through our mapping of its segment).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.a.links[0].peer.sleeping().load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "receiver never parked");
+        std::thread::yield_now();
+    }
+    p.a.post_write(0, &from(0, 1), &p.kb, 0, Some(5), 1)
+        .unwrap();
+    assert_eq!(
+        t.join().unwrap(),
+        vec![Completion::Arrival { link: 0, imm: 5 }]
+    );
+}
+
+#[test]
+fn bad_notice_is_a_link_error() {
+    let mut p = pair("shm-unit-3");
+    // A notice pointing past the region, as a broken peer would post.
+    assert!(p.a.links[0].out.push(
+        &Notice {
+            region: 0,
+            len: 16,
+            offset: 4090,
+            imm: Some(1),
+            close: false,
+        }
+        .encode()
+    ));
+    assert!(matches!(wait(&mut p.b)[0], Completion::LinkError { .. }));
+}
+
+#[test]
+fn notice_with_unknown_flags_is_a_link_error() {
+    let mut p = pair("shm-unit-6");
+    let mut bad = Notice::CLOSE.encode();
+    bad[0] |= 0x80;
+    assert!(p.a.links[0].out.push(&bad));
+    match &wait(&mut p.b)[..] {
+        [Completion::LinkError { reason, .. }] => {
+            assert!(reason.contains("unknown bits"), "{reason}")
+        }
+        other => panic!("want one link error, got {other:?}"),
+    }
+}
+
+#[test]
+fn caller_memory_is_written_by_cross_memory_attach() {
+    let mut a = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
+    let src = Arc::new(Region::alloc(64).unwrap());
+    a.register(&src, Access::Local).unwrap();
+    let mut b = ShmTransport::create("shm-unit-4", "h", 1, 4096).unwrap();
+    let caller = Arc::new(Region::from_vec(vec![0u8; 100]));
+    b.register(&caller, Access::RemoteWrite).unwrap();
+    let eb = b.endpoint();
+    b.reaches(&a.endpoint()).unwrap();
+    a.reaches(&eb).unwrap();
+    let kb = a.connect(&[spec(eb)], Duration::ZERO).unwrap()[0].remote[0];
+    assert_eq!((kb.rkey, kb.len), (BY_ADDRESS, 100));
+    b.connect(&[spec(a.endpoint())], Duration::ZERO).unwrap();
+    src.write_gather(0, &[b"caller!"]).unwrap();
+    let from = [LocalSlice {
+        key: LocalKey(0),
+        offset: 0,
+        len: 7,
+    }];
+    a.post_write(0, &from, &kb, 90, Some(3), 1).unwrap();
+    assert_eq!(wait(&mut b), vec![Completion::Arrival { link: 0, imm: 3 }]);
+    assert_eq!(caller.slice(90, 7).unwrap(), b"caller!");
+    let e = a.post_write(0, &from, &kb, 95, Some(3), 2).unwrap_err();
+    assert!(matches!(e, Error::BufferSize { .. }), "{e}");
+    let c = ShmTransport::create("shm-unit-4", "other", 1, 4096).unwrap();
+    assert!(c.reaches(&a.endpoint()).unwrap_err().contains("host"));
+}
+
+#[test]
+fn a_wrong_pid_is_not_attached_to() {
+    let mut b = ShmTransport::create("shm-unit-5", "h", 1, 4096).unwrap();
+    b.register(
+        &Arc::new(Region::from_vec(vec![0u8; 8])),
+        Access::RemoteWrite,
+    )
+    .unwrap();
+    // The blob names our pid but a nonce address that holds another
+    // value: as if the pid named another process.
+    let mut p = decode(&b.endpoint()).unwrap();
+    let decoy = 0u64;
+    p.nonce_addr = &decoy as *const u64 as u64;
+    let mut w = blob::writer(MAGIC);
+    w.str(&p.host);
+    w.str(&p.segment);
+    w.u32(p.pid);
+    w.u64(p.nonce_addr);
+    blob::put_keys(&mut w, &p.keys);
+    let a = ShmTransport::create("shm-unit-5", "h", 1, 4096).unwrap();
+    let e = a.reaches(&w.finish()).unwrap_err();
+    assert!(e.contains("pid namespace"), "{e}");
+}
