@@ -15,12 +15,11 @@ use crate::engine::{Engine, Receive, Support};
 use crate::error::{Error, Peer, Result};
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
 use crate::proto::{Message, RegionKey, Role};
-use crate::transport::mux::BACKENDS;
-use crate::transport::shm::ShmTransport;
 use crate::transport::sim::SimNetwork;
 use crate::transport::slots::SendSlots;
-use crate::transport::tcp::TcpTransport;
-use crate::transport::{Access, Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Transport};
+use crate::transport::{
+    Access, Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Setup, Transport, BACKENDS,
+};
 
 /// A rank of either role, as [`Mesh::join`] returns it.
 #[derive(Debug)]
@@ -195,45 +194,45 @@ impl Mesh {
         // The backends this rank offers, most preferred first.
         let caller = matches!(memory, Memory::Caller(_));
         let mut backends = Vec::new();
-        let mut shm_region = None;
+        let mut hosted = None;
         let want = |name: &str| match cfg.transport {
             TransportKind::Auto => true,
             TransportKind::Tcp => name == "tcp",
             TransportKind::Shm => name == "shm",
         };
-        for name in BACKENDS {
-            match *name {
-                "shm" if want("shm") => {
-                    // Caller memory stays where it is (peers reach it by
-                    // cross-memory attach); the segment then holds only rings.
-                    let seg_len = if caller { 0 } else { my_len };
-                    match ShmTransport::create(&cfg.job, &cfg.host_id, peer_count, seg_len) {
-                        Ok(t) => {
-                            if !caller {
-                                shm_region = Some(t.region()?);
-                            }
-                            backends.push(Backend::Shm(t));
-                        }
-                        Err(e) if cfg.transport == TransportKind::Auto => {
-                            tracing::warn!("shared memory unavailable, links will use tcp: {e}");
-                        }
-                        Err(e) => return Err(e),
+        // Caller memory stays where it is (shm peers reach it by
+        // cross-memory attach); else a backend may host the receive region.
+        let setup = Setup {
+            job: &cfg.job,
+            host_id: &cfg.host_id,
+            peers: peer_count,
+            recv_len: if caller { 0 } else { my_len },
+            ip: conn.local_ip()?,
+            io_timeout: cfg.io_timeout,
+            guard: LinkGuard {
+                token: cfg.token.clone(),
+                watch: conn.watch(),
+            },
+        };
+        for name in BACKENDS.iter().filter(|n| want(n)) {
+            match Backend::open(name, &setup) {
+                Some(Ok(b)) => {
+                    if hosted.is_none() && !caller {
+                        hosted = b.receive_region();
                     }
+                    backends.push(b);
                 }
-                "tcp" if want("tcp") => {
-                    let guard = LinkGuard {
-                        token: cfg.token.clone(),
-                        watch: conn.watch(),
-                    };
-                    backends.push(Backend::Tcp(
-                        TcpTransport::new(conn.local_ip()?, cfg.io_timeout)?.with_guard(guard),
-                    ));
+                Some(Err(e)) if cfg.transport == TransportKind::Auto => {
+                    tracing::warn!(
+                        "transport {name} unavailable here, links will use the others: {e}"
+                    );
                 }
-                _ => {}
+                Some(Err(e)) => return Err(e),
+                None => {}
             }
         }
         let mut mux = Mux::new(backends, poll);
-        let region = match (shm_region, memory) {
+        let region = match (hosted, memory) {
             (Some(r), _) => r,
             (None, m) => region_for(m, my_len, "registered slots")?,
         };

@@ -241,6 +241,11 @@ pub trait Transport {
     /// Makes `region` usable as the source of posted writes and, with
     /// [`Access::RemoteWrite`], as the target of peers' writes.
     fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration>;
+    /// A receive region the backend offers to host (shm: its segment's, so
+    /// peers reach it by mapping), sized by [`Setup::recv_len`].
+    fn receive_region(&self) -> Option<Arc<Region>> {
+        None
+    }
     /// This rank's endpoint blob (after every registration).
     fn endpoint(&self) -> Vec<u8>;
     /// Whether this backend can link to the peer that published `blob`;
@@ -275,77 +280,128 @@ pub trait Transport {
     fn links(&self) -> usize;
 }
 
-/// The backends, enum-dispatched so the hot path has no virtual calls.
-/// Adding a backend: a module, a variant here, and its name in
-/// [`mux::BACKENDS`].
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Backend {
-    /// In-process simulation.
-    Sim(sim::SimTransport),
-    /// TCP sockets.
-    Tcp(tcp::TcpTransport),
-    /// Shared memory.
-    Shm(shm::ShmTransport),
+/// What a rank opens its backends with (each takes what it needs).
+#[derive(Debug, Clone)]
+pub struct Setup<'a> {
+    /// Job name (shared-memory names, sanity checks).
+    pub job: &'a str,
+    /// This host's identity.
+    pub host_id: &'a str,
+    /// Peers of the other role (one incoming ring each, for shm).
+    pub peers: u32,
+    /// Bytes of the receive region the backend may host (0: the receive
+    /// region is caller memory).
+    pub recv_len: usize,
+    /// The address this rank reaches the rendezvous from (where to listen).
+    pub ip: std::net::IpAddr,
+    /// Bound on a peer leaving our writes unread.
+    pub io_timeout: Duration,
+    /// Token and setup watch for connection handshakes.
+    pub guard: crate::bootstrap::LinkGuard,
 }
 
-macro_rules! each {
-    ($self:ident, $t:ident => $e:expr) => {
+/// Opening a backend for a rank.
+pub trait Open: Sized {
+    /// Opens the backend, or says why it cannot run here.
+    fn open(setup: &Setup<'_>) -> Result<Self>;
+}
+
+/// Matches every variant of [`Backend`] with the same body.
+macro_rules! dispatch {
+    ($self:ident, [$($v:ident),*], $t:ident => $e:expr) => {
         match $self {
-            Backend::Sim($t) => $e,
-            Backend::Tcp($t) => $e,
-            Backend::Shm($t) => $e,
+            $(Backend::$v($t) => $e,)*
         }
     };
 }
 
-impl Transport for Backend {
-    fn name(&self) -> &'static str {
-        each!(self, t => t.name())
-    }
-    fn caps(&self) -> Caps {
-        each!(self, t => t.caps())
-    }
-    fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
-        each!(self, t => t.register(region, access))
-    }
-    fn endpoint(&self) -> Vec<u8> {
-        each!(self, t => t.endpoint())
-    }
-    fn reaches(&self, blob: &[u8]) -> std::result::Result<(), String> {
-        each!(self, t => t.reaches(blob))
-    }
-    fn connect(&mut self, peers: &[PeerSpec], timeout: Duration) -> Result<Vec<Connected>> {
-        each!(self, t => t.connect(peers, timeout))
-    }
-    #[inline]
-    fn post_write(
-        &mut self,
-        link: LinkId,
-        src: &[LocalSlice],
-        remote: &RegionKey,
-        offset: u64,
-        imm: Option<u32>,
-        token: u64,
-    ) -> Result<()> {
-        each!(self, t => t.post_write(link, src, remote, offset, imm, token))
-    }
-    #[inline]
-    fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
-        each!(self, t => t.progress(out))
-    }
-    fn wake(&self) -> Wake {
-        each!(self, t => t.wake())
-    }
-    fn park(&mut self, timeout: Duration) {
-        each!(self, t => t.park(timeout))
-    }
-    fn close(&mut self) {
-        each!(self, t => t.close())
-    }
-    fn links(&self) -> usize {
-        each!(self, t => t.links())
-    }
+/// Declares the backends once: the [`Backend`] enum (enum dispatch, so the
+/// hot path has no virtual calls), the preference order of auto selection
+/// ([`BACKENDS`]), and how each is opened. Adding a backend is a module
+/// that meets [`Transport`] and [`Open`], plus one line here.
+macro_rules! backends {
+    ($($name:literal => $variant:ident($ty:ty): $doc:literal,)*) => {
+        /// The backends.
+        #[derive(Debug)]
+        #[non_exhaustive]
+        pub enum Backend {
+            /// In-process simulation (tests; built by `sim_mesh`, never
+            /// chosen by a rank).
+            Sim(sim::SimTransport),
+            $(#[doc = $doc] $variant($ty),)*
+        }
+
+        /// Backend names in the order auto selection prefers them.
+        pub const BACKENDS: &[&str] = &[$($name),*];
+
+        impl Backend {
+            /// Opens backend `name` for a rank; `None` if there is no such
+            /// backend.
+            pub fn open(name: &str, setup: &Setup<'_>) -> Option<Result<Backend>> {
+                match name {
+                    $($name => Some(<$ty as Open>::open(setup).map(Backend::$variant)),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl Transport for Backend {
+            fn name(&self) -> &'static str {
+                dispatch!(self, [Sim $(, $variant)*], t => t.name())
+            }
+            fn caps(&self) -> Caps {
+                dispatch!(self, [Sim $(, $variant)*], t => t.caps())
+            }
+            fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.register(region, access))
+            }
+            fn receive_region(&self) -> Option<Arc<Region>> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.receive_region())
+            }
+            fn endpoint(&self) -> Vec<u8> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.endpoint())
+            }
+            fn reaches(&self, blob: &[u8]) -> std::result::Result<(), String> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.reaches(blob))
+            }
+            fn connect(&mut self, peers: &[PeerSpec], timeout: Duration) -> Result<Vec<Connected>> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.connect(peers, timeout))
+            }
+            #[inline]
+            fn post_write(
+                &mut self,
+                link: LinkId,
+                src: &[LocalSlice],
+                remote: &RegionKey,
+                offset: u64,
+                imm: Option<u32>,
+                token: u64,
+            ) -> Result<()> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.post_write(link, src, remote, offset, imm, token))
+            }
+            #[inline]
+            fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.progress(out))
+            }
+            fn wake(&self) -> Wake {
+                dispatch!(self, [Sim $(, $variant)*], t => t.wake())
+            }
+            fn park(&mut self, timeout: Duration) {
+                dispatch!(self, [Sim $(, $variant)*], t => t.park(timeout))
+            }
+            fn close(&mut self) {
+                dispatch!(self, [Sim $(, $variant)*], t => t.close())
+            }
+            fn links(&self) -> usize {
+                dispatch!(self, [Sim $(, $variant)*], t => t.links())
+            }
+        }
+    };
+}
+
+backends! {
+    "shm" => Shm(shm::ShmTransport): "Shared memory, between ranks of one host.",
+    "tcp" => Tcp(tcp::TcpTransport): "TCP sockets, anywhere.",
 }
 
 /// Local registered memory, as every backend keeps it: regions by

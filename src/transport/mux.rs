@@ -1,6 +1,7 @@
 //! One rank's links over several backends, and the one wait.
 //!
-//! The mux holds a rank's backends in preference order ([`BACKENDS`], or
+//! The mux holds a rank's backends in preference order
+//! ([`BACKENDS`](super::BACKENDS), or
 //! the one `AFMESH_TRANSPORT` forces), registers every region with each
 //! backend that can move its memory kind, and gives each peer one link on
 //! the first backend that reaches it (both ends choose from the same two
@@ -23,9 +24,6 @@ use super::{
     PollPolicy, Region, RegionKey, Transport, Wake,
 };
 use crate::error::{Error, Result};
-
-/// Backend names in the order auto selection prefers them.
-pub const BACKENDS: &[&str] = &["shm", "tcp"];
 
 /// Longest single park, so liveness and deadlines are checked while parked.
 pub const MAX_PARK: Duration = Duration::from_millis(5);

@@ -140,6 +140,9 @@ impl ShmTransport {
 
     /// The segment's receive region, as registered memory.
     pub fn region(&self) -> Result<Arc<Region>> {
+        if self.own.region_range().1 == 0 {
+            return Err(Error::config("this shared segment holds no receive region"));
+        }
         let (off, len) = self.own.region_range();
         Region::from_mapping(self.own.mapping(), off, len)
             .map(Arc::new)
@@ -234,9 +237,19 @@ impl ShmTransport {
     }
 }
 
+impl super::Open for ShmTransport {
+    fn open(s: &super::Setup<'_>) -> Result<ShmTransport> {
+        ShmTransport::create(s.job, s.host_id, s.peers, s.recv_len)
+    }
+}
+
 impl Transport for ShmTransport {
     fn name(&self) -> &'static str {
         "shm"
+    }
+
+    fn receive_region(&self) -> Option<Arc<Region>> {
+        self.region().ok()
     }
 
     fn caps(&self) -> Caps {

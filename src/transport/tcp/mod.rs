@@ -286,6 +286,12 @@ fn read_some(
     }
 }
 
+impl super::Open for TcpTransport {
+    fn open(s: &super::Setup<'_>) -> Result<TcpTransport> {
+        Ok(TcpTransport::new(s.ip, s.io_timeout)?.with_guard(s.guard.clone()))
+    }
+}
+
 impl Transport for TcpTransport {
     fn name(&self) -> &'static str {
         "tcp"
