@@ -148,6 +148,44 @@ impl Histogram {
     }
 }
 
+impl Histogram {
+    /// The histogram as a flat list of words, to carry it to another
+    /// process: count, sum, minimum, maximum, then (bucket, count) for each
+    /// non-empty bucket. [`Histogram::from_words`] rebuilds it exactly.
+    pub fn to_words(&self) -> Vec<u64> {
+        let mut w = vec![self.count, self.sum, self.min, self.max];
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c > 0 {
+                w.extend([i as u64, c]);
+            }
+        }
+        w
+    }
+
+    /// Rebuilds a histogram from [`Histogram::to_words`]; `None` when the
+    /// words are not one (a bucket out of range, counts that do not add up).
+    pub fn from_words(words: &[u64]) -> Option<Histogram> {
+        let (&[count, sum, min, max], pairs) = words.split_first_chunk::<4>()?;
+        if pairs.len() % 2 != 0 {
+            return None;
+        }
+        let mut h = Histogram {
+            count,
+            sum,
+            min,
+            max,
+            ..Histogram::default()
+        };
+        let mut total = 0u64;
+        for p in pairs.chunks_exact(2) {
+            let i = usize::try_from(p[0]).ok().filter(|&i| i < LEN)?;
+            h.counts[i] = h.counts[i].checked_add(p[1])?;
+            total = total.checked_add(p[1])?;
+        }
+        (total == count).then_some(h)
+    }
+}
+
 impl fmt::Debug for Histogram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Histogram")
@@ -247,6 +285,25 @@ mod tests {
             rebuilt.record_n(low, c);
         }
         assert_eq!(rebuilt.counts, both.counts);
+    }
+
+    #[test]
+    fn words_round_trip_and_refuse_what_is_not_a_histogram() {
+        let mut h = Histogram::new();
+        assert_eq!(Histogram::from_words(&h.to_words()), Some(h.clone()));
+        for v in [0, 5, 5, 1000, 123_456_789, u64::MAX] {
+            h.record(v);
+        }
+        let w = h.to_words();
+        assert_eq!(Histogram::from_words(&w), Some(h));
+        assert_eq!(Histogram::from_words(&w[..3]), None);
+        assert_eq!(Histogram::from_words(&w[..w.len() - 1]), None);
+        let mut miscounted = w.clone();
+        miscounted[0] += 1;
+        assert_eq!(Histogram::from_words(&miscounted), None);
+        let mut out_of_range = w;
+        out_of_range[4] = LEN as u64;
+        assert_eq!(Histogram::from_words(&out_of_range), None);
     }
 
     proptest! {

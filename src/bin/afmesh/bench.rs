@@ -12,8 +12,9 @@
 //! message each way, the shm exchange one message per stage; with
 //! `--vary-tokens` both move the first timed layer's bytes every layer.
 //!
-//! Besides latency (p50, p99, p99.9 of the slowest attention rank per
-//! layer), the bench reports copies per message: the bytes the library
+//! Besides latency (p50, p99, p99.9 over every attention rank's timed
+//! layers: each rank keeps a fixed-size histogram, the bench merges them,
+//! and the floor's processes are summed up the same way), the bench reports copies per message: the bytes the library
 //! itself copied over the bytes it sent, summed over every rank.
 
 use std::io::Read;
@@ -21,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use afmesh::bootstrap::{Scheduler, SchedulerConfig};
+use afmesh::Histogram;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
@@ -62,7 +64,7 @@ impl Drop for Children {
     }
 }
 
-/// Order statistics of a run's per-layer microseconds.
+/// Order statistics of a run's per-layer times, in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Summary {
     pub p50: f64,
@@ -72,44 +74,35 @@ pub struct Summary {
     pub mean: f64,
 }
 
-pub fn summarize(v: &[f64]) -> Summary {
-    if v.is_empty() {
-        return Summary::default();
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| s[((s.len() as f64 - 1.0) * p).round() as usize];
-    Summary {
-        p50: q(0.5),
-        p99: q(0.99),
-        p999: q(0.999),
-        max: s[s.len() - 1],
-        mean: s.iter().sum::<f64>() / s.len() as f64,
+impl Summary {
+    /// Of a histogram of nanoseconds.
+    pub fn of(h: &Histogram) -> Summary {
+        let us = |v: Option<u64>| v.unwrap_or(0) as f64 / 1e3;
+        Summary {
+            p50: us(h.quantile(0.5)),
+            p99: us(h.quantile(0.99)),
+            p999: us(h.quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean().unwrap_or(0.0) / 1e3,
+        }
     }
 }
 
-/// The `lat_us` list of a rank's (or floor peer's) JSON report.
-pub fn lat_of(line: &str) -> Option<Vec<f64>> {
-    field(line, "lat_us").map(|l| {
-        l.trim_matches(['[', ']'])
-            .split(',')
-            .filter(|x| !x.is_empty())
-            .filter_map(|x| x.parse().ok())
-            .collect()
-    })
+/// A histogram as a JSON array of numbers ([`Histogram::to_words`]).
+pub fn words_json(h: &Histogram) -> String {
+    let words: Vec<String> = h.to_words().iter().map(u64::to_string).collect();
+    format!("[{}]", words.join(","))
 }
 
-/// Per layer, the slowest rank's time: a layer is done when its slowest
-/// attention rank is.
-pub fn slowest(per_rank: &[Vec<f64>], iters: u32) -> Vec<f64> {
-    (0..iters as usize)
-        .map(|i| {
-            per_rank
-                .iter()
-                .map(|v| v.get(i).copied().unwrap_or(0.0))
-                .fold(0.0, f64::max)
-        })
-        .collect()
+/// The `lat_ns` histogram of a rank's (or floor peer's) JSON report.
+pub fn lat_of(line: &str) -> Option<Histogram> {
+    let words: Option<Vec<u64>> = field(line, "lat_ns")?
+        .trim_matches(['[', ']'])
+        .split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse().ok())
+        .collect();
+    Histogram::from_words(&words?)
 }
 
 fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
@@ -272,7 +265,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     drop(children);
     let _ = sched.join();
 
-    let mut per_rank: Vec<Vec<f64>> = Vec::new();
+    let mut lat = Histogram::new();
+    let mut reports = 0u32;
     let mut errors = 0u64;
     let mut first_error: Option<String> = None;
     let (mut ffn_us, mut net_us) = (0.0, 0.0);
@@ -294,8 +288,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         if let Some(t) = field(line, "transport") {
             transport = t.trim_matches('"').to_string();
         }
-        if let Some(v) = lat_of(line) {
-            per_rank.push(v);
+        if let Some(h) = lat_of(line) {
+            lat.merge(&h);
+            reports += 1;
             ffn_us += field(line, "ffn_us")
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(0.0)
@@ -306,10 +301,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 / f64::from(m);
         }
     }
-    if per_rank.len() != m as usize {
-        bail!("expected {m} attention reports, got {}", per_rank.len());
+    if reports != m {
+        bail!("expected {m} attention reports, got {reports}");
     }
-    let mesh = summarize(&slowest(&per_rank, w.iters));
+    let mesh = Summary::of(&lat);
     let copies = if sent_bytes == 0 {
         0.0
     } else {
@@ -321,18 +316,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let exchange = floor::shm(&plan).context("shm floor")?;
         let memcpy = floor::memcpy(d, c, plan.warmup + plan.iters);
         Floors {
-            exchange: summarize(&exchange).p50,
+            exchange: Summary::of(&exchange).p50,
             exchange_name: format!("shm exchange, {m}+{n} processes"),
             polled: None,
-            memcpy: Some(summarize(&memcpy).p50),
+            memcpy: Some(Summary::of(&memcpy).p50),
         }
     } else {
         let blocking = floor::tcp(&plan, false).context("tcp floor")?;
         let polled = floor::tcp(&plan, true).context("polled tcp floor")?;
         Floors {
-            exchange: summarize(&blocking).p50,
+            exchange: Summary::of(&blocking).p50,
             exchange_name: format!("tcp exchange, {m}+{n} processes"),
-            polled: Some(summarize(&polled).p50),
+            polled: Some(Summary::of(&polled).p50),
             memcpy: None,
         }
     };
@@ -456,5 +451,30 @@ fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<usize>) -> floor::Plan 
         iters: w.iters,
         timeout: w.timeout,
         cpus,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use afmesh::Histogram;
+
+    use super::{lat_of, words_json, Summary};
+
+    #[test]
+    fn a_report_carries_its_histogram_exactly() {
+        let mut h = Histogram::new();
+        for ns in (1..=1000u64).map(|i| i * 1000) {
+            h.record(ns);
+        }
+        let line = format!("{{\"errors\":0,\"lat_ns\":{},\"x\":1}}", words_json(&h));
+        let back = lat_of(&line).expect("a histogram");
+        assert_eq!(back, h);
+        let s = Summary::of(&back);
+        // 1..1000 us: the nearest-rank quantiles, within 1/128.
+        for (got, want) in [(s.p50, 500.0), (s.p99, 990.0), (s.p999, 999.0)] {
+            assert!((got - want).abs() <= want / 128.0, "{got} vs {want}");
+        }
+        assert_eq!((s.max, s.mean), (1000.0, 500.5));
+        assert_eq!(lat_of("{\"lat_ns\":[1,2,3]}"), None);
     }
 }
