@@ -3,6 +3,7 @@
 
 mod bench;
 mod floor;
+mod plot;
 mod workload;
 
 use std::time::Duration;
