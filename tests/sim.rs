@@ -226,6 +226,21 @@ fn run_mesh(m: u32, n: u32, stages: u32, layers: u32, seed: u64, faults: Faults)
             "no rejects without faults that cause them"
         );
     }
+    // Every combine taken is one round trip per FFN rank on the attention
+    // side, and one answered dispatch per attention rank on the FFN side.
+    let per_peer = u64::from(stages * layers);
+    for a in &attn {
+        for (peer, s) in a.stats().peers {
+            assert_eq!(s.round_trip_ns.count(), per_peer, "{peer}");
+            assert!(s.ffn_ns.is_empty(), "{peer}");
+        }
+    }
+    for f in &ffn {
+        for (peer, s) in f.stats().peers {
+            assert_eq!(s.ffn_ns.count(), per_peer, "{peer}");
+            assert!(s.round_trip_ns.is_empty(), "{peer}");
+        }
+    }
     net
 }
 

@@ -91,15 +91,17 @@ impl Sink for State {
     fn counter(&mut self) -> &mut AttentionStages {
         &mut self.stages
     }
-    fn accepted(&mut self, f: usize, a: &Accepted, at_ns: u64) {
+    fn accepted(&mut self, f: usize, a: &Accepted, at_ns: u64) -> Option<u64> {
         let s = a.stage;
+        let post_ns = self.post_ns[s];
         self.traces[s * self.layout.n + f] = Trace {
-            post_ns: self.post_ns[s],
+            post_ns,
             land_ns: a.header.land_ns,
             process_ns: a.header.process_ns,
             respond_ns: a.header.respond_ns,
             back_ns: at_ns,
         };
+        Some(at_ns.saturating_sub(post_ns))
     }
 }
 

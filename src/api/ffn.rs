@@ -165,7 +165,7 @@ impl Sink for State {
     fn counter(&mut self) -> &mut FfnStages {
         &mut self.stages
     }
-    fn accepted(&mut self, a: usize, acc: &Accepted, at_ns: u64) {
+    fn accepted(&mut self, a: usize, acc: &Accepted, at_ns: u64) -> Option<u64> {
         self.parts[acc.stage * self.layout.m + a] = Part {
             offset: self.layout.in_offset(acc.stage, a),
             tokens: acc.header.tokens,
@@ -173,6 +173,7 @@ impl Sink for State {
             post_ns: acc.header.post_ns,
             land_ns: at_ns,
         };
+        None
     }
 }
 
@@ -397,8 +398,13 @@ impl FfnRank {
                 .map(|buf| buf[..HEADER_LEN].copy_from_slice(&header.encode()))
                 .and_then(|()| self.engine.message(slot, HEADER_LEN + tokens * out_row))
                 .and_then(|msg| self.engine.post(a, msg, offset, imm));
-            if let Err(e) = posted {
-                first_err.get_or_insert(e);
+            match posted {
+                Ok(()) => self
+                    .engine
+                    .record_ffn(a, respond.saturating_sub(batch.landed_ns(a))),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
         // The batch's views end here; its part list serves the next one.

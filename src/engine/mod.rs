@@ -14,6 +14,7 @@
 //! The role faces in `crate::api` hold an engine plus their stage machine
 //! and bookkeeping; they never poll the transport themselves.
 
+mod histogram;
 mod send;
 mod stats;
 mod support;
@@ -21,6 +22,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use histogram::Histogram;
 pub use stats::{PeerStats, RankStats};
 pub(crate) use support::Support;
 
@@ -37,7 +39,9 @@ pub(crate) trait Sink {
     /// The stage machine, to count an arrival whose header checked out.
     fn counter(&mut self) -> &mut Self::Counter;
     /// Peer `peer`'s message was counted; `at_ns` is when it was seen.
-    fn accepted(&mut self, peer: usize, accepted: &Accepted, at_ns: u64);
+    /// Returns the round trip it ends (nanoseconds), if it ends one, for
+    /// the peer's [`PeerStats::round_trip_ns`].
+    fn accepted(&mut self, peer: usize, accepted: &Accepted, at_ns: u64) -> Option<u64>;
 }
 
 /// A peer's side of the table.
@@ -198,6 +202,14 @@ impl Engine {
         }
     }
 
+    /// Records that peer `peer`'s message was answered `ns` nanoseconds
+    /// after it landed.
+    pub(crate) fn record_ffn(&mut self, peer: usize, ns: u64) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.stats.ffn_ns.record(ns);
+        }
+    }
+
     /// Leaves in order: tells every peer (closing the links), then the
     /// scheduler.
     pub(crate) fn shutdown(&mut self) {
@@ -309,7 +321,9 @@ impl Engine {
         match accept(&self.geometry, peer, imm, read, sink.counter()) {
             Ok(a) => {
                 stats.received += 1;
-                sink.accepted(peer, &a, now_ns());
+                if let Some(ns) = sink.accepted(peer, &a, now_ns()) {
+                    stats.round_trip_ns.record(ns);
+                }
             }
             Err(r) => {
                 stats.rejected += 1;

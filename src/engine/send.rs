@@ -207,7 +207,9 @@ mod tests {
         fn counter(&mut self) -> &mut AttentionStages {
             &mut self.0
         }
-        fn accepted(&mut self, _: usize, _: &Accepted, _: u64) {}
+        fn accepted(&mut self, _: usize, _: &Accepted, _: u64) -> Option<u64> {
+            None
+        }
     }
 
     /// An engine with two 128-byte send slots and one peer, F0, whose

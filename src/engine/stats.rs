@@ -1,5 +1,6 @@
 //! Counters: per peer, and a rank's view of all its peers.
 
+use super::Histogram;
 use crate::error::Peer;
 
 /// Counters for one peer.
@@ -19,6 +20,12 @@ pub struct PeerStats {
     pub rejected: u64,
     /// Why the peer is lost, if it is.
     pub lost: Option<String>,
+    /// Attention ranks: nanoseconds from posting a dispatch to seeing this
+    /// FFN rank's combine of it (one clock, this rank's).
+    pub round_trip_ns: Histogram,
+    /// FFN ranks: nanoseconds from this attention rank's dispatch landing
+    /// to the response being posted (one clock, this rank's).
+    pub ffn_ns: Histogram,
 }
 
 /// Counters of a rank, per peer of the other role.

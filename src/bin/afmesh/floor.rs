@@ -43,7 +43,9 @@ use afmesh::transport::shm::sys::{self, Mapping};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::bench::{lat_of, slowest, wait_all, Children};
+use afmesh::Histogram;
+
+use crate::bench::{lat_of, wait_all, words_json, Children};
 use mailbox::{Layout, Mailboxes};
 
 /// One exchange floor to measure: the mesh's shape, its bytes per pair and
@@ -97,9 +99,9 @@ impl Plan {
         Ok(cmd)
     }
 
-    /// The slowest attention process's time for each timed layer.
-    fn collect(&self, outs: &[String]) -> Result<Vec<f64>> {
-        let per_rank: Vec<Vec<f64>> = outs
+    /// Every attention process's time for each timed layer, merged.
+    fn collect(&self, outs: &[String]) -> Result<Histogram> {
+        let per_rank: Vec<Histogram> = outs
             .iter()
             .filter_map(|o| o.lines().last().and_then(lat_of))
             .collect();
@@ -110,13 +112,16 @@ impl Plan {
                 per_rank.len()
             );
         }
-        Ok(slowest(&per_rank, self.iters))
+        Ok(per_rank.iter().fold(Histogram::new(), |mut all, h| {
+            all.merge(h);
+            all
+        }))
     }
 }
 
 /// Per-layer microseconds of the tcp exchange floor; `polled`: its
 /// sockets are non-blocking and waits spin.
-pub fn tcp(plan: &Plan, polled: bool) -> Result<Vec<f64>> {
+pub fn tcp(plan: &Plan, polled: bool) -> Result<Histogram> {
     let deadline = Instant::now() + plan.budget();
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
@@ -151,7 +156,7 @@ pub fn tcp(plan: &Plan, polled: bool) -> Result<Vec<f64>> {
 }
 
 /// Per-layer microseconds of the shared-memory exchange floor.
-pub fn shm(plan: &Plan) -> Result<Vec<f64>> {
+pub fn shm(plan: &Plan) -> Result<Histogram> {
     let layout = Layout::new(
         plan.m as usize,
         plan.n as usize,
@@ -207,22 +212,22 @@ fn first_line(out: Option<std::process::ChildStdout>, timeout: Duration) -> Resu
     }
 }
 
-/// Per-iteration microseconds of copying a layer's bytes once, from one
+/// Per-iteration nanoseconds of copying a layer's bytes once, from one
 /// buffer to another, on one thread.
-pub fn memcpy(dispatch: u64, combine: u64, iters: u32) -> Vec<f64> {
+pub fn memcpy(dispatch: u64, combine: u64, iters: u32) -> Histogram {
     let src_d = vec![0x5au8; dispatch as usize];
     let src_c = vec![0xa5u8; combine as usize];
     let mut dst_d = vec![0u8; dispatch as usize];
     let mut dst_c = vec![0u8; combine as usize];
     let warm = 5.min(iters);
-    let mut v = Vec::with_capacity(iters as usize);
+    let mut v = Histogram::new();
     for i in 0..iters {
         let t = Instant::now();
         dst_d.copy_from_slice(std::hint::black_box(&src_d));
         dst_c.copy_from_slice(std::hint::black_box(&src_c));
         std::hint::black_box((&dst_d, &dst_c));
         if i >= warm {
-            v.push(t.elapsed().as_secs_f64() * 1e6);
+            v.record(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
     }
     v
@@ -298,7 +303,7 @@ impl PeerArgs {
 }
 
 /// Runs one floor process; an attention process prints its timed layers
-/// as `{"lat_us":[...]}`.
+/// as `{"lat_ns":[...]}` (a histogram, [`words_json`]).
 pub fn peer(args: &PeerArgs) -> Result<()> {
     let (m, n) = (args.attention as usize, args.ffn as usize);
     if args.dispatch.len() != m || args.combine.len() != m {
@@ -333,8 +338,11 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
             }
         }
     };
-    let lat: Vec<String> = lat.iter().map(|x| format!("{x:.3}")).collect();
-    println!("{{\"lat_us\":[{}]}}", lat.join(","));
+    let mut hist = Histogram::new();
+    for us in lat {
+        hist.record((us * 1e3).round() as u64);
+    }
+    println!("{{\"lat_ns\":{}}}", words_json(&hist));
     Ok(())
 }
 

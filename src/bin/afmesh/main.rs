@@ -3,6 +3,7 @@
 
 mod bench;
 mod floor;
+mod plot;
 mod workload;
 
 use std::time::Duration;
@@ -271,20 +272,19 @@ fn run(args: &RunArgs) -> Result<()> {
             let (sent, copied) = moved(&stats);
             a.shutdown()?;
             if args.json {
-                let lat: Vec<String> = rep.lat_us.iter().map(|x| format!("{x:.3}")).collect();
                 println!(
-                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_us\":[{}]}}",
+                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_ns\":{}}}",
                     rep.errors,
                     rep.ffn_us,
                     rep.net_us,
                     json_str(rep.first_error.as_deref()),
-                    lat.join(",")
+                    bench::words_json(&rep.lat)
                 );
             } else {
-                let p50 = bench::summarize(&rep.lat_us).p50;
+                let p50 = bench::Summary::of(&rep.lat).p50;
                 println!(
                     "A{rank}: {} layers, p50 {p50:.1} us, {} verification errors",
-                    rep.lat_us.len(),
+                    rep.lat.count(),
                     rep.errors
                 );
             }

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use afmesh::{AttentionRank, FfnRank, StageSpec};
+use afmesh::{AttentionRank, FfnRank, Histogram, StageSpec};
 use anyhow::{bail, Context, Result};
 
 /// Element type on the wire.
@@ -134,7 +134,9 @@ fn out_body(f: u32, r: usize, k: usize) -> u8 {
 /// What one attention rank measured.
 #[derive(Debug)]
 pub struct AttentionReport {
-    pub lat_us: Vec<f64>,
+    /// Nanoseconds per timed layer, dispatch of the first stage to the
+    /// last combine: fixed memory however long the run.
+    pub lat: Histogram,
     pub errors: u64,
     pub first_error: Option<String>,
     pub ffn_us: f64,
@@ -158,7 +160,7 @@ pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionRep
         })
         .collect();
     let mut rep = AttentionReport {
-        lat_us: Vec::with_capacity(w.iters as usize),
+        lat: Histogram::new(),
         errors: 0,
         first_error: None,
         ffn_us: 0.0,
@@ -195,7 +197,8 @@ pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionRep
             .with_context(|| format!("A{me}: combine of layer {layer}"))?;
         let dt = t0.elapsed();
         if layer >= w.warmup {
-            rep.lat_us.push(dt.as_secs_f64() * 1e6);
+            rep.lat
+                .record(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
         }
         for (s, h) in handles.iter().enumerate() {
             let c = a.wait_combine(*h, Duration::ZERO)?;
