@@ -2,8 +2,9 @@
 //! compiled with the system compilers against `include/afmesh.h` and the
 //! built `libafmesh.so`, and run here: every NULL argument, a 2A×2F mesh
 //! (library and caller buffers), a timeout and use after finalize, a peer
-//! killed mid-layer, one run under AddressSanitizer, the C++ wrappers; and
-//! the exported symbols, which are exactly the header's functions.
+//! killed mid-layer, one run under AddressSanitizer, the C++ wrappers (with
+//! `-Wold-style-cast`); and the exported symbols, which are exactly the
+//! header's functions.
 
 #![allow(clippy::unwrap_used)]
 
@@ -216,7 +217,13 @@ fn address_sanitizer_run_is_clean() {
 
 #[test]
 fn header_compiles_as_cpp_with_raii_wrappers() {
-    let bin = compile("c++", "c++17", "tests/cpp/raii.cpp", "raii", &["-pthread"]);
+    let bin = compile(
+        "c++",
+        "c++17",
+        "tests/cpp/raii.cpp",
+        "raii",
+        &["-pthread", "-Wold-style-cast"],
+    );
     let mut c = Command::new(bin);
     c.arg(free_port());
     let (code, out) = run_to_end("raii", c, Duration::from_secs(60));
