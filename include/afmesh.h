@@ -11,6 +11,10 @@
  * only: they may be freed once it returns. Views the library hands out
  * (partials, sender views) point into its memory for as long as each
  * function says; an empty view is NULL with length 0.
+ *
+ * AFMESH_LOG (e.g. "afmesh=info") sends the library's log to stderr: read
+ * when the first handle is made, unless the process set up its own
+ * tracing subscriber.
 
  */
 

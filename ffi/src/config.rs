@@ -153,6 +153,7 @@ pub(crate) unsafe fn construct<H>(
     out: *mut *mut H,
     join: impl FnOnce(Mesh, StageSpec, Option<Region>) -> Result<H, Error>,
 ) -> Result<(), Fail> {
+    crate::log::init();
     // Arguments first, then configuration.
     // SAFETY: forwarded contract.
     let spec = spec_of(unsafe { obj_ref(spec, "spec") }?);

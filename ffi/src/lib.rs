@@ -28,6 +28,7 @@ pub mod args;
 pub mod config;
 pub mod error;
 pub mod handle;
+mod log;
 
 // cbindgen lists functions in the order it reads these modules, so this is
 // the header's order: one object at a time (kept apart from rustfmt's sort).

@@ -3,8 +3,8 @@
 //! built `libafmesh.so`, and run here: every NULL argument, a 2A×2F mesh
 //! (library and caller buffers), a timeout and use after finalize, a peer
 //! killed mid-layer, one run under AddressSanitizer, the C++ wrappers (with
-//! `-Wold-style-cast`); and the exported symbols, which are exactly the
-//! header's functions.
+//! `-Wold-style-cast`), `AFMESH_LOG` reaching a C program's stderr; and the
+//! exported symbols, which are exactly the header's functions.
 
 #![allow(clippy::unwrap_used)]
 
@@ -229,6 +229,35 @@ fn header_compiles_as_cpp_with_raii_wrappers() {
     let (code, out) = run_to_end("raii", c, Duration::from_secs(60));
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("c++ ok"), "{out}");
+}
+
+#[test]
+fn afmesh_log_reaches_a_c_programs_stderr() {
+    let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_log", &[]);
+    let sched = free_port();
+    let job = format!("c-log-{}", std::process::id());
+    let mut ranks = Vec::new();
+    for (role, log) in [("attention", Some("afmesh=info")), ("ffn", None)] {
+        let mut c = Command::new(&bin);
+        c.args([role, "0", &sched, "1", "1", "run", "2"])
+            .env("TEST_JOB", &job)
+            .env_remove("AFMESH_LOG");
+        if let Some(log) = log {
+            c.env("AFMESH_LOG", log);
+        }
+        ranks.push(Proc::spawn(role, c));
+    }
+    for p in &mut ranks {
+        let st = p.wait_exit(Duration::from_secs(60));
+        assert_eq!(st.code(), Some(0), "{}:\n{}", p.name, p.output());
+    }
+    // The library's own info line at join, only where AFMESH_LOG asks.
+    let (with, without) = (ranks[0].output(), ranks[1].output());
+    assert!(
+        with.contains("INFO") && with.contains("rank joined"),
+        "{with}"
+    );
+    assert!(!without.contains("rank joined"), "{without}");
 }
 
 /// The functions `include/afmesh.h` declares: identifiers starting
