@@ -391,7 +391,7 @@ typedef struct afmesh_sender_view {
   /**
    * Bytes of the side block.
    */
-  uintptr_t side_len;
+  size_t side_len;
 } afmesh_sender_view;
 
 #ifdef __cplusplus
@@ -452,7 +452,7 @@ enum afmesh_result afmesh_attention_new_from_env(const struct afmesh_stage_spec 
 enum afmesh_result afmesh_attention_new_with_buffer(const struct afmesh_config *cfg,
                                                     const struct afmesh_stage_spec *spec,
                                                     void *buffer,
-                                                    uintptr_t len,
+                                                    size_t len,
                                                     struct afmesh_attention **out);
 
 /**
@@ -464,7 +464,7 @@ enum afmesh_result afmesh_attention_new_with_buffer(const struct afmesh_config *
  */
 enum afmesh_result afmesh_attention_memory_len(const struct afmesh_config *cfg,
                                                const struct afmesh_stage_spec *spec,
-                                               uintptr_t *out);
+                                               size_t *out);
 
 /**
  * Sends `tokens` (whole rows) and `side` to every FFN rank for `stage`.
@@ -478,9 +478,9 @@ enum afmesh_result afmesh_attention_memory_len(const struct afmesh_config *cfg,
 enum afmesh_result afmesh_attention_dispatch(struct afmesh_attention *a,
                                              uint32_t stage,
                                              const void *tokens,
-                                             uintptr_t tokens_len,
+                                             size_t tokens_len,
                                              const void *side,
-                                             uintptr_t side_len,
+                                             size_t side_len,
                                              struct afmesh_dispatch *out);
 
 /**
@@ -500,7 +500,7 @@ enum afmesh_result afmesh_attention_wait_combine(struct afmesh_attention *a,
                                                  struct afmesh_dispatch handle,
                                                  uint32_t timeout_ms,
                                                  const void **partials,
-                                                 uintptr_t partials_cap,
+                                                 size_t partials_cap,
                                                  uint32_t *tokens_out);
 
 /**
@@ -517,7 +517,7 @@ enum afmesh_result afmesh_attention_wait_combine_sum(struct afmesh_attention *a,
                                                      afmesh_dtype dtype,
                                                      uint32_t timeout_ms,
                                                      void *out,
-                                                     uintptr_t out_len);
+                                                     size_t out_len);
 
 /**
  * Non-blocking `afmesh_attention_wait_combine_sum`: makes progress, and if
@@ -536,7 +536,7 @@ enum afmesh_result afmesh_attention_try_combine_sum(struct afmesh_attention *a,
                                                     struct afmesh_dispatch handle,
                                                     afmesh_dtype dtype,
                                                     void *out,
-                                                    uintptr_t out_len,
+                                                    size_t out_len,
                                                     bool *done_out);
 
 /**
@@ -550,7 +550,7 @@ enum afmesh_result afmesh_attention_try_combine_sum(struct afmesh_attention *a,
  */
 enum afmesh_result afmesh_attention_wait_all(struct afmesh_attention *a,
                                              const struct afmesh_dispatch *handles,
-                                             uintptr_t count,
+                                             size_t count,
                                              uint32_t timeout_ms);
 
 /**
@@ -569,8 +569,8 @@ enum afmesh_result afmesh_attention_wait_all(struct afmesh_attention *a,
 enum afmesh_result afmesh_attention_trace(struct afmesh_attention *a,
                                           uint32_t stage,
                                           struct afmesh_trace *out,
-                                          uintptr_t cap,
-                                          uintptr_t *count_out);
+                                          size_t cap,
+                                          size_t *count_out);
 
 /**
  * Makes progress without waiting: counts whatever has landed and notices
@@ -598,8 +598,8 @@ enum afmesh_result afmesh_attention_info(struct afmesh_attention *a, struct afme
  */
 enum afmesh_result afmesh_attention_stats(struct afmesh_attention *a,
                                           struct afmesh_peer_stats *out,
-                                          uintptr_t cap,
-                                          uintptr_t *count_out);
+                                          size_t cap,
+                                          size_t *count_out);
 
 /**
  * Leaves the mesh in order (tells the scheduler and every peer). The
@@ -661,7 +661,7 @@ enum afmesh_result afmesh_ffn_new_from_env(const struct afmesh_stage_spec *spec,
 enum afmesh_result afmesh_ffn_new_with_buffer(const struct afmesh_config *cfg,
                                               const struct afmesh_stage_spec *spec,
                                               void *buffer,
-                                              uintptr_t len,
+                                              size_t len,
                                               struct afmesh_ffn **out);
 
 /**
@@ -672,7 +672,7 @@ enum afmesh_result afmesh_ffn_new_with_buffer(const struct afmesh_config *cfg,
  */
 enum afmesh_result afmesh_ffn_memory_len(const struct afmesh_config *cfg,
                                          const struct afmesh_stage_spec *spec,
-                                         uintptr_t *out);
+                                         size_t *out);
 
 /**
  * Waits up to `timeout_ms` for the oldest stage every attention rank has
@@ -717,8 +717,8 @@ enum afmesh_result afmesh_ffn_try_get_batch(struct afmesh_ffn *f, struct afmesh_
 enum afmesh_result afmesh_ffn_respond(struct afmesh_ffn *f,
                                       struct afmesh_batch *b,
                                       const void *const *outputs,
-                                      const uintptr_t *lens,
-                                      uintptr_t count);
+                                      const size_t *lens,
+                                      size_t count);
 
 /**
  * Who this FFN rank is. Never blocks.
@@ -736,8 +736,8 @@ enum afmesh_result afmesh_ffn_info(struct afmesh_ffn *f, struct afmesh_rank_info
  */
 enum afmesh_result afmesh_ffn_stats(struct afmesh_ffn *f,
                                     struct afmesh_peer_stats *out,
-                                    uintptr_t cap,
-                                    uintptr_t *count_out);
+                                    size_t cap,
+                                    size_t *count_out);
 
 /**
  * Makes progress without waiting (see `afmesh_attention_progress`).
