@@ -249,6 +249,20 @@ typedef struct afmesh_dispatch {
 } afmesh_dispatch;
 
 /**
+ * Fills a dispatch in place for `afmesh_attention_dispatch_with`: writes
+ * the rows (`rows_len` = tokens × row_bytes bytes) at `rows` and the side
+ * block at the start of `side` (`side_cap` = side_bytes bytes), and
+ * returns the side block's length. Both areas are the stage's registered
+ * send slot, valid only during the call, and keep their bytes between
+ * dispatches of the stage. An empty area is NULL with length 0.
+ */
+typedef size_t (*afmesh_fill_fn)(void *user,
+                                 void *rows,
+                                 size_t rows_len,
+                                 void *side,
+                                 size_t side_cap);
+
+/**
  * Trace stamps of one FFN rank's answer to a combine (wall clock, ns).
  * Differences across hosts need synchronized clocks.
  */
@@ -482,6 +496,28 @@ enum afmesh_result afmesh_attention_dispatch(struct afmesh_attention *a,
                                              const void *side,
                                              size_t side_len,
                                              struct afmesh_dispatch *out);
+
+/**
+ * Zero-copy `afmesh_attention_dispatch`: sends `tokens` rows to every FFN
+ * rank for `stage`, built in place by `fill(user, rows, rows_len, side,
+ * side_cap)`, which runs once, inside this call, before anything is sent
+ * (no copy is made). Checked before `fill` runs: the stage exists and is
+ * idle, `tokens` is at most `max_tokens`, no FFN rank is lost. A side
+ * length over `side_cap` is refused after `fill`
+ * (`AFMESH_ERR_INVALID_ARGUMENT`); nothing is sent then and the stage
+ * stays idle. May wait (bounded) for the slot's previous message to leave.
+ *
+ * # Safety
+ * `a` is NULL or live; `out` is NULL or writable; `fill` writes only
+ * inside the two areas it is given and does not call afmesh functions on
+ * `a` (the handle is in use), nor unwind or longjmp out of the call.
+ */
+enum afmesh_result afmesh_attention_dispatch_with(struct afmesh_attention *a,
+                                                  uint32_t stage,
+                                                  uint32_t tokens,
+                                                  afmesh_fill_fn fill,
+                                                  void *user,
+                                                  struct afmesh_dispatch *out);
 
 /**
  * Waits up to `timeout_ms` for every FFN rank's combine of `handle`.

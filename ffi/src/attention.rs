@@ -244,6 +244,79 @@ pub unsafe extern "C" fn afmesh_attention_dispatch(
     })
 }
 
+/// Fills a dispatch in place for `afmesh_attention_dispatch_with`: writes
+/// the rows (`rows_len` = tokens × row_bytes bytes) at `rows` and the side
+/// block at the start of `side` (`side_cap` = side_bytes bytes), and
+/// returns the side block's length. Both areas are the stage's registered
+/// send slot, valid only during the call, and keep their bytes between
+/// dispatches of the stage. An empty area is NULL with length 0.
+pub type afmesh_fill_fn = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        rows: *mut c_void,
+        rows_len: usize,
+        side: *mut c_void,
+        side_cap: usize,
+    ) -> usize,
+>;
+
+/// Zero-copy `afmesh_attention_dispatch`: sends `tokens` rows to every FFN
+/// rank for `stage`, built in place by `fill(user, rows, rows_len, side,
+/// side_cap)`, which runs once, inside this call, before anything is sent
+/// (no copy is made). Checked before `fill` runs: the stage exists and is
+/// idle, `tokens` is at most `max_tokens`, no FFN rank is lost. A side
+/// length over `side_cap` is refused after `fill`
+/// (`AFMESH_ERR_INVALID_ARGUMENT`); nothing is sent then and the stage
+/// stays idle. May wait (bounded) for the slot's previous message to leave.
+///
+/// # Safety
+/// `a` is NULL or live; `out` is NULL or writable; `fill` writes only
+/// inside the two areas it is given and does not call afmesh functions on
+/// `a` (the handle is in use), nor unwind or longjmp out of the call.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_dispatch_with(
+    a: *mut afmesh_attention,
+    stage: u32,
+    tokens: u32,
+    fill: afmesh_fill_fn,
+    user: *mut c_void,
+    out: *mut afmesh_dispatch,
+) -> afmesh_result {
+    boundary("afmesh_attention_dispatch_with", || {
+        // SAFETY: the caller's contract.
+        let a = unsafe { obj(a, "a") }?;
+        let fill = fill.ok_or_else(|| invalid("fill is NULL"))?;
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        let area = |s: &mut [u8]| {
+            if s.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                s.as_mut_ptr().cast::<c_void>()
+            }
+        };
+        let h = a.state.live("attention rank")?.dispatch_with(
+            stage,
+            tokens as usize,
+            |rows, side| {
+                // SAFETY: both areas are valid for writes of their lengths
+                // for the call; `fill` keeps inside them and does not
+                // re-enter this handle (the caller's contract).
+                unsafe { fill(user, area(rows), rows.len(), area(side), side.len()) }
+            },
+        )?;
+        // SAFETY: checked non-NULL.
+        unsafe {
+            out.write(afmesh_dispatch {
+                stage: h.stage(),
+                sequence: h.sequence(),
+            })
+        };
+        Ok(())
+    })
+}
+
 /// Waits up to `timeout_ms` for every FFN rank's combine of `handle`.
 /// Writes one pointer per FFN rank into `partials` (which holds
 /// `partials_cap` pointers; at least N) and the row count into

@@ -1,7 +1,8 @@
 /* One rank of a C mesh: test_mesh ROLE RANK SCHEDULER M N MODE [LAYERS]
  *
- * MODE run       verified layers (partials, f32 sums blocking and polled,
- *                traces, stats, misuse of the polling calls), then finalize
+ * MODE run       verified layers (copied and in-place dispatches, partials,
+ *                f32 sums blocking and polled, traces, stats, misuse of the
+ *                newer calls), then finalize
  *      buffer    the same with caller-provided slot memory
  *      forever   verified layers until something fails; exits with the code
  *      stall     (ffn) take one batch, never answer, wait to be killed
@@ -63,6 +64,25 @@ static int check_sum(const float *sum, const float *rows, unsigned t) {
     return 0;
 }
 
+/* What a fill callback writes: the rows of one stage and its side block,
+ * or (side_len over the capacity) a side block the library must refuse. */
+struct fill_job {
+    const float *rows;
+    unsigned tokens;
+    uint32_t side[2];
+    size_t side_len;
+    unsigned calls;
+};
+
+static size_t fill_rows(void *user, void *rows, size_t rows_len, void *side, size_t side_cap) {
+    struct fill_job *j = user;
+    j->calls++;
+    if (rows_len != j->tokens * ROW || (rows_len == 0) != (rows == NULL) || side_cap != 8 || side == NULL) return 1000;
+    memcpy(rows, j->rows, rows_len);
+    memcpy(side, j->side, sizeof j->side);
+    return j->side_len;
+}
+
 static unsigned tokens_of(unsigned a, unsigned layer, unsigned stage) {
     return 1 + (a + layer + stage) % MAX_TOKENS;
 }
@@ -104,7 +124,30 @@ static int attention(afmesh_attention *a, unsigned layers) {
             for (unsigned r = 0; r < t; r++)
                 for (unsigned k = 0; k < HIDDEN; k++) rows[s][r * HIDDEN + k] = value(me, layer, s, r, k);
             uint32_t side[2] = {layer, s};
-            CHECK("dispatch", afmesh_attention_dispatch(a, s, rows[s], t * ROW, side, sizeof side, &h[s]));
+            if (layer % 3 == 1) {
+                /* In place: a refused side length sends nothing and leaves
+                 * the stage idle, then the real fill goes out. */
+                struct fill_job job = {rows[s], t, {layer, s}, 9, 0};
+                MISUSE("dispatch_with, side too long", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("dispatch_with, NULL fill", afmesh_attention_dispatch_with(a, s, t, NULL, &job, &h[s]),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("dispatch_with, NULL out", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, NULL),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("dispatch_with, too many tokens",
+                       afmesh_attention_dispatch_with(a, s, MAX_TOKENS + 1, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_BUFFER_SIZE);
+                MISUSE("dispatch_with, no such stage", afmesh_attention_dispatch_with(a, STAGES, t, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                if (job.calls != 1) return fail("fill runs only once the checks pass", AFMESH_ERR_BAD_FRAME);
+                job.side_len = sizeof side;
+                CHECK("dispatch_with", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, &h[s]));
+                if (job.calls != 2) return fail("fill calls", AFMESH_ERR_BAD_FRAME);
+                MISUSE("dispatch_with, stage busy", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_STAGE_BUSY);
+            } else {
+                CHECK("dispatch", afmesh_attention_dispatch(a, s, rows[s], t * ROW, side, sizeof side, &h[s]));
+            }
         }
         for (unsigned s = 0; s < STAGES; s++) {
             unsigned t = tokens_of(me, layer, s);
