@@ -40,6 +40,10 @@ pub mod batch;
 
 use std::ffi::{c_char, CStr};
 
+// Every exported function in the AFMESH_0 version node (see build.rs).
+#[cfg(target_os = "linux")]
+std::arch::global_asm!(include_str!(concat!(env!("OUT_DIR"), "/symver.s")));
+
 /// The library version, e.g. `"0.1.0"`. Thread-safe; never blocks.
 #[no_mangle]
 pub extern "C" fn afmesh_version() -> *const c_char {

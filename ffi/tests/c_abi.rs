@@ -4,7 +4,8 @@
 //! (library and caller buffers), a timeout and use after finalize, a peer
 //! killed mid-layer, one run under AddressSanitizer, the C++ wrappers (with
 //! `-Wold-style-cast`), `AFMESH_LOG` reaching a C program's stderr; and the
-//! exported symbols, which are exactly the header's functions.
+//! exported symbols, which are exactly the header's functions, each in the
+//! `AFMESH_0` version node.
 
 #![allow(clippy::unwrap_used)]
 
@@ -292,9 +293,11 @@ fn only_afmesh_symbols_are_exported() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
+    // nm writes a versioned symbol as `name@@VERSION`.
     let names: Vec<&str> = text
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2))
+        .map(|n| n.split('@').next().unwrap_or(n))
         .collect();
     assert!(names.len() > 20, "{text}");
     let stray: Vec<&&str> = names.iter().filter(|n| !n.starts_with("afmesh_")).collect();
@@ -321,5 +324,42 @@ fn only_afmesh_symbols_are_exported() {
     assert!(
         String::from_utf8_lossy(&dynamic.stdout).contains("libafmesh.so.0"),
         "SONAME carries the ABI version"
+    );
+}
+
+/// Every exported function sits in the `AFMESH_0` version node that
+/// `ffi/afmesh.map` defines, not in the unversioned base (rustc's own
+/// version script puts them there unless build.rs's `.symver` takes hold).
+#[test]
+fn every_exported_symbol_is_versioned_afmesh_0() {
+    let so = lib_dir().join("libafmesh.so");
+    let out = Command::new("readelf")
+        .args(["--dyn-syms", "-W"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Defined symbols only: an undefined one has section index UND.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(6) != Some("UND"))
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|n| n.starts_with("afmesh_"))
+        .collect();
+    assert!(ours.len() > 20, "{text}");
+    let unversioned: Vec<&&str> = ours.iter().filter(|n| !n.ends_with("@@AFMESH_0")).collect();
+    assert!(
+        unversioned.is_empty(),
+        "exported without the AFMESH_0 node: {unversioned:?}"
+    );
+    let defs = Command::new("readelf")
+        .args(["-V", "-W"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&defs.stdout).contains("Name: AFMESH_0"),
+        "the library defines the AFMESH_0 node"
     );
 }
