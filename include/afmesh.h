@@ -6,6 +6,16 @@
  * afmesh_last_error_message() gives the detail. The object comes first,
  * outputs last, and outputs are written only on success. Handles are used
  * from one thread at a time; functions that wait take a timeout.
+ *
+ * Strings passed in (afmesh_config's fields) are read during the call
+ * only: they may be freed once it returns. Views the library hands out
+ * (partials, sender views) point into its memory for as long as each
+ * function says; an empty view is NULL with length 0.
+ *
+ * AFMESH_LOG (e.g. "afmesh=info") sends the library's log to stderr: read
+ * when the first handle is made, unless the process set up its own
+ * tracing subscriber.
+
  */
 
 #ifndef AFMESH_H
@@ -15,10 +25,27 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <stdbool.h>
 #define AFMESH_VERSION_MAJOR 0
 #define AFMESH_VERSION_MINOR 1
 #define AFMESH_VERSION_PATCH 0
 #define AFMESH_ABI_VERSION 0
+
+/* A size as the uint32_t `size` fields hold it, clean under C++'s
+ * -Wold-style-cast. */
+#ifdef __cplusplus
+#define AFMESH_SIZE_U32_(x) static_cast<uint32_t>(x)
+#else
+#define AFMESH_SIZE_U32_(x) ((uint32_t)(x))
+#endif
+
+/* A config with every field at its default; set scheduler, num_attention
+ * and num_ffn before use. */
+#define AFMESH_CONFIG_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_config)), AFMESH_CONFIG_VERSION, NULL, 0, 0, -1, NULL, NULL, NULL, NULL, 0, 0, 0, -1 }
+
+/* The first element of an afmesh_peer_stats array passed to
+ * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
+#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /**
  * Version of [`afmesh_config`] this library knows.
@@ -84,7 +111,7 @@ typedef enum afmesh_result {
 } afmesh_result;
 
 /**
- * Element types for `afmesh_attention_wait_combine_sum` (values fixed).
+ * Element types for the combine sums (values fixed).
  */
 typedef enum afmesh_dtype {
   /**
@@ -118,7 +145,9 @@ typedef struct afmesh_ffn afmesh_ffn;
 
 /**
  * How a rank joins its mesh. Initialise with `AFMESH_CONFIG_INIT`, then
- * set fields; `size` and `version` let later versions add fields.
+ * set fields; `size` and `version` let later versions add fields. The
+ * strings are copied during the call that reads the config: they need to
+ * stay valid only until it returns.
  */
 typedef struct afmesh_config {
   /**
@@ -220,6 +249,47 @@ typedef struct afmesh_dispatch {
 } afmesh_dispatch;
 
 /**
+ * Fills a dispatch in place for `afmesh_attention_dispatch_with`: writes
+ * the rows (`rows_len` = tokens × row_bytes bytes) at `rows` and the side
+ * block at the start of `side` (`side_cap` = side_bytes bytes), and
+ * returns the side block's length. Both areas are the stage's registered
+ * send slot, valid only during the call, and keep their bytes between
+ * dispatches of the stage. An empty area is NULL with length 0.
+ */
+typedef size_t (*afmesh_fill_fn)(void *user,
+                                 void *rows,
+                                 size_t rows_len,
+                                 void *side,
+                                 size_t side_cap);
+
+/**
+ * Trace stamps of one FFN rank's answer to a combine (wall clock, ns).
+ * Differences across hosts need synchronized clocks.
+ */
+typedef struct afmesh_trace {
+  /**
+   * Dispatch posted (attention clock).
+   */
+  uint64_t post_ns;
+  /**
+   * Dispatch landed (FFN clock).
+   */
+  uint64_t land_ns;
+  /**
+   * Batch handed to the FFN's caller (FFN clock).
+   */
+  uint64_t process_ns;
+  /**
+   * Combine posted (FFN clock).
+   */
+  uint64_t respond_ns;
+  /**
+   * Combine seen by the attention rank (attention clock).
+   */
+  uint64_t back_ns;
+} afmesh_trace;
+
+/**
  * Who a rank is.
  */
 typedef struct afmesh_rank_info {
@@ -242,9 +312,17 @@ typedef struct afmesh_rank_info {
 } afmesh_rank_info;
 
 /**
- * Counters for one peer.
+ * Counters for one peer. Sized so it can grow: set `size` to
+ * `sizeof(afmesh_peer_stats)` in the first element of the array you pass
+ * (`AFMESH_PEER_STATS_INIT`); the library uses it as the element size,
+ * writes the fields it knows into each element and leaves any later
+ * fields of a newer header untouched.
  */
 typedef struct afmesh_peer_stats {
+  /**
+   * `sizeof(afmesh_peer_stats)`, set by the caller in the first element.
+   */
+  uint32_t size;
   /**
    * 1: attention rank, 2: FFN rank.
    */
@@ -254,13 +332,23 @@ typedef struct afmesh_peer_stats {
    */
   uint32_t rank;
   /**
+   * Non-zero if it is lost.
+   */
+  uint32_t lost;
+  /**
    * Messages written to it.
    */
   uint64_t sent;
   /**
-   * Bytes written to it.
+   * Bytes written to it (headers included).
    */
   uint64_t sent_bytes;
+  /**
+   * Bytes of those the library itself copied on the way (a staging
+   * copy, or the shared-memory copy into the peer); 0 where the kernel
+   * or a NIC moves the bytes.
+   */
+  uint64_t copied_bytes;
   /**
    * Messages from it that counted.
    */
@@ -269,10 +357,6 @@ typedef struct afmesh_peer_stats {
    * Messages from it that were rejected.
    */
   uint64_t rejected;
-  /**
-   * Non-zero if it is lost.
-   */
-  uint32_t lost;
 } afmesh_peer_stats;
 
 /**
@@ -299,7 +383,7 @@ typedef struct afmesh_batch_meta {
 
 /**
  * One sender's part of a batch, viewed in place (valid until the batch is
- * freed).
+ * answered or freed). An empty part is NULL with length 0.
  */
 typedef struct afmesh_sender_view {
   /**
@@ -321,7 +405,7 @@ typedef struct afmesh_sender_view {
   /**
    * Bytes of the side block.
    */
-  uint32_t side_len;
+  size_t side_len;
 } afmesh_sender_view;
 
 #ifdef __cplusplus
@@ -382,7 +466,7 @@ enum afmesh_result afmesh_attention_new_from_env(const struct afmesh_stage_spec 
 enum afmesh_result afmesh_attention_new_with_buffer(const struct afmesh_config *cfg,
                                                     const struct afmesh_stage_spec *spec,
                                                     void *buffer,
-                                                    uintptr_t len,
+                                                    size_t len,
                                                     struct afmesh_attention **out);
 
 /**
@@ -394,7 +478,7 @@ enum afmesh_result afmesh_attention_new_with_buffer(const struct afmesh_config *
  */
 enum afmesh_result afmesh_attention_memory_len(const struct afmesh_config *cfg,
                                                const struct afmesh_stage_spec *spec,
-                                               uintptr_t *out);
+                                               size_t *out);
 
 /**
  * Sends `tokens` (whole rows) and `side` to every FFN rank for `stage`.
@@ -408,17 +492,40 @@ enum afmesh_result afmesh_attention_memory_len(const struct afmesh_config *cfg,
 enum afmesh_result afmesh_attention_dispatch(struct afmesh_attention *a,
                                              uint32_t stage,
                                              const void *tokens,
-                                             uintptr_t tokens_len,
+                                             size_t tokens_len,
                                              const void *side,
-                                             uintptr_t side_len,
+                                             size_t side_len,
                                              struct afmesh_dispatch *out);
+
+/**
+ * Zero-copy `afmesh_attention_dispatch`: sends `tokens` rows to every FFN
+ * rank for `stage`, built in place by `fill(user, rows, rows_len, side,
+ * side_cap)`, which runs once, inside this call, before anything is sent
+ * (no copy is made). Checked before `fill` runs: the stage exists and is
+ * idle, `tokens` is at most `max_tokens`, no FFN rank is lost. A side
+ * length over `side_cap` is refused after `fill`
+ * (`AFMESH_ERR_INVALID_ARGUMENT`); nothing is sent then and the stage
+ * stays idle. May wait (bounded) for the slot's previous message to leave.
+ *
+ * # Safety
+ * `a` is NULL or live; `out` is NULL or writable; `fill` writes only
+ * inside the two areas it is given and does not call afmesh functions on
+ * `a` (the handle is in use), nor unwind or longjmp out of the call.
+ */
+enum afmesh_result afmesh_attention_dispatch_with(struct afmesh_attention *a,
+                                                  uint32_t stage,
+                                                  uint32_t tokens,
+                                                  afmesh_fill_fn fill,
+                                                  void *user,
+                                                  struct afmesh_dispatch *out);
 
 /**
  * Waits up to `timeout_ms` for every FFN rank's combine of `handle`.
  * Writes one pointer per FFN rank into `partials` (which holds
  * `partials_cap` pointers; at least N) and the row count into
  * `*tokens_out`. Each partial is `tokens * out_row_bytes` bytes and stays
- * valid until `stage` is dispatched again. Blocks. Not thread-safe per
+ * valid until `stage` is dispatched again; an empty one (0 tokens) is
+ * NULL. Blocks. Not thread-safe per
  * handle.
  *
  * # Safety
@@ -429,23 +536,86 @@ enum afmesh_result afmesh_attention_wait_combine(struct afmesh_attention *a,
                                                  struct afmesh_dispatch handle,
                                                  uint32_t timeout_ms,
                                                  const void **partials,
-                                                 uintptr_t partials_cap,
+                                                 size_t partials_cap,
                                                  uint32_t *tokens_out);
 
 /**
  * Waits up to `timeout_ms` for the combine of `handle` and writes the
- * element-wise sum of the N partials (`dtype`: an `afmesh_dtype` value)
- * into `out` (`tokens * out_row_bytes` bytes). Blocks.
+ * element-wise sum of the N partials into `out` (`tokens *
+ * out_row_bytes` bytes). `out` and `dtype` are checked first: a refused
+ * call leaves the combine in place. Blocks.
  *
  * # Safety
  * `a` is NULL or live; `out` is NULL or writable for `out_len` bytes.
  */
 enum afmesh_result afmesh_attention_wait_combine_sum(struct afmesh_attention *a,
                                                      struct afmesh_dispatch handle,
-                                                     int32_t dtype,
+                                                     afmesh_dtype dtype,
                                                      uint32_t timeout_ms,
                                                      void *out,
-                                                     uintptr_t out_len);
+                                                     size_t out_len);
+
+/**
+ * Non-blocking `afmesh_attention_wait_combine_sum`: makes progress, and if
+ * the combine of `handle` is complete writes the sum into `out` and sets
+ * `*done_out` to true; if it is not complete yet, sets `*done_out` to
+ * false and consumes nothing (poll again later). "Not yet" is a success
+ * (`AFMESH_OK`), not an error code: every other result is a failure.
+ * `out` and `dtype` are checked as `afmesh_attention_wait_combine_sum`
+ * checks them, whether or not the combine is in. Never blocks.
+ *
+ * # Safety
+ * `a` is NULL or live; `out` is NULL or writable for `out_len` bytes;
+ * `done_out` is NULL or writable.
+ */
+enum afmesh_result afmesh_attention_try_combine_sum(struct afmesh_attention *a,
+                                                    struct afmesh_dispatch handle,
+                                                    afmesh_dtype dtype,
+                                                    void *out,
+                                                    size_t out_len,
+                                                    bool *done_out);
+
+/**
+ * Waits up to `timeout_ms` until the combine of every one of the `count`
+ * dispatches in `handles` is complete, without taking them: take each
+ * with `afmesh_attention_wait_combine*` (which then returns at once).
+ * `count` 0 returns at once. Blocks.
+ *
+ * # Safety
+ * `a` is NULL or live; `handles` is NULL or readable for `count` elements.
+ */
+enum afmesh_result afmesh_attention_wait_all(struct afmesh_attention *a,
+                                             const struct afmesh_dispatch *handles,
+                                             size_t count,
+                                             uint32_t timeout_ms);
+
+/**
+ * Trace stamps of each FFN rank's answer to the last combine taken on
+ * `stage` (by any `afmesh_attention_wait_combine*` or
+ * `afmesh_attention_try_combine_sum`): writes N entries, FFN rank order,
+ * into `out` (which holds `cap`) and N into `*count_out`. Valid from the
+ * combine until `stage` is dispatched again; fails with
+ * `AFMESH_ERR_INVALID_ARGUMENT` while the stage is in flight. All zeros
+ * before the stage's first combine. Never blocks.
+ *
+ * # Safety
+ * `a` is NULL or live; `out` is NULL or writable for `cap` entries;
+ * `count_out` is NULL or writable.
+ */
+enum afmesh_result afmesh_attention_trace(struct afmesh_attention *a,
+                                          uint32_t stage,
+                                          struct afmesh_trace *out,
+                                          size_t cap,
+                                          size_t *count_out);
+
+/**
+ * Makes progress without waiting: counts whatever has landed and notices
+ * lost peers. For callers that poll. Never blocks.
+ *
+ * # Safety
+ * `a` is NULL or live.
+ */
+enum afmesh_result afmesh_attention_progress(struct afmesh_attention *a);
 
 /**
  * Who this attention rank is. Never blocks.
@@ -464,8 +634,8 @@ enum afmesh_result afmesh_attention_info(struct afmesh_attention *a, struct afme
  */
 enum afmesh_result afmesh_attention_stats(struct afmesh_attention *a,
                                           struct afmesh_peer_stats *out,
-                                          uintptr_t cap,
-                                          uintptr_t *count_out);
+                                          size_t cap,
+                                          size_t *count_out);
 
 /**
  * Leaves the mesh in order (tells the scheduler and every peer). The
@@ -527,7 +697,7 @@ enum afmesh_result afmesh_ffn_new_from_env(const struct afmesh_stage_spec *spec,
 enum afmesh_result afmesh_ffn_new_with_buffer(const struct afmesh_config *cfg,
                                               const struct afmesh_stage_spec *spec,
                                               void *buffer,
-                                              uintptr_t len,
+                                              size_t len,
                                               struct afmesh_ffn **out);
 
 /**
@@ -538,7 +708,7 @@ enum afmesh_result afmesh_ffn_new_with_buffer(const struct afmesh_config *cfg,
  */
 enum afmesh_result afmesh_ffn_memory_len(const struct afmesh_config *cfg,
                                          const struct afmesh_stage_spec *spec,
-                                         uintptr_t *out);
+                                         size_t *out);
 
 /**
  * Waits up to `timeout_ms` for the oldest stage every attention rank has
@@ -551,6 +721,19 @@ enum afmesh_result afmesh_ffn_memory_len(const struct afmesh_config *cfg,
 enum afmesh_result afmesh_ffn_get_batch(struct afmesh_ffn *f,
                                         uint32_t timeout_ms,
                                         struct afmesh_batch **out);
+
+/**
+ * Non-blocking `afmesh_ffn_get_batch`: makes progress, and if a stage is
+ * complete writes a new batch into `*out`; if none is, writes NULL into
+ * `*out`. Both are `AFMESH_OK`: "nothing yet" is a successful poll, not
+ * an error (as `rustls_acceptor_accept` answers a ClientHello still
+ * arriving), so `r != AFMESH_OK` stays a failure test. A lost attention
+ * rank the next stage needs is `AFMESH_ERR_PEER_LOST`. Never blocks.
+ *
+ * # Safety
+ * `f` is NULL or live; `out` is NULL or writable.
+ */
+enum afmesh_result afmesh_ffn_try_get_batch(struct afmesh_ffn *f, struct afmesh_batch **out);
 
 /**
  * Sends each attention rank `i` its rows `outputs[i]` (`lens[i]` bytes =
@@ -570,8 +753,8 @@ enum afmesh_result afmesh_ffn_get_batch(struct afmesh_ffn *f,
 enum afmesh_result afmesh_ffn_respond(struct afmesh_ffn *f,
                                       struct afmesh_batch *b,
                                       const void *const *outputs,
-                                      const uintptr_t *lens,
-                                      uintptr_t count);
+                                      const size_t *lens,
+                                      size_t count);
 
 /**
  * Who this FFN rank is. Never blocks.
@@ -589,8 +772,16 @@ enum afmesh_result afmesh_ffn_info(struct afmesh_ffn *f, struct afmesh_rank_info
  */
 enum afmesh_result afmesh_ffn_stats(struct afmesh_ffn *f,
                                     struct afmesh_peer_stats *out,
-                                    uintptr_t cap,
-                                    uintptr_t *count_out);
+                                    size_t cap,
+                                    size_t *count_out);
+
+/**
+ * Makes progress without waiting (see `afmesh_attention_progress`).
+ *
+ * # Safety
+ * `f` is NULL or live.
+ */
+enum afmesh_result afmesh_ffn_progress(struct afmesh_ffn *f);
 
 /**
  * Leaves the mesh in order (see `afmesh_attention_finalize`).
@@ -648,7 +839,3 @@ void afmesh_batch_free(struct afmesh_batch *b);
 #endif  // __cplusplus
 
 #endif  /* AFMESH_H */
-
-/* A config with every field at its default; set scheduler, num_attention
- * and num_ffn before use. */
-#define AFMESH_CONFIG_INIT { (uint32_t)sizeof(afmesh_config), AFMESH_CONFIG_VERSION, NULL, 0, 0, -1, NULL, NULL, NULL, NULL, 0, 0, 0, -1 }

@@ -665,6 +665,62 @@ fn wait_combine_sum_checks_the_output_before_taking_the_combine() {
 }
 
 #[test]
+fn try_combine_sum_polls_without_consuming_and_the_last_trace_outlives_it() {
+    let net = SimNetwork::new(17);
+    net.set_auto(true);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 2, spec(1, 4)).unwrap();
+    let a = &mut attn[0];
+    let h = a
+        .dispatch(0, &tokens_for(0, 0, 0, 3), &side_for(0, 0))
+        .unwrap();
+    let need = 3 * OUT_ROW as usize;
+    let mut out = vec![0u8; need];
+    assert_eq!(a.try_combine_sum(h, Dtype::F32, &mut out).unwrap(), None);
+    assert_eq!(a.last_trace(0, 0), None, "the stage is in flight");
+    let mut short = vec![0u8; need - 1];
+    assert!(
+        matches!(
+            a.try_combine_sum(h, Dtype::F32, &mut short),
+            Err(Error::BufferSize { .. })
+        ),
+        "a short output is refused before the combine is in"
+    );
+    assert_eq!(serve(&mut ffn[0], &|_, _| 0), 1);
+    assert_eq!(
+        a.try_combine_sum(h, Dtype::F32, &mut out).unwrap(),
+        None,
+        "one answer of two"
+    );
+    assert_eq!(serve(&mut ffn[1], &|_, _| 0), 1);
+    assert_eq!(
+        a.try_combine_sum(h, Dtype::F32, &mut out).unwrap(),
+        Some(need)
+    );
+    let rows = tokens_for(0, 0, 0, 3);
+    assert_eq!(
+        f32::from_le_bytes(out[..4].try_into().unwrap()),
+        f32::from(rows[0]) * 2.0 + 1.0
+    );
+    for f in 0..2 {
+        let t = a.last_trace(0, f).unwrap();
+        assert!(t.post_ns > 0 && t.back_ns >= t.post_ns, "{t:?}");
+        assert!(
+            t.respond_ns >= t.process_ns && t.process_ns >= t.land_ns,
+            "{t:?}"
+        );
+    }
+    assert_eq!(a.last_trace(0, 2), None, "no FFN rank 2");
+    assert_eq!(a.last_trace(1, 0), None, "no stage 1");
+    assert!(
+        matches!(
+            a.try_combine_sum(h, Dtype::F32, &mut out),
+            Err(Error::InvalidArgument(_))
+        ),
+        "taken once"
+    );
+}
+
+#[test]
 fn messages_are_one_write_each_and_in_place_ones_copy_nothing() {
     let net = SimNetwork::new(14);
     let (mut attn, mut ffn) = sim_mesh(&net, 2, 2, spec(1, 4)).unwrap();

@@ -11,8 +11,8 @@ use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Sou
 use crate::error::afmesh_result::{self, AFMESH_ERR_BUFFER_SIZE};
 use crate::error::{boundary, invalid, Fail};
 use crate::handle::{
-    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, stats_of, Handle, RankOps,
-    State,
+    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, progress_of, stats_of,
+    Handle, RankOps, State,
 };
 
 /// A dispatch in flight.
@@ -25,7 +25,7 @@ pub struct afmesh_dispatch {
     pub sequence: u32,
 }
 
-/// Element types for `afmesh_attention_wait_combine_sum` (values fixed).
+/// Element types for the combine sums (values fixed).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub enum afmesh_dtype {
@@ -35,6 +35,38 @@ pub enum afmesh_dtype {
     AFMESH_DTYPE_F16 = 1,
     /// bfloat16.
     AFMESH_DTYPE_BF16 = 2,
+}
+
+/// How an `afmesh_dtype` crosses the boundary. The header names the
+/// parameter `afmesh_dtype` (cbindgen.toml renames this type), which C
+/// passes as an int; Rust reads it as one, so a value outside the enum is
+/// refused instead of being undefined behaviour.
+pub type afmesh_dtype_arg = i32;
+
+fn dtype_of(dtype: afmesh_dtype_arg) -> Result<Dtype, Fail> {
+    match dtype {
+        0 => Ok(Dtype::F32),
+        1 => Ok(Dtype::F16),
+        2 => Ok(Dtype::Bf16),
+        d => Err(invalid(format!("dtype {d} is not an afmesh_dtype"))),
+    }
+}
+
+/// Trace stamps of one FFN rank's answer to a combine (wall clock, ns).
+/// Differences across hosts need synchronized clocks.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct afmesh_trace {
+    /// Dispatch posted (attention clock).
+    pub post_ns: u64,
+    /// Dispatch landed (FFN clock).
+    pub land_ns: u64,
+    /// Batch handed to the FFN's caller (FFN clock).
+    pub process_ns: u64,
+    /// Combine posted (FFN clock).
+    pub respond_ns: u64,
+    /// Combine seen by the attention rank (attention clock).
+    pub back_ns: u64,
 }
 
 /// An attention rank (opaque).
@@ -58,6 +90,9 @@ impl RankOps for AttentionRank {
     }
     fn stats(&self) -> RankStats {
         AttentionRank::stats(self)
+    }
+    fn progress(&mut self) -> afmesh_core::Result<()> {
+        AttentionRank::progress(self)
     }
 }
 
@@ -209,11 +244,85 @@ pub unsafe extern "C" fn afmesh_attention_dispatch(
     })
 }
 
+/// Fills a dispatch in place for `afmesh_attention_dispatch_with`: writes
+/// the rows (`rows_len` = tokens × row_bytes bytes) at `rows` and the side
+/// block at the start of `side` (`side_cap` = side_bytes bytes), and
+/// returns the side block's length. Both areas are the stage's registered
+/// send slot, valid only during the call, and keep their bytes between
+/// dispatches of the stage. An empty area is NULL with length 0.
+pub type afmesh_fill_fn = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        rows: *mut c_void,
+        rows_len: usize,
+        side: *mut c_void,
+        side_cap: usize,
+    ) -> usize,
+>;
+
+/// Zero-copy `afmesh_attention_dispatch`: sends `tokens` rows to every FFN
+/// rank for `stage`, built in place by `fill(user, rows, rows_len, side,
+/// side_cap)`, which runs once, inside this call, before anything is sent
+/// (no copy is made). Checked before `fill` runs: the stage exists and is
+/// idle, `tokens` is at most `max_tokens`, no FFN rank is lost. A side
+/// length over `side_cap` is refused after `fill`
+/// (`AFMESH_ERR_INVALID_ARGUMENT`); nothing is sent then and the stage
+/// stays idle. May wait (bounded) for the slot's previous message to leave.
+///
+/// # Safety
+/// `a` is NULL or live; `out` is NULL or writable; `fill` writes only
+/// inside the two areas it is given and does not call afmesh functions on
+/// `a` (the handle is in use), nor unwind or longjmp out of the call.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_dispatch_with(
+    a: *mut afmesh_attention,
+    stage: u32,
+    tokens: u32,
+    fill: afmesh_fill_fn,
+    user: *mut c_void,
+    out: *mut afmesh_dispatch,
+) -> afmesh_result {
+    boundary("afmesh_attention_dispatch_with", || {
+        // SAFETY: the caller's contract.
+        let a = unsafe { obj(a, "a") }?;
+        let fill = fill.ok_or_else(|| invalid("fill is NULL"))?;
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        let area = |s: &mut [u8]| {
+            if s.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                s.as_mut_ptr().cast::<c_void>()
+            }
+        };
+        let h = a.state.live("attention rank")?.dispatch_with(
+            stage,
+            tokens as usize,
+            |rows, side| {
+                // SAFETY: both areas are valid for writes of their lengths
+                // for the call; `fill` keeps inside them and does not
+                // re-enter this handle (the caller's contract).
+                unsafe { fill(user, area(rows), rows.len(), area(side), side.len()) }
+            },
+        )?;
+        // SAFETY: checked non-NULL.
+        unsafe {
+            out.write(afmesh_dispatch {
+                stage: h.stage(),
+                sequence: h.sequence(),
+            })
+        };
+        Ok(())
+    })
+}
+
 /// Waits up to `timeout_ms` for every FFN rank's combine of `handle`.
 /// Writes one pointer per FFN rank into `partials` (which holds
 /// `partials_cap` pointers; at least N) and the row count into
 /// `*tokens_out`. Each partial is `tokens * out_row_bytes` bytes and stays
-/// valid until `stage` is dispatched again. Blocks. Not thread-safe per
+/// valid until `stage` is dispatched again; an empty one (0 tokens) is
+/// NULL. Blocks. Not thread-safe per
 /// handle.
 ///
 /// # Safety
@@ -250,6 +359,7 @@ pub unsafe extern "C" fn afmesh_attention_wait_combine(
         for f in 0..n {
             let p = c
                 .partial(f)
+                .filter(|s| !s.is_empty())
                 .map_or(std::ptr::null(), |s| s.as_ptr().cast::<c_void>());
             // SAFETY: `partials` holds at least `n` pointers (checked).
             unsafe { partials.add(f).write(p) };
@@ -261,8 +371,9 @@ pub unsafe extern "C" fn afmesh_attention_wait_combine(
 }
 
 /// Waits up to `timeout_ms` for the combine of `handle` and writes the
-/// element-wise sum of the N partials (`dtype`: an `afmesh_dtype` value)
-/// into `out` (`tokens * out_row_bytes` bytes). Blocks.
+/// element-wise sum of the N partials into `out` (`tokens *
+/// out_row_bytes` bytes). `out` and `dtype` are checked first: a refused
+/// call leaves the combine in place. Blocks.
 ///
 /// # Safety
 /// `a` is NULL or live; `out` is NULL or writable for `out_len` bytes.
@@ -270,7 +381,7 @@ pub unsafe extern "C" fn afmesh_attention_wait_combine(
 pub unsafe extern "C" fn afmesh_attention_wait_combine_sum(
     a: *mut afmesh_attention,
     handle: afmesh_dispatch,
-    dtype: i32,
+    dtype: afmesh_dtype_arg,
     timeout_ms: u32,
     out: *mut c_void,
     out_len: usize,
@@ -278,29 +389,188 @@ pub unsafe extern "C" fn afmesh_attention_wait_combine_sum(
     boundary("afmesh_attention_wait_combine_sum", || {
         // SAFETY: the caller's contract.
         let a = unsafe { obj(a, "a") }?;
-        let dtype = match dtype {
-            0 => Dtype::F32,
-            1 => Dtype::F16,
-            2 => Dtype::Bf16,
-            d => return Err(invalid(format!("dtype {d} is not an afmesh_dtype"))),
-        };
+        let dtype = dtype_of(dtype)?;
         if out.is_null() && out_len > 0 {
             return Err(invalid("out is NULL"));
         }
         let rank = a.state.live("attention rank")?;
         let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
-        let out: &mut [u8] = if out_len == 0 {
-            &mut []
-        } else {
-            // SAFETY: `out` is non-NULL (checked above) and writable for
-            // `out_len` bytes (contract), and not aliased by afmesh memory.
-            unsafe { std::slice::from_raw_parts_mut(out.cast::<u8>(), out_len) }
-        };
+        // SAFETY: `out` is writable for `out_len` bytes (contract).
+        let out = unsafe { out_bytes(out, out_len) };
         // Checks `out` before it takes the combine: a refused call leaves
         // the combine in place for a retry.
         rank.wait_combine_sum(h, dtype, out, ms(timeout_ms))?;
         Ok(())
     })
+}
+
+/// `out` as a slice; NULL only with `out_len` 0 (checked by the caller).
+///
+/// # Safety
+/// `out` is non-NULL and writable for `out_len` bytes, not aliased by
+/// afmesh memory, or `out_len` is 0.
+unsafe fn out_bytes<'a>(out: *mut c_void, out_len: usize) -> &'a mut [u8] {
+    if out_len == 0 {
+        &mut []
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { std::slice::from_raw_parts_mut(out.cast::<u8>(), out_len) }
+    }
+}
+
+/// Non-blocking `afmesh_attention_wait_combine_sum`: makes progress, and if
+/// the combine of `handle` is complete writes the sum into `out` and sets
+/// `*done_out` to true; if it is not complete yet, sets `*done_out` to
+/// false and consumes nothing (poll again later). "Not yet" is a success
+/// (`AFMESH_OK`), not an error code: every other result is a failure.
+/// `out` and `dtype` are checked as `afmesh_attention_wait_combine_sum`
+/// checks them, whether or not the combine is in. Never blocks.
+///
+/// # Safety
+/// `a` is NULL or live; `out` is NULL or writable for `out_len` bytes;
+/// `done_out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_try_combine_sum(
+    a: *mut afmesh_attention,
+    handle: afmesh_dispatch,
+    dtype: afmesh_dtype_arg,
+    out: *mut c_void,
+    out_len: usize,
+    done_out: *mut bool,
+) -> afmesh_result {
+    boundary("afmesh_attention_try_combine_sum", || {
+        // SAFETY: the caller's contract.
+        let a = unsafe { obj(a, "a") }?;
+        let dtype = dtype_of(dtype)?;
+        if out.is_null() && out_len > 0 {
+            return Err(invalid("out is NULL"));
+        }
+        if done_out.is_null() {
+            return Err(invalid("done_out is NULL"));
+        }
+        let rank = a.state.live("attention rank")?;
+        let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
+        // SAFETY: `out` is writable for `out_len` bytes (contract).
+        let out = unsafe { out_bytes(out, out_len) };
+        let done = rank.try_combine_sum(h, dtype, out)?.is_some();
+        // SAFETY: checked non-NULL.
+        unsafe { done_out.write(done) };
+        Ok(())
+    })
+}
+
+/// Waits up to `timeout_ms` until the combine of every one of the `count`
+/// dispatches in `handles` is complete, without taking them: take each
+/// with `afmesh_attention_wait_combine*` (which then returns at once).
+/// `count` 0 returns at once. Blocks.
+///
+/// # Safety
+/// `a` is NULL or live; `handles` is NULL or readable for `count` elements.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_wait_all(
+    a: *mut afmesh_attention,
+    handles: *const afmesh_dispatch,
+    count: usize,
+    timeout_ms: u32,
+) -> afmesh_result {
+    boundary("afmesh_attention_wait_all", || {
+        // SAFETY: the caller's contract.
+        let a = unsafe { obj(a, "a") }?;
+        let handles: &[afmesh_dispatch] = if count == 0 {
+            &[]
+        } else if handles.is_null() {
+            return Err(invalid(format!("handles is NULL but count is {count}")));
+        } else {
+            // SAFETY: non-NULL and readable for `count` elements (contract).
+            unsafe { std::slice::from_raw_parts(handles, count) }
+        };
+        let hs: Vec<DispatchHandle> = handles
+            .iter()
+            .map(|h| DispatchHandle::from_parts(h.stage, h.sequence))
+            .collect();
+        a.state
+            .live("attention rank")?
+            .wait_all(&hs, ms(timeout_ms))?;
+        Ok(())
+    })
+}
+
+/// Trace stamps of each FFN rank's answer to the last combine taken on
+/// `stage` (by any `afmesh_attention_wait_combine*` or
+/// `afmesh_attention_try_combine_sum`): writes N entries, FFN rank order,
+/// into `out` (which holds `cap`) and N into `*count_out`. Valid from the
+/// combine until `stage` is dispatched again; fails with
+/// `AFMESH_ERR_INVALID_ARGUMENT` while the stage is in flight. All zeros
+/// before the stage's first combine. Never blocks.
+///
+/// # Safety
+/// `a` is NULL or live; `out` is NULL or writable for `cap` entries;
+/// `count_out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_trace(
+    a: *mut afmesh_attention,
+    stage: u32,
+    out: *mut afmesh_trace,
+    cap: usize,
+    count_out: *mut usize,
+) -> afmesh_result {
+    boundary("afmesh_attention_trace", || {
+        // SAFETY: the caller's contract.
+        let a = unsafe { obj(a, "a") }?;
+        if count_out.is_null() {
+            return Err(invalid("count_out is NULL"));
+        }
+        let rank = a.state.live("attention rank")?;
+        let n = rank.ffn_ranks();
+        if stage >= rank.spec().stages {
+            return Err(invalid(format!(
+                "stage {stage} of {} stages",
+                rank.spec().stages
+            )));
+        }
+        if cap < n {
+            return Err(Fail(
+                AFMESH_ERR_BUFFER_SIZE,
+                format!("trace array holds {cap}, need {n}"),
+            ));
+        }
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        let mut traces = Vec::with_capacity(n);
+        for f in 0..n {
+            let t = rank.last_trace(stage, f).ok_or_else(|| {
+                invalid(format!(
+                    "stage {stage} is in flight: its trace is read once its combine is taken"
+                ))
+            })?;
+            traces.push(afmesh_trace {
+                post_ns: t.post_ns,
+                land_ns: t.land_ns,
+                process_ns: t.process_ns,
+                respond_ns: t.respond_ns,
+                back_ns: t.back_ns,
+            });
+        }
+        for (f, t) in traces.into_iter().enumerate() {
+            // SAFETY: `out` holds `cap >= n` entries (checked, contract).
+            unsafe { out.add(f).write(t) };
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { count_out.write(n) };
+        Ok(())
+    })
+}
+
+/// Makes progress without waiting: counts whatever has landed and notices
+/// lost peers. For callers that poll. Never blocks.
+///
+/// # Safety
+/// `a` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_progress(a: *mut afmesh_attention) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_progress", || unsafe { progress_of(a) })
 }
 
 /// Who this attention rank is. Never blocks.

@@ -39,7 +39,7 @@ pub struct afmesh_batch_meta {
 }
 
 /// One sender's part of a batch, viewed in place (valid until the batch is
-/// freed).
+/// answered or freed). An empty part is NULL with length 0.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct afmesh_sender_view {
@@ -52,7 +52,7 @@ pub struct afmesh_sender_view {
     /// Its side block.
     pub side: *const c_void,
     /// Bytes of the side block.
-    pub side_len: u32,
+    pub side_len: usize,
 }
 
 /// What a batch is. Never blocks.
@@ -110,16 +110,26 @@ pub unsafe extern "C" fn afmesh_batch_sender(
         let s = b.side(a);
         let count = b.token_count(a);
         let view = afmesh_sender_view {
-            tokens: t.as_ptr().cast(),
+            tokens: view_ptr(t),
             token_count: count as u32,
             row_bytes: b.row_bytes() as u32,
-            side: s.as_ptr().cast(),
-            side_len: s.len() as u32,
+            side: view_ptr(s),
+            side_len: s.len(),
         };
         // SAFETY: checked non-NULL.
         unsafe { out.write(view) };
         Ok(())
     })
+}
+
+/// A view's pointer: NULL for an empty one (a Rust empty slice points
+/// at a dangling, non-NULL address C must never see).
+fn view_ptr(s: &[u8]) -> *const c_void {
+    if s.is_empty() {
+        std::ptr::null()
+    } else {
+        s.as_ptr().cast()
+    }
 }
 
 /// Frees a batch. NULL is a no-op.

@@ -15,7 +15,9 @@ use crate::error::{invalid, Fail};
 pub const AFMESH_CONFIG_VERSION: u32 = 1;
 
 /// How a rank joins its mesh. Initialise with `AFMESH_CONFIG_INIT`, then
-/// set fields; `size` and `version` let later versions add fields.
+/// set fields; `size` and `version` let later versions add fields. The
+/// strings are copied during the call that reads the config: they need to
+/// stay valid only until it returns.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct afmesh_config {
@@ -151,6 +153,7 @@ pub(crate) unsafe fn construct<H>(
     out: *mut *mut H,
     join: impl FnOnce(Mesh, StageSpec, Option<Region>) -> Result<H, Error>,
 ) -> Result<(), Fail> {
+    crate::log::init();
     // Arguments first, then configuration.
     // SAFETY: forwarded contract.
     let spec = spec_of(unsafe { obj_ref(spec, "spec") }?);

@@ -11,8 +11,8 @@ use crate::batch::afmesh_batch;
 use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Source};
 use crate::error::{afmesh_result, boundary, invalid, Fail};
 use crate::handle::{
-    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, stats_of, Handle, RankOps,
-    State,
+    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, progress_of, stats_of,
+    Handle, RankOps, State,
 };
 
 /// An FFN rank (opaque).
@@ -36,6 +36,9 @@ impl RankOps for FfnRank {
     }
     fn stats(&self) -> RankStats {
         FfnRank::stats(self)
+    }
+    fn progress(&mut self) -> afmesh_core::Result<()> {
+        FfnRank::progress(self)
     }
 }
 
@@ -158,6 +161,36 @@ pub unsafe extern "C" fn afmesh_ffn_get_batch(
     })
 }
 
+/// Non-blocking `afmesh_ffn_get_batch`: makes progress, and if a stage is
+/// complete writes a new batch into `*out`; if none is, writes NULL into
+/// `*out`. Both are `AFMESH_OK`: "nothing yet" is a successful poll, not
+/// an error (as `rustls_acceptor_accept` answers a ClientHello still
+/// arriving), so `r != AFMESH_OK` stays a failure test. A lost attention
+/// rank the next stage needs is `AFMESH_ERR_PEER_LOST`. Never blocks.
+///
+/// # Safety
+/// `f` is NULL or live; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_ffn_try_get_batch(
+    f: *mut afmesh_ffn,
+    out: *mut *mut afmesh_batch,
+) -> afmesh_result {
+    boundary("afmesh_ffn_try_get_batch", || {
+        // SAFETY: the caller's contract.
+        let f = unsafe { obj(f, "f") }?;
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        let b = match f.state.live("FFN rank")?.try_get_batch()? {
+            Some(batch) => Box::into_raw(Box::new(afmesh_batch { batch: Some(batch) })),
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(b) };
+        Ok(())
+    })
+}
+
 /// Sends each attention rank `i` its rows `outputs[i]` (`lens[i]` bytes =
 /// its token count × out_row_bytes); `count` must be M. Returns once the
 /// data is handed to the transport. Not thread-safe per handle.
@@ -236,6 +269,16 @@ pub unsafe extern "C" fn afmesh_ffn_stats(
     boundary("afmesh_ffn_stats", || unsafe {
         stats_of(f, out, cap, count_out)
     })
+}
+
+/// Makes progress without waiting (see `afmesh_attention_progress`).
+///
+/// # Safety
+/// `f` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_ffn_progress(f: *mut afmesh_ffn) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_ffn_progress", || unsafe { progress_of(f) })
 }
 
 /// Leaves the mesh in order (see `afmesh_attention_finalize`).

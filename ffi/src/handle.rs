@@ -22,24 +22,34 @@ pub struct afmesh_rank_info {
     pub stages: u32,
 }
 
-/// Counters for one peer.
+/// Counters for one peer. Sized so it can grow: set `size` to
+/// `sizeof(afmesh_peer_stats)` in the first element of the array you pass
+/// (`AFMESH_PEER_STATS_INIT`); the library uses it as the element size,
+/// writes the fields it knows into each element and leaves any later
+/// fields of a newer header untouched.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct afmesh_peer_stats {
+    /// `sizeof(afmesh_peer_stats)`, set by the caller in the first element.
+    pub size: u32,
     /// 1: attention rank, 2: FFN rank.
     pub role: u32,
     /// Its rank.
     pub rank: u32,
+    /// Non-zero if it is lost.
+    pub lost: u32,
     /// Messages written to it.
     pub sent: u64,
-    /// Bytes written to it.
+    /// Bytes written to it (headers included).
     pub sent_bytes: u64,
+    /// Bytes of those the library itself copied on the way (a staging
+    /// copy, or the shared-memory copy into the peer); 0 where the kernel
+    /// or a NIC moves the bytes.
+    pub copied_bytes: u64,
     /// Messages from it that counted.
     pub received: u64,
     /// Messages from it that were rejected.
     pub rejected: u64,
-    /// Non-zero if it is lost.
-    pub lost: u32,
 }
 
 #[derive(Debug)]
@@ -78,6 +88,20 @@ fn write_stats(
     if n > 0 && out.is_null() {
         return Err(invalid("out is NULL"));
     }
+    let known = std::mem::size_of::<afmesh_peer_stats>();
+    let stride = if n == 0 {
+        known
+    } else {
+        // SAFETY: `out` is non-NULL and holds at least one element (the
+        // caller's contract); `size` is its first field.
+        let size = unsafe { out.cast::<u32>().read_unaligned() } as usize;
+        if size < known {
+            return Err(invalid(format!(
+                "out[0].size is {size}, smaller than this library's afmesh_peer_stats ({known}); use AFMESH_PEER_STATS_INIT"
+            )));
+        }
+        size
+    };
     for (i, (peer, s)) in stats.peers.iter().enumerate() {
         let (role, rank) = match peer {
             Peer::Attention(r) => (1, *r),
@@ -85,16 +109,25 @@ fn write_stats(
             _ => (0, 0),
         };
         let v = afmesh_peer_stats {
+            size: stride as u32,
             role,
             rank,
+            lost: u32::from(s.lost.is_some()),
             sent: s.sent,
             sent_bytes: s.sent_bytes,
+            copied_bytes: s.copied_bytes,
             received: s.received,
             rejected: s.rejected,
-            lost: u32::from(s.lost.is_some()),
         };
-        // SAFETY: `out` holds `cap >= n` elements (the caller's contract).
-        unsafe { out.add(i).write(v) };
+        // SAFETY: `out` holds `cap >= n` elements of `stride` bytes, the
+        // size the caller declared (contract); elements of a larger
+        // declared size need not be aligned for ours, so write unaligned.
+        unsafe {
+            out.cast::<u8>()
+                .add(i * stride)
+                .cast::<afmesh_peer_stats>()
+                .write_unaligned(v)
+        };
     }
     // SAFETY: checked non-NULL above.
     unsafe { count_out.write(n) };
@@ -107,6 +140,7 @@ pub(crate) trait RankOps: Sized {
     fn shutdown(self) -> afmesh_core::Result<()>;
     fn info(&self) -> afmesh_rank_info;
     fn stats(&self) -> RankStats;
+    fn progress(&mut self) -> afmesh_core::Result<()>;
 }
 
 pub(crate) trait Handle {
@@ -163,4 +197,15 @@ pub(crate) unsafe fn abort_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
     let h = unsafe { obj(h, "handle") }?;
     drop(std::mem::replace(h.state(), State::Aborted));
     Ok(())
+}
+
+/// # Safety
+/// `h` is NULL or live.
+pub(crate) unsafe fn progress_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
+    // SAFETY: forwarded contract.
+    let h = unsafe { obj(h, "handle") }?;
+    h.state()
+        .live(H::Rank::WHAT)?
+        .progress()
+        .map_err(Fail::from)
 }

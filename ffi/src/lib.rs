@@ -28,6 +28,7 @@ pub mod args;
 pub mod config;
 pub mod error;
 pub mod handle;
+mod log;
 
 // cbindgen lists functions in the order it reads these modules, so this is
 // the header's order: one object at a time (kept apart from rustfmt's sort).
@@ -38,6 +39,10 @@ pub mod ffn;
 pub mod batch;
 
 use std::ffi::{c_char, CStr};
+
+// Every exported function in the AFMESH_0 version node (see build.rs).
+#[cfg(target_os = "linux")]
+std::arch::global_asm!(include_str!(concat!(env!("OUT_DIR"), "/symver.s")));
 
 /// The library version, e.g. `"0.1.0"`. Thread-safe; never blocks.
 #[no_mangle]

@@ -2,8 +2,10 @@
 //! compiled with the system compilers against `include/afmesh.h` and the
 //! built `libafmesh.so`, and run here: every NULL argument, a 2A×2F mesh
 //! (library and caller buffers), a timeout and use after finalize, a peer
-//! killed mid-layer, one run under AddressSanitizer, the C++ wrappers; and
-//! the exported symbols, which are exactly the header's functions.
+//! killed mid-layer, one run under AddressSanitizer, the C++ wrappers (with
+//! `-Wold-style-cast`), `AFMESH_LOG` reaching a C program's stderr; and the
+//! exported symbols, which are exactly the header's functions, each in the
+//! `AFMESH_0` version node.
 
 #![allow(clippy::unwrap_used)]
 
@@ -216,12 +218,47 @@ fn address_sanitizer_run_is_clean() {
 
 #[test]
 fn header_compiles_as_cpp_with_raii_wrappers() {
-    let bin = compile("c++", "c++17", "tests/cpp/raii.cpp", "raii", &["-pthread"]);
+    let bin = compile(
+        "c++",
+        "c++17",
+        "tests/cpp/raii.cpp",
+        "raii",
+        &["-pthread", "-Wold-style-cast"],
+    );
     let mut c = Command::new(bin);
     c.arg(free_port());
     let (code, out) = run_to_end("raii", c, Duration::from_secs(60));
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("c++ ok"), "{out}");
+}
+
+#[test]
+fn afmesh_log_reaches_a_c_programs_stderr() {
+    let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_log", &[]);
+    let sched = free_port();
+    let job = format!("c-log-{}", std::process::id());
+    let mut ranks = Vec::new();
+    for (role, log) in [("attention", Some("afmesh=info")), ("ffn", None)] {
+        let mut c = Command::new(&bin);
+        c.args([role, "0", &sched, "1", "1", "run", "2"])
+            .env("TEST_JOB", &job)
+            .env_remove("AFMESH_LOG");
+        if let Some(log) = log {
+            c.env("AFMESH_LOG", log);
+        }
+        ranks.push(Proc::spawn(role, c));
+    }
+    for p in &mut ranks {
+        let st = p.wait_exit(Duration::from_secs(60));
+        assert_eq!(st.code(), Some(0), "{}:\n{}", p.name, p.output());
+    }
+    // The library's own info line at join, only where AFMESH_LOG asks.
+    let (with, without) = (ranks[0].output(), ranks[1].output());
+    assert!(
+        with.contains("INFO") && with.contains("rank joined"),
+        "{with}"
+    );
+    assert!(!without.contains("rank joined"), "{without}");
 }
 
 /// The functions `include/afmesh.h` declares: identifiers starting
@@ -256,9 +293,11 @@ fn only_afmesh_symbols_are_exported() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
+    // nm writes a versioned symbol as `name@@VERSION`.
     let names: Vec<&str> = text
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2))
+        .map(|n| n.split('@').next().unwrap_or(n))
         .collect();
     assert!(names.len() > 20, "{text}");
     let stray: Vec<&&str> = names.iter().filter(|n| !n.starts_with("afmesh_")).collect();
@@ -285,5 +324,42 @@ fn only_afmesh_symbols_are_exported() {
     assert!(
         String::from_utf8_lossy(&dynamic.stdout).contains("libafmesh.so.0"),
         "SONAME carries the ABI version"
+    );
+}
+
+/// Every exported function sits in the `AFMESH_0` version node that
+/// `ffi/afmesh.map` defines, not in the unversioned base (rustc's own
+/// version script puts them there unless build.rs's `.symver` takes hold).
+#[test]
+fn every_exported_symbol_is_versioned_afmesh_0() {
+    let so = lib_dir().join("libafmesh.so");
+    let out = Command::new("readelf")
+        .args(["--dyn-syms", "-W"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Defined symbols only: an undefined one has section index UND.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(6) != Some("UND"))
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|n| n.starts_with("afmesh_"))
+        .collect();
+    assert!(ours.len() > 20, "{text}");
+    let unversioned: Vec<&&str> = ours.iter().filter(|n| !n.ends_with("@@AFMESH_0")).collect();
+    assert!(
+        unversioned.is_empty(),
+        "exported without the AFMESH_0 node: {unversioned:?}"
+    );
+    let defs = Command::new("readelf")
+        .args(["-V", "-W"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&defs.stdout).contains("Name: AFMESH_0"),
+        "the library defines the AFMESH_0 node"
     );
 }

@@ -363,22 +363,7 @@ impl AttentionRank {
         timeout: Duration,
     ) -> Result<usize> {
         self.st.check(handle)?;
-        let out_row = self.st.layout.spec.out_row_bytes as usize;
-        if out_row % dtype.size() != 0 {
-            return Err(Error::invalid(format!(
-                "wait_combine_sum: rows of {out_row} bytes are not whole {} elements",
-                dtype.name()
-            )));
-        }
-        let tokens = self.st.stages.tokens(handle.stage as usize).unwrap_or(0) as usize;
-        let need = tokens * out_row;
-        if out.len() < need {
-            return Err(Error::BufferSize {
-                what: format!("wait_combine_sum output for {tokens} tokens"),
-                need,
-                got: out.len(),
-            });
-        }
+        let need = self.st.sum_len(handle, dtype, out.len())?;
         let c = self.wait_combine(handle, timeout)?;
         c.sum_into(dtype, &mut out[..need])?;
         Ok(need)
@@ -392,6 +377,48 @@ impl AttentionRank {
             return self.wait_combine(handle, Duration::ZERO).map(Some);
         }
         Ok(None)
+    }
+
+    /// Non-blocking [`AttentionRank::wait_combine_sum`]: if the combine of
+    /// `handle` is complete, writes the sum into `out` and returns its
+    /// length; `None` if it is not complete yet (nothing is consumed then).
+    /// `out` and `dtype` are checked as `wait_combine_sum` checks them,
+    /// whether or not the combine is complete.
+    pub fn try_combine_sum(
+        &mut self,
+        handle: DispatchHandle,
+        dtype: Dtype,
+        out: &mut [u8],
+    ) -> Result<Option<usize>> {
+        self.st.check(handle)?;
+        self.st.sum_len(handle, dtype, out.len())?;
+        self.progress()?;
+        let s = handle.stage as usize;
+        if self.st.stages.is_combined(s) {
+            return self
+                .wait_combine_sum(handle, dtype, out, Duration::ZERO)
+                .map(Some);
+        }
+        if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
+            // The combine can never complete: free the stage.
+            self.st.stages.abandon(s);
+            return Err(self.engine.lost_error(f));
+        }
+        Ok(None)
+    }
+
+    /// Trace stamps of FFN rank `f`'s answer to the last combine taken on
+    /// `stage` (as [`Combined::trace`] gives them, for callers that took
+    /// the combine with [`AttentionRank::wait_combine_sum`]). `None` for a
+    /// stage or rank out of range, and while the stage is dispatched again
+    /// (its stamps are being replaced then); all zeros before the stage's
+    /// first combine.
+    pub fn last_trace(&self, stage: u32, f: usize) -> Option<Trace> {
+        let s = stage as usize;
+        if f >= self.st.layout.n || !self.st.stages.is_idle(s) {
+            return None;
+        }
+        self.st.traces.get(s * self.st.layout.n + f).copied()
     }
 
     /// Waits up to `timeout` until every handle's combine is complete,
@@ -444,6 +471,28 @@ impl AttentionRank {
 }
 
 impl State {
+    /// The bytes a sum of `handle`'s combine fills, once `dtype` and an
+    /// output of `got` bytes are checked against them.
+    fn sum_len(&self, handle: DispatchHandle, dtype: Dtype, got: usize) -> Result<usize> {
+        let out_row = self.layout.spec.out_row_bytes as usize;
+        if out_row % dtype.size() != 0 {
+            return Err(Error::invalid(format!(
+                "combine sum: rows of {out_row} bytes are not whole {} elements",
+                dtype.name()
+            )));
+        }
+        let tokens = self.stages.tokens(handle.stage as usize).unwrap_or(0) as usize;
+        let need = tokens * out_row;
+        if got < need {
+            return Err(Error::BufferSize {
+                what: format!("combine sum output for {tokens} tokens"),
+                need,
+                got,
+            });
+        }
+        Ok(need)
+    }
+
     fn check(&self, h: DispatchHandle) -> Result<()> {
         if !self.stages.in_flight(h.stage as usize, h.seq) {
             return Err(Error::invalid(format!(

@@ -127,6 +127,19 @@ int main(void) {
     EXPECT(afmesh_ffn_abort(NULL), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_batch_info(NULL, &meta), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_batch_sender(NULL, 0, &view), AFMESH_ERR_INVALID_ARGUMENT);
+    bool done = false;
+    afmesh_trace tr[4];
+    EXPECT(afmesh_attention_try_combine_sum(NULL, h, AFMESH_DTYPE_F32, buf, 16, &done), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("a is NULL");
+    EXPECT(afmesh_attention_wait_all(NULL, &h, 1, 10), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_dispatch_with(NULL, 0, 1, NULL, NULL, &h), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("a is NULL");
+    EXPECT(afmesh_attention_trace(NULL, 0, tr, 4, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_progress(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_try_get_batch(NULL, &b), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("f is NULL");
+    EXPECT(afmesh_ffn_progress(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    if (b != NULL || done) { fprintf(stderr, "FAIL output written on failure\n"); failures++; }
 
     /* _free(NULL) is a no-op. */
     afmesh_attention_free(NULL);

@@ -1,6 +1,8 @@
 /* One rank of a C mesh: test_mesh ROLE RANK SCHEDULER M N MODE [LAYERS]
  *
- * MODE run       verified layers (partials and f32 sums), then finalize
+ * MODE run       verified layers (copied and in-place dispatches, partials,
+ *                f32 sums blocking and polled, traces, stats, misuse of the
+ *                newer calls), then finalize
  *      buffer    the same with caller-provided slot memory
  *      forever   verified layers until something fails; exits with the code
  *      stall     (ffn) take one batch, never answer, wait to be killed
@@ -8,9 +10,11 @@
  *                finalize
  * Attention rank 0 runs the rendezvous server. Exit 0 on success, else
  * the afmesh_result that failed (or 100 for a wrong byte). */
+#define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include "afmesh.h"
 
@@ -34,6 +38,51 @@ static int fail(const char *what, afmesh_result r) {
         if (r_ != AFMESH_OK) return fail(what, r_); \
     } while (0)
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* A call that must fail with `code` (misuse): anything else fails the run. */
+#define MISUSE(what, call, code)                                  \
+    do {                                                          \
+        afmesh_result r_ = (call);                                \
+        if (r_ != (code)) {                                       \
+            fail(what, r_);                                       \
+            return 103;                                           \
+        }                                                         \
+    } while (0)
+
+static int check_sum(const float *sum, const float *rows, unsigned t) {
+    float k = (float)(N * (N + 1) / 2);
+    for (unsigned i = 0; i < t * HIDDEN; i++)
+        if (sum[i] != rows[i] * k) {
+            fprintf(stderr, "wrong sum at %u: %f\n", i, sum[i]);
+            return 100;
+        }
+    return 0;
+}
+
+/* What a fill callback writes: the rows of one stage and its side block,
+ * or (side_len over the capacity) a side block the library must refuse. */
+struct fill_job {
+    const float *rows;
+    unsigned tokens;
+    uint32_t side[2];
+    size_t side_len;
+    unsigned calls;
+};
+
+static size_t fill_rows(void *user, void *rows, size_t rows_len, void *side, size_t side_cap) {
+    struct fill_job *j = user;
+    j->calls++;
+    if (rows_len != j->tokens * ROW || (rows_len == 0) != (rows == NULL) || side_cap != 8 || side == NULL) return 1000;
+    memcpy(rows, j->rows, rows_len);
+    memcpy(side, j->side, sizeof j->side);
+    return j->side_len;
+}
+
 static unsigned tokens_of(unsigned a, unsigned layer, unsigned stage) {
     return 1 + (a + layer + stage) % MAX_TOKENS;
 }
@@ -46,6 +95,26 @@ static int attention(afmesh_attention *a, unsigned layers) {
     afmesh_rank_info info;
     CHECK("info", afmesh_attention_info(a, &info));
     if (info.rank != me || info.num_ffn != N || info.num_attention != M) return fail("info", AFMESH_ERR_CONFIG);
+    {
+        /* NULL arguments on a live handle. */
+        afmesh_trace tr[16];
+        size_t nt = 0;
+        bool done = false;
+        afmesh_dispatch none = {0, 0};
+        float out[HIDDEN];
+        MISUSE("wait_all, NULL handles", afmesh_attention_wait_all(a, NULL, 1, 10), AFMESH_ERR_INVALID_ARGUMENT);
+        CHECK("wait_all of nothing", afmesh_attention_wait_all(a, NULL, 0, 10));
+        MISUSE("trace, NULL out", afmesh_attention_trace(a, 0, NULL, 16, &nt), AFMESH_ERR_INVALID_ARGUMENT);
+        MISUSE("trace, NULL count_out", afmesh_attention_trace(a, 0, tr, 16, NULL), AFMESH_ERR_INVALID_ARGUMENT);
+        MISUSE("try_combine_sum, NULL done_out", afmesh_attention_try_combine_sum(a, none, AFMESH_DTYPE_F32, out, ROW, NULL),
+               AFMESH_ERR_INVALID_ARGUMENT);
+        MISUSE("try_combine_sum, NULL out", afmesh_attention_try_combine_sum(a, none, AFMESH_DTYPE_F32, NULL, ROW, &done),
+               AFMESH_ERR_INVALID_ARGUMENT);
+        MISUSE("try_combine_sum, nothing dispatched", afmesh_attention_try_combine_sum(a, none, AFMESH_DTYPE_F32, out, ROW, &done),
+               AFMESH_ERR_INVALID_ARGUMENT);
+        CHECK("trace before any combine", afmesh_attention_trace(a, 0, tr, 16, &nt));
+        if (nt != N || tr[0].post_ns != 0) return fail("trace before any combine", AFMESH_ERR_BAD_FRAME);
+    }
     float rows[STAGES][MAX_TOKENS * HIDDEN];
     float sum[MAX_TOKENS * HIDDEN];
     for (unsigned layer = 0; layer < layers; layer++) {
@@ -55,7 +124,30 @@ static int attention(afmesh_attention *a, unsigned layers) {
             for (unsigned r = 0; r < t; r++)
                 for (unsigned k = 0; k < HIDDEN; k++) rows[s][r * HIDDEN + k] = value(me, layer, s, r, k);
             uint32_t side[2] = {layer, s};
-            CHECK("dispatch", afmesh_attention_dispatch(a, s, rows[s], t * ROW, side, sizeof side, &h[s]));
+            if (layer % 3 == 1) {
+                /* In place: a refused side length sends nothing and leaves
+                 * the stage idle, then the real fill goes out. */
+                struct fill_job job = {rows[s], t, {layer, s}, 9, 0};
+                MISUSE("dispatch_with, side too long", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("dispatch_with, NULL fill", afmesh_attention_dispatch_with(a, s, t, NULL, &job, &h[s]),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("dispatch_with, NULL out", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, NULL),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("dispatch_with, too many tokens",
+                       afmesh_attention_dispatch_with(a, s, MAX_TOKENS + 1, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_BUFFER_SIZE);
+                MISUSE("dispatch_with, no such stage", afmesh_attention_dispatch_with(a, STAGES, t, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                if (job.calls != 1) return fail("fill runs only once the checks pass", AFMESH_ERR_BAD_FRAME);
+                job.side_len = sizeof side;
+                CHECK("dispatch_with", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, &h[s]));
+                if (job.calls != 2) return fail("fill calls", AFMESH_ERR_BAD_FRAME);
+                MISUSE("dispatch_with, stage busy", afmesh_attention_dispatch_with(a, s, t, fill_rows, &job, &h[s]),
+                       AFMESH_ERR_STAGE_BUSY);
+            } else {
+                CHECK("dispatch", afmesh_attention_dispatch(a, s, rows[s], t * ROW, side, sizeof side, &h[s]));
+            }
         }
         for (unsigned s = 0; s < STAGES; s++) {
             unsigned t = tokens_of(me, layer, s);
@@ -72,33 +164,95 @@ static int attention(afmesh_attention *a, unsigned layers) {
                             return 100;
                         }
                 }
-            } else {
+                afmesh_trace tr[16];
+                size_t nt = 0;
+                CHECK("trace", afmesh_attention_trace(a, s, tr, 16, &nt));
+                if (nt != N) return fail("trace count", AFMESH_ERR_BAD_FRAME);
+                for (unsigned j = 0; j < N; j++)
+                    if (tr[j].post_ns == 0 || tr[j].back_ns < tr[j].post_ns || tr[j].respond_ns < tr[j].land_ns)
+                        return fail("trace stamps", AFMESH_ERR_BAD_FRAME);
+                MISUSE("trace with a short array", afmesh_attention_trace(a, s, tr, N - 1, &nt), AFMESH_ERR_BUFFER_SIZE);
+                MISUSE("trace of a missing stage", afmesh_attention_trace(a, STAGES, tr, 16, &nt), AFMESH_ERR_INVALID_ARGUMENT);
+            } else if (layer % 4 == 1) {
                 CHECK("wait_combine_sum",
                       afmesh_attention_wait_combine_sum(a, h[s], AFMESH_DTYPE_F32, 10000, sum, t * ROW));
-                float k = (float)(N * (N + 1) / 2);
-                for (unsigned i = 0; i < t * HIDDEN; i++)
-                    if (sum[i] != rows[s][i] * k) {
-                        fprintf(stderr, "wrong sum at %u: %f\n", i, sum[i]);
-                        return 100;
-                    }
+                if (check_sum(sum, rows[s], t)) return 100;
+            } else {
+                /* Polled: misuse first (nothing is consumed), then
+                 * wait_all, then try_combine_sum, which must be done. */
+                bool done = true;
+                afmesh_trace tr[16];
+                size_t nt = 0;
+                MISUSE("trace while in flight", afmesh_attention_trace(a, s, tr, 16, &nt), AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("try_combine_sum, short out",
+                       afmesh_attention_try_combine_sum(a, h[s], AFMESH_DTYPE_F32, sum, t * ROW - 1, &done),
+                       AFMESH_ERR_BUFFER_SIZE);
+                MISUSE("try_combine_sum, bad dtype",
+                       afmesh_attention_try_combine_sum(a, h[s], (afmesh_dtype)7, sum, t * ROW, &done),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                afmesh_dispatch wrong = h[s];
+                wrong.sequence += 5;
+                MISUSE("wait_all, a handle not in flight", afmesh_attention_wait_all(a, &wrong, 1, 10), AFMESH_ERR_INVALID_ARGUMENT);
+                if (!done) return fail("done written on failure", AFMESH_ERR_BAD_FRAME);
+                if (s == 0) CHECK("wait_all", afmesh_attention_wait_all(a, h, STAGES, 10000));
+                done = false;
+                CHECK("try_combine_sum", afmesh_attention_try_combine_sum(a, h[s], AFMESH_DTYPE_F32, sum, t * ROW, &done));
+                if (!done) return fail("try_combine_sum after wait_all", AFMESH_ERR_TIMEOUT);
+                if (check_sum(sum, rows[s], t)) return 100;
+                MISUSE("try_combine_sum, stale handle",
+                       afmesh_attention_try_combine_sum(a, h[s], AFMESH_DTYPE_F32, sum, t * ROW, &done),
+                       AFMESH_ERR_INVALID_ARGUMENT);
+                MISUSE("wait_all, stale handle", afmesh_attention_wait_all(a, &h[s], 1, 10), AFMESH_ERR_INVALID_ARGUMENT);
+                CHECK("trace after the combine", afmesh_attention_trace(a, s, tr, 16, &nt));
             }
+            CHECK("progress", afmesh_attention_progress(a));
         }
     }
-    afmesh_peer_stats st[16];
+    afmesh_peer_stats st[16] = {AFMESH_PEER_STATS_INIT};
     size_t n = 0;
+    st[0].size = 8;
+    MISUSE("stats with a short size", afmesh_attention_stats(a, st, 16, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    st[0].size = sizeof st[0];
+    MISUSE("stats with a short array", afmesh_attention_stats(a, st, N - 1, &n), AFMESH_ERR_BUFFER_SIZE);
     CHECK("stats", afmesh_attention_stats(a, st, 16, &n));
     if (n != N || st[0].role != 2 || st[0].received != (uint64_t)layers * STAGES) return fail("stats", AFMESH_ERR_CONFIG);
+    for (unsigned j = 0; j < N; j++)
+        if (st[j].size != sizeof st[0] || st[j].rank != j || st[j].sent_bytes == 0 || st[j].copied_bytes == 0) {
+            fprintf(stderr, "stats of F%u: size %u rank %u sent_bytes %llu copied_bytes %llu\n", j, st[j].size, st[j].rank,
+                    (unsigned long long)st[j].sent_bytes, (unsigned long long)st[j].copied_bytes);
+            return 104;
+        }
     return 0;
 }
 
 static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
     afmesh_rank_info info;
     CHECK("info", afmesh_ffn_info(f, &info));
+    MISUSE("try_get_batch, NULL out", afmesh_ffn_try_get_batch(f, NULL), AFMESH_ERR_INVALID_ARGUMENT);
     float out[16][MAX_TOKENS * HIDDEN];
     for (unsigned i = 0; i < layers * STAGES; i++) {
         afmesh_batch *b = NULL;
-        CHECK("get_batch", afmesh_ffn_get_batch(f, 10000, &b));
+        if (i % 2 == 0 || stall) {
+            CHECK("get_batch", afmesh_ffn_get_batch(f, 10000, &b));
+        } else {
+            /* Polled: "nothing yet" is AFMESH_OK with a NULL batch. */
+            double deadline = now_s() + 10;
+            for (;;) {
+                b = (afmesh_batch *)&b; /* a sentinel the call must replace */
+                CHECK("try_get_batch", afmesh_ffn_try_get_batch(f, &b));
+                if (b != NULL) break;
+                if (now_s() > deadline) return fail("try_get_batch", AFMESH_ERR_TIMEOUT);
+                CHECK("progress", afmesh_ffn_progress(f));
+                struct timespec pause_50us = {0, 50000};
+                nanosleep(&pause_50us, NULL);
+            }
+        }
         if (stall) {
+            /* The timeout test dispatches no side block: its view is
+             * NULL with length 0. */
+            afmesh_sender_view v;
+            CHECK("batch_sender", afmesh_batch_sender(b, 0, &v));
+            if (v.side != NULL || v.side_len != 0 || v.tokens == NULL) return fail("empty view", AFMESH_ERR_BAD_FRAME);
             printf("stalling\n");
             fflush(stdout);
             for (;;) pause();
@@ -195,7 +349,14 @@ int main(int argc, char **argv) {
             const void *parts[16];
             uint32_t t;
             CHECK("dispatch", afmesh_attention_dispatch(a, 0, row, ROW, NULL, 0, &h));
-            afmesh_result r = afmesh_attention_wait_combine(a, h, 300, parts, 16, &t);
+            /* The FFN never answers: polling says "not yet", as a success. */
+            float sum[HIDDEN];
+            bool done = true;
+            CHECK("try_combine_sum", afmesh_attention_try_combine_sum(a, h, AFMESH_DTYPE_F32, sum, ROW, &done));
+            if (done) return fail("try_combine_sum done without an answer", AFMESH_ERR_BAD_FRAME);
+            afmesh_result r = afmesh_attention_wait_all(a, &h, 1, 200);
+            if (r != AFMESH_ERR_TIMEOUT) return fail("expected wait_all to time out", r);
+            r = afmesh_attention_wait_combine(a, h, 300, parts, 16, &t);
             if (r != AFMESH_ERR_TIMEOUT) return fail("expected a timeout", r);
             if (!strstr(afmesh_last_error_message(), "F0")) return fail("timeout names F0", r);
             r = afmesh_attention_dispatch(a, 0, row, ROW, NULL, 0, &h);
@@ -205,6 +366,13 @@ int main(int argc, char **argv) {
             if (r != AFMESH_ERR_SHUTDOWN) return fail("expected shutdown", r);
             r = afmesh_attention_finalize(a);
             if (r != AFMESH_ERR_SHUTDOWN) return fail("expected shutdown on second finalize", r);
+            if ((r = afmesh_attention_progress(a)) != AFMESH_ERR_SHUTDOWN) return fail("progress after finalize", r);
+            if ((r = afmesh_attention_wait_all(a, &h, 1, 10)) != AFMESH_ERR_SHUTDOWN) return fail("wait_all after finalize", r);
+            if ((r = afmesh_attention_try_combine_sum(a, h, AFMESH_DTYPE_F32, sum, ROW, &done)) != AFMESH_ERR_SHUTDOWN)
+                return fail("try_combine_sum after finalize", r);
+            afmesh_trace tr[4];
+            size_t nt;
+            if ((r = afmesh_attention_trace(a, 0, tr, 4, &nt)) != AFMESH_ERR_SHUTDOWN) return fail("trace after finalize", r);
             afmesh_attention_free(a);
             printf("timeout ok\n");
             return 0;
