@@ -199,4 +199,134 @@ mod tests {
         let mut odd = vec![0u8; 3];
         assert!(sum_into(Dtype::F16, &[], &mut odd).is_err());
     }
+
+    mod prop {
+        use half::{bf16, f16};
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::sample::select;
+
+        use super::super::{sum_into, Dtype, CHUNK};
+
+        /// Element bits in `dt`'s own encoding (the low 16 for f16, bf16).
+        fn decode(dt: Dtype, bits: u32) -> f32 {
+            match dt {
+                Dtype::F32 => f32::from_bits(bits),
+                Dtype::F16 => f16::from_bits(bits as u16).to_f32(),
+                Dtype::Bf16 => bf16::from_bits(bits as u16).to_f32(),
+            }
+        }
+
+        fn encode(dt: Dtype, x: f32) -> u32 {
+            match dt {
+                Dtype::F32 => x.to_bits(),
+                Dtype::F16 => u32::from(f16::from_f32(x).to_bits()),
+                Dtype::Bf16 => u32::from(bf16::from_f32(x).to_bits()),
+            }
+        }
+
+        /// The little-endian bytes of `elems`, after `skew` bytes of junk so
+        /// that the data starts at any alignment.
+        fn bytes(dt: Dtype, elems: &[u32], skew: usize) -> Vec<u8> {
+            let mut v = vec![0xa5; skew];
+            for &e in elems {
+                v.extend_from_slice(&e.to_le_bytes()[..dt.size()]);
+            }
+            v
+        }
+
+        /// The obvious loop, through `half`'s scalar conversions.
+        fn reference(dt: Dtype, parts: &[Vec<u32>], i: usize) -> u32 {
+            let mut acc = 0.0f32;
+            for p in parts {
+                acc += decode(dt, p[i]);
+            }
+            encode(dt, acc)
+        }
+
+        const SPECIAL: [f32; 18] = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40, // f32 subnormal, bf16 subnormal
+            1.4e-45,
+            6e-8,    // f16 smallest subnormal
+            3.05e-5, // f16 subnormal
+            6.1e-5,  // f16 smallest normal
+            65504.0,
+            65519.0, // rounds to f16 max
+            65520.0, // rounds to f16 infinity
+            1.0,
+            1.000_977, // between f16 neighbours
+            3.0e38,
+        ];
+
+        /// Any bit pattern (NaNs with payloads, subnormals, infinities),
+        /// values close enough that sums round, and the edge cases.
+        fn element(dt: Dtype) -> impl Strategy<Value = u32> {
+            let mask = if dt == Dtype::F32 { u32::MAX } else { 0xffff };
+            prop_oneof![
+                3 => any::<u32>().prop_map(move |b| b & mask),
+                2 => (-4096i32..4096).prop_map(move |i| encode(dt, i as f32 / 64.0)),
+                1 => (select(&SPECIAL[..]), any::<bool>())
+                    .prop_map(move |(x, neg)| encode(dt, if neg { -x } else { x })),
+                1 => Just(if dt == Dtype::F32 { 0x7f80_0001 } else { 0x7c01 }),
+            ]
+        }
+
+        /// A dtype, 1 to 8 partials of one length, and how far each is off
+        /// alignment. Most lengths are short (the tail of a chunk); the
+        /// rest run one chunk and a tail. Generating elements is what costs
+        /// in a debug build, so longer inputs are left to the unit tests.
+        fn case() -> impl Strategy<Value = (Dtype, Vec<Vec<u32>>, usize)> {
+            let len = prop_oneof![3 => 0..=40usize, 1 => CHUNK - 8..=CHUNK + 40];
+            (
+                select(vec![Dtype::F32, Dtype::F16, Dtype::Bf16]),
+                1..=8usize,
+                len,
+                0..4usize,
+            )
+                .prop_flat_map(|(dt, n, len, skew)| {
+                    (Just(dt), vec(vec(element(dt), len), n), Just(skew))
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Bit for bit the reference, except that a NaN is only
+            /// checked to be a NaN: which input's payload an f32 addition
+            /// keeps is up to the compiler, which may swap the operands.
+            #[test]
+            fn sum_into_equals_the_scalar_reference((dt, parts, skew) in case()) {
+                let es = dt.size();
+                let len = parts[0].len();
+                let owned: Vec<Vec<u8>> = parts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| bytes(dt, p, (skew + j) % 4))
+                    .collect();
+                let refs: Vec<&[u8]> =
+                    owned.iter().enumerate().map(|(j, b)| &b[(skew + j) % 4..]).collect();
+                let want: Vec<u32> = (0..len).map(|i| reference(dt, &parts, i)).collect();
+                let mut out_buf = vec![0u8; len * es + 3];
+                let out = &mut out_buf[3 - skew % 4..][..len * es];
+                sum_into(dt, &refs, out).unwrap();
+                for (i, (got, &want)) in out.chunks_exact(es).zip(&want).enumerate() {
+                    let mut b = [0u8; 4];
+                    b[..es].copy_from_slice(got);
+                    let got = u32::from_le_bytes(b);
+                    if decode(dt, want).is_nan() {
+                        prop_assert!(decode(dt, got).is_nan(), "{:?} [{}]: {:#x}", dt, i, got);
+                    } else {
+                        prop_assert_eq!(got, want, "{:?} [{}]", dt, i);
+                    }
+                }
+            }
+        }
+    }
 }
