@@ -46,6 +46,37 @@ fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
     &rest[..rest.find([',', '}']).unwrap()]
 }
 
+/// Caller-owned receive memory over shm (cross-memory attach): every byte
+/// verified, one library copy per message, no fallback to tcp.
+#[test]
+fn caller_buffers_move_over_shm_verified() {
+    let mut cmd = afmesh();
+    cmd.args([
+        "bench",
+        "--attention",
+        "2",
+        "--ffn",
+        "2",
+        "--transport",
+        "shm",
+        "--caller-buffers",
+        "--iters",
+        "5",
+        "--warmup",
+        "2",
+        "--json",
+    ]);
+    let mut p = Proc::spawn("bench", cmd);
+    let st = p.wait_exit(Duration::from_secs(60));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
+    assert_eq!(json_field(line, "verified"), "true");
+    assert_eq!(json_field(line, "transport"), "\"shm\"");
+    let copies: f64 = json_field(line, "copies_per_msg").parse().unwrap();
+    assert!((copies - 1.0).abs() < 1e-9, "{line}");
+}
+
 fn bench_2a2f_reference_sizes_verified(transport: &str) {
     let mut cmd = afmesh();
     cmd.args([

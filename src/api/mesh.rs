@@ -78,6 +78,13 @@ impl Mesh {
     /// Joins as an attention rank whose output slots live in `memory`
     /// (caller memory, at least `S × N × slot` bytes; see
     /// [`Mesh::attention_memory_len`]).
+    ///
+    /// Caller memory moves at shared-memory speed between ranks of one host
+    /// too: peers write it with cross-memory attach (one kernel copy), which
+    /// needs ptrace permission between the ranks (same user, no stricter
+    /// Yama or container policy); without it those links use tcp, logged.
+    /// Any alignment works; 64 bytes (a cache line, what NICs and GPUs like
+    /// for DMA) is best, and slots inside keep the buffer's alignment.
     pub fn attention_with_memory(&self, spec: StageSpec, memory: Vec<u8>) -> Result<AttentionRank> {
         self.join_attention(spec, Memory::Caller(Region::from_vec(memory)))
     }

@@ -420,6 +420,9 @@ fn measure(
             .env("AFMESH_TRANSPORT", transport_arg)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+            if wa.caller_buffers {
+                cmd.arg("--caller-buffers");
+            }
             if wa.vary_tokens {
                 cmd.arg("--vary-tokens");
             }

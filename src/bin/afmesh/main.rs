@@ -97,6 +97,10 @@ pub struct WorkloadArgs {
     /// Bound on every wait, milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// Receive into caller-owned memory (a buffer the rank allocates and
+    /// hands to the library) instead of library-allocated slots.
+    #[arg(long)]
+    pub caller_buffers: bool,
 }
 
 impl WorkloadArgs {
@@ -257,7 +261,22 @@ fn run(args: &RunArgs) -> Result<()> {
     let w = args.work.workload();
     let spec = w.spec()?;
     let mesh = Mesh::new(cfg);
-    match mesh.join(spec)? {
+    let rank = if !args.work.caller_buffers {
+        mesh.join(spec)?
+    } else {
+        match mesh.config().role {
+            Some(afmesh::Role::Attention) => {
+                let len = mesh.attention_memory_len(spec)?;
+                afmesh::Rank::Attention(mesh.attention_with_memory(spec, vec![0u8; len])?)
+            }
+            Some(afmesh::Role::Ffn) => {
+                let len = mesh.ffn_memory_len(spec)?;
+                afmesh::Rank::Ffn(mesh.ffn_with_memory(spec, vec![0u8; len])?)
+            }
+            None => mesh.join(spec)?,
+        }
+    };
+    match rank {
         afmesh::Rank::Attention(mut a) => {
             announce(
                 args,
