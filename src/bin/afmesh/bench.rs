@@ -27,6 +27,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::floor;
+use crate::sweep::Sweep;
 use crate::workload::Workload;
 use crate::{json_str, WorkloadArgs};
 
@@ -230,82 +231,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         eprintln!("afmesh bench: plot written to {}", file.display());
     }
     points.iter().try_for_each(Point::verified)
-}
-
-/// The key a sweep varies, and its values.
-#[derive(Debug, Clone)]
-struct Sweep {
-    key: SweepKey,
-    values: Vec<u32>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SweepKey {
-    Tokens,
-    Hidden,
-    Attention,
-    Ffn,
-    Stages,
-}
-
-impl SweepKey {
-    const ALL: [SweepKey; 5] = [
-        SweepKey::Tokens,
-        SweepKey::Hidden,
-        SweepKey::Attention,
-        SweepKey::Ffn,
-        SweepKey::Stages,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            SweepKey::Tokens => "tokens",
-            SweepKey::Hidden => "hidden",
-            SweepKey::Attention => "attention",
-            SweepKey::Ffn => "ffn",
-            SweepKey::Stages => "stages",
-        }
-    }
-
-    fn apply(self, v: u32, wa: &mut WorkloadArgs, m: &mut u32, n: &mut u32) {
-        match self {
-            SweepKey::Tokens => wa.tokens = v,
-            SweepKey::Hidden => wa.hidden = v,
-            SweepKey::Attention => *m = v,
-            SweepKey::Ffn => *n = v,
-            SweepKey::Stages => wa.stages = v,
-        }
-    }
-}
-
-impl Sweep {
-    /// `KEY=V1,V2,...`.
-    fn parse(s: &str) -> Result<Sweep> {
-        let names = || SweepKey::ALL.map(SweepKey::name).join(", ");
-        let (k, vs) = s.split_once('=').with_context(|| {
-            format!(
-                "--sweep {s}: expected KEY=V1,V2,... with KEY one of {}",
-                names()
-            )
-        })?;
-        let key = SweepKey::ALL
-            .into_iter()
-            .find(|key| key.name() == k.trim())
-            .with_context(|| {
-                format!("--sweep {s}: unknown key {k}; expected one of {}", names())
-            })?;
-        let values = vs
-            .split(',')
-            .map(|v| {
-                v.trim()
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|&v| v > 0)
-                    .with_context(|| format!("--sweep {s}: {v} is not a positive integer"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Sweep { key, values })
-    }
 }
 
 /// One measured mesh and its floor.

@@ -4,6 +4,7 @@
 mod bench;
 mod floor;
 mod plot;
+mod sweep;
 mod workload;
 
 use std::time::Duration;
