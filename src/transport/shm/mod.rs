@@ -114,6 +114,10 @@ pub struct ShmTransport {
     next_liveness: Instant,
     /// Progress calls that found nothing since the clock was last read.
     idle: u32,
+    /// Check liveness at the next progress whatever the counters say: the
+    /// rank parked (set by `wake`), or a peer just left (its leaving may
+    /// follow another's death, which should be seen in the same pass).
+    sweep: std::cell::Cell<bool>,
 }
 
 impl ShmTransport {
@@ -135,6 +139,7 @@ impl ShmTransport {
             sent: VecDeque::new(),
             next_liveness: Instant::now(),
             idle: 0,
+            sweep: std::cell::Cell::new(false),
         })
     }
 
@@ -183,6 +188,7 @@ impl ShmTransport {
                     Ok(n) if n.close => {
                         l.down = true;
                         out.push(Completion::LinkClosed { link });
+                        self.sweep.set(true);
                         break;
                     }
                     Ok(n) => {
@@ -211,9 +217,9 @@ impl ShmTransport {
         }
     }
 
-    fn check_liveness(&mut self, out: &mut Vec<Completion>) {
+    fn check_liveness(&mut self, out: &mut Vec<Completion>, force: bool) {
         let now = Instant::now();
-        if now < self.next_liveness {
+        if now < self.next_liveness && !force {
             return;
         }
         self.next_liveness = now + LIVENESS_EVERY;
@@ -463,18 +469,23 @@ impl Transport for ShmTransport {
         out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
         let start = out.len();
         self.drain(out);
-        if out.len() == start {
+        if self.sweep.take() {
+            self.check_liveness(out, true);
+        } else if out.len() == start {
             // Liveness wants the clock; a spinning rank reads it once per
             // 64 empty polls (well under the millisecond it promises).
             self.idle = self.idle.wrapping_add(1);
             if self.idle % 64 == 0 {
-                self.check_liveness(out);
+                self.check_liveness(out, false);
             }
         }
         Ok(())
     }
 
     fn wake(&self) -> Wake {
+        // Asked before every park: after it, look at the peers' processes
+        // (a parked rank makes too few empty polls for the counter).
+        self.sweep.set(true);
         Wake::Doorbell(self.own.doorbell_handle())
     }
 
