@@ -286,8 +286,9 @@ fn measure(
     // otherwise the scheduler places them (and the poll policy yields).
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let pin = match args.pin.as_str() {
-        // Tcp ranks have reader threads besides the one that is pinned, so
-        // one core per rank is not theirs alone: left to the scheduler.
+        // Tcp ranks are left to the scheduler: their waits are system calls
+        // and the kernel moves loopback bytes on the sender's core, so a
+        // core of their own is not what bounds them (`--pin on` pins them).
         "auto" => (m + n) as usize <= cpus && transport_arg != "tcp",
         "on" => true,
         _ => false,

@@ -320,8 +320,9 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
         bail!("floor peer: rank {} of {own}", args.rank);
     }
     if let Some(cpu) = args.cpu {
-        // Before any thread starts: tcp serving threads inherit the pin, as
-        // a pinned mesh rank's reader threads do.
+        // Before any thread starts: tcp serving threads inherit the pin
+        // (a mesh rank has one thread; the floor's FFN side has one per
+        // connection, and they share the rank's core like it).
         sys::pin_to_cpu(cpu).with_context(|| format!("pinning to CPU {cpu}"))?;
     }
     let lat = match (args.transport, args.role) {
