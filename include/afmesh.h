@@ -4,8 +4,16 @@
  *
  * Every fallible function returns an afmesh_result (values never change);
  * afmesh_last_error_message() gives the detail. The object comes first,
- * outputs last, and outputs are written only on success. Handles are used
- * from one thread at a time; functions that wait take a timeout.
+ * outputs last, and outputs are written only on success. Functions that
+ * wait take a timeout.
+ *
+ * Threads: a handle is driven by one thread at a time. A call on a handle
+ * while another thread is inside a call on it fails at once with
+ * AFMESH_ERR_BUSY and does nothing. Only afmesh_*_abort and
+ * afmesh_*_interrupt may be called from any thread at any time (but
+ * during or after afmesh_*_free, which belongs to the owner): a wait
+ * blocked on another thread then returns AFMESH_ERR_SHUTDOWN or
+ * AFMESH_ERR_INTERRUPTED within a few milliseconds.
  *
  * Strings passed in (afmesh_config's fields) are read during the call
  * only: they may be freed once it returns. Views the library hands out
@@ -108,6 +116,16 @@ typedef enum afmesh_result {
    * A bug inside afmesh was caught at the boundary.
    */
   AFMESH_ERR_PANIC = 12,
+  /**
+   * A wait was woken by `afmesh_*_interrupt`; nothing was consumed.
+   */
+  AFMESH_ERR_INTERRUPTED = 13,
+  /**
+   * Another thread is inside a call on this handle (one call at a time
+   * per handle; only `_abort` and `_interrupt` may overlap). Nothing
+   * was done.
+   */
+  AFMESH_ERR_BUSY = 14,
 } afmesh_result;
 
 /**
@@ -129,7 +147,10 @@ typedef enum afmesh_dtype {
 } afmesh_dtype;
 
 /**
- * An attention rank (opaque).
+ * An attention rank (opaque). One call at a time per handle: a call made
+ * while another thread is inside one fails with `AFMESH_ERR_BUSY`; only
+ * `afmesh_attention_abort` and `afmesh_attention_interrupt` may run
+ * alongside.
  */
 typedef struct afmesh_attention afmesh_attention;
 
@@ -139,7 +160,9 @@ typedef struct afmesh_attention afmesh_attention;
 typedef struct afmesh_batch afmesh_batch;
 
 /**
- * An FFN rank (opaque).
+ * An FFN rank (opaque). One call at a time per handle: a call made while
+ * another thread is inside one fails with `AFMESH_ERR_BUSY`; only
+ * `afmesh_ffn_abort` and `afmesh_ffn_interrupt` may run alongside.
  */
 typedef struct afmesh_ffn afmesh_ffn;
 
@@ -483,7 +506,7 @@ enum afmesh_result afmesh_attention_memory_len(const struct afmesh_config *cfg,
 /**
  * Sends `tokens` (whole rows) and `side` to every FFN rank for `stage`.
  * Returns once the data is handed to the transport (does not wait for the
- * FFN); the buffers may be reused at once. Not thread-safe per handle.
+ * FFN); the buffers may be reused at once.
  *
  * # Safety
  * `a` is NULL or a live handle; `tokens`/`side` are NULL (with length 0)
@@ -510,7 +533,8 @@ enum afmesh_result afmesh_attention_dispatch(struct afmesh_attention *a,
  * # Safety
  * `a` is NULL or live; `out` is NULL or writable; `fill` writes only
  * inside the two areas it is given and does not call afmesh functions on
- * `a` (the handle is in use), nor unwind or longjmp out of the call.
+ * `a` (the handle is in use: such a call fails with `AFMESH_ERR_BUSY`),
+ * nor unwind or longjmp out of the call.
  */
 enum afmesh_result afmesh_attention_dispatch_with(struct afmesh_attention *a,
                                                   uint32_t stage,
@@ -525,8 +549,9 @@ enum afmesh_result afmesh_attention_dispatch_with(struct afmesh_attention *a,
  * `partials_cap` pointers; at least N) and the row count into
  * `*tokens_out`. Each partial is `tokens * out_row_bytes` bytes and stays
  * valid until `stage` is dispatched again; an empty one (0 tokens) is
- * NULL. Blocks. Not thread-safe per
- * handle.
+ * NULL. Blocks; `afmesh_attention_interrupt` from another thread ends
+ * the wait with `AFMESH_ERR_INTERRUPTED` (the combine stays to be taken),
+ * `afmesh_attention_abort` with `AFMESH_ERR_SHUTDOWN`.
  *
  * # Safety
  * `a` is NULL or live; `partials` is NULL or writable for `partials_cap`
@@ -579,7 +604,8 @@ enum afmesh_result afmesh_attention_try_combine_sum(struct afmesh_attention *a,
  * Waits up to `timeout_ms` until the combine of every one of the `count`
  * dispatches in `handles` is complete, without taking them: take each
  * with `afmesh_attention_wait_combine*` (which then returns at once).
- * `count` 0 returns at once. Blocks.
+ * `count` 0 returns at once. Blocks (interruptible as
+ * `afmesh_attention_wait_combine`).
  *
  * # Safety
  * `a` is NULL or live; `handles` is NULL or readable for `count` elements.
@@ -652,17 +678,38 @@ enum afmesh_result afmesh_attention_finalize(struct afmesh_attention *a);
  * links go. The handle stays allocated (later calls fail with
  * `AFMESH_ERR_SHUTDOWN`). Never blocks on peers.
  *
+ * Any thread, even while another is inside a call on `a`: a wait there
+ * returns `AFMESH_ERR_SHUTDOWN` within a few milliseconds, and the links
+ * are dropped as that call returns. Free the handle only after that
+ * thread is done with it.
+ *
  * # Safety
- * `a` is NULL or live.
+ * `a` is NULL or live (not freed, nor being freed).
  */
 enum afmesh_result afmesh_attention_abort(struct afmesh_attention *a);
 
 /**
- * Frees the handle (aborting it first if it is still live). NULL is a
- * no-op.
+ * Wakes a wait blocked on `a` in another thread
+ * (`afmesh_attention_wait_combine*`, `afmesh_attention_wait_all`, a
+ * dispatch waiting for its slot): it returns `AFMESH_ERR_INTERRUPTED`
+ * within a few milliseconds, having consumed nothing. If no wait is
+ * blocked, the next one that would block returns it instead (one
+ * interrupt, one wait); a wait whose answer is already there returns the
+ * answer. The handle stays usable. Any thread; never blocks.
  *
  * # Safety
- * `a` is NULL or a handle from `afmesh_attention_new*` not yet freed.
+ * `a` is NULL or live (not freed, nor being freed).
+ */
+enum afmesh_result afmesh_attention_interrupt(struct afmesh_attention *a);
+
+/**
+ * Frees the handle (aborting it first if it is still live). NULL is a
+ * no-op. The owner's call: no other call on `a`, from any thread, may run
+ * during or after it (abort, join the other thread, then free).
+ *
+ * # Safety
+ * `a` is NULL or a handle from `afmesh_attention_new*` not yet freed, and
+ * no other call on it runs during or after this one.
  */
 void afmesh_attention_free(struct afmesh_attention *a);
 
@@ -713,7 +760,9 @@ enum afmesh_result afmesh_ffn_memory_len(const struct afmesh_config *cfg,
 /**
  * Waits up to `timeout_ms` for the oldest stage every attention rank has
  * dispatched to; `*out` owns the batch (free with `afmesh_batch_free`,
- * after `afmesh_ffn_respond`). Blocks. Not thread-safe per handle.
+ * after `afmesh_ffn_respond`). Blocks; `afmesh_ffn_interrupt` from another
+ * thread ends the wait with `AFMESH_ERR_INTERRUPTED`, `afmesh_ffn_abort`
+ * with `AFMESH_ERR_SHUTDOWN`.
  *
  * # Safety
  * `f` is NULL or live; `out` is NULL or writable.
@@ -738,7 +787,7 @@ enum afmesh_result afmesh_ffn_try_get_batch(struct afmesh_ffn *f, struct afmesh_
 /**
  * Sends each attention rank `i` its rows `outputs[i]` (`lens[i]` bytes =
  * its token count × out_row_bytes); `count` must be M. Returns once the
- * data is handed to the transport. Not thread-safe per handle.
+ * data is handed to the transport.
  *
  * The batch is answered by this call: its views end, and later use of it
  * (info, sender views, respond) fails with `AFMESH_ERR_INVALID_ARGUMENT`;
@@ -792,18 +841,32 @@ enum afmesh_result afmesh_ffn_progress(struct afmesh_ffn *f);
 enum afmesh_result afmesh_ffn_finalize(struct afmesh_ffn *f);
 
 /**
- * Drops every link at once (see `afmesh_attention_abort`).
+ * Drops every link at once (see `afmesh_attention_abort`). Any thread,
+ * even while another is inside a call on `f`: that call returns
+ * `AFMESH_ERR_SHUTDOWN` within a few milliseconds.
  *
  * # Safety
- * `f` is NULL or live.
+ * `f` is NULL or live (not freed, nor being freed).
  */
 enum afmesh_result afmesh_ffn_abort(struct afmesh_ffn *f);
 
 /**
- * Frees the handle (aborting it first if still live). NULL is a no-op.
+ * Wakes a wait blocked in `afmesh_ffn_get_batch` on another thread (see
+ * `afmesh_attention_interrupt`). Any thread; never blocks.
  *
  * # Safety
- * `f` is NULL or a handle from `afmesh_ffn_new*` not yet freed.
+ * `f` is NULL or live (not freed, nor being freed).
+ */
+enum afmesh_result afmesh_ffn_interrupt(struct afmesh_ffn *f);
+
+/**
+ * Frees the handle (aborting it first if still live). NULL is a no-op.
+ * The owner's call: no other call on `f`, from any thread, may run during
+ * or after it (abort, join the other thread, then free).
+ *
+ * # Safety
+ * `f` is NULL or a handle from `afmesh_ffn_new*` not yet freed, and no
+ * other call on it runs during or after this one.
  */
 void afmesh_ffn_free(struct afmesh_ffn *f);
 

@@ -96,6 +96,10 @@ pub enum Error {
     /// The rank or mesh was shut down.
     #[error("shut down: {0}")]
     Shutdown(String),
+    /// A wait was woken by [`Interrupter::interrupt`](crate::Interrupter)
+    /// from another thread. Nothing was consumed; the rank stays usable.
+    #[error("interrupted: woken by Interrupter::interrupt")]
+    Interrupted,
     /// An operating-system error, with what was being done.
     #[error("io: {op}: {source}")]
     Io {

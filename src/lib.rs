@@ -65,6 +65,6 @@ pub use api::{
     sim_mesh, AttentionRank, Batch, Combined, DispatchHandle, Dtype, FfnRank, Mesh, MeshConfig,
     Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
 };
-pub use engine::{Histogram, PeerStats};
+pub use engine::{Histogram, Interrupter, PeerStats};
 pub use error::{Error, Peer, Result};
 pub use proto::Role;

@@ -940,3 +940,75 @@ fn a_full_send_window_is_waited_out() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn interrupt_wakes_a_blocked_get_batch_on_another_thread() {
+    let net = SimNetwork::new(21);
+    net.set_auto(true);
+    let (mut attn, ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
+    let mut f = ffn.into_iter().next().unwrap();
+    let stop = f.interrupter();
+    let (ready, waiting) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        ready.send(()).unwrap();
+        // No attention rank sends: only the interrupt ends this wait.
+        let start = std::time::Instant::now();
+        let r = f.get_batch(Duration::from_secs(30));
+        (f, r.map(|b| b.stage()), start.elapsed())
+    });
+    waiting.recv().unwrap();
+    stop.interrupt();
+    let (mut f, r, took) = t.join().unwrap();
+    assert!(matches!(r, Err(Error::Interrupted)), "{r:?}");
+    assert!(took < Duration::from_secs(1), "woke after {took:?}");
+    // One interrupt, one wait: the rank is still usable and serves the
+    // next batch.
+    let h = attn[0]
+        .dispatch(0, &tokens_for(0, 0, 0, 2), &side_for(0, 0))
+        .unwrap();
+    let b = f.get_batch(Duration::from_secs(10)).unwrap();
+    let out = vec![7u8; 2 * OUT_ROW as usize];
+    f.respond(b, &[&out]).unwrap();
+    let c = attn[0].wait_combine(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.partial(0).unwrap(), &out[..]);
+}
+
+#[test]
+fn interrupt_wakes_a_blocked_wait_combine_and_keeps_the_combine() {
+    let net = SimNetwork::new(22);
+    net.set_auto(true);
+    let (attn, mut ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
+    let mut a = attn.into_iter().next().unwrap();
+    let stop = a.interrupter();
+    let h = a.dispatch(0, &tokens_for(0, 0, 0, 1), &[]).unwrap();
+    let t = std::thread::spawn(move || {
+        let r = a.wait_combine(h, Duration::from_secs(30)).map(|_| ());
+        (a, r)
+    });
+    stop.interrupt();
+    let (mut a, r) = t.join().unwrap();
+    assert!(matches!(r, Err(Error::Interrupted)), "{r:?}");
+    // Nothing was consumed: the stage is still in flight and its combine
+    // arrives once the FFN answers.
+    let b = ffn[0].get_batch(Duration::from_secs(10)).unwrap();
+    let out = vec![3u8; OUT_ROW as usize];
+    ffn[0].respond(b, &[&out]).unwrap();
+    let c = a.wait_combine(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.partial(0).unwrap(), &out[..]);
+}
+
+#[test]
+fn a_pending_interrupt_does_not_hide_an_answer_that_is_there() {
+    let net = SimNetwork::new(23);
+    let (mut attn, mut ffn) = sim_mesh(&net, 1, 1, spec(1, 4)).unwrap();
+    let _h = attn[0].dispatch(0, &[], &[]).unwrap();
+    net.deliver_all();
+    let stop = ffn[0].interrupter();
+    stop.interrupt();
+    // The batch is there: it is returned, and the interrupt stays pending
+    // for the next wait that would block.
+    let b = ffn[0].get_batch(Duration::from_secs(1)).unwrap();
+    ffn[0].respond(b, &[&[]]).unwrap();
+    let r = ffn[0].get_batch(Duration::from_secs(30)).map(|_| ());
+    assert!(matches!(r, Err(Error::Interrupted)), "{r:?}");
+}

@@ -6,13 +6,13 @@ use std::ffi::c_void;
 use afmesh_core::transport::Region;
 use afmesh_core::{AttentionRank, DispatchHandle, Dtype, Error, Mesh, RankStats, StageSpec};
 
-use crate::args::{bytes, ms, obj};
+use crate::args::{bytes, ms};
 use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Source};
 use crate::error::afmesh_result::{self, AFMESH_ERR_BUFFER_SIZE};
 use crate::error::{boundary, invalid, Fail};
 use crate::handle::{
-    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, progress_of, stats_of,
-    Handle, RankOps, State,
+    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, free_of, info_of, interrupt_of,
+    progress_of, slot_of, stats_of, Handle, RankOps, Slot,
 };
 
 /// A dispatch in flight.
@@ -69,10 +69,13 @@ pub struct afmesh_trace {
     pub back_ns: u64,
 }
 
-/// An attention rank (opaque).
+/// An attention rank (opaque). One call at a time per handle: a call made
+/// while another thread is inside one fails with `AFMESH_ERR_BUSY`; only
+/// `afmesh_attention_abort` and `afmesh_attention_interrupt` may run
+/// alongside.
 #[derive(Debug)]
 pub struct afmesh_attention {
-    state: State<AttentionRank>,
+    slot: Slot<AttentionRank>,
 }
 
 impl RankOps for AttentionRank {
@@ -94,12 +97,15 @@ impl RankOps for AttentionRank {
     fn progress(&mut self) -> afmesh_core::Result<()> {
         AttentionRank::progress(self)
     }
+    fn interrupter(&self) -> afmesh_core::Interrupter {
+        AttentionRank::interrupter(self)
+    }
 }
 
 impl Handle for afmesh_attention {
     type Rank = AttentionRank;
-    fn state(&mut self) -> &mut State<AttentionRank> {
-        &mut self.state
+    fn slot(&self) -> &Slot<AttentionRank> {
+        &self.slot
     }
 }
 
@@ -113,7 +119,7 @@ fn attention_handle(
         Some(r) => mesh.attention_with_region(spec, r)?,
     };
     Ok(afmesh_attention {
-        state: State::Live(rank),
+        slot: Slot::new(rank),
     })
 }
 
@@ -202,7 +208,7 @@ pub unsafe extern "C" fn afmesh_attention_memory_len(
 
 /// Sends `tokens` (whole rows) and `side` to every FFN rank for `stage`.
 /// Returns once the data is handed to the transport (does not wait for the
-/// FFN); the buffers may be reused at once. Not thread-safe per handle.
+/// FFN); the buffers may be reused at once.
 ///
 /// # Safety
 /// `a` is NULL or a live handle; `tokens`/`side` are NULL (with length 0)
@@ -221,7 +227,7 @@ pub unsafe extern "C" fn afmesh_attention_dispatch(
         // SAFETY: the caller's contract.
         let (a, tokens, side) = unsafe {
             (
-                obj(a, "a")?,
+                slot_of(a, "a")?,
                 bytes(tokens, tokens_len, "tokens")?,
                 bytes(side, side_len, "side")?,
             )
@@ -229,10 +235,7 @@ pub unsafe extern "C" fn afmesh_attention_dispatch(
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
-        let h = a
-            .state
-            .live("attention rank")?
-            .dispatch(stage, tokens, side)?;
+        let h = a.with(|r| Ok(r.dispatch(stage, tokens, side)?))?;
         // SAFETY: checked non-NULL.
         unsafe {
             out.write(afmesh_dispatch {
@@ -272,7 +275,8 @@ pub type afmesh_fill_fn = Option<
 /// # Safety
 /// `a` is NULL or live; `out` is NULL or writable; `fill` writes only
 /// inside the two areas it is given and does not call afmesh functions on
-/// `a` (the handle is in use), nor unwind or longjmp out of the call.
+/// `a` (the handle is in use: such a call fails with `AFMESH_ERR_BUSY`),
+/// nor unwind or longjmp out of the call.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_attention_dispatch_with(
     a: *mut afmesh_attention,
@@ -284,7 +288,7 @@ pub unsafe extern "C" fn afmesh_attention_dispatch_with(
 ) -> afmesh_result {
     boundary("afmesh_attention_dispatch_with", || {
         // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
+        let a = unsafe { slot_of(a, "a") }?;
         let fill = fill.ok_or_else(|| invalid("fill is NULL"))?;
         if out.is_null() {
             return Err(invalid("out is NULL"));
@@ -296,16 +300,15 @@ pub unsafe extern "C" fn afmesh_attention_dispatch_with(
                 s.as_mut_ptr().cast::<c_void>()
             }
         };
-        let h = a.state.live("attention rank")?.dispatch_with(
-            stage,
-            tokens as usize,
-            |rows, side| {
+        let h = a.with(|r| {
+            Ok(r.dispatch_with(stage, tokens as usize, |rows, side| {
                 // SAFETY: both areas are valid for writes of their lengths
-                // for the call; `fill` keeps inside them and does not
-                // re-enter this handle (the caller's contract).
+                // for the call; `fill` keeps inside them (the caller's
+                // contract), and a call back into this handle is refused
+                // (it is held).
                 unsafe { fill(user, area(rows), rows.len(), area(side), side.len()) }
-            },
-        )?;
+            })?)
+        })?;
         // SAFETY: checked non-NULL.
         unsafe {
             out.write(afmesh_dispatch {
@@ -322,8 +325,9 @@ pub unsafe extern "C" fn afmesh_attention_dispatch_with(
 /// `partials_cap` pointers; at least N) and the row count into
 /// `*tokens_out`. Each partial is `tokens * out_row_bytes` bytes and stays
 /// valid until `stage` is dispatched again; an empty one (0 tokens) is
-/// NULL. Blocks. Not thread-safe per
-/// handle.
+/// NULL. Blocks; `afmesh_attention_interrupt` from another thread ends
+/// the wait with `AFMESH_ERR_INTERRUPTED` (the combine stays to be taken),
+/// `afmesh_attention_abort` with `AFMESH_ERR_SHUTDOWN`.
 ///
 /// # Safety
 /// `a` is NULL or live; `partials` is NULL or writable for `partials_cap`
@@ -339,34 +343,35 @@ pub unsafe extern "C" fn afmesh_attention_wait_combine(
 ) -> afmesh_result {
     boundary("afmesh_attention_wait_combine", || {
         // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
+        let a = unsafe { slot_of(a, "a") }?;
         if partials.is_null() {
             return Err(invalid("partials is NULL"));
         }
         if tokens_out.is_null() {
             return Err(invalid("tokens_out is NULL"));
         }
-        let rank = a.state.live("attention rank")?;
-        let n = rank.ffn_ranks();
-        if partials_cap < n {
-            return Err(Fail(
-                AFMESH_ERR_BUFFER_SIZE,
-                format!("partials holds {partials_cap} pointers, need {n}"),
-            ));
-        }
-        let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
-        let c = rank.wait_combine(h, ms(timeout_ms))?;
-        for f in 0..n {
-            let p = c
-                .partial(f)
-                .filter(|s| !s.is_empty())
-                .map_or(std::ptr::null(), |s| s.as_ptr().cast::<c_void>());
-            // SAFETY: `partials` holds at least `n` pointers (checked).
-            unsafe { partials.add(f).write(p) };
-        }
-        // SAFETY: checked non-NULL.
-        unsafe { tokens_out.write(c.tokens() as u32) };
-        Ok(())
+        a.with(|rank| {
+            let n = rank.ffn_ranks();
+            if partials_cap < n {
+                return Err(Fail(
+                    AFMESH_ERR_BUFFER_SIZE,
+                    format!("partials holds {partials_cap} pointers, need {n}"),
+                ));
+            }
+            let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
+            let c = rank.wait_combine(h, ms(timeout_ms))?;
+            for f in 0..n {
+                let p = c
+                    .partial(f)
+                    .filter(|s| !s.is_empty())
+                    .map_or(std::ptr::null(), |s| s.as_ptr().cast::<c_void>());
+                // SAFETY: `partials` holds at least `n` pointers (checked).
+                unsafe { partials.add(f).write(p) };
+            }
+            // SAFETY: checked non-NULL.
+            unsafe { tokens_out.write(c.tokens() as u32) };
+            Ok(())
+        })
     })
 }
 
@@ -388,18 +393,17 @@ pub unsafe extern "C" fn afmesh_attention_wait_combine_sum(
 ) -> afmesh_result {
     boundary("afmesh_attention_wait_combine_sum", || {
         // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
+        let a = unsafe { slot_of(a, "a") }?;
         let dtype = dtype_of(dtype)?;
         if out.is_null() && out_len > 0 {
             return Err(invalid("out is NULL"));
         }
-        let rank = a.state.live("attention rank")?;
         let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
         // SAFETY: `out` is writable for `out_len` bytes (contract).
         let out = unsafe { out_bytes(out, out_len) };
         // Checks `out` before it takes the combine: a refused call leaves
         // the combine in place for a retry.
-        rank.wait_combine_sum(h, dtype, out, ms(timeout_ms))?;
+        a.with(|rank| Ok(rank.wait_combine_sum(h, dtype, out, ms(timeout_ms))?))?;
         Ok(())
     })
 }
@@ -440,7 +444,7 @@ pub unsafe extern "C" fn afmesh_attention_try_combine_sum(
 ) -> afmesh_result {
     boundary("afmesh_attention_try_combine_sum", || {
         // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
+        let a = unsafe { slot_of(a, "a") }?;
         let dtype = dtype_of(dtype)?;
         if out.is_null() && out_len > 0 {
             return Err(invalid("out is NULL"));
@@ -448,11 +452,10 @@ pub unsafe extern "C" fn afmesh_attention_try_combine_sum(
         if done_out.is_null() {
             return Err(invalid("done_out is NULL"));
         }
-        let rank = a.state.live("attention rank")?;
         let h = DispatchHandle::from_parts(handle.stage, handle.sequence);
         // SAFETY: `out` is writable for `out_len` bytes (contract).
         let out = unsafe { out_bytes(out, out_len) };
-        let done = rank.try_combine_sum(h, dtype, out)?.is_some();
+        let done = a.with(|rank| Ok(rank.try_combine_sum(h, dtype, out)?.is_some()))?;
         // SAFETY: checked non-NULL.
         unsafe { done_out.write(done) };
         Ok(())
@@ -462,7 +465,8 @@ pub unsafe extern "C" fn afmesh_attention_try_combine_sum(
 /// Waits up to `timeout_ms` until the combine of every one of the `count`
 /// dispatches in `handles` is complete, without taking them: take each
 /// with `afmesh_attention_wait_combine*` (which then returns at once).
-/// `count` 0 returns at once. Blocks.
+/// `count` 0 returns at once. Blocks (interruptible as
+/// `afmesh_attention_wait_combine`).
 ///
 /// # Safety
 /// `a` is NULL or live; `handles` is NULL or readable for `count` elements.
@@ -475,7 +479,7 @@ pub unsafe extern "C" fn afmesh_attention_wait_all(
 ) -> afmesh_result {
     boundary("afmesh_attention_wait_all", || {
         // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
+        let a = unsafe { slot_of(a, "a") }?;
         let handles: &[afmesh_dispatch] = if count == 0 {
             &[]
         } else if handles.is_null() {
@@ -488,10 +492,7 @@ pub unsafe extern "C" fn afmesh_attention_wait_all(
             .iter()
             .map(|h| DispatchHandle::from_parts(h.stage, h.sequence))
             .collect();
-        a.state
-            .live("attention rank")?
-            .wait_all(&hs, ms(timeout_ms))?;
-        Ok(())
+        a.with(|rank| Ok(rank.wait_all(&hs, ms(timeout_ms))?))
     })
 }
 
@@ -516,49 +517,50 @@ pub unsafe extern "C" fn afmesh_attention_trace(
 ) -> afmesh_result {
     boundary("afmesh_attention_trace", || {
         // SAFETY: the caller's contract.
-        let a = unsafe { obj(a, "a") }?;
+        let a = unsafe { slot_of(a, "a") }?;
         if count_out.is_null() {
             return Err(invalid("count_out is NULL"));
         }
-        let rank = a.state.live("attention rank")?;
-        let n = rank.ffn_ranks();
-        if stage >= rank.spec().stages {
-            return Err(invalid(format!(
-                "stage {stage} of {} stages",
-                rank.spec().stages
-            )));
-        }
-        if cap < n {
-            return Err(Fail(
-                AFMESH_ERR_BUFFER_SIZE,
-                format!("trace array holds {cap}, need {n}"),
-            ));
-        }
-        if out.is_null() {
-            return Err(invalid("out is NULL"));
-        }
-        let mut traces = Vec::with_capacity(n);
-        for f in 0..n {
-            let t = rank.last_trace(stage, f).ok_or_else(|| {
-                invalid(format!(
-                    "stage {stage} is in flight: its trace is read once its combine is taken"
-                ))
-            })?;
-            traces.push(afmesh_trace {
-                post_ns: t.post_ns,
-                land_ns: t.land_ns,
-                process_ns: t.process_ns,
-                respond_ns: t.respond_ns,
-                back_ns: t.back_ns,
-            });
-        }
-        for (f, t) in traces.into_iter().enumerate() {
-            // SAFETY: `out` holds `cap >= n` entries (checked, contract).
-            unsafe { out.add(f).write(t) };
-        }
-        // SAFETY: checked non-NULL.
-        unsafe { count_out.write(n) };
-        Ok(())
+        a.with(|rank| {
+            let n = rank.ffn_ranks();
+            if stage >= rank.spec().stages {
+                return Err(invalid(format!(
+                    "stage {stage} of {} stages",
+                    rank.spec().stages
+                )));
+            }
+            if cap < n {
+                return Err(Fail(
+                    AFMESH_ERR_BUFFER_SIZE,
+                    format!("trace array holds {cap}, need {n}"),
+                ));
+            }
+            if out.is_null() {
+                return Err(invalid("out is NULL"));
+            }
+            let mut traces = Vec::with_capacity(n);
+            for f in 0..n {
+                let t = rank.last_trace(stage, f).ok_or_else(|| {
+                    invalid(format!(
+                        "stage {stage} is in flight: its trace is read once its combine is taken"
+                    ))
+                })?;
+                traces.push(afmesh_trace {
+                    post_ns: t.post_ns,
+                    land_ns: t.land_ns,
+                    process_ns: t.process_ns,
+                    respond_ns: t.respond_ns,
+                    back_ns: t.back_ns,
+                });
+            }
+            for (f, t) in traces.into_iter().enumerate() {
+                // SAFETY: `out` holds `cap >= n` entries (checked, contract).
+                unsafe { out.add(f).write(t) };
+            }
+            // SAFETY: checked non-NULL.
+            unsafe { count_out.write(n) };
+            Ok(())
+        })
     })
 }
 
@@ -620,27 +622,44 @@ pub unsafe extern "C" fn afmesh_attention_finalize(a: *mut afmesh_attention) -> 
 /// links go. The handle stays allocated (later calls fail with
 /// `AFMESH_ERR_SHUTDOWN`). Never blocks on peers.
 ///
+/// Any thread, even while another is inside a call on `a`: a wait there
+/// returns `AFMESH_ERR_SHUTDOWN` within a few milliseconds, and the links
+/// are dropped as that call returns. Free the handle only after that
+/// thread is done with it.
+///
 /// # Safety
-/// `a` is NULL or live.
+/// `a` is NULL or live (not freed, nor being freed).
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_attention_abort(a: *mut afmesh_attention) -> afmesh_result {
     // SAFETY: forwarded contract.
     boundary("afmesh_attention_abort", || unsafe { abort_of(a) })
 }
 
-/// Frees the handle (aborting it first if it is still live). NULL is a
-/// no-op.
+/// Wakes a wait blocked on `a` in another thread
+/// (`afmesh_attention_wait_combine*`, `afmesh_attention_wait_all`, a
+/// dispatch waiting for its slot): it returns `AFMESH_ERR_INTERRUPTED`
+/// within a few milliseconds, having consumed nothing. If no wait is
+/// blocked, the next one that would block returns it instead (one
+/// interrupt, one wait); a wait whose answer is already there returns the
+/// answer. The handle stays usable. Any thread; never blocks.
 ///
 /// # Safety
-/// `a` is NULL or a handle from `afmesh_attention_new*` not yet freed.
+/// `a` is NULL or live (not freed, nor being freed).
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_interrupt(a: *mut afmesh_attention) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_interrupt", || unsafe { interrupt_of(a) })
+}
+
+/// Frees the handle (aborting it first if it is still live). NULL is a
+/// no-op. The owner's call: no other call on `a`, from any thread, may run
+/// during or after it (abort, join the other thread, then free).
+///
+/// # Safety
+/// `a` is NULL or a handle from `afmesh_attention_new*` not yet freed, and
+/// no other call on it runs during or after this one.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_attention_free(a: *mut afmesh_attention) {
-    let _ = boundary("afmesh_attention_free", || {
-        if !a.is_null() {
-            // SAFETY: `a` came from `Box::into_raw` in a constructor and is
-            // freed once (the caller's contract).
-            drop(unsafe { Box::from_raw(a) });
-        }
-        Ok(())
-    });
+    // SAFETY: forwarded contract.
+    let _ = boundary("afmesh_attention_free", || unsafe { free_of(a) });
 }

@@ -43,6 +43,12 @@ pub enum afmesh_result {
     AFMESH_ERR_IO = 11,
     /// A bug inside afmesh was caught at the boundary.
     AFMESH_ERR_PANIC = 12,
+    /// A wait was woken by `afmesh_*_interrupt`; nothing was consumed.
+    AFMESH_ERR_INTERRUPTED = 13,
+    /// Another thread is inside a call on this handle (one call at a time
+    /// per handle; only `_abort` and `_interrupt` may overlap). Nothing
+    /// was done.
+    AFMESH_ERR_BUSY = 14,
 }
 
 /// The one table of result codes: each `afmesh_result` variant with what
@@ -84,6 +90,8 @@ result_table! {
     AFMESH_ERR_SHUTDOWN => c"shut down",
     AFMESH_ERR_IO => c"I/O error",
     AFMESH_ERR_PANIC => c"internal error (panic)",
+    AFMESH_ERR_INTERRUPTED => c"interrupted",
+    AFMESH_ERR_BUSY => c"handle busy",
 }
 
 // Rows in value order with no gap or repeat, so `afmesh_result_str` can
@@ -116,6 +124,7 @@ impl From<Error> for Fail {
             Error::InvalidArgument(_) => AFMESH_ERR_INVALID_ARGUMENT,
             Error::Unsupported(_) => AFMESH_ERR_UNSUPPORTED,
             Error::Shutdown(_) => AFMESH_ERR_SHUTDOWN,
+            Error::Interrupted => AFMESH_ERR_INTERRUPTED,
             Error::Io { .. } => AFMESH_ERR_IO,
             _ => AFMESH_ERR_IO,
         };
@@ -204,6 +213,8 @@ mod tests {
             (AFMESH_ERR_SHUTDOWN, "shut down"),
             (AFMESH_ERR_IO, "I/O error"),
             (AFMESH_ERR_PANIC, "internal error (panic)"),
+            (AFMESH_ERR_INTERRUPTED, "interrupted"),
+            (AFMESH_ERR_BUSY, "handle busy"),
         ];
         assert_eq!(ALL_RESULTS.len(), expected.len());
         for (value, (code, want)) in expected.into_iter().enumerate() {
@@ -214,7 +225,7 @@ mod tests {
 
     #[test]
     fn result_str_of_an_unknown_value() {
-        for value in [-1, 13, 999, i32::MIN, i32::MAX] {
+        for value in [-1, 15, 999, i32::MIN, i32::MAX] {
             assert_eq!(text(value), "unknown result code", "{value}");
         }
     }

@@ -11,14 +11,16 @@ use crate::batch::afmesh_batch;
 use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Source};
 use crate::error::{afmesh_result, boundary, invalid, Fail};
 use crate::handle::{
-    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, info_of, progress_of, stats_of,
-    Handle, RankOps, State,
+    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, free_of, info_of, interrupt_of,
+    progress_of, slot_of, stats_of, Handle, RankOps, Slot,
 };
 
-/// An FFN rank (opaque).
+/// An FFN rank (opaque). One call at a time per handle: a call made while
+/// another thread is inside one fails with `AFMESH_ERR_BUSY`; only
+/// `afmesh_ffn_abort` and `afmesh_ffn_interrupt` may run alongside.
 #[derive(Debug)]
 pub struct afmesh_ffn {
-    state: State<FfnRank>,
+    slot: Slot<FfnRank>,
 }
 
 impl RankOps for FfnRank {
@@ -40,12 +42,15 @@ impl RankOps for FfnRank {
     fn progress(&mut self) -> afmesh_core::Result<()> {
         FfnRank::progress(self)
     }
+    fn interrupter(&self) -> afmesh_core::Interrupter {
+        FfnRank::interrupter(self)
+    }
 }
 
 impl Handle for afmesh_ffn {
     type Rank = FfnRank;
-    fn state(&mut self) -> &mut State<FfnRank> {
-        &mut self.state
+    fn slot(&self) -> &Slot<FfnRank> {
+        &self.slot
     }
 }
 
@@ -55,7 +60,7 @@ fn ffn_handle(mesh: Mesh, spec: StageSpec, region: Option<Region>) -> Result<afm
         Some(r) => mesh.ffn_with_region(spec, r)?,
     };
     Ok(afmesh_ffn {
-        state: State::Live(rank),
+        slot: Slot::new(rank),
     })
 }
 
@@ -137,7 +142,9 @@ pub unsafe extern "C" fn afmesh_ffn_memory_len(
 
 /// Waits up to `timeout_ms` for the oldest stage every attention rank has
 /// dispatched to; `*out` owns the batch (free with `afmesh_batch_free`,
-/// after `afmesh_ffn_respond`). Blocks. Not thread-safe per handle.
+/// after `afmesh_ffn_respond`). Blocks; `afmesh_ffn_interrupt` from another
+/// thread ends the wait with `AFMESH_ERR_INTERRUPTED`, `afmesh_ffn_abort`
+/// with `AFMESH_ERR_SHUTDOWN`.
 ///
 /// # Safety
 /// `f` is NULL or live; `out` is NULL or writable.
@@ -149,11 +156,11 @@ pub unsafe extern "C" fn afmesh_ffn_get_batch(
 ) -> afmesh_result {
     boundary("afmesh_ffn_get_batch", || {
         // SAFETY: the caller's contract.
-        let f = unsafe { obj(f, "f") }?;
+        let f = unsafe { slot_of(f, "f") }?;
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
-        let batch = f.state.live("FFN rank")?.get_batch(ms(timeout_ms))?;
+        let batch = f.with(|r| Ok(r.get_batch(ms(timeout_ms))?))?;
         let b = Box::into_raw(Box::new(afmesh_batch { batch: Some(batch) }));
         // SAFETY: checked non-NULL.
         unsafe { out.write(b) };
@@ -177,11 +184,11 @@ pub unsafe extern "C" fn afmesh_ffn_try_get_batch(
 ) -> afmesh_result {
     boundary("afmesh_ffn_try_get_batch", || {
         // SAFETY: the caller's contract.
-        let f = unsafe { obj(f, "f") }?;
+        let f = unsafe { slot_of(f, "f") }?;
         if out.is_null() {
             return Err(invalid("out is NULL"));
         }
-        let b = match f.state.live("FFN rank")?.try_get_batch()? {
+        let b = match f.with(|r| Ok(r.try_get_batch()?))? {
             Some(batch) => Box::into_raw(Box::new(afmesh_batch { batch: Some(batch) })),
             None => std::ptr::null_mut(),
         };
@@ -193,7 +200,7 @@ pub unsafe extern "C" fn afmesh_ffn_try_get_batch(
 
 /// Sends each attention rank `i` its rows `outputs[i]` (`lens[i]` bytes =
 /// its token count × out_row_bytes); `count` must be M. Returns once the
-/// data is handed to the transport. Not thread-safe per handle.
+/// data is handed to the transport.
 ///
 /// The batch is answered by this call: its views end, and later use of it
 /// (info, sender views, respond) fails with `AFMESH_ERR_INVALID_ARGUMENT`;
@@ -214,7 +221,7 @@ pub unsafe extern "C" fn afmesh_ffn_respond(
 ) -> afmesh_result {
     boundary("afmesh_ffn_respond", || {
         // SAFETY: the caller's contract.
-        let (f, b) = unsafe { (obj(f, "f")?, obj(b, "b")?) };
+        let (f, b) = unsafe { (slot_of(f, "f")?, obj(b, "b")?) };
         if outputs.is_null() {
             return Err(invalid("outputs is NULL"));
         }
@@ -228,15 +235,17 @@ pub unsafe extern "C" fn afmesh_ffn_respond(
             // SAFETY: each output is readable for its length (contract).
             outs.push(unsafe { bytes(p, n, &format!("outputs[{i}]")) }?);
         }
-        let rank = f.state.live("FFN rank")?;
-        let batch = b
-            .batch
-            .take()
-            .ok_or_else(|| invalid("the batch was already answered"))?;
-        rank.respond(batch, &outs).map_err(|e| {
-            // Refused arguments give the batch back: it can be answered again.
-            b.batch = e.batch;
-            Fail::from(e.error)
+        f.with(|rank| {
+            let batch = b
+                .batch
+                .take()
+                .ok_or_else(|| invalid("the batch was already answered"))?;
+            rank.respond(batch, &outs).map_err(|e| {
+                // Refused arguments give the batch back: it can be answered
+                // again.
+                b.batch = e.batch;
+                Fail::from(e.error)
+            })
         })
     })
 }
@@ -291,27 +300,38 @@ pub unsafe extern "C" fn afmesh_ffn_finalize(f: *mut afmesh_ffn) -> afmesh_resul
     boundary("afmesh_ffn_finalize", || unsafe { finalize_of(f) })
 }
 
-/// Drops every link at once (see `afmesh_attention_abort`).
+/// Drops every link at once (see `afmesh_attention_abort`). Any thread,
+/// even while another is inside a call on `f`: that call returns
+/// `AFMESH_ERR_SHUTDOWN` within a few milliseconds.
 ///
 /// # Safety
-/// `f` is NULL or live.
+/// `f` is NULL or live (not freed, nor being freed).
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_ffn_abort(f: *mut afmesh_ffn) -> afmesh_result {
     // SAFETY: forwarded contract.
     boundary("afmesh_ffn_abort", || unsafe { abort_of(f) })
 }
 
-/// Frees the handle (aborting it first if still live). NULL is a no-op.
+/// Wakes a wait blocked in `afmesh_ffn_get_batch` on another thread (see
+/// `afmesh_attention_interrupt`). Any thread; never blocks.
 ///
 /// # Safety
-/// `f` is NULL or a handle from `afmesh_ffn_new*` not yet freed.
+/// `f` is NULL or live (not freed, nor being freed).
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_ffn_interrupt(f: *mut afmesh_ffn) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_ffn_interrupt", || unsafe { interrupt_of(f) })
+}
+
+/// Frees the handle (aborting it first if still live). NULL is a no-op.
+/// The owner's call: no other call on `f`, from any thread, may run during
+/// or after it (abort, join the other thread, then free).
+///
+/// # Safety
+/// `f` is NULL or a handle from `afmesh_ffn_new*` not yet freed, and no
+/// other call on it runs during or after this one.
 #[no_mangle]
 pub unsafe extern "C" fn afmesh_ffn_free(f: *mut afmesh_ffn) {
-    let _ = boundary("afmesh_ffn_free", || {
-        if !f.is_null() {
-            // SAFETY: from `Box::into_raw` in a constructor, freed once.
-            drop(unsafe { Box::from_raw(f) });
-        }
-        Ok(())
-    });
+    // SAFETY: forwarded contract.
+    let _ = boundary("afmesh_ffn_free", || unsafe { free_of(f) });
 }

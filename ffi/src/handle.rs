@@ -1,11 +1,36 @@
 //! What the attention and FFN handles share: the live/finalized/aborted
-//! state, and the bodies of `_info`, `_stats`, `_finalize` and `_abort`,
-//! written once over the `Handle` trait.
+//! state, who may touch it from which thread, and the bodies of `_info`,
+//! `_stats`, `_finalize`, `_abort` and `_interrupt`, written once over the
+//! `Handle` trait.
+//!
+//! # Threads
+//!
+//! A handle is driven by one thread at a time. Every call but `_abort`
+//! and `_interrupt` holds the handle for its length ([`Slot::enter`]: a
+//! compare-exchange on `busy`); a second thread's call meanwhile fails at
+//! once with `AFMESH_ERR_BUSY`, naming the handle, and changes nothing.
+//! `_abort` and `_interrupt` may run on any thread at any time but during
+//! or after `_free`: they touch only atomics and the [`Interrupter`], never
+//! the rank. `_abort` marks the handle dead and wakes a blocked wait (which
+//! returns `AFMESH_ERR_SHUTDOWN`); the rank itself is dropped, closing its
+//! links, by whoever holds the handle or next takes it (the abort itself
+//! when it is free). `_free` belongs to the owner: no other call may run
+//! during or after it.
+//!
+//! The abort and a call that is ending meet like a Dekker pair: the abort
+//! stores `aborted` then tries to take `busy`; the call stores `busy =
+//! false` then loads `aborted`. Both sides are `SeqCst`, so at least one
+//! sees the other, and the rank is dropped by exactly one of them.
 
-use afmesh_core::{Peer, RankStats};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
-use crate::args::obj;
-use crate::error::afmesh_result::{AFMESH_ERR_BUFFER_SIZE, AFMESH_ERR_SHUTDOWN};
+use afmesh_core::{Interrupter, Peer, RankStats};
+
+use crate::args::obj_ref;
+use crate::error::afmesh_result::{
+    AFMESH_ERR_BUFFER_SIZE, AFMESH_ERR_BUSY, AFMESH_ERR_INTERRUPTED, AFMESH_ERR_SHUTDOWN,
+};
 use crate::error::{invalid, Fail};
 
 /// Who a rank is.
@@ -135,28 +160,161 @@ fn write_stats(
 }
 
 /// What the C handles of both roles share.
-pub(crate) trait RankOps: Sized {
+pub(crate) trait RankOps: Sized + Send {
     const WHAT: &'static str;
     fn shutdown(self) -> afmesh_core::Result<()>;
     fn info(&self) -> afmesh_rank_info;
     fn stats(&self) -> RankStats;
     fn progress(&mut self) -> afmesh_core::Result<()>;
+    fn interrupter(&self) -> Interrupter;
 }
 
-pub(crate) trait Handle {
+/// A C handle's rank and the flags that let two threads share the handle
+/// (see the module docs).
+#[derive(Debug)]
+pub(crate) struct Slot<R> {
+    /// Held for the length of every call but `_abort` and `_interrupt`.
+    busy: AtomicBool,
+    /// Set by `_abort`: the rank is to be dropped by the holder of `busy`.
+    aborted: AtomicBool,
+    /// The rank's, taken at construction: `_abort` and `_interrupt` wake a
+    /// blocked wait through it without touching the rank.
+    interrupter: Interrupter,
+    /// Touched only by the holder of `busy`.
+    state: UnsafeCell<State<R>>,
+}
+
+// SAFETY: the only field that is not `Sync` is `state`, and it is reached
+// only through an `InUse`, which exists only while its thread holds `busy`
+// (taken by compare-exchange, released with a SeqCst store that orders the
+// holder's writes before the next holder's acquire). The rank moves between
+// threads that way, hence `R: Send`.
+unsafe impl<R: Send> Sync for Slot<R> {}
+
+impl<R: RankOps> Slot<R> {
+    pub(crate) fn new(rank: R) -> Slot<R> {
+        Slot {
+            busy: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
+            interrupter: rank.interrupter(),
+            state: UnsafeCell::new(State::Live(rank)),
+        }
+    }
+
+    /// Holds the handle for one call, or fails at once with
+    /// `AFMESH_ERR_BUSY` if another thread is inside a call on it.
+    pub(crate) fn enter(&self) -> Result<InUse<'_, R>, Fail> {
+        if self
+            .busy
+            .compare_exchange(false, true, SeqCst, SeqCst)
+            .is_err()
+        {
+            return Err(Fail(
+                AFMESH_ERR_BUSY,
+                format!(
+                    "the {} handle {:p} is in use by another thread: one call at a time per handle (only _abort and _interrupt may overlap)",
+                    R::WHAT,
+                    self
+                ),
+            ));
+        }
+        let mut g = InUse { slot: self };
+        g.reap();
+        Ok(g)
+    }
+
+    /// Runs `f` on the live rank, holding the handle. A wait that an abort
+    /// woke reports `AFMESH_ERR_SHUTDOWN`.
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut R) -> Result<T, Fail>) -> Result<T, Fail> {
+        let mut g = self.enter()?;
+        match f(g.live()?) {
+            Err(Fail(AFMESH_ERR_INTERRUPTED, _)) if self.aborted.load(SeqCst) => Err(Fail(
+                AFMESH_ERR_SHUTDOWN,
+                format!("{} was aborted while this call waited", R::WHAT),
+            )),
+            r => r,
+        }
+    }
+}
+
+/// One call's hold on a handle: the only way to its rank.
+pub(crate) struct InUse<'a, R: RankOps> {
+    slot: &'a Slot<R>,
+}
+
+impl<R: RankOps> InUse<'_, R> {
+    pub(crate) fn state(&mut self) -> &mut State<R> {
+        // SAFETY: this thread holds `busy`, so no other reference to the
+        // state exists (see `Slot`), and `&mut self` keeps this one unique.
+        unsafe { &mut *self.slot.state.get() }
+    }
+
+    pub(crate) fn live(&mut self) -> Result<&mut R, Fail> {
+        self.state().live(R::WHAT)
+    }
+
+    /// Drops the rank if the handle was aborted; whether it was.
+    fn reap(&mut self) -> bool {
+        let aborted = self.slot.aborted.load(SeqCst);
+        if aborted && matches!(self.state(), State::Live(_)) {
+            drop(std::mem::replace(self.state(), State::Aborted));
+        }
+        aborted
+    }
+}
+
+impl<R: RankOps> Drop for InUse<'_, R> {
+    fn drop(&mut self) {
+        let reaped = self.reap();
+        let slot = self.slot;
+        slot.busy.store(false, SeqCst);
+        // An abort that came after `reap` looked could not take `busy`:
+        // drop the rank for it (the Dekker pair in the module docs). That
+        // hold's own drop sees `aborted`, so this goes one level deep.
+        if !reaped
+            && slot.aborted.load(SeqCst)
+            && slot
+                .busy
+                .compare_exchange(false, true, SeqCst, SeqCst)
+                .is_ok()
+        {
+            drop(InUse { slot });
+        }
+    }
+}
+
+pub(crate) trait Handle: Sync + 'static {
     type Rank: RankOps;
-    fn state(&mut self) -> &mut State<Self::Rank>;
+    fn slot(&self) -> &Slot<Self::Rank>;
+}
+
+/// The handle behind `h` (the argument `name`), shared: several threads
+/// may hold it at once.
+///
+/// # Safety
+/// `h` is NULL or a live handle (not freed, nor being freed).
+pub(crate) unsafe fn slot_of<'a, H: Handle>(
+    h: *const H,
+    name: &str,
+) -> Result<&'a Slot<H::Rank>, Fail> {
+    // SAFETY: forwarded contract; `H: Sync`, so a shared reference may
+    // exist on several threads.
+    let h: &'a H = unsafe { obj_ref(h, name) }?;
+    Ok(h.slot())
 }
 
 /// # Safety
 /// `h` is NULL or a live handle; `out` is NULL or writable.
-pub(crate) unsafe fn info_of<H: Handle>(h: *mut H, out: *mut afmesh_rank_info) -> Result<(), Fail> {
+pub(crate) unsafe fn info_of<H: Handle>(
+    h: *const H,
+    out: *mut afmesh_rank_info,
+) -> Result<(), Fail> {
     // SAFETY: forwarded contract.
-    let h = unsafe { obj(h, "handle") }?;
+    let slot = unsafe { slot_of(h, "handle") }?;
     if out.is_null() {
         return Err(invalid("out is NULL"));
     }
-    let info = h.state().live(H::Rank::WHAT)?.info();
+    let info = slot.with(|r| Ok(r.info()))?;
     // SAFETY: checked non-NULL.
     unsafe { out.write(info) };
     Ok(())
@@ -165,47 +323,103 @@ pub(crate) unsafe fn info_of<H: Handle>(h: *mut H, out: *mut afmesh_rank_info) -
 /// # Safety
 /// As `write_stats`, and `h` is NULL or live.
 pub(crate) unsafe fn stats_of<H: Handle>(
-    h: *mut H,
+    h: *const H,
     out: *mut afmesh_peer_stats,
     cap: usize,
     count_out: *mut usize,
 ) -> Result<(), Fail> {
     // SAFETY: forwarded contract.
-    let h = unsafe { obj(h, "handle") }?;
-    let stats = h.state().live(H::Rank::WHAT)?.stats();
+    let slot = unsafe { slot_of(h, "handle") }?;
+    let stats = slot.with(|r| Ok(r.stats()))?;
     write_stats(stats, out, cap, count_out)
 }
 
 /// # Safety
 /// `h` is NULL or live.
-pub(crate) unsafe fn finalize_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
+pub(crate) unsafe fn finalize_of<H: Handle>(h: *const H) -> Result<(), Fail> {
     // SAFETY: forwarded contract.
-    let h = unsafe { obj(h, "handle") }?;
-    match std::mem::replace(h.state(), State::Finalized) {
+    let mut g = unsafe { slot_of(h, "handle") }?.enter()?;
+    match std::mem::replace(g.state(), State::Finalized) {
         State::Live(r) => r.shutdown().map_err(Fail::from),
         other => {
-            *h.state() = other;
-            h.state().live(H::Rank::WHAT).map(|_| ())
+            *g.state() = other;
+            g.live().map(|_| ())
         }
     }
 }
 
+/// Marks the handle dead and wakes its blocked wait; drops the rank now if
+/// no call is inside, else the call drops it on its way out. Any thread.
+///
 /// # Safety
 /// `h` is NULL or live.
-pub(crate) unsafe fn abort_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
+pub(crate) unsafe fn abort_of<H: Handle>(h: *const H) -> Result<(), Fail> {
     // SAFETY: forwarded contract.
-    let h = unsafe { obj(h, "handle") }?;
-    drop(std::mem::replace(h.state(), State::Aborted));
+    let slot = unsafe { slot_of(h, "handle") }?;
+    slot.aborted.store(true, SeqCst);
+    slot.interrupter.interrupt();
+    if slot
+        .busy
+        .compare_exchange(false, true, SeqCst, SeqCst)
+        .is_ok()
+    {
+        // No call is inside: drop the rank here (`InUse`'s drop reaps it).
+        drop(InUse { slot });
+    }
+    Ok(())
+}
+
+/// Wakes the handle's blocked wait, or the next one that would block. Any
+/// thread.
+///
+/// # Safety
+/// `h` is NULL or live.
+pub(crate) unsafe fn interrupt_of<H: Handle>(h: *const H) -> Result<(), Fail> {
+    // SAFETY: forwarded contract.
+    unsafe { slot_of(h, "handle") }?.interrupter.interrupt();
+    Ok(())
+}
+
+/// Frees a handle from `Box::into_raw`. A call still inside on another
+/// thread breaks `_free`'s contract; where it is seen, the handle is
+/// aborted and left allocated rather than freed under that call.
+///
+/// # Safety
+/// `h` is NULL or a handle from `Box::into_raw` not yet freed, and no other
+/// call on it starts during or after this one.
+pub(crate) unsafe fn free_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
+    if h.is_null() {
+        return Ok(());
+    }
+    {
+        // SAFETY: live (contract).
+        let slot = unsafe { slot_of(h, "handle") }?;
+        if slot
+            .busy
+            .compare_exchange(false, true, SeqCst, SeqCst)
+            .is_err()
+        {
+            // SAFETY: live (contract).
+            unsafe { abort_of(h) }?;
+            return Err(Fail(
+                AFMESH_ERR_BUSY,
+                format!(
+                    "the {} handle {h:p} was freed while another thread was inside a call on it: aborted it instead and left it allocated (abort, join that thread, then free)",
+                    H::Rank::WHAT
+                ),
+            ));
+        }
+    }
+    // SAFETY: from `Box::into_raw` in a constructor, freed once; this
+    // thread holds `busy`, and no other call starts now (contract).
+    drop(unsafe { Box::from_raw(h) });
     Ok(())
 }
 
 /// # Safety
 /// `h` is NULL or live.
-pub(crate) unsafe fn progress_of<H: Handle>(h: *mut H) -> Result<(), Fail> {
+pub(crate) unsafe fn progress_of<H: Handle>(h: *const H) -> Result<(), Fail> {
     // SAFETY: forwarded contract.
-    let h = unsafe { obj(h, "handle") }?;
-    h.state()
-        .live(H::Rank::WHAT)?
-        .progress()
-        .map_err(Fail::from)
+    let slot = unsafe { slot_of(h, "handle") }?;
+    slot.with(|r| r.progress().map_err(Fail::from))
 }

@@ -15,9 +15,13 @@
 //! * configuration is a struct that carries its size and version
 //!   (`AFMESH_CONFIG_INIT`), or the environment.
 //!
-//! Handles are not thread-safe: use one from one thread at a time (several
-//! handles on several threads are fine). Functions that wait say so and
-//! take a timeout.
+//! A handle is driven by one thread at a time (several handles on several
+//! threads are fine): a call on a handle while another thread is inside a
+//! call on it fails at once with `AFMESH_ERR_BUSY` and does nothing. Only
+//! `afmesh_*_abort` and `afmesh_*_interrupt` may run on any thread at any
+//! time (but during or after `_free`, which belongs to the owner); they
+//! wake a blocked wait, which returns `AFMESH_ERR_SHUTDOWN` or
+//! `AFMESH_ERR_INTERRUPTED`. Functions that wait say so and take a timeout.
 //!
 //! Only afmesh's public Rust API is used here.
 

@@ -2,7 +2,8 @@
 //! compiled with the system compilers against `include/afmesh.h` and the
 //! built `libafmesh.so`, and run here: every NULL argument, a 2A×2F mesh
 //! (library and caller buffers), a timeout and use after finalize, a peer
-//! killed mid-layer, one run under AddressSanitizer, the C++ wrappers (with
+//! killed mid-layer, two threads on one handle (busy, interrupt, abort of
+//! a blocked wait), runs under AddressSanitizer, the C++ wrappers (with
 //! `-Wold-style-cast`), `AFMESH_LOG` reaching a C program's stderr; and the
 //! exported symbols, which are exactly the header's functions, each in the
 //! `AFMESH_0` version node.
@@ -200,6 +201,34 @@ fn killed_peer_is_reported_without_hang() {
     assert!(ranks[0].output().contains("F1"), "{}", ranks[0].output());
 }
 
+/// Runs `tests/c/test_threads.c` (busy handle, interrupt and abort of a
+/// wait blocked on another thread) and checks its report.
+fn run_threads(bin: PathBuf, asan: bool) {
+    let mut c = Command::new(bin);
+    c.arg(free_port()).env_remove("AFMESH_LOG");
+    if asan {
+        c.env("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=0");
+    }
+    let (code, out) = run_to_end("test_threads", c, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    for step in ["busy ok", "interrupt ok", "abort ok", "threads ok"] {
+        assert!(out.contains(step), "{step}:\n{out}");
+    }
+    assert!(!out.contains("ERROR: AddressSanitizer"), "{out}");
+}
+
+#[test]
+fn threads_on_one_handle_busy_interrupt_abort() {
+    let bin = compile(
+        "cc",
+        "c11",
+        "tests/c/test_threads.c",
+        "test_threads",
+        &["-pthread"],
+    );
+    run_threads(bin, false);
+}
+
 #[test]
 fn address_sanitizer_run_is_clean() {
     let asan = ["-fsanitize=address", "-fno-omit-frame-pointer"];
@@ -211,6 +240,14 @@ fn address_sanitizer_run_is_clean() {
     let (code, out) = run_to_end("test_args (asan)", c, Duration::from_secs(60));
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("ERROR: AddressSanitizer"), "{out}");
+    let threads = compile(
+        "cc",
+        "c11",
+        "tests/c/test_threads.c",
+        "test_threads_asan",
+        &[asan[0], asan[1], "-pthread"],
+    );
+    run_threads(threads, true);
     let mesh = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_asan", &asan);
     std::env::set_var("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=0");
     run_mesh(&mesh, 1, 2, "run");

@@ -476,6 +476,13 @@ impl FfnRank {
         }
     }
 
+    /// What wakes this rank's blocked wait from another thread: see
+    /// [`Interrupter`](crate::Interrupter). The wait returns
+    /// [`Error::Interrupted`](crate::Error::Interrupted).
+    pub fn interrupter(&self) -> crate::Interrupter {
+        self.engine.interrupter()
+    }
+
     /// Makes progress without waiting: counts whatever has landed.
     pub fn progress(&mut self) -> Result<()> {
         self.engine.pump(Duration::ZERO, &mut self.st)

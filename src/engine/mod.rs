@@ -15,6 +15,7 @@
 //! and bookkeeping; they never poll the transport themselves.
 
 mod histogram;
+mod interrupt;
 mod send;
 mod stats;
 mod support;
@@ -23,11 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use histogram::Histogram;
+pub use interrupt::Interrupter;
 pub use stats::{PeerStats, RankStats};
 pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
 use crate::proto::{accept, Accepted, Geometry, Imm, RegionKey, StageCounter, HEADER_LEN};
+use crate::transport::mux::MAX_PARK;
 use crate::transport::slots::SendSlots;
 use crate::transport::{Completion, LinkId, LocalKey, Mux, Region};
 
@@ -86,6 +89,8 @@ pub(crate) struct Engine {
     /// Bound on waiting for a send slot's sends to complete.
     send_timeout: Duration,
     support: Support,
+    /// Wakes `wait` from another thread.
+    interrupter: Interrupter,
 }
 
 impl Engine {
@@ -135,12 +140,18 @@ impl Engine {
             generation: 0,
             send_timeout: DEFAULT_SEND_TIMEOUT,
             support,
+            interrupter: Interrupter::new(),
         }
     }
 
     /// Bounds waits for send completions (a blocking write's bound).
     pub(crate) fn set_send_timeout(&mut self, t: Duration) {
         self.send_timeout = t;
+    }
+
+    /// What wakes this engine's waits from another thread.
+    pub(crate) fn interrupter(&self) -> Interrupter {
+        self.interrupter.clone()
     }
 
     pub(crate) fn peer(&self, i: usize) -> Peer {
@@ -276,9 +287,11 @@ impl Engine {
     }
 
     /// Pumps until `ready` yields a value or errs, or `timeout` runs out
-    /// (`Ok(None)`). `ready` is asked first, and the transport is polled at
-    /// least once before giving up, so a zero timeout takes what has
-    /// already landed.
+    /// (`Ok(None)`), or the [`Interrupter`] fires (`Error::Interrupted`).
+    /// `ready` is asked first, and the transport is polled at least once
+    /// before giving up, so a zero timeout takes what has already landed.
+    /// Each pump waits at most [`MAX_PARK`], so an interrupt is seen within
+    /// one park.
     pub(crate) fn wait<S: Sink, T>(
         &mut self,
         sink: &mut S,
@@ -298,7 +311,17 @@ impl Engine {
             if left.is_zero() && polled {
                 return Ok(None);
             }
-            self.pump(left, sink)?;
+            if !left.is_zero() && self.interrupter.pending() {
+                if polled && self.interrupter.take() {
+                    return Err(Error::Interrupted);
+                }
+                // What has already landed answers the wait before an
+                // interrupt ends it.
+                self.pump(Duration::ZERO, sink)?;
+                polled = true;
+                continue;
+            }
+            self.pump(left.min(MAX_PARK), sink)?;
             polled = true;
         }
     }

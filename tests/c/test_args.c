@@ -119,12 +119,14 @@ int main(void) {
     EXPECT(afmesh_attention_stats(NULL, st, 4, &n), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_attention_finalize(NULL), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_attention_abort(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_attention_interrupt(NULL), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_ffn_get_batch(NULL, 10, &b), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_ffn_respond(NULL, b, outs, lens, 1), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_ffn_info(NULL, &info), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_ffn_stats(NULL, st, 4, &n), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_ffn_finalize(NULL), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_ffn_abort(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT(afmesh_ffn_interrupt(NULL), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_batch_info(NULL, &meta), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_batch_sender(NULL, 0, &view), AFMESH_ERR_INVALID_ARGUMENT);
     bool done = false;
