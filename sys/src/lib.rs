@@ -6,7 +6,9 @@
 //!   [`unlink`] removes a name.
 //! * [`futex_wait`] / [`futex_wake`]: process-shared futexes, the sleep
 //!   and wake-up of words in those mappings.
-//! * [`pid_alive`] and [`PidWatch`]: whether a peer process still runs.
+//! * [`pid_alive`] and [`PidWatch`]: whether a peer process still runs;
+//!   [`lock_exclusive`] and [`locked_by_another`]: the same across pid
+//!   namespaces, by an open-file-description lock on its segment.
 //! * [`pin_to_cpu`]: pinning the calling thread.
 //! * [`poll_ready`] and [`FdWatcher`]: waiting for sockets, directly or
 //!   from a watcher thread that wakes a sleeper of another kind.
@@ -41,11 +43,13 @@ macro_rules! syscall {
 mod cpu;
 mod fd;
 mod futex;
+mod lock;
 mod mapping;
 mod process;
 
 pub use cpu::pin_to_cpu;
 pub use fd::{poll_ready, FdWatcher};
 pub use futex::{futex_wait, futex_wake};
+pub use lock::{lock_exclusive, locked_by_another, random_u64};
 pub use mapping::{unlink, AtomicOnly, Mapping, SHM_DIR};
 pub use process::{pid_alive, PidWatch};

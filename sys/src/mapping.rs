@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{
     AtomicI32, AtomicI64, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
@@ -117,8 +117,32 @@ impl Mapping {
         r
     }
 
+    /// As [`Mapping::create`], but first takes an exclusive lock on the
+    /// file ([`crate::lock_exclusive`]), before the file has any length,
+    /// and returns the descriptor that holds it: the lock lasts while that
+    /// descriptor is open, that is while this process lives.
+    pub fn create_locked(name: &str, len: usize) -> io::Result<(Mapping, OwnedFd)> {
+        let fd = open_fd(name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL)?;
+        let r = crate::lock_exclusive(fd.as_fd())
+            .and_then(|()| set_len(&fd, len))
+            .and_then(|()| map(Some(&fd), len));
+        match r {
+            Ok(m) => Ok((m, fd)),
+            Err(e) => {
+                let _ = unlink(name);
+                Err(e)
+            }
+        }
+    }
+
     /// Maps an existing file, whole.
     pub fn open(name: &str) -> io::Result<Mapping> {
+        Mapping::open_keeping_fd(name).map(|(m, _)| m)
+    }
+
+    /// As [`Mapping::open`], and returns the descriptor too (to test the
+    /// owner's lock, even once the name is gone).
+    pub fn open_keeping_fd(name: &str) -> io::Result<(Mapping, OwnedFd)> {
         let fd = open_fd(name, libc::O_RDWR)?;
         let len = size_of_file(&fd)?;
         if len == 0 {
@@ -127,7 +151,7 @@ impl Mapping {
                 format!("{SHM_DIR}/{name} is empty"),
             ));
         }
-        map(Some(&fd), len)
+        map(Some(&fd), len).map(|m| (m, fd))
     }
 
     /// Opens `name`, creating it if it does not exist, and maps its first

@@ -54,8 +54,52 @@ pub fn rank(role: &str, rank: u32, sched: &str, m: u32, n: u32, extra: &[&str]) 
     rank_env(role, rank, sched, m, n, extra, &[])
 }
 
-/// `afmesh run` for one rank, with extra environment.
-pub fn rank_env(
+/// `cmd` run inside new Linux namespaces by `unshare(1)` with `flags`
+/// (`--pid`, `--mount`, ...), its environment kept; `setup` is a shell
+/// line run inside first (`""` for none). `None` if this machine does not
+/// permit it (not root, no unshare, a seccomp policy).
+pub fn unshared(cmd: &Command, flags: &[&str], setup: &str) -> Option<Command> {
+    let mut probe = Command::new("unshare");
+    probe
+        .args(flags)
+        .args([
+            "--fork",
+            "--kill-child",
+            "sh",
+            "-c",
+            &setup_line(setup, "true"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if !probe.status().is_ok_and(|s| s.success()) {
+        return None;
+    }
+    let mut c = Command::new("unshare");
+    c.args(flags)
+        .args(["--fork", "--kill-child", "sh", "-c"])
+        .arg(setup_line(setup, "exec \"$0\" \"$@\""))
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    Some(c)
+}
+
+fn setup_line(setup: &str, then: &str) -> String {
+    if setup.is_empty() {
+        then.to_string()
+    } else {
+        format!("{setup} && {then}")
+    }
+}
+
+/// The command `rank_env` runs.
+#[allow(clippy::too_many_arguments)]
+pub fn rank_command(
     role: &str,
     rank: u32,
     sched: &str,
@@ -63,7 +107,7 @@ pub fn rank_env(
     n: u32,
     extra: &[&str],
     env: &[(&str, &str)],
-) -> Proc {
+) -> Command {
     let mut cmd = afmesh();
     for (k, v) in env {
         cmd.env(k, v);
@@ -79,5 +123,19 @@ pub fn rank_env(
     ])
     .args(["--attention", &m.to_string(), "--ffn", &n.to_string()])
     .args(extra);
+    cmd
+}
+
+/// `afmesh run` for one rank, with extra environment.
+pub fn rank_env(
+    role: &str,
+    rank: u32,
+    sched: &str,
+    m: u32,
+    n: u32,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let cmd = rank_command(role, rank, sched, m, n, extra, env);
     Proc::spawn(&format!("{role} {rank}"), cmd)
 }

@@ -16,16 +16,26 @@
 //! once, from the sender's memory straight into the receiver's, then the
 //! notice follows on the ring as usual.
 //!
-//! Endpoint blob: host id, segment name, owner pid, the address of the
-//! owner's identity nonce, and a key per registered region (in the segment,
-//! or caller memory by address). A peer on another host is not reached; nor
-//! is caller memory of a process we may not attach to, or whose pid does not
-//! name it from here (another pid namespace): the probe reads the owner's
-//! nonce through cross-memory attach and compares it with the one in its
-//! segment. The mux then picks the next backend and logs why.
+//! Endpoint blob: host id, segment name, owner pid, the owner's identity
+//! nonce (random) and its address, and a key per registered region (in the
+//! segment, or caller memory by address).
 //!
-//! Peer death: each link watches its peer's process (pidfd). A peer that
-//! exits, even by SIGKILL, is reported as `LinkDown` within about a
+//! Reachability is what the two ranks share, not what they are called: a
+//! peer is reached if its segment opens here by name and carries the nonce
+//! its blob names (containers on one node may share `/dev/shm` under
+//! different host names, or share a host name but not `/dev/shm`). The
+//! host id is a hint for messages only. Caller memory is reached only in a
+//! process we may attach to and whose pid names it from here (not another
+//! pid namespace): the probe reads the owner's nonce through cross-memory
+//! attach and compares it with the one in its segment. Otherwise the mux
+//! picks the next backend and logs why.
+//!
+//! Peer death: each link watches its peer. Where the probe above verified
+//! that the peer's pid names it from here, through a pidfd (one `poll`);
+//! otherwise (another pid namespace, or no right to attach) through the
+//! lock the owner holds on its segment ([`segment`]'s docs; one `fcntl`),
+//! which the kernel drops when the owner dies, wherever it runs. A peer
+//! that exits, even by SIGKILL, is reported as `LinkDown` within about a
 //! millisecond of progress, after whatever it wrote before dying.
 
 pub mod cma;
@@ -50,7 +60,7 @@ use ring::Ring;
 
 /// How often progress checks that the peers' processes are alive.
 const LIVENESS_EVERY: Duration = Duration::from_millis(1);
-const MAGIC: &str = "afmesh-shm-2";
+const MAGIC: &str = "afmesh-shm-3";
 /// `RegionKey::rkey` of a region in the owner's segment.
 const IN_SEGMENT: u32 = 0;
 /// `RegionKey::rkey` of caller memory, reached by cross-memory attach.
@@ -70,6 +80,7 @@ struct PeerEndpoint {
     host: String,
     segment: String,
     pid: u32,
+    nonce: u64,
     nonce_addr: u64,
     keys: Vec<RegionKey>,
 }
@@ -81,9 +92,19 @@ fn decode(b: &[u8]) -> std::result::Result<PeerEndpoint, String> {
         host: r.str("host id").map_err(e)?,
         segment: r.str("segment").map_err(e)?,
         pid: r.u32("pid").map_err(e)?,
+        nonce: r.u64("nonce").map_err(e)?,
         nonce_addr: r.u64("nonce address").map_err(e)?,
         keys: blob::get_keys(&mut r).map_err(e)?,
     })
+}
+
+/// How a link sees its peer die.
+#[derive(Debug)]
+enum Watch {
+    /// Its pid names it from here (the nonce probe said so): a pidfd.
+    Process(sys::PidWatch),
+    /// Anything else: the lock it holds on its segment.
+    Lock,
 }
 
 #[derive(Debug)]
@@ -93,9 +114,29 @@ struct ShmLink {
     targets: Vec<Option<Target>>,
     out: Ring,
     inbound: Ring,
-    watch: sys::PidWatch,
+    watch: Watch,
     label: String,
     down: bool,
+}
+
+impl ShmLink {
+    fn alive(&self) -> bool {
+        match &self.watch {
+            Watch::Process(w) => w.alive(),
+            Watch::Lock => self.peer.owner_alive(),
+        }
+    }
+
+    fn death(&self) -> String {
+        match &self.watch {
+            Watch::Process(_) => format!("{} (process {}) exited", self.label, self.peer.pid()),
+            Watch::Lock => format!(
+                "{} (process {} of its pid namespace) exited: the lock on its segment was released",
+                self.label,
+                self.peer.pid()
+            ),
+        }
+    }
 }
 
 /// The shared-memory backend.
@@ -223,20 +264,20 @@ impl ShmTransport {
             return;
         }
         self.next_liveness = now + LIVENESS_EVERY;
-        if self.links.iter().all(|l| l.down || l.watch.alive()) {
+        if self.links.iter().all(|l| l.down || l.alive()) {
             return;
         }
         // Whatever a dead peer wrote before it died still counts.
         self.drain(out);
         for (link, l) in self.links.iter_mut().enumerate() {
-            if !l.down && !l.watch.alive() {
+            if !l.down && !l.alive() {
                 l.down = true;
                 // A peer that died before the mesh formed left its name
                 // behind; the survivors remove it.
                 let _ = sys::unlink(l.peer.name());
                 out.push(Completion::LinkDown {
                     link,
-                    reason: format!("{} (process {}) exited", l.label, l.peer.pid()),
+                    reason: l.death(),
                 });
             }
         }
@@ -284,6 +325,7 @@ impl Transport for ShmTransport {
         w.str(&self.host_id);
         w.str(self.own.name());
         w.u32(self.own.pid());
+        w.u64(*self.nonce);
         w.u64(&*self.nonce as *const u64 as u64);
         let keys: Vec<RegionKey> = self
             .local
@@ -304,17 +346,37 @@ impl Transport for ShmTransport {
 
     fn reaches(&self, b: &[u8]) -> std::result::Result<(), String> {
         let p = decode(b)?;
-        if p.host != self.host_id {
+        // What we share: its segment, by name, with its nonce in it.
+        let elsewhere = || {
+            if p.host == self.host_id {
+                String::new()
+            } else {
+                format!(
+                    " (it says it is on host {:?}, this rank on {:?})",
+                    p.host, self.host_id
+                )
+            }
+        };
+        let seg = Segment::open(&p.segment, &self.job)
+            .map_err(|e| format!("its segment is not in this /dev/shm: {e}{}", elsewhere()))?;
+        if seg.nonce() != p.nonce {
             return Err(format!(
-                "on host {:?}, this rank on {:?}",
-                p.host, self.host_id
+                "segment {} here is not the one it published (another /dev/shm of the same name){}",
+                p.segment,
+                elsewhere()
             ));
+        }
+        if p.host != self.host_id {
+            tracing::info!(
+                "shm: peer on host {:?} shares /dev/shm with this rank on {:?}",
+                p.host,
+                self.host_id
+            );
         }
         if p.keys.iter().any(|k| k.rkey == BY_ADDRESS) {
             // Its receive memory is caller memory: we must be able to
             // attach to the right process. Its segment says which nonce
             // that process holds; read it through the pid it gave.
-            let seg = Segment::open(&p.segment, &self.job)?;
             match cma::read_u64(p.pid, p.nonce_addr) {
                 Ok(v) if v == seg.nonce() => {}
                 Ok(_) => {
@@ -382,7 +444,7 @@ impl Transport for ShmTransport {
                     },
                 });
             }
-            let watch = sys::PidWatch::new(peer.pid());
+            let watch = watch(&ep, &peer);
             self.links.push(ShmLink {
                 peer,
                 targets,
@@ -504,9 +566,23 @@ impl Transport for ShmTransport {
     }
 }
 
-/// A value that tells this process's segment from another's: the pid, the
-/// clock and an address, mixed.
+/// How to see `peer` die: by pidfd if its pid names it from here, which
+/// the nonce probe tells (the pidfd is opened first, so the process it
+/// holds is the one the probe then reads); else by its segment's lock.
+fn watch(ep: &PeerEndpoint, peer: &Segment) -> Watch {
+    let w = sys::PidWatch::new(ep.pid);
+    match cma::read_u64(ep.pid, ep.nonce_addr) {
+        Ok(v) if v == peer.nonce() && w.alive() => Watch::Process(w),
+        _ => Watch::Lock,
+    }
+}
+
+/// A value that tells this process's segment from another's: random from
+/// the kernel, or else the pid, the clock and an address, mixed.
 fn identity_nonce() -> u64 {
+    if let Ok(v) = sys::random_u64() {
+        return v;
+    }
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

@@ -1,12 +1,24 @@
 //! A rank's shared segment: a control page (identity, doorbell), one
 //! incoming ring per peer of the other role, then the registered region.
 //!
-//! Segments are files in `/dev/shm` named `afmesh.<job>.<pid>.<n>`, so two
-//! jobs never collide and the owner of a stale file can be checked. The
-//! owner unlinks its file as soon as every peer has mapped it (after the
-//! mesh's barrier), so even a crash later leaves nothing behind; files left
-//! by a crash during setup are removed by the next rank that starts on the
-//! host, once their owner process is gone.
+//! Segments are files in `/dev/shm` named `afmesh.<job>.<pid>.<n>.<nonce>`,
+//! so two jobs never collide, nor two ranks whose pids are equal in their
+//! own pid namespaces. The owner unlinks its file as soon as every peer has
+//! mapped it (after the mesh's barrier), so even a crash later leaves
+//! nothing behind; files left by a crash during setup are removed by the
+//! next rank that starts on the host, once their owner is gone.
+//!
+//! # The owner's lock
+//!
+//! Whether the owner lives is told by a lock, not by its pid: ranks in
+//! containers share `/dev/shm` but not always the pid namespace, where a
+//! pid names nobody, or somebody else. The owner takes an exclusive
+//! open-file-description lock on its file before the file has a length, and
+//! holds it (its descriptor stays open) for its lifetime; the kernel drops
+//! it when the owner dies, however and wherever. Peers keep a descriptor of
+//! the file, opened before the name goes, and test the lock through it
+//! ([`Segment::owner_alive`], one `fcntl`). A file whose lock is held is
+//! never removed as stale, whatever the pid in its name says.
 //!
 //! # The doorbell
 //!
@@ -37,6 +49,7 @@
 //! the word (the kernel compares it under its own lock), and after a wake
 //! the consumer's next round of the protocol re-checks from the start.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +60,8 @@ use crate::sync::shared::AtomicU32;
 use crate::sync::{fence, Ordering, Word32};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"AFMSHM01");
-const VERSION: u32 = 1;
+/// 2: the owner holds its lock (see the module docs) from creation on.
+const VERSION: u32 = 2;
 const PAGE: usize = 4096;
 const DOORBELL_OFF: usize = 128;
 const SLEEPING_OFF: usize = 192;
@@ -74,6 +88,8 @@ pub fn job_hash(job: &str) -> u64 {
 #[derive(Debug)]
 pub struct Segment {
     map: Arc<Mapping>,
+    /// The owner's: holds the lock. A peer's: tests it.
+    fd: OwnedFd,
     name: String,
     owner: bool,
     unlinked: AtomicBool,
@@ -118,7 +134,18 @@ fn sanitize(job: &str) -> String {
         .collect()
 }
 
-/// Removes segment files whose owner process is gone. Returns how many.
+/// How old a file without our header must be before its pid may condemn
+/// it: its creator may be between creating it and taking the lock.
+const UNLOCKED_GRACE: Duration = Duration::from_secs(5);
+
+/// Removes segment files whose owner is gone. Returns how many.
+///
+/// A file whose lock is held is alive, whatever its name's pid says (the
+/// owner may be in another pid namespace). An unlocked file with a header
+/// of this version lost its owner (the lock is taken before the header is
+/// written). Any other file (an older version, or one a creator has not
+/// locked yet) is judged by the pid in its name, once it is a few seconds
+/// old.
 pub fn remove_stale() -> usize {
     let Ok(dir) = std::fs::read_dir(sys::SHM_DIR) else {
         return 0;
@@ -132,13 +159,45 @@ pub fn remove_stale() -> usize {
         }
         let pid = parts.nth(1).and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid {
-            if !sys::pid_alive(pid) && sys::unlink(&name).is_ok() {
-                tracing::info!("removed stale segment {name} of dead process {pid}");
+            if stale(&name, pid) && sys::unlink(&name).is_ok() {
+                tracing::info!("removed stale segment {name}: its owner is gone");
                 n += 1;
             }
         }
     }
     n
+}
+
+/// Whether segment file `name`, named for process `pid`, has lost its
+/// owner (see [`remove_stale`]).
+fn stale(name: &str, pid: u32) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("{}/{name}", sys::SHM_DIR))
+    else {
+        return false;
+    };
+    match sys::locked_by_another(f.as_fd()) {
+        Ok(false) => {}
+        // Held: alive. Untestable: leave it.
+        Ok(true) | Err(_) => return false,
+    }
+    let mut head = [0u8; 12];
+    if f.read_exact(&mut head).is_ok()
+        && head[..8] == MAGIC.to_le_bytes()
+        && head[8..12] == VERSION.to_le_bytes()
+    {
+        return true;
+    }
+    let old = f
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > UNLOCKED_GRACE);
+    old && !sys::pid_alive(pid)
 }
 
 impl Segment {
@@ -151,15 +210,27 @@ impl Segment {
         nonce: u64,
     ) -> std::io::Result<Segment> {
         remove_stale();
-        let pid = std::process::id();
         let name = format!(
-            "afmesh.{}.{pid}.{}",
+            "afmesh.{}.{}.{}.{nonce:016x}",
             sanitize(job),
+            std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
+        Segment::create_as(name, job, rings, region_len, nonce)
+    }
+
+    /// As [`Segment::create`], under file name `name`.
+    fn create_as(
+        name: String,
+        job: &str,
+        rings: u32,
+        region_len: usize,
+        nonce: u64,
+    ) -> std::io::Result<Segment> {
+        let pid = std::process::id();
         let region_off = align(PAGE + rings as usize * ring_bytes(RING_CAP), PAGE);
         let total = region_off + align(region_len.max(1), PAGE);
-        let map = Mapping::create(&name, total)?;
+        let (map, fd) = Mapping::create_locked(&name, total)?;
         write_bytes(&map, 8, &VERSION.to_le_bytes());
         write_bytes(&map, 12, &pid.to_le_bytes());
         write_bytes(&map, 16, &rings.to_le_bytes());
@@ -171,6 +242,7 @@ impl Segment {
         write_bytes(&map, 0, &MAGIC.to_le_bytes());
         Ok(Segment {
             map: Arc::new(map),
+            fd,
             name,
             owner: true,
             unlinked: AtomicBool::new(false),
@@ -183,7 +255,8 @@ impl Segment {
 
     /// Maps a peer's segment and checks its header.
     pub fn open(name: &str, job: &str) -> Result<Segment, String> {
-        let map = Mapping::open(name).map_err(|e| format!("open segment {name}: {e}"))?;
+        let (map, fd) =
+            Mapping::open_keeping_fd(name).map_err(|e| format!("open segment {name}: {e}"))?;
         if map.len() < PAGE {
             return Err(format!("segment {name}: {} bytes is too small", map.len()));
         }
@@ -214,6 +287,7 @@ impl Segment {
         Ok(Segment {
             pid: read_u32(&map, 12),
             map: Arc::new(map),
+            fd,
             name: name.to_string(),
             owner: false,
             unlinked: AtomicBool::new(true),
@@ -233,7 +307,14 @@ impl Segment {
         read_u64(&self.map, NONCE_OFF)
     }
 
-    /// The creating process.
+    /// Whether the owner still holds its lock, that is still lives (in any
+    /// pid namespace). One `fcntl`; a test that fails counts as alive (a
+    /// descriptor we hold cannot fail it). Always true of our own segment.
+    pub fn owner_alive(&self) -> bool {
+        self.owner || sys::locked_by_another(self.fd.as_fd()).unwrap_or(true)
+    }
+
+    /// The creating process, as its own pid namespace numbers it.
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -478,14 +559,46 @@ mod tests {
         assert!(!std::path::Path::new(&path).exists());
     }
 
+    /// A segment whose owner holds its lock is alive whatever the pid in
+    /// its name says (here one above any `pid_max`, as a rank in another
+    /// pid namespace may give); once the lock is gone it is stale.
     #[test]
-    fn stale_segments_of_dead_processes_are_removed() {
-        // A pid that cannot be running: above the kernel's pid_max limit.
-        let name = "afmesh.unit-test.4194305.0";
-        drop(Mapping::create(name, 4096).unwrap());
-        // Another test's segment creation may have removed it first.
+    fn remove_stale_keeps_segments_whose_lock_is_held() {
+        let tag = format!("{}-{}", std::process::id(), sys::random_u64().unwrap());
+        let name = format!("afmesh.unit-test.4194305.{tag}");
+        // A second name for the same file: it outlives the owner's unlink.
+        let link = format!("afmesh.unit-test.4194305.{tag}.link");
+        let path = |n: &str| format!("{}/{n}", sys::SHM_DIR);
+        let exists = |n: &str| std::path::Path::new(&path(n)).exists();
+        let s = Segment::create_as(name.clone(), "unit-test", 1, 64, 7).unwrap();
+        std::fs::hard_link(path(&name), path(&link)).unwrap();
         remove_stale();
-        assert!(!std::path::Path::new(&format!("{}/{name}", sys::SHM_DIR)).exists());
+        assert!(
+            exists(&name) && exists(&link),
+            "a locked segment was removed"
+        );
+        let peer = Segment::open(&link, "unit-test").unwrap();
+        assert!(peer.owner_alive());
+        drop(s);
+        assert!(!peer.owner_alive(), "the owner's lock outlived it");
+        remove_stale();
+        assert!(!exists(&link), "an unlocked segment of this version stayed");
+    }
+
+    /// A file without our header and without a lock is judged by its pid,
+    /// and only once it is older than its creator needs to lock it.
+    #[test]
+    fn a_young_unlocked_file_is_left_to_its_creator() {
+        let name = format!(
+            "afmesh.unit-test.4194305.young-{}-{}",
+            std::process::id(),
+            sys::random_u64().unwrap()
+        );
+        drop(Mapping::create(&name, 4096).unwrap());
+        remove_stale();
+        let path = format!("{}/{name}", sys::SHM_DIR);
+        assert!(std::path::Path::new(&path).exists());
+        sys::unlink(&name).unwrap();
     }
 }
 

@@ -166,8 +166,60 @@ fn caller_memory_is_written_by_cross_memory_attach() {
     assert_eq!(caller.slice(90, 7).unwrap(), b"caller!");
     let e = a.post_write(0, &from, &kb, 95, Some(3), 2).unwrap_err();
     assert!(matches!(e, Error::BufferSize { .. }), "{e}");
-    let c = ShmTransport::create("shm-unit-4", "other", 1, 4096).unwrap();
-    assert!(c.reaches(&a.endpoint()).unwrap_err().contains("host"));
+}
+
+/// The blob of a decoded endpoint, edited.
+fn encode(p: &PeerEndpoint) -> Vec<u8> {
+    let mut w = blob::writer(MAGIC);
+    w.str(&p.host);
+    w.str(&p.segment);
+    w.u32(p.pid);
+    w.u64(p.nonce);
+    w.u64(p.nonce_addr);
+    blob::put_keys(&mut w, &p.keys);
+    w.finish()
+}
+
+/// Reachability is the segment, found by name with the nonce the blob
+/// names; host ids are only mentioned.
+#[test]
+fn reachability_is_the_shared_segment_not_the_host_id() {
+    let a = ShmTransport::create("shm-unit-7", "h", 1, 4096).unwrap();
+    let c = ShmTransport::create("shm-unit-7", "another-name", 1, 4096).unwrap();
+    c.reaches(&a.endpoint()).unwrap();
+    let mut p = decode(&a.endpoint()).unwrap();
+    p.nonce ^= 1;
+    let e = c.reaches(&encode(&p)).unwrap_err();
+    assert!(
+        e.contains("not the one it published") && e.contains("\"h\""),
+        "{e}"
+    );
+    p.segment = "afmesh.shm-unit-7.0.nowhere".into();
+    let e = c.reaches(&encode(&p)).unwrap_err();
+    assert!(e.contains("not in this /dev/shm"), "{e}");
+}
+
+/// A peer whose pid does not name it from here is watched through its
+/// segment's lock, which shows its death as well as a pidfd would.
+#[test]
+fn a_peer_with_a_foreign_pid_is_watched_by_its_lock() {
+    let mut a = ShmTransport::create("shm-unit-8", "h", 1, 4096).unwrap();
+    let b = ShmTransport::create("shm-unit-8", "h", 1, 4096).unwrap();
+    let mut p = decode(&b.endpoint()).unwrap();
+    p.pid = 0x7fff_fff0;
+    a.connect(&[spec(encode(&p))], Duration::ZERO).unwrap();
+    assert!(matches!(a.links[0].watch, Watch::Lock));
+    let mut out = Vec::new();
+    a.check_liveness(&mut out, true);
+    assert!(out.is_empty(), "{out:?}");
+    drop(b);
+    a.check_liveness(&mut out, true);
+    match &out[..] {
+        [Completion::LinkDown { reason, .. }] => {
+            assert!(reason.contains("lock on its segment"), "{reason}")
+        }
+        other => panic!("want one link down, got {other:?}"),
+    }
 }
 
 #[test]
@@ -183,13 +235,15 @@ fn a_wrong_pid_is_not_attached_to() {
     let mut p = decode(&b.endpoint()).unwrap();
     let decoy = 0u64;
     p.nonce_addr = &decoy as *const u64 as u64;
-    let mut w = blob::writer(MAGIC);
-    w.str(&p.host);
-    w.str(&p.segment);
-    w.u32(p.pid);
-    w.u64(p.nonce_addr);
-    blob::put_keys(&mut w, &p.keys);
     let a = ShmTransport::create("shm-unit-5", "h", 1, 4096).unwrap();
-    let e = a.reaches(&w.finish()).unwrap_err();
+    let e = a.reaches(&encode(&p)).unwrap_err();
     assert!(e.contains("pid namespace"), "{e}");
+}
+
+/// A peer whose pid the nonce probe verifies is watched by its pidfd.
+#[test]
+fn a_verified_peer_is_watched_by_its_pidfd() {
+    let p = pair("shm-unit-9");
+    assert!(matches!(p.a.links[0].watch, Watch::Process(_)));
+    assert!(matches!(p.b.links[0].watch, Watch::Process(_)));
 }
