@@ -8,6 +8,9 @@
 //!   and wake-up of words in those mappings.
 //! * [`pid_alive`] and [`PidWatch`]: whether a peer process still runs.
 //! * [`pin_to_cpu`]: pinning the calling thread.
+//! * [`die_with_parent`], [`on_terminate`] and [`terminated`]: children
+//!   that do not outlive their parent, and a parent that reaps them when
+//!   it is told to stop.
 //! * [`poll_ready`] and [`FdWatcher`]: waiting for sockets, directly or
 //!   from a watcher thread that wakes a sleeper of another kind.
 //!
@@ -43,9 +46,11 @@ mod fd;
 mod futex;
 mod mapping;
 mod process;
+mod signal;
 
 pub use cpu::pin_to_cpu;
 pub use fd::{poll_ready, FdWatcher};
 pub use futex::{futex_wait, futex_wake};
 pub use mapping::{unlink, AtomicOnly, Mapping, SHM_DIR};
 pub use process::{pid_alive, PidWatch};
+pub use signal::{die_with_parent, on_terminate, terminated};

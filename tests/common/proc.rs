@@ -105,6 +105,11 @@ impl Proc {
         }
     }
 
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn output(&self) -> String {
         self.out.0.lock().unwrap().lines.join("\n")
     }
