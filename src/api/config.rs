@@ -169,11 +169,18 @@ impl MeshConfig {
         if let Some(p) = get("AFMESH_POLL") {
             c.poll = PollPolicy::parse(&p)?;
         }
+        // A zero bound would fail every wait at once: refused, named.
+        let millis = |(k, v): (String, String)| match num((k.clone(), v.clone()))? {
+            0 => Err(Error::config(format!(
+                "{k}={v:?}: a timeout must be at least 1 ms"
+            ))),
+            ms => Ok(Duration::from_millis(u64::from(ms))),
+        };
         if let Some(kv) = pick("AFMESH_SETUP_TIMEOUT_MS", "AFMESH_SETUP_TIMEOUT_MS") {
-            c.setup_timeout = Duration::from_millis(u64::from(num(kv)?));
+            c.setup_timeout = millis(kv)?;
         }
         if let Some(kv) = pick("AFMESH_IO_TIMEOUT_MS", "AFMESH_IO_TIMEOUT_MS") {
-            c.io_timeout = Duration::from_millis(u64::from(num(kv)?));
+            c.io_timeout = millis(kv)?;
         }
         if let Some(kv) = pick("AFMESH_CPU", "AFMESH_CPU") {
             c.cpu = Some(num(kv)? as usize);
@@ -365,5 +372,28 @@ mod tests {
         assert!(e.contains("DMLC_ROLE"), "{e}");
         let e = cfg(&[("DMLC_PS_ROOT_URI", "h")]).unwrap_err().to_string();
         assert!(e.contains("DMLC_PS_ROOT_PORT"), "{e}");
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused_by_name() {
+        for var in ["AFMESH_IO_TIMEOUT_MS", "AFMESH_SETUP_TIMEOUT_MS"] {
+            let e = cfg(&[
+                ("AFMESH_SCHEDULER", "h:1"),
+                ("AFMESH_NUM_ATTENTION", "1"),
+                ("AFMESH_NUM_FFN", "1"),
+                (var, "0"),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(var) && e.contains("at least 1 ms"), "{e}");
+            let c = cfg(&[
+                ("AFMESH_SCHEDULER", "h:1"),
+                ("AFMESH_NUM_ATTENTION", "1"),
+                ("AFMESH_NUM_FFN", "1"),
+                (var, "1"),
+            ])
+            .unwrap();
+            assert_eq!(c.io_timeout.min(c.setup_timeout), Duration::from_millis(1));
+        }
     }
 }

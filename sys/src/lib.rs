@@ -10,6 +10,9 @@
 //!   [`lock_exclusive`] and [`locked_by_another`]: the same across pid
 //!   namespaces, by an open-file-description lock on its segment.
 //! * [`pin_to_cpu`]: pinning the calling thread.
+//! * [`die_with_parent`], [`on_terminate`] and [`terminated`]: children
+//!   that do not outlive their parent, and a parent that reaps them when
+//!   it is told to stop.
 //! * [`poll_ready`] and [`FdWatcher`]: waiting for sockets, directly or
 //!   from a watcher thread that wakes a sleeper of another kind.
 //!
@@ -46,6 +49,7 @@ mod futex;
 mod lock;
 mod mapping;
 mod process;
+mod signal;
 
 pub use cpu::pin_to_cpu;
 pub use fd::{poll_ready, FdWatcher};
@@ -53,3 +57,4 @@ pub use futex::{futex_wait, futex_wake};
 pub use lock::{lock_exclusive, locked_by_another, random_u64};
 pub use mapping::{unlink, AtomicOnly, Mapping, SHM_DIR};
 pub use process::{pid_alive, PidWatch};
+pub use signal::{die_with_parent, on_terminate, terminated};

@@ -18,10 +18,12 @@
 //! itself copied over the bytes it sent, summed over every rank.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use afmesh::bootstrap::{Scheduler, SchedulerConfig};
+use afmesh::transport::shm::sys;
 use afmesh::Histogram;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -67,6 +69,35 @@ pub struct BenchArgs {
 
 /// Kills its children on every path out.
 pub struct Children(pub Vec<(String, Child)>);
+
+impl Children {
+    /// Spawns `cmd` as a child that dies with this process: the kernel
+    /// kills it when the spawning thread ends, however that happens (a
+    /// SIGKILL of the bench included), so no rank outlives the bench.
+    /// Call from the thread that waits for the children (the main one).
+    pub fn spawn(&mut self, name: String, cmd: &mut Command) -> Result<&mut Child> {
+        stop_requested()?;
+        let parent = std::process::id();
+        // SAFETY: the closure runs between fork and exec, where only
+        // async-signal-safe calls are allowed: `die_with_parent` makes two
+        // system calls (prctl, getppid) and does not allocate.
+        unsafe {
+            cmd.pre_exec(move || sys::die_with_parent(parent));
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        self.0.push((name, child));
+        Ok(&mut self.0.last_mut().expect("just pushed").1)
+    }
+}
+
+/// An error once SIGTERM or SIGINT has come (see [`sys::on_terminate`]):
+/// the caller returns, and dropping its [`Children`] kills and reaps them.
+pub fn stop_requested() -> Result<()> {
+    match sys::terminated() {
+        Some(sig) => bail!("stopped by signal {sig}; ranks killed"),
+        None => Ok(()),
+    }
+}
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -150,6 +181,7 @@ pub fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String
         .collect();
     let mut done = vec![false; children.0.len()];
     loop {
+        stop_requested()?;
         for (i, (name, c)) in children.0.iter_mut().enumerate() {
             if done[i] {
                 continue;
@@ -178,6 +210,9 @@ pub fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    // SIGTERM and SIGINT end the bench through its wait loop, which kills
+    // and reaps the ranks on the way out.
+    sys::on_terminate().context("handling SIGTERM and SIGINT")?;
     let transports: Vec<&str> = args.transport.split(',').map(str::trim).collect();
     if let Some(t) = transports
         .iter()
@@ -269,6 +304,7 @@ fn measure(
     if m == 0 || n == 0 {
         bail!("need at least one attention and one FFN rank");
     }
+    w.check_memory(m, n)?;
     let sched = Scheduler::bind(
         "127.0.0.1:0",
         SchedulerConfig {
@@ -352,10 +388,7 @@ fn measure(
             if wa.vary_tokens {
                 cmd.arg("--vary-tokens");
             }
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("spawning {role} rank {r}"))?;
-            children.0.push((format!("{role} rank {r}"), child));
+            children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }
     let budget = Duration::from_secs(60) + Duration::from_millis(u64::from(w.layers()) * 50);

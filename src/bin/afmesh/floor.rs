@@ -130,9 +130,10 @@ pub fn tcp(plan: &Plan, polled: bool) -> Result<Histogram> {
         if polled {
             cmd.arg("--poll");
         }
-        let mut child = cmd.spawn().context("spawning a floor peer")?;
-        let out = child.stdout.take();
-        children.0.push((format!("tcp floor F{f}"), child));
+        let out = children
+            .spawn(format!("tcp floor F{f}"), &mut cmd)?
+            .stdout
+            .take();
         let line = first_line(out, plan.timeout).with_context(|| format!("tcp floor F{f}"))?;
         match line.strip_prefix("listening ") {
             Some(a) => addrs.push(a.trim().to_string()),
@@ -145,11 +146,7 @@ pub fn tcp(plan: &Plan, polled: bool) -> Result<Histogram> {
         if polled {
             cmd.arg("--poll");
         }
-        let child = cmd
-            .args(["--connect", &connect])
-            .spawn()
-            .context("spawning a floor peer")?;
-        children.0.push((format!("tcp floor A{a}"), child));
+        children.spawn(format!("tcp floor A{a}"), cmd.args(["--connect", &connect]))?;
     }
     let outs = wait_all(&mut children, deadline)?;
     plan.collect(&outs)
@@ -171,12 +168,10 @@ pub fn shm(plan: &Plan) -> Result<Histogram> {
     let mut children = Children(Vec::new());
     for (role, count) in [("ffn", plan.n), ("attention", plan.m)] {
         for r in 0..count {
-            let child = plan
-                .command("shm", role, r)?
-                .args(["--segment", &name])
-                .spawn()
-                .context("spawning a floor peer")?;
-            children.0.push((format!("shm floor {role} {r}"), child));
+            children.spawn(
+                format!("shm floor {role} {r}"),
+                plan.command("shm", role, r)?.args(["--segment", &name]),
+            )?;
         }
     }
     let outs = wait_all(&mut children, deadline)?;
@@ -289,7 +284,7 @@ pub struct PeerArgs {
 
 impl PeerArgs {
     fn layers(&self) -> u32 {
-        self.warmup + self.iters
+        self.warmup.saturating_add(self.iters)
     }
 
     fn timeout(&self) -> Duration {
@@ -339,11 +334,7 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
             }
         }
     };
-    let mut hist = Histogram::new();
-    for us in lat {
-        hist.record((us * 1e3).round() as u64);
-    }
-    println!("{{\"lat_ns\":{}}}", words_json(&hist));
+    println!("{{\"lat_ns\":{}}}", words_json(&lat));
     Ok(())
 }
 
@@ -419,7 +410,7 @@ impl Conn {
     }
 }
 
-fn tcp_attention(args: &PeerArgs) -> Result<Vec<f64>> {
+fn tcp_attention(args: &PeerArgs) -> Result<Histogram> {
     let me = args.rank as usize;
     if args.connect.len() != args.ffn as usize {
         bail!(
@@ -441,7 +432,8 @@ fn tcp_attention(args: &PeerArgs) -> Result<Vec<f64>> {
     let (d, c) = args.sizes(me);
     let out = vec![0x5au8; d];
     let mut back = vec![0u8; c];
-    let mut lat = Vec::with_capacity(args.iters as usize);
+    // Fixed size, whatever --iters is.
+    let mut lat = Histogram::new();
     for layer in 0..args.layers() {
         let t = Instant::now();
         for (f, s) in conns.iter_mut().enumerate() {
@@ -453,7 +445,7 @@ fn tcp_attention(args: &PeerArgs) -> Result<Vec<f64>> {
                 .with_context(|| format!("layer {layer}: reading from F{f}"))?;
         }
         if layer >= args.warmup {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            lat.record(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
     }
     Ok(lat)
@@ -561,14 +553,15 @@ fn parts(total: usize, stages: u32) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn shm_attention(args: &PeerArgs, boxes: &Mailboxes) -> Result<Vec<f64>> {
+fn shm_attention(args: &PeerArgs, boxes: &Mailboxes) -> Result<Histogram> {
     let a = args.rank as usize;
     let n = args.ffn as usize;
     let (d, _) = args.sizes(a);
     let src = vec![0x5au8; d];
     let parts = parts(d, args.stages);
     let per_layer = u64::from(args.stages);
-    let mut lat = Vec::with_capacity(args.iters as usize);
+    // Fixed size, whatever --iters is.
+    let mut lat = Histogram::new();
     for layer in 0..args.layers() {
         let first = u64::from(layer) * per_layer + 1;
         let last = first + per_layer - 1;
@@ -587,7 +580,7 @@ fn shm_attention(args: &PeerArgs, boxes: &Mailboxes) -> Result<Vec<f64>> {
             }
         }
         if layer >= args.warmup {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            lat.record(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
     }
     Ok(lat)

@@ -95,8 +95,8 @@ pub struct WorkloadArgs {
     /// Vary token counts per rank, stage and layer between 0 and --tokens.
     #[arg(long)]
     pub vary_tokens: bool,
-    /// Bound on every wait, milliseconds.
-    #[arg(long, default_value_t = 10_000)]
+    /// Bound on every wait, milliseconds (at least 1).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
     /// Receive into caller-owned memory (a buffer the rank allocates and
     /// hands to the library) instead of library-allocated slots.
@@ -178,7 +178,9 @@ fn main() {
     };
     if let Err(e) = r {
         eprintln!("afmesh: {e:#}");
-        std::process::exit(1);
+        // Stopped by a signal: exit as a shell reports one.
+        let code = afmesh::transport::shm::sys::terminated().map_or(1, |s| 128 + s);
+        std::process::exit(code);
     }
 }
 
@@ -261,6 +263,7 @@ fn run(args: &RunArgs) -> Result<()> {
     }
     let w = args.work.workload();
     let spec = w.spec()?;
+    w.check_memory(cfg.attention, cfg.ffn)?;
     let mesh = Mesh::new(cfg);
     let rank = if !args.work.caller_buffers {
         mesh.join(spec)?

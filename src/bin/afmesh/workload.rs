@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use afmesh::{AttentionRank, FfnRank, Histogram, StageSpec};
+use afmesh::{AttentionRank, FfnRank, Histogram, Mesh, MeshConfig, StageSpec};
 use anyhow::{bail, Context, Result};
 
 /// Element type on the wire.
@@ -67,6 +67,14 @@ impl Workload {
                 self.hidden
             );
         }
+        if self.warmup.checked_add(self.iters).is_none() {
+            bail!(
+                "--warmup {} + --iters {} overflows a layer count ({} at most)",
+                self.warmup,
+                self.iters,
+                u32::MAX
+            );
+        }
         Ok(StageSpec {
             stages: self.stages,
             max_tokens: self.tokens,
@@ -74,6 +82,32 @@ impl Workload {
             out_row_bytes: out,
             side_bytes: SIDE_BYTES,
         })
+    }
+
+    /// Refuses, up front and naming the flags, a mesh of M×N whose slots
+    /// one rank could not hold: about twice its receive region (the send
+    /// slots and the expected bytes are of the same order) against this
+    /// host's memory.
+    pub fn check_memory(&self, m: u32, n: u32) -> Result<()> {
+        let spec = self.spec()?;
+        let mesh = Mesh::new(MeshConfig::new("unused:0", m, n));
+        let recv = mesh
+            .attention_memory_len(spec)?
+            .max(mesh.ffn_memory_len(spec)?) as u64;
+        let need = recv.saturating_mul(2);
+        if let Some(have) = host_memory() {
+            if need > have {
+                bail!(
+                    "--tokens {} × --hidden {} × --stages {} on {m}A+{n}F needs about {} MiB per rank; this host has {} MiB",
+                    self.tokens,
+                    self.hidden,
+                    self.stages,
+                    need >> 20,
+                    have >> 20
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn layers(&self) -> u32 {
@@ -105,6 +139,14 @@ impl Workload {
         }
         (d, c)
     }
+}
+
+/// This host's memory in bytes (`MemTotal`), if /proc says.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
 }
 
 pub fn mix(mut x: u64) -> u64 {
