@@ -273,6 +273,23 @@ impl Mesh {
             });
         }
 
+        // The address book must list each peer rank exactly once.
+        let mut seen = vec![false; peer_count as usize];
+        for e in &peers {
+            match seen.get_mut(e.rank as usize) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(Error::BadFrame {
+                        peer: "scheduler".into(),
+                        reason: format!(
+                        "address book lists {peer_role} rank {} twice or out of 0..{peer_count}",
+                        e.rank
+                    ),
+                    })
+                }
+            }
+        }
+
         // Choose each link's backend; both ends decide the same way from the
         // same address book.
         let me = peer_of(role, rank);

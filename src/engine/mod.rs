@@ -241,6 +241,10 @@ impl Engine {
             p.stats.lost = Some(reason);
             p.orderly = orderly;
         }
+        // The transport must stop reading this peer's posted slots before
+        // they are handed back for refilling.
+        let link = self.peers[i].link;
+        self.transport.abort(link);
         self.release_sends_to(i);
     }
 

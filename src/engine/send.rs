@@ -107,13 +107,16 @@ impl Engine {
                     // The window is full: make progress (completions free
                     // it; arrivals wait in the backlog for the next pump).
                     let mut out = Vec::new();
-                    self.transport.poll(&mut out, Duration::from_millis(1))?;
+                    let r = self.transport.poll(&mut out, Duration::from_millis(1));
+                    // Taken even when the poll failed: a lost Sent would
+                    // keep its slot busy, a lost arrival its stage.
                     for c in out {
                         match c {
                             Completion::Sent { token } => self.on_sent(token),
                             other => self.backlog.push(other),
                         }
                     }
+                    r?;
                 }
                 other => break other,
             }

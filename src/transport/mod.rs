@@ -276,6 +276,10 @@ pub trait Transport {
     /// Tells every peer that this end is leaving in order, and stops
     /// writing. Best effort and bounded: a dead peer is skipped.
     fn close(&mut self);
+    /// Gives link `link` up: writes posted on it and not yet moved are
+    /// forgotten, and no posted write's source is read after this returns
+    /// (so the engine may reuse it). The peer sees the link end.
+    fn abort(&mut self, link: LinkId);
     /// Number of links.
     fn links(&self) -> usize;
 }
@@ -391,6 +395,9 @@ macro_rules! backends {
             }
             fn close(&mut self) {
                 dispatch!(self, [Sim $(, $variant)*], t => t.close())
+            }
+            fn abort(&mut self, link: LinkId) {
+                dispatch!(self, [Sim $(, $variant)*], t => t.abort(link))
             }
             fn links(&self) -> usize {
                 dispatch!(self, [Sim $(, $variant)*], t => t.links())

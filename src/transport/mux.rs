@@ -237,9 +237,11 @@ impl Mux {
                 continue;
             }
             self.tmp.clear();
-            b.progress(&mut self.tmp)?;
+            let r = b.progress(&mut self.tmp);
             let map = &self.back[i];
+            // What was reported before an error still counts.
             out.extend(self.tmp.drain(..).map(|c| remap(map, c)));
+            r?;
         }
         Ok(())
     }
@@ -333,6 +335,13 @@ impl Mux {
             (None, true, None) => std::thread::sleep(t.min(Duration::from_millis(1))),
         }
         self.progress(out)
+    }
+
+    /// Gives one link up (see [`Transport::abort`]).
+    pub fn abort(&mut self, link: LinkId) {
+        if let Some(r) = self.routes.get(link).copied() {
+            self.backends[r.backend].abort(r.link);
+        }
     }
 
     /// Tells every peer this rank leaves in order.

@@ -19,7 +19,6 @@
 //! rejects the peer's message.
 
 use std::alloc::{self, Layout};
-use std::io::Read;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -210,31 +209,6 @@ impl Region {
         Ok(())
     }
 
-    /// Reads exactly `len` bytes from `reader` straight into the region at
-    /// `offset` (no staging buffer), after checking bounds. Bounds errors
-    /// come back as `Ok(Err(reason))` so they can be told apart from I/O
-    /// errors.
-    pub fn read_from<R: Read>(
-        &self,
-        offset: u64,
-        len: u64,
-        reader: &mut R,
-    ) -> std::io::Result<Result<(), String>> {
-        let (at, n) = match self.check(offset, len) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        if n == 0 {
-            return Ok(Ok(()));
-        }
-        // SAFETY: the range is inside the allocation (checked above); the
-        // protocol gives this writer the range exclusively until it
-        // announces the write with an imm (module docs).
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), n) };
-        reader.read_exact(dst)?;
-        Ok(Ok(()))
-    }
-
     /// Copies `out.len()` bytes at `offset` out of the region with volatile
     /// reads, for bytes a peer may still be writing (message headers).
     pub fn copy_out(&self, offset: usize, out: &mut [u8]) -> Result<(), String> {
@@ -349,9 +323,7 @@ mod tests {
         assert!(r.write_gather(u64::MAX, &[&[1]]).is_err());
         assert!(r.slice(95, 6).is_err());
         assert_eq!(r.slice(90, 10).unwrap(), &[1; 10]);
-        let mut src: &[u8] = &[7, 8, 9];
-        assert!(r.read_from(98, 3, &mut src).unwrap().is_err());
-        r.read_from(0, 3, &mut src).unwrap().unwrap();
+        r.write_gather(0, &[&[7, 8, 9]]).unwrap();
         assert_eq!(r.slice(0, 3).unwrap(), &[7, 8, 9]);
     }
 

@@ -15,6 +15,12 @@ pub fn write_to(pid: u32, addr: u64, src: &Region, from: usize, len: usize) -> i
     let (at, n) = src
         .check(from as u64, len as u64)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    if (addr as usize).checked_add(n).is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "remote range wraps the address space",
+        ));
+    }
     let mut done = 0usize;
     while done < n {
         let local = libc::iovec {
@@ -67,4 +73,15 @@ pub fn read_u64(pid: u32, addr: u64) -> io::Result<u64> {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
     }
     Ok(v)
+}
+
+/// Lets any process of this user attach to this one (Yama's
+/// `PR_SET_PTRACER_ANY`), so that peers can write caller memory published
+/// here whether or not they descend from this process: without it, under
+/// `ptrace_scope = 1`, one end of a link could reach the other and not the
+/// reverse. A kernel without Yama refuses the call; nothing is needed then.
+pub fn allow_attach() {
+    // SAFETY: prctl with PR_SET_PTRACER takes plain integers and touches no
+    // memory of ours.
+    let _ = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
 }

@@ -233,11 +233,13 @@ impl ShmTransport {
                         break;
                     }
                     Ok(n) => {
-                        let region_len = regions.target(n.region).map_or(0, |r| r.len());
-                        let fits = n
-                            .offset
-                            .checked_add(u64::from(n.len))
-                            .is_some_and(|end| end <= region_len as u64);
+                        let region_len = regions.target(n.region).map(|r| r.len());
+                        let fits = region_len.is_some_and(|rl| {
+                            n.offset
+                                .checked_add(u64::from(n.len))
+                                .is_some_and(|end| end <= rl as u64)
+                        });
+                        let region_len = region_len.unwrap_or(0);
                         if !fits {
                             l.down = true;
                             out.push(Completion::LinkError {
@@ -317,6 +319,9 @@ impl Transport for ShmTransport {
             && region.addr() == map.ptr() as u64 + off as u64
             && region.len() == len;
         self.in_segment.push(in_segment);
+        if access == Access::RemoteWrite && !in_segment {
+            cma::allow_attach();
+        }
         Ok(self.local.register(region, access))
     }
 
@@ -475,6 +480,14 @@ impl Transport for ShmTransport {
         let state = self.links.get(link).map(|l| (l.label.as_str(), l.down));
         let len = check_post(state, link, src, remote, offset, u64::from(u32::MAX))?;
         let l = &mut self.links[link];
+        if !l.out.has_room() {
+            // The consumer is far behind: nothing is copied or posted.
+            l.peer.ring_doorbell();
+            return Err(Error::Backpressure {
+                peer: l.label.clone(),
+                window: segment::RING_CAP as usize,
+            });
+        }
         let target = l
             .targets
             .get(remote.id as usize)
@@ -493,8 +506,11 @@ impl Transport for ShmTransport {
                             "write of {n} bytes at offset {at} outside region of {len} bytes"
                         ))
                     } else {
-                        cma::write_to(*pid, addr + at, r, from, n)
-                            .map_err(|e| format!("cross-memory write to process {pid}: {e}"))
+                        match addr.checked_add(at) {
+                            Some(to) => cma::write_to(*pid, to, r, from, n)
+                                .map_err(|e| format!("cross-memory write to process {pid}: {e}")),
+                            None => Err(format!("region address {addr:#x} + {at} wraps")),
+                        }
                     }
                 }
             };
@@ -514,8 +530,8 @@ impl Transport for ShmTransport {
         }
         .encode();
         if !l.out.push(&notice) {
-            // The consumer is far behind; the bytes landed but are not
-            // announced, so the caller posts the same write again later.
+            // Cannot happen (room was checked, one producer per ring); if it
+            // did, the bytes landed unannounced and the caller posts again.
             l.peer.ring_doorbell();
             return Err(Error::Backpressure {
                 peer: l.label.clone(),
@@ -563,6 +579,13 @@ impl Transport for ShmTransport {
 
     fn links(&self) -> usize {
         self.links.len()
+    }
+
+    fn abort(&mut self, link: LinkId) {
+        // Copies are done when `post_write` returns: nothing is pending.
+        if let Some(l) = self.links.get_mut(link) {
+            l.down = true;
+        }
     }
 }
 

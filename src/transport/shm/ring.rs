@@ -184,6 +184,17 @@ impl<S: Slots> Ring<S> {
         }
     }
 
+    /// Producer: whether a `push` now would find room (reads the consumer's
+    /// tail only when the cached copy says full).
+    #[inline]
+    pub fn has_room(&mut self) -> bool {
+        let cap = u64::from(self.slots.cap());
+        if self.head.wrapping_sub(self.cached_tail) >= cap {
+            self.cached_tail = self.slots.load_tail(Ordering::Acquire);
+        }
+        self.head.wrapping_sub(self.cached_tail) < cap
+    }
+
     /// Producer: appends an encoded notice; `false` if the ring is full.
     #[inline]
     pub fn push(&mut self, notice: &[u8; NOTICE_LEN]) -> bool {

@@ -177,12 +177,13 @@ impl Net {
                 mut data,
                 imm,
             } => {
-                let bytes = data.read();
-                let ep = &mut self.endpoints[to_ep];
-                if ep.links[to_link].down {
+                if self.endpoints[to_ep].links[to_link].down {
+                    // Not read: the sender may have reused its memory.
                     self.stats.dropped += 1;
                     return;
                 }
+                let bytes = data.read();
+                let ep = &mut self.endpoints[to_ep];
                 let result = match ep.regions.get(region as usize) {
                     Some(r) if ep.access.get(region as usize) == Some(&Access::RemoteWrite) => {
                         r.write_gather(offset, &[&bytes])
@@ -665,6 +666,32 @@ impl Transport for SimTransport {
 
     fn links(&self) -> usize {
         self.net.lock().endpoints[self.ep].links.len()
+    }
+
+    fn abort(&mut self, link: LinkId) {
+        let mut n = self.net.lock();
+        let me = self.ep;
+        let Some(end) = n.endpoints[me].links.get_mut(link) else {
+            return;
+        };
+        end.down = true;
+        let (pe, pl) = (end.peer_ep, end.peer_link);
+        // Writes from this end that have not left are forgotten (their
+        // source is never read), and so are their Sents.
+        let before = n.pending.len();
+        n.pending.retain(|_, ev| match ev {
+            Event::Land { to_ep, to_link, .. } => (*to_ep, *to_link) != (pe, pl),
+            Event::Sent { ep, link: l, .. } => (*ep, *l) != (me, link),
+        });
+        n.stats.dropped += (before - n.pending.len()) as u64;
+        let peer = &mut n.endpoints[pe].links[pl];
+        if !peer.down {
+            peer.down = true;
+            n.endpoints[pe].inbox.push_back(Completion::LinkDown {
+                link: pl,
+                reason: "the peer gave the link up".into(),
+            });
+        }
     }
 }
 

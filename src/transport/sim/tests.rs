@@ -216,3 +216,31 @@ fn endpoints_connect_both_ways_to_one_link() {
         .reaches(&a.endpoint())
         .is_err());
 }
+
+#[test]
+fn abort_forgets_posted_writes_and_ends_the_link() {
+    let mut p = pair(9);
+    p.net.set_faults(
+        p.a.endpoint_id(),
+        0,
+        Faults {
+            delay_ns: 1_000,
+            ..Faults::default()
+        },
+    );
+    p.src.write_gather(0, &[b"old"]).unwrap();
+    p.a.post_write(0, &from(0, 3), &p.key, 0, Some(1), 1)
+        .unwrap();
+    p.a.abort(0);
+    assert_eq!(p.net.pending(), 0, "the write and its Sent are gone");
+    // The source is the engine's again: nothing reads it any more.
+    p.src.write_gather(0, &[b"new"]).unwrap();
+    p.net.deliver_all();
+    assert_eq!(p.dst.slice(0, 3).unwrap(), &[0, 0, 0]);
+    assert!(matches!(drain(&mut p.b)[..], [Completion::LinkDown { .. }]));
+    assert!(drain(&mut p.a).is_empty());
+    assert!(p
+        .a
+        .post_write(0, &from(0, 3), &p.key, 0, Some(1), 2)
+        .is_err());
+}

@@ -479,10 +479,11 @@ impl Transport for TcpTransport {
                 }
             }
             if let Some(c) = end {
+                // The peer learns at once (EOF) rather than after its own
+                // timeout, and nothing queued is sent any more.
                 l.down = true;
-                if matches!(c, Completion::LinkError { .. }) {
-                    let _ = l.stream.shutdown(Shutdown::Both);
-                }
+                l.tx.clear();
+                let _ = l.stream.shutdown(Shutdown::Both);
                 out.push(c);
             }
         }
@@ -527,6 +528,13 @@ impl Transport for TcpTransport {
                     std::thread::yield_now();
                 }
             }
+            if !l.tx.is_empty() {
+                // A frame is cut: a goodbye now would land inside it. The
+                // peer sees the connection end instead.
+                l.tx.clear();
+                let _ = l.stream.shutdown(Shutdown::Both);
+                continue;
+            }
             let _ = l.stream.set_nonblocking(false);
             let _ = l.stream.write_all(&bye);
             let _ = l.stream.shutdown(Shutdown::Write);
@@ -536,6 +544,14 @@ impl Transport for TcpTransport {
 
     fn links(&self) -> usize {
         self.links.len()
+    }
+
+    fn abort(&mut self, link: LinkId) {
+        if let Some(l) = self.links.get_mut(link) {
+            l.down = true;
+            l.tx.clear();
+            let _ = l.stream.shutdown(Shutdown::Both);
+        }
     }
 }
 
