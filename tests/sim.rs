@@ -123,7 +123,7 @@ fn dispatch(a: &mut AttentionRank, layer: u32, stage: u32, count: u32) -> Dispat
     let me = a.rank();
     let tokens = tokens_for(me, layer, stage, count);
     let side = side_for(me, layer);
-    if (layer + stage) % 2 == 0 {
+    if (layer + stage).is_multiple_of(2) {
         return a.dispatch(stage, &tokens, &side).unwrap();
     }
     a.dispatch_with(stage, count as usize, |rows, area| {

@@ -30,10 +30,10 @@ pub fn lock(word: &AtomicU32) -> SpinGuard<'_> {
             return SpinGuard { word };
         }
         spins += 1;
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             std::thread::yield_now();
         }
-        if spins % 4096 == 0 && cur != 0 && cur != me && !pid_alive(cur) {
+        if spins.is_multiple_of(4096) && cur != 0 && cur != me && !pid_alive(cur) {
             // The holder died inside its critical section: take over.
             if word
                 .compare_exchange(cur, me, Ordering::Acquire, Ordering::Relaxed)

@@ -195,7 +195,7 @@ impl AttentionRank {
         let spec = self.st.layout.spec;
         let row = spec.row_bytes as usize;
         let count = tokens.len().checked_div(row).unwrap_or(0);
-        if row == 0 && !tokens.is_empty() || row != 0 && tokens.len() % row != 0 {
+        if row == 0 && !tokens.is_empty() || row != 0 && !tokens.len().is_multiple_of(row) {
             return Err(Error::BufferSize {
                 what: format!("dispatch tokens: not a whole number of {row}-byte rows"),
                 need: count.saturating_add(1) * row,
@@ -482,7 +482,7 @@ impl State {
     /// output of `got` bytes are checked against them.
     fn sum_len(&self, handle: DispatchHandle, dtype: Dtype, got: usize) -> Result<usize> {
         let out_row = self.layout.spec.out_row_bytes as usize;
-        if out_row % dtype.size() != 0 {
+        if !out_row.is_multiple_of(dtype.size()) {
             return Err(Error::invalid(format!(
                 "combine sum: rows of {out_row} bytes are not whole {} elements",
                 dtype.name()

@@ -153,7 +153,7 @@ fn f32_to_f16(x: f32) -> u16 {
 /// `dtype` values, little-endian) into `out`.
 pub fn sum_into(dtype: Dtype, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
     let es = dtype.size();
-    if out.len() % es != 0 {
+    if !out.len().is_multiple_of(es) {
         return Err(Error::BufferSize {
             what: format!(
                 "sum output is not a whole number of {} elements",

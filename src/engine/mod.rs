@@ -264,9 +264,9 @@ impl Engine {
         for c in completions.drain(..) {
             match c {
                 Completion::Sent { token } => self.on_sent(token),
-                Completion::Arrival { link, imm } => {
+                Completion::Arrival { link, imm, len } => {
                     if let Some(peer) = self.peer_of(link) {
-                        self.arrival(peer, Imm::decode(imm), sink);
+                        self.arrival(peer, Imm::decode(imm), u64::from(len), sink);
                     }
                 }
                 Completion::LinkClosed { link } => {
@@ -335,7 +335,7 @@ impl Engine {
     }
 
     /// Judges peer `peer`'s arrival announced by `imm`.
-    fn arrival<S: Sink>(&mut self, peer: usize, imm: Imm, sink: &mut S) {
+    fn arrival<S: Sink>(&mut self, peer: usize, imm: Imm, landed: u64, sink: &mut S) {
         let (region, slot, peers) = (&self.recv.region, self.recv.slot, self.peers.len());
         // The header is copied out with volatile reads: the slot is
         // peer-written memory, and a replay may be landing on it.
@@ -345,7 +345,7 @@ impl Engine {
             Ok(h)
         };
         let stats = &mut self.peers[peer].stats;
-        match accept(&self.geometry, peer, imm, read, sink.counter()) {
+        match accept(&self.geometry, peer, imm, landed, read, sink.counter()) {
             Ok(a) => {
                 stats.received += 1;
                 if let Some(ns) = sink.accepted(peer, &a, now_ns()) {

@@ -53,6 +53,7 @@ pub fn accept<C: StageCounter>(
     geometry: &Geometry,
     from: usize,
     imm: Imm,
+    landed: u64,
     read_header: impl FnOnce(usize) -> Result<[u8; HEADER_LEN], String>,
     stages: &mut C,
 ) -> Result<Accepted, Reject> {
@@ -99,12 +100,30 @@ pub fn accept<C: StageCounter>(
             max: max_side.into(),
         });
     }
+    let need = message_len(C::KIND, geometry, h.tokens);
+    if landed < need {
+        return Err(Reject::Short { landed, need });
+    }
     let complete = stages.count(stage, from, h.sequence, h.tokens)?;
     Ok(Accepted {
         stage,
         header: h,
         complete,
     })
+}
+
+/// Bytes of a message of `tokens` rows: the header, the side area (a
+/// dispatch's side block rounded up to 64 bytes, so rows stay aligned), the
+/// rows.
+pub fn message_len(kind: Kind, g: &Geometry, tokens: u32) -> u64 {
+    let h = HEADER_LEN as u64;
+    match kind {
+        Kind::Dispatch => {
+            h + u64::from(g.side_bytes).div_ceil(64) * 64
+                + u64::from(tokens) * u64::from(g.row_bytes)
+        }
+        Kind::Combine => h + u64::from(tokens) * u64::from(g.out_row_bytes),
+    }
 }
 
 #[cfg(test)]
@@ -155,7 +174,7 @@ mod tests {
     /// Accepts `h` announced by its own imm on `from`'s link.
     fn offer<C: StageCounter>(c: &mut C, from: usize, h: &Header) -> Result<Accepted, Reject> {
         let bytes = h.encode();
-        accept(&G, from, imm_of(h), |_| Ok(bytes), c)
+        accept(&G, from, imm_of(h), u64::MAX, |_| Ok(bytes), c)
     }
 
     #[test]
@@ -248,7 +267,7 @@ mod tests {
         for (imm, h, from, want) in cases {
             let bytes = h.encode();
             assert_eq!(
-                accept(&G, from, imm, |_| Ok(bytes), &mut f),
+                accept(&G, from, imm, u64::MAX, |_| Ok(bytes), &mut f),
                 Err(want.clone()),
                 "{want}"
             );
@@ -274,6 +293,36 @@ mod tests {
     }
 
     #[test]
+    fn a_write_shorter_than_its_message_is_rejected() {
+        let mut f = FfnStages::new(3, 1);
+        let h = Header {
+            kind: Kind::Dispatch,
+            stage: 1,
+            sequence: 0,
+            sender: 0,
+            tokens: 3,
+            row_bytes: G.row_bytes,
+            side_len: 0,
+            post_ns: 0,
+            land_ns: 0,
+            process_ns: 0,
+            respond_ns: 0,
+        };
+        let need = message_len(Kind::Dispatch, &G, 3);
+        assert_eq!(need, 64 + G.side_bytes.div_ceil(64) as u64 * 64 + 3 * 32);
+        let bytes = h.encode();
+        let r = accept(&G, 0, imm_of(&h), need - 1, |_| Ok(bytes), &mut f);
+        assert_eq!(
+            r,
+            Err(Reject::Short {
+                landed: need - 1,
+                need
+            })
+        );
+        assert!(accept(&G, 0, imm_of(&h), need, |_| Ok(bytes), &mut f).is_ok());
+    }
+
+    #[test]
     fn header_is_read_only_for_a_registered_stage_and_bad_bytes_are_rejected() {
         let mut f = FfnStages::new(3, 1);
         let mut read = false;
@@ -281,6 +330,7 @@ mod tests {
             &G,
             0,
             Imm::new(Kind::Dispatch, 5, 0),
+            u64::MAX,
             |_| {
                 read = true;
                 Ok([0; HEADER_LEN])
@@ -293,6 +343,7 @@ mod tests {
             &G,
             0,
             Imm::new(Kind::Dispatch, 1, 0),
+            u64::MAX,
             |s| {
                 assert_eq!(s, 1);
                 Ok([0xee; HEADER_LEN])
@@ -304,6 +355,7 @@ mod tests {
             &G,
             0,
             Imm::new(Kind::Dispatch, 1, 0),
+            u64::MAX,
             |_| Err("slot outside the region".into()),
             &mut f,
         );
@@ -352,7 +404,7 @@ mod tests {
             let before = f.clone();
             let mut h = [0u8; HEADER_LEN];
             h.copy_from_slice(&bytes);
-            match accept(&G, from, Imm::decode(imm), |_| Ok(h), &mut f) {
+            match accept(&G, from, Imm::decode(imm), u64::MAX, |_| Ok(h), &mut f) {
                 Ok(a) => prop_assert_eq!(a.header.sender as usize, from),
                 Err(_) => prop_assert_eq!(f, before),
             }
@@ -384,7 +436,7 @@ mod tests {
             };
             let mut f = FfnStages::new(3, 2);
             let bytes = bad.encode();
-            let r = accept(&G, from, imm_of(&h), |_| Ok(bytes), &mut f);
+            let r = accept(&G, from, imm_of(&h), u64::MAX, |_| Ok(bytes), &mut f);
             prop_assert!(r.is_err(), "accepted {:?}", r);
             prop_assert!(!r.unwrap_err().is_replay());
             prop_assert_eq!(&f, &FfnStages::new(3, 2));

@@ -62,6 +62,14 @@ pub enum Reject {
         /// The most the geometry allows.
         max: u64,
     },
+    /// The write that announced the message carried fewer bytes than its
+    /// header says the message has (the rest of the slot is stale).
+    Short {
+        /// Bytes that landed.
+        landed: u64,
+        /// Bytes the header's message needs.
+        need: u64,
+    },
 }
 
 /// A header field named in a [`Reject`].
@@ -122,6 +130,12 @@ impl std::fmt::Display for Reject {
             } => write!(f, "header {field} is {header}, expected {expected}"),
             Reject::TooLarge { field, header, max } => {
                 write!(f, "header {field} is {header}, at most {max} allowed")
+            }
+            Reject::Short { landed, need } => {
+                write!(
+                    f,
+                    "{landed} bytes landed, the header's message needs {need}"
+                )
             }
         }
     }

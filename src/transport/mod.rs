@@ -158,6 +158,9 @@ pub enum Completion {
         link: LinkId,
         /// The immediate value.
         imm: u32,
+        /// Bytes the write carried (the receiver checks them against the
+        /// message's header).
+        len: u32,
     },
     /// A posted write left: its local memory may be reused.
     Sent {

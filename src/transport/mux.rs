@@ -266,7 +266,7 @@ impl Mux {
             if out.len() > start {
                 return Ok(());
             }
-            if spins % 32 == 0 && begin.elapsed() >= spin {
+            if spins.is_multiple_of(32) && begin.elapsed() >= spin {
                 break;
             }
         }
@@ -360,7 +360,11 @@ impl Mux {
 fn remap(map: &[LinkId], c: Completion) -> Completion {
     let m = |l: LinkId| map.get(l).copied().unwrap_or(usize::MAX);
     match c {
-        Completion::Arrival { link, imm } => Completion::Arrival { link: m(link), imm },
+        Completion::Arrival { link, imm, len } => Completion::Arrival {
+            link: m(link),
+            imm,
+            len,
+        },
         Completion::Sent { token } => Completion::Sent { token },
         Completion::LinkDown { link, reason } => Completion::LinkDown {
             link: m(link),

@@ -215,7 +215,7 @@ impl Region {
         let (at, n) = self.check(offset as u64, out.len() as u64)?;
         let base = self.ptr.as_ptr().wrapping_add(at);
         let mut i = 0;
-        if base as usize % 8 == 0 {
+        if (base as usize).is_multiple_of(8) {
             // Word by word where aligned (headers are 64-byte aligned).
             while i + 8 <= n {
                 // SAFETY: `[at + i, at + i + 8)` is inside the allocation

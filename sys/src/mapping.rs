@@ -205,7 +205,7 @@ impl Mapping {
             .checked_add(std::mem::size_of::<T>())
             .is_some_and(|end| end <= self.len);
         assert!(
-            fits && off % std::mem::align_of::<T>() == 0,
+            fits && off.is_multiple_of(std::mem::align_of::<T>()),
             "{} at offset {off} does not fit a mapping of {} bytes",
             std::any::type_name::<T>(),
             self.len

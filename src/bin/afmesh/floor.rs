@@ -527,7 +527,7 @@ impl Waiter {
 
     fn relax(&mut self, what: impl FnOnce() -> String) -> Result<()> {
         self.looks = self.looks.wrapping_add(1);
-        if self.looks % 64 == 0 && Instant::now() > self.deadline {
+        if self.looks.is_multiple_of(64) && Instant::now() > self.deadline {
             bail!("timed out waiting for {}", what());
         }
         if self.pinned || self.looks < SPIN_LOOKS {

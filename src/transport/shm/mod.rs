@@ -252,7 +252,11 @@ impl ShmTransport {
                             break;
                         }
                         if let Some(imm) = n.imm {
-                            out.push(Completion::Arrival { link, imm });
+                            out.push(Completion::Arrival {
+                                link,
+                                imm,
+                                len: n.len,
+                            });
                         }
                     }
                 }
@@ -553,7 +557,7 @@ impl Transport for ShmTransport {
             // Liveness wants the clock; a spinning rank reads it once per
             // 64 empty polls (well under the millisecond it promises).
             self.idle = self.idle.wrapping_add(1);
-            if self.idle % 64 == 0 {
+            if self.idle.is_multiple_of(64) {
                 self.check_liveness(out, false);
             }
         }

@@ -43,7 +43,7 @@ pub const RING_HEADER: usize = 128;
 pub const ENTRY_LEN: usize = 32;
 /// The sequence word follows the notice.
 const SEQ_OFF: usize = NOTICE_LEN;
-const _: () = assert!(SEQ_OFF + 4 <= ENTRY_LEN && SEQ_OFF % 4 == 0);
+const _: () = assert!(SEQ_OFF + 4 <= ENTRY_LEN && SEQ_OFF.is_multiple_of(4));
 
 /// Bytes a ring of `cap` entries occupies.
 pub fn ring_bytes(cap: u32) -> usize {

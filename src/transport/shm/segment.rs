@@ -281,7 +281,7 @@ impl Segment {
                 if cap == RING_CAP
                     && re <= region_off
                     && ge <= map.len()
-                    && region_off % 64 == 0 => {}
+                    && region_off.is_multiple_of(64) => {}
             _ => return Err(format!("segment {name}: inconsistent layout")),
         }
         Ok(Segment {

@@ -64,7 +64,11 @@ fn write_lands_then_arrives_and_is_sent() {
         .unwrap();
     assert_eq!(
         wait(&mut p.b),
-        vec![Completion::Arrival { link: 0, imm: 99 }]
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 99,
+            len: 6
+        }]
     );
     assert_eq!(wait(&mut p.a), vec![Completion::Sent { token: 5 }]);
     assert_eq!(p.rb.slice(10, 6).unwrap(), b"abcdef");
@@ -106,7 +110,11 @@ fn parked_receiver_is_woken() {
         .unwrap();
     assert_eq!(
         t.join().unwrap(),
-        vec![Completion::Arrival { link: 0, imm: 5 }]
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 5,
+            len: 1
+        }]
     );
 }
 
@@ -162,7 +170,14 @@ fn caller_memory_is_written_by_cross_memory_attach() {
         len: 7,
     }];
     a.post_write(0, &from, &kb, 90, Some(3), 1).unwrap();
-    assert_eq!(wait(&mut b), vec![Completion::Arrival { link: 0, imm: 3 }]);
+    assert_eq!(
+        wait(&mut b),
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 3,
+            len: 7
+        }]
+    );
     assert_eq!(caller.slice(90, 7).unwrap(), b"caller!");
     let e = a.post_write(0, &from, &kb, 95, Some(3), 2).unwrap_err();
     assert!(matches!(e, Error::BufferSize { .. }), "{e}");

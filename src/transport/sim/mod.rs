@@ -196,8 +196,11 @@ impl Net {
                     Ok(()) => {
                         self.stats.delivered += 1;
                         if let Some(imm) = imm {
-                            ep.inbox
-                                .push_back(Completion::Arrival { link: to_link, imm });
+                            ep.inbox.push_back(Completion::Arrival {
+                                link: to_link,
+                                imm,
+                                len: bytes.len() as u32,
+                            });
                         }
                     }
                     Err(reason) => {

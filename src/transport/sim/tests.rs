@@ -54,7 +54,11 @@ fn write_lands_on_step_then_arrives_then_is_sent() {
     assert!(p.net.step());
     assert_eq!(
         drain(&mut p.b),
-        vec![Completion::Arrival { link: 0, imm: 42 }]
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 42,
+            len: 5
+        }]
     );
     assert_eq!(p.dst.slice(3, 5).unwrap(), b"hello");
     assert!(drain(&mut p.a).is_empty(), "Sent trails the landing");
@@ -81,7 +85,11 @@ fn early_sent_reads_the_source_then() {
     p.net.deliver_all();
     assert_eq!(
         drain(&mut p.b),
-        vec![Completion::Arrival { link: 0, imm: 1 }]
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 1,
+            len: 3
+        }]
     );
     assert_eq!(p.dst.slice(0, 3).unwrap(), b"old");
 }

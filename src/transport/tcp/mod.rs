@@ -243,7 +243,7 @@ fn read_some(
                 if h.len == 0 {
                     *got = 0;
                     if let Some(imm) = h.imm {
-                        out.push(Completion::Arrival { link, imm });
+                        out.push(Completion::Arrival { link, imm, len: 0 });
                         return Read1::Landed;
                     }
                 } else {
@@ -266,13 +266,13 @@ fn read_some(
                 Ok(k) => {
                     *got += k as u64;
                     if *got == u64::from(h.len) {
-                        let imm = h.imm;
+                        let (imm, len) = (h.imm, h.len);
                         l.rx = Rx::Header {
                             buf: [0; FRAME_LEN],
                             got: 0,
                         };
                         if let Some(imm) = imm {
-                            out.push(Completion::Arrival { link, imm });
+                            out.push(Completion::Arrival { link, imm, len });
                             return Read1::Landed;
                         }
                     }

@@ -81,7 +81,14 @@ fn write_with_imm_lands_and_is_sent() {
         p.a.progress(&mut a_out).unwrap();
         p.b.progress(&mut b_out).unwrap();
     }
-    assert_eq!(b_out, vec![Completion::Arrival { link: 0, imm: 7 }]);
+    assert_eq!(
+        b_out,
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 7,
+            len: 300_004
+        }]
+    );
     assert_eq!(a_out, vec![Completion::Sent { token: 11 }]);
     assert_eq!(p.dst.slice(100, 4).unwrap(), b"head");
     assert!(p

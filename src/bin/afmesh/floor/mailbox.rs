@@ -132,7 +132,7 @@ impl Mailboxes {
     }
 
     fn atomic(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % FLAG_SPAN == 0 && offset + 8 <= self.map.len());
+        debug_assert!(offset.is_multiple_of(FLAG_SPAN) && offset + 8 <= self.map.len());
         // SAFETY: `offset` comes from `Layout::flag`: inside the flag area
         // of a mapping whose length `new` checked against the layout, and a
         // multiple of 128 from a page-aligned base, so the 8 bytes are in
