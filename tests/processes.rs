@@ -530,7 +530,7 @@ fn a_rank_in_another_pid_namespace_shares_memory_and_its_death_is_seen() {
     for p in [&a, &f] {
         p.wait_line(Duration::from_secs(20), |l| l.contains("joined"));
     }
-    std::thread::sleep(Duration::from_millis(100));
+    // Both joined: the mesh passed its barrier and runs its layers.
     // unshare's child is F0 (sh execs it); kill it, not unshare.
     let children = format!("/proc/{0}/task/{0}/children", f.id());
     let rank = std::fs::read_to_string(&children).unwrap();
