@@ -216,6 +216,7 @@ impl Mesh {
             recv_len: if caller { 0 } else { my_len },
             ip: conn.local_ip()?,
             io_timeout: cfg.io_timeout,
+            liveness: cfg.liveness,
             guard: LinkGuard {
                 token: cfg.token.clone(),
                 watch: conn.watch(),
