@@ -390,13 +390,12 @@ impl FfnRank {
                 land_ns: batch.landed_ns(a),
                 process_ns: batch.process_ns,
                 respond_ns: respond,
+                checksum: None,
             };
             let slot = s * m + a;
             let posted = self
                 .engine
-                .fill(slot)
-                .map(|buf| buf[..HEADER_LEN].copy_from_slice(&header.encode()))
-                .and_then(|()| self.engine.message(slot, HEADER_LEN + tokens * out_row))
+                .seal(slot, header, HEADER_LEN + tokens * out_row)
                 .and_then(|msg| self.engine.post(a, msg, offset, imm));
             match posted {
                 Ok(()) => self
