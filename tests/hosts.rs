@@ -99,6 +99,22 @@ impl Hosts {
         c
     }
 
+    /// [`Hosts::on`], with a `/dev/shm` of the process's own, so no shared
+    /// memory reaches across (a real other host).
+    fn on_own_shm(&self, i: usize, cmd: &Command) -> Command {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "mount -t tmpfs tmpfs /dev/shm && exec \"$0\" \"$@\""])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => sh.env(k, v),
+                None => sh.env_remove(k),
+            };
+        }
+        self.on(i, &sh)
+    }
+
     /// Takes host 0's end of the link down (`false`) or up.
     fn link(&self, up: bool) {
         ip(&[
@@ -283,4 +299,82 @@ fn a_short_cut_heals_and_corrupts_nothing() {
     );
     let st = sched.wait_exit(Duration::from_secs(10));
     assert!(st.success(), "{}", sched.output());
+}
+
+/// A cluster benchmark across two "hosts": a scheduler and two attention
+/// ranks on one, two FFN ranks on the other, each with its own /dev/shm and
+/// host id, the default transport (so tcp). The scheduler prints one job
+/// summary: each attention rank's layers and every link, slowest named.
+#[test]
+fn a_two_host_run_ends_with_one_job_summary() {
+    let Some(h) = Hosts::new() else { return };
+    let mut cmd = afmesh();
+    cmd.env("AFMESH_TOKEN", TOKEN).args([
+        "scheduler",
+        "--bind",
+        &format!("{}:0", h.ip[0]),
+        "--json",
+    ]);
+    let mut sched = Proc::spawn("scheduler", h.on(0, &cmd));
+    let line = sched.wait_line(Duration::from_secs(10), |l| l.contains("listening on"));
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    let mut ranks = Vec::new();
+    for (role, host) in [("ffn", 1), ("ffn", 1), ("attention", 0), ("attention", 0)] {
+        let mut c = afmesh();
+        c.env("AFMESH_TOKEN", TOKEN)
+            .env("AFMESH_JOB", format!("summary-{}", std::process::id()))
+            .env("AFMESH_HOST_ID", format!("host{host}"))
+            .args(["run", "--role", role, "--scheduler", &addr])
+            .args(["--attention", "2", "--ffn", "2"])
+            .args(["--tokens", "8", "--hidden", "256", "--iters", "300"]);
+        ranks.push(Proc::spawn(
+            &format!("{role} on host {host}"),
+            h.on_own_shm(host, &c),
+        ));
+    }
+    for p in ranks.iter_mut() {
+        let st = p.wait_exit(Duration::from_secs(60));
+        assert!(st.success(), "{}:\n{}", p.name, p.output());
+    }
+    let st = sched.wait_exit(Duration::from_secs(10));
+    let out = sched.output();
+    assert!(st.success(), "{out}");
+    let json = out
+        .lines()
+        .find(|l| l.starts_with("{\"job_summary\""))
+        .unwrap_or_else(|| panic!("no job summary:\n{out}"));
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let s = &v["job_summary"];
+    assert_eq!(
+        s["transport"], "tcp",
+        "other hosts are reached over tcp: {json}"
+    );
+    let ranks: Vec<(&str, u64)> = s["attention"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["rank"].as_str().unwrap(), a["layers"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ranks, vec![("A0", 300), ("A1", 300)], "{json}");
+    let mut links: Vec<(String, String)> = s["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert!(l["sent_bytes"].as_u64().unwrap() > 0, "{l}");
+            assert!(l["rt_p50_us"].as_f64().unwrap() > 0.0, "{l}");
+            (
+                l["from"].as_str().unwrap().into(),
+                l["to"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    links.sort();
+    let want: Vec<(String, String)> = [("A0", "F0"), ("A0", "F1"), ("A1", "F0"), ("A1", "F1")]
+        .iter()
+        .map(|(a, f)| (a.to_string(), f.to_string()))
+        .collect();
+    assert_eq!(links, want, "{json}");
+    assert!(s["slowest"].as_str().unwrap().starts_with('A'), "{json}");
+    assert_eq!(s["silent"].as_array().unwrap().len(), 0, "{json}");
 }

@@ -476,6 +476,15 @@ impl AttentionRank {
         self.engine.stats()
     }
 
+    /// Hands the scheduler a line of this rank's results — a JSON object
+    /// such as `afmesh run --json` prints (`role`, `rank`, `lat_ns`,
+    /// `links`, ...) — which a standalone `afmesh scheduler` gathers into
+    /// its job summary when the mesh finishes. At most 16 KiB; call it
+    /// before `shutdown`. An error on a simulated mesh (no scheduler).
+    pub fn report(&mut self, text: &str) -> Result<()> {
+        self.engine.report(text)
+    }
+
     /// Leaves the mesh in order: closes the links, tells the scheduler.
     pub fn shutdown(mut self) -> Result<()> {
         self.engine.shutdown();

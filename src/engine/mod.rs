@@ -242,6 +242,11 @@ impl Engine {
         }
     }
 
+    /// Hands the scheduler this rank's results for its job summary.
+    pub(crate) fn report(&mut self, text: &str) -> Result<()> {
+        self.support.report(text)
+    }
+
     /// Leaves in order: tells every peer (closing the links), then the
     /// scheduler.
     pub(crate) fn shutdown(&mut self) {
