@@ -53,7 +53,7 @@
 
 /* The first element of an afmesh_peer_stats array passed to
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
-#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0 }
+#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
 
 /**
  * Version of [`afmesh_config`] this library knows.
@@ -364,11 +364,52 @@ typedef struct afmesh_rank_info {
 } afmesh_rank_info;
 
 /**
+ * A latency distribution in nanoseconds, from a histogram of bounded
+ * relative error (quantiles are within it; min and max are exact). All
+ * zero when `count` is 0.
+ */
+typedef struct afmesh_latency {
+  /**
+   * Samples recorded.
+   */
+  uint64_t count;
+  /**
+   * Smallest sample.
+   */
+  uint64_t min_ns;
+  /**
+   * Median.
+   */
+  uint64_t p50_ns;
+  /**
+   * 90th percentile.
+   */
+  uint64_t p90_ns;
+  /**
+   * 99th percentile.
+   */
+  uint64_t p99_ns;
+  /**
+   * 99.9th percentile.
+   */
+  uint64_t p999_ns;
+  /**
+   * Largest sample.
+   */
+  uint64_t max_ns;
+  /**
+   * Mean, rounded to the nearest nanosecond.
+   */
+  uint64_t mean_ns;
+} afmesh_latency;
+
+/**
  * Counters for one peer. Sized so it can grow: set `size` to
  * `sizeof(afmesh_peer_stats)` in the first element of the array you pass
  * (`AFMESH_PEER_STATS_INIT`); the library uses it as the element size,
- * writes the fields it knows into each element and leaves any later
- * fields of a newer header untouched.
+ * writes the fields it knows that fit into each element and leaves any
+ * later fields of a newer header untouched (a caller built against an
+ * older, shorter header gets the fields it has).
  */
 typedef struct afmesh_peer_stats {
   /**
@@ -409,6 +450,16 @@ typedef struct afmesh_peer_stats {
    * Messages from it that were rejected.
    */
   uint64_t rejected;
+  /**
+   * Attention ranks: from posting a dispatch to seeing this FFN rank's
+   * combine of it (this rank's clock). Empty on FFN ranks.
+   */
+  struct afmesh_latency round_trip;
+  /**
+   * FFN ranks: from this attention rank's dispatch landing to the
+   * response being posted. Empty on attention ranks.
+   */
+  struct afmesh_latency ffn;
 } afmesh_peer_stats;
 
 /**
