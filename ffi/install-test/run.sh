@@ -15,8 +15,10 @@ cd "$root"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/afmesh-install.XXXXXX")"
 pids=()
+# Ranks run under `timeout`, which passes a TERM on to the rank.
 cleanup() {
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -38,18 +40,29 @@ done
 soname="$(readelf -d "$lib/libafmesh.so.$version" | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')"
 [ "$soname" = "libafmesh.so.0" ] || fail "SONAME is '$soname', not libafmesh.so.0"
 
-# Four ranks of one mesh; attention 0 runs the rendezvous server.
-port_base=$(( 20000 + $$ % 20000 ))
-runs=0
+free_port() {
+    if command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    else
+        echo $(( 20000 + ($$ + RANDOM) % 20000 ))
+    fi
+}
+
+# Four ranks of one mesh (attention 0 runs the rendezvous server), each
+# bounded; when one fails the others are stopped at once.
 run_mesh() {
-    local bin="$1" port=$(( port_base + runs )) rc=0
-    runs=$(( runs + 1 ))
+    local bin="$1" port rc=0
+    port="$(free_port)"
     pids=()
     for who in "ffn 0" "ffn 1" "attention 1"; do
-        timeout 60 "$bin" $who "127.0.0.1:$port" & pids+=($!)
+        # shellcheck disable=SC2086
+        timeout -k 5 60 "$bin" $who "127.0.0.1:$port" & pids+=($!)
     done
-    timeout 60 "$bin" attention 0 "127.0.0.1:$port" || rc=$?
-    for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    timeout -k 5 60 "$bin" attention 0 "127.0.0.1:$port" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    fi
+    for p in "${pids[@]}"; do wait "$p" || rc=$(( rc == 0 ? $? : rc )); done
     pids=()
     [ "$rc" -eq 0 ] || fail "$bin: a rank failed (exit $rc)"
 }
@@ -59,16 +72,19 @@ export PKG_CONFIG_PATH="$lib/pkgconfig"
 # shellcheck disable=SC2046
 cc -std=c11 -Wall -Wextra -Werror $(pkg-config --cflags afmesh) examples/c/afd_ranks.c \
     $(pkg-config --libs afmesh) -o "$tmp/afd_pkgconfig"
-LD_LIBRARY_PATH="$lib" ldd "$tmp/afd_pkgconfig" | grep -q "libafmesh.so.0 => $lib/libafmesh.so.0" \
+# (ldd's output is taken whole first: `grep -q` ending a pipe early would
+# fail it under pipefail.)
+loads() { local deps; deps="$(LD_LIBRARY_PATH="${2:-}" ldd "$1")"; grep -q "$3" <<<"$deps"; }
+loads "$tmp/afd_pkgconfig" "$lib" "libafmesh.so.0 => $lib/libafmesh.so.0" \
     || fail "afd_pkgconfig does not load the installed libafmesh.so.0"
 LD_LIBRARY_PATH="$lib" run_mesh "$tmp/afd_pkgconfig"
 echo "install-test: pkg-config build ok"
 
 cmake -S ffi/install-test -B "$tmp/cmake" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$tmp/cmake" >/dev/null
-ldd "$tmp/cmake/afd_shared" | grep -q "libafmesh.so.0 => $lib/libafmesh.so.0" \
+loads "$tmp/cmake/afd_shared" "" "libafmesh.so.0 => $lib/libafmesh.so.0" \
     || fail "afd_shared does not load the installed libafmesh.so.0"
-if ldd "$tmp/cmake/afd_static" | grep -q libafmesh; then fail "afd_static loads libafmesh dynamically"; fi
+if loads "$tmp/cmake/afd_static" "" libafmesh; then fail "afd_static loads libafmesh dynamically"; fi
 run_mesh "$tmp/cmake/afd_shared"
 run_mesh "$tmp/cmake/afd_static"
 echo "install-test: CMake build ok (shared and static)"
