@@ -178,3 +178,24 @@ fn a_rank_past_the_group_is_refused_by_name() {
         "{out}"
     );
 }
+
+/// Where the environment's address cannot be bound here, `afmesh
+/// scheduler` says where the address came from and how to override it.
+#[test]
+fn an_unbindable_root_uri_is_named() {
+    let env = vec![
+        // TEST-NET-1: never an address of this host.
+        ("DMLC_PS_ROOT_URI", "192.0.2.1".to_string()),
+        ("DMLC_PS_ROOT_PORT", "8123".into()),
+    ];
+    let mut p = Proc::spawn("scheduler", launch(&["scheduler"], &env));
+    let st = p.wait_exit(Duration::from_secs(10));
+    let out = p.output();
+    assert!(!st.success(), "{out}");
+    assert!(
+        out.contains("192.0.2.1:8123")
+            && out.contains("DMLC_PS_ROOT_URI")
+            && out.contains("--bind"),
+        "{out}"
+    );
+}
