@@ -29,7 +29,9 @@ pub use stats::{PeerStats, RankStats};
 pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
-use crate::proto::{accept, Accepted, Geometry, Imm, RegionKey, StageCounter, HEADER_LEN};
+use crate::proto::accept::accept_checked;
+use crate::proto::header::checksum;
+use crate::proto::{Accepted, Geometry, Header, Imm, RegionKey, Reject, StageCounter, HEADER_LEN};
 use crate::transport::mux::MAX_PARK;
 use crate::transport::slots::SendSlots;
 use crate::transport::{Completion, LinkId, LocalKey, Mux, Region};
@@ -57,6 +59,9 @@ struct PeerLink {
     stats: PeerStats,
     /// Whether it was lost by leaving in order (rather than failing).
     orderly: bool,
+    /// Whether it was dropped for sending a corrupt message (a checksum
+    /// that did not match): its error is `BadFrame`, not `PeerLost`.
+    corrupt: bool,
 }
 
 /// Where the peers' messages land: one slot per (stage, peer), the slot of
@@ -91,6 +96,8 @@ pub(crate) struct Engine {
     support: Support,
     /// Wakes `wait` from another thread.
     interrupter: Interrupter,
+    /// Whether messages carry (and arrivals must carry) a CRC32C.
+    checksum: bool,
 }
 
 impl Engine {
@@ -129,6 +136,7 @@ impl Engine {
                     key,
                     stats: PeerStats::default(),
                     orderly: false,
+                    corrupt: false,
                 })
                 .collect(),
             link_to_peer,
@@ -141,12 +149,19 @@ impl Engine {
             send_timeout: DEFAULT_SEND_TIMEOUT,
             support,
             interrupter: Interrupter::new(),
+            checksum: false,
         }
     }
 
     /// Bounds waits for send completions (a blocking write's bound).
     pub(crate) fn set_send_timeout(&mut self, t: Duration) {
         self.send_timeout = t;
+    }
+
+    /// Sends a CRC32C in every message and requires one, matching, in every
+    /// arrival (`AFMESH_CHECKSUM`).
+    pub(crate) fn set_checksum(&mut self, on: bool) {
+        self.checksum = on;
     }
 
     /// What wakes this engine's waits from another thread.
@@ -186,6 +201,12 @@ impl Engine {
     }
 
     pub(crate) fn lost_error(&self, i: usize) -> Error {
+        if self.peers[i].corrupt {
+            return Error::BadFrame {
+                peer: self.peers[i].peer.to_string(),
+                reason: self.lost(i).unwrap_or("corrupt").to_string(),
+            };
+        }
         Error::PeerLost {
             peer: self.peers[i].peer,
             reason: self.lost(i).unwrap_or("lost").to_string(),
@@ -219,6 +240,11 @@ impl Engine {
         if let Some(p) = self.peers.get_mut(peer) {
             p.stats.ffn_ns.record(ns);
         }
+    }
+
+    /// Hands the scheduler this rank's results for its job summary.
+    pub(crate) fn report(&mut self, text: &str) -> Result<()> {
+        self.support.report(text)
     }
 
     /// Leaves in order: tells every peer (closing the links), then the
@@ -344,8 +370,32 @@ impl Engine {
             region.copy_out((stage * peers + peer) * slot, &mut h)?;
             Ok(h)
         };
+        let base = (usize::from(imm.stage) * peers + peer) * slot;
+        let on = self.checksum;
+        let check = |h: &Header, raw: &[u8; HEADER_LEN], len: u64| match h.checksum {
+            None if on => Err("none sent, and this rank requires one (AFMESH_CHECKSUM)".into()),
+            None => Ok(()),
+            Some(sent) => {
+                let got = checksum(raw, |crc| region_crc(region, base, len, crc))?;
+                if got == sent {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "message bytes give CRC32C {got:#010x}, the header says {sent:#010x}"
+                    ))
+                }
+            }
+        };
         let stats = &mut self.peers[peer].stats;
-        match accept(&self.geometry, peer, imm, landed, read, sink.counter()) {
+        match accept_checked(
+            &self.geometry,
+            peer,
+            imm,
+            landed,
+            read,
+            check,
+            sink.counter(),
+        ) {
             Ok(a) => {
                 stats.received += 1;
                 if let Some(ns) = sink.accepted(peer, &a, now_ns()) {
@@ -355,7 +405,14 @@ impl Engine {
             Err(r) => {
                 stats.rejected += 1;
                 let who = self.peers[peer].peer;
-                if r.is_replay() {
+                if let Reject::Checksum(e) = &r {
+                    let reason = format!(
+                        "corrupt {} (stage {}, sequence {}): {e}",
+                        imm.kind, imm.stage, imm.seq24
+                    );
+                    self.peers[peer].corrupt = true;
+                    self.mark_lost(peer, reason, false);
+                } else if r.is_replay() {
                     tracing::debug!(peer = %who, "dropped {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
                 } else {
                     tracing::warn!(peer = %who, "rejected {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
@@ -363,6 +420,21 @@ impl Engine {
             }
         }
     }
+}
+
+/// The CRC32C `crc` extended over `[base + HEADER_LEN, base + len)` of
+/// `region`, read out in chunks with volatile reads (peer-written memory).
+fn region_crc(region: &Region, base: usize, len: u64, mut crc: u32) -> Result<u32, String> {
+    let mut buf = [0u8; 4096];
+    let mut at = HEADER_LEN;
+    let len = usize::try_from(len).map_err(|_| "message length overflows".to_string())?;
+    while at < len {
+        let n = (len - at).min(buf.len());
+        region.copy_out(base + at, &mut buf[..n])?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        at += n;
+    }
+    Ok(crc)
 }
 
 /// How long a rank waits by default for the sends from a slot to complete

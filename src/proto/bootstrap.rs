@@ -242,6 +242,13 @@ pub enum Message {
         /// What went wrong, for people.
         reason: String,
     },
+    /// Rank → server, after the barrier and before `Bye`: the rank's
+    /// results (a JSON object, as `afmesh run --json` prints it), for the
+    /// job summary the server prints when the mesh finishes.
+    Report {
+        /// The results, at most [`MAX_BLOB`](super::codec::MAX_BLOB) bytes.
+        text: String,
+    },
 }
 
 fn put_endpoints(w: &mut Writer, endpoints: &[(String, Vec<u8>)]) {
@@ -276,6 +283,7 @@ impl Message {
             Message::Proof { .. } => "proof",
             Message::AuthRefused { .. } => "auth refusal",
             Message::JobFailed { .. } => "job failure",
+            Message::Report { .. } => "report",
         }
     }
 
@@ -391,6 +399,10 @@ impl Message {
                     }
                 }
                 w.str(reason);
+            }
+            Message::Report { text } => {
+                w.u8(14);
+                w.bytes(text.as_bytes());
             }
         }
         let mut b = w.finish();
@@ -522,6 +534,10 @@ impl Message {
                     reason: r.str("reason")?,
                 }
             }
+            14 => Message::Report {
+                text: String::from_utf8(r.bytes("report")?)
+                    .map_err(|_| DecodeError::new("report: not UTF-8"))?,
+            },
             t => return Err(DecodeError::new(format!("tag: unknown message {t}"))),
         };
         r.end("message")?;
@@ -597,6 +613,9 @@ mod tests {
             Message::Proof { mac: [2; MAC_LEN] },
             Message::AuthRefused {
                 reason: "wrong token".into(),
+            },
+            Message::Report {
+                text: "{\"role\":\"attention\"}".into(),
             },
             Message::JobFailed {
                 cause: FailCause::Mismatch,
