@@ -25,7 +25,7 @@
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
-use afmesh_core::{Interrupter, Peer, RankStats};
+use afmesh_core::{Histogram, Interrupter, Peer, RankStats};
 
 use crate::args::obj_ref;
 use crate::error::afmesh_result::{
@@ -50,8 +50,9 @@ pub struct afmesh_rank_info {
 /// Counters for one peer. Sized so it can grow: set `size` to
 /// `sizeof(afmesh_peer_stats)` in the first element of the array you pass
 /// (`AFMESH_PEER_STATS_INIT`); the library uses it as the element size,
-/// writes the fields it knows into each element and leaves any later
-/// fields of a newer header untouched.
+/// writes the fields it knows that fit into each element and leaves any
+/// later fields of a newer header untouched (a caller built against an
+/// older, shorter header gets the fields it has).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct afmesh_peer_stats {
@@ -75,7 +76,57 @@ pub struct afmesh_peer_stats {
     pub received: u64,
     /// Messages from it that were rejected.
     pub rejected: u64,
+    /// Attention ranks: from posting a dispatch to seeing this FFN rank's
+    /// combine of it (this rank's clock). Empty on FFN ranks.
+    pub round_trip: afmesh_latency,
+    /// FFN ranks: from this attention rank's dispatch landing to the
+    /// response being posted. Empty on attention ranks.
+    pub ffn: afmesh_latency,
 }
+
+/// A latency distribution in nanoseconds, from a histogram of bounded
+/// relative error (quantiles are within it; min and max are exact). All
+/// zero when `count` is 0.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct afmesh_latency {
+    /// Samples recorded.
+    pub count: u64,
+    /// Smallest sample.
+    pub min_ns: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Largest sample.
+    pub max_ns: u64,
+    /// Mean, rounded to the nearest nanosecond.
+    pub mean_ns: u64,
+}
+
+impl afmesh_latency {
+    fn of(h: &Histogram) -> afmesh_latency {
+        let q = |q: f64| h.quantile(q).unwrap_or(0);
+        afmesh_latency {
+            count: h.count(),
+            min_ns: h.min().unwrap_or(0),
+            p50_ns: q(0.5),
+            p90_ns: q(0.9),
+            p99_ns: q(0.99),
+            p999_ns: q(0.999),
+            max_ns: h.max().unwrap_or(0),
+            mean_ns: h.mean().map_or(0, |m| m.round() as u64),
+        }
+    }
+}
+
+/// `sizeof(afmesh_peer_stats)` in the first header (0.1.0), before the
+/// latency fields: callers built against it still get what it has.
+const PEER_STATS_V1: usize = std::mem::offset_of!(afmesh_peer_stats, round_trip);
 
 #[derive(Debug)]
 pub(crate) enum State<T> {
@@ -120,9 +171,9 @@ fn write_stats(
         // SAFETY: `out` is non-NULL and holds at least one element (the
         // caller's contract); `size` is its first field.
         let size = unsafe { out.cast::<u32>().read_unaligned() } as usize;
-        if size < known {
+        if size < PEER_STATS_V1 {
             return Err(invalid(format!(
-                "out[0].size is {size}, smaller than this library's afmesh_peer_stats ({known}); use AFMESH_PEER_STATS_INIT"
+                "out[0].size is {size}, smaller than any afmesh_peer_stats ({PEER_STATS_V1} bytes at least, {known} in this library); use AFMESH_PEER_STATS_INIT"
             )));
         }
         size
@@ -143,15 +194,21 @@ fn write_stats(
             copied_bytes: s.copied_bytes,
             received: s.received,
             rejected: s.rejected,
+            round_trip: afmesh_latency::of(&s.round_trip_ns),
+            ffn: afmesh_latency::of(&s.ffn_ns),
         };
         // SAFETY: `out` holds `cap >= n` elements of `stride` bytes, the
-        // size the caller declared (contract); elements of a larger
-        // declared size need not be aligned for ours, so write unaligned.
+        // size the caller declared (contract), and at most `stride` bytes
+        // go into element `i`: the first `min(stride, known)` bytes of
+        // `v`, the fields that fit (a header's size ends on a field; the
+        // struct has no padding), copied bytewise since an element of
+        // another declared size need not be aligned for ours.
         unsafe {
-            out.cast::<u8>()
-                .add(i * stride)
-                .cast::<afmesh_peer_stats>()
-                .write_unaligned(v)
+            std::ptr::copy_nonoverlapping(
+                (&v as *const afmesh_peer_stats).cast::<u8>(),
+                out.cast::<u8>().add(i * stride),
+                stride.min(known),
+            )
         };
     }
     // SAFETY: checked non-NULL above.
