@@ -37,9 +37,11 @@ struct RawBuffer {
     internal: *mut c_void,
 }
 
-const PYBUF_SIMPLE: c_int = 0;
 const PYBUF_WRITABLE: c_int = 0x0001;
 const PYBUF_FORMAT: c_int = 0x0004;
+/// Shape without strides: the exporter must be C-contiguous (and, unlike
+/// a bare SIMPLE request, this may be combined with FORMAT).
+const PYBUF_ND: c_int = 0x0008;
 
 extern "C" {
     fn PyObject_GetBuffer(obj: *mut ffi::PyObject, view: *mut RawBuffer, flags: c_int) -> c_int;
@@ -118,12 +120,12 @@ impl Held {
 
     /// `obj`'s memory, read-only, C-contiguous, without a copy.
     pub fn read(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Held> {
-        Self::get(obj, PYBUF_SIMPLE | PYBUF_FORMAT, what)
+        Self::get(obj, PYBUF_ND | PYBUF_FORMAT, what)
     }
 
     /// `obj`'s memory, writable, C-contiguous, without a copy.
     pub fn write(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Held> {
-        Self::get(obj, PYBUF_SIMPLE | PYBUF_WRITABLE | PYBUF_FORMAT, what)
+        Self::get(obj, PYBUF_ND | PYBUF_WRITABLE | PYBUF_FORMAT, what)
     }
 
     fn get(obj: &Bound<'_, PyAny>, flags: c_int, what: &str) -> PyResult<Held> {
@@ -132,7 +134,17 @@ impl Held {
             Err(e) => e,
         };
         let py = obj.py();
-        // Not a (suitable) buffer: let the Python side find a view of the
+        // A buffer that refused the request (not contiguous, read-only):
+        // say so; afmesh never makes a copy to get around it.
+        if first.is_instance_of::<pyo3::exceptions::PyBufferError>(py)
+            || first.is_instance_of::<pyo3::exceptions::PyValueError>(py)
+        {
+            return Err(invalid(format!(
+                "{what}: {first} (afmesh uses caller memory in place: pass a C-contiguous{} buffer)",
+                if flags & PYBUF_WRITABLE != 0 { ", writable" } else { "" }
+            )));
+        }
+        // Not a buffer: let the Python side find a view of the
         // same memory (torch, DLPack), or say why there is none.
         let conv = AS_BUFFER.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
             Ok(py.import("afmesh._buffers")?.getattr("as_buffer")?.unbind())
