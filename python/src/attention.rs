@@ -95,11 +95,7 @@ impl AttentionRank {
     }
 
     /// The Python view of a combine just taken from `c`.
-    fn combined(
-        slf: &Bound<'_, Self>,
-        c: &afmesh::Combined<'_>,
-        stage: u32,
-    ) -> PyResult<Combined> {
+    fn combined(slf: &Bound<'_, Self>, c: &afmesh::Combined<'_>, stage: u32) -> PyResult<Combined> {
         let this = slf.get();
         let base = this.region.addr() as usize;
         let parts = (0..c.len())
@@ -202,10 +198,15 @@ impl AttentionRank {
         let mut held = Vec::new();
         for (i, item) in parts.try_iter()?.enumerate() {
             let (off, buf): (usize, Bound<'_, PyAny>) = item?.extract().map_err(|_| {
-                invalid(format!("dispatch_parts: parts[{i}] is not an (offset, buffer) pair"))
+                invalid(format!(
+                    "dispatch_parts: parts[{i}] is not an (offset, buffer) pair"
+                ))
             })?;
             let h = Held::read(&buf, "dispatch_parts buffer")?;
-            if off.checked_add(h.bytes().len()).is_none_or(|end| end > rows_len) {
+            if off
+                .checked_add(h.bytes().len())
+                .is_none_or(|end| end > rows_len)
+            {
                 return Err(crate::errors::BufferSize::new_err(format!(
                     "dispatch_parts: parts[{i}] covers bytes {off}..{} of a rows area of {rows_len} bytes ({tokens} tokens)",
                     off.saturating_add(h.bytes().len())
@@ -286,7 +287,9 @@ impl AttentionRank {
         let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
         let h = handle.rust();
         let buf = o.bytes_mut();
-        blocking(py, timeout, |slice| r.wait_combine_sum(h, dtype, buf, slice))
+        blocking(py, timeout, |slice| {
+            r.wait_combine_sum(h, dtype, buf, slice)
+        })
     }
 
     /// Non-blocking `wait_combine`: the combine if complete, else None.
@@ -450,9 +453,10 @@ impl Combined {
                 self.lease.get().why()
             )));
         }
-        let (off, len) = *self.parts.get(f).ok_or_else(|| {
-            invalid(format!("partial({f}): only {} FFN ranks", self.parts.len()))
-        })?;
+        let (off, len) = *self
+            .parts
+            .get(f)
+            .ok_or_else(|| invalid(format!("partial({f}): only {} FFN ranks", self.parts.len())))?;
         let rank = self.rank.get();
         let dt = match dtype {
             Some(d) => d.clone(),

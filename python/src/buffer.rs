@@ -150,16 +150,13 @@ impl Held {
             Ok(py.import("afmesh._buffers")?.getattr("as_buffer")?.unbind())
         })?;
         let writable = flags & PYBUF_WRITABLE != 0;
-        let view = conv
-            .bind(py)
-            .call1((obj, writable, what))
-            .map_err(|e| {
-                if e.is_instance_of::<crate::errors::Error>(py) {
-                    e
-                } else {
-                    invalid(format!("{what}: {first}; {e}"))
-                }
-            })?;
+        let view = conv.bind(py).call1((obj, writable, what)).map_err(|e| {
+            if e.is_instance_of::<crate::errors::Error>(py) {
+                e
+            } else {
+                invalid(format!("{what}: {first}; {e}"))
+            }
+        })?;
         Self::export(&view, flags).map_err(|e| invalid(format!("{what}: {e}")))
     }
 

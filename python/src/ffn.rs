@@ -192,7 +192,12 @@ impl FfnRank {
     /// buffer)` for attention rank `a`, placed at that offset of its rows
     /// (`token_count(a) × out_row_bytes` bytes; bytes no part covers keep
     /// the slot's previous contents). Otherwise as `respond`.
-    fn respond_parts(&self, py: Python<'_>, batch: &Batch, parts: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn respond_parts(
+        &self,
+        py: Python<'_>,
+        batch: &Batch,
+        parts: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let out_row = self.spec.out_row_bytes as usize;
         let mut held: Vec<Vec<(usize, Held)>> = Vec::new();
         for (a, list) in parts.try_iter()?.enumerate() {
@@ -200,10 +205,15 @@ impl FfnRank {
             let mut mine = Vec::new();
             for (i, item) in list?.try_iter()?.enumerate() {
                 let (off, buf): (usize, Bound<'_, PyAny>) = item?.extract().map_err(|_| {
-                    invalid(format!("respond_parts: parts[{a}][{i}] is not an (offset, buffer) pair"))
+                    invalid(format!(
+                        "respond_parts: parts[{a}][{i}] is not an (offset, buffer) pair"
+                    ))
                 })?;
                 let h = Held::read(&buf, "respond_parts buffer")?;
-                if off.checked_add(h.bytes().len()).is_none_or(|end| end > limit) {
+                if off
+                    .checked_add(h.bytes().len())
+                    .is_none_or(|end| end > limit)
+                {
                     return Err(BufferSize::new_err(format!(
                         "respond_parts: parts[{a}][{i}] covers bytes {off}..{} of A{a}'s {limit} bytes of rows",
                         off.saturating_add(h.bytes().len())
@@ -350,8 +360,16 @@ impl Batch {
             Some(d) => d.clone(),
             None => "uint8".into_pyobject(py)?.into_any(),
         };
-        rank.root
-            .view(py, &rank.region, &rank.keep, at.0, at.1, &dt, rows, &self.lease)
+        rank.root.view(
+            py,
+            &rank.region,
+            &rank.keep,
+            at.0,
+            at.1,
+            &dt,
+            rows,
+            &self.lease,
+        )
     }
 }
 

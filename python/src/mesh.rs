@@ -37,7 +37,13 @@ pub struct StageSpec {
 impl StageSpec {
     #[new]
     #[pyo3(signature = (stages, max_tokens, row_bytes, out_row_bytes, side_bytes = 0))]
-    fn new(stages: u32, max_tokens: u32, row_bytes: u32, out_row_bytes: u32, side_bytes: u32) -> Self {
+    fn new(
+        stages: u32,
+        max_tokens: u32,
+        row_bytes: u32,
+        out_row_bytes: u32,
+        side_bytes: u32,
+    ) -> Self {
         StageSpec {
             stages,
             max_tokens,
@@ -275,7 +281,10 @@ fn positive(s: f64, what: &str) -> PyResult<Duration> {
     Ok(d)
 }
 
-fn caller_region(memory: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<(Keep, Option<Region>)> {
+fn caller_region(
+    memory: Option<&Bound<'_, PyAny>>,
+    what: &str,
+) -> PyResult<(Keep, Option<Region>)> {
     let Some(obj) = memory else {
         return Ok((None, None));
     };
@@ -285,8 +294,8 @@ fn caller_region(memory: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<(Kee
     // as long as the region can be touched: the rank keeps it beside the
     // region and drops it after the rank, and every `Memory` a view holds
     // keeps a clone beside its clone of the region.
-    let region = unsafe { Region::from_raw_parts(ptr, len) }
-        .map_err(|e| invalid(format!("{what}: {e}")))?;
+    let region =
+        unsafe { Region::from_raw_parts(ptr, len) }.map_err(|e| invalid(format!("{what}: {e}")))?;
     Ok((Some(held), Some(region)))
 }
 
@@ -309,10 +318,12 @@ fn join<R: Send + 'static>(
             // the caller memory it used.
             let _ = tx.send((r, keep));
         })
-        .map_err(|e| to_py(afmesh::Error::Io {
-            op: "spawn join thread".into(),
-            source: e,
-        }))?;
+        .map_err(|e| {
+            to_py(afmesh::Error::Io {
+                op: "spawn join thread".into(),
+                source: e,
+            })
+        })?;
     // The join bounds itself by the setup timeout; this bound only guards
     // against a join thread that never reports.
     let deadline = Instant::now() + setup_timeout * 2 + Duration::from_secs(5);

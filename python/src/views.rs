@@ -97,7 +97,12 @@ impl Root {
         }
     }
 
-    fn root<'py>(&self, py: Python<'py>, region: &Arc<Region>, keep: &Keep) -> PyResult<&Py<PyAny>> {
+    fn root<'py>(
+        &self,
+        py: Python<'py>,
+        region: &Arc<Region>,
+        keep: &Keep,
+    ) -> PyResult<&Py<PyAny>> {
         self.root.get_or_try_init(py, || {
             let mem = Py::new(
                 py,
@@ -106,7 +111,11 @@ impl Root {
                     _keep: keep.clone(),
                 },
             )?;
-            Ok(py.import("numpy")?.getattr("asarray")?.call1((mem,))?.unbind())
+            Ok(py
+                .import("numpy")?
+                .getattr("asarray")?
+                .call1((mem,))?
+                .unbind())
         })
     }
 
