@@ -40,12 +40,17 @@ class Procs:
     def finish(self, p, timeout):
         """Waits up to `timeout` s for `p` (killing it on a timeout); returns
         (exit code, output)."""
+        # Output is small (no pipe fills up), and tests may already have
+        # read lines through p.stdout's buffer, which communicate() would
+        # skip: wait, then read the rest through the same buffer.
         try:
-            out, _ = p.communicate(timeout=timeout)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, _ = p.communicate()
-            raise AssertionError(f"process did not finish within {timeout}s:\n{out}")
+            p.wait()
+            raise AssertionError(
+                f"process did not finish within {timeout}s:\n{p.stdout.read()}") from None
+        out = p.stdout.read()
         return p.returncode, out
 
     def kill_all(self):

@@ -30,7 +30,8 @@ try:
             # Every stage in flight at once.
             hs = [r.dispatch(s, tokens(rank, rnd, s), np.array([rnd, s], np.int64))
                   for s in range(S)]
-            print("dispatched", flush=True)
+            if rnd == 0:
+                print("dispatched", flush=True)
             for s, h in enumerate(hs):
                 if s % 2 == 0:
                     n = r.wait_combine_sum(h, out, timeout=timeout)
