@@ -449,7 +449,13 @@ def _registered(st, worker, key, t):
                         f"register_recv_buffer: worker {worker} key {key}: "
                         f"{src.nbytes} bytes pushed, {dst.nbytes} registered")
                 np.copyto(dst[:src.nbytes], src.view(np.ndarray))
-                return part
+                # The pushed tensor's dtype and shape, over the part's bytes.
+                if _kind(t) == "torch":
+                    import torch
+
+                    return part.reshape(-1).view(torch.uint8)[:src.nbytes] \
+                        .view(t.dtype).reshape(t.shape)
+                return dst[:src.nbytes].view(t.dtype).reshape(t.shape)
     return t
 
 
@@ -457,7 +463,8 @@ def register_recv_buffer(tensor, worker_ranks, push_keys):
     """Names where a worker's pushed tensor should be delivered: ``tensor``
     is split along its first dimension into ``len(worker_ranks)`` parts,
     and part ``i`` receives the tensor worker ``worker_ranks[i]`` pushes
-    with key ``push_keys[i]``; ``get_batch`` returns that part. afmesh
+    with key ``push_keys[i]``; ``get_batch`` returns a tensor over the
+    start of that part, with the pushed tensor's dtype and shape. afmesh
     registers its receive slots once at ``init()``, so the bytes are copied
     from the slot into the part (StepMesh lets the NIC write it)."""
     st = _need("server")

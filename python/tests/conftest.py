@@ -80,7 +80,7 @@ def pair():
     both are shut down at teardown."""
     made = []
 
-    def make(spec, transport="tcp"):
+    def make(spec, transport="tcp", memory=None):
         addr = f"127.0.0.1:{free_port()}"
         got = {}
 
@@ -94,7 +94,7 @@ def pair():
         t = threading.Thread(target=ffn)
         t.start()
         a = afmesh.Mesh(addr, 1, 1, transport=transport, embed_scheduler=True,
-                        setup_timeout=10).attention(spec)
+                        setup_timeout=10).attention(spec, memory=memory)
         t.join(15)
         assert not t.is_alive(), "the FFN rank did not join"
         if "e" in got:

@@ -52,12 +52,18 @@ try:
                 print("running", flush=True)
     elif role == "server":
         me = int(os.environ["DMLC_NODE_RANK"])
+        # Worker w's first tensor of microbatch 0 is delivered into part w.
+        recv = np.zeros((W * 4, 8), np.float32)
+        f.register_recv_buffer(recv, list(range(W)), [gen_push_key(0, 0, w) for w in range(W)])
         for _ in range(iters * STAGES):
             batches = f.get_batch()
             assert len(batches) == W
             for w, (handler, tensors, keys) in enumerate(batches):
                 assert [(k >> 16) & 0xFF for k in keys] == [w, w], keys
                 assert [k & 0xFF for k in keys] == [0, 1], keys
+                if keys[0] == gen_push_key(0, 0, w):
+                    part = recv[w * 4:(w + 1) * 4]
+                    assert np.shares_memory(tensors[0], part), "not the registered buffer"
                 f.respond([(me + 1) * (tensors[0] + tensors[1])], handler)
     f.stop()
     print("ok", flush=True)

@@ -125,21 +125,60 @@ def test_one_call_at_a_time(pair):
     err = []
     t = threading.Thread(target=lambda: err.append(pytest.raises(afmesh.Timeout, f.get_batch, 1)))
     t.start()
-    time.sleep(0.2)  # the thread is blocked inside get_batch (1 s bound)
-    with pytest.raises(afmesh.Busy):
-        f.progress()
+    busy = None
+    while t.is_alive() and busy is None:  # until the thread is inside get_batch
+        try:
+            f.progress()
+        except afmesh.Busy as e:
+            busy = e
     t.join(5)
+    assert busy is not None and "one call at a time" in str(busy)
     assert err
 
 
-def test_caller_memory_and_torch_like_inputs(pair):
-    addr_spec = SPEC
-    a, f = pair(addr_spec)
+def test_other_buffer_kinds(pair):
+    a, f = pair(SPEC)
     x = np.arange(4, dtype=np.float32)
     h = a.dispatch(1, memoryview(x.tobytes()))
     f.respond(f.get_batch(5), [bytearray(x.tobytes())])
     out = bytearray(16)
     assert a.wait_combine_sum(h, out, dtype="f32", timeout=5) == 16
     assert np.array_equal(np.frombuffer(out, np.float32), x)
+
+    class DLPackOnly:  # a producer without the buffer protocol
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __dlpack__(self, **kw):
+            return self.arr.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self.arr.__dlpack_device__()
+
+    h = a.dispatch(0, DLPackOnly(2 * x))
+    b = f.get_batch(5)
+    assert np.array_equal(b.tokens(0, np.float32).reshape(-1), 2 * x)
+    f.respond(b, [DLPackOnly(3 * x)])
+    assert np.array_equal(a.wait_combine(h, 5).partial(0, np.float32).reshape(-1), 3 * x)
     with pytest.raises(afmesh.InvalidArgument, match="neither the buffer protocol"):
         a.dispatch(0, object())
+    with pytest.raises(afmesh.InvalidArgument, match="writable"):
+        a.wait_combine_sum(a.dispatch(0, x), b"read-only bytes.", dtype="f32", timeout=1)
+
+
+def test_caller_memory_receives_the_combine(pair):
+    mesh = afmesh.Mesh("127.0.0.1:1", 1, 1)
+    mem = np.zeros(mesh.attention_memory_len(SPEC), np.uint8)
+    a, f = pair(SPEC, memory=mem)
+    x = np.full(4, 7, np.float32)
+    h = a.dispatch(0, x)
+    f.respond(f.get_batch(5), [x])
+    p = a.wait_combine(h, 5).partial(0, np.float32)
+    assert np.array_equal(p.reshape(-1), x)
+    # The partial is a view of the caller's array: the combine landed there.
+    start = mem.__array_interface__["data"][0]
+    at = p.__array_interface__["data"][0]
+    assert start <= at < start + mem.nbytes
+    assert (mem.view(np.uint8) != 0).any()
+    with pytest.raises(afmesh.InvalidArgument, match="writable"):
+        afmesh.Mesh("127.0.0.1:1", 1, 1).attention(SPEC, memory=bytes(10))
