@@ -84,6 +84,13 @@ impl StageSpec {
 
 /// A mesh to join: its configuration. `Mesh(scheduler, attention, ffn, ...)`
 /// from arguments, `Mesh.from_env()` from `AFMESH_*` / `DMLC_*`.
+///
+/// Keywords: `role` ("attention"/"ffn"), `rank` (preferred rank), `job`,
+/// `host_id`, `transport` ("auto", "tcp", "shm"), `poll` (as AFMESH_POLL),
+/// `setup_timeout` and `io_timeout` (seconds), `embed_scheduler` (run the
+/// rendezvous in this rank), `token` (the cluster token), `cpu` (pin the
+/// thread that joins, and so drives, the rank to this CPU; its waits then
+/// spin without yielding, as AFMESH_CPU).
 #[pyclass(frozen, module = "afmesh._afmesh")]
 pub struct Mesh {
     cfg: MeshConfig,
@@ -233,6 +240,7 @@ impl Mesh {
             Some(r) => mesh.attention_with_region(spec, r),
             None => mesh.attention(spec),
         })?;
+        self.pin()?;
         Ok(AttentionRank::new(rank, keep))
     }
 
@@ -252,6 +260,7 @@ impl Mesh {
             Some(r) => mesh.ffn_with_region(spec, r),
             None => mesh.ffn(spec),
         })?;
+        self.pin()?;
         Ok(FfnRank::new(rank, keep))
     }
 
@@ -269,6 +278,22 @@ impl Mesh {
             _ => Err(to_py(afmesh::Error::Config(
                 "no role configured: set AFMESH_ROLE (or DMLC_ROLE), or pass role=".into(),
             ))),
+        }
+    }
+}
+
+impl Mesh {
+    /// With `cpu=`: pins the calling thread, the one that will drive the
+    /// rank (the library pinned the join thread, which is gone).
+    fn pin(&self) -> PyResult<()> {
+        match self.cfg.cpu {
+            Some(cpu) => afmesh::transport::shm::sys::pin_to_cpu(cpu).map_err(|e| {
+                to_py(afmesh::Error::Io {
+                    op: format!("cpu={cpu}: pin the calling thread"),
+                    source: e,
+                })
+            }),
+            None => Ok(()),
         }
     }
 }
