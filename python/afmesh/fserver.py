@@ -128,18 +128,6 @@ def _need(role):
     return st
 
 
-def _scheduler_addr():
-    addr = os.environ.get("AFMESH_SCHEDULER")
-    if addr:
-        return addr
-    host = os.environ.get("DMLC_PS_ROOT_URI")
-    port = os.environ.get("DMLC_PS_ROOT_PORT")
-    if not host or not port:
-        raise afmesh.ConfigError(
-            "AFMESH_SCHEDULER (or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT) is not set")
-    return f"{host}:{port}"
-
-
 def init():
     """Joins the job in the role ``DMLC_ROLE`` names (default ``server``,
     as StepMesh). Blocks until every rank has joined (the setup barrier)."""
@@ -151,11 +139,7 @@ def init():
         st = _State()
         if role == "scheduler":
             st.role = "scheduler"
-            st.workers = _env_int("DMLC_NUM_WORKER", 1)
-            st.servers = _env_int("DMLC_NUM_SERVER", 1)
-            timeout = _env_int("AFMESH_SETUP_TIMEOUT_MS", 60000) / 1000
-            st.scheduler = afmesh.Scheduler(_scheduler_addr(), st.workers, st.servers,
-                                            join_timeout=timeout)
+            st.scheduler = afmesh.Scheduler.from_env()
             _st = st
             return
         if role not in ("worker", "server"):

@@ -383,6 +383,17 @@ pub struct Scheduler {
     addr: String,
 }
 
+impl Scheduler {
+    fn start(addr: &str, cfg: SchedulerConfig) -> PyResult<Scheduler> {
+        let s = RustScheduler::bind(addr, cfg).map_err(to_py)?;
+        let handle = s.spawn().map_err(to_py)?;
+        Ok(Scheduler {
+            addr: handle.addr().to_string(),
+            handle: Some(handle),
+        })
+    }
+}
+
 #[pymethods]
 impl Scheduler {
     /// Binds `addr` (`host:port`; port 0 picks one) and starts serving a
@@ -410,12 +421,34 @@ impl Scheduler {
             token,
             ..SchedulerConfig::default()
         };
-        let s = RustScheduler::bind(addr, cfg).map_err(to_py)?;
-        let handle = s.spawn().map_err(to_py)?;
-        Ok(Scheduler {
-            addr: handle.addr().to_string(),
-            handle: Some(handle),
+        Self::start(addr, cfg)
+    }
+
+    /// The job's scheduler as the environment describes it, read by the
+    /// library like a rank's configuration (`AFMESH_SCHEDULER` or
+    /// `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`, `AFMESH_NUM_ATTENTION` or
+    /// `DMLC_NUM_WORKER`, `AFMESH_NUM_FFN` or `DMLC_NUM_SERVER`, the job,
+    /// the token, `AFMESH_SETUP_TIMEOUT_MS` as the join timeout); the role
+    /// variables are not read (a StepMesh scheduler has
+    /// `DMLC_ROLE=scheduler`). Binds and starts serving.
+    #[staticmethod]
+    fn from_env() -> PyResult<Scheduler> {
+        let cfg = MeshConfig::from_lookup(|k| match k {
+            "AFMESH_ROLE" | "DMLC_ROLE" => None,
+            _ => std::env::var(k).ok(),
         })
+        .map_err(to_py)?;
+        Self::start(
+            &cfg.scheduler,
+            SchedulerConfig {
+                attention: Some(cfg.attention),
+                ffn: Some(cfg.ffn),
+                job: Some(cfg.job),
+                join_timeout: cfg.setup_timeout,
+                token: cfg.token,
+                ..SchedulerConfig::default()
+            },
+        )
     }
 
     /// Where ranks connect (`host:port`, the bound port).
