@@ -462,6 +462,18 @@ pub const IBV_ACCESS_LOCAL_WRITE: u32 = 1;
 pub const IBV_ACCESS_REMOTE_WRITE: u32 = 1 << 1;
 pub const IBV_ACCESS_REMOTE_READ: u32 = 1 << 2;
 pub const IBV_ACCESS_REMOTE_ATOMIC: u32 = 1 << 3;
+pub const IBV_ACCESS_MW_BIND: u32 = 1 << 4;
+pub const IBV_ACCESS_ZERO_BASED: u32 = 1 << 5;
+pub const IBV_ACCESS_ON_DEMAND: u32 = 1 << 6;
+pub const IBV_ACCESS_HUGETLB: u32 = 1 << 7;
+/// `IBV_ACCESS_FLUSH_GLOBAL` / `_PERSISTENT` (rdma-core 45+ headers).
+pub const IBV_ACCESS_FLUSH_GLOBAL: u32 = 1 << 8;
+pub const IBV_ACCESS_FLUSH_PERSISTENT: u32 = 1 << 9;
+/// `IBV_ACCESS_RELAXED_ORDERING`, the first optional flag.
+pub const IBV_ACCESS_RELAXED_ORDERING: u32 = 1 << 20;
+/// `IBV_ACCESS_OPTIONAL_RANGE`: bits 20..=29, flags a provider must accept
+/// and may ignore.
+pub const IBV_ACCESS_OPTIONAL_RANGE: u32 = ((1 << 29) << 1) - (1 << 20);
 
 pub const IBV_SEND_SIGNALED: u32 = 1 << 1;
 pub const IBV_SEND_SOLICITED: u32 = 1 << 2;

@@ -22,7 +22,7 @@ pub const MAX_SRQ: usize = 256;
 pub const MAX_CH: usize = 256;
 pub const CH_EVENTS: usize = 256;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"SOFTVRB2");
+const MAGIC: u64 = u64::from_le_bytes(*b"SOFTVRB3");
 const FREE: u32 = 0;
 const BUSY: u32 = 1;
 const LIVE: u32 = 2;
@@ -76,6 +76,9 @@ pub struct MrSlot {
     pub _r: AtomicU32,
     pub addr: AtomicU64,
     pub len: AtomicU64,
+    /// The address the region starts at in work requests (`iova` of
+    /// `ibv_reg_mr_iova2`; the virtual address for `ibv_reg_mr`).
+    pub iova: AtomicU64,
 }
 
 // SAFETY: `#[repr(C)]` and made only of atomics (and a `SlotHdr`).

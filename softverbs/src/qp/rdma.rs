@@ -20,10 +20,16 @@ pub(super) fn execute_rdma(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'
     } else {
         IBV_ACCESS_REMOTE_WRITE
     };
-    let ok = t.len == 0
-        || MrEntry::lookup(f, p.rkey)
-            .is_some_and(|m| m.allows(t.pid, t.pd, need, p.remote_addr, t.len));
-    if !ok || t.qp.access.load(Ordering::Acquire) & need != need {
+    let remote = if t.len == 0 {
+        Some(0)
+    } else {
+        MrEntry::lookup(f, p.rkey)
+            .and_then(|m| m.translate(t.pid, t.pd, need, p.remote_addr, t.len))
+    };
+    let Some(remote) = remote else {
+        return Outcome::Fail(IBV_WC_REM_ACCESS_ERR);
+    };
+    if t.qp.access.load(Ordering::Acquire) & need != need {
         return Outcome::Fail(IBV_WC_REM_ACCESS_ERR);
     }
     let recv = if p.opcode == IBV_WR_RDMA_WRITE_WITH_IMM {
@@ -36,7 +42,7 @@ pub(super) fn execute_rdma(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'
         None
     };
     if t.len > 0 {
-        let r = [iov(p.remote_addr, t.len as usize)];
+        let r = [iov(remote, t.len as usize)];
         if let Err(e) = transfer(t.pid, &t.local, &r, !read) {
             return Outcome::Fail(pvm_error(f, t.pid, e));
         }

@@ -34,33 +34,38 @@ pub(super) fn execute_send(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'
         t.qp.state.store(IBV_QPS_ERR, Ordering::Release);
         return Outcome::Fail(IBV_WC_REM_INV_REQ_ERR);
     }
-    let ok = sges.iter().filter(|s| s.length > 0).all(|s| {
-        MrEntry::lookup(f, s.lkey).is_some_and(|m| {
-            m.allows(
-                t.pid,
-                t.pd,
-                IBV_ACCESS_LOCAL_WRITE,
-                s.addr,
-                u64::from(s.length),
-            )
+    // Each entry checked and translated to the target's address, then
+    // scattered into in order, up to the message's length.
+    let targets: Option<Vec<(u64, u64)>> = sges
+        .iter()
+        .filter(|s| s.length > 0)
+        .map(|s| {
+            MrEntry::lookup(f, s.lkey)
+                .and_then(|m| {
+                    m.translate(
+                        t.pid,
+                        t.pd,
+                        IBV_ACCESS_LOCAL_WRITE,
+                        s.addr,
+                        u64::from(s.length),
+                    )
+                })
+                .map(|va| (va, u64::from(s.length)))
         })
-    });
-    if !ok {
+        .collect();
+    let Some(targets) = targets else {
         push_remote(f, t.slot, &recv_fail(IBV_WC_LOC_PROT_ERR), false);
         t.qp.state.store(IBV_QPS_ERR, Ordering::Release);
         return Outcome::Fail(IBV_WC_REM_OP_ERR);
-    }
-    // Scatter into the receive's entries, in order, up to the length.
+    };
     let mut left = t.len;
     let mut remote = Vec::new();
-    for s in sges {
+    for (va, n) in targets {
         if left == 0 {
             break;
         }
-        let n = u64::from(s.length).min(left);
-        if n > 0 {
-            remote.push(iov(s.addr, n as usize));
-        }
+        let n = n.min(left);
+        remote.push(iov(va, n as usize));
         left -= n;
     }
     if t.len > 0 {

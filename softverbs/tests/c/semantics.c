@@ -272,7 +272,28 @@ static int c_mr(void) {
     errno = 0;
     CHECK(ibv_reg_mr(pd, buf, 16, IBV_ACCESS_REMOTE_WRITE) == NULL && errno == EINVAL, "remote write needs local write");
     errno = 0;
-    CHECK(ibv_reg_mr(pd, NULL, 16, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EINVAL, "NULL address");
+    CHECK(ibv_reg_mr(pd, NULL, 16, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EFAULT, "NULL address: EFAULT");
+    /* Optional flags (IBV_ACCESS_OPTIONAL_RANGE) are accepted and may be
+     * ignored, whether they reach ibv_reg_mr_iova2 through the header's
+     * constant-folded path or a runtime value. */
+    struct ibv_mr *ro = ibv_reg_mr(pd, buf, 64, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_RELAXED_ORDERING);
+    CHECK(ro, "relaxed ordering accepted: %s", strerror(errno));
+    volatile unsigned int dyn = IBV_ACCESS_LOCAL_WRITE | (1u << 29) | IBV_ACCESS_HUGETLB | IBV_ACCESS_MW_BIND;
+    struct ibv_mr *ro2 = ibv_reg_mr(pd, buf, 64, dyn);
+    CHECK(ro2, "top optional flag, hugetlb and mw_bind accepted: %s", strerror(errno));
+    CHECK(ibv_dereg_mr(ro2) == 0 && ibv_dereg_mr(ro) == 0, "dereg optional");
+    errno = 0;
+    dyn = IBV_ACCESS_LOCAL_WRITE | (1u << 12);
+    CHECK(ibv_reg_mr(pd, buf, 16, dyn) == NULL && errno == EINVAL, "unknown flag: EINVAL");
+    errno = 0;
+    CHECK(ibv_reg_mr(pd, buf, 16, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_ON_DEMAND) == NULL && errno == EOPNOTSUPP,
+          "on-demand paging: EOPNOTSUPP");
+    errno = 0;
+    CHECK(ibv_reg_mr_iova(pd, buf, 16, (uintptr_t)buf + 1, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EINVAL,
+          "iova with another page offset: EINVAL");
+    errno = 0;
+    CHECK(ibv_reg_dmabuf_mr(pd, 0, 4096, 0, 3, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EOPNOTSUPP,
+          "dma-buf: EOPNOTSUPP");
     CHECK(ibv_dereg_mr(mr2) == 0 && ibv_dereg_mr(mr) == 0, "dereg");
     CHECK(ibv_dealloc_pd(pd) == 0, "dealloc_pd");
     ibv_close_device(c);
@@ -679,6 +700,41 @@ static int c_one_sided(void) {
     return finish_parent(child, "one-sided");
 }
 
+/* Regions registered at an iova other than their address: work requests
+ * name their bytes in iova space, locally (lkey) and remotely (rkey). */
+static int c_iova(void) {
+    pid_t child = fork_peer();
+    struct ep e;
+    ep_open(&e, 16, 0, 8192);
+    struct ibv_qp *qp = make_qp(&e, NULL, 1);
+    uint64_t base = 0x100000000ull + ((uintptr_t)e.buf & 4095);
+    struct ibv_mr *m = ibv_reg_mr_iova(e.pd, e.buf + 4096, 4096, base, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    CHECK(m && m->addr == e.buf + 4096, "reg_mr_iova: %s", strerror(errno));
+    struct info me = my_info(&e, qp), them;
+    me.addr2 = base;
+    me.rkey2 = m->rkey;
+    if (qp->state == IBV_QPS_RESET) to_init(qp);
+    put(&me, sizeof me);
+    get(&them, sizeof them);
+    to_rtr(qp, &them, 1);
+    to_rts(qp, 7);
+    if (child == 0) {
+        char c;
+        get(&c, 1);
+        CHECK(memcmp(e.buf + 4096 + 300, "by iova", 7) == 0, "the write landed at iova + 300");
+        exit(0);
+    }
+    /* The source, named by iova too (offset 16 of the iova region). */
+    memcpy(e.buf + 4096 + 16, "by iova", 7);
+    struct ibv_sge s = {base + 16, 7, m->lkey};
+    CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, them.addr2 + 300, them.rkey2, 0, IBV_SEND_SIGNALED, 1) == 0, "post");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS, "write by iova: %s", ibv_wc_status_str(wc.status));
+    char c = 'g';
+    put(&c, 1);
+    return finish_parent(child, "iova");
+}
+
 static int c_peer_exit(const char *how) {
     pid_t child = fork_peer();
     struct ep e;
@@ -726,6 +782,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "recv-len")) return c_recv_len();
     if (!strcmp(c, "one-sided")) return c_one_sided();
     if (!strcmp(c, "peer-exit")) return c_peer_exit(arg);
+    if (!strcmp(c, "iova")) return c_iova();
     fprintf(stderr, "unknown case %s\n", c);
     return 2;
 }
