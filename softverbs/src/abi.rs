@@ -423,6 +423,7 @@ pub const IBV_NODE_CA: i32 = 1;
 pub const IBV_TRANSPORT_IB: i32 = 0;
 pub const IBV_LINK_LAYER_INFINIBAND: u8 = 1;
 pub const IBV_LINK_LAYER_ETHERNET: u8 = 2;
+pub const IBV_PORT_DOWN: u32 = 1;
 pub const IBV_PORT_ACTIVE: u32 = 4;
 pub const IBV_MTU_4096: u32 = 5;
 pub const IBV_QPT_RC: u32 = 2;
@@ -533,3 +534,34 @@ pub const WC_STATUS_STR: [&std::ffi::CStr; 24] = [
     c"TM error",
     c"TM software rendezvous",
 ];
+
+/// `union` element of `struct ibv_async_event`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union ibv_async_element {
+    /// The CQ, QP, SRQ or WQ.
+    pub ptr: usize,
+    pub port_num: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ibv_async_event {
+    pub element: ibv_async_element,
+    pub event_type: u32,
+}
+
+pub const IBV_EVENT_CQ_ERR: u32 = 0;
+pub const IBV_EVENT_QP_FATAL: u32 = 1;
+pub const IBV_EVENT_QP_REQ_ERR: u32 = 2;
+pub const IBV_EVENT_QP_ACCESS_ERR: u32 = 3;
+pub const IBV_EVENT_COMM_EST: u32 = 4;
+pub const IBV_EVENT_SQ_DRAINED: u32 = 5;
+pub const IBV_EVENT_PATH_MIG: u32 = 6;
+pub const IBV_EVENT_PATH_MIG_ERR: u32 = 7;
+pub const IBV_EVENT_DEVICE_FATAL: u32 = 8;
+pub const IBV_EVENT_PORT_ACTIVE: u32 = 9;
+pub const IBV_EVENT_PORT_ERR: u32 = 10;
+pub const IBV_EVENT_SRQ_ERR: u32 = 14;
+pub const IBV_EVENT_SRQ_LIMIT_REACHED: u32 = 15;
+pub const IBV_EVENT_QP_LAST_WQE_REACHED: u32 = 16;

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::abi::*;
 use crate::channel::Channel;
+use crate::device::Context;
+use crate::events::{Element, EventQueue};
 use crate::fabric::{self, Kind};
 use crate::shm::Mapping;
 use crate::{fabric_or_errno, guard, ring, set_errno};
@@ -31,6 +33,10 @@ pub struct CqShared {
     /// Initiator completions waiting out the emulated acknowledgement
     /// delay, in order (see `qp::ack_delay`).
     pub deferred: Mutex<std::collections::VecDeque<(std::time::Instant, ibv_wc)>>,
+    /// The context's async events, and whether `IBV_EVENT_CQ_ERR` was
+    /// raised for this CQ's overflow.
+    pub events: Arc<EventQueue>,
+    pub overflow_reported: std::sync::atomic::AtomicBool,
 }
 
 impl CqShared {
@@ -97,6 +103,8 @@ pub unsafe extern "C" fn ibv_create_cq(
             }
         };
         f.publish(Kind::Cq, slot);
+        // SAFETY: contexts handed out are `Context`s.
+        let events = unsafe { (*ctx.cast::<Context>()).events.clone() };
         let cq = Box::new(Cq {
             ibv: ibv_cq {
                 context: ctx,
@@ -115,6 +123,8 @@ pub unsafe extern "C" fn ibv_create_cq(
                 ring,
                 name,
                 deferred: Mutex::new(std::collections::VecDeque::new()),
+                events,
+                overflow_reported: std::sync::atomic::AtomicBool::new(false),
             }),
         });
         let p = Box::into_raw(cq);
@@ -140,6 +150,7 @@ pub unsafe extern "C" fn ibv_destroy_cq(cq: *mut ibv_cq) -> i32 {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&c.shared.slot);
+        c.shared.events.forget(Element::Cq(cq as usize));
         if !c.ibv.channel.is_null() {
             // SAFETY: the channel outlives its CQs (EBUSY otherwise).
             unsafe { (*c.ibv.channel).refcnt -= 1 };
@@ -174,6 +185,16 @@ pub unsafe extern "C" fn poll_cq(cq: *mut ibv_cq, n: i32, wc: *mut ibv_wc) -> i3
         match ring::cq_pop(&c.shared.ring, out) {
             Ok(k) => k as i32,
             Err(()) => {
+                // The overflow is also an affiliated async event, once.
+                if !c
+                    .shared
+                    .overflow_reported
+                    .swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    c.shared
+                        .events
+                        .raise(IBV_EVENT_CQ_ERR, Element::Cq(cq as usize));
+                }
                 set_errno(libc::EOVERFLOW);
                 -1
             }

@@ -4,10 +4,11 @@
 
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::abi::*;
 use crate::cq::{poll_cq, req_notify_cq, MAX_CQE};
+use crate::events::EventQueue;
 use crate::srq::post_srq_recv;
 use crate::{fabric, fabric_or_errno, guard, qp, ring, set_errno};
 
@@ -122,6 +123,12 @@ pub(crate) fn resolve(ah: &ibv_ah_attr) -> Option<usize> {
 #[no_mangle]
 pub unsafe extern "C" fn ibv_get_device_list(num: *mut i32) -> *mut *mut ibv_device {
     guard(ptr::null_mut(), || {
+        if let Err(e) = crate::fault::get() {
+            // A mistyped fault must not pass as a run without faults.
+            eprintln!("softverbs: {e}");
+            set_errno(libc::EINVAL);
+            return ptr::null_mut();
+        }
         let devs = devices();
         // SAFETY: calloc of n+1 pointers; freed by `ibv_free_device_list`.
         let list = unsafe { libc::calloc(devs.len() + 1, std::mem::size_of::<*mut ibv_device>()) }
@@ -177,6 +184,8 @@ pub unsafe extern "C" fn ibv_get_device_guid(dev: *mut ibv_device) -> u64 {
 pub struct Context {
     pub ibv: ibv_context,
     pub dev: usize,
+    /// Its asynchronous events; `ibv.async_fd` is this queue's fd.
+    pub events: Arc<EventQueue>,
 }
 
 pub(crate) fn ops() -> ibv_context_ops {
@@ -200,8 +209,15 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut ibv_device) -> *mut ibv_conte
             return ptr::null_mut();
         };
         fabric_or_errno();
-        // SAFETY: eventfd with no flags beyond CLOEXEC.
-        let async_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let events = match EventQueue::new() {
+            Ok(q) => q,
+            Err(e) => {
+                set_errno(e.raw_os_error().unwrap_or(libc::EMFILE));
+                return ptr::null_mut();
+            }
+        };
+        crate::fault::context_opened(&events);
+        let async_fd = events.fd();
         let ctx = Box::new(Context {
             ibv: ibv_context {
                 device: dev,
@@ -213,6 +229,7 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut ibv_device) -> *mut ibv_conte
                 abi_compat: ptr::null_mut(),
             },
             dev: d.index,
+            events,
         });
         Box::into_raw(ctx).cast()
     })
@@ -226,11 +243,8 @@ pub unsafe extern "C" fn ibv_close_device(ctx: *mut ibv_context) -> i32 {
         return libc::EINVAL;
     }
     // SAFETY: from `Box::into_raw` in `ibv_open_device`, closed once.
-    let c = unsafe { Box::from_raw(ctx.cast::<Context>()) };
-    if c.ibv.async_fd >= 0 {
-        // SAFETY: our eventfd.
-        unsafe { libc::close(c.ibv.async_fd) };
-    }
+    // Its event queue (and fd) goes with the last object that uses it.
+    drop(unsafe { Box::from_raw(ctx.cast::<Context>()) });
     0
 }
 
@@ -300,8 +314,9 @@ pub unsafe extern "C" fn ibv_query_port(
         if port != 1 {
             return libc::EINVAL;
         }
+        let down = crate::fault::port_down();
         let a = ibv_port_attr {
-            state: IBV_PORT_ACTIVE,
+            state: if down { IBV_PORT_DOWN } else { IBV_PORT_ACTIVE },
             max_mtu: IBV_MTU_4096,
             active_mtu: IBV_MTU_4096,
             gid_tbl_len: 2,
@@ -314,7 +329,8 @@ pub unsafe extern "C" fn ibv_query_port(
             max_vl_num: 1,
             active_width: 2,
             active_speed: 32,
-            phys_state: 5,
+            // 5: LinkUp; 3: Disabled.
+            phys_state: if down { 3 } else { 5 },
             link_layer: if ethernet() {
                 IBV_LINK_LAYER_ETHERNET
             } else {

@@ -110,6 +110,47 @@ fn regions_at_an_iova_are_named_by_it() {
 }
 
 #[test]
+fn fault_switch_fails_the_nth_work_request() {
+    semantic(
+        "fault-wr",
+        None,
+        &[("SOFTVERBS_FAULT", "wr:2:REM_ACCESS_ERR")],
+    );
+}
+
+#[test]
+fn fault_switch_per_queue_pair() {
+    semantic(
+        "fault-qp",
+        None,
+        &[("SOFTVERBS_FAULT", "qp:2:wr:1:ibv_wc_retry_exc_err")],
+    );
+}
+
+#[test]
+fn fault_switch_qp_fatal_raises_async_events() {
+    semantic("fault-fatal", None, &[("SOFTVERBS_FAULT", "wr:1:fatal")]);
+}
+
+#[test]
+fn fault_switch_port_down_and_up() {
+    semantic(
+        "fault-port",
+        None,
+        &[("SOFTVERBS_FAULT", "port-err:100,port-active:1500")],
+    );
+}
+
+#[test]
+fn fault_switch_typo_is_an_error() {
+    semantic(
+        "fault-typo",
+        None,
+        &[("SOFTVERBS_FAULT", "wr:1:REM_ACCES_ERR")],
+    );
+}
+
+#[test]
 fn qp_state_machine_and_attribute_masks() {
     semantic("qp-state", None, &[]);
 }

@@ -263,6 +263,9 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
     let Some(remote) = &inner.remote else {
         return no_answer("no destination".into());
     };
+    if crate::fault::port_down() {
+        return no_answer("the port is down (SOFTVERBS_FAULT)".into());
+    }
     let (rslot, rgen) = fabric::qpn_parts(remote.qpn);
     let Some(rpid) = f.live(Kind::Qp, rslot, rgen) else {
         return no_answer(format!("QP {:#x} does not exist", remote.qpn));

@@ -20,7 +20,9 @@ use std::time::Instant;
 use crate::abi::*;
 use crate::cq::{Cq, CqShared};
 use crate::device::Context;
+use crate::events::{Element, EventQueue};
 use crate::fabric::{self, Kind};
+use crate::fault::Action;
 use crate::memory::pd_id;
 use crate::ring::{self, MAX_SGE};
 use crate::shm::Mapping;
@@ -58,6 +60,8 @@ struct Pending {
     inline: Option<Vec<u8>>,
     remote_addr: u64,
     rkey: u32,
+    /// What the fault switch does instead of executing it.
+    fault: Option<Action>,
 }
 
 #[derive(Debug)]
@@ -69,6 +73,11 @@ struct Inner {
     rnr_tries: u32,
     retry_tries: u32,
     next_try: Instant,
+    /// Work requests posted on this QP so far (for the fault switch).
+    posted: u64,
+    /// The `ibv_qp *` the program holds (0 once destroyed): what async
+    /// events name. Changed only under this lock.
+    handle: usize,
 }
 
 /// What peers and the progress thread share with the handle.
@@ -85,6 +94,10 @@ pub struct QpShared {
     /// Keeps the SRQ's shared part alive while this QP uses it.
     _srq: Option<Arc<SrqShared>>,
     rq: Option<(Arc<Mapping>, String)>,
+    /// The context's async events.
+    events: Arc<EventQueue>,
+    /// Which QP of this process it is, from 1 (for the fault switch).
+    ordinal: u64,
     inner: Mutex<Inner>,
 }
 
@@ -155,7 +168,12 @@ pub unsafe extern "C" fn ibv_create_qp(
             )
         };
         // SAFETY: contexts are `Context`s.
-        let dev = unsafe { (*ctx.cast::<Context>()).dev };
+        let (dev, events) = unsafe {
+            let c = &*ctx.cast::<Context>();
+            (c.dev, c.events.clone())
+        };
+        static ORDINAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let ordinal = ORDINAL.fetch_add(1, Ordering::Relaxed) + 1;
         let Some((slot, gen)) = f.claim(Kind::Qp) else {
             return errno_null(libc::ENOMEM);
         };
@@ -201,6 +219,8 @@ pub unsafe extern "C" fn ibv_create_qp(
             recv_cq,
             _srq: srq_shared,
             rq,
+            events,
+            ordinal,
             inner: Mutex::new(Inner {
                 state: IBV_QPS_RESET,
                 attr: ibv_qp_attr::default(),
@@ -209,6 +229,8 @@ pub unsafe extern "C" fn ibv_create_qp(
                 rnr_tries: 0,
                 retry_tries: 0,
                 next_try: Instant::now(),
+                posted: 0,
+                handle: 0,
             }),
         });
         let qp = Box::new(Qp {
@@ -229,7 +251,10 @@ pub unsafe extern "C" fn ibv_create_qp(
             },
             shared,
         });
-        Box::into_raw(qp).cast()
+        let sh = qp.shared.clone();
+        let p = Box::into_raw(qp);
+        sh.inner.lock().unwrap_or_else(|e| e.into_inner()).handle = p as usize;
+        p.cast()
     })
 }
 
@@ -243,6 +268,14 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut ibv_qp) -> i32 {
         }
         // SAFETY: from `Box::into_raw`, destroyed once.
         let q = unsafe { Box::from_raw(qp.cast::<Qp>()) };
+        // No event names it from here on (the progress thread may still
+        // hold the shared part for a moment).
+        q.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handle = 0;
+        q.shared.events.forget(Element::Qp(qp as usize));
         if let Ok(f) = fabric::get() {
             f.qp(q.shared.slot)
                 .state

@@ -118,6 +118,7 @@ pub unsafe extern "C" fn post_send(
             }
             e
         };
+        let faults = crate::fault::get().ok();
         if !matches!(inner.state, IBV_QPS_RTS | IBV_QPS_SQD | IBV_QPS_ERR) {
             return fail(libc::EINVAL, wr);
         }
@@ -164,6 +165,8 @@ pub unsafe extern "C" fn post_send(
             } else {
                 None
             };
+            inner.posted += 1;
+            let fault = faults.and_then(|f| f.on_post(sh.ordinal, inner.posted));
             inner.pending.push_back(Pending {
                 wr_id: w.wr_id,
                 opcode: w.opcode,
@@ -173,6 +176,7 @@ pub unsafe extern "C" fn post_send(
                 inline,
                 remote_addr: w.wr.remote_addr,
                 rkey: w.rdma_rkey(),
+                fault,
             });
             wr = w.next;
         }

@@ -11,7 +11,9 @@ use super::execute::{execute, Outcome};
 use super::{Inner, Pending, QpShared};
 use crate::abi::*;
 use crate::cq::CqShared;
+use crate::events::Element;
 use crate::fabric::{self, Fabric};
+use crate::fault::Action;
 use crate::ring;
 
 fn wc_opcode(op: u32) -> u32 {
@@ -34,6 +36,23 @@ pub(super) fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
             inner.pending.push_front(p);
             schedule(sh);
             return;
+        }
+        match p.fault {
+            Some(Action::Status(status)) => {
+                complete(f, sh, &p, status, 0);
+                enter_error(f, sh, inner);
+                continue;
+            }
+            Some(Action::Fatal) => {
+                if inner.handle != 0 {
+                    sh.events
+                        .raise(IBV_EVENT_QP_FATAL, Element::Qp(inner.handle));
+                }
+                enter_error(f, sh, inner);
+                complete(f, sh, &p, IBV_WC_WR_FLUSH_ERR, 0);
+                continue;
+            }
+            None => {}
         }
         // The status to complete `p` with, or the wait before its retry.
         let status = match execute(f, sh, inner, &p) {
@@ -116,14 +135,26 @@ fn enter_error(f: &Fabric, sh: &QpShared, inner: &mut Inner) {
         inner.state = IBV_QPS_ERR;
         f.qp(sh.slot).state.store(IBV_QPS_ERR, Ordering::Release);
         flush_rq(f, sh);
+        last_wqe(sh, inner);
     }
 }
 
+/// A QP on an SRQ that enters the error state consumes no more of its
+/// receives: `IBV_EVENT_QP_LAST_WQE_REACHED`, as the IB spec requires.
+fn last_wqe(sh: &QpShared, inner: &Inner) {
+    if sh._srq.is_some() && inner.handle != 0 {
+        sh.events
+            .raise(IBV_EVENT_QP_LAST_WQE_REACHED, Element::Qp(inner.handle));
+    }
+}
+
+/// `ibv_modify_qp` to the error state (from another state).
 pub(super) fn to_error(f: &Fabric, sh: &Arc<QpShared>) {
     let mut inner = sh.inner.lock().unwrap_or_else(|p| p.into_inner());
     inner.state = IBV_QPS_ERR;
     f.qp(sh.slot).state.store(IBV_QPS_ERR, Ordering::Release);
     flush_rq(f, sh);
+    last_wqe(sh, &inner);
     progress(f, sh, &mut inner);
 }
 

@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -178,6 +180,43 @@ static int post(struct ibv_qp *qp, int op, struct ibv_sge *sg, int nsge, uint64_
     wr.wr.rdma.remote_addr = raddr;
     wr.wr.rdma.rkey = rkey;
     return ibv_post_send(qp, &wr, &bad);
+}
+
+/* Waits up to timeout_ms for an async event: poll(2) on the context's
+ * async fd, then ibv_get_async_event (which would block otherwise). */
+static struct ibv_async_event wait_event(struct ibv_context *c, int timeout_ms) {
+    struct pollfd p = {.fd = c->async_fd, .events = POLLIN};
+    CHECK(poll(&p, 1, timeout_ms) == 1, "no async event within %d ms", timeout_ms);
+    struct ibv_async_event ev;
+    CHECK(ibv_get_async_event(c, &ev) == 0, "get_async_event: %s", strerror(errno));
+    return ev;
+}
+
+/* No event waits: the fd is not readable, and a non-blocking get says EAGAIN. */
+static int no_event(struct ibv_context *c) {
+    struct pollfd p = {.fd = c->async_fd, .events = POLLIN};
+    if (poll(&p, 1, 0) != 0) return 0;
+    int fl = fcntl(c->async_fd, F_GETFL);
+    CHECK(fcntl(c->async_fd, F_SETFL, fl | O_NONBLOCK) == 0, "O_NONBLOCK");
+    struct ibv_async_event ev;
+    errno = 0;
+    int r = ibv_get_async_event(c, &ev);
+    int eagain = r == -1 && errno == EAGAIN;
+    CHECK(fcntl(c->async_fd, F_SETFL, fl) == 0, "restore flags");
+    return eagain;
+}
+
+/* A QP connected to itself, in RTS. */
+static struct ibv_qp *loop_qp(struct ep *e, struct ibv_srq *srq, int retry_cnt) {
+    struct ibv_qp *qp = make_qp(e, srq, 1);
+    to_init(qp);
+    struct info self = my_info(e, qp);
+    to_rtr(qp, &self, 1);
+    struct ibv_qp_attr a = {.qp_state = IBV_QPS_RTS, .timeout = 10, .retry_cnt = (uint8_t)retry_cnt, .rnr_retry = 7,
+                            .sq_psn = 0, .max_rd_atomic = 1};
+    CHECK(ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
+                                    IBV_QP_MAX_QP_RD_ATOMIC) == 0, "to RTS");
+    return qp;
 }
 
 static pid_t fork_peer(void) {
@@ -376,6 +415,11 @@ static int c_cq_overflow(void) {
     usleep(200 * 1000);
     struct ibv_wc wc[8];
     CHECK(ibv_poll_cq(e.cq, 8, wc) < 0, "an overflowed CQ reports an error");
+    struct ibv_async_event ev = wait_event(e.ctx, 1000);
+    CHECK(ev.event_type == IBV_EVENT_CQ_ERR && ev.element.cq == e.cq, "CQ_ERR event, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(ibv_poll_cq(e.cq, 8, wc) < 0 && no_event(e.ctx), "CQ_ERR is raised once");
     printf("cq-overflow ok\n");
     return 0;
 }
@@ -735,6 +779,107 @@ static int c_iova(void) {
     return finish_parent(child, "iova");
 }
 
+/* SOFTVERBS_FAULT=wr:2:REM_ACCESS_ERR: the second work request of the
+ * process fails with that status and is not executed; the QP is in error
+ * and what follows flushes. */
+static int c_fault_wr(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *qp = loop_qp(&e, NULL, 7);
+    CHECK(no_event(e.ctx), "no event yet");
+    for (int i = 0; i < 3; i++) {
+        e.buf[i] = (char)('a' + i);
+        struct ibv_sge s = {(uintptr_t)e.buf + i, 1, e.mr->lkey};
+        CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 100 + i, e.mr->rkey, 0, IBV_SEND_SIGNALED, i) == 0,
+              "post %d", i);
+    }
+    enum ibv_wc_status want[3] = {IBV_WC_SUCCESS, IBV_WC_REM_ACCESS_ERR, IBV_WC_WR_FLUSH_ERR};
+    for (int i = 0; i < 3; i++) {
+        struct ibv_wc wc = wait_wc(e.cq);
+        CHECK(wc.wr_id == (uint64_t)i && wc.status == want[i], "wr %d: %s", i, ibv_wc_status_str(wc.status));
+    }
+    CHECK(e.buf[100] == 'a' && e.buf[101] == 0 && e.buf[102] == 0, "only the first write landed");
+    struct ibv_qp_attr a;
+    struct ibv_qp_init_attr ia;
+    CHECK(ibv_query_qp(qp, &a, IBV_QP_STATE, &ia) == 0 && a.qp_state == IBV_QPS_ERR, "QP in error");
+    CHECK(no_event(e.ctx), "an error completion raises no async event");
+    printf("fault-wr ok\n");
+    return 0;
+}
+
+/* SOFTVERBS_FAULT=qp:2:wr:1:RETRY_EXC_ERR: only the second QP's first
+ * work request fails; the first QP works on. */
+static int c_fault_qp(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *q1 = loop_qp(&e, NULL, 7), *q2 = loop_qp(&e, NULL, 7);
+    struct ibv_sge s = {(uintptr_t)e.buf, 8, e.mr->lkey};
+    CHECK(post(q1, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 1) == 0, "post");
+    CHECK(wait_wc(e.cq).status == IBV_WC_SUCCESS, "QP 1, WR 1");
+    CHECK(post(q2, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 2) == 0, "post");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.wr_id == 2 && wc.qp_num == q2->qp_num && wc.status == IBV_WC_RETRY_EXC_ERR, "QP 2, WR 1: %s",
+          ibv_wc_status_str(wc.status));
+    CHECK(post(q1, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 3) == 0, "post");
+    CHECK(wait_wc(e.cq).status == IBV_WC_SUCCESS, "QP 1, WR 2");
+    printf("fault-qp ok\n");
+    return 0;
+}
+
+/* SOFTVERBS_FAULT=wr:1:fatal on a QP of an SRQ: QP_FATAL and
+ * QP_LAST_WQE_REACHED on the async fd, the work request flushed. */
+static int c_fault_fatal(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_srq_init_attr sa = {.attr = {.max_wr = 16, .max_sge = 1}};
+    struct ibv_srq *srq = ibv_create_srq(e.pd, &sa);
+    CHECK(srq, "create_srq");
+    struct ibv_qp *qp = loop_qp(&e, srq, 7);
+    struct ibv_sge s = {(uintptr_t)e.buf, 8, e.mr->lkey};
+    CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, 0, 7) == 0, "post (unsignaled)");
+    struct ibv_async_event ev = wait_event(e.ctx, 2000);
+    CHECK(ev.event_type == IBV_EVENT_QP_FATAL && ev.element.qp == qp, "QP_FATAL, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    ev = wait_event(e.ctx, 2000);
+    CHECK(ev.event_type == IBV_EVENT_QP_LAST_WQE_REACHED && ev.element.qp == qp, "LAST_WQE_REACHED, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(qp->events_completed == 2, "acks counted on the QP");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.wr_id == 7 && wc.status == IBV_WC_WR_FLUSH_ERR, "flushed: %s", ibv_wc_status_str(wc.status));
+    CHECK(no_event(e.ctx), "nothing more");
+    CHECK(ibv_destroy_qp(qp) == 0 && ibv_destroy_srq(srq) == 0, "destroy");
+    printf("fault-fatal ok\n");
+    return 0;
+}
+
+/* SOFTVERBS_FAULT=port-err:100,port-active:1500: PORT_ERR, the port
+ * reported down, work gets no answer (RETRY_EXC_ERR), then PORT_ACTIVE. */
+static int c_fault_port(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *qp = loop_qp(&e, NULL, 2);
+    struct ibv_port_attr pa;
+    CHECK(ibv_query_port(e.ctx, 1, &pa) == 0 && pa.state == IBV_PORT_ACTIVE, "active at first");
+    struct ibv_async_event ev = wait_event(e.ctx, 1000);
+    CHECK(ev.event_type == IBV_EVENT_PORT_ERR && ev.element.port_num == 1, "PORT_ERR, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(ibv_query_port(e.ctx, 1, &pa) == 0 && pa.state == IBV_PORT_DOWN, "down: %d", pa.state);
+    struct ibv_sge s = {(uintptr_t)e.buf, 8, e.mr->lkey};
+    CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 1) == 0, "post");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_RETRY_EXC_ERR, "no answer while down: %s", ibv_wc_status_str(wc.status));
+    ev = wait_event(e.ctx, 3000);
+    CHECK(ev.event_type == IBV_EVENT_PORT_ACTIVE && ev.element.port_num == 1, "PORT_ACTIVE, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(ibv_query_port(e.ctx, 1, &pa) == 0 && pa.state == IBV_PORT_ACTIVE, "active again");
+    printf("fault-port ok\n");
+    return 0;
+}
+
 static int c_peer_exit(const char *how) {
     pid_t child = fork_peer();
     struct ep e;
@@ -783,6 +928,16 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "one-sided")) return c_one_sided();
     if (!strcmp(c, "peer-exit")) return c_peer_exit(arg);
     if (!strcmp(c, "iova")) return c_iova();
+    if (!strcmp(c, "fault-wr")) return c_fault_wr();
+    if (!strcmp(c, "fault-qp")) return c_fault_qp();
+    if (!strcmp(c, "fault-fatal")) return c_fault_fatal();
+    if (!strcmp(c, "fault-port")) return c_fault_port();
+    if (!strcmp(c, "fault-typo")) {
+        errno = 0;
+        CHECK(ibv_get_device_list(NULL) == NULL && errno == EINVAL, "a malformed SOFTVERBS_FAULT fails device listing");
+        printf("fault-typo ok\n");
+        return 0;
+    }
     fprintf(stderr, "unknown case %s\n", c);
     return 2;
 }
