@@ -424,6 +424,11 @@ pub const IBV_TRANSPORT_IB: i32 = 0;
 pub const IBV_LINK_LAYER_INFINIBAND: u8 = 1;
 pub const IBV_LINK_LAYER_ETHERNET: u8 = 2;
 pub const IBV_PORT_DOWN: u32 = 1;
+pub const IBV_PORT_IP_BASED_GIDS: u32 = 1 << 26;
+pub const IBV_DEVICE_CURR_QP_STATE_MOD: u32 = 1 << 7;
+pub const IBV_DEVICE_PORT_ACTIVE_EVENT: u32 = 1 << 10;
+pub const IBV_DEVICE_SYS_IMAGE_GUID: u32 = 1 << 11;
+pub const IBV_DEVICE_RC_RNR_NAK_GEN: u32 = 1 << 12;
 pub const IBV_PORT_ACTIVE: u32 = 4;
 pub const IBV_MTU_4096: u32 = 5;
 pub const IBV_QPT_RC: u32 = 2;
@@ -534,6 +539,20 @@ pub const WC_STATUS_STR: [&std::ffi::CStr; 24] = [
     c"TM error",
     c"TM software rendezvous",
 ];
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ibv_gid_entry {
+    pub gid: ibv_gid,
+    pub gid_index: u32,
+    pub port_num: u32,
+    pub gid_type: u32,
+    pub ndev_ifindex: u32,
+}
+
+pub const IBV_GID_TYPE_IB: u32 = 0;
+pub const IBV_GID_TYPE_ROCE_V1: u32 = 1;
+pub const IBV_GID_TYPE_ROCE_V2: u32 = 2;
 
 /// `union` element of `struct ibv_async_event`.
 #[repr(C)]

@@ -37,6 +37,8 @@ pub struct CqShared {
     /// raised for this CQ's overflow.
     pub events: Arc<EventQueue>,
     pub overflow_reported: std::sync::atomic::AtomicBool,
+    /// Queue pairs using it (destroying it meanwhile is EBUSY).
+    pub users: std::sync::atomic::AtomicUsize,
 }
 
 impl CqShared {
@@ -70,13 +72,14 @@ pub unsafe extern "C" fn ibv_create_cq(
     cqe: i32,
     cq_context: *mut c_void,
     channel: *mut ibv_comp_channel,
-    _comp_vector: i32,
+    comp_vector: i32,
 ) -> *mut ibv_cq {
     guard(ptr::null_mut(), || {
         let Some(f) = fabric_or_errno() else {
             return ptr::null_mut();
         };
-        if ctx.is_null() || cqe < 1 || cqe as u32 > MAX_CQE {
+        // One completion vector (`num_comp_vectors`).
+        if ctx.is_null() || cqe < 1 || cqe as u32 > MAX_CQE || comp_vector != 0 {
             set_errno(libc::EINVAL);
             return ptr::null_mut();
         }
@@ -125,6 +128,7 @@ pub unsafe extern "C" fn ibv_create_cq(
                 deferred: Mutex::new(std::collections::VecDeque::new()),
                 events,
                 overflow_reported: std::sync::atomic::AtomicBool::new(false),
+                users: std::sync::atomic::AtomicUsize::new(0),
             }),
         });
         let p = Box::into_raw(cq);
@@ -143,6 +147,11 @@ pub unsafe extern "C" fn ibv_destroy_cq(cq: *mut ibv_cq) -> i32 {
     guard(libc::EIO, || {
         if cq.is_null() {
             return libc::EINVAL;
+        }
+        // SAFETY: a live CQ.
+        let users = unsafe { &(&*cq.cast::<Cq>()).shared.users };
+        if users.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return libc::EBUSY;
         }
         // SAFETY: from `Box::into_raw` in `ibv_create_cq`, destroyed once.
         let c = unsafe { Box::from_raw(cq.cast::<Cq>()) };

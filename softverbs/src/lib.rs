@@ -63,11 +63,13 @@ mod device;
 mod events;
 mod fabric;
 mod fault;
+mod gid;
 mod memory;
 mod qp;
 mod ring;
 mod shm;
 mod srq;
+mod unsupported;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

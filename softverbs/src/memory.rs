@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 use std::ptr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::abi::*;
 use crate::fabric::{self, Kind};
@@ -14,6 +14,23 @@ use crate::{fabric_or_errno, guard, set_errno};
 pub struct Pd {
     pub ibv: ibv_pd,
     pub id: u32,
+    /// Memory regions, queue pairs and SRQs created on it: while any
+    /// lives, deallocating it is EBUSY, as the kernel answers.
+    pub users: AtomicUsize,
+}
+
+/// Counts one more (`up`) or one fewer object on `pd`.
+pub(crate) fn pd_use(pd: *const ibv_pd, up: bool) {
+    if pd.is_null() {
+        return;
+    }
+    // SAFETY: PDs handed out are `Pd`s, live while objects use them.
+    let u = unsafe { &(*pd.cast::<Pd>()).users };
+    if up {
+        u.fetch_add(1, Ordering::AcqRel);
+    } else {
+        u.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub(crate) fn pd_id(pd: *const ibv_pd) -> Option<u32> {
@@ -43,6 +60,7 @@ pub unsafe extern "C" fn ibv_alloc_pd(ctx: *mut ibv_context) -> *mut ibv_pd {
                 handle: id,
             },
             id,
+            users: AtomicUsize::new(0),
         }))
         .cast()
     })
@@ -54,6 +72,10 @@ pub unsafe extern "C" fn ibv_alloc_pd(ctx: *mut ibv_context) -> *mut ibv_pd {
 pub unsafe extern "C" fn ibv_dealloc_pd(pd: *mut ibv_pd) -> i32 {
     if pd.is_null() {
         return libc::EINVAL;
+    }
+    // SAFETY: a live PD.
+    if unsafe { (*pd.cast::<Pd>()).users.load(Ordering::Acquire) } > 0 {
+        return libc::EBUSY;
     }
     // SAFETY: from `Box::into_raw` in `ibv_alloc_pd`, freed once.
     drop(unsafe { Box::from_raw(pd.cast::<Pd>()) });
@@ -205,6 +227,7 @@ pub unsafe extern "C" fn ibv_reg_mr_iova2(
         f.publish(Kind::Mr, slot);
         // SAFETY: `pd` is a live PD (checked non-NULL above).
         let context = unsafe { (*pd).context };
+        pd_use(pd, true);
         Box::into_raw(Box::new(Mr {
             ibv: ibv_mr {
                 context,
@@ -249,6 +272,7 @@ pub unsafe extern "C" fn ibv_dereg_mr(mr: *mut ibv_mr) -> i32 {
         }
         // SAFETY: from `Box::into_raw` in `ibv_reg_mr_iova2`, freed once.
         let m = unsafe { Box::from_raw(mr.cast::<Mr>()) };
+        pd_use(m.ibv.pd, false);
         if let Ok(f) = fabric::get() {
             f.release(Kind::Mr, m.slot);
         }

@@ -26,6 +26,8 @@ pub struct SrqShared {
     pub max_sge: u32,
     pub max_wr: u32,
     pub limit: AtomicU32,
+    /// Queue pairs created on it (destroying it meanwhile is EBUSY).
+    pub users: std::sync::atomic::AtomicUsize,
 }
 
 /// # Safety
@@ -74,6 +76,7 @@ pub unsafe extern "C" fn ibv_create_srq(
         f.publish(Kind::Srq, slot);
         // SAFETY: `pd` is live.
         let context = unsafe { (*pd).context };
+        crate::memory::pd_use(pd, true);
         let srq = Box::new(Srq {
             ibv: ibv_srq {
                 context,
@@ -92,6 +95,7 @@ pub unsafe extern "C" fn ibv_create_srq(
                 max_sge: a.attr.max_sge.max(1),
                 max_wr: a.attr.max_wr,
                 limit: AtomicU32::new(a.attr.srq_limit),
+                users: std::sync::atomic::AtomicUsize::new(0),
             }),
         });
         Box::into_raw(srq).cast()
@@ -106,8 +110,13 @@ pub unsafe extern "C" fn ibv_destroy_srq(srq: *mut ibv_srq) -> i32 {
         if srq.is_null() {
             return libc::EINVAL;
         }
+        // SAFETY: a live SRQ.
+        if unsafe { (&*srq.cast::<Srq>()).shared.users.load(Ordering::Acquire) } > 0 {
+            return libc::EBUSY;
+        }
         // SAFETY: from `Box::into_raw`, destroyed once.
         let s = unsafe { Box::from_raw(srq.cast::<Srq>()) };
+        crate::memory::pd_use(s.ibv.pd, false);
         if let Ok(f) = fabric::get() {
             f.release(Kind::Srq, s.shared.slot);
         }

@@ -304,7 +304,7 @@ fn rc_pingpong_large_gid_checked() {
 fn rc_pingpong_roce_gid() {
     pingpong(
         "ibv_rc_pingpong",
-        &["-g", "1", "-s", "8192", "-n", "200"],
+        &["-g", "3", "-s", "8192", "-n", "200"],
         &[("SOFTVERBS_LINK_LAYER", "ethernet")],
     );
 }

@@ -36,6 +36,8 @@ use progress::to_error;
 pub const MAX_WR: u32 = 16384;
 /// Most inline bytes per work request.
 pub const MAX_INLINE: u32 = 1024;
+/// Most outstanding RDMA READs per QP, either direction.
+pub const MAX_RD_ATOMIC: u32 = 16;
 
 /// The handle the program holds.
 #[repr(C)]
@@ -252,6 +254,13 @@ pub unsafe extern "C" fn ibv_create_qp(
             shared,
         });
         let sh = qp.shared.clone();
+        // What it uses cannot go away under it (EBUSY until destroyed).
+        crate::memory::pd_use(pd, true);
+        sh.send_cq.users.fetch_add(1, Ordering::AcqRel);
+        sh.recv_cq.users.fetch_add(1, Ordering::AcqRel);
+        if let Some(s) = &sh._srq {
+            s.users.fetch_add(1, Ordering::AcqRel);
+        }
         let p = Box::into_raw(qp);
         sh.inner.lock().unwrap_or_else(|e| e.into_inner()).handle = p as usize;
         p.cast()
@@ -276,6 +285,12 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut ibv_qp) -> i32 {
             .unwrap_or_else(|e| e.into_inner())
             .handle = 0;
         q.shared.events.forget(Element::Qp(qp as usize));
+        crate::memory::pd_use(q.ibv.pd, false);
+        q.shared.send_cq.users.fetch_sub(1, Ordering::AcqRel);
+        q.shared.recv_cq.users.fetch_sub(1, Ordering::AcqRel);
+        if let Some(s) = &q.shared._srq {
+            s.users.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Ok(f) = fabric::get() {
             f.qp(q.shared.slot)
                 .state
@@ -377,6 +392,25 @@ pub unsafe extern "C" fn ibv_modify_qp(qp: *mut ibv_qp, attr: *mut ibv_qp_attr, 
             || mask & IBV_QP_RETRY_CNT != 0 && a.retry_cnt > 7
         {
             return libc::EINVAL;
+        }
+        // At most what `ibv_query_device` offers (max_qp_init_rd_atom,
+        // max_qp_rd_atom).
+        if mask & IBV_QP_MAX_QP_RD_ATOMIC != 0 && u32::from(a.max_rd_atomic) > MAX_RD_ATOMIC
+            || mask & IBV_QP_MAX_DEST_RD_ATOMIC != 0
+                && u32::from(a.max_dest_rd_atomic) > MAX_RD_ATOMIC
+        {
+            return libc::EINVAL;
+        }
+        if mask & IBV_QP_AV != 0 {
+            // RoCE addresses by GID only (the kernel cannot resolve a
+            // path without a GRH); the source GID must exist.
+            let ah = &a.ah_attr;
+            if crate::device::ethernet() && ah.is_global == 0
+                || ah.is_global != 0
+                    && usize::from(ah.grh.sgid_index) >= crate::gid::table(sh.dev).len()
+            {
+                return libc::EINVAL;
+            }
         }
         let slot = f.qp(sh.slot);
         let st = &mut inner.attr;

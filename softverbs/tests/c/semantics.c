@@ -18,6 +18,10 @@
 #include <unistd.h>
 #include <infiniband/verbs.h>
 
+/* rdma-core's driver.h (private) declares it; perftest calls it. 0: IB or
+ * RoCE v1, 1: RoCE v2. */
+int ibv_query_gid_type(struct ibv_context *context, uint8_t port_num, unsigned int index, int *type);
+
 static const char *who = "A";
 #define CHECK(c, ...)                                                             \
     do {                                                                          \
@@ -287,11 +291,67 @@ static int c_devices(const char *expect) {
             CHECK(pa.lid == i + 1 && pa.link_layer == IBV_LINK_LAYER_INFINIBAND, "ib port: lid %u", pa.lid);
         }
         CHECK(ibv_query_port(c, 2, &pa) != 0, "port 2 does not exist");
+        CHECK(ibv_get_device_index(l[i]) == i, "device index");
+        CHECK(da.device_cap_flags & IBV_DEVICE_RC_RNR_NAK_GEN && da.device_cap_flags & IBV_DEVICE_PORT_ACTIVE_EVENT &&
+                  da.atomic_cap == IBV_ATOMIC_NONE, "device caps");
+        /* GID table: IB: the link-local GID alone; RoCE: as mlx5 fills it,
+         * link-local v1/v2 then IPv4-mapped v1/v2. */
+        int len = eth ? 4 : 1;
+        CHECK(ibv_query_port(c, 1, &pa) == 0, "query_port");
+        CHECK(pa.gid_tbl_len == len, "gid_tbl_len %d", pa.gid_tbl_len);
+        CHECK(!!(pa.port_cap_flags & IBV_PORT_IP_BASED_GIDS) == eth, "IP-based GIDs on RoCE");
+        struct ibv_gid_entry tab[8];
+        CHECK(ibv_query_gid_table(c, tab, 8, 0) == len, "gid table");
+        CHECK(ibv_query_gid_table(c, tab, (size_t)len - 1, 0) == -EINVAL, "gid table too small");
+        for (int k = 0; k < len; k++) {
+            union ibv_gid g;
+            struct ibv_gid_entry ge;
+            CHECK(ibv_query_gid(c, 1, k, &g) == 0 && memcmp(&g, &tab[k].gid, 16) == 0, "gid %d", k);
+            CHECK(ibv_query_gid_ex(c, 1, (uint32_t)k, &ge, 0) == 0 && memcmp(&ge, &tab[k], sizeof ge) == 0, "gid_ex %d", k);
+            int v4 = g.raw[10] == 0xff && g.raw[11] == 0xff && g.raw[12] == 127 && g.raw[15] == i + 1;
+            int ll = g.raw[0] == 0xfe && g.raw[1] == 0x80;
+            CHECK(tab[k].gid_index == (uint32_t)k && tab[k].port_num == 1, "entry %d", k);
+            enum ibv_gid_type want = !eth ? IBV_GID_TYPE_IB : (k % 2 ? IBV_GID_TYPE_ROCE_V2 : IBV_GID_TYPE_ROCE_V1);
+            CHECK(tab[k].gid_type == want, "gid %d type %u", k, tab[k].gid_type);
+            CHECK(k < 2 ? ll : v4, "gid %d: link-local first, then IPv4-mapped", k);
+            int sysfs;
+            CHECK(ibv_query_gid_type(c, 1, (unsigned)k, &sysfs) == 0 && sysfs == (want == IBV_GID_TYPE_ROCE_V2),
+                  "gid type (sysfs) %d", k);
+        }
         union ibv_gid g;
-        CHECK(ibv_query_gid(c, 1, 0, &g) == 0 && g.raw[0] == 0xfe && g.raw[1] == 0x80, "gid 0 link-local");
-        CHECK(ibv_query_gid(c, 1, 1, &g) == 0 && g.raw[10] == 0xff && g.raw[11] == 0xff && g.raw[12] == 127 &&
-                  g.raw[15] == i + 1, "gid 1 ipv4-mapped");
-        CHECK(ibv_query_gid(c, 1, 2, &g) != 0, "gid 2 does not exist");
+        struct ibv_gid_entry ge;
+        CHECK(ibv_query_gid(c, 1, len, &g) != 0, "no gid past the table");
+        CHECK(ibv_query_gid_ex(c, 1, (uint32_t)len, &ge, 0) == ENODATA, "gid_ex past the table: ENODATA");
+        CHECK(ibv_query_gid_ex(c, 1, 0, &ge, 1) == EOPNOTSUPP, "gid_ex flags: EOPNOTSUPP");
+        __be16 pkey = 0;
+        CHECK(ibv_query_pkey(c, 1, 0, &pkey) == 0 && pkey == htons(0xffff), "default pkey");
+        CHECK(ibv_query_pkey(c, 1, 1, &pkey) != 0, "one pkey");
+        CHECK(ibv_get_pkey_index(c, 1, htons(0xffff)) == 0 && ibv_get_pkey_index(c, 1, htons(0x8001)) < 0, "pkey index");
+        if (eth) {
+            /* RoCE needs a GRH with an existing source GID. */
+            struct ibv_pd *pd = ibv_alloc_pd(c);
+            struct ibv_cq *cq = ibv_create_cq(c, 4, NULL, NULL, 0);
+            struct ibv_qp_init_attr qa = {.send_cq = cq, .recv_cq = cq, .cap = {.max_send_wr = 1, .max_recv_wr = 1,
+                                          .max_send_sge = 1, .max_recv_sge = 1}, .qp_type = IBV_QPT_RC};
+            struct ibv_qp *qp = ibv_create_qp(pd, &qa);
+            CHECK(pd && cq && qp, "objects");
+            to_init(qp);
+            struct ibv_qp_attr r = {.qp_state = IBV_QPS_RTR, .path_mtu = IBV_MTU_1024, .dest_qp_num = qp->qp_num,
+                                    .max_dest_rd_atomic = 1, .min_rnr_timer = 1};
+            r.ah_attr.port_num = 1;
+            int m = IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+                    IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER;
+            CHECK(ibv_modify_qp(qp, &r, m) == EINVAL, "RoCE RTR without a GRH: EINVAL");
+            r.ah_attr.is_global = 1;
+            r.ah_attr.grh.dgid = tab[3].gid;
+            r.ah_attr.grh.sgid_index = 4;
+            CHECK(ibv_modify_qp(qp, &r, m) == EINVAL, "RoCE RTR from a missing GID: EINVAL");
+            r.ah_attr.grh.sgid_index = 3;
+            r.ah_attr.grh.hop_limit = 64;
+            CHECK(ibv_modify_qp(qp, &r, m) == 0, "RoCE RTR with GRH from GID 3");
+            CHECK(ibv_destroy_cq(cq) == EBUSY && ibv_dealloc_pd(pd) == EBUSY, "in use: EBUSY");
+            CHECK(ibv_destroy_qp(qp) == 0 && ibv_destroy_cq(cq) == 0 && ibv_dealloc_pd(pd) == 0, "teardown");
+        }
         CHECK(ibv_close_device(c) == 0, "close");
     }
     ibv_free_device_list(l);
