@@ -1,5 +1,5 @@
 //! softverbs under Debian's unchanged `perftest` (`ib_write_bw`,
-//! `ib_write_lat`, `ib_send_lat`, `ib_read_bw`): server and client
+//! `ib_write_lat`, `ib_send_lat`, `ib_read_bw`, `ib_send_bw`): server and client
 //! processes over loopback with perftest's own TCP exchange (no rdma_cm),
 //! RC, default options unless a test says otherwise. Each pair runs alone
 //! (both sides busy-poll), every wait is bounded, and both processes are
@@ -156,4 +156,18 @@ fn ib_write_bw_roce_two_qps_large() {
         &[("SOFTVERBS_LINK_LAYER", "ethernet")],
         1048576.0,
     );
+}
+
+/// Completion events (`ibv_get_cq_event`) instead of polling: each side
+/// waits for one event per completion it expects, so the initiator's
+/// send completion must come before the peer's reply.
+#[test]
+fn ib_send_lat_events() {
+    check_lat("ib_send_lat", &["-e", "-n", "500"], &[], 2.0);
+}
+
+/// Receives through a shared receive queue.
+#[test]
+fn ib_send_bw_srq() {
+    check_bw("ib_send_bw", &["--use-srq", "-n", "500"], &[], 65536.0);
 }

@@ -16,7 +16,9 @@ use crate::shm;
 
 /// Why a work request did not complete.
 pub(super) enum Outcome {
-    Done(u32),
+    /// Executed: the byte count, and the target's completion, which is
+    /// made visible after the initiator's (see `progress`).
+    Done(u32, Option<Remote>),
     Rnr,
     /// Nothing answered (no such QP, or not ready): retried after the
     /// transport timeout, `retry_cnt` times.
@@ -209,6 +211,13 @@ pub(super) fn take_recv(f: &Fabric, slot: usize) -> Result<Option<RecvWr>, u32> 
         eprintln!("softverbs: RNR: no receive posted at QP slot {slot}");
     }
     Ok(r)
+}
+
+/// A completion for the target's receive CQ.
+pub(super) struct Remote {
+    pub slot: usize,
+    pub wc: ibv_wc,
+    pub solicited: bool,
 }
 
 pub(super) fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {

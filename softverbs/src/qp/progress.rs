@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::execute::{execute, Outcome};
+use super::execute::{execute, push_remote, Outcome};
 use super::{Inner, Pending, QpShared};
 use crate::abi::*;
 use crate::cq::CqShared;
@@ -56,11 +56,16 @@ pub(super) fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
         }
         // The status to complete `p` with, or the wait before its retry.
         let status = match execute(f, sh, inner, &p) {
-            Outcome::Done(len) => {
+            Outcome::Done(len, remote) => {
                 inner.rnr_tries = 0;
                 inner.retry_tries = 0;
+                // The initiator's completion first: a NIC's acknowledgement
+                // beats anything the target's software can send back.
                 if p.flags & IBV_SEND_SIGNALED != 0 || sh.sq_sig_all {
                     complete(f, sh, &p, IBV_WC_SUCCESS, len);
+                }
+                if let Some(r) = remote {
+                    push_remote(f, r.slot, &r.wc, r.solicited);
                 }
                 continue;
             }
@@ -94,10 +99,15 @@ pub(super) fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
     }
 }
 
-/// How long an initiator's completion trails the delivery, standing in
-/// for the acknowledgement's trip back (`SOFTVERBS_ACK_DELAY_US`, default
-/// 20). Without it a peer could see its own completion before the target
-/// had a chance to react, an ordering no NIC produces.
+/// How long an initiator's completion trails the delivery
+/// (`SOFTVERBS_ACK_DELAY_US`, default 0). The target's NIC acknowledges in
+/// hardware, long before software on the target can answer, so by default
+/// the initiator's completion is pushed before the target's receive
+/// completion, in the posting thread: a delay longer than the target's
+/// reaction time (10 µs and more here, plus a thread wake-up) would invert
+/// that order, which event-driven ping-pong programs such as
+/// `ib_send_lat -e` depend on. A delay, when set, is served by the progress
+/// thread.
 fn ack_delay() -> Duration {
     static D: OnceLock<Duration> = OnceLock::new();
     *D.get_or_init(|| {
@@ -105,12 +115,12 @@ fn ack_delay() -> Duration {
             std::env::var("SOFTVERBS_ACK_DELAY_US")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(20),
+                .unwrap_or(0),
         )
     })
 }
 
-fn complete(_f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
+fn complete(f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
     let wc = ibv_wc {
         wr_id: p.wr_id,
         status,
@@ -122,6 +132,11 @@ fn complete(_f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
     let cq = &sh.send_cq;
     {
         let mut d = cq.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if d.is_empty() && ack_delay().is_zero() {
+            // Nothing waits ahead of it: straight onto the ring.
+            let _ = ring::cq_push(f, &cq.ring, &wc, false);
+            return;
+        }
         // Completions of one CQ leave in order: never before one already
         // waiting.
         let due = (Instant::now() + ack_delay()).max(d.back().map_or(Instant::now(), |b| b.0));

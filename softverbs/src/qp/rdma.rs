@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::execute::{iov, push_remote, pvm_error, take_recv, transfer, Checked, MrEntry, Outcome};
+use super::execute::{iov, pvm_error, take_recv, transfer, Checked, MrEntry, Outcome, Remote};
 use super::{Pending, QpShared};
 use crate::abi::*;
 use crate::fabric::Fabric;
@@ -60,7 +60,14 @@ pub(super) fn execute_rdma(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'
             slid: t.slid,
             ..ibv_wc::default()
         };
-        push_remote(f, t.slot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
+        return Outcome::Done(
+            t.len as u32,
+            Some(Remote {
+                slot: t.slot,
+                wc,
+                solicited: p.flags & IBV_SEND_SOLICITED != 0,
+            }),
+        );
     }
-    Outcome::Done(t.len as u32)
+    Outcome::Done(t.len as u32, None)
 }

@@ -4,7 +4,9 @@
 
 use std::sync::atomic::Ordering;
 
-use super::execute::{iov, push_remote, pvm_error, take_recv, transfer, Checked, MrEntry, Outcome};
+use super::execute::{
+    iov, push_remote, pvm_error, take_recv, transfer, Checked, MrEntry, Outcome, Remote,
+};
 use super::{Pending, QpShared};
 use crate::abi::*;
 use crate::fabric::Fabric;
@@ -86,6 +88,12 @@ pub(super) fn execute_send(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'
         slid: t.slid,
         ..ibv_wc::default()
     };
-    push_remote(f, t.slot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
-    Outcome::Done(t.len as u32)
+    Outcome::Done(
+        t.len as u32,
+        Some(Remote {
+            slot: t.slot,
+            wc,
+            solicited: p.flags & IBV_SEND_SOLICITED != 0,
+        }),
+    )
 }
