@@ -313,7 +313,8 @@ impl Fabric {
     }
 
     fn remove_files(&self, kind: Kind, i: usize, gen: u32) {
-        if matches!(kind, Kind::Qp | Kind::Srq | Kind::Cq) {
+        // Rings, and a channel's doorbell socket.
+        if matches!(kind, Kind::Qp | Kind::Srq | Kind::Cq | Kind::Ch) {
             let _ = shm::unlink(&self.file(kind, i, gen & 0xfff));
         }
     }

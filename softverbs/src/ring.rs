@@ -222,6 +222,13 @@ pub fn channel_push(f: &Fabric, ch: usize, cq_slot: u32) {
     }
     c.seq.fetch_add(1, Ordering::AcqRel);
     shm::futex_wake(&c.seq);
+    crate::channel::ring_doorbell(f, ch);
+}
+
+/// Whether channel `ch` has events waiting.
+pub fn channel_pending(f: &Fabric, ch: usize) -> bool {
+    let c = f.ch(ch);
+    c.head.load(Ordering::Acquire) != c.tail.load(Ordering::Acquire)
 }
 
 /// Owner: takes the oldest CQ event of channel `ch`.

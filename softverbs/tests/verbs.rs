@@ -176,6 +176,11 @@ fn completion_channel_blocks_and_wakes() {
 }
 
 #[test]
+fn completion_channel_fd_wakes_poll_across_processes() {
+    semantic("channel", Some("fd"), &[]);
+}
+
+#[test]
 fn rnr_retries_then_error_or_success() {
     semantic("rnr", None, &[]);
 }

@@ -605,7 +605,10 @@ static int c_srq(void) {
     return finish_parent(child, "srq");
 }
 
-static int c_channel(void) {
+/* With ARG "fd": the target waits as event loops do, in poll(2) on the
+ * channel's non-blocking fd, which the initiator's process makes readable. */
+static int c_channel(const char *how) {
+    int by_fd = how && !strcmp(how, "fd");
     pid_t child = fork_peer();
     struct ep e;
     ep_open(&e, 16, 1, 4096);
@@ -619,8 +622,22 @@ static int c_channel(void) {
         double t0 = now_ms();
         struct ibv_cq *cq;
         void *cctx;
+        if (by_fd) {
+            CHECK(fcntl(e.ch->fd, F_SETFL, fcntl(e.ch->fd, F_GETFL) | O_NONBLOCK) == 0, "O_NONBLOCK");
+            errno = 0;
+            CHECK(ibv_get_cq_event(e.ch, &cq, &cctx) == -1 && errno == EAGAIN, "nothing yet: EAGAIN");
+            struct pollfd p = {.fd = e.ch->fd, .events = POLLIN};
+            CHECK(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN), "the channel fd became readable");
+        }
         CHECK(ibv_get_cq_event(e.ch, &cq, &cctx) == 0, "get_cq_event");
         double waited = now_ms() - t0;
+        if (by_fd) {
+            struct pollfd p = {.fd = e.ch->fd, .events = POLLIN};
+            CHECK(poll(&p, 1, 0) == 0, "not readable once the event is taken");
+            errno = 0;
+            CHECK(ibv_get_cq_event(e.ch, &cq, &cctx) == -1 && errno == EAGAIN, "no second event");
+            cq = e.cq;
+        }
         CHECK(cq == e.cq && cctx == &e, "the event names our CQ and its context");
         CHECK(waited >= 150, "blocked until the write arrived (%.0f ms)", waited);
         ibv_ack_cq_events(cq, 1);
@@ -980,7 +997,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "cq-overflow")) return c_cq_overflow();
     if (!strcmp(c, "ops")) return c_ops();
     if (!strcmp(c, "srq")) return c_srq();
-    if (!strcmp(c, "channel")) return c_channel();
+    if (!strcmp(c, "channel")) return c_channel(arg);
     if (!strcmp(c, "rnr")) return c_rnr();
     if (!strcmp(c, "rkey")) return c_rkey();
     if (!strcmp(c, "access")) return c_access();
