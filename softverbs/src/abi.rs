@@ -570,6 +570,9 @@ pub struct ibv_async_event {
     pub event_type: u32,
 }
 
+pub const IBV_SRQ_MAX_WR: i32 = 1;
+pub const IBV_SRQ_LIMIT: i32 = 2;
+
 pub const IBV_EVENT_CQ_ERR: u32 = 0;
 pub const IBV_EVENT_QP_FATAL: u32 = 1;
 pub const IBV_EVENT_QP_REQ_ERR: u32 = 2;

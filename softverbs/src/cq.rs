@@ -191,6 +191,7 @@ pub unsafe extern "C" fn poll_cq(cq: *mut ibv_cq, n: i32, wc: *mut ibv_wc) -> i3
         if let Ok(f) = fabric::get() {
             c.shared.flush_due(f);
         }
+        crate::srq::check_limits();
         match ring::cq_pop(&c.shared.ring, out) {
             Ok(k) => k as i32,
             Err(()) => {

@@ -6,7 +6,8 @@
 //!
 //! Raised here: `IBV_EVENT_QP_FATAL` (the fault switch's `fatal`),
 //! `IBV_EVENT_QP_LAST_WQE_REACHED` (a QP on an SRQ enters the error
-//! state), `IBV_EVENT_CQ_ERR` (a completion queue overflowed) and
+//! state), `IBV_EVENT_SRQ_LIMIT_REACHED` (an armed SRQ fell below its
+//! limit), `IBV_EVENT_CQ_ERR` (a completion queue overflowed) and
 //! `IBV_EVENT_PORT_ERR` / `IBV_EVENT_PORT_ACTIVE` (the fault switch's
 //! port faults). Events are raised in the process that owns the object.
 
@@ -22,6 +23,7 @@ use crate::{guard, set_errno};
 pub enum Element {
     Cq(usize),
     Qp(usize),
+    Srq(usize),
     Port(i32),
 }
 
@@ -117,7 +119,9 @@ pub unsafe extern "C" fn ibv_get_async_event(
             // None: its object was destroyed after it was raised.
             if let Some((t, e)) = next {
                 let element = match e {
-                    Element::Cq(p) | Element::Qp(p) => ibv_async_element { ptr: p },
+                    Element::Cq(p) | Element::Qp(p) | Element::Srq(p) => {
+                        ibv_async_element { ptr: p }
+                    }
                     Element::Port(n) => ibv_async_element { port_num: n },
                 };
                 // SAFETY: non-NULL, caller-provided.

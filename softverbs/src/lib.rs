@@ -63,8 +63,10 @@
 //! Asynchronous events (`ibv_get_async_event` on the context's
 //! `async_fd`) are raised for this process's objects: `QP_FATAL` (fault
 //! switch), `QP_LAST_WQE_REACHED` (a QP on an SRQ enters the error state),
-//! `CQ_ERR` (an overflow, seen at the owner's next poll), `PORT_ERR` /
-//! `PORT_ACTIVE` (fault switch).
+//! `SRQ_LIMIT_REACHED` and `CQ_ERR` (an armed SRQ fell below its limit, a
+//! CQ overflowed: both seen at the owner's next CQ poll, since a peer's
+//! process does the taking and pushing), `PORT_ERR` / `PORT_ACTIVE` (fault
+//! switch).
 //!
 //! # Not emulated
 //!
@@ -74,8 +76,7 @@
 //! re-registration, CQ resizing, SRQ resizing; the SQD state and alternate
 //! paths; the extended (`_ex`) verbs (`ibv_qp_to_qp_ex` returns NULL;
 //! `ibv_create_cq_ex`, and `ibv_create_qp_ex` with more than a PD, take
-//! the header's EOPNOTSUPP path); the SRQ limit event (the limit is kept and
-//! reported, never fires); async events for errors a peer causes (a
+//! the header's EOPNOTSUPP path); async events for errors a peer causes (a
 //! responder QP that a short receive put in error raises nothing;
 //! `COMM_EST`, `SQ_DRAINED`, path migration never happen); destroying an
 //! object does not wait for its unacknowledged async events.

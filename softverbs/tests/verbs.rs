@@ -171,6 +171,11 @@ fn shared_receive_queue() {
 }
 
 #[test]
+fn srq_limit_event_fires_once() {
+    semantic("srq-limit", None, &[]);
+}
+
+#[test]
 fn completion_channel_blocks_and_wakes() {
     semantic("channel", None, &[]);
 }

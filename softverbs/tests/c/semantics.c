@@ -957,6 +957,44 @@ static int c_fault_port(void) {
     return 0;
 }
 
+/* An armed SRQ limit fires once, when a receive taken leaves fewer than
+ * the limit, and disarms itself. */
+static int c_srq_limit(void) {
+    struct ep e;
+    ep_open(&e, 32, 0, 4096);
+    struct ibv_srq_init_attr sa = {.attr = {.max_wr = 8, .max_sge = 1}};
+    struct ibv_srq *srq = ibv_create_srq(e.pd, &sa);
+    CHECK(srq, "create_srq");
+    struct ibv_qp *qp = loop_qp(&e, srq, 7);
+    for (int i = 0; i < 4; i++) post_recv_buf(NULL, srq, &e, (size_t)i * 64, 64, 10 + i);
+    struct ibv_srq_attr at = {.srq_limit = 9};
+    CHECK(ibv_modify_srq(srq, &at, IBV_SRQ_LIMIT) == EINVAL, "limit above max_wr: EINVAL");
+    at.max_wr = 16;
+    CHECK(ibv_modify_srq(srq, &at, IBV_SRQ_MAX_WR) == EINVAL, "no resizing");
+    at.srq_limit = 2;
+    CHECK(ibv_modify_srq(srq, &at, IBV_SRQ_LIMIT) == 0, "arm");
+    CHECK(ibv_query_srq(srq, &at) == 0 && at.srq_limit == 2, "armed at 2");
+    struct ibv_sge s = {(uintptr_t)e.buf + 1024, 8, e.mr->lkey};
+    for (int i = 0; i < 3; i++) {
+        CHECK(post(qp, IBV_WR_SEND, &s, 1, 0, 0, 0, IBV_SEND_SIGNALED, 100 + i) == 0, "send %d", i);
+        for (int k = 0; k < 2; k++) CHECK(wait_wc(e.cq).status == IBV_WC_SUCCESS, "send %d completes", i);
+        if (i < 2) CHECK(no_event(e.ctx), "%d receives left: no event", 3 - i);
+    }
+    struct ibv_async_event ev = wait_event(e.ctx, 1000);
+    CHECK(ev.event_type == IBV_EVENT_SRQ_LIMIT_REACHED && ev.element.srq == srq, "SRQ_LIMIT_REACHED, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(srq->events_completed == 1, "ack counted on the SRQ");
+    CHECK(ibv_query_srq(srq, &at) == 0 && at.srq_limit == 0, "disarmed after firing");
+    CHECK(post(qp, IBV_WR_SEND, &s, 1, 0, 0, 0, IBV_SEND_SIGNALED, 200) == 0, "send");
+    for (int k = 0; k < 2; k++) wait_wc(e.cq);
+    CHECK(no_event(e.ctx), "fires once");
+    CHECK(ibv_destroy_srq(srq) == EBUSY, "SRQ in use: EBUSY");
+    CHECK(ibv_destroy_qp(qp) == 0 && ibv_destroy_srq(srq) == 0, "teardown");
+    printf("srq-limit ok\n");
+    return 0;
+}
+
 static int c_peer_exit(const char *how) {
     pid_t child = fork_peer();
     struct ep e;
@@ -1005,6 +1043,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "one-sided")) return c_one_sided();
     if (!strcmp(c, "peer-exit")) return c_peer_exit(arg);
     if (!strcmp(c, "iova")) return c_iova();
+    if (!strcmp(c, "srq-limit")) return c_srq_limit();
     if (!strcmp(c, "fault-wr")) return c_fault_wr();
     if (!strcmp(c, "fault-qp")) return c_fault_qp();
     if (!strcmp(c, "fault-fatal")) return c_fault_fatal();
