@@ -376,6 +376,14 @@ impl ibv_send_wr {
     pub fn rdma_rkey(&self) -> u32 {
         self.wr.rkey_or_compare_add as u32
     }
+
+    /// Whether this is an atomic (its `wr.atomic` member applies).
+    pub fn is_atomic(&self) -> bool {
+        matches!(
+            self.opcode,
+            IBV_WR_ATOMIC_CMP_AND_SWP | IBV_WR_ATOMIC_FETCH_AND_ADD
+        )
+    }
 }
 
 #[repr(C)]
@@ -490,10 +498,15 @@ pub const IBV_WR_RDMA_WRITE_WITH_IMM: u32 = 1;
 pub const IBV_WR_SEND: u32 = 2;
 pub const IBV_WR_SEND_WITH_IMM: u32 = 3;
 pub const IBV_WR_RDMA_READ: u32 = 4;
+pub const IBV_WR_ATOMIC_CMP_AND_SWP: u32 = 5;
+pub const IBV_WR_ATOMIC_FETCH_AND_ADD: u32 = 6;
 
 pub const IBV_WC_SEND: u32 = 0;
 pub const IBV_WC_RDMA_WRITE: u32 = 1;
 pub const IBV_WC_RDMA_READ: u32 = 2;
+pub const IBV_WC_COMP_SWAP: u32 = 3;
+pub const IBV_WC_FETCH_ADD: u32 = 4;
+pub const IBV_ATOMIC_HCA: u32 = 1;
 pub const IBV_WC_RECV: u32 = 1 << 7;
 pub const IBV_WC_RECV_RDMA_WITH_IMM: u32 = (1 << 7) + 1;
 

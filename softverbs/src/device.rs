@@ -283,7 +283,8 @@ pub unsafe extern "C" fn ibv_query_device(
             | IBV_DEVICE_PORT_ACTIVE_EVENT
             | IBV_DEVICE_SYS_IMAGE_GUID
             | IBV_DEVICE_RC_RNR_NAK_GEN;
-        // Atomics are not emulated: atomic_cap stays IBV_ATOMIC_NONE.
+        // Atomic among this NIC's atomics (the namespace's atomic lock).
+        a.atomic_cap = IBV_ATOMIC_HCA;
         a.max_srq = fabric::MAX_SRQ as i32;
         a.max_srq_wr = qp::MAX_WR as i32;
         a.max_srq_sge = ring::MAX_SGE as i32;

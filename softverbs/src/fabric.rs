@@ -216,6 +216,13 @@ impl Fabric {
         self.map.at(self.ch_off + i * std::mem::size_of::<ChSlot>())
     }
 
+    /// The lock every atomic work request of the namespace holds while it
+    /// reads, computes and writes its target: atomicity among the
+    /// emulated NIC's atomics (`IBV_ATOMIC_HCA`), as a NIC gives.
+    pub fn atomic_lock(&self) -> &AtomicU32 {
+        self.map.at(16)
+    }
+
     /// A new protection-domain id, unique in the namespace.
     pub fn next_pd(&self) -> u32 {
         self.map.at::<AtomicU64>(8).fetch_add(1, Ordering::Relaxed) as u32

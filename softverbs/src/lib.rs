@@ -19,6 +19,8 @@
 //!   key, bounds, access flags and protection domain are checked against
 //!   the shared fabric table. The target process does not run: a one-sided
 //!   write lands without it calling into the library, as with a NIC.
+//! * Atomics (compare-and-swap, fetch-and-add) read, compute and write
+//!   the target's 8 bytes the same way, under one lock for the namespace.
 //! * SEND and WRITE WITH IMM consume a receive work request that the target
 //!   posted on its receive queue (or SRQ), a ring in shared memory, scatter
 //!   into it, and push the completion onto the target's completion queue,
@@ -70,9 +72,9 @@
 //!
 //! # Not emulated
 //!
-//! UD/UC/XRC queue pairs, address handles and multicast; atomics
-//! (`atomic_cap` is `IBV_ATOMIC_NONE`; atomic work requests are refused at
-//! post); memory windows, on-demand paging, dma-buf and device memory,
+//! UD/UC/XRC queue pairs, address handles and multicast; atomics beyond
+//! `IBV_ATOMIC_HCA` (they are atomic among the namespace's atomic work
+//! requests, not against the target's CPU); memory windows, on-demand paging, dma-buf and device memory,
 //! re-registration, CQ resizing, SRQ resizing; the SQD state and alternate
 //! paths; the extended (`_ex`) verbs (`ibv_qp_to_qp_ex` returns NULL;
 //! `ibv_create_cq_ex`, and `ibv_create_qp_ex` with more than a PD, take

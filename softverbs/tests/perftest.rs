@@ -1,5 +1,6 @@
 //! softverbs under Debian's unchanged `perftest` (`ib_write_bw`,
-//! `ib_write_lat`, `ib_send_lat`, `ib_read_bw`, `ib_send_bw`): server and client
+//! `ib_write_lat`, `ib_send_lat`, `ib_read_bw`, `ib_send_bw`,
+//! `ib_atomic_bw`): server and client
 //! processes over loopback with perftest's own TCP exchange (no rdma_cm),
 //! RC, default options unless a test says otherwise. Each pair runs alone
 //! (both sides busy-poll), every wait is bounded, and both processes are
@@ -170,4 +171,10 @@ fn ib_send_lat_events() {
 #[test]
 fn ib_send_bw_srq() {
     check_bw("ib_send_bw", &["--use-srq", "-n", "500"], &[], 65536.0);
+}
+
+/// Fetch-and-add atomics (8 bytes each).
+#[test]
+fn ib_atomic_bw_default() {
+    check_bw("ib_atomic_bw", &[], &[], 8.0);
 }

@@ -171,6 +171,11 @@ fn shared_receive_queue() {
 }
 
 #[test]
+fn atomics_fetch_add_and_compare_swap() {
+    semantic("atomic", None, &[]);
+}
+
+#[test]
 fn srq_limit_event_fires_once() {
     semantic("srq-limit", None, &[]);
 }

@@ -303,7 +303,10 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
         return no_answer(format!("QP {:#x} is in state {rstate}", remote.qpn));
     }
     let rpd = rq.pd.load(Ordering::Acquire);
-    let need_local = if p.opcode == IBV_WR_RDMA_READ {
+    let need_local = if matches!(
+        p.opcode,
+        IBV_WR_RDMA_READ | IBV_WR_ATOMIC_CMP_AND_SWP | IBV_WR_ATOMIC_FETCH_AND_ADD
+    ) {
         IBV_ACCESS_LOCAL_WRITE
     } else {
         0
@@ -327,6 +330,9 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
         slid,
     };
     match p.opcode {
+        IBV_WR_ATOMIC_CMP_AND_SWP | IBV_WR_ATOMIC_FETCH_AND_ADD => {
+            super::rdma::execute_atomic(f, p, &t)
+        }
         IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM | IBV_WR_RDMA_READ => {
             super::rdma::execute_rdma(f, sh, p, &t)
         }

@@ -62,6 +62,9 @@ struct Pending {
     inline: Option<Vec<u8>>,
     remote_addr: u64,
     rkey: u32,
+    /// Atomics' operands: compare (or add) and swap.
+    compare_add: u64,
+    swap: u64,
     /// What the fault switch does instead of executing it.
     fault: Option<Action>,
 }

@@ -293,7 +293,7 @@ static int c_devices(const char *expect) {
         CHECK(ibv_query_port(c, 2, &pa) != 0, "port 2 does not exist");
         CHECK(ibv_get_device_index(l[i]) == i, "device index");
         CHECK(da.device_cap_flags & IBV_DEVICE_RC_RNR_NAK_GEN && da.device_cap_flags & IBV_DEVICE_PORT_ACTIVE_EVENT &&
-                  da.atomic_cap == IBV_ATOMIC_NONE, "device caps");
+                  da.atomic_cap == IBV_ATOMIC_HCA, "device caps");
         /* GID table: IB: the link-local GID alone; RoCE: as mlx5 fills it,
          * link-local v1/v2 then IPv4-mapped v1/v2. */
         int len = eth ? 4 : 1;
@@ -995,6 +995,61 @@ static int c_srq_limit(void) {
     return 0;
 }
 
+static int atomic(struct ibv_qp *qp, int op, struct ibv_sge *s, uint64_t raddr, uint32_t rkey, uint64_t cmp_add,
+                  uint64_t swap, uint64_t id) {
+    struct ibv_send_wr wr = {0}, *bad;
+    wr.wr_id = id;
+    wr.sg_list = s;
+    wr.num_sge = 1;
+    wr.opcode = op;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.wr.atomic.remote_addr = raddr;
+    wr.wr.atomic.rkey = rkey;
+    wr.wr.atomic.compare_add = cmp_add;
+    wr.wr.atomic.swap = swap;
+    return ibv_post_send(qp, &wr, &bad);
+}
+
+/* Fetch-and-add and compare-and-swap on 8 aligned bytes; the old value
+ * comes back; misalignment and a region without remote atomic access
+ * fail as on a NIC. */
+static int c_atomic(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *qp = make_qp(&e, NULL, 1);
+    struct ibv_qp_attr a = {.qp_state = IBV_QPS_INIT, .port_num = 1,
+                            .qp_access_flags = IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC};
+    CHECK(ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) == 0, "INIT");
+    struct info self = my_info(&e, qp);
+    to_rtr(qp, &self, 1);
+    to_rts(qp, 7);
+    uint64_t *target = (uint64_t *)(e.buf + 512), *result = (uint64_t *)(e.buf + 1024);
+    struct ibv_mr *am = ibv_reg_mr(e.pd, target, 8, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_ATOMIC);
+    CHECK(am, "reg atomic mr");
+    *target = 40;
+    struct ibv_sge s = {(uintptr_t)result, 8, e.mr->lkey};
+    CHECK(atomic(qp, IBV_WR_ATOMIC_FETCH_AND_ADD, &s, (uintptr_t)target, am->rkey, 2, 0, 1) == 0, "post faa");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS && wc.opcode == IBV_WC_FETCH_ADD && *result == 40 && *target == 42,
+          "faa: %s, old %llu, now %llu", ibv_wc_status_str(wc.status), (unsigned long long)*result,
+          (unsigned long long)*target);
+    CHECK(atomic(qp, IBV_WR_ATOMIC_CMP_AND_SWP, &s, (uintptr_t)target, am->rkey, 42, 7, 2) == 0, "post cas");
+    wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS && wc.opcode == IBV_WC_COMP_SWAP && *result == 42 && *target == 7, "cas hit");
+    CHECK(atomic(qp, IBV_WR_ATOMIC_CMP_AND_SWP, &s, (uintptr_t)target, am->rkey, 1, 9, 3) == 0, "post cas");
+    wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS && *result == 7 && *target == 7, "cas miss leaves it");
+    struct ibv_sge shortsge = {(uintptr_t)result, 4, e.mr->lkey};
+    CHECK(atomic(qp, IBV_WR_ATOMIC_FETCH_AND_ADD, &shortsge, (uintptr_t)target, am->rkey, 1, 0, 4) == EINVAL,
+          "an atomic needs 8 local bytes");
+    /* The regular region has no remote atomic access. */
+    CHECK(atomic(qp, IBV_WR_ATOMIC_FETCH_AND_ADD, &s, (uintptr_t)e.buf + 8, e.mr->rkey, 1, 0, 5) == 0, "post");
+    wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_REM_ACCESS_ERR, "no REMOTE_ATOMIC: %s", ibv_wc_status_str(wc.status));
+    printf("atomic ok\n");
+    return 0;
+}
+
 static int c_peer_exit(const char *how) {
     pid_t child = fork_peer();
     struct ep e;
@@ -1043,6 +1098,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "one-sided")) return c_one_sided();
     if (!strcmp(c, "peer-exit")) return c_peer_exit(arg);
     if (!strcmp(c, "iova")) return c_iova();
+    if (!strcmp(c, "atomic")) return c_atomic();
     if (!strcmp(c, "srq-limit")) return c_srq_limit();
     if (!strcmp(c, "fault-wr")) return c_fault_wr();
     if (!strcmp(c, "fault-qp")) return c_fault_qp();
