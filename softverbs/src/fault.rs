@@ -22,6 +22,10 @@
 //!   down this process's work requests get no answer, so they complete
 //!   with `IBV_WC_RETRY_EXC_ERR` after the QP's timeout and retries.
 //!
+//! `SOFTVERBS_FAIL_WR=<n>[:<status>]` (the first form of this switch, which
+//! afmesh's verbs tests use) is read as one more rule `wr:<n>:<status>`,
+//! the status defaulting to `REM_ACCESS_ERR`.
+//!
 //! A malformed value is reported on stderr and makes
 //! `ibv_get_device_list` fail with EINVAL, so a typo never passes as a
 //! run without faults.
@@ -156,13 +160,32 @@ pub fn parse(spec: &str) -> Result<Faults, String> {
     Ok(f)
 }
 
-/// This process's rules (none when `SOFTVERBS_FAULT` is unset).
+/// `SOFTVERBS_FAIL_WR`'s `<n>[:<status>]` as a `SOFTVERBS_FAULT` rule.
+fn fail_wr_rule(v: &str) -> String {
+    match v.split_once(':') {
+        Some((n, st)) => format!("wr:{}:{}", n.trim(), st.trim()),
+        None => format!("wr:{}:REM_ACCESS_ERR", v.trim()),
+    }
+}
+
+/// Both variables' rules, as one `SOFTVERBS_FAULT` value.
+fn spec_from(fault: Option<&str>, fail_wr: Option<&str>) -> String {
+    let mut rules: Vec<String> = fault.map(str::to_string).into_iter().collect();
+    rules.extend(fail_wr.map(fail_wr_rule));
+    rules.join(",")
+}
+
+/// This process's rules (none when neither variable is set).
 pub fn get() -> Result<&'static Faults, String> {
     static F: OnceLock<Result<Faults, String>> = OnceLock::new();
-    F.get_or_init(|| match std::env::var("SOFTVERBS_FAULT") {
-        Ok(v) => parse(&v),
-        Err(std::env::VarError::NotPresent) => Ok(Faults::default()),
-        Err(e) => Err(format!("SOFTVERBS_FAULT: {e}")),
+    F.get_or_init(|| {
+        let var = |k: &str| match std::env::var(k) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(e) => Err(format!("{k}: {e}")),
+        };
+        let (fault, fail_wr) = (var("SOFTVERBS_FAULT")?, var("SOFTVERBS_FAIL_WR")?);
+        parse(&spec_from(fault.as_deref(), fail_wr.as_deref()))
     })
     .as_ref()
     .map_err(Clone::clone)
@@ -272,6 +295,16 @@ mod tests {
         assert_eq!(f.ports.len(), 2);
         assert!(f.ports[0].up && !f.ports[1].up, "sorted by time");
         assert_eq!(parse("").unwrap(), Faults::default());
+    }
+
+    #[test]
+    fn fail_wr_is_a_wr_rule() {
+        let f = parse(&spec_from(Some("wr:1:5"), Some("40:12"))).unwrap();
+        assert_eq!(f.wrs[1].n, 40);
+        assert_eq!(f.wrs[1].action, Action::Status(IBV_WC_RETRY_EXC_ERR));
+        let f = parse(&spec_from(None, Some("7"))).unwrap();
+        assert_eq!(f.wrs[0].action, Action::Status(IBV_WC_REM_ACCESS_ERR));
+        assert!(parse(&spec_from(None, Some("x"))).is_err());
     }
 
     #[test]

@@ -43,7 +43,8 @@ impl Ns {
             .env("SOFTVERBS_NAMESPACE", &self.0)
             .env_remove("SOFTVERBS_DEVICES")
             .env_remove("SOFTVERBS_LINK_LAYER")
-            .env_remove("SOFTVERBS_FAULT");
+            .env_remove("SOFTVERBS_FAULT")
+            .env_remove("SOFTVERBS_FAIL_WR");
         c
     }
 }
