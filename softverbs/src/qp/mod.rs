@@ -96,8 +96,8 @@ pub struct QpShared {
     sq_sig_all: bool,
     send_cq: Arc<CqShared>,
     recv_cq: Arc<CqShared>,
-    /// Keeps the SRQ's shared part alive while this QP uses it.
-    _srq: Option<Arc<SrqShared>>,
+    /// The SRQ it takes receives from (kept alive while this QP uses it).
+    srq: Option<Arc<SrqShared>>,
     rq: Option<(Arc<Mapping>, String)>,
     /// The context's async events.
     events: Arc<EventQueue>,
@@ -222,7 +222,7 @@ pub unsafe extern "C" fn ibv_create_qp(
             sq_sig_all: a.sq_sig_all != 0,
             send_cq,
             recv_cq,
-            _srq: srq_shared,
+            srq: srq_shared,
             rq,
             events,
             ordinal,
@@ -261,7 +261,7 @@ pub unsafe extern "C" fn ibv_create_qp(
         crate::memory::pd_use(pd, true);
         sh.send_cq.users.fetch_add(1, Ordering::AcqRel);
         sh.recv_cq.users.fetch_add(1, Ordering::AcqRel);
-        if let Some(s) = &sh._srq {
+        if let Some(s) = &sh.srq {
             s.users.fetch_add(1, Ordering::AcqRel);
         }
         let p = Box::into_raw(qp);
@@ -291,7 +291,7 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut ibv_qp) -> i32 {
         crate::memory::pd_use(q.ibv.pd, false);
         q.shared.send_cq.users.fetch_sub(1, Ordering::AcqRel);
         q.shared.recv_cq.users.fetch_sub(1, Ordering::AcqRel);
-        if let Some(s) = &q.shared._srq {
+        if let Some(s) = &q.shared.srq {
             s.users.fetch_sub(1, Ordering::AcqRel);
         }
         if let Ok(f) = fabric::get() {

@@ -159,7 +159,7 @@ fn enter_error(f: &Fabric, sh: &QpShared, inner: &mut Inner) {
 /// A QP on an SRQ that enters the error state consumes no more of its
 /// receives: `IBV_EVENT_QP_LAST_WQE_REACHED`, as the IB spec requires.
 fn last_wqe(sh: &QpShared, inner: &Inner) {
-    if sh._srq.is_some() && inner.handle != 0 {
+    if sh.srq.is_some() && inner.handle != 0 {
         sh.events
             .raise(IBV_EVENT_QP_LAST_WQE_REACHED, Element::Qp(inner.handle));
     }
