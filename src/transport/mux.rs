@@ -118,17 +118,35 @@ impl Mux {
     /// of ours that the peer also offers and that reaches it. The error
     /// lists why each was passed over.
     pub fn choose(&self, endpoints: &[(String, Vec<u8>)]) -> std::result::Result<usize, String> {
+        self.choose_why(endpoints).map(|(i, _)| i)
+    }
+
+    /// As [`Mux::choose`], also saying why the more preferred backends
+    /// were passed over (empty when the first was taken).
+    pub fn choose_why(
+        &self,
+        endpoints: &[(String, Vec<u8>)],
+    ) -> std::result::Result<(usize, String), String> {
         let mut why = Vec::new();
         for (i, b) in self.backends.iter().enumerate() {
             match endpoints.iter().find(|(n, _)| n == b.name()) {
                 None => why.push(format!("{}: the peer does not offer it", b.name())),
                 Some((_, blob)) => match b.reaches(blob) {
-                    Ok(()) => return Ok(i),
+                    Ok(()) => return Ok((i, why.join("; "))),
                     Err(e) => why.push(format!("{}: {e}", b.name())),
                 },
             }
         }
         Err(why.join("; "))
+    }
+
+    /// What every backend's post path did, summed.
+    pub fn counters(&self) -> super::WireCounters {
+        let mut c = super::WireCounters::default();
+        for b in &self.backends {
+            c += b.counters();
+        }
+        c
     }
 
     /// Brings up the links of backend `backend` to `peers`; returns the mux

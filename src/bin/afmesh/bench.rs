@@ -216,9 +216,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let transports: Vec<&str> = args.transport.split(',').map(str::trim).collect();
     if let Some(t) = transports
         .iter()
-        .find(|t| !["auto", "tcp", "shm"].contains(t))
+        .find(|t| !["auto", "tcp", "shm", "verbs"].contains(t))
     {
-        bail!("--transport {t}: expected auto, tcp or shm (or a comma list of them)");
+        bail!("--transport {t}: expected auto, tcp, shm or verbs (or a comma list of them)");
     }
     let sweep = args.sweep.as_deref().map(Sweep::parse).transpose()?;
     if sweep.is_none() && transports.len() == 1 && args.plot.is_none() {
