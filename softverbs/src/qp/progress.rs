@@ -36,7 +36,12 @@ pub(super) fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
             return;
         }
         // The status to complete `p` with, or the wait before its retry.
-        let status = match execute(f, sh, inner, &p) {
+        let first_try = inner.rnr_tries == 0 && inner.retry_tries == 0;
+        let outcome = match injected_fault(first_try) {
+            Some(status) => Outcome::Fail(status),
+            None => execute(f, sh, inner, &p),
+        };
+        let status = match outcome {
             Outcome::Done(len) => {
                 inner.rnr_tries = 0;
                 inner.retry_tries = 0;
@@ -73,6 +78,28 @@ pub(super) fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
             }
         }
     }
+}
+
+/// The test fault switch, `SOFTVERBS_FAIL_WR=N[:STATUS]`: the N-th work
+/// request this process runs (1-based, counted at its first attempt, over
+/// all its QPs) completes with `STATUS` (a `ibv_wc_status` number,
+/// default 10, `IBV_WC_REM_ACCESS_ERR`) instead of running, and its QP
+/// enters the error state as after any error completion.
+fn injected_fault(first_try: bool) -> Option<u32> {
+    static SPEC: OnceLock<Option<(u64, u32)>> = OnceLock::new();
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let (n, status) = (*SPEC.get_or_init(|| {
+        let v = std::env::var("SOFTVERBS_FAIL_WR").ok()?;
+        let (n, st) = match v.split_once(':') {
+            Some((n, s)) => (n.trim().parse().ok()?, s.trim().parse().ok()?),
+            None => (v.trim().parse().ok()?, IBV_WC_REM_ACCESS_ERR),
+        };
+        Some((n, st))
+    }))?;
+    if !first_try {
+        return None;
+    }
+    (COUNT.fetch_add(1, Ordering::Relaxed) + 1 == n).then_some(status)
 }
 
 /// How long an initiator's completion trails the delivery, standing in
