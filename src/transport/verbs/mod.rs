@@ -20,11 +20,12 @@
 //!   reports one arrival, with the summed length, when all n−1 landed (an
 //!   imm is unique among a link's messages in flight). Which QP an imm
 //!   arrives on thus says how many parts its message has.
-//! * **Signalling.** One work request in `AFMESH_IB_SIGNAL_EVERY` is
-//!   signalled; its completion retires every earlier one of its QP. When
-//!   the CQ is idle and a QP's newest requests are unsignalled, a
-//!   zero-length signalled write flushes them, so `Sent` never waits for
-//!   traffic that may not come. The same zero-length write, every
+//! * **Signalling.** While a QP has fewer than `AFMESH_IB_SIGNAL_EVERY`
+//!   (k) requests in flight each is signalled; deeper, one in k is, and
+//!   its completion retires every earlier one of its QP. When the CQ is
+//!   idle and a QP's newest requests are unsignalled, a zero-length
+//!   signalled write flushes them, so `Sent` never waits for traffic that
+//!   may not come. The same zero-length write, every
 //!   `AFMESH_IB_PROBE_MS`, is the liveness probe: a peer that died leaves
 //!   it unacknowledged, and the retry-exceeded completion takes the link
 //!   down.
@@ -595,7 +596,10 @@ impl VerbsTransport {
             return Err(libc::ENOMEM);
         }
         let len: u64 = sges.iter().map(|s| u64::from(s.length)).sum();
-        let signal = force_signal || q.run + 1 >= every;
+        // Few requests in flight: each is signalled (a completion costs
+        // less than the flush a quiet queue would need). A deep queue: one
+        // in `every`.
+        let signal = force_signal || q.run + 1 >= every || q.head - q.tail < u64::from(every);
         let mut flags = 0;
         if signal {
             flags |= IBV_SEND_SIGNALED;
