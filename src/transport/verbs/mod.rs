@@ -220,6 +220,8 @@ pub struct VerbsTransport {
     idle_polls: u32,
     /// Completions found outside `progress` (a failed post).
     backlog: Vec<Completion>,
+    /// When asynchronous events were last read.
+    last_async: Instant,
 }
 
 impl std::fmt::Debug for VerbsTransport {
@@ -279,6 +281,7 @@ impl VerbsTransport {
             counters: WireCounters::default(),
             idle_polls: 0,
             backlog: Vec::new(),
+            last_async: Instant::now(),
         };
         // Dropping `t` on an error below releases what was made.
         t.make(peers as usize)?;
@@ -302,6 +305,13 @@ impl VerbsTransport {
         // SAFETY: the channel's fd is ours to set non-blocking.
         unsafe {
             let fd = (*self.channel).fd;
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        // SAFETY: the context's async fd is ours to set non-blocking
+        // (verbs.h documents this for polling it).
+        unsafe {
+            let fd = (*ctx).async_fd;
             let fl = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
@@ -864,6 +874,63 @@ impl VerbsTransport {
             }
             if probe {
                 self.links[link].last_probe = now;
+            }
+        }
+        if now.duration_since(self.last_async) >= probe_every {
+            self.last_async = now;
+            self.async_events(out);
+        }
+    }
+
+    /// Takes the device's asynchronous events (non-blocking): a QP's
+    /// fatal or access error takes its link down, a port or device error
+    /// every link.
+    fn async_events(&mut self, out: &mut Vec<Completion>) {
+        let (Some(get), Some(ack)) = (self.lib.ibv_get_async_event, self.lib.ibv_ack_async_event)
+        else {
+            return;
+        };
+        for _ in 0..64 {
+            // SAFETY: plain data; all-zero is a valid value.
+            let mut ev: ibv_async_event = unsafe { std::mem::zeroed() };
+            // SAFETY: a live context whose async fd was made non-blocking.
+            if unsafe { get(self.dev.ctx, &mut ev) } != 0 {
+                return;
+            }
+            let t = ev.event_type;
+            let name = match t {
+                IBV_EVENT_QP_FATAL => "IBV_EVENT_QP_FATAL",
+                IBV_EVENT_QP_REQ_ERR => "IBV_EVENT_QP_REQ_ERR",
+                IBV_EVENT_QP_ACCESS_ERR => "IBV_EVENT_QP_ACCESS_ERR",
+                IBV_EVENT_PORT_ERR => "IBV_EVENT_PORT_ERR",
+                IBV_EVENT_DEVICE_FATAL => "IBV_EVENT_DEVICE_FATAL",
+                _ => "",
+            };
+            let qp_event = matches!(
+                t,
+                IBV_EVENT_QP_FATAL | IBV_EVENT_QP_REQ_ERR | IBV_EVENT_QP_ACCESS_ERR
+            );
+            let qp = if qp_event {
+                // SAFETY: QP events carry the QP.
+                unsafe { ev.element.qp }
+            } else {
+                std::ptr::null_mut()
+            };
+            // SAFETY: each event taken is acked once.
+            unsafe { ack(&mut ev) };
+            if name.is_empty() {
+                continue;
+            }
+            for link in 0..self.links.len() {
+                let hit = !qp_event || self.links[link].qps.iter().any(|q| q.qp == qp);
+                if hit {
+                    let reason = format!(
+                        "verbs: asynchronous event {name} on {} (link to {})",
+                        self.device(),
+                        self.links[link].peer
+                    );
+                    self.mark_down(link, reason, out);
+                }
             }
         }
     }
