@@ -44,6 +44,7 @@
 
 pub mod device;
 pub mod library;
+pub mod plain;
 #[allow(
     non_camel_case_types,
     non_upper_case_globals,
