@@ -299,6 +299,14 @@ pub trait Transport {
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()>;
     /// How to sleep until there is progress to make.
     fn wake(&self) -> Wake;
+    /// Called right before the rank sleeps on [`Transport::wake`]: a
+    /// backend whose wake source must be armed first (a completion
+    /// channel) arms it here, not on every progress, and reports what
+    /// came in the meantime (the rank then does not sleep).
+    fn arm(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        let _ = out;
+        Ok(())
+    }
     /// Sleeps up to `timeout` (only called when [`Transport::wake`] is
     /// [`Wake::Own`]).
     fn park(&mut self, timeout: Duration) {
@@ -424,6 +432,9 @@ macro_rules! backends {
             }
             fn wake(&self) -> Wake {
                 dispatch!(self, [Sim $(, $variant)*], t => t.wake())
+            }
+            fn arm(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.arm(out))
             }
             fn park(&mut self, timeout: Duration) {
                 dispatch!(self, [Sim $(, $variant)*], t => t.park(timeout))

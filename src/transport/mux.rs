@@ -303,6 +303,25 @@ impl Mux {
 
     /// One park of at most `t`, ending with a progress pass.
     fn park(&mut self, out: &mut Vec<Completion>, t: Duration) -> Result<()> {
+        // Wake sources that need arming are armed now; what came since the
+        // last progress ends the park before it starts.
+        let start = out.len();
+        for (i, b) in self.backends.iter_mut().enumerate() {
+            if self.back[i].is_empty() {
+                continue;
+            }
+            self.tmp.clear();
+            let r = b.arm(&mut self.tmp);
+            let map = &self.back[i];
+            match self.direct {
+                Some(_) => out.append(&mut self.tmp),
+                None => out.extend(self.tmp.drain(..).map(|c| remap(map, c))),
+            }
+            r?;
+        }
+        if out.len() > start {
+            return Ok(());
+        }
         let mut bell = None;
         let mut fds = Vec::new();
         let mut wfds = Vec::new();
@@ -321,7 +340,6 @@ impl Mux {
                 Wake::Own => own = Some(i),
             }
         }
-        let start = out.len();
         match (bell, fds.is_empty(), own) {
             (_, _, Some(i)) => self.backends[i].park(t),
             (Some(bell), fds_empty, None) => {

@@ -31,7 +31,9 @@
 //!   down.
 //! * **Arrivals** consume receives of the shared receive queue, reposted
 //!   in batches; the CQ is polled in batches; a rank that waits parks on
-//!   the completion channel's fd (armed when a poll finds nothing).
+//!   the completion channel's fd, armed only right before it parks
+//!   ([`Transport::arm`]), so a spinning rank costs its peers no event
+//!   wake-ups.
 //! * **Errors.** An error completion or a QP's fatal async event takes
 //!   that link down, once, with the verbs status named; flushed requests
 //!   are drained, never retried. Other links go on.
@@ -831,7 +833,7 @@ impl VerbsTransport {
         }
     }
 
-    fn arm(&mut self) {
+    fn arm_cq(&mut self) {
         // SAFETY: a live CQ; the inline `ibv_req_notify_cq` through ops.
         let rc = unsafe {
             let ctx = (*self.cq).context;
@@ -1348,9 +1350,6 @@ impl Transport for VerbsTransport {
 
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
         out.append(&mut self.backlog);
-        if self.armed {
-            self.take_events();
-        }
         let mut found = 0;
         loop {
             let n = self.poll_once(out);
@@ -1358,6 +1357,11 @@ impl Transport for VerbsTransport {
             if n < POLL_BATCH {
                 break;
             }
+        }
+        if self.armed && found > 0 {
+            // The completion raised the armed CQ's event: take it, so the
+            // channel's fd does not stay readable.
+            self.take_events();
         }
         while self.srq_missing >= RECV_BATCH {
             self.repost()?;
@@ -1369,13 +1373,21 @@ impl Transport for VerbsTransport {
             if self.idle_polls.is_multiple_of(16) {
                 self.idle_work(out);
             }
-            if !self.armed {
-                self.arm();
-                // A completion that came between the poll and the arming
-                // raised no event: look once more.
-                self.poll_once(out);
-            }
         }
+        Ok(())
+    }
+
+    fn arm(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        out.append(&mut self.backlog);
+        if self.armed {
+            self.take_events();
+        }
+        if !self.armed {
+            self.arm_cq();
+        }
+        // A completion that came before the arming raised no event: look
+        // once more.
+        self.poll_once(out);
         Ok(())
     }
 

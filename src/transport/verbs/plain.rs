@@ -58,7 +58,7 @@ fn fail(call: &str) -> Error {
 
 impl PlainEndpoint {
     /// Opens the device (as the transport would choose it), registers a
-    /// zeroed buffer of `len` bytes and makes `peers` QPs, each with
+    /// buffer of `len` bytes (filled, so every page is real) and makes `peers` QPs, each with
     /// `recvs` receives posted.
     pub fn new(len: usize, peers: usize, recvs: usize) -> Result<PlainEndpoint> {
         let lib = library::verbs().map_err(|e| Error::Unsupported(format!("verbs: {e}")))?;
@@ -73,7 +73,9 @@ impl PlainEndpoint {
             pd: std::ptr::null_mut(),
             cq: std::ptr::null_mut(),
             mr: std::ptr::null_mut(),
-            buf: vec![0u8; len.max(64)],
+            // Real pages, not the shared zero page a fresh allocation
+            // reads as: the floor moves bytes from memory like the mesh.
+            buf: vec![0x5au8; len.max(64)],
             qps: Vec::new(),
             remote: vec![(0, 0); peers],
             wcs: vec![ibv_wc::default(); 64],
