@@ -340,20 +340,29 @@ fn no_rdma_device_is_named() {
     );
 }
 
-/// The binary does not link libibverbs: it starts where rdma-core is
-/// absent.
+/// The binary and the C library do not link libibverbs: they start where
+/// rdma-core is absent.
 #[test]
-fn the_binary_does_not_link_libibverbs() {
-    let out = std::process::Command::new("ldd")
-        .arg(env!("CARGO_BIN_EXE_afmesh"))
-        .output();
-    let Ok(out) = out else {
-        eprintln!("no ldd here; skipped");
-        return;
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(!text.contains("libibverbs"), "{text}");
+fn the_binary_and_c_library_do_not_link_libibverbs() {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_afmesh"));
+    let mut files = vec![exe.clone()];
+    // libafmesh.so, when this profile has built it (`cargo build --workspace`).
+    if let Some(so) = exe
+        .parent()
+        .map(|d| d.join("libafmesh.so"))
+        .filter(|p| p.exists())
+    {
+        files.push(so);
+    }
+    for f in files {
+        let Ok(out) = std::process::Command::new("ldd").arg(&f).output() else {
+            eprintln!("no ldd here; skipped");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}: {text}", f.display());
+        assert!(!text.contains("libibverbs"), "{}: {text}", f.display());
+    }
 }
 
 /// `auto` with softverbs preloaded takes verbs and logs why per link.
