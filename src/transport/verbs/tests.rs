@@ -182,3 +182,50 @@ fn bindings_match_the_system_header() {
         wrong.join("\n")
     );
 }
+
+/// Stripes of a gathered message cover its bytes once, in order, each
+/// from the right slice.
+#[test]
+fn stripes_cover_the_gathered_bytes_once() {
+    let sg = [
+        ibv_sge {
+            addr: 1000,
+            length: 64,
+            lkey: 1,
+        },
+        ibv_sge {
+            addr: 50_000,
+            length: 1000,
+            lkey: 2,
+        },
+        ibv_sge {
+            addr: 90_000,
+            length: 37,
+            lkey: 3,
+        },
+    ];
+    let total: u64 = sg.iter().map(|s| u64::from(s.length)).sum();
+    for stripes in 1..=7u64 {
+        let each = total.div_ceil(stripes).next_multiple_of(64);
+        // (lkey, addr) of every byte, as the stripes name them.
+        let mut bytes = Vec::new();
+        for k in 0..stripes {
+            let from = (k * each).min(total);
+            let to = (from + each).min(total);
+            let mut part = [ibv_sge::default(); super::MAX_SGE];
+            let n = super::stripe(&sg, from, to, &mut part);
+            let len: u64 = part[..n].iter().map(|s| u64::from(s.length)).sum();
+            assert_eq!(len, to - from, "{stripes} stripes, stripe {k}");
+            for s in &part[..n] {
+                for i in 0..u64::from(s.length) {
+                    bytes.push((s.lkey, s.addr + i));
+                }
+            }
+        }
+        let want: Vec<(u32, u64)> = sg
+            .iter()
+            .flat_map(|s| (0..u64::from(s.length)).map(move |i| (s.lkey, s.addr + i)))
+            .collect();
+        assert_eq!(bytes, want, "{stripes} stripes");
+    }
+}
