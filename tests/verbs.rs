@@ -402,3 +402,20 @@ fn auto_prefers_verbs_when_a_port_is_active() {
     let _ = afmesh();
     assert!(sched.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// `AFMESH_VERBS_LIB` names the library to load: softverbs by path, with
+/// nothing preloaded.
+#[test]
+fn an_explicit_verbs_library_is_loaded() {
+    let so = softverbs();
+    let lines = run_verified(
+        "explicit",
+        1,
+        1,
+        &["--iters", "3", "--warmup", "1"],
+        &[("LD_PRELOAD", ""), ("AFMESH_VERBS_LIB", &so)],
+    );
+    for l in &lines {
+        assert_counters(l, 1);
+    }
+}
