@@ -35,7 +35,9 @@
 //! * **Waiting.** A backend never blocks in [`Transport::progress`]. It
 //!   exposes how a rank can sleep until it has something ([`Wake`]): a
 //!   shared-memory doorbell, file descriptors, or its own park. The one
-//!   spin-then-park loop, under `AFMESH_POLL`, is [`mux::Mux::poll`].
+//!   spin-then-park loop, under `AFMESH_POLL`, is [`mux::Mux::poll`]; it
+//!   calls [`Transport::arm`] right before it parks, for wake sources that
+//!   must be armed (a completion channel).
 //! * **Links end** with one [`Completion::LinkDown`] (peer gone) or
 //!   [`Completion::LinkClosed`] (peer left in order); posts on them fail.
 //!
