@@ -16,7 +16,7 @@
 //!
 //! The data-path verbs (`ibv_post_send`, `ibv_poll_cq`,
 //! `ibv_req_notify_cq`, `ibv_post_srq_recv`) are `static inline` in
-//! `verbs.h` and call through the context's `ops` table; [`super::ctx`]
+//! `verbs.h` and call through the context's `ops` table; the backend
 //! does the same.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
