@@ -419,3 +419,35 @@ fn an_explicit_verbs_library_is_loaded() {
         assert_counters(l, 1);
     }
 }
+
+/// Ends asking for different QP counts use the smaller on each link.
+#[test]
+fn mismatched_qp_counts_use_the_smaller() {
+    let mut mesh = start(
+        "qpmix",
+        1,
+        2,
+        &["--iters", "3", "--warmup", "1"],
+        &[],
+        &[("A0", "AFMESH_QPS", "4"), ("F1", "AFMESH_QPS", "2")],
+    );
+    let mut lines = Vec::new();
+    for p in &mut mesh.ranks {
+        let st = p.wait_exit(Duration::from_secs(60));
+        let out = p.output();
+        assert!(st.success(), "{}:\n{out}", p.name);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap()
+            .to_string();
+        assert_eq!(field(&line, "errors"), "0", "{line}");
+        lines.push(line);
+    }
+    // F0 (1 QP) and F1 (2 QPs: its big messages on QP 1, one stripe) send
+    // one work request per message; A0's links use 1 and 2 QPs, one each.
+    for l in &lines {
+        assert_counters(l, 1);
+    }
+    assert!(mesh.sched.wait_exit(Duration::from_secs(10)).success());
+}
