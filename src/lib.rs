@@ -55,6 +55,7 @@
 
 pub mod api;
 pub mod bootstrap;
+pub mod cuda;
 mod engine;
 pub mod error;
 pub mod proto;

@@ -8,6 +8,7 @@ use super::reduce::{sum_into, Dtype};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
+use crate::transport::MemoryKind;
 
 /// A dispatch in flight; redeem it with [`AttentionRank::wait_combine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,12 +138,56 @@ impl<'a> Combined<'a> {
         let len = self.tokens * layout.spec.out_row_bytes as usize;
         self.rank.engine.recv_region().slice(off, len).ok()
     }
+    /// FFN rank `f`'s rows as an address (a device address when the
+    /// rank's stage memory is on a GPU, where [`Combined::partial`] is
+    /// `None`), valid while this value lives.
+    pub fn partial_addr(&self, f: usize) -> Option<u64> {
+        let layout = &self.rank.st.layout;
+        if f >= layout.n {
+            return None;
+        }
+        let off = layout.out_offset(self.stage, f) + HEADER_LEN;
+        let len = self.tokens * layout.spec.out_row_bytes as usize;
+        self.rank.engine.recv_region().addr_of(off, len).ok()
+    }
+    /// Copies FFN rank `f`'s rows into `out` (host memory; from the GPU
+    /// when the stage memory is there); returns their length.
+    pub fn copy_partial(&self, f: usize, out: &mut [u8]) -> Result<usize> {
+        let layout = &self.rank.st.layout;
+        if f >= layout.n {
+            return Err(Error::invalid(format!(
+                "partial {f}: only {} FFN ranks",
+                layout.n
+            )));
+        }
+        let off = layout.out_offset(self.stage, f) + HEADER_LEN;
+        let len = self.tokens * layout.spec.out_row_bytes as usize;
+        let Some(out) = out.get_mut(..len) else {
+            return Err(Error::BufferSize {
+                what: format!("copy of partial {f}"),
+                need: len,
+                got: out.len(),
+            });
+        };
+        self.rank
+            .engine
+            .recv_region()
+            .copy_out(off, out)
+            .map_err(Error::invalid)?;
+        Ok(len)
+    }
     /// All partials, in FFN-rank order.
     pub fn partials(&self) -> Vec<&'a [u8]> {
         (0..self.len()).filter_map(|f| self.partial(f)).collect()
     }
     /// Writes the element-wise sum of the partials into `out`.
     pub fn sum_into(&self, dtype: Dtype, out: &mut [u8]) -> Result<()> {
+        let kind = self.rank.engine.recv_region().kind();
+        if kind != MemoryKind::Host {
+            return Err(Error::Unsupported(format!(
+                "the sum of partials in {kind} is not computed on the host: use partial_addr"
+            )));
+        }
         sum_into(dtype, &self.partials(), out)
     }
     /// Trace stamps of FFN rank `f`'s combine.
@@ -209,11 +254,20 @@ impl AttentionRank {
                 got: spec.side_bytes as usize,
             });
         }
-        let h = self.dispatch_with(stage, count, |rows, area| {
-            rows.copy_from_slice(tokens);
-            area[..side.len()].copy_from_slice(side);
-            side.len()
-        })?;
+        let h = if self.engine.send_kind() == MemoryKind::Host {
+            self.dispatch_with(stage, count, |rows, area| {
+                rows.copy_from_slice(tokens);
+                area[..side.len()].copy_from_slice(side);
+                side.len()
+            })?
+        } else {
+            // Device send slots: the rows go through one host-to-device copy.
+            let rows_at = self.st.layout.rows_at();
+            let s = self.begin(stage, count)?;
+            self.engine.write_slot(s, rows_at, tokens)?;
+            self.engine.write_slot(s, HEADER_LEN, side)?;
+            self.finish(stage, count, side.len())?
+        };
         for f in 0..self.st.layout.n {
             self.engine.count_copied(f, tokens.len() + side.len());
         }
@@ -255,6 +309,70 @@ impl AttentionRank {
         tokens: usize,
         fill: impl FnOnce(&mut [u8], &mut [u8]) -> usize,
     ) -> Result<DispatchHandle> {
+        let s = self.begin(stage, tokens)?;
+        let layout = self.st.layout;
+        let rows_len = tokens * layout.spec.row_bytes as usize;
+        let side_bytes = layout.spec.side_bytes as usize;
+        let slot = self.engine.fill(s)?;
+        let (_, rest) = slot.split_at_mut(HEADER_LEN);
+        let (area, rows) = rest.split_at_mut(layout.side_area);
+        let side_len = fill(&mut rows[..rows_len], &mut area[..side_bytes]);
+        if side_len > side_bytes {
+            return Err(Error::invalid(format!(
+                "dispatch_with: side block of {side_len} bytes exceeds side_bytes {side_bytes}"
+            )));
+        }
+        self.finish(stage, tokens, side_len)
+    }
+
+    /// Sends `tokens` rows that are already on this rank's GPU, at device
+    /// address `rows` (`tokens × row_bytes` bytes, e.g. a tensor's
+    /// `data_ptr()`), and the host `side` block, to every FFN rank for
+    /// `stage`. The rows are copied device to device into the stage's send
+    /// slot (copy engine, no host staging) before this returns, so `rows`
+    /// may be reused at once. Only for a rank whose stage memory is on a
+    /// GPU ([`AttentionRank::memory`]); checked like
+    /// [`AttentionRank::dispatch`].
+    pub fn dispatch_device(
+        &mut self,
+        stage: u32,
+        rows: u64,
+        tokens: usize,
+        side: &[u8],
+    ) -> Result<DispatchHandle> {
+        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
+            return Err(Error::Unsupported(
+                "dispatch_device: this rank's stage memory is host memory (use dispatch)".into(),
+            ));
+        };
+        let spec = self.st.layout.spec;
+        if side.len() > spec.side_bytes as usize {
+            return Err(Error::BufferSize {
+                what: "dispatch side block exceeds side_bytes".into(),
+                need: side.len(),
+                got: spec.side_bytes as usize,
+            });
+        }
+        let len = tokens.saturating_mul(spec.row_bytes as usize);
+        let s = self.begin(stage, tokens)?;
+        let rows_at = self.st.layout.rows_at();
+        let dst = self.engine.slot_addr(s, rows_at, len)?;
+        // SAFETY: `dst` is `len` bytes of this rank's device send slot
+        // (bounds checked by `slot_addr`, not posted); the caller gives
+        // `len` bytes of device memory at `rows` (the driver refuses an
+        // address it does not know).
+        unsafe { crate::cuda::copy(device, dst, rows, len) }?;
+        self.engine.write_slot(s, HEADER_LEN, side)?;
+        self.finish(stage, tokens, side.len())
+    }
+
+    /// What memory this rank's stage buffers are (host, or a GPU's).
+    pub fn memory(&self) -> MemoryKind {
+        self.engine.recv_region().kind()
+    }
+
+    /// The checks before a dispatch writes its slot; returns the slot.
+    fn begin(&mut self, stage: u32, tokens: usize) -> Result<usize> {
         let layout = self.st.layout;
         let spec = layout.spec;
         if stage >= spec.stages {
@@ -285,17 +403,16 @@ impl AttentionRank {
         }
         // The slot's previous message may still be on its way out.
         self.engine.reclaim(s, &mut self.st)?;
-        let rows_len = tokens * row;
-        let side_bytes = spec.side_bytes as usize;
-        let slot = self.engine.fill(s)?;
-        let (_, rest) = slot.split_at_mut(HEADER_LEN);
-        let (area, rows) = rest.split_at_mut(layout.side_area);
-        let side_len = fill(&mut rows[..rows_len], &mut area[..side_bytes]);
-        if side_len > side_bytes {
-            return Err(Error::invalid(format!(
-                "dispatch_with: side block of {side_len} bytes exceeds side_bytes {side_bytes}"
-            )));
-        }
+        Ok(s)
+    }
+
+    /// Stamps the header into the filled slot and posts it to every FFN
+    /// rank.
+    fn finish(&mut self, stage: u32, tokens: usize, side_len: usize) -> Result<DispatchHandle> {
+        let layout = self.st.layout;
+        let spec = layout.spec;
+        let s = stage as usize;
+        let rows_len = tokens * spec.row_bytes as usize;
         let seq = self
             .st
             .stages
@@ -316,7 +433,7 @@ impl AttentionRank {
             process_ns: 0,
             respond_ns: 0,
         };
-        self.engine.fill(s)?[..HEADER_LEN].copy_from_slice(&header.encode());
+        self.engine.write_slot(s, 0, &header.encode())?;
         let msg = self.engine.message(s, layout.rows_at() + rows_len)?;
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
         let offset = layout.in_offset(s, self.st.rank as usize) as u64;

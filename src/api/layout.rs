@@ -19,7 +19,7 @@
 use crate::error::{Error, Result};
 use crate::proto::{Geometry, Role, HEADER_LEN};
 use crate::transport::slots::SendSlots;
-use crate::transport::Region;
+use crate::transport::{MemoryKind, Region};
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Layout {
@@ -120,12 +120,20 @@ impl Layout {
     /// A rank's send slots, in library memory (process-private: peers
     /// never write it).
     pub fn send_slots(&self, role: Role) -> Result<SendSlots> {
+        self.send_slots_in(role, MemoryKind::Host)
+    }
+
+    /// A rank's send slots in `kind` memory (a GPU's for device ranks).
+    pub fn send_slots_in(&self, role: Role, kind: MemoryKind) -> Result<SendSlots> {
         let (len, slot, count) = match role {
             Role::Attention => (self.attention_send_len(), self.in_slot, self.stages()),
             Role::Ffn => (self.ffn_send_len(), self.out_slot, self.stages() * self.m),
         };
         let len = len.ok_or_else(|| Error::config("send region size overflows"))?;
-        let region = Region::alloc(len).map_err(Error::config)?;
+        let region = match kind {
+            MemoryKind::Host => Region::alloc(len).map_err(Error::config)?,
+            MemoryKind::Cuda { device } => Region::alloc_device(device, len.max(1))?,
+        };
         SendSlots::new(region, slot, count)
     }
 

@@ -18,7 +18,8 @@ use crate::proto::{Message, RegionKey, Role};
 use crate::transport::sim::SimNetwork;
 use crate::transport::slots::SendSlots;
 use crate::transport::{
-    Access, Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Setup, Transport, BACKENDS,
+    Access, Backend, LinkId, LocalKey, MemoryKind, Mux, PeerSpec, Region, Setup, Transport,
+    BACKENDS,
 };
 
 /// A rank of either role, as [`Mesh::join`] returns it.
@@ -39,6 +40,18 @@ pub struct Mesh {
 enum Memory {
     Library,
     Caller(Region),
+    /// Library-allocated on this CUDA device.
+    Device(i32),
+}
+
+impl Memory {
+    fn kind(&self) -> MemoryKind {
+        match self {
+            Memory::Library => MemoryKind::Host,
+            Memory::Caller(r) => r.kind(),
+            Memory::Device(device) => MemoryKind::Cuda { device: *device },
+        }
+    }
 }
 
 impl Mesh {
@@ -93,6 +106,22 @@ impl Mesh {
     /// (caller memory of any origin, e.g. from C).
     pub fn attention_with_region(&self, spec: StageSpec, region: Region) -> Result<AttentionRank> {
         self.join_attention(spec, Memory::Caller(region))
+    }
+
+    /// Joins as an attention rank whose stage buffers (output slots and
+    /// send slots) the library allocates on CUDA device `device`. Its links
+    /// run over the `cuda` backend (GPUs of one host); see
+    /// [`AttentionRank::dispatch_device`]. A caller's device buffer joins
+    /// through [`Mesh::attention_with_region`] with
+    /// [`Region::from_device_ptr`].
+    pub fn attention_on_device(&self, spec: StageSpec, device: i32) -> Result<AttentionRank> {
+        self.join_attention(spec, Memory::Device(device))
+    }
+
+    /// Joins as an FFN rank whose stage buffers are on CUDA device
+    /// `device` (see [`Mesh::attention_on_device`]).
+    pub fn ffn_on_device(&self, spec: StageSpec, device: i32) -> Result<FfnRank> {
+        self.join_ffn(spec, Memory::Device(device))
     }
 
     /// Bytes of caller memory an attention rank needs for `spec`.
@@ -198,8 +227,10 @@ impl Mesh {
         };
         let conn = Connecting::connect(&cfg.scheduler, cfg.token.as_ref(), cfg.setup_timeout)?;
 
-        // The backends this rank offers, most preferred first.
-        let caller = matches!(memory, Memory::Caller(_));
+        // The backends this rank offers, most preferred first: those that
+        // move its kind of memory.
+        let kind = memory.kind();
+        let caller = !matches!(memory, Memory::Library);
         let mut backends = Vec::new();
         let mut hosted = None;
         let want = |name: &str| match cfg.transport {
@@ -222,7 +253,15 @@ impl Mesh {
             },
         };
         for name in BACKENDS.iter().filter(|n| want(n)) {
+            // The cuda backend is for device memory only: a host rank does
+            // not start CUDA.
+            if *name == "cuda" && kind == MemoryKind::Host {
+                continue;
+            }
             match Backend::open(name, &setup) {
+                Some(Ok(b)) if !b.caps().moves(kind) => {
+                    tracing::debug!("transport {name} does not move {kind}: not offered");
+                }
                 Some(Ok(b)) => {
                     if hosted.is_none() && !caller {
                         hosted = b.receive_region();
@@ -246,7 +285,7 @@ impl Mesh {
         mux.register(&region, Access::RemoteWrite)?;
         // Messages are built in send slots of their own, registered for
         // this rank's posted writes.
-        let send = layout.send_slots(role)?;
+        let send = layout.send_slots_in(role, kind)?;
         let send_key = mux.register(send.region(), Access::Local)?;
 
         let hello = Message::Hello {
@@ -358,8 +397,10 @@ impl Mesh {
         session.barrier(cfg.setup_timeout)?;
         // Every peer has mapped our segment: its name can go.
         for b in mux.backends() {
-            if let Backend::Shm(s) = b {
-                s.unlink();
+            match b {
+                Backend::Shm(s) => s.unlink(),
+                Backend::Cuda(c) => c.unlink(),
+                _ => {}
             }
         }
         tracing::info!(rank, transport = %mux.name(), "{role} rank joined");
@@ -404,6 +445,7 @@ struct Joined {
 fn region_for(memory: Memory, need: usize, what: &str) -> Result<Arc<Region>> {
     match memory {
         Memory::Library => Region::alloc(need).map(Arc::new).map_err(Error::config),
+        Memory::Device(device) => Region::alloc_device(device, need).map(Arc::new),
         Memory::Caller(r) if r.len() < need => Err(Error::BufferSize {
             what: format!("caller memory for {what}"),
             need,

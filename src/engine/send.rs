@@ -29,6 +29,22 @@ impl Engine {
         self.send.fill(slot)
     }
 
+    /// Copies `bytes` to offset `at` of send slot `slot` (host or device
+    /// memory).
+    pub(crate) fn write_slot(&mut self, slot: usize, at: usize, bytes: &[u8]) -> Result<()> {
+        self.send.write(slot, at, bytes)
+    }
+
+    /// The address of `len` bytes at `at` of send slot `slot`.
+    pub(crate) fn slot_addr(&mut self, slot: usize, at: usize, len: usize) -> Result<u64> {
+        self.send.addr(slot, at, len)
+    }
+
+    /// What memory the send slots are.
+    pub(crate) fn send_kind(&self) -> crate::transport::MemoryKind {
+        self.send.region().kind()
+    }
+
     /// The first `len` bytes of send slot `slot`, as a message.
     pub(crate) fn message(&self, slot: usize, len: usize) -> Result<SlotRef> {
         self.send.message(slot, len)

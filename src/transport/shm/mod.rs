@@ -210,6 +210,26 @@ impl ShmTransport {
         self.own.unlink();
     }
 
+    /// Publishes `notice` on link `link`'s ring without moving any bytes:
+    /// for a backend that moved them itself (cuda) and uses this one for
+    /// notices, doorbells and liveness. `Ok(false)`: the ring is full, post
+    /// it again later.
+    pub(crate) fn push_notice(&mut self, link: LinkId, notice: &Notice) -> Result<bool> {
+        let l = self
+            .links
+            .get_mut(link)
+            .ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))?;
+        if l.down {
+            return Err(Error::io(
+                format!("notice to {}", l.label),
+                std::io::Error::new(std::io::ErrorKind::NotConnected, "link is down"),
+            ));
+        }
+        let pushed = l.out.push(&notice.encode());
+        l.peer.ring_doorbell();
+        Ok(pushed)
+    }
+
     fn drain(&mut self, out: &mut Vec<Completion>) {
         let regions = &self.local;
         for (link, l) in self.links.iter_mut().enumerate() {

@@ -1,0 +1,746 @@
+//! CUDA: the driver loaded at run time, and the few objects afmesh builds
+//! on it (a device's primary context, device allocations, streams,
+//! events, IPC handles, dma-buf handles).
+//!
+//! Every function here first loads the driver ([`driver::driver`]); where
+//! CUDA is not usable it returns [`Error::Unsupported`] naming CUDA, so a
+//! host without a GPU runs everything else and gets a clear error for a
+//! device request. Calls that take a context make the device's primary
+//! context current on the calling thread first (cheap: a thread-local
+//! store in the driver), so a rank may be driven from any thread.
+
+pub mod driver;
+
+use std::ffi::c_void;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Mutex, OnceLock};
+
+pub use driver::{available, driver, CuIpcMemHandle};
+use driver::{check, CuContext, CuDevice, CuDevicePtr, CuEvent, CuStream};
+
+use crate::error::{Error, Result};
+
+/// One device: its ordinal and primary context (retained for the life of
+/// the process, as the CUDA runtime does).
+#[derive(Debug, Clone, Copy)]
+pub struct Device {
+    ordinal: i32,
+    dev: CuDevice,
+    ctx: usize,
+}
+
+impl Device {
+    /// Device `ordinal` (as CUDA numbers the visible devices), its primary
+    /// context made current on this thread.
+    pub fn get(ordinal: i32) -> Result<Device> {
+        static DEVICES: OnceLock<Mutex<Vec<Device>>> = OnceLock::new();
+        let d = driver()?;
+        let count = device_count()?;
+        if ordinal < 0 || ordinal >= count {
+            return Err(Error::invalid(format!(
+                "CUDA device {ordinal}: {count} devices are visible"
+            )));
+        }
+        let cache = DEVICES.get_or_init(|| Mutex::new(Vec::new()));
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dev) = cache.iter().find(|x| x.ordinal == ordinal) {
+            dev.bind()?;
+            return Ok(*dev);
+        }
+        let mut dev: CuDevice = 0;
+        // SAFETY: valid out-pointer; ordinal checked against the count.
+        check(unsafe { (d.device_get)(&mut dev, ordinal) }, || {
+            format!("cuDeviceGet({ordinal})")
+        })?;
+        let mut ctx: CuContext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and a device handle from cuDeviceGet.
+        check(unsafe { (d.primary_ctx_retain)(&mut ctx, dev) }, || {
+            format!("cuDevicePrimaryCtxRetain({ordinal})")
+        })?;
+        let device = Device {
+            ordinal,
+            dev,
+            ctx: ctx as usize,
+        };
+        device.bind()?;
+        cache.push(device);
+        Ok(device)
+    }
+
+    /// The ordinal.
+    pub fn ordinal(&self) -> i32 {
+        self.ordinal
+    }
+
+    fn ctx(&self) -> CuContext {
+        self.ctx as CuContext
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        let d = driver()?;
+        // SAFETY: a primary context retained in `get` and never released.
+        check(unsafe { (d.ctx_set_current)(self.ctx()) }, || {
+            "cuCtxSetCurrent".into()
+        })
+    }
+
+    /// The device's UUID (the same from every process, whatever
+    /// `CUDA_VISIBLE_DEVICES` numbers it).
+    pub fn uuid(&self) -> Result<[u8; 16]> {
+        let d = driver()?;
+        let mut u = [0u8; 16];
+        // SAFETY: a 16-byte out-buffer, which is what CUuuid is.
+        check(unsafe { (d.device_get_uuid)(&mut u, self.dev) }, || {
+            "cuDeviceGetUuid".into()
+        })?;
+        Ok(u)
+    }
+
+    /// Whether this device can reach `other`'s memory directly (NVLink or
+    /// PCIe peer-to-peer); a device always reaches itself.
+    pub fn can_access(&self, other: &Device) -> Result<bool> {
+        if other.dev == self.dev {
+            return Ok(true);
+        }
+        let d = driver()?;
+        let mut ok = 0;
+        // SAFETY: valid out-pointer and two device handles.
+        check(
+            unsafe { (d.device_can_access_peer)(&mut ok, self.dev, other.dev) },
+            || "cuDeviceCanAccessPeer".into(),
+        )?;
+        Ok(ok != 0)
+    }
+
+    /// Lets this device's context reach `other`'s allocations (for plain
+    /// peer copies; IPC mappings enable it lazily themselves).
+    pub fn enable_peer(&self, other: &Device) -> Result<()> {
+        if other.dev == self.dev {
+            return Ok(());
+        }
+        let d = driver()?;
+        self.bind()?;
+        // SAFETY: a retained primary context; flags 0.
+        let rc = unsafe { (d.ctx_enable_peer_access)(other.ctx(), 0) };
+        // 704: CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED.
+        if rc == 704 {
+            return Ok(());
+        }
+        check(rc, || {
+            format!(
+                "cuCtxEnablePeerAccess({} -> {})",
+                self.ordinal, other.ordinal
+            )
+        })
+    }
+
+    /// Finds the visible device with this UUID.
+    pub fn by_uuid(uuid: &[u8; 16]) -> Result<Option<Device>> {
+        for i in 0..device_count()? {
+            let dev = Device::get(i)?;
+            if &dev.uuid()? == uuid {
+                return Ok(Some(dev));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Number of visible devices.
+pub fn device_count() -> Result<i32> {
+    let d = driver()?;
+    let mut n = 0;
+    // SAFETY: valid out-pointer.
+    check(unsafe { (d.device_get_count)(&mut n) }, || {
+        "cuDeviceGetCount".into()
+    })?;
+    Ok(n)
+}
+
+/// A device allocation afmesh made (`cuMemAlloc`), freed on drop.
+#[derive(Debug)]
+pub struct DeviceMemory {
+    ptr: CuDevicePtr,
+    len: usize,
+    device: Device,
+}
+
+impl DeviceMemory {
+    /// `len` zeroed bytes on `device` (`len > 0`).
+    pub fn alloc(device: i32, len: usize) -> Result<DeviceMemory> {
+        let dev = Device::get(device)?;
+        let d = driver()?;
+        let mut ptr: CuDevicePtr = 0;
+        // SAFETY: valid out-pointer; the device's context is current.
+        check(unsafe { (d.mem_alloc)(&mut ptr, len.max(1)) }, || {
+            format!("cuMemAlloc({len} bytes on device {device})")
+        })?;
+        let m = DeviceMemory {
+            ptr,
+            len,
+            device: dev,
+        };
+        // SAFETY: `[ptr, ptr + len)` is the allocation just made.
+        check(unsafe { (d.memset_d8)(ptr, 0, len) }, || {
+            "cuMemsetD8".into()
+        })?;
+        Ok(m)
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            let _ = self.device.bind();
+            // SAFETY: an allocation of ours, freed once.
+            let _ = unsafe { (d.mem_free)(self.ptr) };
+        }
+    }
+}
+
+/// What the driver says about a pointer the caller gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointerInfo {
+    /// The device whose memory it is.
+    pub device: i32,
+    /// Start of the allocation that holds it (caching allocators pack
+    /// tensors into larger blocks).
+    pub base: u64,
+    /// Bytes of that allocation.
+    pub size: usize,
+}
+
+/// Checks that `[ptr, ptr + len)` is device memory of one allocation and
+/// says which device and allocation.
+pub fn pointer_info(ptr: u64, len: usize) -> Result<PointerInfo> {
+    let d = driver()?;
+    let mut mem_type: u32 = 0;
+    // SAFETY: the attribute is a 32-bit CUmemorytype written to a u32.
+    let rc = unsafe {
+        (d.pointer_get_attribute)(
+            (&mut mem_type as *mut u32).cast::<c_void>(),
+            driver::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr,
+        )
+    };
+    if rc != driver::CUDA_SUCCESS || mem_type != driver::CU_MEMORYTYPE_DEVICE {
+        return Err(Error::invalid(format!(
+            "{ptr:#x} is not CUDA device memory (the driver does not know it as a device allocation)"
+        )));
+    }
+    let mut ordinal: i32 = -1;
+    // SAFETY: the attribute is a 32-bit int.
+    check(
+        unsafe {
+            (d.pointer_get_attribute)(
+                (&mut ordinal as *mut i32).cast::<c_void>(),
+                driver::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        },
+        || "cuPointerGetAttribute(DEVICE_ORDINAL)".into(),
+    )?;
+    Device::get(ordinal)?;
+    let (mut base, mut size) = (0u64, 0usize);
+    // SAFETY: valid out-pointers; `ptr` is device memory (checked above).
+    check(
+        unsafe { (d.mem_get_address_range)(&mut base, &mut size, ptr) },
+        || format!("cuMemGetAddressRange({ptr:#x})"),
+    )?;
+    let end = ptr.checked_add(len as u64);
+    if end.is_none_or(|e| e > base + size as u64) {
+        return Err(Error::BufferSize {
+            what: format!("device buffer at {ptr:#x}: its allocation starts at {base:#x}"),
+            need: (ptr - base) as usize + len,
+            got: size,
+        });
+    }
+    Ok(PointerInfo {
+        device: ordinal,
+        base,
+        size,
+    })
+}
+
+/// Synchronous copy of host bytes to device address `dst`.
+///
+/// # Safety
+/// `[dst, dst + src.len())` must be device memory that stays allocated
+/// for the call.
+pub unsafe fn copy_to_device(device: i32, dst: u64, src: &[u8]) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    Device::get(device)?;
+    let d = driver()?;
+    // SAFETY: the caller's contract covers `dst`; `src` is a live slice.
+    check(
+        unsafe { (d.memcpy_htod)(dst, src.as_ptr().cast(), src.len()) },
+        || format!("cuMemcpyHtoD({} bytes)", src.len()),
+    )
+}
+
+/// Synchronous copy of device bytes at `src` into `out`.
+///
+/// # Safety
+/// `[src, src + out.len())` must be device memory that stays allocated
+/// for the call.
+pub unsafe fn copy_from_device(device: i32, out: &mut [u8], src: u64) -> Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    Device::get(device)?;
+    let d = driver()?;
+    // SAFETY: the caller's contract covers `src`; `out` is a live slice.
+    check(
+        unsafe { (d.memcpy_dtoh)(out.as_mut_ptr().cast(), src, out.len()) },
+        || format!("cuMemcpyDtoH({} bytes)", out.len()),
+    )
+}
+
+/// Synchronous copy between two addresses of the unified address space
+/// (either may be host or device memory).
+///
+/// # Safety
+/// Both ranges must be valid memory the driver knows, for `n` bytes.
+pub unsafe fn copy(device: i32, dst: u64, src: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    Device::get(device)?;
+    let d = driver()?;
+    // SAFETY: the caller's contract.
+    check(unsafe { (d.memcpy)(dst, src, n) }, || {
+        format!("cuMemcpy({n} bytes)")
+    })
+}
+
+/// A non-blocking stream of a device (it does not wait for the legacy
+/// default stream), destroyed on drop.
+#[derive(Debug)]
+pub struct Stream {
+    raw: usize,
+    device: Device,
+}
+
+// SAFETY: a CUstream handle may be used from any thread once its context
+// is current there (every use binds it first).
+unsafe impl Send for Stream {}
+
+impl Stream {
+    /// A new stream on `device`.
+    pub fn new(device: &Device) -> Result<Stream> {
+        let d = driver()?;
+        device.bind()?;
+        let mut s: CuStream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current.
+        check(
+            unsafe { (d.stream_create)(&mut s, driver::CU_STREAM_NON_BLOCKING) },
+            || "cuStreamCreate".into(),
+        )?;
+        Ok(Stream {
+            raw: s as usize,
+            device: *device,
+        })
+    }
+
+    /// The raw handle.
+    pub fn raw(&self) -> CuStream {
+        self.raw as CuStream
+    }
+
+    /// Enqueues a copy of `n` bytes from `src` to `dst` (unified
+    /// addresses; device to device goes over the copy engines).
+    ///
+    /// # Safety
+    /// Both ranges must stay valid until the copy has completed on the
+    /// stream (an event recorded after it completes).
+    pub unsafe fn copy_async(&self, dst: u64, src: u64, n: usize) -> Result<()> {
+        let d = driver()?;
+        // SAFETY: the caller's contract.
+        check(unsafe { (d.memcpy_async)(dst, src, n, self.raw()) }, || {
+            format!("cuMemcpyAsync({n} bytes)")
+        })
+    }
+
+    /// Enqueues a peer copy (`cuMemcpyPeerAsync`) from `src` on device
+    /// `from` to `dst` on device `to`.
+    ///
+    /// # Safety
+    /// As for [`Stream::copy_async`].
+    pub unsafe fn copy_peer_async(
+        &self,
+        dst: u64,
+        to: &Device,
+        src: u64,
+        from: &Device,
+        n: usize,
+    ) -> Result<()> {
+        let d = driver()?;
+        // SAFETY: the caller's contract; contexts are retained primaries.
+        check(
+            unsafe { (d.memcpy_peer_async)(dst, to.ctx(), src, from.ctx(), n, self.raw()) },
+            || format!("cuMemcpyPeerAsync({n} bytes)"),
+        )
+    }
+
+    /// Makes later work on this stream wait for `event`.
+    pub fn wait(&self, event: &Event) -> Result<()> {
+        let d = driver()?;
+        // SAFETY: live handles.
+        check(
+            unsafe { (d.stream_wait_event)(self.raw(), event.raw(), 0) },
+            || "cuStreamWaitEvent".into(),
+        )
+    }
+
+    /// Makes later work on this stream wait until the 32-bit word at
+    /// device-visible address `addr` is at least `value`.
+    pub fn wait_value_geq(&self, addr: u64, value: u32) -> Result<()> {
+        let d = driver()?;
+        let f = d.stream_wait_value32.ok_or_else(|| {
+            Error::Unsupported("CUDA: this driver has no cuStreamWaitValue32_v2".into())
+        })?;
+        // SAFETY: a live stream; the caller gives an address the device can
+        // read (host-mapped memory from `HostFlag`).
+        check(
+            unsafe { f(self.raw(), addr, value, driver::CU_STREAM_WAIT_VALUE_GEQ) },
+            || "cuStreamWaitValue32".into(),
+        )
+    }
+
+    /// Blocks until all work on the stream is done.
+    pub fn synchronize(&self) -> Result<()> {
+        let d = driver()?;
+        self.device.bind()?;
+        // SAFETY: a live stream.
+        check(unsafe { (d.stream_synchronize)(self.raw()) }, || {
+            "cuStreamSynchronize".into()
+        })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            let _ = self.device.bind();
+            // SAFETY: our stream, destroyed once.
+            let _ = unsafe { (d.stream_destroy)(self.raw()) };
+        }
+    }
+}
+
+/// An event (without timing unless asked), destroyed on drop.
+#[derive(Debug)]
+pub struct Event {
+    raw: usize,
+    device: Device,
+}
+
+// SAFETY: as for `Stream`.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// A new event on `device`; `timing` for [`Event::elapsed_ms`].
+    pub fn new(device: &Device, timing: bool) -> Result<Event> {
+        let d = driver()?;
+        device.bind()?;
+        let mut e: CuEvent = std::ptr::null_mut();
+        let flags = if timing {
+            driver::CU_EVENT_DEFAULT
+        } else {
+            driver::CU_EVENT_DISABLE_TIMING
+        };
+        // SAFETY: valid out-pointer; context current.
+        check(unsafe { (d.event_create)(&mut e, flags) }, || {
+            "cuEventCreate".into()
+        })?;
+        Ok(Event {
+            raw: e as usize,
+            device: *device,
+        })
+    }
+
+    /// The raw handle.
+    pub fn raw(&self) -> CuEvent {
+        self.raw as CuEvent
+    }
+
+    /// Records the event at the current end of `stream` (raw handle, so a
+    /// caller's stream works too).
+    pub fn record_raw(&self, stream: CuStream) -> Result<()> {
+        let d = driver()?;
+        // SAFETY: a live event; the caller gives a live stream of this
+        // event's context (or the null default stream).
+        check(unsafe { (d.event_record)(self.raw(), stream) }, || {
+            "cuEventRecord".into()
+        })
+    }
+
+    /// Records the event on `stream`.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        self.record_raw(stream.raw())
+    }
+
+    /// Whether the work before the record has completed; an error if it
+    /// failed.
+    pub fn done(&self) -> Result<bool> {
+        let d = driver()?;
+        // SAFETY: a live event.
+        let rc = unsafe { (d.event_query)(self.raw()) };
+        if rc == driver::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        check(rc, || "cuEventQuery".into())?;
+        Ok(true)
+    }
+
+    /// Blocks until the event completes.
+    pub fn synchronize(&self) -> Result<()> {
+        let d = driver()?;
+        self.device.bind()?;
+        // SAFETY: a live event.
+        check(unsafe { (d.event_synchronize)(self.raw()) }, || {
+            "cuEventSynchronize".into()
+        })
+    }
+
+    /// Milliseconds between `start` and this event (both timing events).
+    pub fn elapsed_ms(&self, start: &Event) -> Result<f32> {
+        let d = driver()?;
+        let mut ms = 0f32;
+        // SAFETY: live events and a valid out-pointer.
+        check(
+            unsafe { (d.event_elapsed_time)(&mut ms, start.raw(), self.raw()) },
+            || "cuEventElapsedTime".into(),
+        )?;
+        Ok(ms)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            let _ = self.device.bind();
+            // SAFETY: our event, destroyed once.
+            let _ = unsafe { (d.event_destroy)(self.raw()) };
+        }
+    }
+}
+
+/// The IPC handle of the allocation that starts at `base`.
+pub fn ipc_handle(device: i32, base: u64) -> Result<CuIpcMemHandle> {
+    Device::get(device)?;
+    let d = driver()?;
+    let mut h = CuIpcMemHandle { reserved: [0; 64] };
+    // SAFETY: valid out-pointer; `base` is an allocation's start (the
+    // caller found it with `pointer_info`).
+    check(unsafe { (d.ipc_get_mem_handle)(&mut h, base) }, || {
+        format!("cuIpcGetMemHandle({base:#x})")
+    })?;
+    Ok(h)
+}
+
+/// Another process's allocation, mapped here through its IPC handle;
+/// unmapped on drop.
+#[derive(Debug)]
+pub struct IpcMapping {
+    base: u64,
+    device: Device,
+}
+
+impl IpcMapping {
+    /// Maps `handle` into `device`'s context (peer access enabled lazily).
+    pub fn open(device: &Device, handle: &CuIpcMemHandle) -> Result<IpcMapping> {
+        let d = driver()?;
+        device.bind()?;
+        let mut base: CuDevicePtr = 0;
+        // SAFETY: valid out-pointer; the handle is 64 bytes by value.
+        check(
+            unsafe {
+                (d.ipc_open_mem_handle)(
+                    &mut base,
+                    *handle,
+                    driver::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS,
+                )
+            },
+            || "cuIpcOpenMemHandle".into(),
+        )?;
+        Ok(IpcMapping {
+            base,
+            device: *device,
+        })
+    }
+
+    /// Where the allocation is mapped here.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            let _ = self.device.bind();
+            // SAFETY: a mapping of ours, closed once.
+            let _ = unsafe { (d.ipc_close_mem_handle)(self.base) };
+        }
+    }
+}
+
+/// A dma-buf for the device allocation holding `[ptr, ptr + len)`, for
+/// registering device memory with a NIC (`ibv_reg_dmabuf_mr`): the
+/// allocation's base, the fd, and the offset of `ptr` in the dma-buf.
+#[derive(Debug)]
+pub struct DmaBuf {
+    /// Start of the allocation the dma-buf covers.
+    pub base: u64,
+    /// Bytes it covers.
+    pub len: usize,
+    /// Offset of the caller's pointer from `base`.
+    pub offset: u64,
+    /// The dma-buf file descriptor.
+    pub fd: OwnedFd,
+}
+
+/// Exports the allocation holding `[ptr, ptr + len)` as a dma-buf
+/// (`cuMemGetHandleForAddressRange`). [`Error::Unsupported`] without CUDA
+/// or with a driver that lacks the call.
+pub fn dmabuf(ptr: u64, len: usize) -> Result<DmaBuf> {
+    let info = pointer_info(ptr, len)?;
+    let d = driver()?;
+    let f = d.mem_get_handle_for_address_range.ok_or_else(|| {
+        Error::Unsupported(
+            "CUDA: this driver has no cuMemGetHandleForAddressRange (dma-buf)".into(),
+        )
+    })?;
+    let mut fd: i32 = -1;
+    // SAFETY: the handle type DMA_BUF_FD writes an int fd; the range is a
+    // whole allocation (from `pointer_info`).
+    check(
+        unsafe {
+            f(
+                (&mut fd as *mut i32).cast::<c_void>(),
+                info.base,
+                info.size,
+                driver::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                0,
+            )
+        },
+        || "cuMemGetHandleForAddressRange(DMA_BUF_FD)".into(),
+    )?;
+    if fd < 0 {
+        return Err(Error::Unsupported(
+            "CUDA: cuMemGetHandleForAddressRange gave no dma-buf fd".into(),
+        ));
+    }
+    Ok(DmaBuf {
+        base: info.base,
+        len: info.size,
+        offset: ptr - info.base,
+        // SAFETY: a fresh fd the driver handed to us; we own it now.
+        fd: unsafe { OwnedFd::from_raw_fd(fd) },
+    })
+}
+
+/// A 32-bit flag in pinned host memory that the device can read
+/// (`cuMemHostAlloc` with `DEVICEMAP`): the host writes it, a stream waits
+/// on it with [`Stream::wait_value_geq`].
+#[derive(Debug)]
+pub struct HostFlag {
+    host: usize,
+    dev: u64,
+}
+
+// SAFETY: the flag is written with atomic stores only; the pointer stays
+// valid until drop.
+unsafe impl Send for HostFlag {}
+
+impl HostFlag {
+    /// A new flag, zero, on `device`.
+    pub fn new(device: &Device) -> Result<HostFlag> {
+        let d = driver()?;
+        device.bind()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; 64 bytes (one cache line).
+        check(
+            unsafe { (d.mem_host_alloc)(&mut p, 64, driver::CU_MEMHOSTALLOC_DEVICEMAP) },
+            || "cuMemHostAlloc".into(),
+        )?;
+        let mut dev: CuDevicePtr = 0;
+        // SAFETY: `p` is mapped pinned memory just allocated.
+        let rc = unsafe { (d.mem_host_get_device_pointer)(&mut dev, p, 0) };
+        if let Err(e) = check(rc, || "cuMemHostGetDevicePointer".into()) {
+            // SAFETY: allocated above, freed once.
+            unsafe { (d.mem_free_host)(p) };
+            return Err(e);
+        }
+        // SAFETY: `p` is 64 writable, aligned bytes.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, 64) };
+        Ok(HostFlag {
+            host: p as usize,
+            dev,
+        })
+    }
+
+    /// Stores `v` (release), visible to a waiting stream.
+    pub fn set(&self, v: u32) {
+        // SAFETY: `host` is a live, 4-byte aligned word of ours; only
+        // atomics touch it.
+        let a = unsafe { &*(self.host as *const std::sync::atomic::AtomicU32) };
+        a.store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The device-visible address.
+    pub fn device_addr(&self) -> u64 {
+        self.dev
+    }
+}
+
+impl Drop for HostFlag {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            // SAFETY: allocated in `new`, freed once.
+            let _ = unsafe { (d.mem_free_host)(self.host as *mut c_void) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_every_request_is_unsupported_naming_cuda() {
+        if available() {
+            return; // a GPU host: scripts/gpu-check covers it
+        }
+        for e in [
+            Device::get(0).err(),
+            DeviceMemory::alloc(0, 64).err(),
+            pointer_info(0x1000, 8).err(),
+            dmabuf(0x1000, 8).err(),
+        ] {
+            match e {
+                Some(Error::Unsupported(m)) => assert!(m.contains("CUDA"), "{m}"),
+                other => panic!("expected Unsupported naming CUDA, got {other:?}"),
+            }
+        }
+    }
+}
