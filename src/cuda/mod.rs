@@ -105,8 +105,8 @@ impl Device {
         }
         let d = driver()?;
         let mut ok = 0;
-        // SAFETY: valid out-pointer and two device handles.
         check(
+            // SAFETY: valid out-pointer and two device handles.
             unsafe { (d.device_can_access_peer)(&mut ok, self.dev, other.dev) },
             || "cuDeviceCanAccessPeer".into(),
         )?;
@@ -245,8 +245,8 @@ pub fn pointer_info(ptr: u64, len: usize) -> Result<PointerInfo> {
         )));
     }
     let mut ordinal: i32 = -1;
-    // SAFETY: the attribute is a 32-bit int.
     check(
+        // SAFETY: the attribute is a 32-bit int.
         unsafe {
             (d.pointer_get_attribute)(
                 (&mut ordinal as *mut i32).cast::<c_void>(),
@@ -258,8 +258,8 @@ pub fn pointer_info(ptr: u64, len: usize) -> Result<PointerInfo> {
     )?;
     Device::get(ordinal)?;
     let (mut base, mut size) = (0u64, 0usize);
-    // SAFETY: valid out-pointers; `ptr` is device memory (checked above).
     check(
+        // SAFETY: valid out-pointers; `ptr` is device memory (checked above).
         unsafe { (d.mem_get_address_range)(&mut base, &mut size, ptr) },
         || format!("cuMemGetAddressRange({ptr:#x})"),
     )?;
@@ -289,8 +289,8 @@ pub unsafe fn copy_to_device(device: i32, dst: u64, src: &[u8]) -> Result<()> {
     }
     Device::get(device)?;
     let d = driver()?;
-    // SAFETY: the caller's contract covers `dst`; `src` is a live slice.
     check(
+        // SAFETY: the caller's contract covers `dst`; `src` is a live slice.
         unsafe { (d.memcpy_htod)(dst, src.as_ptr().cast(), src.len()) },
         || format!("cuMemcpyHtoD({} bytes)", src.len()),
     )
@@ -307,8 +307,8 @@ pub unsafe fn copy_from_device(device: i32, out: &mut [u8], src: u64) -> Result<
     }
     Device::get(device)?;
     let d = driver()?;
-    // SAFETY: the caller's contract covers `src`; `out` is a live slice.
     check(
+        // SAFETY: the caller's contract covers `src`; `out` is a live slice.
         unsafe { (d.memcpy_dtoh)(out.as_mut_ptr().cast(), src, out.len()) },
         || format!("cuMemcpyDtoH({} bytes)", out.len()),
     )
@@ -349,8 +349,8 @@ impl Stream {
         let d = driver()?;
         device.bind()?;
         let mut s: CuStream = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; the context is current.
         check(
+            // SAFETY: valid out-pointer; the context is current.
             unsafe { (d.stream_create)(&mut s, driver::CU_STREAM_NON_BLOCKING) },
             || "cuStreamCreate".into(),
         )?;
@@ -393,8 +393,8 @@ impl Stream {
         n: usize,
     ) -> Result<()> {
         let d = driver()?;
-        // SAFETY: the caller's contract; contexts are retained primaries.
         check(
+            // SAFETY: the caller's contract; contexts are retained primaries.
             unsafe { (d.memcpy_peer_async)(dst, to.ctx(), src, from.ctx(), n, self.raw()) },
             || format!("cuMemcpyPeerAsync({n} bytes)"),
         )
@@ -403,8 +403,8 @@ impl Stream {
     /// Makes later work on this stream wait for `event`.
     pub fn wait(&self, event: &Event) -> Result<()> {
         let d = driver()?;
-        // SAFETY: live handles.
         check(
+            // SAFETY: live handles.
             unsafe { (d.stream_wait_event)(self.raw(), event.raw(), 0) },
             || "cuStreamWaitEvent".into(),
         )
@@ -417,9 +417,9 @@ impl Stream {
         let f = d.stream_wait_value32.ok_or_else(|| {
             Error::Unsupported("CUDA: this driver has no cuStreamWaitValue32_v2".into())
         })?;
-        // SAFETY: a live stream; the caller gives an address the device can
-        // read (host-mapped memory from `HostFlag`).
         check(
+            // SAFETY: a live stream; the caller gives an address the device can
+            // read (host-mapped memory from `HostFlag`).
             unsafe { f(self.raw(), addr, value, driver::CU_STREAM_WAIT_VALUE_GEQ) },
             || "cuStreamWaitValue32".into(),
         )
@@ -484,10 +484,13 @@ impl Event {
 
     /// Records the event at the current end of `stream` (raw handle, so a
     /// caller's stream works too).
-    pub fn record_raw(&self, stream: CuStream) -> Result<()> {
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this event's device (or null, the
+    /// legacy default stream).
+    pub unsafe fn record_raw(&self, stream: CuStream) -> Result<()> {
         let d = driver()?;
-        // SAFETY: a live event; the caller gives a live stream of this
-        // event's context (or the null default stream).
+        // SAFETY: a live event; the caller's contract covers `stream`.
         check(unsafe { (d.event_record)(self.raw(), stream) }, || {
             "cuEventRecord".into()
         })
@@ -495,7 +498,8 @@ impl Event {
 
     /// Records the event on `stream`.
     pub fn record(&self, stream: &Stream) -> Result<()> {
-        self.record_raw(stream.raw())
+        // SAFETY: `stream` is a live stream we own.
+        unsafe { self.record_raw(stream.raw()) }
     }
 
     /// Whether the work before the record has completed; an error if it
@@ -525,8 +529,8 @@ impl Event {
     pub fn elapsed_ms(&self, start: &Event) -> Result<f32> {
         let d = driver()?;
         let mut ms = 0f32;
-        // SAFETY: live events and a valid out-pointer.
         check(
+            // SAFETY: live events and a valid out-pointer.
             unsafe { (d.event_elapsed_time)(&mut ms, start.raw(), self.raw()) },
             || "cuEventElapsedTime".into(),
         )?;
@@ -571,8 +575,8 @@ impl IpcMapping {
         let d = driver()?;
         device.bind()?;
         let mut base: CuDevicePtr = 0;
-        // SAFETY: valid out-pointer; the handle is 64 bytes by value.
         check(
+            // SAFETY: valid out-pointer; the handle is 64 bytes by value.
             unsafe {
                 (d.ipc_open_mem_handle)(
                     &mut base,
@@ -631,9 +635,9 @@ pub fn dmabuf(ptr: u64, len: usize) -> Result<DmaBuf> {
         )
     })?;
     let mut fd: i32 = -1;
-    // SAFETY: the handle type DMA_BUF_FD writes an int fd; the range is a
-    // whole allocation (from `pointer_info`).
     check(
+        // SAFETY: the handle type DMA_BUF_FD writes an int fd; the range is a
+        // whole allocation (from `pointer_info`).
         unsafe {
             f(
                 (&mut fd as *mut i32).cast::<c_void>(),
@@ -678,8 +682,8 @@ impl HostFlag {
         let d = driver()?;
         device.bind()?;
         let mut p: *mut c_void = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; 64 bytes (one cache line).
         check(
+            // SAFETY: valid out-pointer; 64 bytes (one cache line).
             unsafe { (d.mem_host_alloc)(&mut p, 64, driver::CU_MEMHOSTALLOC_DEVICEMAP) },
             || "cuMemHostAlloc".into(),
         )?;
