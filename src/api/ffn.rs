@@ -124,6 +124,26 @@ impl Batch {
             .addr_of(p.offset + self.rows_at, p.tokens as usize * self.row_bytes)
             .ok()
     }
+    /// Copies attention rank `a`'s rows into `out` (from the GPU for
+    /// device memory); returns their length.
+    pub fn copy_tokens(&self, a: usize, out: &mut [u8]) -> Result<usize> {
+        let p = self
+            .parts
+            .get(a)
+            .ok_or_else(|| Error::invalid(format!("sender {a}: only {}", self.parts.len())))?;
+        let n = p.tokens as usize * self.row_bytes;
+        let Some(out) = out.get_mut(..n) else {
+            return Err(Error::BufferSize {
+                what: format!("copy of rows from {a}"),
+                need: n,
+                got: out.len(),
+            });
+        };
+        self.region
+            .copy_out(p.offset + self.rows_at, out)
+            .map_err(Error::invalid)?;
+        Ok(n)
+    }
     /// Copies attention rank `a`'s side block into `out` (from the GPU for
     /// device memory); returns its length.
     pub fn copy_side(&self, a: usize, out: &mut [u8]) -> Result<usize> {

@@ -10,6 +10,7 @@
 //! store in the driver), so a rank may be driven from any thread.
 
 pub mod driver;
+pub mod floor;
 
 use std::ffi::c_void;
 use std::os::fd::{FromRawFd, OwnedFd};

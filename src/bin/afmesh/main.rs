@@ -2,6 +2,7 @@
 //! run, and a whole-mesh benchmark on this host.
 
 mod bench;
+mod device;
 mod floor;
 mod plot;
 mod sweep;
@@ -102,6 +103,16 @@ pub struct WorkloadArgs {
     /// hands to the library) instead of library-allocated slots.
     #[arg(long)]
     pub caller_buffers: bool,
+    /// Where the ranks' stage buffers live: host memory, or GPUs (ranks
+    /// round-robin over the visible GPUs; links over the cuda backend).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Host)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Host,
+    Cuda,
 }
 
 impl WorkloadArgs {
@@ -265,7 +276,16 @@ fn run(args: &RunArgs) -> Result<()> {
     let spec = w.spec()?;
     w.check_memory(cfg.attention, cfg.ffn)?;
     let mesh = Mesh::new(cfg);
-    let rank = if !args.work.caller_buffers {
+    let on_gpu = args.work.device == DeviceArg::Cuda;
+    let rank = if on_gpu {
+        let c = mesh.config();
+        let role = c.role.context("--device cuda needs a role")?;
+        let dev = device::device_of(role, c.rank.unwrap_or(0), c.attention)?;
+        match role {
+            Role::Attention => afmesh::Rank::Attention(mesh.attention_on_device(spec, dev)?),
+            Role::Ffn => afmesh::Rank::Ffn(mesh.ffn_on_device(spec, dev)?),
+        }
+    } else if !args.work.caller_buffers {
         mesh.join(spec)?
     } else {
         match mesh.config().role {
@@ -288,7 +308,11 @@ fn run(args: &RunArgs) -> Result<()> {
                 a.attention_ranks(),
                 a.ffn_ranks(),
             );
-            let rep = workload::run_attention(&mut a, &w)?;
+            let rep = if on_gpu {
+                device::run_attention(&mut a, &w)?
+            } else {
+                workload::run_attention(&mut a, &w)?
+            };
             let rank = a.rank();
             let stats = a.stats();
             let (rejected, transport) = (stats.rejected(), stats.transport.clone());
@@ -326,7 +350,11 @@ fn run(args: &RunArgs) -> Result<()> {
                 f.attention_ranks(),
                 f.ffn_ranks(),
             );
-            let rep = workload::run_ffn(&mut f, &w)?;
+            let rep = if on_gpu {
+                device::run_ffn(&mut f, &w)?
+            } else {
+                workload::run_ffn(&mut f, &w)?
+            };
             let rank = f.rank();
             let stats = f.stats();
             let rejected = stats.rejected();
