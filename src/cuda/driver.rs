@@ -107,7 +107,6 @@ driver_table! {
         init = "cuInit": fn(c_uint);
         device_get_count = "cuDeviceGetCount": fn(*mut c_int);
         device_get = "cuDeviceGet": fn(*mut CuDevice, c_int);
-        device_get_uuid = "cuDeviceGetUuid": fn(*mut [u8; 16], CuDevice);
         device_can_access_peer = "cuDeviceCanAccessPeer": fn(*mut c_int, CuDevice, CuDevice);
         primary_ctx_retain = "cuDevicePrimaryCtxRetain": fn(*mut CuContext, CuDevice);
         ctx_set_current = "cuCtxSetCurrent": fn(CuContext);
@@ -141,6 +140,8 @@ driver_table! {
     }
     optional {
         get_error_name = "cuGetErrorName": fn(CuResult, *mut *const c_char);
+        device_get_uuid_v2 = "cuDeviceGetUuid_v2": fn(*mut [u8; 16], CuDevice);
+        device_get_uuid = "cuDeviceGetUuid": fn(*mut [u8; 16], CuDevice);
         stream_wait_value32 = "cuStreamWaitValue32_v2": fn(CuStream, CuDevicePtr, u32, c_uint);
         mem_get_handle_for_address_range = "cuMemGetHandleForAddressRange": fn(*mut c_void, CuDevicePtr, usize, c_int, u64);
     }

@@ -90,11 +90,13 @@ impl Device {
     /// `CUDA_VISIBLE_DEVICES` numbers it).
     pub fn uuid(&self) -> Result<[u8; 16]> {
         let d = driver()?;
+        let f = d
+            .device_get_uuid_v2
+            .or(d.device_get_uuid)
+            .ok_or_else(|| Error::Unsupported("CUDA: this driver has no cuDeviceGetUuid".into()))?;
         let mut u = [0u8; 16];
         // SAFETY: a 16-byte out-buffer, which is what CUuuid is.
-        check(unsafe { (d.device_get_uuid)(&mut u, self.dev) }, || {
-            "cuDeviceGetUuid".into()
-        })?;
+        check(unsafe { f(&mut u, self.dev) }, || "cuDeviceGetUuid".into())?;
         Ok(u)
     }
 
@@ -294,6 +296,19 @@ pub unsafe fn copy_to_device(device: i32, dst: u64, src: &[u8]) -> Result<()> {
         // SAFETY: the caller's contract covers `dst`; `src` is a live slice.
         unsafe { (d.memcpy_htod)(dst, src.as_ptr().cast(), src.len()) },
         || format!("cuMemcpyHtoD({} bytes)", src.len()),
+    )?;
+    legacy_sync(d)
+}
+
+/// Waits for the legacy default stream: a pageable host-to-device copy
+/// may return before its DMA landed, a device-to-device `cuMemcpy` before
+/// it ran, and the library's streams do not wait for that stream.
+fn legacy_sync(d: &driver::Driver) -> Result<()> {
+    // SAFETY: the null stream is the legacy default stream of the current
+    // context (made current by the caller's `Device::get`).
+    check(
+        unsafe { (d.stream_synchronize)(std::ptr::null_mut()) },
+        || "cuStreamSynchronize(default stream)".into(),
     )
 }
 
@@ -329,7 +344,8 @@ pub unsafe fn copy(device: i32, dst: u64, src: u64, n: usize) -> Result<()> {
     // SAFETY: the caller's contract.
     check(unsafe { (d.memcpy)(dst, src, n) }, || {
         format!("cuMemcpy({n} bytes)")
-    })
+    })?;
+    legacy_sync(d)
 }
 
 /// A non-blocking stream of a device (it does not wait for the legacy
