@@ -329,9 +329,13 @@ impl AttentionRank {
     /// address `rows` (`tokens × row_bytes` bytes, e.g. a tensor's
     /// `data_ptr()`), and the host `side` block, to every FFN rank for
     /// `stage`. The rows are copied device to device into the stage's send
-    /// slot (copy engine, no host staging) before this returns, so `rows`
-    /// may be reused at once. Only for a rank whose stage memory is on a
-    /// GPU ([`AttentionRank::memory`]); checked like
+    /// slot (copy engine, no host staging); the copy is enqueued on the
+    /// CUDA legacy default stream and this returns without waiting for
+    /// it: work the caller enqueues afterwards on that stream, or on any
+    /// blocking stream of the device, runs after it and may overwrite
+    /// `rows`; from a non-blocking stream, wait for the default stream
+    /// first. Only for a rank whose stage memory is on a GPU
+    /// ([`AttentionRank::memory`]); checked like
     /// [`AttentionRank::dispatch`].
     pub fn dispatch_device(
         &mut self,
@@ -360,8 +364,8 @@ impl AttentionRank {
         // SAFETY: `dst` is `len` bytes of this rank's device send slot
         // (bounds checked by `slot_addr`, not posted); the caller gives
         // `len` bytes of device memory at `rows` (the driver refuses an
-        // address it does not know).
-        unsafe { crate::cuda::copy(device, dst, rows, len) }?;
+        // address it does not know) and orders its reuse (method docs).
+        unsafe { crate::cuda::copy_enqueued(device, dst, rows, len) }?;
         self.engine.write_slot(s, HEADER_LEN, side)?;
         self.finish(stage, tokens, side.len())
     }

@@ -312,6 +312,112 @@ fn legacy_sync(d: &driver::Driver) -> Result<()> {
     )
 }
 
+/// Enqueues a copy of `n` bytes from `src` to `dst` (unified addresses)
+/// on the legacy default stream and returns without waiting. Work the
+/// library then posts from `dst` runs after it (the library's link streams
+/// are blocking streams, which the legacy default stream orders), and so
+/// does work the caller enqueues on the legacy default stream or any
+/// blocking stream of the device.
+///
+/// # Safety
+/// Both ranges must be device memory the driver knows, for `n` bytes, that
+/// stays allocated until the copy ran; `src` must not be overwritten
+/// before then by work the legacy default stream does not order.
+pub unsafe fn copy_enqueued(device: i32, dst: u64, src: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    Device::get(device)?;
+    let d = driver()?;
+    check(
+        // SAFETY: the caller's contract.
+        unsafe { (d.memcpy_async)(dst, src, n, std::ptr::null_mut()) },
+        || format!("cuMemcpyAsync({n} bytes, default stream)"),
+    )
+}
+
+/// Pinned host memory (`cuMemHostAlloc`), freed on drop: the staging area
+/// of host-to-device copies that must not wait.
+#[derive(Debug)]
+pub struct Pinned {
+    ptr: usize,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by this value; writes go through
+// `stage_to_device`, whose caller orders them.
+unsafe impl Send for Pinned {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Pinned {}
+
+impl Pinned {
+    /// `len` zeroed bytes of pinned host memory.
+    pub fn new(device: i32, len: usize) -> Result<Pinned> {
+        Device::get(device)?;
+        let d = driver()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; flags 0.
+        check(unsafe { (d.mem_host_alloc)(&mut p, len.max(1), 0) }, || {
+            format!("cuMemHostAlloc({len} bytes)")
+        })?;
+        // SAFETY: `p` is at least `len` writable bytes just allocated.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, len) };
+        Ok(Pinned {
+            ptr: p as usize,
+            len,
+        })
+    }
+
+    /// Copies `bytes` to `at` in the pinned buffer, then enqueues their copy
+    /// to device address `dst` on the legacy default stream (ordered as
+    /// [`copy_enqueued`]), without waiting.
+    ///
+    /// # Safety
+    /// `[dst, dst + bytes.len())` must be device memory that stays
+    /// allocated until the copy ran, and `[at, at + bytes.len())` of this
+    /// buffer must not be written again before then (the caller's
+    /// ordering: a send slot is not refilled before its sends completed).
+    pub unsafe fn stage_to_device(
+        &self,
+        device: i32,
+        at: usize,
+        bytes: &[u8],
+        dst: u64,
+    ) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if at.checked_add(bytes.len()).is_none_or(|e| e > self.len) {
+            return Err(Error::invalid(format!(
+                "{} bytes at {at} outside a pinned buffer of {}",
+                bytes.len(),
+                self.len
+            )));
+        }
+        Device::get(device)?;
+        let d = driver()?;
+        let p = (self.ptr + at) as *mut u8;
+        // SAFETY: inside our allocation (checked above); by the caller's
+        // contract no copy is still reading these bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
+        check(
+            // SAFETY: pinned source bytes that stay unchanged until the
+            // copy ran (caller's contract), and the caller's device range.
+            unsafe { (d.memcpy_htod_async)(dst, p.cast(), bytes.len(), std::ptr::null_mut()) },
+            || format!("cuMemcpyHtoDAsync({} bytes)", bytes.len()),
+        )
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            // SAFETY: allocated in `new`, freed once.
+            let _ = unsafe { (d.mem_free_host)(self.ptr as *mut c_void) };
+        }
+    }
+}
+
 /// Synchronous copy of device bytes at `src` into `out`.
 ///
 /// # Safety
@@ -348,8 +454,7 @@ pub unsafe fn copy(device: i32, dst: u64, src: u64, n: usize) -> Result<()> {
     legacy_sync(d)
 }
 
-/// A non-blocking stream of a device (it does not wait for the legacy
-/// default stream), destroyed on drop.
+/// A stream of a device, destroyed on drop.
 #[derive(Debug)]
 pub struct Stream {
     raw: usize,
@@ -361,14 +466,24 @@ pub struct Stream {
 unsafe impl Send for Stream {}
 
 impl Stream {
-    /// A new stream on `device`.
+    /// A new non-blocking stream on `device`.
     pub fn new(device: &Device) -> Result<Stream> {
+        Stream::with_flags(device, driver::CU_STREAM_NON_BLOCKING)
+    }
+
+    /// A new blocking stream on `device`: its work waits for what was
+    /// enqueued before on the legacy default stream.
+    pub fn blocking(device: &Device) -> Result<Stream> {
+        Stream::with_flags(device, 0)
+    }
+
+    fn with_flags(device: &Device, flags: u32) -> Result<Stream> {
         let d = driver()?;
         device.bind()?;
         let mut s: CuStream = std::ptr::null_mut();
         check(
             // SAFETY: valid out-pointer; the context is current.
-            unsafe { (d.stream_create)(&mut s, driver::CU_STREAM_NON_BLOCKING) },
+            unsafe { (d.stream_create)(&mut s, flags) },
             || "cuStreamCreate".into(),
         )?;
         Ok(Stream {

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use super::Region;
+use super::{MemoryKind, Region};
 use crate::error::{Error, Result};
 
 /// A message in a send slot: `len` bytes at `offset` of the send region,
@@ -34,6 +34,9 @@ pub struct SlotRef {
 #[derive(Debug)]
 pub struct SendSlots {
     region: Arc<Region>,
+    /// Device slots: pinned host staging of the same layout, so a header
+    /// write is an enqueued copy rather than a wait.
+    staging: Option<crate::cuda::Pinned>,
     slot_len: usize,
     /// Per slot: sends posted and not yet reported sent.
     pending: Vec<u32>,
@@ -53,7 +56,14 @@ impl SendSlots {
                 })
             }
         }
+        let staging = match region.kind() {
+            MemoryKind::Cuda { device } if region.on_device() => {
+                Some(crate::cuda::Pinned::new(device, region.len())?)
+            }
+            _ => None,
+        };
         Ok(SendSlots {
+            staging,
             region: Arc::new(region),
             slot_len,
             pending: vec![0; count],
@@ -156,9 +166,25 @@ impl SendSlots {
                 got: self.slot_len,
             });
         }
-        self.region
-            .write_gather((i * self.slot_len + at) as u64, &[bytes])
-            .map_err(Error::invalid)
+        let off = i * self.slot_len + at;
+        match (&self.staging, self.region.kind()) {
+            (Some(staging), MemoryKind::Cuda { device }) => {
+                let dst = self
+                    .region
+                    .addr_of(off, bytes.len())
+                    .map_err(Error::invalid)?;
+                // SAFETY: `dst` is inside the device region (checked), which
+                // lives as long as `self`; the staging bytes of this slot are
+                // rewritten only when the slot is writable again, i.e. after
+                // the sends that followed this copy completed (a posted
+                // copy runs after the legacy-stream copies before it).
+                unsafe { staging.stage_to_device(device, off, bytes, dst) }
+            }
+            _ => self
+                .region
+                .write_gather(off as u64, &[bytes])
+                .map_err(Error::invalid),
+        }
     }
 
     /// The address of `len` bytes at offset `at` of slot `i` (a device

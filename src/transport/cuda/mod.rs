@@ -389,7 +389,9 @@ impl Transport for CudaTransport {
             }
             self.links.push(CudaLink {
                 label: p.label.clone(),
-                stream: Stream::new(&device)?,
+                // Blocking: a copy posted from a send slot waits for the
+                // slot's fill, enqueued on the legacy default stream.
+                stream: Stream::blocking(&device)?,
                 targets,
                 queue: VecDeque::new(),
                 down: false,
