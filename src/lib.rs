@@ -63,8 +63,8 @@ mod sync;
 pub mod transport;
 
 pub use api::{
-    sim_mesh, AttentionRank, Batch, Combined, DispatchHandle, Dtype, FfnRank, Mesh, MeshConfig,
-    Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
+    sim_mesh, sim_mesh_in, AttentionRank, Batch, Combined, DispatchHandle, Dtype, FfnRank, Mesh,
+    MeshConfig, Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
 };
 pub use engine::{Histogram, Interrupter, PeerStats};
 pub use error::{Error, Peer, Result};

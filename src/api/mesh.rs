@@ -196,6 +196,11 @@ impl Mesh {
             ),
         };
         let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
+        if let Memory::Device(_) = memory {
+            // Before the rendezvous: a rank that cannot hold its buffers
+            // should not make the others wait for it.
+            crate::cuda::driver()?;
+        }
         let peer_len = peer_len.ok_or_else(|| Error::config("region size overflows"))? as u64;
         // A pinned rank owns its core: its waits spin without yielding.
         let poll = match cfg.cpu {
@@ -475,6 +480,27 @@ pub fn sim_mesh(
     n: u32,
     spec: StageSpec,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    sim_mesh_in(net, m, n, spec, MemoryKind::Host)
+}
+
+/// As [`sim_mesh`], with every rank's stage memory labelled `kind`: for a
+/// CUDA kind, host memory stands in for the GPU's (and the network must
+/// move it: [`SimNetwork::set_device_stand_in`]), so the memory-kind
+/// plumbing of the API runs without a GPU.
+pub fn sim_mesh_in(
+    net: &SimNetwork,
+    m: u32,
+    n: u32,
+    spec: StageSpec,
+    kind: MemoryKind,
+) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    let make = |len: usize| -> Result<Region> {
+        match kind {
+            MemoryKind::Host => Region::alloc(len),
+            k => Region::host_standing_in_for(k, len),
+        }
+        .map_err(Error::config)
+    };
     let layout = Layout::new(spec, m, n)?;
     struct Side {
         mux: Mux,
@@ -487,9 +513,9 @@ pub fn sim_mesh(
             vec![Backend::Sim(net.endpoint())],
             crate::transport::PollPolicy::default(),
         );
-        let region = Arc::new(Region::alloc(len).map_err(Error::config)?);
+        let region = Arc::new(make(len)?);
         mux.register(&region, Access::RemoteWrite)?;
-        let send = layout.send_slots(role)?;
+        let send = layout.send_slots_from(role, make)?;
         let send_key = mux.register(send.region(), Access::Local)?;
         Ok(Side {
             mux,

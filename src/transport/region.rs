@@ -405,7 +405,9 @@ impl Region {
         if n == 0 {
             return Ok(&[]);
         }
-        if self.on_device() {
+        // By kind, not by where the bytes are: memory standing in for a
+        // GPU's behaves as the GPU's would.
+        if self.kind != MemoryKind::Host {
             return Err(format!(
                 "{} has no host view: use its device address, or copy it out",
                 self.kind
