@@ -358,6 +358,11 @@ impl AttentionRank {
             });
         }
         let len = tokens.saturating_mul(spec.row_bytes as usize);
+        if len > 0 {
+            // Device memory of one allocation, or refused (never host
+            // memory through the unified address space).
+            crate::cuda::pointer_info(rows, len)?;
+        }
         let s = self.begin(stage, tokens)?;
         let rows_at = self.st.layout.rows_at();
         let dst = self.engine.slot_addr(s, rows_at, len)?;
@@ -368,6 +373,37 @@ impl AttentionRank {
         unsafe { crate::cuda::copy_enqueued(device, dst, rows, len) }?;
         self.engine.write_slot(s, HEADER_LEN, side)?;
         self.finish(stage, tokens, side.len())
+    }
+
+    /// Stream-ordered [`AttentionRank::dispatch_device`]: the copies start
+    /// only after the work enqueued so far on the caller's CUDA stream
+    /// `stream` (a `CUstream`/`cudaStream_t` of this rank's device, e.g. the
+    /// one whose kernel produced `rows`; 0 is the legacy default stream),
+    /// and the host never waits for the GPU. Not to be called while
+    /// `stream` is being captured into a CUDA graph (module docs of
+    /// [`crate::cuda`]).
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and
+    /// `rows` must stay allocated, and unchanged, until the dispatch's
+    /// copies ran (work ordered after it on the default stream or any
+    /// blocking stream of the device sees them done).
+    pub unsafe fn dispatch_device_on(
+        &mut self,
+        stage: u32,
+        rows: u64,
+        tokens: usize,
+        side: &[u8],
+        stream: u64,
+    ) -> Result<DispatchHandle> {
+        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
+            return Err(Error::Unsupported(
+                "dispatch_device_on: this rank's stage memory is host memory (use dispatch)".into(),
+            ));
+        };
+        // SAFETY: the caller's contract covers `stream`.
+        unsafe { crate::cuda::order_default_after(device, stream) }?;
+        self.dispatch_device(stage, rows, tokens, side)
     }
 
     /// What memory this rank's stage buffers are (host, or a GPU's).

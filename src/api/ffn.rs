@@ -443,6 +443,18 @@ impl FfnRank {
                 )),
             });
         }
+        for (a, &p) in outputs.iter().enumerate() {
+            let len = batch.token_count(a) * self.st.layout.spec.out_row_bytes as usize;
+            if len > 0 {
+                // Device memory of one allocation, or refused.
+                if let Err(error) = crate::cuda::pointer_info(p, len) {
+                    return Err(RespondError {
+                        batch: Some(batch),
+                        error,
+                    });
+                }
+            }
+        }
         self.respond_rows(batch, Rows::Device { device, outputs })
     }
 

@@ -14,6 +14,7 @@ pub mod floor;
 
 use std::ffi::c_void;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 pub use driver::{available, driver, CuIpcMemHandle};
@@ -35,6 +36,22 @@ impl Device {
     /// context made current on this thread.
     pub fn get(ordinal: i32) -> Result<Device> {
         static DEVICES: OnceLock<Mutex<Vec<Device>>> = OnceLock::new();
+        // Fast path (every slot write and header read comes here): a
+        // device seen before, without the lock or the count.
+        const FAST: usize = 64;
+        static KNOWN: [AtomicU64; FAST] = [const { AtomicU64::new(0) }; FAST];
+        if let Some(k) = usize::try_from(ordinal).ok().and_then(|i| KNOWN.get(i)) {
+            let v = k.load(Ordering::Acquire);
+            if v != 0 {
+                let dev = Device {
+                    ordinal,
+                    dev: (v >> 48) as CuDevice,
+                    ctx: (v & ((1 << 48) - 1)) as usize,
+                };
+                dev.bind()?;
+                return Ok(dev);
+            }
+        }
         let d = driver()?;
         let count = device_count()?;
         if ordinal < 0 || ordinal >= count {
@@ -65,6 +82,14 @@ impl Device {
         };
         device.bind()?;
         cache.push(device);
+        // Context pointers are user-space addresses (below 2^48) and device
+        // handles small: both fit one word, published once.
+        let ctx_bits = device.ctx as u64;
+        if ctx_bits < (1 << 48) && (0..1 << 16).contains(&dev) {
+            if let Some(k) = usize::try_from(ordinal).ok().and_then(|i| KNOWN.get(i)) {
+                k.store(((dev as u64) << 48) | ctx_bits, Ordering::Release);
+            }
+        }
         Ok(device)
     }
 
@@ -336,6 +361,39 @@ pub unsafe fn copy_enqueued(device: i32, dst: u64, src: u64, n: usize) -> Result
     )
 }
 
+/// Orders the legacy default stream of `device` after the work enqueued
+/// so far on `stream` (a caller's `CUstream`/`cudaStream_t`): an event is
+/// recorded on `stream` and the default stream waits for it, so the
+/// library's slot fills (default stream) and posted copies (blocking link
+/// streams, which wait for the default stream) start only once that work
+/// is done. The host does not wait. Not allowed while `stream` is being
+/// captured into a CUDA graph (the default stream cannot join a capture).
+///
+/// # Safety
+/// `stream` must be a live stream of `device`'s primary context, or 0.
+pub unsafe fn order_default_after(device: i32, stream: u64) -> Result<()> {
+    static EVENTS: OnceLock<Mutex<Vec<(i32, Event)>>> = OnceLock::new();
+    let dev = Device::get(device)?;
+    let d = driver()?;
+    let events = EVENTS.get_or_init(|| Mutex::new(Vec::new()));
+    let mut events = events.lock().unwrap_or_else(|p| p.into_inner());
+    if !events.iter().any(|(o, _)| *o == device) {
+        events.push((device, Event::new(&dev, false)?));
+    }
+    let Some((_, e)) = events.iter().find(|(o, _)| *o == device) else {
+        return Err(Error::invalid("no ordering event"));
+    };
+    // SAFETY: the caller's contract covers `stream`.
+    unsafe { e.record_raw(stream as usize as CuStream) }?;
+    // The wait captures the event as recorded now, so the one event may be
+    // recorded again for the next call.
+    check(
+        // SAFETY: the legacy default stream (null) and a live event.
+        unsafe { (d.stream_wait_event)(std::ptr::null_mut(), e.raw(), 0) },
+        || "cuStreamWaitEvent(default stream)".into(),
+    )
+}
+
 /// Pinned host memory (`cuMemHostAlloc`), freed on drop: the staging area
 /// of host-to-device copies that must not wait.
 #[derive(Debug)]
@@ -353,13 +411,18 @@ unsafe impl Sync for Pinned {}
 impl Pinned {
     /// `len` zeroed bytes of pinned host memory.
     pub fn new(device: i32, len: usize) -> Result<Pinned> {
+        Pinned::with_flags(device, len, 0)
+    }
+
+    fn with_flags(device: i32, len: usize, flags: u32) -> Result<Pinned> {
         Device::get(device)?;
         let d = driver()?;
         let mut p: *mut c_void = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; flags 0.
-        check(unsafe { (d.mem_host_alloc)(&mut p, len.max(1), 0) }, || {
-            format!("cuMemHostAlloc({len} bytes)")
-        })?;
+        check(
+            // SAFETY: valid out-pointer; `cuMemHostAlloc` flags.
+            unsafe { (d.mem_host_alloc)(&mut p, len.max(1), flags) },
+            || format!("cuMemHostAlloc({len} bytes)"),
+        )?;
         // SAFETY: `p` is at least `len` writable bytes just allocated.
         unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, len) };
         Ok(Pinned {
@@ -429,6 +492,38 @@ pub unsafe fn copy_from_device(device: i32, out: &mut [u8], src: u64) -> Result<
     }
     Device::get(device)?;
     let d = driver()?;
+    // Small reads (message headers) go through a pinned bounce buffer of
+    // this thread: the DMA lands there directly, no driver staging.
+    const BOUNCE: usize = 4096;
+    thread_local! {
+        static BOUNCE_BUF: std::cell::RefCell<Option<Pinned>> = const { std::cell::RefCell::new(None) };
+    }
+    if out.len() <= BOUNCE {
+        let done = BOUNCE_BUF.with(|b| -> Result<bool> {
+            let mut b = b.borrow_mut();
+            if b.is_none() {
+                *b = Pinned::with_flags(device, BOUNCE, driver::CU_MEMHOSTALLOC_PORTABLE).ok();
+            }
+            let Some(p) = b.as_ref() else {
+                return Ok(false);
+            };
+            check(
+                // SAFETY: the caller's contract covers `src`; the bounce
+                // buffer has `BOUNCE >= out.len()` bytes.
+                unsafe { (d.memcpy_dtoh)(p.ptr as *mut c_void, src, out.len()) },
+                || format!("cuMemcpyDtoH({} bytes)", out.len()),
+            )?;
+            // SAFETY: the copy completed (synchronous into pinned memory);
+            // `out.len()` bytes of the buffer are initialised.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.ptr as *const u8, out.as_mut_ptr(), out.len())
+            };
+            Ok(true)
+        })?;
+        if done {
+            return Ok(());
+        }
+    }
     check(
         // SAFETY: the caller's contract covers `src`; `out` is a live slice.
         unsafe { (d.memcpy_dtoh)(out.as_mut_ptr().cast(), src, out.len()) },

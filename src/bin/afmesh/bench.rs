@@ -393,6 +393,9 @@ fn measure(
             if wa.device == DeviceArg::Cuda {
                 cmd.args(["--device", "cuda"]);
             }
+            if wa.stream_ordered {
+                cmd.arg("--stream-ordered");
+            }
             children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }

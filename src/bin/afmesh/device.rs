@@ -74,7 +74,11 @@ fn checked(w: &Workload, layer: u32) -> bool {
     layer < w.warmup || layer + 1 == w.layers()
 }
 
-pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionReport> {
+pub fn run_attention(
+    a: &mut AttentionRank,
+    w: &Workload,
+    ordered: bool,
+) -> Result<AttentionReport> {
     let afmesh::transport::MemoryKind::Cuda { device } = a.memory() else {
         anyhow::bail!("the rank's memory is not on a GPU");
     };
@@ -100,6 +104,19 @@ pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionRep
         net_us: 0.0,
     };
     let mut back = vec![0u8; max * out_row];
+    // --stream-ordered: a stream of the "model" that produces each stage's
+    // rows (here: copies them into scratch buffers) right before the
+    // dispatch, which must wait for it. A dispatch that did not would send
+    // the scratch's previous layer, which has the other parity.
+    let producer = if ordered {
+        let dev = afmesh::cuda::Device::get(device)?;
+        let scratch = (0..w.stages)
+            .map(|_| Region::alloc_device(device, (max * row).max(1)))
+            .collect::<afmesh::Result<Vec<_>>>()?;
+        Some((afmesh::cuda::Stream::new(&dev)?, scratch))
+    } else {
+        None
+    };
     let mut handles = Vec::with_capacity(w.stages as usize);
     for layer in 0..w.layers() {
         handles.clear();
@@ -108,9 +125,38 @@ pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionRep
         for s in 0..w.stages {
             let count = w.count(layer, s, me);
             let src = &inputs[(parity * w.stages + s) as usize];
-            let h = a
-                .dispatch_device(s, src.addr(), count as usize, &side_of(layer, s, me, count))
-                .with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?;
+            let side = side_of(layer, s, me, count);
+            let h: Result<_> = match &producer {
+                None => a
+                    .dispatch_device(s, src.addr(), count as usize, &side)
+                    .map_err(Into::into),
+                Some((stream, scratch)) => {
+                    let dst = &scratch[s as usize];
+                    // SAFETY: both buffers are live device allocations of at
+                    // least `count × row` bytes, kept for the whole run; the
+                    // scratch's previous dispatch is complete (its combine
+                    // was waited for), so nothing reads it while this runs.
+                    unsafe { stream.copy_async(dst.addr(), src.addr(), count as usize * row) }
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| {
+                            // SAFETY: `stream` is a live stream of this
+                            // rank's device; `dst` stays allocated and
+                            // unchanged until the next layer, after this
+                            // dispatch's combine.
+                            unsafe {
+                                a.dispatch_device_on(
+                                    s,
+                                    dst.addr(),
+                                    count as usize,
+                                    &side,
+                                    stream.raw() as u64,
+                                )
+                            }
+                            .map_err(anyhow::Error::from)
+                        })
+                }
+            };
+            let h = h.with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?;
             handles.push(h);
         }
         a.wait_all(&handles, w.timeout)

@@ -107,6 +107,11 @@ pub struct WorkloadArgs {
     /// round-robin over the visible GPUs; links over the cuda backend).
     #[arg(long, value_enum, default_value_t = DeviceArg::Host)]
     pub device: DeviceArg,
+    /// With --device cuda: attention ranks produce each stage's rows on a
+    /// stream of their own and dispatch stream-ordered (the library's
+    /// copies wait for that stream; the host never does).
+    #[arg(long)]
+    pub stream_ordered: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -309,7 +314,7 @@ fn run(args: &RunArgs) -> Result<()> {
                 a.ffn_ranks(),
             );
             let rep = if on_gpu {
-                device::run_attention(&mut a, &w)?
+                device::run_attention(&mut a, &w, args.work.stream_ordered)?
             } else {
                 workload::run_attention(&mut a, &w)?
             };
