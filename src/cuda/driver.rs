@@ -123,6 +123,7 @@ driver_table! {
         memcpy_dtoh = "cuMemcpyDtoH_v2": fn(*mut c_void, CuDevicePtr, usize);
         memcpy_async = "cuMemcpyAsync": fn(CuDevicePtr, CuDevicePtr, usize, CuStream);
         memcpy_htod_async = "cuMemcpyHtoDAsync_v2": fn(CuDevicePtr, *const c_void, usize, CuStream);
+        memcpy_dtoh_async = "cuMemcpyDtoHAsync_v2": fn(*mut c_void, CuDevicePtr, usize, CuStream);
         memcpy_peer_async = "cuMemcpyPeerAsync": fn(CuDevicePtr, CuContext, CuDevicePtr, CuContext, usize, CuStream);
         ipc_get_mem_handle = "cuIpcGetMemHandle": fn(*mut CuIpcMemHandle, CuDevicePtr);
         ipc_open_mem_handle = "cuIpcOpenMemHandle_v2": fn(*mut CuDevicePtr, CuIpcMemHandle, c_uint);

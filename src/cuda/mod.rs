@@ -492,29 +492,47 @@ pub unsafe fn copy_from_device(device: i32, out: &mut [u8], src: u64) -> Result<
     }
     Device::get(device)?;
     let d = driver()?;
-    // Small reads (message headers) go through a pinned bounce buffer of
-    // this thread: the DMA lands there directly, no driver staging.
+    // Small reads (message headers) go through a pinned bounce buffer and
+    // a non-blocking stream of this thread: the DMA lands in the buffer
+    // directly, and the read waits neither for the default stream nor for
+    // this rank's own outgoing copies (which the legacy default stream
+    // would wait for). Bytes a peer's copy wrote are complete before its
+    // notice came, so any later read sees them.
     const BOUNCE: usize = 4096;
     thread_local! {
-        static BOUNCE_BUF: std::cell::RefCell<Option<Pinned>> = const { std::cell::RefCell::new(None) };
+        static READER: std::cell::RefCell<Vec<(i32, Pinned, Stream)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     if out.len() <= BOUNCE {
-        let done = BOUNCE_BUF.with(|b| -> Result<bool> {
-            let mut b = b.borrow_mut();
-            if b.is_none() {
-                *b = Pinned::with_flags(device, BOUNCE, driver::CU_MEMHOSTALLOC_PORTABLE).ok();
+        let done = READER.with(|r| -> Result<bool> {
+            let mut r = r.borrow_mut();
+            if !r.iter().any(|(o, _, _)| *o == device) {
+                let dev = Device::get(device)?;
+                match (
+                    Pinned::with_flags(device, BOUNCE, driver::CU_MEMHOSTALLOC_PORTABLE),
+                    Stream::new(&dev),
+                ) {
+                    (Ok(p), Ok(s)) => r.push((device, p, s)),
+                    _ => return Ok(false),
+                }
             }
-            let Some(p) = b.as_ref() else {
+            let Some((_, p, stream)) = r.iter().find(|(o, _, _)| *o == device) else {
                 return Ok(false);
             };
             check(
                 // SAFETY: the caller's contract covers `src`; the bounce
-                // buffer has `BOUNCE >= out.len()` bytes.
-                unsafe { (d.memcpy_dtoh)(p.ptr as *mut c_void, src, out.len()) },
-                || format!("cuMemcpyDtoH({} bytes)", out.len()),
+                // buffer has `BOUNCE >= out.len()` bytes and is read only
+                // after the stream synchronised below.
+                unsafe {
+                    (d.memcpy_dtoh_async)(p.ptr as *mut c_void, src, out.len(), stream.raw())
+                },
+                || format!("cuMemcpyDtoHAsync({} bytes)", out.len()),
             )?;
-            // SAFETY: the copy completed (synchronous into pinned memory);
-            // `out.len()` bytes of the buffer are initialised.
+            // SAFETY: our stream.
+            check(unsafe { (d.stream_synchronize)(stream.raw()) }, || {
+                "cuStreamSynchronize(reader)".into()
+            })?;
+            // SAFETY: the copy completed; `out.len()` bytes of the buffer
+            // hold it.
             unsafe {
                 std::ptr::copy_nonoverlapping(p.ptr as *const u8, out.as_mut_ptr(), out.len())
             };
