@@ -10,6 +10,15 @@ use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
 use crate::transport::MemoryKind;
 
+/// Where a dispatch's side block is when the header is stamped.
+#[derive(Clone, Copy)]
+enum Side<'a> {
+    /// Already in the slot (built in place), this many bytes.
+    InPlace(usize),
+    /// To be copied in with the header.
+    Copy(&'a [u8]),
+}
+
 /// A dispatch in flight; redeem it with [`AttentionRank::wait_combine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[must_use = "a dispatch must be waited for before its stage can be used again"]
@@ -265,8 +274,7 @@ impl AttentionRank {
             let rows_at = self.st.layout.rows_at();
             let s = self.begin(stage, count)?;
             self.engine.write_slot(s, rows_at, tokens)?;
-            self.engine.write_slot(s, HEADER_LEN, side)?;
-            self.finish(stage, count, side.len())?
+            self.finish(stage, count, Side::Copy(side))?
         };
         for f in 0..self.st.layout.n {
             self.engine.count_copied(f, tokens.len() + side.len());
@@ -322,7 +330,7 @@ impl AttentionRank {
                 "dispatch_with: side block of {side_len} bytes exceeds side_bytes {side_bytes}"
             )));
         }
-        self.finish(stage, tokens, side_len)
+        self.finish(stage, tokens, Side::InPlace(side_len))
     }
 
     /// Sends `tokens` rows that are already on this rank's GPU, at device
@@ -371,8 +379,7 @@ impl AttentionRank {
         // `len` bytes of device memory at `rows` (the driver refuses an
         // address it does not know) and orders its reuse (method docs).
         unsafe { crate::cuda::copy_enqueued(device, dst, rows, len) }?;
-        self.engine.write_slot(s, HEADER_LEN, side)?;
-        self.finish(stage, tokens, side.len())
+        self.finish(stage, tokens, Side::Copy(side))
     }
 
     /// Stream-ordered [`AttentionRank::dispatch_device`]: the copies start
@@ -448,7 +455,11 @@ impl AttentionRank {
 
     /// Stamps the header into the filled slot and posts it to every FFN
     /// rank.
-    fn finish(&mut self, stage: u32, tokens: usize, side_len: usize) -> Result<DispatchHandle> {
+    fn finish(&mut self, stage: u32, tokens: usize, side: Side<'_>) -> Result<DispatchHandle> {
+        let side_len = match side {
+            Side::InPlace(n) => n,
+            Side::Copy(b) => b.len(),
+        };
         let layout = self.st.layout;
         let spec = layout.spec;
         let s = stage as usize;
@@ -473,7 +484,26 @@ impl AttentionRank {
             process_ns: 0,
             respond_ns: 0,
         };
-        self.engine.write_slot(s, 0, &header.encode())?;
+        match side {
+            Side::InPlace(_) => self.engine.write_slot(s, 0, &header.encode())?,
+            Side::Copy(b) => {
+                // Header and side block are adjacent: one copy into the slot
+                // (one staged host-to-device copy for device slots).
+                let mut head = [0u8; HEADER_LEN + 256];
+                match head.get_mut(HEADER_LEN..HEADER_LEN + b.len()) {
+                    Some(area) => {
+                        area.copy_from_slice(b);
+                        head[..HEADER_LEN].copy_from_slice(&header.encode());
+                        self.engine
+                            .write_slot(s, 0, &head[..HEADER_LEN + b.len()])?;
+                    }
+                    None => {
+                        self.engine.write_slot(s, HEADER_LEN, b)?;
+                        self.engine.write_slot(s, 0, &header.encode())?;
+                    }
+                }
+            }
+        }
         let msg = self.engine.message(s, layout.rows_at() + rows_len)?;
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
         let offset = layout.in_offset(s, self.st.rank as usize) as u64;
