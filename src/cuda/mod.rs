@@ -472,6 +472,25 @@ impl Pinned {
     }
 }
 
+impl Pinned {
+    /// Copies `out.len()` bytes at `at` out of the buffer.
+    pub fn read(&self, at: usize, out: &mut [u8]) -> Result<()> {
+        if at.checked_add(out.len()).is_none_or(|e| e > self.len) {
+            return Err(Error::invalid(format!(
+                "{} bytes at {at} outside a pinned buffer of {}",
+                out.len(),
+                self.len
+            )));
+        }
+        // SAFETY: inside our allocation (checked above); writers are the
+        // owner's `stage_to_device` calls, which it orders with this read.
+        unsafe {
+            std::ptr::copy_nonoverlapping((self.ptr + at) as *const u8, out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+}
+
 impl Drop for Pinned {
     fn drop(&mut self) {
         if let Ok(d) = driver() {

@@ -54,6 +54,13 @@ pub struct Region {
     len: usize,
     owner: Owner,
     kind: MemoryKind,
+    /// Device send memory: a pinned host copy of what the library wrote
+    /// into it (headers, side blocks), staged from there.
+    shadow: Option<crate::cuda::Pinned>,
+    /// Device receive memory: a host region of the same layout that peers
+    /// write each message's header into as well (the cuda backend's), so
+    /// headers are read without a device copy.
+    mirror: std::sync::OnceLock<Arc<Region>>,
 }
 
 // SAFETY: a `Region` owns its allocation; all access goes through raw
@@ -83,6 +90,8 @@ impl Region {
                 len: 0,
                 owner: Owner::Empty,
                 kind: MemoryKind::Host,
+                shadow: None,
+                mirror: std::sync::OnceLock::new(),
             });
         }
         let layout = Layout::from_size_align(len, REGION_ALIGN)
@@ -95,6 +104,8 @@ impl Region {
             len,
             owner: Owner::Heap(layout),
             kind: MemoryKind::Host,
+            shadow: None,
+            mirror: std::sync::OnceLock::new(),
         })
     }
 
@@ -110,6 +121,8 @@ impl Region {
                 len: 0,
                 owner: Owner::Empty,
                 kind: MemoryKind::Host,
+                shadow: None,
+                mirror: std::sync::OnceLock::new(),
             };
         }
         // Vec's pointer is non-null whenever capacity > 0.
@@ -119,6 +132,8 @@ impl Region {
             len,
             owner: Owner::Vec { capacity },
             kind: MemoryKind::Host,
+            shadow: None,
+            mirror: std::sync::OnceLock::new(),
         }
     }
 
@@ -136,6 +151,8 @@ impl Region {
                 len: 0,
                 owner: Owner::Empty,
                 kind: MemoryKind::Host,
+                shadow: None,
+                mirror: std::sync::OnceLock::new(),
             }),
             None => Err("caller memory pointer is NULL".into()),
             Some(ptr) => Ok(Region {
@@ -143,6 +160,8 @@ impl Region {
                 len,
                 owner: Owner::Borrowed,
                 kind: MemoryKind::Host,
+                shadow: None,
+                mirror: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -159,6 +178,8 @@ impl Region {
             len,
             owner: Owner::Device(mem),
             kind: MemoryKind::Cuda { device },
+            shadow: None,
+            mirror: std::sync::OnceLock::new(),
         })
     }
 
@@ -181,6 +202,8 @@ impl Region {
             kind: MemoryKind::Cuda {
                 device: info.device,
             },
+            shadow: None,
+            mirror: std::sync::OnceLock::new(),
         })
     }
 
@@ -192,6 +215,36 @@ impl Region {
         let mut r = Region::alloc(len)?;
         r.kind = kind;
         Ok(r)
+    }
+
+    /// Gives device memory a pinned host shadow of its length (send
+    /// slots: headers are staged through it).
+    pub(crate) fn add_shadow(&mut self) -> crate::Result<()> {
+        if let (true, MemoryKind::Cuda { device }) = (self.on_device(), self.kind) {
+            self.shadow = Some(crate::cuda::Pinned::new(device, self.len)?);
+        }
+        Ok(())
+    }
+
+    /// The pinned host shadow, if any.
+    pub(crate) fn shadow(&self) -> Option<&crate::cuda::Pinned> {
+        self.shadow.as_ref()
+    }
+
+    /// Sets the host mirror that peers write headers into (once; `false`
+    /// if one was set or the lengths differ).
+    pub(crate) fn set_mirror(&self, mirror: Arc<Region>) -> bool {
+        mirror.len == self.len && self.mirror.set(mirror).is_ok()
+    }
+
+    /// Copies a message header at `offset` out: from the host mirror where
+    /// the memory has one (every writer puts the header there too), else
+    /// as [`Region::copy_out`].
+    pub fn copy_header(&self, offset: usize, out: &mut [u8]) -> Result<(), String> {
+        match self.mirror.get() {
+            Some(m) => m.copy_out(offset, out),
+            None => self.copy_out(offset, out),
+        }
     }
 
     /// Whether the bytes live on a device (the CPU must not dereference
@@ -229,6 +282,8 @@ impl Region {
             len,
             owner: Owner::Mapped(map),
             kind: MemoryKind::Host,
+            shadow: None,
+            mirror: std::sync::OnceLock::new(),
         })
     }
 

@@ -34,9 +34,6 @@ pub struct SlotRef {
 #[derive(Debug)]
 pub struct SendSlots {
     region: Arc<Region>,
-    /// Device slots: pinned host staging of the same layout, so a header
-    /// write is an enqueued copy rather than a wait.
-    staging: Option<crate::cuda::Pinned>,
     slot_len: usize,
     /// Per slot: sends posted and not yet reported sent.
     pending: Vec<u32>,
@@ -56,14 +53,12 @@ impl SendSlots {
                 })
             }
         }
-        let staging = match region.kind() {
-            MemoryKind::Cuda { device } if region.on_device() => {
-                Some(crate::cuda::Pinned::new(device, region.len())?)
-            }
-            _ => None,
-        };
+        // Device slots: a pinned host shadow of the same layout, so a header
+        // write is an enqueued copy rather than a wait (and the cuda backend
+        // reads each message's header from it).
+        let mut region = region;
+        region.add_shadow()?;
         Ok(SendSlots {
-            staging,
             region: Arc::new(region),
             slot_len,
             pending: vec![0; count],
@@ -167,7 +162,7 @@ impl SendSlots {
             });
         }
         let off = i * self.slot_len + at;
-        match (&self.staging, self.region.kind()) {
+        match (self.region.shadow(), self.region.kind()) {
             (Some(staging), MemoryKind::Cuda { device }) => {
                 let dst = self
                     .region

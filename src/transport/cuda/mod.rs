@@ -41,7 +41,7 @@ use super::{
 use crate::cuda::{self, CuIpcMemHandle, Device, Event, IpcMapping, Stream};
 use crate::error::{Error, Result};
 
-const MAGIC: &str = "afmesh-cuda-1";
+const MAGIC: &str = "afmesh-cuda-2";
 /// Writes in flight per link (below the ring's capacity, so every
 /// completed write's notice fits).
 const WINDOW: usize = 128;
@@ -102,11 +102,17 @@ struct Target {
     len: u64,
 }
 
+/// Bytes of a message header (what goes to the peer's host mirror).
+const HEAD: usize = crate::proto::HEADER_LEN;
+
 #[derive(Debug)]
 struct Pending {
     event: Event,
     notice: Notice,
     token: u64,
+    /// The message's first bytes (its header), for the peer's mirror.
+    head: [u8; HEAD],
+    head_len: usize,
 }
 
 #[derive(Debug)]
@@ -123,12 +129,17 @@ struct CudaLink {
 /// The CUDA backend.
 #[derive(Debug)]
 pub struct CudaTransport {
-    notices: ShmTransport,
+    /// Rings, doorbell, liveness, and the host mirror of the receive
+    /// region; made at the first registration (it sizes the mirror).
+    notices: Option<Box<ShmTransport>>,
+    job: String,
+    host_id: String,
+    peers: u32,
+    /// Whether the receive region (there is one) has its mirror.
+    mirrored: bool,
     device: Option<Device>,
     local: LocalRegions,
     exports: Vec<Export>,
-    /// Whether the regions were handed to `notices` (at connect).
-    shared: bool,
     links: Vec<CudaLink>,
     free_events: Vec<Event>,
     in_flight: usize,
@@ -141,11 +152,14 @@ impl CudaTransport {
     pub fn create(job: &str, host_id: &str, peers: u32) -> Result<CudaTransport> {
         cuda::driver()?;
         Ok(CudaTransport {
-            notices: ShmTransport::create(job, host_id, peers, 0)?,
+            notices: None,
+            job: job.to_string(),
+            host_id: host_id.to_string(),
+            peers,
+            mirrored: false,
             device: None,
             local: LocalRegions::default(),
             exports: Vec::new(),
-            shared: false,
             links: Vec::new(),
             free_events: Vec::new(),
             in_flight: 0,
@@ -160,7 +174,9 @@ impl CudaTransport {
 
     /// Removes the notice segment's name (once every peer has mapped it).
     pub fn unlink(&self) {
-        self.notices.unlink();
+        if let Some(n) = &self.notices {
+            n.unlink();
+        }
     }
 
     fn event(&mut self, device: &Device) -> Result<Event> {
@@ -172,13 +188,35 @@ impl CudaTransport {
 
     /// Announces completed copies, oldest first per link.
     fn complete(&mut self, out: &mut Vec<Completion>) {
+        let Some(notices) = self.notices.as_mut() else {
+            return;
+        };
         for (i, l) in self.links.iter_mut().enumerate() {
             while let Some(p) = l.queue.front() {
                 match p.event.done() {
                     Ok(false) => break,
                     Ok(true) => {
                         if !l.down {
-                            match self.notices.push_notice(i, &p.notice) {
+                            // The header into the peer's host mirror, then
+                            // the notice: the ring's release publishes both.
+                            let n = &p.notice;
+                            match notices.write_target(i, n.region, n.offset, &p.head[..p.head_len])
+                            {
+                                Ok(true) => {}
+                                Ok(false) | Err(_) => {
+                                    l.down = true;
+                                    out.push(Completion::LinkError {
+                                        link: i,
+                                        reason: format!(
+                                            "{}: its region {} has no header mirror here",
+                                            l.label, n.region
+                                        ),
+                                    });
+                                }
+                            }
+                        }
+                        if !l.down {
+                            match notices.push_notice(i, &p.notice) {
                                 Ok(true) => {}
                                 // The peer is far behind: announce later.
                                 Ok(false) => break,
@@ -259,6 +297,53 @@ impl Transport for CudaTransport {
         if region.is_empty() {
             return Err(Error::invalid("cuda: an empty region cannot be registered"));
         }
+        if access == Access::RemoteWrite && self.mirrored {
+            return Err(Error::Unsupported(
+                "cuda: one receive region per rank (its header mirror is the notice segment's)"
+                    .into(),
+            ));
+        }
+        if self.notices.is_none() {
+            let mirror = if access == Access::RemoteWrite {
+                region.len()
+            } else {
+                0
+            };
+            self.notices = Some(Box::new(ShmTransport::create(
+                &self.job,
+                &self.host_id,
+                self.peers,
+                mirror,
+            )?));
+        }
+        let Some(notices) = self.notices.as_mut() else {
+            return Err(Error::config("cuda: no notice segment"));
+        };
+        // The notice backend holds a region under every id we hand out: the
+        // host mirror for the receive region (it checks notices against
+        // it, and peers write headers there), the region itself otherwise.
+        let mirror = match access {
+            Access::RemoteWrite => Some(notices.region().map_err(|_| {
+                Error::Unsupported(
+                    "cuda: the receive region must be the first one registered".into(),
+                )
+            })?),
+            Access::Local => None,
+        };
+        match &mirror {
+            Some(m) => {
+                if !region.set_mirror(m.clone()) {
+                    return Err(Error::config(
+                        "cuda: the receive region has a mirror already",
+                    ));
+                }
+                notices.register(m, Access::RemoteWrite)?;
+                self.mirrored = true;
+            }
+            None => {
+                notices.register(region, Access::Local)?;
+            }
+        }
         let reg = self.local.register(region, access);
         if access == Access::RemoteWrite {
             let info = cuda::pointer_info(region.addr(), region.len())?;
@@ -278,7 +363,13 @@ impl Transport for CudaTransport {
         w.str(&self.boot);
         let uuid = self.device.and_then(|d| d.uuid().ok()).unwrap_or([0; 16]);
         w.array(&uuid);
-        w.bytes(&self.notices.endpoint());
+        w.bytes(
+            &self
+                .notices
+                .as_deref()
+                .map(Transport::endpoint)
+                .unwrap_or_default(),
+        );
         w.u32(self.exports.len() as u32);
         for x in &self.exports {
             w.u32(x.id);
@@ -296,6 +387,8 @@ impl Transport for CudaTransport {
         }
         let me = self.device.ok_or("this rank registered no device memory")?;
         self.notices
+            .as_ref()
+            .ok_or("this rank registered no device memory")?
             .reaches(&p.shm)
             .map_err(|e| format!("its notice rings: {e}"))?;
         let them = Device::by_uuid(&p.uuid)
@@ -314,22 +407,6 @@ impl Transport for CudaTransport {
 
     fn connect(&mut self, peers: &[PeerSpec], timeout: Duration) -> Result<Vec<Connected>> {
         let device = self.device()?;
-        if !self.shared {
-            // The notice backend checks every notice against the regions,
-            // so it holds them too, under the same ids.
-            for i in 0.. {
-                let Some(r) = self.local.get(i).cloned() else {
-                    break;
-                };
-                let access = if self.local.target(i).is_some() {
-                    Access::RemoteWrite
-                } else {
-                    Access::Local
-                };
-                self.notices.register(&r, access)?;
-            }
-            self.shared = true;
-        }
         let mut decoded = Vec::with_capacity(peers.len());
         let mut inner = Vec::with_capacity(peers.len());
         for p in peers {
@@ -345,8 +422,12 @@ impl Transport for CudaTransport {
             });
             decoded.push(ep);
         }
-        let base = self.notices.links();
-        let up = self.notices.connect(&inner, timeout)?;
+        let notices = self
+            .notices
+            .as_mut()
+            .ok_or_else(|| Error::config("cuda: no device memory registered"))?;
+        let base = notices.links();
+        let up = notices.connect(&inner, timeout)?;
         let mut out = Vec::with_capacity(up.len());
         for ((p, ep), c) in peers.iter().zip(decoded).zip(up) {
             if c.link != base + out.len() || c.link != self.links.len() {
@@ -447,6 +528,20 @@ impl Transport for CudaTransport {
                 got: target.len as usize,
             });
         }
+        // The header, for the peer's mirror: from the source's pinned
+        // shadow (send slots keep one), else read from the device.
+        let mut head = [0u8; HEAD];
+        let mut head_len = 0;
+        if let Some(s0) = src.iter().find(|s| s.len > 0) {
+            let (r, from, n) = self.local.resolve(s0)?;
+            head_len = n.min(HEAD);
+            match r.shadow() {
+                Some(sh) => sh.read(from, &mut head[..head_len])?,
+                None => r
+                    .copy_out(from, &mut head[..head_len])
+                    .map_err(Error::invalid)?,
+            }
+        }
         device.bind()?;
         let event = self.event(&device)?;
         let l = &mut self.links[link];
@@ -475,6 +570,8 @@ impl Transport for CudaTransport {
                 close: false,
             },
             token,
+            head,
+            head_len,
         });
         self.in_flight += 1;
         Ok(())
@@ -488,7 +585,9 @@ impl Transport for CudaTransport {
             self.complete(out);
         }
         let start = out.len();
-        self.notices.progress(out)?;
+        if let Some(n) = self.notices.as_mut() {
+            n.progress(out)?;
+        }
         for c in &out[start..] {
             if let Completion::LinkDown { link, .. }
             | Completion::LinkClosed { link }
@@ -503,10 +602,10 @@ impl Transport for CudaTransport {
     }
 
     fn wake(&self) -> Wake {
-        if self.in_flight > 0 {
-            Wake::Own
-        } else {
-            self.notices.wake()
+        match &self.notices {
+            _ if self.in_flight > 0 => Wake::Own,
+            Some(n) => n.wake(),
+            None => Wake::Nothing,
         }
     }
 
@@ -534,7 +633,9 @@ impl Transport for CudaTransport {
             let _ = l.stream.synchronize();
         }
         self.complete(&mut out);
-        self.notices.close();
+        if let Some(n) = self.notices.as_mut() {
+            n.close();
+        }
         for l in &mut self.links {
             l.down = true;
         }
@@ -548,7 +649,9 @@ impl Transport for CudaTransport {
             self.free_events.extend(l.queue.drain(..).map(|p| p.event));
             l.down = true;
         }
-        self.notices.abort(link);
+        if let Some(n) = self.notices.as_mut() {
+            n.abort(link);
+        }
     }
 
     fn links(&self) -> usize {
@@ -587,7 +690,7 @@ mod tests {
         let mut w = blob::writer("afmesh-shm-3");
         w.str("x");
         match decode(&w.finish()) {
-            Err(e) => assert!(e.contains("afmesh-cuda-1"), "{e}"),
+            Err(e) => assert!(e.contains(MAGIC), "{e}"),
             Ok(_) => panic!("a shm blob decoded as a cuda one"),
         }
     }

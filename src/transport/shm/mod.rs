@@ -230,6 +230,34 @@ impl ShmTransport {
         Ok(pushed)
     }
 
+    /// Copies `bytes` to `offset` of link `link`'s peer region `region`
+    /// through our mapping of its segment, without a notice. `Ok(false)`:
+    /// the peer has no such region in its segment.
+    pub(crate) fn write_target(
+        &mut self,
+        link: LinkId,
+        region: u32,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<bool> {
+        let l = self
+            .links
+            .get(link)
+            .ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))?;
+        match l.targets.get(region as usize).and_then(Option::as_ref) {
+            Some(Target::Mapped(t)) => {
+                t.write_gather(offset, &[bytes])
+                    .map(|()| true)
+                    .map_err(|e| Error::BufferSize {
+                        what: format!("{} region {region}: {e}", l.label),
+                        need: offset as usize + bytes.len(),
+                        got: t.len(),
+                    })
+            }
+            _ => Ok(false),
+        }
+    }
+
     fn drain(&mut self, out: &mut Vec<Completion>) {
         let regions = &self.local;
         for (link, l) in self.links.iter_mut().enumerate() {
