@@ -13,10 +13,14 @@
 //! oldest event; once it has completed, every byte is in the target's
 //! memory, and only then is the notice (region, offset, length, imm)
 //! pushed on the target's host ring and the write reported `Sent`. So a
-//! receiver never sees an arrival before its bytes.
+//! receiver never sees an arrival before its bytes. Just before the notice
+//! the message's header (taken at post time from the send slot's pinned
+//! shadow) is copied into the target's host *mirror* of its receive region
+//! (the notice segment's region), so the receiving engine reads headers
+//! from host memory ([`Region::copy_header`]) instead of the device.
 //!
-//! Notices, doorbells and peer death go through an inner [`ShmTransport`]
-//! (rings only, no region): the same lock-free rings, futex doorbell and
+//! Notices, doorbells, header mirrors and peer death go through an inner
+//! [`ShmTransport`] (rings, and the mirror as its segment's region): the same lock-free rings, futex doorbell and
 //! liveness watch (pidfd, or the lock on the peer's segment) that shm
 //! ranks use; a peer that dies is `LinkDown` within about a millisecond.
 //!
