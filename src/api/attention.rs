@@ -338,11 +338,11 @@ impl AttentionRank {
     /// `data_ptr()`), and the host `side` block, to every FFN rank for
     /// `stage`. The rows are copied device to device into the stage's send
     /// slot (copy engine, no host staging); the copy is enqueued on the
-    /// CUDA legacy default stream and this returns without waiting for
-    /// it: work the caller enqueues afterwards on that stream, or on any
-    /// blocking stream of the device, runs after it and may overwrite
-    /// `rows`; from a non-blocking stream, wait for the default stream
-    /// first. Only for a rank whose stage memory is on a GPU
+    /// rank's fill stream, a blocking CUDA stream, and this returns without
+    /// waiting for it: work the caller enqueues afterwards on the legacy
+    /// default stream runs after it and may overwrite `rows`; from any
+    /// other stream, wait for the default stream first (or produce `rows`
+    /// there and use [`AttentionRank::dispatch_device_on`]). Only for a rank whose stage memory is on a GPU
     /// ([`AttentionRank::memory`]); checked like
     /// [`AttentionRank::dispatch`].
     pub fn dispatch_device(
@@ -378,7 +378,7 @@ impl AttentionRank {
         // (bounds checked by `slot_addr`, not posted); the caller gives
         // `len` bytes of device memory at `rows` (the driver refuses an
         // address it does not know) and orders its reuse (method docs).
-        unsafe { crate::cuda::copy_enqueued(device, dst, rows, len) }?;
+        unsafe { crate::cuda::copy_enqueued(device, dst, rows, len, self.engine.fill_stream()) }?;
         self.finish(stage, tokens, Side::Copy(side))
     }
 
@@ -409,7 +409,7 @@ impl AttentionRank {
             ));
         };
         // SAFETY: the caller's contract covers `stream`.
-        unsafe { crate::cuda::order_default_after(device, stream) }?;
+        unsafe { crate::cuda::order_after(device, self.engine.fill_stream(), stream) }?;
         self.dispatch_device(stage, rows, tokens, side)
     }
 

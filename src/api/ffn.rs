@@ -421,8 +421,8 @@ impl FfnRank {
     /// Answers `batch` with rows already on this rank's GPU: `outputs[a]`
     /// is the device address of attention rank `a`'s `token_count(a) ×
     /// out_row_bytes` bytes. They are copied device to device into the
-    /// send slots (copy engine), enqueued on the CUDA legacy default stream
-    /// as [`crate::AttentionRank::dispatch_device`] says. Only for a rank whose
+    /// send slots (copy engine), enqueued on the rank's fill stream as
+    /// [`crate::AttentionRank::dispatch_device`] says. Only for a rank whose
     /// stage memory is on a GPU; otherwise as [`FfnRank::respond`].
     pub fn respond_device(&mut self, batch: Batch, outputs: &[u64]) -> Result<(), RespondError> {
         let MemoryKind::Cuda { device } = self.engine.send_kind() else {
@@ -495,6 +495,7 @@ impl FfnRank {
                     .map(|buf| fill(&batch, a, &mut buf[HEADER_LEN..HEADER_LEN + rows])),
                 Rows::Host(outputs) => self.engine.write_slot(slot, HEADER_LEN, outputs[a]),
                 Rows::Device { device, outputs } => {
+                    let fill = self.engine.fill_stream();
                     self.engine
                         .slot_addr(slot, HEADER_LEN, rows)
                         .and_then(|dst| {
@@ -503,7 +504,9 @@ impl FfnRank {
                             // posted); the caller gives `rows` bytes of
                             // device memory (the driver refuses an address
                             // it does not know).
-                            unsafe { crate::cuda::copy_enqueued(*device, dst, outputs[a], rows) }
+                            unsafe {
+                                crate::cuda::copy_enqueued(*device, dst, outputs[a], rows, fill)
+                            }
                         })
                 }
             };

@@ -17,8 +17,9 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+pub use driver::CuStream;
 pub use driver::{available, driver, CuIpcMemHandle};
-use driver::{check, CuContext, CuDevice, CuDevicePtr, CuEvent, CuStream};
+use driver::{check, CuContext, CuDevice, CuDevicePtr, CuEvent};
 
 use crate::error::{Error, Result};
 
@@ -338,17 +339,20 @@ fn legacy_sync(d: &driver::Driver) -> Result<()> {
 }
 
 /// Enqueues a copy of `n` bytes from `src` to `dst` (unified addresses)
-/// on the legacy default stream and returns without waiting. Work the
-/// library then posts from `dst` runs after it (the library's link streams
-/// are blocking streams, which the legacy default stream orders), and so
-/// does work the caller enqueues on the legacy default stream or any
-/// blocking stream of the device.
+/// on `stream` (null: the legacy default stream) and returns without
+/// waiting.
 ///
 /// # Safety
 /// Both ranges must be device memory the driver knows, for `n` bytes, that
 /// stays allocated until the copy ran; `src` must not be overwritten
 /// before then by work the legacy default stream does not order.
-pub unsafe fn copy_enqueued(device: i32, dst: u64, src: u64, n: usize) -> Result<()> {
+pub unsafe fn copy_enqueued(
+    device: i32,
+    dst: u64,
+    src: u64,
+    n: usize,
+    stream: CuStream,
+) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
@@ -356,22 +360,21 @@ pub unsafe fn copy_enqueued(device: i32, dst: u64, src: u64, n: usize) -> Result
     let d = driver()?;
     check(
         // SAFETY: the caller's contract.
-        unsafe { (d.memcpy_async)(dst, src, n, std::ptr::null_mut()) },
-        || format!("cuMemcpyAsync({n} bytes, default stream)"),
+        unsafe { (d.memcpy_async)(dst, src, n, stream) },
+        || format!("cuMemcpyAsync({n} bytes)"),
     )
 }
 
-/// Orders the legacy default stream of `device` after the work enqueued
-/// so far on `stream` (a caller's `CUstream`/`cudaStream_t`): an event is
-/// recorded on `stream` and the default stream waits for it, so the
-/// library's slot fills (default stream) and posted copies (blocking link
-/// streams, which wait for the default stream) start only once that work
-/// is done. The host does not wait. Not allowed while `stream` is being
-/// captured into a CUDA graph (the default stream cannot join a capture).
+/// Orders stream `waiter` of `device` after the work enqueued so far on
+/// `stream` (a caller's `CUstream`/`cudaStream_t`): an event is recorded on
+/// `stream` and `waiter` waits for it. The host does not wait. Not allowed
+/// while `stream` is being captured into a CUDA graph (the library's
+/// stream cannot join a capture).
 ///
 /// # Safety
-/// `stream` must be a live stream of `device`'s primary context, or 0.
-pub unsafe fn order_default_after(device: i32, stream: u64) -> Result<()> {
+/// `stream` must be a live stream of `device`'s primary context, or 0;
+/// `waiter` a live stream of it, or null.
+pub unsafe fn order_after(device: i32, waiter: CuStream, stream: u64) -> Result<()> {
     static EVENTS: OnceLock<Mutex<Vec<(i32, Event)>>> = OnceLock::new();
     let dev = Device::get(device)?;
     let d = driver()?;
@@ -388,9 +391,10 @@ pub unsafe fn order_default_after(device: i32, stream: u64) -> Result<()> {
     // The wait captures the event as recorded now, so the one event may be
     // recorded again for the next call.
     check(
-        // SAFETY: the legacy default stream (null) and a live event.
-        unsafe { (d.stream_wait_event)(std::ptr::null_mut(), e.raw(), 0) },
-        || "cuStreamWaitEvent(default stream)".into(),
+        // SAFETY: the caller's `waiter` (a live stream or null) and a live
+        // event.
+        unsafe { (d.stream_wait_event)(waiter, e.raw(), 0) },
+        || "cuStreamWaitEvent".into(),
     )
 }
 
@@ -432,8 +436,8 @@ impl Pinned {
     }
 
     /// Copies `bytes` to `at` in the pinned buffer, then enqueues their copy
-    /// to device address `dst` on the legacy default stream (ordered as
-    /// [`copy_enqueued`]), without waiting.
+    /// to device address `dst` on `stream` (null: the legacy default
+    /// stream), without waiting.
     ///
     /// # Safety
     /// `[dst, dst + bytes.len())` must be device memory that stays
@@ -446,6 +450,7 @@ impl Pinned {
         at: usize,
         bytes: &[u8],
         dst: u64,
+        stream: CuStream,
     ) -> Result<()> {
         if bytes.is_empty() {
             return Ok(());
@@ -466,7 +471,7 @@ impl Pinned {
         check(
             // SAFETY: pinned source bytes that stay unchanged until the
             // copy ran (caller's contract), and the caller's device range.
-            unsafe { (d.memcpy_htod_async)(dst, p.cast(), bytes.len(), std::ptr::null_mut()) },
+            unsafe { (d.memcpy_htod_async)(dst, p.cast(), bytes.len(), stream) },
             || format!("cuMemcpyHtoDAsync({} bytes)", bytes.len()),
         )
     }

@@ -40,6 +40,11 @@ impl Engine {
         self.send.addr(slot, at, len)
     }
 
+    /// The stream slot fills are enqueued on (null: the default stream).
+    pub(crate) fn fill_stream(&self) -> crate::cuda::CuStream {
+        self.send.region().fill_stream()
+    }
+
     /// What memory the send slots are.
     pub(crate) fn send_kind(&self) -> crate::transport::MemoryKind {
         self.send.region().kind()

@@ -57,6 +57,9 @@ pub struct Region {
     /// Device send memory: a pinned host copy of what the library wrote
     /// into it (headers, side blocks), staged from there.
     shadow: Option<crate::cuda::Pinned>,
+    /// Device send memory: the stream its fills are enqueued on (blocking:
+    /// ordered with the legacy default stream, not with the link streams).
+    fill: Option<crate::cuda::Stream>,
     /// Device receive memory: a host region of the same layout that peers
     /// write each message's header into as well (the cuda backend's), so
     /// headers are read without a device copy.
@@ -91,6 +94,7 @@ impl Region {
                 owner: Owner::Empty,
                 kind: MemoryKind::Host,
                 shadow: None,
+                fill: None,
                 mirror: std::sync::OnceLock::new(),
             });
         }
@@ -105,6 +109,7 @@ impl Region {
             owner: Owner::Heap(layout),
             kind: MemoryKind::Host,
             shadow: None,
+            fill: None,
             mirror: std::sync::OnceLock::new(),
         })
     }
@@ -122,6 +127,7 @@ impl Region {
                 owner: Owner::Empty,
                 kind: MemoryKind::Host,
                 shadow: None,
+                fill: None,
                 mirror: std::sync::OnceLock::new(),
             };
         }
@@ -133,6 +139,7 @@ impl Region {
             owner: Owner::Vec { capacity },
             kind: MemoryKind::Host,
             shadow: None,
+            fill: None,
             mirror: std::sync::OnceLock::new(),
         }
     }
@@ -152,6 +159,7 @@ impl Region {
                 owner: Owner::Empty,
                 kind: MemoryKind::Host,
                 shadow: None,
+                fill: None,
                 mirror: std::sync::OnceLock::new(),
             }),
             None => Err("caller memory pointer is NULL".into()),
@@ -161,6 +169,7 @@ impl Region {
                 owner: Owner::Borrowed,
                 kind: MemoryKind::Host,
                 shadow: None,
+                fill: None,
                 mirror: std::sync::OnceLock::new(),
             }),
         }
@@ -179,6 +188,7 @@ impl Region {
             owner: Owner::Device(mem),
             kind: MemoryKind::Cuda { device },
             shadow: None,
+            fill: None,
             mirror: std::sync::OnceLock::new(),
         })
     }
@@ -203,6 +213,7 @@ impl Region {
                 device: info.device,
             },
             shadow: None,
+            fill: None,
             mirror: std::sync::OnceLock::new(),
         })
     }
@@ -222,8 +233,19 @@ impl Region {
     pub(crate) fn add_shadow(&mut self) -> crate::Result<()> {
         if let (true, MemoryKind::Cuda { device }) = (self.on_device(), self.kind) {
             self.shadow = Some(crate::cuda::Pinned::new(device, self.len)?);
+            self.fill = Some(crate::cuda::Stream::blocking(&crate::cuda::Device::get(
+                device,
+            )?)?);
         }
         Ok(())
+    }
+
+    /// The stream fills of this (device send) memory are enqueued on; null
+    /// (the legacy default stream) where it has none.
+    pub(crate) fn fill_stream(&self) -> crate::cuda::CuStream {
+        self.fill
+            .as_ref()
+            .map_or(std::ptr::null_mut(), crate::cuda::Stream::raw)
     }
 
     /// The pinned host shadow, if any.
@@ -283,6 +305,7 @@ impl Region {
             owner: Owner::Mapped(map),
             kind: MemoryKind::Host,
             shadow: None,
+            fill: None,
             mirror: std::sync::OnceLock::new(),
         })
     }

@@ -173,7 +173,9 @@ impl SendSlots {
                 // rewritten only when the slot is writable again, i.e. after
                 // the sends that followed this copy completed (a posted
                 // copy runs after the legacy-stream copies before it).
-                unsafe { staging.stage_to_device(device, off, bytes, dst) }
+                unsafe {
+                    staging.stage_to_device(device, off, bytes, dst, self.region.fill_stream())
+                }
             }
             _ => self
                 .region

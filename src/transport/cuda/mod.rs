@@ -146,6 +146,8 @@ pub struct CudaTransport {
     exports: Vec<Export>,
     links: Vec<CudaLink>,
     free_events: Vec<Event>,
+    /// Recorded on a source's fill stream before each post.
+    fill_event: Option<Event>,
     in_flight: usize,
     boot: String,
 }
@@ -166,6 +168,7 @@ impl CudaTransport {
             exports: Vec::new(),
             links: Vec::new(),
             free_events: Vec::new(),
+            fill_event: None,
             in_flight: 0,
             boot: boot_id(),
         })
@@ -474,9 +477,10 @@ impl Transport for CudaTransport {
             }
             self.links.push(CudaLink {
                 label: p.label.clone(),
-                // Blocking: a copy posted from a send slot waits for the
-                // slot's fill, enqueued on the legacy default stream.
-                stream: Stream::blocking(&device)?,
+                // Non-blocking: ordered after the slot's fills by an event
+                // (`post_write`), not after everything on the default
+                // stream.
+                stream: Stream::new(&device)?,
                 targets,
                 queue: VecDeque::new(),
                 down: false,
@@ -547,6 +551,23 @@ impl Transport for CudaTransport {
             }
         }
         device.bind()?;
+        // The posted copy waits for the fills of its source (send slots
+        // fill on a stream of their own): an event there, waited on here.
+        let fill = src
+            .iter()
+            .find(|s| s.len > 0)
+            .and_then(|s| self.local.get(s.key.0))
+            .map_or(std::ptr::null_mut(), |r| r.fill_stream());
+        if !fill.is_null() {
+            if self.fill_event.is_none() {
+                self.fill_event = Some(Event::new(&device, false)?);
+            }
+            if let Some(e) = &self.fill_event {
+                // SAFETY: the region's own live stream, of this device.
+                unsafe { e.record_raw(fill) }?;
+                self.links[link].stream.wait(e)?;
+            }
+        }
         let event = self.event(&device)?;
         let l = &mut self.links[link];
         let mut at = target.addr + offset;
