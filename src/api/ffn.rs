@@ -458,6 +458,37 @@ impl FfnRank {
         self.respond_rows(batch, Rows::Device { device, outputs })
     }
 
+    /// Stream-ordered [`FfnRank::respond_device`]: the copies start only
+    /// after the work enqueued so far on the caller's CUDA stream `stream`
+    /// (e.g. the FFN kernels that wrote `outputs`; 0 is the legacy default
+    /// stream), and the host never waits for the GPU. Not to be called
+    /// while `stream` is being captured into a CUDA graph.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and the
+    /// outputs must stay allocated, and unchanged, until the answer's
+    /// copies ran.
+    pub unsafe fn respond_device_on(
+        &mut self,
+        batch: Batch,
+        outputs: &[u64],
+        stream: u64,
+    ) -> Result<(), RespondError> {
+        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
+            return self.respond_device(batch, outputs);
+        };
+        let fill = self.engine.fill_stream();
+        // SAFETY: the caller's contract covers `stream`.
+        let ordered = unsafe { crate::cuda::order_after(device, fill, stream) };
+        if let Err(error) = ordered {
+            return Err(RespondError {
+                batch: Some(batch),
+                error,
+            });
+        }
+        self.respond_device(batch, outputs)
+    }
+
     /// What memory this rank's stage buffers are (host, or a GPU's).
     pub fn memory(&self) -> MemoryKind {
         self.engine.recv_region().kind()

@@ -196,7 +196,7 @@ pub fn run_attention(
     Ok(rep)
 }
 
-pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
+pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport> {
     let afmesh::transport::MemoryKind::Cuda { device } = f.memory() else {
         anyhow::bail!("the rank's memory is not on a GPU");
     };
@@ -221,6 +221,18 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
         batches: 0,
         errors: 0,
         first_error: None,
+    };
+    // --stream-ordered: answers are produced into scratch buffers on a
+    // stream of this rank's right before the respond, which must wait for
+    // it (a respond that did not would send the other parity's bytes).
+    let producer = if ordered {
+        let dev = afmesh::cuda::Device::get(device)?;
+        let scratch = (0..w.stages as usize * m)
+            .map(|_| Region::alloc_device(device, (max * out_row).max(1)))
+            .collect::<afmesh::Result<Vec<_>>>()?;
+        Some((afmesh::cuda::Stream::new(&dev)?, scratch))
+    } else {
+        None
     };
     let mut layer_of = vec![0u32; w.stages as usize];
     let mut input = vec![0u8; max * row];
@@ -257,9 +269,28 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
             }
             ptrs[a] = outs[((parity * w.stages + s) as usize) * m + a].addr();
         }
-        f.respond_device(b, &ptrs)
-            .map_err(afmesh::Error::from)
-            .with_context(|| format!("F{me}: respond stage {s}"))?;
+        let answered = match &producer {
+            None => f.respond_device(b, &ptrs).map_err(afmesh::Error::from),
+            Some((stream, scratch)) => {
+                for (a, p) in ptrs.iter_mut().enumerate() {
+                    let n = w.count(layer, s, a as u32) as usize * out_row;
+                    let scratch = &scratch[s as usize * m..];
+                    // SAFETY: live device buffers of at least `n` bytes,
+                    // kept for the run; this (stage, sender)'s scratch held
+                    // the stage's previous answer, which left before this
+                    // batch could come (the attention rank combined it
+                    // first).
+                    unsafe { stream.copy_async(scratch[a].addr(), *p, n) }?;
+                    *p = scratch[a].addr();
+                }
+                // SAFETY: `stream` is a live stream of this rank's device;
+                // the scratch stays allocated and is rewritten only for a
+                // later batch.
+                unsafe { f.respond_device_on(b, &ptrs, stream.raw() as u64) }
+                    .map_err(afmesh::Error::from)
+            }
+        };
+        answered.with_context(|| format!("F{me}: respond stage {s}"))?;
         rep.batches += 1;
     }
     Ok(rep)

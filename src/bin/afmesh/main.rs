@@ -107,8 +107,8 @@ pub struct WorkloadArgs {
     /// round-robin over the visible GPUs; links over the cuda backend).
     #[arg(long, value_enum, default_value_t = DeviceArg::Host)]
     pub device: DeviceArg,
-    /// With --device cuda: attention ranks produce each stage's rows on a
-    /// stream of their own and dispatch stream-ordered (the library's
+    /// With --device cuda: ranks produce each stage's rows on a stream of
+    /// their own and dispatch / respond stream-ordered (the library's
     /// copies wait for that stream; the host never does).
     #[arg(long)]
     pub stream_ordered: bool,
@@ -356,7 +356,7 @@ fn run(args: &RunArgs) -> Result<()> {
                 f.ffn_ranks(),
             );
             let rep = if on_gpu {
-                device::run_ffn(&mut f, &w)?
+                device::run_ffn(&mut f, &w, args.work.stream_ordered)?
             } else {
                 workload::run_ffn(&mut f, &w)?
             };
