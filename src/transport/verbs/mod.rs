@@ -1178,11 +1178,16 @@ impl Transport for VerbsTransport {
                     ))
                 })?;
             let theirs_at = p.my_rank as usize * ep.qps;
-            let theirs = ep
-                .qpn_psn
-                .get(theirs_at..theirs_at + n)
-                .ok_or_else(|| bad(format!("no queue pairs for rank {}", p.my_rank)))?
-                .to_vec();
+            let theirs = match ep.qpn_psn.get(theirs_at..theirs_at + n) {
+                Some(t) => t.to_vec(),
+                None => {
+                    // Ours were taken for this peer: do not leak them.
+                    for q in &mine {
+                        self.destroy_qp(q);
+                    }
+                    return Err(bad(format!("no queue pairs for rank {}", p.my_rank)));
+                }
+            };
             let (use_now, extra): (Vec<Qp>, Vec<Qp>) = {
                 let mut v = mine;
                 let rest = v.split_off(n);
