@@ -167,6 +167,9 @@ struct Qp {
     run: u32,
 }
 
+/// Bound on waiting for an aborted link's posted work to flush.
+const ABORT_DRAIN: Duration = Duration::from_millis(200);
+
 /// A message in flight: its token and stripes not yet completed.
 #[derive(Debug, Clone, Copy, Default)]
 struct Msg {
@@ -1451,6 +1454,29 @@ impl Transport for VerbsTransport {
         if let Some(l) = self.links.get_mut(link) {
             l.down = true;
             self.fail_qps(link);
+        }
+        // The caller hands this link's send slots back next: the NIC must
+        // be done with them. Every work request still posted flushes (an
+        // error completion for each, signalled or not); reap until they
+        // have, completions kept for the next progress, bounded.
+        let deadline = Instant::now() + ABORT_DRAIN;
+        let drained = |t: &VerbsTransport| {
+            t.links
+                .get(link)
+                .is_none_or(|l| l.qps.iter().all(|q| q.tail >= q.head))
+        };
+        let mut out = std::mem::take(&mut self.backlog);
+        while !drained(self) && Instant::now() < deadline {
+            if self.poll_once(&mut out) == 0 {
+                std::thread::yield_now();
+            }
+        }
+        self.backlog = out;
+        if !drained(self) {
+            tracing::warn!(
+                "verbs: work to {} not flushed within {ABORT_DRAIN:?} of the abort",
+                self.links[link].peer
+            );
         }
     }
 
