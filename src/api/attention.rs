@@ -509,6 +509,22 @@ impl AttentionRank {
         Ok(DispatchHandle { stage, seq })
     }
 
+    /// Refuses a sum output that overlaps this rank's receive memory (the
+    /// partials it sums): possible with caller memory from C or Python.
+    fn out_apart(&self, out: &[u8]) -> Result<()> {
+        let r = self.engine.recv_region();
+        let (a, b) = (out.as_ptr() as u64, r.addr());
+        let overlap = a < b.saturating_add(r.len() as u64) && b < a.saturating_add(out.len() as u64);
+        if overlap && !out.is_empty() && !r.is_empty() {
+            return Err(Error::invalid(format!(
+                "the sum output ({} bytes at {a:#x}) overlaps this rank's receive memory ({} bytes at {b:#x}), which holds the partials being summed",
+                out.len(),
+                r.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Writes the header (and a side block still to be copied) into send
     /// slot `s` and returns its first `len` bytes as the message.
     fn stamp(&mut self, s: usize, header: Header, side: Side<'_>, len: usize) -> Result<SlotRef> {
@@ -577,6 +593,7 @@ impl AttentionRank {
     ) -> Result<usize> {
         self.st.check(handle)?;
         let need = self.st.sum_len(handle, dtype, out.len())?;
+        self.out_apart(out)?;
         let c = self.wait_combine(handle, timeout)?;
         c.sum_into(dtype, &mut out[..need])?;
         Ok(need)
@@ -611,6 +628,7 @@ impl AttentionRank {
     ) -> Result<Option<usize>> {
         self.st.check(handle)?;
         self.st.sum_len(handle, dtype, out.len())?;
+        self.out_apart(out)?;
         self.progress()?;
         let s = handle.stage as usize;
         if self.st.stages.is_combined(s) {
