@@ -514,7 +514,8 @@ impl AttentionRank {
     fn out_apart(&self, out: &[u8]) -> Result<()> {
         let r = self.engine.recv_region();
         let (a, b) = (out.as_ptr() as u64, r.addr());
-        let overlap = a < b.saturating_add(r.len() as u64) && b < a.saturating_add(out.len() as u64);
+        let overlap =
+            a < b.saturating_add(r.len() as u64) && b < a.saturating_add(out.len() as u64);
         if overlap && !out.is_empty() && !r.is_empty() {
             return Err(Error::invalid(format!(
                 "the sum output ({} bytes at {a:#x}) overlaps this rank's receive memory ({} bytes at {b:#x}), which holds the partials being summed",
@@ -642,6 +643,12 @@ impl AttentionRank {
             return Err(self.engine.lost_error(f));
         }
         Ok(None)
+    }
+
+    /// Whether `stage` may be dispatched now: it exists and its previous
+    /// dispatch (if any) was combined and the combine released.
+    pub fn stage_idle(&self, stage: u32) -> bool {
+        self.st.stages.is_idle(stage as usize)
     }
 
     /// Trace stamps of FFN rank `f`'s answer to the last combine taken on
