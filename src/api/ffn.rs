@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::layout::Layout;
+use super::stream_wait::{self, StageFlags};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
@@ -222,6 +223,8 @@ struct State {
     /// Part lists of answered batches, reused so that handing out a batch
     /// allocates nothing.
     spare: Vec<Vec<Part>>,
+    /// Flags streams wait on ([`FfnRank::wait_batch_on`]); made on first use.
+    flags: Option<StageFlags>,
 }
 
 impl Sink for State {
@@ -237,14 +240,27 @@ impl Sink for State {
             post_ns: acc.header.post_ns,
             land_ns: at_ns,
         };
+        if let (true, Some(f)) = (acc.complete, &self.flags) {
+            f.raise(acc.stage, acc.header.sequence.wrapping_add(1));
+        }
         None
     }
 }
 
 impl State {
     /// The first attention rank that is lost while a stage still needs it.
+    /// Streams waiting for a batch that can no longer complete are let go
+    /// (their kernels then see a partial stage; the host sees the error).
     fn lost_needed(&self, engine: &Engine) -> Option<usize> {
-        engine.first_lost((0..self.layout.m).filter(|&a| self.stages.needs(a)))
+        let lost = engine.first_lost((0..self.layout.m).filter(|&a| self.stages.needs(a)));
+        if let (Some(_), Some(f)) = (lost, &self.flags) {
+            for s in 0..self.layout.stages() {
+                if let Some(q) = self.stages.next_batch(s) {
+                    f.raise(s, q.wrapping_add(1));
+                }
+            }
+        }
+        lost
     }
 
     fn take_complete(&mut self, region: &Arc<Region>) -> Option<Batch> {
@@ -276,6 +292,7 @@ impl FfnRank {
                 stages: FfnStages::new(layout.stages(), layout.m),
                 parts: vec![Part::default(); layout.stages() * layout.m],
                 spare: Vec::new(),
+                flags: None,
                 layout,
                 rank,
             },
@@ -487,6 +504,57 @@ impl FfnRank {
             });
         }
         self.respond_device(batch, outputs)
+    }
+
+    /// Enqueues on the caller's CUDA stream `stream` a wait for the next
+    /// batch of `stage` (the one [`FfnRank::get_batch`] hands out next for
+    /// that stage): work the caller enqueues after this call (the FFN
+    /// kernels reading [`Batch::tokens_addr`]'s slots, which stay at one
+    /// address per (stage, attention rank)) starts only once every linked
+    /// attention rank's data of that batch has landed. The host does not
+    /// wait: the wait is `cuStreamWaitValue32` on a flag in host-mapped
+    /// memory that the engine raises the moment it counts the stage's last
+    /// arrival, which happens inside any call that progresses this rank
+    /// (`get_batch`, `try_get_batch`, `progress`), so keep calling one. If
+    /// a needed attention rank is lost, the call that reports it lets the
+    /// waiting streams go (their kernels then read a partial stage).
+    ///
+    /// CUDA graphs: the wait may be captured (`cuStreamWaitValue32` is a
+    /// stream memory operation), but a replayed graph waits for the
+    /// sequence captured; so call it outside capture, once per batch.
+    /// `Unsupported` on a host rank or without CUDA.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and
+    /// this rank must outlive the wait: drop it only after the stream has
+    /// passed the wait (e.g. after `cuStreamSynchronize`).
+    pub unsafe fn wait_batch_on(&mut self, stage: u32, stream: u64) -> Result<()> {
+        let MemoryKind::Cuda { device } = self.memory() else {
+            return Err(stream_wait::host_rank("wait_batch_on"));
+        };
+        let s = stage as usize;
+        let Some(next) = self.st.stages.next_batch(s) else {
+            return Err(Error::InvalidArgument(format!(
+                "wait_batch_on: stage {stage} of {}",
+                self.st.layout.stages()
+            )));
+        };
+        if self.st.flags.is_none() {
+            let stages = &self.st.stages;
+            self.st.flags = Some(StageFlags::new(device, self.st.layout.stages(), |s| {
+                stages.complete_through(s).unwrap_or(0)
+            })?);
+        }
+        let Some(f) = &self.st.flags else {
+            return Err(Error::Unsupported("wait_batch_on: no stage flags".into()));
+        };
+        // Stages that completed since the flag was last raised (peers of
+        // none) are raised here; then the stream waits for `next`.
+        if let Some(q) = self.st.stages.complete_through(s) {
+            f.raise(s, q);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { f.enqueue(s, stream, next.wrapping_add(1)) }
     }
 
     /// What memory this rank's stage buffers are (host, or a GPU's).
