@@ -499,7 +499,8 @@ fn gpudirect_child() {
     // without dma-buf support do; the error names the verb and errno.
     let fd = std::fs::File::open("/dev/null").unwrap();
     // SAFETY: softverbs refuses every dma-buf without reading the fd.
-    let e = unsafe { t.register_dmabuf(fd.as_raw_fd(), 0, 4096, 0x10000) }.unwrap_err();
+    let e = unsafe { t.register_dmabuf(fd.as_raw_fd(), 0, 4096, 0x10000, Access::RemoteWrite) }
+        .unwrap_err();
     let m = e.to_string();
     assert!(m.contains("ibv_reg_dmabuf_mr"), "{m}");
     assert!(

@@ -425,7 +425,13 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
                 // stage's next batch landed (the wait above) and before
                 // this rank answers it (its respond is ordered after this
                 // stream), so no writer touches the slot meanwhile.
-                unsafe { stream.copy_async(echo[s as usize * m + a].addr(), slots[s as usize * m + a], n) }?;
+                unsafe {
+                    stream.copy_async(
+                        echo[s as usize * m + a].addr(),
+                        slots[s as usize * m + a],
+                        n,
+                    )
+                }?;
             }
             echoed[s as usize] = true;
         }

@@ -969,7 +969,8 @@ impl VerbsTransport {
 
     /// `ibv_reg_dmabuf_mr`: registers `len` bytes at `offset` of dma-buf
     /// `fd` (device memory exported by its driver), addressed by peers as
-    /// `iova`. An error naming the verb and errno.
+    /// `iova`, writable by them if `access` says so. An error naming the
+    /// verb and errno.
     ///
     /// # Safety
     /// `fd` is a dma-buf of at least `offset + len` bytes, open for the
@@ -980,6 +981,7 @@ impl VerbsTransport {
         offset: u64,
         len: usize,
         iova: u64,
+        access: Access,
     ) -> Result<*mut ibv_mr> {
         let Some(f) = self.lib.ibv_reg_dmabuf_mr else {
             return Err(Error::Unsupported(format!(
@@ -987,9 +989,14 @@ impl VerbsTransport {
                 self.lib.from
             )));
         };
-        let access = (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE) as c_int;
+        let remote = if access == Access::RemoteWrite {
+            IBV_ACCESS_REMOTE_WRITE
+        } else {
+            0
+        };
+        let flags = (IBV_ACCESS_LOCAL_WRITE | remote) as c_int;
         // SAFETY: a live PD; the fd and range are the caller's contract.
-        let mr = unsafe { f(self.pd, offset, len, iova, fd, access) };
+        let mr = unsafe { f(self.pd, offset, len, iova, fd, flags) };
         if mr.is_null() {
             return Err(verbs_err(
                 "ibv_reg_dmabuf_mr",
@@ -1058,7 +1065,9 @@ impl VerbsTransport {
                 // SAFETY: `buf.fd` is the dma-buf of the whole allocation
                 // (`buf.len` bytes) holding `[addr, addr + len)`, open
                 // until `buf` drops after the call.
-                match unsafe { self.register_dmabuf(buf.fd.as_raw_fd(), buf.offset, len, addr) } {
+                match unsafe {
+                    self.register_dmabuf(buf.fd.as_raw_fd(), buf.offset, len, addr, access)
+                } {
                     Ok(mr) => return Ok(mr),
                     Err(e) => e.to_string(),
                 }
