@@ -758,3 +758,45 @@ impl FfnRank {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::transport::sim::SimNetwork;
+    use crate::transport::{MemoryKind, Region};
+    use crate::{sim_mesh_in, StageSpec};
+
+    /// A receive region with a host header mirror (what the cuda backend
+    /// sets up) can also be written by a backend that does not fill the
+    /// mirror (verbs with GPUDirect): those peers' headers are read from
+    /// the region itself, not from the (stale) mirror.
+    #[test]
+    fn headers_of_peers_without_a_mirror_are_read_from_the_region() {
+        let net = SimNetwork::new(11);
+        net.set_auto(true);
+        net.set_device_stand_in(true);
+        let spec = StageSpec {
+            stages: 1,
+            max_tokens: 2,
+            row_bytes: 8,
+            out_row_bytes: 8,
+            side_bytes: 0,
+        };
+        let gpu = MemoryKind::Cuda { device: 0 };
+        let (mut attn, mut ffn) = sim_mesh_in(&net, 1, 1, spec, gpu).unwrap();
+        let region = ffn[0].receive_region().clone();
+        // An all-zero mirror: a header read from it would be refused.
+        let mirror = Arc::new(Region::alloc(region.len()).unwrap());
+        assert!(region.set_mirror(mirror));
+        let h = attn[0].dispatch(0, &[9u8; 16], &[]).unwrap();
+        let b = ffn[0].get_batch(Duration::from_secs(2)).unwrap();
+        assert_eq!(b.token_count(0), 2);
+        let mut rows = [0u8; 16];
+        assert_eq!(b.copy_tokens(0, &mut rows).unwrap(), 16);
+        assert_eq!(rows, [9u8; 16]);
+        ffn[0].respond(b, &[&[1u8; 16]]).unwrap();
+        attn[0].wait_combine(h, Duration::from_secs(2)).unwrap();
+    }
+}

@@ -1159,6 +1159,7 @@ impl Transport for VerbsTransport {
             max_message: u64::from(self.dev.port_attr.max_msg_sz),
             window: VERBS_WINDOW,
             copies: false,
+            header_mirror: false,
         }
     }
 
