@@ -252,6 +252,8 @@ pub struct VerbsTransport {
     /// Recorded on a device send region's fill stream before a post, so
     /// the NIC reads the slot only after its fills (GPUDirect).
     fill_event: Option<crate::cuda::Event>,
+    /// Registrations made by [`VerbsTransport::register_dmabuf`].
+    loose: Vec<*mut ibv_mr>,
 }
 
 impl std::fmt::Debug for VerbsTransport {
@@ -313,6 +315,7 @@ impl VerbsTransport {
             backlog: Vec::new(),
             last_async: Instant::now(),
             fill_event: None,
+            loose: Vec::new(),
         };
         // Dropping `t` on an error below releases what was made.
         t.make(peers as usize)?;
@@ -967,15 +970,36 @@ impl VerbsTransport {
         }
     }
 
-    /// `ibv_reg_dmabuf_mr`: registers `len` bytes at `offset` of dma-buf
-    /// `fd` (device memory exported by its driver), addressed by peers as
-    /// `iova`, writable by them if `access` says so. An error naming the
-    /// verb and errno.
+    /// Registers `len` bytes at `offset` of dma-buf `fd` (device memory
+    /// exported by its driver, e.g. by `cuda::dmabuf`) with
+    /// `ibv_reg_dmabuf_mr`, addressed by peers as `iova`, writable by them
+    /// if `access` says so; returns its (lkey, rkey). The registration is
+    /// released with the transport. An error names the verb and errno.
+    /// (`Transport::register` of a CUDA region does this itself.)
     ///
     /// # Safety
     /// `fd` is a dma-buf of at least `offset + len` bytes, open for the
     /// call (the MR holds its own reference to the buffer afterwards).
     pub unsafe fn register_dmabuf(
+        &mut self,
+        fd: i32,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access: Access,
+    ) -> Result<(u32, u32)> {
+        // SAFETY: the caller's contract.
+        let mr = unsafe { self.reg_dmabuf_mr(fd, offset, len, iova, access) }?;
+        self.loose.push(mr);
+        // SAFETY: a live MR.
+        Ok(unsafe { ((*mr).lkey, (*mr).rkey) })
+    }
+
+    /// `ibv_reg_dmabuf_mr`; the caller owns the MR.
+    ///
+    /// # Safety
+    /// As [`VerbsTransport::register_dmabuf`].
+    unsafe fn reg_dmabuf_mr(
         &mut self,
         fd: i32,
         offset: u64,
@@ -1066,7 +1090,7 @@ impl VerbsTransport {
                 // (`buf.len` bytes) holding `[addr, addr + len)`, open
                 // until `buf` drops after the call.
                 match unsafe {
-                    self.register_dmabuf(buf.fd.as_raw_fd(), buf.offset, len, addr, access)
+                    self.reg_dmabuf_mr(buf.fd.as_raw_fd(), buf.offset, len, addr, access)
                 } {
                     Ok(mr) => return Ok(mr),
                     Err(e) => e.to_string(),
@@ -1616,6 +1640,9 @@ impl Drop for VerbsTransport {
             }
             for m in &self.mrs {
                 (lib.ibv_dereg_mr)(m.mr);
+            }
+            for &mr in &self.loose {
+                (lib.ibv_dereg_mr)(mr);
             }
             if !self.pd.is_null() {
                 (lib.ibv_dealloc_pd)(self.pd);
