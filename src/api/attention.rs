@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::layout::Layout;
 use super::reduce::{sum_into, Dtype};
+use super::stream_wait::{self, StageFlags};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
@@ -97,6 +98,20 @@ struct State {
     traces: Vec<Trace>,
     /// Per stage: when its dispatch was posted.
     post_ns: Vec<u64>,
+    /// Flags streams wait on ([`AttentionRank::wait_combine_on`]); made on
+    /// first use.
+    flags: Option<StageFlags>,
+}
+
+impl State {
+    /// Gives up a dispatch whose combine can never complete; streams
+    /// waiting for it are let go.
+    fn abandon(&mut self, s: usize) {
+        self.stages.abandon(s);
+        if let (Some(f), Some(q)) = (&self.flags, self.stages.combined_through(s)) {
+            f.raise(s, q);
+        }
+    }
 }
 
 impl Sink for State {
@@ -114,6 +129,9 @@ impl Sink for State {
             respond_ns: a.header.respond_ns,
             back_ns: at_ns,
         };
+        if let (true, Some(f)) = (a.complete, &self.flags) {
+            f.raise(s, a.header.sequence.wrapping_add(1));
+        }
         Some(at_ns.saturating_sub(post_ns))
     }
 }
@@ -221,6 +239,7 @@ impl AttentionRank {
                 stages: AttentionStages::new(s, layout.n),
                 traces: vec![Trace::default(); s * layout.n],
                 post_ns: vec![0; s],
+                flags: None,
                 layout,
                 rank,
             },
@@ -493,7 +512,7 @@ impl AttentionRank {
             Ok(msg) => msg,
             Err(e) => {
                 // Nothing was posted: free the stage for the next dispatch.
-                self.st.stages.abandon(s);
+                self.st.abandon(s);
                 return Err(e);
             }
         };
@@ -502,7 +521,7 @@ impl AttentionRank {
         for f in 0..layout.n {
             if let Err(e) = self.engine.post(f, msg, offset, imm) {
                 // The combine can never complete: free the stage.
-                self.st.stages.abandon(s);
+                self.st.abandon(s);
                 return Err(e);
             }
         }
@@ -560,6 +579,48 @@ impl AttentionRank {
         })
     }
 
+    /// Enqueues on the caller's CUDA stream `stream` a wait for every FFN
+    /// rank's combine of `handle`: work enqueued after this call (kernels
+    /// reading [`Combined::partial_addr`]'s slots, one address per (stage,
+    /// FFN rank)) starts only once all partials have landed. The host does
+    /// not wait: `cuStreamWaitValue32` on a host-mapped flag the engine
+    /// raises when it counts the last combine, inside any call that
+    /// progresses this rank (`wait_combine`, `try_combine`, `dispatch`,
+    /// `progress`), so keep calling one and still take the combine
+    /// (`wait_combine` / `try_combine`) to free the stage. A combine that
+    /// can never complete (a lost FFN rank) lets the stream go when the
+    /// host sees the loss.
+    ///
+    /// CUDA graphs: the wait can be captured, but a replayed graph waits
+    /// for the sequence captured; call it outside capture, per dispatch.
+    /// `Unsupported` on a host rank or without CUDA.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and
+    /// this rank must outlive the wait (drop it only after the stream has
+    /// passed it).
+    pub unsafe fn wait_combine_on(&mut self, handle: DispatchHandle, stream: u64) -> Result<()> {
+        let MemoryKind::Cuda { device } = self.memory() else {
+            return Err(stream_wait::host_rank("wait_combine_on"));
+        };
+        self.st.check(handle)?;
+        let s = handle.stage as usize;
+        if self.st.flags.is_none() {
+            let stages = &self.st.stages;
+            self.st.flags = Some(StageFlags::new(device, self.st.layout.stages(), |s| {
+                stages.combined_through(s).unwrap_or(0)
+            })?);
+        }
+        let Some(f) = &self.st.flags else {
+            return Err(Error::Unsupported("wait_combine_on: no stage flags".into()));
+        };
+        if let Some(q) = self.st.stages.combined_through(s) {
+            f.raise(s, q);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { f.enqueue(s, stream, handle.seq.wrapping_add(1)) }
+    }
+
     /// Waits up to `timeout` for every FFN rank's combine of `handle`, and
     /// returns the partials. The stage is free for the next dispatch once
     /// the returned value is dropped.
@@ -610,7 +671,7 @@ impl AttentionRank {
         }
         if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
             // The combine can never complete: free the stage.
-            self.st.stages.abandon(s);
+            self.st.abandon(s);
             return Err(self.engine.lost_error(f));
         }
         Ok(None)
@@ -639,7 +700,7 @@ impl AttentionRank {
         }
         if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
             // The combine can never complete: free the stage.
-            self.st.stages.abandon(s);
+            self.st.abandon(s);
             return Err(self.engine.lost_error(f));
         }
         Ok(None)
@@ -680,7 +741,7 @@ impl AttentionRank {
                 }
                 if let Some(f) = engine.first_lost(st.stages.missing(s)) {
                     // The combine can never complete: free the stage.
-                    st.stages.abandon(s);
+                    st.abandon(s);
                     return Err(engine.lost_error(f));
                 }
                 waiting.get_or_insert(s);
