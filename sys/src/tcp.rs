@@ -11,6 +11,12 @@ use std::time::Duration;
 pub struct TcpAcks {
     /// Segments sent and not yet acknowledged.
     pub unacked: u32,
+    /// Bytes queued in the kernel and not yet sent (a closed window, or a
+    /// route that is gone).
+    pub notsent: u32,
+    /// Probes sent since the peer last answered one (zero-window or
+    /// keepalive probes; a live peer's kernel answers each).
+    pub probes: u8,
     /// Since the last acknowledgement of any kind arrived (data,
     /// keepalive or zero-window probe answers all count).
     pub since_ack: Duration,
@@ -34,6 +40,8 @@ pub fn tcp_acks(fd: BorrowedFd<'_>) -> io::Result<TcpAcks> {
     })?;
     Ok(TcpAcks {
         unacked: info.tcpi_unacked,
+        notsent: info.tcpi_notsent_bytes,
+        probes: info.tcpi_probes,
         since_ack: Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
     })
 }

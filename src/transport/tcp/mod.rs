@@ -179,9 +179,16 @@ fn keep_alive(stream: &TcpStream, liveness: Duration) -> io::Result<()> {
 fn stalled(l: &Link, liveness: Duration) -> Option<String> {
     use std::os::fd::AsFd;
     match afmesh_sys::tcp_acks(l.stream.as_fd()) {
-        Ok(a) if a.unacked > 0 && a.since_ack > liveness => Some(format!(
+        Ok(a) if a.since_ack > liveness && a.unacked > 0 => Some(format!(
             "{} acknowledged nothing for {:?} with {} segments in flight (liveness bound {liveness:?}, AFMESH_LIVENESS_MS)",
             l.peer, a.since_ack, a.unacked
+        )),
+        // Nothing could even be sent (the route is gone) and the probes
+        // for it go unanswered: a busy peer's kernel answers each probe,
+        // which resets the count.
+        Ok(a) if a.since_ack > liveness && a.notsent > 0 && a.probes >= 2 => Some(format!(
+            "{} answered none of {} probes in {:?} with {} bytes unsent (liveness bound {liveness:?}, AFMESH_LIVENESS_MS)",
+            l.peer, a.probes, a.since_ack, a.notsent
         )),
         _ => None,
     }
