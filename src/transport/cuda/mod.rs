@@ -126,6 +126,9 @@ struct CudaLink {
     targets: Vec<Option<Target>>,
     queue: VecDeque<Pending>,
     down: bool,
+    /// The peer's notice ring was full when the head copy completed: its
+    /// announcement waits for the peer to drain (not for the GPU).
+    ring_full: bool,
     /// Kept mapped while the link lives.
     _mappings: Vec<IpcMapping>,
 }
@@ -224,9 +227,12 @@ impl CudaTransport {
                         }
                         if !l.down {
                             match notices.push_notice(i, &p.notice) {
-                                Ok(true) => {}
+                                Ok(true) => l.ring_full = false,
                                 // The peer is far behind: announce later.
-                                Ok(false) => break,
+                                Ok(false) => {
+                                    l.ring_full = true;
+                                    break;
+                                }
                                 // It went down: its LinkDown comes from the
                                 // notice backend's progress.
                                 Err(_) => l.down = true,
@@ -253,11 +259,15 @@ impl CudaTransport {
         }
     }
 
+    /// Whether a link's head copy completed and can be announced now (a
+    /// link waiting on its peer's full ring cannot: parking on it would
+    /// spin).
     fn any_done(&self) -> bool {
         self.links.iter().any(|l| {
-            l.queue
-                .front()
-                .is_some_and(|p| p.event.done().unwrap_or(true))
+            !l.ring_full
+                && l.queue
+                    .front()
+                    .is_some_and(|p| p.event.done().unwrap_or(true))
         })
     }
 }
@@ -499,6 +509,7 @@ impl Transport for CudaTransport {
                 targets,
                 queue: VecDeque::new(),
                 down: false,
+                ring_full: false,
                 _mappings: mappings,
             });
             out.push(Connected {
