@@ -59,12 +59,13 @@ mod engine;
 pub mod error;
 pub mod proto;
 mod sync;
+pub mod trace;
 pub mod transport;
 
 pub use api::{
     sim_mesh, AttentionRank, Batch, Combined, DispatchHandle, Dtype, FfnRank, Mesh, MeshConfig,
     Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
 };
-pub use engine::{Histogram, Interrupter, PeerStats};
+pub use engine::{Histogram, Interrupter, PeerStats, Straggler};
 pub use error::{Error, Peer, Result};
 pub use proto::Role;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::layout::Layout;
 use super::reduce::{sum_into, Dtype};
-use crate::engine::{now_ns, Engine, RankStats, Sink};
+use crate::engine::{now_ns, Engine, Histogram, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
 
@@ -84,6 +84,32 @@ struct State {
     traces: Vec<Trace>,
     /// Per stage: when its dispatch was posted.
     post_ns: Vec<u64>,
+    /// Per stage: the latest and the second-latest combine arrival of the
+    /// current dispatch, to name the straggler when the stage completes.
+    arrivals: Vec<Arrivals>,
+    /// Per FFN rank: how late it was each time it answered a stage last.
+    late_ns: Vec<Histogram>,
+}
+
+/// The two latest combine arrivals of a stage's dispatch.
+#[derive(Debug, Clone, Copy, Default)]
+struct Arrivals {
+    /// The latest: when, and from which FFN rank.
+    last: Option<(u64, usize)>,
+    /// The one before it.
+    before: Option<u64>,
+}
+
+impl Arrivals {
+    fn note(&mut self, at: u64, f: usize) {
+        match self.last {
+            Some((t, _)) if at < t => self.before = Some(self.before.map_or(at, |b| b.max(at))),
+            _ => {
+                self.before = self.last.map(|(t, _)| t);
+                self.last = Some((at, f));
+            }
+        }
+    }
 }
 
 impl Sink for State {
@@ -101,6 +127,16 @@ impl Sink for State {
             respond_ns: a.header.respond_ns,
             back_ns: at_ns,
         };
+        // The last FFN rank to answer held the stage up by the time since
+        // the one before it.
+        let arrivals = &mut self.arrivals[s];
+        arrivals.note(at_ns, f);
+        if a.complete {
+            if let (Some((last, who)), Some(before)) = (arrivals.last, arrivals.before) {
+                self.late_ns[who].record(last.saturating_sub(before));
+            }
+            *arrivals = Arrivals::default();
+        }
         Some(at_ns.saturating_sub(post_ns))
     }
 }
@@ -164,6 +200,8 @@ impl AttentionRank {
                 stages: AttentionStages::new(s, layout.n),
                 traces: vec![Trace::default(); s * layout.n],
                 post_ns: vec![0; s],
+                arrivals: vec![Arrivals::default(); s],
+                late_ns: vec![Histogram::new(); layout.n],
                 layout,
                 rank,
             },
@@ -303,6 +341,7 @@ impl AttentionRank {
             .ok_or(Error::StageBusy { stage })?;
         let post = now_ns();
         self.st.post_ns[s] = post;
+        self.st.arrivals[s] = Arrivals::default();
         let header = Header {
             kind: Kind::Dispatch,
             stage: stage as u8,
@@ -465,9 +504,14 @@ impl AttentionRank {
         self.engine.pump(Duration::ZERO, &mut self.st)
     }
 
-    /// Counters per FFN rank.
+    /// Counters per FFN rank, with how often each answered a stage last
+    /// ([`PeerStats::late_ns`](crate::PeerStats::late_ns)).
     pub fn stats(&self) -> RankStats {
-        self.engine.stats()
+        let mut stats = self.engine.stats();
+        for ((_, p), late) in stats.peers.iter_mut().zip(&self.st.late_ns) {
+            p.late_ns = late.clone();
+        }
+        stats
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.

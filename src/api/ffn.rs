@@ -399,9 +399,7 @@ impl FfnRank {
                 .and_then(|()| self.engine.message(slot, HEADER_LEN + tokens * out_row))
                 .and_then(|msg| self.engine.post(a, msg, offset, imm));
             match posted {
-                Ok(()) => self
-                    .engine
-                    .record_ffn(a, respond.saturating_sub(batch.landed_ns(a))),
+                Ok(()) => self.engine.record_ffn(a, &header),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }

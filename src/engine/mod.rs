@@ -21,15 +21,18 @@ mod stats;
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use histogram::Histogram;
 pub use interrupt::Interrupter;
-pub use stats::{PeerStats, RankStats};
+pub use stats::{PeerStats, RankStats, Straggler};
 pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
-use crate::proto::{accept, Accepted, Geometry, Imm, RegionKey, StageCounter, HEADER_LEN};
+use crate::proto::{
+    accept, Accepted, Geometry, Header, Imm, Kind, RegionKey, StageCounter, HEADER_LEN,
+};
+use crate::trace::{Record, Recorder};
 use crate::transport::mux::MAX_PARK;
 use crate::transport::slots::SendSlots;
 use crate::transport::{Completion, LinkId, LocalKey, Mux, Region};
@@ -91,6 +94,8 @@ pub(crate) struct Engine {
     support: Support,
     /// Wakes `wait` from another thread.
     interrupter: Interrupter,
+    /// Records every message exchanged, when the rank traces.
+    tracer: Option<Box<Recorder>>,
 }
 
 impl Engine {
@@ -141,7 +146,14 @@ impl Engine {
             send_timeout: DEFAULT_SEND_TIMEOUT,
             support,
             interrupter: Interrupter::new(),
+            tracer: None,
         }
+    }
+
+    /// Records every message from here on into `tracer`.
+    pub(crate) fn set_tracer(&mut self, tracer: Recorder) {
+        tracing::info!("tracing messages to {}", tracer.path().display());
+        self.tracer = Some(Box::new(tracer));
     }
 
     /// Bounds waits for send completions (a blocking write's bound).
@@ -213,17 +225,34 @@ impl Engine {
         }
     }
 
-    /// Records that peer `peer`'s message was answered `ns` nanoseconds
-    /// after it landed.
-    pub(crate) fn record_ffn(&mut self, peer: usize, ns: u64) {
+    /// Records that peer `peer`'s message was answered with `h` (its
+    /// stamps say when it landed, was processed and answered).
+    pub(crate) fn record_ffn(&mut self, peer: usize, h: &Header) {
         if let Some(p) = self.peers.get_mut(peer) {
-            p.stats.ffn_ns.record(ns);
+            p.stats
+                .ffn_ns
+                .record(h.respond_ns.saturating_sub(h.land_ns));
+        }
+        if let Some(t) = &mut self.tracer {
+            t.record(Record {
+                peer: peer as u32,
+                stage: u32::from(h.stage),
+                seq: h.sequence,
+                post_ns: h.post_ns,
+                land_ns: h.land_ns,
+                process_ns: h.process_ns,
+                respond_ns: h.respond_ns,
+                back_ns: 0,
+            });
         }
     }
 
     /// Leaves in order: tells every peer (closing the links), then the
     /// scheduler.
     pub(crate) fn shutdown(&mut self) {
+        if let Some(t) = &mut self.tracer {
+            t.finish();
+        }
         self.transport.close();
         self.support.shutdown();
     }
@@ -348,8 +377,24 @@ impl Engine {
         match accept(&self.geometry, peer, imm, landed, read, sink.counter()) {
             Ok(a) => {
                 stats.received += 1;
-                if let Some(ns) = sink.accepted(peer, &a, now_ns()) {
+                let at = now_ns();
+                if let Some(ns) = sink.accepted(peer, &a, at) {
                     stats.round_trip_ns.record(ns);
+                }
+                // A combine completes the message's record (an FFN rank
+                // records its side when it answers).
+                if let (Some(t), Kind::Combine) = (&mut self.tracer, a.header.kind) {
+                    let h = &a.header;
+                    t.record(Record {
+                        peer: peer as u32,
+                        stage: u32::from(h.stage),
+                        seq: h.sequence,
+                        post_ns: h.post_ns,
+                        land_ns: h.land_ns,
+                        process_ns: h.process_ns,
+                        respond_ns: h.respond_ns,
+                        back_ns: at,
+                    });
                 }
             }
             Err(r) => {
@@ -372,8 +417,5 @@ const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Wall-clock nanoseconds, for trace stamps (comparable across processes
 /// of one host; across hosts only as good as their clock sync).
 pub(crate) fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    crate::bootstrap::clock::wall_ns()
 }

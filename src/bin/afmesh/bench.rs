@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Every rank writes a Chrome/Perfetto trace of its messages into DIR
+    /// (AFMESH_TRACE; a sub-directory per point of a series); merge them
+    /// with `afmesh trace merge DIR -o job.json`.
+    #[arg(long, value_name = "DIR")]
+    trace: Option<PathBuf>,
     /// Pin each rank to its own CPU: auto (when the ranks fit the CPUs),
     /// on, off.
     #[arg(long, default_value = "auto")]
@@ -222,7 +227,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let sweep = args.sweep.as_deref().map(Sweep::parse).transpose()?;
     if sweep.is_none() && transports.len() == 1 && args.plot.is_none() {
-        let p = measure(args, transports[0], &args.work, args.attention, args.ffn)?;
+        let p = measure(
+            args,
+            transports[0],
+            &args.work,
+            args.attention,
+            args.ffn,
+            args.trace.clone(),
+        )?;
         if args.json {
             println!("{}", p.json());
         } else {
@@ -253,7 +265,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             None => "one point".into(),
         };
         eprintln!("afmesh bench: point {}/{total}: {t}, {what}", i + 1);
-        let p = measure(args, t, &wa, m, n).with_context(|| format!("{t}, {what}"))?;
+        let trace = args
+            .trace
+            .as_ref()
+            .map(|d| d.join(format!("point-{}", i + 1)));
+        let p = measure(args, t, &wa, m, n, trace).with_context(|| format!("{t}, {what}"))?;
         if args.json {
             println!("{}", p.json());
         } else {
@@ -298,6 +314,7 @@ fn measure(
     wa: &WorkloadArgs,
     m: u32,
     n: u32,
+    trace: Option<PathBuf>,
 ) -> Result<Point> {
     let w = wa.workload();
     w.spec()?;
@@ -385,6 +402,9 @@ fn measure(
             if wa.caller_buffers {
                 cmd.arg("--caller-buffers");
             }
+            if let Some(dir) = &trace {
+                cmd.env("AFMESH_TRACE", dir);
+            }
             if wa.vary_tokens {
                 cmd.arg("--vary-tokens");
             }
@@ -395,6 +415,12 @@ fn measure(
     let outs = wait_all(&mut children, Instant::now() + budget)?;
     drop(children);
     let _ = sched.join();
+    if let Some(dir) = &trace {
+        eprintln!(
+            "afmesh bench: traces in {0}; merge: afmesh trace merge {0} -o job.json",
+            dir.display()
+        );
+    }
 
     let mut lat = Histogram::new();
     let mut reports = 0u32;

@@ -5,6 +5,7 @@ mod bench;
 mod floor;
 mod plot;
 mod sweep;
+mod trace;
 mod workload;
 
 use std::time::Duration;
@@ -64,6 +65,11 @@ enum Cmd {
     /// Start a scheduler and M+N ranks on this host, run the workload,
     /// verify it, and compare with the floor.
     Bench(bench::BenchArgs),
+    /// Work with the traces ranks write under AFMESH_TRACE.
+    Trace {
+        #[command(subcommand)]
+        cmd: trace::TraceCmd,
+    },
     /// One process of a floor exchange (used by `bench`).
     #[command(hide = true)]
     FloorPeer(floor::PeerArgs),
@@ -174,6 +180,7 @@ fn main() {
             .and_then(|t| scheduler(&bind, t, attention, ffn, job, join_timeout)),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Trace { cmd } => trace::trace(&cmd),
         Cmd::FloorPeer(args) => floor::peer(&args),
     };
     if let Err(e) = r {
