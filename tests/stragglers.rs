@@ -3,7 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
+
+use common::{afmesh, Proc};
 
 use afmesh::{sim_mesh, transport::sim::SimNetwork, Peer, StageSpec};
 
@@ -93,4 +97,36 @@ fn a_single_ffn_rank_is_never_a_straggler() {
 /// The partials a combine holds: one per FFN rank.
 fn spec_ffn(a: &afmesh::AttentionRank) -> usize {
     a.ffn_ranks()
+}
+
+#[test]
+fn the_bench_reports_a_straggler_for_every_stage() {
+    let mut cmd = afmesh();
+    cmd.args(["bench", "--attention", "2", "--ffn", "2", "--stages", "2"])
+        .args([
+            "--tokens", "2", "--hidden", "64", "--iters", "20", "--warmup", "2",
+        ])
+        .arg("--json");
+    let mut p = Proc::spawn("bench", cmd);
+    assert!(
+        p.wait_exit(Duration::from_secs(120)).success(),
+        "{}",
+        p.output()
+    );
+    let out = p.output();
+    let line = out.lines().find(|l| l.starts_with('{')).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let list = v["stragglers"].as_array().unwrap();
+    // Both attention ranks, every layer and stage: one straggler each.
+    let total: u64 = list.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 2 * 22 * 2, "{v}");
+    let counts: Vec<u64> = list.iter().map(|s| s["count"].as_u64().unwrap()).collect();
+    assert!(
+        counts.windows(2).all(|w| w[0] >= w[1]),
+        "most often first: {v}"
+    );
+    for s in list {
+        assert!(["F0", "F1"].contains(&s["peer"].as_str().unwrap()), "{v}");
+        assert!(s["mean_late_us"].as_f64().unwrap() >= 0.0, "{v}");
+    }
 }

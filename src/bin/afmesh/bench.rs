@@ -17,6 +17,7 @@
 //! and the floor's processes are summed up the same way), the bench reports copies per message: the bytes the library
 //! itself copied over the bytes it sent, summed over every rank.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -141,6 +142,23 @@ impl Summary {
 pub fn words_json(h: &Histogram) -> String {
     let words: Vec<String> = h.to_words().iter().map(u64::to_string).collect();
     format!("[{}]", words.join(","))
+}
+
+/// The `stragglers` of an attention rank's JSON report: (peer, stages it
+/// answered last, mean lateness in us).
+pub fn stragglers_of(line: &str) -> Option<Vec<(String, u64, f64)>> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v["stragglers"]
+        .as_array()?
+        .iter()
+        .map(|s| {
+            Some((
+                s["peer"].as_str()?.to_string(),
+                s["count"].as_u64()?,
+                s["mean_late_us"].as_f64()?,
+            ))
+        })
+        .collect()
 }
 
 /// The `lat_ns` histogram of a rank's (or floor peer's) JSON report.
@@ -305,6 +323,9 @@ pub struct Point {
     pin: bool,
     errors: u64,
     first_error: Option<String>,
+    /// FFN ranks that answered stages last: (peer, stages, mean lateness
+    /// in us), most often first, over every attention rank.
+    stragglers: Vec<(String, u64, f64)>,
 }
 
 /// Runs one mesh of `wa` on M×N over `transport_arg` and its floor.
@@ -429,6 +450,9 @@ fn measure(
     let (mut ffn_us, mut net_us) = (0.0, 0.0);
     let (mut sent_bytes, mut copied_bytes) = (0u64, 0u64);
     let mut transport = String::new();
+    // Per FFN rank, over every attention rank: stages it answered last and
+    // the sum of its lateness (us).
+    let mut late: BTreeMap<String, (u64, f64)> = BTreeMap::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
         let count = |key: &str| -> Result<u64> {
@@ -444,6 +468,13 @@ fn measure(
         }
         if let Some(t) = field(line, "transport") {
             transport = t.trim_matches('"').to_string();
+        }
+        if let Some(list) = stragglers_of(line) {
+            for (peer, count, mean_us) in list {
+                let e = late.entry(peer).or_insert((0, 0.0));
+                e.0 += count;
+                e.1 += mean_us * count as f64;
+            }
         }
         if let Some(h) = lat_of(line) {
             lat.merge(&h);
@@ -488,6 +519,11 @@ fn measure(
             memcpy: None,
         }
     };
+    let mut stragglers: Vec<(String, u64, f64)> = late
+        .into_iter()
+        .map(|(peer, (count, sum))| (peer, count, sum / count.max(1) as f64))
+        .collect();
+    stragglers.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)));
     let (floor_p50, floor_name) = floors.best();
     let goodput = (d + c) as f64 / (mesh.mean * 1e-6) / 1e9;
     Ok(Point {
@@ -508,10 +544,23 @@ fn measure(
         pin,
         errors,
         first_error,
+        stragglers,
     })
 }
 
 impl Point {
+    /// The top stragglers as a JSON array.
+    fn stragglers_json(&self) -> String {
+        let items: Vec<String> = self
+            .stragglers
+            .iter()
+            .map(|(peer, count, mean)| {
+                format!("{{\"peer\":\"{peer}\",\"count\":{count},\"mean_late_us\":{mean:.3}}}")
+            })
+            .collect();
+        format!("[{}]", items.join(","))
+    }
+
     const TABLE_HEADER: &'static str = "transport  shape (MxN stages tokens hidden)  bytes/layer  iters   p50 us   p99 us p99.9 us     GB/s floor us  ratio";
 
     /// Whether every byte checked out; the first error otherwise.
@@ -574,7 +623,7 @@ impl Point {
         let or_null = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |v| format!("{v:.2}"));
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         format!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{},\"stragglers\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -584,7 +633,8 @@ impl Point {
             wa.warmup,
             self.layer_bytes,
             floors.exchange,
-            json_str(self.first_error.as_deref())
+            json_str(self.first_error.as_deref()),
+            self.stragglers_json()
         )
     }
 
@@ -638,6 +688,15 @@ impl Point {
         }
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
+        if self.stragglers.is_empty() {
+            println!("  stragglers    none (one FFN rank)");
+        }
+        for (i, (peer, count, mean)) in self.stragglers.iter().take(3).enumerate() {
+            println!(
+                "  {}{peer} answered last in {count} stages, {mean:.1} us after the one before (mean)",
+                if i == 0 { "stragglers    " } else { "              " }
+            );
+        }
         println!("  verified      {verified} ({errors} errors)");
     }
 }

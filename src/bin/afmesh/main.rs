@@ -300,14 +300,16 @@ fn run(args: &RunArgs) -> Result<()> {
             let stats = a.stats();
             let (rejected, transport) = (stats.rejected(), stats.transport.clone());
             let (sent, copied) = moved(&stats);
+            let stragglers = stats.stragglers();
             a.shutdown()?;
             if args.json {
                 println!(
-                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"lat_ns\":{}}}",
+                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"stragglers\":{},\"lat_ns\":{}}}",
                     rep.errors,
                     rep.ffn_us,
                     rep.net_us,
                     json_str(rep.first_error.as_deref()),
+                    stragglers_json(&stragglers),
                     bench::words_json(&rep.lat)
                 );
             } else {
@@ -317,6 +319,15 @@ fn run(args: &RunArgs) -> Result<()> {
                     rep.lat.count(),
                     rep.errors
                 );
+                for s in stragglers.iter().take(3) {
+                    println!(
+                        "  straggler {}: last in {} stages, {:.1} us after the one before (mean), {:.1} us at most",
+                        s.peer,
+                        s.count,
+                        s.mean_late_ns / 1e3,
+                        s.max_late_ns as f64 / 1e3
+                    );
+                }
             }
             if rep.errors > 0 {
                 anyhow::bail!(
@@ -376,6 +387,23 @@ fn announce(args: &RunArgs, who: String, m: usize, n: usize) {
     if !args.quiet {
         eprintln!("afmesh run: {who} joined a {m}A+{n}F mesh");
     }
+}
+
+/// Stragglers as a JSON array: `[{"peer":"F1","count":3,"mean_late_us":1.5,"max_late_us":4.0}]`.
+pub fn stragglers_json(v: &[afmesh::Straggler]) -> String {
+    let items: Vec<String> = v
+        .iter()
+        .map(|s| {
+            format!(
+                "{{\"peer\":\"{}\",\"count\":{},\"mean_late_us\":{:.3},\"max_late_us\":{:.3}}}",
+                s.peer,
+                s.count,
+                s.mean_late_ns / 1e3,
+                s.max_late_ns as f64 / 1e3
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(","))
 }
 
 pub fn json_str(s: Option<&str>) -> String {
