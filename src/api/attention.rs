@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::layout::Layout;
 use super::reduce::{sum_into, Dtype};
-use crate::engine::{now_ns, Engine, Histogram, RankStats, Sink};
+use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
 
@@ -87,8 +87,9 @@ struct State {
     /// Per stage: the latest and the second-latest combine arrival of the
     /// current dispatch, to name the straggler when the stage completes.
     arrivals: Vec<Arrivals>,
-    /// Per FFN rank: how late it was each time it answered a stage last.
-    late_ns: Vec<Histogram>,
+    /// The straggler of the stage the last arrival completed, for the
+    /// engine's stats.
+    straggler: Option<(usize, u64)>,
 }
 
 /// The two latest combine arrivals of a stage's dispatch.
@@ -133,11 +134,14 @@ impl Sink for State {
         arrivals.note(at_ns, f);
         if a.complete {
             if let (Some((last, who)), Some(before)) = (arrivals.last, arrivals.before) {
-                self.late_ns[who].record(last.saturating_sub(before));
+                self.straggler = Some((who, last.saturating_sub(before)));
             }
             *arrivals = Arrivals::default();
         }
         Some(at_ns.saturating_sub(post_ns))
+    }
+    fn take_straggler(&mut self) -> Option<(usize, u64)> {
+        self.straggler.take()
     }
 }
 
@@ -201,7 +205,7 @@ impl AttentionRank {
                 traces: vec![Trace::default(); s * layout.n],
                 post_ns: vec![0; s],
                 arrivals: vec![Arrivals::default(); s],
-                late_ns: vec![Histogram::new(); layout.n],
+                straggler: None,
                 layout,
                 rank,
             },
@@ -507,11 +511,7 @@ impl AttentionRank {
     /// Counters per FFN rank, with how often each answered a stage last
     /// ([`PeerStats::late_ns`](crate::PeerStats::late_ns)).
     pub fn stats(&self) -> RankStats {
-        let mut stats = self.engine.stats();
-        for ((_, p), late) in stats.peers.iter_mut().zip(&self.st.late_ns) {
-            p.late_ns = late.clone();
-        }
-        stats
+        self.engine.stats()
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.

@@ -48,6 +48,12 @@ pub(crate) trait Sink {
     /// Returns the round trip it ends (nanoseconds), if it ends one, for
     /// the peer's [`PeerStats::round_trip_ns`].
     fn accepted(&mut self, peer: usize, accepted: &Accepted, at_ns: u64) -> Option<u64>;
+    /// After an arrival completed a stage: the peer that answered it last
+    /// and by how many ns after the one before it, for the peer's
+    /// [`PeerStats::late_ns`] (attention ranks; taken once).
+    fn take_straggler(&mut self) -> Option<(usize, u64)> {
+        None
+    }
 }
 
 /// A peer's side of the table.
@@ -395,6 +401,11 @@ impl Engine {
                         respond_ns: h.respond_ns,
                         back_ns: at,
                     });
+                }
+                if let Some((who, ns)) = sink.take_straggler() {
+                    if let Some(p) = self.peers.get_mut(who) {
+                        p.stats.late_ns.record(ns);
+                    }
                 }
             }
             Err(r) => {
