@@ -57,6 +57,7 @@ pub mod api;
 pub mod bootstrap;
 mod engine;
 pub mod error;
+pub mod metrics;
 pub mod proto;
 mod sync;
 pub mod trace;

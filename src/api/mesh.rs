@@ -13,6 +13,7 @@ use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig};
 use crate::bootstrap::{ClockOffset, LinkGuard};
 use crate::engine::{Engine, Receive, Support};
 use crate::error::{Error, Peer, Result};
+use crate::metrics::Metrics;
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
 use crate::proto::{Message, RegionKey, Role};
 use crate::trace::{RankMeta, Recorder, TraceConfig};
@@ -200,6 +201,10 @@ impl Mesh {
         // AFMESH_TRACE: its directory is made before joining, and the
         // rank's clock offset is estimated against the scheduler's.
         let trace = TraceConfig::from_env()?;
+        // AFMESH_METRICS: bound before joining, served once joined.
+        let metrics = Metrics::address_from_env()?
+            .map(|a| Metrics::bind(&a))
+            .transpose()?;
         if let Some(t) = &trace {
             t.prepare()?;
         }
@@ -391,6 +396,9 @@ impl Mesh {
             Support::new(session, scheduler),
         );
         engine.set_send_timeout(cfg.io_timeout);
+        if let Some(m) = metrics {
+            engine.set_metrics(m, me)?;
+        }
         if let Some(t) = &trace {
             engine.set_tracer(Recorder::create(
                 t,

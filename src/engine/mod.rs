@@ -29,6 +29,7 @@ pub use stats::{PeerStats, RankStats, Straggler};
 pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
+use crate::metrics::Metrics;
 use crate::proto::{
     accept, Accepted, Geometry, Header, Imm, Kind, RegionKey, StageCounter, HEADER_LEN,
 };
@@ -102,6 +103,8 @@ pub(crate) struct Engine {
     interrupter: Interrupter,
     /// Records every message exchanged, when the rank traces.
     tracer: Option<Box<Recorder>>,
+    /// Serves the stats (`AFMESH_METRICS`), when asked to.
+    metrics: Option<Metrics>,
 }
 
 impl Engine {
@@ -153,7 +156,15 @@ impl Engine {
             support,
             interrupter: Interrupter::new(),
             tracer: None,
+            metrics: None,
         }
+    }
+
+    /// Serves this rank's stats through `metrics` from here on.
+    pub(crate) fn set_metrics(&mut self, mut metrics: Metrics, me: Peer) -> Result<()> {
+        metrics.start(me)?;
+        self.metrics = Some(metrics);
+        Ok(())
     }
 
     /// Records every message from here on into `tracer`.
@@ -259,6 +270,9 @@ impl Engine {
         if let Some(t) = &mut self.tracer {
             t.finish();
         }
+        if let Some(m) = &mut self.metrics {
+            m.stop();
+        }
         self.transport.close();
         self.support.shutdown();
     }
@@ -295,6 +309,9 @@ impl Engine {
         } else {
             Duration::ZERO
         };
+        if let Some(m) = self.metrics.as_ref().filter(|m| m.wanted()) {
+            m.publish(self.stats());
+        }
         let r = self.transport.poll(&mut completions, wait);
         for c in completions.drain(..) {
             match c {
