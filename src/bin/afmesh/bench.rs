@@ -30,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::floor;
+use crate::progress::Progress;
 use crate::sweep::Sweep;
 use crate::workload::Workload;
 use crate::{json_str, WorkloadArgs};
@@ -245,6 +246,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let sweep = args.sweep.as_deref().map(Sweep::parse).transpose()?;
     if sweep.is_none() && transports.len() == 1 && args.plot.is_none() {
+        let progress = Progress::new(1, false);
+        progress.point(0, transports[0]);
         let p = measure(
             args,
             transports[0],
@@ -252,7 +255,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             args.attention,
             args.ffn,
             args.trace.clone(),
+            &progress,
         )?;
+        progress.finish();
         if args.json {
             println!("{}", p.json());
         } else {
@@ -265,8 +270,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         s.values.iter().map(|&v| Some((s.key, v))).collect()
     });
     let total = transports.len() * values.len();
+    let progress = Progress::new(total, true);
     if !args.json {
-        println!("{}", Point::TABLE_HEADER);
+        progress.out(Point::TABLE_HEADER);
     }
     let mut points = Vec::with_capacity(total);
     for (i, (t, v)) in transports
@@ -282,19 +288,22 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             }
             None => "one point".into(),
         };
-        eprintln!("afmesh bench: point {}/{total}: {t}, {what}", i + 1);
+        progress.point(i, &format!("{t}, {what}"));
         let trace = args
             .trace
             .as_ref()
             .map(|d| d.join(format!("point-{}", i + 1)));
-        let p = measure(args, t, &wa, m, n, trace).with_context(|| format!("{t}, {what}"))?;
+        let p = measure(args, t, &wa, m, n, trace, &progress)
+            .with_context(|| format!("{t}, {what}"))?;
         if args.json {
-            println!("{}", p.json());
+            progress.out(&p.json());
         } else {
-            println!("{}", p.table_row());
+            progress.out(&p.table_row());
         }
+        progress.done(i);
         points.push(p);
     }
+    progress.finish();
     if let Some(file) = &args.plot {
         crate::plot::draw(file, &points).with_context(|| format!("drawing {}", file.display()))?;
         eprintln!("afmesh bench: plot written to {}", file.display());
@@ -336,6 +345,7 @@ fn measure(
     m: u32,
     n: u32,
     trace: Option<PathBuf>,
+    progress: &Progress,
 ) -> Result<Point> {
     let w = wa.workload();
     w.spec()?;
@@ -432,15 +442,16 @@ fn measure(
             children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }
+    progress.phase(&format!("{m}A+{n}F mesh, {} layers", w.layers()));
     let budget = Duration::from_secs(60) + Duration::from_millis(u64::from(w.layers()) * 50);
     let outs = wait_all(&mut children, Instant::now() + budget)?;
     drop(children);
     let _ = sched.join();
     if let Some(dir) = &trace {
-        eprintln!(
+        progress.note(&format!(
             "afmesh bench: traces in {0}; merge: afmesh trace merge {0} -o job.json",
             dir.display()
-        );
+        ));
     }
 
     let mut lat = Histogram::new();
@@ -500,6 +511,7 @@ fn measure(
     };
     let (d, c) = w.layer_bytes(m, n);
     let plan = floor_plan(&w, m, n, pin.then_some(cpus));
+    progress.phase("floor");
     let floors = if transport == "shm" {
         let exchange = floor::shm(&plan).context("shm floor")?;
         let memcpy = floor::memcpy(d, c, plan.warmup + plan.iters);

@@ -4,6 +4,7 @@
 mod bench;
 mod floor;
 mod plot;
+mod progress;
 mod sweep;
 mod trace;
 mod workload;
