@@ -53,7 +53,7 @@
 
 /* The first element of an afmesh_peer_stats array passed to
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
-#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0 }
+#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /**
  * Version of [`afmesh_config`] this library knows.
@@ -380,6 +380,62 @@ typedef struct afmesh_peer_stats {
    * Messages from it that were rejected.
    */
   uint64_t rejected;
+  /**
+   * Attention ranks: round trips timed (dispatch posted to this FFN
+   * rank's combine seen); 0 on FFN ranks. The percentiles below are
+   * within 1/128 of the exact ones; 0 when nothing was timed.
+   */
+  uint64_t round_trip_count;
+  /**
+   * Median round trip (ns).
+   */
+  uint64_t round_trip_p50_ns;
+  /**
+   * 99th percentile round trip (ns).
+   */
+  uint64_t round_trip_p99_ns;
+  /**
+   * 99.9th percentile round trip (ns).
+   */
+  uint64_t round_trip_p999_ns;
+  /**
+   * Longest round trip (ns, exact).
+   */
+  uint64_t round_trip_max_ns;
+  /**
+   * FFN ranks: this attention rank's dispatches answered (landed to
+   * response posted, timed); 0 on attention ranks.
+   */
+  uint64_t ffn_count;
+  /**
+   * Median FFN time (ns).
+   */
+  uint64_t ffn_p50_ns;
+  /**
+   * 99th percentile FFN time (ns).
+   */
+  uint64_t ffn_p99_ns;
+  /**
+   * 99.9th percentile FFN time (ns).
+   */
+  uint64_t ffn_p999_ns;
+  /**
+   * Longest FFN time (ns, exact).
+   */
+  uint64_t ffn_max_ns;
+  /**
+   * Attention ranks: stages in which this FFN rank's combine arrived
+   * last (it was the straggler); 0 with a single FFN rank.
+   */
+  uint64_t straggler_count;
+  /**
+   * Mean time by which it came after the one before, those times (ns).
+   */
+  uint64_t straggler_mean_ns;
+  /**
+   * Longest such time (ns).
+   */
+  uint64_t straggler_max_ns;
 } afmesh_peer_stats;
 
 /**

@@ -75,6 +75,36 @@ pub struct afmesh_peer_stats {
     pub received: u64,
     /// Messages from it that were rejected.
     pub rejected: u64,
+    /// Attention ranks: round trips timed (dispatch posted to this FFN
+    /// rank's combine seen); 0 on FFN ranks. The percentiles below are
+    /// within 1/128 of the exact ones; 0 when nothing was timed.
+    pub round_trip_count: u64,
+    /// Median round trip (ns).
+    pub round_trip_p50_ns: u64,
+    /// 99th percentile round trip (ns).
+    pub round_trip_p99_ns: u64,
+    /// 99.9th percentile round trip (ns).
+    pub round_trip_p999_ns: u64,
+    /// Longest round trip (ns, exact).
+    pub round_trip_max_ns: u64,
+    /// FFN ranks: this attention rank's dispatches answered (landed to
+    /// response posted, timed); 0 on attention ranks.
+    pub ffn_count: u64,
+    /// Median FFN time (ns).
+    pub ffn_p50_ns: u64,
+    /// 99th percentile FFN time (ns).
+    pub ffn_p99_ns: u64,
+    /// 99.9th percentile FFN time (ns).
+    pub ffn_p999_ns: u64,
+    /// Longest FFN time (ns, exact).
+    pub ffn_max_ns: u64,
+    /// Attention ranks: stages in which this FFN rank's combine arrived
+    /// last (it was the straggler); 0 with a single FFN rank.
+    pub straggler_count: u64,
+    /// Mean time by which it came after the one before, those times (ns).
+    pub straggler_mean_ns: u64,
+    /// Longest such time (ns).
+    pub straggler_max_ns: u64,
 }
 
 #[derive(Debug)]
@@ -92,6 +122,11 @@ impl<T> State<T> {
             State::Aborted => Err(Fail(AFMESH_ERR_SHUTDOWN, format!("{what} was aborted"))),
         }
     }
+}
+
+/// Quantile `p` of `h`, 0 when empty.
+fn q(h: &afmesh_core::Histogram, p: f64) -> u64 {
+    h.quantile(p).unwrap_or(0)
 }
 
 fn write_stats(
@@ -143,6 +178,19 @@ fn write_stats(
             copied_bytes: s.copied_bytes,
             received: s.received,
             rejected: s.rejected,
+            round_trip_count: s.round_trip_ns.count(),
+            round_trip_p50_ns: q(&s.round_trip_ns, 0.5),
+            round_trip_p99_ns: q(&s.round_trip_ns, 0.99),
+            round_trip_p999_ns: q(&s.round_trip_ns, 0.999),
+            round_trip_max_ns: s.round_trip_ns.max().unwrap_or(0),
+            ffn_count: s.ffn_ns.count(),
+            ffn_p50_ns: q(&s.ffn_ns, 0.5),
+            ffn_p99_ns: q(&s.ffn_ns, 0.99),
+            ffn_p999_ns: q(&s.ffn_ns, 0.999),
+            ffn_max_ns: s.ffn_ns.max().unwrap_or(0),
+            straggler_count: s.late_ns.count(),
+            straggler_mean_ns: s.late_ns.mean().unwrap_or(0.0) as u64,
+            straggler_max_ns: s.late_ns.max().unwrap_or(0),
         };
         // SAFETY: `out` holds `cap >= n` elements of `stride` bytes, the
         // size the caller declared (contract); elements of a larger

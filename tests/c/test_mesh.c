@@ -222,6 +222,26 @@ static int attention(afmesh_attention *a, unsigned layers) {
                     (unsigned long long)st[j].sent_bytes, (unsigned long long)st[j].copied_bytes);
             return 104;
         }
+    /* Histogram percentiles per FFN rank, and who answered each stage last. */
+    uint64_t last = 0;
+    for (unsigned j = 0; j < N; j++) {
+        const afmesh_peer_stats *p = &st[j];
+        if (p->round_trip_count != (uint64_t)layers * STAGES || p->round_trip_p50_ns == 0 ||
+            p->round_trip_p50_ns > p->round_trip_p99_ns || p->round_trip_p99_ns > p->round_trip_p999_ns ||
+            p->round_trip_p999_ns > p->round_trip_max_ns || p->ffn_count != 0) {
+            fprintf(stderr, "round trips of F%u: count %llu p50 %llu p99 %llu p999 %llu max %llu ffn %llu\n", j,
+                    (unsigned long long)p->round_trip_count, (unsigned long long)p->round_trip_p50_ns,
+                    (unsigned long long)p->round_trip_p99_ns, (unsigned long long)p->round_trip_p999_ns,
+                    (unsigned long long)p->round_trip_max_ns, (unsigned long long)p->ffn_count);
+            return 105;
+        }
+        if (p->straggler_count > 0 && p->straggler_mean_ns > p->straggler_max_ns) return fail("straggler", AFMESH_ERR_CONFIG);
+        last += p->straggler_count;
+    }
+    if (last != (N > 1 ? (uint64_t)layers * STAGES : 0)) {
+        fprintf(stderr, "stragglers named in %llu stages of %u\n", (unsigned long long)last, layers * STAGES);
+        return 106;
+    }
     return 0;
 }
 
@@ -300,6 +320,20 @@ static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
         if (again != AFMESH_ERR_INVALID_ARGUMENT) {
             fail("batch_info after respond", again);
             return 102;
+        }
+    }
+    afmesh_peer_stats st[16] = {AFMESH_PEER_STATS_INIT};
+    size_t n = 0;
+    CHECK("stats", afmesh_ffn_stats(f, st, 16, &n));
+    for (unsigned a = 0; a < n; a++) {
+        const afmesh_peer_stats *p = &st[a];
+        if (p->role != 1 || p->ffn_count != (uint64_t)layers * STAGES || p->ffn_p50_ns > p->ffn_p99_ns ||
+            p->ffn_p99_ns > p->ffn_p999_ns || p->ffn_p999_ns > p->ffn_max_ns || p->round_trip_count != 0 ||
+            p->straggler_count != 0) {
+            fprintf(stderr, "ffn times of A%u: count %llu p50 %llu p99 %llu max %llu\n", a, (unsigned long long)p->ffn_count,
+                    (unsigned long long)p->ffn_p50_ns, (unsigned long long)p->ffn_p99_ns,
+                    (unsigned long long)p->ffn_max_ns);
+            return 107;
         }
     }
     return 0;
