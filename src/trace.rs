@@ -131,7 +131,7 @@ pub struct Alignment {
 }
 
 /// A stamp on the common time line in µs with ns digits, as JSON.
-fn ts(stamp: u64, shift: i64, base: i64) -> String {
+pub fn ts(stamp: u64, shift: i64, base: i64) -> String {
     let v = stamp as i128 + shift as i128 - base as i128;
     let (sign, a) = if v < 0 { ("-", -v) } else { ("", v) };
     format!("{sign}{}.{:03}", a / 1000, a % 1000)

@@ -112,6 +112,11 @@ fn a_2a2f_bench_traces_every_message_and_merges_on_one_clock() {
     assert!(ts[0] >= 0.0);
     let s = spans(&v);
     assert_eq!(s.len() as u64, LAYERS * STAGES * 2 * 4);
+    // An arrow from every dispatch's post to its landing.
+    for ph in ["s", "f"] {
+        let flows = events.iter().filter(|e| e["ph"] == ph).count() as u64;
+        assert_eq!(flows, LAYERS * STAGES * 4, "flow events {ph}");
+    }
     // Across ranks: A_i's span for F_j runs from the post to the combine
     // seen; F_j's span for A_i from the land to the respond. A land is
     // never before its post, and a combine is never seen before it left.

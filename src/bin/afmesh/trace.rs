@@ -19,7 +19,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use afmesh::trace::{metadata_events, record_events, Alignment, Record};
+use std::fmt::Write as _;
+
+use afmesh::trace::{metadata_events, pid_of, record_events, ts, Alignment, Record};
 use afmesh::Peer;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -200,6 +202,7 @@ pub fn merge(dir: &Path, job: Option<&str>) -> Result<Merged> {
     let mut meta = String::new();
     let mut body = String::new();
     let mut messages = 0;
+    let mut flows = 0u64;
     for r in &ranks {
         metadata_events(r.me, r.peers, &mut meta);
         let mine = off(r.me, 0);
@@ -218,6 +221,22 @@ pub fn merge(dir: &Path, job: Option<&str>) -> Result<Merged> {
             }
             record_events(r.me, rec, align, &mut body);
             messages += 1;
+            // An arrow from the dispatch's post to its landing on the FFN
+            // rank's track, where that rank's trace is here too.
+            if let Peer::Attention(i) = r.me {
+                if seen.contains_key(&Peer::Ffn(rec.peer).to_string()) {
+                    flows += 1;
+                    let (a_pid, f_pid) = (pid_of(r.me), pid_of(Peer::Ffn(rec.peer)));
+                    let _ = writeln!(
+                        body,
+                        ",{{\"name\":\"dispatch\",\"cat\":\"flow\",\"ph\":\"s\",\"id\":{flows},\"pid\":{a_pid},\"tid\":{},\"ts\":{}}},{{\"name\":\"dispatch\",\"cat\":\"flow\",\"ph\":\"f\",\"bp\":\"e\",\"id\":{flows},\"pid\":{f_pid},\"tid\":{},\"ts\":{}}}",
+                        rec.peer + 1,
+                        ts(rec.post_ns, attention_ns, base),
+                        i + 1,
+                        ts(rec.land_ns, ffn_ns, base),
+                    );
+                }
+            }
         }
     }
     let events: Vec<Value> = serde_json::from_str(&format!(
@@ -294,12 +313,20 @@ fn align(ranks: &[RankTrace]) -> (BTreeMap<String, i64>, Vec<String>) {
         ));
     }
     // 2. Causality bounds on each FFN rank's offset, given the attention
-    // ranks' (whose files hold whole round trips).
+    // ranks' (whose files hold whole round trips) on other hosts: ranks
+    // of one host share a clock and keep one offset.
+    let host_of: BTreeMap<String, &str> = ranks
+        .iter()
+        .map(|r| (r.me.to_string(), r.host_id.as_str()))
+        .collect();
     let mut bounds: BTreeMap<u32, (i128, i128)> = BTreeMap::new();
     for r in ranks {
         let Peer::Attention(_) = r.me else { continue };
         let oa = offsets[&r.me.to_string()] as i128;
         for rec in &r.records {
+            if host_of.get(&Peer::Ffn(rec.peer).to_string()) == Some(&r.host_id.as_str()) {
+                continue;
+            }
             let b = bounds.entry(rec.peer).or_insert((i128::MIN, i128::MAX));
             // land + of >= post + oa; respond + of <= back + oa.
             b.0 = b.0.max(rec.post_ns as i128 + oa - rec.land_ns as i128);
@@ -326,4 +353,95 @@ fn align(ranks: &[RankTrace]) -> (BTreeMap<String, i64>, Vec<String>) {
         }
     }
     (offsets, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(
+        me: Peer,
+        host: &str,
+        offset_ns: i64,
+        error_ns: u64,
+        records: Vec<Record>,
+    ) -> RankTrace {
+        RankTrace {
+            me,
+            peers: 1,
+            job: "j".into(),
+            host_id: host.into(),
+            offset_ns,
+            error_ns,
+            rounds: 8,
+            records,
+        }
+    }
+
+    /// A0 on the server's clock; F0's clock 50 µs behind it. A message
+    /// posted at `t` (A clock) takes 2 µs each way and 3 µs inside F0.
+    fn exchange(t: u64) -> Record {
+        skewed(t, 50_000)
+    }
+
+    fn skewed(t: u64, skew: u64) -> Record {
+        let land = t + 2_000 - skew;
+        Record {
+            peer: 0,
+            stage: 0,
+            seq: 0,
+            post_ns: t,
+            land_ns: land,
+            process_ns: land + 1_000,
+            respond_ns: land + 3_000,
+            back_ns: t + 7_000,
+        }
+    }
+
+    #[test]
+    fn ranks_of_one_host_share_the_tightest_offset() {
+        let ranks = [
+            rank(
+                Peer::Attention(0),
+                "h",
+                300,
+                900,
+                vec![skewed(1_000_000, 0)],
+            ),
+            rank(Peer::Ffn(0), "h", -200, 400, vec![]),
+        ];
+        let (off, _) = align(&ranks);
+        assert_eq!((off["A0"], off["F0"]), (-200, -200));
+    }
+
+    #[test]
+    fn an_offset_its_messages_rule_out_is_moved_inside_their_bounds() {
+        // F0's estimate (40 µs, "± 10 ns") is wrong: its messages say the
+        // offset is within 48..52 µs.
+        let ranks = [
+            rank(
+                Peer::Attention(0),
+                "a",
+                0,
+                10,
+                vec![exchange(1_000_000), exchange(2_000_000)],
+            ),
+            rank(Peer::Ffn(0), "b", 40_000, 10, vec![]),
+        ];
+        let (off, notes) = align(&ranks);
+        assert_eq!(off["A0"], 0);
+        assert_eq!(off["F0"], 48_000, "{notes:?}");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("F0: offset moved by 8000 ns")),
+            "{notes:?}"
+        );
+        // An estimate inside the bounds is kept.
+        let ranks = [
+            rank(Peer::Attention(0), "a", 0, 10, vec![exchange(1_000_000)]),
+            rank(Peer::Ffn(0), "b", 50_500, 10, vec![]),
+        ];
+        assert_eq!(align(&ranks).0["F0"], 50_500);
+    }
 }
