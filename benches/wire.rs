@@ -21,6 +21,7 @@ fn header(c: &mut Criterion) {
         land_ns: 2,
         process_ns: 3,
         respond_ns: 4,
+        checksum: None,
     };
     let bytes = h.encode();
     let mut g = c.benchmark_group("header");

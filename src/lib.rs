@@ -64,8 +64,8 @@ pub mod trace;
 pub mod transport;
 
 pub use api::{
-    sim_mesh, AttentionRank, Batch, Combined, DispatchHandle, Dtype, FfnRank, Mesh, MeshConfig,
-    Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
+    sim_mesh, sim_mesh_with_checksums, AttentionRank, Batch, Combined, DispatchHandle, Dtype,
+    FfnRank, Mesh, MeshConfig, Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
 };
 pub use engine::{Histogram, Interrupter, PeerStats, Straggler};
 pub use error::{Error, Peer, Result};

@@ -358,9 +358,9 @@ impl AttentionRank {
             land_ns: 0,
             process_ns: 0,
             respond_ns: 0,
+            checksum: None,
         };
-        self.engine.fill(s)?[..HEADER_LEN].copy_from_slice(&header.encode());
-        let msg = self.engine.message(s, layout.rows_at() + rows_len)?;
+        let msg = self.engine.seal(s, header, layout.rows_at() + rows_len)?;
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
         let offset = layout.in_offset(s, self.st.rank as usize) as u64;
         for f in 0..layout.n {
@@ -416,8 +416,14 @@ impl AttentionRank {
     pub fn try_combine(&mut self, handle: DispatchHandle) -> Result<Option<Combined<'_>>> {
         self.progress()?;
         self.st.check(handle)?;
-        if self.st.stages.is_combined(handle.stage as usize) {
+        let s = handle.stage as usize;
+        if self.st.stages.is_combined(s) {
             return self.wait_combine(handle, Duration::ZERO).map(Some);
+        }
+        if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
+            // The combine can never complete: free the stage.
+            self.st.stages.abandon(s);
+            return Err(self.engine.lost_error(f));
         }
         Ok(None)
     }
@@ -512,6 +518,15 @@ impl AttentionRank {
     /// ([`PeerStats::late_ns`](crate::PeerStats::late_ns)).
     pub fn stats(&self) -> RankStats {
         self.engine.stats()
+    }
+
+    /// Hands the scheduler a line of this rank's results — a JSON object
+    /// such as `afmesh run --json` prints (`role`, `rank`, `lat_ns`,
+    /// `links`, ...) — which a standalone `afmesh scheduler` gathers into
+    /// its job summary when the mesh finishes. At most 16 KiB; call it
+    /// before `shutdown`. An error on a simulated mesh (no scheduler).
+    pub fn report(&mut self, text: &str) -> Result<()> {
+        self.engine.report(text)
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.

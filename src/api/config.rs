@@ -76,6 +76,15 @@ pub struct MeshConfig {
     pub setup_timeout: Duration,
     /// Bound on any one blocking socket write.
     pub io_timeout: Duration,
+    /// How long a link may stay silent and unreachable before its peer is
+    /// declared lost (`AFMESH_LIVENESS_MS`; tcp: keepalive probes and
+    /// `TCP_USER_TIMEOUT`, whole seconds for the probes, so bounds under
+    /// 2 s are met to within a second).
+    pub liveness: Duration,
+    /// Every message carries a CRC32C of its bytes, checked on arrival; a
+    /// mismatch is `BadFrame` naming the peer (`AFMESH_CHECKSUM=1`; off by
+    /// default). Every rank of a job must agree.
+    pub checksum: bool,
     /// Run the rendezvous server inside this rank, at `scheduler`.
     pub embed_scheduler: bool,
     /// Pin the joining thread (the one that will drive the rank) to this CPU.
@@ -101,6 +110,8 @@ impl MeshConfig {
             poll: PollPolicy::default(),
             setup_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(10),
+            liveness: Duration::from_secs(5),
+            checksum: false,
             embed_scheduler: false,
             cpu: None,
             token: None,
@@ -182,10 +193,24 @@ impl MeshConfig {
         if let Some(kv) = pick("AFMESH_IO_TIMEOUT_MS", "AFMESH_IO_TIMEOUT_MS") {
             c.io_timeout = millis(kv)?;
         }
+        if let Some(kv) = pick("AFMESH_LIVENESS_MS", "AFMESH_LIVENESS_MS") {
+            c.liveness = millis(kv)?;
+        }
         if let Some(kv) = pick("AFMESH_CPU", "AFMESH_CPU") {
             c.cpu = Some(num(kv)? as usize);
         }
         c.token = token_from(&get)?;
+        if let Some(v) = get("AFMESH_CHECKSUM") {
+            c.checksum = match v.trim() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                _ => {
+                    return Err(Error::config(format!(
+                        "AFMESH_CHECKSUM={v:?}: expected 0 or 1"
+                    )))
+                }
+            };
+        }
         if let Some(v) = get("AFMESH_EMBED_SCHEDULER") {
             c.embed_scheduler = match v.trim() {
                 "1" | "true" | "yes" => true,

@@ -390,13 +390,12 @@ impl FfnRank {
                 land_ns: batch.landed_ns(a),
                 process_ns: batch.process_ns,
                 respond_ns: respond,
+                checksum: None,
             };
             let slot = s * m + a;
             let posted = self
                 .engine
-                .fill(slot)
-                .map(|buf| buf[..HEADER_LEN].copy_from_slice(&header.encode()))
-                .and_then(|()| self.engine.message(slot, HEADER_LEN + tokens * out_row))
+                .seal(slot, header, HEADER_LEN + tokens * out_row)
                 .and_then(|msg| self.engine.post(a, msg, offset, imm));
             match posted {
                 Ok(()) => self.engine.record_ffn(a, &header),
@@ -489,6 +488,15 @@ impl FfnRank {
     /// Counters per attention rank.
     pub fn stats(&self) -> RankStats {
         self.engine.stats()
+    }
+
+    /// Hands the scheduler a line of this rank's results — a JSON object
+    /// such as `afmesh run --json` prints (`role`, `rank`, `lat_ns`,
+    /// `links`, ...) — which a standalone `afmesh scheduler` gathers into
+    /// its job summary when the mesh finishes. At most 16 KiB; call it
+    /// before `shutdown`. An error on a simulated mesh (no scheduler).
+    pub fn report(&mut self, text: &str) -> Result<()> {
+        self.engine.report(text)
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.

@@ -232,6 +232,7 @@ impl Mesh {
             recv_len: if caller { 0 } else { my_len },
             ip: conn.local_ip()?,
             io_timeout: cfg.io_timeout,
+            liveness: cfg.liveness,
             guard: LinkGuard {
                 token: cfg.token.clone(),
                 watch: conn.watch(),
@@ -396,6 +397,10 @@ impl Mesh {
             Support::new(session, scheduler),
         );
         engine.set_send_timeout(cfg.io_timeout);
+        engine.set_checksum(cfg.checksum);
+        if cfg.checksum {
+            tracing::info!("CRC32C checksums on every message (AFMESH_CHECKSUM)");
+        }
         if let Some(m) = metrics {
             engine.set_metrics(m, me)?;
         }
@@ -466,6 +471,27 @@ pub fn sim_mesh(
     m: u32,
     n: u32,
     spec: StageSpec,
+) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    sim_mesh_with(net, m, n, spec, false)
+}
+
+/// [`sim_mesh`] with every rank sending and requiring a CRC32C in every
+/// message ([`MeshConfig::checksum`]).
+pub fn sim_mesh_with_checksums(
+    net: &SimNetwork,
+    m: u32,
+    n: u32,
+    spec: StageSpec,
+) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    sim_mesh_with(net, m, n, spec, true)
+}
+
+fn sim_mesh_with(
+    net: &SimNetwork,
+    m: u32,
+    n: u32,
+    spec: StageSpec,
+    checksum: bool,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
     let layout = Layout::new(spec, m, n)?;
     struct Side {
@@ -541,7 +567,9 @@ pub fn sim_mesh(
                 region: s.region,
                 slot: layout.out_slot,
             };
-            let engine = Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());
+            let mut engine =
+                Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());
+            engine.set_checksum(checksum);
             AttentionRank::new(engine, layout, i as u32)
         })
         .collect();
@@ -554,7 +582,9 @@ pub fn sim_mesh(
                 region: s.region,
                 slot: layout.in_slot,
             };
-            let engine = Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());
+            let mut engine =
+                Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());
+            engine.set_checksum(checksum);
             FfnRank::new(engine, layout, j as u32)
         })
         .collect();

@@ -330,6 +330,24 @@ impl Session {
         v
     }
 
+    /// Hands the server this rank's results for its job summary (before
+    /// leaving). Bounded by a short write timeout.
+    pub fn report(&mut self, text: &str) -> Result<()> {
+        if text.len() > crate::proto::codec::MAX_BLOB {
+            return Err(Error::invalid(format!(
+                "report of {} bytes exceeds {} bytes",
+                text.len(),
+                crate::proto::codec::MAX_BLOB
+            )));
+        }
+        send(
+            &mut self.stream,
+            &Message::Report { text: text.into() },
+            Duration::from_secs(2),
+            &self.server,
+        )
+    }
+
     /// Tells the server we are leaving in order.
     pub fn bye(&mut self) {
         if !self.said_bye {

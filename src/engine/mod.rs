@@ -30,8 +30,10 @@ pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
 use crate::metrics::Metrics;
+use crate::proto::accept::accept_checked;
+use crate::proto::header::checksum;
 use crate::proto::{
-    accept, Accepted, Geometry, Header, Imm, Kind, RegionKey, StageCounter, HEADER_LEN,
+    Accepted, Geometry, Header, Imm, Kind, RegionKey, Reject, StageCounter, HEADER_LEN,
 };
 use crate::trace::{Record, Recorder};
 use crate::transport::mux::MAX_PARK;
@@ -67,6 +69,9 @@ struct PeerLink {
     stats: PeerStats,
     /// Whether it was lost by leaving in order (rather than failing).
     orderly: bool,
+    /// Whether it was dropped for sending a corrupt message (a checksum
+    /// that did not match): its error is `BadFrame`, not `PeerLost`.
+    corrupt: bool,
 }
 
 /// Where the peers' messages land: one slot per (stage, peer), the slot of
@@ -101,6 +106,8 @@ pub(crate) struct Engine {
     support: Support,
     /// Wakes `wait` from another thread.
     interrupter: Interrupter,
+    /// Whether messages carry (and arrivals must carry) a CRC32C.
+    checksum: bool,
     /// Records every message exchanged, when the rank traces.
     tracer: Option<Box<Recorder>>,
     /// Serves the stats (`AFMESH_METRICS`), when asked to.
@@ -143,6 +150,7 @@ impl Engine {
                     key,
                     stats: PeerStats::default(),
                     orderly: false,
+                    corrupt: false,
                 })
                 .collect(),
             link_to_peer,
@@ -155,6 +163,7 @@ impl Engine {
             send_timeout: DEFAULT_SEND_TIMEOUT,
             support,
             interrupter: Interrupter::new(),
+            checksum: false,
             tracer: None,
             metrics: None,
         }
@@ -176,6 +185,12 @@ impl Engine {
     /// Bounds waits for send completions (a blocking write's bound).
     pub(crate) fn set_send_timeout(&mut self, t: Duration) {
         self.send_timeout = t;
+    }
+
+    /// Sends a CRC32C in every message and requires one, matching, in every
+    /// arrival (`AFMESH_CHECKSUM`).
+    pub(crate) fn set_checksum(&mut self, on: bool) {
+        self.checksum = on;
     }
 
     /// What wakes this engine's waits from another thread.
@@ -215,6 +230,12 @@ impl Engine {
     }
 
     pub(crate) fn lost_error(&self, i: usize) -> Error {
+        if self.peers[i].corrupt {
+            return Error::BadFrame {
+                peer: self.peers[i].peer.to_string(),
+                reason: self.lost(i).unwrap_or("corrupt").to_string(),
+            };
+        }
         Error::PeerLost {
             peer: self.peers[i].peer,
             reason: self.lost(i).unwrap_or("lost").to_string(),
@@ -262,6 +283,11 @@ impl Engine {
                 back_ns: 0,
             });
         }
+    }
+
+    /// Hands the scheduler this rank's results for its job summary.
+    pub(crate) fn report(&mut self, text: &str) -> Result<()> {
+        self.support.report(text)
     }
 
     /// Leaves in order: tells every peer (closing the links), then the
@@ -396,8 +422,32 @@ impl Engine {
             region.copy_out((stage * peers + peer) * slot, &mut h)?;
             Ok(h)
         };
+        let base = (usize::from(imm.stage) * peers + peer) * slot;
+        let on = self.checksum;
+        let check = |h: &Header, raw: &[u8; HEADER_LEN], len: u64| match h.checksum {
+            None if on => Err("none sent, and this rank requires one (AFMESH_CHECKSUM)".into()),
+            None => Ok(()),
+            Some(sent) => {
+                let got = checksum(raw, |crc| region_crc(region, base, len, crc))?;
+                if got == sent {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "message bytes give CRC32C {got:#010x}, the header says {sent:#010x}"
+                    ))
+                }
+            }
+        };
         let stats = &mut self.peers[peer].stats;
-        match accept(&self.geometry, peer, imm, landed, read, sink.counter()) {
+        match accept_checked(
+            &self.geometry,
+            peer,
+            imm,
+            landed,
+            read,
+            check,
+            sink.counter(),
+        ) {
             Ok(a) => {
                 stats.received += 1;
                 let at = now_ns();
@@ -428,7 +478,14 @@ impl Engine {
             Err(r) => {
                 stats.rejected += 1;
                 let who = self.peers[peer].peer;
-                if r.is_replay() {
+                if let Reject::Checksum(e) = &r {
+                    let reason = format!(
+                        "corrupt {} (stage {}, sequence {}): {e}",
+                        imm.kind, imm.stage, imm.seq24
+                    );
+                    self.peers[peer].corrupt = true;
+                    self.mark_lost(peer, reason, false);
+                } else if r.is_replay() {
                     tracing::debug!(peer = %who, "dropped {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
                 } else {
                     tracing::warn!(peer = %who, "rejected {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
@@ -436,6 +493,16 @@ impl Engine {
             }
         }
     }
+}
+
+/// The CRC32C `crc` extended over `[base + HEADER_LEN, base + len)` of
+/// `region`. Read in place: the arrival has announced these bytes, which
+/// hands them to this rank (no writer touches them until it answers), the
+/// same rule that makes a batch's views sound (`Region` docs).
+fn region_crc(region: &Region, base: usize, len: u64, crc: u32) -> Result<u32, String> {
+    let len = usize::try_from(len).map_err(|_| "message length overflows".to_string())?;
+    let payload = region.slice(base + HEADER_LEN, len.saturating_sub(HEADER_LEN))?;
+    Ok(crc32c::crc32c_append(crc, payload))
 }
 
 /// How long a rank waits by default for the sends from a slot to complete

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use super::{Engine, Sink};
 use crate::error::{Error, Result};
-use crate::proto::Imm;
+use crate::proto::header::checksum;
+use crate::proto::{Header, Imm, HEADER_LEN};
 use crate::transport::slots::SlotRef;
 use crate::transport::{Completion, LocalSlice};
 
@@ -29,7 +30,34 @@ impl Engine {
         self.send.fill(slot)
     }
 
-    /// The first `len` bytes of send slot `slot`, as a message.
+    /// Writes `header` at the start of send slot `slot`, whose payload is
+    /// already in place, and returns its first `len` bytes as a message.
+    /// With checksums on, the header carries the CRC32C of those bytes.
+    pub(crate) fn seal(&mut self, slot: usize, mut header: Header, len: usize) -> Result<SlotRef> {
+        let on = self.checksum;
+        let buf = self.send.fill(slot)?;
+        if buf.len() < len.max(HEADER_LEN) {
+            return Err(Error::invalid(format!(
+                "message of {len} bytes does not fit send slot {slot} ({} bytes)",
+                buf.len()
+            )));
+        }
+        if on {
+            header.checksum = Some(0);
+            let raw = header.encode();
+            let crc = checksum(&raw, |c| {
+                Ok(crc32c::crc32c_append(c, &buf[HEADER_LEN..len]))
+            })
+            .map_err(Error::invalid)?;
+            header.checksum = Some(crc);
+        }
+        buf[..HEADER_LEN].copy_from_slice(&header.encode());
+        self.send.message(slot, len)
+    }
+
+    /// The first `len` bytes of send slot `slot`, as a message with no
+    /// header written (transport-level tests).
+    #[cfg(test)]
     pub(crate) fn message(&self, slot: usize, len: usize) -> Result<SlotRef> {
         self.send.message(slot, len)
     }

@@ -19,6 +19,16 @@ impl Support {
         }
     }
 
+    /// Hands the scheduler this rank's results for its job summary.
+    pub(crate) fn report(&mut self, text: &str) -> crate::error::Result<()> {
+        match &mut self.session {
+            Some(s) => s.report(text),
+            None => Err(crate::error::Error::invalid(
+                "report: this rank has no scheduler (a simulated mesh)",
+            )),
+        }
+    }
+
     /// Says goodbye to the scheduler. Bounded; never blocks on an embedded
     /// scheduler.
     pub(crate) fn shutdown(&mut self) {

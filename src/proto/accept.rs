@@ -57,6 +57,30 @@ pub fn accept<C: StageCounter>(
     read_header: impl FnOnce(usize) -> Result<[u8; HEADER_LEN], String>,
     stages: &mut C,
 ) -> Result<Accepted, Reject> {
+    accept_checked(
+        geometry,
+        from,
+        imm,
+        landed,
+        read_header,
+        |_, _, _| Ok(()),
+        stages,
+    )
+}
+
+/// [`accept`], with one more check last before the stage machine counts
+/// the message: `check(header, header bytes, message length)` (the
+/// payload's checksum, where the rank asks for them) fails it with
+/// [`Reject::Checksum`].
+pub fn accept_checked<C: StageCounter>(
+    geometry: &Geometry,
+    from: usize,
+    imm: Imm,
+    landed: u64,
+    read_header: impl FnOnce(usize) -> Result<[u8; HEADER_LEN], String>,
+    check: impl FnOnce(&Header, &[u8; HEADER_LEN], u64) -> Result<(), String>,
+    stages: &mut C,
+) -> Result<Accepted, Reject> {
     if imm.kind != C::KIND {
         return Err(Reject::WrongKind { got: imm.kind });
     }
@@ -65,6 +89,7 @@ pub fn accept<C: StageCounter>(
     }
     let stage = usize::from(imm.stage);
     let bytes = read_header(stage).map_err(|e| Reject::BadHeader(DecodeError(e)))?;
+    let raw = bytes;
     let h = Header::decode(&bytes).map_err(Reject::BadHeader)?;
     if h.kind != C::KIND {
         return Err(Reject::WrongKind { got: h.kind });
@@ -104,6 +129,7 @@ pub fn accept<C: StageCounter>(
     if landed < need {
         return Err(Reject::Short { landed, need });
     }
+    check(&h, &raw, need).map_err(Reject::Checksum)?;
     let complete = stages.count(stage, from, h.sequence, h.tokens)?;
     Ok(Accepted {
         stage,
@@ -155,6 +181,7 @@ mod tests {
             land_ns: 0,
             process_ns: 0,
             respond_ns: 0,
+            checksum: None,
         }
     }
 
@@ -307,6 +334,7 @@ mod tests {
             land_ns: 0,
             process_ns: 0,
             respond_ns: 0,
+            checksum: None,
         };
         let need = message_len(Kind::Dispatch, &G, 3);
         assert_eq!(need, 64 + G.side_bytes.div_ceil(64) as u64 * 64 + 3 * 32);

@@ -246,6 +246,13 @@ pub enum Message {
         /// What went wrong, for people.
         reason: String,
     },
+    /// Rank → server, after the barrier and before `Bye`: the rank's
+    /// results (a JSON object, as `afmesh run --json` prints it), for the
+    /// job summary the server prints when the mesh finishes.
+    Report {
+        /// The results, at most [`MAX_BLOB`](super::codec::MAX_BLOB) bytes.
+        text: String,
+    },
     /// Rank → server, before the hello: what time is it? (NTP-style.)
     ClockProbe {
         /// The rank's wall clock when it sent this (ns).
@@ -294,6 +301,7 @@ impl Message {
             Message::Proof { .. } => "proof",
             Message::AuthRefused { .. } => "auth refusal",
             Message::JobFailed { .. } => "job failure",
+            Message::Report { .. } => "report",
             Message::ClockProbe { .. } => "clock probe",
             Message::ClockEcho { .. } => "clock echo",
         }
@@ -412,8 +420,12 @@ impl Message {
                 }
                 w.str(reason);
             }
-            Message::ClockProbe { sent_ns } => {
+            Message::Report { text } => {
                 w.u8(14);
+                w.bytes(text.as_bytes());
+            }
+            Message::ClockProbe { sent_ns } => {
+                w.u8(15);
                 w.u64(*sent_ns);
             }
             Message::ClockEcho {
@@ -421,7 +433,7 @@ impl Message {
                 received_ns,
                 sent_ns,
             } => {
-                w.u8(15);
+                w.u8(16);
                 w.u64(*probe_ns);
                 w.u64(*received_ns);
                 w.u64(*sent_ns);
@@ -556,10 +568,14 @@ impl Message {
                     reason: r.str("reason")?,
                 }
             }
-            14 => Message::ClockProbe {
+            14 => Message::Report {
+                text: String::from_utf8(r.bytes("report")?)
+                    .map_err(|_| DecodeError::new("report: not UTF-8"))?,
+            },
+            15 => Message::ClockProbe {
                 sent_ns: r.u64("sent_ns")?,
             },
-            15 => Message::ClockEcho {
+            16 => Message::ClockEcho {
                 probe_ns: r.u64("probe_ns")?,
                 received_ns: r.u64("received_ns")?,
                 sent_ns: r.u64("sent_ns")?,
@@ -640,6 +656,9 @@ mod tests {
             Message::AuthRefused {
                 reason: "wrong token".into(),
             },
+            Message::Report {
+                text: "{\"role\":\"attention\"}".into(),
+            },
             Message::JobFailed {
                 cause: FailCause::Mismatch,
                 rank: Some((Role::Attention, 1)),
@@ -693,7 +712,7 @@ mod tests {
         }
 
         #[test]
-        fn truncated_samples_error(i in 0usize..16, cut in 1usize..64) {
+        fn truncated_samples_error(i in 0usize..17, cut in 1usize..64) {
             let m = &samples()[i];
             let b = m.encode();
             let body = &b[4..];

@@ -6,7 +6,8 @@
 //! block, then the token rows at a fixed 64-aligned offset. The write
 //! carries an [`Imm`] naming (kind, stage, sequence); the receiver reads the
 //! header from the slot that the imm points at and checks that both agree
-//! before it counts the arrival ([`accept`](super::accept::accept)).
+//! before it counts the arrival ([`accept`](super::accept::accept)). Under
+//! [`FLAG_CHECKSUM`] the length word carries a CRC32C of the message instead.
 
 use super::codec::{DecodeError, Reader};
 
@@ -17,6 +18,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"AFMH");
 pub const VERSION: u8 = 2;
 /// Bytes of an encoded [`Header`].
 pub const HEADER_LEN: usize = 64;
+/// Header flag: the length word carries a CRC32C of the whole message
+/// (header with that word zero, then the payload) instead of the length.
+pub const FLAG_CHECKSUM: u8 = 0x01;
+/// Where the length word (or the checksum) sits in an encoded header.
+pub const CHECKSUM_AT: std::ops::Range<usize> = 24..28;
 /// Stages are carried in 7 bits of the immediate.
 pub const MAX_STAGES: u32 = 128;
 
@@ -80,6 +86,22 @@ pub struct Header {
     pub process_ns: u64,
     /// Trace stamp: when the FFN posted its response (ns).
     pub respond_ns: u64,
+    /// With [`FLAG_CHECKSUM`]: the message's CRC32C (see
+    /// [`checksum`]). It replaces the length word, a strictly stronger
+    /// check of the header since it covers every header byte.
+    pub checksum: Option<u32>,
+}
+
+/// The CRC32C of a message whose encoded header is `header` (its checksum
+/// word is taken as zero) and whose payload is read, in order, by `payload`
+/// (given the running CRC, returning it extended).
+pub fn checksum(
+    header: &[u8; HEADER_LEN],
+    payload: impl FnOnce(u32) -> Result<u32, String>,
+) -> Result<u32, String> {
+    let mut h = *header;
+    h[CHECKSUM_AT].fill(0);
+    payload(crc32c::crc32c(&h))
 }
 
 impl Header {
@@ -102,12 +124,17 @@ impl Header {
         b[4] = VERSION;
         b[5] = self.kind.to_u8();
         b[6] = self.stage;
-        b[7] = 0;
+        b[7] = if self.checksum.is_some() {
+            FLAG_CHECKSUM
+        } else {
+            0
+        };
         b[8..12].copy_from_slice(&self.sequence.to_le_bytes());
         b[12..16].copy_from_slice(&self.sender.to_le_bytes());
         b[16..20].copy_from_slice(&self.tokens.to_le_bytes());
         b[20..24].copy_from_slice(&self.side_len.to_le_bytes());
-        b[24..28].copy_from_slice(&length.to_le_bytes());
+        let word = self.checksum.unwrap_or(length);
+        b[CHECKSUM_AT].copy_from_slice(&word.to_le_bytes());
         b[28..32].copy_from_slice(&self.row_bytes.to_le_bytes());
         b[32..40].copy_from_slice(&self.post_ns.to_le_bytes());
         b[40..48].copy_from_slice(&self.land_ns.to_le_bytes());
@@ -144,7 +171,7 @@ impl Header {
             return Err(DecodeError::new(format!("stage: {stage} >= {MAX_STAGES}")));
         }
         let flags = r.u8("flags")?;
-        if flags != 0 {
+        if flags & !FLAG_CHECKSUM != 0 {
             return Err(DecodeError::new(format!(
                 "flags: unknown bits {flags:#04x}"
             )));
@@ -153,7 +180,11 @@ impl Header {
         let sender = r.u32("sender")?;
         let tokens = r.u32("tokens")?;
         let side_len = r.u32("side_len")?;
-        let length = r.u32("length")?;
+        let length = r.u32(if flags & FLAG_CHECKSUM != 0 {
+            "checksum"
+        } else {
+            "length"
+        })?;
         let row_bytes = r.u32("row_bytes")?;
         let h = Header {
             kind,
@@ -167,7 +198,17 @@ impl Header {
             land_ns: r.u64("land_ns")?,
             process_ns: r.u64("process_ns")?,
             respond_ns: r.u64("respond_ns")?,
+            checksum: (flags & FLAG_CHECKSUM != 0).then_some(length),
         };
+        if h.checksum.is_some() {
+            // Checked against the bytes by whoever reads the payload.
+            return match h.payload_len() {
+                Some(_) => Ok(h),
+                None => Err(DecodeError::new(
+                    "length: tokens*row_bytes+side_len overflows",
+                )),
+            };
+        }
         match h.payload_len() {
             Some(n) if n == length as usize => Ok(h),
             other => Err(DecodeError::new(format!(
@@ -244,6 +285,7 @@ mod tests {
             land_ns: 2,
             process_ns: 3,
             respond_ns: 4,
+            checksum: None,
         }
     }
 
@@ -265,6 +307,32 @@ mod tests {
         b[24] ^= 1;
         assert!(Header::decode(&b).unwrap_err().0.contains("length"));
         assert!(Header::decode(&b[..10]).unwrap_err().0.contains("header"));
+    }
+
+    #[test]
+    fn checksum_rides_in_the_length_word_under_its_flag() {
+        let mut h = sample();
+        h.checksum = Some(0xdead_beef);
+        let b = h.encode();
+        assert_eq!(b[7], FLAG_CHECKSUM);
+        assert_eq!(Header::decode(&b).unwrap(), h);
+        // The CRC ignores the word it is stored in, so it can be checked
+        // from the encoded header as it arrived.
+        let payload = b"rows";
+        let crc = |hdr: &[u8; HEADER_LEN]| {
+            checksum(hdr, |c| Ok(crc32c::crc32c_append(c, payload))).unwrap()
+        };
+        let mut other = b;
+        other[CHECKSUM_AT].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(crc(&b), crc(&other));
+        // Any other header bit changes it.
+        let mut flipped = b;
+        flipped[40] ^= 1;
+        assert_ne!(crc(&b), crc(&flipped));
+        // Unknown flags are still refused.
+        let mut bad = b;
+        bad[7] |= 0x02;
+        assert!(Header::decode(&bad).is_err());
     }
 
     #[test]
@@ -301,6 +369,7 @@ mod tests {
                     land_ns: s[1],
                     process_ns: s[2],
                     respond_ns: s[3],
+                    checksum: None,
                 },
             )
     }

@@ -70,6 +70,9 @@ pub enum Reject {
         /// Bytes the header's message needs.
         need: u64,
     },
+    /// The message's bytes do not match its checksum, or it carries none
+    /// where checksums are on (`AFMESH_CHECKSUM`).
+    Checksum(String),
 }
 
 /// A header field named in a [`Reject`].
@@ -131,6 +134,7 @@ impl std::fmt::Display for Reject {
             Reject::TooLarge { field, header, max } => {
                 write!(f, "header {field} is {header}, at most {max} allowed")
             }
+            Reject::Checksum(e) => write!(f, "checksum: {e}"),
             Reject::Short { landed, need } => {
                 write!(
                     f,

@@ -303,6 +303,8 @@ pub struct Setup<'a> {
     pub ip: std::net::IpAddr,
     /// Bound on a peer leaving our writes unread.
     pub io_timeout: Duration,
+    /// Bound on a silent, unreachable link before its peer is lost.
+    pub liveness: Duration,
     /// Token and setup watch for connection handshakes.
     pub guard: crate::bootstrap::LinkGuard,
 }

@@ -5,6 +5,7 @@ mod bench;
 mod floor;
 mod plot;
 mod progress;
+mod summary;
 mod sweep;
 mod trace;
 mod workload;
@@ -60,6 +61,10 @@ enum Cmd {
         /// Seconds a setup attempt may take to form.
         #[arg(long, default_value_t = 60)]
         join_timeout: u64,
+        /// Print the job summary (what every `afmesh run` rank reported)
+        /// as one JSON object on stdout, instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Run one rank of a mesh on the self-checking synthetic workload.
     Run(RunArgs),
@@ -177,8 +182,9 @@ fn main() {
             ffn,
             job,
             join_timeout,
+            json,
         } => scheduler_token(token, token_file)
-            .and_then(|t| scheduler(&bind, t, attention, ffn, job, join_timeout)),
+            .and_then(|t| scheduler(&bind, t, attention, ffn, job, join_timeout, json)),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::Trace { cmd } => trace::trace(&cmd),
@@ -220,6 +226,7 @@ fn scheduler(
     ffn: Option<u32>,
     job: Option<String>,
     join_timeout: u64,
+    json: bool,
 ) -> Result<()> {
     let s = Scheduler::bind(
         &bind_address(bind, token.is_some()),
@@ -243,6 +250,14 @@ fn scheduler(
         summary.auth_failures,
         summary.failed_attempts
     );
+    if !summary.reports.is_empty() {
+        let s = summary::gather(&summary.reports, summary.attention, summary.ffn);
+        if json {
+            println!("{}", s.json());
+        } else {
+            print!("{}", s.text());
+        }
+    }
     Ok(())
 }
 
@@ -296,23 +311,28 @@ fn run(args: &RunArgs) -> Result<()> {
                 a.attention_ranks(),
                 a.ffn_ranks(),
             );
+            let started = std::time::Instant::now();
             let rep = workload::run_attention(&mut a, &w)?;
+            let elapsed = started.elapsed().as_secs_f64();
             let rank = a.rank();
             let stats = a.stats();
             let (rejected, transport) = (stats.rejected(), stats.transport.clone());
             let (sent, copied) = moved(&stats);
             let stragglers = stats.stragglers();
+            let line = format!(
+                "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"links\":{},\"stragglers\":{},\"lat_ns\":{}}}",
+                rep.errors,
+                rep.ffn_us,
+                rep.net_us,
+                json_str(rep.first_error.as_deref()),
+                links_json(&stats),
+                stragglers_json(&stragglers),
+                bench::words_json(&rep.lat)
+            );
+            report(a.report(&line));
             a.shutdown()?;
             if args.json {
-                println!(
-                    "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"stragglers\":{},\"lat_ns\":{}}}",
-                    rep.errors,
-                    rep.ffn_us,
-                    rep.net_us,
-                    json_str(rep.first_error.as_deref()),
-                    stragglers_json(&stragglers),
-                    bench::words_json(&rep.lat)
-                );
+                println!("{line}");
             } else {
                 let p50 = bench::Summary::of(&rep.lat).p50;
                 println!(
@@ -345,19 +365,24 @@ fn run(args: &RunArgs) -> Result<()> {
                 f.attention_ranks(),
                 f.ffn_ranks(),
             );
+            let started = std::time::Instant::now();
             let rep = workload::run_ffn(&mut f, &w)?;
+            let elapsed = started.elapsed().as_secs_f64();
             let rank = f.rank();
             let stats = f.stats();
             let rejected = stats.rejected();
             let (sent, copied) = moved(&stats);
+            let line = format!(
+                "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"links\":{}}}",
+                rep.batches,
+                rep.errors,
+                json_str(rep.first_error.as_deref()),
+                links_json(&stats)
+            );
+            report(f.report(&line));
             f.shutdown()?;
             if args.json {
-                println!(
-                    "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"first_error\":{}}}",
-                    rep.batches,
-                    rep.errors,
-                    json_str(rep.first_error.as_deref())
-                );
+                println!("{line}");
             } else {
                 println!(
                     "F{rank}: {} batches, {} verification errors",
@@ -374,6 +399,34 @@ fn run(args: &RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Per peer: bytes sent, and the round trips (attention ranks) or FFN
+/// processing times it saw, as histogram words.
+fn links_json(stats: &afmesh::RankStats) -> String {
+    let links: Vec<String> = stats
+        .peers
+        .iter()
+        .map(|(peer, p)| {
+            let mut o = format!("{{\"peer\":\"{peer}\",\"sent_bytes\":{}", p.sent_bytes);
+            // Only what this role measures (keeps the report small).
+            for (k, h) in [("rt_ns", &p.round_trip_ns), ("ffn_ns", &p.ffn_ns)] {
+                if !h.is_empty() {
+                    o += &format!(",\"{k}\":{}", bench::words_json(h));
+                }
+            }
+            o + "}"
+        })
+        .collect();
+    format!("[{}]", links.join(","))
+}
+
+/// A report the scheduler did not take is worth a warning, not a failure:
+/// the run itself succeeded.
+fn report(r: afmesh::Result<()>) {
+    if let Err(e) = r {
+        tracing::warn!("results not reported to the scheduler: {e}");
+    }
 }
 
 /// Bytes this rank sent to all its peers, and of those the bytes the

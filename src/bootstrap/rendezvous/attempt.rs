@@ -263,6 +263,7 @@ mod tests {
                     rank: None,
                     entered: false,
                     left: false,
+                    report: None,
                 })
                 .collect(),
             deadline: Instant::now(),

@@ -89,6 +89,9 @@ pub struct Summary {
     pub auth_failures: u32,
     /// Setup attempts that failed before the one that formed.
     pub failed_attempts: u32,
+    /// What ranks reported before leaving ([`Message::Report`]), by role
+    /// then rank.
+    pub reports: Vec<(Role, u32, String)>,
 }
 
 /// A bound rendezvous server.
@@ -158,6 +161,8 @@ struct Member {
     rank: Option<u32>,
     entered: bool,
     left: bool,
+    /// What it reported before leaving, if anything.
+    report: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,14 +364,22 @@ impl Server<'_> {
             match outcome {
                 Ok(None) => {}
                 Ok(Some(epoch)) => {
+                    let mut reports: Vec<(Role, u32, String)> = (0..a.members.len())
+                        .filter_map(|i| {
+                            let (role, r) = a.rank_of(i);
+                            a.members[i].report.take().map(|t| (role, r, t))
+                        })
+                        .collect();
+                    reports.sort_by_key(|(role, r, _)| (*role == Role::Ffn, *r));
                     return Ok(Summary {
+                        reports,
                         epoch,
                         attention: a.m.map_or(0, |x| x.0),
                         ffn: a.n.unwrap_or(0),
                         dropped: self.dropped,
                         auth_failures: self.auth_failures,
                         failed_attempts: self.failed_attempts,
-                    })
+                    });
                 }
                 Err(f) => {
                     let err = match (f.cause, f.rank) {
@@ -457,6 +470,7 @@ impl Server<'_> {
             rank: None,
             entered: false,
             left: false,
+            report: None,
         });
         if a.full() {
             self.send_books(a)?;
@@ -530,6 +544,10 @@ impl Server<'_> {
                 Ok(None)
             }
             (Phase::Running { .. }, Message::Bye) => Ok(self.left(a, i)),
+            (Phase::Running { .. }, Message::Report { text }) => {
+                a.members[i].report = Some(text);
+                Ok(None)
+            }
             (Phase::Gathering | Phase::Barrier { .. }, Message::Bye) => Err(Failed {
                 cause: FailCause::Lost,
                 rank: Some(a.rank_of(i)),

@@ -11,6 +11,9 @@ pub struct Faults {
     pub drop_per_million: u32,
     /// Chance per million that a write is delivered twice.
     pub duplicate_per_million: u32,
+    /// Chance per million that a write lands with one bit of its last
+    /// byte flipped (corruption that link-level checks missed).
+    pub corrupt_per_million: u32,
     /// `Sent` this long after the post (the bytes leave then), instead of
     /// right after the landing. Smaller than the delay: `Sent` comes first.
     pub sent_delay_ns: Option<u64>,

@@ -84,6 +84,8 @@ enum Event {
         offset: u64,
         data: Data,
         imm: Option<u32>,
+        /// Land with the last byte's low bit flipped.
+        corrupt: bool,
     },
     Sent {
         ep: usize,
@@ -103,6 +105,8 @@ pub struct SimStats {
     pub dropped: u64,
     /// Extra copies scheduled by the duplicate fault.
     pub duplicated: u64,
+    /// Writes that landed with a bit flipped by the corrupt fault.
+    pub corrupted: u64,
     /// `Sent` completions reported.
     pub sent: u64,
 }
@@ -163,13 +167,20 @@ impl Net {
                 offset,
                 mut data,
                 imm,
+                corrupt,
             } => {
                 if self.endpoints[to_ep].links[to_link].down {
                     // Not read: the sender may have reused its memory.
                     self.stats.dropped += 1;
                     return;
                 }
-                let bytes = data.read();
+                let mut bytes = data.read();
+                if corrupt {
+                    if let Some(b) = Arc::make_mut(&mut bytes).last_mut() {
+                        *b ^= 1;
+                        self.stats.corrupted += 1;
+                    }
+                }
                 let ep = &mut self.endpoints[to_ep];
                 let result = match ep.regions.get(region as usize) {
                     Some(r) if ep.access.get(region as usize) == Some(&Access::RemoteWrite) => {
@@ -378,6 +389,7 @@ impl SimNetwork {
                 offset,
                 data: Data::Bytes(Arc::new(data)),
                 imm,
+                corrupt: false,
             },
         );
     }
@@ -587,6 +599,8 @@ impl Transport for SimTransport {
             };
             let at = n.now + faults.delay_ns + jitter;
             last = last.max(at);
+            let corrupt = faults.corrupt_per_million > 0
+                && n.rand() % 1_000_000 < u64::from(faults.corrupt_per_million);
             let k = n.schedule(
                 at,
                 Event::Land {
@@ -596,6 +610,7 @@ impl Transport for SimTransport {
                     offset,
                     data: Data::Source(parts.clone()),
                     imm,
+                    corrupt,
                 },
             );
             lands.push(k);

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bootstrap::{auth, connect_retry_unless, recv, send, LinkGuard};
@@ -68,9 +70,10 @@ pub fn connect_all(
 }
 
 /// Accepts one link from each attention rank in `expected` (of a mesh of
-/// `m`), for `epoch`; returns them with their ranks. Connections that do
-/// not prove `guard`'s token or handshake correctly are dropped with a
-/// logged reason.
+/// `m`), for `epoch`; returns them with their ranks. Each connection is
+/// handshaken on its own thread with its own deadline, so silent or slow
+/// connections never hold up a real peer; those that do not prove
+/// `guard`'s token or handshake correctly are dropped with a logged reason.
 pub fn accept_all(
     listener: &TcpListener,
     expected: &[u32],
@@ -83,81 +86,150 @@ pub fn accept_all(
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("link listener nonblocking", e))?;
-    while got.len() < expected.len() {
-        guard.watch.check()?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let missing: Vec<String> = expected
-                .iter()
-                .filter(|r| !got.contains_key(r))
-                .map(|r| format!("A{r}"))
-                .collect();
-            return Err(Error::Timeout {
-                op: "accept links",
-                peer: missing.join(","),
-                after: timeout,
-            });
-        }
-        let (mut s, from) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Nothing pending: a short sleep bounds the accept loop's
-                // CPU use while the attention ranks connect.
-                std::thread::sleep(Duration::from_millis(1).min(left));
+    let (tx, rx) = crossbeam_channel::unbounded::<(u32, TcpStream, String)>();
+    // Handshakes in flight; each ends by its own deadline, on a thread of
+    // its own that may outlive this call (a silent connection's does).
+    let busy = Arc::new(AtomicUsize::new(0));
+    let wanted: Arc<[u32]> = expected.into();
+    let result = (|| -> Result<()> {
+        while got.len() < expected.len() {
+            guard.watch.check()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let missing: Vec<String> = expected
+                    .iter()
+                    .filter(|r| !got.contains_key(r))
+                    .map(|r| format!("A{r}"))
+                    .collect();
+                return Err(Error::Timeout {
+                    op: "accept links",
+                    peer: missing.join(","),
+                    after: timeout,
+                });
+            }
+            // Handshakes that finished: the first link of each rank wins.
+            while let Ok((rank, mut s, name)) = rx.try_recv() {
+                if got.contains_key(&rank) {
+                    tracing::warn!(
+                        "dropping link connection from {name}: A{rank} is already linked"
+                    );
+                    continue;
+                }
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                match send(&mut s, &Message::LinkAck { epoch }, left, &name) {
+                    Ok(()) => {
+                        got.insert(rank, s);
+                    }
+                    Err(e) => tracing::warn!("dropping link connection from {name}: {e}"),
+                }
+            }
+            if got.len() == expected.len() {
+                break;
+            }
+            let (s, from) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Nothing pending: a short sleep bounds the accept
+                    // loop's CPU use while the attention ranks connect.
+                    std::thread::sleep(Duration::from_millis(1).min(left));
+                    continue;
+                }
+                Err(e) => return Err(Error::io("accept link", e)),
+            };
+            if busy.load(Ordering::Relaxed) >= MAX_HANDSHAKES {
+                tracing::warn!(%from, "dropping link connection: {MAX_HANDSHAKES} handshakes already in flight");
                 continue;
             }
-            Err(e) => return Err(Error::io("accept link", e)),
-        };
-        let _ = s.set_nonblocking(false);
-        let name = from.to_string();
-        let per_conn = left.min(Duration::from_secs(5));
-        match auth::accept(
-            &mut s,
-            guard.token.as_ref(),
-            per_conn,
-            "this FFN rank",
-            &name,
-        ) {
-            Ok(()) => {}
-            Err(Error::Auth(why)) => {
-                tracing::warn!(%from, "auth failed on a link connection from {from}: {why}");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(%from, "dropping link connection: {e}");
-                continue;
+            busy.fetch_add(1, Ordering::Relaxed);
+            let per_conn = left.min(HANDSHAKE_TIMEOUT);
+            let (tx, done, wanted, guard) =
+                (tx.clone(), busy.clone(), wanted.clone(), guard.clone());
+            let spawned = std::thread::Builder::new()
+                .name("afmesh-link-accept".into())
+                .spawn(move || {
+                    if let Some((rank, s)) = handshake(s, from, &wanted, epoch, &guard, per_conn) {
+                        let _ = tx.send((rank, s, from.to_string()));
+                    }
+                    done.fetch_sub(1, Ordering::Relaxed);
+                });
+            if let Err(e) = spawned {
+                busy.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(%from, "dropping link connection: no thread for its handshake: {e}");
             }
         }
-        match recv(&mut s, per_conn, &name) {
-            Ok(Message::LinkHello {
-                epoch: e,
-                role: Role::Attention,
-                rank,
-            }) if e == epoch && expected.contains(&rank) && !got.contains_key(&rank) => {
-                send(&mut s, &Message::LinkAck { epoch }, per_conn, &name)?;
-                got.insert(rank, s);
-            }
-            Ok(Message::LinkHello {
-                epoch: e,
-                role,
-                rank,
-            }) => {
-                let want: Vec<String> = expected.iter().map(|r| format!("A{r}")).collect();
-                tracing::warn!(
-                    %from,
-                    "dropping link connection: {role} rank {rank} of epoch {e:#x} is not one this rank expects ({} of epoch {epoch:#x}, not yet linked)",
-                    want.join(", ")
-                )
-            }
-            Ok(other) => {
-                tracing::warn!(%from, "dropping link connection: unexpected {}", other.kind())
-            }
-            Err(e) => tracing::warn!(%from, "dropping link connection: {e}"),
-        }
-    }
+        Ok(())
+    })();
+    result?;
     let mut v: Vec<(u32, TcpStream)> = got.into_iter().collect();
     v.sort_by_key(|(r, _)| *r);
     Ok(v)
+}
+
+/// Bound on one link connection's handshake (token proof and hello).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most link handshakes run at once; connections beyond are dropped.
+const MAX_HANDSHAKES: usize = 64;
+
+/// The accepting half of one link connection's handshake: the token, then
+/// an attention rank's hello for `epoch` naming a rank in `expected`.
+/// `None` (with a logged reason) for anything else.
+fn handshake(
+    mut s: TcpStream,
+    from: std::net::SocketAddr,
+    expected: &[u32],
+    epoch: u64,
+    guard: &LinkGuard,
+    timeout: Duration,
+) -> Option<(u32, TcpStream)> {
+    let _ = s.set_nonblocking(false);
+    let name = from.to_string();
+    match auth::accept(
+        &mut s,
+        guard.token.as_ref(),
+        timeout,
+        "this FFN rank",
+        &name,
+    ) {
+        Ok(()) => {}
+        Err(Error::Auth(why)) => {
+            tracing::warn!(%from, "auth failed on a link connection from {from}: {why}");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(%from, "dropping link connection: {e}");
+            return None;
+        }
+    }
+    match recv(&mut s, timeout, &name) {
+        Ok(Message::LinkHello {
+            epoch: e,
+            role: Role::Attention,
+            rank,
+        }) if e == epoch && expected.contains(&rank) => Some((rank, s)),
+        Ok(Message::LinkHello {
+            epoch: e,
+            role,
+            rank,
+        }) => {
+            let want: Vec<String> = expected.iter().map(|r| format!("A{r}")).collect();
+            tracing::warn!(
+                %from,
+                "dropping link connection: {role} rank {rank} of epoch {e:#x} is not one this rank expects ({} of epoch {epoch:#x})",
+                want.join(", ")
+            );
+            None
+        }
+        Ok(other) => {
+            tracing::warn!(%from, "dropping link connection: unexpected {}", other.kind());
+            None
+        }
+        Err(e) => {
+            tracing::warn!(%from, "dropping link connection: {e}");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -245,5 +317,53 @@ mod tests {
         assert_eq!(up.len(), 1);
         let got = acceptor.join().unwrap().unwrap();
         assert_eq!(got.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![0]);
+    }
+
+    /// Silent connections (a stranger, a port scanner) do not hold up the
+    /// real attention ranks: each handshake runs on its own.
+    #[test]
+    fn silent_connections_do_not_delay_real_links() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let silent: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+        let acceptor = std::thread::spawn(move || accept_all(&l, &[0, 1], 3, &guard(Some("t")), T));
+        // Let the acceptor take the silent ones first.
+        std::thread::sleep(Duration::from_millis(50));
+        let t0 = Instant::now();
+        let peers = [("F0".to_string(), addr)];
+        let links: Vec<_> = (0..2)
+            .map(|r| {
+                let peers = peers.clone();
+                std::thread::spawn(move || connect_all(&peers, 3, r, &guard(Some("t")), T))
+            })
+            .collect();
+        for h in links {
+            assert_eq!(h.join().unwrap().unwrap().len(), 1);
+        }
+        let got = acceptor.join().unwrap().unwrap();
+        assert_eq!(got.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![0, 1]);
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "took {took:?} with silent connections open"
+        );
+        drop(silent);
+    }
+
+    /// A second link claiming a rank already linked is dropped; the first
+    /// stays.
+    #[test]
+    fn a_second_link_for_one_rank_is_dropped() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let acceptor = std::thread::spawn(move || accept_all(&l, &[0, 1], 4, &guard(None), T));
+        let peers = [("F0".to_string(), addr)];
+        let first = connect_all(&peers, 4, 0, &guard(None), T).unwrap();
+        assert_eq!(first.len(), 1);
+        let e = connect_all(&peers, 4, 0, &guard(None), Duration::from_millis(500));
+        assert!(e.is_err(), "a duplicate A0 gets no ack");
+        connect_all(&peers, 4, 1, &guard(None), T).unwrap();
+        let got = acceptor.join().unwrap().unwrap();
+        assert_eq!(got.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![0, 1]);
     }
 }

@@ -76,6 +76,7 @@ pub struct TcpTransport {
     listen_addr: String,
     links: Vec<Link>,
     io_timeout: Duration,
+    liveness: Duration,
     sent: Vec<u64>,
     guard: crate::bootstrap::LinkGuard,
 }
@@ -95,6 +96,7 @@ impl TcpTransport {
             listen_addr: a.to_string(),
             links: Vec::new(),
             io_timeout,
+            liveness: DEFAULT_LIVENESS,
             sent: Vec::new(),
             guard: Default::default(),
         })
@@ -104,6 +106,14 @@ impl TcpTransport {
     /// the job failed.
     pub fn with_guard(mut self, guard: crate::bootstrap::LinkGuard) -> TcpTransport {
         self.guard = guard;
+        self
+    }
+
+    /// A link that stays unreachable for `liveness` is down: keepalive
+    /// probes find a silent one, `TCP_USER_TIMEOUT` ends one whose data
+    /// goes unacknowledged (applies to links added after this call).
+    pub fn with_liveness(mut self, liveness: Duration) -> TcpTransport {
+        self.liveness = liveness;
         self
     }
 
@@ -117,6 +127,7 @@ impl TcpTransport {
         stream
             .set_nonblocking(true)
             .map_err(|e| io_err("set non-blocking", e))?;
+        keep_alive(&stream, self.liveness).map_err(|e| io_err("set keepalive", e))?;
         self.links.push(Link {
             stream,
             peer,
@@ -130,6 +141,26 @@ impl TcpTransport {
         });
         Ok(self.links.len() - 1)
     }
+}
+
+/// The liveness bound when a rank sets none (`MeshConfig::liveness`).
+const DEFAULT_LIVENESS: Duration = Duration::from_secs(5);
+
+/// Makes the kernel end `stream` once its peer has been unreachable for
+/// about `liveness`: an idle link is probed every fifth of it (keepalive
+/// counts whole seconds, so at least every second), and
+/// `TCP_USER_TIMEOUT` — which on Linux also bounds unanswered keepalive
+/// probes — closes it when nothing was acknowledged for four fifths of it.
+/// The error then surfaces in `progress` as `LinkDown`.
+fn keep_alive(stream: &TcpStream, liveness: Duration) -> io::Result<()> {
+    let probe = (liveness / 5).max(Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(probe)
+        .with_interval(probe)
+        .with_retries(((liveness.as_millis() / probe.as_millis()).max(1)) as u32);
+    let s = socket2::SockRef::from(stream);
+    s.set_tcp_keepalive(&ka)?;
+    s.set_tcp_user_timeout(Some((liveness * 4 / 5).max(Duration::from_millis(1))))
 }
 
 /// Writes as much of the queue as the socket takes. `Ok(true)` when the
@@ -288,7 +319,9 @@ fn read_some(
 
 impl super::Open for TcpTransport {
     fn open(s: &super::Setup<'_>) -> Result<TcpTransport> {
-        Ok(TcpTransport::new(s.ip, s.io_timeout)?.with_guard(s.guard.clone()))
+        Ok(TcpTransport::new(s.ip, s.io_timeout)?
+            .with_guard(s.guard.clone())
+            .with_liveness(s.liveness))
     }
 }
 
