@@ -312,44 +312,59 @@ fn align(ranks: &[RankTrace]) -> (BTreeMap<String, i64>, Vec<String>) {
             "host {host:?}: offset {o} ns ± {err} ns (from {from})"
         ));
     }
-    // 2. Causality bounds on each FFN rank's offset, given the attention
-    // ranks' (whose files hold whole round trips) on other hosts: ranks
-    // of one host share a clock and keep one offset.
+    // 2. Causality bounds on the offset of each host of FFN ranks only,
+    // from the attention ranks (whose files hold whole round trips) on the
+    // other hosts, whose offsets stay: a dispatch lands after its post, a
+    // combine is seen after it left. Ranks of one host keep one offset.
     let host_of: BTreeMap<String, &str> = ranks
         .iter()
         .map(|r| (r.me.to_string(), r.host_id.as_str()))
         .collect();
-    let mut bounds: BTreeMap<u32, (i128, i128)> = BTreeMap::new();
+    let attention_hosts: Vec<&str> = ranks
+        .iter()
+        .filter(|r| matches!(r.me, Peer::Attention(_)))
+        .map(|r| r.host_id.as_str())
+        .collect();
+    let mut bounds: BTreeMap<&str, (i128, i128)> = BTreeMap::new();
     for r in ranks {
         let Peer::Attention(_) = r.me else { continue };
         let oa = offsets[&r.me.to_string()] as i128;
         for rec in &r.records {
-            if host_of.get(&Peer::Ffn(rec.peer).to_string()) == Some(&r.host_id.as_str()) {
+            let Some(&host) = host_of.get(&Peer::Ffn(rec.peer).to_string()) else {
+                continue;
+            };
+            if attention_hosts.contains(&host) {
                 continue;
             }
-            let b = bounds.entry(rec.peer).or_insert((i128::MIN, i128::MAX));
+            let b = bounds.entry(host).or_insert((i128::MIN, i128::MAX));
             // land + of >= post + oa; respond + of <= back + oa.
             b.0 = b.0.max(rec.post_ns as i128 + oa - rec.land_ns as i128);
             b.1 = b.1.min(rec.back_ns as i128 + oa - rec.respond_ns as i128);
         }
     }
-    for (f, (lo, hi)) in bounds {
-        let name = Peer::Ffn(f).to_string();
-        let Some(o) = offsets.get_mut(&name) else {
+    for (host, (lo, hi)) in bounds {
+        let members: Vec<String> = ranks
+            .iter()
+            .filter(|r| r.host_id == host)
+            .map(|r| r.me.to_string())
+            .collect();
+        let Some(cur) = members.first().map(|m| offsets[m] as i128) else {
             continue;
         };
-        let cur = *o as i128;
         if lo > hi {
             notes.push(format!(
-                "{name}: the messages admit no single offset (bounds {lo}..{hi} ns); kept {cur} ns"
+                "host {host:?}: the messages admit no single offset (bounds {lo}..{hi} ns); kept {cur} ns"
             ));
         } else if cur < lo || cur > hi {
             let to = cur.clamp(lo, hi);
             notes.push(format!(
-                "{name}: offset moved by {} ns to {to} ns, inside what its messages allow ({lo}..{hi} ns)",
+                "host {host:?} ({}): offset moved by {} ns to {to} ns, inside what its messages allow ({lo}..{hi} ns)",
+                members.join(","),
                 to - cur
             ));
-            *o = to as i64;
+            for m in &members {
+                offsets.insert(m.clone(), to as i64);
+            }
         }
     }
     (offsets, notes)
@@ -434,7 +449,7 @@ mod tests {
         assert!(
             notes
                 .iter()
-                .any(|n| n.contains("F0: offset moved by 8000 ns")),
+                .any(|n| n.contains("(F0): offset moved by 8000 ns")),
             "{notes:?}"
         );
         // An estimate inside the bounds is kept.
