@@ -53,12 +53,33 @@
 
 /* The first element of an afmesh_peer_stats array passed to
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
-#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
 
 /**
  * Version of [`afmesh_config`] this library knows.
  */
 #define AFMESH_CONFIG_VERSION 1
+
+/**
+ * `afmesh_env_role`: the environment names no role.
+ */
+#define AFMESH_ROLE_NONE 0
+
+/**
+ * `afmesh_env_role`: an attention rank (`worker`).
+ */
+#define AFMESH_ROLE_ATTENTION 1
+
+/**
+ * `afmesh_env_role`: an FFN rank (`server`).
+ */
+#define AFMESH_ROLE_FFN 2
+
+/**
+ * `afmesh_env_role`: the rendezvous server (`scheduler`): make an
+ * `afmesh_scheduler`, not a rank.
+ */
+#define AFMESH_ROLE_SCHEDULER 3
 
 /**
  * Result codes. The values are part of the ABI and never change.
@@ -165,6 +186,14 @@ typedef struct afmesh_batch afmesh_batch;
  * `afmesh_ffn_abort` and `afmesh_ffn_interrupt` may run alongside.
  */
 typedef struct afmesh_ffn afmesh_ffn;
+
+/**
+ * A rendezvous server running on a thread of its own (opaque). It serves
+ * one mesh: it ends when every rank of the mesh that formed has left,
+ * or with an error when none forms within its join timeout (60 s from
+ * the start or from the last failed attempt).
+ */
+typedef struct afmesh_scheduler afmesh_scheduler;
 
 /**
  * How a rank joins its mesh. Initialise with `AFMESH_CONFIG_INIT`, then
@@ -335,11 +364,52 @@ typedef struct afmesh_rank_info {
 } afmesh_rank_info;
 
 /**
+ * A latency distribution in nanoseconds, from a histogram of bounded
+ * relative error (quantiles are within it; min and max are exact). All
+ * zero when `count` is 0.
+ */
+typedef struct afmesh_latency {
+  /**
+   * Samples recorded.
+   */
+  uint64_t count;
+  /**
+   * Smallest sample.
+   */
+  uint64_t min_ns;
+  /**
+   * Median.
+   */
+  uint64_t p50_ns;
+  /**
+   * 90th percentile.
+   */
+  uint64_t p90_ns;
+  /**
+   * 99th percentile.
+   */
+  uint64_t p99_ns;
+  /**
+   * 99.9th percentile.
+   */
+  uint64_t p999_ns;
+  /**
+   * Largest sample.
+   */
+  uint64_t max_ns;
+  /**
+   * Mean, rounded to the nearest nanosecond.
+   */
+  uint64_t mean_ns;
+} afmesh_latency;
+
+/**
  * Counters for one peer. Sized so it can grow: set `size` to
  * `sizeof(afmesh_peer_stats)` in the first element of the array you pass
  * (`AFMESH_PEER_STATS_INIT`); the library uses it as the element size,
- * writes the fields it knows into each element and leaves any later
- * fields of a newer header untouched.
+ * writes the fields it knows that fit into each element and leaves any
+ * later fields of a newer header untouched (a caller built against an
+ * older, shorter header gets the fields it has).
  */
 typedef struct afmesh_peer_stats {
   /**
@@ -381,61 +451,22 @@ typedef struct afmesh_peer_stats {
    */
   uint64_t rejected;
   /**
-   * Attention ranks: round trips timed (dispatch posted to this FFN
-   * rank's combine seen); 0 on FFN ranks. The percentiles below are
-   * within 1/128 of the exact ones; 0 when nothing was timed.
+   * Attention ranks: from posting a dispatch to seeing this FFN rank's
+   * combine of it (this rank's clock). Empty on FFN ranks.
    */
-  uint64_t round_trip_count;
+  struct afmesh_latency round_trip;
   /**
-   * Median round trip (ns).
+   * FFN ranks: from this attention rank's dispatch landing to the
+   * response being posted. Empty on attention ranks.
    */
-  uint64_t round_trip_p50_ns;
+  struct afmesh_latency ffn;
   /**
-   * 99th percentile round trip (ns).
+   * Attention ranks, the straggler record: each time this FFN rank's
+   * combine was the last of a stage to arrive, how long after the one
+   * before it (`count`: the stages it held up). Empty on FFN ranks and
+   * with a single FFN rank.
    */
-  uint64_t round_trip_p99_ns;
-  /**
-   * 99.9th percentile round trip (ns).
-   */
-  uint64_t round_trip_p999_ns;
-  /**
-   * Longest round trip (ns, exact).
-   */
-  uint64_t round_trip_max_ns;
-  /**
-   * FFN ranks: this attention rank's dispatches answered (landed to
-   * response posted, timed); 0 on attention ranks.
-   */
-  uint64_t ffn_count;
-  /**
-   * Median FFN time (ns).
-   */
-  uint64_t ffn_p50_ns;
-  /**
-   * 99th percentile FFN time (ns).
-   */
-  uint64_t ffn_p99_ns;
-  /**
-   * 99.9th percentile FFN time (ns).
-   */
-  uint64_t ffn_p999_ns;
-  /**
-   * Longest FFN time (ns, exact).
-   */
-  uint64_t ffn_max_ns;
-  /**
-   * Attention ranks: stages in which this FFN rank's combine arrived
-   * last (it was the straggler); 0 with a single FFN rank.
-   */
-  uint64_t straggler_count;
-  /**
-   * Mean time by which it came after the one before, those times (ns).
-   */
-  uint64_t straggler_mean_ns;
-  /**
-   * Longest such time (ns).
-   */
-  uint64_t straggler_max_ns;
+  struct afmesh_latency straggler;
 } afmesh_peer_stats;
 
 /**
@@ -952,6 +983,77 @@ enum afmesh_result afmesh_batch_sender(const struct afmesh_batch *b,
  * `b` is NULL or a batch from `afmesh_ffn_get_batch` not yet freed.
  */
 void afmesh_batch_free(struct afmesh_batch *b);
+
+/**
+ * Reads `AFMESH_ROLE` or `DMLC_ROLE` (with the rest of the
+ * configuration, which must be valid) and writes one of
+ * `AFMESH_ROLE_NONE`, `_ATTENTION`, `_FFN` or `_SCHEDULER` to `*out`.
+ * A StepMesh launch script starts every process alike and tells them
+ * apart by `DMLC_ROLE`: this is how a C program does the same.
+ *
+ * # Safety
+ * `out` is NULL or writable.
+ */
+enum afmesh_result afmesh_env_role(uint32_t *out);
+
+/**
+ * Starts a rendezvous server listening on `cfg->scheduler` (port 0
+ * picks one; see `afmesh_scheduler_address`) for a mesh of
+ * `cfg->num_attention` + `cfg->num_ffn` ranks of `cfg->job`. Without a
+ * cluster token, bind a loopback address.
+ *
+ * # Safety
+ * `cfg` is NULL or a valid config (see `afmesh_attention_new`); `out` is
+ * NULL or writable.
+ */
+enum afmesh_result afmesh_scheduler_new(const struct afmesh_config *cfg,
+                                        struct afmesh_scheduler **out);
+
+/**
+ * Starts a rendezvous server as the environment describes it, where its
+ * ranks connect: `AFMESH_SCHEDULER`, or `DMLC_PS_ROOT_URI` and
+ * `DMLC_PS_ROOT_PORT`; M and N from `AFMESH_NUM_*`, or
+ * `DMLC_NUM_WORKER` / `DMLC_NUM_SERVER` times `DMLC_GROUP_SIZE`; the
+ * job and cluster token as ranks read them.
+ *
+ * # Safety
+ * `out` is NULL or writable.
+ */
+enum afmesh_result afmesh_scheduler_new_from_env(struct afmesh_scheduler **out);
+
+/**
+ * The address the server listens on, `"host:port"`, into `*out`; valid
+ * until `afmesh_scheduler_free`. Thread-safe.
+ *
+ * # Safety
+ * `s` is NULL or a live scheduler; `out` is NULL or writable.
+ */
+enum afmesh_result afmesh_scheduler_address(const struct afmesh_scheduler *s, const char **out);
+
+/**
+ * Waits up to `timeout_ms` (0: just looks) for the server to finish.
+ * `AFMESH_OK`: its mesh formed and every rank has left.
+ * `AFMESH_ERR_TIMEOUT`: still serving (call again). Any other code: the
+ * server failed (e.g. no mesh formed within its join timeout; the
+ * message says). Once finished, every later call returns the
+ * same. One thread at a time: another thread's call meanwhile gets
+ * `AFMESH_ERR_BUSY`.
+ *
+ * # Safety
+ * `s` is NULL or a live scheduler.
+ */
+enum afmesh_result afmesh_scheduler_wait(const struct afmesh_scheduler *s, uint32_t timeout_ms);
+
+/**
+ * Frees the handle; NULL does nothing. A server still serving keeps
+ * running on its thread (and holds its port) until its mesh finishes or
+ * its join timeout passes: wait for `AFMESH_OK` first to end it cleanly.
+ * No other call on `s` may run during or after this.
+ *
+ * # Safety
+ * `s` is NULL or a live scheduler not used after this call.
+ */
+void afmesh_scheduler_free(struct afmesh_scheduler *s);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -82,7 +82,7 @@ fn spec_of(s: &afmesh_stage_spec) -> StageSpec {
 /// # Safety
 /// `cfg` is NULL or points to at least `cfg->size` readable bytes whose
 /// string fields are NULL or NUL-terminated.
-unsafe fn config_of(cfg: *const afmesh_config) -> Result<MeshConfig, Fail> {
+pub(crate) unsafe fn config_of(cfg: *const afmesh_config) -> Result<MeshConfig, Fail> {
     // SAFETY: per this function's contract.
     let c = unsafe { obj_ref(cfg, "config") }?;
     if c.version == 0 || c.version > AFMESH_CONFIG_VERSION {

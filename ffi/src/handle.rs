@@ -25,7 +25,7 @@
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
-use afmesh_core::{Interrupter, Peer, RankStats};
+use afmesh_core::{Histogram, Interrupter, Peer, RankStats};
 
 use crate::args::obj_ref;
 use crate::error::afmesh_result::{
@@ -50,8 +50,9 @@ pub struct afmesh_rank_info {
 /// Counters for one peer. Sized so it can grow: set `size` to
 /// `sizeof(afmesh_peer_stats)` in the first element of the array you pass
 /// (`AFMESH_PEER_STATS_INIT`); the library uses it as the element size,
-/// writes the fields it knows into each element and leaves any later
-/// fields of a newer header untouched.
+/// writes the fields it knows that fit into each element and leaves any
+/// later fields of a newer header untouched (a caller built against an
+/// older, shorter header gets the fields it has).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct afmesh_peer_stats {
@@ -75,37 +76,62 @@ pub struct afmesh_peer_stats {
     pub received: u64,
     /// Messages from it that were rejected.
     pub rejected: u64,
-    /// Attention ranks: round trips timed (dispatch posted to this FFN
-    /// rank's combine seen); 0 on FFN ranks. The percentiles below are
-    /// within 1/128 of the exact ones; 0 when nothing was timed.
-    pub round_trip_count: u64,
-    /// Median round trip (ns).
-    pub round_trip_p50_ns: u64,
-    /// 99th percentile round trip (ns).
-    pub round_trip_p99_ns: u64,
-    /// 99.9th percentile round trip (ns).
-    pub round_trip_p999_ns: u64,
-    /// Longest round trip (ns, exact).
-    pub round_trip_max_ns: u64,
-    /// FFN ranks: this attention rank's dispatches answered (landed to
-    /// response posted, timed); 0 on attention ranks.
-    pub ffn_count: u64,
-    /// Median FFN time (ns).
-    pub ffn_p50_ns: u64,
-    /// 99th percentile FFN time (ns).
-    pub ffn_p99_ns: u64,
-    /// 99.9th percentile FFN time (ns).
-    pub ffn_p999_ns: u64,
-    /// Longest FFN time (ns, exact).
-    pub ffn_max_ns: u64,
-    /// Attention ranks: stages in which this FFN rank's combine arrived
-    /// last (it was the straggler); 0 with a single FFN rank.
-    pub straggler_count: u64,
-    /// Mean time by which it came after the one before, those times (ns).
-    pub straggler_mean_ns: u64,
-    /// Longest such time (ns).
-    pub straggler_max_ns: u64,
+    /// Attention ranks: from posting a dispatch to seeing this FFN rank's
+    /// combine of it (this rank's clock). Empty on FFN ranks.
+    pub round_trip: afmesh_latency,
+    /// FFN ranks: from this attention rank's dispatch landing to the
+    /// response being posted. Empty on attention ranks.
+    pub ffn: afmesh_latency,
+    /// Attention ranks, the straggler record: each time this FFN rank's
+    /// combine was the last of a stage to arrive, how long after the one
+    /// before it (`count`: the stages it held up). Empty on FFN ranks and
+    /// with a single FFN rank.
+    pub straggler: afmesh_latency,
 }
+
+/// A latency distribution in nanoseconds, from a histogram of bounded
+/// relative error (quantiles are within it; min and max are exact). All
+/// zero when `count` is 0.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct afmesh_latency {
+    /// Samples recorded.
+    pub count: u64,
+    /// Smallest sample.
+    pub min_ns: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Largest sample.
+    pub max_ns: u64,
+    /// Mean, rounded to the nearest nanosecond.
+    pub mean_ns: u64,
+}
+
+impl afmesh_latency {
+    fn of(h: &Histogram) -> afmesh_latency {
+        let q = |q: f64| h.quantile(q).unwrap_or(0);
+        afmesh_latency {
+            count: h.count(),
+            min_ns: h.min().unwrap_or(0),
+            p50_ns: q(0.5),
+            p90_ns: q(0.9),
+            p99_ns: q(0.99),
+            p999_ns: q(0.999),
+            max_ns: h.max().unwrap_or(0),
+            mean_ns: h.mean().map_or(0, |m| m.round() as u64),
+        }
+    }
+}
+
+/// `sizeof(afmesh_peer_stats)` in the first header (0.1.0), before the
+/// latency fields: callers built against it still get what it has.
+const PEER_STATS_V1: usize = std::mem::offset_of!(afmesh_peer_stats, round_trip);
 
 #[derive(Debug)]
 pub(crate) enum State<T> {
@@ -122,11 +148,6 @@ impl<T> State<T> {
             State::Aborted => Err(Fail(AFMESH_ERR_SHUTDOWN, format!("{what} was aborted"))),
         }
     }
-}
-
-/// Quantile `p` of `h`, 0 when empty.
-fn q(h: &afmesh_core::Histogram, p: f64) -> u64 {
-    h.quantile(p).unwrap_or(0)
 }
 
 fn write_stats(
@@ -155,9 +176,9 @@ fn write_stats(
         // SAFETY: `out` is non-NULL and holds at least one element (the
         // caller's contract); `size` is its first field.
         let size = unsafe { out.cast::<u32>().read_unaligned() } as usize;
-        if size < known {
+        if size < PEER_STATS_V1 {
             return Err(invalid(format!(
-                "out[0].size is {size}, smaller than this library's afmesh_peer_stats ({known}); use AFMESH_PEER_STATS_INIT"
+                "out[0].size is {size}, smaller than any afmesh_peer_stats ({PEER_STATS_V1} bytes at least, {known} in this library); use AFMESH_PEER_STATS_INIT"
             )));
         }
         size
@@ -178,28 +199,22 @@ fn write_stats(
             copied_bytes: s.copied_bytes,
             received: s.received,
             rejected: s.rejected,
-            round_trip_count: s.round_trip_ns.count(),
-            round_trip_p50_ns: q(&s.round_trip_ns, 0.5),
-            round_trip_p99_ns: q(&s.round_trip_ns, 0.99),
-            round_trip_p999_ns: q(&s.round_trip_ns, 0.999),
-            round_trip_max_ns: s.round_trip_ns.max().unwrap_or(0),
-            ffn_count: s.ffn_ns.count(),
-            ffn_p50_ns: q(&s.ffn_ns, 0.5),
-            ffn_p99_ns: q(&s.ffn_ns, 0.99),
-            ffn_p999_ns: q(&s.ffn_ns, 0.999),
-            ffn_max_ns: s.ffn_ns.max().unwrap_or(0),
-            straggler_count: s.late_ns.count(),
-            straggler_mean_ns: s.late_ns.mean().unwrap_or(0.0) as u64,
-            straggler_max_ns: s.late_ns.max().unwrap_or(0),
+            round_trip: afmesh_latency::of(&s.round_trip_ns),
+            ffn: afmesh_latency::of(&s.ffn_ns),
+            straggler: afmesh_latency::of(&s.late_ns),
         };
         // SAFETY: `out` holds `cap >= n` elements of `stride` bytes, the
-        // size the caller declared (contract); elements of a larger
-        // declared size need not be aligned for ours, so write unaligned.
+        // size the caller declared (contract), and at most `stride` bytes
+        // go into element `i`: the first `min(stride, known)` bytes of
+        // `v`, the fields that fit (a header's size ends on a field; the
+        // struct has no padding), copied bytewise since an element of
+        // another declared size need not be aligned for ours.
         unsafe {
-            out.cast::<u8>()
-                .add(i * stride)
-                .cast::<afmesh_peer_stats>()
-                .write_unaligned(v)
+            std::ptr::copy_nonoverlapping(
+                (&v as *const afmesh_peer_stats).cast::<u8>(),
+                out.cast::<u8>().add(i * stride),
+                stride.min(known),
+            )
         };
     }
     // SAFETY: checked non-NULL above.

@@ -42,6 +42,8 @@ pub mod ffn;
 
 pub mod batch;
 
+pub mod scheduler;
+
 use std::ffi::{c_char, CStr};
 
 // Every exported function in the AFMESH_0 version node (see build.rs).

@@ -131,6 +131,33 @@ fn run_mesh(bin: &Path, m: u32, n: u32, mode: &str) {
     }
 }
 
+/// The rendezvous server from C under a StepMesh scheduler's environment
+/// (`DMLC_ROLE=scheduler`, nodes of two processes): the role is reported,
+/// the server listens where `DMLC_PS_ROOT_*` say and serves a 2A+2F mesh
+/// of threads to the end (tests/c/test_scheduler.c).
+#[test]
+fn scheduler_from_a_stepmesh_environment() {
+    let bin = compile(
+        "cc",
+        "c11",
+        "tests/c/test_scheduler.c",
+        "test_scheduler",
+        &["-pthread"],
+    );
+    let port = free_port();
+    let port = port.rsplit(':').next().unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.arg(port);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AFMESH_") || k.starts_with("DMLC_") || k.starts_with("STEPMESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    let (code, out) = run_to_end("test_scheduler", cmd, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("scheduler ok"), "{out}");
+}
+
 #[test]
 fn null_arguments_and_config_errors() {
     let bin = compile("cc", "c11", "tests/c/test_args.c", "test_args", &[]);

@@ -1,6 +1,7 @@
 //! The attention side: dispatch token blocks to every FFN rank, wait for
 //! their combines.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::layout::Layout;
@@ -8,6 +9,7 @@ use super::reduce::{sum_into, Dtype};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
+use crate::transport::Region;
 
 /// A dispatch in flight; redeem it with [`AttentionRank::wait_combine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -507,6 +509,13 @@ impl AttentionRank {
     /// [`Error::Interrupted`](crate::Error::Interrupted).
     pub fn interrupter(&self) -> crate::Interrupter {
         self.engine.interrupter()
+    }
+
+    /// The registered receive region (combines land in). Bindings that hand
+    /// zero-copy views to a garbage-collected language keep a clone, so the
+    /// memory outlives the rank for as long as a view does.
+    pub fn receive_region(&self) -> &Arc<Region> {
+        self.engine.recv_region()
     }
 
     /// Makes progress without waiting: counts whatever has landed.

@@ -1,12 +1,39 @@
 //! Mesh configuration, from code or from the environment.
 //!
-//! `AFMESH_*` names come first; the StepMesh/ps-lite names (`DMLC_*`) are
-//! accepted so existing launch scripts work. A bad or missing variable is an
-//! error that names it.
+//! `AFMESH_*` names come first; the StepMesh/ps-lite names (`DMLC_*`,
+//! `STEPMESH_GPU`) are accepted with StepMesh's meaning so its launch
+//! scripts work unchanged. A bad or missing variable is an error that
+//! names it.
+//!
+//! # StepMesh's names
+//!
+//! A StepMesh "node" runs `DMLC_GROUP_SIZE` processes (default 1), one per
+//! GPU, and `DMLC_NUM_WORKER` / `DMLC_NUM_SERVER` count nodes, not
+//! processes: ps-lite's scheduler admits `DMLC_NUM_WORKER ×
+//! DMLC_GROUP_SIZE` worker instances and `DMLC_NUM_SERVER ×
+//! DMLC_GROUP_SIZE` server instances (`Postoffice::num_worker_instances`),
+//! and `fserver.init()` starts a process as rank `DMLC_GROUP_SIZE ×
+//! DMLC_NODE_RANK + STEPMESH_GPU + DMLC_RANK_OFFSET` (each default 0). So
+//! here, where no `AFMESH_*` name is set:
+//!
+//! * M = `DMLC_NUM_WORKER × DMLC_GROUP_SIZE`, N = `DMLC_NUM_SERVER ×
+//!   DMLC_GROUP_SIZE`;
+//! * the rank is that formula when any of `DMLC_NODE_RANK`,
+//!   `STEPMESH_GPU`, `DMLC_RANK_OFFSET` is set (else the scheduler picks);
+//! * `DMLC_ROLE=scheduler` names the process that runs the rendezvous
+//!   server ([`MeshConfig::is_scheduler`]); it listens on
+//!   `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`, where the ranks connect.
+//!
+//! `AFMESH_NUM_ATTENTION`, `AFMESH_NUM_FFN` and `AFMESH_RANK` are totals
+//! and a rank as they are (the group size does not scale them) and win
+//! over the `DMLC_*` names. One difference in the data path: StepMesh
+//! wires instance g of a worker node only to instance g of each server
+//! node (`DMLC_GROUP_SIZE` disjoint meshes under one scheduler), while an
+//! afmesh mesh links every attention rank to every FFN rank.
 
 use std::time::Duration;
 
-use crate::bootstrap::Token;
+use crate::bootstrap::{Scheduler, SchedulerConfig, Token};
 use crate::error::{Error, Result};
 use crate::proto::Role;
 use crate::transport::PollPolicy;
@@ -56,6 +83,14 @@ pub struct MeshConfig {
     /// The role, when it comes from configuration (`AFMESH_ROLE` or
     /// `DMLC_ROLE`); `Mesh::join` needs it, `Mesh::attention`/`ffn` check it.
     pub role: Option<Role>,
+    /// The configuration names this process the rendezvous server
+    /// (`AFMESH_ROLE` or `DMLC_ROLE` = `scheduler`, as StepMesh launch
+    /// scripts start it); then `role` is `None` and the process runs the
+    /// server ([`MeshConfig::bind_scheduler`]) instead of joining.
+    pub is_scheduler: bool,
+    /// Processes per StepMesh node (`DMLC_GROUP_SIZE`, default 1): the
+    /// factor between `DMLC_NUM_WORKER`/`DMLC_NUM_SERVER` and M/N.
+    pub group_size: u32,
     /// Rendezvous server, `host:port`.
     pub scheduler: String,
     /// Attention ranks (M).
@@ -100,6 +135,8 @@ impl MeshConfig {
     pub fn new(scheduler: impl Into<String>, attention: u32, ffn: u32) -> MeshConfig {
         MeshConfig {
             role: None,
+            is_scheduler: false,
+            group_size: 1,
             scheduler: scheduler.into(),
             attention,
             ffn,
@@ -130,42 +167,44 @@ impl MeshConfig {
                 .map(|v| (a.to_string(), v))
                 .or_else(|| get(b).map(|v| (b.to_string(), v)))
         };
-        let need = |a: &str, b: &str| {
-            pick(a, b).ok_or_else(|| Error::config(format!("{a} (or {b}) is not set")))
+        let num = |(k, v): (String, String)| parse_u32(&k, &v);
+        let scheduler = address(&get)?.ok_or_else(|| {
+            Error::config("AFMESH_SCHEDULER (or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT) is not set")
+        })?;
+        let group_size = group_size(&get)?;
+        let need = |c: Option<u32>, a: &str, b: &str| {
+            c.ok_or_else(|| Error::config(format!("{a} (or {b}) is not set")))
         };
-        let num = |(k, v): (String, String)| {
-            v.trim()
-                .parse::<u32>()
-                .map_err(|_| Error::config(format!("{k}={v:?} is not a non-negative integer")))
-        };
-        let scheduler = match get("AFMESH_SCHEDULER") {
-            Some(s) => s,
-            None => {
-                let host = get("DMLC_PS_ROOT_URI").ok_or_else(|| {
-                    Error::config(
-                        "AFMESH_SCHEDULER (or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT) is not set",
-                    )
-                })?;
-                let port = num(need("DMLC_PS_ROOT_PORT", "DMLC_PS_ROOT_PORT")?)?;
-                format!("{host}:{port}")
-            }
-        };
-        let attention = num(need("AFMESH_NUM_ATTENTION", "DMLC_NUM_WORKER")?)?;
-        let ffn = num(need("AFMESH_NUM_FFN", "DMLC_NUM_SERVER")?)?;
+        let (attention, ffn) = counts(&get, group_size)?;
+        let attention = need(attention, "AFMESH_NUM_ATTENTION", "DMLC_NUM_WORKER")?;
+        let ffn = need(ffn, "AFMESH_NUM_FFN", "DMLC_NUM_SERVER")?;
         let mut c = MeshConfig::new(scheduler, attention, ffn);
+        c.group_size = group_size;
         if let Some((k, v)) = pick("AFMESH_ROLE", "DMLC_ROLE") {
-            c.role = Some(match v.trim() {
-                "attention" | "worker" => Role::Attention,
-                "ffn" | "server" => Role::Ffn,
+            match v.trim() {
+                "attention" | "worker" => c.role = Some(Role::Attention),
+                "ffn" | "server" => c.role = Some(Role::Ffn),
+                "scheduler" => c.is_scheduler = true,
                 _ => {
                     return Err(Error::config(format!(
-                        "{k}={v:?}: expected attention|ffn (or worker|server)"
+                        "{k}={v:?}: expected attention|ffn|scheduler (or worker|server)"
                     )))
                 }
-            });
+            }
         }
-        if let Some(kv) = pick("AFMESH_RANK", "DMLC_NODE_RANK") {
-            c.rank = Some(num(kv)?);
+        if let Some((r, why)) = rank(&get, group_size)? {
+            let count = match c.role {
+                Some(Role::Attention) => c.attention,
+                Some(Role::Ffn) => c.ffn,
+                None => u32::MAX,
+            };
+            if r >= count {
+                return Err(Error::config(format!(
+                    "rank {r} ({why}) is not below the {count} {} ranks of the mesh",
+                    c.role.map_or(String::new(), |r| r.to_string())
+                )));
+            }
+            c.rank = Some(r);
         }
         if let Some(j) = get("AFMESH_JOB") {
             c.job = j;
@@ -227,6 +266,70 @@ impl MeshConfig {
 }
 
 impl MeshConfig {
+    /// The rendezvous server for this mesh: its counts, job and token.
+    /// A standalone server (`retry`: a failed setup attempt waits for a
+    /// fresh one), as `afmesh scheduler` runs it.
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            attention: Some(self.attention),
+            ffn: Some(self.ffn),
+            job: Some(self.job.clone()),
+            token: self.token.clone(),
+            ..SchedulerConfig::default()
+        }
+    }
+
+    /// Binds the rendezvous server at `scheduler`, where the ranks
+    /// connect: what a process whose configuration [`is_scheduler`]
+    /// runs (`.run()` serves until the mesh finishes; `.spawn()` on a
+    /// thread).
+    ///
+    /// [`is_scheduler`]: MeshConfig::is_scheduler
+    pub fn bind_scheduler(&self) -> Result<Scheduler> {
+        Scheduler::bind(&self.scheduler, self.scheduler_config())
+    }
+
+    /// What the process environment says about a standalone rendezvous
+    /// server, each part optional (see [`MeshConfig::scheduler_from_lookup`]).
+    pub fn scheduler_from_env() -> Result<SchedulerEnv> {
+        MeshConfig::scheduler_from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// What `get` says about a standalone rendezvous server: where to
+    /// listen (`AFMESH_SCHEDULER`, or `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`),
+    /// the counts (as for ranks, group size included), `AFMESH_JOB` and
+    /// the token. Unset parts are `None`; a set but bad one is an error.
+    pub fn scheduler_from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<SchedulerEnv> {
+        let group = group_size(&get)?;
+        let (attention, ffn) = counts(&get, group)?;
+        Ok(SchedulerEnv {
+            addr: address(&get)?,
+            attention,
+            ffn,
+            job: get("AFMESH_JOB"),
+            token: token_from(&get)?,
+        })
+    }
+}
+
+/// A standalone rendezvous server as the environment describes it.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerEnv {
+    /// Where to listen: `AFMESH_SCHEDULER`, or
+    /// `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`.
+    pub addr: Option<String>,
+    /// Attention ranks (`AFMESH_NUM_ATTENTION`, or `DMLC_NUM_WORKER ×
+    /// DMLC_GROUP_SIZE`).
+    pub attention: Option<u32>,
+    /// FFN ranks (`AFMESH_NUM_FFN`, or `DMLC_NUM_SERVER × DMLC_GROUP_SIZE`).
+    pub ffn: Option<u32>,
+    /// `AFMESH_JOB`.
+    pub job: Option<String>,
+    /// `AFMESH_TOKEN` or `AFMESH_TOKEN_FILE`.
+    pub token: Option<Token>,
+}
+
+impl MeshConfig {
     /// The cluster token from `AFMESH_TOKEN` or `AFMESH_TOKEN_FILE` (what
     /// [`MeshConfig::from_env`] reads; the scheduler reads the same).
     pub fn token_from_env() -> Result<Option<Token>> {
@@ -249,6 +352,108 @@ fn token_from(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Token>> {
         ),
         (None, None) => None,
     })
+}
+
+/// A non-negative integer variable, or an error naming it.
+fn parse_u32(k: &str, v: &str) -> Result<u32> {
+    v.trim()
+        .parse::<u32>()
+        .map_err(|_| Error::config(format!("{k}={v:?} is not a non-negative integer")))
+}
+
+/// A variable read as a number, if set.
+fn opt_u32(get: &dyn Fn(&str) -> Option<String>, k: &str) -> Result<Option<u32>> {
+    get(k).map(|v| parse_u32(k, &v)).transpose()
+}
+
+/// The rendezvous address: `AFMESH_SCHEDULER`, else
+/// `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT` (both needed), else `None`.
+fn address(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>> {
+    if let Some(s) = get("AFMESH_SCHEDULER") {
+        return Ok(Some(s.trim().to_string()));
+    }
+    let port = opt_u32(get, "DMLC_PS_ROOT_PORT")?;
+    match (get("DMLC_PS_ROOT_URI"), port) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(Error::config(
+            "DMLC_PS_ROOT_URI is set but DMLC_PS_ROOT_PORT is not",
+        )),
+        (None, Some(_)) => Err(Error::config(
+            "DMLC_PS_ROOT_PORT is set but DMLC_PS_ROOT_URI is not",
+        )),
+        (Some(host), Some(port)) => {
+            let host = host.trim();
+            if port > u32::from(u16::MAX) {
+                return Err(Error::config(format!(
+                    "DMLC_PS_ROOT_PORT={port} is not a TCP port"
+                )));
+            }
+            // An IPv6 literal needs brackets before the port.
+            Ok(Some(if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }))
+        }
+    }
+}
+
+/// `DMLC_GROUP_SIZE`: processes per StepMesh node, at least 1.
+fn group_size(get: &dyn Fn(&str) -> Option<String>) -> Result<u32> {
+    match opt_u32(get, "DMLC_GROUP_SIZE")? {
+        None => Ok(1),
+        Some(0) => Err(Error::config(
+            "DMLC_GROUP_SIZE=0: a group has at least 1 process",
+        )),
+        Some(g) => Ok(g),
+    }
+}
+
+/// M and N, where set: `AFMESH_NUM_*` as they are, else the StepMesh
+/// node counts times the group size.
+fn counts(get: &dyn Fn(&str) -> Option<String>, group: u32) -> Result<(Option<u32>, Option<u32>)> {
+    let one = |ours: &str, theirs: &str| -> Result<Option<u32>> {
+        if let Some(n) = opt_u32(get, ours)? {
+            return Ok(Some(n));
+        }
+        match opt_u32(get, theirs)? {
+            None => Ok(None),
+            Some(nodes) => nodes.checked_mul(group).map(Some).ok_or_else(|| {
+                Error::config(format!(
+                    "{theirs}={nodes} × DMLC_GROUP_SIZE={group} overflows"
+                ))
+            }),
+        }
+    };
+    Ok((
+        one("AFMESH_NUM_ATTENTION", "DMLC_NUM_WORKER")?,
+        one("AFMESH_NUM_FFN", "DMLC_NUM_SERVER")?,
+    ))
+}
+
+/// The rank and where it came from: `AFMESH_RANK`, else StepMesh's
+/// `DMLC_GROUP_SIZE × DMLC_NODE_RANK + STEPMESH_GPU + DMLC_RANK_OFFSET`
+/// when any of the three is set, else `None`.
+fn rank(get: &dyn Fn(&str) -> Option<String>, group: u32) -> Result<Option<(u32, String)>> {
+    if let Some(r) = opt_u32(get, "AFMESH_RANK")? {
+        return Ok(Some((r, "AFMESH_RANK".into())));
+    }
+    let node = opt_u32(get, "DMLC_NODE_RANK")?;
+    let gpu = opt_u32(get, "STEPMESH_GPU")?;
+    let offset = opt_u32(get, "DMLC_RANK_OFFSET")?;
+    if node.is_none() && gpu.is_none() && offset.is_none() {
+        return Ok(None);
+    }
+    let (node, gpu, offset) = (node.unwrap_or(0), gpu.unwrap_or(0), offset.unwrap_or(0));
+    let why = format!(
+        "DMLC_GROUP_SIZE {group} × DMLC_NODE_RANK {node} + STEPMESH_GPU {gpu} + DMLC_RANK_OFFSET {offset}"
+    );
+    let r = group
+        .checked_mul(node)
+        .and_then(|r| r.checked_add(gpu))
+        .and_then(|r| r.checked_add(offset))
+        .ok_or_else(|| Error::config(format!("rank {why} overflows")))?;
+    Ok(Some((r, why)))
 }
 
 fn default_host_id() -> String {
@@ -390,13 +595,147 @@ mod tests {
             ("AFMESH_SCHEDULER", "h:1"),
             ("DMLC_NUM_WORKER", "1"),
             ("AFMESH_NUM_FFN", "1"),
-            ("DMLC_ROLE", "scheduler"),
+            ("DMLC_ROLE", "coordinator"),
         ])
         .unwrap_err()
         .to_string();
-        assert!(e.contains("DMLC_ROLE"), "{e}");
+        assert!(e.contains("DMLC_ROLE") && e.contains("scheduler"), "{e}");
         let e = cfg(&[("DMLC_PS_ROOT_URI", "h")]).unwrap_err().to_string();
         assert!(e.contains("DMLC_PS_ROOT_PORT"), "{e}");
+        let e = cfg(&[("DMLC_PS_ROOT_URI", "h"), ("DMLC_PS_ROOT_PORT", "70000")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DMLC_PS_ROOT_PORT=70000"), "{e}");
+    }
+
+    const STEPMESH: [(&str, &str); 5] = [
+        ("DMLC_PS_ROOT_URI", "10.0.0.1"),
+        ("DMLC_PS_ROOT_PORT", "8123"),
+        ("DMLC_NUM_WORKER", "2"),
+        ("DMLC_NUM_SERVER", "1"),
+        ("DMLC_GROUP_SIZE", "4"),
+    ];
+
+    fn stepmesh(extra: &[(&str, &str)]) -> Result<MeshConfig> {
+        let mut v = STEPMESH.to_vec();
+        v.extend_from_slice(extra);
+        cfg(&v)
+    }
+
+    #[test]
+    fn stepmesh_groups_count_processes_and_give_ranks() {
+        // 2 worker nodes and 1 server node of 4 processes each.
+        let c = stepmesh(&[
+            ("DMLC_ROLE", "worker"),
+            ("DMLC_NODE_RANK", "1"),
+            ("STEPMESH_GPU", "3"),
+        ])
+        .unwrap();
+        assert_eq!((c.attention, c.ffn, c.group_size), (8, 4, 4));
+        assert_eq!((c.role, c.rank), (Some(Role::Attention), Some(7)));
+        // The offset shifts it; node rank defaults to 0 like fserver's.
+        let c = stepmesh(&[
+            ("DMLC_ROLE", "server"),
+            ("STEPMESH_GPU", "1"),
+            ("DMLC_RANK_OFFSET", "2"),
+        ])
+        .unwrap();
+        assert_eq!((c.role, c.rank), (Some(Role::Ffn), Some(3)));
+        // None of the three: the scheduler picks.
+        assert_eq!(stepmesh(&[("DMLC_ROLE", "server")]).unwrap().rank, None);
+        // A rank past the mesh names every term.
+        let e = stepmesh(&[
+            ("DMLC_ROLE", "server"),
+            ("DMLC_NODE_RANK", "1"),
+            ("STEPMESH_GPU", "0"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("rank 4")
+                && e.contains("DMLC_GROUP_SIZE 4 × DMLC_NODE_RANK 1")
+                && e.contains("4 ffn ranks"),
+            "{e}"
+        );
+        let e = stepmesh(&[("DMLC_GROUP_SIZE", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DMLC_GROUP_SIZE=0"), "{e}");
+        let e = stepmesh(&[("STEPMESH_GPU", "gpu0")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("STEPMESH_GPU=\"gpu0\""), "{e}");
+    }
+
+    #[test]
+    fn afmesh_names_keep_their_meaning_beside_a_group() {
+        let c = stepmesh(&[
+            ("AFMESH_NUM_ATTENTION", "3"),
+            ("AFMESH_RANK", "2"),
+            ("DMLC_NODE_RANK", "5"),
+            ("AFMESH_ROLE", "attention"),
+        ])
+        .unwrap();
+        // AFMESH_NUM_ATTENTION is a total; DMLC_NUM_SERVER still scales.
+        assert_eq!((c.attention, c.ffn, c.rank), (3, 4, Some(2)));
+    }
+
+    #[test]
+    fn the_scheduler_role_is_reported_and_configures_the_server() {
+        let c = stepmesh(&[("DMLC_ROLE", "scheduler")]).unwrap();
+        assert!(c.is_scheduler);
+        assert_eq!(c.role, None);
+        let s = c.scheduler_config();
+        assert_eq!((s.attention, s.ffn), (Some(8), Some(4)));
+        assert_eq!(c.scheduler, "10.0.0.1:8123");
+        // Joining as a rank says what the process is instead.
+        let e = crate::Mesh::new(c.clone())
+            .join(crate::StageSpec {
+                stages: 1,
+                max_tokens: 1,
+                row_bytes: 8,
+                out_row_bytes: 8,
+                side_bytes: 0,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("configured as the scheduler"), "{e}");
+        assert!(
+            cfg(&[
+                ("AFMESH_ROLE", "scheduler"),
+                ("AFMESH_SCHEDULER", "h:1"),
+                ("AFMESH_NUM_ATTENTION", "1"),
+                ("AFMESH_NUM_FFN", "1"),
+            ])
+            .unwrap()
+            .is_scheduler
+        );
+    }
+
+    #[test]
+    fn a_standalone_scheduler_reads_what_is_set() {
+        let look = |vars: &[(&str, &str)]| {
+            let m: HashMap<String, String> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            MeshConfig::scheduler_from_lookup(|k| m.get(k).cloned())
+        };
+        let s = look(&[]).unwrap();
+        assert!(s.addr.is_none() && s.attention.is_none() && s.ffn.is_none());
+        let s = look(&STEPMESH).unwrap();
+        assert_eq!(s.addr.as_deref(), Some("10.0.0.1:8123"));
+        assert_eq!((s.attention, s.ffn), (Some(8), Some(4)));
+        let s = look(&[
+            ("AFMESH_SCHEDULER", "127.0.0.1:9"),
+            ("DMLC_PS_ROOT_URI", "x"),
+        ])
+        .unwrap();
+        assert_eq!(s.addr.as_deref(), Some("127.0.0.1:9"));
+        let s = look(&[("DMLC_PS_ROOT_URI", "fe80::1"), ("DMLC_PS_ROOT_PORT", "7")]).unwrap();
+        assert_eq!(s.addr.as_deref(), Some("[fe80::1]:7"));
+        let e = look(&[("DMLC_PS_ROOT_PORT", "7")]).unwrap_err().to_string();
+        assert!(e.contains("DMLC_PS_ROOT_URI"), "{e}");
     }
 
     #[test]

@@ -480,6 +480,13 @@ impl FfnRank {
         self.engine.interrupter()
     }
 
+    /// The registered receive region (batches' views point into). Bindings that hand
+    /// zero-copy views to a garbage-collected language keep a clone, so the
+    /// memory outlives the rank for as long as a view does.
+    pub fn receive_region(&self) -> &Arc<Region> {
+        self.engine.recv_region()
+    }
+
     /// Makes progress without waiting: counts whatever has landed.
     pub fn progress(&mut self) -> Result<()> {
         self.engine.pump(Duration::ZERO, &mut self.st)

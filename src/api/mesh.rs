@@ -23,6 +23,14 @@ use crate::transport::{
     Access, Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Setup, Transport, BACKENDS,
 };
 
+/// Joining as a rank when the configuration names this process the
+/// scheduler.
+fn scheduler_not_rank() -> Error {
+    Error::config(
+        "this process is configured as the scheduler (AFMESH_ROLE or DMLC_ROLE = scheduler): run the rendezvous server (MeshConfig::bind_scheduler, afmesh_scheduler_new_from_env, `afmesh scheduler`), not a rank",
+    )
+}
+
 /// A rank of either role, as [`Mesh::join`] returns it.
 #[derive(Debug)]
 pub enum Rank {
@@ -66,6 +74,7 @@ impl Mesh {
         match self.cfg.role {
             Some(Role::Attention) => self.attention(spec).map(Rank::Attention),
             Some(Role::Ffn) => self.ffn(spec).map(Rank::Ffn),
+            None if self.cfg.is_scheduler => Err(scheduler_not_rank()),
             None => Err(Error::config(
                 "no role configured: set AFMESH_ROLE (or DMLC_ROLE)",
             )),
@@ -128,6 +137,9 @@ impl Mesh {
     }
 
     fn check_role(&self, want: Role) -> Result<()> {
+        if self.cfg.is_scheduler {
+            return Err(scheduler_not_rank());
+        }
         match self.cfg.role {
             Some(r) if r != want => Err(Error::config(format!(
                 "configured role is {r}, but joining as {want}"

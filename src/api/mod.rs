@@ -11,7 +11,7 @@ pub mod reduce;
 
 pub use crate::engine::RankStats;
 pub use attention::{AttentionRank, Combined, DispatchHandle, Trace};
-pub use config::{MeshConfig, TransportKind};
+pub use config::{MeshConfig, SchedulerEnv, TransportKind};
 pub use ffn::{Batch, FfnRank, RespondError};
 pub use mesh::{sim_mesh, sim_mesh_with_checksums, Mesh, Rank};
 pub use reduce::Dtype;

@@ -54,6 +54,20 @@ static double now_s(void) {
         }                                                         \
     } while (0)
 
+/* A latency summary with `want` samples, ordered and non-zero. */
+static int check_latency(const char *what, const afmesh_latency *l, uint64_t want) {
+    if (l->count != want || l->count == 0 || l->min_ns == 0 || l->min_ns > l->p50_ns || l->p50_ns > l->p90_ns ||
+        l->p90_ns > l->p99_ns || l->p99_ns > l->p999_ns || l->p999_ns > l->max_ns || l->mean_ns < l->min_ns ||
+        l->mean_ns > l->max_ns) {
+        fprintf(stderr, "%s latency: count %llu (want %llu) min %llu p50 %llu p90 %llu p99 %llu p999 %llu max %llu mean %llu\n",
+                what, (unsigned long long)l->count, (unsigned long long)want, (unsigned long long)l->min_ns,
+                (unsigned long long)l->p50_ns, (unsigned long long)l->p90_ns, (unsigned long long)l->p99_ns,
+                (unsigned long long)l->p999_ns, (unsigned long long)l->max_ns, (unsigned long long)l->mean_ns);
+        return 1;
+    }
+    return 0;
+}
+
 static int check_sum(const float *sum, const float *rows, unsigned t) {
     float k = (float)(N * (N + 1) / 2);
     for (unsigned i = 0; i < t * HIDDEN; i++)
@@ -216,32 +230,42 @@ static int attention(afmesh_attention *a, unsigned layers) {
     MISUSE("stats with a short array", afmesh_attention_stats(a, st, N - 1, &n), AFMESH_ERR_BUFFER_SIZE);
     CHECK("stats", afmesh_attention_stats(a, st, 16, &n));
     if (n != N || st[0].role != 2 || st[0].received != (uint64_t)layers * STAGES) return fail("stats", AFMESH_ERR_CONFIG);
-    for (unsigned j = 0; j < N; j++)
+    for (unsigned j = 0; j < N; j++) {
         if (st[j].size != sizeof st[0] || st[j].rank != j || st[j].sent_bytes == 0 || st[j].copied_bytes == 0) {
             fprintf(stderr, "stats of F%u: size %u rank %u sent_bytes %llu copied_bytes %llu\n", j, st[j].size, st[j].rank,
                     (unsigned long long)st[j].sent_bytes, (unsigned long long)st[j].copied_bytes);
             return 104;
         }
-    /* Histogram percentiles per FFN rank, and who answered each stage last. */
+        /* Every combine of this peer timed, none of the FFN side. */
+        if (check_latency("round trip", &st[j].round_trip, st[j].received) || st[j].ffn.count != 0) return 105;
+    }
+    /* Every stage named one straggler (with more than one FFN rank). */
     uint64_t last = 0;
     for (unsigned j = 0; j < N; j++) {
-        const afmesh_peer_stats *p = &st[j];
-        if (p->round_trip_count != (uint64_t)layers * STAGES || p->round_trip_p50_ns == 0 ||
-            p->round_trip_p50_ns > p->round_trip_p99_ns || p->round_trip_p99_ns > p->round_trip_p999_ns ||
-            p->round_trip_p999_ns > p->round_trip_max_ns || p->ffn_count != 0) {
-            fprintf(stderr, "round trips of F%u: count %llu p50 %llu p99 %llu p999 %llu max %llu ffn %llu\n", j,
-                    (unsigned long long)p->round_trip_count, (unsigned long long)p->round_trip_p50_ns,
-                    (unsigned long long)p->round_trip_p99_ns, (unsigned long long)p->round_trip_p999_ns,
-                    (unsigned long long)p->round_trip_max_ns, (unsigned long long)p->ffn_count);
-            return 105;
-        }
-        if (p->straggler_count > 0 && p->straggler_mean_ns > p->straggler_max_ns) return fail("straggler", AFMESH_ERR_CONFIG);
-        last += p->straggler_count;
+        const afmesh_latency *l = &st[j].straggler;
+        if (l->count > 0 && (l->min_ns > l->p50_ns || l->p50_ns > l->max_ns || l->mean_ns > l->max_ns))
+            return fail("straggler summary out of order", AFMESH_ERR_CONFIG);
+        last += l->count;
     }
     if (last != (N > 1 ? (uint64_t)layers * STAGES : 0)) {
         fprintf(stderr, "stragglers named in %llu stages of %u\n", (unsigned long long)last, layers * STAGES);
         return 106;
     }
+    /* A caller built against the first header (56-byte elements, no
+     * latency fields) gets what it has, nothing past its elements. */
+    uint32_t v1 = (uint32_t)offsetof(afmesh_peer_stats, round_trip);
+    if (v1 != 56) return fail("first header's afmesh_peer_stats size", AFMESH_ERR_CONFIG);
+    uint64_t old[16 * 7 + 1];
+    memset(old, 0xAB, sizeof old);
+    memcpy(old, &v1, sizeof v1);
+    CHECK("stats, first header's size", afmesh_attention_stats(a, (afmesh_peer_stats *)(void *)old, 16, &n));
+    for (unsigned j = 0; j < N; j++) {
+        afmesh_peer_stats e;
+        memset(&e, 0, sizeof e);
+        memcpy(&e, (unsigned char *)old + j * v1, v1);
+        if (e.size != v1 || e.rank != j || e.received != st[j].received) return fail("stats, first header's size", AFMESH_ERR_CONFIG);
+    }
+    if (((unsigned char *)old)[N * v1] != 0xAB) return fail("stats wrote past the first header's elements", AFMESH_ERR_CONFIG);
     return 0;
 }
 
@@ -322,20 +346,15 @@ static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
             return 102;
         }
     }
+    /* Every answer to each attention rank timed, no round trips. */
     afmesh_peer_stats st[16] = {AFMESH_PEER_STATS_INIT};
     size_t n = 0;
     CHECK("stats", afmesh_ffn_stats(f, st, 16, &n));
-    for (unsigned a = 0; a < n; a++) {
-        const afmesh_peer_stats *p = &st[a];
-        if (p->role != 1 || p->ffn_count != (uint64_t)layers * STAGES || p->ffn_p50_ns > p->ffn_p99_ns ||
-            p->ffn_p99_ns > p->ffn_p999_ns || p->ffn_p999_ns > p->ffn_max_ns || p->round_trip_count != 0 ||
-            p->straggler_count != 0) {
-            fprintf(stderr, "ffn times of A%u: count %llu p50 %llu p99 %llu max %llu\n", a, (unsigned long long)p->ffn_count,
-                    (unsigned long long)p->ffn_p50_ns, (unsigned long long)p->ffn_p99_ns,
-                    (unsigned long long)p->ffn_max_ns);
-            return 107;
-        }
-    }
+    if (n != M) return fail("stats count", AFMESH_ERR_CONFIG);
+    for (unsigned j = 0; j < M; j++)
+        if (st[j].role != 1 || st[j].received != (uint64_t)layers * STAGES ||
+            check_latency("ffn", &st[j].ffn, st[j].received) || st[j].round_trip.count != 0 || st[j].straggler.count != 0)
+            return 105;
     return 0;
 }
 

@@ -40,8 +40,10 @@ enum Cmd {
     Scheduler {
         /// Address to listen on: HOST:PORT, or a PORT on the default host,
         /// which is 127.0.0.1 without a cluster token and 0.0.0.0 with one.
-        #[arg(long, default_value = "8123")]
-        bind: String,
+        /// Default: AFMESH_SCHEDULER, else DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT
+        /// (where the ranks connect), else port 8123.
+        #[arg(long)]
+        bind: Option<String>,
         /// Cluster token every rank must prove (default: AFMESH_TOKEN).
         /// Visible to other users in the process list: prefer --token-file.
         #[arg(long, conflicts_with = "token_file")]
@@ -49,13 +51,15 @@ enum Cmd {
         /// File holding the cluster token (default: AFMESH_TOKEN_FILE).
         #[arg(long)]
         token_file: Option<std::path::PathBuf>,
-        /// Attention ranks to admit (default: from the first rank's hello).
+        /// Attention ranks to admit (default: AFMESH_NUM_ATTENTION, else
+        /// DMLC_NUM_WORKER × DMLC_GROUP_SIZE, else the first rank's hello).
         #[arg(long)]
         attention: Option<u32>,
-        /// FFN ranks to admit (default: from the first rank's hello).
+        /// FFN ranks to admit (default: AFMESH_NUM_FFN, else
+        /// DMLC_NUM_SERVER × DMLC_GROUP_SIZE, else the first rank's hello).
         #[arg(long)]
         ffn: Option<u32>,
-        /// Job name (default: from the first rank's hello).
+        /// Job name (default: AFMESH_JOB, else the first rank's hello).
         #[arg(long)]
         job: Option<String>,
         /// Seconds a setup attempt may take to form.
@@ -66,7 +70,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run one rank of a mesh on the self-checking synthetic workload.
+    /// Run one rank of a mesh on the self-checking synthetic workload, or,
+    /// when the role is `scheduler` (as StepMesh launch scripts start one
+    /// process of each kind from DMLC_* alone), the rendezvous server at
+    /// the mesh's scheduler address.
     Run(RunArgs),
     /// Start a scheduler and M+N ranks on this host, run the workload,
     /// verify it, and compare with the floor.
@@ -134,7 +141,7 @@ impl WorkloadArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Role of this rank (default: AFMESH_ROLE or DMLC_ROLE).
+    /// Role of this process (default: AFMESH_ROLE or DMLC_ROLE).
     #[arg(long, value_enum)]
     role: Option<RoleArg>,
     /// Rendezvous server HOST:PORT (default: from the environment).
@@ -163,6 +170,7 @@ pub struct RunArgs {
 enum RoleArg {
     Attention,
     Ffn,
+    Scheduler,
 }
 
 fn main() {
@@ -184,7 +192,7 @@ fn main() {
             join_timeout,
             json,
         } => scheduler_token(token, token_file)
-            .and_then(|t| scheduler(&bind, t, attention, ffn, job, join_timeout, json)),
+            .and_then(|t| scheduler(bind.as_deref(), t, attention, ffn, job, join_timeout, json)),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::Trace { cmd } => trace::trace(&cmd),
@@ -219,8 +227,10 @@ fn bind_address(bind: &str, has_token: bool) -> String {
     }
 }
 
+/// `afmesh scheduler`: flags win, then the environment the ranks read
+/// (so a StepMesh launch needs no flags), then the defaults.
 fn scheduler(
-    bind: &str,
+    bind: Option<&str>,
     token: Option<Token>,
     attention: Option<u32>,
     ffn: Option<u32>,
@@ -228,17 +238,33 @@ fn scheduler(
     join_timeout: u64,
     json: bool,
 ) -> Result<()> {
+    let env = MeshConfig::scheduler_from_env().context("reading the scheduler's environment")?;
+    let (addr, from) = match (bind, env.addr) {
+        (Some(b), _) => (bind_address(b, token.is_some()), "--bind"),
+        (None, Some(a)) => (
+            a,
+            "AFMESH_SCHEDULER or DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT; --bind overrides it",
+        ),
+        (None, None) => (bind_address("8123", token.is_some()), "the default"),
+    };
     let s = Scheduler::bind(
-        &bind_address(bind, token.is_some()),
+        &addr,
         SchedulerConfig {
-            attention,
-            ffn,
-            job,
+            attention: attention.or(env.attention),
+            ffn: ffn.or(env.ffn),
+            job: job.or(env.job),
             join_timeout: Duration::from_secs(join_timeout),
             token,
             ..SchedulerConfig::default()
         },
-    )?;
+    )
+    .with_context(|| format!("listening on {addr} (from {from})"))?;
+    serve(s, json)
+}
+
+/// Runs a bound rendezvous server until its mesh finishes, then prints
+/// the job summary (`json`: as one JSON object).
+fn serve(s: Scheduler, json: bool) -> Result<()> {
     eprintln!("afmesh scheduler listening on {}", s.local_addr()?);
     let summary = s.run()?;
     eprintln!(
@@ -276,10 +302,21 @@ fn run(args: &RunArgs) -> Result<()> {
         "configuring the rank (flags --scheduler/--attention/--ffn, or AFMESH_*/DMLC_* variables)",
     )?;
     if let Some(r) = args.role {
-        cfg.role = Some(match r {
-            RoleArg::Attention => Role::Attention,
-            RoleArg::Ffn => Role::Ffn,
-        });
+        (cfg.role, cfg.is_scheduler) = match r {
+            RoleArg::Attention => (Some(Role::Attention), false),
+            RoleArg::Ffn => (Some(Role::Ffn), false),
+            RoleArg::Scheduler => (None, true),
+        };
+    }
+    if cfg.is_scheduler {
+        // The same launch line as the ranks: serve their rendezvous.
+        let s = cfg.bind_scheduler().with_context(|| {
+            format!(
+                "listening on the mesh's scheduler address {}",
+                cfg.scheduler
+            )
+        })?;
+        return serve(s, args.json);
     }
     if args.rank.is_some() {
         cfg.rank = args.rank;

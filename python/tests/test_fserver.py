@@ -1,0 +1,51 @@
+"""afmesh.fserver as StepMesh's tests drive fserver_lib: a scheduler
+process, 2 workers and 2 servers from DMLC_* alone, several stages in
+flight, values verified; a lost server is an exception, not an abort."""
+
+import signal
+
+from conftest import free_port
+
+
+def env(role, rank, port, extra=None):
+    e = {
+        "DMLC_ROLE": role,
+        "DMLC_NUM_WORKER": 2,
+        "DMLC_NUM_SERVER": 2,
+        "DMLC_PS_ROOT_URI": "127.0.0.1",
+        "DMLC_PS_ROOT_PORT": port,
+        "STEPMESH_GPU": 0,
+        "AFMESH_FSERVER_MAX_BYTES": 4096,
+        "AFMESH_SETUP_TIMEOUT_MS": 20000,
+    }
+    if rank is not None:
+        e["DMLC_NODE_RANK"] = rank
+    e.update(extra or {})
+    return e
+
+
+def test_fserver_2_workers_2_servers(procs):
+    port = free_port()
+    sched = procs.spawn("fserver_rank.py", env("scheduler", None, port), 4)
+    ranks = [procs.spawn("fserver_rank.py", env(role, i, port), 4)
+             for role in ("worker", "server") for i in range(2)]
+    for p in ranks + [sched]:
+        code, out = procs.finish(p, 30)
+        assert code == 0 and out.strip().endswith("ok"), out
+
+
+def test_fserver_lost_server_is_an_exception(procs):
+    port = free_port()
+    extra = {"AFMESH_FSERVER_TIMEOUT_MS": 20000}
+    procs.spawn("fserver_rank.py", env("scheduler", None, port), 10**6)
+    workers = [procs.spawn("fserver_rank.py", env("worker", i, port, extra), 10**6)
+               for i in range(2)]
+    servers = [procs.spawn("fserver_rank.py", env("server", i, port, extra), 10**6)
+               for i in range(2)]
+    # The job runs once a worker has waited for its first push_pulls.
+    line = workers[0].stdout.readline()
+    assert line.strip() == "running", line
+    servers[1].send_signal(signal.SIGKILL)
+    for p in workers + servers[:1]:
+        code, out = procs.finish(p, 15)
+        assert code == 3 and "PeerLost" in out, out
