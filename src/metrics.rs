@@ -13,13 +13,15 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+// std's atomics, not `crate::sync`'s: two flags between a rank and its
+// server thread, no lock-free structure for loom to model.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::engine::{Histogram, PeerStats, RankStats};
 use crate::error::{Error, Peer, Result};
-use crate::sync::{AtomicBool, Ordering};
 
 /// How long a scrape waits for the rank to publish a fresh snapshot.
 const FRESH_WAIT: Duration = Duration::from_millis(100);
