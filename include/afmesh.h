@@ -235,7 +235,7 @@ typedef struct afmesh_config {
    */
   const char *host_id;
   /**
-   * `"auto"`, `"tcp"` or `"shm"`, or NULL for auto.
+   * `"auto"`, `"tcp"`, `"shm"` or `"verbs"`, or NULL for auto.
    */
   const char *transport;
   /**

@@ -379,6 +379,7 @@ mod tests {
         RankStats {
             transport: "shm".into(),
             peers: vec![(Peer::Ffn(0), p0), (Peer::Ffn(1), p1)],
+            wire: Default::default(),
         }
     }
 

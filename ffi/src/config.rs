@@ -37,7 +37,7 @@ pub struct afmesh_config {
     pub job: *const c_char,
     /// Host identity, or NULL for the hostname.
     pub host_id: *const c_char,
-    /// `"auto"`, `"tcp"` or `"shm"`, or NULL for auto.
+    /// `"auto"`, `"tcp"`, `"shm"` or `"verbs"`, or NULL for auto.
     pub transport: *const c_char,
     /// `"park"`, `"park:<us>"`, `"spin"` or `"block"`, or NULL for park.
     pub poll: *const c_char,

@@ -376,6 +376,14 @@ impl ibv_send_wr {
     pub fn rdma_rkey(&self) -> u32 {
         self.wr.rkey_or_compare_add as u32
     }
+
+    /// Whether this is an atomic (its `wr.atomic` member applies).
+    pub fn is_atomic(&self) -> bool {
+        matches!(
+            self.opcode,
+            IBV_WR_ATOMIC_CMP_AND_SWP | IBV_WR_ATOMIC_FETCH_AND_ADD
+        )
+    }
 }
 
 #[repr(C)]
@@ -423,6 +431,12 @@ pub const IBV_NODE_CA: i32 = 1;
 pub const IBV_TRANSPORT_IB: i32 = 0;
 pub const IBV_LINK_LAYER_INFINIBAND: u8 = 1;
 pub const IBV_LINK_LAYER_ETHERNET: u8 = 2;
+pub const IBV_PORT_DOWN: u32 = 1;
+pub const IBV_PORT_IP_BASED_GIDS: u32 = 1 << 26;
+pub const IBV_DEVICE_CURR_QP_STATE_MOD: u32 = 1 << 7;
+pub const IBV_DEVICE_PORT_ACTIVE_EVENT: u32 = 1 << 10;
+pub const IBV_DEVICE_SYS_IMAGE_GUID: u32 = 1 << 11;
+pub const IBV_DEVICE_RC_RNR_NAK_GEN: u32 = 1 << 12;
 pub const IBV_PORT_ACTIVE: u32 = 4;
 pub const IBV_MTU_4096: u32 = 5;
 pub const IBV_QPT_RC: u32 = 2;
@@ -462,6 +476,18 @@ pub const IBV_ACCESS_LOCAL_WRITE: u32 = 1;
 pub const IBV_ACCESS_REMOTE_WRITE: u32 = 1 << 1;
 pub const IBV_ACCESS_REMOTE_READ: u32 = 1 << 2;
 pub const IBV_ACCESS_REMOTE_ATOMIC: u32 = 1 << 3;
+pub const IBV_ACCESS_MW_BIND: u32 = 1 << 4;
+pub const IBV_ACCESS_ZERO_BASED: u32 = 1 << 5;
+pub const IBV_ACCESS_ON_DEMAND: u32 = 1 << 6;
+pub const IBV_ACCESS_HUGETLB: u32 = 1 << 7;
+/// `IBV_ACCESS_FLUSH_GLOBAL` / `_PERSISTENT` (rdma-core 45+ headers).
+pub const IBV_ACCESS_FLUSH_GLOBAL: u32 = 1 << 8;
+pub const IBV_ACCESS_FLUSH_PERSISTENT: u32 = 1 << 9;
+/// `IBV_ACCESS_RELAXED_ORDERING`, the first optional flag.
+pub const IBV_ACCESS_RELAXED_ORDERING: u32 = 1 << 20;
+/// `IBV_ACCESS_OPTIONAL_RANGE`: bits 20..=29, flags a provider must accept
+/// and may ignore.
+pub const IBV_ACCESS_OPTIONAL_RANGE: u32 = ((1 << 29) << 1) - (1 << 20);
 
 pub const IBV_SEND_SIGNALED: u32 = 1 << 1;
 pub const IBV_SEND_SOLICITED: u32 = 1 << 2;
@@ -472,10 +498,15 @@ pub const IBV_WR_RDMA_WRITE_WITH_IMM: u32 = 1;
 pub const IBV_WR_SEND: u32 = 2;
 pub const IBV_WR_SEND_WITH_IMM: u32 = 3;
 pub const IBV_WR_RDMA_READ: u32 = 4;
+pub const IBV_WR_ATOMIC_CMP_AND_SWP: u32 = 5;
+pub const IBV_WR_ATOMIC_FETCH_AND_ADD: u32 = 6;
 
 pub const IBV_WC_SEND: u32 = 0;
 pub const IBV_WC_RDMA_WRITE: u32 = 1;
 pub const IBV_WC_RDMA_READ: u32 = 2;
+pub const IBV_WC_COMP_SWAP: u32 = 3;
+pub const IBV_WC_FETCH_ADD: u32 = 4;
+pub const IBV_ATOMIC_HCA: u32 = 1;
 pub const IBV_WC_RECV: u32 = 1 << 7;
 pub const IBV_WC_RECV_RDMA_WITH_IMM: u32 = (1 << 7) + 1;
 
@@ -521,3 +552,51 @@ pub const WC_STATUS_STR: [&std::ffi::CStr; 24] = [
     c"TM error",
     c"TM software rendezvous",
 ];
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ibv_gid_entry {
+    pub gid: ibv_gid,
+    pub gid_index: u32,
+    pub port_num: u32,
+    pub gid_type: u32,
+    pub ndev_ifindex: u32,
+}
+
+pub const IBV_GID_TYPE_IB: u32 = 0;
+pub const IBV_GID_TYPE_ROCE_V1: u32 = 1;
+pub const IBV_GID_TYPE_ROCE_V2: u32 = 2;
+
+/// `union` element of `struct ibv_async_event`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union ibv_async_element {
+    /// The CQ, QP, SRQ or WQ.
+    pub ptr: usize,
+    pub port_num: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ibv_async_event {
+    pub element: ibv_async_element,
+    pub event_type: u32,
+}
+
+pub const IBV_SRQ_MAX_WR: i32 = 1;
+pub const IBV_SRQ_LIMIT: i32 = 2;
+
+pub const IBV_EVENT_CQ_ERR: u32 = 0;
+pub const IBV_EVENT_QP_FATAL: u32 = 1;
+pub const IBV_EVENT_QP_REQ_ERR: u32 = 2;
+pub const IBV_EVENT_QP_ACCESS_ERR: u32 = 3;
+pub const IBV_EVENT_COMM_EST: u32 = 4;
+pub const IBV_EVENT_SQ_DRAINED: u32 = 5;
+pub const IBV_EVENT_PATH_MIG: u32 = 6;
+pub const IBV_EVENT_PATH_MIG_ERR: u32 = 7;
+pub const IBV_EVENT_DEVICE_FATAL: u32 = 8;
+pub const IBV_EVENT_PORT_ACTIVE: u32 = 9;
+pub const IBV_EVENT_PORT_ERR: u32 = 10;
+pub const IBV_EVENT_SRQ_ERR: u32 = 14;
+pub const IBV_EVENT_SRQ_LIMIT_REACHED: u32 = 15;
+pub const IBV_EVENT_QP_LAST_WQE_REACHED: u32 = 16;

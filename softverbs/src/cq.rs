@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::abi::*;
 use crate::channel::Channel;
+use crate::device::Context;
+use crate::events::{Element, EventQueue};
 use crate::fabric::{self, Kind};
 use crate::shm::Mapping;
 use crate::{fabric_or_errno, guard, ring, set_errno};
@@ -31,6 +33,12 @@ pub struct CqShared {
     /// Initiator completions waiting out the emulated acknowledgement
     /// delay, in order (see `qp::ack_delay`).
     pub deferred: Mutex<std::collections::VecDeque<(std::time::Instant, ibv_wc)>>,
+    /// The context's async events, and whether `IBV_EVENT_CQ_ERR` was
+    /// raised for this CQ's overflow.
+    pub events: Arc<EventQueue>,
+    pub overflow_reported: std::sync::atomic::AtomicBool,
+    /// Queue pairs using it (destroying it meanwhile is EBUSY).
+    pub users: std::sync::atomic::AtomicUsize,
 }
 
 impl CqShared {
@@ -64,13 +72,14 @@ pub unsafe extern "C" fn ibv_create_cq(
     cqe: i32,
     cq_context: *mut c_void,
     channel: *mut ibv_comp_channel,
-    _comp_vector: i32,
+    comp_vector: i32,
 ) -> *mut ibv_cq {
     guard(ptr::null_mut(), || {
         let Some(f) = fabric_or_errno() else {
             return ptr::null_mut();
         };
-        if ctx.is_null() || cqe < 1 || cqe as u32 > MAX_CQE {
+        // One completion vector (`num_comp_vectors`).
+        if ctx.is_null() || cqe < 1 || cqe as u32 > MAX_CQE || comp_vector != 0 {
             set_errno(libc::EINVAL);
             return ptr::null_mut();
         }
@@ -97,6 +106,8 @@ pub unsafe extern "C" fn ibv_create_cq(
             }
         };
         f.publish(Kind::Cq, slot);
+        // SAFETY: contexts handed out are `Context`s.
+        let events = unsafe { (*ctx.cast::<Context>()).events.clone() };
         let cq = Box::new(Cq {
             ibv: ibv_cq {
                 context: ctx,
@@ -115,6 +126,9 @@ pub unsafe extern "C" fn ibv_create_cq(
                 ring,
                 name,
                 deferred: Mutex::new(std::collections::VecDeque::new()),
+                events,
+                overflow_reported: std::sync::atomic::AtomicBool::new(false),
+                users: std::sync::atomic::AtomicUsize::new(0),
             }),
         });
         let p = Box::into_raw(cq);
@@ -134,12 +148,18 @@ pub unsafe extern "C" fn ibv_destroy_cq(cq: *mut ibv_cq) -> i32 {
         if cq.is_null() {
             return libc::EINVAL;
         }
+        // SAFETY: a live CQ.
+        let users = unsafe { &(&*cq.cast::<Cq>()).shared.users };
+        if users.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return libc::EBUSY;
+        }
         // SAFETY: from `Box::into_raw` in `ibv_create_cq`, destroyed once.
         let c = unsafe { Box::from_raw(cq.cast::<Cq>()) };
         local_cqs()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&c.shared.slot);
+        c.shared.events.forget(Element::Cq(cq as usize));
         if !c.ibv.channel.is_null() {
             // SAFETY: the channel outlives its CQs (EBUSY otherwise).
             unsafe { (*c.ibv.channel).refcnt -= 1 };
@@ -171,9 +191,20 @@ pub unsafe extern "C" fn poll_cq(cq: *mut ibv_cq, n: i32, wc: *mut ibv_wc) -> i3
         if let Ok(f) = fabric::get() {
             c.shared.flush_due(f);
         }
+        crate::srq::check_limits();
         match ring::cq_pop(&c.shared.ring, out) {
             Ok(k) => k as i32,
             Err(()) => {
+                // The overflow is also an affiliated async event, once.
+                if !c
+                    .shared
+                    .overflow_reported
+                    .swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    c.shared
+                        .events
+                        .raise(IBV_EVENT_CQ_ERR, Element::Cq(cq as usize));
+                }
                 set_errno(libc::EOVERFLOW);
                 -1
             }

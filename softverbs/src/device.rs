@@ -4,10 +4,11 @@
 
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::abi::*;
 use crate::cq::{poll_cq, req_notify_cq, MAX_CQE};
+use crate::events::EventQueue;
 use crate::srq::post_srq_recv;
 use crate::{fabric, fabric_or_errno, guard, qp, ring, set_errno};
 
@@ -87,41 +88,28 @@ pub(crate) fn lid_of(i: usize) -> u16 {
     }
 }
 
-/// GID `index` of device `i`: 0 is link-local from the GUID (RoCEv1/IB
-/// style), 1 an IPv4-mapped address (RoCEv2 style, 127.0.0.<i+1>).
-pub(crate) fn gid_of(i: usize, index: i32) -> Option<ibv_gid> {
-    let mut g = ibv_gid::default();
-    match index {
-        0 => {
-            g.raw[0] = 0xfe;
-            g.raw[1] = 0x80;
-            g.raw[8..].copy_from_slice(&devices().get(i)?.guid.to_be_bytes());
-        }
-        1 => {
-            g.raw[10] = 0xff;
-            g.raw[11] = 0xff;
-            g.raw[12..].copy_from_slice(&[127, 0, 0, (i + 1) as u8]);
-        }
-        _ => return None,
-    }
-    Some(g)
-}
-
 /// The device a destination (LID or GID) names.
 pub(crate) fn resolve(ah: &ibv_ah_attr) -> Option<usize> {
     (0..devices().len()).find(|&i| {
         if ah.is_global != 0 {
-            (0..2).any(|x| gid_of(i, x) == Some(ah.grh.dgid))
+            crate::gid::table(i).iter().any(|e| e.gid == ah.grh.dgid)
         } else {
             !ethernet() && ah.dlid == lid_of(i)
         }
     })
 }
+
 /// # Safety
 /// `num` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn ibv_get_device_list(num: *mut i32) -> *mut *mut ibv_device {
     guard(ptr::null_mut(), || {
+        if let Err(e) = crate::fault::get() {
+            // A mistyped fault must not pass as a run without faults.
+            eprintln!("softverbs: {e}");
+            set_errno(libc::EINVAL);
+            return ptr::null_mut();
+        }
         let devs = devices();
         // SAFETY: calloc of n+1 pointers; freed by `ibv_free_device_list`.
         let list = unsafe { libc::calloc(devs.len() + 1, std::mem::size_of::<*mut ibv_device>()) }
@@ -165,6 +153,15 @@ fn device_of(dev: *const ibv_device) -> Option<&'static Device> {
     devices().iter().find(|d| ptr::eq(&d.ibv, dev))
 }
 
+/// The device's index (its `uverbs<i>` number), or -1.
+///
+/// # Safety
+/// `dev` is a device from `ibv_get_device_list`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_get_device_index(dev: *mut ibv_device) -> i32 {
+    device_of(dev).map_or(-1, |d| d.index as i32)
+}
+
 /// # Safety
 /// `dev` is a device from `ibv_get_device_list`.
 #[no_mangle]
@@ -177,6 +174,8 @@ pub unsafe extern "C" fn ibv_get_device_guid(dev: *mut ibv_device) -> u64 {
 pub struct Context {
     pub ibv: ibv_context,
     pub dev: usize,
+    /// Its asynchronous events; `ibv.async_fd` is this queue's fd.
+    pub events: Arc<EventQueue>,
 }
 
 pub(crate) fn ops() -> ibv_context_ops {
@@ -200,8 +199,15 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut ibv_device) -> *mut ibv_conte
             return ptr::null_mut();
         };
         fabric_or_errno();
-        // SAFETY: eventfd with no flags beyond CLOEXEC.
-        let async_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let events = match EventQueue::new() {
+            Ok(q) => q,
+            Err(e) => {
+                set_errno(e.raw_os_error().unwrap_or(libc::EMFILE));
+                return ptr::null_mut();
+            }
+        };
+        crate::fault::context_opened(&events);
+        let async_fd = events.fd();
         let ctx = Box::new(Context {
             ibv: ibv_context {
                 device: dev,
@@ -213,6 +219,7 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut ibv_device) -> *mut ibv_conte
                 abi_compat: ptr::null_mut(),
             },
             dev: d.index,
+            events,
         });
         Box::into_raw(ctx).cast()
     })
@@ -226,15 +233,12 @@ pub unsafe extern "C" fn ibv_close_device(ctx: *mut ibv_context) -> i32 {
         return libc::EINVAL;
     }
     // SAFETY: from `Box::into_raw` in `ibv_open_device`, closed once.
-    let c = unsafe { Box::from_raw(ctx.cast::<Context>()) };
-    if c.ibv.async_fd >= 0 {
-        // SAFETY: our eventfd.
-        unsafe { libc::close(c.ibv.async_fd) };
-    }
+    // Its event queue (and fd) goes with the last object that uses it.
+    drop(unsafe { Box::from_raw(ctx.cast::<Context>()) });
     0
 }
 
-fn ctx_dev(ctx: *const ibv_context) -> Option<usize> {
+pub(crate) fn ctx_dev(ctx: *const ibv_context) -> Option<usize> {
     if ctx.is_null() {
         return None;
     }
@@ -270,9 +274,17 @@ pub unsafe extern "C" fn ibv_query_device(
         a.max_cqe = MAX_CQE as i32;
         a.max_mr = fabric::MAX_MR as i32;
         a.max_pd = 1 << 20;
-        a.max_qp_rd_atom = 16;
-        a.max_res_rd_atom = 16 * fabric::MAX_QP as i32;
-        a.max_qp_init_rd_atom = 16;
+        a.max_qp_rd_atom = qp::MAX_RD_ATOMIC as i32;
+        a.max_res_rd_atom = qp::MAX_RD_ATOMIC as i32 * fabric::MAX_QP as i32;
+        a.max_qp_init_rd_atom = qp::MAX_RD_ATOMIC as i32;
+        // What it does as a real RC NIC would: cur_qp_state checked on
+        // modify, port events, a system image GUID, RNR NAKs.
+        a.device_cap_flags = IBV_DEVICE_CURR_QP_STATE_MOD
+            | IBV_DEVICE_PORT_ACTIVE_EVENT
+            | IBV_DEVICE_SYS_IMAGE_GUID
+            | IBV_DEVICE_RC_RNR_NAK_GEN;
+        // Atomic among this NIC's atomics (the namespace's atomic lock).
+        a.atomic_cap = IBV_ATOMIC_HCA;
         a.max_srq = fabric::MAX_SRQ as i32;
         a.max_srq_wr = qp::MAX_WR as i32;
         a.max_srq_sge = ring::MAX_SGE as i32;
@@ -300,12 +312,18 @@ pub unsafe extern "C" fn ibv_query_port(
         if port != 1 {
             return libc::EINVAL;
         }
+        let down = crate::fault::port_down();
         let a = ibv_port_attr {
-            state: IBV_PORT_ACTIVE,
+            state: if down { IBV_PORT_DOWN } else { IBV_PORT_ACTIVE },
             max_mtu: IBV_MTU_4096,
             active_mtu: IBV_MTU_4096,
-            gid_tbl_len: 2,
-            port_cap_flags: 0,
+            gid_tbl_len: crate::gid::table(i).len() as i32,
+            // RoCE GIDs come from IP addresses.
+            port_cap_flags: if ethernet() {
+                IBV_PORT_IP_BASED_GIDS
+            } else {
+                0
+            },
             max_msg_sz: 1 << 31,
             pkey_tbl_len: 1,
             lid: lid_of(i),
@@ -314,7 +332,8 @@ pub unsafe extern "C" fn ibv_query_port(
             max_vl_num: 1,
             active_width: 2,
             active_speed: 32,
-            phys_state: 5,
+            // 5: LinkUp; 3: Disabled.
+            phys_state: if down { 3 } else { 5 },
             link_layer: if ethernet() {
                 IBV_LINK_LAYER_ETHERNET
             } else {
@@ -326,50 +345,6 @@ pub unsafe extern "C" fn ibv_query_port(
         unsafe { attr.write(a) };
         0
     })
-}
-
-/// # Safety
-/// Pointers are valid.
-#[no_mangle]
-pub unsafe extern "C" fn ibv_query_gid(
-    ctx: *mut ibv_context,
-    port: u8,
-    index: i32,
-    gid: *mut ibv_gid,
-) -> i32 {
-    guard(-1, || {
-        let (Some(i), false) = (ctx_dev(ctx), gid.is_null()) else {
-            return -1;
-        };
-        match (port, gid_of(i, index)) {
-            (1, Some(g)) => {
-                // SAFETY: non-NULL, caller-provided.
-                unsafe { gid.write(g) };
-                0
-            }
-            _ => -1,
-        }
-    })
-}
-
-/// # Safety
-/// Pointers are valid.
-#[no_mangle]
-pub unsafe extern "C" fn ibv_query_gid_type(
-    ctx: *mut ibv_context,
-    port: u8,
-    index: u32,
-    ty: *mut u32,
-) -> i32 {
-    let (Some(i), false) = (ctx_dev(ctx), ty.is_null()) else {
-        return -1;
-    };
-    if port != 1 || gid_of(i, index as i32).is_none() {
-        return -1;
-    }
-    // SAFETY: non-NULL, caller-provided. 0: IB/RoCEv1, 1: RoCEv2.
-    unsafe { ty.write(index.min(1)) };
-    0
 }
 
 /// Reads a sysfs attribute; the soft devices' paths answer from here.

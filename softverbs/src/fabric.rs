@@ -22,7 +22,7 @@ pub const MAX_SRQ: usize = 256;
 pub const MAX_CH: usize = 256;
 pub const CH_EVENTS: usize = 256;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"SOFTVRB2");
+const MAGIC: u64 = u64::from_le_bytes(*b"SOFTVRB3");
 const FREE: u32 = 0;
 const BUSY: u32 = 1;
 const LIVE: u32 = 2;
@@ -76,6 +76,9 @@ pub struct MrSlot {
     pub _r: AtomicU32,
     pub addr: AtomicU64,
     pub len: AtomicU64,
+    /// The address the region starts at in work requests (`iova` of
+    /// `ibv_reg_mr_iova2`; the virtual address for `ibv_reg_mr`).
+    pub iova: AtomicU64,
 }
 
 // SAFETY: `#[repr(C)]` and made only of atomics (and a `SlotHdr`).
@@ -213,6 +216,13 @@ impl Fabric {
         self.map.at(self.ch_off + i * std::mem::size_of::<ChSlot>())
     }
 
+    /// The lock every atomic work request of the namespace holds while it
+    /// reads, computes and writes its target: atomicity among the
+    /// emulated NIC's atomics (`IBV_ATOMIC_HCA`), as a NIC gives.
+    pub fn atomic_lock(&self) -> &AtomicU32 {
+        self.map.at(16)
+    }
+
     /// A new protection-domain id, unique in the namespace.
     pub fn next_pd(&self) -> u32 {
         self.map.at::<AtomicU64>(8).fetch_add(1, Ordering::Relaxed) as u32
@@ -310,7 +320,8 @@ impl Fabric {
     }
 
     fn remove_files(&self, kind: Kind, i: usize, gen: u32) {
-        if matches!(kind, Kind::Qp | Kind::Srq | Kind::Cq) {
+        // Rings, and a channel's doorbell socket.
+        if matches!(kind, Kind::Qp | Kind::Srq | Kind::Cq | Kind::Ch) {
             let _ = shm::unlink(&self.file(kind, i, gen & 0xfff));
         }
     }

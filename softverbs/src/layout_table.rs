@@ -28,6 +28,16 @@ pub fn table() -> Vec<(&'static str, usize)> {
         ("size ibv_wc", size_of::<ibv_wc>()),
         ("size ibv_srq_attr", size_of::<ibv_srq_attr>()),
         ("size ibv_srq_init_attr", size_of::<ibv_srq_init_attr>()),
+        ("size ibv_async_event", size_of::<ibv_async_event>()),
+        ("size ibv_gid_entry", size_of::<ibv_gid_entry>()),
+        (
+            "off ibv_gid_entry.gid_type",
+            offset_of!(ibv_gid_entry, gid_type),
+        ),
+        (
+            "off ibv_async_event.event_type",
+            offset_of!(ibv_async_event, event_type),
+        ),
         (
             "off ibv_device.node_type",
             offset_of!(ibv_device, node_type),

@@ -19,6 +19,8 @@
 //!   key, bounds, access flags and protection domain are checked against
 //!   the shared fabric table. The target process does not run: a one-sided
 //!   write lands without it calling into the library, as with a NIC.
+//! * Atomics (compare-and-swap, fetch-and-add) read, compute and write
+//!   the target's 8 bytes the same way, under one lock for the namespace.
 //! * SEND and WRITE WITH IMM consume a receive work request that the target
 //!   posted on its receive queue (or SRQ), a ring in shared memory, scatter
 //!   into it, and push the completion onto the target's completion queue,
@@ -42,15 +44,44 @@
 //!
 //! `SOFTVERBS_DEVICES`: a count (`2`) or names (`mlx5_0,mlx5_1`); default
 //! one device `softverbs0`. `SOFTVERBS_LINK_LAYER=ethernet` makes ports
-//! RoCE-like (LID 0, address by GID). `SOFTVERBS_NAMESPACE` separates
-//! unrelated jobs (default `default`); processes that talk must share it.
+//! RoCE-like (LID 0, address by GID, a GRH required; the GID table laid
+//! out as mlx5's: 0/1 link-local RoCE v1/v2, 2/3 IPv4-mapped RoCE v1/v2).
+//! `SOFTVERBS_NAMESPACE` separates unrelated jobs (default `default`);
+//! processes that talk must share it. `SOFTVERBS_FAULT` injects errors
+//! for tests (see the `fault` module: `wr:<n>:<status>`,
+//! `qp:<k>:wr:<n>:<status>`, status `fatal`, `port-err:<ms>`,
+//! `port-active:<ms>`). `SOFTVERBS_ACK_DELAY_US` delays initiator
+//! completions (default 0). `SOFTVERBS_DEBUG` says why work is retried.
+//!
+//! # The specification
+//!
+//! The verbs man pages and rdma-core's behaviour for a provider: optional
+//! memory access flags (`IBV_ACCESS_OPTIONAL_RANGE`, e.g. relaxed
+//! ordering) are accepted and ignored; unknown ones are EINVAL, on-demand
+//! paging EOPNOTSUPP, unmapped memory EFAULT; verbs of absent features
+//! answer as rdma-core's dummy ops do (EOPNOTSUPP: `ibv_reg_dmabuf_mr`,
+//! `ibv_rereg_mr`, `ibv_resize_cq`, address handles, multicast, ECE,
+//! imports); destroying a PD, CQ or SRQ still in use is EBUSY.
+//! Asynchronous events (`ibv_get_async_event` on the context's
+//! `async_fd`) are raised for this process's objects: `QP_FATAL` (fault
+//! switch), `QP_LAST_WQE_REACHED` (a QP on an SRQ enters the error state),
+//! `SRQ_LIMIT_REACHED` and `CQ_ERR` (an armed SRQ fell below its limit, a
+//! CQ overflowed: both seen at the owner's next CQ poll, since a peer's
+//! process does the taking and pushing), `PORT_ERR` / `PORT_ACTIVE` (fault
+//! switch).
 //!
 //! # Not emulated
 //!
-//! UD/UC/XRC queue pairs, atomics, memory windows, the extended (`_ex`)
-//! verbs (`ibv_qp_to_qp_ex` returns NULL), asynchronous events, SRQ limit
-//! events, device memory. A completion channel's `fd` becomes readable only
-//! for events raised inside its own process; `ibv_get_cq_event` sees all.
+//! UD/UC/XRC queue pairs, address handles and multicast; atomics beyond
+//! `IBV_ATOMIC_HCA` (they are atomic among the namespace's atomic work
+//! requests, not against the target's CPU); memory windows, on-demand paging, dma-buf and device memory,
+//! re-registration, CQ resizing, SRQ resizing; the SQD state and alternate
+//! paths; the extended (`_ex`) verbs (`ibv_qp_to_qp_ex` returns NULL;
+//! `ibv_create_cq_ex`, and `ibv_create_qp_ex` with more than a PD, take
+//! the header's EOPNOTSUPP path); async events for errors a peer causes (a
+//! responder QP that a short receive put in error raises nothing;
+//! `COMM_EST`, `SQ_DRAINED`, path migration never happen); destroying an
+//! object does not wait for its unacknowledged async events.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 // The C mirrors hold raw pointers and unions; Debug on them is noise.
@@ -60,12 +91,16 @@ pub mod abi;
 mod channel;
 mod cq;
 mod device;
+mod events;
 mod fabric;
+mod fault;
+mod gid;
 mod memory;
 mod qp;
 mod ring;
 mod shm;
 mod srq;
+mod unsupported;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 use std::ptr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::abi::*;
 use crate::fabric::{self, Kind};
@@ -14,6 +14,23 @@ use crate::{fabric_or_errno, guard, set_errno};
 pub struct Pd {
     pub ibv: ibv_pd,
     pub id: u32,
+    /// Memory regions, queue pairs and SRQs created on it: while any
+    /// lives, deallocating it is EBUSY, as the kernel answers.
+    pub users: AtomicUsize,
+}
+
+/// Counts one more (`up`) or one fewer object on `pd`.
+pub(crate) fn pd_use(pd: *const ibv_pd, up: bool) {
+    if pd.is_null() {
+        return;
+    }
+    // SAFETY: PDs handed out are `Pd`s, live while objects use them.
+    let u = unsafe { &(*pd.cast::<Pd>()).users };
+    if up {
+        u.fetch_add(1, Ordering::AcqRel);
+    } else {
+        u.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub(crate) fn pd_id(pd: *const ibv_pd) -> Option<u32> {
@@ -43,6 +60,7 @@ pub unsafe extern "C" fn ibv_alloc_pd(ctx: *mut ibv_context) -> *mut ibv_pd {
                 handle: id,
             },
             id,
+            users: AtomicUsize::new(0),
         }))
         .cast()
     })
@@ -54,6 +72,10 @@ pub unsafe extern "C" fn ibv_alloc_pd(ctx: *mut ibv_context) -> *mut ibv_pd {
 pub unsafe extern "C" fn ibv_dealloc_pd(pd: *mut ibv_pd) -> i32 {
     if pd.is_null() {
         return libc::EINVAL;
+    }
+    // SAFETY: a live PD.
+    if unsafe { (*pd.cast::<Pd>()).users.load(Ordering::Acquire) } > 0 {
+        return libc::EBUSY;
     }
     // SAFETY: from `Box::into_raw` in `ibv_alloc_pd`, freed once.
     drop(unsafe { Box::from_raw(pd.cast::<Pd>()) });
@@ -94,8 +116,69 @@ pub unsafe extern "C" fn ibv_reg_mr_iova(
     unsafe { ibv_reg_mr_iova2(pd, addr, length, iova, access as u32) }
 }
 
+/// Checks `access` as the kernel's `ib_check_mr_access` does for a device
+/// without on-demand paging or flush support; returns the flags to keep
+/// (the optional ones dropped: a provider must accept them and may ignore
+/// them, which is what rdma-core itself does when the kernel cannot pass
+/// them on) or the errno.
+pub(crate) fn check_access(access: u32) -> Result<u32, i32> {
+    let mandatory = IBV_ACCESS_LOCAL_WRITE
+        | IBV_ACCESS_REMOTE_WRITE
+        | IBV_ACCESS_REMOTE_READ
+        | IBV_ACCESS_REMOTE_ATOMIC
+        | IBV_ACCESS_MW_BIND
+        | IBV_ACCESS_ZERO_BASED
+        | IBV_ACCESS_ON_DEMAND
+        | IBV_ACCESS_HUGETLB
+        | IBV_ACCESS_FLUSH_GLOBAL
+        | IBV_ACCESS_FLUSH_PERSISTENT;
+    if access & !(mandatory | IBV_ACCESS_OPTIONAL_RANGE) != 0 {
+        return Err(libc::EINVAL);
+    }
+    // As the IB spec (and every NIC): remote write or atomic needs local
+    // write.
+    if access & (IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC) != 0
+        && access & IBV_ACCESS_LOCAL_WRITE == 0
+    {
+        return Err(libc::EINVAL);
+    }
+    // No on-demand paging and no persistent-memory flush on this device
+    // (`ibv_query_device` does not advertise them).
+    if access & (IBV_ACCESS_ON_DEMAND | IBV_ACCESS_FLUSH_GLOBAL | IBV_ACCESS_FLUSH_PERSISTENT) != 0
+    {
+        return Err(libc::EOPNOTSUPP);
+    }
+    Ok(access & !IBV_ACCESS_OPTIONAL_RANGE)
+}
+
+const PAGE: u64 = 4096;
+
+/// Whether every page of `[addr, addr + len)` is mapped in this process,
+/// as pinning it for a NIC requires (the kernel answers EFAULT otherwise).
+fn mapped(addr: u64, len: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let Some(end) = addr.checked_add(len as u64) else {
+        return false;
+    };
+    let start = addr & !(PAGE - 1);
+    let pages = (end - start).div_ceil(PAGE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `vec` holds one byte per page of the range; mincore only
+    // inspects the mapping (ENOMEM: some page is not mapped).
+    let r = unsafe {
+        libc::mincore(
+            start as *mut c_void,
+            (end - start) as usize,
+            vec.as_mut_ptr(),
+        )
+    };
+    r == 0
+}
+
 /// # Safety
-/// As `ibv_reg_mr`. Only `iova == addr` is emulated.
+/// As `ibv_reg_mr`. Work requests name the region's bytes from `iova` on.
 #[no_mangle]
 pub unsafe extern "C" fn ibv_reg_mr_iova2(
     pd: *mut ibv_pd,
@@ -112,20 +195,21 @@ pub unsafe extern "C" fn ibv_reg_mr_iova2(
             set_errno(libc::EINVAL);
             return ptr::null_mut();
         };
-        let known = IBV_ACCESS_LOCAL_WRITE
-            | IBV_ACCESS_REMOTE_WRITE
-            | IBV_ACCESS_REMOTE_READ
-            | IBV_ACCESS_REMOTE_ATOMIC;
-        // As the IB spec (and every NIC): remote write needs local write;
-        // a region must be somewhere; iova other than the address is not
-        // emulated.
-        let bad = (addr.is_null() && length > 0)
-            || access & !(known | 0xfff0) != 0
-            || (access & (IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC) != 0
-                && access & IBV_ACCESS_LOCAL_WRITE == 0)
-            || iova != addr as u64;
-        if bad {
+        let access = match check_access(access) {
+            Ok(a) => a,
+            Err(e) => {
+                set_errno(e);
+                return ptr::null_mut();
+            }
+        };
+        // As the kernel: the iova keeps the address's offset in its page,
+        // and neither range wraps.
+        if (addr as u64 ^ iova) & (PAGE - 1) != 0 || iova.checked_add(length as u64).is_none() {
             set_errno(libc::EINVAL);
+            return ptr::null_mut();
+        }
+        if !mapped(addr as u64, length) {
+            set_errno(libc::EFAULT);
             return ptr::null_mut();
         }
         let Some((slot, gen)) = f.claim(Kind::Mr) else {
@@ -139,9 +223,11 @@ pub unsafe extern "C" fn ibv_reg_mr_iova2(
         s.access.store(access, Ordering::Relaxed);
         s.addr.store(addr as u64, Ordering::Relaxed);
         s.len.store(length as u64, Ordering::Relaxed);
+        s.iova.store(iova, Ordering::Relaxed);
         f.publish(Kind::Mr, slot);
         // SAFETY: `pd` is a live PD (checked non-NULL above).
         let context = unsafe { (*pd).context };
+        pd_use(pd, true);
         Box::into_raw(Box::new(Mr {
             ibv: ibv_mr {
                 context,
@@ -158,6 +244,24 @@ pub unsafe extern "C" fn ibv_reg_mr_iova2(
     })
 }
 
+/// Device memory by dma-buf: this device has none, so, as rdma-core's
+/// answer for a provider without it, NULL with errno EOPNOTSUPP.
+///
+/// # Safety
+/// Always safe.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_reg_dmabuf_mr(
+    _pd: *mut ibv_pd,
+    _offset: u64,
+    _length: usize,
+    _iova: u64,
+    _fd: i32,
+    _access: i32,
+) -> *mut ibv_mr {
+    set_errno(libc::EOPNOTSUPP);
+    ptr::null_mut()
+}
+
 /// # Safety
 /// `mr` came from `ibv_reg_mr`.
 #[no_mangle]
@@ -168,6 +272,7 @@ pub unsafe extern "C" fn ibv_dereg_mr(mr: *mut ibv_mr) -> i32 {
         }
         // SAFETY: from `Box::into_raw` in `ibv_reg_mr_iova2`, freed once.
         let m = unsafe { Box::from_raw(mr.cast::<Mr>()) };
+        pd_use(m.ibv.pd, false);
         if let Ok(f) = fabric::get() {
             f.release(Kind::Mr, m.slot);
         }

@@ -102,7 +102,30 @@ pub fn rq_push(m: &Mapping, wr: &RecvWr) -> bool {
     true
 }
 
-/// Sender (any process): takes the oldest posted receive.
+// Receive queue header fields (an SRQ's limit).
+/// The armed limit (0: not armed).
+const RQ_LIMIT: usize = 8;
+/// Set when the armed limit was crossed; the owner raises the event.
+const RQ_LIMIT_HIT: usize = 12;
+
+/// Owner: arms the SRQ limit (0 disarms).
+pub fn rq_arm_limit(m: &Mapping, limit: u32) {
+    m.at::<AtomicU32>(RQ_LIMIT_HIT).store(0, Ordering::Release);
+    m.at::<AtomicU32>(RQ_LIMIT).store(limit, Ordering::Release);
+}
+
+/// The armed limit (0 once it fired or when never armed).
+pub fn rq_limit(m: &Mapping) -> u32 {
+    m.at::<AtomicU32>(RQ_LIMIT).load(Ordering::Acquire)
+}
+
+/// Owner: whether the limit fired since the last call (and clears it).
+pub fn rq_take_limit_hit(m: &Mapping) -> bool {
+    m.at::<AtomicU32>(RQ_LIMIT_HIT).swap(0, Ordering::AcqRel) != 0
+}
+
+/// Sender (any process): takes the oldest posted receive. Taking one
+/// below an armed limit disarms it and flags the owner.
 pub fn rq_pop(m: &Mapping) -> Option<RecvWr> {
     let _g = shm::lock(m.at(0));
     let head = m.at::<AtomicU64>(HEAD).load(Ordering::Relaxed);
@@ -115,6 +138,17 @@ pub fn rq_pop(m: &Mapping) -> Option<RecvWr> {
     wr.num_sge = wr.num_sge.min(MAX_SGE as u32);
     m.at::<AtomicU64>(TAIL)
         .store(tail.wrapping_add(1), Ordering::Release);
+    let left = head.wrapping_sub(tail) - 1;
+    let limit = m.at::<AtomicU32>(RQ_LIMIT);
+    let l = limit.load(Ordering::Acquire);
+    if l > 0
+        && left < u64::from(l)
+        && limit
+            .compare_exchange(l, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    {
+        m.at::<AtomicU32>(RQ_LIMIT_HIT).store(1, Ordering::Release);
+    }
     Some(wr)
 }
 
@@ -222,6 +256,13 @@ pub fn channel_push(f: &Fabric, ch: usize, cq_slot: u32) {
     }
     c.seq.fetch_add(1, Ordering::AcqRel);
     shm::futex_wake(&c.seq);
+    crate::channel::ring_doorbell(f, ch);
+}
+
+/// Whether channel `ch` has events waiting.
+pub fn channel_pending(f: &Fabric, ch: usize) -> bool {
+    let c = f.ch(ch);
+    c.head.load(Ordering::Acquire) != c.tail.load(Ordering::Acquire)
 }
 
 /// Owner: takes the oldest CQ event of channel `ch`.

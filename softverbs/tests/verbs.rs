@@ -6,30 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../tests/common/proc.rs"]
-mod proc;
-
-#[path = "../../tests/common/cdylib.rs"]
-mod cdylib;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use proc::Proc;
-
-/// The built provider.
-fn provider() -> &'static Path {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-        cdylib::built(
-            "libsoftverbs.so",
-            &[here.join("src"), here.join("../sys/src")],
-        )
-    })
-}
+use support::{free_port, proc::Proc, Ns};
 
 fn semantics_bin() -> &'static Path {
     static B: OnceLock<PathBuf> = OnceLock::new();
@@ -62,40 +46,6 @@ fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
 }
 
 static LOAD: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// A namespace for one test, removed when dropped.
-struct Ns(String);
-
-impl Ns {
-    fn new(tag: &str) -> Ns {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ns(format!("t-{tag}-{}-{n}", std::process::id()))
-    }
-    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new(program);
-        c.env("LD_PRELOAD", provider())
-            .env("SOFTVERBS_NAMESPACE", &self.0)
-            .env_remove("SOFTVERBS_DEVICES")
-            .env_remove("SOFTVERBS_LINK_LAYER");
-        c
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let prefix = format!("softverbs.{}.", self.0);
-        for e in std::fs::read_dir("/dev/shm")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-}
 
 fn run(name: &str, mut cmd: Command) -> String {
     cmd.env_remove("AFMESH_LOG");
@@ -155,6 +105,52 @@ fn memory_regions_keys_and_access_checks() {
 }
 
 #[test]
+fn regions_at_an_iova_are_named_by_it() {
+    semantic("iova", None, &[]);
+}
+
+#[test]
+fn fault_switch_fails_the_nth_work_request() {
+    semantic(
+        "fault-wr",
+        None,
+        &[("SOFTVERBS_FAULT", "wr:2:REM_ACCESS_ERR")],
+    );
+}
+
+#[test]
+fn fault_switch_per_queue_pair() {
+    semantic(
+        "fault-qp",
+        None,
+        &[("SOFTVERBS_FAULT", "qp:2:wr:1:ibv_wc_retry_exc_err")],
+    );
+}
+
+#[test]
+fn fault_switch_qp_fatal_raises_async_events() {
+    semantic("fault-fatal", None, &[("SOFTVERBS_FAULT", "wr:1:fatal")]);
+}
+
+#[test]
+fn fault_switch_port_down_and_up() {
+    semantic(
+        "fault-port",
+        None,
+        &[("SOFTVERBS_FAULT", "port-err:100,port-active:1500")],
+    );
+}
+
+#[test]
+fn fault_switch_typo_is_an_error() {
+    semantic(
+        "fault-typo",
+        None,
+        &[("SOFTVERBS_FAULT", "wr:1:REM_ACCES_ERR")],
+    );
+}
+
+#[test]
 fn qp_state_machine_and_attribute_masks() {
     semantic("qp-state", None, &[]);
 }
@@ -175,8 +171,23 @@ fn shared_receive_queue() {
 }
 
 #[test]
+fn atomics_fetch_add_and_compare_swap() {
+    semantic("atomic", None, &[]);
+}
+
+#[test]
+fn srq_limit_event_fires_once() {
+    semantic("srq-limit", None, &[]);
+}
+
+#[test]
 fn completion_channel_blocks_and_wakes() {
     semantic("channel", None, &[]);
+}
+
+#[test]
+fn completion_channel_fd_wakes_poll_across_processes() {
+    semantic("channel", Some("fd"), &[]);
 }
 
 #[test]
@@ -236,11 +247,6 @@ fn ibv_devices_and_ibv_devinfo_list_soft_devices() {
         out.contains("PORT_ACTIVE") && out.contains("link_layer:\t\tInfiniBand"),
         "{out}"
     );
-}
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port().to_string()
 }
 
 /// Server and client of an unchanged Debian pingpong binary.
@@ -313,7 +319,7 @@ fn rc_pingpong_large_gid_checked() {
 fn rc_pingpong_roce_gid() {
     pingpong(
         "ibv_rc_pingpong",
-        &["-g", "1", "-s", "8192", "-n", "200"],
+        &["-g", "3", "-s", "8192", "-n", "200"],
         &[("SOFTVERBS_LINK_LAYER", "ethernet")],
     );
 }

@@ -42,26 +42,27 @@ use crate::transport::PollPolicy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TransportKind {
-    /// Per link: shm between ranks with the same host id, else tcp.
+    /// Per link: verbs when both ends have an active RDMA port that reaches
+    /// the other, else shm between ranks of one host, else tcp.
     Auto,
     /// TCP sockets.
     Tcp,
     /// Shared memory (every link must be same-host).
     Shm,
+    /// RDMA verbs (every link must reach the peer's port).
+    Verbs,
 }
 
 impl TransportKind {
-    /// Parses `auto`, `tcp` or `shm`.
+    /// Parses `auto`, `tcp`, `shm` or `verbs`.
     pub fn parse(s: &str) -> Result<TransportKind> {
         match s {
             "auto" => Ok(TransportKind::Auto),
             "tcp" => Ok(TransportKind::Tcp),
             "shm" => Ok(TransportKind::Shm),
-            "verbs" => Err(Error::Unsupported(
-                "transport \"verbs\" is not in this build yet; use auto, tcp or shm".into(),
-            )),
+            "verbs" => Ok(TransportKind::Verbs),
             _ => Err(Error::config(format!(
-                "transport {s:?}: expected auto, tcp or shm"
+                "transport {s:?}: expected auto, tcp, shm or verbs"
             ))),
         }
     }
@@ -73,6 +74,7 @@ impl std::fmt::Display for TransportKind {
             TransportKind::Auto => "auto",
             TransportKind::Tcp => "tcp",
             TransportKind::Shm => "shm",
+            TransportKind::Verbs => "verbs",
         })
     }
 }

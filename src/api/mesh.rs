@@ -234,6 +234,7 @@ impl Mesh {
             TransportKind::Auto => true,
             TransportKind::Tcp => name == "tcp",
             TransportKind::Shm => name == "shm",
+            TransportKind::Verbs => name == "verbs",
         };
         // Caller memory stays where it is (shm peers reach it by
         // cross-memory attach); else a backend may host the receive region.
@@ -325,12 +326,18 @@ impl Mesh {
         let mut by_backend: Vec<Vec<(u32, PeerSpec)>> = vec![Vec::new(); mux.backends().len()];
         for e in &peers {
             let them = peer_of(peer_role, e.rank);
-            match mux.choose(&e.endpoints) {
-                Ok(b) => {
+            match mux.choose_why(&e.endpoints) {
+                Ok((b, passed)) => {
                     tracing::info!(
-                        "link {me} -> {them}: {} (host {:?})",
+                        "link {me} -> {them}: {} (host {:?}){}{}",
                         mux.backends()[b].name(),
-                        e.host_id
+                        e.host_id,
+                        if passed.is_empty() {
+                            ""
+                        } else {
+                            "; passed over "
+                        },
+                        passed
                     );
                     let blob = e
                         .endpoints

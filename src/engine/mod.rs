@@ -260,6 +260,7 @@ impl Engine {
                 .iter()
                 .map(|p| (p.peer, p.stats.clone()))
                 .collect(),
+            wire: self.transport.counters(),
         }
     }
 

@@ -53,6 +53,9 @@ pub struct RankStats {
     pub transport: String,
     /// One entry per peer, by rank.
     pub peers: Vec<(Peer, PeerStats)>,
+    /// What the transports' post paths did (verbs: work requests,
+    /// signalled ones, registrations after setup).
+    pub wire: crate::transport::WireCounters,
 }
 
 impl RankStats {

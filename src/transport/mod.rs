@@ -35,12 +35,14 @@
 //! * **Waiting.** A backend never blocks in [`Transport::progress`]. It
 //!   exposes how a rank can sleep until it has something ([`Wake`]): a
 //!   shared-memory doorbell, file descriptors, or its own park. The one
-//!   spin-then-park loop, under `AFMESH_POLL`, is [`mux::Mux::poll`].
+//!   spin-then-park loop, under `AFMESH_POLL`, is [`mux::Mux::poll`]; it
+//!   calls [`Transport::arm`] right before it parks, for wake sources that
+//!   must be armed (a completion channel).
 //! * **Links end** with one [`Completion::LinkDown`] (peer gone) or
 //!   [`Completion::LinkClosed`] (peer left in order); posts on them fail.
 //!
 //! Backends: [`sim`] (in-process, deterministic, with fault injection),
-//! [`tcp`], [`shm`] (same host). [`mux`] gives a rank one link per peer,
+//! [`tcp`], [`shm`] (same host), [`verbs`] (RDMA). [`mux`] gives a rank one link per peer,
 //! each on the first backend of the preference list that reaches it.
 
 pub mod mux;
@@ -51,6 +53,7 @@ pub mod shm;
 pub mod sim;
 pub mod slots;
 pub mod tcp;
+pub mod verbs;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -209,6 +212,33 @@ pub enum Wake {
     Own,
 }
 
+/// What a backend's post path did, for stats and the bench: the
+/// data path's promises made countable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireCounters {
+    /// Messages posted.
+    pub messages: u64,
+    /// Work requests posted for them (verbs: one per QP stripe), and for
+    /// flushes and probes.
+    pub work_requests: u64,
+    /// Of those, signalled ones.
+    pub signaled: u64,
+    /// Zero-length flush/probe writes among the work requests.
+    pub flushes: u64,
+    /// Memory registrations after the first link came up.
+    pub registrations_after_setup: u64,
+}
+
+impl std::ops::AddAssign for WireCounters {
+    fn add_assign(&mut self, o: WireCounters) {
+        self.messages += o.messages;
+        self.work_requests += o.work_requests;
+        self.signaled += o.signaled;
+        self.flushes += o.flushes;
+        self.registrations_after_setup += o.registrations_after_setup;
+    }
+}
+
 /// One peer to bring a link up with.
 #[derive(Debug, Clone)]
 pub struct PeerSpec {
@@ -271,6 +301,14 @@ pub trait Transport {
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()>;
     /// How to sleep until there is progress to make.
     fn wake(&self) -> Wake;
+    /// Called right before the rank sleeps on [`Transport::wake`]: a
+    /// backend whose wake source must be armed first (a completion
+    /// channel) arms it here, not on every progress, and reports what
+    /// came in the meantime (the rank then does not sleep).
+    fn arm(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        let _ = out;
+        Ok(())
+    }
     /// Sleeps up to `timeout` (only called when [`Transport::wake`] is
     /// [`Wake::Own`]).
     fn park(&mut self, timeout: Duration) {
@@ -285,6 +323,10 @@ pub trait Transport {
     fn abort(&mut self, link: LinkId);
     /// Number of links.
     fn links(&self) -> usize;
+    /// What the post path did so far (backends that count).
+    fn counters(&self) -> WireCounters {
+        WireCounters::default()
+    }
 }
 
 /// What a rank opens its backends with (each takes what it needs).
@@ -395,6 +437,9 @@ macro_rules! backends {
             fn wake(&self) -> Wake {
                 dispatch!(self, [Sim $(, $variant)*], t => t.wake())
             }
+            fn arm(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.arm(out))
+            }
             fn park(&mut self, timeout: Duration) {
                 dispatch!(self, [Sim $(, $variant)*], t => t.park(timeout))
             }
@@ -407,11 +452,15 @@ macro_rules! backends {
             fn links(&self) -> usize {
                 dispatch!(self, [Sim $(, $variant)*], t => t.links())
             }
+            fn counters(&self) -> WireCounters {
+                dispatch!(self, [Sim $(, $variant)*], t => t.counters())
+            }
         }
     };
 }
 
 backends! {
+    "verbs" => Verbs(verbs::VerbsTransport): "RDMA verbs (RoCE, InfiniBand), libibverbs loaded at run time.",
     "shm" => Shm(shm::ShmTransport): "Shared memory, between ranks of one host.",
     "tcp" => Tcp(tcp::TcpTransport): "TCP sockets, anywhere.",
 }

@@ -118,17 +118,35 @@ impl Mux {
     /// of ours that the peer also offers and that reaches it. The error
     /// lists why each was passed over.
     pub fn choose(&self, endpoints: &[(String, Vec<u8>)]) -> std::result::Result<usize, String> {
+        self.choose_why(endpoints).map(|(i, _)| i)
+    }
+
+    /// As [`Mux::choose`], also saying why the more preferred backends
+    /// were passed over (empty when the first was taken).
+    pub fn choose_why(
+        &self,
+        endpoints: &[(String, Vec<u8>)],
+    ) -> std::result::Result<(usize, String), String> {
         let mut why = Vec::new();
         for (i, b) in self.backends.iter().enumerate() {
             match endpoints.iter().find(|(n, _)| n == b.name()) {
                 None => why.push(format!("{}: the peer does not offer it", b.name())),
                 Some((_, blob)) => match b.reaches(blob) {
-                    Ok(()) => return Ok(i),
+                    Ok(()) => return Ok((i, why.join("; "))),
                     Err(e) => why.push(format!("{}: {e}", b.name())),
                 },
             }
         }
         Err(why.join("; "))
+    }
+
+    /// What every backend's post path did, summed.
+    pub fn counters(&self) -> super::WireCounters {
+        let mut c = super::WireCounters::default();
+        for b in &self.backends {
+            c += b.counters();
+        }
+        c
     }
 
     /// Brings up the links of backend `backend` to `peers`; returns the mux
@@ -285,6 +303,25 @@ impl Mux {
 
     /// One park of at most `t`, ending with a progress pass.
     fn park(&mut self, out: &mut Vec<Completion>, t: Duration) -> Result<()> {
+        // Wake sources that need arming are armed now; what came since the
+        // last progress ends the park before it starts.
+        let start = out.len();
+        for (i, b) in self.backends.iter_mut().enumerate() {
+            if self.back[i].is_empty() {
+                continue;
+            }
+            self.tmp.clear();
+            let r = b.arm(&mut self.tmp);
+            let map = &self.back[i];
+            match self.direct {
+                Some(_) => out.append(&mut self.tmp),
+                None => out.extend(self.tmp.drain(..).map(|c| remap(map, c))),
+            }
+            r?;
+        }
+        if out.len() > start {
+            return Ok(());
+        }
         let mut bell = None;
         let mut fds = Vec::new();
         let mut wfds = Vec::new();
@@ -303,7 +340,6 @@ impl Mux {
                 Wake::Own => own = Some(i),
             }
         }
-        let start = out.len();
         match (bell, fds.is_empty(), own) {
             (_, _, Some(i)) => self.backends[i].park(t),
             (Some(bell), fds_empty, None) => {

@@ -16,7 +16,9 @@ use crate::shm;
 
 /// Why a work request did not complete.
 pub(super) enum Outcome {
-    Done(u32),
+    /// Executed: the byte count, and the target's completion, which is
+    /// made visible after the initiator's (see `progress`).
+    Done(u32, Option<Remote>),
     Rnr,
     /// Nothing answered (no such QP, or not ready): retried after the
     /// transport timeout, `retry_cnt` times.
@@ -36,6 +38,8 @@ pub(super) struct MrEntry {
     access: u32,
     addr: u64,
     len: u64,
+    /// Where the region starts in work requests' addresses.
+    iova: u64,
 }
 
 impl MrEntry {
@@ -50,29 +54,44 @@ impl MrEntry {
             access: m.access.load(Ordering::Acquire),
             addr: m.addr.load(Ordering::Acquire),
             len: m.len.load(Ordering::Acquire),
+            iova: m.iova.load(Ordering::Acquire),
         })
     }
 
     /// Whether process `pid`, in protection domain `pd`, may use `len`
-    /// bytes at `addr` of this region with every access in `need`.
-    pub(super) fn allows(&self, pid: u32, pd: u32, need: u32, addr: u64, len: u64) -> bool {
-        self.owner == pid
+    /// bytes at `addr` (in the region's iova space) of this region with
+    /// every access in `need`; if so, their virtual address in the owner.
+    pub(super) fn translate(
+        &self,
+        pid: u32,
+        pd: u32,
+        need: u32,
+        addr: u64,
+        len: u64,
+    ) -> Option<u64> {
+        let ok = self.owner == pid
             && self.pd == pd
             && self.access & need == need
-            && addr >= self.addr
+            && addr >= self.iova
             && addr
                 .checked_add(len)
-                .is_some_and(|e| e <= self.addr + self.len)
+                .is_some_and(|e| e <= self.iova + self.len);
+        ok.then(|| addr - self.iova + self.addr)
     }
 }
 
-/// Checks local scatter/gather entries against this process's regions.
-fn check_local(f: &Fabric, sh: &QpShared, sges: &[ibv_sge], need: u32) -> bool {
+/// Checks local scatter/gather entries against this process's regions;
+/// their non-empty ones as iovecs in this process's memory.
+fn check_local(f: &Fabric, sh: &QpShared, sges: &[ibv_sge], need: u32) -> Option<Vec<libc::iovec>> {
     let me = shm::my_pid();
-    sges.iter().filter(|s| s.length > 0).all(|s| {
-        MrEntry::lookup(f, s.lkey)
-            .is_some_and(|m| m.allows(me, sh.pd, need, s.addr, u64::from(s.length)))
-    })
+    sges.iter()
+        .filter(|s| s.length > 0)
+        .map(|s| {
+            let m = MrEntry::lookup(f, s.lkey)?;
+            let va = m.translate(me, sh.pd, need, s.addr, u64::from(s.length))?;
+            Some(iov(va, s.length as usize))
+        })
+        .collect()
 }
 
 pub(super) fn iov(addr: u64, len: usize) -> libc::iovec {
@@ -194,6 +213,13 @@ pub(super) fn take_recv(f: &Fabric, slot: usize) -> Result<Option<RecvWr>, u32> 
     Ok(r)
 }
 
+/// A completion for the target's receive CQ.
+pub(super) struct Remote {
+    pub slot: usize,
+    pub wc: ibv_wc,
+    pub solicited: bool,
+}
+
 pub(super) fn push_remote(f: &Fabric, slot: usize, wc: &ibv_wc, solicited: bool) {
     let q = f.qp(slot);
     let (cq, gen) = (
@@ -246,6 +272,9 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
     let Some(remote) = &inner.remote else {
         return no_answer("no destination".into());
     };
+    if crate::fault::port_down() {
+        return no_answer("the port is down (SOFTVERBS_FAULT)".into());
+    }
     let (rslot, rgen) = fabric::qpn_parts(remote.qpn);
     let Some(rpid) = f.live(Kind::Qp, rslot, rgen) else {
         return no_answer(format!("QP {:#x} does not exist", remote.qpn));
@@ -274,22 +303,20 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
         return no_answer(format!("QP {:#x} is in state {rstate}", remote.qpn));
     }
     let rpd = rq.pd.load(Ordering::Acquire);
-    let need_local = if p.opcode == IBV_WR_RDMA_READ {
+    let need_local = if matches!(
+        p.opcode,
+        IBV_WR_RDMA_READ | IBV_WR_ATOMIC_CMP_AND_SWP | IBV_WR_ATOMIC_FETCH_AND_ADD
+    ) {
         IBV_ACCESS_LOCAL_WRITE
     } else {
         0
     };
-    if p.inline.is_none() && !check_local(f, sh, &p.sges, need_local) {
-        return Outcome::Fail(IBV_WC_LOC_PROT_ERR);
-    }
     let local: Vec<libc::iovec> = match &p.inline {
         Some(v) => vec![iov(v.as_ptr() as u64, v.len())],
-        None => p
-            .sges
-            .iter()
-            .filter(|s| s.length > 0)
-            .map(|s| iov(s.addr, s.length as usize))
-            .collect(),
+        None => match check_local(f, sh, &p.sges, need_local) {
+            Some(l) => l,
+            None => return Outcome::Fail(IBV_WC_LOC_PROT_ERR),
+        },
     };
     let len: u64 = local.iter().map(|v| v.iov_len as u64).sum();
     let slid = crate::device::lid_of(sh.dev);
@@ -303,6 +330,9 @@ pub(super) fn execute(f: &Fabric, sh: &QpShared, inner: &Inner, p: &Pending) -> 
         slid,
     };
     match p.opcode {
+        IBV_WR_ATOMIC_CMP_AND_SWP | IBV_WR_ATOMIC_FETCH_AND_ADD => {
+            super::rdma::execute_atomic(f, p, &t)
+        }
         IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM | IBV_WR_RDMA_READ => {
             super::rdma::execute_rdma(f, sh, p, &t)
         }

@@ -20,7 +20,9 @@ use std::time::Instant;
 use crate::abi::*;
 use crate::cq::{Cq, CqShared};
 use crate::device::Context;
+use crate::events::{Element, EventQueue};
 use crate::fabric::{self, Kind};
+use crate::fault::Action;
 use crate::memory::pd_id;
 use crate::ring::{self, MAX_SGE};
 use crate::shm::Mapping;
@@ -34,6 +36,8 @@ use progress::to_error;
 pub const MAX_WR: u32 = 16384;
 /// Most inline bytes per work request.
 pub const MAX_INLINE: u32 = 1024;
+/// Most outstanding RDMA READs per QP, either direction.
+pub const MAX_RD_ATOMIC: u32 = 16;
 
 /// The handle the program holds.
 #[repr(C)]
@@ -58,6 +62,11 @@ struct Pending {
     inline: Option<Vec<u8>>,
     remote_addr: u64,
     rkey: u32,
+    /// Atomics' operands: compare (or add) and swap.
+    compare_add: u64,
+    swap: u64,
+    /// What the fault switch does instead of executing it.
+    fault: Option<Action>,
 }
 
 #[derive(Debug)]
@@ -69,6 +78,11 @@ struct Inner {
     rnr_tries: u32,
     retry_tries: u32,
     next_try: Instant,
+    /// Work requests posted on this QP so far (for the fault switch).
+    posted: u64,
+    /// The `ibv_qp *` the program holds (0 once destroyed): what async
+    /// events name. Changed only under this lock.
+    handle: usize,
 }
 
 /// What peers and the progress thread share with the handle.
@@ -82,9 +96,13 @@ pub struct QpShared {
     sq_sig_all: bool,
     send_cq: Arc<CqShared>,
     recv_cq: Arc<CqShared>,
-    /// Keeps the SRQ's shared part alive while this QP uses it.
-    _srq: Option<Arc<SrqShared>>,
+    /// The SRQ it takes receives from (kept alive while this QP uses it).
+    srq: Option<Arc<SrqShared>>,
     rq: Option<(Arc<Mapping>, String)>,
+    /// The context's async events.
+    events: Arc<EventQueue>,
+    /// Which QP of this process it is, from 1 (for the fault switch).
+    ordinal: u64,
     inner: Mutex<Inner>,
 }
 
@@ -155,7 +173,12 @@ pub unsafe extern "C" fn ibv_create_qp(
             )
         };
         // SAFETY: contexts are `Context`s.
-        let dev = unsafe { (*ctx.cast::<Context>()).dev };
+        let (dev, events) = unsafe {
+            let c = &*ctx.cast::<Context>();
+            (c.dev, c.events.clone())
+        };
+        static ORDINAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let ordinal = ORDINAL.fetch_add(1, Ordering::Relaxed) + 1;
         let Some((slot, gen)) = f.claim(Kind::Qp) else {
             return errno_null(libc::ENOMEM);
         };
@@ -199,8 +222,10 @@ pub unsafe extern "C" fn ibv_create_qp(
             sq_sig_all: a.sq_sig_all != 0,
             send_cq,
             recv_cq,
-            _srq: srq_shared,
+            srq: srq_shared,
             rq,
+            events,
+            ordinal,
             inner: Mutex::new(Inner {
                 state: IBV_QPS_RESET,
                 attr: ibv_qp_attr::default(),
@@ -209,6 +234,8 @@ pub unsafe extern "C" fn ibv_create_qp(
                 rnr_tries: 0,
                 retry_tries: 0,
                 next_try: Instant::now(),
+                posted: 0,
+                handle: 0,
             }),
         });
         let qp = Box::new(Qp {
@@ -229,7 +256,17 @@ pub unsafe extern "C" fn ibv_create_qp(
             },
             shared,
         });
-        Box::into_raw(qp).cast()
+        let sh = qp.shared.clone();
+        // What it uses cannot go away under it (EBUSY until destroyed).
+        crate::memory::pd_use(pd, true);
+        sh.send_cq.users.fetch_add(1, Ordering::AcqRel);
+        sh.recv_cq.users.fetch_add(1, Ordering::AcqRel);
+        if let Some(s) = &sh.srq {
+            s.users.fetch_add(1, Ordering::AcqRel);
+        }
+        let p = Box::into_raw(qp);
+        sh.inner.lock().unwrap_or_else(|e| e.into_inner()).handle = p as usize;
+        p.cast()
     })
 }
 
@@ -243,6 +280,20 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut ibv_qp) -> i32 {
         }
         // SAFETY: from `Box::into_raw`, destroyed once.
         let q = unsafe { Box::from_raw(qp.cast::<Qp>()) };
+        // No event names it from here on (the progress thread may still
+        // hold the shared part for a moment).
+        q.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handle = 0;
+        q.shared.events.forget(Element::Qp(qp as usize));
+        crate::memory::pd_use(q.ibv.pd, false);
+        q.shared.send_cq.users.fetch_sub(1, Ordering::AcqRel);
+        q.shared.recv_cq.users.fetch_sub(1, Ordering::AcqRel);
+        if let Some(s) = &q.shared.srq {
+            s.users.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Ok(f) = fabric::get() {
             f.qp(q.shared.slot)
                 .state
@@ -344,6 +395,25 @@ pub unsafe extern "C" fn ibv_modify_qp(qp: *mut ibv_qp, attr: *mut ibv_qp_attr, 
             || mask & IBV_QP_RETRY_CNT != 0 && a.retry_cnt > 7
         {
             return libc::EINVAL;
+        }
+        // At most what `ibv_query_device` offers (max_qp_init_rd_atom,
+        // max_qp_rd_atom).
+        if mask & IBV_QP_MAX_QP_RD_ATOMIC != 0 && u32::from(a.max_rd_atomic) > MAX_RD_ATOMIC
+            || mask & IBV_QP_MAX_DEST_RD_ATOMIC != 0
+                && u32::from(a.max_dest_rd_atomic) > MAX_RD_ATOMIC
+        {
+            return libc::EINVAL;
+        }
+        if mask & IBV_QP_AV != 0 {
+            // RoCE addresses by GID only (the kernel cannot resolve a
+            // path without a GRH); the source GID must exist.
+            let ah = &a.ah_attr;
+            if crate::device::ethernet() && ah.is_global == 0
+                || ah.is_global != 0
+                    && usize::from(ah.grh.sgid_index) >= crate::gid::table(sh.dev).len()
+            {
+                return libc::EINVAL;
+            }
         }
         let slot = f.qp(sh.slot);
         let st = &mut inner.attr;

@@ -118,6 +118,7 @@ pub unsafe extern "C" fn post_send(
             }
             e
         };
+        let faults = crate::fault::get().ok();
         if !matches!(inner.state, IBV_QPS_RTS | IBV_QPS_SQD | IBV_QPS_ERR) {
             return fail(libc::EINVAL, wr);
         }
@@ -137,7 +138,14 @@ pub unsafe extern "C" fn post_send(
                     | IBV_WR_SEND
                     | IBV_WR_SEND_WITH_IMM
                     | IBV_WR_RDMA_READ
+                    | IBV_WR_ATOMIC_CMP_AND_SWP
+                    | IBV_WR_ATOMIC_FETCH_AND_ADD
             ) {
+                return fail(libc::EINVAL, wr);
+            }
+            // An atomic returns the old 8 bytes into one local entry.
+            // SAFETY: `sg_list` holds `num_sge` entries.
+            if w.is_atomic() && (w.num_sge != 1 || unsafe { (*w.sg_list).length } < 8) {
                 return fail(libc::EINVAL, wr);
             }
             if inner.pending.len() >= sh.cap.max_send_wr as usize {
@@ -147,7 +155,10 @@ pub unsafe extern "C" fn post_send(
             let sges: Vec<ibv_sge> = (0..w.num_sge as usize)
                 .map(|i| unsafe { *w.sg_list.add(i) })
                 .collect();
-            let inline = if w.send_flags & IBV_SEND_INLINE != 0 && w.opcode != IBV_WR_RDMA_READ {
+            let inline = if w.send_flags & IBV_SEND_INLINE != 0
+                && w.opcode != IBV_WR_RDMA_READ
+                && !w.is_atomic()
+            {
                 let total: u64 = sges.iter().map(|s| u64::from(s.length)).sum();
                 if total > u64::from(sh.cap.max_inline_data) {
                     return fail(libc::EINVAL, wr);
@@ -164,6 +175,8 @@ pub unsafe extern "C" fn post_send(
             } else {
                 None
             };
+            inner.posted += 1;
+            let fault = faults.and_then(|f| f.on_post(sh.ordinal, inner.posted));
             inner.pending.push_back(Pending {
                 wr_id: w.wr_id,
                 opcode: w.opcode,
@@ -172,7 +185,14 @@ pub unsafe extern "C" fn post_send(
                 sges,
                 inline,
                 remote_addr: w.wr.remote_addr,
-                rkey: w.rdma_rkey(),
+                rkey: if w.is_atomic() {
+                    w.wr.atomic_rkey
+                } else {
+                    w.rdma_rkey()
+                },
+                compare_add: w.wr.rkey_or_compare_add,
+                swap: w.wr.swap,
+                fault,
             });
             wr = w.next;
         }

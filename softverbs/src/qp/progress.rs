@@ -7,17 +7,21 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::execute::{execute, Outcome};
+use super::execute::{execute, push_remote, Outcome};
 use super::{Inner, Pending, QpShared};
 use crate::abi::*;
 use crate::cq::CqShared;
+use crate::events::Element;
 use crate::fabric::{self, Fabric};
+use crate::fault::Action;
 use crate::ring;
 
 fn wc_opcode(op: u32) -> u32 {
     match op {
         IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM => IBV_WC_RDMA_WRITE,
         IBV_WR_RDMA_READ => IBV_WC_RDMA_READ,
+        IBV_WR_ATOMIC_CMP_AND_SWP => IBV_WC_COMP_SWAP,
+        IBV_WR_ATOMIC_FETCH_AND_ADD => IBV_WC_FETCH_ADD,
         _ => IBV_WC_SEND,
     }
 }
@@ -35,13 +39,35 @@ pub(super) fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
             schedule(sh);
             return;
         }
+        match p.fault {
+            Some(Action::Status(status)) => {
+                complete(f, sh, &p, status, 0);
+                enter_error(f, sh, inner);
+                continue;
+            }
+            Some(Action::Fatal) => {
+                if inner.handle != 0 {
+                    sh.events
+                        .raise(IBV_EVENT_QP_FATAL, Element::Qp(inner.handle));
+                }
+                enter_error(f, sh, inner);
+                complete(f, sh, &p, IBV_WC_WR_FLUSH_ERR, 0);
+                continue;
+            }
+            None => {}
+        }
         // The status to complete `p` with, or the wait before its retry.
         let status = match execute(f, sh, inner, &p) {
-            Outcome::Done(len) => {
+            Outcome::Done(len, remote) => {
                 inner.rnr_tries = 0;
                 inner.retry_tries = 0;
+                // The initiator's completion first: a NIC's acknowledgement
+                // beats anything the target's software can send back.
                 if p.flags & IBV_SEND_SIGNALED != 0 || sh.sq_sig_all {
                     complete(f, sh, &p, IBV_WC_SUCCESS, len);
+                }
+                if let Some(r) = remote {
+                    push_remote(f, r.slot, &r.wc, r.solicited);
                 }
                 continue;
             }
@@ -75,10 +101,15 @@ pub(super) fn progress(f: &Fabric, sh: &Arc<QpShared>, inner: &mut Inner) {
     }
 }
 
-/// How long an initiator's completion trails the delivery, standing in
-/// for the acknowledgement's trip back (`SOFTVERBS_ACK_DELAY_US`, default
-/// 20). Without it a peer could see its own completion before the target
-/// had a chance to react, an ordering no NIC produces.
+/// How long an initiator's completion trails the delivery
+/// (`SOFTVERBS_ACK_DELAY_US`, default 0). The target's NIC acknowledges in
+/// hardware, long before software on the target can answer, so by default
+/// the initiator's completion is pushed before the target's receive
+/// completion, in the posting thread: a delay longer than the target's
+/// reaction time (10 µs and more here, plus a thread wake-up) would invert
+/// that order, which event-driven ping-pong programs such as
+/// `ib_send_lat -e` depend on. A delay, when set, is served by the progress
+/// thread.
 fn ack_delay() -> Duration {
     static D: OnceLock<Duration> = OnceLock::new();
     *D.get_or_init(|| {
@@ -86,12 +117,12 @@ fn ack_delay() -> Duration {
             std::env::var("SOFTVERBS_ACK_DELAY_US")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(20),
+                .unwrap_or(0),
         )
     })
 }
 
-fn complete(_f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
+fn complete(f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
     let wc = ibv_wc {
         wr_id: p.wr_id,
         status,
@@ -103,6 +134,11 @@ fn complete(_f: &Fabric, sh: &QpShared, p: &Pending, status: u32, len: u32) {
     let cq = &sh.send_cq;
     {
         let mut d = cq.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if d.is_empty() && ack_delay().is_zero() {
+            // Nothing waits ahead of it: straight onto the ring.
+            let _ = ring::cq_push(f, &cq.ring, &wc, false);
+            return;
+        }
         // Completions of one CQ leave in order: never before one already
         // waiting.
         let due = (Instant::now() + ack_delay()).max(d.back().map_or(Instant::now(), |b| b.0));
@@ -116,14 +152,26 @@ fn enter_error(f: &Fabric, sh: &QpShared, inner: &mut Inner) {
         inner.state = IBV_QPS_ERR;
         f.qp(sh.slot).state.store(IBV_QPS_ERR, Ordering::Release);
         flush_rq(f, sh);
+        last_wqe(sh, inner);
     }
 }
 
+/// A QP on an SRQ that enters the error state consumes no more of its
+/// receives: `IBV_EVENT_QP_LAST_WQE_REACHED`, as the IB spec requires.
+fn last_wqe(sh: &QpShared, inner: &Inner) {
+    if sh.srq.is_some() && inner.handle != 0 {
+        sh.events
+            .raise(IBV_EVENT_QP_LAST_WQE_REACHED, Element::Qp(inner.handle));
+    }
+}
+
+/// `ibv_modify_qp` to the error state (from another state).
 pub(super) fn to_error(f: &Fabric, sh: &Arc<QpShared>) {
     let mut inner = sh.inner.lock().unwrap_or_else(|p| p.into_inner());
     inner.state = IBV_QPS_ERR;
     f.qp(sh.slot).state.store(IBV_QPS_ERR, Ordering::Release);
     flush_rq(f, sh);
+    last_wqe(sh, &inner);
     progress(f, sh, &mut inner);
 }
 

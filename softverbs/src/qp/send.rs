@@ -4,7 +4,9 @@
 
 use std::sync::atomic::Ordering;
 
-use super::execute::{iov, push_remote, pvm_error, take_recv, transfer, Checked, MrEntry, Outcome};
+use super::execute::{
+    iov, push_remote, pvm_error, take_recv, transfer, Checked, MrEntry, Outcome, Remote,
+};
 use super::{Pending, QpShared};
 use crate::abi::*;
 use crate::fabric::Fabric;
@@ -34,33 +36,38 @@ pub(super) fn execute_send(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'
         t.qp.state.store(IBV_QPS_ERR, Ordering::Release);
         return Outcome::Fail(IBV_WC_REM_INV_REQ_ERR);
     }
-    let ok = sges.iter().filter(|s| s.length > 0).all(|s| {
-        MrEntry::lookup(f, s.lkey).is_some_and(|m| {
-            m.allows(
-                t.pid,
-                t.pd,
-                IBV_ACCESS_LOCAL_WRITE,
-                s.addr,
-                u64::from(s.length),
-            )
+    // Each entry checked and translated to the target's address, then
+    // scattered into in order, up to the message's length.
+    let targets: Option<Vec<(u64, u64)>> = sges
+        .iter()
+        .filter(|s| s.length > 0)
+        .map(|s| {
+            MrEntry::lookup(f, s.lkey)
+                .and_then(|m| {
+                    m.translate(
+                        t.pid,
+                        t.pd,
+                        IBV_ACCESS_LOCAL_WRITE,
+                        s.addr,
+                        u64::from(s.length),
+                    )
+                })
+                .map(|va| (va, u64::from(s.length)))
         })
-    });
-    if !ok {
+        .collect();
+    let Some(targets) = targets else {
         push_remote(f, t.slot, &recv_fail(IBV_WC_LOC_PROT_ERR), false);
         t.qp.state.store(IBV_QPS_ERR, Ordering::Release);
         return Outcome::Fail(IBV_WC_REM_OP_ERR);
-    }
-    // Scatter into the receive's entries, in order, up to the length.
+    };
     let mut left = t.len;
     let mut remote = Vec::new();
-    for s in sges {
+    for (va, n) in targets {
         if left == 0 {
             break;
         }
-        let n = u64::from(s.length).min(left);
-        if n > 0 {
-            remote.push(iov(s.addr, n as usize));
-        }
+        let n = n.min(left);
+        remote.push(iov(va, n as usize));
         left -= n;
     }
     if t.len > 0 {
@@ -81,6 +88,12 @@ pub(super) fn execute_send(f: &Fabric, sh: &QpShared, p: &Pending, t: &Checked<'
         slid: t.slid,
         ..ibv_wc::default()
     };
-    push_remote(f, t.slot, &wc, p.flags & IBV_SEND_SOLICITED != 0);
-    Outcome::Done(t.len as u32)
+    Outcome::Done(
+        t.len as u32,
+        Some(Remote {
+            slot: t.slot,
+            wc,
+            solicited: p.flags & IBV_SEND_SOLICITED != 0,
+        }),
+    )
 }

@@ -30,5 +30,6 @@ int main(void) {
     S(ibv_recv_wr); S(ibv_wc); O(ibv_wc, status); O(ibv_wc, byte_len); O(ibv_wc, imm_data); O(ibv_wc, src_qp);
     O(ibv_wc, wc_flags); O(ibv_wc, slid); O(ibv_wc, dlid_path_bits);
     S(ibv_srq_attr); S(ibv_srq_init_attr); O(ibv_srq_init_attr, attr);
+    S(ibv_async_event); O(ibv_async_event, event_type); S(ibv_gid_entry); O(ibv_gid_entry, gid_type);
     return 0;
 }

@@ -9,12 +9,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <arpa/inet.h>
 #include <unistd.h>
 #include <infiniband/verbs.h>
+
+/* rdma-core's driver.h (private) declares it; perftest calls it. 0: IB or
+ * RoCE v1, 1: RoCE v2. */
+int ibv_query_gid_type(struct ibv_context *context, uint8_t port_num, unsigned int index, int *type);
 
 static const char *who = "A";
 #define CHECK(c, ...)                                                             \
@@ -180,6 +186,43 @@ static int post(struct ibv_qp *qp, int op, struct ibv_sge *sg, int nsge, uint64_
     return ibv_post_send(qp, &wr, &bad);
 }
 
+/* Waits up to timeout_ms for an async event: poll(2) on the context's
+ * async fd, then ibv_get_async_event (which would block otherwise). */
+static struct ibv_async_event wait_event(struct ibv_context *c, int timeout_ms) {
+    struct pollfd p = {.fd = c->async_fd, .events = POLLIN};
+    CHECK(poll(&p, 1, timeout_ms) == 1, "no async event within %d ms", timeout_ms);
+    struct ibv_async_event ev;
+    CHECK(ibv_get_async_event(c, &ev) == 0, "get_async_event: %s", strerror(errno));
+    return ev;
+}
+
+/* No event waits: the fd is not readable, and a non-blocking get says EAGAIN. */
+static int no_event(struct ibv_context *c) {
+    struct pollfd p = {.fd = c->async_fd, .events = POLLIN};
+    if (poll(&p, 1, 0) != 0) return 0;
+    int fl = fcntl(c->async_fd, F_GETFL);
+    CHECK(fcntl(c->async_fd, F_SETFL, fl | O_NONBLOCK) == 0, "O_NONBLOCK");
+    struct ibv_async_event ev;
+    errno = 0;
+    int r = ibv_get_async_event(c, &ev);
+    int eagain = r == -1 && errno == EAGAIN;
+    CHECK(fcntl(c->async_fd, F_SETFL, fl) == 0, "restore flags");
+    return eagain;
+}
+
+/* A QP connected to itself, in RTS. */
+static struct ibv_qp *loop_qp(struct ep *e, struct ibv_srq *srq, int retry_cnt) {
+    struct ibv_qp *qp = make_qp(e, srq, 1);
+    to_init(qp);
+    struct info self = my_info(e, qp);
+    to_rtr(qp, &self, 1);
+    struct ibv_qp_attr a = {.qp_state = IBV_QPS_RTS, .timeout = 10, .retry_cnt = (uint8_t)retry_cnt, .rnr_retry = 7,
+                            .sq_psn = 0, .max_rd_atomic = 1};
+    CHECK(ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
+                                    IBV_QP_MAX_QP_RD_ATOMIC) == 0, "to RTS");
+    return qp;
+}
+
 static pid_t fork_peer(void) {
     int sv[2];
     CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
@@ -248,11 +291,67 @@ static int c_devices(const char *expect) {
             CHECK(pa.lid == i + 1 && pa.link_layer == IBV_LINK_LAYER_INFINIBAND, "ib port: lid %u", pa.lid);
         }
         CHECK(ibv_query_port(c, 2, &pa) != 0, "port 2 does not exist");
+        CHECK(ibv_get_device_index(l[i]) == i, "device index");
+        CHECK(da.device_cap_flags & IBV_DEVICE_RC_RNR_NAK_GEN && da.device_cap_flags & IBV_DEVICE_PORT_ACTIVE_EVENT &&
+                  da.atomic_cap == IBV_ATOMIC_HCA, "device caps");
+        /* GID table: IB: the link-local GID alone; RoCE: as mlx5 fills it,
+         * link-local v1/v2 then IPv4-mapped v1/v2. */
+        int len = eth ? 4 : 1;
+        CHECK(ibv_query_port(c, 1, &pa) == 0, "query_port");
+        CHECK(pa.gid_tbl_len == len, "gid_tbl_len %d", pa.gid_tbl_len);
+        CHECK(!!(pa.port_cap_flags & IBV_PORT_IP_BASED_GIDS) == eth, "IP-based GIDs on RoCE");
+        struct ibv_gid_entry tab[8];
+        CHECK(ibv_query_gid_table(c, tab, 8, 0) == len, "gid table");
+        CHECK(ibv_query_gid_table(c, tab, (size_t)len - 1, 0) == -EINVAL, "gid table too small");
+        for (int k = 0; k < len; k++) {
+            union ibv_gid g;
+            struct ibv_gid_entry ge;
+            CHECK(ibv_query_gid(c, 1, k, &g) == 0 && memcmp(&g, &tab[k].gid, 16) == 0, "gid %d", k);
+            CHECK(ibv_query_gid_ex(c, 1, (uint32_t)k, &ge, 0) == 0 && memcmp(&ge, &tab[k], sizeof ge) == 0, "gid_ex %d", k);
+            int v4 = g.raw[10] == 0xff && g.raw[11] == 0xff && g.raw[12] == 127 && g.raw[15] == i + 1;
+            int ll = g.raw[0] == 0xfe && g.raw[1] == 0x80;
+            CHECK(tab[k].gid_index == (uint32_t)k && tab[k].port_num == 1, "entry %d", k);
+            enum ibv_gid_type want = !eth ? IBV_GID_TYPE_IB : (k % 2 ? IBV_GID_TYPE_ROCE_V2 : IBV_GID_TYPE_ROCE_V1);
+            CHECK(tab[k].gid_type == want, "gid %d type %u", k, tab[k].gid_type);
+            CHECK(k < 2 ? ll : v4, "gid %d: link-local first, then IPv4-mapped", k);
+            int sysfs;
+            CHECK(ibv_query_gid_type(c, 1, (unsigned)k, &sysfs) == 0 && sysfs == (want == IBV_GID_TYPE_ROCE_V2),
+                  "gid type (sysfs) %d", k);
+        }
         union ibv_gid g;
-        CHECK(ibv_query_gid(c, 1, 0, &g) == 0 && g.raw[0] == 0xfe && g.raw[1] == 0x80, "gid 0 link-local");
-        CHECK(ibv_query_gid(c, 1, 1, &g) == 0 && g.raw[10] == 0xff && g.raw[11] == 0xff && g.raw[12] == 127 &&
-                  g.raw[15] == i + 1, "gid 1 ipv4-mapped");
-        CHECK(ibv_query_gid(c, 1, 2, &g) != 0, "gid 2 does not exist");
+        struct ibv_gid_entry ge;
+        CHECK(ibv_query_gid(c, 1, len, &g) != 0, "no gid past the table");
+        CHECK(ibv_query_gid_ex(c, 1, (uint32_t)len, &ge, 0) == ENODATA, "gid_ex past the table: ENODATA");
+        CHECK(ibv_query_gid_ex(c, 1, 0, &ge, 1) == EOPNOTSUPP, "gid_ex flags: EOPNOTSUPP");
+        __be16 pkey = 0;
+        CHECK(ibv_query_pkey(c, 1, 0, &pkey) == 0 && pkey == htons(0xffff), "default pkey");
+        CHECK(ibv_query_pkey(c, 1, 1, &pkey) != 0, "one pkey");
+        CHECK(ibv_get_pkey_index(c, 1, htons(0xffff)) == 0 && ibv_get_pkey_index(c, 1, htons(0x8001)) < 0, "pkey index");
+        if (eth) {
+            /* RoCE needs a GRH with an existing source GID. */
+            struct ibv_pd *pd = ibv_alloc_pd(c);
+            struct ibv_cq *cq = ibv_create_cq(c, 4, NULL, NULL, 0);
+            struct ibv_qp_init_attr qa = {.send_cq = cq, .recv_cq = cq, .cap = {.max_send_wr = 1, .max_recv_wr = 1,
+                                          .max_send_sge = 1, .max_recv_sge = 1}, .qp_type = IBV_QPT_RC};
+            struct ibv_qp *qp = ibv_create_qp(pd, &qa);
+            CHECK(pd && cq && qp, "objects");
+            to_init(qp);
+            struct ibv_qp_attr r = {.qp_state = IBV_QPS_RTR, .path_mtu = IBV_MTU_1024, .dest_qp_num = qp->qp_num,
+                                    .max_dest_rd_atomic = 1, .min_rnr_timer = 1};
+            r.ah_attr.port_num = 1;
+            int m = IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+                    IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER;
+            CHECK(ibv_modify_qp(qp, &r, m) == EINVAL, "RoCE RTR without a GRH: EINVAL");
+            r.ah_attr.is_global = 1;
+            r.ah_attr.grh.dgid = tab[3].gid;
+            r.ah_attr.grh.sgid_index = 4;
+            CHECK(ibv_modify_qp(qp, &r, m) == EINVAL, "RoCE RTR from a missing GID: EINVAL");
+            r.ah_attr.grh.sgid_index = 3;
+            r.ah_attr.grh.hop_limit = 64;
+            CHECK(ibv_modify_qp(qp, &r, m) == 0, "RoCE RTR with GRH from GID 3");
+            CHECK(ibv_destroy_cq(cq) == EBUSY && ibv_dealloc_pd(pd) == EBUSY, "in use: EBUSY");
+            CHECK(ibv_destroy_qp(qp) == 0 && ibv_destroy_cq(cq) == 0 && ibv_dealloc_pd(pd) == 0, "teardown");
+        }
         CHECK(ibv_close_device(c) == 0, "close");
     }
     ibv_free_device_list(l);
@@ -272,7 +371,28 @@ static int c_mr(void) {
     errno = 0;
     CHECK(ibv_reg_mr(pd, buf, 16, IBV_ACCESS_REMOTE_WRITE) == NULL && errno == EINVAL, "remote write needs local write");
     errno = 0;
-    CHECK(ibv_reg_mr(pd, NULL, 16, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EINVAL, "NULL address");
+    CHECK(ibv_reg_mr(pd, NULL, 16, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EFAULT, "NULL address: EFAULT");
+    /* Optional flags (IBV_ACCESS_OPTIONAL_RANGE) are accepted and may be
+     * ignored, whether they reach ibv_reg_mr_iova2 through the header's
+     * constant-folded path or a runtime value. */
+    struct ibv_mr *ro = ibv_reg_mr(pd, buf, 64, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_RELAXED_ORDERING);
+    CHECK(ro, "relaxed ordering accepted: %s", strerror(errno));
+    volatile unsigned int dyn = IBV_ACCESS_LOCAL_WRITE | (1u << 29) | IBV_ACCESS_HUGETLB | IBV_ACCESS_MW_BIND;
+    struct ibv_mr *ro2 = ibv_reg_mr(pd, buf, 64, dyn);
+    CHECK(ro2, "top optional flag, hugetlb and mw_bind accepted: %s", strerror(errno));
+    CHECK(ibv_dereg_mr(ro2) == 0 && ibv_dereg_mr(ro) == 0, "dereg optional");
+    errno = 0;
+    dyn = IBV_ACCESS_LOCAL_WRITE | (1u << 12);
+    CHECK(ibv_reg_mr(pd, buf, 16, dyn) == NULL && errno == EINVAL, "unknown flag: EINVAL");
+    errno = 0;
+    CHECK(ibv_reg_mr(pd, buf, 16, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_ON_DEMAND) == NULL && errno == EOPNOTSUPP,
+          "on-demand paging: EOPNOTSUPP");
+    errno = 0;
+    CHECK(ibv_reg_mr_iova(pd, buf, 16, (uintptr_t)buf + 1, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EINVAL,
+          "iova with another page offset: EINVAL");
+    errno = 0;
+    CHECK(ibv_reg_dmabuf_mr(pd, 0, 4096, 0, 3, IBV_ACCESS_LOCAL_WRITE) == NULL && errno == EOPNOTSUPP,
+          "dma-buf: EOPNOTSUPP");
     CHECK(ibv_dereg_mr(mr2) == 0 && ibv_dereg_mr(mr) == 0, "dereg");
     CHECK(ibv_dealloc_pd(pd) == 0, "dealloc_pd");
     ibv_close_device(c);
@@ -355,6 +475,11 @@ static int c_cq_overflow(void) {
     usleep(200 * 1000);
     struct ibv_wc wc[8];
     CHECK(ibv_poll_cq(e.cq, 8, wc) < 0, "an overflowed CQ reports an error");
+    struct ibv_async_event ev = wait_event(e.ctx, 1000);
+    CHECK(ev.event_type == IBV_EVENT_CQ_ERR && ev.element.cq == e.cq, "CQ_ERR event, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(ibv_poll_cq(e.cq, 8, wc) < 0 && no_event(e.ctx), "CQ_ERR is raised once");
     printf("cq-overflow ok\n");
     return 0;
 }
@@ -480,7 +605,10 @@ static int c_srq(void) {
     return finish_parent(child, "srq");
 }
 
-static int c_channel(void) {
+/* With ARG "fd": the target waits as event loops do, in poll(2) on the
+ * channel's non-blocking fd, which the initiator's process makes readable. */
+static int c_channel(const char *how) {
+    int by_fd = how && !strcmp(how, "fd");
     pid_t child = fork_peer();
     struct ep e;
     ep_open(&e, 16, 1, 4096);
@@ -494,8 +622,22 @@ static int c_channel(void) {
         double t0 = now_ms();
         struct ibv_cq *cq;
         void *cctx;
+        if (by_fd) {
+            CHECK(fcntl(e.ch->fd, F_SETFL, fcntl(e.ch->fd, F_GETFL) | O_NONBLOCK) == 0, "O_NONBLOCK");
+            errno = 0;
+            CHECK(ibv_get_cq_event(e.ch, &cq, &cctx) == -1 && errno == EAGAIN, "nothing yet: EAGAIN");
+            struct pollfd p = {.fd = e.ch->fd, .events = POLLIN};
+            CHECK(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN), "the channel fd became readable");
+        }
         CHECK(ibv_get_cq_event(e.ch, &cq, &cctx) == 0, "get_cq_event");
         double waited = now_ms() - t0;
+        if (by_fd) {
+            struct pollfd p = {.fd = e.ch->fd, .events = POLLIN};
+            CHECK(poll(&p, 1, 0) == 0, "not readable once the event is taken");
+            errno = 0;
+            CHECK(ibv_get_cq_event(e.ch, &cq, &cctx) == -1 && errno == EAGAIN, "no second event");
+            cq = e.cq;
+        }
         CHECK(cq == e.cq && cctx == &e, "the event names our CQ and its context");
         CHECK(waited >= 150, "blocked until the write arrived (%.0f ms)", waited);
         ibv_ack_cq_events(cq, 1);
@@ -679,6 +821,235 @@ static int c_one_sided(void) {
     return finish_parent(child, "one-sided");
 }
 
+/* Regions registered at an iova other than their address: work requests
+ * name their bytes in iova space, locally (lkey) and remotely (rkey). */
+static int c_iova(void) {
+    pid_t child = fork_peer();
+    struct ep e;
+    ep_open(&e, 16, 0, 8192);
+    struct ibv_qp *qp = make_qp(&e, NULL, 1);
+    uint64_t base = 0x100000000ull + ((uintptr_t)e.buf & 4095);
+    struct ibv_mr *m = ibv_reg_mr_iova(e.pd, e.buf + 4096, 4096, base, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    CHECK(m && m->addr == e.buf + 4096, "reg_mr_iova: %s", strerror(errno));
+    struct info me = my_info(&e, qp), them;
+    me.addr2 = base;
+    me.rkey2 = m->rkey;
+    if (qp->state == IBV_QPS_RESET) to_init(qp);
+    put(&me, sizeof me);
+    get(&them, sizeof them);
+    to_rtr(qp, &them, 1);
+    to_rts(qp, 7);
+    if (child == 0) {
+        char c;
+        get(&c, 1);
+        CHECK(memcmp(e.buf + 4096 + 300, "by iova", 7) == 0, "the write landed at iova + 300");
+        exit(0);
+    }
+    /* The source, named by iova too (offset 16 of the iova region). */
+    memcpy(e.buf + 4096 + 16, "by iova", 7);
+    struct ibv_sge s = {base + 16, 7, m->lkey};
+    CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, them.addr2 + 300, them.rkey2, 0, IBV_SEND_SIGNALED, 1) == 0, "post");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS, "write by iova: %s", ibv_wc_status_str(wc.status));
+    char c = 'g';
+    put(&c, 1);
+    return finish_parent(child, "iova");
+}
+
+/* SOFTVERBS_FAULT=wr:2:REM_ACCESS_ERR: the second work request of the
+ * process fails with that status and is not executed; the QP is in error
+ * and what follows flushes. */
+static int c_fault_wr(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *qp = loop_qp(&e, NULL, 7);
+    CHECK(no_event(e.ctx), "no event yet");
+    for (int i = 0; i < 3; i++) {
+        e.buf[i] = (char)('a' + i);
+        struct ibv_sge s = {(uintptr_t)e.buf + i, 1, e.mr->lkey};
+        CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 100 + i, e.mr->rkey, 0, IBV_SEND_SIGNALED, i) == 0,
+              "post %d", i);
+    }
+    enum ibv_wc_status want[3] = {IBV_WC_SUCCESS, IBV_WC_REM_ACCESS_ERR, IBV_WC_WR_FLUSH_ERR};
+    for (int i = 0; i < 3; i++) {
+        struct ibv_wc wc = wait_wc(e.cq);
+        CHECK(wc.wr_id == (uint64_t)i && wc.status == want[i], "wr %d: %s", i, ibv_wc_status_str(wc.status));
+    }
+    CHECK(e.buf[100] == 'a' && e.buf[101] == 0 && e.buf[102] == 0, "only the first write landed");
+    struct ibv_qp_attr a;
+    struct ibv_qp_init_attr ia;
+    CHECK(ibv_query_qp(qp, &a, IBV_QP_STATE, &ia) == 0 && a.qp_state == IBV_QPS_ERR, "QP in error");
+    CHECK(no_event(e.ctx), "an error completion raises no async event");
+    printf("fault-wr ok\n");
+    return 0;
+}
+
+/* SOFTVERBS_FAULT=qp:2:wr:1:RETRY_EXC_ERR: only the second QP's first
+ * work request fails; the first QP works on. */
+static int c_fault_qp(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *q1 = loop_qp(&e, NULL, 7), *q2 = loop_qp(&e, NULL, 7);
+    struct ibv_sge s = {(uintptr_t)e.buf, 8, e.mr->lkey};
+    CHECK(post(q1, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 1) == 0, "post");
+    CHECK(wait_wc(e.cq).status == IBV_WC_SUCCESS, "QP 1, WR 1");
+    CHECK(post(q2, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 2) == 0, "post");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.wr_id == 2 && wc.qp_num == q2->qp_num && wc.status == IBV_WC_RETRY_EXC_ERR, "QP 2, WR 1: %s",
+          ibv_wc_status_str(wc.status));
+    CHECK(post(q1, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 3) == 0, "post");
+    CHECK(wait_wc(e.cq).status == IBV_WC_SUCCESS, "QP 1, WR 2");
+    printf("fault-qp ok\n");
+    return 0;
+}
+
+/* SOFTVERBS_FAULT=wr:1:fatal on a QP of an SRQ: QP_FATAL and
+ * QP_LAST_WQE_REACHED on the async fd, the work request flushed. */
+static int c_fault_fatal(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_srq_init_attr sa = {.attr = {.max_wr = 16, .max_sge = 1}};
+    struct ibv_srq *srq = ibv_create_srq(e.pd, &sa);
+    CHECK(srq, "create_srq");
+    struct ibv_qp *qp = loop_qp(&e, srq, 7);
+    struct ibv_sge s = {(uintptr_t)e.buf, 8, e.mr->lkey};
+    CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, 0, 7) == 0, "post (unsignaled)");
+    struct ibv_async_event ev = wait_event(e.ctx, 2000);
+    CHECK(ev.event_type == IBV_EVENT_QP_FATAL && ev.element.qp == qp, "QP_FATAL, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    ev = wait_event(e.ctx, 2000);
+    CHECK(ev.event_type == IBV_EVENT_QP_LAST_WQE_REACHED && ev.element.qp == qp, "LAST_WQE_REACHED, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(qp->events_completed == 2, "acks counted on the QP");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.wr_id == 7 && wc.status == IBV_WC_WR_FLUSH_ERR, "flushed: %s", ibv_wc_status_str(wc.status));
+    CHECK(no_event(e.ctx), "nothing more");
+    CHECK(ibv_destroy_qp(qp) == 0 && ibv_destroy_srq(srq) == 0, "destroy");
+    printf("fault-fatal ok\n");
+    return 0;
+}
+
+/* SOFTVERBS_FAULT=port-err:100,port-active:1500: PORT_ERR, the port
+ * reported down, work gets no answer (RETRY_EXC_ERR), then PORT_ACTIVE. */
+static int c_fault_port(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *qp = loop_qp(&e, NULL, 2);
+    struct ibv_port_attr pa;
+    CHECK(ibv_query_port(e.ctx, 1, &pa) == 0 && pa.state == IBV_PORT_ACTIVE, "active at first");
+    struct ibv_async_event ev = wait_event(e.ctx, 1000);
+    CHECK(ev.event_type == IBV_EVENT_PORT_ERR && ev.element.port_num == 1, "PORT_ERR, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(ibv_query_port(e.ctx, 1, &pa) == 0 && pa.state == IBV_PORT_DOWN, "down: %d", pa.state);
+    struct ibv_sge s = {(uintptr_t)e.buf, 8, e.mr->lkey};
+    CHECK(post(qp, IBV_WR_RDMA_WRITE, &s, 1, (uintptr_t)e.buf + 64, e.mr->rkey, 0, IBV_SEND_SIGNALED, 1) == 0, "post");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_RETRY_EXC_ERR, "no answer while down: %s", ibv_wc_status_str(wc.status));
+    ev = wait_event(e.ctx, 3000);
+    CHECK(ev.event_type == IBV_EVENT_PORT_ACTIVE && ev.element.port_num == 1, "PORT_ACTIVE, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(ibv_query_port(e.ctx, 1, &pa) == 0 && pa.state == IBV_PORT_ACTIVE, "active again");
+    printf("fault-port ok\n");
+    return 0;
+}
+
+/* An armed SRQ limit fires once, when a receive taken leaves fewer than
+ * the limit, and disarms itself. */
+static int c_srq_limit(void) {
+    struct ep e;
+    ep_open(&e, 32, 0, 4096);
+    struct ibv_srq_init_attr sa = {.attr = {.max_wr = 8, .max_sge = 1}};
+    struct ibv_srq *srq = ibv_create_srq(e.pd, &sa);
+    CHECK(srq, "create_srq");
+    struct ibv_qp *qp = loop_qp(&e, srq, 7);
+    for (int i = 0; i < 4; i++) post_recv_buf(NULL, srq, &e, (size_t)i * 64, 64, 10 + i);
+    struct ibv_srq_attr at = {.srq_limit = 9};
+    CHECK(ibv_modify_srq(srq, &at, IBV_SRQ_LIMIT) == EINVAL, "limit above max_wr: EINVAL");
+    at.max_wr = 16;
+    CHECK(ibv_modify_srq(srq, &at, IBV_SRQ_MAX_WR) == EINVAL, "no resizing");
+    at.srq_limit = 2;
+    CHECK(ibv_modify_srq(srq, &at, IBV_SRQ_LIMIT) == 0, "arm");
+    CHECK(ibv_query_srq(srq, &at) == 0 && at.srq_limit == 2, "armed at 2");
+    struct ibv_sge s = {(uintptr_t)e.buf + 1024, 8, e.mr->lkey};
+    for (int i = 0; i < 3; i++) {
+        CHECK(post(qp, IBV_WR_SEND, &s, 1, 0, 0, 0, IBV_SEND_SIGNALED, 100 + i) == 0, "send %d", i);
+        for (int k = 0; k < 2; k++) CHECK(wait_wc(e.cq).status == IBV_WC_SUCCESS, "send %d completes", i);
+        if (i < 2) CHECK(no_event(e.ctx), "%d receives left: no event", 3 - i);
+    }
+    struct ibv_async_event ev = wait_event(e.ctx, 1000);
+    CHECK(ev.event_type == IBV_EVENT_SRQ_LIMIT_REACHED && ev.element.srq == srq, "SRQ_LIMIT_REACHED, got %s",
+          ibv_event_type_str(ev.event_type));
+    ibv_ack_async_event(&ev);
+    CHECK(srq->events_completed == 1, "ack counted on the SRQ");
+    CHECK(ibv_query_srq(srq, &at) == 0 && at.srq_limit == 0, "disarmed after firing");
+    CHECK(post(qp, IBV_WR_SEND, &s, 1, 0, 0, 0, IBV_SEND_SIGNALED, 200) == 0, "send");
+    for (int k = 0; k < 2; k++) wait_wc(e.cq);
+    CHECK(no_event(e.ctx), "fires once");
+    CHECK(ibv_destroy_srq(srq) == EBUSY, "SRQ in use: EBUSY");
+    CHECK(ibv_destroy_qp(qp) == 0 && ibv_destroy_srq(srq) == 0, "teardown");
+    printf("srq-limit ok\n");
+    return 0;
+}
+
+static int atomic(struct ibv_qp *qp, int op, struct ibv_sge *s, uint64_t raddr, uint32_t rkey, uint64_t cmp_add,
+                  uint64_t swap, uint64_t id) {
+    struct ibv_send_wr wr = {0}, *bad;
+    wr.wr_id = id;
+    wr.sg_list = s;
+    wr.num_sge = 1;
+    wr.opcode = op;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.wr.atomic.remote_addr = raddr;
+    wr.wr.atomic.rkey = rkey;
+    wr.wr.atomic.compare_add = cmp_add;
+    wr.wr.atomic.swap = swap;
+    return ibv_post_send(qp, &wr, &bad);
+}
+
+/* Fetch-and-add and compare-and-swap on 8 aligned bytes; the old value
+ * comes back; misalignment and a region without remote atomic access
+ * fail as on a NIC. */
+static int c_atomic(void) {
+    struct ep e;
+    ep_open(&e, 16, 0, 4096);
+    struct ibv_qp *qp = make_qp(&e, NULL, 1);
+    struct ibv_qp_attr a = {.qp_state = IBV_QPS_INIT, .port_num = 1,
+                            .qp_access_flags = IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC};
+    CHECK(ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) == 0, "INIT");
+    struct info self = my_info(&e, qp);
+    to_rtr(qp, &self, 1);
+    to_rts(qp, 7);
+    uint64_t *target = (uint64_t *)(e.buf + 512), *result = (uint64_t *)(e.buf + 1024);
+    struct ibv_mr *am = ibv_reg_mr(e.pd, target, 8, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_ATOMIC);
+    CHECK(am, "reg atomic mr");
+    *target = 40;
+    struct ibv_sge s = {(uintptr_t)result, 8, e.mr->lkey};
+    CHECK(atomic(qp, IBV_WR_ATOMIC_FETCH_AND_ADD, &s, (uintptr_t)target, am->rkey, 2, 0, 1) == 0, "post faa");
+    struct ibv_wc wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS && wc.opcode == IBV_WC_FETCH_ADD && *result == 40 && *target == 42,
+          "faa: %s, old %llu, now %llu", ibv_wc_status_str(wc.status), (unsigned long long)*result,
+          (unsigned long long)*target);
+    CHECK(atomic(qp, IBV_WR_ATOMIC_CMP_AND_SWP, &s, (uintptr_t)target, am->rkey, 42, 7, 2) == 0, "post cas");
+    wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS && wc.opcode == IBV_WC_COMP_SWAP && *result == 42 && *target == 7, "cas hit");
+    CHECK(atomic(qp, IBV_WR_ATOMIC_CMP_AND_SWP, &s, (uintptr_t)target, am->rkey, 1, 9, 3) == 0, "post cas");
+    wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_SUCCESS && *result == 7 && *target == 7, "cas miss leaves it");
+    struct ibv_sge shortsge = {(uintptr_t)result, 4, e.mr->lkey};
+    CHECK(atomic(qp, IBV_WR_ATOMIC_FETCH_AND_ADD, &shortsge, (uintptr_t)target, am->rkey, 1, 0, 4) == EINVAL,
+          "an atomic needs 8 local bytes");
+    /* The regular region has no remote atomic access. */
+    CHECK(atomic(qp, IBV_WR_ATOMIC_FETCH_AND_ADD, &s, (uintptr_t)e.buf + 8, e.mr->rkey, 1, 0, 5) == 0, "post");
+    wc = wait_wc(e.cq);
+    CHECK(wc.status == IBV_WC_REM_ACCESS_ERR, "no REMOTE_ATOMIC: %s", ibv_wc_status_str(wc.status));
+    printf("atomic ok\n");
+    return 0;
+}
+
 static int c_peer_exit(const char *how) {
     pid_t child = fork_peer();
     struct ep e;
@@ -719,13 +1090,26 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "cq-overflow")) return c_cq_overflow();
     if (!strcmp(c, "ops")) return c_ops();
     if (!strcmp(c, "srq")) return c_srq();
-    if (!strcmp(c, "channel")) return c_channel();
+    if (!strcmp(c, "channel")) return c_channel(arg);
     if (!strcmp(c, "rnr")) return c_rnr();
     if (!strcmp(c, "rkey")) return c_rkey();
     if (!strcmp(c, "access")) return c_access();
     if (!strcmp(c, "recv-len")) return c_recv_len();
     if (!strcmp(c, "one-sided")) return c_one_sided();
     if (!strcmp(c, "peer-exit")) return c_peer_exit(arg);
+    if (!strcmp(c, "iova")) return c_iova();
+    if (!strcmp(c, "atomic")) return c_atomic();
+    if (!strcmp(c, "srq-limit")) return c_srq_limit();
+    if (!strcmp(c, "fault-wr")) return c_fault_wr();
+    if (!strcmp(c, "fault-qp")) return c_fault_qp();
+    if (!strcmp(c, "fault-fatal")) return c_fault_fatal();
+    if (!strcmp(c, "fault-port")) return c_fault_port();
+    if (!strcmp(c, "fault-typo")) {
+        errno = 0;
+        CHECK(ibv_get_device_list(NULL) == NULL && errno == EINVAL, "a malformed SOFTVERBS_FAULT fails device listing");
+        printf("fault-typo ok\n");
+        return 0;
+    }
     fprintf(stderr, "unknown case %s\n", c);
     return 2;
 }

@@ -45,8 +45,9 @@ pub struct BenchArgs {
     /// FFN ranks N.
     #[arg(long, default_value_t = 1)]
     ffn: u32,
-    /// Transport: auto (shm between ranks of one host), tcp or shm; a
-    /// comma list (shm,tcp) measures each in turn.
+    /// Transport: auto (verbs where an RDMA port is active, else shm
+    /// between ranks of one host), tcp, shm or verbs (its floor: plain
+    /// verbs calls); a comma list (shm,tcp) measures each in turn.
     #[arg(long, default_value = "auto")]
     transport: String,
     /// Measure a series: KEY=V1,V2,... with KEY one of tokens, hidden,
@@ -173,7 +174,7 @@ pub fn lat_of(line: &str) -> Option<Histogram> {
     Histogram::from_words(&words?)
 }
 
-fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+pub fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     let k = format!("\"{key}\":");
     let start = json.find(&k)? + k.len();
     let rest = &json[start..];
@@ -240,9 +241,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let transports: Vec<&str> = args.transport.split(',').map(str::trim).collect();
     if let Some(t) = transports
         .iter()
-        .find(|t| !["auto", "tcp", "shm"].contains(t))
+        .find(|t| !["auto", "tcp", "shm", "verbs"].contains(t))
     {
-        bail!("--transport {t}: expected auto, tcp or shm (or a comma list of them)");
+        bail!("--transport {t}: expected auto, tcp, shm or verbs (or a comma list of them)");
     }
     let sweep = args.sweep.as_deref().map(Sweep::parse).transpose()?;
     if sweep.is_none() && transports.len() == 1 && args.plot.is_none() {
@@ -335,6 +336,19 @@ pub struct Point {
     /// FFN ranks that answered stages last: (peer, stages, mean lateness
     /// in us), most often first, over every attention rank.
     stragglers: Vec<(String, u64, f64)>,
+    /// Verbs only: the post path's counters and the port.
+    verbs: Option<VerbsWire>,
+}
+
+/// What a verbs mesh's post paths did, per message, and the port.
+#[derive(Debug, Clone, Copy)]
+struct VerbsWire {
+    wrs_per_msg: f64,
+    signaled_per_msg: f64,
+    flushes_per_msg: f64,
+    port_gbps: f64,
+    /// Only when a real port is present (not softverbs).
+    line_rate_pct: Option<f64>,
 }
 
 /// Runs one mesh of `wa` on M×N over `transport_arg` and its floor.
@@ -464,6 +478,9 @@ fn measure(
     // Per FFN rank, over every attention rank: stages it answered last and
     // the sum of its lateness (us).
     let mut late: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    // Work requests (data ones, i.e. less flushes and probes), signalled
+    // ones, flushes, messages: summed over every rank.
+    let mut wire = [0u64; 4];
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
         let count = |key: &str| -> Result<u64> {
@@ -472,6 +489,12 @@ fn measure(
                 .with_context(|| format!("rank output lacks {key}: {line}"))
         };
         errors += count("errors")?;
+        for (k, key) in ["work_requests", "signaled", "flushes", "messages"]
+            .iter()
+            .enumerate()
+        {
+            wire[k] += field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
         sent_bytes += count("sent_bytes")?;
         copied_bytes += count("copied_bytes")?;
         if let Some(fe) = field(line, "first_error").filter(|v| *v != "null") {
@@ -512,7 +535,28 @@ fn measure(
     let (d, c) = w.layer_bytes(m, n);
     let plan = floor_plan(&w, m, n, pin.then_some(cpus));
     progress.phase("floor");
-    let floors = if transport == "shm" {
+    let mut verbs = None;
+    let floors = if transport == "verbs" {
+        let v = floor::verbs::run(&plan).context("plain verbs floor")?;
+        let msgs = wire[3].max(1) as f64;
+        let goodput_gbits = (d + c) as f64 * 8.0 / (mesh.mean * 1e-6) / 1e9;
+        let real = v.port_gbps > 0.0 && !v.device.starts_with("softverbs");
+        verbs = Some(VerbsWire {
+            wrs_per_msg: (wire[0] - wire[2]) as f64 / msgs,
+            signaled_per_msg: wire[1] as f64 / msgs,
+            flushes_per_msg: wire[2] as f64 / msgs,
+            port_gbps: v.port_gbps,
+            line_rate_pct: real.then(|| 100.0 * goodput_gbits / v.port_gbps),
+        });
+        Floors {
+            exchange: Summary::of(&v.lat).p50,
+            exchange_name: format!(
+                "plain verbs exchange, {m}+{n} processes, one QP per pair, one signalled write-with-imm per message"
+            ),
+            polled: None,
+            memcpy: None,
+        }
+    } else if transport == "shm" {
         let exchange = floor::shm(&plan).context("shm floor")?;
         let memcpy = floor::memcpy(d, c, plan.warmup + plan.iters);
         Floors {
@@ -557,6 +601,7 @@ fn measure(
         errors,
         first_error,
         stragglers,
+        verbs,
     })
 }
 
@@ -635,7 +680,7 @@ impl Point {
         let or_null = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |v| format!("{v:.2}"));
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         format!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},\"first_error\":{},\"stragglers\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{},\"stragglers\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -645,6 +690,14 @@ impl Point {
             wa.warmup,
             self.layer_bytes,
             floors.exchange,
+            self.verbs.map_or_else(String::new, |v| format!(
+                "\"wrs_per_msg\":{:.3},\"signaled_per_msg\":{:.3},\"flushes_per_msg\":{:.3},\"port_gbps\":{:.3},\"line_rate_pct\":{},",
+                v.wrs_per_msg,
+                v.signaled_per_msg,
+                v.flushes_per_msg,
+                v.port_gbps,
+                or_null(v.line_rate_pct)
+            )),
             json_str(self.first_error.as_deref()),
             self.stragglers_json()
         )
@@ -697,6 +750,17 @@ impl Point {
         }
         if let Some(memcpy) = floors.memcpy {
             println!("    memcpy      {memcpy:.2} us (1 thread copies the layer once)");
+        }
+        if let Some(v) = self.verbs {
+            println!(
+                "  verbs         {:.2} work requests, {:.2} signalled, {:.2} flushes/probes per message; port {:.1} Gb/s{}",
+                v.wrs_per_msg,
+                v.signaled_per_msg,
+                v.flushes_per_msg,
+                v.port_gbps,
+                v.line_rate_pct
+                    .map_or_else(String::new, |p| format!(", {p:.1}% of line rate"))
+            );
         }
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");

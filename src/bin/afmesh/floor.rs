@@ -19,6 +19,9 @@
 //!   its reply back and raises the attention's flag. Stages are separate
 //!   messages, so the FFN answers one while the next is copied in, as the
 //!   mesh's stages overlap.
+//! * **plain verbs exchange** (`floor/verbs.rs`): the same M+N processes,
+//!   one RC QP per pair, each stage message one signalled
+//!   write-with-imm each way, CQs busy-polled, no library logic.
 //! * **memcpy**: one thread copying a layer's bytes once, with no second
 //!   process and no flag — the least any shared-memory transport pays.
 //!
@@ -31,6 +34,7 @@
 //! wait is bounded by the workload's timeout.
 
 mod mailbox;
+pub mod verbs;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -232,6 +236,7 @@ pub fn memcpy(dispatch: u64, combine: u64, iters: u32) -> Histogram {
 pub enum PeerTransport {
     Tcp,
     Shm,
+    Verbs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -321,6 +326,7 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
         sys::pin_to_cpu(cpu).with_context(|| format!("pinning to CPU {cpu}"))?;
     }
     let lat = match (args.transport, args.role) {
+        (PeerTransport::Verbs, _) => return verbs::peer(args),
         (PeerTransport::Tcp, PeerRole::Ffn) => return tcp_ffn(args),
         (PeerTransport::Tcp, PeerRole::Attention) => tcp_attention(args)?,
         (PeerTransport::Shm, role) => {

@@ -357,11 +357,12 @@ fn run(args: &RunArgs) -> Result<()> {
             let (sent, copied) = moved(&stats);
             let stragglers = stats.stragglers();
             let line = format!(
-                "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"links\":{},\"stragglers\":{},\"lat_ns\":{}}}",
+                "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"wire\":{},\"links\":{},\"stragglers\":{},\"lat_ns\":{}}}",
                 rep.errors,
                 rep.ffn_us,
                 rep.net_us,
                 json_str(rep.first_error.as_deref()),
+                wire_json(&stats),
                 links_json(&stats),
                 stragglers_json(&stragglers),
                 bench::words_json(&rep.lat)
@@ -410,10 +411,12 @@ fn run(args: &RunArgs) -> Result<()> {
             let rejected = stats.rejected();
             let (sent, copied) = moved(&stats);
             let line = format!(
-                "{{\"role\":\"ffn\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"links\":{}}}",
+                "{{\"role\":\"ffn\",\"transport\":\"{}\",\"rank\":{rank},\"batches\":{},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"wire\":{},\"links\":{}}}",
+                stats.transport,
                 rep.batches,
                 rep.errors,
                 json_str(rep.first_error.as_deref()),
+                wire_json(&stats),
                 links_json(&stats)
             );
             report(f.report(&line));
@@ -472,6 +475,15 @@ fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
     stats.peers.iter().fold((0, 0), |(s, c), (_, p)| {
         (s + p.sent_bytes, c + p.copied_bytes)
     })
+}
+
+/// The transport's post-path counters, as a JSON object.
+fn wire_json(stats: &afmesh::RankStats) -> String {
+    let w = &stats.wire;
+    format!(
+        "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{}}}",
+        w.messages, w.work_requests, w.signaled, w.flushes, w.registrations_after_setup
+    )
 }
 
 fn announce(args: &RunArgs, who: String, m: usize, n: usize) {
