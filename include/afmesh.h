@@ -49,16 +49,30 @@
 
 /* A config with every field at its default; set scheduler, num_attention
  * and num_ffn before use. */
-#define AFMESH_CONFIG_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_config)), AFMESH_CONFIG_VERSION, NULL, 0, 0, -1, NULL, NULL, NULL, NULL, 0, 0, 0, -1 }
+#define AFMESH_CONFIG_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_config)), AFMESH_CONFIG_VERSION, NULL, 0, 0, -1, NULL, NULL, NULL, NULL, 0, 0, 0, -1, AFMESH_MEMORY_HOST, 0 }
 
 /* The first element of an afmesh_peer_stats array passed to
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
 #define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
 
 /**
- * Version of [`afmesh_config`] this library knows.
+ * Version of [`afmesh_config`] this library knows (2 added
+ * `memory_kind` and `device`; a version 1 config, of version 1's size,
+ * still works and means host memory).
  */
-#define AFMESH_CONFIG_VERSION 1
+#define AFMESH_CONFIG_VERSION 2
+
+/**
+ * `afmesh_config.memory_kind`: stage buffers in host memory.
+ */
+#define AFMESH_MEMORY_HOST 0
+
+/**
+ * `afmesh_config.memory_kind`: stage buffers on CUDA device
+ * `afmesh_config.device` (library-allocated there, or the `_with_buffer`
+ * constructors' buffer is a device pointer of that device).
+ */
+#define AFMESH_MEMORY_CUDA 1
 
 /**
  * `afmesh_env_role`: the environment names no role.
@@ -258,6 +272,14 @@ typedef struct afmesh_config {
    * CPU to pin the joining thread to, or -1.
    */
   int32_t cpu;
+  /**
+   * Version 2: `AFMESH_MEMORY_HOST` or `AFMESH_MEMORY_CUDA`.
+   */
+  uint32_t memory_kind;
+  /**
+   * Version 2: the CUDA device ordinal, for `AFMESH_MEMORY_CUDA`.
+   */
+  int32_t device;
 } afmesh_config;
 
 /**

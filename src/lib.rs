@@ -55,6 +55,7 @@
 
 pub mod api;
 pub mod bootstrap;
+pub mod cuda;
 mod engine;
 pub mod error;
 pub mod metrics;
@@ -64,8 +65,9 @@ pub mod trace;
 pub mod transport;
 
 pub use api::{
-    sim_mesh, sim_mesh_with_checksums, AttentionRank, Batch, Combined, DispatchHandle, Dtype,
-    FfnRank, Mesh, MeshConfig, Rank, RankStats, RespondError, StageSpec, Trace, TransportKind,
+    sim_mesh, sim_mesh_in, sim_mesh_with_checksums, AttentionRank, Batch, Combined, DispatchHandle,
+    Dtype, FfnRank, Mesh, MeshConfig, Rank, RankStats, RespondError, StageSpec, Trace,
+    TransportKind,
 };
 pub use engine::{Histogram, Interrupter, PeerStats, Straggler};
 pub use error::{Error, Peer, Result};

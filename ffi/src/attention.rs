@@ -3,11 +3,10 @@
 
 use std::ffi::c_void;
 
-use afmesh_core::transport::Region;
 use afmesh_core::{AttentionRank, DispatchHandle, Dtype, Error, Mesh, RankStats, StageSpec};
 
 use crate::args::{bytes, ms};
-use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Source};
+use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Buffers, Source};
 use crate::error::afmesh_result::{self, AFMESH_ERR_BUFFER_SIZE};
 use crate::error::{boundary, invalid, Fail};
 use crate::handle::{
@@ -112,11 +111,12 @@ impl Handle for afmesh_attention {
 fn attention_handle(
     mesh: Mesh,
     spec: StageSpec,
-    region: Option<Region>,
+    buffers: Buffers,
 ) -> Result<afmesh_attention, Error> {
-    let rank = match region {
-        None => mesh.attention(spec)?,
-        Some(r) => mesh.attention_with_region(spec, r)?,
+    let rank = match buffers {
+        Buffers::Library => mesh.attention(spec)?,
+        Buffers::Device(d) => mesh.attention_on_device(spec, d)?,
+        Buffers::Caller(r) => mesh.attention_with_region(spec, r)?,
     };
     Ok(afmesh_attention {
         slot: Slot::new(rank),

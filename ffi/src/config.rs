@@ -5,14 +5,23 @@
 use std::ffi::{c_char, c_void};
 use std::time::Duration;
 
-use afmesh_core::transport::{PollPolicy, Region};
+use afmesh_core::transport::{MemoryKind, PollPolicy, Region};
 use afmesh_core::{Error, Mesh, MeshConfig, StageSpec, TransportKind};
 
 use crate::args::{obj_ref, opt_str};
 use crate::error::{invalid, Fail};
 
-/// Version of [`afmesh_config`] this library knows.
-pub const AFMESH_CONFIG_VERSION: u32 = 1;
+/// Version of [`afmesh_config`] this library knows (2 added
+/// `memory_kind` and `device`; a version 1 config, of version 1's size,
+/// still works and means host memory).
+pub const AFMESH_CONFIG_VERSION: u32 = 2;
+
+/// `afmesh_config.memory_kind`: stage buffers in host memory.
+pub const AFMESH_MEMORY_HOST: u32 = 0;
+/// `afmesh_config.memory_kind`: stage buffers on CUDA device
+/// `afmesh_config.device` (library-allocated there, or the `_with_buffer`
+/// constructors' buffer is a device pointer of that device).
+pub const AFMESH_MEMORY_CUDA: u32 = 1;
 
 /// How a rank joins its mesh. Initialise with `AFMESH_CONFIG_INIT`, then
 /// set fields; `size` and `version` let later versions add fields. The
@@ -49,7 +58,15 @@ pub struct afmesh_config {
     pub embed_scheduler: u32,
     /// CPU to pin the joining thread to, or -1.
     pub cpu: i32,
+    /// Version 2: `AFMESH_MEMORY_HOST` or `AFMESH_MEMORY_CUDA`.
+    pub memory_kind: u32,
+    /// Version 2: the CUDA device ordinal, for `AFMESH_MEMORY_CUDA`.
+    pub device: i32,
 }
+
+/// Bytes of a version 1 [`afmesh_config`] (everything before
+/// `memory_kind`).
+const CONFIG_V1_SIZE: usize = std::mem::offset_of!(afmesh_config, memory_kind);
 
 /// The stage geometry; every rank of a mesh uses the same one.
 #[repr(C)]
@@ -82,23 +99,61 @@ fn spec_of(s: &afmesh_stage_spec) -> StageSpec {
 /// # Safety
 /// `cfg` is NULL or points to at least `cfg->size` readable bytes whose
 /// string fields are NULL or NUL-terminated.
-pub(crate) unsafe fn config_of(cfg: *const afmesh_config) -> Result<MeshConfig, Fail> {
-    // SAFETY: per this function's contract.
-    let c = unsafe { obj_ref(cfg, "config") }?;
-    if c.version == 0 || c.version > AFMESH_CONFIG_VERSION {
+pub(crate) unsafe fn config_of(
+    cfg: *const afmesh_config,
+) -> Result<(MeshConfig, MemoryKind), Fail> {
+    if cfg.is_null() {
+        return Err(invalid("config is NULL"));
+    }
+    // SAFETY: `size` and `version` are the first two fields of every
+    // version; the contract gives at least `size` readable bytes, and a
+    // config is never smaller than them.
+    let (size, version) = unsafe { ((*cfg).size as usize, (*cfg).version) };
+    if version == 0 || version > AFMESH_CONFIG_VERSION {
         return Err(invalid(format!(
-            "config version {} (this library knows 1..={AFMESH_CONFIG_VERSION}; use AFMESH_CONFIG_INIT)",
-            c.version
+            "config version {version} (this library knows 1..={AFMESH_CONFIG_VERSION}; use AFMESH_CONFIG_INIT)"
         )));
     }
-    // Every field of version 1 must be there.
-    if (c.size as usize) < std::mem::size_of::<afmesh_config>() {
+    // Every field of the declared version must be there.
+    let need = if version == 1 {
+        CONFIG_V1_SIZE
+    } else {
+        std::mem::size_of::<afmesh_config>()
+    };
+    if size < need {
         return Err(invalid(format!(
-            "config size {} is smaller than version 1's {} (use AFMESH_CONFIG_INIT)",
-            c.size,
-            std::mem::size_of::<afmesh_config>()
+            "config size {size} is smaller than version {version}'s {need} (use AFMESH_CONFIG_INIT)"
         )));
     }
+    // Read only what the caller's version has; later fields stay zero
+    // (host memory).
+    // SAFETY: all-zero is a valid `afmesh_config` (NULL strings, zeros).
+    let mut copy: afmesh_config = unsafe { std::mem::zeroed() };
+    // SAFETY: `need` bytes are readable (contract, checked against
+    // `size`), and `copy` has room for them (`need <= size_of`).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            cfg.cast::<u8>(),
+            (&mut copy as *mut afmesh_config).cast::<u8>(),
+            need,
+        );
+    }
+    let c = &copy;
+    let kind = match (version, c.memory_kind) {
+        (1, _) | (_, AFMESH_MEMORY_HOST) => MemoryKind::Host,
+        (_, AFMESH_MEMORY_CUDA) if c.device >= 0 => MemoryKind::Cuda { device: c.device },
+        (_, AFMESH_MEMORY_CUDA) => {
+            return Err(invalid(format!(
+                "config.device {} for CUDA memory",
+                c.device
+            )))
+        }
+        (_, k) => {
+            return Err(invalid(format!(
+                "config.memory_kind {k} (AFMESH_MEMORY_HOST or AFMESH_MEMORY_CUDA)"
+            )))
+        }
+    };
     // SAFETY: string fields are NULL or NUL-terminated (contract).
     let scheduler = unsafe { opt_str(c.scheduler, "config.scheduler") }?
         .ok_or_else(|| invalid("config.scheduler is NULL"))?;
@@ -132,7 +187,17 @@ pub(crate) unsafe fn config_of(cfg: *const afmesh_config) -> Result<MeshConfig, 
     if c.cpu >= 0 {
         m.cpu = Some(c.cpu as usize);
     }
-    Ok(m)
+    Ok((m, kind))
+}
+
+/// Where a rank's stage buffers come from.
+pub(crate) enum Buffers {
+    /// Library-allocated host memory.
+    Library,
+    /// Library-allocated on this CUDA device.
+    Device(i32),
+    /// The caller's buffer (host or device memory).
+    Caller(Region),
 }
 
 /// Where a constructor's configuration comes from.
@@ -151,7 +216,7 @@ pub(crate) unsafe fn construct<H>(
     spec: *const afmesh_stage_spec,
     buffer: Option<(*mut c_void, usize)>,
     out: *mut *mut H,
-    join: impl FnOnce(Mesh, StageSpec, Option<Region>) -> Result<H, Error>,
+    join: impl FnOnce(Mesh, StageSpec, Buffers) -> Result<H, Error>,
 ) -> Result<(), Fail> {
     crate::log::init();
     // Arguments first, then configuration.
@@ -160,19 +225,38 @@ pub(crate) unsafe fn construct<H>(
     if out.is_null() {
         return Err(invalid("out is NULL"));
     }
-    let mesh = match source {
-        // SAFETY: forwarded contract.
-        Source::Config(cfg) => Mesh::new(unsafe { config_of(cfg) }?),
-        Source::Env => Mesh::from_env()?,
+    let (mesh, kind) = match source {
+        Source::Config(cfg) => {
+            // SAFETY: forwarded contract.
+            let (m, k) = unsafe { config_of(cfg) }?;
+            (Mesh::new(m), k)
+        }
+        Source::Env => (Mesh::from_env()?, MemoryKind::Host),
     };
-    let region = match buffer {
-        None => None,
-        Some((p, _)) if p.is_null() => return Err(invalid("buffer is NULL")),
-        // SAFETY: the caller keeps `buffer` valid for `len` bytes for the
-        // life of the handle (the `_with_buffer` contract).
-        Some((p, len)) => Some(unsafe { Region::from_raw_parts(p.cast(), len) }.map_err(invalid)?),
+    let buffers = match (buffer, kind) {
+        (None, MemoryKind::Host) => Buffers::Library,
+        (None, MemoryKind::Cuda { device }) => Buffers::Device(device),
+        (Some((p, _)), _) if p.is_null() => return Err(invalid("buffer is NULL")),
+        (Some((p, len)), MemoryKind::Host) => Buffers::Caller(
+            // SAFETY: the caller keeps `buffer` valid for `len` bytes for
+            // the life of the handle (the `_with_buffer` contract).
+            unsafe { Region::from_raw_parts(p.cast(), len) }.map_err(invalid)?,
+        ),
+        (Some((p, len)), MemoryKind::Cuda { device }) => {
+            // SAFETY: the caller keeps the device buffer allocated for the
+            // life of the handle (the `_with_buffer` contract); the driver
+            // is asked what it is before anything uses it.
+            let r = unsafe { Region::from_device_ptr(p as u64, len) }?;
+            if r.kind() != kind {
+                return Err(invalid(format!(
+                    "buffer is {} but config.device is {device}",
+                    r.kind()
+                )));
+            }
+            Buffers::Caller(r)
+        }
     };
-    let h = Box::into_raw(Box::new(join(mesh, spec, region)?));
+    let h = Box::into_raw(Box::new(join(mesh, spec, buffers)?));
     // SAFETY: checked non-NULL.
     unsafe { out.write(h) };
     Ok(())
@@ -187,7 +271,7 @@ pub(crate) unsafe fn memory_len(
     attention: bool,
 ) -> Result<(), Fail> {
     // SAFETY: forwarded contract.
-    let (cfg, spec) = unsafe { (config_of(cfg)?, obj_ref(spec, "spec")?) };
+    let ((cfg, _), spec) = unsafe { (config_of(cfg)?, obj_ref(spec, "spec")?) };
     if out.is_null() {
         return Err(invalid("out is NULL"));
     }

@@ -3,12 +3,11 @@
 
 use std::ffi::c_void;
 
-use afmesh_core::transport::Region;
 use afmesh_core::{Error, FfnRank, Mesh, RankStats, StageSpec};
 
 use crate::args::{bytes, ms, obj};
 use crate::batch::afmesh_batch;
-use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Source};
+use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Buffers, Source};
 use crate::error::{afmesh_result, boundary, invalid, Fail};
 use crate::handle::{
     abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, free_of, info_of, interrupt_of,
@@ -54,10 +53,11 @@ impl Handle for afmesh_ffn {
     }
 }
 
-fn ffn_handle(mesh: Mesh, spec: StageSpec, region: Option<Region>) -> Result<afmesh_ffn, Error> {
-    let rank = match region {
-        None => mesh.ffn(spec)?,
-        Some(r) => mesh.ffn_with_region(spec, r)?,
+fn ffn_handle(mesh: Mesh, spec: StageSpec, buffers: Buffers) -> Result<afmesh_ffn, Error> {
+    let rank = match buffers {
+        Buffers::Library => mesh.ffn(spec)?,
+        Buffers::Device(d) => mesh.ffn_on_device(spec, d)?,
+        Buffers::Caller(r) => mesh.ffn_with_region(spec, r)?,
     };
     Ok(afmesh_ffn {
         slot: Slot::new(rank),

@@ -83,7 +83,7 @@ pub unsafe extern "C" fn afmesh_scheduler_new(
 ) -> afmesh_result {
     boundary("afmesh_scheduler_new", || {
         // SAFETY: forwarded contract.
-        let cfg = unsafe { config_of(cfg) }?;
+        let (cfg, _) = unsafe { config_of(cfg) }?;
         // SAFETY: forwarded contract.
         unsafe { start(&cfg, out) }
     })

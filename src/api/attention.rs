@@ -9,7 +9,17 @@ use super::reduce::{sum_into, Dtype};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
+use crate::transport::MemoryKind;
 use crate::transport::Region;
+
+/// Where a dispatch's side block is when the header is stamped.
+#[derive(Clone, Copy)]
+enum Side<'a> {
+    /// Already in the slot (built in place), this many bytes.
+    InPlace(usize),
+    /// To be copied in with the header.
+    Copy(&'a [u8]),
+}
 
 /// A dispatch in flight; redeem it with [`AttentionRank::wait_combine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -179,12 +189,56 @@ impl<'a> Combined<'a> {
         let len = self.tokens * layout.spec.out_row_bytes as usize;
         self.rank.engine.recv_region().slice(off, len).ok()
     }
+    /// FFN rank `f`'s rows as an address (a device address when the
+    /// rank's stage memory is on a GPU, where [`Combined::partial`] is
+    /// `None`), valid while this value lives.
+    pub fn partial_addr(&self, f: usize) -> Option<u64> {
+        let layout = &self.rank.st.layout;
+        if f >= layout.n {
+            return None;
+        }
+        let off = layout.out_offset(self.stage, f) + HEADER_LEN;
+        let len = self.tokens * layout.spec.out_row_bytes as usize;
+        self.rank.engine.recv_region().addr_of(off, len).ok()
+    }
+    /// Copies FFN rank `f`'s rows into `out` (host memory; from the GPU
+    /// when the stage memory is there); returns their length.
+    pub fn copy_partial(&self, f: usize, out: &mut [u8]) -> Result<usize> {
+        let layout = &self.rank.st.layout;
+        if f >= layout.n {
+            return Err(Error::invalid(format!(
+                "partial {f}: only {} FFN ranks",
+                layout.n
+            )));
+        }
+        let off = layout.out_offset(self.stage, f) + HEADER_LEN;
+        let len = self.tokens * layout.spec.out_row_bytes as usize;
+        let Some(out) = out.get_mut(..len) else {
+            return Err(Error::BufferSize {
+                what: format!("copy of partial {f}"),
+                need: len,
+                got: out.len(),
+            });
+        };
+        self.rank
+            .engine
+            .recv_region()
+            .copy_out(off, out)
+            .map_err(Error::invalid)?;
+        Ok(len)
+    }
     /// All partials, in FFN-rank order.
     pub fn partials(&self) -> Vec<&'a [u8]> {
         (0..self.len()).filter_map(|f| self.partial(f)).collect()
     }
     /// Writes the element-wise sum of the partials into `out`.
     pub fn sum_into(&self, dtype: Dtype, out: &mut [u8]) -> Result<()> {
+        let kind = self.rank.engine.recv_region().kind();
+        if kind != MemoryKind::Host {
+            return Err(Error::Unsupported(format!(
+                "the sum of partials in {kind} is not computed on the host: use partial_addr"
+            )));
+        }
         sum_into(dtype, &self.partials(), out)
     }
     /// Trace stamps of FFN rank `f`'s combine.
@@ -253,11 +307,19 @@ impl AttentionRank {
                 got: spec.side_bytes as usize,
             });
         }
-        let h = self.dispatch_with(stage, count, |rows, area| {
-            rows.copy_from_slice(tokens);
-            area[..side.len()].copy_from_slice(side);
-            side.len()
-        })?;
+        let h = if self.engine.send_kind() == MemoryKind::Host {
+            self.dispatch_with(stage, count, |rows, area| {
+                rows.copy_from_slice(tokens);
+                area[..side.len()].copy_from_slice(side);
+                side.len()
+            })?
+        } else {
+            // Device send slots: the rows go through one host-to-device copy.
+            let rows_at = self.st.layout.rows_at();
+            let s = self.begin(stage, count)?;
+            self.engine.write_slot(s, rows_at, tokens)?;
+            self.finish(stage, count, Side::Copy(side))?
+        };
         for f in 0..self.st.layout.n {
             self.engine.count_copied(f, tokens.len() + side.len());
         }
@@ -299,6 +361,109 @@ impl AttentionRank {
         tokens: usize,
         fill: impl FnOnce(&mut [u8], &mut [u8]) -> usize,
     ) -> Result<DispatchHandle> {
+        let s = self.begin(stage, tokens)?;
+        let layout = self.st.layout;
+        let rows_len = tokens * layout.spec.row_bytes as usize;
+        let side_bytes = layout.spec.side_bytes as usize;
+        let slot = self.engine.fill(s)?;
+        let (_, rest) = slot.split_at_mut(HEADER_LEN);
+        let (area, rows) = rest.split_at_mut(layout.side_area);
+        let side_len = fill(&mut rows[..rows_len], &mut area[..side_bytes]);
+        if side_len > side_bytes {
+            return Err(Error::invalid(format!(
+                "dispatch_with: side block of {side_len} bytes exceeds side_bytes {side_bytes}"
+            )));
+        }
+        self.finish(stage, tokens, Side::InPlace(side_len))
+    }
+
+    /// Sends `tokens` rows that are already on this rank's GPU, at device
+    /// address `rows` (`tokens × row_bytes` bytes, e.g. a tensor's
+    /// `data_ptr()`), and the host `side` block, to every FFN rank for
+    /// `stage`. The rows are copied device to device into the stage's send
+    /// slot (copy engine, no host staging); the copy is enqueued on the
+    /// rank's fill stream, a blocking CUDA stream, and this returns without
+    /// waiting for it: work the caller enqueues afterwards on the legacy
+    /// default stream runs after it and may overwrite `rows`; from any
+    /// other stream, wait for the default stream first (or produce `rows`
+    /// there and use [`AttentionRank::dispatch_device_on`]). Only for a rank whose stage memory is on a GPU
+    /// ([`AttentionRank::memory`]); checked like
+    /// [`AttentionRank::dispatch`].
+    pub fn dispatch_device(
+        &mut self,
+        stage: u32,
+        rows: u64,
+        tokens: usize,
+        side: &[u8],
+    ) -> Result<DispatchHandle> {
+        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
+            return Err(Error::Unsupported(
+                "dispatch_device: this rank's stage memory is host memory (use dispatch)".into(),
+            ));
+        };
+        let spec = self.st.layout.spec;
+        if side.len() > spec.side_bytes as usize {
+            return Err(Error::BufferSize {
+                what: "dispatch side block exceeds side_bytes".into(),
+                need: side.len(),
+                got: spec.side_bytes as usize,
+            });
+        }
+        let len = tokens.saturating_mul(spec.row_bytes as usize);
+        if len > 0 {
+            // Device memory of one allocation, or refused (never host
+            // memory through the unified address space).
+            crate::cuda::pointer_info(rows, len)?;
+        }
+        let s = self.begin(stage, tokens)?;
+        let rows_at = self.st.layout.rows_at();
+        let dst = self.engine.slot_addr(s, rows_at, len)?;
+        // SAFETY: `dst` is `len` bytes of this rank's device send slot
+        // (bounds checked by `slot_addr`, not posted); the caller gives
+        // `len` bytes of device memory at `rows` (the driver refuses an
+        // address it does not know) and orders its reuse (method docs).
+        unsafe { crate::cuda::copy_enqueued(device, dst, rows, len, self.engine.fill_stream()) }?;
+        self.finish(stage, tokens, Side::Copy(side))
+    }
+
+    /// Stream-ordered [`AttentionRank::dispatch_device`]: the copies start
+    /// only after the work enqueued so far on the caller's CUDA stream
+    /// `stream` (a `CUstream`/`cudaStream_t` of this rank's device, e.g. the
+    /// one whose kernel produced `rows`; 0 is the legacy default stream),
+    /// and the host never waits for the GPU. Not to be called while
+    /// `stream` is being captured into a CUDA graph (module docs of
+    /// [`crate::cuda`]).
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and
+    /// `rows` must stay allocated, and unchanged, until the dispatch's
+    /// copies ran (work ordered after it on the default stream or any
+    /// blocking stream of the device sees them done).
+    pub unsafe fn dispatch_device_on(
+        &mut self,
+        stage: u32,
+        rows: u64,
+        tokens: usize,
+        side: &[u8],
+        stream: u64,
+    ) -> Result<DispatchHandle> {
+        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
+            return Err(Error::Unsupported(
+                "dispatch_device_on: this rank's stage memory is host memory (use dispatch)".into(),
+            ));
+        };
+        // SAFETY: the caller's contract covers `stream`.
+        unsafe { crate::cuda::order_after(device, self.engine.fill_stream(), stream) }?;
+        self.dispatch_device(stage, rows, tokens, side)
+    }
+
+    /// What memory this rank's stage buffers are (host, or a GPU's).
+    pub fn memory(&self) -> MemoryKind {
+        self.engine.recv_region().kind()
+    }
+
+    /// The checks before a dispatch writes its slot; returns the slot.
+    fn begin(&mut self, stage: u32, tokens: usize) -> Result<usize> {
         let layout = self.st.layout;
         let spec = layout.spec;
         if stage >= spec.stages {
@@ -329,17 +494,20 @@ impl AttentionRank {
         }
         // The slot's previous message may still be on its way out.
         self.engine.reclaim(s, &mut self.st)?;
-        let rows_len = tokens * row;
-        let side_bytes = spec.side_bytes as usize;
-        let slot = self.engine.fill(s)?;
-        let (_, rest) = slot.split_at_mut(HEADER_LEN);
-        let (area, rows) = rest.split_at_mut(layout.side_area);
-        let side_len = fill(&mut rows[..rows_len], &mut area[..side_bytes]);
-        if side_len > side_bytes {
-            return Err(Error::invalid(format!(
-                "dispatch_with: side block of {side_len} bytes exceeds side_bytes {side_bytes}"
-            )));
-        }
+        Ok(s)
+    }
+
+    /// Stamps the header into the filled slot and posts it to every FFN
+    /// rank.
+    fn finish(&mut self, stage: u32, tokens: usize, side: Side<'_>) -> Result<DispatchHandle> {
+        let side_len = match side {
+            Side::InPlace(n) => n,
+            Side::Copy(b) => b.len(),
+        };
+        let layout = self.st.layout;
+        let spec = layout.spec;
+        let s = stage as usize;
+        let rows_len = tokens * spec.row_bytes as usize;
         let seq = self
             .st
             .stages
@@ -362,7 +530,36 @@ impl AttentionRank {
             respond_ns: 0,
             checksum: None,
         };
-        let msg = self.engine.seal(s, header, layout.rows_at() + rows_len)?;
+        let len = layout.rows_at() + rows_len;
+        let msg = if self.engine.checksums() {
+            // The checksum covers the side block: it goes in first.
+            if let Side::Copy(b) = side {
+                self.engine.write_slot(s, HEADER_LEN, b)?;
+            }
+            self.engine.seal(s, header, len)?
+        } else {
+            match side {
+                Side::InPlace(_) => self.engine.write_slot(s, 0, &header.encode())?,
+                Side::Copy(b) => {
+                    // Header and side block are adjacent: one copy into the
+                    // slot (one staged host-to-device copy for device slots).
+                    let mut head = [0u8; HEADER_LEN + 256];
+                    match head.get_mut(HEADER_LEN..HEADER_LEN + b.len()) {
+                        Some(area) => {
+                            area.copy_from_slice(b);
+                            head[..HEADER_LEN].copy_from_slice(&header.encode());
+                            self.engine
+                                .write_slot(s, 0, &head[..HEADER_LEN + b.len()])?;
+                        }
+                        None => {
+                            self.engine.write_slot(s, HEADER_LEN, b)?;
+                            self.engine.write_slot(s, 0, &header.encode())?;
+                        }
+                    }
+                }
+            }
+            self.engine.message(s, len)?
+        };
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
         let offset = layout.in_offset(s, self.st.rank as usize) as u64;
         for f in 0..layout.n {

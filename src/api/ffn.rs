@@ -8,7 +8,7 @@ use super::layout::Layout;
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
-use crate::transport::Region;
+use crate::transport::{MemoryKind, Region};
 
 /// One gathered stage: every attention rank's block, viewed in place in the
 /// registered input slots. Answer it with [`FfnRank::respond`], which takes
@@ -33,6 +33,16 @@ use crate::transport::Region;
 /// assert_eq!(attn[0].wait_combine(h, Duration::from_secs(1))?.partial(0), Some(&[7u8; 8][..]));
 /// # Ok::<(), afmesh::Error>(())
 /// ```
+/// Where `respond` takes the rows from.
+enum Rows<'f, 'o> {
+    /// Built in place in host send slots.
+    Fill(&'f mut dyn FnMut(&Batch, usize, &mut [u8])),
+    /// Host buffers, copied into (device) send slots.
+    Host(&'o [&'o [u8]]),
+    /// Device buffers of `device`, copied device to device.
+    Device { device: i32, outputs: &'o [u64] },
+}
+
 #[derive(Debug)]
 pub struct Batch {
     stage: u32,
@@ -99,6 +109,60 @@ impl Batch {
         self.region
             .slice(p.offset + HEADER_LEN, p.side_len as usize)
             .unwrap_or(&[])
+    }
+    /// What memory the batch's rows are in ([`Batch::tokens`] and
+    /// [`Batch::side`] are empty for device memory: use
+    /// [`Batch::tokens_addr`] and [`Batch::copy_side`]).
+    pub fn memory(&self) -> MemoryKind {
+        self.region.kind()
+    }
+    /// Attention rank `a`'s rows as an address (a device address for
+    /// device memory), valid while the batch lives.
+    pub fn tokens_addr(&self, a: usize) -> Option<u64> {
+        let p = self.parts.get(a)?;
+        self.region
+            .addr_of(p.offset + self.rows_at, p.tokens as usize * self.row_bytes)
+            .ok()
+    }
+    /// Copies attention rank `a`'s rows into `out` (from the GPU for
+    /// device memory); returns their length.
+    pub fn copy_tokens(&self, a: usize, out: &mut [u8]) -> Result<usize> {
+        let p = self
+            .parts
+            .get(a)
+            .ok_or_else(|| Error::invalid(format!("sender {a}: only {}", self.parts.len())))?;
+        let n = p.tokens as usize * self.row_bytes;
+        let Some(out) = out.get_mut(..n) else {
+            return Err(Error::BufferSize {
+                what: format!("copy of rows from {a}"),
+                need: n,
+                got: out.len(),
+            });
+        };
+        self.region
+            .copy_out(p.offset + self.rows_at, out)
+            .map_err(Error::invalid)?;
+        Ok(n)
+    }
+    /// Copies attention rank `a`'s side block into `out` (from the GPU for
+    /// device memory); returns its length.
+    pub fn copy_side(&self, a: usize, out: &mut [u8]) -> Result<usize> {
+        let p = self
+            .parts
+            .get(a)
+            .ok_or_else(|| Error::invalid(format!("sender {a}: only {}", self.parts.len())))?;
+        let n = p.side_len as usize;
+        let Some(out) = out.get_mut(..n) else {
+            return Err(Error::BufferSize {
+                what: format!("copy of side block {a}"),
+                need: n,
+                got: out.len(),
+            });
+        };
+        self.region
+            .copy_out(p.offset + HEADER_LEN, out)
+            .map_err(Error::invalid)?;
+        Ok(n)
     }
     /// When attention rank `a` posted its dispatch (its clock, ns).
     pub fn posted_ns(&self, a: usize) -> u64 {
@@ -299,7 +363,13 @@ impl FfnRank {
                 error,
             });
         }
-        let r = self.respond_with(batch, |_, a, rows| rows.copy_from_slice(outputs[a]));
+        let r = match self.engine.send_kind() {
+            MemoryKind::Host => self.respond_rows(
+                batch,
+                Rows::Fill(&mut |_, a, rows| rows.copy_from_slice(outputs[a])),
+            ),
+            MemoryKind::Cuda { .. } => self.respond_rows(batch, Rows::Host(outputs)),
+        };
         // The outputs were copied into the send slots once the answer was
         // committed.
         if r.as_ref().map_or_else(|e| e.batch.is_none(), |()| true) {
@@ -345,6 +415,90 @@ impl FfnRank {
         batch: Batch,
         mut fill: impl FnMut(&Batch, usize, &mut [u8]),
     ) -> Result<(), RespondError> {
+        self.respond_rows(batch, Rows::Fill(&mut fill))
+    }
+
+    /// Answers `batch` with rows already on this rank's GPU: `outputs[a]`
+    /// is the device address of attention rank `a`'s `token_count(a) ×
+    /// out_row_bytes` bytes. They are copied device to device into the
+    /// send slots (copy engine), enqueued on the rank's fill stream as
+    /// [`crate::AttentionRank::dispatch_device`] says. Only for a rank whose
+    /// stage memory is on a GPU; otherwise as [`FfnRank::respond`].
+    pub fn respond_device(&mut self, batch: Batch, outputs: &[u64]) -> Result<(), RespondError> {
+        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
+            return Err(RespondError {
+                batch: Some(batch),
+                error: Error::Unsupported(
+                    "respond_device: this rank's stage memory is host memory (use respond)".into(),
+                ),
+            });
+        };
+        if outputs.len() != batch.senders() {
+            let n = batch.senders();
+            return Err(RespondError {
+                batch: Some(batch),
+                error: Error::invalid(format!(
+                    "respond_device: {} outputs for {n} attention ranks",
+                    outputs.len()
+                )),
+            });
+        }
+        for (a, &p) in outputs.iter().enumerate() {
+            let len = batch.token_count(a) * self.st.layout.spec.out_row_bytes as usize;
+            if len > 0 {
+                // Device memory of one allocation, or refused.
+                if let Err(error) = crate::cuda::pointer_info(p, len) {
+                    return Err(RespondError {
+                        batch: Some(batch),
+                        error,
+                    });
+                }
+            }
+        }
+        self.respond_rows(batch, Rows::Device { device, outputs })
+    }
+
+    /// Stream-ordered [`FfnRank::respond_device`]: the copies start only
+    /// after the work enqueued so far on the caller's CUDA stream `stream`
+    /// (e.g. the FFN kernels that wrote `outputs`; 0 is the legacy default
+    /// stream), and the host never waits for the GPU. Not to be called
+    /// while `stream` is being captured into a CUDA graph.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and the
+    /// outputs must stay allocated, and unchanged, until the answer's
+    /// copies ran.
+    pub unsafe fn respond_device_on(
+        &mut self,
+        batch: Batch,
+        outputs: &[u64],
+        stream: u64,
+    ) -> Result<(), RespondError> {
+        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
+            return self.respond_device(batch, outputs);
+        };
+        let fill = self.engine.fill_stream();
+        // SAFETY: the caller's contract covers `stream`.
+        let ordered = unsafe { crate::cuda::order_after(device, fill, stream) };
+        if let Err(error) = ordered {
+            return Err(RespondError {
+                batch: Some(batch),
+                error,
+            });
+        }
+        self.respond_device(batch, outputs)
+    }
+
+    /// What memory this rank's stage buffers are (host, or a GPU's).
+    pub fn memory(&self) -> MemoryKind {
+        self.engine.recv_region().kind()
+    }
+
+    fn respond_rows(
+        &mut self,
+        batch: Batch,
+        mut rows_from: Rows<'_, '_>,
+    ) -> Result<(), RespondError> {
         let give_back = |batch, error| RespondError {
             batch: Some(batch),
             error,
@@ -364,9 +518,31 @@ impl FfnRank {
         }
         for a in 0..m {
             let rows = batch.token_count(a) * out_row;
-            match self.engine.fill(s * m + a) {
-                Ok(slot) => fill(&batch, a, &mut slot[HEADER_LEN..HEADER_LEN + rows]),
-                Err(e) => return Err(give_back(batch, e)),
+            let slot = s * m + a;
+            let filled = match &mut rows_from {
+                Rows::Fill(fill) => self
+                    .engine
+                    .fill(slot)
+                    .map(|buf| fill(&batch, a, &mut buf[HEADER_LEN..HEADER_LEN + rows])),
+                Rows::Host(outputs) => self.engine.write_slot(slot, HEADER_LEN, outputs[a]),
+                Rows::Device { device, outputs } => {
+                    let fill = self.engine.fill_stream();
+                    self.engine
+                        .slot_addr(slot, HEADER_LEN, rows)
+                        .and_then(|dst| {
+                            // SAFETY: `dst` is `rows` bytes of this rank's
+                            // device send slot (bounds checked, not
+                            // posted); the caller gives `rows` bytes of
+                            // device memory (the driver refuses an address
+                            // it does not know).
+                            unsafe {
+                                crate::cuda::copy_enqueued(*device, dst, outputs[a], rows, fill)
+                            }
+                        })
+                }
+            };
+            if let Err(e) = filled {
+                return Err(give_back(batch, e));
             }
         }
         if let Err(error) = self.commit(&batch) {

@@ -19,7 +19,7 @@
 use crate::error::{Error, Result};
 use crate::proto::{Geometry, Role, HEADER_LEN};
 use crate::transport::slots::SendSlots;
-use crate::transport::Region;
+use crate::transport::{MemoryKind, Region};
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Layout {
@@ -117,16 +117,27 @@ impl Layout {
             .checked_mul(self.out_slot)
     }
 
-    /// A rank's send slots, in library memory (process-private: peers
-    /// never write it).
-    pub fn send_slots(&self, role: Role) -> Result<SendSlots> {
+    /// A rank's send slots in `kind` memory (library memory,
+    /// process-private: peers never write it; a GPU's for device ranks).
+    pub fn send_slots_in(&self, role: Role, kind: MemoryKind) -> Result<SendSlots> {
+        self.send_slots_from(role, |len| match kind {
+            MemoryKind::Host => Region::alloc(len).map_err(Error::config),
+            MemoryKind::Cuda { device } => Region::alloc_device(device, len.max(1)),
+        })
+    }
+
+    /// A rank's send slots in the region `make(len)` gives.
+    pub(crate) fn send_slots_from(
+        &self,
+        role: Role,
+        make: impl FnOnce(usize) -> Result<Region>,
+    ) -> Result<SendSlots> {
         let (len, slot, count) = match role {
             Role::Attention => (self.attention_send_len(), self.in_slot, self.stages()),
             Role::Ffn => (self.ffn_send_len(), self.out_slot, self.stages() * self.m),
         };
         let len = len.ok_or_else(|| Error::config("send region size overflows"))?;
-        let region = Region::alloc(len).map_err(Error::config)?;
-        SendSlots::new(region, slot, count)
+        SendSlots::new(make(len)?, slot, count)
     }
 
     /// Offset of the rows in a dispatch slot (64-aligned).
@@ -169,9 +180,9 @@ mod tests {
         assert_eq!(l.out_offset(1, 3), 7 * l.out_slot);
         // Send regions: a dispatch slot per stage; a combine slot per
         // (stage, attention rank).
-        let a = l.send_slots(Role::Attention).unwrap();
+        let a = l.send_slots_in(Role::Attention, MemoryKind::Host).unwrap();
         assert_eq!((a.count(), a.slot_len()), (3, l.in_slot));
-        let f = l.send_slots(Role::Ffn).unwrap();
+        let f = l.send_slots_in(Role::Ffn, MemoryKind::Host).unwrap();
         assert_eq!((f.count(), f.slot_len()), (6, l.out_slot));
         let none = Layout::new(
             Geometry {

@@ -20,7 +20,8 @@ use crate::trace::{RankMeta, Recorder, TraceConfig};
 use crate::transport::sim::SimNetwork;
 use crate::transport::slots::SendSlots;
 use crate::transport::{
-    Access, Backend, LinkId, LocalKey, Mux, PeerSpec, Region, Setup, Transport, BACKENDS,
+    Access, Backend, LinkId, LocalKey, MemoryKind, Mux, PeerSpec, Region, Setup, Transport,
+    BACKENDS,
 };
 
 /// Joining as a rank when the configuration names this process the
@@ -49,6 +50,18 @@ pub struct Mesh {
 enum Memory {
     Library,
     Caller(Region),
+    /// Library-allocated on this CUDA device.
+    Device(i32),
+}
+
+impl Memory {
+    fn kind(&self) -> MemoryKind {
+        match self {
+            Memory::Library => MemoryKind::Host,
+            Memory::Caller(r) => r.kind(),
+            Memory::Device(device) => MemoryKind::Cuda { device: *device },
+        }
+    }
 }
 
 impl Mesh {
@@ -104,6 +117,22 @@ impl Mesh {
     /// (caller memory of any origin, e.g. from C).
     pub fn attention_with_region(&self, spec: StageSpec, region: Region) -> Result<AttentionRank> {
         self.join_attention(spec, Memory::Caller(region))
+    }
+
+    /// Joins as an attention rank whose stage buffers (output slots and
+    /// send slots) the library allocates on CUDA device `device`. Its links
+    /// run over the `cuda` backend (GPUs of one host); see
+    /// [`AttentionRank::dispatch_device`]. A caller's device buffer joins
+    /// through [`Mesh::attention_with_region`] with
+    /// [`Region::from_device_ptr`].
+    pub fn attention_on_device(&self, spec: StageSpec, device: i32) -> Result<AttentionRank> {
+        self.join_attention(spec, Memory::Device(device))
+    }
+
+    /// Joins as an FFN rank whose stage buffers are on CUDA device
+    /// `device` (see [`Mesh::attention_on_device`]).
+    pub fn ffn_on_device(&self, spec: StageSpec, device: i32) -> Result<FfnRank> {
+        self.join_ffn(spec, Memory::Device(device))
     }
 
     /// Bytes of caller memory an attention rank needs for `spec`.
@@ -181,6 +210,11 @@ impl Mesh {
             ),
         };
         let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
+        if let Memory::Device(_) = memory {
+            // Before the rendezvous: a rank that cannot hold its buffers
+            // should not make the others wait for it.
+            crate::cuda::driver()?;
+        }
         let peer_len = peer_len.ok_or_else(|| Error::config("region size overflows"))? as u64;
         // A pinned rank owns its core: its waits spin without yielding.
         let poll = match cfg.cpu {
@@ -226,8 +260,10 @@ impl Mesh {
             None => ClockOffset::default(),
         };
 
-        // The backends this rank offers, most preferred first.
-        let caller = matches!(memory, Memory::Caller(_));
+        // The backends this rank offers, most preferred first: those that
+        // move its kind of memory.
+        let kind = memory.kind();
+        let caller = !matches!(memory, Memory::Library);
         let mut backends = Vec::new();
         let mut hosted = None;
         let want = |name: &str| match cfg.transport {
@@ -252,7 +288,15 @@ impl Mesh {
             },
         };
         for name in BACKENDS.iter().filter(|n| want(n)) {
+            // The cuda backend is for device memory only: a host rank does
+            // not start CUDA.
+            if *name == "cuda" && kind == MemoryKind::Host {
+                continue;
+            }
             match Backend::open(name, &setup) {
+                Some(Ok(b)) if !b.caps().moves(kind) => {
+                    tracing::debug!("transport {name} does not move {kind}: not offered");
+                }
                 Some(Ok(b)) => {
                     if hosted.is_none() && !caller {
                         hosted = b.receive_region();
@@ -276,7 +320,7 @@ impl Mesh {
         mux.register(&region, Access::RemoteWrite)?;
         // Messages are built in send slots of their own, registered for
         // this rank's posted writes.
-        let send = layout.send_slots(role)?;
+        let send = layout.send_slots_in(role, kind)?;
         let send_key = mux.register(send.region(), Access::Local)?;
 
         let hello = Message::Hello {
@@ -394,8 +438,10 @@ impl Mesh {
         session.barrier(cfg.setup_timeout)?;
         // Every peer has mapped our segment: its name can go.
         for b in mux.backends() {
-            if let Backend::Shm(s) = b {
-                s.unlink();
+            match b {
+                Backend::Shm(s) => s.unlink(),
+                Backend::Cuda(c) => c.unlink(),
+                _ => {}
             }
         }
         tracing::info!(rank, transport = %mux.name(), "{role} rank joined");
@@ -462,6 +508,7 @@ struct Joined {
 fn region_for(memory: Memory, need: usize, what: &str) -> Result<Arc<Region>> {
     match memory {
         Memory::Library => Region::alloc(need).map(Arc::new).map_err(Error::config),
+        Memory::Device(device) => Region::alloc_device(device, need).map(Arc::new),
         Memory::Caller(r) if r.len() < need => Err(Error::BufferSize {
             what: format!("caller memory for {what}"),
             need,
@@ -491,7 +538,7 @@ pub fn sim_mesh(
     n: u32,
     spec: StageSpec,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
-    sim_mesh_with(net, m, n, spec, false)
+    sim_mesh_with(net, m, n, spec, MemoryKind::Host, false)
 }
 
 /// [`sim_mesh`] with every rank sending and requiring a CRC32C in every
@@ -502,7 +549,21 @@ pub fn sim_mesh_with_checksums(
     n: u32,
     spec: StageSpec,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
-    sim_mesh_with(net, m, n, spec, true)
+    sim_mesh_with(net, m, n, spec, MemoryKind::Host, true)
+}
+
+/// As [`sim_mesh`], with every rank's stage memory labelled `kind`: for a
+/// CUDA kind, host memory stands in for the GPU's (and the network must
+/// move it: [`SimNetwork::set_device_stand_in`]), so the memory-kind
+/// plumbing of the API runs without a GPU.
+pub fn sim_mesh_in(
+    net: &SimNetwork,
+    m: u32,
+    n: u32,
+    spec: StageSpec,
+    kind: MemoryKind,
+) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    sim_mesh_with(net, m, n, spec, kind, false)
 }
 
 fn sim_mesh_with(
@@ -510,8 +571,16 @@ fn sim_mesh_with(
     m: u32,
     n: u32,
     spec: StageSpec,
+    kind: MemoryKind,
     checksum: bool,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    let make = |len: usize| -> Result<Region> {
+        match kind {
+            MemoryKind::Host => Region::alloc(len),
+            k => Region::host_standing_in_for(k, len),
+        }
+        .map_err(Error::config)
+    };
     let layout = Layout::new(spec, m, n)?;
     struct Side {
         mux: Mux,
@@ -524,9 +593,9 @@ fn sim_mesh_with(
             vec![Backend::Sim(net.endpoint())],
             crate::transport::PollPolicy::default(),
         );
-        let region = Arc::new(Region::alloc(len).map_err(Error::config)?);
+        let region = Arc::new(make(len)?);
         mux.register(&region, Access::RemoteWrite)?;
-        let send = layout.send_slots(role)?;
+        let send = layout.send_slots_from(role, make)?;
         let send_key = mux.register(send.region(), Access::Local)?;
         Ok(Side {
             mux,

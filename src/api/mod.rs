@@ -13,7 +13,7 @@ pub use crate::engine::RankStats;
 pub use attention::{AttentionRank, Combined, DispatchHandle, Trace};
 pub use config::{MeshConfig, SchedulerEnv, TransportKind};
 pub use ffn::{Batch, FfnRank, RespondError};
-pub use mesh::{sim_mesh, sim_mesh_with_checksums, Mesh, Rank};
+pub use mesh::{sim_mesh, sim_mesh_in, sim_mesh_with_checksums, Mesh, Rank};
 pub use reduce::Dtype;
 
 /// The stage geometry: stages, most tokens per attention rank, bytes of a

@@ -420,7 +420,7 @@ impl Engine {
         // peer-written memory, and a replay may be landing on it.
         let read = |stage: usize| {
             let mut h = [0u8; HEADER_LEN];
-            region.copy_out((stage * peers + peer) * slot, &mut h)?;
+            region.copy_header((stage * peers + peer) * slot, &mut h)?;
             Ok(h)
         };
         let base = (usize::from(imm.stage) * peers + peer) * slot;

@@ -32,17 +32,22 @@ impl Engine {
 
     /// Writes `header` at the start of send slot `slot`, whose payload is
     /// already in place, and returns its first `len` bytes as a message.
-    /// With checksums on, the header carries the CRC32C of those bytes.
+    /// With checksums on, the header carries the CRC32C of those bytes
+    /// (host send memory only: the CPU does not read device slots).
     pub(crate) fn seal(&mut self, slot: usize, mut header: Header, len: usize) -> Result<SlotRef> {
-        let on = self.checksum;
-        let buf = self.send.fill(slot)?;
-        if buf.len() < len.max(HEADER_LEN) {
-            return Err(Error::invalid(format!(
-                "message of {len} bytes does not fit send slot {slot} ({} bytes)",
-                buf.len()
-            )));
-        }
-        if on {
+        if self.checksum {
+            if self.send_kind() != crate::transport::MemoryKind::Host {
+                return Err(Error::Unsupported(
+                    "AFMESH_CHECKSUM: device memory is not checksummed (the CPU never reads it); turn it off for device ranks".into(),
+                ));
+            }
+            let buf = self.send.fill(slot)?;
+            if buf.len() < len.max(HEADER_LEN) {
+                return Err(Error::invalid(format!(
+                    "message of {len} bytes does not fit send slot {slot} ({} bytes)",
+                    buf.len()
+                )));
+            }
             header.checksum = Some(0);
             let raw = header.encode();
             let crc = checksum(&raw, |c| {
@@ -51,13 +56,37 @@ impl Engine {
             .map_err(Error::invalid)?;
             header.checksum = Some(crc);
         }
-        buf[..HEADER_LEN].copy_from_slice(&header.encode());
+        self.write_slot(slot, 0, &header.encode())?;
         self.send.message(slot, len)
     }
 
-    /// The first `len` bytes of send slot `slot`, as a message with no
-    /// header written (transport-level tests).
-    #[cfg(test)]
+    /// Whether messages carry a checksum ([`Engine::seal`] computes it).
+    pub(crate) fn checksums(&self) -> bool {
+        self.checksum
+    }
+
+    /// Copies `bytes` to offset `at` of send slot `slot` (host or device
+    /// memory).
+    pub(crate) fn write_slot(&mut self, slot: usize, at: usize, bytes: &[u8]) -> Result<()> {
+        self.send.write(slot, at, bytes)
+    }
+
+    /// The address of `len` bytes at `at` of send slot `slot`.
+    pub(crate) fn slot_addr(&mut self, slot: usize, at: usize, len: usize) -> Result<u64> {
+        self.send.addr(slot, at, len)
+    }
+
+    /// The stream slot fills are enqueued on (null: the default stream).
+    pub(crate) fn fill_stream(&self) -> crate::cuda::CuStream {
+        self.send.region().fill_stream()
+    }
+
+    /// What memory the send slots are.
+    pub(crate) fn send_kind(&self) -> crate::transport::MemoryKind {
+        self.send.region().kind()
+    }
+
+    /// The first `len` bytes of send slot `slot`, as a message.
     pub(crate) fn message(&self, slot: usize, len: usize) -> Result<SlotRef> {
         self.send.message(slot, len)
     }

@@ -42,9 +42,10 @@
 //!   [`Completion::LinkClosed`] (peer left in order); posts on them fail.
 //!
 //! Backends: [`sim`] (in-process, deterministic, with fault injection),
-//! [`tcp`], [`shm`] (same host), [`verbs`] (RDMA). [`mux`] gives a rank one link per peer,
+//! [`tcp`], [`shm`] (same host), [`verbs`] (RDMA), [`cuda`] (device memory, same host). [`mux`] gives a rank one link per peer,
 //! each on the first backend of the preference list that reaches it.
 
+pub mod cuda;
 pub mod mux;
 pub mod notice;
 pub mod poll;
@@ -460,6 +461,7 @@ macro_rules! backends {
 }
 
 backends! {
+    "cuda" => Cuda(cuda::CudaTransport): "CUDA copy engines, between device memories of one host.",
     "verbs" => Verbs(verbs::VerbsTransport): "RDMA verbs (RoCE, InfiniBand), libibverbs loaded at run time.",
     "shm" => Shm(shm::ShmTransport): "Shared memory, between ranks of one host.",
     "tcp" => Tcp(tcp::TcpTransport): "TCP sockets, anywhere.",

@@ -24,6 +24,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use super::shm::sys::Mapping;
+use super::MemoryKind;
 
 /// Alignment of library-allocated regions: a cache line, and what GPUs and
 /// NICs like for DMA.
@@ -40,6 +41,10 @@ enum Owner {
     Mapped(#[allow(dead_code)] Arc<Mapping>),
     /// No allocation (zero-length region).
     Empty,
+    /// A device allocation the library made (freed with it).
+    Device(#[allow(dead_code)] crate::cuda::DeviceMemory),
+    /// Device memory the caller owns and keeps valid.
+    DeviceBorrowed,
 }
 
 /// Memory that peers may write into. Shared between the owner and the
@@ -48,6 +53,17 @@ pub struct Region {
     ptr: NonNull<u8>,
     len: usize,
     owner: Owner,
+    kind: MemoryKind,
+    /// Device send memory: a pinned host copy of what the library wrote
+    /// into it (headers, side blocks), staged from there.
+    shadow: Option<crate::cuda::Pinned>,
+    /// Device send memory: the stream its fills are enqueued on (blocking:
+    /// ordered with the legacy default stream, not with the link streams).
+    fill: Option<crate::cuda::Stream>,
+    /// Device receive memory: a host region of the same layout that peers
+    /// write each message's header into as well (the cuda backend's), so
+    /// headers are read without a device copy.
+    mirror: std::sync::OnceLock<Arc<Region>>,
 }
 
 // SAFETY: a `Region` owns its allocation; all access goes through raw
@@ -76,6 +92,10 @@ impl Region {
                 ptr: NonNull::dangling(),
                 len: 0,
                 owner: Owner::Empty,
+                kind: MemoryKind::Host,
+                shadow: None,
+                fill: None,
+                mirror: std::sync::OnceLock::new(),
             });
         }
         let layout = Layout::from_size_align(len, REGION_ALIGN)
@@ -87,6 +107,10 @@ impl Region {
             ptr,
             len,
             owner: Owner::Heap(layout),
+            kind: MemoryKind::Host,
+            shadow: None,
+            fill: None,
+            mirror: std::sync::OnceLock::new(),
         })
     }
 
@@ -101,6 +125,10 @@ impl Region {
                 ptr: NonNull::dangling(),
                 len: 0,
                 owner: Owner::Empty,
+                kind: MemoryKind::Host,
+                shadow: None,
+                fill: None,
+                mirror: std::sync::OnceLock::new(),
             };
         }
         // Vec's pointer is non-null whenever capacity > 0.
@@ -109,6 +137,10 @@ impl Region {
             ptr,
             len,
             owner: Owner::Vec { capacity },
+            kind: MemoryKind::Host,
+            shadow: None,
+            fill: None,
+            mirror: std::sync::OnceLock::new(),
         }
     }
 
@@ -125,13 +157,128 @@ impl Region {
                 ptr: NonNull::dangling(),
                 len: 0,
                 owner: Owner::Empty,
+                kind: MemoryKind::Host,
+                shadow: None,
+                fill: None,
+                mirror: std::sync::OnceLock::new(),
             }),
             None => Err("caller memory pointer is NULL".into()),
             Some(ptr) => Ok(Region {
                 ptr,
                 len,
                 owner: Owner::Borrowed,
+                kind: MemoryKind::Host,
+                shadow: None,
+                fill: None,
+                mirror: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// `len` zeroed bytes of memory on CUDA device `device`, allocated by
+    /// the library ([`crate::Error::Unsupported`] where CUDA is not
+    /// usable).
+    pub fn alloc_device(device: i32, len: usize) -> crate::Result<Region> {
+        let mem = crate::cuda::DeviceMemory::alloc(device, len)?;
+        let ptr = NonNull::new(mem.ptr() as usize as *mut u8)
+            .ok_or_else(|| crate::Error::invalid("cuMemAlloc returned address 0"))?;
+        Ok(Region {
+            ptr,
+            len,
+            owner: Owner::Device(mem),
+            kind: MemoryKind::Cuda { device },
+            shadow: None,
+            fill: None,
+            mirror: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Caller device memory (a tensor's `data_ptr()`): `len` bytes at
+    /// device address `ptr`, which must lie inside one CUDA allocation (the
+    /// driver is asked; its device becomes the region's).
+    ///
+    /// # Safety
+    /// The memory must stay allocated, and be left to the library while
+    /// peers may write it, until the region (and every rank holding it) is
+    /// dropped.
+    pub unsafe fn from_device_ptr(ptr: u64, len: usize) -> crate::Result<Region> {
+        let info = crate::cuda::pointer_info(ptr, len)?;
+        let p = NonNull::new(ptr as usize as *mut u8)
+            .ok_or_else(|| crate::Error::invalid("device pointer is 0"))?;
+        Ok(Region {
+            ptr: p,
+            len,
+            owner: Owner::DeviceBorrowed,
+            kind: MemoryKind::Cuda {
+                device: info.device,
+            },
+            shadow: None,
+            fill: None,
+            mirror: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Host memory labelled as `kind`: lets the memory-kind plumbing (which
+    /// backend registers what, what views say) be tested without a GPU,
+    /// with host memory standing in for the device's. Not for real use.
+    #[doc(hidden)]
+    pub fn host_standing_in_for(kind: MemoryKind, len: usize) -> Result<Region, String> {
+        let mut r = Region::alloc(len)?;
+        r.kind = kind;
+        Ok(r)
+    }
+
+    /// Gives device memory a pinned host shadow of its length (send
+    /// slots: headers are staged through it).
+    pub(crate) fn add_shadow(&mut self) -> crate::Result<()> {
+        if let (true, MemoryKind::Cuda { device }) = (self.on_device(), self.kind) {
+            self.shadow = Some(crate::cuda::Pinned::new(device, self.len)?);
+            self.fill = Some(crate::cuda::Stream::blocking(&crate::cuda::Device::get(
+                device,
+            )?)?);
+        }
+        Ok(())
+    }
+
+    /// The stream fills of this (device send) memory are enqueued on; null
+    /// (the legacy default stream) where it has none.
+    pub(crate) fn fill_stream(&self) -> crate::cuda::CuStream {
+        self.fill
+            .as_ref()
+            .map_or(std::ptr::null_mut(), crate::cuda::Stream::raw)
+    }
+
+    /// The pinned host shadow, if any.
+    pub(crate) fn shadow(&self) -> Option<&crate::cuda::Pinned> {
+        self.shadow.as_ref()
+    }
+
+    /// Sets the host mirror that peers write headers into (once; `false`
+    /// if one was set or the lengths differ).
+    pub(crate) fn set_mirror(&self, mirror: Arc<Region>) -> bool {
+        mirror.len == self.len && self.mirror.set(mirror).is_ok()
+    }
+
+    /// Copies a message header at `offset` out: from the host mirror where
+    /// the memory has one (every writer puts the header there too), else
+    /// as [`Region::copy_out`].
+    pub fn copy_header(&self, offset: usize, out: &mut [u8]) -> Result<(), String> {
+        match self.mirror.get() {
+            Some(m) => m.copy_out(offset, out),
+            None => self.copy_out(offset, out),
+        }
+    }
+
+    /// Whether the bytes live on a device (the CPU must not dereference
+    /// them; every access goes through a CUDA copy).
+    pub(crate) fn on_device(&self) -> bool {
+        matches!(self.owner, Owner::Device(_) | Owner::DeviceBorrowed)
+    }
+
+    fn device(&self) -> i32 {
+        match self.kind {
+            MemoryKind::Cuda { device } => device,
+            MemoryKind::Host => 0,
         }
     }
 
@@ -156,6 +303,10 @@ impl Region {
             ptr: NonNull::new(p).ok_or("null mapping")?,
             len,
             owner: Owner::Mapped(map),
+            kind: MemoryKind::Host,
+            shadow: None,
+            fill: None,
+            mirror: std::sync::OnceLock::new(),
         })
     }
 
@@ -196,6 +347,16 @@ impl Region {
     pub fn write_gather(&self, offset: u64, srcs: &[&[u8]]) -> Result<(), String> {
         let total: u64 = srcs.iter().map(|s| s.len() as u64).sum();
         let (mut at, _) = self.check(offset, total)?;
+        if self.on_device() {
+            for s in srcs {
+                // SAFETY: `[at, at + s.len())` is inside the device
+                // allocation (checked above), which lives as long as `self`.
+                unsafe { crate::cuda::copy_to_device(self.device(), self.addr() + at as u64, s) }
+                    .map_err(|e| e.to_string())?;
+                at += s.len();
+            }
+            return Ok(());
+        }
         for s in srcs {
             // SAFETY: `check` proved `[offset, offset + total)` is inside the
             // allocation, and `at + s.len()` stays within it; `s` is a
@@ -213,6 +374,14 @@ impl Region {
     /// reads, for bytes a peer may still be writing (message headers).
     pub fn copy_out(&self, offset: usize, out: &mut [u8]) -> Result<(), String> {
         let (at, n) = self.check(offset as u64, out.len() as u64)?;
+        if self.on_device() {
+            // SAFETY: the range is inside the device allocation (checked
+            // above), which lives as long as `self`.
+            return unsafe {
+                crate::cuda::copy_from_device(self.device(), out, self.addr() + at as u64)
+            }
+            .map_err(|e| e.to_string());
+        }
         let base = self.ptr.as_ptr().wrapping_add(at);
         let mut i = 0;
         if (base as usize).is_multiple_of(8) {
@@ -249,6 +418,19 @@ impl Region {
         if n == 0 {
             return Ok(());
         }
+        if self.on_device() || dst.on_device() {
+            let device = if self.on_device() {
+                self.device()
+            } else {
+                dst.device()
+            };
+            // SAFETY: both ranges are inside their allocations (checked
+            // above), which the driver knows (unified addressing).
+            return unsafe {
+                crate::cuda::copy(device, dst.addr() + to as u64, self.addr() + from as u64, n)
+            }
+            .map_err(|e| e.to_string());
+        }
         // SAFETY: both ranges are inside their allocations (checked above);
         // `copy` allows them to overlap (a region copying into itself).
         unsafe { std::ptr::copy(self.ptr.as_ptr().add(from), dst.ptr.as_ptr().add(to), n) };
@@ -265,6 +447,12 @@ impl Region {
         if n == 0 {
             return Ok(0);
         }
+        if self.on_device() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!("a socket cannot read into {}", self.kind),
+            ));
+        }
         // SAFETY: the destination range is inside the allocation (checked
         // above); the kernel writes at most `n` bytes there, and no Rust
         // reference to those bytes exists while it does (module docs).
@@ -277,8 +465,15 @@ impl Region {
     }
 
     /// What memory this is.
-    pub fn kind(&self) -> super::MemoryKind {
-        super::MemoryKind::Host
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
+    /// The address of `[offset, offset + len)` (a device address for device
+    /// memory), after checking that the range lies inside.
+    pub fn addr_of(&self, offset: usize, len: usize) -> Result<u64, String> {
+        let (at, _) = self.check(offset as u64, len as u64)?;
+        Ok(self.addr() + at as u64)
     }
 
     /// A read-only view of `[offset, offset + len)`: only for bytes that no
@@ -287,6 +482,14 @@ impl Region {
         let (at, n) = self.check(offset as u64, len as u64)?;
         if n == 0 {
             return Ok(&[]);
+        }
+        // By kind, not by where the bytes are: memory standing in for a
+        // GPU's behaves as the GPU's would.
+        if self.kind != MemoryKind::Host {
+            return Err(format!(
+                "{} has no host view: use its device address, or copy it out",
+                self.kind
+            ));
         }
         // SAFETY: the range is inside the allocation (checked above) and
         // lives as long as `&self`; callers view only bytes that the stage
@@ -305,7 +508,11 @@ impl Drop for Region {
             Owner::Vec { capacity } => unsafe {
                 drop(Vec::from_raw_parts(self.ptr.as_ptr(), self.len, capacity));
             },
-            Owner::Mapped(_) | Owner::Borrowed | Owner::Empty => {}
+            Owner::Mapped(_)
+            | Owner::Borrowed
+            | Owner::Empty
+            | Owner::Device(_)
+            | Owner::DeviceBorrowed => {}
         }
     }
 }

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use super::Region;
+use super::{MemoryKind, Region};
 use crate::error::{Error, Result};
 
 /// A message in a send slot: `len` bytes at `offset` of the send region,
@@ -53,6 +53,11 @@ impl SendSlots {
                 })
             }
         }
+        // Device slots: a pinned host shadow of the same layout, so a header
+        // write is an enqueued copy rather than a wait (and the cuda backend
+        // reads each message's header from it).
+        let mut region = region;
+        region.add_shadow()?;
         Ok(SendSlots {
             region: Arc::new(region),
             slot_len,
@@ -102,11 +107,11 @@ impl SendSlots {
     /// Slot `i`, to write a message into; refused while a send from it is
     /// pending.
     pub fn fill(&mut self, i: usize) -> Result<&mut [u8]> {
-        self.check(i)?;
-        if self.pending[i] != 0 {
-            return Err(Error::invalid(format!(
-                "send slot {i} is posted and not yet sent ({} sends pending)",
-                self.pending[i]
+        self.writable(i)?;
+        if self.region.on_device() {
+            return Err(Error::Unsupported(format!(
+                "send slots in {} have no host view: write them through the device address",
+                self.region.kind()
             )));
         }
         if self.slot_len == 0 {
@@ -129,6 +134,71 @@ impl SendSlots {
         // not posted (`pending[i] == 0`, checked above). Every `u8` bit
         // pattern is valid.
         Ok(unsafe { std::slice::from_raw_parts_mut(base.add(start), self.slot_len) })
+    }
+
+    fn writable(&self, i: usize) -> Result<()> {
+        self.check(i)?;
+        if self.pending[i] != 0 {
+            return Err(Error::invalid(format!(
+                "send slot {i} is posted and not yet sent ({} sends pending)",
+                self.pending[i]
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` to offset `at` of slot `i` (host or device memory);
+    /// refused while a send from it is pending.
+    pub fn write(&mut self, i: usize, at: usize, bytes: &[u8]) -> Result<()> {
+        self.writable(i)?;
+        if at
+            .checked_add(bytes.len())
+            .is_none_or(|end| end > self.slot_len)
+        {
+            return Err(Error::BufferSize {
+                what: format!("write into send slot {i} at {at}"),
+                need: at.saturating_add(bytes.len()),
+                got: self.slot_len,
+            });
+        }
+        let off = i * self.slot_len + at;
+        match (self.region.shadow(), self.region.kind()) {
+            (Some(staging), MemoryKind::Cuda { device }) => {
+                let dst = self
+                    .region
+                    .addr_of(off, bytes.len())
+                    .map_err(Error::invalid)?;
+                // SAFETY: `dst` is inside the device region (checked), which
+                // lives as long as `self`; the staging bytes of this slot are
+                // rewritten only when the slot is writable again, i.e. after
+                // the sends that followed this copy completed (a posted
+                // copy runs after the legacy-stream copies before it).
+                unsafe {
+                    staging.stage_to_device(device, off, bytes, dst, self.region.fill_stream())
+                }
+            }
+            _ => self
+                .region
+                .write_gather(off as u64, &[bytes])
+                .map_err(Error::invalid),
+        }
+    }
+
+    /// The address of `len` bytes at offset `at` of slot `i` (a device
+    /// address when the slots are device memory), for a copy into it;
+    /// refused while a send from it is pending.
+    pub fn addr(&mut self, i: usize, at: usize, len: usize) -> Result<u64> {
+        self.writable(i)?;
+        if at.checked_add(len).is_none_or(|end| end > self.slot_len) {
+            return Err(Error::BufferSize {
+                what: format!("range of send slot {i} at {at}"),
+                need: at.saturating_add(len),
+                got: self.slot_len,
+            });
+        }
+        self.region
+            .addr_of(i * self.slot_len + at, len)
+            .map_err(Error::invalid)
     }
 
     /// The first `len` bytes of slot `i`, as a message to post.

@@ -1,6 +1,8 @@
 /* Every NULL argument, bad config, result strings, version, a join that
  * times out: no crash, the right code, a message that says what. */
+#include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "afmesh.h"
 
@@ -91,6 +93,39 @@ int main(void) {
     bad.poll = "sometimes";
     EXPECT(afmesh_ffn_new(&bad, &spec, &f), AFMESH_ERR_CONFIG);
     EXPECT_MSG("AFMESH_POLL");
+    /* Memory kind (config version 2). Without a CUDA driver a device rank
+     * is refused by name, before any rendezvous. */
+    bad = cfg;
+    bad.memory_kind = 7;
+    EXPECT(afmesh_attention_new(&bad, &spec, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("memory_kind");
+    bad = cfg;
+    bad.memory_kind = AFMESH_MEMORY_CUDA;
+    bad.device = -1;
+    EXPECT(afmesh_ffn_new(&bad, &spec, &f), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("device");
+    if (getenv("AFMESH_TEST_HAS_CUDA") == NULL) {
+        bad.device = 0;
+        EXPECT(afmesh_attention_new(&bad, &spec, &a), AFMESH_ERR_UNSUPPORTED);
+        EXPECT_MSG("CUDA");
+        EXPECT(afmesh_ffn_new(&bad, &spec, &f), AFMESH_ERR_UNSUPPORTED);
+        EXPECT_MSG("CUDA");
+        char dev_buf[64];
+        EXPECT(afmesh_attention_new_with_buffer(&bad, &spec, dev_buf, sizeof dev_buf, &a),
+               AFMESH_ERR_UNSUPPORTED);
+        EXPECT_MSG("CUDA");
+    }
+    /* A version 1 config (of version 1's size) still works: its missing
+     * fields mean host memory, whatever lies beyond it. */
+    bad = cfg;
+    bad.version = 1;
+    bad.size = (uint32_t)offsetof(afmesh_config, memory_kind);
+    bad.memory_kind = AFMESH_MEMORY_CUDA;
+    EXPECT(afmesh_attention_memory_len(&bad, &spec, &n), AFMESH_OK);
+    bad.version = 2;
+    EXPECT(afmesh_attention_memory_len(&bad, &spec, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("size");
+    if (a != NULL || f != NULL) { fprintf(stderr, "FAIL output written on failure\n"); failures++; }
     afmesh_stage_spec nostages = spec;
     nostages.stages = 0;
     EXPECT(afmesh_attention_new(&cfg, &nostages, &a), AFMESH_ERR_CONFIG);

@@ -33,7 +33,7 @@ use crate::floor;
 use crate::progress::Progress;
 use crate::sweep::Sweep;
 use crate::workload::Workload;
-use crate::{json_str, WorkloadArgs};
+use crate::{json_str, DeviceArg, WorkloadArgs};
 
 use std::path::PathBuf;
 
@@ -338,6 +338,8 @@ pub struct Point {
     stragglers: Vec<(String, u64, f64)>,
     /// Verbs only: the post path's counters and the port.
     verbs: Option<VerbsWire>,
+    /// `--device cuda`: NCCL send/recv of the same pattern, or why not.
+    nccl: Option<Result<Summary, String>>,
 }
 
 /// What a verbs mesh's post paths did, per message, and the port.
@@ -453,6 +455,12 @@ fn measure(
             if wa.vary_tokens {
                 cmd.arg("--vary-tokens");
             }
+            if wa.device == DeviceArg::Cuda {
+                cmd.args(["--device", "cuda"]);
+            }
+            if wa.stream_ordered {
+                cmd.arg("--stream-ordered");
+            }
             children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }
@@ -536,7 +544,12 @@ fn measure(
     let plan = floor_plan(&w, m, n, pin.then_some(cpus));
     progress.phase("floor");
     let mut verbs = None;
-    let floors = if transport == "verbs" {
+    let mut nccl = None;
+    let floors = if wa.device == DeviceArg::Cuda {
+        let (floor, n_res) = device_floors(&w, m, n)?;
+        nccl = Some(n_res);
+        floor
+    } else if transport == "verbs" {
         let v = floor::verbs::run(&plan).context("plain verbs floor")?;
         let msgs = wire[3].max(1) as f64;
         let goodput_gbits = (d + c) as f64 * 8.0 / (mesh.mean * 1e-6) / 1e9;
@@ -602,7 +615,41 @@ fn measure(
         first_error,
         stragglers,
         verbs,
+        nccl,
     })
+}
+
+/// The device floors: plain peer copies of the same pattern, and NCCL
+/// send/recv of it (or why it was skipped).
+fn device_floors(w: &Workload, m: u32, n: u32) -> Result<(Floors, Result<Summary, String>)> {
+    let (d, c) = w.layer_bytes(m, n);
+    let per = u64::from(m) * u64::from(n) * u64::from(w.stages);
+    let mut pairs = Vec::new();
+    for a in 0..m {
+        for f in 0..n {
+            pairs.push(afmesh::cuda::floor::Pair {
+                attention_device: crate::device::device_of(afmesh::Role::Attention, a, m)?,
+                ffn_device: crate::device::device_of(afmesh::Role::Ffn, f, m)?,
+                dispatch: (d / per) as usize,
+                combine: (c / per) as usize,
+            });
+        }
+    }
+    let ce = afmesh::cuda::floor::copy_engine(&pairs, w.stages, w.warmup, w.iters)
+        .context("copy-engine floor")?;
+    let nccl = afmesh::cuda::floor::nccl(&pairs, w.stages, w.warmup, w.iters)
+        .map(|h| Summary::of(&h))
+        .map_err(|e| e.to_string());
+    let ce = Summary::of(&ce);
+    Ok((
+        Floors {
+            exchange: ce.p50,
+            exchange_name: format!("cuMemcpyPeerAsync out and back, p99 {:.2} us", ce.p99),
+            polled: None,
+            memcpy: None,
+        },
+        nccl,
+    ))
 }
 
 impl Point {
@@ -680,7 +727,7 @@ impl Point {
         let or_null = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |v| format!("{v:.2}"));
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         format!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{},\"stragglers\":{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -699,6 +746,17 @@ impl Point {
                 or_null(v.line_rate_pct)
             )),
             json_str(self.first_error.as_deref()),
+            match &self.nccl {
+                None => String::new(),
+                Some(Ok(x)) => format!(
+                    ",\"device\":\"cuda\",\"nccl_p50_us\":{:.2},\"nccl_p99_us\":{:.2}",
+                    x.p50, x.p99
+                ),
+                Some(Err(e)) => format!(
+                    ",\"device\":\"cuda\",\"nccl_p50_us\":null,\"nccl_p99_us\":null,\"nccl_note\":{}",
+                    json_str(Some(e))
+                ),
+            },
             self.stragglers_json()
         )
     }
@@ -761,6 +819,16 @@ impl Point {
                 v.line_rate_pct
                     .map_or_else(String::new, |p| format!(", {p:.1}% of line rate"))
             );
+        }
+        match &self.nccl {
+            Some(Ok(x)) => println!(
+                "  nccl          p50 {:.2} us  p99 {:.2} us (send/recv of the same pattern; afmesh p50 {:.2}x faster)",
+                x.p50,
+                x.p99,
+                x.p50 / p50
+            ),
+            Some(Err(e)) => println!("  nccl          skipped: {e}"),
+            None => {}
         }
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");

@@ -2,6 +2,7 @@
 //! run, and a whole-mesh benchmark on this host.
 
 mod bench;
+mod device;
 mod floor;
 mod plot;
 mod progress;
@@ -121,6 +122,21 @@ pub struct WorkloadArgs {
     /// hands to the library) instead of library-allocated slots.
     #[arg(long)]
     pub caller_buffers: bool,
+    /// Where the ranks' stage buffers live: host memory, or GPUs (ranks
+    /// round-robin over the visible GPUs; links over the cuda backend).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Host)]
+    pub device: DeviceArg,
+    /// With --device cuda: ranks produce each stage's rows on a stream of
+    /// their own and dispatch / respond stream-ordered (the library's
+    /// copies wait for that stream; the host never does).
+    #[arg(long)]
+    pub stream_ordered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Host,
+    Cuda,
 }
 
 impl WorkloadArgs {
@@ -325,7 +341,16 @@ fn run(args: &RunArgs) -> Result<()> {
     let spec = w.spec()?;
     w.check_memory(cfg.attention, cfg.ffn)?;
     let mesh = Mesh::new(cfg);
-    let rank = if !args.work.caller_buffers {
+    let on_gpu = args.work.device == DeviceArg::Cuda;
+    let rank = if on_gpu {
+        let c = mesh.config();
+        let role = c.role.context("--device cuda needs a role")?;
+        let dev = device::device_of(role, c.rank.unwrap_or(0), c.attention)?;
+        match role {
+            Role::Attention => afmesh::Rank::Attention(mesh.attention_on_device(spec, dev)?),
+            Role::Ffn => afmesh::Rank::Ffn(mesh.ffn_on_device(spec, dev)?),
+        }
+    } else if !args.work.caller_buffers {
         mesh.join(spec)?
     } else {
         match mesh.config().role {
@@ -349,7 +374,11 @@ fn run(args: &RunArgs) -> Result<()> {
                 a.ffn_ranks(),
             );
             let started = std::time::Instant::now();
-            let rep = workload::run_attention(&mut a, &w)?;
+            let rep = if on_gpu {
+                device::run_attention(&mut a, &w, args.work.stream_ordered)?
+            } else {
+                workload::run_attention(&mut a, &w)?
+            };
             let elapsed = started.elapsed().as_secs_f64();
             let rank = a.rank();
             let stats = a.stats();
@@ -404,7 +433,11 @@ fn run(args: &RunArgs) -> Result<()> {
                 f.ffn_ranks(),
             );
             let started = std::time::Instant::now();
-            let rep = workload::run_ffn(&mut f, &w)?;
+            let rep = if on_gpu {
+                device::run_ffn(&mut f, &w, args.work.stream_ordered)?
+            } else {
+                workload::run_ffn(&mut f, &w)?
+            };
             let elapsed = started.elapsed().as_secs_f64();
             let rank = f.rank();
             let stats = f.stats();

@@ -210,6 +210,54 @@ impl ShmTransport {
         self.own.unlink();
     }
 
+    /// Publishes `notice` on link `link`'s ring without moving any bytes:
+    /// for a backend that moved them itself (cuda) and uses this one for
+    /// notices, doorbells and liveness. `Ok(false)`: the ring is full, post
+    /// it again later.
+    pub(crate) fn push_notice(&mut self, link: LinkId, notice: &Notice) -> Result<bool> {
+        let l = self
+            .links
+            .get_mut(link)
+            .ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))?;
+        if l.down {
+            return Err(Error::io(
+                format!("notice to {}", l.label),
+                std::io::Error::new(std::io::ErrorKind::NotConnected, "link is down"),
+            ));
+        }
+        let pushed = l.out.push(&notice.encode());
+        l.peer.ring_doorbell();
+        Ok(pushed)
+    }
+
+    /// Copies `bytes` to `offset` of link `link`'s peer region `region`
+    /// through our mapping of its segment, without a notice. `Ok(false)`:
+    /// the peer has no such region in its segment.
+    pub(crate) fn write_target(
+        &mut self,
+        link: LinkId,
+        region: u32,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<bool> {
+        let l = self
+            .links
+            .get(link)
+            .ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))?;
+        match l.targets.get(region as usize).and_then(Option::as_ref) {
+            Some(Target::Mapped(t)) => {
+                t.write_gather(offset, &[bytes])
+                    .map(|()| true)
+                    .map_err(|e| Error::BufferSize {
+                        what: format!("{} region {region}: {e}", l.label),
+                        need: offset as usize + bytes.len(),
+                        got: t.len(),
+                    })
+            }
+            _ => Ok(false),
+        }
+    }
+
     fn drain(&mut self, out: &mut Vec<Completion>) {
         let regions = &self.local;
         for (link, l) in self.links.iter_mut().enumerate() {

@@ -118,6 +118,9 @@ struct Net {
     order: u64,
     auto: bool,
     window: usize,
+    /// Regions labelled as CUDA memory are moved too (host memory standing
+    /// in for a GPU's, to test the memory-kind plumbing without one).
+    device_stand_in: bool,
     endpoints: Vec<Endpoint>,
     pending: BTreeMap<(u64, u64), Event>,
     stats: SimStats,
@@ -293,6 +296,7 @@ impl SimNetwork {
                 order: 0,
                 auto: false,
                 window: SIM_WINDOW,
+                device_stand_in: false,
                 endpoints: Vec::new(),
                 pending: BTreeMap::new(),
                 stats: SimStats::default(),
@@ -314,6 +318,13 @@ impl SimNetwork {
     /// Sets the send window of every link (writes posted, not yet `Sent`).
     pub fn set_window(&self, window: usize) {
         self.lock().window = window.max(1);
+    }
+
+    /// Lets every endpoint register regions labelled as CUDA memory (made
+    /// with `Region::host_standing_in_for`: host memory standing in for a
+    /// GPU's), so the memory-kind plumbing runs without a GPU.
+    pub fn set_device_stand_in(&self, on: bool) {
+        self.lock().device_stand_in = on;
     }
 
     /// A new endpoint (one rank's transport).
@@ -454,12 +465,13 @@ impl Transport for SimTransport {
     }
 
     fn caps(&self) -> Caps {
+        let n = self.net.lock();
         Caps {
             host: true,
-            cuda: false,
+            cuda: n.device_stand_in,
             ordered: false,
             max_message: u64::from(u32::MAX),
-            window: self.net.lock().window,
+            window: n.window,
             copies: true,
         }
     }

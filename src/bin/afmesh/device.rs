@@ -1,0 +1,297 @@
+//! The self-checking workload on GPU ranks (`--device cuda`).
+//!
+//! Each rank's stage buffers are on its GPU (ranks round-robin over the
+//! visible GPUs: attention rank `a` on GPU `a % G`, FFN rank `f` on
+//! `(M + f) % G`). The data never passes through the host in a timed
+//! layer: an attention rank dispatches rows from device buffers it filled
+//! once at start, an FFN rank answers from device buffers of its own, both
+//! chosen by the layer's parity (so a stale layer's bytes are caught).
+//! Every byte is checked, by copying it back to the host, in the warm-up
+//! layers and in the last layer; the timed layers between check token
+//! counts only.
+
+use std::time::{Duration, Instant};
+
+use afmesh::transport::Region;
+use afmesh::{AttentionRank, FfnRank, Histogram, Role};
+use anyhow::{Context, Result};
+
+use crate::workload::{mix, AttentionReport, FfnReport, Workload, SIDE_BYTES};
+
+/// The GPU a rank's buffers go on.
+pub fn device_of(role: Role, rank: u32, m: u32) -> Result<i32> {
+    let g = afmesh::cuda::device_count().context("counting CUDA devices")?;
+    if g <= 0 {
+        anyhow::bail!("--device cuda: no CUDA device is visible");
+    }
+    let i = match role {
+        Role::Attention => rank,
+        Role::Ffn => m + rank,
+    };
+    Ok((i % g as u32) as i32)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    let mut i = 0u64;
+    while v.len() < len {
+        v.extend_from_slice(&mix(seed ^ i.wrapping_mul(0x9e37_79b9)).to_le_bytes());
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+fn in_seed(parity: u32, s: u32, a: u32) -> u64 {
+    mix(0x1_0000 ^ (u64::from(parity) << 40) ^ (u64::from(s) << 20) ^ u64::from(a))
+}
+
+fn out_seed(parity: u32, s: u32, a: u32, f: u32) -> u64 {
+    mix(0x2_0000
+        ^ (u64::from(parity) << 48)
+        ^ (u64::from(s) << 32)
+        ^ (u64::from(a) << 16)
+        ^ u64::from(f))
+}
+
+fn device_buffer(device: i32, bytes: &[u8]) -> Result<Region> {
+    let r = Region::alloc_device(device, bytes.len().max(1))?;
+    r.write_gather(0, &[bytes])
+        .map_err(|e| anyhow::anyhow!("filling a device buffer: {e}"))?;
+    Ok(r)
+}
+
+fn side_of(layer: u32, s: u32, a: u32, count: u32) -> [u8; SIDE_BYTES as usize] {
+    let mut b = [0u8; SIDE_BYTES as usize];
+    b[0..4].copy_from_slice(&layer.to_le_bytes());
+    b[4..8].copy_from_slice(&s.to_le_bytes());
+    b[8..12].copy_from_slice(&a.to_le_bytes());
+    b[12..16].copy_from_slice(&count.to_le_bytes());
+    b
+}
+
+fn checked(w: &Workload, layer: u32) -> bool {
+    layer < w.warmup || layer + 1 == w.layers()
+}
+
+pub fn run_attention(
+    a: &mut AttentionRank,
+    w: &Workload,
+    ordered: bool,
+) -> Result<AttentionReport> {
+    let afmesh::transport::MemoryKind::Cuda { device } = a.memory() else {
+        anyhow::bail!("the rank's memory is not on a GPU");
+    };
+    let spec = a.spec();
+    let me = a.rank();
+    let n = a.ffn_ranks() as u32;
+    let (row, out_row) = (spec.row_bytes as usize, spec.out_row_bytes as usize);
+    let max = w.tokens as usize;
+    let mut inputs = Vec::new();
+    for parity in 0..2 {
+        for s in 0..w.stages {
+            inputs.push(device_buffer(
+                device,
+                &pattern(in_seed(parity, s, me), max * row),
+            )?);
+        }
+    }
+    let mut rep = AttentionReport {
+        lat: Histogram::new(),
+        errors: 0,
+        first_error: None,
+        ffn_us: 0.0,
+        net_us: 0.0,
+    };
+    let mut back = vec![0u8; max * out_row];
+    // --stream-ordered: a stream of the "model" that produces each stage's
+    // rows (here: copies them into scratch buffers) right before the
+    // dispatch, which must wait for it. A dispatch that did not would send
+    // the scratch's previous layer, which has the other parity.
+    let producer = if ordered {
+        let dev = afmesh::cuda::Device::get(device)?;
+        let scratch = (0..w.stages)
+            .map(|_| Region::alloc_device(device, (max * row).max(1)))
+            .collect::<afmesh::Result<Vec<_>>>()?;
+        Some((afmesh::cuda::Stream::new(&dev)?, scratch))
+    } else {
+        None
+    };
+    let mut handles = Vec::with_capacity(w.stages as usize);
+    for layer in 0..w.layers() {
+        handles.clear();
+        let parity = layer % 2;
+        let t0 = Instant::now();
+        for s in 0..w.stages {
+            let count = w.count(layer, s, me);
+            let src = &inputs[(parity * w.stages + s) as usize];
+            let side = side_of(layer, s, me, count);
+            let h: Result<_> = match &producer {
+                None => a
+                    .dispatch_device(s, src.addr(), count as usize, &side)
+                    .map_err(Into::into),
+                Some((stream, scratch)) => {
+                    let dst = &scratch[s as usize];
+                    // SAFETY: both buffers are live device allocations of at
+                    // least `count × row` bytes, kept for the whole run; the
+                    // scratch's previous dispatch is complete (its combine
+                    // was waited for), so nothing reads it while this runs.
+                    unsafe { stream.copy_async(dst.addr(), src.addr(), count as usize * row) }
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| {
+                            // SAFETY: `stream` is a live stream of this
+                            // rank's device; `dst` stays allocated and
+                            // unchanged until the next layer, after this
+                            // dispatch's combine.
+                            unsafe {
+                                a.dispatch_device_on(
+                                    s,
+                                    dst.addr(),
+                                    count as usize,
+                                    &side,
+                                    stream.raw() as u64,
+                                )
+                            }
+                            .map_err(anyhow::Error::from)
+                        })
+                }
+            };
+            let h = h.with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?;
+            handles.push(h);
+        }
+        a.wait_all(&handles, w.timeout)
+            .with_context(|| format!("A{me}: combine of layer {layer}"))?;
+        let dt = t0.elapsed();
+        if layer >= w.warmup {
+            rep.lat
+                .record(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
+        }
+        for (s, h) in handles.iter().enumerate() {
+            let s = s as u32;
+            let c = a.wait_combine(*h, Duration::ZERO)?;
+            let count = w.count(layer, s, me) as usize;
+            let mut bad = |what: String| {
+                rep.errors += 1;
+                rep.first_error.get_or_insert(what);
+            };
+            if c.tokens() != count {
+                bad(format!(
+                    "layer {layer} stage {s}: {} tokens back, sent {count}",
+                    c.tokens()
+                ));
+                continue;
+            }
+            if !checked(w, layer) {
+                continue;
+            }
+            for f in 0..n {
+                let got = c.copy_partial(f as usize, &mut back)?;
+                let want = pattern(out_seed(parity, s, me, f), count * out_row);
+                if got != want.len() || back[..got] != want[..] {
+                    bad(format!("layer {layer} stage {s} F{f}: wrong combine bytes"));
+                }
+            }
+        }
+    }
+    Ok(rep)
+}
+
+pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport> {
+    let afmesh::transport::MemoryKind::Cuda { device } = f.memory() else {
+        anyhow::bail!("the rank's memory is not on a GPU");
+    };
+    let spec = f.spec();
+    let me = f.rank();
+    let m = f.attention_ranks();
+    let (row, out_row) = (spec.row_bytes as usize, spec.out_row_bytes as usize);
+    let max = w.tokens as usize;
+    // Per (parity, stage, attention rank): this rank's answer rows.
+    let mut outs = Vec::new();
+    for parity in 0..2 {
+        for s in 0..w.stages {
+            for a in 0..m as u32 {
+                outs.push(device_buffer(
+                    device,
+                    &pattern(out_seed(parity, s, a, me), max * out_row),
+                )?);
+            }
+        }
+    }
+    let mut rep = FfnReport {
+        batches: 0,
+        errors: 0,
+        first_error: None,
+    };
+    // --stream-ordered: answers are produced into scratch buffers on a
+    // stream of this rank's right before the respond, which must wait for
+    // it (a respond that did not would send the other parity's bytes).
+    let producer = if ordered {
+        let dev = afmesh::cuda::Device::get(device)?;
+        let scratch = (0..w.stages as usize * m)
+            .map(|_| Region::alloc_device(device, (max * out_row).max(1)))
+            .collect::<afmesh::Result<Vec<_>>>()?;
+        Some((afmesh::cuda::Stream::new(&dev)?, scratch))
+    } else {
+        None
+    };
+    let mut layer_of = vec![0u32; w.stages as usize];
+    let mut input = vec![0u8; max * row];
+    let mut side = [0u8; SIDE_BYTES as usize];
+    let mut ptrs = vec![0u64; m];
+    let total = u64::from(w.layers()) * u64::from(w.stages);
+    while rep.batches < total {
+        let b = f
+            .get_batch(w.timeout)
+            .with_context(|| format!("F{me}: get_batch {}", rep.batches))?;
+        let s = b.stage();
+        let layer = layer_of[s as usize];
+        layer_of[s as usize] += 1;
+        let parity = layer % 2;
+        let mut bad = |what: String| {
+            rep.errors += 1;
+            rep.first_error.get_or_insert(what);
+        };
+        for a in 0..m {
+            let count = b.token_count(a);
+            if count != w.count(layer, s, a as u32) as usize {
+                bad(format!("layer {layer} stage {s} A{a}: {count} tokens"));
+            }
+            if checked(w, layer) {
+                let n = b.copy_side(a, &mut side)?;
+                if n != side.len() || side != side_of(layer, s, a as u32, count as u32) {
+                    bad(format!("layer {layer} stage {s} A{a}: wrong side block"));
+                }
+                let got = b.copy_tokens(a, &mut input)?;
+                let want = pattern(in_seed(parity, s, a as u32), count * row);
+                if got != want.len() || input[..got] != want[..] {
+                    bad(format!("layer {layer} stage {s} A{a}: wrong input bytes"));
+                }
+            }
+            ptrs[a] = outs[((parity * w.stages + s) as usize) * m + a].addr();
+        }
+        let answered = match &producer {
+            None => f.respond_device(b, &ptrs).map_err(afmesh::Error::from),
+            Some((stream, scratch)) => {
+                for (a, p) in ptrs.iter_mut().enumerate() {
+                    let n = w.count(layer, s, a as u32) as usize * out_row;
+                    let scratch = &scratch[s as usize * m..];
+                    // SAFETY: live device buffers of at least `n` bytes,
+                    // kept for the run; this (stage, sender)'s scratch held
+                    // the stage's previous answer, which left before this
+                    // batch could come (the attention rank combined it
+                    // first).
+                    unsafe { stream.copy_async(scratch[a].addr(), *p, n) }?;
+                    *p = scratch[a].addr();
+                }
+                // SAFETY: `stream` is a live stream of this rank's device;
+                // the scratch stays allocated and is rewritten only for a
+                // later batch.
+                unsafe { f.respond_device_on(b, &ptrs, stream.raw() as u64) }
+                    .map_err(afmesh::Error::from)
+            }
+        };
+        answered.with_context(|| format!("F{me}: respond stage {s}"))?;
+        rep.batches += 1;
+    }
+    Ok(rep)
+}
