@@ -84,3 +84,27 @@ fn a_peer_without_checksums_is_refused_by_name() {
     let st = a.wait_exit(Duration::from_secs(10));
     assert_eq!(st.code(), Some(1), "{}", a.output());
 }
+
+/// Checksums are computed by the CPU, which never reads device memory: a
+/// device rank asking for them is refused at once, naming the setting,
+/// before it contacts anyone (the scheduler address here is unreachable).
+#[test]
+fn checksums_with_device_memory_are_refused_before_joining() {
+    let mut cfg = afmesh::MeshConfig::new("127.0.0.1:1", 1, 1);
+    cfg.checksum = true;
+    cfg.setup_timeout = Duration::from_secs(30);
+    let mesh = afmesh::Mesh::new(cfg);
+    let spec = afmesh::StageSpec {
+        stages: 1,
+        max_tokens: 4,
+        row_bytes: 64,
+        out_row_bytes: 64,
+        side_bytes: 0,
+    };
+    let t0 = std::time::Instant::now();
+    let e = mesh.attention_on_device(spec, 0).unwrap_err().to_string();
+    assert!(e.contains("AFMESH_CHECKSUM"), "{e}");
+    let e = mesh.ffn_on_device(spec, 0).unwrap_err().to_string();
+    assert!(e.contains("AFMESH_CHECKSUM"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}

@@ -9,6 +9,7 @@ use super::reduce::{sum_into, Dtype};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
+use crate::transport::slots::SlotRef;
 use crate::transport::MemoryKind;
 use crate::transport::Region;
 
@@ -531,7 +532,30 @@ impl AttentionRank {
             checksum: None,
         };
         let len = layout.rows_at() + rows_len;
-        let msg = if self.engine.checksums() {
+        let msg = match self.stamp(s, header, side, len) {
+            Ok(msg) => msg,
+            Err(e) => {
+                // Nothing was posted: free the stage for the next dispatch.
+                self.st.stages.abandon(s);
+                return Err(e);
+            }
+        };
+        let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
+        let offset = layout.in_offset(s, self.st.rank as usize) as u64;
+        for f in 0..layout.n {
+            if let Err(e) = self.engine.post(f, msg, offset, imm) {
+                // The combine can never complete: free the stage.
+                self.st.stages.abandon(s);
+                return Err(e);
+            }
+        }
+        Ok(DispatchHandle { stage, seq })
+    }
+
+    /// Writes the header (and a side block still to be copied) into send
+    /// slot `s` and returns its first `len` bytes as the message.
+    fn stamp(&mut self, s: usize, header: Header, side: Side<'_>, len: usize) -> Result<SlotRef> {
+        Ok(if self.engine.checksums() {
             // The checksum covers the side block: it goes in first.
             if let Side::Copy(b) = side {
                 self.engine.write_slot(s, HEADER_LEN, b)?;
@@ -559,17 +583,7 @@ impl AttentionRank {
                 }
             }
             self.engine.message(s, len)?
-        };
-        let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
-        let offset = layout.in_offset(s, self.st.rank as usize) as u64;
-        for f in 0..layout.n {
-            if let Err(e) = self.engine.post(f, msg, offset, imm) {
-                // The combine can never complete: free the stage.
-                self.st.stages.abandon(s);
-                return Err(e);
-            }
-        }
-        Ok(DispatchHandle { stage, seq })
+        })
     }
 
     /// Waits up to `timeout` for every FFN rank's combine of `handle`, and

@@ -8,6 +8,8 @@ use super::layout::Layout;
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
+use crate::trace::Record;
+use crate::transport::slots::SlotRef;
 use crate::transport::{MemoryKind, Region};
 
 /// One gathered stage: every attention rank's block, viewed in place in the
@@ -222,6 +224,9 @@ struct State {
     /// Part lists of answered batches, reused so that handing out a batch
     /// allocates nothing.
     spare: Vec<Vec<Part>>,
+    /// The messages of one respond, stamped before any is posted (kept to
+    /// avoid an allocation per respond).
+    msgs: Vec<SlotRef>,
 }
 
 impl Sink for State {
@@ -276,6 +281,7 @@ impl FfnRank {
                 stages: FfnStages::new(layout.stages(), layout.m),
                 parts: vec![Part::default(); layout.stages() * layout.m],
                 spare: Vec::new(),
+                msgs: Vec::new(),
                 layout,
                 rank,
             },
@@ -545,13 +551,13 @@ impl FfnRank {
                 return Err(give_back(batch, e));
             }
         }
-        if let Err(error) = self.commit(&batch) {
-            return Err(RespondError { batch: None, error });
-        }
         let imm = Imm::new(Kind::Combine, batch.stage as u8, batch.seq);
         let offset = layout.out_offset(s, self.st.rank as usize) as u64;
         let respond = now_ns();
-        let mut first_err = None;
+        // Every message is stamped before anything is committed, so a
+        // failure here gives the batch back with the stage unchanged.
+        let mut msgs = std::mem::take(&mut self.st.msgs);
+        msgs.clear();
         for a in 0..m {
             let tokens = batch.token_count(a);
             let header = Header {
@@ -568,18 +574,40 @@ impl FfnRank {
                 respond_ns: respond,
                 checksum: None,
             };
-            let slot = s * m + a;
-            let posted = self
+            match self
                 .engine
-                .seal(slot, header, HEADER_LEN + tokens * out_row)
-                .and_then(|msg| self.engine.post(a, msg, offset, imm));
-            match posted {
-                Ok(()) => self.engine.record_ffn(a, &header),
+                .seal(s * m + a, header, HEADER_LEN + tokens * out_row)
+            {
+                Ok(msg) => msgs.push(msg),
+                Err(e) => {
+                    self.st.msgs = msgs;
+                    return Err(give_back(batch, e));
+                }
+            }
+        }
+        if let Err(error) = self.commit(&batch) {
+            self.st.msgs = msgs;
+            return Err(RespondError { batch: None, error });
+        }
+        let mut first_err = None;
+        for (a, &msg) in msgs.iter().enumerate() {
+            match self.engine.post(a, msg, offset, imm) {
+                Ok(()) => self.engine.record_ffn(Record {
+                    peer: a as u32,
+                    stage: batch.stage,
+                    seq: batch.seq,
+                    post_ns: batch.posted_ns(a),
+                    land_ns: batch.landed_ns(a),
+                    process_ns: batch.process_ns,
+                    respond_ns: respond,
+                    back_ns: 0,
+                }),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
+        self.st.msgs = msgs;
         // The batch's views end here; its part list serves the next one.
         if self.st.spare.len() < layout.stages() {
             self.st.spare.push(batch.parts);

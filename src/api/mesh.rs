@@ -210,6 +210,12 @@ impl Mesh {
             ),
         };
         let my_len = my_len.ok_or_else(|| Error::config("region size overflows"))?;
+        if cfg.checksum && memory.kind() != MemoryKind::Host {
+            return Err(Error::config(format!(
+                "AFMESH_CHECKSUM=1 with {} stage memory: checksums are computed by the CPU, which never reads device memory; turn them off for device ranks",
+                memory.kind()
+            )));
+        }
         if let Memory::Device(_) = memory {
             // Before the rendezvous: a rank that cannot hold its buffers
             // should not make the others wait for it.

@@ -820,6 +820,8 @@ pub fn ipc_handle(device: i32, base: u64) -> Result<CuIpcMemHandle> {
 #[derive(Debug)]
 pub struct IpcMapping {
     base: u64,
+    /// Bytes of the mapped allocation (the driver's, not the peer's word).
+    size: u64,
     device: Device,
 }
 
@@ -840,15 +842,32 @@ impl IpcMapping {
             },
             || "cuIpcOpenMemHandle".into(),
         )?;
-        Ok(IpcMapping {
+        let mut m = IpcMapping {
             base,
+            size: 0,
             device: *device,
-        })
+        };
+        let (mut start, mut size) = (0u64, 0usize);
+        check(
+            // SAFETY: valid out-pointers; `base` was just mapped here.
+            unsafe { (d.mem_get_address_range)(&mut start, &mut size, base) },
+            || format!("cuMemGetAddressRange({base:#x}) of an IPC mapping"),
+        )?;
+        // The mapping starts at the allocation's base; what lies past
+        // `start + size` is not the peer's memory.
+        m.size = (start + size as u64).saturating_sub(base);
+        Ok(m)
     }
 
     /// Where the allocation is mapped here.
     pub fn base(&self) -> u64 {
         self.base
+    }
+
+    /// Bytes mapped from `base` (what the driver says the allocation
+    /// holds: a peer's claim about its region is checked against this).
+    pub fn size(&self) -> u64 {
+        self.size
     }
 }
 

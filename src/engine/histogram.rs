@@ -75,9 +75,9 @@ impl Histogram {
     /// Adds every value recorded in `other`.
     pub fn merge(&mut self, other: &Histogram) {
         for (c, o) in self.counts.iter_mut().zip(other.counts.iter()) {
-            *c += o;
+            *c = c.saturating_add(*o);
         }
-        self.count += other.count;
+        self.count = self.count.saturating_add(other.count);
         self.sum = self.sum.saturating_add(other.sum);
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
@@ -163,10 +163,15 @@ impl Histogram {
     }
 
     /// Rebuilds a histogram from [`Histogram::to_words`]; `None` when the
-    /// words are not one (a bucket out of range, counts that do not add up).
+    /// words are not one (a bucket out of range, counts that do not add up,
+    /// a minimum above the maximum, or either outside the recorded
+    /// buckets) — words may come from another process.
     pub fn from_words(words: &[u64]) -> Option<Histogram> {
         let (&[count, sum, min, max], pairs) = words.split_first_chunk::<4>()?;
         if pairs.len() % 2 != 0 {
+            return None;
+        }
+        if count > 0 && min > max {
             return None;
         }
         let mut h = Histogram {
@@ -182,7 +187,18 @@ impl Histogram {
             h.counts[i] = h.counts[i].checked_add(p[1])?;
             total = total.checked_add(p[1])?;
         }
-        (total == count).then_some(h)
+        if total != count {
+            return None;
+        }
+        if count > 0 {
+            // min and max must fall in the lowest and highest buckets used.
+            let first = h.counts.iter().position(|&c| c > 0)?;
+            let last = h.counts.iter().rposition(|&c| c > 0)?;
+            if index(min) != first || index(max) != last {
+                return None;
+            }
+        }
+        Some(h)
     }
 }
 
@@ -331,5 +347,21 @@ mod tests {
                 prop_assert!(within_precision(got, want), "q {q}: {got} vs exact {want}");
             }
         }
+    }
+
+    #[test]
+    fn inconsistent_words_are_refused_not_a_panic_later() {
+        // min above max (it used to panic in `quantile`).
+        assert_eq!(Histogram::from_words(&[1, 5, 10, 3, 4, 1]), None);
+        // min and max outside the one bucket used.
+        let mut h = Histogram::new();
+        h.record(1000);
+        let mut w = h.to_words();
+        w[2] = 1;
+        assert_eq!(Histogram::from_words(&w), None);
+        let mut w = h.to_words();
+        w[3] = 1 << 40;
+        assert_eq!(Histogram::from_words(&w), None);
+        assert!(Histogram::from_words(&h.to_words()).is_some());
     }
 }

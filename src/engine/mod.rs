@@ -264,25 +264,16 @@ impl Engine {
         }
     }
 
-    /// Records that peer `peer`'s message was answered with `h` (its
-    /// stamps say when it landed, was processed and answered).
-    pub(crate) fn record_ffn(&mut self, peer: usize, h: &Header) {
-        if let Some(p) = self.peers.get_mut(peer) {
+    /// Records that peer `r.peer`'s message was answered: `r` holds its
+    /// stamps (when it was posted, landed, processed and answered).
+    pub(crate) fn record_ffn(&mut self, r: Record) {
+        if let Some(p) = self.peers.get_mut(r.peer as usize) {
             p.stats
                 .ffn_ns
-                .record(h.respond_ns.saturating_sub(h.land_ns));
+                .record(r.respond_ns.saturating_sub(r.land_ns));
         }
         if let Some(t) = &mut self.tracer {
-            t.record(Record {
-                peer: peer as u32,
-                stage: u32::from(h.stage),
-                seq: h.sequence,
-                post_ns: h.post_ns,
-                land_ns: h.land_ns,
-                process_ns: h.process_ns,
-                respond_ns: h.respond_ns,
-                back_ns: 0,
-            });
+            t.record(r);
         }
     }
 

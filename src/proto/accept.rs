@@ -129,6 +129,9 @@ pub fn accept_checked<C: StageCounter>(
     if landed < need {
         return Err(Reject::Short { landed, need });
     }
+    // The payload is read only for a message the stage machine would
+    // count: a stale or duplicate one's slot may hold the next message.
+    stages.admits(stage, from, h.sequence, h.tokens)?;
     check(&h, &raw, need).map_err(Reject::Checksum)?;
     let complete = stages.count(stage, from, h.sequence, h.tokens)?;
     Ok(Accepted {

@@ -160,10 +160,33 @@ pub trait StageCounter {
         sequence: u32,
         tokens: u32,
     ) -> Result<bool, Reject>;
+    /// Whether [`StageCounter::count`] would count this message, without
+    /// counting it: what is judged before the payload is read (a stale or
+    /// duplicate message's slot may be receiving the next one).
+    fn admits(&self, stage: usize, from: usize, sequence: u32, tokens: u32) -> Result<(), Reject>;
 }
 
 impl StageCounter for AttentionStages {
     const KIND: Kind = Kind::Combine;
+    fn admits(&self, stage: usize, from: usize, seq: u32, tokens: u32) -> Result<(), Reject> {
+        let s = self.stages.get(stage).ok_or(Reject::NoSuchStage)?;
+        if from >= self.peers {
+            return Err(Reject::NoSuchPeer);
+        }
+        if seq.wrapping_sub(s.seq) as i32 > 0 {
+            return Err(Reject::Ahead);
+        }
+        if seq != s.seq {
+            return Err(Reject::Stale);
+        }
+        match &s.state {
+            AState::Dispatched { tokens: t, .. } if *t != tokens => Err(Reject::WrongTokens),
+            AState::Dispatched { arrived, .. } if arrived[from] => Err(Reject::Duplicate),
+            AState::Dispatched { .. } => Ok(()),
+            AState::Combined { .. } => Err(Reject::Duplicate),
+            AState::Idle => Err(Reject::Unexpected),
+        }
+    }
     fn count(
         &mut self,
         stage: usize,
@@ -177,6 +200,22 @@ impl StageCounter for AttentionStages {
 
 impl StageCounter for FfnStages {
     const KIND: Kind = Kind::Dispatch;
+    fn admits(&self, stage: usize, from: usize, seq: u32, _tokens: u32) -> Result<(), Reject> {
+        let s = self.stages.get(stage).ok_or(Reject::NoSuchStage)?;
+        if from >= self.peers {
+            return Err(Reject::NoSuchPeer);
+        }
+        if seq.wrapping_sub(s.seq) as i32 > 0 {
+            return Err(Reject::Ahead);
+        }
+        if seq != s.seq {
+            return Err(Reject::Stale);
+        }
+        if s.state != FState::Collecting || s.tokens[from].is_some() {
+            return Err(Reject::Duplicate);
+        }
+        Ok(())
+    }
     fn count(
         &mut self,
         stage: usize,
@@ -579,5 +618,46 @@ mod tests {
         f.on_dispatch(0, 0, 0, 1).unwrap();
         f.on_dispatch(0, 2, 0, 1).unwrap();
         assert_eq!(f.missing(), vec![1]);
+    }
+
+    /// `admits` gives exactly `count`'s verdict, without counting: over
+    /// every (stage, peer, sequence, tokens) around the live ones, at each
+    /// point of a few cycles.
+    #[test]
+    fn admits_agrees_with_count() {
+        fn probe<C: StageCounter + Clone>(c: &C) {
+            for stage in 0..3 {
+                for from in 0..3 {
+                    for seq in 0..4u32 {
+                        for tokens in [4u32, 5] {
+                            let mut copy = c.clone();
+                            let counted = copy.count(stage, from, seq, tokens).map(|_| ());
+                            assert_eq!(c.admits(stage, from, seq, tokens), counted);
+                        }
+                    }
+                }
+            }
+        }
+        let mut a = AttentionStages::new(2, 2);
+        let mut f = FfnStages::new(2, 2);
+        probe(&a);
+        probe(&f);
+        for round in 0..2u32 {
+            a.dispatch(0, 5);
+            probe(&a);
+            a.on_combine(0, 1, round, 5).unwrap();
+            probe(&a);
+            a.on_combine(0, 0, round, 5).unwrap();
+            probe(&a);
+            a.finish(0);
+            f.on_dispatch(1, 0, round, 4).unwrap();
+            probe(&f);
+            f.on_dispatch(1, 1, round, 4).unwrap();
+            probe(&f);
+            f.hand_out(1);
+            probe(&f);
+            f.respond(1, round);
+            probe(&f);
+        }
     }
 }

@@ -50,6 +50,7 @@ mod lock;
 mod mapping;
 mod process;
 mod signal;
+mod tcp;
 
 pub use cpu::pin_to_cpu;
 pub use fd::{poll_ready, FdWatcher};
@@ -58,3 +59,4 @@ pub use lock::{lock_exclusive, locked_by_another, random_u64};
 pub use mapping::{unlink, AtomicOnly, Mapping, SHM_DIR};
 pub use process::{pid_alive, PidWatch};
 pub use signal::{die_with_parent, on_terminate, terminated};
+pub use tcp::{tcp_acks, TcpAcks};

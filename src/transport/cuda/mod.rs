@@ -460,6 +460,20 @@ impl Transport for CudaTransport {
                         p.label
                     ))
                 })?;
+                // The peer's offset and length are its word; the mapping's
+                // size is the driver's. A region past the mapping would
+                // have our copy engine write memory that is not the peer's.
+                if x.offset.checked_add(x.len).is_none_or(|end| end > m.size()) {
+                    return Err(Error::BadFrame {
+                        peer: p.label.clone(),
+                        reason: format!(
+                            "cuda endpoint: region {id} at offset {} of {} bytes exceeds its allocation of {} bytes",
+                            x.offset,
+                            x.len,
+                            m.size()
+                        ),
+                    });
+                }
                 if targets.len() <= id {
                     targets.resize(id + 1, None);
                 }

@@ -77,6 +77,8 @@ pub struct TcpTransport {
     links: Vec<Link>,
     io_timeout: Duration,
     liveness: Duration,
+    /// When links were last checked for stalled acknowledgements.
+    acks_checked: Instant,
     sent: Vec<u64>,
     guard: crate::bootstrap::LinkGuard,
 }
@@ -97,6 +99,7 @@ impl TcpTransport {
             links: Vec::new(),
             io_timeout,
             liveness: DEFAULT_LIVENESS,
+            acks_checked: Instant::now(),
             sent: Vec::new(),
             guard: Default::default(),
         })
@@ -143,24 +146,45 @@ impl TcpTransport {
     }
 }
 
+/// Most often the links' acknowledgements are looked at.
+const ACK_CHECK_MIN: Duration = Duration::from_millis(50);
+
 /// The liveness bound when a rank sets none (`MeshConfig::liveness`).
 const DEFAULT_LIVENESS: Duration = Duration::from_secs(5);
 
-/// Makes the kernel end `stream` once its peer has been unreachable for
-/// about `liveness`: an idle link is probed every fifth of it (keepalive
-/// counts whole seconds, so at least every second), and
-/// `TCP_USER_TIMEOUT` — which on Linux also bounds unanswered keepalive
-/// probes — closes it when nothing was acknowledged for four fifths of it.
-/// The error then surfaces in `progress` as `LinkDown`.
+/// Makes the kernel probe an idle link every fifth of `liveness`
+/// (keepalive counts whole seconds, so at least every second) and end it
+/// when about `liveness` of probes go unanswered; the error then surfaces
+/// in `progress` as `LinkDown`. A link with data in flight is not probed:
+/// `progress` watches its acknowledgements instead ([`stalled`]).
+/// `TCP_USER_TIMEOUT` is deliberately not used: Linux also ends a
+/// connection whose peer advertises a zero window that long, and a live
+/// peer busy computing (not reading) does exactly that.
 fn keep_alive(stream: &TcpStream, liveness: Duration) -> io::Result<()> {
     let probe = (liveness / 5).max(Duration::from_secs(1));
     let ka = socket2::TcpKeepalive::new()
         .with_time(probe)
         .with_interval(probe)
-        .with_retries(((liveness.as_millis() / probe.as_millis()).max(1)) as u32);
-    let s = socket2::SockRef::from(stream);
-    s.set_tcp_keepalive(&ka)?;
-    s.set_tcp_user_timeout(Some((liveness * 4 / 5).max(Duration::from_millis(1))))
+        .with_retries(
+            (((liveness.as_millis() / probe.as_millis()) as u32).saturating_sub(1)).max(1),
+        );
+    socket2::SockRef::from(stream).set_tcp_keepalive(&ka)
+}
+
+/// Why link `l` is dead, if its peer has acknowledged nothing for longer
+/// than `liveness` while our data waits for it. A live peer's kernel
+/// acknowledges even when the peer does not read (zero-window probes,
+/// keepalives), so this never fires on a busy peer; a cut link or a dead
+/// host stops all acknowledgements.
+fn stalled(l: &Link, liveness: Duration) -> Option<String> {
+    use std::os::fd::AsFd;
+    match afmesh_sys::tcp_acks(l.stream.as_fd()) {
+        Ok(a) if a.unacked > 0 && a.since_ack > liveness => Some(format!(
+            "{} acknowledged nothing for {:?} with {} segments in flight (liveness bound {liveness:?}, AFMESH_LIVENESS_MS)",
+            l.peer, a.since_ack, a.unacked
+        )),
+        _ => None,
+    }
 }
 
 /// Writes as much of the queue as the socket takes. `Ok(true)` when the
@@ -479,12 +503,20 @@ impl Transport for TcpTransport {
         // Writes that went out whole when posted come first.
         out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
         let regions = &self.local;
+        // Acknowledgements are looked at a few times per liveness bound.
+        let check_acks = self.acks_checked.elapsed() >= (self.liveness / 8).max(ACK_CHECK_MIN);
+        if check_acks {
+            self.acks_checked = Instant::now();
+        }
         for (link, l) in self.links.iter_mut().enumerate() {
             if l.down {
                 continue;
             }
             let mut end = None;
-            if !l.tx.is_empty() {
+            if check_acks {
+                end = stalled(l, self.liveness).map(|reason| Completion::LinkDown { link, reason });
+            }
+            if end.is_none() && !l.tx.is_empty() {
                 match flush(l, &mut self.sent) {
                     Ok(_) if !l.tx.is_empty() && l.tx_moved.elapsed() > self.io_timeout => {
                         end = Some(Completion::LinkDown {

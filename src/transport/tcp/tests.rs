@@ -12,9 +12,17 @@ struct Pair {
 }
 
 fn pair() -> Pair {
+    pair_with(DEFAULT_LIVENESS)
+}
+
+fn pair_with(liveness: Duration) -> Pair {
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
-    let mut a = TcpTransport::new(ip, Duration::from_secs(5)).unwrap();
-    let mut b = TcpTransport::new(ip, Duration::from_secs(5)).unwrap();
+    let mut a = TcpTransport::new(ip, Duration::from_secs(5))
+        .unwrap()
+        .with_liveness(liveness);
+    let mut b = TcpTransport::new(ip, Duration::from_secs(5))
+        .unwrap()
+        .with_liveness(liveness);
     let src = Arc::new(Region::alloc(1 << 20).unwrap());
     a.register(&src, Access::Local).unwrap();
     let dst = Arc::new(Region::alloc(1 << 20).unwrap());
@@ -166,4 +174,48 @@ fn peer_drop_is_an_orderly_close() {
     let mut b = p.b;
     drop(p.a);
     assert_eq!(wait(&mut b, 1), vec![Completion::LinkClosed { link: 0 }]);
+}
+
+/// A peer that is alive but busy — not reading for longer than the
+/// liveness bound while megabytes wait for it — is not declared lost: its
+/// kernel still acknowledges (a zero window), which is what liveness
+/// watches. Then everything lands.
+#[test]
+fn a_busy_peer_outlives_the_liveness_bound() {
+    let mut p = pair_with(Duration::from_secs(1));
+    let writes = 24;
+    let mut a_out = Vec::new();
+    for i in 0..writes {
+        p.a.post_write(0, &from(0, 1 << 20), &p.key, 0, Some(i), u64::from(i))
+            .unwrap();
+        p.a.progress(&mut a_out).unwrap();
+    }
+    // b computes for 2.5 liveness bounds; a keeps making progress.
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        p.a.progress(&mut a_out).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        !a_out
+            .iter()
+            .any(|c| matches!(c, Completion::LinkDown { .. })),
+        "a busy peer was declared lost: {a_out:?}"
+    );
+    let arrivals = |v: &[Completion]| {
+        v.iter()
+            .filter(|c| matches!(c, Completion::Arrival { .. }))
+            .count()
+    };
+    let mut b_out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while arrivals(&b_out) < writes as usize && Instant::now() < deadline {
+        p.a.progress(&mut a_out).unwrap();
+        p.b.progress(&mut b_out).unwrap();
+    }
+    assert_eq!(arrivals(&b_out), writes as usize, "{b_out:?}");
+    assert!(!a_out
+        .iter()
+        .any(|c| matches!(c, Completion::LinkDown { .. })));
+    let _ = &p.dst;
 }
