@@ -152,3 +152,53 @@ fn host_ranks_refuse_the_device_entry_points() {
         Some(&[2u8; 8][..])
     );
 }
+
+/// Stream-enqueued waits (`wait_batch_on`, `wait_combine_on`): host ranks
+/// refuse them by memory kind, device ranks without a driver by CUDA, and
+/// bad arguments are named; the ranks go on working afterwards.
+#[test]
+fn stream_waits_are_refused_clearly_without_a_gpu() {
+    let net = SimNetwork::new(5);
+    net.set_auto(true);
+    let (mut attn, mut ffn) = sim_mesh_in(&net, 1, 1, spec(), MemoryKind::Host).unwrap();
+    let h = attn[0].dispatch(0, &[1u8; 16], &[]).unwrap();
+    // SAFETY: refused before any stream is touched.
+    match unsafe { ffn[0].wait_batch_on(0, 0) } {
+        Err(Error::Unsupported(m)) => assert!(m.contains("host memory"), "{m}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    // SAFETY: as above.
+    match unsafe { attn[0].wait_combine_on(h, 0) } {
+        Err(Error::Unsupported(m)) => assert!(m.contains("wait_combine_on"), "{m}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    let b = ffn[0].get_batch(Duration::from_secs(1)).unwrap();
+    ffn[0].respond(b, &[&[3u8; 8]]).unwrap();
+    let c = attn[0].wait_combine(h, Duration::from_secs(1)).unwrap();
+    assert_eq!(c.partial(0), Some(&[3u8; 8][..]));
+
+    if afmesh::cuda::available() {
+        return; // scripts/gpu-check runs them on a GPU
+    }
+    let net = SimNetwork::new(6);
+    net.set_auto(true);
+    net.set_device_stand_in(true);
+    let (mut attn, mut ffn) = sim_mesh_in(&net, 1, 1, spec(), GPU).unwrap();
+    let h = attn[0].dispatch(1, &[5u8; 16], &[]).unwrap();
+    // SAFETY: refused before any stream is touched (no stage 9; no CUDA).
+    match unsafe { ffn[0].wait_batch_on(9, 0) } {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("stage 9"), "{m}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    // SAFETY: as above.
+    unsupported_naming_cuda(unsafe { ffn[0].wait_batch_on(1, 0) }, "wait_batch_on");
+    // SAFETY: as above.
+    unsupported_naming_cuda(unsafe { attn[0].wait_combine_on(h, 0) }, "wait_combine_on");
+    let b = ffn[0].get_batch(Duration::from_secs(1)).unwrap();
+    assert_eq!(b.stage(), 1);
+    ffn[0].respond(b, &[&[4u8; 8]]).unwrap();
+    let c = attn[0].wait_combine(h, Duration::from_secs(1)).unwrap();
+    let mut back = [0u8; 8];
+    assert_eq!(c.copy_partial(0, &mut back).unwrap(), 8);
+    assert_eq!(back, [4u8; 8]);
+}

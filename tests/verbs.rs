@@ -451,3 +451,94 @@ fn mismatched_qp_counts_use_the_smaller() {
     }
     assert!(mesh.sched.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// GPUDirect RDMA registration (device memory with verbs) has no NIC or
+/// GPU here, so its error paths are what CI runs: the parent spawns this
+/// test binary's `gpudirect_child` with softverbs preloaded.
+#[test]
+fn gpudirect_registration_errors_are_named() {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "gpudirect_child",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    for (k, v) in fabric_env("gpudirect") {
+        cmd.env(k, v);
+    }
+    cmd.env("AFMESH_TEST_GPUDIRECT_CHILD", "1");
+    let mut p = Proc::spawn("gpudirect", cmd);
+    let st = p.wait_exit(Duration::from_secs(20));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    // The child really ran its checks (it prints this after them).
+    assert!(out.contains("gpudirect checks passed"), "{out}");
+}
+
+/// Run by [`gpudirect_registration_errors_are_named`] under softverbs; a
+/// no-op in the ordinary test run.
+#[test]
+fn gpudirect_child() {
+    use afmesh::transport::sim::SimNetwork;
+    use afmesh::transport::verbs::VerbsTransport;
+    use afmesh::transport::{Access, Backend, MemoryKind, Mux, PollPolicy, Region, Transport};
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+
+    if std::env::var_os("AFMESH_TEST_GPUDIRECT_CHILD").is_none() {
+        return;
+    }
+    let device =
+        || Arc::new(Region::host_standing_in_for(MemoryKind::Cuda { device: 0 }, 4096).unwrap());
+    let mut t = VerbsTransport::new(1).unwrap();
+    assert!(t.caps().moves(MemoryKind::Cuda { device: 0 }));
+
+    // ibv_reg_dmabuf_mr: softverbs answers EOPNOTSUPP, as providers
+    // without dma-buf support do; the error names the verb and errno.
+    let fd = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: softverbs refuses every dma-buf without reading the fd.
+    let e = unsafe { t.register_dmabuf(fd.as_raw_fd(), 0, 4096, 0x10000, Access::RemoteWrite) }
+        .unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("ibv_reg_dmabuf_mr"), "{m}");
+    assert!(
+        m.contains(&std::io::Error::from_raw_os_error(libc::EOPNOTSUPP).to_string()),
+        "{m}"
+    );
+
+    if !afmesh::cuda::available() {
+        // CUDA memory without a CUDA driver: CUDA's error, never a
+        // fallback to ibv_reg_mr on what is not device memory.
+        let e = t.register(&device(), Access::RemoteWrite).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("CUDA") && m.contains("verbs"), "{m}");
+        assert!(matches!(e, afmesh::Error::Unsupported(_)), "{e:?}");
+
+        // In a mux, a backend that cannot register device memory leaves
+        // it (logged), and its links go to the others ...
+        let net = SimNetwork::new(1);
+        net.set_device_stand_in(true);
+        let verbs = VerbsTransport::new(1).unwrap();
+        let mut mux = Mux::new(
+            vec![Backend::Verbs(verbs), Backend::Sim(net.endpoint())],
+            PollPolicy::default(),
+        );
+        mux.register(&device(), Access::RemoteWrite).unwrap();
+        mux.register(&device(), Access::Local).unwrap();
+        let names: Vec<&str> = mux.backends().iter().map(|b| b.name()).collect();
+        assert_eq!(names, ["sim"]);
+        // ... and when it is the only one, its error is the rank's.
+        let mut alone = Mux::new(
+            vec![Backend::Verbs(VerbsTransport::new(1).unwrap())],
+            PollPolicy::default(),
+        );
+        let m = alone
+            .register(&device(), Access::RemoteWrite)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("CUDA") && m.contains("GPUDirect"), "{m}");
+    }
+    println!("gpudirect checks passed");
+}

@@ -168,7 +168,15 @@ impl AttentionRank {
         let s = side.map(|s| Held::read(s, "dispatch side")).transpose()?;
         let mut g = lock(&self.inner, WHAT)?;
         let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
-        self.revoke(Some(stage), "the stage was dispatched again");
+        // Views of the stage's last combine end only if this dispatch can
+        // go ahead (a refused one leaves them valid).
+        let row = self.spec.row_bytes as usize;
+        let fits = t.bytes().len() <= self.spec.max_tokens as usize * row
+            && row > 0
+            && t.bytes().len() % row == 0;
+        if fits && r.stage_idle(stage) {
+            self.revoke(Some(stage), "the stage was dispatched again");
+        }
         let h = py
             .detach(|| r.dispatch(stage, t.bytes(), s.as_ref().map_or(&[][..], |s| s.bytes())))
             .map_err(to_py)?;
@@ -225,7 +233,9 @@ impl AttentionRank {
         }
         let mut g = lock(&self.inner, WHAT)?;
         let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
-        self.revoke(Some(stage), "the stage was dispatched again");
+        if tokens <= self.spec.max_tokens as usize && r.stage_idle(stage) {
+            self.revoke(Some(stage), "the stage was dispatched again");
+        }
         let h = py
             .detach(|| {
                 r.dispatch_with(stage, tokens, |rows, area| {

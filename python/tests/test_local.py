@@ -182,3 +182,32 @@ def test_caller_memory_receives_the_combine(pair):
     assert (mem.view(np.uint8) != 0).any()
     with pytest.raises(afmesh.InvalidArgument, match="writable"):
         afmesh.Mesh("127.0.0.1:1", 1, 1).attention(SPEC, memory=bytes(10))
+
+
+def test_a_sum_into_the_ranks_own_memory_is_refused(pair):
+    # The partials live in the caller's array: summing into that same array
+    # would read partials while overwriting them.
+    mesh = afmesh.Mesh("127.0.0.1:1", 1, 1)
+    mem = np.zeros(mesh.attention_memory_len(SPEC), np.uint8)
+    a, f = pair(SPEC, memory=mem)
+    x = np.full(4, 7, np.float32)
+    h = a.dispatch(0, x)
+    f.respond(f.get_batch(5), [x])
+    with pytest.raises(afmesh.InvalidArgument, match="overlaps"):
+        a.wait_combine_sum(h, out=mem[: x.nbytes].view(np.float32), timeout=5)
+    # Nothing was consumed: a separate output works.
+    out = np.zeros(4, np.float32)
+    a.wait_combine_sum(h, out=out, timeout=5)
+    assert np.array_equal(out, x)
+
+
+def test_a_refused_dispatch_leaves_the_last_combine_views_valid(pair):
+    a, f = pair(SPEC)
+    x = np.full(4, 3, np.float32)
+    h = a.dispatch(0, x)
+    f.respond(f.get_batch(5), [x])
+    p = a.wait_combine(h, 5).partial(0, np.float32)
+    too_many = np.zeros(SPEC.max_tokens * SPEC.row_bytes // 4 + SPEC.row_bytes // 4, np.float32)
+    with pytest.raises(afmesh.Error):
+        a.dispatch(0, too_many)
+    assert np.array_equal(p.reshape(-1), x), "the refused dispatch revoked nothing"

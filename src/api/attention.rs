@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::layout::Layout;
 use super::reduce::{sum_into, Dtype};
+use super::stream_wait::{self, StageFlags};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
@@ -103,6 +104,9 @@ struct State {
     /// The straggler of the stage the last arrival completed, for the
     /// engine's stats.
     straggler: Option<(usize, u64)>,
+    /// Flags streams wait on ([`AttentionRank::wait_combine_on`]); made on
+    /// first use.
+    flags: Option<StageFlags>,
 }
 
 /// The two latest combine arrivals of a stage's dispatch.
@@ -122,6 +126,17 @@ impl Arrivals {
                 self.before = self.last.map(|(t, _)| t);
                 self.last = Some((at, f));
             }
+        }
+    }
+}
+
+impl State {
+    /// Gives up a dispatch whose combine can never complete; streams
+    /// waiting for it are let go.
+    fn abandon(&mut self, s: usize) {
+        self.stages.abandon(s);
+        if let (Some(f), Some(q)) = (&self.flags, self.stages.combined_through(s)) {
+            f.raise(s, q);
         }
     }
 }
@@ -150,6 +165,9 @@ impl Sink for State {
                 self.straggler = Some((who, last.saturating_sub(before)));
             }
             *arrivals = Arrivals::default();
+        }
+        if let (true, Some(f)) = (a.complete, &self.flags) {
+            f.raise(s, a.header.sequence.wrapping_add(1));
         }
         Some(at_ns.saturating_sub(post_ns))
     }
@@ -263,6 +281,7 @@ impl AttentionRank {
                 post_ns: vec![0; s],
                 arrivals: vec![Arrivals::default(); s],
                 straggler: None,
+                flags: None,
                 layout,
                 rank,
             },
@@ -536,7 +555,7 @@ impl AttentionRank {
             Ok(msg) => msg,
             Err(e) => {
                 // Nothing was posted: free the stage for the next dispatch.
-                self.st.stages.abandon(s);
+                self.st.abandon(s);
                 return Err(e);
             }
         };
@@ -545,11 +564,28 @@ impl AttentionRank {
         for f in 0..layout.n {
             if let Err(e) = self.engine.post(f, msg, offset, imm) {
                 // The combine can never complete: free the stage.
-                self.st.stages.abandon(s);
+                self.st.abandon(s);
                 return Err(e);
             }
         }
         Ok(DispatchHandle { stage, seq })
+    }
+
+    /// Refuses a sum output that overlaps this rank's receive memory (the
+    /// partials it sums): possible with caller memory from C or Python.
+    fn out_apart(&self, out: &[u8]) -> Result<()> {
+        let r = self.engine.recv_region();
+        let (a, b) = (out.as_ptr() as u64, r.addr());
+        let overlap =
+            a < b.saturating_add(r.len() as u64) && b < a.saturating_add(out.len() as u64);
+        if overlap && !out.is_empty() && !r.is_empty() {
+            return Err(Error::invalid(format!(
+                "the sum output ({} bytes at {a:#x}) overlaps this rank's receive memory ({} bytes at {b:#x}), which holds the partials being summed",
+                out.len(),
+                r.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Writes the header (and a side block still to be copied) into send
@@ -586,6 +622,48 @@ impl AttentionRank {
         })
     }
 
+    /// Enqueues on the caller's CUDA stream `stream` a wait for every FFN
+    /// rank's combine of `handle`: work enqueued after this call (kernels
+    /// reading [`Combined::partial_addr`]'s slots, one address per (stage,
+    /// FFN rank)) starts only once all partials have landed. The host does
+    /// not wait: `cuStreamWaitValue32` on a host-mapped flag the engine
+    /// raises when it counts the last combine, inside any call that
+    /// progresses this rank (`wait_combine`, `try_combine`, `dispatch`,
+    /// `progress`), so keep calling one and still take the combine
+    /// (`wait_combine` / `try_combine`) to free the stage. A combine that
+    /// can never complete (a lost FFN rank) lets the stream go when the
+    /// host sees the loss.
+    ///
+    /// CUDA graphs: the wait can be captured, but a replayed graph waits
+    /// for the sequence captured; call it outside capture, per dispatch.
+    /// `Unsupported` on a host rank or without CUDA.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and
+    /// this rank must outlive the wait (drop it only after the stream has
+    /// passed it).
+    pub unsafe fn wait_combine_on(&mut self, handle: DispatchHandle, stream: u64) -> Result<()> {
+        let MemoryKind::Cuda { device } = self.memory() else {
+            return Err(stream_wait::host_rank("wait_combine_on"));
+        };
+        self.st.check(handle)?;
+        let s = handle.stage as usize;
+        if self.st.flags.is_none() {
+            let stages = &self.st.stages;
+            self.st.flags = Some(StageFlags::new(device, self.st.layout.stages(), |s| {
+                stages.combined_through(s).unwrap_or(0)
+            })?);
+        }
+        let Some(f) = &self.st.flags else {
+            return Err(Error::Unsupported("wait_combine_on: no stage flags".into()));
+        };
+        if let Some(q) = self.st.stages.combined_through(s) {
+            f.raise(s, q);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { f.enqueue(s, stream, handle.seq.wrapping_add(1)) }
+    }
+
     /// Waits up to `timeout` for every FFN rank's combine of `handle`, and
     /// returns the partials. The stage is free for the next dispatch once
     /// the returned value is dropped.
@@ -620,6 +698,7 @@ impl AttentionRank {
     ) -> Result<usize> {
         self.st.check(handle)?;
         let need = self.st.sum_len(handle, dtype, out.len())?;
+        self.out_apart(out)?;
         let c = self.wait_combine(handle, timeout)?;
         c.sum_into(dtype, &mut out[..need])?;
         Ok(need)
@@ -635,7 +714,7 @@ impl AttentionRank {
         }
         if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
             // The combine can never complete: free the stage.
-            self.st.stages.abandon(s);
+            self.st.abandon(s);
             return Err(self.engine.lost_error(f));
         }
         Ok(None)
@@ -654,6 +733,7 @@ impl AttentionRank {
     ) -> Result<Option<usize>> {
         self.st.check(handle)?;
         self.st.sum_len(handle, dtype, out.len())?;
+        self.out_apart(out)?;
         self.progress()?;
         let s = handle.stage as usize;
         if self.st.stages.is_combined(s) {
@@ -663,10 +743,16 @@ impl AttentionRank {
         }
         if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
             // The combine can never complete: free the stage.
-            self.st.stages.abandon(s);
+            self.st.abandon(s);
             return Err(self.engine.lost_error(f));
         }
         Ok(None)
+    }
+
+    /// Whether `stage` may be dispatched now: it exists and its previous
+    /// dispatch (if any) was combined and the combine released.
+    pub fn stage_idle(&self, stage: u32) -> bool {
+        self.st.stages.is_idle(stage as usize)
     }
 
     /// Trace stamps of FFN rank `f`'s answer to the last combine taken on
@@ -698,7 +784,7 @@ impl AttentionRank {
                 }
                 if let Some(f) = engine.first_lost(st.stages.missing(s)) {
                     // The combine can never complete: free the stage.
-                    st.stages.abandon(s);
+                    st.abandon(s);
                     return Err(engine.lost_error(f));
                 }
                 waiting.get_or_insert(s);

@@ -42,8 +42,9 @@ use crate::transport::PollPolicy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TransportKind {
-    /// Per link: verbs when both ends have an active RDMA port that reaches
-    /// the other, else shm between ranks of one host, else tcp.
+    /// Per link: cuda between device memories of one host, else verbs
+    /// when both ends have an active RDMA port that reaches the other, else
+    /// shm between ranks of one host, else tcp.
     Auto,
     /// TCP sockets.
     Tcp,
@@ -51,18 +52,21 @@ pub enum TransportKind {
     Shm,
     /// RDMA verbs (every link must reach the peer's port).
     Verbs,
+    /// CUDA copy engines (device memory, every link on one host).
+    Cuda,
 }
 
 impl TransportKind {
-    /// Parses `auto`, `tcp`, `shm` or `verbs`.
+    /// Parses `auto`, `tcp`, `shm`, `verbs` or `cuda`.
     pub fn parse(s: &str) -> Result<TransportKind> {
         match s {
             "auto" => Ok(TransportKind::Auto),
             "tcp" => Ok(TransportKind::Tcp),
             "shm" => Ok(TransportKind::Shm),
             "verbs" => Ok(TransportKind::Verbs),
+            "cuda" => Ok(TransportKind::Cuda),
             _ => Err(Error::config(format!(
-                "transport {s:?}: expected auto, tcp, shm or verbs"
+                "transport {s:?}: expected auto, tcp, shm, verbs or cuda"
             ))),
         }
     }
@@ -75,6 +79,7 @@ impl std::fmt::Display for TransportKind {
             TransportKind::Tcp => "tcp",
             TransportKind::Shm => "shm",
             TransportKind::Verbs => "verbs",
+            TransportKind::Cuda => "cuda",
         })
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::layout::Layout;
+use super::stream_wait::{self, StageFlags};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
@@ -227,6 +228,8 @@ struct State {
     /// The messages of one respond, stamped before any is posted (kept to
     /// avoid an allocation per respond).
     msgs: Vec<SlotRef>,
+    /// Flags streams wait on ([`FfnRank::wait_batch_on`]); made on first use.
+    flags: Option<StageFlags>,
 }
 
 impl Sink for State {
@@ -242,14 +245,27 @@ impl Sink for State {
             post_ns: acc.header.post_ns,
             land_ns: at_ns,
         };
+        if let (true, Some(f)) = (acc.complete, &self.flags) {
+            f.raise(acc.stage, acc.header.sequence.wrapping_add(1));
+        }
         None
     }
 }
 
 impl State {
     /// The first attention rank that is lost while a stage still needs it.
+    /// Streams waiting for a batch that can no longer complete are let go
+    /// (their kernels then see a partial stage; the host sees the error).
     fn lost_needed(&self, engine: &Engine) -> Option<usize> {
-        engine.first_lost((0..self.layout.m).filter(|&a| self.stages.needs(a)))
+        let lost = engine.first_lost((0..self.layout.m).filter(|&a| self.stages.needs(a)));
+        if let (Some(_), Some(f)) = (lost, &self.flags) {
+            for s in 0..self.layout.stages() {
+                if let Some(q) = self.stages.next_batch(s) {
+                    f.raise(s, q.wrapping_add(1));
+                }
+            }
+        }
+        lost
     }
 
     fn take_complete(&mut self, region: &Arc<Region>) -> Option<Batch> {
@@ -282,6 +298,7 @@ impl FfnRank {
                 parts: vec![Part::default(); layout.stages() * layout.m],
                 spare: Vec::new(),
                 msgs: Vec::new(),
+                flags: None,
                 layout,
                 rank,
             },
@@ -493,6 +510,57 @@ impl FfnRank {
             });
         }
         self.respond_device(batch, outputs)
+    }
+
+    /// Enqueues on the caller's CUDA stream `stream` a wait for the next
+    /// batch of `stage` (the one [`FfnRank::get_batch`] hands out next for
+    /// that stage): work the caller enqueues after this call (the FFN
+    /// kernels reading [`Batch::tokens_addr`]'s slots, which stay at one
+    /// address per (stage, attention rank)) starts only once every linked
+    /// attention rank's data of that batch has landed. The host does not
+    /// wait: the wait is `cuStreamWaitValue32` on a flag in host-mapped
+    /// memory that the engine raises the moment it counts the stage's last
+    /// arrival, which happens inside any call that progresses this rank
+    /// (`get_batch`, `try_get_batch`, `progress`), so keep calling one. If
+    /// a needed attention rank is lost, the call that reports it lets the
+    /// waiting streams go (their kernels then read a partial stage).
+    ///
+    /// CUDA graphs: the wait may be captured (`cuStreamWaitValue32` is a
+    /// stream memory operation), but a replayed graph waits for the
+    /// sequence captured; so call it outside capture, once per batch.
+    /// `Unsupported` on a host rank or without CUDA.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's device (or 0), and
+    /// this rank must outlive the wait: drop it only after the stream has
+    /// passed the wait (e.g. after `cuStreamSynchronize`).
+    pub unsafe fn wait_batch_on(&mut self, stage: u32, stream: u64) -> Result<()> {
+        let MemoryKind::Cuda { device } = self.memory() else {
+            return Err(stream_wait::host_rank("wait_batch_on"));
+        };
+        let s = stage as usize;
+        let Some(next) = self.st.stages.next_batch(s) else {
+            return Err(Error::InvalidArgument(format!(
+                "wait_batch_on: stage {stage} of {}",
+                self.st.layout.stages()
+            )));
+        };
+        if self.st.flags.is_none() {
+            let stages = &self.st.stages;
+            self.st.flags = Some(StageFlags::new(device, self.st.layout.stages(), |s| {
+                stages.complete_through(s).unwrap_or(0)
+            })?);
+        }
+        let Some(f) = &self.st.flags else {
+            return Err(Error::Unsupported("wait_batch_on: no stage flags".into()));
+        };
+        // Stages that completed since the flag was last raised (peers of
+        // none) are raised here; then the stream waits for `next`.
+        if let Some(q) = self.st.stages.complete_through(s) {
+            f.raise(s, q);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { f.enqueue(s, stream, next.wrapping_add(1)) }
     }
 
     /// What memory this rank's stage buffers are (host, or a GPU's).
@@ -714,5 +782,47 @@ impl FfnRank {
     pub fn shutdown(mut self) -> Result<()> {
         self.engine.shutdown();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::transport::sim::SimNetwork;
+    use crate::transport::{MemoryKind, Region};
+    use crate::{sim_mesh_in, StageSpec};
+
+    /// A receive region with a host header mirror (what the cuda backend
+    /// sets up) can also be written by a backend that does not fill the
+    /// mirror (verbs with GPUDirect): those peers' headers are read from
+    /// the region itself, not from the (stale) mirror.
+    #[test]
+    fn headers_of_peers_without_a_mirror_are_read_from_the_region() {
+        let net = SimNetwork::new(11);
+        net.set_auto(true);
+        net.set_device_stand_in(true);
+        let spec = StageSpec {
+            stages: 1,
+            max_tokens: 2,
+            row_bytes: 8,
+            out_row_bytes: 8,
+            side_bytes: 0,
+        };
+        let gpu = MemoryKind::Cuda { device: 0 };
+        let (mut attn, mut ffn) = sim_mesh_in(&net, 1, 1, spec, gpu).unwrap();
+        let region = ffn[0].receive_region().clone();
+        // An all-zero mirror: a header read from it would be refused.
+        let mirror = Arc::new(Region::alloc(region.len()).unwrap());
+        assert!(region.set_mirror(mirror));
+        let h = attn[0].dispatch(0, &[9u8; 16], &[]).unwrap();
+        let b = ffn[0].get_batch(Duration::from_secs(2)).unwrap();
+        assert_eq!(b.token_count(0), 2);
+        let mut rows = [0u8; 16];
+        assert_eq!(b.copy_tokens(0, &mut rows).unwrap(), 16);
+        assert_eq!(rows, [9u8; 16]);
+        ffn[0].respond(b, &[&[1u8; 16]]).unwrap();
+        attn[0].wait_combine(h, Duration::from_secs(2)).unwrap();
     }
 }

@@ -277,6 +277,7 @@ impl Mesh {
             TransportKind::Tcp => name == "tcp",
             TransportKind::Shm => name == "shm",
             TransportKind::Verbs => name == "verbs",
+            TransportKind::Cuda => name == "cuda",
         };
         // Caller memory stays where it is (shm peers reach it by
         // cross-memory attach); else a backend may host the receive region.

@@ -8,6 +8,7 @@ mod ffn;
 mod layout;
 mod mesh;
 pub mod reduce;
+mod stream_wait;
 
 pub use crate::engine::RankStats;
 pub use attention::{AttentionRank, Combined, DispatchHandle, Trace};

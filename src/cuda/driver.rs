@@ -16,7 +16,7 @@
 //! so we would have to probe with our own `dlopen` first anyway. Here the
 //! probe *is* the loader: one table of function pointers, filled once.
 //! Entry points only newer drivers have (`cuMemGetHandleForAddressRange`,
-//! `cuDeviceGetUuid_v2`) are optional: absent, only their feature is
+//! `cuDeviceGetUuid_v2`, `cuStreamWaitValue32_v2`) are optional: absent, only their feature is
 //! unsupported.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
@@ -65,6 +65,10 @@ pub const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
 pub const CU_MEMORYTYPE_DEVICE: c_uint = 2;
 /// `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`.
 pub const CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD: c_int = 1;
+/// `CU_STREAM_WAIT_VALUE_GEQ`.
+pub const CU_STREAM_WAIT_VALUE_GEQ: c_uint = 0;
+/// `CU_MEMHOSTALLOC_DEVICEMAP`.
+pub const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 2;
 /// `CU_MEMHOSTALLOC_PORTABLE`.
 pub const CU_MEMHOSTALLOC_PORTABLE: c_uint = 1;
 
@@ -139,11 +143,13 @@ driver_table! {
         event_elapsed_time = "cuEventElapsedTime": fn(*mut f32, CuEvent, CuEvent);
         mem_host_alloc = "cuMemHostAlloc": fn(*mut *mut c_void, usize, c_uint);
         mem_free_host = "cuMemFreeHost": fn(*mut c_void);
+        mem_host_get_device_pointer = "cuMemHostGetDevicePointer_v2": fn(*mut CuDevicePtr, *mut c_void, c_uint);
     }
     optional {
         get_error_name = "cuGetErrorName": fn(CuResult, *mut *const c_char);
         device_get_uuid_v2 = "cuDeviceGetUuid_v2": fn(*mut [u8; 16], CuDevice);
         device_get_uuid = "cuDeviceGetUuid": fn(*mut [u8; 16], CuDevice);
+        stream_wait_value32 = "cuStreamWaitValue32_v2": fn(CuStream, CuDevicePtr, u32, c_uint);
         mem_get_handle_for_address_range = "cuMemGetHandleForAddressRange": fn(*mut c_void, CuDevicePtr, usize, c_int, u64);
     }
 }

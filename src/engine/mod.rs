@@ -72,6 +72,9 @@ struct PeerLink {
     /// Whether it was dropped for sending a corrupt message (a checksum
     /// that did not match): its error is `BadFrame`, not `PeerLost`.
     corrupt: bool,
+    /// Whether its link's backend also puts headers in the receive
+    /// region's host mirror (cuda); else headers are read from the region.
+    mirrored: bool,
 }
 
 /// Where the peers' messages land: one slot per (stage, peer), the slot of
@@ -138,21 +141,23 @@ impl Engine {
         for (i, p) in peers.iter().enumerate() {
             link_to_peer[p.1] = Some(i);
         }
+        let peers: Vec<PeerLink> = peers
+            .into_iter()
+            .map(|(peer, link, key)| PeerLink {
+                peer,
+                link,
+                key,
+                stats: PeerStats::default(),
+                orderly: false,
+                corrupt: false,
+                mirrored: transport.caps_of(link).is_some_and(|c| c.header_mirror),
+            })
+            .collect();
         Engine {
             transport,
             send_key,
             backlog: Vec::new(),
-            peers: peers
-                .into_iter()
-                .map(|(peer, link, key)| PeerLink {
-                    peer,
-                    link,
-                    key,
-                    stats: PeerStats::default(),
-                    orderly: false,
-                    corrupt: false,
-                })
-                .collect(),
+            peers,
             link_to_peer,
             completions: Vec::with_capacity(64),
             geometry,
@@ -407,11 +412,19 @@ impl Engine {
     /// Judges peer `peer`'s arrival announced by `imm`.
     fn arrival<S: Sink>(&mut self, peer: usize, imm: Imm, landed: u64, sink: &mut S) {
         let (region, slot, peers) = (&self.recv.region, self.recv.slot, self.peers.len());
+        let mirrored = self.peers.get(peer).is_some_and(|p| p.mirrored);
         // The header is copied out with volatile reads: the slot is
-        // peer-written memory, and a replay may be landing on it.
+        // peer-written memory, and a replay may be landing on it. A device
+        // region's host mirror holds it only where the peer's backend
+        // writes the mirror (cuda); a verbs peer's header is on the device.
         let read = |stage: usize| {
             let mut h = [0u8; HEADER_LEN];
-            region.copy_header((stage * peers + peer) * slot, &mut h)?;
+            let at = (stage * peers + peer) * slot;
+            if mirrored {
+                region.copy_header(at, &mut h)?;
+            } else {
+                region.copy_out(at, &mut h)?;
+            }
             Ok(h)
         };
         let base = (usize::from(imm.stage) * peers + peer) * slot;

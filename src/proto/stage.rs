@@ -334,6 +334,16 @@ impl AttentionStages {
         }
     }
 
+    /// How many dispatches of `stage` have all their combines: every one
+    /// with a smaller sequence has. What a stream waiting for a combine
+    /// compares against.
+    pub fn combined_through(&self, stage: usize) -> Option<u32> {
+        self.stages.get(stage).map(|s| match s.state {
+            AState::Combined { .. } => s.seq.wrapping_add(1),
+            _ => s.seq,
+        })
+    }
+
     /// Whether `stage` may be dispatched now (it exists and is idle).
     pub fn is_idle(&self, stage: usize) -> bool {
         self.stages
@@ -475,6 +485,23 @@ impl FfnStages {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// How many batches of `stage` were complete: every one with a
+    /// smaller sequence was.
+    pub fn complete_through(&self, stage: usize) -> Option<u32> {
+        self.stages.get(stage).map(|s| match s.state {
+            FState::Collecting => s.seq,
+            FState::Complete | FState::HandedOut => s.seq.wrapping_add(1),
+        })
+    }
+
+    /// The sequence of the next batch of `stage` that `hand_out` will give.
+    pub fn next_batch(&self, stage: usize) -> Option<u32> {
+        self.stages.get(stage).map(|s| match s.state {
+            FState::Collecting | FState::Complete => s.seq,
+            FState::HandedOut => s.seq.wrapping_add(1),
+        })
     }
 
     /// The complete stage that is oldest by (sequence, stage), if any.
@@ -659,5 +686,31 @@ mod tests {
             f.respond(1, round);
             probe(&f);
         }
+    }
+
+    #[test]
+    fn counts_of_complete_batches_and_combines_follow_the_stages() {
+        let mut f = FfnStages::new(2, 2);
+        assert_eq!((f.complete_through(1), f.next_batch(1)), (Some(0), Some(0)));
+        assert_eq!(f.on_dispatch(1, 0, 0, 3), Ok(false));
+        assert_eq!(f.complete_through(1), Some(0));
+        assert_eq!(f.on_dispatch(1, 1, 0, 3), Ok(true));
+        assert_eq!((f.complete_through(1), f.next_batch(1)), (Some(1), Some(0)));
+        assert!(f.hand_out(1).is_some());
+        assert_eq!((f.complete_through(1), f.next_batch(1)), (Some(1), Some(1)));
+        assert!(f.respond(1, 0));
+        assert_eq!((f.complete_through(1), f.next_batch(1)), (Some(1), Some(1)));
+        assert_eq!((f.complete_through(0), f.next_batch(0)), (Some(0), Some(0)));
+        assert_eq!(f.complete_through(2), None);
+
+        let mut a = AttentionStages::new(1, 1);
+        assert_eq!(a.combined_through(0), Some(0));
+        assert_eq!(a.dispatch(0, 4), Some(0));
+        assert_eq!(a.combined_through(0), Some(0));
+        assert_eq!(a.on_combine(0, 0, 0, 4), Ok(true));
+        assert_eq!(a.combined_through(0), Some(1));
+        assert!(a.finish(0));
+        assert_eq!(a.combined_through(0), Some(1));
+        assert_eq!(a.combined_through(1), None);
     }
 }

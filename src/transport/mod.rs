@@ -141,6 +141,10 @@ pub struct Caps {
     /// The library itself copies the payload (shm, sim) rather than a
     /// kernel or NIC moving it (tcp, verbs).
     pub copies: bool,
+    /// Each write's header also lands in the target region's host mirror
+    /// (cuda): the target reads headers there instead of from the device.
+    /// Writers without it (verbs into device memory) are read on the device.
+    pub header_mirror: bool,
 }
 
 impl Caps {

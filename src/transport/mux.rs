@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use super::shm::sys::{poll_ready, FdWatcher};
 use super::{
-    Access, Backend, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, PeerSpec,
-    PollPolicy, Region, RegionKey, Transport, Wake,
+    Access, Backend, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, MemoryKind,
+    PeerSpec, PollPolicy, Region, RegionKey, Transport, Wake,
 };
 use crate::error::{Error, Result};
 
@@ -84,18 +84,44 @@ impl Mux {
 
     /// Registers `region` with every backend that moves its kind of memory;
     /// the mux's local key names it in [`Mux::post_write`]. An error if no
-    /// backend can move it.
+    /// backend can move it. Device memory that one of several backends
+    /// cannot register (verbs on a host without GPUDirect RDMA) takes that
+    /// backend out of the mux, logged, so its links go to the others; call
+    /// this before the first link and before publishing endpoints.
     pub fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<LocalKey> {
         let kind = region.kind();
         let mut keys = Vec::with_capacity(self.backends.len());
-        for b in &mut self.backends {
+        let mut refused = Vec::new();
+        for (i, b) in self.backends.iter_mut().enumerate() {
             keys.push(if b.caps().moves(kind) {
-                Some(b.register(region, access)?.local)
+                match b.register(region, access) {
+                    Ok(r) => Some(r.local),
+                    Err(e) if kind != MemoryKind::Host && self.routes.is_empty() => {
+                        refused.push((i, e));
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             } else {
                 None
             });
         }
         if keys.iter().all(Option::is_none) {
+            if let Some((_, e)) = refused.pop() {
+                // The only candidate refused it: that error is the reason.
+                if refused.is_empty() {
+                    return Err(e);
+                }
+                let mut why: Vec<String> = refused
+                    .iter()
+                    .map(|(i, e)| format!("{}: {e}", self.backends[*i].name()))
+                    .collect();
+                why.push(e.to_string());
+                return Err(Error::Unsupported(format!(
+                    "no transport of this rank registers {kind}: {}",
+                    why.join("; ")
+                )));
+            }
             let names: Vec<&str> = self.backends.iter().map(|b| b.name()).collect();
             return Err(Error::Unsupported(format!(
                 "no transport of this rank ({}) moves {kind}",
@@ -103,6 +129,17 @@ impl Mux {
             )));
         }
         self.locals.push(keys);
+        for (i, e) in refused.into_iter().rev() {
+            tracing::warn!(
+                "transport {} cannot register {kind}, links will use the others: {e}",
+                self.backends[i].name()
+            );
+            self.backends.remove(i);
+            self.back.remove(i);
+            for k in &mut self.locals {
+                k.remove(i);
+            }
+        }
         Ok(LocalKey((self.locals.len() - 1) as u32))
     }
 

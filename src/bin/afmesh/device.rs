@@ -117,6 +117,31 @@ pub fn run_attention(
     } else {
         None
     };
+    // --stream-ordered also checks the stream-enqueued wait: after each
+    // dispatch, a stream per stage waits for its combine
+    // (`wait_combine_on`) and copies the partial slots into echo buffers,
+    // which at checked layers must hold this layer's answers, not the
+    // previous layer's (the other parity). The next dispatch of the stage
+    // (after which its slots are written again) waits for the echo.
+    let (echo, waiters) = if ordered {
+        let dev = afmesh::cuda::Device::get(device)?;
+        (
+            (0..w.stages * n)
+                .map(|_| Region::alloc_device(device, (max * out_row).max(1)))
+                .collect::<afmesh::Result<Vec<_>>>()?,
+            (0..w.stages)
+                .map(|_| {
+                    Ok((
+                        afmesh::cuda::Stream::new(&dev)?,
+                        afmesh::cuda::Event::new(&dev, false)?,
+                    ))
+                })
+                .collect::<afmesh::Result<Vec<_>>>()?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut slots = vec![0u64; (w.stages * n) as usize];
     let mut handles = Vec::with_capacity(w.stages as usize);
     for layer in 0..w.layers() {
         handles.clear();
@@ -131,6 +156,12 @@ pub fn run_attention(
                     .dispatch_device(s, src.addr(), count as usize, &side)
                     .map_err(Into::into),
                 Some((stream, scratch)) => {
+                    if layer > 1 {
+                        // The slots' echo of the previous layer first.
+                        let (w_stream, done) = &waiters[s as usize];
+                        done.record(w_stream)?;
+                        stream.wait(done)?;
+                    }
                     let dst = &scratch[s as usize];
                     // SAFETY: both buffers are live device allocations of at
                     // least `count × row` bytes, kept for the whole run; the
@@ -157,6 +188,22 @@ pub fn run_attention(
                 }
             };
             let h = h.with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?;
+            if ordered && layer > 0 {
+                let (w_stream, _) = &waiters[s as usize];
+                // SAFETY: a live stream of this rank's device, synchronised
+                // before the rank is dropped.
+                unsafe { a.wait_combine_on(h, w_stream.raw() as u64) }
+                    .with_context(|| format!("A{me}: wait_combine_on stage {s}"))?;
+                let len = w.count(layer, s, me) as usize * out_row;
+                for f in 0..n {
+                    let k = (s * n + f) as usize;
+                    // SAFETY: the slot lies in the rank's registered
+                    // receive region, the echo is ours; the copy runs after
+                    // the combine landed (the wait above) and before the
+                    // stage's next dispatch (ordered after this stream).
+                    unsafe { w_stream.copy_async(echo[k].addr(), slots[k], len) }?;
+                }
+            }
             handles.push(h);
         }
         a.wait_all(&handles, w.timeout)
@@ -181,8 +228,25 @@ pub fn run_attention(
                 ));
                 continue;
             }
+            for f in 0..n {
+                slots[(s * n + f) as usize] = c.partial_addr(f as usize).unwrap_or(0);
+            }
             if !checked(w, layer) {
                 continue;
+            }
+            if ordered && layer > 0 {
+                waiters[s as usize].0.synchronize()?;
+                for f in 0..n {
+                    let len = count * out_row;
+                    echo[(s * n + f) as usize]
+                        .copy_out(0, &mut back[..len])
+                        .map_err(|e| anyhow::anyhow!("echo: {e}"))?;
+                    if back[..len] != pattern(out_seed(parity, s, me, f), len)[..] {
+                        bad(format!(
+                            "layer {layer} stage {s} F{f}: the stream did not wait for the combine (wait_combine_on)"
+                        ));
+                    }
+                }
             }
             for f in 0..n {
                 let got = c.copy_partial(f as usize, &mut back)?;
@@ -192,6 +256,9 @@ pub fn run_attention(
                 }
             }
         }
+    }
+    for (stream, _) in &waiters {
+        stream.synchronize()?;
     }
     Ok(rep)
 }
@@ -234,6 +301,36 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
     } else {
         None
     };
+    // --stream-ordered also checks the stream-enqueued wait: after each
+    // respond, the stream waits for the stage's next batch
+    // (`wait_batch_on`) and copies its input slots into echo buffers; at
+    // checked layers the echo must hold that batch's rows, not the
+    // previous layer's (the other parity), which it would if the stream
+    // had not waited for the data to land.
+    // The echo runs on a stream per stage (a stage's wait must not hold up
+    // the answers of the others), and each respond is ordered after its
+    // stage's echo by an event, so the slot is read before it is answered
+    // (and so written again).
+    let (echo, waiters) = if ordered {
+        let dev = afmesh::cuda::Device::get(device)?;
+        (
+            (0..w.stages as usize * m)
+                .map(|_| Region::alloc_device(device, (max * row).max(1)))
+                .collect::<afmesh::Result<Vec<_>>>()?,
+            (0..w.stages)
+                .map(|_| {
+                    Ok((
+                        afmesh::cuda::Stream::new(&dev)?,
+                        afmesh::cuda::Event::new(&dev, false)?,
+                    ))
+                })
+                .collect::<afmesh::Result<Vec<_>>>()?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut slots = vec![0u64; w.stages as usize * m];
+    let mut echoed = vec![false; w.stages as usize];
     let mut layer_of = vec![0u32; w.stages as usize];
     let mut input = vec![0u8; max * row];
     let mut side = [0u8; SIDE_BYTES as usize];
@@ -251,6 +348,29 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
             rep.errors += 1;
             rep.first_error.get_or_insert(what);
         };
+        if let (Some((stream, _)), true) = (&producer, echoed[s as usize]) {
+            // The answer (on `stream`) waits for the echo of its slots.
+            let (echo_stream, done) = &waiters[s as usize];
+            done.record(echo_stream)?;
+            stream.wait(done)?;
+            if checked(w, layer) {
+                echo_stream.synchronize()?;
+                for a in 0..m {
+                    let n = w.count(layer, s, a as u32) as usize * row;
+                    echo[s as usize * m + a]
+                        .copy_out(0, &mut input[..n])
+                        .map_err(|e| anyhow::anyhow!("echo: {e}"))?;
+                    if input[..n] != pattern(in_seed(parity, s, a as u32), n)[..] {
+                        bad(format!(
+                            "layer {layer} stage {s} A{a}: the stream did not wait for the batch (wait_batch_on)"
+                        ));
+                    }
+                }
+            }
+        }
+        for a in 0..m {
+            slots[s as usize * m + a] = b.tokens_addr(a).unwrap_or(0);
+        }
         for a in 0..m {
             let count = b.token_count(a);
             if count != w.count(layer, s, a as u32) as usize {
@@ -291,7 +411,37 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
             }
         };
         answered.with_context(|| format!("F{me}: respond stage {s}"))?;
+        if let (Some(_), true) = (&producer, layer + 1 < w.layers()) {
+            let (stream, _) = &waiters[s as usize];
+            // SAFETY: a live stream of this rank's device; the rank
+            // outlives it (the stream is synchronised below, before the
+            // rank is dropped).
+            unsafe { f.wait_batch_on(s, stream.raw() as u64) }
+                .with_context(|| format!("F{me}: wait_batch_on stage {s}"))?;
+            for a in 0..m {
+                let n = w.count(layer + 1, s, a as u32) as usize * row;
+                // SAFETY: the slot lies in the rank's registered receive
+                // region and the echo is ours; the copy runs after the
+                // stage's next batch landed (the wait above) and before
+                // this rank answers it (its respond is ordered after this
+                // stream), so no writer touches the slot meanwhile.
+                unsafe {
+                    stream.copy_async(
+                        echo[s as usize * m + a].addr(),
+                        slots[s as usize * m + a],
+                        n,
+                    )
+                }?;
+            }
+            echoed[s as usize] = true;
+        }
         rep.batches += 1;
+    }
+    if let Some((stream, _)) = &producer {
+        stream.synchronize()?;
+    }
+    for (stream, _) in &waiters {
+        stream.synchronize()?;
     }
     Ok(rep)
 }

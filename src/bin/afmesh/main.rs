@@ -345,7 +345,15 @@ fn run(args: &RunArgs) -> Result<()> {
     let rank = if on_gpu {
         let c = mesh.config();
         let role = c.role.context("--device cuda needs a role")?;
-        let dev = device::device_of(role, c.rank.unwrap_or(0), c.attention)?;
+        // The GPU follows the rank: without a rank every process would
+        // land on the same one.
+        let r = c.rank.context(
+            "--device cuda needs an explicit rank (--rank or AFMESH_RANK) to pick its GPU",
+        )?;
+        if args.work.caller_buffers {
+            anyhow::bail!("--caller-buffers is for host memory; with --device cuda the library allocates device buffers");
+        }
+        let dev = device::device_of(role, r, c.attention)?;
         match role {
             Role::Attention => afmesh::Rank::Attention(mesh.attention_on_device(spec, dev)?),
             Role::Ffn => afmesh::Rank::Ffn(mesh.ffn_on_device(spec, dev)?),

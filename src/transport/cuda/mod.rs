@@ -281,6 +281,7 @@ impl Transport for CudaTransport {
             max_message: u64::from(u32::MAX),
             window: WINDOW,
             copies: false,
+            header_mirror: true,
         }
     }
 

@@ -361,6 +361,7 @@ impl Transport for ShmTransport {
             max_message: u64::from(u32::MAX),
             window: segment::RING_CAP as usize,
             copies: true,
+            header_mirror: false,
         }
     }
 

@@ -473,6 +473,7 @@ impl Transport for SimTransport {
             max_message: u64::from(u32::MAX),
             window: n.window,
             copies: true,
+            header_mirror: false,
         }
     }
 

@@ -362,6 +362,7 @@ impl Transport for TcpTransport {
             max_message: u64::from(u32::MAX),
             window: TCP_WINDOW,
             copies: false,
+            header_mirror: false,
         }
     }
 

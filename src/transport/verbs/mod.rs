@@ -90,6 +90,9 @@ const RECV_TAG: u64 = 1 << 63;
 const NO_MSG: u16 = u16::MAX;
 
 /// A verbs call's failure, naming the call and what it was for.
+/// How long a post waits for a device send slot's fills.
+const FILL_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn verbs_err(call: &str, what: &str, errno: i32) -> Error {
     Error::io(
         format!("verbs: {call} ({what})"),
@@ -166,6 +169,9 @@ struct Qp {
     /// Unsignalled since the last signalled.
     run: u32,
 }
+
+/// Bound on waiting for an aborted link's posted work to flush.
+const ABORT_DRAIN: Duration = Duration::from_millis(200);
 
 /// A message in flight: its token and stripes not yet completed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -246,6 +252,11 @@ pub struct VerbsTransport {
     backlog: Vec<Completion>,
     /// When asynchronous events were last read.
     last_async: Instant,
+    /// Recorded on a device send region's fill stream before a post, so
+    /// the NIC reads the slot only after its fills (GPUDirect).
+    fill_event: Option<crate::cuda::Event>,
+    /// Registrations made by [`VerbsTransport::register_dmabuf`].
+    loose: Vec<*mut ibv_mr>,
 }
 
 impl std::fmt::Debug for VerbsTransport {
@@ -306,6 +317,8 @@ impl VerbsTransport {
             idle_polls: 0,
             backlog: Vec::new(),
             last_async: Instant::now(),
+            fill_event: None,
+            loose: Vec::new(),
         };
         // Dropping `t` on an error below releases what was made.
         t.make(peers as usize)?;
@@ -622,6 +635,7 @@ impl VerbsTransport {
         imm: Option<u32>,
         msg: u16,
         force_signal: bool,
+        may_inline: bool,
     ) -> std::result::Result<(), i32> {
         let every = self.set.signal_every;
         let l = &mut self.links[link];
@@ -638,7 +652,7 @@ impl VerbsTransport {
         if signal {
             flags |= IBV_SEND_SIGNALED;
         }
-        if len > 0 && len <= u64::from(q.max_inline) {
+        if may_inline && len > 0 && len <= u64::from(q.max_inline) {
             flags |= IBV_SEND_INLINE;
         }
         let pos = q.head;
@@ -881,7 +895,7 @@ impl VerbsTransport {
                 let q = &self.links[link].qps[qi];
                 let uncovered = q.covered < q.head;
                 if uncovered || (probe && qi == 0) {
-                    match self.post(link, qi, &mut [], at, None, NO_MSG, true) {
+                    match self.post(link, qi, &mut [], at, None, NO_MSG, true, true) {
                         Ok(()) => self.counters.flushes += 1,
                         Err(libc::ENOMEM) => {}
                         Err(rc) => {
@@ -959,44 +973,186 @@ impl VerbsTransport {
         }
     }
 
-    /// Registers a dma-buf (device memory exported by its driver) for
-    /// verbs: the path GPU memory takes. The CUDA backend supplies the fd.
+    /// Registers `len` bytes at `offset` of dma-buf `fd` (device memory
+    /// exported by its driver, e.g. by `cuda::dmabuf`) with
+    /// `ibv_reg_dmabuf_mr`, addressed by peers as `iova`, writable by them
+    /// if `access` says so; returns its (lkey, rkey). The registration is
+    /// released with the transport. An error names the verb and errno.
+    /// (`Transport::register` of a CUDA region does this itself.)
     ///
     /// # Safety
-    /// `fd` is a dma-buf of at least `offset + len` bytes that stays valid
-    /// until the registration is dropped with the transport.
+    /// `fd` is a dma-buf of at least `offset + len` bytes, open for the
+    /// call (the MR holds its own reference to the buffer afterwards).
     pub unsafe fn register_dmabuf(
         &mut self,
         fd: i32,
         offset: u64,
         len: usize,
         iova: u64,
-    ) -> Result<u32> {
+        access: Access,
+    ) -> Result<(u32, u32)> {
+        // SAFETY: the caller's contract.
+        let mr = unsafe { self.reg_dmabuf_mr(fd, offset, len, iova, access) }?;
+        self.loose.push(mr);
+        // SAFETY: a live MR.
+        Ok(unsafe { ((*mr).lkey, (*mr).rkey) })
+    }
+
+    /// `ibv_reg_dmabuf_mr`; the caller owns the MR.
+    ///
+    /// # Safety
+    /// As [`VerbsTransport::register_dmabuf`].
+    unsafe fn reg_dmabuf_mr(
+        &mut self,
+        fd: i32,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access: Access,
+    ) -> Result<*mut ibv_mr> {
         let Some(f) = self.lib.ibv_reg_dmabuf_mr else {
             return Err(Error::Unsupported(format!(
                 "verbs: {} has no ibv_reg_dmabuf_mr (rdma-core 34 or newer needed for device memory)",
                 self.lib.from
             )));
         };
-        let access = (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE) as c_int;
+        let remote = if access == Access::RemoteWrite {
+            IBV_ACCESS_REMOTE_WRITE
+        } else {
+            0
+        };
+        let flags = (IBV_ACCESS_LOCAL_WRITE | remote) as c_int;
         // SAFETY: a live PD; the fd and range are the caller's contract.
-        let mr = unsafe { f(self.pd, offset, len, iova, fd, access) };
+        let mr = unsafe { f(self.pd, offset, len, iova, fd, flags) };
         if mr.is_null() {
             return Err(verbs_err(
                 "ibv_reg_dmabuf_mr",
-                &format!("dma-buf fd {fd}, {len} bytes"),
+                &format!("dma-buf fd {fd}, {len} bytes at offset {offset}"),
                 last_errno(),
             ));
         }
-        // SAFETY: a live MR.
-        let rkey = unsafe { (*mr).rkey };
-        Err(Error::Unsupported(format!(
-            "verbs: dma-buf region registered (rkey {rkey:#x}) but device regions are not yet wired into the mesh"
-        )))
-        .inspect_err(|_| {
-            // SAFETY: the MR made above, released once.
-            unsafe { (self.lib.ibv_dereg_mr)(mr) };
-        })
+        Ok(mr)
+    }
+
+    /// `ibv_reg_mr` of `len` bytes at `addr` (relaxed ordering asked for,
+    /// the plain call if the provider refuses it); the errno on failure.
+    fn reg_mr(
+        &self,
+        addr: u64,
+        len: usize,
+        access: Access,
+    ) -> std::result::Result<*mut ibv_mr, i32> {
+        let lib = self.lib;
+        let remote = if access == Access::RemoteWrite {
+            IBV_ACCESS_REMOTE_WRITE
+        } else {
+            0
+        };
+        let base = (IBV_ACCESS_LOCAL_WRITE | remote) as c_int;
+        let p = addr as *mut c_void;
+        // Relaxed ordering is optional: a provider that does not know it
+        // must ignore it; one that refuses it gets the plain call.
+        let relaxed = base | IBV_ACCESS_RELAXED_ORDERING as c_int;
+        // SAFETY: the caller's region is valid for `len` bytes for as long
+        // as the MR lives (the `Mr` keeps an `Arc` of it).
+        let mut mr = unsafe {
+            match lib.ibv_reg_mr_iova2 {
+                Some(f) => f(self.pd, p, len, addr, relaxed as u32),
+                None => (lib.ibv_reg_mr)(self.pd, p, len, relaxed),
+            }
+        };
+        if mr.is_null() {
+            // SAFETY: as above.
+            mr = unsafe { (lib.ibv_reg_mr)(self.pd, p, len, base) };
+        }
+        if mr.is_null() {
+            Err(last_errno())
+        } else {
+            Ok(mr)
+        }
+    }
+
+    /// Registers CUDA device memory for GPUDirect RDMA: the allocation
+    /// exported as a dma-buf (`cuMemGetHandleForAddressRange`) and
+    /// registered by `ibv_reg_dmabuf_mr`; where either refuses, `ibv_reg_mr`
+    /// on the device pointer (which works with nvidia-peermem loaded).
+    /// Without CUDA the error is CUDA's.
+    fn reg_device(&mut self, region: &Region, device: i32, access: Access) -> Result<*mut ibv_mr> {
+        let addr = region.addr();
+        let len = region.len().max(1);
+        let what = format!("{len} bytes of CUDA device {device} memory at {addr:#x}");
+        if let Err(e) = crate::cuda::driver() {
+            return Err(Error::Unsupported(format!(
+                "verbs: cannot register {what} for GPUDirect RDMA: {e}"
+            )));
+        }
+        let dmabuf = match crate::cuda::dmabuf(addr, len) {
+            Ok(buf) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: `buf.fd` is the dma-buf of the whole allocation
+                // (`buf.len` bytes) holding `[addr, addr + len)`, open
+                // until `buf` drops after the call.
+                match unsafe {
+                    self.reg_dmabuf_mr(buf.fd.as_raw_fd(), buf.offset, len, addr, access)
+                } {
+                    Ok(mr) => return Ok(mr),
+                    Err(e) => e.to_string(),
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        match self.reg_mr(addr, len, access) {
+            Ok(mr) => {
+                tracing::info!(
+                    "verbs: {what} registered by ibv_reg_mr on the device pointer (nvidia-peermem); dma-buf refused: {dmabuf}"
+                );
+                Ok(mr)
+            }
+            Err(errno) => Err(Error::Unsupported(format!(
+                "verbs: cannot register {what} for GPUDirect RDMA: dma-buf: {dmabuf}; ibv_reg_mr on the device pointer (nvidia-peermem): {}",
+                std::io::Error::from_raw_os_error(errno)
+            ))),
+        }
+    }
+
+    /// Waits (spin, then 20 µs sleeps, at most [`FILL_TIMEOUT`]) until the
+    /// fills enqueued so far on `region`'s fill stream are done.
+    fn wait_fills(&mut self, region: &Region) -> Result<()> {
+        let fill = region.fill_stream();
+        let MemoryKind::Cuda { device } = region.kind() else {
+            return Ok(());
+        };
+        if fill.is_null() {
+            return Ok(());
+        }
+        if self.fill_event.is_none() {
+            self.fill_event = Some(crate::cuda::Event::new(
+                &crate::cuda::Device::get(device)?,
+                false,
+            )?);
+        }
+        let Some(e) = &self.fill_event else {
+            return Ok(());
+        };
+        // SAFETY: the region's own live stream, of `device`.
+        unsafe { e.record_raw(fill) }?;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !e.done()? {
+            if spins < 256 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else if start.elapsed() > FILL_TIMEOUT {
+                return Err(Error::Timeout {
+                    op: "verbs: CUDA fills of a send slot",
+                    peer: format!("CUDA device {device}"),
+                    after: start.elapsed(),
+                });
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        Ok(())
     }
 
     /// The device and port in use (`mlx5_0:1`), for logs and the bench.
@@ -1024,20 +1180,17 @@ impl Transport for VerbsTransport {
     fn caps(&self) -> Caps {
         Caps {
             host: true,
-            cuda: false,
+            // GPUDirect RDMA: registration says whether this host can.
+            cuda: true,
             ordered: false,
             max_message: u64::from(self.dev.port_attr.max_msg_sz),
             window: VERBS_WINDOW,
             copies: false,
+            header_mirror: false,
         }
     }
 
     fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
-        if let MemoryKind::Cuda { .. } = region.kind() {
-            return Err(Error::Unsupported(
-                "verbs: CUDA device memory registers through ibv_reg_dmabuf_mr, which the CUDA backend provides (not in this build)".into(),
-            ));
-        }
         if self.connected {
             if access == Access::RemoteWrite {
                 return Err(Error::Unsupported(
@@ -1046,38 +1199,20 @@ impl Transport for VerbsTransport {
             }
             self.counters.registrations_after_setup += 1;
         }
-        let lib = self.lib;
-        let remote = if access == Access::RemoteWrite {
-            IBV_ACCESS_REMOTE_WRITE
-        } else {
-            0
-        };
-        let base = (IBV_ACCESS_LOCAL_WRITE | remote) as c_int;
         let addr = region.addr();
-        let len = region.len().max(1);
-        let p = addr as *mut c_void;
-        // Relaxed ordering is optional: a provider that does not know it
-        // must ignore it; one that refuses it gets the plain call.
-        let relaxed = base | IBV_ACCESS_RELAXED_ORDERING as c_int;
-        // SAFETY: the region's memory is valid for `len` bytes for as long
-        // as the region lives, which the `Arc` kept here guarantees.
-        let mut mr = unsafe {
-            match lib.ibv_reg_mr_iova2 {
-                Some(f) => f(self.pd, p, len, addr, relaxed as u32),
-                None => (lib.ibv_reg_mr)(self.pd, p, len, relaxed),
+        let mr = match region.kind() {
+            MemoryKind::Cuda { device } => self.reg_device(region, device, access)?,
+            MemoryKind::Host => {
+                self.reg_mr(addr, region.len().max(1), access)
+                    .map_err(|errno| {
+                        verbs_err(
+                            "ibv_reg_mr",
+                            &format!("{} bytes of {}", region.len(), region.kind()),
+                            errno,
+                        )
+                    })?
             }
         };
-        if mr.is_null() {
-            // SAFETY: as above.
-            mr = unsafe { (lib.ibv_reg_mr)(self.pd, p, len, base) };
-        }
-        if mr.is_null() {
-            return Err(verbs_err(
-                "ibv_reg_mr",
-                &format!("{} bytes of {}", region.len(), region.kind()),
-                last_errno(),
-            ));
-        }
         // SAFETY: a live MR.
         let (lkey, rkey) = unsafe { ((*mr).lkey, (*mr).rkey) };
         let id = self.mrs.len() as u32;
@@ -1178,11 +1313,16 @@ impl Transport for VerbsTransport {
                     ))
                 })?;
             let theirs_at = p.my_rank as usize * ep.qps;
-            let theirs = ep
-                .qpn_psn
-                .get(theirs_at..theirs_at + n)
-                .ok_or_else(|| bad(format!("no queue pairs for rank {}", p.my_rank)))?
-                .to_vec();
+            let theirs = match ep.qpn_psn.get(theirs_at..theirs_at + n) {
+                Some(t) => t.to_vec(),
+                None => {
+                    // Ours were taken for this peer: do not leak them.
+                    for q in &mine {
+                        self.destroy_qp(q);
+                    }
+                    return Err(bad(format!("no queue pairs for rank {}", p.my_rank)));
+                }
+            };
             let (use_now, extra): (Vec<Qp>, Vec<Qp>) = {
                 let mut v = mine;
                 let rest = v.split_off(n);
@@ -1248,6 +1388,7 @@ impl Transport for VerbsTransport {
             )));
         }
         let mut sg = [ibv_sge::default(); MAX_SGE];
+        let mut device = false;
         for (i, s) in src.iter().enumerate() {
             let m = self.mrs.get(s.key.0 as usize).ok_or_else(|| {
                 Error::InvalidArgument(format!("local key {} is not registered", s.key.0))
@@ -1259,11 +1400,25 @@ impl Transport for VerbsTransport {
                     need: s.offset.saturating_add(s.len) as usize,
                     got: m.region.len(),
                 })?;
+            device |= m.region.on_device();
             sg[i] = ibv_sge {
                 addr: m.addr + s.offset,
                 length: s.len as u32,
                 lkey: m.lkey,
             };
+        }
+        if device {
+            // GPUDirect: the NIC reads device memory, so the slot's fills
+            // (enqueued on its region's fill stream) must be done first,
+            // and the CPU must not copy it inline.
+            let r = src
+                .iter()
+                .filter_map(|s| self.mrs.get(s.key.0 as usize))
+                .find(|m| m.region.on_device())
+                .map(|m| m.region.clone());
+            if let Some(r) = r {
+                self.wait_fills(&r)?;
+            }
         }
         let l = &mut self.links[link];
         let Some(slot) = l.free.pop() else {
@@ -1292,6 +1447,7 @@ impl Transport for VerbsTransport {
                 imm,
                 slot,
                 false,
+                !device,
             )
             .map(|_| 1)
         } else {
@@ -1314,6 +1470,7 @@ impl Transport for VerbsTransport {
                     Some(imm.unwrap_or(0)),
                     slot,
                     false,
+                    !device,
                 ) {
                     Ok(()) => posted += 1,
                     Err(e) => {
@@ -1421,7 +1578,7 @@ impl Transport for VerbsTransport {
             let Some(at) = self.links[link].probe_at else {
                 continue;
             };
-            let _ = self.post(link, 0, &mut [], at, Some(0), NO_MSG, true);
+            let _ = self.post(link, 0, &mut [], at, Some(0), NO_MSG, true, true);
         }
         // The goodbyes leave when their completions come (bounded).
         let deadline = Instant::now() + Duration::from_millis(200);
@@ -1446,6 +1603,29 @@ impl Transport for VerbsTransport {
         if let Some(l) = self.links.get_mut(link) {
             l.down = true;
             self.fail_qps(link);
+        }
+        // The caller hands this link's send slots back next: the NIC must
+        // be done with them. Every work request still posted flushes (an
+        // error completion for each, signalled or not); reap until they
+        // have, completions kept for the next progress, bounded.
+        let deadline = Instant::now() + ABORT_DRAIN;
+        let drained = |t: &VerbsTransport| {
+            t.links
+                .get(link)
+                .is_none_or(|l| l.qps.iter().all(|q| q.tail >= q.head))
+        };
+        let mut out = std::mem::take(&mut self.backlog);
+        while !drained(self) && Instant::now() < deadline {
+            if self.poll_once(&mut out) == 0 {
+                std::thread::yield_now();
+            }
+        }
+        self.backlog = out;
+        if !drained(self) {
+            tracing::warn!(
+                "verbs: work to {} not flushed within {ABORT_DRAIN:?} of the abort",
+                self.links[link].peer
+            );
         }
     }
 
@@ -1491,6 +1671,9 @@ impl Drop for VerbsTransport {
             }
             for m in &self.mrs {
                 (lib.ibv_dereg_mr)(m.mr);
+            }
+            for &mr in &self.loose {
+                (lib.ibv_dereg_mr)(mr);
             }
             if !self.pd.is_null() {
                 (lib.ibv_dealloc_pd)(self.pd);
