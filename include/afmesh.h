@@ -53,7 +53,7 @@
 
 /* The first element of an afmesh_peer_stats array passed to
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
-#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
+#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
 
 /**
  * Version of [`afmesh_config`] this library knows (2 added
@@ -482,6 +482,13 @@ typedef struct afmesh_peer_stats {
    * response being posted. Empty on attention ranks.
    */
   struct afmesh_latency ffn;
+  /**
+   * Attention ranks, the straggler record: each time this FFN rank's
+   * combine was the last of a stage to arrive, how long after the one
+   * before it (`count`: the stages it held up). Empty on FFN ranks and
+   * with a single FFN rank.
+   */
+  struct afmesh_latency straggler;
 } afmesh_peer_stats;
 
 /**

@@ -58,8 +58,10 @@ pub mod bootstrap;
 pub mod cuda;
 mod engine;
 pub mod error;
+pub mod metrics;
 pub mod proto;
 mod sync;
+pub mod trace;
 pub mod transport;
 
 pub use api::{
@@ -67,6 +69,6 @@ pub use api::{
     Dtype, FfnRank, Mesh, MeshConfig, Rank, RankStats, RespondError, StageSpec, Trace,
     TransportKind,
 };
-pub use engine::{Histogram, Interrupter, PeerStats};
+pub use engine::{Histogram, Interrupter, PeerStats, Straggler};
 pub use error::{Error, Peer, Result};
 pub use proto::Role;

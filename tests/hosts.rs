@@ -378,3 +378,88 @@ fn a_two_host_run_ends_with_one_job_summary() {
     assert!(s["slowest"].as_str().unwrap().starts_with('A'), "{json}");
     assert_eq!(s["silent"].as_array().unwrap().len(), 0, "{json}");
 }
+
+/// Traces across "hosts": an attention rank on one, two FFN ranks on the
+/// other, each tracing. Every rank estimated its clock against the
+/// scheduler's, and the merged trace is causal across hosts: no dispatch
+/// lands before it was posted, no combine is seen before it was answered.
+#[test]
+fn traces_from_two_hosts_merge_onto_one_causal_clock() {
+    let Some(h) = Hosts::new() else { return };
+    let dir = std::env::temp_dir().join(format!("afmesh-hosts-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cmd = afmesh();
+    cmd.env("AFMESH_TOKEN", TOKEN)
+        .args(["scheduler", "--bind", &format!("{}:0", h.ip[0])]);
+    let _sched = Proc::spawn("scheduler", h.on(0, &cmd));
+    let line = _sched.wait_line(Duration::from_secs(10), |l| l.contains("listening on"));
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    let layers = 40u64;
+    let mut ranks = Vec::new();
+    for (role, r, host) in [("ffn", 0, 1), ("ffn", 1, 1), ("attention", 0, 0)] {
+        let mut c = afmesh();
+        c.env("AFMESH_TOKEN", TOKEN)
+            .env("AFMESH_JOB", format!("trace-{}", std::process::id()))
+            .env("AFMESH_HOST_ID", format!("host{host}"))
+            .env("AFMESH_TRACE", &dir)
+            .args(["run", "--role", role, "--scheduler", &addr])
+            .args(["--rank", &r.to_string(), "--attention", "1", "--ffn", "2"])
+            .args(["--tokens", "4", "--hidden", "64", "--stages", "2"])
+            .args(["--iters", &(layers - 2).to_string(), "--warmup", "2"]);
+        ranks.push(Proc::spawn(
+            &format!("{role} {r} on host {host}"),
+            h.on_own_shm(host, &c),
+        ));
+    }
+    for p in ranks.iter_mut() {
+        let st = p.wait_exit(Duration::from_secs(60));
+        assert!(st.success(), "{}:\n{}", p.name, p.output());
+    }
+    let out = dir.join("merged.json");
+    let mut m = afmesh();
+    m.args(["trace", "merge"]).arg(&dir).arg("-o").arg(&out);
+    let mut p = Proc::spawn("merge", m);
+    assert!(
+        p.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        p.output()
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let clocks = v["otherData"]["afmesh_merge"]["clocks"].as_array().unwrap();
+    assert_eq!(clocks.len(), 3, "{v}");
+    for c in clocks {
+        assert_eq!(c["rounds"], 8, "{c}");
+    }
+    // (pid, tid, stage, seq) -> (ts, dur) of every message span.
+    let mut spans = std::collections::BTreeMap::new();
+    for e in v["traceEvents"].as_array().unwrap() {
+        if e["cat"] == "message" {
+            let k = (
+                e["pid"].as_u64().unwrap(),
+                e["tid"].as_u64().unwrap(),
+                e["args"]["stage"].as_u64().unwrap(),
+                e["args"]["seq"].as_u64().unwrap(),
+            );
+            spans.insert(k, (e["ts"].as_f64().unwrap(), e["dur"].as_f64().unwrap()));
+        }
+    }
+    assert_eq!(spans.len() as u64, layers * 2 * 2 * 2);
+    for f in 0..2u64 {
+        for stage in 0..2 {
+            for seq in 0..layers {
+                let (post, round) = spans[&(1, f + 1, stage, seq)];
+                let (land, held) = spans[&(1_000_001 + f, 1, stage, seq)];
+                assert!(
+                    land >= post,
+                    "F{f} stage {stage} seq {seq}: land {land} < post {post}"
+                );
+                assert!(
+                    land + held <= post + round,
+                    "F{f} stage {stage} seq {seq}: seen before answered"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

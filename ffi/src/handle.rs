@@ -82,6 +82,11 @@ pub struct afmesh_peer_stats {
     /// FFN ranks: from this attention rank's dispatch landing to the
     /// response being posted. Empty on attention ranks.
     pub ffn: afmesh_latency,
+    /// Attention ranks, the straggler record: each time this FFN rank's
+    /// combine was the last of a stage to arrive, how long after the one
+    /// before it (`count`: the stages it held up). Empty on FFN ranks and
+    /// with a single FFN rank.
+    pub straggler: afmesh_latency,
 }
 
 /// A latency distribution in nanoseconds, from a histogram of bounded
@@ -196,6 +201,7 @@ fn write_stats(
             rejected: s.rejected,
             round_trip: afmesh_latency::of(&s.round_trip_ns),
             ffn: afmesh_latency::of(&s.ffn_ns),
+            straggler: afmesh_latency::of(&s.late_ns),
         };
         // SAFETY: `out` holds `cap >= n` elements of `stride` bytes, the
         // size the caller declared (contract), and at most `stride` bytes

@@ -43,7 +43,8 @@ fn hist<'py>(py: Python<'py>, h: &Histogram) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
-/// A rank's counters as a dict: `{"transport": str, "peers": [{...}]}`.
+/// A rank's counters as a dict: `{"transport": str, "peers": [{...}],
+/// "stragglers": [{...}]}`.
 pub fn stats_dict(py: Python<'_>, s: &RankStats) -> PyResult<Py<PyAny>> {
     let d = PyDict::new(py);
     d.set_item("transport", &s.transport)?;
@@ -59,9 +60,22 @@ pub fn stats_dict(py: Python<'_>, s: &RankStats) -> PyResult<Py<PyAny>> {
         e.set_item("lost", p.lost.clone())?;
         e.set_item("round_trip_ns", hist(py, &p.round_trip_ns)?)?;
         e.set_item("ffn_ns", hist(py, &p.ffn_ns)?)?;
+        e.set_item("late_ns", hist(py, &p.late_ns)?)?;
         peers.append(e)?;
     }
     d.set_item("peers", peers)?;
+    // Attention ranks: FFN ranks that answered stages last, most often
+    // first: {"peer", "count", "mean_late_ns", "max_late_ns"}.
+    let stragglers = PyList::empty(py);
+    for st in s.stragglers() {
+        let e = PyDict::new(py);
+        e.set_item("peer", st.peer.to_string())?;
+        e.set_item("count", st.count)?;
+        e.set_item("mean_late_ns", st.mean_late_ns)?;
+        e.set_item("max_late_ns", st.max_late_ns)?;
+        stragglers.append(e)?;
+    }
+    d.set_item("stragglers", stragglers)?;
     Ok(d.into_any().unbind())
 }
 

@@ -47,6 +47,9 @@ try:
         st = r.stats()
         assert [p["peer"] for p in st["peers"]] == ["F0", "F1"]
         assert all(p["received"] == rounds * S for p in st["peers"]), st
+        # Each stage of each round named the FFN rank that answered last.
+        assert sum(x["count"] for x in st["stragglers"]) == rounds * S, st
+        assert sum(p["late_ns"]["count"] for p in st["peers"]) == rounds * S, st
         r.shutdown()
     else:
         r = mesh.ffn(spec)

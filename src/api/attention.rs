@@ -98,9 +98,36 @@ struct State {
     traces: Vec<Trace>,
     /// Per stage: when its dispatch was posted.
     post_ns: Vec<u64>,
+    /// Per stage: the latest and the second-latest combine arrival of the
+    /// current dispatch, to name the straggler when the stage completes.
+    arrivals: Vec<Arrivals>,
+    /// The straggler of the stage the last arrival completed, for the
+    /// engine's stats.
+    straggler: Option<(usize, u64)>,
     /// Flags streams wait on ([`AttentionRank::wait_combine_on`]); made on
     /// first use.
     flags: Option<StageFlags>,
+}
+
+/// The two latest combine arrivals of a stage's dispatch.
+#[derive(Debug, Clone, Copy, Default)]
+struct Arrivals {
+    /// The latest: when, and from which FFN rank.
+    last: Option<(u64, usize)>,
+    /// The one before it.
+    before: Option<u64>,
+}
+
+impl Arrivals {
+    fn note(&mut self, at: u64, f: usize) {
+        match self.last {
+            Some((t, _)) if at < t => self.before = Some(self.before.map_or(at, |b| b.max(at))),
+            _ => {
+                self.before = self.last.map(|(t, _)| t);
+                self.last = Some((at, f));
+            }
+        }
+    }
 }
 
 impl State {
@@ -129,10 +156,23 @@ impl Sink for State {
             respond_ns: a.header.respond_ns,
             back_ns: at_ns,
         };
+        // The last FFN rank to answer held the stage up by the time since
+        // the one before it.
+        let arrivals = &mut self.arrivals[s];
+        arrivals.note(at_ns, f);
+        if a.complete {
+            if let (Some((last, who)), Some(before)) = (arrivals.last, arrivals.before) {
+                self.straggler = Some((who, last.saturating_sub(before)));
+            }
+            *arrivals = Arrivals::default();
+        }
         if let (true, Some(f)) = (a.complete, &self.flags) {
             f.raise(s, a.header.sequence.wrapping_add(1));
         }
         Some(at_ns.saturating_sub(post_ns))
+    }
+    fn take_straggler(&mut self) -> Option<(usize, u64)> {
+        self.straggler.take()
     }
 }
 
@@ -239,6 +279,8 @@ impl AttentionRank {
                 stages: AttentionStages::new(s, layout.n),
                 traces: vec![Trace::default(); s * layout.n],
                 post_ns: vec![0; s],
+                arrivals: vec![Arrivals::default(); s],
+                straggler: None,
                 flags: None,
                 layout,
                 rank,
@@ -493,6 +535,7 @@ impl AttentionRank {
             .ok_or(Error::StageBusy { stage })?;
         let post = now_ns();
         self.st.post_ns[s] = post;
+        self.st.arrivals[s] = Arrivals::default();
         let header = Header {
             kind: Kind::Dispatch,
             stage: stage as u8,
@@ -777,7 +820,8 @@ impl AttentionRank {
         self.engine.pump(Duration::ZERO, &mut self.st)
     }
 
-    /// Counters per FFN rank.
+    /// Counters per FFN rank, with how often each answered a stage last
+    /// ([`PeerStats::late_ns`](crate::PeerStats::late_ns)).
     pub fn stats(&self) -> RankStats {
         self.engine.stats()
     }

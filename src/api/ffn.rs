@@ -9,6 +9,7 @@ use super::stream_wait::{self, StageFlags};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
 use crate::proto::{Accepted, FfnStages, Header, Imm, Kind, HEADER_LEN};
+use crate::trace::Record;
 use crate::transport::slots::SlotRef;
 use crate::transport::{MemoryKind, Region};
 
@@ -659,9 +660,16 @@ impl FfnRank {
         let mut first_err = None;
         for (a, &msg) in msgs.iter().enumerate() {
             match self.engine.post(a, msg, offset, imm) {
-                Ok(()) => self
-                    .engine
-                    .record_ffn(a, respond.saturating_sub(batch.landed_ns(a))),
+                Ok(()) => self.engine.record_ffn(Record {
+                    peer: a as u32,
+                    stage: batch.stage,
+                    seq: batch.seq,
+                    post_ns: batch.posted_ns(a),
+                    land_ns: batch.landed_ns(a),
+                    process_ns: batch.process_ns,
+                    respond_ns: respond,
+                    back_ns: 0,
+                }),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }

@@ -10,11 +10,13 @@ use super::layout::Layout;
 use super::StageSpec;
 use crate::bootstrap::client::Connecting;
 use crate::bootstrap::rendezvous::{Scheduler, SchedulerConfig};
-use crate::bootstrap::LinkGuard;
+use crate::bootstrap::{ClockOffset, LinkGuard};
 use crate::engine::{Engine, Receive, Support};
 use crate::error::{Error, Peer, Result};
+use crate::metrics::Metrics;
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
 use crate::proto::{Message, RegionKey, Role};
+use crate::trace::{RankMeta, Recorder, TraceConfig};
 use crate::transport::sim::SimNetwork;
 use crate::transport::slots::SendSlots;
 use crate::transport::{
@@ -248,7 +250,21 @@ impl Mesh {
         } else {
             None
         };
-        let conn = Connecting::connect(&cfg.scheduler, cfg.token.as_ref(), cfg.setup_timeout)?;
+        // AFMESH_TRACE: its directory is made before joining, and the
+        // rank's clock offset is estimated against the scheduler's.
+        let trace = TraceConfig::from_env()?;
+        // AFMESH_METRICS: bound before joining, served once joined.
+        let metrics = Metrics::address_from_env()?
+            .map(|a| Metrics::bind(&a))
+            .transpose()?;
+        if let Some(t) = &trace {
+            t.prepare()?;
+        }
+        let mut conn = Connecting::connect(&cfg.scheduler, cfg.token.as_ref(), cfg.setup_timeout)?;
+        let clock = match &trace {
+            Some(_) => conn.clock(CLOCK_PROBES, cfg.io_timeout)?,
+            None => ClockOffset::default(),
+        };
 
         // The backends this rank offers, most preferred first: those that
         // move its kind of memory.
@@ -457,6 +473,21 @@ impl Mesh {
         if cfg.checksum {
             tracing::info!("CRC32C checksums on every message (AFMESH_CHECKSUM)");
         }
+        if let Some(m) = metrics {
+            engine.set_metrics(m, me)?;
+        }
+        if let Some(t) = &trace {
+            engine.set_tracer(Recorder::create(
+                t,
+                &RankMeta {
+                    me,
+                    peers: peer_count,
+                    job: cfg.job.clone(),
+                    host_id: cfg.host_id.clone(),
+                    clock,
+                },
+            )?);
+        }
         Ok(Joined {
             engine,
             layout,
@@ -464,6 +495,9 @@ impl Mesh {
         })
     }
 }
+
+/// Clock probes a tracing rank sends the scheduler at join.
+const CLOCK_PROBES: u32 = 8;
 
 fn peer_of(role: Role, rank: u32) -> Peer {
     match role {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::{auth, connect_retry, recv, recv_by, send, Token};
+use super::{auth, connect_retry, recv, recv_by, send, ClockOffset, Token};
 use crate::error::{Error, Peer, Result};
 use crate::proto::{Entry, FailCause, Message, Role};
 
@@ -173,6 +173,12 @@ impl Connecting {
             .local_addr()
             .map(|a| a.ip())
             .map_err(|e| Error::io("local address of scheduler connection", e))
+    }
+
+    /// Estimates this rank's clock offset against the server's from
+    /// `rounds` probes (see [`clock`](super::clock)); before [`join`](Self::join).
+    pub fn clock(&mut self, rounds: u32, timeout: Duration) -> Result<ClockOffset> {
+        super::clock::probe(&mut self.stream, rounds, timeout, &self.server)
     }
 
     /// The watch that will report a failed job during this rank's setup.

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod rendezvous;
 
 use std::io::{Read, Write};
@@ -20,6 +21,7 @@ use crate::proto::Message;
 
 pub use auth::Token;
 pub use client::{Session, SetupWatch};
+pub use clock::ClockOffset;
 pub use rendezvous::{Scheduler, SchedulerConfig};
 
 /// What bringing up a link needs besides addresses: the cluster token to

@@ -21,17 +21,21 @@ mod stats;
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use histogram::Histogram;
 pub use interrupt::Interrupter;
-pub use stats::{PeerStats, RankStats};
+pub use stats::{PeerStats, RankStats, Straggler};
 pub(crate) use support::Support;
 
 use crate::error::{Error, Peer, Result};
+use crate::metrics::Metrics;
 use crate::proto::accept::accept_checked;
 use crate::proto::header::checksum;
-use crate::proto::{Accepted, Geometry, Header, Imm, RegionKey, Reject, StageCounter, HEADER_LEN};
+use crate::proto::{
+    Accepted, Geometry, Header, Imm, Kind, RegionKey, Reject, StageCounter, HEADER_LEN,
+};
+use crate::trace::{Record, Recorder};
 use crate::transport::mux::MAX_PARK;
 use crate::transport::slots::SendSlots;
 use crate::transport::{Completion, LinkId, LocalKey, Mux, Region};
@@ -47,6 +51,12 @@ pub(crate) trait Sink {
     /// Returns the round trip it ends (nanoseconds), if it ends one, for
     /// the peer's [`PeerStats::round_trip_ns`].
     fn accepted(&mut self, peer: usize, accepted: &Accepted, at_ns: u64) -> Option<u64>;
+    /// After an arrival completed a stage: the peer that answered it last
+    /// and by how many ns after the one before it, for the peer's
+    /// [`PeerStats::late_ns`] (attention ranks; taken once).
+    fn take_straggler(&mut self) -> Option<(usize, u64)> {
+        None
+    }
 }
 
 /// A peer's side of the table.
@@ -101,6 +111,10 @@ pub(crate) struct Engine {
     interrupter: Interrupter,
     /// Whether messages carry (and arrivals must carry) a CRC32C.
     checksum: bool,
+    /// Records every message exchanged, when the rank traces.
+    tracer: Option<Box<Recorder>>,
+    /// Serves the stats (`AFMESH_METRICS`), when asked to.
+    metrics: Option<Metrics>,
 }
 
 impl Engine {
@@ -155,7 +169,22 @@ impl Engine {
             support,
             interrupter: Interrupter::new(),
             checksum: false,
+            tracer: None,
+            metrics: None,
         }
+    }
+
+    /// Serves this rank's stats through `metrics` from here on.
+    pub(crate) fn set_metrics(&mut self, mut metrics: Metrics, me: Peer) -> Result<()> {
+        metrics.start(me)?;
+        self.metrics = Some(metrics);
+        Ok(())
+    }
+
+    /// Records every message from here on into `tracer`.
+    pub(crate) fn set_tracer(&mut self, tracer: Recorder) {
+        tracing::info!("tracing messages to {}", tracer.path().display());
+        self.tracer = Some(Box::new(tracer));
     }
 
     /// Bounds waits for send completions (a blocking write's bound).
@@ -240,11 +269,16 @@ impl Engine {
         }
     }
 
-    /// Records that peer `peer`'s message was answered `ns` nanoseconds
-    /// after it landed.
-    pub(crate) fn record_ffn(&mut self, peer: usize, ns: u64) {
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.stats.ffn_ns.record(ns);
+    /// Records that peer `r.peer`'s message was answered: `r` holds its
+    /// stamps (when it was posted, landed, processed and answered).
+    pub(crate) fn record_ffn(&mut self, r: Record) {
+        if let Some(p) = self.peers.get_mut(r.peer as usize) {
+            p.stats
+                .ffn_ns
+                .record(r.respond_ns.saturating_sub(r.land_ns));
+        }
+        if let Some(t) = &mut self.tracer {
+            t.record(r);
         }
     }
 
@@ -256,6 +290,12 @@ impl Engine {
     /// Leaves in order: tells every peer (closing the links), then the
     /// scheduler.
     pub(crate) fn shutdown(&mut self) {
+        if let Some(t) = &mut self.tracer {
+            t.finish();
+        }
+        if let Some(m) = &mut self.metrics {
+            m.stop();
+        }
         self.transport.close();
         self.support.shutdown();
     }
@@ -292,6 +332,9 @@ impl Engine {
         } else {
             Duration::ZERO
         };
+        if let Some(m) = self.metrics.as_ref().filter(|m| m.wanted()) {
+            m.publish(self.stats());
+        }
         let r = self.transport.poll(&mut completions, wait);
         for c in completions.drain(..) {
             match c {
@@ -412,8 +455,29 @@ impl Engine {
         ) {
             Ok(a) => {
                 stats.received += 1;
-                if let Some(ns) = sink.accepted(peer, &a, now_ns()) {
+                let at = now_ns();
+                if let Some(ns) = sink.accepted(peer, &a, at) {
                     stats.round_trip_ns.record(ns);
+                }
+                // A combine completes the message's record (an FFN rank
+                // records its side when it answers).
+                if let (Some(t), Kind::Combine) = (&mut self.tracer, a.header.kind) {
+                    let h = &a.header;
+                    t.record(Record {
+                        peer: peer as u32,
+                        stage: u32::from(h.stage),
+                        seq: h.sequence,
+                        post_ns: h.post_ns,
+                        land_ns: h.land_ns,
+                        process_ns: h.process_ns,
+                        respond_ns: h.respond_ns,
+                        back_ns: at,
+                    });
+                }
+                if let Some((who, ns)) = sink.take_straggler() {
+                    if let Some(p) = self.peers.get_mut(who) {
+                        p.stats.late_ns.record(ns);
+                    }
                 }
             }
             Err(r) => {
@@ -453,8 +517,5 @@ const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Wall-clock nanoseconds, for trace stamps (comparable across processes
 /// of one host; across hosts only as good as their clock sync).
 pub(crate) fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    crate::bootstrap::clock::wall_ns()
 }

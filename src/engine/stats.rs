@@ -26,6 +26,24 @@ pub struct PeerStats {
     /// FFN ranks: nanoseconds from this attention rank's dispatch landing
     /// to the response being posted (one clock, this rank's).
     pub ffn_ns: Histogram,
+    /// Attention ranks, the straggler record: each time this FFN rank's
+    /// combine was the last of a stage to arrive, by how many nanoseconds
+    /// it came after the one before it (its count is the stages it held
+    /// up). Empty with a single FFN rank.
+    pub late_ns: Histogram,
+}
+
+/// An FFN rank that answered stages last (see [`RankStats::stragglers`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Straggler {
+    /// The FFN rank.
+    pub peer: Peer,
+    /// Stages it answered last.
+    pub count: u64,
+    /// Mean time it came after the next-to-last answer (ns).
+    pub mean_late_ns: f64,
+    /// Largest such time (ns).
+    pub max_late_ns: u64,
 }
 
 /// Counters of a rank, per peer of the other role.
@@ -44,5 +62,27 @@ impl RankStats {
     /// Messages rejected from all peers.
     pub fn rejected(&self) -> u64 {
         self.peers.iter().map(|p| p.1.rejected).sum()
+    }
+
+    /// Attention ranks: the FFN ranks that answered stages last, most
+    /// often first (ties: the later on average first).
+    pub fn stragglers(&self) -> Vec<Straggler> {
+        let mut v: Vec<Straggler> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| !s.late_ns.is_empty())
+            .map(|(peer, s)| Straggler {
+                peer: *peer,
+                count: s.late_ns.count(),
+                mean_late_ns: s.late_ns.mean().unwrap_or(0.0),
+                max_late_ns: s.late_ns.max().unwrap_or(0),
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then(b.mean_late_ns.total_cmp(&a.mean_late_ns))
+        });
+        v
     }
 }

@@ -19,6 +19,7 @@
 //! ```
 //!
 //! The token itself never crosses the wire. Then the rendezvous goes
+//! (`ClockProbe` → `ClockEcho`, a few times, when the rank traces)
 //! `Hello` → `AddressBook` → `BarrierEnter` → `BarrierRelease` → `Bye`,
 //! where the server may instead answer `Refused` (this rank is not
 //! admitted) or, to every rank of an attempt at once, `JobFailed` (the job
@@ -28,7 +29,10 @@
 use super::codec::{DecodeError, Reader, Writer};
 
 /// Bootstrap protocol version, carried in `Hello`.
-pub const BOOTSTRAP_VERSION: u16 = 4;
+/// 5: `ClockProbe`/`ClockEcho` before the hello (clock offsets for traces).
+pub const BOOTSTRAP_VERSION: u16 = 5;
+/// Most clock probes the server answers on one connection.
+pub const MAX_CLOCK_PROBES: u32 = 64;
 /// Bytes of a handshake nonce.
 pub const NONCE_LEN: usize = 32;
 /// Bytes of a handshake proof (HMAC-SHA256).
@@ -249,6 +253,20 @@ pub enum Message {
         /// The results, at most [`MAX_BLOB`](super::codec::MAX_BLOB) bytes.
         text: String,
     },
+    /// Rank → server, before the hello: what time is it? (NTP-style.)
+    ClockProbe {
+        /// The rank's wall clock when it sent this (ns).
+        sent_ns: u64,
+    },
+    /// Server → rank: the answer to a probe, at once.
+    ClockEcho {
+        /// The probe's `sent_ns`, echoed.
+        probe_ns: u64,
+        /// The server's wall clock when the probe arrived (ns).
+        received_ns: u64,
+        /// The server's wall clock when it sent this (ns).
+        sent_ns: u64,
+    },
 }
 
 fn put_endpoints(w: &mut Writer, endpoints: &[(String, Vec<u8>)]) {
@@ -284,6 +302,8 @@ impl Message {
             Message::AuthRefused { .. } => "auth refusal",
             Message::JobFailed { .. } => "job failure",
             Message::Report { .. } => "report",
+            Message::ClockProbe { .. } => "clock probe",
+            Message::ClockEcho { .. } => "clock echo",
         }
     }
 
@@ -403,6 +423,20 @@ impl Message {
             Message::Report { text } => {
                 w.u8(14);
                 w.bytes(text.as_bytes());
+            }
+            Message::ClockProbe { sent_ns } => {
+                w.u8(15);
+                w.u64(*sent_ns);
+            }
+            Message::ClockEcho {
+                probe_ns,
+                received_ns,
+                sent_ns,
+            } => {
+                w.u8(16);
+                w.u64(*probe_ns);
+                w.u64(*received_ns);
+                w.u64(*sent_ns);
             }
         }
         let mut b = w.finish();
@@ -538,6 +572,14 @@ impl Message {
                 text: String::from_utf8(r.bytes("report")?)
                     .map_err(|_| DecodeError::new("report: not UTF-8"))?,
             },
+            15 => Message::ClockProbe {
+                sent_ns: r.u64("sent_ns")?,
+            },
+            16 => Message::ClockEcho {
+                probe_ns: r.u64("probe_ns")?,
+                received_ns: r.u64("received_ns")?,
+                sent_ns: r.u64("sent_ns")?,
+            },
             t => return Err(DecodeError::new(format!("tag: unknown message {t}"))),
         };
         r.end("message")?;
@@ -627,6 +669,12 @@ mod tests {
                 rank: None,
                 reason: "late".into(),
             },
+            Message::ClockProbe { sent_ns: 17 },
+            Message::ClockEcho {
+                probe_ns: 17,
+                received_ns: 1 << 60,
+                sent_ns: (1 << 60) + 5,
+            },
         ]
     }
 
@@ -664,7 +712,7 @@ mod tests {
         }
 
         #[test]
-        fn truncated_samples_error(i in 0usize..14, cut in 1usize..64) {
+        fn truncated_samples_error(i in 0usize..17, cut in 1usize..64) {
             let m = &samples()[i];
             let b = m.encode();
             let body = &b[4..];

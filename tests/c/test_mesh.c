@@ -239,6 +239,18 @@ static int attention(afmesh_attention *a, unsigned layers) {
         /* Every combine of this peer timed, none of the FFN side. */
         if (check_latency("round trip", &st[j].round_trip, st[j].received) || st[j].ffn.count != 0) return 105;
     }
+    /* Every stage named one straggler (with more than one FFN rank). */
+    uint64_t last = 0;
+    for (unsigned j = 0; j < N; j++) {
+        const afmesh_latency *l = &st[j].straggler;
+        if (l->count > 0 && (l->min_ns > l->p50_ns || l->p50_ns > l->max_ns || l->mean_ns > l->max_ns))
+            return fail("straggler summary out of order", AFMESH_ERR_CONFIG);
+        last += l->count;
+    }
+    if (last != (N > 1 ? (uint64_t)layers * STAGES : 0)) {
+        fprintf(stderr, "stragglers named in %llu stages of %u\n", (unsigned long long)last, layers * STAGES);
+        return 106;
+    }
     /* A caller built against the first header (56-byte elements, no
      * latency fields) gets what it has, nothing past its elements. */
     uint32_t v1 = (uint32_t)offsetof(afmesh_peer_stats, round_trip);
@@ -341,7 +353,7 @@ static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
     if (n != M) return fail("stats count", AFMESH_ERR_CONFIG);
     for (unsigned j = 0; j < M; j++)
         if (st[j].role != 1 || st[j].received != (uint64_t)layers * STAGES ||
-            check_latency("ffn", &st[j].ffn, st[j].received) || st[j].round_trip.count != 0)
+            check_latency("ffn", &st[j].ffn, st[j].received) || st[j].round_trip.count != 0 || st[j].straggler.count != 0)
             return 105;
     return 0;
 }

@@ -20,6 +20,8 @@ pub fn afmesh() -> Command {
         "AFMESH_CPU",
         "AFMESH_TOKEN",
         "AFMESH_TOKEN_FILE",
+        "AFMESH_TRACE",
+        "AFMESH_METRICS",
     ] {
         c.env_remove(k);
     }

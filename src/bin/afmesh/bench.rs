@@ -17,6 +17,7 @@
 //! and the floor's processes are summed up the same way), the bench reports copies per message: the bytes the library
 //! itself copied over the bytes it sent, summed over every rank.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -29,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::floor;
+use crate::progress::Progress;
 use crate::sweep::Sweep;
 use crate::workload::Workload;
 use crate::{json_str, DeviceArg, WorkloadArgs};
@@ -60,6 +62,11 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Every rank writes a Chrome/Perfetto trace of its messages into DIR
+    /// (AFMESH_TRACE; a sub-directory per point of a series); merge them
+    /// with `afmesh trace merge DIR -o job.json`.
+    #[arg(long, value_name = "DIR")]
+    trace: Option<PathBuf>,
     /// Pin each rank to its own CPU: auto (when the ranks fit the CPUs),
     /// on, off.
     #[arg(long, default_value = "auto")]
@@ -137,6 +144,23 @@ impl Summary {
 pub fn words_json(h: &Histogram) -> String {
     let words: Vec<String> = h.to_words().iter().map(u64::to_string).collect();
     format!("[{}]", words.join(","))
+}
+
+/// The `stragglers` of an attention rank's JSON report: (peer, stages it
+/// answered last, mean lateness in us).
+pub fn stragglers_of(line: &str) -> Option<Vec<(String, u64, f64)>> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v["stragglers"]
+        .as_array()?
+        .iter()
+        .map(|s| {
+            Some((
+                s["peer"].as_str()?.to_string(),
+                s["count"].as_u64()?,
+                s["mean_late_us"].as_f64()?,
+            ))
+        })
+        .collect()
 }
 
 /// The `lat_ns` histogram of a rank's (or floor peer's) JSON report.
@@ -223,7 +247,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let sweep = args.sweep.as_deref().map(Sweep::parse).transpose()?;
     if sweep.is_none() && transports.len() == 1 && args.plot.is_none() {
-        let p = measure(args, transports[0], &args.work, args.attention, args.ffn)?;
+        let progress = Progress::new(1, false);
+        progress.point(0, transports[0]);
+        let p = measure(
+            args,
+            transports[0],
+            &args.work,
+            args.attention,
+            args.ffn,
+            args.trace.clone(),
+            &progress,
+        )?;
+        progress.finish();
         if args.json {
             println!("{}", p.json());
         } else {
@@ -236,8 +271,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         s.values.iter().map(|&v| Some((s.key, v))).collect()
     });
     let total = transports.len() * values.len();
+    let progress = Progress::new(total, true);
     if !args.json {
-        println!("{}", Point::TABLE_HEADER);
+        progress.out(Point::TABLE_HEADER);
     }
     let mut points = Vec::with_capacity(total);
     for (i, (t, v)) in transports
@@ -253,15 +289,22 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             }
             None => "one point".into(),
         };
-        eprintln!("afmesh bench: point {}/{total}: {t}, {what}", i + 1);
-        let p = measure(args, t, &wa, m, n).with_context(|| format!("{t}, {what}"))?;
+        progress.point(i, &format!("{t}, {what}"));
+        let trace = args
+            .trace
+            .as_ref()
+            .map(|d| d.join(format!("point-{}", i + 1)));
+        let p = measure(args, t, &wa, m, n, trace, &progress)
+            .with_context(|| format!("{t}, {what}"))?;
         if args.json {
-            println!("{}", p.json());
+            progress.out(&p.json());
         } else {
-            println!("{}", p.table_row());
+            progress.out(&p.table_row());
         }
+        progress.done(i);
         points.push(p);
     }
+    progress.finish();
     if let Some(file) = &args.plot {
         crate::plot::draw(file, &points).with_context(|| format!("drawing {}", file.display()))?;
         eprintln!("afmesh bench: plot written to {}", file.display());
@@ -290,6 +333,9 @@ pub struct Point {
     pin: bool,
     errors: u64,
     first_error: Option<String>,
+    /// FFN ranks that answered stages last: (peer, stages, mean lateness
+    /// in us), most often first, over every attention rank.
+    stragglers: Vec<(String, u64, f64)>,
     /// Verbs only: the post path's counters and the port.
     verbs: Option<VerbsWire>,
     /// `--device cuda`: NCCL send/recv of the same pattern, or why not.
@@ -314,6 +360,8 @@ fn measure(
     wa: &WorkloadArgs,
     m: u32,
     n: u32,
+    trace: Option<PathBuf>,
+    progress: &Progress,
 ) -> Result<Point> {
     let w = wa.workload();
     w.spec()?;
@@ -401,6 +449,9 @@ fn measure(
             if wa.caller_buffers {
                 cmd.arg("--caller-buffers");
             }
+            if let Some(dir) = &trace {
+                cmd.env("AFMESH_TRACE", dir);
+            }
             if wa.vary_tokens {
                 cmd.arg("--vary-tokens");
             }
@@ -413,10 +464,17 @@ fn measure(
             children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }
+    progress.phase(&format!("{m}A+{n}F mesh, {} layers", w.layers()));
     let budget = Duration::from_secs(60) + Duration::from_millis(u64::from(w.layers()) * 50);
     let outs = wait_all(&mut children, Instant::now() + budget)?;
     drop(children);
     let _ = sched.join();
+    if let Some(dir) = &trace {
+        progress.note(&format!(
+            "afmesh bench: traces in {0}; merge: afmesh trace merge {0} -o job.json",
+            dir.display()
+        ));
+    }
 
     let mut lat = Histogram::new();
     let mut reports = 0u32;
@@ -425,6 +483,9 @@ fn measure(
     let (mut ffn_us, mut net_us) = (0.0, 0.0);
     let (mut sent_bytes, mut copied_bytes) = (0u64, 0u64);
     let mut transport = String::new();
+    // Per FFN rank, over every attention rank: stages it answered last and
+    // the sum of its lateness (us).
+    let mut late: BTreeMap<String, (u64, f64)> = BTreeMap::new();
     // Work requests (data ones, i.e. less flushes and probes), signalled
     // ones, flushes, messages: summed over every rank.
     let mut wire = [0u64; 4];
@@ -450,6 +511,13 @@ fn measure(
         if let Some(t) = field(line, "transport") {
             transport = t.trim_matches('"').to_string();
         }
+        if let Some(list) = stragglers_of(line) {
+            for (peer, count, mean_us) in list {
+                let e = late.entry(peer).or_insert((0, 0.0));
+                e.0 += count;
+                e.1 += mean_us * count as f64;
+            }
+        }
         if let Some(h) = lat_of(line) {
             lat.merge(&h);
             reports += 1;
@@ -474,6 +542,7 @@ fn measure(
     };
     let (d, c) = w.layer_bytes(m, n);
     let plan = floor_plan(&w, m, n, pin.then_some(cpus));
+    progress.phase("floor");
     let mut verbs = None;
     let mut nccl = None;
     let floors = if wa.device == DeviceArg::Cuda {
@@ -519,6 +588,11 @@ fn measure(
             memcpy: None,
         }
     };
+    let mut stragglers: Vec<(String, u64, f64)> = late
+        .into_iter()
+        .map(|(peer, (count, sum))| (peer, count, sum / count.max(1) as f64))
+        .collect();
+    stragglers.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)));
     let (floor_p50, floor_name) = floors.best();
     let goodput = (d + c) as f64 / (mesh.mean * 1e-6) / 1e9;
     Ok(Point {
@@ -539,6 +613,7 @@ fn measure(
         pin,
         errors,
         first_error,
+        stragglers,
         verbs,
         nccl,
     })
@@ -578,6 +653,18 @@ fn device_floors(w: &Workload, m: u32, n: u32) -> Result<(Floors, Result<Summary
 }
 
 impl Point {
+    /// The top stragglers as a JSON array.
+    fn stragglers_json(&self) -> String {
+        let items: Vec<String> = self
+            .stragglers
+            .iter()
+            .map(|(peer, count, mean)| {
+                format!("{{\"peer\":\"{peer}\",\"count\":{count},\"mean_late_us\":{mean:.3}}}")
+            })
+            .collect();
+        format!("[{}]", items.join(","))
+    }
+
     const TABLE_HEADER: &'static str = "transport  shape (MxN stages tokens hidden)  bytes/layer  iters   p50 us   p99 us p99.9 us     GB/s floor us  ratio";
 
     /// Whether every byte checked out; the first error otherwise.
@@ -640,7 +727,7 @@ impl Point {
         let or_null = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |v| format!("{v:.2}"));
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         format!(
-            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{}}}",
+            "{{\"transport\":\"{transport}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
             wa.tokens,
             wa.hidden,
             elem(wa.dispatch_dtype),
@@ -669,7 +756,8 @@ impl Point {
                     ",\"device\":\"cuda\",\"nccl_p50_us\":null,\"nccl_p99_us\":null,\"nccl_note\":{}",
                     json_str(Some(e))
                 ),
-            }
+            },
+            self.stragglers_json()
         )
     }
 
@@ -744,6 +832,15 @@ impl Point {
         }
         println!("  ratio         p50/floor = {ratio:.2}");
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
+        if self.stragglers.is_empty() {
+            println!("  stragglers    none (one FFN rank)");
+        }
+        for (i, (peer, count, mean)) in self.stragglers.iter().take(3).enumerate() {
+            println!(
+                "  {}{peer} answered last in {count} stages, {mean:.1} us after the one before (mean)",
+                if i == 0 { "stragglers    " } else { "              " }
+            );
+        }
         println!("  verified      {verified} ({errors} errors)");
     }
 }

@@ -5,8 +5,10 @@ mod bench;
 mod device;
 mod floor;
 mod plot;
+mod progress;
 mod summary;
 mod sweep;
+mod trace;
 mod workload;
 
 use std::time::Duration;
@@ -77,6 +79,11 @@ enum Cmd {
     /// Start a scheduler and M+N ranks on this host, run the workload,
     /// verify it, and compare with the floor.
     Bench(bench::BenchArgs),
+    /// Work with the traces ranks write under AFMESH_TRACE.
+    Trace {
+        #[command(subcommand)]
+        cmd: trace::TraceCmd,
+    },
     /// One process of a floor exchange (used by `bench`).
     #[command(hide = true)]
     FloorPeer(floor::PeerArgs),
@@ -204,6 +211,7 @@ fn main() {
             .and_then(|t| scheduler(bind.as_deref(), t, attention, ffn, job, join_timeout, json)),
         Cmd::Run(args) => run(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Trace { cmd } => trace::trace(&cmd),
         Cmd::FloorPeer(args) => floor::peer(&args),
     };
     if let Err(e) = r {
@@ -384,14 +392,16 @@ fn run(args: &RunArgs) -> Result<()> {
             let stats = a.stats();
             let (rejected, transport) = (stats.rejected(), stats.transport.clone());
             let (sent, copied) = moved(&stats);
+            let stragglers = stats.stragglers();
             let line = format!(
-                "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"wire\":{},\"links\":{},\"lat_ns\":{}}}",
+                "{{\"role\":\"attention\",\"transport\":\"{transport}\",\"rank\":{rank},\"errors\":{},\"rejected\":{rejected},\"sent_bytes\":{sent},\"copied_bytes\":{copied},\"ffn_us\":{:.3},\"net_us\":{:.3},\"first_error\":{},\"elapsed_s\":{elapsed:.6},\"wire\":{},\"links\":{},\"stragglers\":{},\"lat_ns\":{}}}",
                 rep.errors,
                 rep.ffn_us,
                 rep.net_us,
                 json_str(rep.first_error.as_deref()),
                 wire_json(&stats),
                 links_json(&stats),
+                stragglers_json(&stragglers),
                 bench::words_json(&rep.lat)
             );
             report(a.report(&line));
@@ -405,6 +415,15 @@ fn run(args: &RunArgs) -> Result<()> {
                     rep.lat.count(),
                     rep.errors
                 );
+                for s in stragglers.iter().take(3) {
+                    println!(
+                        "  straggler {}: last in {} stages, {:.1} us after the one before (mean), {:.1} us at most",
+                        s.peer,
+                        s.count,
+                        s.mean_late_ns / 1e3,
+                        s.max_late_ns as f64 / 1e3
+                    );
+                }
             }
             if rep.errors > 0 {
                 anyhow::bail!(
@@ -512,6 +531,23 @@ fn announce(args: &RunArgs, who: String, m: usize, n: usize) {
     if !args.quiet {
         eprintln!("afmesh run: {who} joined a {m}A+{n}F mesh");
     }
+}
+
+/// Stragglers as a JSON array: `[{"peer":"F1","count":3,"mean_late_us":1.5,"max_late_us":4.0}]`.
+pub fn stragglers_json(v: &[afmesh::Straggler]) -> String {
+    let items: Vec<String> = v
+        .iter()
+        .map(|s| {
+            format!(
+                "{{\"peer\":\"{}\",\"count\":{},\"mean_late_us\":{:.3},\"max_late_us\":{:.3}}}",
+                s.peer,
+                s.count,
+                s.mean_late_ns / 1e3,
+                s.max_late_ns as f64 / 1e3
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(","))
 }
 
 pub fn json_str(s: Option<&str>) -> String {

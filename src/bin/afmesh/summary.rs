@@ -36,6 +36,9 @@ pub struct JobSummary {
     pub links: Vec<Link>,
     /// Ranks that left without reporting, or whose report did not parse.
     pub silent: Vec<String>,
+    /// FFN ranks that answered stages last, over every attention rank:
+    /// (peer, stages, mean lateness in us), most often first.
+    pub stragglers: Vec<(String, u64, f64)>,
 }
 
 fn us(ns: Option<u64>) -> f64 {
@@ -84,6 +87,23 @@ pub fn gather(reports: &[(Role, u32, String)], m: u32, n: u32) -> JobSummary {
             p99_us: us(lat.as_ref().and_then(|h| h.quantile(0.99))),
             errors: v["errors"].as_u64().unwrap_or(0),
         });
+        for st in v["stragglers"].as_array().into_iter().flatten() {
+            let (Some(peer), Some(count), Some(mean)) = (
+                st["peer"].as_str(),
+                st["count"].as_u64(),
+                st["mean_late_us"].as_f64(),
+            ) else {
+                continue;
+            };
+            match s.stragglers.iter_mut().find(|x| x.0 == peer) {
+                Some(x) => {
+                    let total = x.1 + count;
+                    x.2 = (x.2 * x.1 as f64 + mean * count as f64) / total.max(1) as f64;
+                    x.1 = total;
+                }
+                None => s.stragglers.push((peer.to_string(), count, mean)),
+            }
+        }
         let secs = v["elapsed_s"].as_f64().unwrap_or(0.0);
         for l in v["links"].as_array().into_iter().flatten() {
             let rt = histogram(&l["rt_ns"]);
@@ -102,6 +122,8 @@ pub fn gather(reports: &[(Role, u32, String)], m: u32, n: u32) -> JobSummary {
             });
         }
     }
+    s.stragglers
+        .sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)));
     s
 }
 
@@ -152,6 +174,12 @@ impl JobSummary {
                 if median > 0.0 { l.p50_us / median } else { 1.0 }
             );
         }
+        for (i, (peer, count, mean)) in self.stragglers.iter().take(3).enumerate() {
+            o += &format!(
+                "  {}{peer} answered last in {count} stages, {mean:.1} us after the one before (mean)\n",
+                if i == 0 { "stragglers: " } else { "            " }
+            );
+        }
         if !self.silent.is_empty() {
             o += &format!("  no report from: {}\n", self.silent.join(", "));
         }
@@ -182,6 +210,9 @@ impl JobSummary {
             "links": links,
             "slowest": self.slowest().map(|l| format!("{}->{}", l.from, l.to)),
             "silent": self.silent,
+            "stragglers": self.stragglers.iter().map(|(peer, count, mean)| {
+                serde_json::json!({"peer": peer, "count": count, "mean_late_us": mean})
+            }).collect::<Vec<_>>(),
         }})
         .to_string()
     }
@@ -204,7 +235,7 @@ mod tests {
     #[test]
     fn gathers_layers_links_and_the_slowest() {
         let a0 = format!(
-            r#"{{"role":"attention","transport":"tcp","rank":0,"errors":0,"elapsed_s":2.0,"lat_ns":{},"links":[{{"peer":"F0","sent_bytes":2000000000,"rt_ns":{}}},{{"peer":"F1","sent_bytes":1000000000,"rt_ns":{}}}]}}"#,
+            r#"{{"role":"attention","transport":"tcp","rank":0,"errors":0,"elapsed_s":2.0,"stragglers":[{{"peer":"F1","count":3,"mean_late_us":2.0}},{{"peer":"F0","count":1,"mean_late_us":9.0}}],"lat_ns":{},"links":[{{"peer":"F0","sent_bytes":2000000000,"rt_ns":{}}},{{"peer":"F1","sent_bytes":1000000000,"rt_ns":{}}}]}}"#,
             hist(&[100_000, 200_000]),
             hist(&[50_000]),
             hist(&[900_000]),
@@ -226,5 +257,11 @@ mod tests {
         assert!(text.contains("slowest link: A0->F1"), "{text}");
         let v: Value = serde_json::from_str(&s.json()).unwrap();
         assert_eq!(v["job_summary"]["slowest"], "A0->F1");
+        assert_eq!(v["job_summary"]["stragglers"][0]["peer"], "F1");
+        assert_eq!(v["job_summary"]["stragglers"][0]["count"], 3);
+        assert!(
+            text.contains("stragglers: F1 answered last in 3 stages"),
+            "{text}"
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! holds up a rank.
 
 use super::*;
+use crate::bootstrap::clock::wall_ns;
+use crate::proto::bootstrap::MAX_CLOCK_PROBES;
 
 pub(super) fn accept_loop(
     listener: TcpListener,
@@ -49,10 +51,31 @@ fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Eve
             return Event::Dropped;
         }
     }
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    match recv(&mut stream, left, &name) {
+    // A tracing rank first asks the time a few times (its clock offset
+    // against this server's); each probe is answered at once.
+    let mut probes = 0;
+    let first = loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match recv(&mut stream, left, &name) {
+            Ok(Message::ClockProbe { sent_ns }) if probes < MAX_CLOCK_PROBES => {
+                probes += 1;
+                let received_ns = wall_ns();
+                let echo = Message::ClockEcho {
+                    probe_ns: sent_ns,
+                    received_ns,
+                    sent_ns: wall_ns(),
+                };
+                if let Err(e) = send(&mut stream, &echo, left, &name) {
+                    tracing::warn!(%from, "dropping connection: {e}");
+                    return Event::Dropped;
+                }
+            }
+            other => break other,
+        }
+    };
+    match first {
         Ok(Message::Hello {
             job,
             role,
