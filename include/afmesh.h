@@ -53,7 +53,7 @@
 
 /* The first element of an afmesh_peer_stats array passed to
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
-#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
+#define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
 
 /**
  * Version of [`afmesh_config`] this library knows (2 added
@@ -489,6 +489,14 @@ typedef struct afmesh_peer_stats {
    * with a single FFN rank.
    */
   struct afmesh_latency straggler;
+  /**
+   * One way, per message from this peer: from the peer posting it to
+   * this rank counting it (dispatch → arrival on FFN ranks, the
+   * combine's way back on attention ranks); the post stamp is the
+   * peer's clock (exact on one host, skewed by the clock offset across
+   * hosts).
+   */
+  struct afmesh_latency arrival;
 } afmesh_peer_stats;
 
 /**

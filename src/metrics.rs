@@ -309,7 +309,7 @@ fn render(me: Peer, snap: Option<(RankStats, Duration)>) -> String {
             u8::from(p.lost.is_none())
         );
     }
-    let histograms: [HistogramFamily; 3] = [
+    let histograms: [HistogramFamily; 4] = [
         (
             "afmesh_round_trip_seconds",
             "Attention ranks: dispatch posted to the peer's combine seen.",
@@ -324,6 +324,11 @@ fn render(me: Peer, snap: Option<(RankStats, Duration)>) -> String {
             "afmesh_straggler_seconds",
             "Attention ranks: how much later than the one before the peer answered, each time it answered a stage last.",
             |p| &p.late_ns,
+        ),
+        (
+            "afmesh_arrival_seconds",
+            "One way: the peer posted a message to this rank counting it (dispatch to arrival on FFN ranks, the combine's way back on attention ranks; the peer's clock).",
+            |p| &p.arrival_ns,
         ),
     ];
     for (name, help, get) in histograms {

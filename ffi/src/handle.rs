@@ -87,6 +87,12 @@ pub struct afmesh_peer_stats {
     /// before it (`count`: the stages it held up). Empty on FFN ranks and
     /// with a single FFN rank.
     pub straggler: afmesh_latency,
+    /// One way, per message from this peer: from the peer posting it to
+    /// this rank counting it (dispatch → arrival on FFN ranks, the
+    /// combine's way back on attention ranks); the post stamp is the
+    /// peer's clock (exact on one host, skewed by the clock offset across
+    /// hosts).
+    pub arrival: afmesh_latency,
 }
 
 /// A latency distribution in nanoseconds, from a histogram of bounded
@@ -202,6 +208,7 @@ fn write_stats(
             round_trip: afmesh_latency::of(&s.round_trip_ns),
             ffn: afmesh_latency::of(&s.ffn_ns),
             straggler: afmesh_latency::of(&s.late_ns),
+            arrival: afmesh_latency::of(&s.arrival_ns),
         };
         // SAFETY: `out` holds `cap >= n` elements of `stride` bytes, the
         // size the caller declared (contract), and at most `stride` bytes

@@ -61,6 +61,7 @@ pub fn stats_dict(py: Python<'_>, s: &RankStats) -> PyResult<Py<PyAny>> {
         e.set_item("round_trip_ns", hist(py, &p.round_trip_ns)?)?;
         e.set_item("ffn_ns", hist(py, &p.ffn_ns)?)?;
         e.set_item("late_ns", hist(py, &p.late_ns)?)?;
+        e.set_item("arrival_ns", hist(py, &p.arrival_ns)?)?;
         peers.append(e)?;
     }
     d.set_item("peers", peers)?;

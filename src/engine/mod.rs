@@ -456,6 +456,13 @@ impl Engine {
             Ok(a) => {
                 stats.received += 1;
                 let at = now_ns();
+                let posted = match a.header.kind {
+                    Kind::Dispatch => a.header.post_ns,
+                    Kind::Combine => a.header.respond_ns,
+                };
+                if posted > 0 {
+                    stats.arrival_ns.record(at.saturating_sub(posted));
+                }
                 if let Some(ns) = sink.accepted(peer, &a, at) {
                     stats.round_trip_ns.record(ns);
                 }

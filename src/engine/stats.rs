@@ -31,6 +31,12 @@ pub struct PeerStats {
     /// it came after the one before it (its count is the stages it held
     /// up). Empty with a single FFN rank.
     pub late_ns: Histogram,
+    /// One way, per message from this peer: nanoseconds from the peer
+    /// posting it to this rank counting it — dispatch → arrival on an FFN
+    /// rank, the combine's way back on an attention rank. The post stamp is
+    /// the peer's clock: exact between ranks of one host, offset by the
+    /// hosts' clock difference across hosts.
+    pub arrival_ns: Histogram,
 }
 
 /// An FFN rank that answered stages last (see [`RankStats::stragglers`]).

@@ -238,6 +238,8 @@ static int attention(afmesh_attention *a, unsigned layers) {
         }
         /* Every combine of this peer timed, none of the FFN side. */
         if (check_latency("round trip", &st[j].round_trip, st[j].received) || st[j].ffn.count != 0) return 105;
+        /* Every combine's way back timed, one way. */
+        if (check_latency("combine arrival", &st[j].arrival, st[j].received)) return 107;
     }
     /* Every stage named one straggler (with more than one FFN rank). */
     uint64_t last = 0;
@@ -353,7 +355,8 @@ static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
     if (n != M) return fail("stats count", AFMESH_ERR_CONFIG);
     for (unsigned j = 0; j < M; j++)
         if (st[j].role != 1 || st[j].received != (uint64_t)layers * STAGES ||
-            check_latency("ffn", &st[j].ffn, st[j].received) || st[j].round_trip.count != 0 || st[j].straggler.count != 0)
+            check_latency("ffn", &st[j].ffn, st[j].received) || st[j].round_trip.count != 0 || st[j].straggler.count != 0 ||
+            check_latency("dispatch arrival", &st[j].arrival, st[j].received))
             return 105;
     return 0;
 }

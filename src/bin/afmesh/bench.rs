@@ -336,6 +336,10 @@ pub struct Point {
     /// FFN ranks that answered stages last: (peer, stages, mean lateness
     /// in us), most often first, over every attention rank.
     stragglers: Vec<(String, u64, f64)>,
+    /// Per link: (attention rank, FFN rank) → round trip, dispatch arrival,
+    /// FFN processing, combine arrival (ns histograms, as the ranks kept
+    /// them).
+    links: BTreeMap<(String, String), [Option<Histogram>; 4]>,
     /// Verbs only: the post path's counters and the port.
     verbs: Option<VerbsWire>,
     /// `--device cuda`: NCCL send/recv of the same pattern, or why not.
@@ -489,8 +493,10 @@ fn measure(
     // Work requests (data ones, i.e. less flushes and probes), signalled
     // ones, flushes, messages: summed over every rank.
     let mut wire = [0u64; 4];
+    let mut links: BTreeMap<(String, String), [Option<Histogram>; 4]> = BTreeMap::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
+        collect_links(line, &mut links);
         let count = |key: &str| -> Result<u64> {
             field(line, key)
                 .and_then(|v| v.parse().ok())
@@ -614,6 +620,7 @@ fn measure(
         errors,
         first_error,
         stragglers,
+        links,
         verbs,
         nccl,
     })
@@ -841,7 +848,79 @@ impl Point {
                 if i == 0 { "stragglers    " } else { "              " }
             );
         }
+        self.print_links();
         println!("  verified      {verified} ({errors} errors)");
+    }
+
+    /// Per-link latency percentiles, as the ranks' histograms have them.
+    fn print_links(&self) {
+        const SHOWN: usize = 16;
+        if self.links.is_empty() {
+            return;
+        }
+        println!(
+            "  per link      p50/p99 us: round trip | dispatch arrival | ffn | combine arrival"
+        );
+        let q = |h: &Option<Histogram>| match h {
+            Some(h) => format!(
+                "{:.1}/{:.1}",
+                h.quantile(0.5).unwrap_or(0) as f64 / 1e3,
+                h.quantile(0.99).unwrap_or(0) as f64 / 1e3
+            ),
+            None => "-".into(),
+        };
+        for ((a, f), hs) in self.links.iter().take(SHOWN) {
+            println!(
+                "    {a}->{f:<6} {} | {} | {} | {}",
+                q(&hs[0]),
+                q(&hs[1]),
+                q(&hs[2]),
+                q(&hs[3])
+            );
+        }
+        if self.links.len() > SHOWN {
+            println!(
+                "    ... {} more links (--json ranks have them all)",
+                self.links.len() - SHOWN
+            );
+        }
+    }
+}
+
+/// Adds a rank's per-peer histograms (its `afmesh run --json` line's
+/// `links`) to `links`, keyed by (attention rank, FFN rank).
+fn collect_links(line: &str, links: &mut BTreeMap<(String, String), [Option<Histogram>; 4]>) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return;
+    };
+    let (Some(role), Some(rank)) = (v["role"].as_str(), v["rank"].as_u64()) else {
+        return;
+    };
+    let hist = |x: &serde_json::Value| -> Option<Histogram> {
+        let words: Option<Vec<u64>> = x.as_array()?.iter().map(|w| w.as_u64()).collect();
+        Histogram::from_words(&words?)
+    };
+    for l in v["links"].as_array().into_iter().flatten() {
+        let Some(peer) = l["peer"].as_str() else {
+            continue;
+        };
+        let (key, slots) = if role == "attention" {
+            (
+                (format!("A{rank}"), peer.to_string()),
+                [(0, "rt_ns"), (3, "arr_ns")],
+            )
+        } else {
+            (
+                (peer.to_string(), format!("F{rank}")),
+                [(2, "ffn_ns"), (1, "arr_ns")],
+            )
+        };
+        let e = links.entry(key).or_default();
+        for (i, k) in slots {
+            if let Some(h) = hist(&l[k]) {
+                e[i] = Some(h);
+            }
+        }
     }
 }
 

@@ -491,7 +491,11 @@ fn links_json(stats: &afmesh::RankStats) -> String {
         .map(|(peer, p)| {
             let mut o = format!("{{\"peer\":\"{peer}\",\"sent_bytes\":{}", p.sent_bytes);
             // Only what this role measures (keeps the report small).
-            for (k, h) in [("rt_ns", &p.round_trip_ns), ("ffn_ns", &p.ffn_ns)] {
+            for (k, h) in [
+                ("rt_ns", &p.round_trip_ns),
+                ("ffn_ns", &p.ffn_ns),
+                ("arr_ns", &p.arrival_ns),
+            ] {
                 if !h.is_empty() {
                     o += &format!(",\"{k}\":{}", bench::words_json(h));
                 }
