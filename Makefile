@@ -21,6 +21,8 @@ INCLUDEDIR ?= $(PREFIX)/include
 DESTDIR    ?=
 CARGO      ?= cargo
 INSTALL    ?= install
+# The standard library inside libafmesh.a carries debug info; STRIP=: keeps it.
+STRIP      ?= strip
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 # One source for each: the crate version and the SONAME's ABI number.
@@ -62,6 +64,7 @@ install: | $(LIB).so $(LIB).a
 	ln -sf libafmesh.so.$(VERSION) $(DEST)/libafmesh.so.$(ABI)
 	ln -sf libafmesh.so.$(ABI) $(DEST)/libafmesh.so
 	$(INSTALL) -m 644 $(LIB).a $(DEST)/libafmesh.a
+	$(STRIP) --strip-debug $(DEST)/libafmesh.a
 	sed $(SUBST) ffi/pkg/afmesh.pc.in > $(DEST)/pkgconfig/afmesh.pc
 	sed $(SUBST) ffi/pkg/afmeshConfig.cmake.in > $(DESTDIR)$(CMAKEDIR)/afmeshConfig.cmake
 	sed $(SUBST) ffi/pkg/afmeshConfigVersion.cmake.in > $(DESTDIR)$(CMAKEDIR)/afmeshConfigVersion.cmake
