@@ -266,6 +266,7 @@ fn scheduler(
     let s = Scheduler::bind(
         &addr,
         SchedulerConfig {
+            groups: env.groups,
             attention: attention.or(env.attention),
             ffn: ffn.or(env.ffn),
             job: job.or(env.job),
@@ -283,8 +284,12 @@ fn scheduler(
 fn serve(s: Scheduler, json: bool) -> Result<()> {
     eprintln!("afmesh scheduler listening on {}", s.local_addr()?);
     let summary = s.run()?;
+    let meshes = match summary.groups {
+        1 => "mesh".to_string(),
+        g => format!("{g} instance groups, each a mesh"),
+    };
     eprintln!(
-        "afmesh scheduler: mesh {}A+{}F (epoch {:#x}) finished; {} stray connections dropped, {} failed the token, {} setup attempts failed before it",
+        "afmesh scheduler: {meshes} {}A+{}F (epoch {:#x}) finished; {} stray connections dropped, {} failed the token, {} setup attempts failed before it",
         summary.attention,
         summary.ffn,
         summary.epoch,
@@ -293,7 +298,9 @@ fn serve(s: Scheduler, json: bool) -> Result<()> {
         summary.failed_attempts
     );
     if !summary.reports.is_empty() {
-        let s = summary::gather(&summary.reports, summary.attention, summary.ffn);
+        // Of several groups, the ranks are StepMesh's instance ranks.
+        let g = summary.groups;
+        let s = summary::gather(&summary.reports, summary.attention * g, summary.ffn * g);
         if json {
             println!("{}", s.json());
         } else {
