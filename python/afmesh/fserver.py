@@ -499,9 +499,10 @@ def register_recv_buffer(tensor, worker_ranks, push_keys):
       not have.
 
     The copy is a ``memcpy`` of the pushed bytes while the batch is taken:
-    about 0.4 µs for 32 KiB (a 1 x 8192 float32 tensor) and 50-90 µs for
-    4 MiB on the 2-core test host (``python -m afmesh.bench --recv-copy``
-    measures it here)."""
+    on the 2-core test host (busy), p50 1.4 µs for 32 KiB (a 1 x 8192
+    float32 tensor), 38-42 µs for 1 MiB and 300-310 µs for 4 MiB, three
+    runs of ``python -m afmesh.bench --recv-copy``, which measures it
+    wherever it runs."""
     st = _need("server")
     if len(worker_ranks) != len(push_keys):
         raise afmesh.InvalidArgument(
