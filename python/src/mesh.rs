@@ -467,8 +467,9 @@ impl Scheduler {
     /// The job's scheduler as the environment describes it, read by the
     /// library like a rank's configuration (`AFMESH_SCHEDULER` or
     /// `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`, `AFMESH_NUM_ATTENTION` or
-    /// `DMLC_NUM_WORKER`, `AFMESH_NUM_FFN` or `DMLC_NUM_SERVER`, the job,
-    /// the token, `AFMESH_SETUP_TIMEOUT_MS` as the join timeout); the role
+    /// `DMLC_NUM_WORKER`, `AFMESH_NUM_FFN` or `DMLC_NUM_SERVER`, one mesh
+    /// per `DMLC_GROUP_SIZE` instance group, the job, the token,
+    /// `AFMESH_SETUP_TIMEOUT_MS` as the join timeout); the role
     /// variables are not read (a StepMesh scheduler has
     /// `DMLC_ROLE=scheduler`). Binds and starts serving.
     #[staticmethod]

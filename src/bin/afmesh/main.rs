@@ -52,12 +52,13 @@ enum Cmd {
         /// File holding the cluster token (default: AFMESH_TOKEN_FILE).
         #[arg(long)]
         token_file: Option<std::path::PathBuf>,
-        /// Attention ranks to admit (default: AFMESH_NUM_ATTENTION, else
-        /// DMLC_NUM_WORKER × DMLC_GROUP_SIZE, else the first rank's hello).
+        /// Attention ranks to admit to each mesh (default:
+        /// AFMESH_NUM_ATTENTION, else DMLC_NUM_WORKER, else the first rank's
+        /// hello); DMLC_GROUP_SIZE meshes (instance groups) are formed.
         #[arg(long)]
         attention: Option<u32>,
-        /// FFN ranks to admit (default: AFMESH_NUM_FFN, else
-        /// DMLC_NUM_SERVER × DMLC_GROUP_SIZE, else the first rank's hello).
+        /// FFN ranks to admit to each mesh (default: AFMESH_NUM_FFN, else
+        /// DMLC_NUM_SERVER, else the first rank's hello).
         #[arg(long)]
         ffn: Option<u32>,
         /// Job name (default: AFMESH_JOB, else the first rank's hello).
