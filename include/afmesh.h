@@ -1043,8 +1043,8 @@ enum afmesh_result afmesh_scheduler_new(const struct afmesh_config *cfg,
  * Starts a rendezvous server as the environment describes it, where its
  * ranks connect: `AFMESH_SCHEDULER`, or `DMLC_PS_ROOT_URI` and
  * `DMLC_PS_ROOT_PORT`; M and N from `AFMESH_NUM_*`, or
- * `DMLC_NUM_WORKER` / `DMLC_NUM_SERVER` times `DMLC_GROUP_SIZE`; the
- * job and cluster token as ranks read them.
+ * `DMLC_NUM_WORKER` / `DMLC_NUM_SERVER`, for each of `DMLC_GROUP_SIZE`
+ * meshes (instance groups); the job and cluster token as ranks read them.
  *
  * # Safety
  * `out` is NULL or writable.

@@ -71,4 +71,4 @@ pub use api::{
 };
 pub use engine::{Histogram, Interrupter, PeerStats, Straggler};
 pub use error::{Error, Peer, Result};
-pub use proto::Role;
+pub use proto::{Role, Roles};

@@ -1,8 +1,9 @@
 //! StepMesh launch scripts, unchanged: every process configured from the
 //! `DMLC_*` / `STEPMESH_GPU` environment alone (no flags), a scheduler
 //! process started the way StepMesh starts one, and nodes of two
-//! processes through `DMLC_GROUP_SIZE`. Every process is killed on every
-//! path out (`Proc` kills on drop).
+//! processes through `DMLC_GROUP_SIZE`, instance `g` of every node in
+//! instance group `g`'s own mesh. Every process is killed on every path
+//! out (`Proc` kills on drop).
 
 #![allow(clippy::unwrap_used)]
 
@@ -49,10 +50,16 @@ fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
     &rest[..rest.find([',', '}']).unwrap()]
 }
 
-/// Waits for every rank; each exits 0 with zero verification errors, and
-/// its (role, rank) is the expected one.
-fn check_ranks(ranks: &mut [(Proc, &str, u32)]) {
-    for (p, role, want) in ranks.iter_mut() {
+/// Links of a rank's JSON line: each lists its `sent_bytes`, and so does
+/// the rank once.
+fn links(json: &str) -> usize {
+    json.matches("\"sent_bytes\":").count() - 1
+}
+
+/// Waits for every rank; each exits 0 with zero verification errors, its
+/// (role, rank) is the expected one, and it has the expected links.
+fn check_ranks(ranks: &mut [(Proc, &str, u32, usize)]) {
+    for (p, role, want, peers) in ranks.iter_mut() {
         let st = p.wait_exit(Duration::from_secs(60));
         let out = p.output();
         assert!(st.success(), "{}:\n{out}", p.name);
@@ -63,6 +70,7 @@ fn check_ranks(ranks: &mut [(Proc, &str, u32)]) {
         assert_eq!(json_field(line, "role"), format!("\"{role}\""), "{line}");
         assert_eq!(json_field(line, "rank"), want.to_string(), "{line}");
         assert_eq!(json_field(line, "errors"), "0", "{line}");
+        assert_eq!(links(line), *peers, "{}: {line}", p.name);
     }
 }
 
@@ -70,25 +78,26 @@ fn check_scheduler(s: &mut Proc, mesh: &str) {
     let st = s.wait_exit(Duration::from_secs(30));
     let out = s.output();
     assert!(st.success(), "scheduler:\n{out}");
-    assert!(out.contains(&format!("mesh {mesh} ")), "scheduler:\n{out}");
+    assert!(out.contains(&format!("{mesh} (epoch")), "scheduler:\n{out}");
 }
 
-/// StepMesh's single-node launch: one node of two processes for each
-/// role (`DMLC_NUM_WORKER=1`, `DMLC_NUM_SERVER=1`, `DMLC_GROUP_SIZE=2`),
-/// every process the same command (`afmesh run`) told apart by
-/// `DMLC_ROLE` and `STEPMESH_GPU`, the scheduler included: a 2A+2F mesh
-/// whose ranks are the GPUs.
+/// StepMesh's launch with `DMLC_GROUP_SIZE=2`: two worker nodes and one
+/// server node of two processes each, every process the same command
+/// (`afmesh run`) told apart by `DMLC_ROLE`, `DMLC_NODE_RANK` and
+/// `STEPMESH_GPU`, the scheduler included. As in StepMesh, instance `g`
+/// of a node talks only to instance `g` of the others: two disjoint
+/// 2A+1F meshes, ranked by node, each FFN rank linked to two workers
+/// (not four), each worker to one server.
 #[test]
-fn one_node_of_two_processes_per_role_from_dmlc_alone() {
+fn two_instance_groups_form_two_meshes_from_dmlc_alone() {
     let port = free_port();
     let job = format!("stepmesh-a-{}", std::process::id());
     let base = vec![
         ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
         ("DMLC_PS_ROOT_PORT", port),
-        ("DMLC_NUM_WORKER", "1".into()),
+        ("DMLC_NUM_WORKER", "2".into()),
         ("DMLC_NUM_SERVER", "1".into()),
         ("DMLC_GROUP_SIZE", "2".into()),
-        ("DMLC_NODE_RANK", "0".into()),
         ("AFMESH_JOB", job),
     ];
     let with = |extra: &[(&'static str, &str)]| {
@@ -104,15 +113,59 @@ fn one_node_of_two_processes_per_role_from_dmlc_alone() {
     );
     sched.wait_line(Duration::from_secs(10), |l| l.contains("listening on"));
     let mut ranks = Vec::new();
-    for (dmlc, role) in [("server", "ffn"), ("worker", "attention")] {
+    for (dmlc, role, node, peers) in [
+        ("server", "ffn", 0u32, 2usize),
+        ("worker", "attention", 0, 1),
+        ("worker", "attention", 1, 1),
+    ] {
         for gpu in [0u32, 1] {
-            let env = with(&[("DMLC_ROLE", dmlc), ("STEPMESH_GPU", &gpu.to_string())]);
-            let p = Proc::spawn(&format!("{dmlc} gpu {gpu}"), launch(&run, &env));
-            ranks.push((p, role, gpu));
+            let env = with(&[
+                ("DMLC_ROLE", dmlc),
+                ("DMLC_NODE_RANK", &node.to_string()),
+                ("STEPMESH_GPU", &gpu.to_string()),
+            ]);
+            let p = Proc::spawn(&format!("{dmlc} node {node} gpu {gpu}"), launch(&run, &env));
+            ranks.push((p, role, node, peers));
         }
     }
     check_ranks(&mut ranks);
-    check_scheduler(&mut sched, "2A+2F");
+    check_scheduler(&mut sched, "2 instance groups, each a mesh 2A+1F");
+}
+
+/// A process whose `DMLC_GROUP_SIZE` differs from the scheduler's is
+/// refused at once, naming the variable, instead of waiting out the setup
+/// timeout.
+#[test]
+fn a_group_size_the_scheduler_does_not_share_is_refused() {
+    let port = free_port();
+    let base = vec![
+        ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
+        ("DMLC_PS_ROOT_PORT", port),
+        ("DMLC_NUM_WORKER", "1".into()),
+        ("DMLC_NUM_SERVER", "1".into()),
+        ("AFMESH_JOB", format!("stepmesh-c-{}", std::process::id())),
+    ];
+    let mut sched_env = base.clone();
+    sched_env.extend([
+        ("DMLC_ROLE", "scheduler".to_string()),
+        ("DMLC_GROUP_SIZE", "2".into()),
+    ]);
+    let sched = Proc::spawn("scheduler", launch(&["scheduler"], &sched_env));
+    sched.wait_line(Duration::from_secs(10), |l| l.contains("listening on"));
+    let mut env = base;
+    env.extend([
+        ("DMLC_ROLE", "worker".to_string()),
+        ("STEPMESH_GPU", "0".into()),
+        ("AFMESH_SETUP_TIMEOUT_MS", "20000".into()),
+    ]);
+    let mut p = Proc::spawn("worker", launch(&RUN[..11], &env));
+    let st = p.wait_exit(Duration::from_secs(10));
+    let out = p.output();
+    assert!(!st.success(), "{out}");
+    assert!(
+        out.contains("expects 1 instance groups, the job has 2") && out.contains("DMLC_GROUP_SIZE"),
+        "{out}"
+    );
 }
 
 /// `afmesh scheduler` with no flags listens where `DMLC_PS_ROOT_URI` and
@@ -143,17 +196,17 @@ fn afmesh_scheduler_listens_where_dmlc_says() {
     let mut run = RUN.to_vec();
     run.push("2");
     let mut ranks = Vec::new();
-    for (dmlc, role, node) in [
-        ("server", "ffn", 0u32),
-        ("worker", "attention", 0),
-        ("worker", "attention", 1),
+    for (dmlc, role, node, peers) in [
+        ("server", "ffn", 0u32, 2usize),
+        ("worker", "attention", 0, 1),
+        ("worker", "attention", 1, 1),
     ] {
         let env = with(&[("DMLC_ROLE", dmlc), ("DMLC_NODE_RANK", &node.to_string())]);
         let p = Proc::spawn(&format!("{dmlc} node {node}"), launch(&run, &env));
-        ranks.push((p, role, node));
+        ranks.push((p, role, node, peers));
     }
     check_ranks(&mut ranks);
-    check_scheduler(&mut sched, "2A+1F");
+    check_scheduler(&mut sched, "mesh 2A+1F");
 }
 
 /// A rank past the mesh is refused at once, naming the terms of
@@ -173,8 +226,9 @@ fn a_rank_past_the_group_is_refused_by_name() {
     let st = p.wait_exit(Duration::from_secs(10));
     let out = p.output();
     assert!(!st.success(), "{out}");
+    // Instance rank 2 is group 0's rank 1, past its 1 worker node.
     assert!(
-        out.contains("STEPMESH_GPU 2") && out.contains("2 attention ranks"),
+        out.contains("STEPMESH_GPU 2") && out.contains("1 attention ranks"),
         "{out}"
     );
 }

@@ -132,7 +132,7 @@ fn run_mesh(bin: &Path, m: u32, n: u32, mode: &str) {
 }
 
 /// The rendezvous server from C under a StepMesh scheduler's environment
-/// (`DMLC_ROLE=scheduler`, nodes of two processes): the role is reported,
+/// (`DMLC_ROLE=scheduler`, two nodes of each role): the role is reported,
 /// the server listens where `DMLC_PS_ROOT_*` say and serves a 2A+2F mesh
 /// of threads to the end (tests/c/test_scheduler.c).
 #[test]

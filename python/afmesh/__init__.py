@@ -17,6 +17,10 @@ Buffers go in without a copy through the buffer protocol (numpy arrays,
 bytes, memoryviews), torch CPU tensors or DLPack; views come out as numpy
 arrays over the registered memory (:class:`View`), valid until the library
 may write it again (see :mod:`afmesh._views` for exactly what is checked).
+A rank joined with ``device=N`` keeps its stage memory on GPU ``N``: it
+takes CUDA tensors (``__cuda_array_interface__``) and hands out
+:class:`DeviceView` objects that ``torch.as_tensor(v, device="cuda")``
+views in place.
 Every blocking call releases the GIL, and Ctrl-C ends it with
 KeyboardInterrupt within a few tens of milliseconds. Errors are
 :class:`Error` subclasses carrying the library's message.
@@ -34,6 +38,7 @@ from ._afmesh import (
     Busy,
     Combined,
     ConfigError,
+    DeviceView,
     DispatchHandle,
     Error,
     FfnRank,
@@ -65,6 +70,7 @@ __all__ = [
     "Busy",
     "Combined",
     "ConfigError",
+    "DeviceView",
     "DispatchHandle",
     "Error",
     "FfnRank",

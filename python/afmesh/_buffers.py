@@ -1,6 +1,8 @@
 """Turning objects without the buffer protocol into numpy views of the same
 memory (no copy), for afmesh's buffer arguments: torch CPU tensors (every
-dtype, bfloat16 included, viewed as bytes) and DLPack producers."""
+dtype, bfloat16 included, viewed as bytes) and DLPack producers; and, for
+ranks whose stage memory is on a GPU, the device address and length of a
+CUDA tensor or any ``__cuda_array_interface__`` object (``device_parts``)."""
 
 import numpy as np
 
@@ -28,11 +30,47 @@ def as_buffer(obj, writable, what):
     )
 
 
+def device_parts(obj, what):
+    """(device address, bytes) of a C-contiguous CUDA tensor or array, in
+    place (no copy), or a clear error."""
+    mod = type(obj).__module__ or ""
+    if mod.startswith("torch") and hasattr(obj, "data_ptr"):
+        # torch's own fields: its __cuda_array_interface__ refuses bfloat16.
+        if obj.device.type != "cuda":
+            raise InvalidArgument(
+                f"{what}: a {obj.device.type} tensor; this rank's stage memory is on a GPU "
+                "(pass a CUDA tensor)")
+        if not obj.is_contiguous():
+            raise InvalidArgument(f"{what}: the tensor is not contiguous (afmesh never copies it)")
+        return obj.data_ptr(), obj.numel() * obj.element_size()
+    try:
+        iface = obj.__cuda_array_interface__
+    except AttributeError:
+        raise InvalidArgument(
+            f"{what}: {type(obj).__name__} is not device memory; this rank's stage memory is on "
+            "a GPU: pass a CUDA tensor (an object with __cuda_array_interface__)") from None
+    shape = tuple(iface["shape"])
+    item = int(iface["typestr"][2:])
+    n = item
+    for d in shape:
+        n *= d
+    strides = iface.get("strides")
+    if strides is not None:
+        want, acc = [], item
+        for d in reversed(shape):
+            want.append(acc)
+            acc *= d
+        if tuple(reversed(want)) != tuple(strides) and n:
+            raise InvalidArgument(f"{what}: the array is not C-contiguous (afmesh never copies it)")
+    return int(iface["data"][0]), n
+
+
 def _torch(t, writable, what):
     if t.device.type != "cpu":
         raise Unsupported(
-            f"{what}: a {t.device.type} tensor; this build moves host memory only "
-            "(device memory comes with the GPU transport)")
+            f"{what}: a {t.device.type} tensor on a rank whose stage memory is host memory; "
+            "join with device= (Mesh.attention(spec, device=N), Mesh.ffn(spec, device=N)) "
+            "to move CUDA tensors")
     if not t.is_contiguous():
         raise InvalidArgument(f"{what}: the tensor is not contiguous (afmesh never copies it)")
     t = t.detach()

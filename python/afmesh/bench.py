@@ -8,6 +8,11 @@ child process, both in Python: ``dispatch`` + ``wait_combine_sum`` against
 found as ``--afmesh PATH``, ``$AFMESH_BIN``, ``target/release/afmesh`` up
 from here, or on ``PATH``). It prints both p50s and the difference: the
 microseconds Python adds per layer (dispatch + combine, both sides).
+
+``python -m afmesh.bench --recv-copy`` instead measures the copy
+``afmesh.fserver.register_recv_buffer`` costs per registered tensor in
+``get_batch`` (the slot's bytes into the registered part, as
+``fserver._registered`` does it), for a few tensor sizes.
 """
 
 import argparse
@@ -82,6 +87,23 @@ def python_layer(transport, warmup, iters):
     return np.percentile(times, 50) / 1e3, np.percentile(times, 99) / 1e3
 
 
+def recv_copy(sizes=(32 << 10, 1 << 20, 4 << 20), reps=200):
+    """p50 (us) of the registered-tensor copy per size in bytes."""
+    out = []
+    for n in sizes:
+        src = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)
+        dst = np.zeros(n + 64, np.uint8)
+        times = np.empty(reps, np.int64)
+        for i in range(reps):
+            t0 = time.perf_counter_ns()
+            np.copyto(dst[:n], src)
+            times[i] = time.perf_counter_ns() - t0
+        if not np.array_equal(dst[:n], src):
+            raise AssertionError("the copy is wrong")
+        out.append((n, np.percentile(times, 50) / 1e3))
+    return out
+
+
 def _find_afmesh(given):
     if given:
         return given
@@ -114,11 +136,18 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20000)
     p.add_argument("--warmup", type=int, default=2000)
     p.add_argument("--afmesh", help="path of the afmesh CLI (release build)")
+    p.add_argument("--recv-copy", action="store_true",
+                   help="measure register_recv_buffer's copy instead")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
         _ffn(args.serve, args.transport, 1, args.layers)
+        return 0
+    if args.recv_copy:
+        for n, us in recv_copy():
+            print(f"register_recv_buffer copy of {n >> 10} KiB: p50 {us:.2f} us "
+                  f"({n / us / 1e3:.1f} GB/s)")
         return 0
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be at least 1 and --warmup at least 0")

@@ -8,9 +8,9 @@ use afmesh::DispatchHandle as RustHandle;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::buffer::{Held, Keep};
+use crate::buffer::{device_parts, Held, Keep};
 use crate::common::{dtype_of, lock, stats_dict, Trace};
-use crate::errors::{invalid, to_py, StaleView};
+use crate::errors::{invalid, to_py, BufferSize, StaleView};
 use crate::mesh::StageSpec;
 use crate::views::{Lease, Root};
 use crate::wait::{blocking, seconds};
@@ -59,6 +59,8 @@ pub struct AttentionRank {
     m: usize,
     n: usize,
     spec: afmesh::StageSpec,
+    /// The stage memory's GPU, when it is on one.
+    device: Option<i32>,
     /// Caller memory, dropped after the rank (fields drop in order).
     keep: Keep,
 }
@@ -77,6 +79,10 @@ impl AttentionRank {
             m: r.attention_ranks(),
             n: r.ffn_ranks(),
             spec,
+            device: match r.memory() {
+                afmesh::transport::MemoryKind::Cuda { device } => Some(device),
+                _ => None,
+            },
             inner: Mutex::new(Some(r)),
             keep,
         }
@@ -94,15 +100,55 @@ impl AttentionRank {
         }
     }
 
+    /// `dispatch` on a rank whose stage memory is on a GPU: `tokens` is a
+    /// CUDA tensor (or `__cuda_array_interface__` object), copied device
+    /// to device into the send slot.
+    fn dispatch_device(
+        &self,
+        py: Python<'_>,
+        stage: u32,
+        tokens: &Bound<'_, PyAny>,
+        side: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<DispatchHandle> {
+        let (ptr, len) = device_parts(tokens, "dispatch tokens")?;
+        let s = side.map(|s| Held::read(s, "dispatch side")).transpose()?;
+        let row = self.spec.row_bytes as usize;
+        if row == 0 || !len.is_multiple_of(row) {
+            return Err(BufferSize::new_err(format!(
+                "dispatch tokens: {len} bytes are not whole rows of {row} bytes"
+            )));
+        }
+        let n = len / row;
+        let mut g = lock(&self.inner, WHAT)?;
+        let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
+        if n <= self.spec.max_tokens as usize && r.stage_idle(stage) {
+            self.revoke(Some(stage), "the stage was dispatched again");
+        }
+        let h = py
+            .detach(|| r.dispatch_device(stage, ptr, n, s.as_ref().map_or(&[][..], |s| s.bytes())))
+            .map_err(to_py)?;
+        Ok(DispatchHandle {
+            stage: h.stage(),
+            sequence: h.sequence(),
+        })
+    }
+
     /// The Python view of a combine just taken from `c`.
     fn combined(slf: &Bound<'_, Self>, c: &afmesh::Combined<'_>, stage: u32) -> PyResult<Combined> {
         let this = slf.get();
         let base = this.region.addr() as usize;
+        let len = c.tokens() * this.spec.out_row_bytes as usize;
         let parts = (0..c.len())
-            .map(|f| {
-                c.partial(f)
+            .map(|f| match this.device {
+                // Device memory: no host slice, its address.
+                Some(_) => c
+                    .partial_addr(f)
+                    .map(|p| ((p as usize).wrapping_sub(base), len))
+                    .unwrap_or((0, 0)),
+                None => c
+                    .partial(f)
                     .map(|p| ((p.as_ptr() as usize).wrapping_sub(base), p.len()))
-                    .unwrap_or((0, 0))
+                    .unwrap_or((0, 0)),
             })
             .collect();
         let traces = (0..c.len())
@@ -164,6 +210,9 @@ impl AttentionRank {
         tokens: &Bound<'_, PyAny>,
         side: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<DispatchHandle> {
+        if self.device.is_some() {
+            return self.dispatch_device(py, stage, tokens, side);
+        }
         let t = Held::read(tokens, "dispatch tokens")?;
         let s = side.map(|s| Held::read(s, "dispatch side")).transpose()?;
         let mut g = lock(&self.inner, WHAT)?;
@@ -361,6 +410,24 @@ impl AttentionRank {
         let g = lock(&self.inner, WHAT)?;
         let r = g.as_ref().ok_or_else(|| invalid("shut down"))?;
         stats_dict(py, &r.stats())
+    }
+
+    /// A barrier of the running mesh, through the scheduler: returns once
+    /// every rank of the named roles (this one's among them) has called
+    /// it; each rank of those roles must call each such barrier. Waits
+    /// with the GIL released up to `timeout` seconds, then raises
+    /// `afmesh.Timeout` (still inside: calling again with the same roles
+    /// waits on for the same barrier).
+    #[pyo3(signature = (attention = true, ffn = true, timeout = 30.0))]
+    fn barrier(&self, py: Python<'_>, attention: bool, ffn: bool, timeout: f64) -> PyResult<()> {
+        if !attention && !ffn {
+            return Err(invalid("barrier: name at least one role (attention, ffn)"));
+        }
+        let timeout = seconds(timeout, "timeout")?;
+        let mut g = lock(&self.inner, WHAT)?;
+        let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
+        let roles = afmesh::Roles { attention, ffn };
+        blocking(py, timeout, |slice| r.barrier(roles, slice))
     }
 
     /// Wakes this rank's blocked wait (from any thread): it raises

@@ -196,3 +196,22 @@ impl Held {
 /// Caller memory registered with a rank: kept exported for as long as the
 /// rank or any view of its region lives.
 pub type Keep = Option<Arc<Held>>;
+
+static DEVICE_PARTS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The device address and length of a C-contiguous CUDA tensor or
+/// `__cuda_array_interface__` object, in place (`afmesh._buffers.device_parts`
+/// reads them), for ranks whose stage memory is on a GPU. The caller keeps
+/// `obj` alive, and orders its reuse after the copies the call enqueues
+/// (the library's copies run on a blocking stream: work enqueued later on
+/// the legacy default stream, torch's default, runs after them).
+pub fn device_parts(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(u64, usize)> {
+    let py = obj.py();
+    let f = DEVICE_PARTS.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        Ok(py
+            .import("afmesh._buffers")?
+            .getattr("device_parts")?
+            .unbind())
+    })?;
+    f.bind(py).call1((obj, what))?.extract()
+}

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use afmesh::transport::Region;
 use pyo3::prelude::*;
 
-use crate::buffer::{Held, Keep};
+use crate::buffer::{device_parts, Held, Keep};
 use crate::common::{lock, stats_dict};
 use crate::errors::{invalid, to_py, BufferSize, StaleView};
 use crate::mesh::StageSpec;
@@ -27,6 +27,8 @@ pub struct FfnRank {
     m: usize,
     n: usize,
     spec: afmesh::StageSpec,
+    /// The stage memory's GPU, when it is on one.
+    device: Option<i32>,
     /// Caller memory, dropped after the rank (fields drop in order).
     keep: Keep,
 }
@@ -44,6 +46,10 @@ impl FfnRank {
             m: r.attention_ranks(),
             n: r.ffn_ranks(),
             spec: r.spec(),
+            device: match r.memory() {
+                afmesh::transport::MemoryKind::Cuda { device } => Some(device),
+                _ => None,
+            },
             inner: Mutex::new(Some(r)),
             keep,
         }
@@ -65,19 +71,75 @@ impl FfnRank {
             out.retain(|l| l.get().alive());
             out.push(lease.clone_ref(slf.py()));
         }
+        // Device memory has no host slices: the rows by address, the side
+        // blocks (small, host data) copied out once.
+        let row = b.row_bytes();
+        let (tokens_at, side_at, sides) = if this.device.is_some() {
+            let mut sides = Vec::with_capacity(senders);
+            for a in 0..senders {
+                let mut buf = vec![0u8; this.spec.side_bytes as usize];
+                let n = b.copy_side(a, &mut buf).map_err(to_py)?;
+                buf.truncate(n);
+                sides.push(buf);
+            }
+            let tokens_at = (0..senders)
+                .map(|a| {
+                    b.tokens_addr(a)
+                        .map(|p| ((p as usize).wrapping_sub(base), b.token_count(a) * row))
+                        .unwrap_or((0, 0))
+                })
+                .collect();
+            (tokens_at, vec![(0, 0); senders], Some(sides))
+        } else {
+            (
+                (0..senders).map(|a| at(b.tokens(a))).collect(),
+                (0..senders).map(|a| at(b.side(a))).collect(),
+                None,
+            )
+        };
         Ok(Batch {
             rank: slf.clone().unbind(),
             stage: b.stage(),
             sequence: b.sequence(),
-            row_bytes: b.row_bytes(),
+            row_bytes: row,
             counts: (0..senders).map(|a| b.token_count(a)).collect(),
-            tokens_at: (0..senders).map(|a| at(b.tokens(a))).collect(),
-            side_at: (0..senders).map(|a| at(b.side(a))).collect(),
+            tokens_at,
+            side_at,
+            sides,
             posted: (0..senders).map(|a| b.posted_ns(a)).collect(),
             landed: (0..senders).map(|a| b.landed_ns(a)).collect(),
             lease,
             inner: Mutex::new(Some(b)),
         })
+    }
+
+    /// `respond` on a rank whose stage memory is on a GPU: each output is
+    /// a CUDA tensor (or `__cuda_array_interface__` object) of exactly
+    /// `token_count(a) × out_row_bytes` bytes, copied device to device.
+    fn respond_device(
+        &self,
+        py: Python<'_>,
+        batch: &Batch,
+        outputs: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let out_row = self.spec.out_row_bytes as usize;
+        let mut ptrs = Vec::new();
+        for (a, o) in outputs.try_iter()?.enumerate() {
+            let (ptr, len) = device_parts(&o?, &format!("respond output {a}"))?;
+            let want = batch.counts.get(a).copied().unwrap_or(0) * out_row;
+            if len != want {
+                return Err(BufferSize::new_err(format!(
+                    "respond output {a}: {len} bytes, A{a} sent {} rows of {out_row} bytes back: {want}",
+                    batch.counts.get(a).copied().unwrap_or(0)
+                )));
+            }
+            ptrs.push(ptr);
+        }
+        let mut g = lock(&self.inner, WHAT)?;
+        let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
+        let b = Self::take(batch)?;
+        let res = py.detach(|| r.respond_device(b, &ptrs));
+        Self::settle(batch, res)
     }
 
     /// Takes the batch out of its Python object for an answer.
@@ -172,6 +234,9 @@ impl FfnRank {
     /// views end here: using one raises `afmesh.StaleView`. Refused
     /// arguments leave the batch as it was (answer it again).
     fn respond(&self, py: Python<'_>, batch: &Batch, outputs: &Bound<'_, PyAny>) -> PyResult<()> {
+        if self.device.is_some() {
+            return self.respond_device(py, batch, outputs);
+        }
         let held = outputs
             .try_iter()?
             .enumerate()
@@ -258,6 +323,24 @@ impl FfnRank {
         stats_dict(py, &r.stats())
     }
 
+    /// A barrier of the running mesh, through the scheduler: returns once
+    /// every rank of the named roles (this one's among them) has called
+    /// it; each rank of those roles must call each such barrier. Waits
+    /// with the GIL released up to `timeout` seconds, then raises
+    /// `afmesh.Timeout` (still inside: calling again with the same roles
+    /// waits on for the same barrier).
+    #[pyo3(signature = (attention = true, ffn = true, timeout = 30.0))]
+    fn barrier(&self, py: Python<'_>, attention: bool, ffn: bool, timeout: f64) -> PyResult<()> {
+        if !attention && !ffn {
+            return Err(invalid("barrier: name at least one role (attention, ffn)"));
+        }
+        let timeout = seconds(timeout, "timeout")?;
+        let mut g = lock(&self.inner, WHAT)?;
+        let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
+        let roles = afmesh::Roles { attention, ffn };
+        blocking(py, timeout, |slice| r.barrier(roles, slice))
+    }
+
     /// Wakes this rank's blocked wait (from any thread): it raises
     /// `afmesh.Interrupted`.
     fn interrupt(&self) {
@@ -324,6 +407,8 @@ pub struct Batch {
     counts: Vec<usize>,
     tokens_at: Vec<(usize, usize)>,
     side_at: Vec<(usize, usize)>,
+    /// The side blocks, copied out of device memory (device ranks only).
+    sides: Option<Vec<Vec<u8>>>,
     posted: Vec<u64>,
     landed: Vec<u64>,
     lease: Py<Lease>,
@@ -442,6 +527,18 @@ impl Batch {
         dtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check(a)?;
+        if let Some(sides) = &self.sides {
+            // Device memory: the copy taken when the batch arrived.
+            let dt = match dtype {
+                Some(d) => d.clone(),
+                None => "uint8".into_pyobject(py)?.into_any(),
+            };
+            let bytes = pyo3::types::PyBytes::new(py, &sides[a]);
+            return py
+                .import("numpy")?
+                .getattr("frombuffer")?
+                .call1((bytes, dt));
+        }
         self.view(py, self.side_at[a], dtype, None)
     }
 

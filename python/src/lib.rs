@@ -44,6 +44,7 @@ fn _afmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ffn::Batch>()?;
     m.add_class::<common::Trace>()?;
     m.add_class::<views::Memory>()?;
+    m.add_class::<views::DeviceView>()?;
     m.add_class::<views::Lease>()?;
     m.add_function(wrap_pyfunction!(get_nanosecond, m)?)?;
     Ok(())

@@ -194,6 +194,18 @@ impl Mesh {
     fn rank(&self) -> Option<u32> {
         self.cfg.rank
     }
+    /// The instance group whose mesh this process joins (StepMesh's
+    /// instance index; 0 without `DMLC_GROUP_SIZE`).
+    #[getter]
+    fn group(&self) -> u32 {
+        self.cfg.group
+    }
+    /// Instance groups of the job (`DMLC_GROUP_SIZE`, default 1), each
+    /// its own mesh.
+    #[getter]
+    fn groups(&self) -> u32 {
+        self.cfg.group_size
+    }
 
     fn __repr__(&self) -> String {
         format!(
@@ -224,57 +236,78 @@ impl Mesh {
     /// Joins as an attention rank. With `memory` (a writable, C-contiguous
     /// buffer of at least `attention_memory_len(spec)` bytes), combines land
     /// straight in it; it stays registered (and exported) until the rank
-    /// and every view of it are gone. Blocks until the mesh forms (GIL
-    /// released; Ctrl-C ends the wait).
-    #[pyo3(signature = (spec, memory = None))]
+    /// and every view of it are gone. With `device` (a CUDA device
+    /// ordinal), the stage memory is allocated on that GPU instead: links
+    /// use the cuda transport, `dispatch` takes CUDA tensors and combine
+    /// views are `DeviceView`s (`__cuda_array_interface__`). Blocks until
+    /// the mesh forms (GIL released; Ctrl-C ends the wait).
+    #[pyo3(signature = (spec, memory = None, device = None))]
     fn attention(
         &self,
         py: Python<'_>,
         spec: &StageSpec,
         memory: Option<&Bound<'_, PyAny>>,
+        device: Option<i32>,
     ) -> PyResult<AttentionRank> {
+        if memory.is_some() && device.is_some() {
+            return Err(invalid("attention: give memory= or device=, not both"));
+        }
         let (keep, region) = caller_region(memory, "attention memory")?;
         let mesh = afmesh::Mesh::new(self.cfg.clone());
         let spec = spec.rust();
-        let (rank, keep) = join(py, self.cfg.setup_timeout, keep, move || match region {
-            Some(r) => mesh.attention_with_region(spec, r),
-            None => mesh.attention(spec),
+        let (rank, keep) = join(py, self.cfg.setup_timeout, keep, move || {
+            match (region, device) {
+                (Some(r), _) => mesh.attention_with_region(spec, r),
+                (None, Some(d)) => mesh.attention_on_device(spec, d),
+                (None, None) => mesh.attention(spec),
+            }
         })?;
         self.pin()?;
         Ok(AttentionRank::new(rank, keep))
     }
 
     /// Joins as an FFN rank; `memory` as for `attention` (input slots,
-    /// `ffn_memory_len(spec)` bytes).
-    #[pyo3(signature = (spec, memory = None))]
+    /// `ffn_memory_len(spec)` bytes), `device` too (batch views are
+    /// `DeviceView`s, `respond` takes CUDA tensors).
+    #[pyo3(signature = (spec, memory = None, device = None))]
     fn ffn(
         &self,
         py: Python<'_>,
         spec: &StageSpec,
         memory: Option<&Bound<'_, PyAny>>,
+        device: Option<i32>,
     ) -> PyResult<FfnRank> {
+        if memory.is_some() && device.is_some() {
+            return Err(invalid("ffn: give memory= or device=, not both"));
+        }
         let (keep, region) = caller_region(memory, "ffn memory")?;
         let mesh = afmesh::Mesh::new(self.cfg.clone());
         let spec = spec.rust();
-        let (rank, keep) = join(py, self.cfg.setup_timeout, keep, move || match region {
-            Some(r) => mesh.ffn_with_region(spec, r),
-            None => mesh.ffn(spec),
+        let (rank, keep) = join(py, self.cfg.setup_timeout, keep, move || {
+            match (region, device) {
+                (Some(r), _) => mesh.ffn_with_region(spec, r),
+                (None, Some(d)) => mesh.ffn_on_device(spec, d),
+                (None, None) => mesh.ffn(spec),
+            }
         })?;
         self.pin()?;
         Ok(FfnRank::new(rank, keep))
     }
 
     /// Joins in the configured role (`role=` or AFMESH_ROLE / DMLC_ROLE).
-    #[pyo3(signature = (spec, memory = None))]
+    #[pyo3(signature = (spec, memory = None, device = None))]
     fn join(
         &self,
         py: Python<'_>,
         spec: &StageSpec,
         memory: Option<&Bound<'_, PyAny>>,
+        device: Option<i32>,
     ) -> PyResult<Py<PyAny>> {
         match self.cfg.role {
-            Some(Role::Attention) => Ok(Py::new(py, self.attention(py, spec, memory)?)?.into_any()),
-            Some(Role::Ffn) => Ok(Py::new(py, self.ffn(py, spec, memory)?)?.into_any()),
+            Some(Role::Attention) => {
+                Ok(Py::new(py, self.attention(py, spec, memory, device)?)?.into_any())
+            }
+            Some(Role::Ffn) => Ok(Py::new(py, self.ffn(py, spec, memory, device)?)?.into_any()),
             _ => Err(to_py(afmesh::Error::Config(
                 "no role configured: set AFMESH_ROLE (or DMLC_ROLE), or pass role=".into(),
             ))),
@@ -397,10 +430,12 @@ impl Scheduler {
 #[pymethods]
 impl Scheduler {
     /// Binds `addr` (`host:port`; port 0 picks one) and starts serving a
-    /// mesh of `attention` + `ffn` ranks. `token` is the cluster token the
-    /// ranks must prove (default: AFMESH_TOKEN / AFMESH_TOKEN_FILE).
+    /// mesh of `attention` + `ffn` ranks (`groups` of them, disjoint, as
+    /// StepMesh's `DMLC_GROUP_SIZE` instance groups). `token` is the
+    /// cluster token the ranks must prove (default: AFMESH_TOKEN /
+    /// AFMESH_TOKEN_FILE).
     #[new]
-    #[pyo3(signature = (addr, attention, ffn, *, job = None, token = None, join_timeout = 60.0))]
+    #[pyo3(signature = (addr, attention, ffn, *, job = None, token = None, join_timeout = 60.0, groups = 1))]
     fn new(
         addr: &str,
         attention: u32,
@@ -408,12 +443,17 @@ impl Scheduler {
         job: Option<String>,
         token: Option<String>,
         join_timeout: f64,
+        groups: u32,
     ) -> PyResult<Scheduler> {
+        if groups == 0 {
+            return Err(invalid("groups=0: a job has at least one instance group"));
+        }
         let token = match token {
             Some(t) => Some(Token::new(t).map_err(to_py)?),
             None => MeshConfig::token_from_env().map_err(to_py)?,
         };
         let cfg = SchedulerConfig {
+            groups,
             attention: Some(attention),
             ffn: Some(ffn),
             job,
@@ -427,8 +467,9 @@ impl Scheduler {
     /// The job's scheduler as the environment describes it, read by the
     /// library like a rank's configuration (`AFMESH_SCHEDULER` or
     /// `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`, `AFMESH_NUM_ATTENTION` or
-    /// `DMLC_NUM_WORKER`, `AFMESH_NUM_FFN` or `DMLC_NUM_SERVER`, the job,
-    /// the token, `AFMESH_SETUP_TIMEOUT_MS` as the join timeout); the role
+    /// `DMLC_NUM_WORKER`, `AFMESH_NUM_FFN` or `DMLC_NUM_SERVER`, one mesh
+    /// per `DMLC_GROUP_SIZE` instance group, the job, the token,
+    /// `AFMESH_SETUP_TIMEOUT_MS` as the join timeout); the role
     /// variables are not read (a StepMesh scheduler has
     /// `DMLC_ROLE=scheduler`). Binds and starts serving.
     #[staticmethod]
@@ -441,6 +482,7 @@ impl Scheduler {
         Self::start(
             &cfg.scheduler,
             SchedulerConfig {
+                groups: cfg.group_size,
                 attention: Some(cfg.attention),
                 ffn: Some(cfg.ffn),
                 job: Some(cfg.job),
@@ -491,6 +533,7 @@ impl Scheduler {
         let s = py.detach(|| h.join()).map_err(to_py)?;
         let d = pyo3::types::PyDict::new(py);
         d.set_item("epoch", s.epoch)?;
+        d.set_item("groups", s.groups)?;
         d.set_item("attention", s.attention)?;
         d.set_item("ffn", s.ffn)?;
         d.set_item("dropped", s.dropped)?;

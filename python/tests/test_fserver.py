@@ -1,6 +1,8 @@
 """afmesh.fserver as StepMesh's tests drive fserver_lib: a scheduler
 process, 2 workers and 2 servers from DMLC_* alone, several stages in
-flight, values verified; a lost server is an exception, not an abort."""
+flight, values verified; nodes of 2 processes (DMLC_GROUP_SIZE=2), each
+instance group its own mesh; a lost server is an exception, not an
+abort."""
 
 import signal
 
@@ -31,6 +33,22 @@ def test_fserver_2_workers_2_servers(procs):
              for role in ("worker", "server") for i in range(2)]
     for p in ranks + [sched]:
         code, out = procs.finish(p, 30)
+        assert code == 0 and out.strip().endswith("ok"), out
+
+
+def test_fserver_instance_groups_are_separate_meshes(procs):
+    """StepMesh's multi-GPU launch: 2 worker nodes and 2 server nodes of 2
+    processes each (STEPMESH_GPU 0 and 1). Instance g of every node is in
+    group g's 2x2 mesh; fserver_rank.py checks that each server saw only
+    its group's workers, and each worker only its group's servers."""
+    port = free_port()
+    extra = {"DMLC_GROUP_SIZE": 2}
+    sched = procs.spawn("fserver_rank.py", env("scheduler", None, port, extra), 3)
+    ranks = [procs.spawn("fserver_rank.py",
+                         env(role, node, port, dict(extra, STEPMESH_GPU=gpu)), 3)
+             for role in ("worker", "server") for node in range(2) for gpu in range(2)]
+    for p in ranks + [sched]:
+        code, out = procs.finish(p, 60)
         assert code == 0 and out.strip().endswith("ok"), out
 
 

@@ -211,3 +211,40 @@ def test_a_refused_dispatch_leaves_the_last_combine_views_valid(pair):
     with pytest.raises(afmesh.Error):
         a.dispatch(0, too_many)
     assert np.array_equal(p.reshape(-1), x), "the refused dispatch revoked nothing"
+
+
+def test_barrier_after_traffic(pair):
+    """A barrier of the running mesh, through the (embedded) scheduler:
+    it waits for every rank of the named roles, times out when one is
+    missing (and can then be waited on again), and refuses a rank the
+    barrier leaves out."""
+    a, f = pair(SPEC)
+    x = np.ones((1, 4), np.float32)
+    h = a.dispatch(0, x)
+    b = f.get_batch(5)
+    f.respond(b, [b.tokens(0, np.float32)])
+    a.wait_combine(h, 5)
+    # Attention ranks only: this is the only one.
+    a.barrier(attention=True, ffn=False, timeout=5)
+    # Both roles: the FFN rank has not entered yet.
+    t0 = time.monotonic()
+    with pytest.raises(afmesh.Timeout, match="barrier"):
+        a.barrier(timeout=0.2)
+    assert time.monotonic() - t0 < 2
+    # Still inside: the FFN rank's entry releases it.
+    done = []
+    t = threading.Thread(target=lambda: done.append(f.barrier(timeout=5)))
+    t.start()
+    a.barrier(timeout=5)
+    t.join(5)
+    assert done == [None]
+    # Numbered per role set: the next one is a fresh barrier, and works too.
+    t = threading.Thread(target=lambda: f.barrier(timeout=5))
+    t.start()
+    a.barrier(timeout=5)
+    t.join(5)
+    assert not t.is_alive()
+    with pytest.raises(afmesh.InvalidArgument, match="ffn rank"):
+        f.barrier(attention=True, ffn=False, timeout=1)
+    with pytest.raises(afmesh.InvalidArgument, match="at least one role"):
+        f.barrier(attention=False, ffn=False)

@@ -744,6 +744,17 @@ impl AttentionRank {
         self.engine.report(text)
     }
 
+    /// A barrier of the running mesh, through the scheduler: returns once
+    /// every rank of `roles` (this one's role among them) has called it,
+    /// or fails with `Timeout` after `timeout` — still inside the barrier:
+    /// calling again with the same `roles` waits on for the same one.
+    /// Barriers of one set of roles are numbered, so each rank of the set
+    /// must call each of them. A rank that died or left holds the barrier
+    /// until the timeout. An error on a simulated mesh (no scheduler).
+    pub fn barrier(&mut self, roles: crate::Roles, timeout: std::time::Duration) -> Result<()> {
+        self.engine.sync(roles, timeout)
+    }
+
     /// Leaves the mesh in order: closes the links, tells the scheduler.
     pub fn shutdown(mut self) -> Result<()> {
         self.engine.shutdown();

@@ -9,27 +9,29 @@
 //!
 //! A StepMesh "node" runs `DMLC_GROUP_SIZE` processes (default 1), one per
 //! GPU, and `DMLC_NUM_WORKER` / `DMLC_NUM_SERVER` count nodes, not
-//! processes: ps-lite's scheduler admits `DMLC_NUM_WORKER ×
-//! DMLC_GROUP_SIZE` worker instances and `DMLC_NUM_SERVER ×
-//! DMLC_GROUP_SIZE` server instances (`Postoffice::num_worker_instances`),
-//! and `fserver.init()` starts a process as rank `DMLC_GROUP_SIZE ×
-//! DMLC_NODE_RANK + STEPMESH_GPU + DMLC_RANK_OFFSET` (each default 0). So
-//! here, where no `AFMESH_*` name is set:
+//! processes. `fserver.init()` starts a process as instance rank
+//! `R = DMLC_GROUP_SIZE × DMLC_NODE_RANK + STEPMESH_GPU + DMLC_RANK_OFFSET`
+//! (each default 0), and instance `g` of a worker node talks only to
+//! instance `g` of each server node (ps-lite's `GroupServerRankToInstanceID(s,
+//! g) = s × DMLC_GROUP_SIZE + g`; fserver's server count is
+//! `DMLC_NUM_SERVER`). So a StepMesh job is `DMLC_GROUP_SIZE` disjoint
+//! meshes under one scheduler, and here, where no `AFMESH_*` name is set:
 //!
-//! * M = `DMLC_NUM_WORKER × DMLC_GROUP_SIZE`, N = `DMLC_NUM_SERVER ×
-//!   DMLC_GROUP_SIZE`;
-//! * the rank is that formula when any of `DMLC_NODE_RANK`,
-//!   `STEPMESH_GPU`, `DMLC_RANK_OFFSET` is set (else the scheduler picks);
+//! * the process joins instance group `g = R mod DMLC_GROUP_SIZE`
+//!   ([`MeshConfig::group`]; `DMLC_INSTANCE_ID`, when set, must agree), as
+//!   rank `R / DMLC_GROUP_SIZE` (its node's rank), when any of
+//!   `DMLC_NODE_RANK`, `STEPMESH_GPU`, `DMLC_RANK_OFFSET` is set (else
+//!   the scheduler picks the rank, and a group size above 1 is an error:
+//!   the group would be unknown);
+//! * its mesh is M = `DMLC_NUM_WORKER`, N = `DMLC_NUM_SERVER`;
 //! * `DMLC_ROLE=scheduler` names the process that runs the rendezvous
 //!   server ([`MeshConfig::is_scheduler`]); it listens on
-//!   `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`, where the ranks connect.
+//!   `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`, where the ranks connect, and
+//!   forms every group's mesh.
 //!
-//! `AFMESH_NUM_ATTENTION`, `AFMESH_NUM_FFN` and `AFMESH_RANK` are totals
-//! and a rank as they are (the group size does not scale them) and win
-//! over the `DMLC_*` names. One difference in the data path: StepMesh
-//! wires instance g of a worker node only to instance g of each server
-//! node (`DMLC_GROUP_SIZE` disjoint meshes under one scheduler), while an
-//! afmesh mesh links every attention rank to every FFN rank.
+//! `AFMESH_NUM_ATTENTION`, `AFMESH_NUM_FFN` and `AFMESH_RANK` keep their
+//! meaning, the size of the mesh this process joins and its rank in it,
+//! and win over the `DMLC_*` names.
 
 use std::time::Duration;
 
@@ -96,8 +98,11 @@ pub struct MeshConfig {
     /// server ([`MeshConfig::bind_scheduler`]) instead of joining.
     pub is_scheduler: bool,
     /// Processes per StepMesh node (`DMLC_GROUP_SIZE`, default 1): the
-    /// factor between `DMLC_NUM_WORKER`/`DMLC_NUM_SERVER` and M/N.
+    /// number of instance groups, each its own mesh, the job forms.
     pub group_size: u32,
+    /// This process's instance group, below `group_size` (StepMesh's
+    /// instance index: `R mod DMLC_GROUP_SIZE`): the mesh it joins.
+    pub group: u32,
     /// Rendezvous server, `host:port`.
     pub scheduler: String,
     /// Attention ranks (M).
@@ -144,6 +149,7 @@ impl MeshConfig {
             role: None,
             is_scheduler: false,
             group_size: 1,
+            group: 0,
             scheduler: scheduler.into(),
             attention,
             ffn,
@@ -182,7 +188,7 @@ impl MeshConfig {
         let need = |c: Option<u32>, a: &str, b: &str| {
             c.ok_or_else(|| Error::config(format!("{a} (or {b}) is not set")))
         };
-        let (attention, ffn) = counts(&get, group_size)?;
+        let (attention, ffn) = counts(&get)?;
         let attention = need(attention, "AFMESH_NUM_ATTENTION", "DMLC_NUM_WORKER")?;
         let ffn = need(ffn, "AFMESH_NUM_FFN", "DMLC_NUM_SERVER")?;
         let mut c = MeshConfig::new(scheduler, attention, ffn);
@@ -199,7 +205,16 @@ impl MeshConfig {
                 }
             }
         }
-        if let Some((r, why)) = rank(&get, group_size)? {
+        let place = rank(&get, group_size)?;
+        if let Some(p) = &place {
+            c.group = p.group;
+        } else if group_size > 1 && c.role.is_some() {
+            return Err(Error::config(format!(
+                "DMLC_GROUP_SIZE={group_size}: set STEPMESH_GPU (or DMLC_NODE_RANK, DMLC_RANK_OFFSET) to place this process in one of the {group_size} instance groups"
+            )));
+        }
+        let own = opt_u32(&get, "AFMESH_RANK")?.map(|r| (r, "AFMESH_RANK".to_string()));
+        if let Some((r, why)) = own.or(place.map(|p| (p.rank, p.why))) {
             let count = match c.role {
                 Some(Role::Attention) => c.attention,
                 Some(Role::Ffn) => c.ffn,
@@ -278,6 +293,7 @@ impl MeshConfig {
     /// fresh one), as `afmesh scheduler` runs it.
     pub fn scheduler_config(&self) -> SchedulerConfig {
         SchedulerConfig {
+            groups: self.group_size,
             attention: Some(self.attention),
             ffn: Some(self.ffn),
             job: Some(self.job.clone()),
@@ -304,12 +320,13 @@ impl MeshConfig {
 
     /// What `get` says about a standalone rendezvous server: where to
     /// listen (`AFMESH_SCHEDULER`, or `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`),
-    /// the counts (as for ranks, group size included), `AFMESH_JOB` and
+    /// the counts and instance groups (as for ranks), `AFMESH_JOB` and
     /// the token. Unset parts are `None`; a set but bad one is an error.
     pub fn scheduler_from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<SchedulerEnv> {
-        let group = group_size(&get)?;
-        let (attention, ffn) = counts(&get, group)?;
+        let groups = group_size(&get)?;
+        let (attention, ffn) = counts(&get)?;
         Ok(SchedulerEnv {
+            groups,
             addr: address(&get)?,
             attention,
             ffn,
@@ -320,15 +337,17 @@ impl MeshConfig {
 }
 
 /// A standalone rendezvous server as the environment describes it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SchedulerEnv {
     /// Where to listen: `AFMESH_SCHEDULER`, or
     /// `DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`.
     pub addr: Option<String>,
-    /// Attention ranks (`AFMESH_NUM_ATTENTION`, or `DMLC_NUM_WORKER ×
-    /// DMLC_GROUP_SIZE`).
+    /// Instance groups, each its own mesh (`DMLC_GROUP_SIZE`, default 1).
+    pub groups: u32,
+    /// Attention ranks of each mesh (`AFMESH_NUM_ATTENTION`, or
+    /// `DMLC_NUM_WORKER`).
     pub attention: Option<u32>,
-    /// FFN ranks (`AFMESH_NUM_FFN`, or `DMLC_NUM_SERVER × DMLC_GROUP_SIZE`).
+    /// FFN ranks of each mesh (`AFMESH_NUM_FFN`, or `DMLC_NUM_SERVER`).
     pub ffn: Option<u32>,
     /// `AFMESH_JOB`.
     pub job: Option<String>,
@@ -416,21 +435,14 @@ fn group_size(get: &dyn Fn(&str) -> Option<String>) -> Result<u32> {
     }
 }
 
-/// M and N, where set: `AFMESH_NUM_*` as they are, else the StepMesh
-/// node counts times the group size.
-fn counts(get: &dyn Fn(&str) -> Option<String>, group: u32) -> Result<(Option<u32>, Option<u32>)> {
+/// M and N of the mesh, where set: `AFMESH_NUM_*`, else StepMesh's node
+/// counts (one instance of each node per group's mesh).
+fn counts(get: &dyn Fn(&str) -> Option<String>) -> Result<(Option<u32>, Option<u32>)> {
     let one = |ours: &str, theirs: &str| -> Result<Option<u32>> {
-        if let Some(n) = opt_u32(get, ours)? {
-            return Ok(Some(n));
-        }
-        match opt_u32(get, theirs)? {
-            None => Ok(None),
-            Some(nodes) => nodes.checked_mul(group).map(Some).ok_or_else(|| {
-                Error::config(format!(
-                    "{theirs}={nodes} × DMLC_GROUP_SIZE={group} overflows"
-                ))
-            }),
-        }
+        Ok(match opt_u32(get, ours)? {
+            Some(n) => Some(n),
+            None => opt_u32(get, theirs)?,
+        })
     };
     Ok((
         one("AFMESH_NUM_ATTENTION", "DMLC_NUM_WORKER")?,
@@ -438,13 +450,21 @@ fn counts(get: &dyn Fn(&str) -> Option<String>, group: u32) -> Result<(Option<u3
     ))
 }
 
-/// The rank and where it came from: `AFMESH_RANK`, else StepMesh's
-/// `DMLC_GROUP_SIZE × DMLC_NODE_RANK + STEPMESH_GPU + DMLC_RANK_OFFSET`
-/// when any of the three is set, else `None`.
-fn rank(get: &dyn Fn(&str) -> Option<String>, group: u32) -> Result<Option<(u32, String)>> {
-    if let Some(r) = opt_u32(get, "AFMESH_RANK")? {
-        return Ok(Some((r, "AFMESH_RANK".into())));
-    }
+/// Where StepMesh's names place a process.
+struct Place {
+    /// Its instance group.
+    group: u32,
+    /// Its rank in that group's mesh.
+    rank: u32,
+    /// How it was computed, for errors.
+    why: String,
+}
+
+/// StepMesh's instance rank `R = DMLC_GROUP_SIZE × DMLC_NODE_RANK +
+/// STEPMESH_GPU + DMLC_RANK_OFFSET`, when any of the three is set, as
+/// group `R mod DMLC_GROUP_SIZE` and rank `R / DMLC_GROUP_SIZE`; else
+/// `None`. `DMLC_INSTANCE_ID`, when set, must name the same group.
+fn rank(get: &dyn Fn(&str) -> Option<String>, group: u32) -> Result<Option<Place>> {
     let node = opt_u32(get, "DMLC_NODE_RANK")?;
     let gpu = opt_u32(get, "STEPMESH_GPU")?;
     let offset = opt_u32(get, "DMLC_RANK_OFFSET")?;
@@ -452,15 +472,32 @@ fn rank(get: &dyn Fn(&str) -> Option<String>, group: u32) -> Result<Option<(u32,
         return Ok(None);
     }
     let (node, gpu, offset) = (node.unwrap_or(0), gpu.unwrap_or(0), offset.unwrap_or(0));
-    let why = format!(
+    let terms = format!(
         "DMLC_GROUP_SIZE {group} × DMLC_NODE_RANK {node} + STEPMESH_GPU {gpu} + DMLC_RANK_OFFSET {offset}"
     );
     let r = group
         .checked_mul(node)
         .and_then(|r| r.checked_add(gpu))
         .and_then(|r| r.checked_add(offset))
-        .ok_or_else(|| Error::config(format!("rank {why} overflows")))?;
-    Ok(Some((r, why)))
+        .ok_or_else(|| Error::config(format!("rank {terms} overflows")))?;
+    let (g, rank) = (r % group, r / group);
+    if let Some(id) = opt_u32(get, "DMLC_INSTANCE_ID")? {
+        if id != g {
+            return Err(Error::config(format!(
+                "DMLC_INSTANCE_ID={id}, but the instance rank {r} ({terms}) is in instance group {g}"
+            )));
+        }
+    }
+    let why = if group == 1 {
+        terms
+    } else {
+        format!("instance rank {r} = {terms}: group {g}, rank {r} / {group}")
+    };
+    Ok(Some(Place {
+        group: g,
+        rank,
+        why,
+    }))
 }
 
 fn default_host_id() -> String {

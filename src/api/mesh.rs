@@ -236,6 +236,7 @@ impl Mesh {
             let s = Scheduler::bind(
                 &cfg.scheduler,
                 SchedulerConfig {
+                    groups: cfg.group_size,
                     attention: Some(cfg.attention),
                     ffn: Some(cfg.ffn),
                     job: Some(cfg.job.clone()),
@@ -333,6 +334,8 @@ impl Mesh {
         let hello = Message::Hello {
             version: BOOTSTRAP_VERSION,
             job: cfg.job.clone(),
+            group: cfg.group,
+            groups: cfg.group_size,
             role,
             preferred_rank: cfg.rank,
             m: cfg.attention,

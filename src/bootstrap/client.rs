@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::{auth, connect_retry, recv, recv_by, send, ClockOffset, Token};
 use crate::error::{Error, Peer, Result};
-use crate::proto::{Entry, FailCause, Message, Role};
+use crate::proto::{Entry, FailCause, Message, Role, Roles};
 
 /// Why the scheduler says this setup attempt is over.
 #[derive(Debug, Clone)]
@@ -134,6 +134,10 @@ pub struct Session {
     inbox: Receiver<Inbound>,
     watch: SetupWatch,
     said_bye: bool,
+    /// Running barriers passed, by role set (attention, ffn, both).
+    synced: [u64; 3],
+    /// The running barrier entered and not released yet.
+    pending: Option<Roles>,
 }
 
 /// A connection to the server on which the hello has not been sent yet:
@@ -231,6 +235,8 @@ impl Connecting {
             inbox,
             watch: self.watch,
             said_bye: false,
+            synced: [0; 3],
+            pending: None,
         })
     }
 
@@ -313,6 +319,73 @@ impl Session {
         }
     }
 
+    /// A barrier of the running mesh: waits (up to `timeout`) until every
+    /// rank of `roles` has entered it, this one included. After a timeout
+    /// the rank is still inside: calling again with the same `roles` goes
+    /// on waiting for the same barrier (other roles are refused until it
+    /// is released). A rank that left or died holds the barrier until the
+    /// timeout.
+    pub fn sync(&mut self, roles: Roles, timeout: Duration) -> Result<()> {
+        if !roles.has(self.role) {
+            return Err(Error::invalid(format!(
+                "barrier of {roles} ranks: this is an {} rank",
+                self.role
+            )));
+        }
+        let k = match (roles.attention, roles.ffn) {
+            (true, false) => 0,
+            (false, true) => 1,
+            _ => 2,
+        };
+        let seq = self.synced[k];
+        match self.pending {
+            Some(r) if r == roles => {}
+            Some(r) => {
+                return Err(Error::invalid(format!(
+                    "barrier of {roles} ranks: this rank is still inside a barrier of {r} ranks; wait for that one first"
+                )))
+            }
+            None => {
+                send(
+                    &mut self.stream,
+                    &Message::SyncEnter { seq, roles },
+                    self.io_timeout,
+                    &self.server,
+                )?;
+                self.pending = Some(roles);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        match self.inbox.recv_deadline(deadline) {
+            Ok(Inbound::Message(Message::SyncRelease { seq: s, roles: r }))
+                if s == seq && r == roles =>
+            {
+                self.pending = None;
+                self.synced[k] += 1;
+                Ok(())
+            }
+            Ok(Inbound::Message(other)) => Err(Error::BadFrame {
+                peer: self.server.clone(),
+                reason: format!(
+                    "expected the release of barrier {seq} of {roles} ranks, got {}",
+                    other.kind()
+                ),
+            }),
+            Ok(Inbound::Closed) | Err(RecvTimeoutError::Disconnected) => Err(Error::PeerLost {
+                peer: Peer::Scheduler,
+                reason: "the scheduler connection ended during a barrier".into(),
+            }),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                op: "barrier",
+                peer: format!(
+                    "scheduler {}: barrier {seq} of {roles} ranks not released",
+                    self.server
+                ),
+                after: timeout,
+            }),
+        }
+    }
+
     /// The watch over this setup attempt.
     pub fn watch(&self) -> SetupWatch {
         self.watch.clone()
@@ -382,6 +455,8 @@ mod tests {
         Message::Hello {
             version: crate::proto::bootstrap::BOOTSTRAP_VERSION,
             job: "j".into(),
+            group: 0,
+            groups: 1,
             role: Role::Attention,
             preferred_rank: Some(0),
             m: 1,

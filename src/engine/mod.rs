@@ -287,6 +287,15 @@ impl Engine {
         self.support.report(text)
     }
 
+    /// A barrier of the running mesh through the scheduler.
+    pub(crate) fn sync(
+        &mut self,
+        roles: crate::proto::Roles,
+        timeout: std::time::Duration,
+    ) -> Result<()> {
+        self.support.sync(roles, timeout)
+    }
+
     /// Leaves in order: tells every peer (closing the links), then the
     /// scheduler.
     pub(crate) fn shutdown(&mut self) {

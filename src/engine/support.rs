@@ -29,6 +29,21 @@ impl Support {
         }
     }
 
+    /// A barrier of the running mesh, through the scheduler (see
+    /// `Session::sync`).
+    pub(crate) fn sync(
+        &mut self,
+        roles: crate::proto::Roles,
+        timeout: std::time::Duration,
+    ) -> crate::error::Result<()> {
+        match &mut self.session {
+            Some(s) => s.sync(roles, timeout),
+            None => Err(crate::error::Error::invalid(
+                "barrier: this rank has no scheduler (a simulated mesh)",
+            )),
+        }
+    }
+
     /// Says goodbye to the scheduler. Bounded; never blocks on an embedded
     /// scheduler.
     pub(crate) fn shutdown(&mut self) {

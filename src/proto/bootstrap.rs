@@ -24,13 +24,18 @@
 //! where the server may instead answer `Refused` (this rank is not
 //! admitted) or, to every rank of an attempt at once, `JobFailed` (the job
 //! cannot form: a rank was refused, died, or the mesh did not form in
-//! time).
+//! time). Between the barrier and `Bye`, a running mesh's ranks may
+//! synchronise again: `SyncEnter` → `SyncRelease`, numbered per set of
+//! roles, released once every rank of those roles has entered.
 
 use super::codec::{DecodeError, Reader, Writer};
 
 /// Bootstrap protocol version, carried in `Hello`.
 /// 5: `ClockProbe`/`ClockEcho` before the hello (clock offsets for traces).
-pub const BOOTSTRAP_VERSION: u16 = 5;
+/// 6: the hello names the rank's instance group (`group` of `groups`:
+/// StepMesh's `DMLC_GROUP_SIZE` disjoint meshes under one scheduler), and
+/// `SyncEnter`/`SyncRelease` give a running mesh barriers.
+pub const BOOTSTRAP_VERSION: u16 = 6;
 /// Most clock probes the server answers on one connection.
 pub const MAX_CLOCK_PROBES: u32 = 64;
 /// Bytes of a handshake nonce.
@@ -70,6 +75,49 @@ impl std::fmt::Display for Role {
         f.write_str(match self {
             Role::Attention => "attention",
             Role::Ffn => "ffn",
+        })
+    }
+}
+
+/// Which roles a running mesh's barrier ([`Message::SyncEnter`]) waits
+/// for: at least one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Roles {
+    /// Attention ranks take part.
+    pub attention: bool,
+    /// FFN ranks take part.
+    pub ffn: bool,
+}
+
+impl Roles {
+    /// Whether ranks of `role` take part.
+    pub fn has(self, role: Role) -> bool {
+        match role {
+            Role::Attention => self.attention,
+            Role::Ffn => self.ffn,
+        }
+    }
+    fn to_u8(self) -> u8 {
+        u8::from(self.attention) | (u8::from(self.ffn) << 1)
+    }
+    fn from_u8(v: u8) -> Result<Roles, DecodeError> {
+        match v {
+            1..=3 => Ok(Roles {
+                attention: v & 1 != 0,
+                ffn: v & 2 != 0,
+            }),
+            _ => Err(DecodeError::new(format!("roles: unknown set {v}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Roles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.attention, self.ffn) {
+            (true, true) => "attention and ffn",
+            (true, false) => "attention",
+            (false, true) => "ffn",
+            (false, false) => "no",
         })
     }
 }
@@ -156,6 +204,10 @@ pub enum Message {
         version: u16,
         /// Job name; ranks of another job are refused.
         job: String,
+        /// The rank's instance group: the mesh of the job it joins.
+        group: u32,
+        /// Instance groups (disjoint meshes) the rank expects the job to have.
+        groups: u32,
         /// Role.
         role: Role,
         /// Preferred rank, if any.
@@ -258,6 +310,21 @@ pub enum Message {
         /// The rank's wall clock when it sent this (ns).
         sent_ns: u64,
     },
+    /// Rank → server, in a running mesh: I reached barrier `seq` of
+    /// `roles` (the ranks count their barriers per set of roles).
+    SyncEnter {
+        /// This rank's count of earlier barriers of `roles`.
+        seq: u64,
+        /// Who the barrier waits for.
+        roles: Roles,
+    },
+    /// Server → every rank of `roles`: all of them entered barrier `seq`.
+    SyncRelease {
+        /// The barrier's number.
+        seq: u64,
+        /// Who it waited for.
+        roles: Roles,
+    },
     /// Server → rank: the answer to a probe, at once.
     ClockEcho {
         /// The probe's `sent_ns`, echoed.
@@ -304,6 +371,8 @@ impl Message {
             Message::Report { .. } => "report",
             Message::ClockProbe { .. } => "clock probe",
             Message::ClockEcho { .. } => "clock echo",
+            Message::SyncEnter { .. } => "barrier entry (running)",
+            Message::SyncRelease { .. } => "barrier release (running)",
         }
     }
 
@@ -315,6 +384,8 @@ impl Message {
             Message::Hello {
                 version,
                 job,
+                group,
+                groups,
                 role,
                 preferred_rank,
                 m,
@@ -326,6 +397,8 @@ impl Message {
                 w.u8(1);
                 w.u16(*version);
                 w.str(job);
+                w.u32(*group);
+                w.u32(*groups);
                 w.u8(role.to_u8());
                 w.u32(preferred_rank.map_or(u32::MAX, |r| r));
                 w.u32(*m);
@@ -438,6 +511,16 @@ impl Message {
                 w.u64(*received_ns);
                 w.u64(*sent_ns);
             }
+            Message::SyncEnter { seq, roles } => {
+                w.u8(17);
+                w.u64(*seq);
+                w.u8(roles.to_u8());
+            }
+            Message::SyncRelease { seq, roles } => {
+                w.u8(18);
+                w.u64(*seq);
+                w.u8(roles.to_u8());
+            }
         }
         let mut b = w.finish();
         let len = (b.len() - 4) as u32;
@@ -470,11 +553,20 @@ impl Message {
                     )));
                 }
                 let job = r.str("job")?;
+                let group = r.u32("group")?;
+                let groups = r.u32("groups")?;
+                if groups == 0 || group >= groups {
+                    return Err(DecodeError::new(format!(
+                        "hello: instance group {group} of {groups}"
+                    )));
+                }
                 let role = Role::from_u8(r.u8("role")?)?;
                 let pr = r.u32("preferred_rank")?;
                 Message::Hello {
                     version,
                     job,
+                    group,
+                    groups,
                     role,
                     preferred_rank: (pr != u32::MAX).then_some(pr),
                     m: r.u32("m")?,
@@ -579,6 +671,14 @@ impl Message {
                 probe_ns: r.u64("probe_ns")?,
                 received_ns: r.u64("received_ns")?,
                 sent_ns: r.u64("sent_ns")?,
+            },
+            17 => Message::SyncEnter {
+                seq: r.u64("seq")?,
+                roles: Roles::from_u8(r.u8("roles")?)?,
+            },
+            18 => Message::SyncRelease {
+                seq: r.u64("seq")?,
+                roles: Roles::from_u8(r.u8("roles")?)?,
             },
             t => return Err(DecodeError::new(format!("tag: unknown message {t}"))),
         };

@@ -2,8 +2,8 @@
  * process: test_scheduler PORT
  *
  * The environment is StepMesh's (DMLC_ROLE=scheduler, DMLC_PS_ROOT_URI,
- * DMLC_PS_ROOT_PORT, one worker and one server node of DMLC_GROUP_SIZE=2
- * processes): afmesh_env_role says scheduler, joining as a rank is
+ * DMLC_PS_ROOT_PORT, two worker and two server nodes of one process):
+ * afmesh_env_role says scheduler, joining as a rank is
  * refused, afmesh_scheduler_new_from_env listens where the ranks connect
  * and admits 2 + 2 ranks, which join from four threads, run verified
  * layers and leave; then the server reports success. Misuse (NULLs, a
@@ -111,9 +111,8 @@ int main(int argc, char **argv) {
     setenv("DMLC_ROLE", "scheduler", 1);
     setenv("DMLC_PS_ROOT_URI", "127.0.0.1", 1);
     setenv("DMLC_PS_ROOT_PORT", argv[1], 1);
-    setenv("DMLC_NUM_WORKER", "1", 1);
-    setenv("DMLC_NUM_SERVER", "1", 1);
-    setenv("DMLC_GROUP_SIZE", "2", 1);
+    setenv("DMLC_NUM_WORKER", "2", 1);
+    setenv("DMLC_NUM_SERVER", "2", 1);
     setenv("DMLC_NODE_RANK", "0", 1);
 
     uint32_t role = 99;

@@ -157,26 +157,58 @@ fn stepmesh(extra: &[(&str, &str)]) -> Result<MeshConfig> {
 }
 
 #[test]
-fn stepmesh_groups_count_processes_and_give_ranks() {
-    // 2 worker nodes and 1 server node of 4 processes each.
+fn stepmesh_groups_are_meshes_of_nodes() {
+    // 2 worker nodes and 1 server node of 4 processes each: 4 meshes of
+    // 2A+1F, instance g of every node in mesh g, ranked by node.
     let c = stepmesh(&[
         ("DMLC_ROLE", "worker"),
         ("DMLC_NODE_RANK", "1"),
         ("STEPMESH_GPU", "3"),
     ])
     .unwrap();
-    assert_eq!((c.attention, c.ffn, c.group_size), (8, 4, 4));
-    assert_eq!((c.role, c.rank), (Some(Role::Attention), Some(7)));
-    // The offset shifts it; node rank defaults to 0 like fserver's.
+    assert_eq!((c.attention, c.ffn, c.group_size), (2, 1, 4));
+    assert_eq!(
+        (c.role, c.group, c.rank),
+        (Some(Role::Attention), 3, Some(1))
+    );
+    // The offset shifts the instance rank (1 + 2 = 3: group 3, node 0);
+    // node rank defaults to 0 like fserver's.
     let c = stepmesh(&[
         ("DMLC_ROLE", "server"),
         ("STEPMESH_GPU", "1"),
         ("DMLC_RANK_OFFSET", "2"),
     ])
     .unwrap();
-    assert_eq!((c.role, c.rank), (Some(Role::Ffn), Some(3)));
-    // None of the three: the scheduler picks.
-    assert_eq!(stepmesh(&[("DMLC_ROLE", "server")]).unwrap().rank, None);
+    assert_eq!((c.role, c.group, c.rank), (Some(Role::Ffn), 3, Some(0)));
+    // DMLC_INSTANCE_ID must agree with the group.
+    let ok = [
+        ("DMLC_ROLE", "server"),
+        ("STEPMESH_GPU", "2"),
+        ("DMLC_INSTANCE_ID", "2"),
+    ];
+    assert_eq!(stepmesh(&ok).unwrap().group, 2);
+    let e = stepmesh(&[
+        ("DMLC_ROLE", "server"),
+        ("STEPMESH_GPU", "2"),
+        ("DMLC_INSTANCE_ID", "1"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("DMLC_INSTANCE_ID=1") && e.contains("instance group 2"),
+        "{e}"
+    );
+    // None of the three: a group of one lets the scheduler pick; a larger
+    // group cannot place the process.
+    let one = [("DMLC_ROLE", "server"), ("DMLC_GROUP_SIZE", "1")];
+    assert_eq!(stepmesh(&one).unwrap().rank, None);
+    let e = stepmesh(&[("DMLC_ROLE", "server")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("DMLC_GROUP_SIZE=4") && e.contains("STEPMESH_GPU"),
+        "{e}"
+    );
     // A rank past the mesh names every term.
     let e = stepmesh(&[
         ("DMLC_ROLE", "server"),
@@ -186,9 +218,9 @@ fn stepmesh_groups_count_processes_and_give_ranks() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("rank 4")
+        e.contains("rank 1")
             && e.contains("DMLC_GROUP_SIZE 4 × DMLC_NODE_RANK 1")
-            && e.contains("4 ffn ranks"),
+            && e.contains("1 ffn ranks"),
         "{e}"
     );
     let e = stepmesh(&[("DMLC_GROUP_SIZE", "0")])
@@ -207,11 +239,12 @@ fn afmesh_names_keep_their_meaning_beside_a_group() {
         ("AFMESH_NUM_ATTENTION", "3"),
         ("AFMESH_RANK", "2"),
         ("DMLC_NODE_RANK", "5"),
+        ("STEPMESH_GPU", "1"),
         ("AFMESH_ROLE", "attention"),
     ])
     .unwrap();
-    // AFMESH_NUM_ATTENTION is a total; DMLC_NUM_SERVER still scales.
-    assert_eq!((c.attention, c.ffn, c.rank), (3, 4, Some(2)));
+    // The mesh's size and the rank in it, as set; the group from DMLC_*.
+    assert_eq!((c.attention, c.ffn, c.rank, c.group), (3, 1, Some(2), 1));
 }
 
 #[test]
@@ -220,7 +253,7 @@ fn the_scheduler_role_is_reported_and_configures_the_server() {
     assert!(c.is_scheduler);
     assert_eq!(c.role, None);
     let s = c.scheduler_config();
-    assert_eq!((s.attention, s.ffn), (Some(8), Some(4)));
+    assert_eq!((s.attention, s.ffn, s.groups), (Some(2), Some(1), 4));
     assert_eq!(c.scheduler, "10.0.0.1:8123");
     // Joining as a rank says what the process is instead.
     let e = crate::Mesh::new(c.clone())
@@ -259,7 +292,7 @@ fn a_standalone_scheduler_reads_what_is_set() {
     assert!(s.addr.is_none() && s.attention.is_none() && s.ffn.is_none());
     let s = look(&STEPMESH).unwrap();
     assert_eq!(s.addr.as_deref(), Some("10.0.0.1:8123"));
-    assert_eq!((s.attention, s.ffn), (Some(8), Some(4)));
+    assert_eq!((s.attention, s.ffn, s.groups), (Some(2), Some(1), 4));
     let s = look(&[
         ("AFMESH_SCHEDULER", "127.0.0.1:9"),
         ("DMLC_PS_ROOT_URI", "x"),

@@ -52,12 +52,13 @@ enum Cmd {
         /// File holding the cluster token (default: AFMESH_TOKEN_FILE).
         #[arg(long)]
         token_file: Option<std::path::PathBuf>,
-        /// Attention ranks to admit (default: AFMESH_NUM_ATTENTION, else
-        /// DMLC_NUM_WORKER × DMLC_GROUP_SIZE, else the first rank's hello).
+        /// Attention ranks to admit to each mesh (default:
+        /// AFMESH_NUM_ATTENTION, else DMLC_NUM_WORKER, else the first rank's
+        /// hello); DMLC_GROUP_SIZE meshes (instance groups) are formed.
         #[arg(long)]
         attention: Option<u32>,
-        /// FFN ranks to admit (default: AFMESH_NUM_FFN, else
-        /// DMLC_NUM_SERVER × DMLC_GROUP_SIZE, else the first rank's hello).
+        /// FFN ranks to admit to each mesh (default: AFMESH_NUM_FFN, else
+        /// DMLC_NUM_SERVER, else the first rank's hello).
         #[arg(long)]
         ffn: Option<u32>,
         /// Job name (default: AFMESH_JOB, else the first rank's hello).
@@ -266,6 +267,7 @@ fn scheduler(
     let s = Scheduler::bind(
         &addr,
         SchedulerConfig {
+            groups: env.groups,
             attention: attention.or(env.attention),
             ffn: ffn.or(env.ffn),
             job: job.or(env.job),
@@ -283,8 +285,12 @@ fn scheduler(
 fn serve(s: Scheduler, json: bool) -> Result<()> {
     eprintln!("afmesh scheduler listening on {}", s.local_addr()?);
     let summary = s.run()?;
+    let meshes = match summary.groups {
+        1 => "mesh".to_string(),
+        g => format!("{g} instance groups, each a mesh"),
+    };
     eprintln!(
-        "afmesh scheduler: mesh {}A+{}F (epoch {:#x}) finished; {} stray connections dropped, {} failed the token, {} setup attempts failed before it",
+        "afmesh scheduler: {meshes} {}A+{}F (epoch {:#x}) finished; {} stray connections dropped, {} failed the token, {} setup attempts failed before it",
         summary.attention,
         summary.ffn,
         summary.epoch,
@@ -293,7 +299,9 @@ fn serve(s: Scheduler, json: bool) -> Result<()> {
         summary.failed_attempts
     );
     if !summary.reports.is_empty() {
-        let s = summary::gather(&summary.reports, summary.attention, summary.ffn);
+        // Of several groups, the ranks are StepMesh's instance ranks.
+        let g = summary.groups;
+        let s = summary::gather(&summary.reports, summary.attention * g, summary.ffn * g);
         if json {
             println!("{}", s.json());
         } else {

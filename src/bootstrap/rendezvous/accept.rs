@@ -78,6 +78,8 @@ fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Eve
     match first {
         Ok(Message::Hello {
             job,
+            group,
+            groups,
             role,
             preferred_rank,
             m,
@@ -91,6 +93,8 @@ fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Eve
             from,
             ask: Ask {
                 job,
+                group,
+                groups,
                 role,
                 preferred_rank,
                 m,

@@ -95,6 +95,12 @@ impl Attempt {
                 ));
             }
         }
+        if ask.groups != self.groups {
+            return Some(format!(
+                "{who} expects {} instance groups, the job has {}: start every process with the same DMLC_GROUP_SIZE",
+                ask.groups, self.groups
+            ));
+        }
         if ask.m == 0 || ask.n == 0 {
             return Some(format!(
                 "{who} asked for a {}A+{}F mesh: a mesh needs at least one attention and one FFN rank",
@@ -229,6 +235,8 @@ mod tests {
             stream,
             ask: Ask {
                 job: "j".into(),
+                group: 0,
+                groups: 1,
                 role,
                 preferred_rank: rank,
                 m,
@@ -250,6 +258,7 @@ mod tests {
         let first = &members[0];
         let name = first.name();
         Attempt {
+            groups: 1,
             m: Some((first.ask.m, name.clone())),
             n: Some(first.ask.n),
             job: Some((first.ask.job.clone(), name.clone())),
@@ -264,6 +273,7 @@ mod tests {
                     entered: false,
                     left: false,
                     report: None,
+                    synced: [0; 3],
                 })
                 .collect(),
             deadline: Instant::now(),
@@ -278,6 +288,19 @@ mod tests {
             .problem(&joiner(Role::Attention, Some(1), 2, 1, 64))
             .unwrap();
         assert_eq!(p, "A1 asked for max_tokens 64, the job has 128 (set by F0)");
+    }
+
+    #[test]
+    fn a_group_count_mismatch_names_the_variable() {
+        let a = attempt_with(vec![joiner(Role::Ffn, Some(0), 1, 1, 8)]);
+        let mut j = joiner(Role::Attention, Some(0), 1, 1, 8);
+        (j.ask.group, j.ask.groups) = (1, 2);
+        let p = a.problem(&j).unwrap();
+        assert!(
+            p.contains("A0 of instance group 1 expects 2 instance groups, the job has 1")
+                && p.contains("DMLC_GROUP_SIZE"),
+            "{p}"
+        );
     }
 
     #[test]

@@ -18,6 +18,15 @@
 //!
 //! Connections that are not ranks of the job — garbage, a wrong cluster
 //! token — are dropped with a logged reason; the job goes on.
+//!
+//! A job of several instance groups ([`SchedulerConfig::groups`],
+//! StepMesh's `DMLC_GROUP_SIZE`) is that many disjoint meshes: each hello
+//! names its group, and each group forms, fails and retries on its own,
+//! with its own epoch; the server finishes once every group's mesh has.
+//!
+//! A formed mesh may synchronise again: ranks send `SyncEnter` numbered
+//! per set of roles, and once every rank of those roles has entered that
+//! number, each hears `SyncRelease`.
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,13 +41,16 @@ mod attempt;
 
 use super::{auth, recv, recv_by, send, Token};
 use crate::error::{Error, Result};
-use crate::proto::{Entry, FailCause, Geometry, Message, Role};
+use crate::proto::{Entry, FailCause, Geometry, Message, Role, Roles};
 use accept::accept_loop;
 use attempt::{assign_ranks, label, peer, refuse};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// Instance groups, each its own mesh of `attention` + `ffn` ranks
+    /// (StepMesh's `DMLC_GROUP_SIZE`; default 1).
+    pub groups: u32,
     /// Attention ranks to admit; `None`: take it from the first hello.
     pub attention: Option<u32>,
     /// FFN ranks to admit; `None`: take it from the first hello.
@@ -63,6 +75,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
+            groups: 1,
             attention: None,
             ffn: None,
             job: None,
@@ -77,11 +90,13 @@ impl Default for SchedulerConfig {
 /// What a finished run saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
-    /// The mesh's epoch.
+    /// The mesh's epoch (of several instance groups: group 0's).
     pub epoch: u64,
-    /// Attention ranks.
+    /// Instance groups, each a mesh of `attention` + `ffn` ranks.
+    pub groups: u32,
+    /// Attention ranks (of each group's mesh).
     pub attention: u32,
-    /// FFN ranks.
+    /// FFN ranks (of each group's mesh).
     pub ffn: u32,
     /// Connections dropped for not speaking the protocol.
     pub dropped: u32,
@@ -90,7 +105,8 @@ pub struct Summary {
     /// Setup attempts that failed before the one that formed.
     pub failed_attempts: u32,
     /// What ranks reported before leaving ([`Message::Report`]), by role
-    /// then rank.
+    /// then rank; of several instance groups, ranked as StepMesh's
+    /// instances, `rank × groups + group`.
     pub reports: Vec<(Role, u32, String)>,
 }
 
@@ -105,6 +121,8 @@ pub struct Scheduler {
 #[derive(Debug)]
 struct Ask {
     job: String,
+    group: u32,
+    groups: u32,
     role: Role,
     preferred_rank: Option<u32>,
     m: u32,
@@ -125,12 +143,17 @@ struct Joiner {
 impl Joiner {
     /// How errors name it: by the rank it asked for, or by where it is.
     fn name(&self) -> String {
-        match self.ask.preferred_rank {
+        let name = match self.ask.preferred_rank {
             Some(r) => label(self.ask.role, r),
             None => format!(
                 "an {} rank (host {}, {})",
                 self.ask.role, self.ask.host_id, self.from
             ),
+        };
+        if self.ask.groups > 1 {
+            format!("{name} of instance group {}", self.ask.group)
+        } else {
+            name
         }
     }
 }
@@ -150,6 +173,11 @@ enum Event {
         id: u64,
         why: String,
     },
+    /// An instance group's server finished (several groups only).
+    Finished {
+        group: u32,
+        result: Result<Summary>,
+    },
 }
 
 /// A rank admitted to the current attempt.
@@ -163,6 +191,9 @@ struct Member {
     left: bool,
     /// What it reported before leaving, if anything.
     report: Option<String>,
+    /// Running barriers entered, by role set: how many (the next one's
+    /// number).
+    synced: [u64; 3],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +206,8 @@ enum Phase {
 /// A setup attempt: what the job is so far, and who is in it.
 #[derive(Debug)]
 struct Attempt {
+    /// Instance groups the job has: every hello must expect as many.
+    groups: u32,
     m: Option<(u32, String)>,
     n: Option<u32>,
     job: Option<(String, String)>,
@@ -268,15 +301,11 @@ impl Scheduler {
                 .spawn(move || accept_loop(listener, tx, stop, token, hello_timeout))
                 .map_err(|e| Error::io("spawn accept thread", e))?
         };
-        let result = Server {
-            cfg: &self.cfg,
-            tx,
-            next_id: 0,
-            dropped: 0,
-            auth_failures: 0,
-            failed_attempts: 0,
-        }
-        .serve(&rx);
+        let result = if self.cfg.groups <= 1 {
+            Server::new(&self.cfg, tx.clone(), None).serve(&rx)
+        } else {
+            self.serve_groups(&tx, &rx)
+        };
         stop.store(true, Ordering::SeqCst);
         // Wake the acceptor so it sees the stop flag.
         let _ = TcpStream::connect_timeout(&wake_addr(addr), Duration::from_secs(1));
@@ -291,19 +320,142 @@ impl Scheduler {
     }
 }
 
-/// The main loop's state.
+impl Scheduler {
+    /// Several instance groups: one server loop per group, each on its own
+    /// thread and channel; this thread hands each hello to its group's
+    /// loop and merges what they saw.
+    fn serve_groups(&self, tx: &Sender<Event>, rx: &Receiver<Event>) -> Result<Summary> {
+        let groups = self.cfg.groups;
+        std::thread::scope(|scope| {
+            let mut doors: Vec<Option<Sender<Event>>> = Vec::new();
+            for g in 0..groups {
+                let (gtx, grx) = crossbeam_channel::unbounded::<Event>();
+                let (cfg, done, own) = (&self.cfg, tx.clone(), gtx.clone());
+                std::thread::Builder::new()
+                    .name(format!("afmesh-sched-g{g}"))
+                    .spawn_scoped(scope, move || {
+                        let result = Server::new(cfg, own, Some(g)).serve(&grx);
+                        let _ = done.send(Event::Finished { group: g, result });
+                    })
+                    .map_err(|e| Error::io("spawn instance group server", e))?;
+                doors.push(Some(gtx));
+            }
+            let mut results: Vec<Option<Result<Summary>>> = (0..groups).map(|_| None).collect();
+            let (mut dropped, mut auth_failures) = (0, 0);
+            while results.iter().any(Option::is_none) {
+                // Never disconnected: this thread holds a sender.
+                let Ok(ev) = rx.recv() else { break };
+                match ev {
+                    Event::Hello(mut j) => match doors.get(j.ask.group as usize) {
+                        Some(Some(door)) => {
+                            let _ = door.send(Event::Hello(j));
+                        }
+                        Some(None) => {
+                            let reason = format!(
+                                "instance group {}'s mesh is over: this scheduler has finished it",
+                                j.ask.group
+                            );
+                            refuse(&mut j, &reason);
+                        }
+                        None => {
+                            let reason = format!(
+                                "{} names instance group {} of {}, this job has {groups} groups: start every process with the same DMLC_GROUP_SIZE",
+                                j.name(),
+                                j.ask.group,
+                                j.ask.groups
+                            );
+                            tracing::warn!(from = %j.from, "refusing rank: {reason}");
+                            refuse(&mut j, &reason);
+                        }
+                    },
+                    Event::Dropped => dropped += 1,
+                    Event::AuthFailed => auth_failures += 1,
+                    Event::Finished { group, result } => {
+                        if let Err(e) = &result {
+                            tracing::warn!("instance group {group}: {e}");
+                        }
+                        doors[group as usize] = None;
+                        results[group as usize] = Some(result);
+                    }
+                    Event::Said { .. } | Event::Gone { .. } => {}
+                }
+            }
+            merge(results, groups, dropped, auth_failures)
+        })
+    }
+}
+
+/// One summary of every group's: counts added, reports ranked as
+/// StepMesh's instances; the first group's error, if any failed.
+fn merge(
+    results: Vec<Option<Result<Summary>>>,
+    groups: u32,
+    dropped: u32,
+    auth_failures: u32,
+) -> Result<Summary> {
+    let mut all = Vec::new();
+    for r in results {
+        all.push(r.unwrap_or_else(|| {
+            Err(Error::Shutdown(
+                "an instance group's server ended unheard".into(),
+            ))
+        })?);
+    }
+    let mut reports = Vec::new();
+    for (g, s) in all.iter_mut().enumerate() {
+        reports.extend(
+            s.reports
+                .drain(..)
+                .map(|(role, r, t)| (role, r * groups + g as u32, t)),
+        );
+    }
+    reports.sort_by_key(|(role, r, _)| (*role == Role::Ffn, *r));
+    Ok(Summary {
+        epoch: all.first().map_or(0, |s| s.epoch),
+        groups,
+        attention: all.first().map_or(0, |s| s.attention),
+        ffn: all.first().map_or(0, |s| s.ffn),
+        dropped: dropped + all.iter().map(|s| s.dropped).sum::<u32>(),
+        auth_failures: auth_failures + all.iter().map(|s| s.auth_failures).sum::<u32>(),
+        failed_attempts: all.iter().map(|s| s.failed_attempts).sum(),
+        reports,
+    })
+}
+
+/// The main loop's state: one mesh (one instance group's).
 struct Server<'a> {
     cfg: &'a SchedulerConfig,
     tx: Sender<Event>,
+    /// The instance group it serves, when the job has several.
+    group: Option<u32>,
     next_id: u64,
     dropped: u32,
     auth_failures: u32,
     failed_attempts: u32,
 }
 
-impl Server<'_> {
+impl<'a> Server<'a> {
+    fn new(cfg: &'a SchedulerConfig, tx: Sender<Event>, group: Option<u32>) -> Server<'a> {
+        Server {
+            cfg,
+            tx,
+            group,
+            next_id: 0,
+            dropped: 0,
+            auth_failures: 0,
+            failed_attempts: 0,
+        }
+    }
+
+    /// `"instance group 1: "`, when the job has several.
+    fn prefix(&self) -> String {
+        self.group
+            .map_or(String::new(), |g| format!("instance group {g}: "))
+    }
+
     fn fresh(&self) -> Attempt {
         Attempt {
+            groups: self.cfg.groups,
             m: self.cfg.attention.map(|m| (m, "the scheduler".to_string())),
             n: self.cfg.ffn,
             job: self
@@ -360,6 +512,7 @@ impl Server<'_> {
                 Ok(Event::Hello(j)) => self.hello(&mut a, *j),
                 Ok(Event::Said { id, msg }) => self.said(&mut a, id, msg),
                 Ok(Event::Gone { id, why }) => self.gone(&mut a, id, &why),
+                Ok(Event::Finished { .. }) => continue,
             };
             match outcome {
                 Ok(None) => {}
@@ -374,6 +527,7 @@ impl Server<'_> {
                     return Ok(Summary {
                         reports,
                         epoch,
+                        groups: 1,
                         attention: a.m.map_or(0, |x| x.0),
                         ffn: a.n.unwrap_or(0),
                         dropped: self.dropped,
@@ -403,15 +557,15 @@ impl Server<'_> {
     /// Ends the attempt: every member hears why at once.
     fn fail(&mut self, a: &mut Attempt, f: Failed) {
         self.failed_attempts += 1;
+        let reason = format!("{}{}", self.prefix(), f.reason);
         tracing::warn!(
-            "setup attempt failed, telling {} ranks: {}",
+            "setup attempt failed, telling {} ranks: {reason}",
             a.members.len(),
-            f.reason
         );
         let msg = Message::JobFailed {
             cause: f.cause,
             rank: f.rank,
-            reason: f.reason,
+            reason,
         };
         for m in &mut a.members {
             let j = &mut m.joiner;
@@ -471,6 +625,7 @@ impl Server<'_> {
             entered: false,
             left: false,
             report: None,
+            synced: [0; 3],
         });
         if a.full() {
             self.send_books(a)?;
@@ -539,13 +694,17 @@ impl Server<'_> {
                         }
                     }
                     a.phase = Phase::Running { epoch };
-                    tracing::info!(epoch, "mesh {} formed", a.size());
+                    tracing::info!(epoch, "{}mesh {} formed", self.prefix(), a.size());
                 }
                 Ok(None)
             }
             (Phase::Running { .. }, Message::Bye) => Ok(self.left(a, i)),
             (Phase::Running { .. }, Message::Report { text }) => {
                 a.members[i].report = Some(text);
+                Ok(None)
+            }
+            (Phase::Running { .. }, Message::SyncEnter { seq, roles }) => {
+                self.sync(a, i, seq, roles);
                 Ok(None)
             }
             (Phase::Gathering | Phase::Barrier { .. }, Message::Bye) => Err(Failed {
@@ -570,6 +729,49 @@ impl Server<'_> {
                     other.kind()
                 ),
             }),
+        }
+    }
+
+    /// Member `i` entered running barrier `seq` of `roles`: once every
+    /// member of those roles has, each hears the release. A member out of
+    /// step (a barrier it does not take part in, a number it is not at) is
+    /// logged and ignored: it times out waiting, its peers too.
+    fn sync(&mut self, a: &mut Attempt, i: usize, seq: u64, roles: Roles) {
+        let k = match (roles.attention, roles.ffn) {
+            (true, false) => 0,
+            (false, true) => 1,
+            _ => 2,
+        };
+        let role = a.members[i].joiner.ask.role;
+        if !roles.has(role) || a.members[i].synced[k] != seq {
+            tracing::warn!(
+                "{}{} entered barrier {seq} of {roles} ranks out of step (it is at {})",
+                self.prefix(),
+                a.name(i),
+                a.members[i].synced[k]
+            );
+            return;
+        }
+        a.members[i].synced[k] += 1;
+        let all = a
+            .members
+            .iter()
+            .filter(|m| roles.has(m.joiner.ask.role))
+            .all(|m| m.synced[k] > seq);
+        if !all {
+            return;
+        }
+        let io_to = self.cfg.hello_timeout;
+        let release = Message::SyncRelease { seq, roles };
+        for mem in a
+            .members
+            .iter_mut()
+            .filter(|m| roles.has(m.joiner.ask.role))
+        {
+            let j = &mut mem.joiner;
+            if let Err(e) = send(&mut j.stream, &release, io_to, &j.from.to_string()) {
+                tracing::warn!(from = %j.from, "barrier release not sent: {e}");
+            }
         }
     }
 

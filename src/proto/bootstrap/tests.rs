@@ -18,6 +18,8 @@ fn samples() -> Vec<Message> {
         Message::Hello {
             version: BOOTSTRAP_VERSION,
             job: "job".into(),
+            group: 1,
+            groups: 2,
             role: Role::Ffn,
             preferred_rank: Some(3),
             m: 2,
@@ -86,7 +88,47 @@ fn samples() -> Vec<Message> {
             received_ns: 1 << 60,
             sent_ns: (1 << 60) + 5,
         },
+        Message::SyncEnter {
+            seq: 3,
+            roles: Roles {
+                attention: true,
+                ffn: false,
+            },
+        },
+        Message::SyncRelease {
+            seq: 3,
+            roles: Roles {
+                attention: true,
+                ffn: true,
+            },
+        },
     ]
+}
+
+#[test]
+fn a_hello_outside_its_groups_is_refused() {
+    let mut hello = samples().remove(0);
+    if let Message::Hello { group, .. } = &mut hello {
+        *group = 2;
+    }
+    let e = decode_frame(&hello.encode()).unwrap_err();
+    assert!(e.0.contains("instance group 2 of 2"), "{e}");
+}
+
+#[test]
+fn an_empty_role_set_is_refused() {
+    let mut b = Message::SyncEnter {
+        seq: 0,
+        roles: Roles {
+            attention: true,
+            ffn: true,
+        },
+    }
+    .encode();
+    let last = b.len() - 1;
+    b[last] = 0;
+    let e = Message::decode(&b[4..]).unwrap_err();
+    assert!(e.0.contains("roles"), "{e}");
 }
 
 #[test]
@@ -123,7 +165,7 @@ proptest! {
     }
 
     #[test]
-    fn truncated_samples_error(i in 0usize..17, cut in 1usize..64) {
+    fn truncated_samples_error(i in 0usize..19, cut in 1usize..64) {
         let m = &samples()[i];
         let b = m.encode();
         let body = &b[4..];
@@ -138,6 +180,8 @@ proptest! {
         let msg = Message::Hello {
             version: BOOTSTRAP_VERSION,
             job,
+            group: 0,
+            groups: 1,
             role: Role::Attention,
             preferred_rank: pr,
             m,
