@@ -157,6 +157,108 @@ fn two_by_two_four_qps_striped_verified() {
     }
 }
 
+/// A JSON array of numbers (`"rail_messages":[3,4]`).
+fn nums(json: &str, key: &str) -> Vec<u64> {
+    let k = format!("\"{key}\":[");
+    let at = json
+        .find(&k)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + k.len();
+    let rest = &json[at..];
+    let body = &rest[..rest.find(']').unwrap()];
+    body.split(',')
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{key} in {json}")))
+        .collect()
+}
+
+/// A rank's per-rail counters: `rails` rails, each carrying messages
+/// and bytes, adding up to the rank's messages.
+fn assert_rails(line: &str, rails: usize) {
+    assert_eq!(num(line, "rails") as usize, rails, "{line}");
+    let msgs = nums(line, "rail_messages");
+    let bytes = nums(line, "rail_bytes");
+    assert_eq!((msgs.len(), bytes.len()), (rails, rails), "{line}");
+    assert!(
+        msgs.iter().all(|&m| m > 0),
+        "every rail carried messages: {line}"
+    );
+    assert!(
+        bytes.iter().all(|&b| b > 0),
+        "every rail carried bytes: {line}"
+    );
+    assert_eq!(msgs.iter().sum::<u64>(), num(line, "messages"), "{line}");
+}
+
+/// Two NICs per rank (`AFMESH_IB_DEVICE=softverbs0,softverbs1`): a 2A2F
+/// mesh verified, its links spread over both rails on every rank (rail
+/// i meets rail i: A_a and F_f meet on rail (a + f) mod 2), and the post
+/// path's promises kept.
+#[test]
+fn two_rails_per_rank_2x2_verified() {
+    let lines = run_verified(
+        "rails",
+        2,
+        2,
+        &["--iters", "5", "--warmup", "2"],
+        &[
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs0,softverbs1"),
+        ],
+    );
+    for l in &lines {
+        assert_counters(l, 1);
+        assert_rails(l, 2);
+    }
+}
+
+/// Two rails on the attention ranks, one on the FFN ranks: links pair
+/// the rails round-robin (said in the log), all verified; the attention
+/// ranks still use both of theirs.
+#[test]
+fn mismatched_rail_counts_pair_round_robin() {
+    let two = "softverbs0,softverbs1";
+    let mut mesh = start(
+        "railmix",
+        2,
+        2,
+        &["--iters", "3", "--warmup", "1"],
+        &[("SOFTVERBS_DEVICES", "2")],
+        &[
+            ("A0", "AFMESH_IB_DEVICE", two),
+            ("A1", "AFMESH_IB_DEVICE", two),
+            ("A0", "AFMESH_LOG", "afmesh=info"),
+            ("F0", "AFMESH_IB_DEVICE", "softverbs1"),
+            ("F1", "AFMESH_IB_DEVICE", "softverbs0"),
+        ],
+    );
+    let mut lines = Vec::new();
+    for p in &mut mesh.ranks {
+        let st = p.wait_exit(Duration::from_secs(60));
+        let out = p.output();
+        assert!(st.success(), "{}:\n{out}", p.name);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap()
+            .to_string();
+        assert_eq!(field(&line, "errors"), "0", "{line}");
+        assert_counters(&line, 1);
+        lines.push((p.name.clone(), line, out));
+    }
+    for (who, line, out) in &lines {
+        let rails = if who.starts_with('A') { 2 } else { 1 };
+        assert_rails(line, rails);
+        if who == "A0" {
+            assert!(
+                out.contains("paired round-robin"),
+                "A0 says how it paired the rails:\n{out}"
+            );
+        }
+    }
+    assert!(mesh.sched.wait_exit(Duration::from_secs(10)).success());
+}
+
 /// Odd sizes, wider types, 3×2, one QP.
 #[test]
 fn three_by_two_odd_sizes_verified() {
@@ -337,6 +439,29 @@ fn no_rdma_device_is_named() {
     lone_rank_fails(
         &[("LD_PRELOAD", &so), ("AFMESH_IB_DEVICE", "mlx5_9")],
         &["no RDMA device \"mlx5_9\""],
+    );
+}
+
+/// A bad name in a list of several NICs is an error naming it (the good
+/// ones are not used alone), as is a device listed twice.
+#[test]
+fn a_bad_device_in_a_rail_list_is_named() {
+    let so = softverbs();
+    lone_rank_fails(
+        &[
+            ("LD_PRELOAD", &so),
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs0,mlx5_9,softverbs1"),
+        ],
+        &["no RDMA device \"mlx5_9\""],
+    );
+    lone_rank_fails(
+        &[
+            ("LD_PRELOAD", &so),
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs1,softverbs1"),
+        ],
+        &["softverbs1 is listed twice"],
     );
 }
 
