@@ -397,8 +397,8 @@ fn injected_error_completion_is_peer_lost() {
     assert_all_lost(&mut mesh, None, "F0");
     let a0 = mesh.ranks[1].output();
     assert!(
-        a0.contains("IBV_WC_REM_ACCESS_ERR"),
-        "A0 names the status:\n{a0}"
+        a0.contains("IBV_WC_REM_ACCESS_ERR") && a0.contains("softverbs0:1"),
+        "A0 names the status and the rail's device:\n{a0}"
     );
     let st = mesh.sched.wait_exit(Duration::from_secs(10));
     assert!(st.success(), "{}", mesh.sched.output());

@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// The rail pairs (ours, the peer's) a link between ranks `my_rank` and
+/// `peer_rank` (of the two roles) may use, best first, with `mine` and
+/// `theirs` rails at the two ends: round-robin by the ranks' sum, which
+/// both ends compute alike (each sees the other's pairs mirrored).
+pub(super) fn rail_pairs(
+    my_rank: u32,
+    peer_rank: u32,
+    mine: usize,
+    theirs: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    let s = my_rank as usize + peer_rank as usize;
+    let (mine, theirs) = (mine.max(1), theirs.max(1));
+    (0..mine.max(theirs)).map(move |t| ((s + t) % mine, (s + t) % theirs))
+}
+
 impl VerbsTransport {
     /// An RC QP on rail `r`, in INIT.
     pub(super) fn create_qp(&mut self, r: usize) -> Result<Qp> {
@@ -283,11 +298,8 @@ impl VerbsTransport {
         peer_rank: u32,
         ep: &PeerEndpoint,
     ) -> std::result::Result<(usize, usize), String> {
-        let (mine, theirs) = (self.rails.len(), ep.rails.len());
-        let s = my_rank as usize + peer_rank as usize;
         let mut why = Vec::new();
-        for t in 0..mine.max(theirs) {
-            let (a, b) = ((s + t) % mine, (s + t) % theirs);
+        for (a, b) in rail_pairs(my_rank, peer_rank, self.rails.len(), ep.rails.len()) {
             match self.rail_reaches(a, &ep.rails[b]) {
                 Ok(()) => return Ok((a, b)),
                 Err(e) => why.push(format!("{} to its rail {b}: {e}", self.rails[a].name())),
