@@ -34,11 +34,11 @@
 //!   `AFMESH_IB_PROBE_MS`, is the liveness probe: a peer that died leaves
 //!   it unacknowledged, and the retry-exceeded completion takes the link
 //!   down.
-//! * **Arrivals** consume receives of the rail's shared receive queue, reposted
-//!   in batches; each rail's CQ is polled in batches; a rank that waits parks on
-//!   every rail's completion channel fd in one wait, each CQ armed only
-//!   right before it parks ([`Transport::arm`]), so a spinning rank costs
-//!   its peers no event wake-ups.
+//! * **Arrivals** consume receives of the rail's shared receive queue,
+//!   reposted in batches; each rail's CQ is polled in batches; a rank that
+//!   waits parks on every rail's completion channel fd in one wait, each
+//!   CQ armed only right before it parks ([`Transport::arm`]), so a
+//!   spinning rank costs its peers no event wake-ups.
 //! * **Errors.** An error completion or a QP's fatal async event takes
 //!   that link down, once, with the verbs status named; flushed requests
 //!   are drained, never retried. Other links go on.
