@@ -210,9 +210,11 @@ impl VerbsTransport {
                         Ok(()) => self.counters.flushes += 1,
                         Err(libc::ENOMEM) => {}
                         Err(rc) => {
+                            let l = &self.links[link];
                             let reason = format!(
-                                "verbs: ibv_post_send (probe) to {} failed: {}",
-                                self.links[link].peer,
+                                "verbs: ibv_post_send (probe) to {} on {} failed: {}",
+                                l.peer,
+                                self.rails[l.rail].name(),
                                 std::io::Error::from_raw_os_error(rc)
                             );
                             self.mark_down(link, reason, out);

@@ -225,14 +225,15 @@ impl VerbsTransport {
                     });
                 }
                 let reason = format!(
-                    "verbs: ibv_post_send to {peer} failed: {}",
+                    "verbs: ibv_post_send to {peer} on {} failed: {}",
+                    self.rails[rail].name(),
                     std::io::Error::from_raw_os_error(rc)
                 );
                 let mut out = std::mem::take(&mut self.backlog);
                 self.mark_down(link, reason, &mut out);
                 self.backlog = out;
                 Err(Error::io(
-                    format!("write to {peer}"),
+                    format!("write to {peer} on {}", self.rails[rail].name()),
                     std::io::Error::from_raw_os_error(rc),
                 ))
             }
