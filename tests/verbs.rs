@@ -463,6 +463,14 @@ fn a_bad_device_in_a_rail_list_is_named() {
         ],
         &["softverbs1 is listed twice"],
     );
+    lone_rank_fails(
+        &[
+            ("LD_PRELOAD", &so),
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs1:1,softverbs1"),
+        ],
+        &["softverbs1:1 is listed twice"],
+    );
 }
 
 /// The binary and the C library do not link libibverbs: they start where

@@ -109,10 +109,10 @@ impl Settings {
     }
 }
 
-/// Which device and port to use: `AFMESH_IB_DEVICE` (`mlx5_0`,
-/// `mlx5_0:1`, or a comma list: every device listed is a rail), else the RDMA device
-/// behind StepMesh's `DMLC_INTERFACE` network interface, else the first
-/// device with an active port.
+/// Which devices and ports to use: `AFMESH_IB_DEVICE` (`mlx5_0`,
+/// `mlx5_0:1`, or a comma list: every device listed is a rail), else the
+/// RDMA device behind StepMesh's `DMLC_INTERFACE` network interface, else
+/// the first device with an active port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
     /// `(device, port)` choices in order; empty: any.
@@ -274,7 +274,19 @@ impl Device {
                     choices: vec![c.clone()],
                     source: wanted.source.clone(),
                 };
-                match Self::pick(lib, devs, &one, gid_env.clone()) {
+                let got = Self::pick(lib, devs, &one, gid_env.clone()).and_then(|d| {
+                    // `mlx5_0` and `mlx5_0:1` can name one port.
+                    if open.iter().any(|o| o.name == d.name && o.port == d.port) {
+                        // SAFETY: opened by `pick`, nothing made on it.
+                        unsafe { (lib.ibv_close_device)(d.ctx) };
+                        return Err(Error::config(format!(
+                            "verbs: {}: device {}:{} is listed twice",
+                            wanted.source, d.name, d.port
+                        )));
+                    }
+                    Ok(d)
+                });
+                match got {
                     Ok(d) => open.push(d),
                     Err(e) => {
                         for d in &open {
