@@ -157,6 +157,108 @@ fn two_by_two_four_qps_striped_verified() {
     }
 }
 
+/// A JSON array of numbers (`"rail_messages":[3,4]`).
+fn nums(json: &str, key: &str) -> Vec<u64> {
+    let k = format!("\"{key}\":[");
+    let at = json
+        .find(&k)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + k.len();
+    let rest = &json[at..];
+    let body = &rest[..rest.find(']').unwrap()];
+    body.split(',')
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{key} in {json}")))
+        .collect()
+}
+
+/// A rank's per-rail counters: `rails` rails, each carrying messages
+/// and bytes, adding up to the rank's messages.
+fn assert_rails(line: &str, rails: usize) {
+    assert_eq!(num(line, "rails") as usize, rails, "{line}");
+    let msgs = nums(line, "rail_messages");
+    let bytes = nums(line, "rail_bytes");
+    assert_eq!((msgs.len(), bytes.len()), (rails, rails), "{line}");
+    assert!(
+        msgs.iter().all(|&m| m > 0),
+        "every rail carried messages: {line}"
+    );
+    assert!(
+        bytes.iter().all(|&b| b > 0),
+        "every rail carried bytes: {line}"
+    );
+    assert_eq!(msgs.iter().sum::<u64>(), num(line, "messages"), "{line}");
+}
+
+/// Two NICs per rank (`AFMESH_IB_DEVICE=softverbs0,softverbs1`): a 2A2F
+/// mesh verified, its links spread over both rails on every rank (rail
+/// i meets rail i: A_a and F_f meet on rail (a + f) mod 2), and the post
+/// path's promises kept.
+#[test]
+fn two_rails_per_rank_2x2_verified() {
+    let lines = run_verified(
+        "rails",
+        2,
+        2,
+        &["--iters", "5", "--warmup", "2"],
+        &[
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs0,softverbs1"),
+        ],
+    );
+    for l in &lines {
+        assert_counters(l, 1);
+        assert_rails(l, 2);
+    }
+}
+
+/// Two rails on the attention ranks, one on the FFN ranks: links pair
+/// the rails round-robin (said in the log), all verified; the attention
+/// ranks still use both of theirs.
+#[test]
+fn mismatched_rail_counts_pair_round_robin() {
+    let two = "softverbs0,softverbs1";
+    let mut mesh = start(
+        "railmix",
+        2,
+        2,
+        &["--iters", "3", "--warmup", "1"],
+        &[("SOFTVERBS_DEVICES", "2")],
+        &[
+            ("A0", "AFMESH_IB_DEVICE", two),
+            ("A1", "AFMESH_IB_DEVICE", two),
+            ("A0", "AFMESH_LOG", "afmesh=info"),
+            ("F0", "AFMESH_IB_DEVICE", "softverbs1"),
+            ("F1", "AFMESH_IB_DEVICE", "softverbs0"),
+        ],
+    );
+    let mut lines = Vec::new();
+    for p in &mut mesh.ranks {
+        let st = p.wait_exit(Duration::from_secs(60));
+        let out = p.output();
+        assert!(st.success(), "{}:\n{out}", p.name);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap()
+            .to_string();
+        assert_eq!(field(&line, "errors"), "0", "{line}");
+        assert_counters(&line, 1);
+        lines.push((p.name.clone(), line, out));
+    }
+    for (who, line, out) in &lines {
+        let rails = if who.starts_with('A') { 2 } else { 1 };
+        assert_rails(line, rails);
+        if who == "A0" {
+            assert!(
+                out.contains("paired round-robin"),
+                "A0 says how it paired the rails:\n{out}"
+            );
+        }
+    }
+    assert!(mesh.sched.wait_exit(Duration::from_secs(10)).success());
+}
+
 /// Odd sizes, wider types, 3×2, one QP.
 #[test]
 fn three_by_two_odd_sizes_verified() {
@@ -295,8 +397,8 @@ fn injected_error_completion_is_peer_lost() {
     assert_all_lost(&mut mesh, None, "F0");
     let a0 = mesh.ranks[1].output();
     assert!(
-        a0.contains("IBV_WC_REM_ACCESS_ERR"),
-        "A0 names the status:\n{a0}"
+        a0.contains("IBV_WC_REM_ACCESS_ERR") && a0.contains("softverbs0:1"),
+        "A0 names the status and the rail's device:\n{a0}"
     );
     let st = mesh.sched.wait_exit(Duration::from_secs(10));
     assert!(st.success(), "{}", mesh.sched.output());
@@ -337,6 +439,37 @@ fn no_rdma_device_is_named() {
     lone_rank_fails(
         &[("LD_PRELOAD", &so), ("AFMESH_IB_DEVICE", "mlx5_9")],
         &["no RDMA device \"mlx5_9\""],
+    );
+}
+
+/// A bad name in a list of several NICs is an error naming it (the good
+/// ones are not used alone), as is a device listed twice.
+#[test]
+fn a_bad_device_in_a_rail_list_is_named() {
+    let so = softverbs();
+    lone_rank_fails(
+        &[
+            ("LD_PRELOAD", &so),
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs0,mlx5_9,softverbs1"),
+        ],
+        &["no RDMA device \"mlx5_9\""],
+    );
+    lone_rank_fails(
+        &[
+            ("LD_PRELOAD", &so),
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs1,softverbs1"),
+        ],
+        &["softverbs1 is listed twice"],
+    );
+    lone_rank_fails(
+        &[
+            ("LD_PRELOAD", &so),
+            ("SOFTVERBS_DEVICES", "2"),
+            ("AFMESH_IB_DEVICE", "softverbs1:1,softverbs1"),
+        ],
+        &["softverbs1:1 is listed twice"],
     );
 }
 
@@ -541,4 +674,122 @@ fn gpudirect_child() {
         assert!(m.contains("CUDA") && m.contains("GPUDirect"), "{m}");
     }
     println!("gpudirect checks passed");
+}
+
+/// A rank that parks waits on every rail's completion channel in one
+/// wait: with two rails, a link on rail 1 (ranks 1 and 0 meet there)
+/// wakes a parked rank through the fds `wake()` hands the mux. The parent
+/// runs [`rails_child`] in-process under softverbs with two devices.
+#[test]
+fn a_parked_rank_wakes_on_either_rail() {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["rails_child", "--exact", "--nocapture", "--test-threads=1"]);
+    for (k, v) in fabric_env("railwake") {
+        cmd.env(k, v);
+    }
+    cmd.env("SOFTVERBS_DEVICES", "2");
+    cmd.env("AFMESH_IB_DEVICE", "softverbs0,softverbs1");
+    cmd.env("AFMESH_TEST_RAILS_CHILD", "1");
+    let mut p = Proc::spawn("rails", cmd);
+    let st = p.wait_exit(Duration::from_secs(20));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("rail checks passed"), "{out}");
+}
+
+/// Run by [`a_parked_rank_wakes_on_either_rail`]; a no-op otherwise.
+#[test]
+fn rails_child() {
+    use afmesh::transport::verbs::VerbsTransport;
+    use afmesh::transport::{Access, Completion, LocalSlice, PeerSpec, Region, Transport, Wake};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    if std::env::var_os("AFMESH_TEST_RAILS_CHILD").is_none() {
+        return;
+    }
+    let spec = |label: &str, blob: Vec<u8>, initiator: bool, me: u32, peer: u32| PeerSpec {
+        label: label.into(),
+        blob,
+        initiator,
+        peer_rank: peer,
+        my_rank: me,
+        epoch: 1,
+    };
+    // A1 of 2 attention ranks, F0 of 1 FFN rank.
+    let mut a = VerbsTransport::new(1).unwrap();
+    let mut f = VerbsTransport::new(2).unwrap();
+    assert_eq!((a.rail_count(), f.rail_count()), (2, 2));
+    assert_eq!(a.device(), "softverbs0:1,softverbs1:1");
+    let send = Arc::new(Region::alloc(4096).unwrap());
+    let recv_a = Arc::new(Region::alloc(4096).unwrap());
+    let recv_f = Arc::new(Region::alloc(4096).unwrap());
+    let key = a.register(&send, Access::Local).unwrap().local;
+    a.register(&recv_a, Access::RemoteWrite).unwrap();
+    f.register(&recv_f, Access::RemoteWrite).unwrap();
+    let (ea, ef) = (a.endpoint(), f.endpoint());
+    // A1 and F0: (1 + 0) mod 2, rail 1 at both ends.
+    let remote = a
+        .connect(&[spec("F0", ef, true, 1, 0)], Duration::from_secs(5))
+        .unwrap()[0]
+        .remote[0];
+    f.connect(&[spec("A1", ea, false, 0, 1)], Duration::from_secs(5))
+        .unwrap();
+
+    // F parks: its CQs armed, one fd per rail to wait on.
+    let mut out = Vec::new();
+    f.arm(&mut out).unwrap();
+    assert!(out.is_empty(), "{out:?}");
+    let Wake::Fds { read, .. } = f.wake() else {
+        panic!("verbs waits on fds")
+    };
+    assert_eq!(read.len(), 2, "one completion channel per rail");
+    let src = [LocalSlice {
+        key,
+        offset: 0,
+        len: 64,
+    }];
+    a.post_write(0, &src, &remote, 0, Some(7), 7).unwrap();
+    // The write lands on rail 1: one of F's fds turns readable.
+    let mut fds: Vec<libc::pollfd> = read
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: a valid array of pollfds for the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5000) };
+    assert_eq!(n, 1, "the parked rank woke within 5 s");
+    assert!(
+        fds[1].revents & libc::POLLIN != 0,
+        "rail 1's channel: {fds:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut arrived = false;
+    while !arrived && Instant::now() < deadline {
+        out.clear();
+        f.progress(&mut out).unwrap();
+        a.progress(&mut out).unwrap();
+        arrived |= out.iter().any(|c| {
+            matches!(
+                c,
+                Completion::Arrival {
+                    imm: 7,
+                    len: 64,
+                    ..
+                }
+            )
+        });
+        std::thread::yield_now();
+    }
+    assert!(arrived, "the write arrived");
+    let c = f.counters();
+    assert_eq!(c.rails, 2);
+    let c = a.counters();
+    assert_eq!((c.rail_messages[0], c.rail_messages[1]), (0, 1), "{c:?}");
+    assert_eq!(c.rail_bytes[1], 64, "{c:?}");
+    println!("rail checks passed");
 }

@@ -83,6 +83,13 @@ pub unsafe extern "C" fn ibv_create_cq(
             set_errno(libc::EINVAL);
             return ptr::null_mut();
         }
+        // A completion channel belongs to the context that made it: the
+        // kernel does not find another device's channel in this one.
+        // SAFETY: a live channel (caller's contract).
+        if !channel.is_null() && unsafe { (*channel).context } != ctx {
+            set_errno(libc::EINVAL);
+            return ptr::null_mut();
+        }
         let Some((slot, gen)) = f.claim(Kind::Cq) else {
             set_errno(libc::ENOMEM);
             return ptr::null_mut();

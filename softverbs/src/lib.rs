@@ -43,7 +43,9 @@
 //! # Configuration
 //!
 //! `SOFTVERBS_DEVICES`: a count (`2`) or names (`mlx5_0,mlx5_1`); default
-//! one device `softverbs0`. `SOFTVERBS_LINK_LAYER=ethernet` makes ports
+//! one device `softverbs0`. Each device keeps its own objects and keys (a
+//! QP takes no CQ or SRQ of another device; one device's keys fail on
+//! another's QPs), all on one fabric. `SOFTVERBS_LINK_LAYER=ethernet` makes ports
 //! RoCE-like (LID 0, address by GID, a GRH required; the GID table laid
 //! out as mlx5's: 0/1 link-local RoCE v1/v2, 2/3 IPv4-mapped RoCE v1/v2).
 //! `SOFTVERBS_NAMESPACE` separates unrelated jobs (default `default`);

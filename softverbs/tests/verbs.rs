@@ -206,6 +206,11 @@ fn remote_access_needs_flag_same_pd_and_live_key() {
 }
 
 #[test]
+fn devices_keep_their_own_objects_and_keys() {
+    semantic("rails", None, &[("SOFTVERBS_DEVICES", "2")]);
+}
+
+#[test]
 fn short_receive_is_a_length_error_on_both_sides() {
     semantic("recv-len", None, &[]);
 }

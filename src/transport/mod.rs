@@ -232,7 +232,16 @@ pub struct WireCounters {
     pub flushes: u64,
     /// Memory registrations after the first link came up.
     pub registrations_after_setup: u64,
+    /// NICs in use (verbs rails; 0 for backends without any).
+    pub rails: u8,
+    /// Messages posted on each rail (the first `rails` entries).
+    pub rail_messages: [u64; MAX_RAILS],
+    /// Payload bytes posted on each rail.
+    pub rail_bytes: [u64; MAX_RAILS],
 }
+
+/// Most NICs one rank drives (one per GPU of an 8-GPU host).
+pub const MAX_RAILS: usize = 8;
 
 impl std::ops::AddAssign for WireCounters {
     fn add_assign(&mut self, o: WireCounters) {
@@ -241,6 +250,11 @@ impl std::ops::AddAssign for WireCounters {
         self.signaled += o.signaled;
         self.flushes += o.flushes;
         self.registrations_after_setup += o.registrations_after_setup;
+        self.rails = self.rails.max(o.rails);
+        for i in 0..MAX_RAILS {
+            self.rail_messages[i] += o.rail_messages[i];
+            self.rail_bytes[i] += o.rail_bytes[i];
+        }
     }
 }
 

@@ -142,6 +142,19 @@ pub unsafe extern "C" fn ibv_create_qp(
         if a.send_cq.is_null() || a.recv_cq.is_null() {
             return errno_null(libc::EINVAL);
         }
+        // The PD, CQs and SRQ must be of one device context: each device
+        // has its own objects (as the kernel's per-context handles), so
+        // another device's CQ or SRQ is not found.
+        // SAFETY: live objects of this provider (caller's contract).
+        let same = unsafe {
+            let ctx = (*pd).context;
+            (*a.send_cq).context == ctx
+                && (*a.recv_cq).context == ctx
+                && (a.srq.is_null() || (*a.srq).context == ctx)
+        };
+        if !same {
+            return errno_null(libc::EINVAL);
+        }
         let c = &mut a.cap;
         let srq = !a.srq.is_null();
         if c.max_send_wr > MAX_WR

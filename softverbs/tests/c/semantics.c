@@ -777,6 +777,89 @@ static int c_access(void) {
     return finish_parent(child, "access");
 }
 
+/* Several devices (SOFTVERBS_DEVICES=2): each has its own objects, as on
+ * real NICs. A QP takes no CQ or SRQ of another device and a CQ no channel
+ * of another; an lkey of device 0 is a local protection error on device
+ * 1's QP, an rkey of device 0 a remote access error there (nothing
+ * lands); device 1's own keys work. */
+static struct ibv_context *open_nth(int i) {
+    int n = 0;
+    struct ibv_device **l = ibv_get_device_list(&n);
+    CHECK(l && n > i, "device %d of %d", i, n);
+    struct ibv_context *c = ibv_open_device(l[i]);
+    CHECK(c, "open_device %d", i);
+    ibv_free_device_list(l);
+    return c;
+}
+
+static void ep_on(struct ep *e, int dev, char *buf, size_t len) {
+    memset(e, 0, sizeof *e);
+    e->ctx = open_nth(dev);
+    e->pd = ibv_alloc_pd(e->ctx);
+    CHECK(e->pd, "alloc_pd");
+    e->ch = ibv_create_comp_channel(e->ctx);
+    CHECK(e->ch, "create_comp_channel");
+    e->cq = ibv_create_cq(e->ctx, 64, e, NULL, 0);
+    CHECK(e->cq, "create_cq");
+    e->len = len;
+    e->buf = buf;
+    e->mr = ibv_reg_mr(e->pd, buf, len, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    CHECK(e->mr, "reg_mr: %s", strerror(errno));
+}
+
+static int c_rails(void) {
+    pid_t child = fork_peer();
+    char *buf = calloc(1, 4096);
+    struct ep d0, d1;
+    ep_on(&d0, 0, buf, 4096);
+    ep_on(&d1, 1, buf, 4096);
+    /* Objects of one device do not mix with another's. */
+    struct ibv_qp_init_attr a = {0};
+    a.send_cq = d0.cq;
+    a.recv_cq = d0.cq;
+    a.cap.max_send_wr = 4;
+    a.cap.max_recv_wr = 4;
+    a.cap.max_send_sge = 1;
+    a.cap.max_recv_sge = 1;
+    a.qp_type = IBV_QPT_RC;
+    errno = 0;
+    CHECK(ibv_create_qp(d1.pd, &a) == NULL && errno == EINVAL, "a QP of device 1 with device 0's CQ: EINVAL");
+    errno = 0;
+    CHECK(ibv_create_cq(d1.ctx, 4, NULL, d0.ch, 0) == NULL && errno == EINVAL,
+          "a CQ of device 1 on device 0's channel: EINVAL");
+    CHECK(d0.mr->rkey != d1.mr->rkey && d0.mr->lkey != d1.mr->lkey, "each device has its own keys");
+    struct ibv_qp *q[3] = {make_qp(&d1, NULL, 1), make_qp(&d1, NULL, 1), make_qp(&d1, NULL, 1)};
+    if (child == 0) {
+        uint32_t keys[2] = {d0.mr->rkey, d1.mr->rkey};
+        put(keys, sizeof keys);
+        for (int i = 0; i < 3; i++) connect_qp(&d1, q[i], 1, 7);
+        sync_peer();
+        for (int i = 0; i < 64; i++) CHECK(buf[i] == 0, "nothing landed through device 0's key at %d", i);
+        for (int i = 64; i < 80; i++) CHECK(buf[i] == 'x', "device 1's key wrote byte %d", i);
+        exit(0);
+    }
+    uint32_t keys[2];
+    get(keys, sizeof keys);
+    struct info b;
+    for (int i = 0; i < 3; i++) b = connect_qp(&d1, q[i], 1, 7);
+    memset(buf, 'x', 16);
+    struct ibv_sge s = {(uintptr_t)buf, 16, d1.mr->lkey};
+    CHECK(post(q[0], IBV_WR_RDMA_WRITE, &s, 1, b.addr, keys[0], 0, IBV_SEND_SIGNALED, 1) == 0, "post");
+    struct ibv_wc wc = wait_wc(d1.cq);
+    CHECK(wc.wr_id == 1 && wc.status == IBV_WC_REM_ACCESS_ERR, "device 0's rkey on device 1: %s",
+          ibv_wc_status_str(wc.status));
+    struct ibv_sge foreign = {(uintptr_t)buf, 16, d0.mr->lkey};
+    CHECK(post(q[1], IBV_WR_RDMA_WRITE, &foreign, 1, b.addr + 64, keys[1], 0, IBV_SEND_SIGNALED, 2) == 0, "post");
+    wc = wait_wc(d1.cq);
+    CHECK(wc.wr_id == 2 && wc.status == IBV_WC_LOC_PROT_ERR, "device 0's lkey on device 1: %s",
+          ibv_wc_status_str(wc.status));
+    CHECK(post(q[2], IBV_WR_RDMA_WRITE, &s, 1, b.addr + 64, keys[1], 0, IBV_SEND_SIGNALED, 3) == 0, "post");
+    wc = wait_wc(d1.cq);
+    CHECK(wc.wr_id == 3 && wc.status == IBV_WC_SUCCESS, "device 1's own keys: %s", ibv_wc_status_str(wc.status));
+    sync_peer();
+    return finish_parent(child, "rails");
+}
+
 static int c_recv_len(void) {
     pid_t child = fork_peer();
     struct ep e;
@@ -1094,6 +1177,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "rnr")) return c_rnr();
     if (!strcmp(c, "rkey")) return c_rkey();
     if (!strcmp(c, "access")) return c_access();
+    if (!strcmp(c, "rails")) return c_rails();
     if (!strcmp(c, "recv-len")) return c_recv_len();
     if (!strcmp(c, "one-sided")) return c_one_sided();
     if (!strcmp(c, "peer-exit")) return c_peer_exit(arg);

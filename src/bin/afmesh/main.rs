@@ -533,9 +533,15 @@ fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
 /// The transport's post-path counters, as a JSON object.
 fn wire_json(stats: &afmesh::RankStats) -> String {
     let w = &stats.wire;
+    let rails = usize::from(w.rails).min(w.rail_messages.len());
+    let list = |v: &[u64]| {
+        let v: Vec<String> = v[..rails].iter().map(u64::to_string).collect();
+        v.join(",")
+    };
     format!(
-        "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{}}}",
-        w.messages, w.work_requests, w.signaled, w.flushes, w.registrations_after_setup
+        "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{},\"rails\":{rails},\"rail_messages\":[{}],\"rail_bytes\":[{}]}}",
+        w.messages, w.work_requests, w.signaled, w.flushes, w.registrations_after_setup,
+        list(&w.rail_messages), list(&w.rail_bytes)
     )
 }
 

@@ -39,12 +39,13 @@ impl VerbsTransport {
         }
     }
 
-    pub(super) fn on_completion(&mut self, wc: &ibv_wc, out: &mut Vec<Completion>) {
+    /// One completion of rail `r`'s CQ.
+    pub(super) fn on_completion(&mut self, r: usize, wc: &ibv_wc, out: &mut Vec<Completion>) {
         let recv = wc.wr_id & RECV_TAG != 0;
         if recv {
-            self.srq_missing += 1;
+            self.rails[r].srq_missing += 1;
         }
-        let Some(&(link, qi)) = self.by_qpn.get(&wc.qp_num) else {
+        let Some(&(link, qi)) = self.rails[r].by_qpn.get(&wc.qp_num) else {
             return;
         };
         if wc.status != IBV_WC_SUCCESS {
@@ -56,10 +57,11 @@ impl VerbsTransport {
             }
             let op = if recv { "receive" } else { "write" };
             let reason = format!(
-                "verbs {op} with {} failed: {} (QP {}, vendor error {:#x})",
+                "verbs {op} with {} failed: {} (QP {} on {}, vendor error {:#x})",
                 self.links[link].peer,
                 status_name(self.lib, wc.status),
                 wc.qp_num,
+                self.rails[r].name(),
                 wc.vendor_err
             );
             if !recv {
@@ -129,15 +131,16 @@ impl VerbsTransport {
         }
     }
 
-    /// Polls the CQ once; returns how many completions it found.
-    pub(super) fn poll_once(&mut self, out: &mut Vec<Completion>) -> usize {
+    /// Polls rail `r`'s CQ once; returns how many completions it found.
+    pub(super) fn poll_once(&mut self, r: usize, out: &mut Vec<Completion>) -> usize {
+        let cq = self.rails[r].cq;
         // SAFETY: a live CQ of a live context whose ops table holds the
         // provider's poll_cq (the inline `ibv_poll_cq`); the array holds
         // POLL_BATCH entries.
         let n = unsafe {
-            let ctx = (*self.cq).context;
+            let ctx = (*cq).context;
             match (*ctx).ops.poll_cq {
-                Some(f) => f(self.cq, POLL_BATCH as c_int, self.wcs.as_mut_ptr()),
+                Some(f) => f(cq, POLL_BATCH as c_int, self.wcs.as_mut_ptr()),
                 None => -1,
             }
         };
@@ -146,42 +149,46 @@ impl VerbsTransport {
         }
         for i in 0..n as usize {
             let wc = self.wcs[i];
-            self.on_completion(&wc, out);
+            self.on_completion(r, &wc, out);
         }
         n as usize
     }
 
-    /// Takes the channel's pending events (non-blocking) and acks them in
-    /// batches.
-    pub(super) fn take_events(&mut self) {
+    /// Takes rail `r`'s channel's pending events (non-blocking) and acks
+    /// them in batches.
+    pub(super) fn take_events(&mut self, r: usize) {
+        let lib = self.lib;
+        let rail = &mut self.rails[r];
         loop {
             let mut cq = std::ptr::null_mut();
             let mut ctx = std::ptr::null_mut();
             // SAFETY: a live channel, whose fd is non-blocking.
-            let rc = unsafe { (self.lib.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) };
+            let rc = unsafe { (lib.ibv_get_cq_event)(rail.channel, &mut cq, &mut ctx) };
             if rc != 0 {
                 break;
             }
-            self.armed = false;
-            self.unacked += 1;
+            rail.armed = false;
+            rail.unacked += 1;
         }
-        if self.unacked >= 64 {
+        if rail.unacked >= 64 {
             // SAFETY: acks events taken from this CQ.
-            unsafe { (self.lib.ibv_ack_cq_events)(self.cq, self.unacked) };
-            self.unacked = 0;
+            unsafe { (lib.ibv_ack_cq_events)(rail.cq, rail.unacked) };
+            rail.unacked = 0;
         }
     }
 
-    pub(super) fn arm_cq(&mut self) {
+    /// Arms rail `r`'s CQ for its next completion's event.
+    pub(super) fn arm_cq(&mut self, r: usize) {
+        let rail = &mut self.rails[r];
         // SAFETY: a live CQ; the inline `ibv_req_notify_cq` through ops.
         let rc = unsafe {
-            let ctx = (*self.cq).context;
+            let ctx = (*rail.cq).context;
             match (*ctx).ops.req_notify_cq {
-                Some(f) => f(self.cq, 0),
+                Some(f) => f(rail.cq, 0),
                 None => -1,
             }
         };
-        self.armed = rc == 0;
+        rail.armed = rc == 0;
     }
 
     /// When idle: flush unsignalled tails, probe links that are due.
@@ -203,9 +210,11 @@ impl VerbsTransport {
                         Ok(()) => self.counters.flushes += 1,
                         Err(libc::ENOMEM) => {}
                         Err(rc) => {
+                            let l = &self.links[link];
                             let reason = format!(
-                                "verbs: ibv_post_send (probe) to {} failed: {}",
-                                self.links[link].peer,
+                                "verbs: ibv_post_send (probe) to {} on {} failed: {}",
+                                l.peer,
+                                self.rails[l.rail].name(),
                                 std::io::Error::from_raw_os_error(rc)
                             );
                             self.mark_down(link, reason, out);
@@ -220,14 +229,16 @@ impl VerbsTransport {
         }
         if now.duration_since(self.last_async) >= probe_every {
             self.last_async = now;
-            self.async_events(out);
+            for r in 0..self.rails.len() {
+                self.async_events(r, out);
+            }
         }
     }
 
-    /// Takes the device's asynchronous events (non-blocking): a QP's
-    /// fatal or access error takes its link down, a port or device error
-    /// every link.
-    pub(super) fn async_events(&mut self, out: &mut Vec<Completion>) {
+    /// Takes rail `r`'s device's asynchronous events (non-blocking): a
+    /// QP's fatal or access error takes its link down, a port or device
+    /// error every link on that rail.
+    pub(super) fn async_events(&mut self, r: usize, out: &mut Vec<Completion>) {
         let (Some(get), Some(ack)) = (self.lib.ibv_get_async_event, self.lib.ibv_ack_async_event)
         else {
             return;
@@ -236,7 +247,7 @@ impl VerbsTransport {
             // SAFETY: plain data; all-zero is a valid value.
             let mut ev: ibv_async_event = unsafe { std::mem::zeroed() };
             // SAFETY: a live context whose async fd was made non-blocking.
-            if unsafe { get(self.dev.ctx, &mut ev) } != 0 {
+            if unsafe { get(self.rails[r].dev.ctx, &mut ev) } != 0 {
                 return;
             }
             let t = ev.event_type;
@@ -264,11 +275,12 @@ impl VerbsTransport {
                 continue;
             }
             for link in 0..self.links.len() {
-                let hit = !qp_event || self.links[link].qps.iter().any(|q| q.qp == qp);
+                let l = &self.links[link];
+                let hit = l.rail == r && (!qp_event || l.qps.iter().any(|q| q.qp == qp));
                 if hit {
                     let reason = format!(
                         "verbs: asynchronous event {name} on {} (link to {})",
-                        self.device(),
+                        self.rails[r].name(),
                         self.links[link].peer
                     );
                     self.mark_down(link, reason, out);

@@ -109,10 +109,10 @@ impl Settings {
     }
 }
 
-/// Which device and port to use: `AFMESH_IB_DEVICE` (`mlx5_0`,
-/// `mlx5_0:1`, or a comma list, first usable wins), else the RDMA device
-/// behind StepMesh's `DMLC_INTERFACE` network interface, else the first
-/// device with an active port.
+/// Which devices and ports to use: `AFMESH_IB_DEVICE` (`mlx5_0`,
+/// `mlx5_0:1`, or a comma list: every device listed is a rail), else the
+/// RDMA device behind StepMesh's `DMLC_INTERFACE` network interface, else
+/// the first device with an active port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
     /// `(device, port)` choices in order; empty: any.
@@ -232,8 +232,80 @@ impl Device {
         lanes * per_lane
     }
 
-    /// Opens the device and port `wanted` names.
+    /// Opens the device and port `wanted` names (the first of a list).
     pub fn open(lib: &'static Verbs, wanted: &Wanted, gid_env: Option<String>) -> Result<Device> {
+        Self::listed(lib, |devs| Self::pick(lib, devs, wanted, gid_env))
+    }
+
+    /// Opens every device and port `wanted` lists, in order (one rail
+    /// each); with no list, the one [`Device::open`] picks. A listed
+    /// device that is missing, listed twice or has no usable port is an
+    /// error naming it; nothing stays open then.
+    pub fn open_all(
+        lib: &'static Verbs,
+        wanted: &Wanted,
+        gid_env: Option<String>,
+    ) -> Result<Vec<Device>> {
+        if wanted.choices.len() <= 1 {
+            return Ok(vec![Self::open(lib, wanted, gid_env)?]);
+        }
+        if wanted.choices.len() > crate::transport::MAX_RAILS {
+            return Err(Error::config(format!(
+                "verbs: {}: {} devices, at most {} rails",
+                wanted.source,
+                wanted.choices.len(),
+                crate::transport::MAX_RAILS
+            )));
+        }
+        for (i, c) in wanted.choices.iter().enumerate() {
+            if wanted.choices[..i].contains(c) {
+                return Err(Error::config(format!(
+                    "verbs: {}: device {}{} is listed twice",
+                    wanted.source,
+                    c.0,
+                    c.1.map(|p| format!(":{p}")).unwrap_or_default()
+                )));
+            }
+        }
+        Self::listed(lib, |devs| {
+            let mut open: Vec<Device> = Vec::new();
+            for c in &wanted.choices {
+                let one = Wanted {
+                    choices: vec![c.clone()],
+                    source: wanted.source.clone(),
+                };
+                let got = Self::pick(lib, devs, &one, gid_env.clone()).and_then(|d| {
+                    // `mlx5_0` and `mlx5_0:1` can name one port.
+                    if open.iter().any(|o| o.name == d.name && o.port == d.port) {
+                        // SAFETY: opened by `pick`, nothing made on it.
+                        unsafe { (lib.ibv_close_device)(d.ctx) };
+                        return Err(Error::config(format!(
+                            "verbs: {}: device {}:{} is listed twice",
+                            wanted.source, d.name, d.port
+                        )));
+                    }
+                    Ok(d)
+                });
+                match got {
+                    Ok(d) => open.push(d),
+                    Err(e) => {
+                        for d in &open {
+                            // SAFETY: opened by `pick`, nothing made on it.
+                            unsafe { (lib.ibv_close_device)(d.ctx) };
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(open)
+        })
+    }
+
+    /// Runs `f` over the named device list, freed after.
+    fn listed<T>(
+        lib: &'static Verbs,
+        f: impl FnOnce(&[(String, *mut ibv_device)]) -> Result<T>,
+    ) -> Result<T> {
         let mut n = 0;
         // SAFETY: `n` is writable; the list is freed below.
         let list = unsafe { (lib.ibv_get_device_list)(&mut n) };
@@ -257,7 +329,7 @@ impl Device {
                 .into_owned();
             devs.push((name, d));
         }
-        let r = Self::pick(lib, &devs, wanted, gid_env);
+        let r = f(&devs);
         // SAFETY: opened contexts keep their device alive after the list is
         // freed (verbs.h).
         unsafe { (lib.ibv_free_device_list)(list) };

@@ -8,7 +8,8 @@ impl VerbsTransport {
     /// exported by its driver, e.g. by `cuda::dmabuf`) with
     /// `ibv_reg_dmabuf_mr`, addressed by peers as `iova`, writable by them
     /// if `access` says so; returns its (lkey, rkey). The registration is
-    /// released with the transport. An error names the verb and errno.
+    /// on the first rail (its keys are that NIC's) and is released with
+    /// the transport. An error names the verb and errno.
     /// (`Transport::register` of a CUDA region does this itself.)
     ///
     /// # Safety
@@ -23,18 +24,19 @@ impl VerbsTransport {
         access: Access,
     ) -> Result<(u32, u32)> {
         // SAFETY: the caller's contract.
-        let mr = unsafe { self.reg_dmabuf_mr(fd, offset, len, iova, access) }?;
+        let mr = unsafe { self.reg_dmabuf_mr(0, fd, offset, len, iova, access) }?;
         self.loose.push(mr);
         // SAFETY: a live MR.
         Ok(unsafe { ((*mr).lkey, (*mr).rkey) })
     }
 
-    /// `ibv_reg_dmabuf_mr`; the caller owns the MR.
+    /// `ibv_reg_dmabuf_mr` on rail `r`; the caller owns the MR.
     ///
     /// # Safety
     /// As [`VerbsTransport::register_dmabuf`].
     pub(super) unsafe fn reg_dmabuf_mr(
         &mut self,
+        r: usize,
         fd: i32,
         offset: u64,
         len: usize,
@@ -54,26 +56,32 @@ impl VerbsTransport {
         };
         let flags = (IBV_ACCESS_LOCAL_WRITE | remote) as c_int;
         // SAFETY: a live PD; the fd and range are the caller's contract.
-        let mr = unsafe { f(self.pd, offset, len, iova, fd, flags) };
+        let mr = unsafe { f(self.rails[r].pd, offset, len, iova, fd, flags) };
         if mr.is_null() {
             return Err(verbs_err(
                 "ibv_reg_dmabuf_mr",
-                &format!("dma-buf fd {fd}, {len} bytes at offset {offset}"),
+                &format!(
+                    "dma-buf fd {fd}, {len} bytes at offset {offset} on {}",
+                    self.rails[r].name()
+                ),
                 last_errno(),
             ));
         }
         Ok(mr)
     }
 
-    /// `ibv_reg_mr` of `len` bytes at `addr` (relaxed ordering asked for,
-    /// the plain call if the provider refuses it); the errno on failure.
+    /// `ibv_reg_mr` of `len` bytes at `addr` on rail `r` (relaxed ordering
+    /// asked for, the plain call if the provider refuses it); the errno on
+    /// failure.
     pub(super) fn reg_mr(
         &self,
+        r: usize,
         addr: u64,
         len: usize,
         access: Access,
     ) -> std::result::Result<*mut ibv_mr, i32> {
         let lib = self.lib;
+        let pd = self.rails[r].pd;
         let remote = if access == Access::RemoteWrite {
             IBV_ACCESS_REMOTE_WRITE
         } else {
@@ -88,13 +96,13 @@ impl VerbsTransport {
         // as the MR lives (the `Mr` keeps an `Arc` of it).
         let mut mr = unsafe {
             match lib.ibv_reg_mr_iova2 {
-                Some(f) => f(self.pd, p, len, addr, relaxed as u32),
-                None => (lib.ibv_reg_mr)(self.pd, p, len, relaxed),
+                Some(f) => f(pd, p, len, addr, relaxed as u32),
+                None => (lib.ibv_reg_mr)(pd, p, len, relaxed),
             }
         };
         if mr.is_null() {
             // SAFETY: as above.
-            mr = unsafe { (lib.ibv_reg_mr)(self.pd, p, len, base) };
+            mr = unsafe { (lib.ibv_reg_mr)(pd, p, len, base) };
         }
         if mr.is_null() {
             Err(last_errno())
@@ -110,13 +118,17 @@ impl VerbsTransport {
     /// Without CUDA the error is CUDA's.
     pub(super) fn reg_device(
         &mut self,
+        r: usize,
         region: &Region,
         device: i32,
         access: Access,
     ) -> Result<*mut ibv_mr> {
         let addr = region.addr();
         let len = region.len().max(1);
-        let what = format!("{len} bytes of CUDA device {device} memory at {addr:#x}");
+        let what = format!(
+            "{len} bytes of CUDA device {device} memory at {addr:#x} on {}",
+            self.rails[r].name()
+        );
         if let Err(e) = crate::cuda::driver() {
             return Err(Error::Unsupported(format!(
                 "verbs: cannot register {what} for GPUDirect RDMA: {e}"
@@ -129,7 +141,7 @@ impl VerbsTransport {
                 // (`buf.len` bytes) holding `[addr, addr + len)`, open
                 // until `buf` drops after the call.
                 match unsafe {
-                    self.reg_dmabuf_mr(buf.fd.as_raw_fd(), buf.offset, len, addr, access)
+                    self.reg_dmabuf_mr(r, buf.fd.as_raw_fd(), buf.offset, len, addr, access)
                 } {
                     Ok(mr) => return Ok(mr),
                     Err(e) => e.to_string(),
@@ -137,7 +149,7 @@ impl VerbsTransport {
             }
             Err(e) => e.to_string(),
         };
-        match self.reg_mr(addr, len, access) {
+        match self.reg_mr(r, addr, len, access) {
             Ok(mr) => {
                 tracing::info!(
                     "verbs: {what} registered by ibv_reg_mr on the device pointer (nvidia-peermem); dma-buf refused: {dmabuf}"

@@ -1,17 +1,22 @@
 //! verbs: RDMA write-with-immediate on RC queue pairs, through libibverbs
 //! loaded at run time ([`library`]).
 //!
-//! * **Setup.** [`Open`] opens the device and port ([`device`]), a
-//!   protection domain, one completion queue on a completion channel, one
-//!   shared receive queue for the rank, and `AFMESH_QPS` RC queue pairs
-//!   for each peer of the other role (in INIT). Regions are registered with
-//!   `ibv_reg_mr` (relaxed ordering asked for; a provider that refuses the
-//!   optional flag gets the plain call). The endpoint blob carries the
-//!   port's LID, GID and MTU, every QPN with its random initial PSN, and the
-//!   remote keys and addresses of the receive regions; `connect` moves each
-//!   peer's QPs to RTR and RTS from the peer's blob. No handshake is needed:
-//!   the rendezvous barrier that follows `connect` keeps writes off QPs
-//!   that are not ready, and RNR retries cover the rest.
+//! * **Setup.** [`Open`] opens every device and port `AFMESH_IB_DEVICE`
+//!   lists ([`device`]), each a *rail*: its own context, protection
+//!   domain, completion queue on a completion channel, and shared receive
+//!   queue, and, for each peer of the other role, `AFMESH_QPS` RC queue
+//!   pairs on each rail (in INIT). Regions are registered with `ibv_reg_mr`
+//!   on every rail (relaxed ordering asked for; a provider that refuses the
+//!   optional flag gets the plain call). The endpoint blob carries, per
+//!   rail, the port's LID, GID and MTU and the remote keys of the receive
+//!   regions (an rkey is valid on its own NIC only), then every QPN with
+//!   its random initial PSN. `connect` puts each link on one rail pair,
+//!   round-robin by the sum of the two ranks (so rail i meets rail i when
+//!   both ends have as many; see [`VerbsTransport::pick_rails`]), moves
+//!   that rail's QPs to RTR and RTS from the peer's blob and destroys the
+//!   other rails' spares for that peer. No handshake is needed: the
+//!   rendezvous barrier that follows `connect` keeps writes off QPs that
+//!   are not ready, and RNR retries cover the rest.
 //! * **A message** is one `IBV_WR_RDMA_WRITE_WITH_IMM` straight from
 //!   registered memory (inline under the QP's `max_inline_data`). With more
 //!   than one QP per link, messages below `AFMESH_IB_STRIPE_MIN` go on QP 0
@@ -29,11 +34,11 @@
 //!   `AFMESH_IB_PROBE_MS`, is the liveness probe: a peer that died leaves
 //!   it unacknowledged, and the retry-exceeded completion takes the link
 //!   down.
-//! * **Arrivals** consume receives of the shared receive queue, reposted
-//!   in batches; the CQ is polled in batches; a rank that waits parks on
-//!   the completion channel's fd, armed only right before it parks
-//!   ([`Transport::arm`]), so a spinning rank costs its peers no event
-//!   wake-ups.
+//! * **Arrivals** consume receives of the rail's shared receive queue,
+//!   reposted in batches; each rail's CQ is polled in batches; a rank that
+//!   waits parks on every rail's completion channel fd in one wait, each
+//!   CQ armed only right before it parks ([`Transport::arm`]), so a
+//!   spinning rank costs its peers no event wake-ups.
 //! * **Errors.** An error completion or a QP's fatal async event takes
 //!   that link down, once, with the verbs status named; flushed requests
 //!   are drained, never retried. Other links go on.
@@ -42,7 +47,8 @@
 //!   empty: it carries its header).
 //!
 //! Nothing on the post path allocates, registers or copies payload;
-//! [`WireCounters`] (in rank stats) count what it does.
+//! [`WireCounters`] (in rank stats) count what it does, messages and
+//! bytes per rail included.
 
 pub mod device;
 pub mod library;
@@ -78,7 +84,7 @@ use device::{Device, Settings, Wanted};
 use library::Verbs;
 use sys::*;
 
-const MAGIC: &str = "afmesh-verbs-1";
+const MAGIC: &str = "afmesh-verbs-2";
 /// Messages posted and not yet `Sent`, per link.
 pub const VERBS_WINDOW: usize = 64;
 /// Send queue depth of each QP: the window, probes and flushes.
@@ -196,6 +202,8 @@ struct Partial {
 #[derive(Debug)]
 struct Link {
     peer: String,
+    /// The rail (our NIC) all its QPs are on.
+    rail: usize,
     qps: Vec<Qp>,
     down: bool,
     msgs: Box<[Msg]>,
@@ -206,34 +214,52 @@ struct Link {
     last_probe: Instant,
 }
 
-/// A registered region.
+/// A registered region: one memory region on each rail.
 #[derive(Debug)]
 struct Mr {
-    mr: *mut ibv_mr,
+    /// Per rail: the MR and its local key.
+    on: Vec<(*mut ibv_mr, u32)>,
     region: Arc<Region>,
     access: Access,
-    lkey: u32,
     addr: u64,
+}
+
+/// What one peer's blob says about one of its rails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RailEndpoint {
+    lid: u16,
+    gid: [u8; 16],
+    roce: bool,
+    mtu: u32,
+    /// Its receive regions' keys on this rail (an rkey is valid on its
+    /// own NIC only).
+    keys: Vec<RegionKey>,
 }
 
 /// What one peer's blob says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PeerEndpoint {
-    lid: u16,
-    gid: [u8; 16],
-    roce: bool,
-    mtu: u32,
-    /// QPN and PSN per (peer of ours, QP), peer-major: `qps` per peer.
+    rails: Vec<RailEndpoint>,
+    /// QPN and PSN per (peer of ours, rail, QP), peer-major, then rail:
+    /// `qps` per peer and rail.
     qps: usize,
     qpn_psn: Vec<(u32, u32)>,
-    keys: Vec<RegionKey>,
 }
 
-/// The verbs backend.
-pub struct VerbsTransport {
-    lib: &'static Verbs,
+impl PeerEndpoint {
+    /// The peer's QPs for our rank `rank` on its rail `rail`.
+    fn qps_for(&self, rank: usize, rail: usize) -> Option<&[(u32, u32)]> {
+        let at = (rank * self.rails.len() + rail) * self.qps;
+        self.qpn_psn.get(at..at + self.qps)
+    }
+}
+
+/// One NIC of the rank (a rail): its device and port, protection domain,
+/// completion channel and queue, and shared receive queue. Every region
+/// is registered on every rail; each link's QPs are on one rail.
+#[derive(Debug)]
+struct Rail {
     dev: Box<Device>,
-    set: Settings,
     pd: *mut ibv_pd,
     channel: *mut ibv_comp_channel,
     cq: *mut ibv_cq,
@@ -241,15 +267,47 @@ pub struct VerbsTransport {
     srq_depth: usize,
     /// Receives consumed and not yet reposted.
     srq_missing: usize,
-    recv_wrs: Box<[ibv_recv_wr]>,
-    /// This rank's QPs for each peer rank of the other role, in INIT.
-    spare: Vec<Vec<Qp>>,
-    links: Vec<Link>,
-    by_qpn: HashMap<u32, (LinkId, usize)>,
-    mrs: Vec<Mr>,
-    wcs: Box<[ibv_wc]>,
     armed: bool,
     unacked: u32,
+    /// This rail's QPs by number (QPNs are per device).
+    by_qpn: HashMap<u32, (LinkId, usize)>,
+}
+
+impl Rail {
+    fn new(dev: Device) -> Rail {
+        Rail {
+            dev: Box::new(dev),
+            pd: std::ptr::null_mut(),
+            channel: std::ptr::null_mut(),
+            cq: std::ptr::null_mut(),
+            srq: std::ptr::null_mut(),
+            srq_depth: 0,
+            srq_missing: 0,
+            armed: false,
+            unacked: 0,
+            by_qpn: HashMap::new(),
+        }
+    }
+
+    /// `mlx5_0:1`, for logs and errors.
+    fn name(&self) -> String {
+        format!("{}:{}", self.dev.name, self.dev.port)
+    }
+}
+
+/// The verbs backend.
+pub struct VerbsTransport {
+    lib: &'static Verbs,
+    /// The NICs, in `AFMESH_IB_DEVICE` order (at least one).
+    rails: Vec<Rail>,
+    set: Settings,
+    recv_wrs: Box<[ibv_recv_wr]>,
+    /// This rank's QPs for each peer rank of the other role, on each
+    /// rail (`[peer][rail]`), in INIT. `connect` keeps one rail's.
+    spare: Vec<Vec<Vec<Qp>>>,
+    links: Vec<Link>,
+    mrs: Vec<Mr>,
+    wcs: Box<[ibv_wc]>,
     connected: bool,
     counters: WireCounters,
     idle_polls: u32,
@@ -267,7 +325,7 @@ pub struct VerbsTransport {
 impl std::fmt::Debug for VerbsTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerbsTransport")
-            .field("device", &self.device())
+            .field("devices", &self.device())
             .field("links", &self.links.len())
             .field("counters", &self.counters)
             .finish()
@@ -280,43 +338,33 @@ impl std::fmt::Debug for VerbsTransport {
 unsafe impl Send for VerbsTransport {}
 
 impl VerbsTransport {
-    /// Opens the device `AFMESH_IB_DEVICE` (etc.) names, for `peers` peers.
+    /// Opens the devices `AFMESH_IB_DEVICE` (etc.) names, one rail each,
+    /// for `peers` peers.
     pub fn new(peers: u32) -> Result<VerbsTransport> {
         let lib = library::verbs().map_err(|e| Error::Unsupported(format!("verbs: {e}")))?;
         let set = Settings::from_env()?;
         let wanted = Wanted::from_env()?;
-        let dev = Box::new(Device::open(
-            lib,
-            &wanted,
-            std::env::var("AFMESH_IB_GID_INDEX").ok(),
-        )?);
-        tracing::debug!(
-            "verbs: {}:{} ({}, gid index {:?}, {:.0} Gb/s) through {}",
-            dev.name,
-            dev.port,
-            dev.link_layer(),
-            dev.gid_index,
-            dev.port_gbps(),
-            lib.from
-        );
+        let devs = Device::open_all(lib, &wanted, std::env::var("AFMESH_IB_GID_INDEX").ok())?;
+        for dev in &devs {
+            tracing::debug!(
+                "verbs: {}:{} ({}, gid index {:?}, {:.0} Gb/s) through {}",
+                dev.name,
+                dev.port,
+                dev.link_layer(),
+                dev.gid_index,
+                dev.port_gbps(),
+                lib.from
+            );
+        }
         let mut t = VerbsTransport {
             lib,
-            dev,
+            rails: devs.into_iter().map(Rail::new).collect(),
             set,
-            pd: std::ptr::null_mut(),
-            channel: std::ptr::null_mut(),
-            cq: std::ptr::null_mut(),
-            srq: std::ptr::null_mut(),
-            srq_depth: 0,
-            srq_missing: 0,
             recv_wrs: vec![ibv_recv_wr::default(); RECV_BATCH].into_boxed_slice(),
             spare: Vec::new(),
             links: Vec::new(),
-            by_qpn: HashMap::new(),
             mrs: Vec::new(),
             wcs: vec![ibv_wc::default(); POLL_BATCH].into_boxed_slice(),
-            armed: false,
-            unacked: 0,
             connected: false,
             counters: WireCounters::default(),
             idle_polls: 0,
@@ -325,28 +373,46 @@ impl VerbsTransport {
             fill_event: None,
             loose: Vec::new(),
         };
+        t.counters.rails = t.rails.len() as u8;
         // Dropping `t` on an error below releases what was made.
-        t.make(peers as usize)?;
+        for r in 0..t.rails.len() {
+            t.make_rail(r, peers as usize)?;
+        }
+        for _ in 0..peers {
+            let mut per_rail = Vec::with_capacity(t.rails.len());
+            for r in 0..t.rails.len() {
+                let mut list = Vec::with_capacity(t.set.qps);
+                for _ in 0..t.set.qps {
+                    list.push(t.create_qp(r)?);
+                }
+                per_rail.push(list);
+            }
+            t.spare.push(per_rail);
+        }
         Ok(t)
     }
 
-    fn make(&mut self, peers: usize) -> Result<()> {
+    /// Makes rail `r`'s PD, completion channel, CQ and SRQ (receives
+    /// posted).
+    fn make_rail(&mut self, r: usize, peers: usize) -> Result<()> {
         let lib = self.lib;
-        let ctx = self.dev.ctx;
-        let what = format!("{}:{}", self.dev.name, self.dev.port);
+        let qps = peers * self.set.qps;
+        let rail = &mut self.rails[r];
+        let ctx = rail.dev.ctx;
+        let what = rail.name();
         // SAFETY: a live context.
-        self.pd = unsafe { (lib.ibv_alloc_pd)(ctx) };
-        if self.pd.is_null() {
+        rail.pd = unsafe { (lib.ibv_alloc_pd)(ctx) };
+        if rail.pd.is_null() {
             return Err(verbs_err("ibv_alloc_pd", &what, last_errno()));
         }
         // SAFETY: as above.
-        self.channel = unsafe { (lib.ibv_create_comp_channel)(ctx) };
-        if self.channel.is_null() {
+        rail.channel = unsafe { (lib.ibv_create_comp_channel)(ctx) };
+        if rail.channel.is_null() {
             return Err(verbs_err("ibv_create_comp_channel", &what, last_errno()));
         }
         // SAFETY: the channel's fd is ours to set non-blocking.
         unsafe {
-            let fd = (*self.channel).fd;
+            let fd = (*rail.channel).fd;
             let fl = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
@@ -357,17 +423,16 @@ impl VerbsTransport {
             let fl = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
-        let a = &self.dev.attr;
-        let qps = peers * self.set.qps;
-        self.srq_depth = (RECV_BATCH * 8)
+        let a = &rail.dev.attr;
+        rail.srq_depth = (RECV_BATCH * 8)
             .max(VERBS_WINDOW * peers * 2)
             .min(a.max_srq_wr.max(RECV_BATCH as i32) as usize);
-        let cqe = (qps * SQ_DEPTH + self.srq_depth).clamp(64, a.max_cqe.max(64) as usize);
+        let cqe = (qps * SQ_DEPTH + rail.srq_depth).clamp(64, a.max_cqe.max(64) as usize);
         // SAFETY: a live context and channel.
-        self.cq = unsafe {
-            (lib.ibv_create_cq)(ctx, cqe as c_int, std::ptr::null_mut(), self.channel, 0)
+        rail.cq = unsafe {
+            (lib.ibv_create_cq)(ctx, cqe as c_int, std::ptr::null_mut(), rail.channel, 0)
         };
-        if self.cq.is_null() {
+        if rail.cq.is_null() {
             return Err(verbs_err(
                 "ibv_create_cq",
                 &format!("{what}, {cqe} entries"),
@@ -375,27 +440,20 @@ impl VerbsTransport {
             ));
         }
         let mut sa = ibv_srq_init_attr::default();
-        sa.attr.max_wr = self.srq_depth as u32;
+        sa.attr.max_wr = rail.srq_depth as u32;
         sa.attr.max_sge = 1;
         // SAFETY: a live PD and a filled attribute struct.
-        self.srq = unsafe { (lib.ibv_create_srq)(self.pd, &mut sa) };
-        if self.srq.is_null() {
+        rail.srq = unsafe { (lib.ibv_create_srq)(rail.pd, &mut sa) };
+        if rail.srq.is_null() {
             return Err(verbs_err(
                 "ibv_create_srq",
-                &format!("{what}, {} receives", self.srq_depth),
+                &format!("{what}, {} receives", rail.srq_depth),
                 last_errno(),
             ));
         }
-        self.srq_missing = self.srq_depth;
-        while self.srq_missing >= RECV_BATCH {
-            self.repost()?;
-        }
-        for _ in 0..peers {
-            let mut list = Vec::with_capacity(self.set.qps);
-            for _ in 0..self.set.qps {
-                list.push(self.create_qp()?);
-            }
-            self.spare.push(list);
+        rail.srq_missing = rail.srq_depth;
+        while self.rails[r].srq_missing >= RECV_BATCH {
+            self.repost(r)?;
         }
         Ok(())
     }
@@ -428,14 +486,30 @@ impl VerbsTransport {
         }
     }
 
-    /// The device and port in use (`mlx5_0:1`), for logs and the bench.
+    /// The devices and ports in use (`mlx5_0:1`, or `mlx5_0:1,mlx5_1:1`
+    /// for several rails), for logs and the bench.
     pub fn device(&self) -> String {
-        format!("{}:{}", self.dev.name, self.dev.port)
+        let names: Vec<String> = self.rails.iter().map(Rail::name).collect();
+        names.join(",")
     }
 
-    /// The port's line rate, Gb/s (0 when unknown).
+    /// The rails' summed line rate, Gb/s (0 when unknown).
     pub fn port_gbps(&self) -> f64 {
-        self.dev.port_gbps()
+        self.rails.iter().map(|r| r.dev.port_gbps()).sum()
+    }
+
+    /// How many NICs (rails) this rank drives.
+    pub fn rail_count(&self) -> usize {
+        self.rails.len()
+    }
+
+    /// Polls every rail's CQ once; how many completions were found.
+    fn poll_all(&mut self, out: &mut Vec<Completion>) -> usize {
+        let mut n = 0;
+        for r in 0..self.rails.len() {
+            n += self.poll_once(r, out);
+        }
+        n
     }
 }
 
@@ -456,7 +530,12 @@ impl Transport for VerbsTransport {
             // GPUDirect RDMA: registration says whether this host can.
             cuda: true,
             ordered: false,
-            max_message: u64::from(self.dev.port_attr.max_msg_sz),
+            max_message: self
+                .rails
+                .iter()
+                .map(|r| u64::from(r.dev.port_attr.max_msg_sz))
+                .min()
+                .unwrap_or(0),
             window: VERBS_WINDOW,
             copies: false,
             header_mirror: false,
@@ -473,27 +552,46 @@ impl Transport for VerbsTransport {
             self.counters.registrations_after_setup += 1;
         }
         let addr = region.addr();
-        let mr = match region.kind() {
-            MemoryKind::Cuda { device } => self.reg_device(region, device, access)?,
-            MemoryKind::Host => {
-                self.reg_mr(addr, region.len().max(1), access)
-                    .map_err(|errno| {
-                        verbs_err(
-                            "ibv_reg_mr",
-                            &format!("{} bytes of {}", region.len(), region.kind()),
-                            errno,
-                        )
-                    })?
+        let mut on = Vec::with_capacity(self.rails.len());
+        for r in 0..self.rails.len() {
+            let got = match region.kind() {
+                MemoryKind::Cuda { device } => self.reg_device(r, region, device, access),
+                MemoryKind::Host => {
+                    self.reg_mr(r, addr, region.len().max(1), access)
+                        .map_err(|errno| {
+                            verbs_err(
+                                "ibv_reg_mr",
+                                &format!(
+                                    "{} bytes of {} on {}",
+                                    region.len(),
+                                    region.kind(),
+                                    self.rails[r].name()
+                                ),
+                                errno,
+                            )
+                        })
+                }
+            };
+            match got {
+                // SAFETY: a live MR.
+                Ok(mr) => on.push((mr, unsafe { (*mr).lkey })),
+                Err(e) => {
+                    for (mr, _) in on {
+                        // SAFETY: registered just above, not yet shared.
+                        unsafe { (self.lib.ibv_dereg_mr)(mr) };
+                    }
+                    return Err(e);
+                }
             }
-        };
-        // SAFETY: a live MR.
-        let (lkey, rkey) = unsafe { ((*mr).lkey, (*mr).rkey) };
+        }
+        // SAFETY: a live MR. (Rail 0's key stands for the region here;
+        // peers get each rail's in the endpoint blob.)
+        let rkey = unsafe { (*on[0].0).rkey };
         let id = self.mrs.len() as u32;
         self.mrs.push(Mr {
-            mr,
+            on,
             region: region.clone(),
             access,
-            lkey,
             addr,
         });
         Ok(Registration {
@@ -509,58 +607,57 @@ impl Transport for VerbsTransport {
 
     fn endpoint(&self) -> Vec<u8> {
         let mut w = blob::writer(MAGIC);
-        w.u32(u32::from(self.dev.port_attr.lid));
-        let mut hi = [0u8; 8];
-        let mut lo = [0u8; 8];
-        hi.copy_from_slice(&self.dev.gid[..8]);
-        lo.copy_from_slice(&self.dev.gid[8..]);
-        w.u64(u64::from_be_bytes(hi));
-        w.u64(u64::from_be_bytes(lo));
-        w.u32(u32::from(self.dev.roce()));
-        w.u32(self.dev.port_attr.active_mtu);
+        w.u32(self.rails.len() as u32);
+        for (r, rail) in self.rails.iter().enumerate() {
+            let dev = &rail.dev;
+            w.u32(u32::from(dev.port_attr.lid));
+            let mut hi = [0u8; 8];
+            let mut lo = [0u8; 8];
+            hi.copy_from_slice(&dev.gid[..8]);
+            lo.copy_from_slice(&dev.gid[8..]);
+            w.u64(u64::from_be_bytes(hi));
+            w.u64(u64::from_be_bytes(lo));
+            w.u32(u32::from(dev.roce()));
+            w.u32(dev.port_attr.active_mtu);
+            let keys: Vec<RegionKey> = self
+                .mrs
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.access == Access::RemoteWrite)
+                .map(|(i, m)| RegionKey {
+                    id: i as u32,
+                    // SAFETY: a live MR.
+                    rkey: unsafe { (*m.on[r].0).rkey },
+                    addr: m.addr,
+                    len: m.region.len() as u64,
+                })
+                .collect();
+            blob::put_keys(&mut w, &keys);
+        }
         w.u32(self.set.qps as u32);
-        let all: Vec<&Qp> = self.spare.iter().flatten().collect();
+        let all: Vec<&Qp> = self.spare.iter().flatten().flatten().collect();
         w.u32(all.len() as u32);
         for q in all {
             w.u32(q.qpn);
             w.u32(q.psn);
         }
-        let keys: Vec<RegionKey> = self
-            .mrs
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.access == Access::RemoteWrite)
-            .map(|(i, m)| RegionKey {
-                id: i as u32,
-                // SAFETY: a live MR.
-                rkey: unsafe { (*m.mr).rkey },
-                addr: m.addr,
-                len: m.region.len() as u64,
-            })
-            .collect();
-        blob::put_keys(&mut w, &keys);
         w.finish()
     }
 
     fn reaches(&self, b: &[u8]) -> std::result::Result<(), String> {
         let p = self.parse(b)?;
-        if p.roce != self.dev.roce() {
-            return Err(format!(
-                "the peer's port is {} and ours {}",
-                if p.roce { "RoCE" } else { "InfiniBand" },
-                self.dev.link_layer()
-            ));
-        }
-        if p.roce {
-            if p.gid == [0; 16] || self.dev.gid_index.is_none() {
-                return Err("no RoCE GID on one of the ends".into());
+        // Reachable if some pair of rails is (connect picks which).
+        let mut why = Vec::new();
+        for (r, rail) in self.rails.iter().enumerate() {
+            for (i, theirs) in p.rails.iter().enumerate() {
+                match self.rail_reaches(r, theirs) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if self.rails.len() == 1 && p.rails.len() == 1 => return Err(e),
+                    Err(e) => why.push(format!("{} to its rail {i}: {e}", rail.name())),
+                }
             }
-        } else if p.lid == 0 {
-            return Err("the peer's InfiniBand port has no LID".into());
-        } else if p.gid[..8] != self.dev.gid[..8] {
-            return Err("the peer is on another InfiniBand subnet (GID prefix differs)".into());
         }
-        Ok(())
+        Err(why.join("; "))
     }
 
     fn connect(&mut self, peers: &[PeerSpec], _timeout: Duration) -> Result<Vec<Connected>> {
@@ -582,20 +679,24 @@ impl Transport for VerbsTransport {
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
         out.append(&mut self.backlog);
         let mut found = 0;
-        loop {
-            let n = self.poll_once(out);
-            found += n;
-            if n < POLL_BATCH {
-                break;
+        for r in 0..self.rails.len() {
+            let mut here = 0;
+            loop {
+                let n = self.poll_once(r, out);
+                here += n;
+                if n < POLL_BATCH {
+                    break;
+                }
             }
-        }
-        if self.armed && found > 0 {
-            // The completion raised the armed CQ's event: take it, so the
-            // channel's fd does not stay readable.
-            self.take_events();
-        }
-        while self.srq_missing >= RECV_BATCH {
-            self.repost()?;
+            if self.rails[r].armed && here > 0 {
+                // The completion raised the armed CQ's event: take it, so
+                // the channel's fd does not stay readable.
+                self.take_events(r);
+            }
+            while self.rails[r].srq_missing >= RECV_BATCH {
+                self.repost(r)?;
+            }
+            found += here;
         }
         if found == 0 {
             self.idle_polls = self.idle_polls.wrapping_add(1);
@@ -610,15 +711,17 @@ impl Transport for VerbsTransport {
 
     fn arm(&mut self, out: &mut Vec<Completion>) -> Result<()> {
         out.append(&mut self.backlog);
-        if self.armed {
-            self.take_events();
-        }
-        if !self.armed {
-            self.arm_cq();
+        for r in 0..self.rails.len() {
+            if self.rails[r].armed {
+                self.take_events(r);
+            }
+            if !self.rails[r].armed {
+                self.arm_cq(r);
+            }
         }
         // A completion that came before the arming raised no event: look
         // once more.
-        self.poll_once(out);
+        self.poll_all(out);
         Ok(())
     }
 
@@ -626,10 +729,15 @@ impl Transport for VerbsTransport {
         if self.links.iter().all(|l| l.down) {
             return Wake::Nothing;
         }
-        // SAFETY: a live channel.
-        let fd = unsafe { (*self.channel).fd };
+        // Every rail's channel: one wait covers all NICs.
+        let read = self
+            .rails
+            .iter()
+            // SAFETY: a live channel.
+            .map(|r| unsafe { (*r.channel).fd })
+            .collect();
         Wake::Fds {
-            read: vec![fd],
+            read,
             write: Vec::new(),
         }
     }
@@ -653,7 +761,7 @@ impl Transport for VerbsTransport {
                 .iter()
                 .any(|l| !l.down && l.qps.iter().any(|q| q.tail < q.head))
         {
-            self.poll_once(&mut out);
+            self.poll_all(&mut out);
             std::thread::yield_now();
         }
         for link in 0..self.links.len() {
@@ -681,7 +789,7 @@ impl Transport for VerbsTransport {
         };
         let mut out = std::mem::take(&mut self.backlog);
         while !drained(self) && Instant::now() < deadline {
-            if self.poll_once(&mut out) == 0 {
+            if self.poll_all(&mut out) == 0 {
                 std::thread::yield_now();
             }
         }
@@ -707,43 +815,52 @@ impl Drop for VerbsTransport {
     fn drop(&mut self) {
         let lib = self.lib;
         // SAFETY: every object below was made by this value and is
-        // destroyed once, QPs before the SRQ and CQ they use, the CQ's
-        // events acked before it goes, MRs and everything else before the
-        // PD, the context last.
+        // destroyed once, QPs before the SRQs and CQs they use, each CQ's
+        // events acked before it goes, MRs and everything else before
+        // their PD, each context last.
         unsafe {
             for l in &self.links {
                 for q in &l.qps {
                     (lib.ibv_destroy_qp)(q.qp);
                 }
             }
-            for q in self.spare.iter().flatten() {
+            for q in self.spare.iter().flatten().flatten() {
                 (lib.ibv_destroy_qp)(q.qp);
             }
-            if !self.srq.is_null() {
-                (lib.ibv_destroy_srq)(self.srq);
-            }
-            if !self.cq.is_null() {
-                if self.armed {
-                    self.take_events();
+            for r in 0..self.rails.len() {
+                let rail = &self.rails[r];
+                if !rail.srq.is_null() {
+                    (lib.ibv_destroy_srq)(rail.srq);
                 }
-                if self.unacked > 0 {
-                    (lib.ibv_ack_cq_events)(self.cq, self.unacked);
+                if !rail.cq.is_null() {
+                    if rail.armed {
+                        self.take_events(r);
+                    }
+                    let rail = &self.rails[r];
+                    if rail.unacked > 0 {
+                        (lib.ibv_ack_cq_events)(rail.cq, rail.unacked);
+                    }
+                    (lib.ibv_destroy_cq)(rail.cq);
                 }
-                (lib.ibv_destroy_cq)(self.cq);
-            }
-            if !self.channel.is_null() {
-                (lib.ibv_destroy_comp_channel)(self.channel);
+                let rail = &self.rails[r];
+                if !rail.channel.is_null() {
+                    (lib.ibv_destroy_comp_channel)(rail.channel);
+                }
             }
             for m in &self.mrs {
-                (lib.ibv_dereg_mr)(m.mr);
+                for &(mr, _) in &m.on {
+                    (lib.ibv_dereg_mr)(mr);
+                }
             }
             for &mr in &self.loose {
                 (lib.ibv_dereg_mr)(mr);
             }
-            if !self.pd.is_null() {
-                (lib.ibv_dealloc_pd)(self.pd);
+            for rail in &self.rails {
+                if !rail.pd.is_null() {
+                    (lib.ibv_dealloc_pd)(rail.pd);
+                }
+                (lib.ibv_close_device)(rail.dev.ctx);
             }
-            (lib.ibv_close_device)(self.dev.ctx);
         }
     }
 }

@@ -32,6 +32,8 @@ pub enum Event {
 pub struct PlainEndpoint {
     lib: &'static Verbs,
     dev: Box<Device>,
+    /// The line rate of every rail the transport would drive, Gb/s.
+    rails_gbps: f64,
     pd: *mut ibv_pd,
     cq: *mut ibv_cq,
     mr: *mut ibv_mr,
@@ -62,14 +64,24 @@ impl PlainEndpoint {
     /// `recvs` receives posted.
     pub fn new(len: usize, peers: usize, recvs: usize) -> Result<PlainEndpoint> {
         let lib = library::verbs().map_err(|e| Error::Unsupported(format!("verbs: {e}")))?;
-        let dev = Box::new(Device::open(
+        // Every listed rail is opened for its line rate (what the mesh's
+        // share of line rate is measured against); the floor itself moves
+        // its bytes on the first.
+        let mut devs = Device::open_all(
             lib,
             &Wanted::from_env()?,
             std::env::var("AFMESH_IB_GID_INDEX").ok(),
-        )?);
+        )?;
+        let rails_gbps = devs.iter().map(Device::port_gbps).sum();
+        for d in devs.drain(1..) {
+            // SAFETY: opened by `open_all`, nothing made on it.
+            unsafe { (lib.ibv_close_device)(d.ctx) };
+        }
+        let dev = Box::new(devs.remove(0));
         let mut e = PlainEndpoint {
             lib,
             dev,
+            rails_gbps,
             pd: std::ptr::null_mut(),
             cq: std::ptr::null_mut(),
             mr: std::ptr::null_mut(),
@@ -150,9 +162,10 @@ impl PlainEndpoint {
         &self.buf
     }
 
-    /// The port's line rate, Gb/s.
+    /// The line rate of every rail `AFMESH_IB_DEVICE` lists, summed,
+    /// Gb/s (the floor moves its bytes on the first).
     pub fn port_gbps(&self) -> f64 {
-        self.dev.port_gbps()
+        self.rails_gbps
     }
 
     /// Device name.

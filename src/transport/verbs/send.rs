@@ -109,6 +109,7 @@ impl VerbsTransport {
         }
         let mut sg = [ibv_sge::default(); MAX_SGE];
         let mut device = false;
+        let rail = self.links[link].rail;
         for (i, s) in src.iter().enumerate() {
             let m = self.mrs.get(s.key.0 as usize).ok_or_else(|| {
                 Error::InvalidArgument(format!("local key {} is not registered", s.key.0))
@@ -124,7 +125,7 @@ impl VerbsTransport {
             sg[i] = ibv_sge {
                 addr: m.addr + s.offset,
                 length: s.len as u32,
-                lkey: m.lkey,
+                lkey: m.on[rail].1,
             };
         }
         if device {
@@ -204,6 +205,10 @@ impl VerbsTransport {
         match r {
             Ok(_) => {
                 self.counters.messages += 1;
+                if let Some(c) = self.counters.rail_messages.get_mut(rail) {
+                    *c += 1;
+                    self.counters.rail_bytes[rail] += total;
+                }
                 Ok(())
             }
             Err(rc) => {
@@ -220,14 +225,15 @@ impl VerbsTransport {
                     });
                 }
                 let reason = format!(
-                    "verbs: ibv_post_send to {peer} failed: {}",
+                    "verbs: ibv_post_send to {peer} on {} failed: {}",
+                    self.rails[rail].name(),
                     std::io::Error::from_raw_os_error(rc)
                 );
                 let mut out = std::mem::take(&mut self.backlog);
                 self.mark_down(link, reason, &mut out);
                 self.backlog = out;
                 Err(Error::io(
-                    format!("write to {peer}"),
+                    format!("write to {peer} on {}", self.rails[rail].name()),
                     std::io::Error::from_raw_os_error(rc),
                 ))
             }

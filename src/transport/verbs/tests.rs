@@ -229,3 +229,34 @@ fn stripes_cover_the_gathered_bytes_once() {
         assert_eq!(bytes, want, "{stripes} stripes");
     }
 }
+
+/// Both ends of a link pick the same rail pair (each sees it mirrored);
+/// with equal rail counts rail i meets rail i; a full mesh with at least
+/// as many peers as rails uses every rail of every rank; unequal counts
+/// still put every link on a rail both ends have.
+#[test]
+fn rail_pairs_agree_at_both_ends_and_spread_links() {
+    use super::qp::rail_pairs;
+    for ra in 1..=4usize {
+        for rf in 1..=4usize {
+            for a in 0..5u32 {
+                for f in 0..5u32 {
+                    let at_a: Vec<_> = rail_pairs(a, f, ra, rf).collect();
+                    let at_f: Vec<_> = rail_pairs(f, a, rf, ra).map(|(x, y)| (y, x)).collect();
+                    assert_eq!(at_a, at_f, "A{a} ({ra} rails) and F{f} ({rf})");
+                    assert!(at_a.iter().all(|&(x, y)| x < ra && y < rf));
+                    if ra == rf {
+                        assert_eq!(at_a[0].0, at_a[0].1, "rail i meets rail i");
+                    }
+                }
+            }
+            // A rank with as many peers as its rails has a link on each.
+            for a in 0..3u32 {
+                let used: std::collections::BTreeSet<usize> = (0..ra as u32)
+                    .map(|f| rail_pairs(a, f, ra, rf).next().unwrap().0)
+                    .collect();
+                assert_eq!(used.len(), ra, "A{a} with {ra} rails, {ra} peers");
+            }
+        }
+    }
+}
