@@ -2,19 +2,21 @@
 //! thread.
 //!
 //! A write is one frame — a 32-byte [`frame`] header naming the target
-//! region, offset, length and imm, then the payload — written with
-//! non-blocking vectored writes straight from the sender's registered
+//! region, offset, length and imm, then the payload — sent with one
+//! non-blocking vectored `sendmsg` straight from the sender's registered
 //! memory. What the socket does not take at once waits in the link's queue
 //! (bounded by the send window) and goes out on later progress; a write is
 //! `Sent` when its last byte is in the kernel. Receiving is the reverse, on
-//! the thread that makes progress (no reader threads, no hand-off): read
-//! the frame header, check the target against the registered region, then
-//! `read(2)` the payload straight into the region (no staging copy), and
-//! report the arrival. A rank that waits sleeps in `poll(2)` on its sockets
-//! (or on its doorbell, rung by a socket watcher, when it also has shm
-//! links). A peer that exits closes its sockets: EOF or a reset is
-//! `LinkDown`. A queue that makes no progress for the I/O timeout means a
-//! peer that stopped reading: `LinkDown` too.
+//! the thread that makes progress (no reader threads, no hand-off), with
+//! one `read` per frame where the stream allows ([`rx`]): a small frame
+//! comes in whole into the link's inbox and its body is copied out; a
+//! larger body is read straight into the region. Every header is checked
+//! against the registered region before a byte of its body lands. A rank
+//! that waits sleeps in `poll(2)` on its sockets (or on its doorbell, rung
+//! by a socket watcher, when it also has shm links). A peer that exits
+//! closes its sockets: EOF or a reset is `LinkDown`. A queue that makes no
+//! progress for the I/O timeout means a peer that stopped reading:
+//! `LinkDown` too.
 
 pub mod connect;
 pub mod frame;
