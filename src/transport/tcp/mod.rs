@@ -528,7 +528,15 @@ impl Transport for TcpTransport {
                 continue;
             }
             let _ = l.stream.set_nonblocking(false);
-            let _ = send(&l.stream, &[IoSlice::new(&bye)]);
+            // Blocking, under the write timeout set above.
+            let mut rest: &[u8] = &bye;
+            while !rest.is_empty() {
+                match send(&l.stream, &[IoSlice::new(rest)]) {
+                    Ok(k) if k > 0 => rest = &rest[k..],
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    _ => break,
+                }
+            }
             let _ = l.stream.shutdown(Shutdown::Write);
         }
         self.listener = None;
