@@ -464,6 +464,50 @@ impl Region {
         }
     }
 
+    /// One `readv(2)` from `fd`: up to `len` bytes straight into
+    /// `[offset, offset + len)`, and what follows them on the stream into
+    /// `spill` (a stream reader's next frame header). Returns the bytes
+    /// read, the region's first (0 at EOF). A range outside the region is
+    /// `InvalidInput`, before any read.
+    pub fn read_fd_spill(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: RawFd,
+        spill: &mut [u8],
+    ) -> std::io::Result<usize> {
+        let (at, n) = self
+            .check(offset, len)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        if self.on_device() && n > 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!("a socket cannot read into {}", self.kind),
+            ));
+        }
+        let iov = [
+            libc::iovec {
+                iov_base: self.ptr.as_ptr().wrapping_add(at).cast(),
+                iov_len: n,
+            },
+            libc::iovec {
+                iov_base: spill.as_mut_ptr().cast(),
+                iov_len: spill.len(),
+            },
+        ];
+        // SAFETY: the first range is inside the allocation (checked above;
+        // empty when `n` is 0) and no Rust reference to those bytes exists
+        // while the kernel writes them (module docs); the second is `spill`,
+        // borrowed mutably for the call. The kernel writes at most each
+        // iovec's length into it.
+        let r = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
     /// What memory this is.
     pub fn kind(&self) -> MemoryKind {
         self.kind

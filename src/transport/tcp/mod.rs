@@ -2,25 +2,28 @@
 //! thread.
 //!
 //! A write is one frame — a 32-byte [`frame`] header naming the target
-//! region, offset, length and imm, then the payload — written with
-//! non-blocking vectored writes straight from the sender's registered
+//! region, offset, length and imm, then the payload — sent with one
+//! non-blocking vectored `sendmsg` straight from the sender's registered
 //! memory. What the socket does not take at once waits in the link's queue
 //! (bounded by the send window) and goes out on later progress; a write is
 //! `Sent` when its last byte is in the kernel. Receiving is the reverse, on
-//! the thread that makes progress (no reader threads, no hand-off): read
-//! the frame header, check the target against the registered region, then
-//! `read(2)` the payload straight into the region (no staging copy), and
-//! report the arrival. A rank that waits sleeps in `poll(2)` on its sockets
-//! (or on its doorbell, rung by a socket watcher, when it also has shm
-//! links). A peer that exits closes its sockets: EOF or a reset is
-//! `LinkDown`. A queue that makes no progress for the I/O timeout means a
-//! peer that stopped reading: `LinkDown` too.
+//! the thread that makes progress (no reader threads, no hand-off), with
+//! one `read` per frame where the stream allows ([`rx`]): a small frame
+//! comes in whole into the link's inbox and its body is copied out; a
+//! larger body is read straight into the region. Every header is checked
+//! against the registered region before a byte of its body lands. A rank
+//! that waits sleeps in `poll(2)` on its sockets (or on its doorbell, rung
+//! by a socket watcher, when it also has shm links). A peer that exits
+//! closes its sockets: EOF or a reset is `LinkDown`. A queue that makes no
+//! progress for the I/O timeout means a peer that stopped reading:
+//! `LinkDown` too.
 
 pub mod connect;
 pub mod frame;
+mod rx;
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -50,19 +53,12 @@ struct Pending {
     token: u64,
 }
 
-/// Where the reader is in the incoming stream.
-#[derive(Debug)]
-enum Rx {
-    Header { buf: [u8; FRAME_LEN], got: usize },
-    Body { h: Notice, got: u64 },
-}
-
 #[derive(Debug)]
 struct Link {
     stream: TcpStream,
     peer: String,
     down: bool,
-    rx: Rx,
+    rx: rx::Rx,
     tx: VecDeque<Pending>,
     /// When the head of `tx` last moved.
     tx_moved: Instant,
@@ -135,10 +131,7 @@ impl TcpTransport {
             stream,
             peer,
             down: false,
-            rx: Rx::Header {
-                buf: [0; FRAME_LEN],
-                got: 0,
-            },
+            rx: rx::Rx::default(),
             tx: VecDeque::new(),
             tx_moved: Instant::now(),
         });
@@ -194,6 +187,12 @@ fn stalled(l: &Link, liveness: Duration) -> Option<String> {
     }
 }
 
+/// One `sendmsg(2)` of `iov`, without `SIGPIPE` when the peer is gone
+/// (a host program that does not ignore it would die of the peer's exit).
+fn send(stream: &TcpStream, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+    socket2::SockRef::from(stream).send_vectored_with_flags(iov, libc::MSG_NOSIGNAL)
+}
+
 /// Writes as much of the queue as the socket takes. `Ok(true)` when the
 /// queue moved.
 fn flush(l: &mut Link, sent: &mut Vec<u64>) -> io::Result<bool> {
@@ -220,7 +219,7 @@ fn flush(l: &mut Link, sent: &mut Vec<u64>) -> io::Result<bool> {
             skip = 0;
             n += 1;
         }
-        match l.stream.write_vectored(&iov[..n]) {
+        match send(&l.stream, &iov[..n]) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -244,108 +243,6 @@ fn flush(l: &mut Link, sent: &mut Vec<u64>) -> io::Result<bool> {
         l.tx_moved = Instant::now();
     }
     Ok(moved)
-}
-
-/// What one pass over a link's socket found.
-enum Read1 {
-    /// Nothing more now.
-    Idle,
-    /// Keep reading.
-    More,
-    /// A message arrived: the caller has news, so this pass ends (the
-    /// next one reads on; a burst costs no extra `read` that finds nothing).
-    Landed,
-    /// The link ended with this completion.
-    End(Completion),
-}
-
-fn read_some(
-    l: &mut Link,
-    link: LinkId,
-    regions: &LocalRegions,
-    out: &mut Vec<Completion>,
-) -> Read1 {
-    let down = |reason: String| Read1::End(Completion::LinkDown { link, reason });
-    match &mut l.rx {
-        Rx::Header { buf, got } => match l.stream.read(&mut buf[*got..]) {
-            Ok(0) if *got == 0 => down(format!("connection to {} closed", l.peer)),
-            Ok(0) => down(format!(
-                "connection to {} closed inside a frame header",
-                l.peer
-            )),
-            Ok(k) => {
-                *got += k;
-                if *got < FRAME_LEN {
-                    return Read1::More;
-                }
-                let h = match frame::decode(buf) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        return Read1::End(Completion::LinkError {
-                            link,
-                            reason: format!("bad frame from {}: {e}", l.peer),
-                        })
-                    }
-                };
-                if h.close {
-                    return Read1::End(Completion::LinkClosed { link });
-                }
-                let fits = regions
-                    .target(h.region)
-                    .ok_or_else(|| {
-                        format!("write to region {}, which peers may not write", h.region)
-                    })
-                    .and_then(|r| r.check(h.offset, u64::from(h.len)).map(|_| ()));
-                if let Err(e) = fits {
-                    return Read1::End(Completion::LinkError {
-                        link,
-                        reason: format!("from {}: {e}", l.peer),
-                    });
-                }
-                if h.len == 0 {
-                    *got = 0;
-                    if let Some(imm) = h.imm {
-                        out.push(Completion::Arrival { link, imm, len: 0 });
-                        return Read1::Landed;
-                    }
-                } else {
-                    l.rx = Rx::Body { h, got: 0 };
-                }
-                Read1::More
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read1::Idle,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Read1::More,
-            Err(e) => down(format!("connection to {}: {e}", l.peer)),
-        },
-        Rx::Body { h, got } => {
-            let want = u64::from(h.len) - *got;
-            // Checked against this region when the header came in.
-            let Some(r) = regions.target(h.region) else {
-                return down(format!("{}: region {} vanished", l.peer, h.region));
-            };
-            match r.read_fd(h.offset + *got, want, l.stream.as_raw_fd()) {
-                Ok(0) => down(format!("connection to {} closed mid-message", l.peer)),
-                Ok(k) => {
-                    *got += k as u64;
-                    if *got == u64::from(h.len) {
-                        let (imm, len) = (h.imm, h.len);
-                        l.rx = Rx::Header {
-                            buf: [0; FRAME_LEN],
-                            got: 0,
-                        };
-                        if let Some(imm) = imm {
-                            out.push(Completion::Arrival { link, imm, len });
-                            return Read1::Landed;
-                        }
-                    }
-                    Read1::More
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read1::Idle,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => Read1::More,
-                Err(e) => down(format!("connection to {} broke mid-message: {e}", l.peer)),
-            }
-        }
-    }
 }
 
 impl super::Open for TcpTransport {
@@ -475,11 +372,6 @@ impl Transport for TcpTransport {
                 window: TCP_WINDOW,
             });
         }
-        let mut parts = Vec::with_capacity(src.len());
-        for s in src {
-            let (r, at, n) = self.local.resolve(s)?;
-            parts.push((r.clone(), at, n));
-        }
         let frame = frame::encode(&Notice {
             region: remote.id,
             offset,
@@ -487,23 +379,52 @@ impl Transport for TcpTransport {
             imm,
             close: false,
         });
+        let total = FRAME_LEN + len as usize;
+        let mut written = 0;
         if l.tx.is_empty() {
+            // Straight from the sender's memory with one system call: most
+            // writes leave whole here, with nothing queued or allocated.
+            let mut iov: [IoSlice<'_>; MAX_GATHER] = [IoSlice::new(&[]); MAX_GATHER];
+            iov[0] = IoSlice::new(&frame);
+            for (v, s) in iov[1..].iter_mut().zip(src) {
+                let (r, at, n) = self.local.resolve(s)?;
+                // The engine keeps a posted slot unchanged until `Sent`,
+                // and nothing else writes this rank's send memory.
+                *v = IoSlice::new(r.slice(at, n).map_err(Error::Unsupported)?);
+            }
+            match send(&l.stream, &iov[..=src.len()]) {
+                Ok(k) if k == total => {
+                    self.sent.push(token);
+                    return Ok(());
+                }
+                Ok(k) => written = k,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    l.down = true;
+                    let _ = l.stream.shutdown(Shutdown::Both);
+                    return Err(Error::io(format!("write to {}", l.peer), e));
+                }
+            }
             l.tx_moved = Instant::now();
+        }
+        // The socket is full: the rest waits for progress, holding the
+        // source regions.
+        let mut parts = Vec::with_capacity(src.len());
+        for s in src {
+            let (r, at, n) = self.local.resolve(s)?;
+            parts.push((r.clone(), at, n));
         }
         l.tx.push_back(Pending {
             frame,
             parts,
-            total: FRAME_LEN + len as usize,
-            written: 0,
+            total,
+            written,
             token,
         });
-        if l.tx.len() == 1 {
-            if let Err(e) = flush(l, &mut self.sent) {
-                l.down = true;
-                let _ = l.stream.shutdown(Shutdown::Both);
-                return Err(Error::io(format!("write to {}", l.peer), e));
-            }
-        }
         Ok(())
     }
 
@@ -544,11 +465,9 @@ impl Transport for TcpTransport {
                     }
                 }
             }
-            while end.is_none() {
-                match read_some(l, link, regions, out) {
-                    Read1::Idle | Read1::Landed => break,
-                    Read1::More => {}
-                    Read1::End(c) => end = Some(c),
+            if end.is_none() {
+                if let rx::Pass::End(c) = l.rx.pass(&mut l.stream, &l.peer, link, regions, out) {
+                    end = Some(c);
                 }
             }
             if let Some(c) = end {
@@ -609,7 +528,15 @@ impl Transport for TcpTransport {
                 continue;
             }
             let _ = l.stream.set_nonblocking(false);
-            let _ = l.stream.write_all(&bye);
+            // Blocking, under the write timeout set above.
+            let mut rest: &[u8] = &bye;
+            while !rest.is_empty() {
+                match send(&l.stream, &[IoSlice::new(rest)]) {
+                    Ok(k) if k > 0 => rest = &rest[k..],
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    _ => break,
+                }
+            }
             let _ = l.stream.shutdown(Shutdown::Write);
         }
         self.listener = None;

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::transport::LocalKey;
+use std::io::Write;
 
 struct Pair {
     a: TcpTransport,
@@ -218,4 +219,179 @@ fn a_busy_peer_outlives_the_liveness_bound() {
         .iter()
         .any(|c| matches!(c, Completion::LinkDown { .. })));
     let _ = &p.dst;
+}
+
+/// A receiving transport with one link whose other end is a raw stream
+/// the test writes frame bytes into by hand.
+fn raw_link() -> (TcpTransport, TcpStream, Arc<Region>) {
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let mut b = TcpTransport::new(ip, Duration::from_secs(5)).unwrap();
+    let dst = Arc::new(Region::alloc(1 << 16).unwrap());
+    b.register(&dst, Access::RemoteWrite).unwrap();
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    raw.set_nodelay(true).unwrap();
+    let (s, _) = l.accept().unwrap();
+    b.add_link(s, "raw").unwrap();
+    (b, raw, dst)
+}
+
+/// A frame writing `body` at `offset` of region 0 with `imm`.
+fn frame_bytes(offset: u64, imm: u32, body: &[u8]) -> Vec<u8> {
+    let mut v = frame::encode(&Notice {
+        region: 0,
+        offset,
+        len: body.len() as u32,
+        imm: Some(imm),
+        close: false,
+    })
+    .to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+fn body(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Progress until `done` says so, or 5 s; returns what was reported.
+fn progress_until(
+    b: &mut TcpTransport,
+    mut done: impl FnMut(&TcpTransport, &[Completion]) -> bool,
+) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done(b, &out) && Instant::now() < deadline {
+        b.progress(&mut out).unwrap();
+    }
+    out
+}
+
+/// A frame cut by the stream at any byte — inside the header, at its
+/// end, inside the body, across the inbox's size — lands once, whole,
+/// after its last byte and not before.
+#[test]
+fn a_frame_cut_at_every_byte_lands_once() {
+    let (mut b, mut raw, dst) = raw_link();
+    // A small frame at every cut; a large one (body read straight into
+    // the region, header read alone) at the cuts around its boundaries.
+    let small = frame_bytes(64, 5, &body(200, 1));
+    let large_body = body(3 * rx::INBOX, 2);
+    let large = frame_bytes(1024, 6, &large_body);
+    let edges = [1, 31, 32, 33, rx::INBOX - 1, rx::INBOX, rx::INBOX + 1];
+    let cases = (1..small.len())
+        .map(|k| (&small, k))
+        .chain(edges.iter().map(|&k| (&large, k)));
+    for (i, (f, k)) in cases.enumerate() {
+        let imm = if std::ptr::eq(f, &small) { 5 } else { 6 };
+        raw.write_all(&f[..k]).unwrap();
+        let early = progress_until(&mut b, |b, _| b.links[0].rx.pending() == k as u64);
+        assert_eq!(b.links[0].rx.pending(), k as u64, "case {i}: cut at {k}");
+        assert!(early.is_empty(), "case {i}: cut at {k}: {early:?}");
+        raw.write_all(&f[k..]).unwrap();
+        let out = progress_until(&mut b, |_, o| !o.is_empty());
+        assert_eq!(
+            out,
+            vec![Completion::Arrival {
+                link: 0,
+                imm,
+                len: (f.len() - FRAME_LEN) as u32
+            }],
+            "case {i}: cut at {k}"
+        );
+        let off = if imm == 5 { 64 } else { 1024 };
+        let mut got = vec![0u8; f.len() - FRAME_LEN];
+        dst.copy_out(off, &mut got).unwrap();
+        assert_eq!(got, f[FRAME_LEN..], "case {i}: cut at {k}");
+        assert_eq!(b.links[0].rx.pending(), 0);
+        got.fill(0);
+        dst.write_gather(off as u64, &[&got]).unwrap();
+    }
+}
+
+/// Several frames in one read — small, large, empty, small again — each
+/// land in order, one arrival per progress pass, with nothing lost from
+/// the inbox between passes.
+#[test]
+fn frames_read_together_land_in_order() {
+    let (mut b, mut raw, dst) = raw_link();
+    let bodies = [
+        (0u64, body(100, 3)),
+        (200, body(2 * rx::INBOX, 4)),
+        (20_000, Vec::new()),
+        (30_000, body(7, 5)),
+        (40_000, body(rx::INBOX - FRAME_LEN, 6)),
+        (50_000, body(1, 7)),
+    ];
+    let mut all = Vec::new();
+    for (i, (off, b)) in bodies.iter().enumerate() {
+        all.extend(frame_bytes(*off, i as u32, b));
+    }
+    // Twice: the second time the link starts in bulk mode (its last frame
+    // was large... then small), and all of it is in one write.
+    for round in 0..2 {
+        raw.write_all(&all).unwrap();
+        let mut arrivals = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while arrivals.len() < bodies.len() && Instant::now() < deadline {
+            let mut out = Vec::new();
+            b.progress(&mut out).unwrap();
+            assert!(out.len() <= 1, "one arrival per pass: {out:?}");
+            arrivals.extend(out);
+        }
+        let want: Vec<Completion> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, (_, b))| Completion::Arrival {
+                link: 0,
+                imm: i as u32,
+                len: b.len() as u32,
+            })
+            .collect();
+        assert_eq!(arrivals, want, "round {round}");
+        for (off, b) in &bodies {
+            let mut got = vec![0u8; b.len()];
+            dst.copy_out(*off as usize, &mut got).unwrap();
+            assert_eq!(&got, b, "round {round}: body at {off}");
+        }
+    }
+}
+
+/// A close frame behind a message in the same read ends the link in
+/// order after the message lands.
+#[test]
+fn a_close_behind_a_message_ends_the_link_after_it() {
+    let (mut b, mut raw, _dst) = raw_link();
+    let mut bytes = frame_bytes(0, 9, &body(50, 8));
+    bytes.extend(frame::encode(&Notice::CLOSE));
+    raw.write_all(&bytes).unwrap();
+    let out = progress_until(&mut b, |_, o| o.len() >= 2);
+    assert_eq!(
+        out,
+        vec![
+            Completion::Arrival {
+                link: 0,
+                imm: 9,
+                len: 50
+            },
+            Completion::LinkClosed { link: 0 }
+        ]
+    );
+}
+
+/// Garbage behind a good frame is a protocol error on the link, after
+/// the good frame landed.
+#[test]
+fn garbage_behind_a_frame_is_a_link_error() {
+    let (mut b, mut raw, _dst) = raw_link();
+    let mut bytes = frame_bytes(0, 1, &body(10, 9));
+    bytes.extend([0xffu8; FRAME_LEN]);
+    raw.write_all(&bytes).unwrap();
+    let out = progress_until(&mut b, |_, o| o.len() >= 2);
+    assert!(
+        matches!(out[..], [Completion::Arrival { imm: 1, .. }, Completion::LinkError { ref reason, .. }] if reason.contains("bad frame")),
+        "{out:?}"
+    );
 }
