@@ -238,6 +238,10 @@ pub struct WireCounters {
     pub rail_messages: [u64; MAX_RAILS],
     /// Payload bytes posted on each rail.
     pub rail_bytes: [u64; MAX_RAILS],
+    /// Received payload bytes the backend itself copied into the target
+    /// region (tcp: small bodies read ahead with their header, one `read`
+    /// instead of two; 0 for backends that place bytes directly).
+    pub received_copied_bytes: u64,
 }
 
 /// Most NICs one rank drives (one per GPU of an 8-GPU host).
@@ -250,6 +254,7 @@ impl std::ops::AddAssign for WireCounters {
         self.signaled += o.signaled;
         self.flushes += o.flushes;
         self.registrations_after_setup += o.registrations_after_setup;
+        self.received_copied_bytes += o.received_copied_bytes;
         self.rails = self.rails.max(o.rails);
         for i in 0..MAX_RAILS {
             self.rail_messages[i] += o.rail_messages[i];

@@ -522,10 +522,11 @@ fn report(r: afmesh::Result<()>) {
     }
 }
 
-/// Bytes this rank sent to all its peers, and of those the bytes the
-/// library itself copied.
+/// Bytes this rank sent to all its peers, and the bytes the library
+/// itself copied: into its send slots, into peers (shm), and out of a
+/// read-ahead inbox on receipt (tcp's small bodies).
 fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
-    stats.peers.iter().fold((0, 0), |(s, c), (_, p)| {
+    stats.peers.iter().fold((0, stats.wire.received_copied_bytes), |(s, c), (_, p)| {
         (s + p.sent_bytes, c + p.copied_bytes)
     })
 }

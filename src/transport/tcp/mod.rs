@@ -270,6 +270,13 @@ impl Transport for TcpTransport {
         }
     }
 
+    fn counters(&self) -> super::WireCounters {
+        super::WireCounters {
+            received_copied_bytes: self.links.iter().map(|l| l.rx.copied).sum(),
+            ..Default::default()
+        }
+    }
+
     fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
         if !self.links.is_empty() {
             return Err(Error::Unsupported(

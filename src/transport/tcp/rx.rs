@@ -44,6 +44,8 @@ pub(super) struct Rx {
     /// The last frame was larger than the inbox: read headers alone and
     /// bodies straight into the region, copying nothing.
     bulk: bool,
+    /// Body bytes copied from the inbox into regions.
+    pub(super) copied: u64,
 }
 
 impl Default for Rx {
@@ -54,6 +56,7 @@ impl Default for Rx {
             start: 0,
             end: 0,
             bulk: false,
+            copied: 0,
         }
     }
 }
@@ -176,6 +179,7 @@ impl Rx {
                             return down(format!("{peer}: {e}"));
                         }
                         self.start += n;
+                        self.copied += n as u64;
                         n as u64
                     } else {
                         // The rest of the body straight into the region;
