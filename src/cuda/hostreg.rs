@@ -117,17 +117,3 @@ pub unsafe fn write_value32_on(stream: CuStream, addr: u64, value: u32) -> Resul
         || "cuStreamWriteValue32".into(),
     )
 }
-
-/// Enqueues a copy of `n` bytes from `src` to `dst` (unified addresses)
-/// on `stream`, the current context being the right one already.
-///
-/// # Safety
-/// `stream` is a live stream of the current context; both ranges stay
-/// valid until the copy ran.
-pub unsafe fn copy_on(stream: CuStream, dst: u64, src: u64, n: usize) -> Result<()> {
-    let d = driver()?;
-    // SAFETY: the caller's contract.
-    check(unsafe { (d.memcpy_async)(dst, src, n, stream) }, || {
-        format!("cuMemcpyAsync({n} bytes)")
-    })
-}

@@ -18,7 +18,7 @@ mod pinned;
 mod stream;
 
 pub use flag::{wait_value_geq, HostFlag};
-pub use hostreg::{copy_on, write_value32_on, HostRegistration};
+pub use hostreg::{write_value32_on, HostRegistration};
 pub use ipc::{dmabuf, ipc_handle, DmaBuf, IpcMapping};
 pub use pinned::{copy, copy_from_device, Pinned};
 pub use stream::{Event, Stream};

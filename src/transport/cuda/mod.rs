@@ -146,13 +146,6 @@ struct CudaLink {
     _mappings: Vec<IpcMapping>,
 }
 
-impl CudaLink {
-    /// Waits until every copy this link enqueued has run.
-    fn synchronize(&self) {
-        let _ = self.stream.synchronize();
-    }
-}
-
 /// The CUDA backend.
 #[derive(Debug)]
 pub struct CudaTransport {
@@ -703,7 +696,19 @@ impl Transport for CudaTransport {
             close: false,
         };
         let l = &mut self.links[link];
-        let stream = l.stream.raw();
+        // The GPU is to announce the arrival: the header goes to the peer's
+        // mirror now (the slot is ours until the notice is published).
+        let gpu_notice = l.gpu_notice.is_some() && l.host_pending == 0;
+        if gpu_notice {
+            if let Some(notices) = self.notices.as_mut() {
+                if !notices.write_target(link, remote.id, offset, &head[..head_len])? {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: its region {} has no header mirror here",
+                        l.label, remote.id
+                    )));
+                }
+            }
+        }
         let mut at = target.addr + offset;
         for s in src {
             let (r, from, n) = self.local.resolve(s)?;
@@ -714,25 +719,16 @@ impl Transport for CudaTransport {
             // by `resolve`), which the engine does not refill before `Sent`;
             // the target range lies in the peer's mapped region (checked
             // above), which stays mapped while the link lives (`abort` and
-            // drop synchronise the stream first); `stream` is the link's,
-            // live, of this device (bound above).
-            unsafe { cuda::copy_on(stream, at, r.addr() + from as u64, n) }?;
+            // drop synchronise the stream first).
+            unsafe { l.stream.copy_async(at, r.addr() + from as u64, n) }?;
             at += n as u64;
         }
-        // The GPU announces the arrival: the header goes to the peer's
-        // mirror and the notice into its ring now (the slot and the ring
-        // entry are ours until the notice is published), and the link
-        // stream publishes the entry right behind the copy.
+        // The notice into the peer's ring now (the entry is ours until
+        // published), and the link stream publishes it right behind the
+        // copy.
         let mut announced = false;
-        if let (Some(reg), 0, Some(notices)) =
-            (&l.gpu_notice, l.host_pending, self.notices.as_mut())
+        if let (true, Some(reg), Some(notices)) = (gpu_notice, &l.gpu_notice, self.notices.as_mut())
         {
-            if !notices.write_target(link, remote.id, offset, &head[..head_len])? {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: its region {} has no header mirror here",
-                    l.label, remote.id
-                )));
-            }
             if let Some((seq, value)) = notices.reserve_notice(link, &notice)? {
                 let dev = reg.device_addr(seq).ok_or_else(|| {
                     Error::config(format!("{}: notice ring outside its registration", l.label))
@@ -740,8 +736,8 @@ impl Transport for CudaTransport {
                 // SAFETY: the registration covers the ring and lives as
                 // long as the link (dropped after its streams are
                 // synchronised); the entry's sequence word is the producer's
-                // to publish (reserved above); `stream` as for the copies.
-                if let Err(e) = unsafe { cuda::write_value32_on(stream, dev, value) } {
+                // to publish (reserved above).
+                if let Err(e) = unsafe { l.stream.write_value32(dev, value) } {
                     // The entry stays reserved and unpublished: nothing
                     // more can follow it on this link.
                     l.down = true;
@@ -750,8 +746,7 @@ impl Transport for CudaTransport {
                 announced = true;
             }
         }
-        // SAFETY: `stream` as for the copies.
-        unsafe { event.record_raw(stream) }?;
+        event.record(&l.stream)?;
         if !announced {
             l.host_pending += 1;
         }
@@ -821,7 +816,7 @@ impl Transport for CudaTransport {
     fn close(&mut self) {
         let mut out = Vec::new();
         for l in &self.links {
-            l.synchronize();
+            let _ = l.stream.synchronize();
         }
         self.complete(&mut out);
         if let Some(n) = self.notices.as_mut() {
@@ -835,7 +830,7 @@ impl Transport for CudaTransport {
     fn abort(&mut self, link: LinkId) {
         if let Some(l) = self.links.get_mut(link) {
             // No source is read after this returns.
-            l.synchronize();
+            let _ = l.stream.synchronize();
             self.in_flight -= l.queue.len();
             self.free_events.extend(l.queue.drain(..).map(|p| p.event));
             l.host_pending = 0;
@@ -857,7 +852,7 @@ impl Drop for CudaTransport {
         // let them finish before the regions and mappings go. The notice
         // rings' registrations go before the notice backend unmaps them.
         for l in &mut self.links {
-            l.synchronize();
+            let _ = l.stream.synchronize();
             l.gpu_notice = None;
         }
     }
