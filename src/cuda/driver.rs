@@ -16,7 +16,8 @@
 //! so we would have to probe with our own `dlopen` first anyway. Here the
 //! probe *is* the loader: one table of function pointers, filled once.
 //! Entry points only newer drivers have (`cuMemGetHandleForAddressRange`,
-//! `cuDeviceGetUuid_v2`, `cuStreamWaitValue32_v2`) are optional: absent, only their feature is
+//! `cuDeviceGetUuid_v2`, `cuStreamWaitValue32_v2`, `cuStreamWriteValue32_v2`,
+//! `cuMemHostRegister_v2`) are optional: absent, only their feature is
 //! unsupported.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
@@ -61,6 +62,10 @@ pub const CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: c_uint = 1;
 pub const CU_POINTER_ATTRIBUTE_MEMORY_TYPE: c_int = 2;
 /// `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL`.
 pub const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
+/// `CU_POINTER_ATTRIBUTE_RANGE_START_ADDR`.
+pub const CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: c_int = 11;
+/// `CU_POINTER_ATTRIBUTE_RANGE_SIZE`.
+pub const CU_POINTER_ATTRIBUTE_RANGE_SIZE: c_int = 12;
 /// `CU_MEMORYTYPE_DEVICE`.
 pub const CU_MEMORYTYPE_DEVICE: c_uint = 2;
 /// `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`.
@@ -150,6 +155,10 @@ driver_table! {
         device_get_uuid_v2 = "cuDeviceGetUuid_v2": fn(*mut [u8; 16], CuDevice);
         device_get_uuid = "cuDeviceGetUuid": fn(*mut [u8; 16], CuDevice);
         stream_wait_value32 = "cuStreamWaitValue32_v2": fn(CuStream, CuDevicePtr, u32, c_uint);
+        stream_write_value32 = "cuStreamWriteValue32_v2": fn(CuStream, CuDevicePtr, u32, c_uint);
+        mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
+        mem_host_unregister = "cuMemHostUnregister": fn(*mut c_void);
+        pointer_get_attributes = "cuPointerGetAttributes": fn(c_uint, *mut c_int, *mut *mut c_void, CuDevicePtr);
         mem_get_handle_for_address_range = "cuMemGetHandleForAddressRange": fn(*mut c_void, CuDevicePtr, usize, c_int, u64);
     }
 }

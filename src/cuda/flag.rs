@@ -50,6 +50,13 @@ impl HostFlag {
         a.store(v, std::sync::atomic::Ordering::Release);
     }
 
+    /// Loads the flag (acquire).
+    pub fn get(&self) -> u32 {
+        // SAFETY: as in `set`.
+        let a = unsafe { &*(self.host as *const std::sync::atomic::AtomicU32) };
+        a.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The device-visible address.
     pub fn device_addr(&self) -> u64 {
         self.dev

@@ -12,11 +12,13 @@
 pub mod driver;
 mod flag;
 pub mod floor;
+mod hostreg;
 mod ipc;
 mod pinned;
 mod stream;
 
 pub use flag::{wait_value_geq, HostFlag};
+pub use hostreg::{write_value32_on, HostRegistration};
 pub use ipc::{dmabuf, ipc_handle, DmaBuf, IpcMapping};
 pub use pinned::{copy, copy_from_device, Pinned};
 pub use stream::{Event, Stream};
@@ -268,6 +270,34 @@ pub struct PointerInfo {
 /// says which device and allocation.
 pub fn pointer_info(ptr: u64, len: usize) -> Result<PointerInfo> {
     let d = driver()?;
+    if let Some(f) = d.pointer_get_attributes {
+        // One driver call instead of three (this runs on every
+        // `dispatch_device` and for every output of `respond_device`).
+        let (mut mem_type, mut ordinal, mut base, mut size) = (0u32, -1i32, 0u64, 0usize);
+        let mut attrs = [
+            driver::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            driver::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            driver::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            driver::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+        ];
+        let mut data: [*mut c_void; 4] = [
+            (&mut mem_type as *mut u32).cast(),
+            (&mut ordinal as *mut i32).cast(),
+            (&mut base as *mut u64).cast(),
+            (&mut size as *mut usize).cast(),
+        ];
+        // SAFETY: four attributes, each with an out-pointer of its type
+        // (CUmemorytype and int: 32 bits; CUdeviceptr and size_t: 64 bits);
+        // an unknown pointer gets zeroes, not an error.
+        let rc = unsafe { f(4, attrs.as_mut_ptr(), data.as_mut_ptr(), ptr) };
+        if rc != driver::CUDA_SUCCESS || mem_type != driver::CU_MEMORYTYPE_DEVICE || size == 0 {
+            return Err(Error::invalid(format!(
+                "{ptr:#x} is not CUDA device memory (the driver does not know it as a device allocation)"
+            )));
+        }
+        Device::get(ordinal)?;
+        return in_allocation(ptr, len, ordinal, base, size);
+    }
     let mut mem_type: u32 = 0;
     // SAFETY: the attribute is a 32-bit CUmemorytype written to a u32.
     let rc = unsafe {
@@ -301,6 +331,16 @@ pub fn pointer_info(ptr: u64, len: usize) -> Result<PointerInfo> {
         unsafe { (d.mem_get_address_range)(&mut base, &mut size, ptr) },
         || format!("cuMemGetAddressRange({ptr:#x})"),
     )?;
+    in_allocation(ptr, len, ordinal, base, size)
+}
+
+fn in_allocation(
+    ptr: u64,
+    len: usize,
+    ordinal: i32,
+    base: u64,
+    size: usize,
+) -> Result<PointerInfo> {
     let end = ptr.checked_add(len as u64);
     if end.is_none_or(|e| e > base + size as u64) {
         return Err(Error::BufferSize {

@@ -143,6 +143,9 @@ pub fn run_attention(
     };
     let mut slots = vec![0u64; (w.stages * n) as usize];
     let mut handles = Vec::with_capacity(w.stages as usize);
+    // Host time inside the dispatch calls, for the log (where a layer's
+    // time goes).
+    let mut host_ns = 0u128;
     for layer in 0..w.layers() {
         handles.clear();
         let parity = layer % 2;
@@ -151,6 +154,7 @@ pub fn run_attention(
             let count = w.count(layer, s, me);
             let src = &inputs[(parity * w.stages + s) as usize];
             let side = side_of(layer, s, me, count);
+            let call = Instant::now();
             let h: Result<_> = match &producer {
                 None => a
                     .dispatch_device(s, src.addr(), count as usize, &side)
@@ -188,6 +192,9 @@ pub fn run_attention(
                 }
             };
             let h = h.with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?;
+            if layer >= w.warmup {
+                host_ns += call.elapsed().as_nanos();
+            }
             if ordered && layer > 0 {
                 let (w_stream, _) = &waiters[s as usize];
                 // SAFETY: a live stream of this rank's device, synchronised
@@ -260,6 +267,11 @@ pub fn run_attention(
     for (stream, _) in &waiters {
         stream.synchronize()?;
     }
+    let timed = u128::from(w.layers().saturating_sub(w.warmup).max(1));
+    eprintln!(
+        "A{me}: host time in dispatch calls: {:.2} us per layer",
+        host_ns as f64 / timed as f64 / 1e3
+    );
     Ok(rep)
 }
 
@@ -336,6 +348,8 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
     let mut side = [0u8; SIDE_BYTES as usize];
     let mut ptrs = vec![0u64; m];
     let total = u64::from(w.layers()) * u64::from(w.stages);
+    // Host time inside the respond calls, for the log.
+    let mut host_ns = 0u128;
     while rep.batches < total {
         let b = f
             .get_batch(w.timeout)
@@ -389,6 +403,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
             }
             ptrs[a] = outs[((parity * w.stages + s) as usize) * m + a].addr();
         }
+        let call = Instant::now();
         let answered = match &producer {
             None => f.respond_device(b, &ptrs).map_err(afmesh::Error::from),
             Some((stream, scratch)) => {
@@ -411,6 +426,9 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
             }
         };
         answered.with_context(|| format!("F{me}: respond stage {s}"))?;
+        if layer >= w.warmup {
+            host_ns += call.elapsed().as_nanos();
+        }
         if let (Some(_), true) = (&producer, layer + 1 < w.layers()) {
             let (stream, _) = &waiters[s as usize];
             // SAFETY: a live stream of this rank's device; the rank
@@ -443,5 +461,10 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
     for (stream, _) in &waiters {
         stream.synchronize()?;
     }
+    let timed = u128::from(w.layers().saturating_sub(w.warmup).max(1));
+    eprintln!(
+        "F{me}: host time in respond calls: {:.2} us per layer",
+        host_ns as f64 / timed as f64 / 1e3
+    );
     Ok(rep)
 }

@@ -42,7 +42,9 @@ use super::{
     blob, check_post, Access, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice,
     MemoryKind, PeerSpec, Region, RegionKey, Registration, Transport, Wake,
 };
-use crate::cuda::{self, CuIpcMemHandle, Device, Event, IpcMapping, Stream};
+use crate::cuda::{
+    self, CuIpcMemHandle, Device, Event, HostFlag, HostRegistration, IpcMapping, Stream,
+};
 use crate::error::{Error, Result};
 
 const MAGIC: &str = "afmesh-cuda-2";
@@ -117,6 +119,10 @@ struct Pending {
     /// The message's first bytes (its header), for the peer's mirror.
     head: [u8; HEAD],
     head_len: usize,
+    /// The GPU publishes the notice itself (its header went to the
+    /// peer's mirror at post time): at completion only `Sent` and the
+    /// peer's doorbell remain.
+    announced: bool,
 }
 
 #[derive(Debug)]
@@ -129,6 +135,13 @@ struct CudaLink {
     /// The peer's notice ring was full when the head copy completed: its
     /// announcement waits for the peer to drain (not for the GPU).
     ring_full: bool,
+    /// Our outgoing notice ring (in our mapping of the peer's segment),
+    /// registered with the driver so the link stream can publish notices
+    /// (`None`: the host publishes them, after the copy's event).
+    gpu_notice: Option<HostRegistration>,
+    /// Pending writes the host announces: while any is queued, later ones
+    /// are announced by the host too (the ring's order is the link's).
+    host_pending: usize,
     /// Kept mapped while the link lives.
     _mappings: Vec<IpcMapping>,
 }
@@ -153,6 +166,9 @@ pub struct CudaTransport {
     fill_event: Option<Event>,
     in_flight: usize,
     boot: String,
+    /// Whether this driver's stream memory operations reach host memory:
+    /// probed once, at the first connect (`None`: not yet).
+    gpu_notices: Option<bool>,
 }
 
 impl CudaTransport {
@@ -174,6 +190,7 @@ impl CudaTransport {
             fill_event: None,
             in_flight: 0,
             boot: boot_id(),
+            gpu_notices: None,
         })
     }
 
@@ -205,6 +222,16 @@ impl CudaTransport {
             while let Some(p) = l.queue.front() {
                 match p.event.done() {
                     Ok(false) => break,
+                    Ok(true) if p.announced => {
+                        // The GPU published the notice behind the copy; a
+                        // parked peer still needs its doorbell.
+                        notices.ring_peer(i);
+                        if let Some(p) = l.queue.pop_front() {
+                            self.in_flight -= 1;
+                            out.push(Completion::Sent { token: p.token });
+                            self.free_events.push(p.event);
+                        }
+                    }
                     Ok(true) => {
                         if !l.down {
                             // The header into the peer's host mirror, then
@@ -240,6 +267,7 @@ impl CudaTransport {
                         }
                         if let Some(p) = l.queue.pop_front() {
                             self.in_flight -= 1;
+                            l.host_pending -= 1;
                             out.push(Completion::Sent { token: p.token });
                             self.free_events.push(p.event);
                         }
@@ -248,6 +276,7 @@ impl CudaTransport {
                         l.down = true;
                         self.in_flight -= l.queue.len();
                         l.queue.clear();
+                        l.host_pending = 0;
                         out.push(Completion::LinkError {
                             link: i,
                             reason: format!("{}: copy failed: {e}", l.label),
@@ -269,6 +298,42 @@ impl CudaTransport {
                     .front()
                     .is_some_and(|p| p.event.done().unwrap_or(true))
         })
+    }
+}
+
+/// Whether the link streams publish notices themselves: asked for
+/// (`AFMESH_CUDA_NOTICE=gpu`; measured on 2 × H200 it did not pay, see
+/// ARCHITECTURE.md, so the host announces by default), the driver has
+/// stream memory operations and host registration, and a store enqueued
+/// on a stream reaches mapped host memory.
+fn probe_gpu_notices(device: &Device) -> bool {
+    if !std::env::var("AFMESH_CUDA_NOTICE").is_ok_and(|v| v == "gpu") {
+        return false;
+    }
+    let probe = || -> Result<bool> {
+        let flag = HostFlag::new(device)?;
+        let s = Stream::new(device)?;
+        // SAFETY: the flag outlives the store: the stream is synchronised
+        // before it is dropped.
+        unsafe { s.write_value32(flag.device_addr(), 0x5afe_c0de) }?;
+        s.synchronize()?;
+        Ok(flag.get() == 0x5afe_c0de)
+    };
+    match probe() {
+        Ok(true) => {
+            tracing::info!("cuda: the link streams announce arrivals (AFMESH_CUDA_NOTICE=gpu)");
+            true
+        }
+        Ok(false) => {
+            tracing::warn!(
+                "cuda: a stream's store did not reach host memory: the host announces arrivals"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("cuda: no stream memory operations ({e}): the host announces arrivals");
+            false
+        }
     }
 }
 
@@ -440,6 +505,9 @@ impl Transport for CudaTransport {
             });
             decoded.push(ep);
         }
+        if self.gpu_notices.is_none() {
+            self.gpu_notices = Some(probe_gpu_notices(&device));
+        }
         let notices = self
             .notices
             .as_mut()
@@ -500,16 +568,41 @@ impl Transport for CudaTransport {
                     len: x.len,
                 });
             }
+            // Non-blocking: ordered after the slot's fills by an event
+            // (`post_write`), not after everything on the default stream.
+            let stream = Stream::new(&device)?;
+            let gpu_notice = match self.gpu_notices {
+                Some(false) => None,
+                _ => {
+                    let span = self.notices.as_ref().and_then(|n| n.out_ring_span(c.link));
+                    match span {
+                        // SAFETY: the ring lies in our mapping of the peer's
+                        // segment, which the notice backend keeps until it
+                        // is dropped; `Drop` drops the registrations first.
+                        Some((at, len)) => match unsafe { HostRegistration::new(&device, at, len) }
+                        {
+                            Ok(r) => Some(r),
+                            Err(e) => {
+                                tracing::warn!(
+                                    "cuda link to {}: the host announces arrivals: {e}",
+                                    p.label
+                                );
+                                None
+                            }
+                        },
+                        None => None,
+                    }
+                }
+            };
             self.links.push(CudaLink {
                 label: p.label.clone(),
-                // Non-blocking: ordered after the slot's fills by an event
-                // (`post_write`), not after everything on the default
-                // stream.
-                stream: Stream::new(&device)?,
+                stream,
                 targets,
                 queue: VecDeque::new(),
                 down: false,
                 ring_full: false,
+                gpu_notice,
+                host_pending: 0,
                 _mappings: mappings,
             });
             out.push(Connected {
@@ -595,7 +688,27 @@ impl Transport for CudaTransport {
             }
         }
         let event = self.event(&device)?;
+        let notice = Notice {
+            region: remote.id,
+            offset,
+            len,
+            imm,
+            close: false,
+        };
         let l = &mut self.links[link];
+        // The GPU is to announce the arrival: the header goes to the peer's
+        // mirror now (the slot is ours until the notice is published).
+        let gpu_notice = l.gpu_notice.is_some() && l.host_pending == 0;
+        if gpu_notice {
+            if let Some(notices) = self.notices.as_mut() {
+                if !notices.write_target(link, remote.id, offset, &head[..head_len])? {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: its region {} has no header mirror here",
+                        l.label, remote.id
+                    )));
+                }
+            }
+        }
         let mut at = target.addr + offset;
         for s in src {
             let (r, from, n) = self.local.resolve(s)?;
@@ -610,19 +723,40 @@ impl Transport for CudaTransport {
             unsafe { l.stream.copy_async(at, r.addr() + from as u64, n) }?;
             at += n as u64;
         }
+        // The notice into the peer's ring now (the entry is ours until
+        // published), and the link stream publishes it right behind the
+        // copy.
+        let mut announced = false;
+        if let (true, Some(reg), Some(notices)) = (gpu_notice, &l.gpu_notice, self.notices.as_mut())
+        {
+            if let Some((seq, value)) = notices.reserve_notice(link, &notice)? {
+                let dev = reg.device_addr(seq).ok_or_else(|| {
+                    Error::config(format!("{}: notice ring outside its registration", l.label))
+                })?;
+                // SAFETY: the registration covers the ring and lives as
+                // long as the link (dropped after its streams are
+                // synchronised); the entry's sequence word is the producer's
+                // to publish (reserved above).
+                if let Err(e) = unsafe { l.stream.write_value32(dev, value) } {
+                    // The entry stays reserved and unpublished: nothing
+                    // more can follow it on this link.
+                    l.down = true;
+                    return Err(e);
+                }
+                announced = true;
+            }
+        }
         event.record(&l.stream)?;
+        if !announced {
+            l.host_pending += 1;
+        }
         l.queue.push_back(Pending {
             event,
-            notice: Notice {
-                region: remote.id,
-                offset,
-                len,
-                imm,
-                close: false,
-            },
+            notice,
             token,
             head,
             head_len,
+            announced,
         });
         self.in_flight += 1;
         Ok(())
@@ -666,7 +800,8 @@ impl Transport for CudaTransport {
         let start = Instant::now();
         let mut spins = 0u32;
         while self.in_flight > 0 && start.elapsed() < timeout {
-            if self.any_done() {
+            // A notice the GPU published needs no event of ours.
+            if self.any_done() || self.notices.as_ref().is_some_and(|n| n.has_inbound()) {
                 return;
             }
             if spins < 64 {
@@ -698,6 +833,7 @@ impl Transport for CudaTransport {
             let _ = l.stream.synchronize();
             self.in_flight -= l.queue.len();
             self.free_events.extend(l.queue.drain(..).map(|p| p.event));
+            l.host_pending = 0;
             l.down = true;
         }
         if let Some(n) = self.notices.as_mut() {
@@ -713,9 +849,11 @@ impl Transport for CudaTransport {
 impl Drop for CudaTransport {
     fn drop(&mut self) {
         // Copies still in flight read our memory and write the peers':
-        // let them finish before the regions and mappings go.
-        for l in &self.links {
+        // let them finish before the regions and mappings go. The notice
+        // rings' registrations go before the notice backend unmaps them.
+        for l in &mut self.links {
             let _ = l.stream.synchronize();
+            l.gpu_notice = None;
         }
     }
 }

@@ -39,6 +39,7 @@
 //! millisecond of progress, after whatever it wrote before dying.
 
 pub mod cma;
+mod device_notice;
 pub mod ring;
 pub mod segment;
 pub mod sys;

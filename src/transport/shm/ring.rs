@@ -174,6 +174,35 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// Producer: writes an encoded notice into the next entry *without*
+    /// publishing it, and moves past it; `None` if the ring is full. The
+    /// entry is published when the returned sequence value is stored at
+    /// the returned address (`Release`, or a device write ordered after the
+    /// notice's bytes: the cuda backend has its copy stream store it once
+    /// the copy has landed). Entries are read in order, so a later entry
+    /// published first waits for this one.
+    pub fn reserve(&mut self, notice: &[u8; NOTICE_LEN]) -> Option<(usize, u32)> {
+        if !self.has_room() {
+            return None;
+        }
+        let h = self.head;
+        // SAFETY: as in `push`: the one producer, on a slot the consumer is
+        // done with.
+        unsafe { self.slots.write(h, notice) };
+        // The notice's bytes before whatever later publishes the sequence.
+        crate::sync::fence(Ordering::Release);
+        self.head = h.wrapping_add(1);
+        let seq = self.slots.seq(h) as *const AtomicU32 as usize;
+        Some((seq, (h as u32).wrapping_add(1)))
+    }
+
+    /// The ring's bytes in this process: (address, length).
+    pub fn span(&self) -> (usize, usize) {
+        (self.slots.base as usize, ring_bytes(self.slots.cap))
+    }
+}
+
 impl<S: Slots> Ring<S> {
     /// One end of the ring in `slots`.
     pub fn over(slots: S) -> Ring<S> {
