@@ -131,6 +131,26 @@ pub struct WorkloadArgs {
     /// copies wait for that stream; the host never does).
     #[arg(long)]
     pub stream_ordered: bool,
+    /// Where dispatches land on FFN ranks: a slot per attention rank, or
+    /// one [M × tokens, row] matrix per stage (default: AFMESH_LAYOUT, else
+    /// slots). FFN ranks read their input from the matrix then.
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutArg {
+    Slots,
+    Matrix,
+}
+
+impl LayoutArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayoutArg::Slots => "slots",
+            LayoutArg::Matrix => "matrix",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -311,6 +331,7 @@ fn run(args: &RunArgs) -> Result<()> {
             "AFMESH_SCHEDULER" => args.scheduler.clone(),
             "AFMESH_NUM_ATTENTION" => args.attention.map(|v| v.to_string()),
             "AFMESH_NUM_FFN" => args.ffn.map(|v| v.to_string()),
+            "AFMESH_LAYOUT" => args.work.layout.map(|l| l.name().to_string()),
             _ => None,
         }
     };

@@ -83,6 +83,7 @@ fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Eve
             m,
             n,
             geometry,
+            layout,
             host_id,
             endpoints,
             ..
@@ -96,6 +97,7 @@ fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Eve
                 m,
                 n,
                 geometry,
+                layout,
                 host_id,
                 endpoints,
             },
