@@ -492,4 +492,50 @@ mod tests {
             prop_assert!(offer(&mut f, from, &h).is_ok());
         }
     }
+
+    #[test]
+    fn a_matrix_dispatch_is_announced_by_its_head_alone() {
+        // The rows went first on the same ordered link: the announced
+        // write is the header and the side area, whatever the tokens.
+        let head = (HEADER_LEN as u64) + u64::from(G.side_bytes).div_ceil(64) * 64;
+        for t in [0, 1, G.max_tokens] {
+            assert_eq!(
+                arrival_len(Kind::Dispatch, &G, StageLayout::Matrix, t),
+                head
+            );
+            assert_eq!(
+                arrival_len(Kind::Dispatch, &G, StageLayout::Slots, t),
+                message_len(Kind::Dispatch, &G, t)
+            );
+            assert_eq!(
+                arrival_len(Kind::Combine, &G, StageLayout::Matrix, t),
+                message_len(Kind::Combine, &G, t)
+            );
+        }
+        let mut f = FfnStages::new(3, 2);
+        let h = dispatch(0, 0, 0, 8, 24);
+        let bytes = h.encode();
+        let r = accept_checked(
+            &G,
+            StageLayout::Matrix,
+            0,
+            imm_of(&h),
+            head - 1,
+            |_| Ok(bytes),
+            |_, _, _| Ok(()),
+            &mut f,
+        );
+        assert!(matches!(r, Err(Reject::Short { .. })), "{r:?}");
+        let r = accept_checked(
+            &G,
+            StageLayout::Matrix,
+            0,
+            imm_of(&h),
+            head,
+            |_| Ok(bytes),
+            |_, _, _| Ok(()),
+            &mut f,
+        );
+        assert!(r.is_ok(), "{r:?}");
+    }
 }
