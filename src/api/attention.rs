@@ -259,7 +259,8 @@ impl AttentionRank {
     /// `fill(rows, side_area)` writes the rows (`tokens × row_bytes` bytes)
     /// and the side block at the start of the side area (`side_bytes`
     /// bytes) straight into the registered send slot, and returns the side
-    /// block's length. No copy is made; the message leaves in one write.
+    /// block's length. No copy is made; the message leaves in one write (two
+    /// under the matrix layout: the rows, then the head).
     /// The slot is the stage's own and keeps its bytes between dispatches
     /// of the stage, so `fill` may rewrite only what changed.
     ///
