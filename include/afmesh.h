@@ -49,7 +49,7 @@
 
 /* A config with every field at its default; set scheduler, num_attention
  * and num_ffn before use. */
-#define AFMESH_CONFIG_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_config)), AFMESH_CONFIG_VERSION, NULL, 0, 0, -1, NULL, NULL, NULL, NULL, 0, 0, 0, -1, AFMESH_MEMORY_HOST, 0 }
+#define AFMESH_CONFIG_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_config)), AFMESH_CONFIG_VERSION, NULL, 0, 0, -1, NULL, NULL, NULL, NULL, 0, 0, 0, -1, AFMESH_MEMORY_HOST, 0, AFMESH_LAYOUT_SLOTS }
 
 /* The first element of an afmesh_peer_stats array passed to
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
@@ -57,10 +57,24 @@
 
 /**
  * Version of [`afmesh_config`] this library knows (2 added
- * `memory_kind` and `device`; a version 1 config, of version 1's size,
- * still works and means host memory).
+ * `memory_kind` and `device`, 3 `layout`; a config of an older version,
+ * of that version's size, still works: host memory, the slots layout).
  */
-#define AFMESH_CONFIG_VERSION 2
+#define AFMESH_CONFIG_VERSION 3
+
+/**
+ * `afmesh_config.layout`: each attention rank's dispatch in an input
+ * slot of its own (header, side block, rows); the default.
+ */
+#define AFMESH_LAYOUT_SLOTS 0
+
+/**
+ * `afmesh_config.layout`: every stage's dispatched rows form one
+ * `[M × max_tokens, row_bytes]` matrix on each FFN rank
+ * (`afmesh_batch_matrix`); needs links that deliver in order (tcp, shm,
+ * cuda, verbs with `AFMESH_QPS=1`). Every rank must agree.
+ */
+#define AFMESH_LAYOUT_MATRIX 1
 
 /**
  * `afmesh_config.memory_kind`: stage buffers in host memory.
@@ -280,6 +294,10 @@ typedef struct afmesh_config {
    * Version 2: the CUDA device ordinal, for `AFMESH_MEMORY_CUDA`.
    */
   int32_t device;
+  /**
+   * Version 3: `AFMESH_LAYOUT_SLOTS` or `AFMESH_LAYOUT_MATRIX`.
+   */
+  uint32_t layout;
 } afmesh_config;
 
 /**
@@ -547,6 +565,31 @@ typedef struct afmesh_sender_view {
    */
   size_t side_len;
 } afmesh_sender_view;
+
+/**
+ * The stage's dispatched rows as one matrix (the matrix layout), viewed
+ * in place: valid until the batch is answered or freed.
+ */
+typedef struct afmesh_matrix_view {
+  /**
+   * The matrix's first byte: `rows × row_bytes` bytes, row-major,
+   * 64-byte aligned (a device pointer when the rank's stage memory is
+   * on a GPU).
+   */
+  const void *data;
+  /**
+   * Rows: senders × `max_tokens`.
+   */
+  size_t rows;
+  /**
+   * Bytes of one row.
+   */
+  size_t row_bytes;
+  /**
+   * Rows per sender: sender `a`'s block starts at row `a × max_tokens`.
+   */
+  size_t max_tokens;
+} afmesh_matrix_view;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1005,6 +1048,36 @@ enum afmesh_result afmesh_batch_info(const struct afmesh_batch *b, struct afmesh
 enum afmesh_result afmesh_batch_sender(const struct afmesh_batch *b,
                                        uint32_t sender,
                                        struct afmesh_sender_view *out);
+
+/**
+ * The whole stage as one `[M × max_tokens, row_bytes]` matrix, zero-copy
+ * (valid until the batch is answered or freed): sender `a`'s rows start
+ * at row `a × max_tokens` (`afmesh_batch_sender_rows`). A sender that
+ * sent fewer than `max_tokens` rows leaves the rest of its block stale
+ * (what an earlier dispatch left there, zeros before the first).
+ * `AFMESH_ERR_INVALID_ARGUMENT` unless the mesh uses the matrix layout
+ * (`afmesh_config.layout = AFMESH_LAYOUT_MATRIX` or
+ * `AFMESH_LAYOUT=matrix`). Never blocks.
+ *
+ * # Safety
+ * Pointers are NULL or valid.
+ */
+enum afmesh_result afmesh_batch_matrix(const struct afmesh_batch *b,
+                                       struct afmesh_matrix_view *out);
+
+/**
+ * The rows of the matrix that hold attention rank `sender`'s tokens:
+ * from row `*start`, `*count` of them (its token count). Outputs written
+ * only on success; `AFMESH_ERR_INVALID_ARGUMENT` for a sender out of
+ * range or a mesh without the matrix layout. Never blocks.
+ *
+ * # Safety
+ * Pointers are NULL or valid.
+ */
+enum afmesh_result afmesh_batch_sender_rows(const struct afmesh_batch *b,
+                                            uint32_t sender,
+                                            size_t *start,
+                                            size_t *count);
 
 /**
  * Frees a batch. NULL is a no-op.

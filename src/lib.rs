@@ -65,9 +65,9 @@ pub mod trace;
 pub mod transport;
 
 pub use api::{
-    sim_mesh, sim_mesh_in, sim_mesh_with_checksums, AttentionRank, Batch, Combined, DispatchHandle,
-    Dtype, FfnRank, Mesh, MeshConfig, Rank, RankStats, RespondError, StageSpec, Trace,
-    TransportKind,
+    sim_mesh, sim_mesh_in, sim_mesh_with_checksums, sim_mesh_with_layout, AttentionRank, Batch,
+    Combined, DispatchHandle, Dtype, FfnRank, Mesh, MeshConfig, Rank, RankStats, RespondError,
+    StageLayout, StageSpec, Trace, TransportKind,
 };
 pub use engine::{Histogram, Interrupter, PeerStats, Straggler};
 pub use error::{Error, Peer, Result};

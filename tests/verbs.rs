@@ -585,6 +585,68 @@ fn mismatched_qp_counts_use_the_smaller() {
     assert!(mesh.sched.wait_exit(Duration::from_secs(10)).success());
 }
 
+/// The matrix stage layout on one QP per link (RC keeps a QP's writes in
+/// order): each dispatch is two writes, rows then head, one work request
+/// each; every byte verified, the FFN ranks reading the matrix.
+#[test]
+fn matrix_layout_on_one_qp_verified() {
+    let lines = run_verified(
+        "matrix",
+        2,
+        2,
+        &[
+            "--iters",
+            "4",
+            "--warmup",
+            "3",
+            "--layout",
+            "matrix",
+            "--tokens",
+            "64",
+            "--hidden",
+            "2048",
+            "--vary-tokens",
+        ],
+        &[("AFMESH_QPS", "1")],
+    );
+    for l in &lines {
+        assert_counters(l, 1);
+    }
+}
+
+/// With several QPs per link verbs stripes large writes, so a link's two
+/// writes could land out of order: the matrix layout is refused, naming
+/// the way out.
+#[test]
+fn matrix_layout_on_striped_qps_is_a_clear_error() {
+    let mut mesh = start(
+        "matrixq4",
+        1,
+        1,
+        &["--layout", "matrix", "--iters", "1", "--warmup", "0"],
+        &[("AFMESH_QPS", "4"), ("AFMESH_SETUP_TIMEOUT_MS", "5000")],
+        &[],
+    );
+    for p in &mut mesh.ranks {
+        let st = p.wait_exit(Duration::from_secs(30));
+        let out = p.output();
+        assert!(
+            !st.success(),
+            "{}:
+{out}",
+            p.name
+        );
+        assert!(!out.contains("panicked"), "{out}");
+        assert!(
+            out.contains("matrix stage layout") && out.contains("AFMESH_QPS=1"),
+            "{}:
+{out}",
+            p.name
+        );
+    }
+    mesh.sched.kill();
+}
+
 /// GPUDirect RDMA registration (device memory with verbs) has no NIC or
 /// GPU here, so its error paths are what CI runs: the parent spawns this
 /// test binary's `gpudirect_child` with softverbs preloaded.

@@ -122,6 +122,106 @@ pub unsafe extern "C" fn afmesh_batch_sender(
     })
 }
 
+/// The stage's dispatched rows as one matrix (the matrix layout), viewed
+/// in place: valid until the batch is answered or freed.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct afmesh_matrix_view {
+    /// The matrix's first byte: `rows × row_bytes` bytes, row-major,
+    /// 64-byte aligned (a device pointer when the rank's stage memory is
+    /// on a GPU).
+    pub data: *const c_void,
+    /// Rows: senders × `max_tokens`.
+    pub rows: usize,
+    /// Bytes of one row.
+    pub row_bytes: usize,
+    /// Rows per sender: sender `a`'s block starts at row `a × max_tokens`.
+    pub max_tokens: usize,
+}
+
+/// The whole stage as one `[M × max_tokens, row_bytes]` matrix, zero-copy
+/// (valid until the batch is answered or freed): sender `a`'s rows start
+/// at row `a × max_tokens` (`afmesh_batch_sender_rows`). A sender that
+/// sent fewer than `max_tokens` rows leaves the rest of its block stale
+/// (what an earlier dispatch left there, zeros before the first).
+/// `AFMESH_ERR_INVALID_ARGUMENT` unless the mesh uses the matrix layout
+/// (`afmesh_config.layout = AFMESH_LAYOUT_MATRIX` or
+/// `AFMESH_LAYOUT=matrix`). Never blocks.
+///
+/// # Safety
+/// Pointers are NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_batch_matrix(
+    b: *const afmesh_batch,
+    out: *mut afmesh_matrix_view,
+) -> afmesh_result {
+    boundary("afmesh_batch_matrix", || {
+        // SAFETY: the caller's contract.
+        let b = unsafe { obj_ref(b, "b") }?.live()?;
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        let Some(addr) = b.matrix_addr() else {
+            return Err(invalid(
+                "this mesh uses the slots layout, which has no matrix: set afmesh_config.layout = AFMESH_LAYOUT_MATRIX (or AFMESH_LAYOUT=matrix) on every rank",
+            ));
+        };
+        let view = afmesh_matrix_view {
+            data: if b.matrix_len() == 0 {
+                std::ptr::null()
+            } else {
+                addr as usize as *const c_void
+            },
+            rows: b.senders() * b.max_tokens(),
+            row_bytes: b.row_bytes(),
+            max_tokens: b.max_tokens(),
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(view) };
+        Ok(())
+    })
+}
+
+/// The rows of the matrix that hold attention rank `sender`'s tokens:
+/// from row `*start`, `*count` of them (its token count). Outputs written
+/// only on success; `AFMESH_ERR_INVALID_ARGUMENT` for a sender out of
+/// range or a mesh without the matrix layout. Never blocks.
+///
+/// # Safety
+/// Pointers are NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_batch_sender_rows(
+    b: *const afmesh_batch,
+    sender: u32,
+    start: *mut usize,
+    count: *mut usize,
+) -> afmesh_result {
+    boundary("afmesh_batch_sender_rows", || {
+        // SAFETY: the caller's contract.
+        let b = unsafe { obj_ref(b, "b") }?.live()?;
+        if start.is_null() || count.is_null() {
+            return Err(invalid("start or count is NULL"));
+        }
+        if sender as usize >= b.senders() {
+            return Err(invalid(format!(
+                "sender {sender} of {} senders",
+                b.senders()
+            )));
+        }
+        let Some(rows) = b.sender_rows(sender as usize) else {
+            return Err(invalid(
+                "this mesh uses the slots layout, which has no matrix (AFMESH_LAYOUT_MATRIX)",
+            ));
+        };
+        // SAFETY: both checked non-NULL.
+        unsafe {
+            start.write(rows.start);
+            count.write(rows.len());
+        }
+        Ok(())
+    })
+}
+
 /// A view's pointer: NULL for an empty one (a Rust empty slice points
 /// at a dangling, non-NULL address C must never see).
 fn view_ptr(s: &[u8]) -> *const c_void {

@@ -6,15 +6,24 @@ use std::ffi::{c_char, c_void};
 use std::time::Duration;
 
 use afmesh_core::transport::{MemoryKind, PollPolicy, Region};
-use afmesh_core::{Error, Mesh, MeshConfig, StageSpec, TransportKind};
+use afmesh_core::{Error, Mesh, MeshConfig, StageLayout, StageSpec, TransportKind};
 
 use crate::args::{obj_ref, opt_str};
 use crate::error::{invalid, Fail};
 
 /// Version of [`afmesh_config`] this library knows (2 added
-/// `memory_kind` and `device`; a version 1 config, of version 1's size,
-/// still works and means host memory).
-pub const AFMESH_CONFIG_VERSION: u32 = 2;
+/// `memory_kind` and `device`, 3 `layout`; a config of an older version,
+/// of that version's size, still works: host memory, the slots layout).
+pub const AFMESH_CONFIG_VERSION: u32 = 3;
+
+/// `afmesh_config.layout`: each attention rank's dispatch in an input
+/// slot of its own (header, side block, rows); the default.
+pub const AFMESH_LAYOUT_SLOTS: u32 = 0;
+/// `afmesh_config.layout`: every stage's dispatched rows form one
+/// `[M × max_tokens, row_bytes]` matrix on each FFN rank
+/// (`afmesh_batch_matrix`); needs links that deliver in order (tcp, shm,
+/// cuda, verbs with `AFMESH_QPS=1`). Every rank must agree.
+pub const AFMESH_LAYOUT_MATRIX: u32 = 1;
 
 /// `afmesh_config.memory_kind`: stage buffers in host memory.
 pub const AFMESH_MEMORY_HOST: u32 = 0;
@@ -62,11 +71,15 @@ pub struct afmesh_config {
     pub memory_kind: u32,
     /// Version 2: the CUDA device ordinal, for `AFMESH_MEMORY_CUDA`.
     pub device: i32,
+    /// Version 3: `AFMESH_LAYOUT_SLOTS` or `AFMESH_LAYOUT_MATRIX`.
+    pub layout: u32,
 }
 
 /// Bytes of a version 1 [`afmesh_config`] (everything before
 /// `memory_kind`).
 const CONFIG_V1_SIZE: usize = std::mem::offset_of!(afmesh_config, memory_kind);
+/// Bytes of a version 2 [`afmesh_config`] (everything before `layout`).
+const CONFIG_V2_SIZE: usize = std::mem::offset_of!(afmesh_config, layout);
 
 /// The stage geometry; every rank of a mesh uses the same one.
 #[repr(C)]
@@ -115,10 +128,10 @@ pub(crate) unsafe fn config_of(
         )));
     }
     // Every field of the declared version must be there.
-    let need = if version == 1 {
-        CONFIG_V1_SIZE
-    } else {
-        std::mem::size_of::<afmesh_config>()
+    let need = match version {
+        1 => CONFIG_V1_SIZE,
+        2 => CONFIG_V2_SIZE,
+        _ => std::mem::size_of::<afmesh_config>(),
     };
     if size < need {
         return Err(invalid(format!(
@@ -158,6 +171,15 @@ pub(crate) unsafe fn config_of(
     let scheduler = unsafe { opt_str(c.scheduler, "config.scheduler") }?
         .ok_or_else(|| invalid("config.scheduler is NULL"))?;
     let mut m = MeshConfig::new(scheduler, c.num_attention, c.num_ffn);
+    m.layout = match c.layout {
+        AFMESH_LAYOUT_SLOTS => StageLayout::Slots,
+        AFMESH_LAYOUT_MATRIX => StageLayout::Matrix,
+        l => {
+            return Err(invalid(format!(
+                "config.layout {l} (AFMESH_LAYOUT_SLOTS or AFMESH_LAYOUT_MATRIX)"
+            )))
+        }
+    };
     if c.rank >= 0 {
         m.rank = Some(c.rank as u32);
     }

@@ -178,6 +178,14 @@ fn mesh_2a2f_caller_buffers_from_c() {
     run_mesh(&bin, 2, 2, "buffer");
 }
 
+/// The matrix stage layout from C: every byte verified, and each
+/// sender's view is its rows of the stage's matrix.
+#[test]
+fn mesh_2a2f_matrix_layout_from_c() {
+    let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_matrix", &[]);
+    run_mesh(&bin, 2, 2, "matrix");
+}
+
 #[test]
 fn timeout_then_use_after_finalize() {
     let bin = compile("cc", "c11", "tests/c/test_mesh.c", "test_mesh_to", &[]);

@@ -102,6 +102,8 @@ impl FfnRank {
             stage: b.stage(),
             sequence: b.sequence(),
             row_bytes: row,
+            max_tokens: b.max_tokens(),
+            matrix_at: b.matrix().map(at),
             counts: (0..senders).map(|a| b.token_count(a)).collect(),
             tokens_at,
             side_at,
@@ -404,6 +406,9 @@ pub struct Batch {
     stage: u32,
     sequence: u32,
     row_bytes: usize,
+    max_tokens: usize,
+    /// The stage's matrix (offset, bytes), under the matrix layout.
+    matrix_at: Option<(usize, usize)>,
     counts: Vec<usize>,
     tokens_at: Vec<(usize, usize)>,
     side_at: Vec<(usize, usize)>,
@@ -415,7 +420,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn check(&self, a: usize) -> PyResult<()> {
+    fn check_lease(&self) -> PyResult<()> {
         if !self.lease.get().alive() {
             return Err(StaleView::new_err(format!(
                 "batch (stage {}, sequence {}): {}",
@@ -424,6 +429,11 @@ impl Batch {
                 self.lease.get().why()
             )));
         }
+        Ok(())
+    }
+
+    fn check(&self, a: usize) -> PyResult<()> {
+        self.check_lease()?;
         if a >= self.counts.len() {
             return Err(invalid(format!(
                 "attention rank {a}: the batch has {} senders",
@@ -515,6 +525,47 @@ impl Batch {
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check(a)?;
         self.view(py, self.tokens_at[a], dtype, Some(self.counts[a]))
+    }
+
+    /// Most tokens per sender: the matrix's rows per sender.
+    #[getter]
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The whole stage as one matrix, zero-copy: a (senders × max_tokens,
+    /// row_bytes/itemsize) array of `dtype` (default uint8), valid until
+    /// the batch is answered; attention rank `a`'s rows start at row
+    /// `a × max_tokens` (`sender_rows(a)`). Rows past a sender's
+    /// token_count are stale (what an earlier dispatch left there).
+    /// Only under the matrix layout (`Mesh(..., layout="matrix")` or
+    /// AFMESH_LAYOUT=matrix); otherwise ValueError.
+    #[pyo3(signature = (dtype = None))]
+    fn matrix<'py>(
+        &self,
+        py: Python<'py>,
+        dtype: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.check_lease()?;
+        let Some(at) = self.matrix_at else {
+            return Err(invalid(
+                "this mesh uses the slots layout, which has no matrix (Mesh(..., layout=\"matrix\") or AFMESH_LAYOUT=matrix on every rank)",
+            ));
+        };
+        self.view(py, at, dtype, Some(self.counts.len() * self.max_tokens))
+    }
+
+    /// The rows of the matrix that hold attention rank `a`'s tokens, as
+    /// `(start, count)`: from row `a × max_tokens`, `token_count(a)` of
+    /// them. Only under the matrix layout; otherwise ValueError.
+    fn sender_rows(&self, a: usize) -> PyResult<(usize, usize)> {
+        self.check(a)?;
+        if self.matrix_at.is_none() {
+            return Err(invalid(
+                "this mesh uses the slots layout, which has no matrix",
+            ));
+        }
+        Ok((a * self.max_tokens, self.counts[a]))
     }
 
     /// Attention rank `a`'s side block, zero-copy (1-D, `dtype` default

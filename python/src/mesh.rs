@@ -90,7 +90,9 @@ impl StageSpec {
 /// `setup_timeout` and `io_timeout` (seconds), `embed_scheduler` (run the
 /// rendezvous in this rank), `token` (the cluster token), `cpu` (pin the
 /// thread that joins, and so drives, the rank to this CPU; its waits then
-/// spin without yielding, as AFMESH_CPU).
+/// spin without yielding, as AFMESH_CPU), `layout` ("slots" or
+/// "matrix": every stage's dispatched rows one matrix on each FFN rank,
+/// `Batch.matrix()`; as AFMESH_LAYOUT, every rank must agree).
 #[pyclass(frozen, module = "afmesh._afmesh")]
 pub struct Mesh {
     cfg: MeshConfig,
@@ -115,7 +117,7 @@ impl Mesh {
     #[new]
     #[pyo3(signature = (scheduler, attention, ffn, *, role = None, rank = None, job = None,
         host_id = None, transport = None, poll = None, setup_timeout = None, io_timeout = None,
-        embed_scheduler = false, token = None, cpu = None))]
+        embed_scheduler = false, token = None, cpu = None, layout = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         scheduler: String,
@@ -132,6 +134,7 @@ impl Mesh {
         embed_scheduler: bool,
         token: Option<String>,
         cpu: Option<usize>,
+        layout: Option<&str>,
     ) -> PyResult<Mesh> {
         let mut cfg = MeshConfig::new(scheduler, attention, ffn);
         cfg.role = role.map(role_of).transpose()?;
@@ -157,6 +160,9 @@ impl Mesh {
         cfg.embed_scheduler = embed_scheduler;
         cfg.token = token.map(Token::new).transpose().map_err(to_py)?;
         cfg.cpu = cpu;
+        if let Some(l) = layout {
+            cfg.layout = afmesh::StageLayout::parse(l).map_err(invalid)?;
+        }
         Ok(Mesh { cfg })
     }
 

@@ -80,20 +80,20 @@ def pair():
     both are shut down at teardown."""
     made = []
 
-    def make(spec, transport="tcp", memory=None):
+    def make(spec, transport="tcp", memory=None, layout=None):
         addr = f"127.0.0.1:{free_port()}"
         got = {}
 
         def ffn():
             try:
-                got["f"] = afmesh.Mesh(addr, 1, 1, transport=transport,
+                got["f"] = afmesh.Mesh(addr, 1, 1, transport=transport, layout=layout,
                                        setup_timeout=10).ffn(spec)
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 got["e"] = e
 
         t = threading.Thread(target=ffn)
         t.start()
-        a = afmesh.Mesh(addr, 1, 1, transport=transport, embed_scheduler=True,
+        a = afmesh.Mesh(addr, 1, 1, transport=transport, embed_scheduler=True, layout=layout,
                         setup_timeout=10).attention(spec, memory=memory)
         t.join(15)
         assert not t.is_alive(), "the FFN rank did not join"

@@ -1,6 +1,8 @@
 """One rank of a multi-process mesh through the Python API (spawned by
 test_mesh.py). argv: role rank rounds. Prints "ok" on success, the
-exception's class name on an afmesh error."""
+exception's class name on an afmesh error. LAYOUT=matrix: the FFN ranks
+read each sender's rows from the stage's matrix and check them against
+the sender's view."""
 
 import os
 import sys
@@ -12,8 +14,10 @@ import afmesh
 role, rank, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 M, N, S, T, H = 2, 2, 3, 4, 8  # ranks, stages, tokens, hidden (f32)
 spec = afmesh.StageSpec(S, T, H * 4, H * 4, 16)
+layout = os.environ.get("LAYOUT")
 mesh = afmesh.Mesh(os.environ["AFMESH_SCHEDULER"], M, N, rank=rank,
-                   transport=os.environ.get("AFMESH_TRANSPORT", "auto"), setup_timeout=20)
+                   transport=os.environ.get("AFMESH_TRANSPORT", "auto"), setup_timeout=20,
+                   layout=layout)
 timeout = float(os.environ.get("WAIT_S", "10"))
 
 
@@ -57,8 +61,16 @@ try:
             b = r.get_batch(timeout)
             assert b.senders == M
             outs = []
+            mx = b.matrix(np.float32) if layout == "matrix" else None
+            if mx is not None:
+                assert mx.shape == (M * T, H) and b.max_tokens == T, mx.shape
             for a in range(M):
                 x = b.tokens(a, np.float32)
+                if mx is not None:
+                    start, count = b.sender_rows(a)
+                    assert (start, count) == (a * T, b.token_count(a))
+                    assert np.array_equal(mx[start:start + count], x), a
+                    x = mx[start:start + count]
                 rnd, s = b.side(a, np.int64)
                 assert s == b.stage
                 assert np.array_equal(x, tokens(a, rnd, s)), (a, rnd, s)

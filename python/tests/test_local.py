@@ -22,6 +22,43 @@ def test_version_and_exceptions():
         afmesh.Mesh("127.0.0.1:1", 1, 1, transport="pigeon")
 
 
+def test_matrix_view_equals_the_sender_views(pair):
+    a, f = pair(SPEC, layout="matrix")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    h = a.dispatch(1, x, b"s")
+    b = f.get_batch(5)
+    m = b.matrix(np.float32)
+    assert isinstance(m, afmesh.View) and m.shape == (SPEC.max_tokens, 4)
+    start, count = b.sender_rows(0)
+    assert (start, count, b.max_tokens) == (0, 2, 4)
+    assert np.array_equal(m[start:start + count], b.tokens(0, np.float32))
+    assert np.array_equal(m[:2], x)
+    # The same memory: the matrix is a view, not a copy.
+    assert m[:2].__array_interface__["data"][0] == b.tokens(0).__array_interface__["data"][0]
+    with pytest.raises(afmesh.InvalidArgument, match="attention rank 1"):
+        b.sender_rows(1)
+    f.respond(b, [m[:2] * 3])
+    with pytest.raises(afmesh.StaleView):
+        m.sum()
+    with pytest.raises(afmesh.StaleView):
+        b.matrix()
+    assert np.array_equal(a.wait_combine(h, 5).partial(0, np.float32), 3 * x)
+
+
+def test_the_slots_layout_has_no_matrix(pair):
+    a, f = pair(SPEC)
+    h = a.dispatch(0, np.zeros((1, 4), np.float32))
+    b = f.get_batch(5)
+    with pytest.raises(afmesh.InvalidArgument, match="slots layout"):
+        b.matrix()
+    with pytest.raises(afmesh.InvalidArgument, match="slots layout"):
+        b.sender_rows(0)
+    f.respond(b, [np.zeros((1, 4), np.float32)])
+    a.wait_combine(h, 5)
+    with pytest.raises(afmesh.InvalidArgument, match="layout"):
+        afmesh.Mesh("127.0.0.1:1", 1, 1, layout="diagonal")
+
+
 def test_batch_views_end_at_respond(pair):
     a, f = pair(SPEC)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)

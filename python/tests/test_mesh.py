@@ -23,6 +23,20 @@ def test_2a2f_numpy_values(procs, transport):
     assert (summary["attention"], summary["ffn"]) == (2, 2)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_2a2f_matrix_layout(procs, transport):
+    """Every stage's rows as one matrix: the FFN ranks answer from its
+    rows, checked against each sender's view."""
+    sched = afmesh.Scheduler(f"127.0.0.1:{free_port()}", 2, 2, join_timeout=20)
+    env = {"AFMESH_SCHEDULER": sched.addr, "AFMESH_TRANSPORT": transport, "LAYOUT": "matrix"}
+    ranks = [procs.spawn("rank_api.py", env, role, i, 5)
+             for role in ("attention", "ffn") for i in range(2)]
+    for p in ranks:
+        code, out = procs.finish(p, 30)
+        assert code == 0 and out.strip().endswith("ok"), out
+    sched.wait(10)
+
+
 def test_killed_peer_is_peer_lost_everywhere(procs):
     sched = afmesh.Scheduler(f"127.0.0.1:{free_port()}", 2, 2, join_timeout=20)
     # Many rounds; the waits' own bound (20 s) is far beyond what the test allows.

@@ -9,7 +9,7 @@ use super::reduce::{sum_into, Dtype};
 use super::stream_wait::{self, StageFlags};
 use crate::engine::{now_ns, Engine, RankStats, Sink};
 use crate::error::{Error, Result};
-use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, HEADER_LEN};
+use crate::proto::{Accepted, AttentionStages, Header, Imm, Kind, StageLayout, HEADER_LEN};
 use crate::transport::slots::SlotRef;
 use crate::transport::MemoryKind;
 use crate::transport::Region;
@@ -259,7 +259,8 @@ impl AttentionRank {
     /// `fill(rows, side_area)` writes the rows (`tokens × row_bytes` bytes)
     /// and the side block at the start of the side area (`side_bytes`
     /// bytes) straight into the registered send slot, and returns the side
-    /// block's length. No copy is made; the message leaves in one write.
+    /// block's length. No copy is made; the message leaves in one write (two
+    /// under the matrix layout: the rows, then the head).
     /// The slot is the stage's own and keeps its bytes between dispatches
     /// of the stage, so `fill` may rewrite only what changed.
     ///
@@ -469,9 +470,19 @@ impl AttentionRank {
             }
         };
         let imm = Imm::new(Kind::Dispatch, stage as u8, seq);
-        let offset = layout.in_offset(s, self.st.rank as usize) as u64;
+        let me = self.st.rank as usize;
+        let offset = layout.in_offset(s, me) as u64;
+        let rows_to = layout.in_rows_offset(s, me) as u64;
         for f in 0..layout.n {
-            if let Err(e) = self.engine.post(f, msg, offset, imm) {
+            let posted = match layout.stage_layout {
+                StageLayout::Slots => self.engine.post(f, msg, offset, imm),
+                // The rows into the stage's matrix, then the head.
+                StageLayout::Matrix => {
+                    self.engine
+                        .post_split(f, msg, layout.rows_at(), rows_to, offset, imm)
+                }
+            };
+            if let Err(e) = posted {
                 // The combine can never complete: free the stage.
                 self.st.abandon(s);
                 return Err(e);

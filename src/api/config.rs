@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use crate::bootstrap::{Scheduler, SchedulerConfig, Token};
 use crate::error::{Error, Result};
-use crate::proto::Role;
+use crate::proto::{Role, StageLayout};
 use crate::transport::PollPolicy;
 
 /// Which transport links use.
@@ -132,6 +132,12 @@ pub struct MeshConfig {
     /// mismatch is `BadFrame` naming the peer (`AFMESH_CHECKSUM=1`; off by
     /// default). Every rank of a job must agree.
     pub checksum: bool,
+    /// Where dispatches land on FFN ranks (`AFMESH_LAYOUT`: `slots`, the
+    /// default, or `matrix`: every stage's rows one `[M × max_tokens,
+    /// row_bytes]` matrix, [`crate::Batch::matrix`]). Every rank of a job
+    /// must agree; `matrix` needs links that deliver in order (tcp, shm,
+    /// cuda, verbs with `AFMESH_QPS=1`).
+    pub layout: StageLayout,
     /// Run the rendezvous server inside this rank, at `scheduler`.
     pub embed_scheduler: bool,
     /// Pin the joining thread (the one that will drive the rank) to this CPU.
@@ -162,6 +168,7 @@ impl MeshConfig {
             io_timeout: Duration::from_secs(10),
             liveness: Duration::from_secs(5),
             checksum: false,
+            layout: StageLayout::Slots,
             embed_scheduler: false,
             cpu: None,
             token: None,
@@ -271,6 +278,10 @@ impl MeshConfig {
                     )))
                 }
             };
+        }
+        if let Some(v) = get("AFMESH_LAYOUT") {
+            c.layout = StageLayout::parse(v.trim())
+                .map_err(|e| Error::config(format!("AFMESH_LAYOUT={v:?}: {e}")))?;
         }
         if let Some(v) = get("AFMESH_EMBED_SCHEDULER") {
             c.embed_scheduler = match v.trim() {

@@ -15,9 +15,16 @@
 //! message goes to every FFN rank), an FFN rank a combine slot per (stage,
 //! attention rank). A message leaves its send slot and lands in a receive
 //! slot of the same shape.
+//!
+//! Under [`StageLayout::Matrix`] an FFN rank's input region is, per stage,
+//! the M head slots (header and side area, `rows_at` bytes each) and then
+//! one `[M × max_tokens, row_bytes]` matrix (64-aligned), attention rank
+//! `a`'s rows from row `a × max_tokens`. Send slots keep their shape: a
+//! dispatch leaves as two writes, the rows into the matrix and then the
+//! head (header and side area, with the imm) into its head slot.
 
 use crate::error::{Error, Result};
-use crate::proto::{Geometry, Role, HEADER_LEN};
+use crate::proto::{Geometry, Role, StageLayout, HEADER_LEN};
 use crate::transport::slots::SendSlots;
 use crate::transport::{MemoryKind, Region};
 
@@ -32,6 +39,10 @@ pub(crate) struct Layout {
     pub out_slot: usize,
     /// Bytes of the side area of a dispatch slot.
     pub side_area: usize,
+    /// Where dispatches land on an FFN rank.
+    pub stage_layout: StageLayout,
+    /// Bytes of one stage of an FFN rank's input region.
+    pub in_stage: usize,
 }
 
 fn round64(x: usize) -> usize {
@@ -39,7 +50,7 @@ fn round64(x: usize) -> usize {
 }
 
 impl Layout {
-    pub fn new(spec: Geometry, m: u32, n: u32) -> Result<Layout> {
+    pub fn new(spec: Geometry, m: u32, n: u32, stage_layout: StageLayout) -> Result<Layout> {
         if spec.stages == 0 || spec.stages > crate::proto::header::MAX_STAGES {
             return Err(Error::config(format!(
                 "stages = {} (must be 1..={})",
@@ -73,6 +84,16 @@ impl Layout {
         if in_slot > u32::MAX as usize || out_slot > u32::MAX as usize {
             return Err(too_big());
         }
+        let head = HEADER_LEN + side_area;
+        let in_stage = match stage_layout {
+            StageLayout::Slots => (m as usize).checked_mul(in_slot),
+            StageLayout::Matrix => (m as usize)
+                .checked_mul(mt)
+                .and_then(|x| x.checked_mul(spec.row_bytes as usize))
+                .map(round64)
+                .and_then(|x| x.checked_add((m as usize).checked_mul(head)?)),
+        }
+        .ok_or_else(too_big)?;
         let l = Layout {
             spec,
             m: m as usize,
@@ -80,6 +101,8 @@ impl Layout {
             in_slot,
             out_slot,
             side_area,
+            stage_layout,
+            in_stage,
         };
         l.in_region_len().ok_or_else(too_big)?;
         l.out_region_len().ok_or_else(too_big)?;
@@ -94,7 +117,7 @@ impl Layout {
 
     /// Bytes of an FFN rank's input region.
     pub fn in_region_len(&self) -> Option<usize> {
-        self.stages().checked_mul(self.m)?.checked_mul(self.in_slot)
+        self.stages().checked_mul(self.in_stage)
     }
 
     /// Bytes of an attention rank's output region.
@@ -145,9 +168,57 @@ impl Layout {
         HEADER_LEN + self.side_area
     }
 
-    /// Offset of attention rank `a`'s input slot for `stage` on an FFN rank.
+    /// Offset of attention rank `a`'s input slot for `stage` on an FFN rank
+    /// (its head slot under the matrix layout): where its header lands.
     pub fn in_offset(&self, stage: usize, a: usize) -> usize {
-        (stage * self.m + a) * self.in_slot
+        match self.stage_layout {
+            StageLayout::Slots => (stage * self.m + a) * self.in_slot,
+            StageLayout::Matrix => stage * self.in_stage + a * self.rows_at(),
+        }
+    }
+
+    /// Offset of the `[M × max_tokens, row_bytes]` matrix of `stage` on an
+    /// FFN rank; `None` under the slots layout.
+    pub fn matrix_offset(&self, stage: usize) -> Option<usize> {
+        match self.stage_layout {
+            StageLayout::Slots => None,
+            StageLayout::Matrix => Some(stage * self.in_stage + self.m * self.rows_at()),
+        }
+    }
+
+    /// Offset of attention rank `a`'s rows for `stage` on an FFN rank.
+    pub fn in_rows_offset(&self, stage: usize, a: usize) -> usize {
+        match self.matrix_offset(stage) {
+            None => self.in_offset(stage, a) + self.rows_at(),
+            Some(at) => at + a * self.spec.max_tokens as usize * self.spec.row_bytes as usize,
+        }
+    }
+
+    /// The engine's view of an FFN rank's input region: where (stage,
+    /// peer)'s header is, and, under the matrix layout, its rows.
+    pub fn in_receive(&self) -> crate::engine::Places {
+        crate::engine::Places {
+            stage_stride: self.in_stage,
+            peer_stride: match self.stage_layout {
+                StageLayout::Slots => self.in_slot,
+                StageLayout::Matrix => self.rows_at(),
+            },
+            rows: self.matrix_offset(0).map(|at| crate::engine::MatrixRows {
+                at,
+                peer_stride: self.spec.max_tokens as usize * self.spec.row_bytes as usize,
+                side_area: self.side_area,
+            }),
+        }
+    }
+
+    /// The engine's view of an attention rank's output region (combine
+    /// slots, header first).
+    pub fn out_receive(&self) -> crate::engine::Places {
+        crate::engine::Places {
+            stage_stride: self.n * self.out_slot,
+            peer_stride: self.out_slot,
+            rows: None,
+        }
     }
 
     /// Offset of FFN rank `f`'s output slot for `stage` on an attention rank.
@@ -171,7 +242,7 @@ mod tests {
             out_row_bytes: 6,
             side_bytes: 70,
         };
-        let l = Layout::new(spec, 2, 4).unwrap();
+        let l = Layout::new(spec, 2, 4, StageLayout::Slots).unwrap();
         assert_eq!(l.side_area, 128);
         assert_eq!(l.rows_at(), 64 + 128);
         assert_eq!(l.in_slot, (64 + 128 + 50usize).div_ceil(64) * 64);
@@ -191,6 +262,7 @@ mod tests {
             },
             1,
             1,
+            StageLayout::Slots,
         )
         .unwrap();
         assert_eq!(none.rows_at(), 64);
@@ -205,7 +277,7 @@ mod tests {
             out_row_bytes: 1,
             side_bytes: 0,
         };
-        match Layout::new(spec, 1, 1) {
+        match Layout::new(spec, 1, 1, StageLayout::Matrix) {
             Err(Error::Config(m)) => {
                 assert!(
                     m.contains("row_bytes 4294967295") && !m.contains('{'),
@@ -214,5 +286,33 @@ mod tests {
             }
             other => panic!("expected Config, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_matrix_layout_puts_heads_first_then_one_matrix_per_stage() {
+        let spec = Geometry {
+            stages: 2,
+            max_tokens: 3,
+            row_bytes: 10,
+            out_row_bytes: 6,
+            side_bytes: 70,
+        };
+        let l = Layout::new(spec, 4, 2, StageLayout::Matrix).unwrap();
+        let head = 64 + 128;
+        // Per stage: 4 heads, then 4 × 3 rows of 10 bytes (rounded to 64).
+        assert_eq!(l.in_stage, 4 * head + 128);
+        assert_eq!(l.in_region_len(), Some(2 * l.in_stage));
+        assert_eq!(l.in_offset(1, 2), l.in_stage + 2 * head);
+        assert_eq!(l.matrix_offset(1), Some(l.in_stage + 4 * head));
+        assert_eq!(l.in_rows_offset(1, 3), l.in_stage + 4 * head + 3 * 30);
+        assert_eq!(l.matrix_offset(0).unwrap() % 64, 0);
+        // Senders' rows are adjacent: a's last row ends where a + 1 begins.
+        assert_eq!(l.in_rows_offset(0, 1) + 30, l.in_rows_offset(0, 2));
+        // Send slots and the combine side are unchanged.
+        let slots = Layout::new(spec, 4, 2, StageLayout::Slots).unwrap();
+        assert_eq!((l.in_slot, l.out_slot), (slots.in_slot, slots.out_slot));
+        assert_eq!(l.out_region_len(), slots.out_region_len());
+        assert_eq!(slots.matrix_offset(0), None);
+        assert_eq!(slots.in_rows_offset(1, 3), slots.in_offset(1, 3) + head);
     }
 }

@@ -15,7 +15,7 @@ use crate::engine::{Engine, Receive, Support};
 use crate::error::{Error, Peer, Result};
 use crate::metrics::Metrics;
 use crate::proto::bootstrap::BOOTSTRAP_VERSION;
-use crate::proto::{Message, RegionKey, Role};
+use crate::proto::{Message, RegionKey, Role, StageLayout};
 use crate::trace::{RankMeta, Recorder, TraceConfig};
 use crate::transport::sim::SimNetwork;
 use crate::transport::slots::SendSlots;
@@ -137,7 +137,7 @@ impl Mesh {
 
     /// Bytes of caller memory an attention rank needs for `spec`.
     pub fn attention_memory_len(&self, spec: StageSpec) -> Result<usize> {
-        let l = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
+        let l = Layout::new(spec, self.cfg.attention, self.cfg.ffn, self.cfg.layout)?;
         l.out_region_len()
             .ok_or_else(|| Error::config("output region overflows"))
     }
@@ -160,7 +160,7 @@ impl Mesh {
 
     /// Bytes of caller memory an FFN rank needs for `spec`.
     pub fn ffn_memory_len(&self, spec: StageSpec) -> Result<usize> {
-        let l = Layout::new(spec, self.cfg.attention, self.cfg.ffn)?;
+        let l = Layout::new(spec, self.cfg.attention, self.cfg.ffn, self.cfg.layout)?;
         l.in_region_len()
             .ok_or_else(|| Error::config("input region overflows"))
     }
@@ -194,7 +194,7 @@ impl Mesh {
     /// barrier.
     fn join_as(&self, role: Role, spec: StageSpec, memory: Memory) -> Result<Joined> {
         let cfg = &self.cfg;
-        let layout = Layout::new(spec, cfg.attention, cfg.ffn)?;
+        let layout = Layout::new(spec, cfg.attention, cfg.ffn, cfg.layout)?;
         let (my_len, peer_len, peer_role, peer_count) = match role {
             Role::Attention => (
                 layout.out_region_len(),
@@ -341,6 +341,7 @@ impl Mesh {
             m: cfg.attention,
             n: cfg.ffn,
             geometry: spec,
+            layout: cfg.layout,
             host_id: cfg.host_id.clone(),
             endpoints: mux.endpoints(),
         };
@@ -381,6 +382,9 @@ impl Mesh {
         for e in &peers {
             let them = peer_of(peer_role, e.rank);
             match mux.choose_why(&e.endpoints) {
+                Ok((b, _)) if !in_order(cfg.layout, &mux.backends()[b].caps()) => {
+                    return Err(unordered(me, them, mux.backends()[b].name()));
+                }
                 Ok((b, passed)) => {
                     tracing::info!(
                         "link {me} -> {them}: {} (host {:?}){}{}",
@@ -457,9 +461,9 @@ impl Mesh {
         tracing::info!(rank, transport = %mux.name(), "{role} rank joined");
         let recv = Receive {
             region,
-            slot: match role {
-                Role::Attention => layout.out_slot,
-                Role::Ffn => layout.in_slot,
+            places: match role {
+                Role::Attention => layout.out_receive(),
+                Role::Ffn => layout.in_receive(),
             },
         };
         let mut engine = Engine::new(
@@ -497,6 +501,22 @@ impl Mesh {
             rank,
         })
     }
+}
+
+/// Whether a backend with `caps` can carry `layout`: the matrix layout's
+/// two writes per message need a link that delivers them in order.
+fn in_order(layout: StageLayout, caps: &crate::transport::Caps) -> bool {
+    layout == StageLayout::Slots || caps.ordered
+}
+
+fn unordered(me: Peer, them: Peer, backend: &str) -> Error {
+    let why = match backend {
+        "verbs" => " (it stripes a link's writes over several queue pairs: AFMESH_QPS=1 keeps them on one, in order)",
+        _ => "",
+    };
+    Error::config(format!(
+        "the matrix stage layout (AFMESH_LAYOUT=matrix or MeshConfig::layout) needs links that deliver writes in order, and link {me} -> {them} runs over {backend}, which does not{why}; use the slots layout or another transport"
+    ))
 }
 
 /// Clock probes a tracing rank sends the scheduler at join.
@@ -548,7 +568,20 @@ pub fn sim_mesh(
     n: u32,
     spec: StageSpec,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
-    sim_mesh_with(net, m, n, spec, MemoryKind::Host, false)
+    sim_mesh_with(net, m, n, spec, MemoryKind::Host, false, StageLayout::Slots)
+}
+
+/// [`sim_mesh`] with the FFN ranks' input laid out as `layout`. The
+/// matrix layout needs an ordered network
+/// ([`SimNetwork::set_ordered`]); on another it is a `Config` error.
+pub fn sim_mesh_with_layout(
+    net: &SimNetwork,
+    m: u32,
+    n: u32,
+    spec: StageSpec,
+    layout: StageLayout,
+) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
+    sim_mesh_with(net, m, n, spec, MemoryKind::Host, false, layout)
 }
 
 /// [`sim_mesh`] with every rank sending and requiring a CRC32C in every
@@ -559,7 +592,7 @@ pub fn sim_mesh_with_checksums(
     n: u32,
     spec: StageSpec,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
-    sim_mesh_with(net, m, n, spec, MemoryKind::Host, true)
+    sim_mesh_with(net, m, n, spec, MemoryKind::Host, true, StageLayout::Slots)
 }
 
 /// As [`sim_mesh`], with every rank's stage memory labelled `kind`: for a
@@ -573,16 +606,17 @@ pub fn sim_mesh_in(
     spec: StageSpec,
     kind: MemoryKind,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
-    sim_mesh_with(net, m, n, spec, kind, false)
+    sim_mesh_with(net, m, n, spec, kind, false, StageLayout::Slots)
 }
 
-fn sim_mesh_with(
+pub(crate) fn sim_mesh_with(
     net: &SimNetwork,
     m: u32,
     n: u32,
     spec: StageSpec,
     kind: MemoryKind,
     checksum: bool,
+    stage_layout: StageLayout,
 ) -> Result<(Vec<AttentionRank>, Vec<FfnRank>)> {
     let make = |len: usize| -> Result<Region> {
         match kind {
@@ -591,7 +625,7 @@ fn sim_mesh_with(
         }
         .map_err(Error::config)
     };
-    let layout = Layout::new(spec, m, n)?;
+    let layout = Layout::new(spec, m, n, stage_layout)?;
     struct Side {
         mux: Mux,
         region: Arc<Region>,
@@ -620,6 +654,12 @@ fn sim_mesh_with(
     let mut f: Vec<Side> = (0..n)
         .map(|_| side(layout.in_region_len().unwrap_or(0), Role::Ffn))
         .collect::<Result<_>>()?;
+    if let Some(s) = a.first() {
+        let b = &s.mux.backends()[0];
+        if !in_order(stage_layout, &b.caps()) {
+            return Err(unordered(Peer::Attention(0), Peer::Ffn(0), b.name()));
+        }
+    }
     let a_blobs: Vec<Vec<u8>> = a.iter().map(|s| s.mux.backends()[0].endpoint()).collect();
     let f_blobs: Vec<Vec<u8>> = f.iter().map(|s| s.mux.backends()[0].endpoint()).collect();
     let spec_for = |label: String, blob: &[u8], initiator, peer_rank, my_rank| PeerSpec {
@@ -663,7 +703,7 @@ fn sim_mesh_with(
         .map(|(i, (s, p))| {
             let recv = Receive {
                 region: s.region,
-                slot: layout.out_slot,
+                places: layout.out_receive(),
             };
             let mut engine =
                 Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());
@@ -678,7 +718,7 @@ fn sim_mesh_with(
         .map(|(j, (s, p))| {
             let recv = Receive {
                 region: s.region,
-                slot: layout.in_slot,
+                places: layout.in_receive(),
             };
             let mut engine =
                 Engine::new(s.mux, p, spec, recv, s.send, s.send_key, Support::default());

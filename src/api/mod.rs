@@ -11,10 +11,11 @@ pub mod reduce;
 mod stream_wait;
 
 pub use crate::engine::RankStats;
+pub use crate::proto::StageLayout;
 pub use attention::{AttentionRank, Combined, DispatchHandle, Trace};
 pub use config::{MeshConfig, SchedulerEnv, TransportKind};
 pub use ffn::{Batch, FfnRank, RespondError};
-pub use mesh::{sim_mesh, sim_mesh_in, sim_mesh_with_checksums, Mesh, Rank};
+pub use mesh::{sim_mesh, sim_mesh_in, sim_mesh_with_checksums, sim_mesh_with_layout, Mesh, Rank};
 pub use reduce::Dtype;
 
 /// The stage geometry: stages, most tokens per attention rank, bytes of a

@@ -468,6 +468,7 @@ mod tests {
                 out_row_bytes: 1,
                 side_bytes: 0,
             },
+            layout: crate::proto::StageLayout::Slots,
             host_id: "h".into(),
             endpoints: Vec::new(),
         }

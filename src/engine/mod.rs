@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::proto::accept::accept_checked;
 use crate::proto::header::checksum;
 use crate::proto::{
-    Accepted, Geometry, Header, Imm, Kind, RegionKey, Reject, StageCounter, HEADER_LEN,
+    Accepted, Geometry, Header, Imm, Kind, RegionKey, Reject, StageCounter, StageLayout, HEADER_LEN,
 };
 use crate::trace::{Record, Recorder};
 use crate::transport::mux::MAX_PARK;
@@ -77,12 +77,39 @@ struct PeerLink {
     mirrored: bool,
 }
 
-/// Where the peers' messages land: one slot per (stage, peer), the slot of
-/// (stage `s`, peer `p`) at `(s × peers + p) × slot` with its header first.
+/// Where the peers' messages land.
 #[derive(Debug)]
 pub(crate) struct Receive {
     pub(crate) region: Arc<Region>,
-    pub(crate) slot: usize,
+    pub(crate) places: Places,
+}
+
+/// Where in the receive region (stage `s`, peer `p`)'s message lands: its
+/// header at `s × stage_stride + p × peer_stride`, followed by its side
+/// area and, unless `rows` says otherwise, its rows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Places {
+    pub(crate) stage_stride: usize,
+    pub(crate) peer_stride: usize,
+    /// The matrix layout: the rows are elsewhere.
+    pub(crate) rows: Option<MatrixRows>,
+}
+
+/// Under the matrix layout, (stage `s`, peer `p`)'s rows are at `at + s ×
+/// stage_stride + p × peer_stride`; the head before them is the header and
+/// `side_area` bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MatrixRows {
+    pub(crate) at: usize,
+    pub(crate) peer_stride: usize,
+    pub(crate) side_area: usize,
+}
+
+impl Places {
+    /// Offset of (stage `s`, peer `p`)'s header.
+    fn header(&self, s: usize, p: usize) -> usize {
+        s * self.stage_stride + p * self.peer_stride
+    }
 }
 
 /// The rank core.
@@ -101,8 +128,9 @@ pub(crate) struct Engine {
     recv: Receive,
     send: SendSlots,
     /// Per (send slot, peer): the generation of the post whose send has not
-    /// completed, if any (see `send.rs`).
-    outstanding: Vec<Option<u32>>,
+    /// completed, if any, and how many of its writes have not reported
+    /// `Sent` yet (see `send.rs`).
+    outstanding: Vec<Option<(u32, u8)>>,
     generation: u32,
     /// Bound on waiting for a send slot's sends to complete.
     send_timeout: Duration,
@@ -420,7 +448,7 @@ impl Engine {
 
     /// Judges peer `peer`'s arrival announced by `imm`.
     fn arrival<S: Sink>(&mut self, peer: usize, imm: Imm, landed: u64, sink: &mut S) {
-        let (region, slot, peers) = (&self.recv.region, self.recv.slot, self.peers.len());
+        let (region, places) = (&self.recv.region, self.recv.places);
         let mirrored = self.peers.get(peer).is_some_and(|p| p.mirrored);
         // The header is copied out with volatile reads: the slot is
         // peer-written memory, and a replay may be landing on it. A device
@@ -428,7 +456,7 @@ impl Engine {
         // writes the mirror (cuda); a verbs peer's header is on the device.
         let read = |stage: usize| {
             let mut h = [0u8; HEADER_LEN];
-            let at = (stage * peers + peer) * slot;
+            let at = places.header(stage, peer);
             if mirrored {
                 region.copy_header(at, &mut h)?;
             } else {
@@ -436,13 +464,26 @@ impl Engine {
             }
             Ok(h)
         };
-        let base = (usize::from(imm.stage) * peers + peer) * slot;
+        let stage = usize::from(imm.stage);
+        let base = places.header(stage, peer);
         let on = self.checksum;
+        let row_bytes = u64::from(self.geometry.row_bytes);
         let check = |h: &Header, raw: &[u8; HEADER_LEN], len: u64| match h.checksum {
             None if on => Err("none sent, and this rank requires one (AFMESH_CHECKSUM)".into()),
             None => Ok(()),
             Some(sent) => {
-                let got = checksum(raw, |crc| region_crc(region, base, len, crc))?;
+                let got = checksum(raw, |crc| match places.rows {
+                    None => region_crc(region, base, len, crc),
+                    // The sender's checksum covers its slot: side area,
+                    // then rows; here they are in two places.
+                    Some(m) => {
+                        let head = (HEADER_LEN + m.side_area) as u64;
+                        let crc = region_crc(region, base, head, crc)?;
+                        let rows = m.at + stage * places.stage_stride + peer * m.peer_stride;
+                        let n = u64::from(h.tokens) * row_bytes;
+                        crc_of(region, rows, n, crc)
+                    }
+                })?;
                 if got == sent {
                     Ok(())
                 } else {
@@ -453,8 +494,13 @@ impl Engine {
             }
         };
         let stats = &mut self.peers[peer].stats;
+        let layout = match places.rows {
+            None => StageLayout::Slots,
+            Some(_) => StageLayout::Matrix,
+        };
         match accept_checked(
             &self.geometry,
+            layout,
             peer,
             imm,
             landed,
@@ -521,9 +567,19 @@ impl Engine {
 /// hands them to this rank (no writer touches them until it answers), the
 /// same rule that makes a batch's views sound (`Region` docs).
 fn region_crc(region: &Region, base: usize, len: u64, crc: u32) -> Result<u32, String> {
+    crc_of(
+        region,
+        base + HEADER_LEN,
+        len.saturating_sub(HEADER_LEN as u64),
+        crc,
+    )
+}
+
+/// The CRC32C `crc` extended over `[at, at + len)` of `region` (read in
+/// place, as [`region_crc`] says).
+fn crc_of(region: &Region, at: usize, len: u64, crc: u32) -> Result<u32, String> {
     let len = usize::try_from(len).map_err(|_| "message length overflows".to_string())?;
-    let payload = region.slice(base + HEADER_LEN, len.saturating_sub(HEADER_LEN))?;
-    Ok(crc32c::crc32c_append(crc, payload))
+    Ok(crc32c::crc32c_append(crc, region.slice(at, len)?))
 }
 
 /// How long a rank waits by default for the sends from a slot to complete

@@ -23,6 +23,15 @@ use crate::proto::{Header, Imm, HEADER_LEN};
 use crate::transport::slots::SlotRef;
 use crate::transport::{Completion, LocalSlice};
 
+/// One write of a message: `len` bytes at `at` of the send region to
+/// offset `to` of the peer's region.
+#[derive(Clone, Copy)]
+struct Write {
+    at: u64,
+    len: u64,
+    to: u64,
+}
+
 impl Engine {
     /// Send slot `slot`, to build a message in; refused while a send from
     /// it is pending.
@@ -118,8 +127,8 @@ impl Engine {
     }
 
     /// Posts message `msg` to peer `peer` at `remote_offset` of its region,
-    /// announced by `imm`. The slot is refused to `fill` until the send
-    /// completes ([`Engine::on_sent`]).
+    /// announced by `imm`: one write. The slot is refused to `fill` until
+    /// the send completes ([`Engine::on_sent`]).
     pub(crate) fn post(
         &mut self,
         peer: usize,
@@ -127,6 +136,57 @@ impl Engine {
         remote_offset: u64,
         imm: Imm,
     ) -> Result<()> {
+        let whole = [Write {
+            at: msg.offset as u64,
+            len: msg.len as u64,
+            to: remote_offset,
+        }];
+        self.post_writes(peer, msg, &whole, imm)
+    }
+
+    /// Posts message `msg` to peer `peer` in two writes on its link (the
+    /// matrix layout): the bytes from `rows_at` on (the rows) to
+    /// `rows_to`, with no imm, then the first `rows_at` bytes (header and
+    /// side area) to `head_to`, announced by `imm`. The link must deliver
+    /// in order ([`crate::transport::Caps::ordered`]), so the arrival means
+    /// both landed. No rows: only the second write. The slot is refused to
+    /// `fill` until both sends complete.
+    pub(crate) fn post_split(
+        &mut self,
+        peer: usize,
+        msg: SlotRef,
+        rows_at: usize,
+        rows_to: u64,
+        head_to: u64,
+        imm: Imm,
+    ) -> Result<()> {
+        if rows_at > msg.len {
+            return Err(Error::invalid(format!(
+                "message of {} bytes split at {rows_at}",
+                msg.len
+            )));
+        }
+        let rows = Write {
+            at: (msg.offset + rows_at) as u64,
+            len: (msg.len - rows_at) as u64,
+            to: rows_to,
+        };
+        let head = Write {
+            at: msg.offset as u64,
+            len: rows_at as u64,
+            to: head_to,
+        };
+        if rows.len == 0 {
+            self.post_writes(peer, msg, &[head], imm)
+        } else {
+            self.post_writes(peer, msg, &[rows, head], imm)
+        }
+    }
+
+    /// Posts `writes` from `msg`'s slot to peer `peer` in order, the last
+    /// one announced by `imm`; all under one token, so the post completes
+    /// once each has reported `Sent`.
+    fn post_writes(&mut self, peer: usize, msg: SlotRef, writes: &[Write], imm: Imm) -> Result<()> {
         if self.peers[peer].stats.lost.is_some() {
             return Err(self.lost_error(peer));
         }
@@ -145,43 +205,59 @@ impl Engine {
         let token = (u64::from(self.generation) << 32) | index as u64;
         let p = &self.peers[peer];
         let (link, key) = (p.link, p.key);
-        let src = [LocalSlice {
-            key: self.send_key,
-            offset: msg.offset as u64,
-            len: msg.len as u64,
-        }];
         let deadline = Instant::now() + self.send_timeout;
-        let posted = loop {
-            match self.transport.post_write(
-                link,
-                &src,
-                &key,
-                remote_offset,
-                Some(imm.encode()),
-                token,
-            ) {
-                Err(Error::Backpressure { .. }) if Instant::now() < deadline => {
-                    // The window is full: make progress (completions free
-                    // it; arrivals wait in the backlog for the next pump).
-                    let mut out = Vec::new();
-                    let r = self.transport.poll(&mut out, Duration::from_millis(1));
-                    // Taken even when the poll failed: a lost Sent would
-                    // keep its slot busy, a lost arrival its stage.
-                    for c in out {
-                        match c {
-                            Completion::Sent { token } => self.on_sent(token),
-                            other => self.backlog.push(other),
+        let mut posted = 0u8;
+        let mut result = Ok(());
+        for (i, w) in writes.iter().enumerate() {
+            let src = [LocalSlice {
+                key: self.send_key,
+                offset: w.at,
+                len: w.len,
+            }];
+            let announce = (i + 1 == writes.len()).then(|| imm.encode());
+            let r = loop {
+                match self
+                    .transport
+                    .post_write(link, &src, &key, w.to, announce, token)
+                {
+                    Err(Error::Backpressure { .. }) if Instant::now() < deadline => {
+                        // The window is full: make progress (completions
+                        // free it; arrivals wait in the backlog for the
+                        // next pump).
+                        let mut out = Vec::new();
+                        let r = self.transport.poll(&mut out, Duration::from_millis(1));
+                        // Taken even when the poll failed: a lost Sent
+                        // would keep its slot busy, a lost arrival its
+                        // stage.
+                        for c in out {
+                            match c {
+                                Completion::Sent { token } => self.on_sent(token),
+                                other => self.backlog.push(other),
+                            }
+                        }
+                        if let Err(e) = r {
+                            break Err(e);
                         }
                     }
-                    r?;
+                    other => break other,
                 }
-                other => break other,
+            };
+            match r {
+                Ok(()) => posted += 1,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
-        };
-        match posted {
+        }
+        if posted > 0 {
+            // Even when a later write failed: the earlier ones will
+            // report `Sent`, and the slot stays refused until they do.
+            self.outstanding[index] = Some((self.generation, posted));
+            self.send.posted(msg.slot, 1);
+        }
+        match result {
             Ok(()) => {
-                self.outstanding[index] = Some(self.generation);
-                self.send.posted(msg.slot, 1);
                 let copies = self.transport.caps_of(link).is_some_and(|c| c.copies);
                 let s = &mut self.peers[peer].stats;
                 s.sent += 1;
@@ -210,9 +286,13 @@ impl Engine {
         let index = (token & 0xffff_ffff) as usize;
         let generation = (token >> 32) as u32;
         if let Some(o) = self.outstanding.get_mut(index) {
-            if *o == Some(generation) {
-                *o = None;
-                self.send.sent(index / self.peers.len());
+            match *o {
+                Some((g, 1)) if g == generation => {
+                    *o = None;
+                    self.send.sent(index / self.peers.len());
+                }
+                Some((g, left)) if g == generation => *o = Some((g, left - 1)),
+                _ => {}
             }
         }
     }
@@ -245,7 +325,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::super::{Engine, Receive, Sink, Support};
+    use super::super::{Engine, Places, Receive, Sink, Support};
     use crate::error::{Error, Peer};
     use crate::proto::{Accepted, AttentionStages, Geometry, Imm, Kind};
     use crate::transport::sim::{SimNetwork, SimTransport};
@@ -281,7 +361,11 @@ mod tests {
         f.register(&theirs, Access::RemoteWrite).unwrap();
         let recv = Receive {
             region: Arc::new(Region::alloc(256).unwrap()),
-            slot: 128,
+            places: Places {
+                stage_stride: 128,
+                peer_stride: 128,
+                rows: None,
+            },
         };
         a.register(&recv.region, Access::RemoteWrite).unwrap();
         let send = SendSlots::new(Region::alloc(256).unwrap(), 128, 2).unwrap();
@@ -310,7 +394,7 @@ mod tests {
     /// Marks slot `slot` posted to peer 0 with generation `g` and no
     /// completion yet, as a posted-write transport leaves it.
     fn in_flight(e: &mut Engine, slot: usize, g: u32) -> u64 {
-        e.outstanding[slot] = Some(g);
+        e.outstanding[slot] = Some((g, 1));
         e.send.posted(slot, 1);
         (u64::from(g) << 32) | slot as u64
     }
@@ -332,6 +416,33 @@ mod tests {
         e.pump(Duration::ZERO, &mut sink).unwrap();
         assert!(e.send.is_free(1));
         assert!(e.fill(1).is_ok());
+    }
+
+    #[test]
+    fn a_split_message_is_two_writes_and_frees_its_slot_after_both() {
+        let net = SimNetwork::new(5);
+        let (mut e, _f, theirs) = engine(&net);
+        e.fill(1).unwrap()[..8].copy_from_slice(b"headrows");
+        let msg = e.message(1, 8).unwrap();
+        e.post_split(0, msg, 4, 200, 10, Imm::new(Kind::Dispatch, 1, 0))
+            .unwrap();
+        let mut sink = Counts(AttentionStages::new(2, 1));
+        // The rows' write and its Sent: the slot is still refused.
+        assert!(net.step() && net.step());
+        e.pump(Duration::ZERO, &mut sink).unwrap();
+        assert_eq!(theirs.slice(200, 4).unwrap(), b"rows");
+        assert!(!e.send.is_free(1));
+        assert_eq!(net.deliver_all(), 2, "the head's landing, then its Sent");
+        assert_eq!(theirs.slice(10, 4).unwrap(), b"head");
+        e.pump(Duration::ZERO, &mut sink).unwrap();
+        assert!(e.send.is_free(1));
+        let s = &e.stats().peers[0].1;
+        assert_eq!((s.sent, s.sent_bytes), (1, 8));
+        // No rows: one write.
+        let msg = e.message(1, 4).unwrap();
+        e.post_split(0, msg, 4, 200, 10, Imm::new(Kind::Dispatch, 1, 1))
+            .unwrap();
+        assert_eq!(net.deliver_all(), 2);
     }
 
     #[test]

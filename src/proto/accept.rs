@@ -12,7 +12,7 @@
 //! Pure: the caller supplies the header bytes through a closure (called at
 //! most once, and only for a registered stage) and acts on the result.
 
-use super::bootstrap::Geometry;
+use super::bootstrap::{Geometry, StageLayout};
 use super::codec::DecodeError;
 use super::header::{Header, Imm, Kind, HEADER_LEN};
 use super::stage::{Field, Reject, StageCounter};
@@ -59,6 +59,7 @@ pub fn accept<C: StageCounter>(
 ) -> Result<Accepted, Reject> {
     accept_checked(
         geometry,
+        StageLayout::Slots,
         from,
         imm,
         landed,
@@ -71,9 +72,14 @@ pub fn accept<C: StageCounter>(
 /// [`accept`], with one more check last before the stage machine counts
 /// the message: `check(header, header bytes, message length)` (the
 /// payload's checksum, where the rank asks for them) fails it with
-/// [`Reject::Checksum`].
+/// [`Reject::Checksum`]. Under `layout` [`StageLayout::Matrix`] a
+/// dispatch's announced write is its header and side area only (the rows
+/// went before it on the same ordered link), so `landed` is checked
+/// against that ([`arrival_len`]).
+#[allow(clippy::too_many_arguments)]
 pub fn accept_checked<C: StageCounter>(
     geometry: &Geometry,
+    layout: StageLayout,
     from: usize,
     imm: Imm,
     landed: u64,
@@ -125,7 +131,7 @@ pub fn accept_checked<C: StageCounter>(
             max: max_side.into(),
         });
     }
-    let need = message_len(C::KIND, geometry, h.tokens);
+    let need = arrival_len(C::KIND, geometry, layout, h.tokens);
     if landed < need {
         return Err(Reject::Short { landed, need });
     }
@@ -152,6 +158,18 @@ pub fn message_len(kind: Kind, g: &Geometry, tokens: u32) -> u64 {
                 + u64::from(tokens) * u64::from(g.row_bytes)
         }
         Kind::Combine => h + u64::from(tokens) * u64::from(g.out_row_bytes),
+    }
+}
+
+/// Bytes the write that announces a message of `tokens` rows carries:
+/// the whole message ([`message_len`]), except a dispatch under the matrix
+/// layout, whose announced write is the header and the side area.
+pub fn arrival_len(kind: Kind, g: &Geometry, layout: StageLayout, tokens: u32) -> u64 {
+    match (kind, layout) {
+        (Kind::Dispatch, StageLayout::Matrix) => {
+            HEADER_LEN as u64 + u64::from(g.side_bytes).div_ceil(64) * 64
+        }
+        _ => message_len(kind, g, tokens),
     }
 }
 
@@ -473,5 +491,51 @@ mod tests {
             prop_assert_eq!(&f, &FfnStages::new(3, 2));
             prop_assert!(offer(&mut f, from, &h).is_ok());
         }
+    }
+
+    #[test]
+    fn a_matrix_dispatch_is_announced_by_its_head_alone() {
+        // The rows went first on the same ordered link: the announced
+        // write is the header and the side area, whatever the tokens.
+        let head = (HEADER_LEN as u64) + u64::from(G.side_bytes).div_ceil(64) * 64;
+        for t in [0, 1, G.max_tokens] {
+            assert_eq!(
+                arrival_len(Kind::Dispatch, &G, StageLayout::Matrix, t),
+                head
+            );
+            assert_eq!(
+                arrival_len(Kind::Dispatch, &G, StageLayout::Slots, t),
+                message_len(Kind::Dispatch, &G, t)
+            );
+            assert_eq!(
+                arrival_len(Kind::Combine, &G, StageLayout::Matrix, t),
+                message_len(Kind::Combine, &G, t)
+            );
+        }
+        let mut f = FfnStages::new(3, 2);
+        let h = dispatch(0, 0, 0, 8, 24);
+        let bytes = h.encode();
+        let r = accept_checked(
+            &G,
+            StageLayout::Matrix,
+            0,
+            imm_of(&h),
+            head - 1,
+            |_| Ok(bytes),
+            |_, _, _| Ok(()),
+            &mut f,
+        );
+        assert!(matches!(r, Err(Reject::Short { .. })), "{r:?}");
+        let r = accept_checked(
+            &G,
+            StageLayout::Matrix,
+            0,
+            imm_of(&h),
+            head,
+            |_| Ok(bytes),
+            |_, _, _| Ok(()),
+            &mut f,
+        );
+        assert!(r.is_ok(), "{r:?}");
     }
 }

@@ -34,7 +34,8 @@ use super::codec::{DecodeError, Reader, Writer};
 /// 5: `ClockProbe`/`ClockEcho` before the hello (clock offsets for traces).
 /// 6: the hello names the rank's instance group (`group` of `groups`:
 /// StepMesh's `DMLC_GROUP_SIZE` disjoint meshes under one scheduler), and
-/// `SyncEnter`/`SyncRelease` give a running mesh barriers.
+/// `SyncEnter`/`SyncRelease` give a running mesh barriers; it also carries
+/// the stage layout ([`StageLayout`]).
 pub const BOOTSTRAP_VERSION: u16 = 6;
 /// Most clock probes the server answers on one connection.
 pub const MAX_CLOCK_PROBES: u32 = 64;
@@ -152,6 +153,62 @@ pub struct Geometry {
     pub side_bytes: u32,
 }
 
+/// Where a stage's dispatches land on an FFN rank. Every rank of a mesh
+/// must use the same one; the scheduler refuses a rank that differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StageLayout {
+    /// Each attention rank's message in a slot of its own: header, side
+    /// area, rows. One write per message.
+    #[default]
+    Slots,
+    /// The rows of all M attention ranks form one `[M × max_tokens,
+    /// row_bytes]` matrix (rank `a`'s rows from row `a × max_tokens`); the
+    /// headers and side areas sit in an area of their own. Two writes per
+    /// message on one link (rows, then header and side area with the imm),
+    /// so it needs backends that deliver a link's writes in order.
+    Matrix,
+}
+
+impl StageLayout {
+    /// Parses `slots` or `matrix`.
+    pub fn parse(s: &str) -> Result<StageLayout, String> {
+        match s {
+            "slots" => Ok(StageLayout::Slots),
+            "matrix" => Ok(StageLayout::Matrix),
+            _ => Err(format!("layout {s:?}: expected slots or matrix")),
+        }
+    }
+
+    /// Its name, as `parse` reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageLayout::Slots => "slots",
+            StageLayout::Matrix => "matrix",
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            StageLayout::Slots => 0,
+            StageLayout::Matrix => 1,
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<StageLayout, DecodeError> {
+        match v {
+            0 => Ok(StageLayout::Slots),
+            1 => Ok(StageLayout::Matrix),
+            _ => Err(DecodeError::new(format!("layout: unknown value {v}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for StageLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One rank in the address book.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -218,6 +275,8 @@ pub enum Message {
         n: u32,
         /// Stage geometry.
         geometry: Geometry,
+        /// Where dispatches land on FFN ranks.
+        layout: StageLayout,
         /// Host identity, for logs.
         host_id: String,
         /// My endpoint blob per backend, by backend name.
@@ -391,6 +450,7 @@ impl Message {
                 m,
                 n,
                 geometry,
+                layout,
                 host_id,
                 endpoints,
             } => {
@@ -408,6 +468,7 @@ impl Message {
                 w.u32(geometry.row_bytes);
                 w.u32(geometry.out_row_bytes);
                 w.u32(geometry.side_bytes);
+                w.u8(layout.to_u8());
                 w.str(host_id);
                 put_endpoints(&mut w, endpoints);
             }
@@ -578,6 +639,7 @@ impl Message {
                         out_row_bytes: r.u32("out_row_bytes")?,
                         side_bytes: r.u32("side_bytes")?,
                     },
+                    layout: StageLayout::from_u8(r.u8("layout")?)?,
                     host_id: r.str("host_id")?,
                     endpoints: get_endpoints(&mut r)?,
                 }

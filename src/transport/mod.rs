@@ -21,7 +21,10 @@
 //!   drop: nothing was posted, the caller makes progress and posts again.
 //! * **One message, one write.** The engine puts each message's header in
 //!   registered memory right before its payload and posts the whole thing as
-//!   one write; backends never build or split messages.
+//!   one write; backends never build or split messages. (The matrix stage
+//!   layout is the one exception: a dispatch is its rows, with no imm, then
+//!   its header and side block with the imm, on one link whose backend is
+//!   [`Caps::ordered`].)
 //! * **Unordered delivery.** Writes may land in any order unless
 //!   [`Caps::ordered`] says otherwise; the engine counts arrivals.
 //! * **Bounds.** Every write is checked against the target region before a

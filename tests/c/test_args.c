@@ -125,6 +125,32 @@ int main(void) {
     bad.version = 2;
     EXPECT(afmesh_attention_memory_len(&bad, &spec, &n), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT_MSG("size");
+    /* Layout (config version 3); a version 2 config of version 2's size
+     * means the slots layout, whatever lies beyond it. */
+    bad = cfg;
+    bad.layout = 7;
+    EXPECT(afmesh_attention_new(&bad, &spec, &a), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("layout");
+    afmesh_stage_spec odd = {2, 3, 24, 16, 8};
+    size_t slots_len = 0, matrix_len = 0;
+    bad = cfg;
+    bad.num_attention = 2;
+    EXPECT(afmesh_ffn_memory_len(&bad, &odd, &slots_len), AFMESH_OK);
+    bad.layout = AFMESH_LAYOUT_MATRIX;
+    EXPECT(afmesh_ffn_memory_len(&bad, &odd, &matrix_len), AFMESH_OK);
+    /* Slots: 2 x (64 + 64 + 72, rounded to 256) per stage; the matrix: 2
+     * heads of 128, then 2 x 3 rows of 24 bytes (rounded to 192). */
+    if (slots_len != 2 * 512 || matrix_len != 2 * 448) {
+        fprintf(stderr, "FAIL memory_len slots %zu, matrix %zu\n", slots_len, matrix_len);
+        failures++;
+    }
+    bad.version = 2;
+    bad.size = (uint32_t)offsetof(afmesh_config, layout);
+    EXPECT(afmesh_ffn_memory_len(&bad, &odd, &n), AFMESH_OK);
+    if (n != slots_len) { fprintf(stderr, "FAIL version 2 config: %zu, want %zu\n", n, slots_len); failures++; }
+    bad.version = 3;
+    EXPECT(afmesh_ffn_memory_len(&bad, &odd, &n), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("size");
     if (a != NULL || f != NULL) { fprintf(stderr, "FAIL output written on failure\n"); failures++; }
     afmesh_stage_spec nostages = spec;
     nostages.stages = 0;
@@ -164,6 +190,12 @@ int main(void) {
     EXPECT(afmesh_ffn_interrupt(NULL), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_batch_info(NULL, &meta), AFMESH_ERR_INVALID_ARGUMENT);
     EXPECT(afmesh_batch_sender(NULL, 0, &view), AFMESH_ERR_INVALID_ARGUMENT);
+    afmesh_matrix_view mview;
+    size_t rstart = 0, rcount = 0;
+    EXPECT(afmesh_batch_matrix(NULL, &mview), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("b is NULL");
+    EXPECT(afmesh_batch_sender_rows(NULL, 0, &rstart, &rcount), AFMESH_ERR_INVALID_ARGUMENT);
+    EXPECT_MSG("b is NULL");
     bool done = false;
     afmesh_trace tr[4];
     EXPECT(afmesh_attention_try_combine_sum(NULL, h, AFMESH_DTYPE_F32, buf, 16, &done), AFMESH_ERR_INVALID_ARGUMENT);

@@ -4,6 +4,8 @@
  *                f32 sums blocking and polled, traces, stats, misuse of the
  *                newer calls), then finalize
  *      buffer    the same with caller-provided slot memory
+ *      matrix    the same under the matrix stage layout: the FFN ranks
+ *                also read each sender's rows from the stage's matrix
  *      forever   verified layers until something fails; exits with the code
  *      stall     (ffn) take one batch, never answer, wait to be killed
  *      timeout   (attention) a combine that times out, then use after
@@ -25,6 +27,7 @@
 
 static const char *role, *mode;
 static unsigned me, M, N;
+static int matrix;
 
 static int fail(const char *what, afmesh_result r) {
     fprintf(stderr, "%s %u: %s: %s (%d): %s\n", role, me, what, afmesh_result_str(r), (int)r,
@@ -307,9 +310,38 @@ static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
         CHECK("batch_info", afmesh_batch_info(b, &meta));
         const void *outs[16];
         size_t lens[16];
+        afmesh_matrix_view mx;
+        size_t start = 99, count = 99;
+        if (matrix) {
+            CHECK("batch_matrix", afmesh_batch_matrix(b, &mx));
+            if (mx.rows != meta.senders * MAX_TOKENS || mx.row_bytes != ROW || mx.max_tokens != MAX_TOKENS ||
+                mx.data == NULL || (uintptr_t)mx.data % 64 != 0) {
+                afmesh_batch_free(b);
+                return fail("matrix view", AFMESH_ERR_BAD_FRAME);
+            }
+            MISUSE("sender_rows out of range", afmesh_batch_sender_rows(b, meta.senders, &start, &count),
+                   AFMESH_ERR_INVALID_ARGUMENT);
+            MISUSE("sender_rows, NULL out", afmesh_batch_sender_rows(b, 0, NULL, &count), AFMESH_ERR_INVALID_ARGUMENT);
+        } else {
+            MISUSE("batch_matrix without the layout", afmesh_batch_matrix(b, &mx), AFMESH_ERR_INVALID_ARGUMENT);
+            MISUSE("sender_rows without the layout", afmesh_batch_sender_rows(b, 0, &start, &count),
+                   AFMESH_ERR_INVALID_ARGUMENT);
+        }
+        if (start != 99 || count != 99) return fail("outputs written on failure", AFMESH_ERR_BAD_FRAME);
         for (unsigned a = 0; a < meta.senders; a++) {
             afmesh_sender_view v;
             CHECK("batch_sender", afmesh_batch_sender(b, a, &v));
+            if (matrix) {
+                /* The sender's view is its rows of the matrix: the same
+                 * memory, at row a * max_tokens. */
+                CHECK("batch_sender_rows", afmesh_batch_sender_rows(b, a, &start, &count));
+                const char *mine = (const char *)mx.data + start * mx.row_bytes;
+                if (start != a * MAX_TOKENS || count != v.token_count ||
+                    (count > 0 && (v.tokens != mine || memcmp(mine, v.tokens, count * ROW) != 0))) {
+                    afmesh_batch_free(b);
+                    return fail("matrix rows differ from the sender's view", AFMESH_ERR_BAD_FRAME);
+                }
+            }
             const uint32_t *side = v.side;
             if (v.side_len != 8 || side[1] != meta.stage || v.token_count != tokens_of(a, side[0], meta.stage)) {
                 afmesh_batch_free(b);
@@ -386,6 +418,8 @@ int main(int argc, char **argv) {
     if (job) cfg.job = job;
     afmesh_stage_spec spec = {STAGES, MAX_TOKENS, ROW, ROW, 8};
     int buffered = strcmp(mode, "buffer") == 0;
+    matrix = strcmp(mode, "matrix") == 0;
+    if (matrix) cfg.layout = AFMESH_LAYOUT_MATRIX;
     void *mem = NULL;
     int rc;
     if (attn) {

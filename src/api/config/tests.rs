@@ -327,3 +327,28 @@ fn zero_timeouts_are_refused_by_name() {
         assert_eq!(c.io_timeout.min(c.setup_timeout), Duration::from_millis(1));
     }
 }
+
+#[test]
+fn the_stage_layout_comes_from_afmesh_layout() {
+    let base = [
+        ("AFMESH_SCHEDULER", "h:1"),
+        ("AFMESH_NUM_ATTENTION", "2"),
+        ("AFMESH_NUM_FFN", "2"),
+    ];
+    assert_eq!(cfg(&base).unwrap().layout, StageLayout::Slots);
+    for (v, want) in [
+        ("matrix", StageLayout::Matrix),
+        ("slots", StageLayout::Slots),
+    ] {
+        let mut vars = base.to_vec();
+        vars.push(("AFMESH_LAYOUT", v));
+        assert_eq!(cfg(&vars).unwrap().layout, want);
+    }
+    let mut vars = base.to_vec();
+    vars.push(("AFMESH_LAYOUT", "rows"));
+    let e = cfg(&vars).unwrap_err().to_string();
+    assert!(
+        e.contains("AFMESH_LAYOUT=\"rows\"") && e.contains("slots or matrix"),
+        "{e}"
+    );
+}

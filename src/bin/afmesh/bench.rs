@@ -468,6 +468,9 @@ fn measure(
             if wa.stream_ordered {
                 cmd.arg("--stream-ordered");
             }
+            if let Some(l) = wa.layout {
+                cmd.args(["--layout", l.name()]);
+            }
             children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }

@@ -132,6 +132,26 @@ pub struct WorkloadArgs {
     /// copies wait for that stream; the host never does).
     #[arg(long)]
     pub stream_ordered: bool,
+    /// Where dispatches land on FFN ranks: a slot per attention rank, or
+    /// one [M × tokens, row] matrix per stage (default: AFMESH_LAYOUT, else
+    /// slots). FFN ranks read their input from the matrix then.
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutArg {
+    Slots,
+    Matrix,
+}
+
+impl LayoutArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayoutArg::Slots => "slots",
+            LayoutArg::Matrix => "matrix",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -319,6 +339,7 @@ fn run(args: &RunArgs) -> Result<()> {
             "AFMESH_SCHEDULER" => args.scheduler.clone(),
             "AFMESH_NUM_ATTENTION" => args.attention.map(|v| v.to_string()),
             "AFMESH_NUM_FFN" => args.ffn.map(|v| v.to_string()),
+            "AFMESH_LAYOUT" => args.work.layout.map(|l| l.name().to_string()),
             _ => None,
         }
     };
@@ -526,9 +547,12 @@ fn report(r: afmesh::Result<()>) {
 /// itself copied: into its send slots, into peers (shm), and out of a
 /// read-ahead inbox on receipt (tcp's small bodies).
 fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
-    stats.peers.iter().fold((0, stats.wire.received_copied_bytes), |(s, c), (_, p)| {
-        (s + p.sent_bytes, c + p.copied_bytes)
-    })
+    stats
+        .peers
+        .iter()
+        .fold((0, stats.wire.received_copied_bytes), |(s, c), (_, p)| {
+            (s + p.sent_bytes, c + p.copied_bytes)
+        })
 }
 
 /// The transport's post-path counters, as a JSON object.

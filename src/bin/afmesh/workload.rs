@@ -342,7 +342,22 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
                 bad(format!("stage {s} A{a}: side block says layer {layer} stage {stage} A{sender} {tokens} tokens"));
                 continue;
             }
-            let input = b.tokens(a);
+            // Under the matrix layout the input is read from the stage's
+            // one matrix, as a GEMM over all tokens would; in warm-up
+            // layers it is checked against the sender's own view too.
+            let input = match (b.matrix(), b.sender_rows(a)) {
+                (Some(mx), Some(rows)) => {
+                    let mine = mx.get(rows.start * row..rows.end * row).unwrap_or(&[]);
+                    if layer < w.warmup && mine != b.tokens(a) {
+                        bad(format!(
+                            "layer {layer} stage {s} A{a}: the matrix's rows differ from the sender's view"
+                        ));
+                        continue;
+                    }
+                    mine
+                }
+                _ => b.tokens(a),
+            };
             // Full input check during warm-up only; stamps always.
             let full = layer < w.warmup;
             for r in 0..count {

@@ -85,6 +85,7 @@ fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Eve
             m,
             n,
             geometry,
+            layout,
             host_id,
             endpoints,
             ..
@@ -100,6 +101,7 @@ fn greet(mut stream: TcpStream, token: Option<&Token>, timeout: Duration) -> Eve
                 m,
                 n,
                 geometry,
+                layout,
                 host_id,
                 endpoints,
             },

@@ -135,6 +135,14 @@ impl Attempt {
                 ));
             }
         }
+        if let Some((l, from)) = &self.layout {
+            if *l != ask.layout {
+                return Some(format!(
+                    "{who} asked for the {} stage layout, the job has {l} (set by {from})",
+                    ask.layout
+                ));
+            }
+        }
         // The mesh size is the job's by now.
         let role = ask.role;
         let cap = match role {
@@ -248,6 +256,7 @@ mod tests {
                     out_row_bytes: 2048,
                     side_bytes: 0,
                 },
+                layout: StageLayout::Slots,
                 host_id: "h".into(),
                 endpoints: Vec::new(),
             },
@@ -262,7 +271,8 @@ mod tests {
             m: Some((first.ask.m, name.clone())),
             n: Some(first.ask.n),
             job: Some((first.ask.job.clone(), name.clone())),
-            geometry: Some((first.ask.geometry, name)),
+            geometry: Some((first.ask.geometry, name.clone())),
+            layout: Some((first.ask.layout, name)),
             members: members
                 .into_iter()
                 .enumerate()
@@ -300,6 +310,18 @@ mod tests {
             p.contains("A0 of instance group 1 expects 2 instance groups, the job has 1")
                 && p.contains("DMLC_GROUP_SIZE"),
             "{p}"
+        );
+    }
+
+    #[test]
+    fn layout_mismatch_names_the_rank_and_both_layouts() {
+        let a = attempt_with(vec![joiner(Role::Ffn, Some(0), 2, 1, 128)]);
+        let mut j = joiner(Role::Attention, Some(1), 2, 1, 128);
+        j.ask.layout = StageLayout::Matrix;
+        let p = a.problem(&j).unwrap();
+        assert_eq!(
+            p,
+            "A1 asked for the matrix stage layout, the job has slots (set by F0)"
         );
     }
 

@@ -41,7 +41,7 @@ mod attempt;
 
 use super::{auth, recv, recv_by, send, Token};
 use crate::error::{Error, Result};
-use crate::proto::{Entry, FailCause, Geometry, Message, Role, Roles};
+use crate::proto::{Entry, FailCause, Geometry, Message, Role, Roles, StageLayout};
 use accept::accept_loop;
 use attempt::{assign_ranks, label, peer, refuse};
 
@@ -128,6 +128,7 @@ struct Ask {
     m: u32,
     n: u32,
     geometry: Geometry,
+    layout: StageLayout,
     host_id: String,
     endpoints: Vec<(String, Vec<u8>)>,
 }
@@ -212,6 +213,7 @@ struct Attempt {
     n: Option<u32>,
     job: Option<(String, String)>,
     geometry: Option<(Geometry, String)>,
+    layout: Option<(StageLayout, String)>,
     members: Vec<Member>,
     deadline: Instant,
     phase: Phase,
@@ -464,6 +466,7 @@ impl<'a> Server<'a> {
                 .clone()
                 .map(|j| (j, "the scheduler".to_string())),
             geometry: None,
+            layout: None,
             members: Vec::new(),
             deadline: Instant::now() + self.cfg.join_timeout,
             phase: Phase::Gathering,
@@ -610,6 +613,7 @@ impl<'a> Server<'a> {
         a.n.get_or_insert(j.ask.n);
         a.geometry
             .get_or_insert_with(|| (j.ask.geometry, name.clone()));
+        a.layout.get_or_insert_with(|| (j.ask.layout, name.clone()));
         let id = self.next_id;
         self.next_id += 1;
         tracing::debug!(from = %j.from, role = %j.ask.role, "rank joined");

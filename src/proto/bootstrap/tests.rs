@@ -31,6 +31,7 @@ fn samples() -> Vec<Message> {
                 out_row_bytes: 14336,
                 side_bytes: 64,
             },
+            layout: StageLayout::Matrix,
             host_id: "h".into(),
             endpoints: endpoints.clone(),
         },
@@ -187,6 +188,7 @@ proptest! {
             m,
             n,
             geometry: Geometry { stages: 1, max_tokens: 2, row_bytes: 3, out_row_bytes: 4, side_bytes: 5 },
+            layout: StageLayout::Slots,
             host_id: host.clone(),
             endpoints: blobs.into_iter().enumerate().map(|(i, b)| (format!("b{i}"), b)).collect(),
         };

@@ -35,6 +35,9 @@ struct LinkEnd {
     faults: Faults,
     down: bool,
     in_flight: usize,
+    /// When the latest write posted on this end lands (ordered networks
+    /// land none before it).
+    last_land: u64,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +124,9 @@ struct Net {
     /// Regions labelled as CUDA memory are moved too (host memory standing
     /// in for a GPU's, to test the memory-kind plumbing without one).
     device_stand_in: bool,
+    /// Writes on one link land in the order they were posted (jitter
+    /// delays them, never reorders them), and `caps` says so.
+    ordered: bool,
     endpoints: Vec<Endpoint>,
     pending: BTreeMap<(u64, u64), Event>,
     stats: SimStats,
@@ -263,6 +269,7 @@ impl Net {
             faults: Faults::default(),
             down: false,
             in_flight: 0,
+            last_land: 0,
         });
         self.endpoints[b].links.push(LinkEnd {
             peer_ep: a,
@@ -270,6 +277,7 @@ impl Net {
             faults: Faults::default(),
             down: false,
             in_flight: 0,
+            last_land: 0,
         });
         self.endpoints[a].by_peer.insert(b, la);
         self.endpoints[b].by_peer.insert(a, lb);
@@ -297,6 +305,7 @@ impl SimNetwork {
                 auto: false,
                 window: SIM_WINDOW,
                 device_stand_in: false,
+                ordered: false,
                 endpoints: Vec::new(),
                 pending: BTreeMap::new(),
                 stats: SimStats::default(),
@@ -325,6 +334,14 @@ impl SimNetwork {
     /// GPU's), so the memory-kind plumbing runs without a GPU.
     pub fn set_device_stand_in(&self, on: bool) {
         self.lock().device_stand_in = on;
+    }
+
+    /// Makes every link deliver its writes in the order they were posted
+    /// (as tcp, shm and one RC queue pair do): jitter still delays a
+    /// write, but never past a later one; `caps().ordered` says so. Drops
+    /// and duplicates still apply where set.
+    pub fn set_ordered(&self, on: bool) {
+        self.lock().ordered = on;
     }
 
     /// A new endpoint (one rank's transport).
@@ -469,7 +486,7 @@ impl Transport for SimTransport {
         Caps {
             host: true,
             cuda: n.device_stand_in,
-            ordered: false,
+            ordered: n.ordered,
             max_message: u64::from(u32::MAX),
             window: n.window,
             copies: true,
@@ -610,7 +627,13 @@ impl Transport for SimTransport {
             } else {
                 0
             };
-            let at = n.now + faults.delay_ns + jitter;
+            let mut at = n.now + faults.delay_ns + jitter;
+            if n.ordered {
+                let ep = self.ep;
+                let end = &mut n.endpoints[ep].links[link];
+                at = at.max(end.last_land);
+                end.last_land = at;
+            }
             last = last.max(at);
             let corrupt = faults.corrupt_per_million > 0
                 && n.rand() % 1_000_000 < u64::from(faults.corrupt_per_million);

@@ -529,7 +529,9 @@ impl Transport for VerbsTransport {
             host: true,
             // GPUDirect RDMA: registration says whether this host can.
             cuda: true,
-            ordered: false,
+            // One queue pair per link (AFMESH_QPS=1): RC delivers its
+            // writes in order. More: large writes are striped over them.
+            ordered: self.set.qps == 1,
             max_message: self
                 .rails
                 .iter()
