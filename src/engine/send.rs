@@ -150,7 +150,9 @@ impl Engine {
             offset: msg.offset as u64,
             len: msg.len as u64,
         }];
-        let deadline = Instant::now() + self.send_timeout;
+        // The clock is read only once the window is full: never on the
+        // fast path.
+        let mut deadline = None;
         let posted = loop {
             match self.transport.post_write(
                 link,
@@ -160,7 +162,10 @@ impl Engine {
                 Some(imm.encode()),
                 token,
             ) {
-                Err(Error::Backpressure { .. }) if Instant::now() < deadline => {
+                Err(Error::Backpressure { .. })
+                    if Instant::now()
+                        < *deadline.get_or_insert_with(|| Instant::now() + self.send_timeout) =>
+                {
                     // The window is full: make progress (completions free
                     // it; arrivals wait in the backlog for the next pump).
                     let mut out = Vec::new();
