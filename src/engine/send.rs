@@ -205,7 +205,9 @@ impl Engine {
         let token = (u64::from(self.generation) << 32) | index as u64;
         let p = &self.peers[peer];
         let (link, key) = (p.link, p.key);
-        let deadline = Instant::now() + self.send_timeout;
+        // The clock is read only once the window is full: never on the
+        // fast path.
+        let mut deadline = None;
         let mut posted = 0u8;
         let mut result = Ok(());
         for (i, w) in writes.iter().enumerate() {
@@ -220,7 +222,11 @@ impl Engine {
                     .transport
                     .post_write(link, &src, &key, w.to, announce, token)
                 {
-                    Err(Error::Backpressure { .. }) if Instant::now() < deadline => {
+                    Err(Error::Backpressure { .. })
+                        if Instant::now()
+                            < *deadline
+                                .get_or_insert_with(|| Instant::now() + self.send_timeout) =>
+                    {
                         // The window is full: make progress (completions
                         // free it; arrivals wait in the backlog for the
                         // next pump).

@@ -10,6 +10,9 @@
 //! every notice's offset and length against its region before it counts. A
 //! parked receiver sleeps on a process-shared futex (its doorbell) that
 //! producers ring only when it is parked, so the fast path has no syscall.
+//! Two cache hints (`cache.rs`) shorten what crosses cores: the sender
+//! demotes the lines it wrote to the shared cache, the receiver prefetches
+//! a message's first lines as soon as its notice is seen.
 //!
 //! Caller memory: a receive region outside the segment (the caller's own
 //! buffers) is written with cross-memory attach ([`cma`]): the kernel copies
@@ -38,6 +41,7 @@
 //! that exits, even by SIGKILL, is reported as `LinkDown` within about a
 //! millisecond of progress, after whatever it wrote before dying.
 
+pub(crate) mod cache;
 pub mod cma;
 mod device_notice;
 pub mod ring;
@@ -54,7 +58,7 @@ pub use segment::{Doorbell, Segment};
 use super::notice::Notice;
 use super::{
     blob, check_post, Access, Caps, Completion, Connected, LinkId, LocalRegions, LocalSlice,
-    PeerSpec, RegionKey, Registration, Transport, Wake,
+    MemoryKind, PeerSpec, RegionKey, Registration, Transport, Wake,
 };
 use crate::error::{Error, Result};
 use ring::Ring;
@@ -301,6 +305,18 @@ impl ShmTransport {
                             break;
                         }
                         if let Some(imm) = n.imm {
+                            // The engine reads the header next and the
+                            // caller the side block and rows: ask for
+                            // their lines together, now.
+                            if let Some(r) = regions
+                                .target(n.region)
+                                .filter(|r| r.kind() == MemoryKind::Host)
+                            {
+                                cache::prefetch(
+                                    r.addr() as usize + n.offset as usize,
+                                    n.len as usize,
+                                );
+                            }
                             out.push(Completion::Arrival {
                                 link,
                                 imm,
@@ -593,6 +609,15 @@ impl Transport for ShmTransport {
             });
         }
         l.peer.ring_doorbell();
+        // The peer reads these lines next: hand them to the shared cache
+        // rather than leave them for its misses to fetch from this core.
+        if let Target::Mapped(t) = target {
+            cache::demote(t.addr() as usize + offset as usize, len as usize);
+        }
+        cache::demote(
+            l.out.entry_addr(l.out.head().wrapping_sub(1)),
+            ring::ENTRY_LEN,
+        );
         self.sent.push_back(token);
         Ok(())
     }

@@ -160,6 +160,16 @@ pub struct Ring<S: Slots = Mapped> {
 }
 
 impl Ring {
+    /// Where entry `i` lives (for cache hints).
+    pub(crate) fn entry_addr(&self, i: u64) -> usize {
+        self.slots.slot(i) as usize
+    }
+
+    /// The index of the next entry `push` writes.
+    pub(crate) fn head(&self) -> u64 {
+        self.head
+    }
+
     /// A ring of `cap` entries at `base`.
     ///
     /// # Safety
