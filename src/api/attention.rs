@@ -17,6 +17,10 @@ use crate::transport::Region;
 mod combined;
 pub use combined::Combined;
 
+/// A dispatch within this long of a wait's last poll does not poll again
+/// before committing.
+const FRESH_POLL: Duration = Duration::from_micros(200);
+
 /// Where a dispatch's side block is when the header is stamped.
 #[derive(Clone, Copy)]
 enum Side<'a> {
@@ -413,8 +417,12 @@ impl AttentionRank {
                 got: spec.max_tokens as usize * row,
             });
         }
-        // Notice peer deaths that already happened before committing.
-        self.progress()?;
+        // Notice peer deaths that already happened before committing,
+        // unless a wait just polled (a death since then is reported by the
+        // combine, as one right after this poll would be).
+        if !self.engine.polled_within(FRESH_POLL) {
+            self.progress()?;
+        }
         if let Some(f) = self.engine.first_lost(0..layout.n) {
             return Err(self.engine.lost_error(f));
         }

@@ -121,6 +121,8 @@ pub(crate) struct Engine {
     /// Completions taken while waiting out a full send window, for the next
     /// pump.
     backlog: Vec<Completion>,
+    /// When a wait last started polling the transport.
+    polled_at: Option<Instant>,
     peers: Vec<PeerLink>,
     link_to_peer: Vec<Option<usize>>,
     completions: Vec<Completion>,
@@ -185,6 +187,7 @@ impl Engine {
             transport,
             send_key,
             backlog: Vec::new(),
+            polled_at: None,
             peers,
             link_to_peer,
             completions: Vec::with_capacity(64),
@@ -420,8 +423,9 @@ impl Engine {
             if let Some(v) = ready(self, sink)? {
                 return Ok(Some(v));
             }
+            let now = Instant::now();
             let left = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
+                Some(d) => d.saturating_duration_since(now),
                 None => timeout,
             };
             if left.is_zero() && polled {
@@ -437,9 +441,17 @@ impl Engine {
                 polled = true;
                 continue;
             }
+            self.polled_at = Some(now);
             self.pump(left.min(MAX_PARK), sink)?;
             polled = true;
         }
+    }
+
+    /// Whether a wait polled the transport within `window` (so a dispatch
+    /// right behind a combine need not poll again: over tcp that is a
+    /// `recv` per link finding nothing).
+    pub(crate) fn polled_within(&self, window: Duration) -> bool {
+        self.polled_at.is_some_and(|t| t.elapsed() < window)
     }
 
     fn peer_of(&self, link: LinkId) -> Option<usize> {
