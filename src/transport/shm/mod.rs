@@ -374,6 +374,7 @@ impl Transport for ShmTransport {
         self.in_segment.push(in_segment);
         if access == Access::RemoteWrite && !in_segment {
             cma::allow_attach();
+            cma::advise(region);
         }
         Ok(self.local.register(region, access))
     }
@@ -443,12 +444,7 @@ impl Transport for ShmTransport {
                         p.pid
                     ))
                 }
-                Err(e) => {
-                    return Err(format!(
-                        "cannot attach to process {} to reach its caller memory ({e}); allow ptrace between the ranks, or use library-allocated buffers",
-                        p.pid
-                    ))
-                }
+                Err(e) => return Err(cma::attach_error(p.pid, &e)),
             }
         }
         Ok(())
