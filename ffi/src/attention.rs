@@ -161,8 +161,14 @@ pub unsafe extern "C" fn afmesh_attention_new_from_env(
 /// Like `afmesh_attention_new`, with the output slots in caller memory
 /// `buffer` of `len` bytes (at least `afmesh_attention_memory_len`). The
 /// buffer must stay valid, and untouched except through afmesh, until the
-/// handle is freed. Caller memory is reached over tcp (shared memory needs
-/// library-allocated buffers).
+/// handle is freed. Any alignment works. Peers on this host write it with
+/// cross-memory attach (one kernel copy; needs ptrace permission between
+/// the ranks, else setup fails naming what to change); at memcpy speed
+/// only where it is on huge pages: align `buffer` to 2 MiB (the huge page
+/// size) and make `len` a multiple of it, e.g. `posix_memalign(&buffer,
+/// 1 << 21, len)`, and afmesh puts it on transparent huge pages at setup.
+/// The parts outside whole huge pages stay on 4 KiB pages, which the
+/// kernel pins one by one on every write (about 1.5× a memcpy there).
 ///
 /// # Safety
 /// As `afmesh_attention_new`, and `buffer` is valid for `len` bytes until

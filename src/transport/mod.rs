@@ -66,7 +66,7 @@ use std::time::Duration;
 pub use crate::proto::RegionKey;
 pub use mux::Mux;
 pub use poll::PollPolicy;
-pub use region::{Region, REGION_ALIGN};
+pub use region::{HugePages, Region, REGION_ALIGN};
 
 use crate::error::{Error, Result};
 

@@ -30,11 +30,38 @@ use super::MemoryKind;
 /// NICs like for DMA.
 pub const REGION_ALIGN: usize = 64;
 
+/// `madvise` advice that faults pages in writable, contents unchanged
+/// (Linux 5.14).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+/// `madvise` advice that collapses present pages into transparent huge
+/// pages now (Linux 6.1; not in the libc crate yet).
+const MADV_COLLAPSE: libc::c_int = 25;
+
+/// What [`Region::advise_huge_pages`] asked of the kernel and got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HugePages {
+    /// The huge page size asked for (0: nothing was asked, see `advised`).
+    pub page: usize,
+    /// Bytes of the region inside whole huge pages: what was advised.
+    pub advised: usize,
+    /// Whether `MADV_HUGEPAGE` was accepted (later faults get huge pages).
+    pub hinted: bool,
+    /// Whether the kernel confirmed (`MADV_COLLAPSE`) that the advised
+    /// bytes are on huge pages now. Where it did not (older than 6.1, or
+    /// memory it cannot touch), pages still fault in huge if `hinted`.
+    pub collapsed: bool,
+}
+
 enum Owner {
     /// Allocated here with this layout.
     Heap(Layout),
-    /// A `Vec<u8>` the caller handed over (pointer and capacity to rebuild it).
-    Vec { capacity: usize },
+    /// A `Vec<u8>` the caller handed over (what rebuilds it: its pointer,
+    /// length and capacity; the region may be a part of it).
+    Vec {
+        base: NonNull<u8>,
+        len: usize,
+        capacity: usize,
+    },
     /// Memory the caller owns and keeps valid (`from_raw_parts`).
     Borrowed,
     /// Part of a shared mapping, kept alive by this reference.
@@ -117,9 +144,30 @@ impl Region {
     /// Caller memory: the region takes the vector over (its length is the
     /// region's length) and frees it when dropped.
     pub fn from_vec(v: Vec<u8>) -> Region {
-        let mut v = std::mem::ManuallyDrop::new(v);
         let len = v.len();
-        let capacity = v.capacity();
+        Region::vec_part(v, 0, len)
+    }
+
+    /// Caller memory: `len` bytes at `offset` of `v`, which the region takes
+    /// over and frees when dropped. This is how safe code places a region
+    /// at an alignment of its choice, e.g. caller receive memory on huge
+    /// pages ([`Region::huge_page_size`]): allocate `len + align` bytes,
+    /// start at the first aligned address inside.
+    pub fn from_vec_part(v: Vec<u8>, offset: usize, len: usize) -> Result<Region, String> {
+        if offset.checked_add(len).is_none_or(|end| end > v.len()) {
+            return Err(format!(
+                "part {offset}+{len} outside the caller's vector of {} bytes",
+                v.len()
+            ));
+        }
+        Ok(Region::vec_part(v, offset, len))
+    }
+
+    /// `from_vec_part` once the part is known to lie inside `v`.
+    fn vec_part(v: Vec<u8>, offset: usize, len: usize) -> Region {
+        debug_assert!(offset + len <= v.len());
+        let mut v = std::mem::ManuallyDrop::new(v);
+        let (whole, capacity) = (v.len(), v.capacity());
         if capacity == 0 {
             return Region {
                 ptr: NonNull::dangling(),
@@ -132,11 +180,18 @@ impl Region {
             };
         }
         // Vec's pointer is non-null whenever capacity > 0.
-        let ptr = NonNull::new(v.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        let base = NonNull::new(v.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        // SAFETY: `offset + len <= v.len()` (the callers' precondition): the
+        // part lies inside the vector's allocation.
+        let ptr = unsafe { base.add(offset) };
         Region {
             ptr,
             len,
-            owner: Owner::Vec { capacity },
+            owner: Owner::Vec {
+                base,
+                len: whole,
+                capacity,
+            },
             kind: MemoryKind::Host,
             shadow: None,
             fill: None,
@@ -508,6 +563,72 @@ impl Region {
         }
     }
 
+    /// Asks the kernel to back this region's whole huge pages with
+    /// transparent huge pages: `MADV_HUGEPAGE` on its interior aligned to
+    /// the huge page size (so later faults get huge pages), then
+    /// `MADV_POPULATE_WRITE` (untouched pages fault in huge now, not on a
+    /// peer's first write) and `MADV_COLLAPSE` (Linux 6.1+: pages already
+    /// present on 4 KiB pages move now). Costs about 0.3 ms per huge page
+    /// that must be collapsed, once, at setup.
+    ///
+    /// For caller receive memory that peers on this host write with
+    /// cross-memory attach: the kernel pins every target page of each write,
+    /// one lookup per 4 KiB page against one per huge page. Advice only:
+    /// contents are kept, and where the kernel has no huge pages or refuses,
+    /// nothing changes but speed. The part outside whole huge pages (an
+    /// unaligned start or end) stays on small pages, which is why caller
+    /// receive memory is best aligned to [`Region::huge_page_size`] and a
+    /// multiple of it. Library memory, a shared mapping or device memory is
+    /// left alone.
+    pub fn advise_huge_pages(&self) -> HugePages {
+        let mut got = HugePages::default();
+        let page = Region::huge_page_size();
+        let caller = matches!(self.owner, Owner::Vec { .. } | Owner::Borrowed);
+        if page == 0 || !caller || self.kind != MemoryKind::Host {
+            return got;
+        }
+        let addr = self.addr() as usize;
+        let (Some(start), Some(end)) = (
+            addr.checked_next_multiple_of(page),
+            addr.checked_add(self.len).map(|e| e / page * page),
+        ) else {
+            return got;
+        };
+        if end <= start {
+            return got;
+        }
+        got.page = page;
+        got.advised = end - start;
+        let p = start as *mut libc::c_void;
+        // SAFETY: `[start, end)` lies inside this region (rounded inwards),
+        // which is mapped for as long as `self` lives; both calls change how
+        // the kernel backs those pages, never their contents.
+        got.hinted = unsafe { libc::madvise(p, got.advised, libc::MADV_HUGEPAGE) } == 0;
+        // Fault in what was never touched (huge pages now, not on a peer's
+        // first write), then move what sat on small pages. Either may be
+        // refused (an old kernel, memory that cannot be written); the last
+        // one's answer says whether the interior is on huge pages.
+        // SAFETY: as above; populating writes no byte.
+        let _ = unsafe { libc::madvise(p, got.advised, MADV_POPULATE_WRITE) };
+        // SAFETY: as above.
+        got.collapsed = unsafe { libc::madvise(p, got.advised, MADV_COLLAPSE) } == 0;
+        got
+    }
+
+    /// The transparent huge page size of this kernel (what
+    /// `/sys/kernel/mm/transparent_hugepage/hpage_pmd_size` says, 2 MiB on
+    /// x86-64), or 0 where it has none.
+    pub fn huge_page_size() -> usize {
+        static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *SIZE.get_or_init(|| {
+            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .filter(|p| p.is_power_of_two())
+                .unwrap_or(0)
+        })
+    }
+
     /// What memory this is.
     pub fn kind(&self) -> MemoryKind {
         self.kind
@@ -547,11 +668,15 @@ impl Drop for Region {
         match self.owner {
             // SAFETY: allocated by `alloc_zeroed` with exactly this layout.
             Owner::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
-            // SAFETY: pointer, length and capacity came from a `Vec<u8>`
-            // that `from_vec` took over and never freed.
-            Owner::Vec { capacity } => unsafe {
-                drop(Vec::from_raw_parts(self.ptr.as_ptr(), self.len, capacity));
-            },
+            Owner::Vec {
+                base,
+                len,
+                capacity,
+            } => {
+                // SAFETY: pointer, length and capacity came from a `Vec<u8>`
+                // that `from_vec_part` took over and never freed.
+                drop(unsafe { Vec::from_raw_parts(base.as_ptr(), len, capacity) });
+            }
             Owner::Mapped(_)
             | Owner::Borrowed
             | Owner::Empty
@@ -561,9 +686,91 @@ impl Drop for Region {
     }
 }
 
+/// Bytes on transparent huge pages in the mapping of this process that
+/// holds `addr` (`AnonHugePages` in `/proc/self/smaps`), for tests.
+#[cfg(test)]
+pub(crate) fn huge_bytes_at(addr: u64) -> Option<usize> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = a <= addr && addr < b;
+                continue;
+            }
+        }
+        if let (true, Some(kb)) = (inside, line.strip_prefix("AnonHugePages:")) {
+            return kb
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .map(|k| k * 1024);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_of_a_vector_is_bounded_and_freed_whole() {
+        let v: Vec<u8> = (0..=255).collect();
+        let r = Region::from_vec_part(v, 16, 32).unwrap();
+        assert_eq!(r.len(), 32);
+        assert_eq!(r.slice(0, 2).unwrap(), &[16, 17]);
+        assert!(r.write_gather(31, &[&[1, 2]]).is_err());
+        drop(r);
+        let e = Region::from_vec_part(vec![0u8; 8], 4, 5).unwrap_err();
+        assert!(e.contains("outside the caller's vector of 8 bytes"), "{e}");
+        assert!(Region::from_vec_part(vec![0u8; 8], usize::MAX, 2).is_err());
+        assert!(Region::from_vec_part(Vec::new(), 0, 0).unwrap().is_empty());
+    }
+
+    /// Caller memory on huge-page boundaries is moved onto huge pages,
+    /// contents kept; what holds no whole huge page, and library memory,
+    /// are left alone.
+    #[test]
+    fn caller_memory_is_advised_onto_huge_pages() {
+        let page = Region::huge_page_size();
+        if page == 0 {
+            eprintln!("skipped: this kernel has no transparent huge pages");
+            return;
+        }
+        let v: Vec<u8> = (0..3 * page).map(|i| (i % 251) as u8).collect();
+        let start = v.as_ptr() as usize;
+        let offset = start.next_multiple_of(page) - start;
+        let r = Region::from_vec_part(v, offset, 2 * page).unwrap();
+        let got = r.advise_huge_pages();
+        assert_eq!((got.page, got.advised), (page, 2 * page), "{got:?}");
+        assert!(got.hinted, "{got:?}");
+        let pattern = |i: usize| ((offset + i) % 251) as u8;
+        assert!(r
+            .slice(0, 2 * page)
+            .unwrap()
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == pattern(i)));
+        if got.collapsed {
+            let huge = huge_bytes_at(r.addr()).expect("the region's mapping in smaps");
+            assert!(
+                huge >= 2 * page,
+                "{huge} bytes on huge pages, want {}",
+                2 * page
+            );
+        } else {
+            eprintln!("MADV_COLLAPSE refused here (kernel older than 6.1?): only hinted");
+        }
+
+        let small = Region::from_vec(vec![1u8; page / 2]);
+        assert_eq!(small.advise_huge_pages().advised, 0);
+        let library = Region::alloc(3 * page).unwrap();
+        assert_eq!(library.advise_huge_pages(), HugePages::default());
+    }
 
     #[test]
     fn bounds_are_checked() {

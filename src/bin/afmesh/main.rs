@@ -392,12 +392,12 @@ fn run(args: &RunArgs) -> Result<()> {
     } else {
         match mesh.config().role {
             Some(afmesh::Role::Attention) => {
-                let len = mesh.attention_memory_len(spec)?;
-                afmesh::Rank::Attention(mesh.attention_with_memory(spec, vec![0u8; len])?)
+                let memory = caller_memory(mesh.attention_memory_len(spec)?)?;
+                afmesh::Rank::Attention(mesh.attention_with_region(spec, memory)?)
             }
             Some(afmesh::Role::Ffn) => {
-                let len = mesh.ffn_memory_len(spec)?;
-                afmesh::Rank::Ffn(mesh.ffn_with_memory(spec, vec![0u8; len])?)
+                let memory = caller_memory(mesh.ffn_memory_len(spec)?)?;
+                afmesh::Rank::Ffn(mesh.ffn_with_region(spec, memory)?)
             }
             None => mesh.join(spec)?,
         }
@@ -610,6 +610,19 @@ pub fn json_str(s: Option<&str>) -> String {
             o
         }
     }
+}
+
+/// Caller receive memory as the library's docs advise: `len` bytes rounded
+/// up to whole huge pages, starting on a huge-page boundary, so that peers
+/// on this host write all of it at memcpy speed (on 4 KiB pages each write
+/// pins the target page by page).
+fn caller_memory(len: usize) -> Result<afmesh::transport::Region> {
+    let page = afmesh::transport::Region::huge_page_size().max(64);
+    let size = len.div_ceil(page) * page;
+    let v = vec![0u8; size + page];
+    let start = v.as_ptr() as usize;
+    let offset = start.next_multiple_of(page) - start;
+    afmesh::transport::Region::from_vec_part(v, offset, size).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]

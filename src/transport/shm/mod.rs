@@ -391,6 +391,7 @@ impl Transport for ShmTransport {
         self.in_segment.push(in_segment);
         if access == Access::RemoteWrite && !in_segment {
             cma::allow_attach();
+            cma::advise(region);
         }
         Ok(self.local.register(region, access))
     }
@@ -460,12 +461,7 @@ impl Transport for ShmTransport {
                         p.pid
                     ))
                 }
-                Err(e) => {
-                    return Err(format!(
-                        "cannot attach to process {} to reach its caller memory ({e}); allow ptrace between the ranks, or use library-allocated buffers",
-                        p.pid
-                    ))
-                }
+                Err(e) => return Err(cma::attach_error(p.pid, &e)),
             }
         }
         Ok(())
@@ -577,7 +573,13 @@ impl Transport for ShmTransport {
                         ))
                     } else {
                         match addr.checked_add(at) {
-                            Some(to) => cma::write_to(*pid, to, r, from, n)
+                            // SAFETY: `pid` proved to be the peer at connect
+                            // (its identity nonce), and `[to, to + n)` lies
+                            // inside the receive region it published (checked
+                            // above): registered memory, reached only through
+                            // raw pointers, mapped while the link is up — also
+                            // when the peer is a thread of this process.
+                            Some(to) => unsafe { cma::write_to(*pid, to, r, from, n) }
                                 .map_err(|e| format!("cross-memory write to process {pid}: {e}")),
                             None => Err(format!("region address {addr:#x} + {at} wraps")),
                         }

@@ -183,6 +183,53 @@ fn caller_memory_is_written_by_cross_memory_attach() {
     assert!(matches!(e, Error::BufferSize { .. }), "{e}");
 }
 
+/// Caller receive memory on huge-page boundaries is put on huge pages when
+/// registered, so a peer's cross-memory write pins one page per 2 MiB;
+/// the write lands whole.
+#[test]
+fn caller_memory_is_registered_on_huge_pages() {
+    let page = Region::huge_page_size();
+    if page == 0 {
+        eprintln!("skipped: this kernel has no transparent huge pages");
+        return;
+    }
+    let mut a = ShmTransport::create("shm-unit-7", "h", 1, 4096).unwrap();
+    let len = 2 * page;
+    let src = Arc::new(Region::alloc(len).unwrap());
+    a.register(&src, Access::Local).unwrap();
+    let mut b = ShmTransport::create("shm-unit-7", "h", 1, 4096).unwrap();
+    let v = vec![0u8; len + page];
+    let offset = (v.as_ptr() as usize).next_multiple_of(page) - v.as_ptr() as usize;
+    let caller = Arc::new(Region::from_vec_part(v, offset, len).unwrap());
+    b.register(&caller, Access::RemoteWrite).unwrap();
+    let huge = crate::transport::region::huge_bytes_at(caller.addr()).unwrap_or(0);
+    // Refused only by kernels without MADV_COLLAPSE/MADV_POPULATE_WRITE.
+    assert!(
+        huge >= len,
+        "{huge} bytes on huge pages after registration, want {len}"
+    );
+    let eb = b.endpoint();
+    let kb = a.connect(&[spec(eb)], Duration::ZERO).unwrap()[0].remote[0];
+    b.connect(&[spec(a.endpoint())], Duration::ZERO).unwrap();
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    src.write_gather(0, &[&bytes]).unwrap();
+    let from = [LocalSlice {
+        key: LocalKey(0),
+        offset: 0,
+        len: len as u64,
+    }];
+    a.post_write(0, &from, &kb, 0, Some(5), 1).unwrap();
+    assert_eq!(
+        wait(&mut b),
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 5,
+            len: len as u32
+        }]
+    );
+    assert!(caller.slice(0, len).unwrap() == &bytes[..]);
+}
+
 /// The blob of a decoded endpoint, edited.
 fn encode(p: &PeerEndpoint) -> Vec<u8> {
     let mut w = blob::writer(MAGIC);
