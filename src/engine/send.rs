@@ -56,8 +56,20 @@ impl Engine {
             .map_err(Error::invalid)?;
             header.checksum = Some(crc);
         }
-        self.write_slot(slot, 0, &header.encode())?;
+        self.write_head(slot, 0, &header.encode())?;
         self.send.message(slot, len)
+    }
+
+    /// Writes `bytes` of a message's prefix (header, side block) at `at`
+    /// of send slot `slot`: into the pinned shadow only where no peer
+    /// reads the prefix from the device ([`Engine::set_prefix`]), else as
+    /// [`Engine::write_slot`].
+    pub(crate) fn write_head(&mut self, slot: usize, at: usize, bytes: &[u8]) -> Result<()> {
+        if self.prefix_host_only && at.saturating_add(bytes.len()) <= self.prefix {
+            self.send.write_shadow(slot, at, bytes)
+        } else {
+            self.send.write(slot, at, bytes)
+        }
     }
 
     /// Whether messages carry a checksum ([`Engine::seal`] computes it).
@@ -151,15 +163,34 @@ impl Engine {
             len: msg.len as u64,
         }];
         let deadline = Instant::now() + self.send_timeout;
+        // The prefix to a mirrored peer goes to its host mirror only.
+        let head = if self.peers[peer].mirrored {
+            self.prefix.min(msg.len) as u64
+        } else {
+            0
+        };
         let posted = loop {
-            match self.transport.post_write(
-                link,
-                &src,
-                &key,
-                remote_offset,
-                Some(imm.encode()),
-                token,
-            ) {
+            let r = if head > 0 {
+                self.transport.post_write_mirrored(
+                    link,
+                    head,
+                    &src,
+                    &key,
+                    remote_offset,
+                    Some(imm.encode()),
+                    token,
+                )
+            } else {
+                self.transport.post_write(
+                    link,
+                    &src,
+                    &key,
+                    remote_offset,
+                    Some(imm.encode()),
+                    token,
+                )
+            };
+            match r {
                 Err(Error::Backpressure { .. }) if Instant::now() < deadline => {
                     // The window is full: make progress (completions free
                     // it; arrivals wait in the backlog for the next pump).

@@ -526,9 +526,12 @@ fn report(r: afmesh::Result<()>) {
 /// itself copied: into its send slots, into peers (shm), and out of a
 /// read-ahead inbox on receipt (tcp's small bodies).
 fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
-    stats.peers.iter().fold((0, stats.wire.received_copied_bytes), |(s, c), (_, p)| {
-        (s + p.sent_bytes, c + p.copied_bytes)
-    })
+    stats
+        .peers
+        .iter()
+        .fold((0, stats.wire.received_copied_bytes), |(s, c), (_, p)| {
+            (s + p.sent_bytes, c + p.copied_bytes)
+        })
 }
 
 /// The transport's post-path counters, as a JSON object.
