@@ -468,6 +468,9 @@ fn measure(
             if wa.stream_ordered {
                 cmd.arg("--stream-ordered");
             }
+            if wa.copy_rows {
+                cmd.arg("--copy-rows");
+            }
             children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }
