@@ -18,6 +18,9 @@
 //! shadow) is copied into the target's host *mirror* of its receive region
 //! (the notice segment's region), so the receiving engine reads headers
 //! from host memory ([`Region::copy_header`]) instead of the device.
+//! A write posted with [`Transport::post_write_mirrored`] sends its prefix
+//! (header and side block) to that mirror only, from the pinned shadow at
+//! post time, and copies just the rest (the rows) to the device.
 //!
 //! Notices, doorbells, header mirrors and peer death go through an inner
 //! [`ShmTransport`] (rings, and the mirror as its segment's region): the same lock-free rings, futex doorbell and
