@@ -202,3 +202,80 @@ fn stream_waits_are_refused_clearly_without_a_gpu() {
     assert_eq!(c.copy_partial(0, &mut back).unwrap(), 8);
     assert_eq!(back, [4u8; 8]);
 }
+
+/// Rows built in place in the send slots (`send_slot_device` +
+/// `dispatch_device_in_place`, `reply_slot_device` +
+/// `respond_device_in_place`), with host memory standing in for a GPU's:
+/// the bytes written at the returned addresses are what the peer gets,
+/// with no rows passed to the call; host ranks refuse the calls by kind.
+#[test]
+fn rows_written_in_place_in_the_send_slots_are_what_peers_get() {
+    let net = SimNetwork::new(11);
+    net.set_auto(true);
+    net.set_device_stand_in(true);
+    let (mut attn, mut ffn) = sim_mesh_in(&net, 1, 1, spec(), GPU).unwrap();
+    let rows: Vec<u8> = (0..48).map(|i| i * 3).collect();
+    for layer in 0..3u8 {
+        let at = attn[0].send_slot_device(1).unwrap();
+        let mine: Vec<u8> = rows.iter().map(|r| r ^ layer).collect();
+        // SAFETY: the slot's 4 × 16 rows bytes at `at` are host memory
+        // standing in for the device's, the rank's own and not being sent
+        // (`send_slot_device` waited for that).
+        unsafe { std::ptr::copy_nonoverlapping(mine.as_ptr(), at as *mut u8, mine.len()) };
+        let h = attn[0]
+            .dispatch_device_in_place(1, 3, &[b's', layer])
+            .unwrap();
+        let b = ffn[0].get_batch(Duration::from_secs(1)).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(b.copy_tokens(0, &mut buf).unwrap(), 48);
+        assert_eq!(&buf[..48], &mine[..], "layer {layer}");
+        assert_eq!(b.copy_side(0, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], &[b's', layer]);
+        let reply = ffn[0].reply_slot_device(&b, 0).unwrap();
+        assert!(
+            ffn[0].reply_slot_device(&b, 1).is_err(),
+            "one attention rank"
+        );
+        let out = [layer + 40; 24];
+        // SAFETY: as above, the reply slot's 3 × 8 bytes.
+        unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), reply as *mut u8, out.len()) };
+        ffn[0].respond_device_in_place(b).unwrap();
+        let c = attn[0].wait_combine(h, Duration::from_secs(1)).unwrap();
+        let mut back = [0u8; 32];
+        assert_eq!(c.copy_partial(0, &mut back).unwrap(), 24);
+        assert_eq!(&back[..24], &out, "layer {layer}");
+    }
+    // Too many tokens and an unknown stage are refused before anything
+    // is sent.
+    assert!(matches!(
+        attn[0].dispatch_device_in_place(0, 5, &[]),
+        Err(Error::BufferSize { .. })
+    ));
+    assert!(matches!(
+        attn[0].send_slot_device(7),
+        Err(Error::InvalidArgument(_))
+    ));
+
+    let net = SimNetwork::new(12);
+    net.set_auto(true);
+    let (mut attn, mut ffn) = sim_mesh_in(&net, 1, 1, spec(), MemoryKind::Host).unwrap();
+    assert!(matches!(
+        attn[0].send_slot_device(0),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(matches!(
+        attn[0].dispatch_device_in_place(0, 1, &[]),
+        Err(Error::Unsupported(_))
+    ));
+    let h = attn[0].dispatch(0, &[1u8; 16], &[]).unwrap();
+    let b = ffn[0].get_batch(Duration::from_secs(1)).unwrap();
+    assert!(matches!(
+        ffn[0].reply_slot_device(&b, 0),
+        Err(Error::Unsupported(_))
+    ));
+    let e = ffn[0].respond_device_in_place(b).unwrap_err();
+    assert!(matches!(e.error, Error::Unsupported(_)));
+    ffn[0].respond(e.batch.unwrap(), &[&[2u8; 8]]).unwrap();
+    let c = attn[0].wait_combine(h, Duration::from_secs(1)).unwrap();
+    assert_eq!(c.partial(0), Some(&[2u8; 8][..]));
+}

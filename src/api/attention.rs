@@ -15,6 +15,7 @@ use crate::transport::MemoryKind;
 use crate::transport::Region;
 
 mod combined;
+mod in_place;
 pub use combined::Combined;
 
 /// A dispatch within this long of a wait's last poll does not poll again
@@ -184,7 +185,9 @@ impl Sink for State {
 }
 
 impl AttentionRank {
-    pub(crate) fn new(engine: Engine, layout: Layout, rank: u32) -> Self {
+    pub(crate) fn new(mut engine: Engine, layout: Layout, rank: u32) -> Self {
+        // Header and side area: what mirrored peers read on the host.
+        engine.set_prefix(layout.rows_at());
         let s = layout.stages();
         AttentionRank {
             engine,
@@ -527,7 +530,7 @@ impl AttentionRank {
             self.engine.seal(s, header, len)?
         } else {
             match side {
-                Side::InPlace(_) => self.engine.write_slot(s, 0, &header.encode())?,
+                Side::InPlace(_) => self.engine.write_head(s, 0, &header.encode())?,
                 Side::Copy(b) => {
                     // Header and side block are adjacent: one copy into the
                     // slot (one staged host-to-device copy for device slots).
@@ -537,11 +540,11 @@ impl AttentionRank {
                             area.copy_from_slice(b);
                             head[..HEADER_LEN].copy_from_slice(&header.encode());
                             self.engine
-                                .write_slot(s, 0, &head[..HEADER_LEN + b.len()])?;
+                                .write_head(s, 0, &head[..HEADER_LEN + b.len()])?;
                         }
                         None => {
-                            self.engine.write_slot(s, HEADER_LEN, b)?;
-                            self.engine.write_slot(s, 0, &header.encode())?;
+                            self.engine.write_head(s, HEADER_LEN, b)?;
+                            self.engine.write_head(s, 0, &header.encode())?;
                         }
                     }
                 }

@@ -14,6 +14,7 @@ use crate::transport::slots::SlotRef;
 use crate::transport::{MemoryKind, Region};
 
 mod batch;
+mod in_place;
 pub use batch::Batch;
 use batch::Part;
 
@@ -48,6 +49,8 @@ enum Rows<'f, 'o> {
     Host(&'o [&'o [u8]]),
     /// Device buffers of `device`, copied device to device.
     Device { device: i32, outputs: &'o [u64] },
+    /// Already in the (device) send slots, written by the caller.
+    InPlace,
 }
 
 /// A [`FfnRank::respond`] that did not go through.
@@ -103,6 +106,9 @@ struct State {
     msgs: Vec<SlotRef>,
     /// Flags streams wait on ([`FfnRank::wait_batch_on`]); made on first use.
     flags: Option<StageFlags>,
+    /// Per attention rank: whether its side blocks land in the receive
+    /// region's host mirror only (a cuda peer).
+    mirrored: Vec<bool>,
 }
 
 impl Sink for State {
@@ -118,6 +124,7 @@ impl Sink for State {
             side_len: acc.header.side_len,
             post_ns: acc.header.post_ns,
             land_ns: at_ns,
+            mirrored: self.mirrored.get(a).copied().unwrap_or(false),
         };
         if let (true, Some(f)) = (acc.complete, &self.flags) {
             f.raise(acc.stage, acc.header.sequence.wrapping_add(1));
@@ -168,10 +175,14 @@ impl State {
 }
 
 impl FfnRank {
-    pub(crate) fn new(engine: Engine, layout: Layout, rank: u32) -> Self {
+    pub(crate) fn new(mut engine: Engine, layout: Layout, rank: u32) -> Self {
+        // The header: what mirrored peers read on the host.
+        engine.set_prefix(HEADER_LEN);
+        let mirrored = (0..layout.m).map(|a| engine.mirrored(a)).collect();
         FfnRank {
             engine,
             st: State {
+                mirrored,
                 stages: FfnStages::new(layout.stages(), layout.m),
                 parts: vec![Part::default(); layout.stages() * layout.m],
                 spare: Vec::new(),
@@ -477,6 +488,7 @@ impl FfnRank {
                     .fill(slot)
                     .map(|buf| fill(&batch, a, &mut buf[HEADER_LEN..HEADER_LEN + rows])),
                 Rows::Host(outputs) => self.engine.write_slot(slot, HEADER_LEN, outputs[a]),
+                Rows::InPlace => Ok(()),
                 Rows::Device { device, outputs } => {
                     let fill = self.engine.fill_stream();
                     self.engine

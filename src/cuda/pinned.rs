@@ -82,6 +82,26 @@ impl Pinned {
 }
 
 impl Pinned {
+    /// Copies `bytes` to `at` in the buffer (no device copy).
+    ///
+    /// # Safety
+    /// No copy enqueued from `[at, at + bytes.len())` may still be pending.
+    pub unsafe fn write(&self, at: usize, bytes: &[u8]) -> Result<()> {
+        if at.checked_add(bytes.len()).is_none_or(|e| e > self.len) {
+            return Err(Error::invalid(format!(
+                "{} bytes at {at} outside a pinned buffer of {}",
+                bytes.len(),
+                self.len
+            )));
+        }
+        // SAFETY: inside our allocation (checked above); by the caller's
+        // contract no copy is reading these bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.ptr + at) as *mut u8, bytes.len())
+        };
+        Ok(())
+    }
+
     /// Copies `out.len()` bytes at `at` out of the buffer.
     pub fn read(&self, at: usize, out: &mut [u8]) -> Result<()> {
         if at.checked_add(out.len()).is_none_or(|e| e > self.len) {

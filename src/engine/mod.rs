@@ -145,6 +145,12 @@ pub(crate) struct Engine {
     tracer: Option<Box<Recorder>>,
     /// Serves the stats (`AFMESH_METRICS`), when asked to.
     metrics: Option<Metrics>,
+    /// Bytes of a message before its rows (header and side area): posted
+    /// to mirrored peers into their host mirror only (0: not split).
+    prefix: usize,
+    /// Device send slots and every peer mirrored: the prefix is written
+    /// to the slots' pinned shadow only, never copied to the device.
+    prefix_host_only: bool,
 }
 
 impl Engine {
@@ -202,7 +208,28 @@ impl Engine {
             checksum: false,
             tracer: None,
             metrics: None,
+            prefix: 0,
+            prefix_host_only: false,
         }
+    }
+
+    /// Messages carry `prefix` bytes (header and side area) before their
+    /// rows: to peers whose backend writes the receive region's host
+    /// mirror (cuda), a message from device send slots is posted with its
+    /// prefix going to that mirror only (`post_write_mirrored`), and where
+    /// every peer is such, the prefix is not copied to the device at all.
+    pub(crate) fn set_prefix(&mut self, prefix: usize) {
+        // Device send slots keep a pinned host shadow: the mirror's bytes.
+        let device = self.send.region().shadow().is_some();
+        self.prefix = if device { prefix } else { 0 };
+        self.prefix_host_only =
+            device && !self.peers.is_empty() && self.peers.iter().all(|p| p.mirrored);
+    }
+
+    /// Whether peer `peer`'s messages leave their prefix (header, side
+    /// block) in the receive region's host mirror only, not in the region.
+    pub(crate) fn mirrored(&self, peer: usize) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.mirrored)
     }
 
     /// Serves this rank's stats through `metrics` from here on.

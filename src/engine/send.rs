@@ -65,8 +65,20 @@ impl Engine {
             .map_err(Error::invalid)?;
             header.checksum = Some(crc);
         }
-        self.write_slot(slot, 0, &header.encode())?;
+        self.write_head(slot, 0, &header.encode())?;
         self.send.message(slot, len)
+    }
+
+    /// Writes `bytes` of a message's prefix (header, side block) at `at`
+    /// of send slot `slot`: into the pinned shadow only where no peer
+    /// reads the prefix from the device ([`Engine::set_prefix`]), else as
+    /// [`Engine::write_slot`].
+    pub(crate) fn write_head(&mut self, slot: usize, at: usize, bytes: &[u8]) -> Result<()> {
+        if self.prefix_host_only && at.saturating_add(bytes.len()) <= self.prefix {
+            self.send.write_shadow(slot, at, bytes)
+        } else {
+            self.send.write(slot, at, bytes)
+        }
     }
 
     /// Whether messages carry a checksum ([`Engine::seal`] computes it).
@@ -208,6 +220,7 @@ impl Engine {
         // The clock is read only once the window is full: never on the
         // fast path.
         let mut deadline = None;
+        let mirrored = self.peers[peer].mirrored;
         let mut posted = 0u8;
         let mut result = Ok(());
         for (i, w) in writes.iter().enumerate() {
@@ -216,12 +229,25 @@ impl Engine {
                 offset: w.at,
                 len: w.len,
             }];
-            let announce = (i + 1 == writes.len()).then(|| imm.encode());
+            let last = i + 1 == writes.len();
+            let announce = last.then(|| imm.encode());
+            // The prefix (header and side area, at the start of the
+            // message's last write) to a mirrored peer goes to its host
+            // mirror only.
+            let head = if last && mirrored {
+                (self.prefix as u64).min(w.len)
+            } else {
+                0
+            };
             let r = loop {
-                match self
-                    .transport
-                    .post_write(link, &src, &key, w.to, announce, token)
-                {
+                let r = if head > 0 {
+                    self.transport
+                        .post_write_mirrored(link, head, &src, &key, w.to, announce, token)
+                } else {
+                    self.transport
+                        .post_write(link, &src, &key, w.to, announce, token)
+                };
+                match r {
                     Err(Error::Backpressure { .. })
                         if Instant::now()
                             < *deadline

@@ -324,6 +324,29 @@ pub trait Transport {
         imm: Option<u32>,
         token: u64,
     ) -> Result<()>;
+    /// Posts one write like [`Transport::post_write`] whose first `head`
+    /// bytes (the message's header and side block) land only in the
+    /// target region's host mirror, taken from the source's pinned host
+    /// shadow; the rest of `src` lands in the target's memory at
+    /// `offset + head`. The arrival announces the whole length. Only
+    /// backends with [`Caps::header_mirror`]; the others refuse it.
+    #[allow(clippy::too_many_arguments)]
+    fn post_write_mirrored(
+        &mut self,
+        link: LinkId,
+        head: u64,
+        src: &[LocalSlice],
+        remote: &RegionKey,
+        offset: u64,
+        imm: Option<u32>,
+        token: u64,
+    ) -> Result<()> {
+        let _ = (link, head, src, remote, offset, imm, token);
+        Err(Error::Unsupported(format!(
+            "{}: no host header mirror to post into",
+            self.name()
+        )))
+    }
     /// Appends what has happened to `out`; never blocks.
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()>;
     /// How to sleep until there is progress to make.
@@ -456,6 +479,19 @@ macro_rules! backends {
                 token: u64,
             ) -> Result<()> {
                 dispatch!(self, [Sim $(, $variant)*], t => t.post_write(link, src, remote, offset, imm, token))
+            }
+            #[inline]
+            fn post_write_mirrored(
+                &mut self,
+                link: LinkId,
+                head: u64,
+                src: &[LocalSlice],
+                remote: &RegionKey,
+                offset: u64,
+                imm: Option<u32>,
+                token: u64,
+            ) -> Result<()> {
+                dispatch!(self, [Sim $(, $variant)*], t => t.post_write_mirrored(link, head, src, remote, offset, imm, token))
             }
             #[inline]
             fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {

@@ -260,6 +260,40 @@ impl Mux {
         imm: Option<u32>,
         token: u64,
     ) -> Result<()> {
+        let r = self.route_slices(link, src)?;
+        self.backends[r.backend].post_write(r.link, &self.slices, remote, offset, imm, token)
+    }
+
+    /// Posts a write on `link` whose first `head` bytes land in the
+    /// target's host mirror only (see [`Transport::post_write_mirrored`]).
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_write_mirrored(
+        &mut self,
+        link: LinkId,
+        head: u64,
+        src: &[LocalSlice],
+        remote: &RegionKey,
+        offset: u64,
+        imm: Option<u32>,
+        token: u64,
+    ) -> Result<()> {
+        let r = self.route_slices(link, src)?;
+        self.backends[r.backend].post_write_mirrored(
+            r.link,
+            head,
+            &self.slices,
+            remote,
+            offset,
+            imm,
+            token,
+        )
+    }
+
+    /// The route of `link`, with `src` in its backend's local keys in
+    /// `self.slices`.
+    #[inline]
+    fn route_slices(&mut self, link: LinkId, src: &[LocalSlice]) -> Result<Route> {
         let r = *self
             .routes
             .get(link)
@@ -279,7 +313,7 @@ impl Mux {
                 })?;
             self.slices.push(LocalSlice { key, ..*s });
         }
-        self.backends[r.backend].post_write(r.link, &self.slices, remote, offset, imm, token)
+        Ok(r)
     }
 
     /// Progress on every backend, without waiting.

@@ -184,6 +184,32 @@ impl SendSlots {
         }
     }
 
+    /// Copies `bytes` to offset `at` of slot `i`'s pinned host shadow only
+    /// (device slots whose prefix peers read from their host mirror: the
+    /// device copy of those bytes is never made); refused while a send
+    /// from the slot is pending, and for slots without a shadow.
+    pub fn write_shadow(&mut self, i: usize, at: usize, bytes: &[u8]) -> Result<()> {
+        self.writable(i)?;
+        if at
+            .checked_add(bytes.len())
+            .is_none_or(|end| end > self.slot_len)
+        {
+            return Err(Error::BufferSize {
+                what: format!("write into send slot {i}'s shadow at {at}"),
+                need: at.saturating_add(bytes.len()),
+                got: self.slot_len,
+            });
+        }
+        let Some(shadow) = self.region.shadow() else {
+            return Err(Error::invalid(format!(
+                "send slot {i} has no pinned host shadow"
+            )));
+        };
+        // SAFETY: the slot is writable, so every send from it completed,
+        // and with them every copy that read its shadow bytes.
+        unsafe { shadow.write(i * self.slot_len + at, bytes) }
+    }
+
     /// The address of `len` bytes at offset `at` of slot `i` (a device
     /// address when the slots are device memory), for a copy into it;
     /// refused while a send from it is pending.

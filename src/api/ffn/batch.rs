@@ -31,6 +31,8 @@ pub(super) struct Part {
     pub(super) side_len: u32,
     pub(super) post_ns: u64,
     pub(super) land_ns: u64,
+    /// Its side block is in the region's host mirror only (a cuda peer).
+    pub(super) mirrored: bool,
 }
 
 impl Batch {
@@ -146,8 +148,10 @@ impl Batch {
         self.region.copy_out(p.rows, out).map_err(Error::invalid)?;
         Ok(n)
     }
-    /// Copies attention rank `a`'s side block into `out` (from the GPU for
-    /// device memory); returns its length.
+    /// Copies attention rank `a`'s side block into `out` (for device
+    /// memory: from the receive region's host mirror where a cuda peer
+    /// left it, which never copies it to the device; else from the GPU);
+    /// returns its length.
     pub fn copy_side(&self, a: usize, out: &mut [u8]) -> Result<usize> {
         let p = self
             .parts
@@ -161,9 +165,13 @@ impl Batch {
                 got: out.len(),
             });
         };
-        self.region
-            .copy_out(p.offset + HEADER_LEN, out)
-            .map_err(Error::invalid)?;
+        if p.mirrored {
+            // A cuda peer leaves header and side block in the host mirror.
+            self.region.copy_header(p.offset + HEADER_LEN, out)
+        } else {
+            self.region.copy_out(p.offset + HEADER_LEN, out)
+        }
+        .map_err(Error::invalid)?;
         Ok(n)
     }
     /// When attention rank `a` posted its dispatch (its clock, ns).

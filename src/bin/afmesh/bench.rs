@@ -471,6 +471,9 @@ fn measure(
             if let Some(l) = wa.layout {
                 cmd.args(["--layout", l.name()]);
             }
+            if wa.copy_rows {
+                cmd.arg("--copy-rows");
+            }
             children.spawn(format!("{role} rank {r}"), &mut cmd)?;
         }
     }

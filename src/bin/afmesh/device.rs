@@ -3,12 +3,23 @@
 //! Each rank's stage buffers are on its GPU (ranks round-robin over the
 //! visible GPUs: attention rank `a` on GPU `a % G`, FFN rank `f` on
 //! `(M + f) % G`). The data never passes through the host in a timed
-//! layer: an attention rank dispatches rows from device buffers it filled
-//! once at start, an FFN rank answers from device buffers of its own, both
-//! chosen by the layer's parity (so a stale layer's bytes are caught).
-//! Every byte is checked, by copying it back to the host, in the warm-up
-//! layers and in the last layer; the timed layers between check token
-//! counts only.
+//! layer. By default rows are written in place into the send slots
+//! (`send_slot_device` + `dispatch_device_in_place`, `reply_slot_device` +
+//! `respond_device_in_place`), as an engine's kernels would write their
+//! outputs there: the rows of the checked layers are copied into the slots
+//! from device buffers filled once at start, before the layer's clock
+//! starts (the last layer, whose answers are written while the attention
+//! rank's clock runs, is checked and not timed), and the timed layers
+//! between post the slots as they are. With `--copy-rows` the ranks
+//! dispatch and answer from those device buffers through the copying path
+//! (`dispatch_device`, `respond_device`: one copy within the GPU per
+//! message) in every layer. `--stream-ordered` produces each message's
+//! rows on a stream of the rank's (into the slot, or into a scratch buffer
+//! to copy from) right before the stream-ordered call in every layer. The
+//! buffers are chosen by the layer's key (its parity; 2 for the last
+//! layer), so a stale layer's bytes are caught. Every byte is checked, by
+//! copying it back to the host, in the warm-up layers and in the last
+//! layer; the timed layers between check token counts only.
 
 use std::time::{Duration, Instant};
 
@@ -74,11 +85,33 @@ fn checked(w: &Workload, layer: u32) -> bool {
     layer < w.warmup || layer + 1 == w.layers()
 }
 
+/// Which of the three device buffers (per stage and peer) a layer's rows
+/// come from: the parity, and a key of its own for the last layer, whose
+/// bytes then differ from every earlier checked layer's.
+fn key(w: &Workload, layer: u32) -> u32 {
+    if layer + 1 == w.layers() {
+        2
+    } else {
+        layer % 2
+    }
+}
+
+/// Whether a layer's latency is recorded: after the warm-up, and with rows
+/// in place and not stream-ordered, not the last layer (its rows are
+/// copied into the slots for the check, the answers while the clock runs).
+fn timed(w: &Workload, layer: u32, in_place: bool, ordered: bool) -> bool {
+    layer >= w.warmup && !(in_place && !ordered && layer + 1 == w.layers())
+}
+
+const KEYS: u32 = 3;
+
 pub fn run_attention(
     a: &mut AttentionRank,
     w: &Workload,
     ordered: bool,
+    copy_rows: bool,
 ) -> Result<AttentionReport> {
+    let in_place = !copy_rows;
     let afmesh::transport::MemoryKind::Cuda { device } = a.memory() else {
         anyhow::bail!("the rank's memory is not on a GPU");
     };
@@ -88,11 +121,11 @@ pub fn run_attention(
     let (row, out_row) = (spec.row_bytes as usize, spec.out_row_bytes as usize);
     let max = w.tokens as usize;
     let mut inputs = Vec::new();
-    for parity in 0..2 {
+    for k in 0..KEYS {
         for s in 0..w.stages {
             inputs.push(device_buffer(
                 device,
-                &pattern(in_seed(parity, s, me), max * row),
+                &pattern(in_seed(k, s, me), max * row),
             )?);
         }
     }
@@ -148,7 +181,22 @@ pub fn run_attention(
     let mut host_ns = 0u128;
     for layer in 0..w.layers() {
         handles.clear();
-        let parity = layer % 2;
+        let parity = key(w, layer);
+        if in_place && !ordered && checked(w, layer) {
+            // The rows the checks expect, into the slots before the clock
+            // starts (the timed layers between send the slots as they are).
+            for s in 0..w.stages {
+                let n = w.count(layer, s, me) as usize * row;
+                let dst = a
+                    .send_slot_device(s)
+                    .with_context(|| format!("A{me}: send slot of stage {s}"))?;
+                let src = &inputs[(parity * w.stages + s) as usize];
+                // SAFETY: the slot's rows (`max_tokens × row_bytes` bytes,
+                // free: `send_slot_device` waited) and a live device
+                // buffer of as many; a synchronous copy.
+                unsafe { afmesh::cuda::copy(device, dst, src.addr(), n) }?;
+            }
+        }
         let t0 = Instant::now();
         for s in 0..w.stages {
             let count = w.count(layer, s, me);
@@ -156,9 +204,33 @@ pub fn run_attention(
             let side = side_of(layer, s, me, count);
             let call = Instant::now();
             let h: Result<_> = match &producer {
+                None if in_place => a
+                    .dispatch_device_in_place(s, count as usize, &side)
+                    .map_err(Into::into),
                 None => a
                     .dispatch_device(s, src.addr(), count as usize, &side)
                     .map_err(Into::into),
+                Some((stream, _)) if in_place => {
+                    if layer > 1 {
+                        // The slots' echo of the previous layer first.
+                        let (w_stream, done) = &waiters[s as usize];
+                        done.record(w_stream)?;
+                        stream.wait(done)?;
+                    }
+                    // The "model" writes its rows straight into the slot
+                    // on its stream; the dispatch must wait for that.
+                    let dst = a.send_slot_device(s)?;
+                    // SAFETY: the slot's rows are free (`send_slot_device`
+                    // waited) until this stage's dispatch below, which is
+                    // ordered after the copy; `src` is a live buffer.
+                    unsafe { stream.copy_async(dst, src.addr(), count as usize * row) }?;
+                    // SAFETY: `stream` is a live stream of this rank's
+                    // device.
+                    unsafe {
+                        a.dispatch_device_in_place_on(s, count as usize, &side, stream.raw() as u64)
+                    }
+                    .map_err(anyhow::Error::from)
+                }
                 Some((stream, scratch)) => {
                     if layer > 1 {
                         // The slots' echo of the previous layer first.
@@ -192,7 +264,7 @@ pub fn run_attention(
                 }
             };
             let h = h.with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?;
-            if layer >= w.warmup {
+            if timed(w, layer, in_place, ordered) {
                 host_ns += call.elapsed().as_nanos();
             }
             if ordered && layer > 0 {
@@ -216,7 +288,7 @@ pub fn run_attention(
         a.wait_all(&handles, w.timeout)
             .with_context(|| format!("A{me}: combine of layer {layer}"))?;
         let dt = t0.elapsed();
-        if layer >= w.warmup {
+        if timed(w, layer, in_place, ordered) {
             rep.lat
                 .record(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
         }
@@ -275,7 +347,8 @@ pub fn run_attention(
     Ok(rep)
 }
 
-pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport> {
+pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) -> Result<FfnReport> {
+    let in_place = !copy_rows;
     let afmesh::transport::MemoryKind::Cuda { device } = f.memory() else {
         anyhow::bail!("the rank's memory is not on a GPU");
     };
@@ -286,7 +359,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
     let max = w.tokens as usize;
     // Per (parity, stage, attention rank): this rank's answer rows.
     let mut outs = Vec::new();
-    for parity in 0..2 {
+    for parity in 0..KEYS {
         for s in 0..w.stages {
             for a in 0..m as u32 {
                 outs.push(device_buffer(
@@ -357,7 +430,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
         let s = b.stage();
         let layer = layer_of[s as usize];
         layer_of[s as usize] += 1;
-        let parity = layer % 2;
+        let parity = key(w, layer);
         let mut bad = |what: String| {
             rep.errors += 1;
             rep.first_error.get_or_insert(what);
@@ -403,9 +476,48 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
             }
             ptrs[a] = outs[((parity * w.stages + s) as usize) * m + a].addr();
         }
+        if in_place && !ordered && checked(w, layer) {
+            // The answers the checks expect, into the reply slots (the
+            // timed layers between answer with the slots as they are).
+            for (a, &p) in ptrs.iter().enumerate() {
+                let n = b.token_count(a) * out_row;
+                let dst = f
+                    .reply_slot_device(&b, a)
+                    .with_context(|| format!("F{me}: reply slot of A{a}"))?;
+                // SAFETY: the reply slot's rows for `a` (free:
+                // `reply_slot_device` waited) and a live device buffer of
+                // at least `n` bytes; a synchronous copy.
+                unsafe { afmesh::cuda::copy(device, dst, p, n) }?;
+            }
+        }
         let call = Instant::now();
         let answered = match &producer {
+            None if in_place => f.respond_device_in_place(b).map_err(afmesh::Error::from),
             None => f.respond_device(b, &ptrs).map_err(afmesh::Error::from),
+            Some((stream, _)) if in_place => {
+                // The answers are written straight into the reply slots
+                // on the rank's stream; the respond must wait for that.
+                let mut r = Ok(());
+                for (a, &p) in ptrs.iter().enumerate() {
+                    let n = b.token_count(a) * out_row;
+                    r = f.reply_slot_device(&b, a).and_then(|dst| {
+                        // SAFETY: the reply slot is free until the respond
+                        // below, which is ordered after this copy; `p` is a
+                        // live buffer of at least `n` bytes.
+                        unsafe { stream.copy_async(dst, p, n) }
+                    });
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                match r {
+                    // SAFETY: `stream` is a live stream of this rank's
+                    // device.
+                    Ok(()) => unsafe { f.respond_device_in_place_on(b, stream.raw() as u64) }
+                        .map_err(afmesh::Error::from),
+                    Err(e) => Err(e),
+                }
+            }
             Some((stream, scratch)) => {
                 for (a, p) in ptrs.iter_mut().enumerate() {
                     let n = w.count(layer, s, a as u32) as usize * out_row;
@@ -426,7 +538,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool) -> Result<FfnReport
             }
         };
         answered.with_context(|| format!("F{me}: respond stage {s}"))?;
-        if layer >= w.warmup {
+        if timed(w, layer, in_place, ordered) {
             host_ns += call.elapsed().as_nanos();
         }
         if let (Some(_), true) = (&producer, layer + 1 < w.layers()) {

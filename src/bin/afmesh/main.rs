@@ -137,6 +137,12 @@ pub struct WorkloadArgs {
     /// slots). FFN ranks read their input from the matrix then.
     #[arg(long, value_enum)]
     pub layout: Option<LayoutArg>,
+    /// With --device cuda: rows are copied into the send slots by
+    /// `dispatch_device` / `respond_device` (one copy within the GPU per
+    /// message) instead of being written in place into them
+    /// (`send_slot_device` + `dispatch_device_in_place`), for comparison.
+    #[arg(long)]
+    pub copy_rows: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -412,7 +418,7 @@ fn run(args: &RunArgs) -> Result<()> {
             );
             let started = std::time::Instant::now();
             let rep = if on_gpu {
-                device::run_attention(&mut a, &w, args.work.stream_ordered)?
+                device::run_attention(&mut a, &w, args.work.stream_ordered, args.work.copy_rows)?
             } else {
                 workload::run_attention(&mut a, &w)?
             };
@@ -471,7 +477,7 @@ fn run(args: &RunArgs) -> Result<()> {
             );
             let started = std::time::Instant::now();
             let rep = if on_gpu {
-                device::run_ffn(&mut f, &w, args.work.stream_ordered)?
+                device::run_ffn(&mut f, &w, args.work.stream_ordered, args.work.copy_rows)?
             } else {
                 workload::run_ffn(&mut f, &w)?
             };
