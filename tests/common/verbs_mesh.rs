@@ -1,6 +1,8 @@
 //! Verbs meshes on softverbs that the `tests/verbs*.rs` binaries share:
 //! the preloaded provider, a fabric of its own per test, ranks started
-//! under it, and the checks of a rank's JSON line and counters.
+//! under it, and the checks of a rank's JSON line and counters. A binary
+//! that includes it (`#[path]`) declares `mod common;` and
+//! `#[path = "common/cdylib.rs"] mod cdylib;` beside it.
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
 
