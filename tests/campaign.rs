@@ -140,7 +140,7 @@ impl Plan {
             drop_per_million,
             duplicate_per_million,
             sent_delay_ns,
-            // Corruption is caught only with checksums on (tests/sim.rs).
+            // Corruption is caught only with checksums on (tests/sim_checksums.rs).
             corrupt_per_million: 0,
         };
         let drop_on = (drop_per_million > 0 && r.percent(50)).then(|| {

@@ -1,6 +1,6 @@
 //! The bench's progress: a bar on stderr when it is a terminal (here a
 //! pseudo-terminal from `script(1)`), plain lines otherwise (the sweep
-//! test in `processes.rs` checks those).
+//! test in `sweep.rs` checks those).
 
 #![allow(clippy::unwrap_used)]
 

@@ -141,3 +141,39 @@ pub fn rank_env(
     let cmd = rank_command(role, rank, sched, m, n, extra, env);
     Proc::spawn(&format!("{role} {rank}"), cmd)
 }
+
+/// One rank on `transport`, in job `job`.
+#[allow(clippy::too_many_arguments)]
+pub fn rank_on(
+    transport: &str,
+    job: &str,
+    role: &str,
+    r: u32,
+    sched: &str,
+    m: u32,
+    n: u32,
+    extra: &[&str],
+) -> Proc {
+    rank_env(
+        role,
+        r,
+        sched,
+        m,
+        n,
+        extra,
+        &[("AFMESH_TRANSPORT", transport), ("AFMESH_JOB", job)],
+    )
+}
+
+pub fn unique_job(tag: &str) -> String {
+    format!("test-{tag}-{}", std::process::id())
+}
+
+pub fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
+    let k = format!("\"{key}\":");
+    let rest = &json[json
+        .find(&k)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + k.len()..];
+    &rest[..rest.find([',', '}']).unwrap()]
+}

@@ -37,7 +37,11 @@ use crate::{json_str, DeviceArg, WorkloadArgs};
 
 use std::path::PathBuf;
 
+mod children;
+mod floors;
 mod report;
+pub use children::{wait_all, Children};
+use floors::{device_floors, floor_plan, Floors};
 use report::{collect_links, elem};
 
 #[derive(Args, Debug, Clone)]
@@ -76,47 +80,6 @@ pub struct BenchArgs {
     pin: String,
     #[command(flatten)]
     work: WorkloadArgs,
-}
-
-/// Kills its children on every path out.
-pub struct Children(pub Vec<(String, Child)>);
-
-impl Children {
-    /// Spawns `cmd` as a child that dies with this process: the kernel
-    /// kills it when the spawning thread ends, however that happens (a
-    /// SIGKILL of the bench included), so no rank outlives the bench.
-    /// Call from the thread that waits for the children (the main one).
-    pub fn spawn(&mut self, name: String, cmd: &mut Command) -> Result<&mut Child> {
-        stop_requested()?;
-        let parent = std::process::id();
-        // SAFETY: the closure runs between fork and exec, where only
-        // async-signal-safe calls are allowed: `die_with_parent` makes two
-        // system calls (prctl, getppid) and does not allocate.
-        unsafe {
-            cmd.pre_exec(move || sys::die_with_parent(parent));
-        }
-        let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
-        self.0.push((name, child));
-        Ok(&mut self.0.last_mut().expect("just pushed").1)
-    }
-}
-
-/// An error once SIGTERM or SIGINT has come (see [`sys::on_terminate`]):
-/// the caller returns, and dropping its [`Children`] kills and reaps them.
-pub fn stop_requested() -> Result<()> {
-    match sys::terminated() {
-        Some(sig) => bail!("stopped by signal {sig}; ranks killed"),
-        None => Ok(()),
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Order statistics of a run's per-layer times, in microseconds.
@@ -189,52 +152,6 @@ pub fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
         rest.find([',', '}'])?
     };
     Some(&rest[..end])
-}
-
-pub fn wait_all(children: &mut Children, deadline: Instant) -> Result<Vec<String>> {
-    // Drain every child's stdout as it is written: a report larger than a
-    // pipe's buffer would otherwise block the child before it can exit.
-    let readers: Vec<_> = children
-        .0
-        .iter_mut()
-        .map(|(_, c)| {
-            c.stdout.take().map(|mut o| {
-                std::thread::spawn(move || {
-                    let mut s = String::new();
-                    let _ = o.read_to_string(&mut s);
-                    s
-                })
-            })
-        })
-        .collect();
-    let mut done = vec![false; children.0.len()];
-    loop {
-        stop_requested()?;
-        for (i, (name, c)) in children.0.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            if let Some(st) = c.try_wait()? {
-                done[i] = true;
-                if !st.success() {
-                    bail!("{name} failed ({st}); its stderr is above");
-                }
-            }
-        }
-        if done.iter().all(|d| *d) {
-            // The children have exited, so their pipes are at EOF.
-            return Ok(readers
-                .into_iter()
-                .map(|r| r.map(|h| h.join().unwrap_or_default()).unwrap_or_default())
-                .collect());
-        }
-        if Instant::now() > deadline {
-            bail!("ranks did not finish in time");
-        }
-        // Poll exit status at a modest rate so the bench itself stays off
-        // the cores the ranks use.
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -633,89 +550,6 @@ fn measure(
         verbs,
         nccl,
     })
-}
-
-/// The device floors: plain peer copies of the same pattern, and NCCL
-/// send/recv of it (or why it was skipped).
-fn device_floors(w: &Workload, m: u32, n: u32) -> Result<(Floors, Result<Summary, String>)> {
-    let (d, c) = w.layer_bytes(m, n);
-    let per = u64::from(m) * u64::from(n) * u64::from(w.stages);
-    let mut pairs = Vec::new();
-    for a in 0..m {
-        for f in 0..n {
-            pairs.push(afmesh::cuda::floor::Pair {
-                attention_device: crate::device::device_of(afmesh::Role::Attention, a, m)?,
-                ffn_device: crate::device::device_of(afmesh::Role::Ffn, f, m)?,
-                dispatch: (d / per) as usize,
-                combine: (c / per) as usize,
-            });
-        }
-    }
-    let ce = afmesh::cuda::floor::copy_engine(&pairs, w.stages, w.warmup, w.iters)
-        .context("copy-engine floor")?;
-    let nccl = afmesh::cuda::floor::nccl(&pairs, w.stages, w.warmup, w.iters)
-        .map(|h| Summary::of(&h))
-        .map_err(|e| e.to_string());
-    let ce = Summary::of(&ce);
-    Ok((
-        Floors {
-            exchange: ce.p50,
-            exchange_name: format!("cuMemcpyPeerAsync out and back, p99 {:.2} us", ce.p99),
-            polled: None,
-            memcpy: None,
-        },
-        nccl,
-    ))
-}
-
-/// The floors measured beside one mesh (p50 microseconds).
-#[derive(Debug)]
-struct Floors {
-    /// The exchange as the mesh does it, by plain processes.
-    exchange: f64,
-    exchange_name: String,
-    /// Tcp only: the exchange over polled non-blocking sockets.
-    polled: Option<f64>,
-    /// Shared memory only: one thread's copy of the layer.
-    memcpy: Option<f64>,
-}
-
-impl Floors {
-    /// The fastest plain way: the floor the mesh is held to.
-    fn best(&self) -> (f64, String) {
-        let mut best = (self.exchange, self.exchange_name.clone());
-        if let Some(p) = self.polled.filter(|p| *p < best.0) {
-            best = (p, format!("{}, polled", self.exchange_name));
-        }
-        if let Some(c) = self.memcpy.filter(|c| *c < best.0) {
-            best = (c, "memcpy, 1 thread".into());
-        }
-        best
-    }
-}
-
-/// The exchange floor for `w` on M×N, pinned to `cpus` CPUs the way the
-/// mesh's ranks are (or not pinned).
-fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<usize>) -> floor::Plan {
-    // Attention rank a's bytes per FFN rank: what `layer_bytes` adds for
-    // it, one FFN rank at a time (headers and side block included).
-    let pair = |a: u32| {
-        let (d1, c1) = w.layer_bytes(a + 1, 1);
-        let (d0, c0) = w.layer_bytes(a, 1);
-        (d1 - d0, c1 - c0)
-    };
-    let (dispatch, combine) = (0..m).map(pair).unzip();
-    floor::Plan {
-        m,
-        n,
-        dispatch,
-        combine,
-        stages: w.stages,
-        warmup: w.warmup.max(5),
-        iters: w.iters,
-        timeout: w.timeout,
-        cpus,
-    }
 }
 
 #[cfg(test)]

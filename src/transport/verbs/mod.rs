@@ -67,7 +67,9 @@ pub mod sys;
 mod completions;
 mod memory;
 mod qp;
+mod rail;
 mod send;
+mod teardown;
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void, CStr};
@@ -82,6 +84,7 @@ use super::{
 use crate::error::{Error, Result};
 use device::{Device, Settings, Wanted};
 use library::Verbs;
+use rail::Rail;
 use sys::*;
 
 const MAGIC: &str = "afmesh-verbs-2";
@@ -181,9 +184,6 @@ struct Qp {
     run: u32,
 }
 
-/// Bound on waiting for an aborted link's posted work to flush.
-const ABORT_DRAIN: Duration = Duration::from_millis(200);
-
 /// A message in flight: its token and stripes not yet completed.
 #[derive(Debug, Clone, Copy, Default)]
 struct Msg {
@@ -251,47 +251,6 @@ impl PeerEndpoint {
     fn qps_for(&self, rank: usize, rail: usize) -> Option<&[(u32, u32)]> {
         let at = (rank * self.rails.len() + rail) * self.qps;
         self.qpn_psn.get(at..at + self.qps)
-    }
-}
-
-/// One NIC of the rank (a rail): its device and port, protection domain,
-/// completion channel and queue, and shared receive queue. Every region
-/// is registered on every rail; each link's QPs are on one rail.
-#[derive(Debug)]
-struct Rail {
-    dev: Box<Device>,
-    pd: *mut ibv_pd,
-    channel: *mut ibv_comp_channel,
-    cq: *mut ibv_cq,
-    srq: *mut ibv_srq,
-    srq_depth: usize,
-    /// Receives consumed and not yet reposted.
-    srq_missing: usize,
-    armed: bool,
-    unacked: u32,
-    /// This rail's QPs by number (QPNs are per device).
-    by_qpn: HashMap<u32, (LinkId, usize)>,
-}
-
-impl Rail {
-    fn new(dev: Device) -> Rail {
-        Rail {
-            dev: Box::new(dev),
-            pd: std::ptr::null_mut(),
-            channel: std::ptr::null_mut(),
-            cq: std::ptr::null_mut(),
-            srq: std::ptr::null_mut(),
-            srq_depth: 0,
-            srq_missing: 0,
-            armed: false,
-            unacked: 0,
-            by_qpn: HashMap::new(),
-        }
-    }
-
-    /// `mlx5_0:1`, for logs and errors.
-    fn name(&self) -> String {
-        format!("{}:{}", self.dev.name, self.dev.port)
     }
 }
 
@@ -390,117 +349,6 @@ impl VerbsTransport {
             t.spare.push(per_rail);
         }
         Ok(t)
-    }
-
-    /// Makes rail `r`'s PD, completion channel, CQ and SRQ (receives
-    /// posted).
-    fn make_rail(&mut self, r: usize, peers: usize) -> Result<()> {
-        let lib = self.lib;
-        let qps = peers * self.set.qps;
-        let rail = &mut self.rails[r];
-        let ctx = rail.dev.ctx;
-        let what = rail.name();
-        // SAFETY: a live context.
-        rail.pd = unsafe { (lib.ibv_alloc_pd)(ctx) };
-        if rail.pd.is_null() {
-            return Err(verbs_err("ibv_alloc_pd", &what, last_errno()));
-        }
-        // SAFETY: as above.
-        rail.channel = unsafe { (lib.ibv_create_comp_channel)(ctx) };
-        if rail.channel.is_null() {
-            return Err(verbs_err("ibv_create_comp_channel", &what, last_errno()));
-        }
-        // SAFETY: the channel's fd is ours to set non-blocking.
-        unsafe {
-            let fd = (*rail.channel).fd;
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        }
-        // SAFETY: the context's async fd is ours to set non-blocking
-        // (verbs.h documents this for polling it).
-        unsafe {
-            let fd = (*ctx).async_fd;
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        }
-        let a = &rail.dev.attr;
-        rail.srq_depth = (RECV_BATCH * 8)
-            .max(VERBS_WINDOW * peers * 2)
-            .min(a.max_srq_wr.max(RECV_BATCH as i32) as usize);
-        let cqe = (qps * SQ_DEPTH + rail.srq_depth).clamp(64, a.max_cqe.max(64) as usize);
-        // SAFETY: a live context and channel.
-        rail.cq = unsafe {
-            (lib.ibv_create_cq)(ctx, cqe as c_int, std::ptr::null_mut(), rail.channel, 0)
-        };
-        if rail.cq.is_null() {
-            return Err(verbs_err(
-                "ibv_create_cq",
-                &format!("{what}, {cqe} entries"),
-                last_errno(),
-            ));
-        }
-        let mut sa = ibv_srq_init_attr::default();
-        sa.attr.max_wr = rail.srq_depth as u32;
-        sa.attr.max_sge = 1;
-        // SAFETY: a live PD and a filled attribute struct.
-        rail.srq = unsafe { (lib.ibv_create_srq)(rail.pd, &mut sa) };
-        if rail.srq.is_null() {
-            return Err(verbs_err(
-                "ibv_create_srq",
-                &format!("{what}, {} receives", rail.srq_depth),
-                last_errno(),
-            ));
-        }
-        rail.srq_missing = rail.srq_depth;
-        while self.rails[r].srq_missing >= RECV_BATCH {
-            self.repost(r)?;
-        }
-        Ok(())
-    }
-
-    fn mark_down(&mut self, link: LinkId, reason: String, out: &mut Vec<Completion>) {
-        let Some(l) = self.links.get_mut(link) else {
-            return;
-        };
-        if l.down {
-            return;
-        }
-        l.down = true;
-        out.push(Completion::LinkDown { link, reason });
-        self.fail_qps(link);
-    }
-
-    /// Moves a link's QPs to the error state: nothing posted on them is
-    /// read any more, and the rest flushes.
-    fn fail_qps(&mut self, link: LinkId) {
-        let lib = self.lib;
-        if let Some(l) = self.links.get(link) {
-            for q in &l.qps {
-                let mut a = ibv_qp_attr {
-                    qp_state: IBV_QPS_ERR,
-                    ..Default::default()
-                };
-                // SAFETY: a live QP.
-                unsafe { (lib.ibv_modify_qp)(q.qp, &mut a, IBV_QP_STATE as c_int) };
-            }
-        }
-    }
-
-    /// The devices and ports in use (`mlx5_0:1`, or `mlx5_0:1,mlx5_1:1`
-    /// for several rails), for logs and the bench.
-    pub fn device(&self) -> String {
-        let names: Vec<String> = self.rails.iter().map(Rail::name).collect();
-        names.join(",")
-    }
-
-    /// The rails' summed line rate, Gb/s (0 when unknown).
-    pub fn port_gbps(&self) -> f64 {
-        self.rails.iter().map(|r| r.dev.port_gbps()).sum()
-    }
-
-    /// How many NICs (rails) this rank drives.
-    pub fn rail_count(&self) -> usize {
-        self.rails.len()
     }
 
     /// Polls every rail's CQ once; how many completions were found.
@@ -745,63 +593,11 @@ impl Transport for VerbsTransport {
     }
 
     fn close(&mut self) {
-        let mut out = Vec::new();
-        for link in 0..self.links.len() {
-            if self.links[link].down {
-                continue;
-            }
-            let Some(at) = self.links[link].probe_at else {
-                continue;
-            };
-            let _ = self.post(link, 0, &mut [], at, Some(0), NO_MSG, true, true);
-        }
-        // The goodbyes leave when their completions come (bounded).
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while Instant::now() < deadline
-            && self
-                .links
-                .iter()
-                .any(|l| !l.down && l.qps.iter().any(|q| q.tail < q.head))
-        {
-            self.poll_all(&mut out);
-            std::thread::yield_now();
-        }
-        for link in 0..self.links.len() {
-            if !self.links[link].down {
-                self.links[link].down = true;
-                self.fail_qps(link);
-            }
-        }
+        self.close_links();
     }
 
     fn abort(&mut self, link: LinkId) {
-        if let Some(l) = self.links.get_mut(link) {
-            l.down = true;
-            self.fail_qps(link);
-        }
-        // The caller hands this link's send slots back next: the NIC must
-        // be done with them. Every work request still posted flushes (an
-        // error completion for each, signalled or not); reap until they
-        // have, completions kept for the next progress, bounded.
-        let deadline = Instant::now() + ABORT_DRAIN;
-        let drained = |t: &VerbsTransport| {
-            t.links
-                .get(link)
-                .is_none_or(|l| l.qps.iter().all(|q| q.tail >= q.head))
-        };
-        let mut out = std::mem::take(&mut self.backlog);
-        while !drained(self) && Instant::now() < deadline {
-            if self.poll_all(&mut out) == 0 {
-                std::thread::yield_now();
-            }
-        }
-        self.backlog = out;
-        if !drained(self) {
-            tracing::warn!(
-                "verbs: work to {} not flushed within {ABORT_DRAIN:?} of the abort",
-                self.links[link].peer
-            );
-        }
+        self.abort_link(link);
     }
 
     fn links(&self) -> usize {
@@ -810,60 +606,6 @@ impl Transport for VerbsTransport {
 
     fn counters(&self) -> WireCounters {
         self.counters
-    }
-}
-
-impl Drop for VerbsTransport {
-    fn drop(&mut self) {
-        let lib = self.lib;
-        // SAFETY: every object below was made by this value and is
-        // destroyed once, QPs before the SRQs and CQs they use, each CQ's
-        // events acked before it goes, MRs and everything else before
-        // their PD, each context last.
-        unsafe {
-            for l in &self.links {
-                for q in &l.qps {
-                    (lib.ibv_destroy_qp)(q.qp);
-                }
-            }
-            for q in self.spare.iter().flatten().flatten() {
-                (lib.ibv_destroy_qp)(q.qp);
-            }
-            for r in 0..self.rails.len() {
-                let rail = &self.rails[r];
-                if !rail.srq.is_null() {
-                    (lib.ibv_destroy_srq)(rail.srq);
-                }
-                if !rail.cq.is_null() {
-                    if rail.armed {
-                        self.take_events(r);
-                    }
-                    let rail = &self.rails[r];
-                    if rail.unacked > 0 {
-                        (lib.ibv_ack_cq_events)(rail.cq, rail.unacked);
-                    }
-                    (lib.ibv_destroy_cq)(rail.cq);
-                }
-                let rail = &self.rails[r];
-                if !rail.channel.is_null() {
-                    (lib.ibv_destroy_comp_channel)(rail.channel);
-                }
-            }
-            for m in &self.mrs {
-                for &(mr, _) in &m.on {
-                    (lib.ibv_dereg_mr)(mr);
-                }
-            }
-            for &mr in &self.loose {
-                (lib.ibv_dereg_mr)(mr);
-            }
-            for rail in &self.rails {
-                if !rail.pd.is_null() {
-                    (lib.ibv_dealloc_pd)(rail.pd);
-                }
-                (lib.ibv_close_device)(rail.dev.ctx);
-            }
-        }
     }
 }
 
