@@ -26,7 +26,9 @@
 //!
 //! A formed mesh may synchronise again: ranks send `SyncEnter` numbered
 //! per set of roles, and once every rank of those roles has entered that
-//! number, each hears `SyncRelease`.
+//! number, each hears `SyncRelease`. Such a barrier is of the rank's own
+//! group, or of every instance group: then each group's loop counts its
+//! own ranks in and the last group done releases them all (`groups`).
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +40,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 mod accept;
 mod attempt;
+mod groups; // xbar: barriers across instance groups
 
 use super::{auth, recv, recv_by, send, Token};
 use crate::error::{Error, Result};
@@ -179,6 +182,12 @@ enum Event {
         group: u32,
         result: Result<Summary>,
     },
+    /// xbar: every instance group has every rank of `roles` inside
+    /// all-groups barrier `seq` (several groups only; see `groups`).
+    ReleaseAll {
+        seq: u64,
+        roles: Roles,
+    },
 }
 
 /// A rank admitted to the current attempt.
@@ -195,6 +204,8 @@ struct Member {
     /// Running barriers entered, by role set: how many (the next one's
     /// number).
     synced: [u64; 3],
+    /// xbar: the same, of barriers across every instance group.
+    synced_all: [u64; 3],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,13 +341,22 @@ impl Scheduler {
         let groups = self.cfg.groups;
         std::thread::scope(|scope| {
             let mut doors: Vec<Option<Sender<Event>>> = Vec::new();
-            for g in 0..groups {
-                let (gtx, grx) = crossbeam_channel::unbounded::<Event>();
+            // xbar: every group's channel first, shared by all-groups barriers.
+            let chans: Vec<_> = (0..groups)
+                .map(|_| crossbeam_channel::unbounded())
+                .collect();
+            let span = Arc::new(groups::Span::new(
+                chans.iter().map(|c| c.0.clone()).collect(),
+            ));
+            for (g, (gtx, grx)) in (0..groups).zip(chans) {
                 let (cfg, done, own) = (&self.cfg, tx.clone(), gtx.clone());
+                let span = span.clone(); // xbar
                 std::thread::Builder::new()
                     .name(format!("afmesh-sched-g{g}"))
                     .spawn_scoped(scope, move || {
-                        let result = Server::new(cfg, own, Some(g)).serve(&grx);
+                        let mut server = Server::new(cfg, own, Some(g));
+                        server.span = Some(span); // xbar
+                        let result = server.serve(&grx);
                         let _ = done.send(Event::Finished { group: g, result });
                     })
                     .map_err(|e| Error::io("spawn instance group server", e))?;
@@ -379,7 +399,7 @@ impl Scheduler {
                         doors[group as usize] = None;
                         results[group as usize] = Some(result);
                     }
-                    Event::Said { .. } | Event::Gone { .. } => {}
+                    Event::Said { .. } | Event::Gone { .. } | Event::ReleaseAll { .. } => {}
                 }
             }
             merge(results, groups, dropped, auth_failures)
@@ -430,6 +450,8 @@ struct Server<'a> {
     tx: Sender<Event>,
     /// The instance group it serves, when the job has several.
     group: Option<u32>,
+    /// xbar: what the group loops share, when the job has several groups.
+    span: Option<Arc<groups::Span>>,
     next_id: u64,
     dropped: u32,
     auth_failures: u32,
@@ -442,6 +464,7 @@ impl<'a> Server<'a> {
             cfg,
             tx,
             group,
+            span: None, // xbar
             next_id: 0,
             dropped: 0,
             auth_failures: 0,
@@ -516,6 +539,11 @@ impl<'a> Server<'a> {
                 Ok(Event::Said { id, msg }) => self.said(&mut a, id, msg),
                 Ok(Event::Gone { id, why }) => self.gone(&mut a, id, &why),
                 Ok(Event::Finished { .. }) => continue,
+                // xbar: an all-groups barrier is released everywhere.
+                Ok(Event::ReleaseAll { seq, roles }) => {
+                    self.release_all(&mut a, seq, roles);
+                    continue;
+                }
             };
             match outcome {
                 Ok(None) => {}
@@ -630,6 +658,7 @@ impl<'a> Server<'a> {
             left: false,
             report: None,
             synced: [0; 3],
+            synced_all: [0; 3], // xbar
         });
         if a.full() {
             self.send_books(a)?;
@@ -707,8 +736,8 @@ impl<'a> Server<'a> {
                 a.members[i].report = Some(text);
                 Ok(None)
             }
-            (Phase::Running { .. }, Message::SyncEnter { seq, roles }) => {
-                self.sync(a, i, seq, roles);
+            (Phase::Running { .. }, Message::SyncEnter { seq, roles, scope }) => {
+                self.sync_scoped(a, i, seq, roles, scope); // xbar: scope
                 Ok(None)
             }
             (Phase::Gathering | Phase::Barrier { .. }, Message::Bye) => Err(Failed {
@@ -766,7 +795,11 @@ impl<'a> Server<'a> {
             return;
         }
         let io_to = self.cfg.hello_timeout;
-        let release = Message::SyncRelease { seq, roles };
+        let release = Message::SyncRelease {
+            seq,
+            roles,
+            scope: crate::proto::Scope::Group, // xbar
+        };
         for mem in a
             .members
             .iter_mut()
