@@ -3,7 +3,8 @@
 //! in one process, one thread per rank, after traffic. A barrier of one
 //! role waits for that role only; a missing rank times the barrier out,
 //! and calling again resumes the same barrier; a rank the barrier leaves
-//! out is refused by name.
+//! out is refused by name. A job of two instance groups: a barrier of
+//! every group waits for the other group, one of a group does not.
 
 #![allow(clippy::unwrap_used)]
 
@@ -109,4 +110,138 @@ fn barriers_of_a_running_mesh() {
     ffn.join().unwrap();
     a1.shutdown().unwrap();
     a0.shutdown().unwrap();
+}
+
+/// One rank of a job of two instance groups, each a 1A+1F mesh (StepMesh's
+/// node of two processes, `DMLC_GROUP_SIZE=2`): group `g`, embedding the
+/// scheduler in group 0's attention rank.
+fn grouped(addr: &str, group: u32, embed: bool) -> Mesh {
+    let mut c = MeshConfig::new(addr, 1, 1);
+    c.transport = TransportKind::Tcp;
+    c.rank = Some(0);
+    c.group_size = 2;
+    c.group = group;
+    c.embed_scheduler = embed;
+    c.job = format!("xbarrier-{}", std::process::id());
+    c.setup_timeout = T;
+    Mesh::new(c)
+}
+
+/// Either side of a mesh, for barriers.
+enum Side {
+    A(afmesh::AttentionRank),
+    F(afmesh::FfnRank),
+}
+
+impl Side {
+    fn barrier(&mut self, roles: Roles, all_groups: bool, t: Duration) -> afmesh::Result<()> {
+        match (self, all_groups) {
+            (Side::A(a), false) => a.barrier(roles, t),
+            (Side::A(a), true) => a.barrier_all_groups(roles, t),
+            (Side::F(f), false) => f.barrier(roles, t),
+            (Side::F(f), true) => f.barrier_all_groups(roles, t),
+        }
+    }
+    fn shutdown(self) {
+        match self {
+            Side::A(a) => a.shutdown().unwrap(),
+            Side::F(f) => f.shutdown().unwrap(),
+        }
+    }
+}
+
+/// What one rank saw: `(group, attention?, step, entered, left)`.
+type Seen = (u32, bool, &'static str, Instant, Instant);
+
+/// Barriers of a job of two instance groups, one thread per rank. An
+/// all-groups barrier (StepMesh's `instance_barrier=True`) holds every
+/// rank of both groups until the slowest rank of the other group enters;
+/// a group barrier (`False`) releases a group without waiting for the
+/// other; an all-groups barrier of one role times out, bounded, while the
+/// other group's rank of that role is missing, and calling again resumes
+/// it.
+#[test]
+fn barriers_across_instance_groups() {
+    const SLOW: Duration = Duration::from_millis(500);
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (seen, seen_rx) = mpsc::channel::<Seen>();
+    let mut threads = Vec::new();
+    for group in [0u32, 1] {
+        for attention in [true, false] {
+            let (addr, seen) = (addr.clone(), seen.clone());
+            threads.push(std::thread::spawn(move || {
+                let mesh = grouped(&addr, group, group == 0 && attention);
+                let mut r = if attention {
+                    Side::A(mesh.attention(spec()).unwrap())
+                } else {
+                    Side::F(mesh.ffn(spec()).unwrap())
+                };
+                let step =
+                    |r: &mut Side, name: &'static str, all: bool, slow: bool, roles: Roles| {
+                        if slow {
+                            std::thread::sleep(SLOW);
+                        }
+                        let entered = Instant::now();
+                        r.barrier(roles, all, T).unwrap();
+                        seen.send((group, attention, name, entered, Instant::now()))
+                            .unwrap();
+                    };
+                // Every rank of both groups in step; then group 1's FFN
+                // rank comes late to an all-groups barrier.
+                step(&mut r, "align", true, false, BOTH);
+                step(&mut r, "all", true, group == 1 && !attention, BOTH);
+                // Group 1 comes late to a barrier of its own group.
+                step(&mut r, "group", false, group == 1, BOTH);
+                if attention {
+                    if group == 0 {
+                        // Group 1's attention rank is not there yet.
+                        let t0 = Instant::now();
+                        let e = r
+                            .barrier(ATTENTION, true, Duration::from_millis(100))
+                            .unwrap_err();
+                        assert!(
+                            matches!(e, Error::Timeout { .. })
+                                && e.to_string().contains("every instance group"),
+                            "{e}"
+                        );
+                        assert!(t0.elapsed() < SLOW);
+                        // Still inside: the group barrier is refused.
+                        let e = r.barrier(ATTENTION, false, T).unwrap_err();
+                        assert!(e.to_string().contains("still inside"), "{e}");
+                        step(&mut r, "resumed", true, false, ATTENTION);
+                    } else {
+                        step(&mut r, "resumed", true, true, ATTENTION);
+                    }
+                }
+                // Everyone leaves together.
+                step(&mut r, "end", true, false, BOTH);
+                r.shutdown();
+            }));
+        }
+    }
+    drop(seen);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let got: Vec<Seen> = seen_rx.iter().collect();
+    assert_eq!(got.len(), 4 * 4 + 2, "{got:?}");
+    let at = |step: &'static str| got.iter().filter(move |s| s.2 == step);
+    // The all-groups barrier held every rank of both groups until the
+    // slow one entered.
+    let late = at("all").find(|s| s.0 == 1 && !s.1).unwrap().3;
+    for s in at("all") {
+        assert!(s.4 >= late, "{s:?} left before group 1's ffn rank entered");
+    }
+    // The group barrier released group 0 before group 1 entered it.
+    let g1_entered = at("group").filter(|s| s.0 == 1).map(|s| s.3).min().unwrap();
+    for s in at("group").filter(|s| s.0 == 0) {
+        assert!(s.4 < g1_entered, "group 0 waited for group 1: {s:?}");
+    }
+    // The resumed barrier of attention ranks waited for group 1's.
+    let late = at("resumed").find(|s| s.0 == 1).unwrap().3;
+    let g0 = at("resumed").find(|s| s.0 == 0).unwrap();
+    assert!(g0.4 >= late, "{g0:?}");
 }

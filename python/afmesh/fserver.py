@@ -180,17 +180,18 @@ def stop():
 
 def barrier(include_server, include_client, instance_barrier=True):
     """StepMesh's barrier: returns once every server (``include_server``)
-    and/or worker (``include_client``) of this process's instance group
-    has called it, before or after traffic. It runs through the scheduler
-    (``SyncEnter``/``SyncRelease``), waits with the GIL released, and
+    and/or worker (``include_client``) has called it, before or after
+    traffic — of every instance group of the job with
+    ``instance_barrier=True`` (the default, as in StepMesh), of this
+    process's instance group only with ``False``; the two are numbered
+    apart, and in a job of one group they are the same barrier. It runs
+    through the scheduler (``SyncEnter``/``SyncRelease``, whose scope says
+    which), waits with the GIL released, and
     raises ``afmesh.Timeout`` after ``AFMESH_FSERVER_TIMEOUT_MS`` (default
     30000; calling it again waits on for the same barrier) or
     ``afmesh.PeerLost`` if the scheduler is gone. A process whose role the
     barrier leaves out gets ``afmesh.InvalidArgument`` (StepMesh aborts);
-    the scheduler process returns at once (it is not a rank here).
-    ``instance_barrier`` is accepted; each instance group's mesh
-    synchronises on its own either way (afmesh has no barrier across
-    groups)."""
+    the scheduler process returns at once (it is not a rank here)."""
     st = _need(None)
     if st.rank is None:
         return
@@ -202,7 +203,8 @@ def barrier(include_server, include_client, instance_barrier=True):
             f"barrier(include_server={include_server}, include_client={include_client}): "
             f"this process is a {st.role}, which that barrier leaves out")
     st.rank.barrier(attention=bool(include_client), ffn=bool(include_server),
-                    timeout=_env_int("AFMESH_FSERVER_TIMEOUT_MS", 30000) / 1000)
+                    timeout=_env_int("AFMESH_FSERVER_TIMEOUT_MS", 30000) / 1000,
+                    all_groups=bool(instance_barrier))
 
 
 def get_nanosecond():

@@ -330,9 +330,18 @@ impl FfnRank {
     /// it; each rank of those roles must call each such barrier. Waits
     /// with the GIL released up to `timeout` seconds, then raises
     /// `afmesh.Timeout` (still inside: calling again with the same roles
-    /// waits on for the same barrier).
-    #[pyo3(signature = (attention = true, ffn = true, timeout = 30.0))]
-    fn barrier(&self, py: Python<'_>, attention: bool, ffn: bool, timeout: f64) -> PyResult<()> {
+    /// waits on for the same barrier). With `all_groups`, the ranks of
+    /// those roles in every instance group of the job (StepMesh's
+    /// `instance_barrier=True`), numbered apart; else this group's mesh.
+    #[pyo3(signature = (attention = true, ffn = true, timeout = 30.0, all_groups = false))]
+    fn barrier(
+        &self,
+        py: Python<'_>,
+        attention: bool,
+        ffn: bool,
+        timeout: f64,
+        all_groups: bool,
+    ) -> PyResult<()> {
         if !attention && !ffn {
             return Err(invalid("barrier: name at least one role (attention, ffn)"));
         }
@@ -340,7 +349,11 @@ impl FfnRank {
         let mut g = lock(&self.inner, WHAT)?;
         let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
         let roles = afmesh::Roles { attention, ffn };
-        blocking(py, timeout, |slice| r.barrier(roles, slice))
+        if all_groups {
+            blocking(py, timeout, |slice| r.barrier_all_groups(roles, slice))
+        } else {
+            blocking(py, timeout, |slice| r.barrier(roles, slice))
+        }
     }
 
     /// Wakes this rank's blocked wait (from any thread): it raises

@@ -67,3 +67,33 @@ def test_fserver_lost_server_is_an_exception(procs):
     for p in workers + servers[:1]:
         code, out = procs.finish(p, 15)
         assert code == 3 and "PeerLost" in out, out
+
+
+def test_fserver_instance_barrier_spans_groups(procs):
+    """barrier(..., instance_barrier=True) waits for every process of the
+    job's 2 instance groups, False for this group's only: in
+    fserver_barrier_rank.py group 1's server comes late to an instance
+    barrier, which holds all four processes until it enters; then group 1
+    comes late to a group barrier, which group 0 leaves before then."""
+    port = free_port()
+    extra = {"DMLC_GROUP_SIZE": 2, "DMLC_NUM_WORKER": 1, "DMLC_NUM_SERVER": 1,
+             "AFMESH_FSERVER_TIMEOUT_MS": 10000}
+    sched = procs.spawn("fserver_barrier_rank.py", env("scheduler", None, port, extra))
+    ranks = {(role, gpu): procs.spawn("fserver_barrier_rank.py",
+                                      env(role, 0, port, dict(extra, STEPMESH_GPU=gpu)))
+             for role in ("worker", "server") for gpu in range(2)}
+    seen = {}
+    for key, p in ranks.items():
+        code, out = procs.finish(p, 30)
+        assert code == 0 and out.strip().endswith("ok"), out
+        for line in out.splitlines()[:-1]:
+            name, entered, left = line.split()
+            seen[key + (name,)] = (float(entered), float(left))
+    code, out = procs.finish(sched, 30)
+    assert code == 0 and out.strip().endswith("ok"), out
+    late = seen[("server", 1, "all")][0]
+    for (role, gpu) in ranks:
+        assert seen[(role, gpu, "all")][1] >= late, (role, gpu, seen)
+    g1_entered = min(seen[(role, 1, "group")][0] for role in ("worker", "server"))
+    for role in ("worker", "server"):
+        assert seen[(role, 0, "group")][1] < g1_entered, (role, seen)

@@ -773,8 +773,26 @@ impl AttentionRank {
     /// Barriers of one set of roles are numbered, so each rank of the set
     /// must call each of them. A rank that died or left holds the barrier
     /// until the timeout. An error on a simulated mesh (no scheduler).
+    /// Of a job of several instance groups, this group's mesh only
+    /// (StepMesh's `instance_barrier=False`); see
+    /// [`barrier_all_groups`](Self::barrier_all_groups).
     pub fn barrier(&mut self, roles: crate::Roles, timeout: std::time::Duration) -> Result<()> {
-        self.engine.sync(roles, timeout)
+        self.engine.sync(roles, crate::proto::Scope::Group, timeout)
+    }
+
+    /// A barrier of every instance group's running mesh (StepMesh's
+    /// `instance_barrier=True`): returns once every rank of `roles` in
+    /// every group of the job has called it. Numbered apart from
+    /// [`barrier`](Self::barrier)'s; otherwise the same rules (a timeout
+    /// leaves the rank inside, calling again resumes it). In a job of one
+    /// group it is that same barrier.
+    pub fn barrier_all_groups(
+        &mut self,
+        roles: crate::Roles,
+        timeout: std::time::Duration,
+    ) -> Result<()> {
+        self.engine
+            .sync(roles, crate::proto::Scope::AllGroups, timeout)
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.

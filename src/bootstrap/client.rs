@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::{auth, connect_retry, recv, recv_by, send, ClockOffset, Token};
 use crate::error::{Error, Peer, Result};
-use crate::proto::{Entry, FailCause, Message, Role, Roles};
+use crate::proto::{Entry, FailCause, Message, Role, Roles, Scope};
 
 /// Why the scheduler says this setup attempt is over.
 #[derive(Debug, Clone)]
@@ -134,10 +134,13 @@ pub struct Session {
     inbox: Receiver<Inbound>,
     watch: SetupWatch,
     said_bye: bool,
-    /// Running barriers passed, by role set (attention, ffn, both).
-    synced: [u64; 3],
+    /// Instance groups of the job (from the hello).
+    groups: u32,
+    /// Running barriers passed, by scope ([`Scope::index`]) then role set
+    /// (attention, ffn, both).
+    synced: [[u64; 3]; 2],
     /// The running barrier entered and not released yet.
-    pending: Option<Roles>,
+    pending: Option<(Roles, Scope)>,
 }
 
 /// A connection to the server on which the hello has not been sent yet:
@@ -197,6 +200,10 @@ impl Connecting {
         io_timeout: Duration,
         timeout: Duration,
     ) -> Result<Session> {
+        let groups = match &hello {
+            Message::Hello { groups, .. } => *groups,
+            _ => 1,
+        };
         send(&mut self.stream, &hello, io_timeout, &self.server)?;
         let (epoch, role, rank, entries) = match recv(&mut self.stream, timeout, &self.server)? {
             Message::AddressBook {
@@ -235,7 +242,8 @@ impl Connecting {
             inbox,
             watch: self.watch,
             said_bye: false,
-            synced: [0; 3],
+            groups,
+            synced: [[0; 3]; 2],
             pending: None,
         })
     }
@@ -320,56 +328,71 @@ impl Session {
     }
 
     /// A barrier of the running mesh: waits (up to `timeout`) until every
-    /// rank of `roles` has entered it, this one included. After a timeout
-    /// the rank is still inside: calling again with the same `roles` goes
-    /// on waiting for the same barrier (other roles are refused until it
-    /// is released). A rank that left or died holds the barrier until the
-    /// timeout.
-    pub fn sync(&mut self, roles: Roles, timeout: Duration) -> Result<()> {
+    /// rank of `roles` has entered it, this one included — of this rank's
+    /// instance group ([`Scope::Group`]) or of every group
+    /// ([`Scope::AllGroups`]; in a job of one group the same as `Group`).
+    /// After a timeout the rank is still inside: calling again with the
+    /// same `roles` and scope goes on waiting for the same barrier (other
+    /// barriers are refused until it is released). A rank that left or
+    /// died holds the barrier until the timeout.
+    pub fn sync(&mut self, roles: Roles, scope: Scope, timeout: Duration) -> Result<()> {
         if !roles.has(self.role) {
             return Err(Error::invalid(format!(
                 "barrier of {roles} ranks: this is an {} rank",
                 self.role
             )));
         }
+        // One group: every group is this one, and the two scopes meet.
+        let scope = if self.groups <= 1 {
+            Scope::Group
+        } else {
+            scope
+        };
         let k = match (roles.attention, roles.ffn) {
             (true, false) => 0,
             (false, true) => 1,
             _ => 2,
         };
-        let seq = self.synced[k];
+        let seq = self.synced[scope.index()][k];
+        let what = match scope {
+            Scope::Group => format!("barrier {seq} of {roles} ranks"),
+            Scope::AllGroups => format!("barrier {seq} of {roles} ranks of every instance group"),
+        };
         match self.pending {
-            Some(r) if r == roles => {}
-            Some(r) => {
+            Some(p) if p == (roles, scope) => {}
+            Some((r, sc)) => {
+                let inside = match sc {
+                    Scope::Group => format!("{r} ranks"),
+                    Scope::AllGroups => format!("{r} ranks of every instance group"),
+                };
                 return Err(Error::invalid(format!(
-                    "barrier of {roles} ranks: this rank is still inside a barrier of {r} ranks; wait for that one first"
-                )))
+                    "{what}: this rank is still inside a barrier of {inside}; wait for that one first"
+                )));
             }
             None => {
                 send(
                     &mut self.stream,
-                    &Message::SyncEnter { seq, roles },
+                    &Message::SyncEnter { seq, roles, scope },
                     self.io_timeout,
                     &self.server,
                 )?;
-                self.pending = Some(roles);
+                self.pending = Some((roles, scope));
             }
         }
         let deadline = Instant::now() + timeout;
         match self.inbox.recv_deadline(deadline) {
-            Ok(Inbound::Message(Message::SyncRelease { seq: s, roles: r }))
-                if s == seq && r == roles =>
-            {
+            Ok(Inbound::Message(Message::SyncRelease {
+                seq: s,
+                roles: r,
+                scope: sc,
+            })) if s == seq && r == roles && sc == scope => {
                 self.pending = None;
-                self.synced[k] += 1;
+                self.synced[scope.index()][k] += 1;
                 Ok(())
             }
             Ok(Inbound::Message(other)) => Err(Error::BadFrame {
                 peer: self.server.clone(),
-                reason: format!(
-                    "expected the release of barrier {seq} of {roles} ranks, got {}",
-                    other.kind()
-                ),
+                reason: format!("expected the release of {what}, got {}", other.kind()),
             }),
             Ok(Inbound::Closed) | Err(RecvTimeoutError::Disconnected) => Err(Error::PeerLost {
                 peer: Peer::Scheduler,
@@ -377,10 +400,7 @@ impl Session {
             }),
             Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
                 op: "barrier",
-                peer: format!(
-                    "scheduler {}: barrier {seq} of {roles} ranks not released",
-                    self.server
-                ),
+                peer: format!("scheduler {}: {what} not released", self.server),
                 after: timeout,
             }),
         }

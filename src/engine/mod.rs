@@ -349,9 +349,10 @@ impl Engine {
     pub(crate) fn sync(
         &mut self,
         roles: crate::proto::Roles,
+        scope: crate::proto::Scope,
         timeout: std::time::Duration,
     ) -> Result<()> {
-        self.support.sync(roles, timeout)
+        self.support.sync(roles, scope, timeout)
     }
 
     /// Leaves in order: tells every peer (closing the links), then the

@@ -34,10 +34,11 @@ impl Support {
     pub(crate) fn sync(
         &mut self,
         roles: crate::proto::Roles,
+        scope: crate::proto::Scope,
         timeout: std::time::Duration,
     ) -> crate::error::Result<()> {
         match &mut self.session {
-            Some(s) => s.sync(roles, timeout),
+            Some(s) => s.sync(roles, scope, timeout),
             None => Err(crate::error::Error::invalid(
                 "barrier: this rank has no scheduler (a simulated mesh)",
             )),

@@ -26,7 +26,8 @@
 //! cannot form: a rank was refused, died, or the mesh did not form in
 //! time). Between the barrier and `Bye`, a running mesh's ranks may
 //! synchronise again: `SyncEnter` → `SyncRelease`, numbered per set of
-//! roles, released once every rank of those roles has entered.
+//! roles and scope, released once every rank of those roles has entered
+//! (of the rank's own instance group, or of every group).
 
 use super::codec::{DecodeError, Reader, Writer};
 
@@ -34,8 +35,9 @@ use super::codec::{DecodeError, Reader, Writer};
 /// 5: `ClockProbe`/`ClockEcho` before the hello (clock offsets for traces).
 /// 6: the hello names the rank's instance group (`group` of `groups`:
 /// StepMesh's `DMLC_GROUP_SIZE` disjoint meshes under one scheduler), and
-/// `SyncEnter`/`SyncRelease` give a running mesh barriers; it also carries
-/// the stage layout ([`StageLayout`]).
+/// `SyncEnter`/`SyncRelease` give a running mesh barriers, of its own group
+/// or of every group ([`Scope`]); it also carries the stage layout
+/// ([`StageLayout`]).
 pub const BOOTSTRAP_VERSION: u16 = 6;
 /// Most clock probes the server answers on one connection.
 pub const MAX_CLOCK_PROBES: u32 = 64;
@@ -119,6 +121,52 @@ impl std::fmt::Display for Roles {
             (true, false) => "attention",
             (false, true) => "ffn",
             (false, false) => "no",
+        })
+    }
+}
+
+/// How far a running barrier ([`Message::SyncEnter`]) reaches in a job
+/// of several instance groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// The ranks of those roles in this rank's own group's mesh
+    /// (StepMesh's group-level barrier, `instance_barrier=False`).
+    Group,
+    /// The ranks of those roles in every instance group (StepMesh's
+    /// `instance_barrier=True`). A job of one group treats it as `Group`.
+    AllGroups,
+}
+
+impl Scope {
+    /// 0 for `Group`, 1 for `AllGroups`: an index into per-scope counts.
+    pub fn index(self) -> usize {
+        match self {
+            Scope::Group => 0,
+            Scope::AllGroups => 1,
+        }
+    }
+    fn to_u8(self) -> u8 {
+        match self {
+            Scope::Group => 1,
+            Scope::AllGroups => 2,
+        }
+    }
+    fn from_u8(v: u8) -> Result<Scope, DecodeError> {
+        match v {
+            1 => Ok(Scope::Group),
+            2 => Ok(Scope::AllGroups),
+            _ => Err(DecodeError::new(format!(
+                "barrier scope: unknown value {v}"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scope::Group => "this instance group",
+            Scope::AllGroups => "every instance group",
         })
     }
 }
@@ -370,19 +418,25 @@ pub enum Message {
         sent_ns: u64,
     },
     /// Rank → server, in a running mesh: I reached barrier `seq` of
-    /// `roles` (the ranks count their barriers per set of roles).
+    /// `roles` in `scope` (the ranks count their barriers per set of
+    /// roles and scope).
     SyncEnter {
-        /// This rank's count of earlier barriers of `roles`.
+        /// This rank's count of earlier barriers of `roles` in `scope`.
         seq: u64,
         /// Who the barrier waits for.
         roles: Roles,
+        /// This rank's group only, or every instance group.
+        scope: Scope,
     },
-    /// Server → every rank of `roles`: all of them entered barrier `seq`.
+    /// Server → every rank of `roles` (in `scope`): all of them entered
+    /// barrier `seq`.
     SyncRelease {
         /// The barrier's number.
         seq: u64,
         /// Who it waited for.
         roles: Roles,
+        /// Where it waited.
+        scope: Scope,
     },
     /// Server → rank: the answer to a probe, at once.
     ClockEcho {
@@ -572,15 +626,17 @@ impl Message {
                 w.u64(*received_ns);
                 w.u64(*sent_ns);
             }
-            Message::SyncEnter { seq, roles } => {
+            Message::SyncEnter { seq, roles, scope } => {
                 w.u8(17);
                 w.u64(*seq);
                 w.u8(roles.to_u8());
+                w.u8(scope.to_u8());
             }
-            Message::SyncRelease { seq, roles } => {
+            Message::SyncRelease { seq, roles, scope } => {
                 w.u8(18);
                 w.u64(*seq);
                 w.u8(roles.to_u8());
+                w.u8(scope.to_u8());
             }
         }
         let mut b = w.finish();
@@ -737,10 +793,12 @@ impl Message {
             17 => Message::SyncEnter {
                 seq: r.u64("seq")?,
                 roles: Roles::from_u8(r.u8("roles")?)?,
+                scope: Scope::from_u8(r.u8("scope")?)?,
             },
             18 => Message::SyncRelease {
                 seq: r.u64("seq")?,
                 roles: Roles::from_u8(r.u8("roles")?)?,
+                scope: Scope::from_u8(r.u8("scope")?)?,
             },
             t => return Err(DecodeError::new(format!("tag: unknown message {t}"))),
         };

@@ -14,7 +14,9 @@ pub mod header;
 pub mod stage;
 
 pub use accept::{accept, Accepted};
-pub use bootstrap::{Entry, FailCause, Geometry, Message, RegionKey, Role, Roles, StageLayout};
+pub use bootstrap::{
+    Entry, FailCause, Geometry, Message, RegionKey, Role, Roles, Scope, StageLayout,
+};
 pub use codec::DecodeError;
 pub use header::{Header, Imm, Kind, HEADER_LEN};
 pub use stage::{AttentionStages, FfnStages, Field, Reject, StageCounter};

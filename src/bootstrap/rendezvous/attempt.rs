@@ -284,6 +284,7 @@ mod tests {
                     left: false,
                     report: None,
                     synced: [0; 3],
+                    synced_all: [0; 3],
                 })
                 .collect(),
             deadline: Instant::now(),

@@ -12,13 +12,20 @@ impl Scheduler {
         let groups = self.cfg.groups;
         std::thread::scope(|scope| {
             let mut doors: Vec<Option<Sender<Event>>> = Vec::new();
-            for g in 0..groups {
-                let (gtx, grx) = crossbeam_channel::unbounded::<Event>();
+            // Every group's channel first: all-groups barriers share them.
+            let chans: Vec<_> = (0..groups)
+                .map(|_| crossbeam_channel::unbounded())
+                .collect();
+            let span = Arc::new(span::Span::new(chans.iter().map(|c| c.0.clone()).collect()));
+            for (g, (gtx, grx)) in (0..groups).zip(chans) {
                 let (cfg, done, own) = (&self.cfg, tx.clone(), gtx.clone());
+                let span = span.clone();
                 std::thread::Builder::new()
                     .name(format!("afmesh-sched-g{g}"))
                     .spawn_scoped(scope, move || {
-                        let result = Server::new(cfg, own, Some(g)).serve(&grx);
+                        let mut server = Server::new(cfg, own, Some(g));
+                        server.span = Some(span);
+                        let result = server.serve(&grx);
                         let _ = done.send(Event::Finished { group: g, result });
                     })
                     .map_err(|e| Error::io("spawn instance group server", e))?;
@@ -61,7 +68,7 @@ impl Scheduler {
                         doors[group as usize] = None;
                         results[group as usize] = Some(result);
                     }
-                    Event::Said { .. } | Event::Gone { .. } => {}
+                    Event::Said { .. } | Event::Gone { .. } | Event::ReleaseAll { .. } => {}
                 }
             }
             merge(results, groups, dropped, auth_failures)

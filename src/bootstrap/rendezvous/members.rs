@@ -39,8 +39,8 @@ impl Server<'_> {
                 a.members[i].report = Some(text);
                 Ok(None)
             }
-            (Phase::Running { .. }, Message::SyncEnter { seq, roles }) => {
-                self.sync(a, i, seq, roles);
+            (Phase::Running { .. }, Message::SyncEnter { seq, roles, scope }) => {
+                self.sync_scoped(a, i, seq, roles, scope);
                 Ok(None)
             }
             (Phase::Gathering | Phase::Barrier { .. }, Message::Bye) => Err(Failed {
@@ -98,7 +98,11 @@ impl Server<'_> {
             return;
         }
         let io_to = self.cfg.hello_timeout;
-        let release = Message::SyncRelease { seq, roles };
+        let release = Message::SyncRelease {
+            seq,
+            roles,
+            scope: crate::proto::Scope::Group,
+        };
         for mem in a
             .members
             .iter_mut()

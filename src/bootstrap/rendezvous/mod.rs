@@ -26,7 +26,9 @@
 //!
 //! A formed mesh may synchronise again: ranks send `SyncEnter` numbered
 //! per set of roles, and once every rank of those roles has entered that
-//! number, each hears `SyncRelease`.
+//! number, each hears `SyncRelease`. Such a barrier is of the rank's own
+//! group, or of every instance group: then each group's loop counts its
+//! own ranks in and the last group done releases them all (`span`).
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +42,7 @@ mod accept;
 mod attempt;
 mod groups;
 mod members;
+mod span;
 
 use super::{auth, recv, recv_by, send, Token};
 use crate::error::{Error, Result};
@@ -181,6 +184,12 @@ enum Event {
         group: u32,
         result: Result<Summary>,
     },
+    /// Every instance group has every rank of `roles` inside all-groups
+    /// barrier `seq` (several groups only; see `span`).
+    ReleaseAll {
+        seq: u64,
+        roles: Roles,
+    },
 }
 
 /// A rank admitted to the current attempt.
@@ -197,6 +206,8 @@ struct Member {
     /// Running barriers entered, by role set: how many (the next one's
     /// number).
     synced: [u64; 3],
+    /// The same, of barriers across every instance group.
+    synced_all: [u64; 3],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +341,8 @@ struct Server<'a> {
     tx: Sender<Event>,
     /// The instance group it serves, when the job has several.
     group: Option<u32>,
+    /// What the group loops share, when the job has several groups.
+    span: Option<Arc<span::Span>>,
     next_id: u64,
     dropped: u32,
     auth_failures: u32,
@@ -342,6 +355,7 @@ impl<'a> Server<'a> {
             cfg,
             tx,
             group,
+            span: None,
             next_id: 0,
             dropped: 0,
             auth_failures: 0,
@@ -416,6 +430,11 @@ impl<'a> Server<'a> {
                 Ok(Event::Said { id, msg }) => self.said(&mut a, id, msg),
                 Ok(Event::Gone { id, why }) => self.gone(&mut a, id, &why),
                 Ok(Event::Finished { .. }) => continue,
+                // An all-groups barrier is released everywhere.
+                Ok(Event::ReleaseAll { seq, roles }) => {
+                    self.release_all(&mut a, seq, roles);
+                    continue;
+                }
             };
             match outcome {
                 Ok(None) => {}
@@ -530,6 +549,7 @@ impl<'a> Server<'a> {
             left: false,
             report: None,
             synced: [0; 3],
+            synced_all: [0; 3],
         });
         if a.full() {
             self.send_books(a)?;

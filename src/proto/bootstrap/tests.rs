@@ -95,6 +95,7 @@ fn samples() -> Vec<Message> {
                 attention: true,
                 ffn: false,
             },
+            scope: Scope::Group,
         },
         Message::SyncRelease {
             seq: 3,
@@ -102,6 +103,23 @@ fn samples() -> Vec<Message> {
                 attention: true,
                 ffn: true,
             },
+            scope: Scope::Group,
+        },
+        Message::SyncEnter {
+            seq: 1 << 40,
+            roles: Roles {
+                attention: false,
+                ffn: true,
+            },
+            scope: Scope::AllGroups,
+        },
+        Message::SyncRelease {
+            seq: 7,
+            roles: Roles {
+                attention: false,
+                ffn: true,
+            },
+            scope: Scope::AllGroups,
         },
     ]
 }
@@ -124,12 +142,51 @@ fn an_empty_role_set_is_refused() {
             attention: true,
             ffn: true,
         },
+        scope: Scope::Group,
     }
     .encode();
-    let last = b.len() - 1;
-    b[last] = 0;
+    let roles = b.len() - 2;
+    b[roles] = 0;
     let e = Message::decode(&b[4..]).unwrap_err();
     assert!(e.0.contains("roles"), "{e}");
+}
+
+#[test]
+fn an_unknown_barrier_scope_is_refused() {
+    for bad in [0u8, 3, 255] {
+        let mut b = Message::SyncRelease {
+            seq: 0,
+            roles: Roles {
+                attention: true,
+                ffn: false,
+            },
+            scope: Scope::AllGroups,
+        }
+        .encode();
+        let last = b.len() - 1;
+        b[last] = bad;
+        let e = Message::decode(&b[4..]).unwrap_err();
+        assert!(
+            e.0.contains("barrier scope") && e.0.contains(&bad.to_string()),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_barrier_without_its_scope_is_refused() {
+    // A v6 peer from before scopes: the frame ends after the roles.
+    let b = Message::SyncEnter {
+        seq: 2,
+        roles: Roles {
+            attention: true,
+            ffn: true,
+        },
+        scope: Scope::Group,
+    }
+    .encode();
+    let e = Message::decode(&b[4..b.len() - 1]).unwrap_err();
+    assert!(e.0.contains("scope"), "{e}");
 }
 
 #[test]
@@ -166,7 +223,7 @@ proptest! {
     }
 
     #[test]
-    fn truncated_samples_error(i in 0usize..19, cut in 1usize..64) {
+    fn truncated_samples_error(i in 0usize..21, cut in 1usize..64) {
         let m = &samples()[i];
         let b = m.encode();
         let body = &b[4..];
