@@ -15,7 +15,9 @@ use crate::transport::MemoryKind;
 use crate::transport::Region;
 
 mod combined;
+mod device;
 mod in_place;
+mod waiting;
 pub use combined::Combined;
 
 /// A dispatch within this long of a wait's last poll does not poll again
@@ -314,86 +316,6 @@ impl AttentionRank {
         self.finish(stage, tokens, Side::InPlace(side_len))
     }
 
-    /// Sends `tokens` rows that are already on this rank's GPU, at device
-    /// address `rows` (`tokens × row_bytes` bytes, e.g. a tensor's
-    /// `data_ptr()`), and the host `side` block, to every FFN rank for
-    /// `stage`. The rows are copied device to device into the stage's send
-    /// slot (copy engine, no host staging); the copy is enqueued on the
-    /// rank's fill stream, a blocking CUDA stream, and this returns without
-    /// waiting for it: work the caller enqueues afterwards on the legacy
-    /// default stream runs after it and may overwrite `rows`; from any
-    /// other stream, wait for the default stream first (or produce `rows`
-    /// there and use [`AttentionRank::dispatch_device_on`]). Only for a rank whose stage memory is on a GPU
-    /// ([`AttentionRank::memory`]); checked like
-    /// [`AttentionRank::dispatch`].
-    pub fn dispatch_device(
-        &mut self,
-        stage: u32,
-        rows: u64,
-        tokens: usize,
-        side: &[u8],
-    ) -> Result<DispatchHandle> {
-        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
-            return Err(Error::Unsupported(
-                "dispatch_device: this rank's stage memory is host memory (use dispatch)".into(),
-            ));
-        };
-        let spec = self.st.layout.spec;
-        if side.len() > spec.side_bytes as usize {
-            return Err(Error::BufferSize {
-                what: "dispatch side block exceeds side_bytes".into(),
-                need: side.len(),
-                got: spec.side_bytes as usize,
-            });
-        }
-        let len = tokens.saturating_mul(spec.row_bytes as usize);
-        if len > 0 {
-            // Device memory of one allocation, or refused (never host
-            // memory through the unified address space).
-            crate::cuda::pointer_info(rows, len)?;
-        }
-        let s = self.begin(stage, tokens)?;
-        let rows_at = self.st.layout.rows_at();
-        let dst = self.engine.slot_addr(s, rows_at, len)?;
-        // SAFETY: `dst` is `len` bytes of this rank's device send slot
-        // (bounds checked by `slot_addr`, not posted); the caller gives
-        // `len` bytes of device memory at `rows` (the driver refuses an
-        // address it does not know) and orders its reuse (method docs).
-        unsafe { crate::cuda::copy_enqueued(device, dst, rows, len, self.engine.fill_stream()) }?;
-        self.finish(stage, tokens, Side::Copy(side))
-    }
-
-    /// Stream-ordered [`AttentionRank::dispatch_device`]: the copies start
-    /// only after the work enqueued so far on the caller's CUDA stream
-    /// `stream` (a `CUstream`/`cudaStream_t` of this rank's device, e.g. the
-    /// one whose kernel produced `rows`; 0 is the legacy default stream),
-    /// and the host never waits for the GPU. Not to be called while
-    /// `stream` is being captured into a CUDA graph (module docs of
-    /// [`crate::cuda`]).
-    ///
-    /// # Safety
-    /// `stream` must be a live stream of this rank's device (or 0), and
-    /// `rows` must stay allocated, and unchanged, until the dispatch's
-    /// copies ran (work ordered after it on the default stream or any
-    /// blocking stream of the device sees them done).
-    pub unsafe fn dispatch_device_on(
-        &mut self,
-        stage: u32,
-        rows: u64,
-        tokens: usize,
-        side: &[u8],
-        stream: u64,
-    ) -> Result<DispatchHandle> {
-        let MemoryKind::Cuda { device } = self.engine.send_kind() else {
-            return Err(Error::Unsupported(
-                "dispatch_device_on: this rank's stage memory is host memory (use dispatch)".into(),
-            ));
-        };
-        // SAFETY: the caller's contract covers `stream`.
-        unsafe { crate::cuda::order_after(device, self.engine.fill_stream(), stream) }?;
-        self.dispatch_device(stage, rows, tokens, side)
-    }
-
     /// What memory this rank's stage buffers are (host, or a GPU's).
     pub fn memory(&self) -> MemoryKind {
         self.engine.recv_region().kind()
@@ -553,133 +475,6 @@ impl AttentionRank {
         })
     }
 
-    /// Enqueues on the caller's CUDA stream `stream` a wait for every FFN
-    /// rank's combine of `handle`: work enqueued after this call (kernels
-    /// reading [`Combined::partial_addr`]'s slots, one address per (stage,
-    /// FFN rank)) starts only once all partials have landed. The host does
-    /// not wait: `cuStreamWaitValue32` on a host-mapped flag the engine
-    /// raises when it counts the last combine, inside any call that
-    /// progresses this rank (`wait_combine`, `try_combine`, `dispatch`,
-    /// `progress`), so keep calling one and still take the combine
-    /// (`wait_combine` / `try_combine`) to free the stage. A combine that
-    /// can never complete (a lost FFN rank) lets the stream go when the
-    /// host sees the loss.
-    ///
-    /// CUDA graphs: the wait can be captured, but a replayed graph waits
-    /// for the sequence captured; call it outside capture, per dispatch.
-    /// `Unsupported` on a host rank or without CUDA.
-    ///
-    /// # Safety
-    /// `stream` must be a live stream of this rank's device (or 0), and
-    /// this rank must outlive the wait (drop it only after the stream has
-    /// passed it).
-    pub unsafe fn wait_combine_on(&mut self, handle: DispatchHandle, stream: u64) -> Result<()> {
-        let MemoryKind::Cuda { device } = self.memory() else {
-            return Err(stream_wait::host_rank("wait_combine_on"));
-        };
-        self.st.check(handle)?;
-        let s = handle.stage as usize;
-        if self.st.flags.is_none() {
-            let stages = &self.st.stages;
-            self.st.flags = Some(StageFlags::new(device, self.st.layout.stages(), |s| {
-                stages.combined_through(s).unwrap_or(0)
-            })?);
-        }
-        let Some(f) = &self.st.flags else {
-            return Err(Error::Unsupported("wait_combine_on: no stage flags".into()));
-        };
-        if let Some(q) = self.st.stages.combined_through(s) {
-            f.raise(s, q);
-        }
-        // SAFETY: the caller's contract.
-        unsafe { f.enqueue(s, stream, handle.seq.wrapping_add(1)) }
-    }
-
-    /// Waits up to `timeout` for every FFN rank's combine of `handle`, and
-    /// returns the partials. The stage is free for the next dispatch once
-    /// the returned value is dropped.
-    pub fn wait_combine(
-        &mut self,
-        handle: DispatchHandle,
-        timeout: Duration,
-    ) -> Result<Combined<'_>> {
-        self.wait_all(&[handle], timeout)?;
-        let s = handle.stage as usize;
-        let tokens = self.st.stages.tokens(s).unwrap_or(0) as usize;
-        self.st.stages.finish(s);
-        Ok(Combined {
-            rank: self,
-            stage: s,
-            tokens,
-        })
-    }
-
-    /// Waits for the combine of `handle` and writes the element-wise sum of
-    /// the N partials into the first `tokens × out_row_bytes` bytes of
-    /// `out`; returns that length. `out` is checked first: if it is too
-    /// short (`BufferSize`), or `dtype` does not divide `out_row_bytes`
-    /// (`InvalidArgument`), nothing is consumed and the combine can still
-    /// be taken.
-    pub fn wait_combine_sum(
-        &mut self,
-        handle: DispatchHandle,
-        dtype: Dtype,
-        out: &mut [u8],
-        timeout: Duration,
-    ) -> Result<usize> {
-        self.st.check(handle)?;
-        let need = self.st.sum_len(handle, dtype, out.len())?;
-        self.out_apart(out)?;
-        let c = self.wait_combine(handle, timeout)?;
-        c.sum_into(dtype, &mut out[..need])?;
-        Ok(need)
-    }
-
-    /// Non-blocking: the combine of `handle` if it is complete.
-    pub fn try_combine(&mut self, handle: DispatchHandle) -> Result<Option<Combined<'_>>> {
-        self.progress()?;
-        self.st.check(handle)?;
-        let s = handle.stage as usize;
-        if self.st.stages.is_combined(s) {
-            return self.wait_combine(handle, Duration::ZERO).map(Some);
-        }
-        if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
-            // The combine can never complete: free the stage.
-            self.st.abandon(s);
-            return Err(self.engine.lost_error(f));
-        }
-        Ok(None)
-    }
-
-    /// Non-blocking [`AttentionRank::wait_combine_sum`]: if the combine of
-    /// `handle` is complete, writes the sum into `out` and returns its
-    /// length; `None` if it is not complete yet (nothing is consumed then).
-    /// `out` and `dtype` are checked as `wait_combine_sum` checks them,
-    /// whether or not the combine is complete.
-    pub fn try_combine_sum(
-        &mut self,
-        handle: DispatchHandle,
-        dtype: Dtype,
-        out: &mut [u8],
-    ) -> Result<Option<usize>> {
-        self.st.check(handle)?;
-        self.st.sum_len(handle, dtype, out.len())?;
-        self.out_apart(out)?;
-        self.progress()?;
-        let s = handle.stage as usize;
-        if self.st.stages.is_combined(s) {
-            return self
-                .wait_combine_sum(handle, dtype, out, Duration::ZERO)
-                .map(Some);
-        }
-        if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
-            // The combine can never complete: free the stage.
-            self.st.abandon(s);
-            return Err(self.engine.lost_error(f));
-        }
-        Ok(None)
-    }
-
     /// Whether `stage` may be dispatched now: it exists and its previous
     /// dispatch (if any) was combined and the combine released.
     pub fn stage_idle(&self, stage: u32) -> bool {
@@ -698,38 +493,6 @@ impl AttentionRank {
             return None;
         }
         self.st.traces.get(s * self.st.layout.n + f).copied()
-    }
-
-    /// Waits up to `timeout` until every handle's combine is complete,
-    /// without taking them (take them with `wait_combine`, which then
-    /// returns at once).
-    pub fn wait_all(&mut self, handles: &[DispatchHandle], timeout: Duration) -> Result<()> {
-        let mut waiting = None;
-        let done = self.engine.wait(&mut self.st, timeout, |engine, st| {
-            waiting = None;
-            for h in handles {
-                st.check(*h)?;
-                let s = h.stage as usize;
-                if st.stages.is_combined(s) {
-                    continue;
-                }
-                if let Some(f) = engine.first_lost(st.stages.missing(s)) {
-                    // The combine can never complete: free the stage.
-                    st.abandon(s);
-                    return Err(engine.lost_error(f));
-                }
-                waiting.get_or_insert(s);
-            }
-            Ok(waiting.is_none().then_some(()))
-        })?;
-        match (done, waiting) {
-            (Some(()), _) | (None, None) => Ok(()),
-            (None, Some(s)) => Err(Error::Timeout {
-                op: "combine",
-                peer: self.engine.names(self.st.stages.missing(s)),
-                after: timeout,
-            }),
-        }
     }
 
     /// What wakes this rank's blocked wait from another thread: see
@@ -803,28 +566,6 @@ impl AttentionRank {
 }
 
 impl State {
-    /// The bytes a sum of `handle`'s combine fills, once `dtype` and an
-    /// output of `got` bytes are checked against them.
-    fn sum_len(&self, handle: DispatchHandle, dtype: Dtype, got: usize) -> Result<usize> {
-        let out_row = self.layout.spec.out_row_bytes as usize;
-        if !out_row.is_multiple_of(dtype.size()) {
-            return Err(Error::invalid(format!(
-                "combine sum: rows of {out_row} bytes are not whole {} elements",
-                dtype.name()
-            )));
-        }
-        let tokens = self.stages.tokens(handle.stage as usize).unwrap_or(0) as usize;
-        let need = tokens * out_row;
-        if got < need {
-            return Err(Error::BufferSize {
-                what: format!("combine sum output for {tokens} tokens"),
-                need,
-                got,
-            });
-        }
-        Ok(need)
-    }
-
     fn check(&self, h: DispatchHandle) -> Result<()> {
         if !self.stages.in_flight(h.stage as usize, h.seq) {
             return Err(Error::invalid(format!(

@@ -26,31 +26,15 @@ use std::sync::Arc;
 use super::shm::sys::Mapping;
 use super::MemoryKind;
 
+mod device;
+mod huge;
+#[cfg(test)]
+pub(crate) use huge::huge_bytes_at;
+pub use huge::HugePages;
+
 /// Alignment of library-allocated regions: a cache line, and what GPUs and
 /// NICs like for DMA.
 pub const REGION_ALIGN: usize = 64;
-
-/// `madvise` advice that faults pages in writable, contents unchanged
-/// (Linux 5.14).
-const MADV_POPULATE_WRITE: libc::c_int = 23;
-/// `madvise` advice that collapses present pages into transparent huge
-/// pages now (Linux 6.1; not in the libc crate yet).
-const MADV_COLLAPSE: libc::c_int = 25;
-
-/// What [`Region::advise_huge_pages`] asked of the kernel and got.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HugePages {
-    /// The huge page size asked for (0: nothing was asked, see `advised`).
-    pub page: usize,
-    /// Bytes of the region inside whole huge pages: what was advised.
-    pub advised: usize,
-    /// Whether `MADV_HUGEPAGE` was accepted (later faults get huge pages).
-    pub hinted: bool,
-    /// Whether the kernel confirmed (`MADV_COLLAPSE`) that the advised
-    /// bytes are on huge pages now. Where it did not (older than 6.1, or
-    /// memory it cannot touch), pages still fault in huge if `hinted`.
-    pub collapsed: bool,
-}
 
 enum Owner {
     /// Allocated here with this layout.
@@ -227,100 +211,6 @@ impl Region {
                 fill: None,
                 mirror: std::sync::OnceLock::new(),
             }),
-        }
-    }
-
-    /// `len` zeroed bytes of memory on CUDA device `device`, allocated by
-    /// the library ([`crate::Error::Unsupported`] where CUDA is not
-    /// usable).
-    pub fn alloc_device(device: i32, len: usize) -> crate::Result<Region> {
-        let mem = crate::cuda::DeviceMemory::alloc(device, len)?;
-        let ptr = NonNull::new(mem.ptr() as usize as *mut u8)
-            .ok_or_else(|| crate::Error::invalid("cuMemAlloc returned address 0"))?;
-        Ok(Region {
-            ptr,
-            len,
-            owner: Owner::Device(mem),
-            kind: MemoryKind::Cuda { device },
-            shadow: None,
-            fill: None,
-            mirror: std::sync::OnceLock::new(),
-        })
-    }
-
-    /// Caller device memory (a tensor's `data_ptr()`): `len` bytes at
-    /// device address `ptr`, which must lie inside one CUDA allocation (the
-    /// driver is asked; its device becomes the region's).
-    ///
-    /// # Safety
-    /// The memory must stay allocated, and be left to the library while
-    /// peers may write it, until the region (and every rank holding it) is
-    /// dropped.
-    pub unsafe fn from_device_ptr(ptr: u64, len: usize) -> crate::Result<Region> {
-        let info = crate::cuda::pointer_info(ptr, len)?;
-        let p = NonNull::new(ptr as usize as *mut u8)
-            .ok_or_else(|| crate::Error::invalid("device pointer is 0"))?;
-        Ok(Region {
-            ptr: p,
-            len,
-            owner: Owner::DeviceBorrowed,
-            kind: MemoryKind::Cuda {
-                device: info.device,
-            },
-            shadow: None,
-            fill: None,
-            mirror: std::sync::OnceLock::new(),
-        })
-    }
-
-    /// Host memory labelled as `kind`: lets the memory-kind plumbing (which
-    /// backend registers what, what views say) be tested without a GPU,
-    /// with host memory standing in for the device's. Not for real use.
-    #[doc(hidden)]
-    pub fn host_standing_in_for(kind: MemoryKind, len: usize) -> Result<Region, String> {
-        let mut r = Region::alloc(len)?;
-        r.kind = kind;
-        Ok(r)
-    }
-
-    /// Gives device memory a pinned host shadow of its length (send
-    /// slots: headers are staged through it).
-    pub(crate) fn add_shadow(&mut self) -> crate::Result<()> {
-        if let (true, MemoryKind::Cuda { device }) = (self.on_device(), self.kind) {
-            self.shadow = Some(crate::cuda::Pinned::new(device, self.len)?);
-            self.fill = Some(crate::cuda::Stream::blocking(&crate::cuda::Device::get(
-                device,
-            )?)?);
-        }
-        Ok(())
-    }
-
-    /// The stream fills of this (device send) memory are enqueued on; null
-    /// (the legacy default stream) where it has none.
-    pub(crate) fn fill_stream(&self) -> crate::cuda::CuStream {
-        self.fill
-            .as_ref()
-            .map_or(std::ptr::null_mut(), crate::cuda::Stream::raw)
-    }
-
-    /// The pinned host shadow, if any.
-    pub(crate) fn shadow(&self) -> Option<&crate::cuda::Pinned> {
-        self.shadow.as_ref()
-    }
-
-    /// Sets the host mirror that peers write headers into (once; `false`
-    /// if one was set or the lengths differ).
-    pub(crate) fn set_mirror(&self, mirror: Arc<Region>) -> bool {
-        mirror.len == self.len && self.mirror.set(mirror).is_ok()
-    }
-
-    /// Copies a message header at `offset` out: from the host mirror where
-    /// the memory has one (every writer puts the header there too), else
-    /// as [`Region::copy_out`].
-    pub fn copy_header(&self, offset: usize, out: &mut [u8]) -> Result<(), String> {
-        match self.mirror.get() {
-            Some(m) => m.copy_out(offset, out),
-            None => self.copy_out(offset, out),
         }
     }
 
@@ -563,72 +453,6 @@ impl Region {
         }
     }
 
-    /// Asks the kernel to back this region's whole huge pages with
-    /// transparent huge pages: `MADV_HUGEPAGE` on its interior aligned to
-    /// the huge page size (so later faults get huge pages), then
-    /// `MADV_POPULATE_WRITE` (untouched pages fault in huge now, not on a
-    /// peer's first write) and `MADV_COLLAPSE` (Linux 6.1+: pages already
-    /// present on 4 KiB pages move now). Costs about 0.3 ms per huge page
-    /// that must be collapsed, once, at setup.
-    ///
-    /// For caller receive memory that peers on this host write with
-    /// cross-memory attach: the kernel pins every target page of each write,
-    /// one lookup per 4 KiB page against one per huge page. Advice only:
-    /// contents are kept, and where the kernel has no huge pages or refuses,
-    /// nothing changes but speed. The part outside whole huge pages (an
-    /// unaligned start or end) stays on small pages, which is why caller
-    /// receive memory is best aligned to [`Region::huge_page_size`] and a
-    /// multiple of it. Library memory, a shared mapping or device memory is
-    /// left alone.
-    pub fn advise_huge_pages(&self) -> HugePages {
-        let mut got = HugePages::default();
-        let page = Region::huge_page_size();
-        let caller = matches!(self.owner, Owner::Vec { .. } | Owner::Borrowed);
-        if page == 0 || !caller || self.kind != MemoryKind::Host {
-            return got;
-        }
-        let addr = self.addr() as usize;
-        let (Some(start), Some(end)) = (
-            addr.checked_next_multiple_of(page),
-            addr.checked_add(self.len).map(|e| e / page * page),
-        ) else {
-            return got;
-        };
-        if end <= start {
-            return got;
-        }
-        got.page = page;
-        got.advised = end - start;
-        let p = start as *mut libc::c_void;
-        // SAFETY: `[start, end)` lies inside this region (rounded inwards),
-        // which is mapped for as long as `self` lives; both calls change how
-        // the kernel backs those pages, never their contents.
-        got.hinted = unsafe { libc::madvise(p, got.advised, libc::MADV_HUGEPAGE) } == 0;
-        // Fault in what was never touched (huge pages now, not on a peer's
-        // first write), then move what sat on small pages. Either may be
-        // refused (an old kernel, memory that cannot be written); the last
-        // one's answer says whether the interior is on huge pages.
-        // SAFETY: as above; populating writes no byte.
-        let _ = unsafe { libc::madvise(p, got.advised, MADV_POPULATE_WRITE) };
-        // SAFETY: as above.
-        got.collapsed = unsafe { libc::madvise(p, got.advised, MADV_COLLAPSE) } == 0;
-        got
-    }
-
-    /// The transparent huge page size of this kernel (what
-    /// `/sys/kernel/mm/transparent_hugepage/hpage_pmd_size` says, 2 MiB on
-    /// x86-64), or 0 where it has none.
-    pub fn huge_page_size() -> usize {
-        static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        *SIZE.get_or_init(|| {
-            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .filter(|p| p.is_power_of_two())
-                .unwrap_or(0)
-        })
-    }
-
     /// What memory this is.
     pub fn kind(&self) -> MemoryKind {
         self.kind
@@ -684,33 +508,6 @@ impl Drop for Region {
             | Owner::DeviceBorrowed => {}
         }
     }
-}
-
-/// Bytes on transparent huge pages in the mapping of this process that
-/// holds `addr` (`AnonHugePages` in `/proc/self/smaps`), for tests.
-#[cfg(test)]
-pub(crate) fn huge_bytes_at(addr: u64) -> Option<usize> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-    let mut inside = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                inside = a <= addr && addr < b;
-                continue;
-            }
-        }
-        if let (true, Some(kb)) = (inside, line.strip_prefix("AnonHugePages:")) {
-            return kb
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .map(|k| k * 1024);
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@
 pub(crate) mod cache;
 pub mod cma;
 mod device_notice;
+mod liveness;
 pub mod ring;
 pub mod segment;
 pub mod sys;
@@ -61,10 +62,9 @@ use super::{
     MemoryKind, PeerSpec, RegionKey, Registration, Transport, Wake,
 };
 use crate::error::{Error, Result};
+use liveness::{watch, Watch};
 use ring::Ring;
 
-/// How often progress checks that the peers' processes are alive.
-const LIVENESS_EVERY: Duration = Duration::from_millis(1);
 const MAGIC: &str = "afmesh-shm-3";
 /// `RegionKey::rkey` of a region in the owner's segment.
 const IN_SEGMENT: u32 = 0;
@@ -103,15 +103,6 @@ fn decode(b: &[u8]) -> std::result::Result<PeerEndpoint, String> {
     })
 }
 
-/// How a link sees its peer die.
-#[derive(Debug)]
-enum Watch {
-    /// Its pid names it from here (the nonce probe said so): a pidfd.
-    Process(sys::PidWatch),
-    /// Anything else: the lock it holds on its segment.
-    Lock,
-}
-
 #[derive(Debug)]
 struct ShmLink {
     peer: Segment,
@@ -122,26 +113,6 @@ struct ShmLink {
     watch: Watch,
     label: String,
     down: bool,
-}
-
-impl ShmLink {
-    fn alive(&self) -> bool {
-        match &self.watch {
-            Watch::Process(w) => w.alive(),
-            Watch::Lock => self.peer.owner_alive(),
-        }
-    }
-
-    fn death(&self) -> String {
-        match &self.watch {
-            Watch::Process(_) => format!("{} (process {}) exited", self.label, self.peer.pid()),
-            Watch::Lock => format!(
-                "{} (process {} of its pid namespace) exited: the lock on its segment was released",
-                self.label,
-                self.peer.pid()
-            ),
-        }
-    }
 }
 
 /// The shared-memory backend.
@@ -325,31 +296,6 @@ impl ShmTransport {
                         }
                     }
                 }
-            }
-        }
-    }
-
-    fn check_liveness(&mut self, out: &mut Vec<Completion>, force: bool) {
-        let now = Instant::now();
-        if now < self.next_liveness && !force {
-            return;
-        }
-        self.next_liveness = now + LIVENESS_EVERY;
-        if self.links.iter().all(|l| l.down || l.alive()) {
-            return;
-        }
-        // Whatever a dead peer wrote before it died still counts.
-        self.drain(out);
-        for (link, l) in self.links.iter_mut().enumerate() {
-            if !l.down && !l.alive() {
-                l.down = true;
-                // A peer that died before the mesh formed left its name
-                // behind; the survivors remove it.
-                let _ = sys::unlink(l.peer.name());
-                out.push(Completion::LinkDown {
-                    link,
-                    reason: l.death(),
-                });
             }
         }
     }
@@ -667,17 +613,6 @@ impl Transport for ShmTransport {
         if let Some(l) = self.links.get_mut(link) {
             l.down = true;
         }
-    }
-}
-
-/// How to see `peer` die: by pidfd if its pid names it from here, which
-/// the nonce probe tells (the pidfd is opened first, so the process it
-/// holds is the one the probe then reads); else by its segment's lock.
-fn watch(ep: &PeerEndpoint, peer: &Segment) -> Watch {
-    let w = sys::PidWatch::new(ep.pid);
-    match cma::read_u64(ep.pid, ep.nonce_addr) {
-        Ok(v) if v == peer.nonce() && w.alive() => Watch::Process(w),
-        _ => Watch::Lock,
     }
 }
 

@@ -1,0 +1,355 @@
+//! Posted writes: a write's device copies on its link's stream (its header
+//! also sent to the peer's host mirror, or only there for a mirrored
+//! prefix), and its completion, announced on the peer's notice ring once
+//! the copy's event has completed; and whether the link streams publish
+//! those notices themselves.
+
+use super::*;
+
+impl CudaTransport {
+    fn event(&mut self, device: &Device) -> Result<Event> {
+        match self.free_events.pop() {
+            Some(e) => Ok(e),
+            None => Event::new(device, false),
+        }
+    }
+
+    /// Announces completed copies, oldest first per link.
+    pub(super) fn complete(&mut self, out: &mut Vec<Completion>) {
+        let Some(notices) = self.notices.as_mut() else {
+            return;
+        };
+        for (i, l) in self.links.iter_mut().enumerate() {
+            while let Some(p) = l.queue.front() {
+                match p.event.done() {
+                    Ok(false) => break,
+                    Ok(true) if p.announced => {
+                        // The GPU published the notice behind the copy; a
+                        // parked peer still needs its doorbell.
+                        notices.ring_peer(i);
+                        if let Some(p) = l.queue.pop_front() {
+                            self.in_flight -= 1;
+                            out.push(Completion::Sent { token: p.token });
+                            self.free_events.push(p.event);
+                        }
+                    }
+                    Ok(true) => {
+                        if !l.down && p.head_len > 0 {
+                            // The header into the peer's host mirror, then
+                            // the notice: the ring's release publishes both.
+                            let n = &p.notice;
+                            match notices.write_target(i, n.region, n.offset, &p.head[..p.head_len])
+                            {
+                                Ok(true) => {}
+                                Ok(false) | Err(_) => {
+                                    l.down = true;
+                                    out.push(Completion::LinkError {
+                                        link: i,
+                                        reason: format!(
+                                            "{}: its region {} has no header mirror here",
+                                            l.label, n.region
+                                        ),
+                                    });
+                                }
+                            }
+                        }
+                        if !l.down {
+                            match notices.push_notice(i, &p.notice) {
+                                Ok(true) => l.ring_full = false,
+                                // The peer is far behind: announce later.
+                                Ok(false) => {
+                                    l.ring_full = true;
+                                    break;
+                                }
+                                // It went down: its LinkDown comes from the
+                                // notice backend's progress.
+                                Err(_) => l.down = true,
+                            }
+                        }
+                        if let Some(p) = l.queue.pop_front() {
+                            self.in_flight -= 1;
+                            l.host_pending -= 1;
+                            out.push(Completion::Sent { token: p.token });
+                            self.free_events.push(p.event);
+                        }
+                    }
+                    Err(e) => {
+                        l.down = true;
+                        self.in_flight -= l.queue.len();
+                        l.queue.clear();
+                        l.host_pending = 0;
+                        out.push(Completion::LinkError {
+                            link: i,
+                            reason: format!("{}: copy failed: {e}", l.label),
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a link's head copy completed and can be announced now (a
+    /// link waiting on its peer's full ring cannot: parking on it would
+    /// spin).
+    pub(super) fn any_done(&self) -> bool {
+        self.links.iter().any(|l| {
+            !l.ring_full
+                && l.queue
+                    .front()
+                    .is_some_and(|p| p.event.done().unwrap_or(true))
+        })
+    }
+}
+
+impl CudaTransport {
+    /// One posted write; with `mirrored`, its first that many bytes go to
+    /// the peer's host mirror only (from the source's pinned shadow, now),
+    /// and the copy carries the rest.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn post(
+        &mut self,
+        link: LinkId,
+        mirrored: Option<u64>,
+        src: &[LocalSlice],
+        remote: &RegionKey,
+        offset: u64,
+        imm: Option<u32>,
+        token: u64,
+    ) -> Result<()> {
+        let state = self.links.get(link).map(|l| (l.label.as_str(), l.down));
+        let len = check_post(state, link, src, remote, offset, u64::from(u32::MAX))?;
+        let device = self.device()?;
+        if self.links[link].queue.len() >= WINDOW {
+            return Err(Error::Backpressure {
+                peer: self.links[link].label.clone(),
+                window: WINDOW,
+            });
+        }
+        let target = self.links[link]
+            .targets
+            .get(remote.id as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{} has no region {}",
+                    self.links[link].label, remote.id
+                ))
+            })?;
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > target.len)
+        {
+            return Err(Error::BufferSize {
+                what: format!(
+                    "{} region {} at offset {offset}",
+                    self.links[link].label, remote.id
+                ),
+                need: offset.saturating_add(u64::from(len)) as usize,
+                got: target.len as usize,
+            });
+        }
+        // The header, for the peer's mirror: from the source's pinned
+        // shadow (send slots keep one), else read from the device.
+        let mut head = [0u8; HEAD];
+        let mut head_len = 0;
+        let skip = match mirrored {
+            Some(n) => {
+                self.mirror_prefix(link, n, src, remote, offset, u64::from(len))?;
+                n
+            }
+            None => 0,
+        };
+        if let (None, Some(s0)) = (mirrored, src.iter().find(|s| s.len > 0)) {
+            let (r, from, n) = self.local.resolve(s0)?;
+            head_len = n.min(HEAD);
+            match r.shadow() {
+                Some(sh) => sh.read(from, &mut head[..head_len])?,
+                None => r
+                    .copy_out(from, &mut head[..head_len])
+                    .map_err(Error::invalid)?,
+            }
+        }
+        device.bind()?;
+        // The posted copy waits for the fills of its source (send slots
+        // fill on a stream of their own): an event there, waited on here.
+        let fill = src
+            .iter()
+            .find(|s| s.len > 0)
+            .and_then(|s| self.local.get(s.key.0))
+            .map_or(std::ptr::null_mut(), |r| r.fill_stream());
+        if !fill.is_null() {
+            if self.fill_event.is_none() {
+                self.fill_event = Some(Event::new(&device, false)?);
+            }
+            if let Some(e) = &self.fill_event {
+                // SAFETY: the region's own live stream, of this device.
+                unsafe { e.record_raw(fill) }?;
+                self.links[link].stream.wait(e)?;
+            }
+        }
+        let event = self.event(&device)?;
+        let notice = Notice {
+            region: remote.id,
+            offset,
+            len,
+            imm,
+            close: false,
+        };
+        let l = &mut self.links[link];
+        // The GPU is to announce the arrival: the header goes to the peer's
+        // mirror now (the slot is ours until the notice is published).
+        let gpu_notice = l.gpu_notice.is_some() && l.host_pending == 0;
+        if gpu_notice {
+            if let Some(notices) = self.notices.as_mut() {
+                if !notices.write_target(link, remote.id, offset, &head[..head_len])? {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: its region {} has no header mirror here",
+                        l.label, remote.id
+                    )));
+                }
+            }
+        }
+        let mut at = target.addr + offset + skip;
+        let mut skip = skip as usize;
+        for s in src {
+            let (r, from, n) = self.local.resolve(s)?;
+            // The mirrored prefix is not copied to the device.
+            let past = skip.min(n);
+            skip -= past;
+            let (from, n) = (from + past, n - past);
+            if n == 0 {
+                continue;
+            }
+            // SAFETY: the source range lies in a registered region (checked
+            // by `resolve`), which the engine does not refill before `Sent`;
+            // the target range lies in the peer's mapped region (checked
+            // above), which stays mapped while the link lives (`abort` and
+            // drop synchronise the stream first).
+            unsafe { l.stream.copy_async(at, r.addr() + from as u64, n) }?;
+            at += n as u64;
+        }
+        // The notice into the peer's ring now (the entry is ours until
+        // published), and the link stream publishes it right behind the
+        // copy.
+        let mut announced = false;
+        if let (true, Some(reg), Some(notices)) = (gpu_notice, &l.gpu_notice, self.notices.as_mut())
+        {
+            if let Some((seq, value)) = notices.reserve_notice(link, &notice)? {
+                let dev = reg.device_addr(seq).ok_or_else(|| {
+                    Error::config(format!("{}: notice ring outside its registration", l.label))
+                })?;
+                // SAFETY: the registration covers the ring and lives as
+                // long as the link (dropped after its streams are
+                // synchronised); the entry's sequence word is the producer's
+                // to publish (reserved above).
+                if let Err(e) = unsafe { l.stream.write_value32(dev, value) } {
+                    // The entry stays reserved and unpublished: nothing
+                    // more can follow it on this link.
+                    l.down = true;
+                    return Err(e);
+                }
+                announced = true;
+            }
+        }
+        event.record(&l.stream)?;
+        if !announced {
+            l.host_pending += 1;
+        }
+        l.queue.push_back(Pending {
+            event,
+            notice,
+            token,
+            head,
+            head_len,
+            announced,
+        });
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Writes the first `head` bytes of `src` (which must lie in its first
+    /// slice, a region with a pinned host shadow) into the peer's host
+    /// mirror at `offset`, now: the target slot is the writer's until the
+    /// notice is published (the peer answered or took its previous
+    /// message before this one could be posted).
+    fn mirror_prefix(
+        &mut self,
+        link: LinkId,
+        head: u64,
+        src: &[LocalSlice],
+        remote: &RegionKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        if head == 0 {
+            return Ok(());
+        }
+        let label = &self.links[link].label;
+        let first = src.first().filter(|s| s.len >= head && len >= head);
+        let Some(s0) = first else {
+            return Err(Error::invalid(format!(
+                "{label}: a mirrored prefix of {head} bytes must lie in the write's first slice"
+            )));
+        };
+        let (r, from, _) = self.local.resolve(s0)?;
+        let Some(shadow) = r.shadow() else {
+            return Err(Error::invalid(format!(
+                "{label}: a mirrored prefix needs a source with a pinned host shadow (a send slot)"
+            )));
+        };
+        let n = head as usize;
+        if self.scratch.len() < n {
+            self.scratch.resize(n, 0);
+        }
+        shadow.read(from, &mut self.scratch[..n])?;
+        let Some(notices) = self.notices.as_mut() else {
+            return Err(Error::config("cuda: no notice segment"));
+        };
+        if notices.write_target(link, remote.id, offset, &self.scratch[..n])? {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "{label}: its region {} has no header mirror here",
+                remote.id
+            )))
+        }
+    }
+}
+
+/// Whether the link streams publish notices themselves: asked for
+/// (`AFMESH_CUDA_NOTICE=gpu`; measured on 2 × H200 it did not pay, see
+/// ARCHITECTURE.md, so the host announces by default), the driver has
+/// stream memory operations and host registration, and a store enqueued
+/// on a stream reaches mapped host memory.
+pub(super) fn probe_gpu_notices(device: &Device) -> bool {
+    if !std::env::var("AFMESH_CUDA_NOTICE").is_ok_and(|v| v == "gpu") {
+        return false;
+    }
+    let probe = || -> Result<bool> {
+        let flag = HostFlag::new(device)?;
+        let s = Stream::new(device)?;
+        // SAFETY: the flag outlives the store: the stream is synchronised
+        // before it is dropped.
+        unsafe { s.write_value32(flag.device_addr(), 0x5afe_c0de) }?;
+        s.synchronize()?;
+        Ok(flag.get() == 0x5afe_c0de)
+    };
+    match probe() {
+        Ok(true) => {
+            tracing::info!("cuda: the link streams announce arrivals (AFMESH_CUDA_NOTICE=gpu)");
+            true
+        }
+        Ok(false) => {
+            tracing::warn!(
+                "cuda: a stream's store did not reach host memory: the host announces arrivals"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("cuda: no stream memory operations ({e}): the host announces arrivals");
+            false
+        }
+    }
+}
