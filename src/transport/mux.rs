@@ -339,17 +339,12 @@ impl Mux {
     /// first event (zero: do not wait) under the poll policy.
     pub fn poll(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<()> {
         let start = out.len();
-        let spin = self.policy.spin_for(timeout);
-        // A wait that parks at once needs no pass first: the park's wake
-        // source reports what is already there, and its pass takes it (a
-        // pass over tcp is a `recv` per link).
-        if timeout.is_zero() || !spin.is_zero() {
-            self.progress(out)?;
-            if out.len() > start || timeout.is_zero() {
-                return Ok(());
-            }
+        self.progress(out)?;
+        if out.len() > start || timeout.is_zero() {
+            return Ok(());
         }
         let begin = Instant::now();
+        let spin = self.policy.spin_for(timeout);
         let mut spins = 0u32;
         // The clock is read once per 32 polls: a read costs about as much
         // as a poll that finds nothing, and the spin bound is coarse.
