@@ -169,6 +169,11 @@ pub unsafe extern "C" fn afmesh_attention_new_from_env(
 /// 1 << 21, len)`, and afmesh puts it on transparent huge pages at setup.
 /// The parts outside whole huge pages stay on 4 KiB pages, which the
 /// kernel pins one by one on every write (about 1.5× a memcpy there).
+/// A peer in another process may still write the buffer until it has seen
+/// this rank leave: after freeing the handle, keep the memory mapped (and
+/// unused) until the peers have left too, or the process exits. Ranks of
+/// one process never reach each other's caller memory this way (such links
+/// take tcp, or fail when shm is forced).
 ///
 /// # Safety
 /// As `afmesh_attention_new`, and `buffer` is valid for `len` bytes until

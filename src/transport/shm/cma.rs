@@ -17,7 +17,10 @@ use super::Region;
 /// kernel writes `[addr, addr + len)` of our own memory, so that range must
 /// be memory that no Rust reference covers while the call runs (a
 /// [`Region`]'s bytes, which are only reached through raw pointers) and that
-/// stays mapped. For another process the kernel checks the range.
+/// stays mapped. For another process the kernel checks the range; what it
+/// writes there is that process's business (the shm backend writes only a
+/// receive region the peer published, and the C and Python docs say caller
+/// receive memory must outlive the rank's shutdown).
 pub unsafe fn write_to(
     pid: u32,
     addr: u64,

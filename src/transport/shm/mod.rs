@@ -400,6 +400,14 @@ impl Transport for ShmTransport {
             // attach to the right process. Its segment says which nonce
             // that process holds; read it through the pid it gave.
             match cma::read_u64(p.pid, p.nonce_addr) {
+                // A rank of this very process: a cross-memory write could
+                // land in its memory after it dropped it (the close reaches
+                // us only on our next pass), i.e. in our own freed heap.
+                Ok(v) if v == seg.nonce() && p.pid == std::process::id() => {
+                    return Err(
+                        "its receive memory is caller memory of a rank in this same process, which cross-memory writes must not reach (the rank may free it first); give ranks of one process library memory, or use tcp".into(),
+                    )
+                }
                 Ok(v) if v == seg.nonce() => {}
                 Ok(_) => {
                     return Err(format!(
@@ -519,12 +527,12 @@ impl Transport for ShmTransport {
                         ))
                     } else {
                         match addr.checked_add(at) {
-                            // SAFETY: `pid` proved to be the peer at connect
-                            // (its identity nonce), and `[to, to + n)` lies
-                            // inside the receive region it published (checked
-                            // above): registered memory, reached only through
-                            // raw pointers, mapped while the link is up — also
-                            // when the peer is a thread of this process.
+                            // SAFETY: `pid` proved at connect to be the peer's
+                            // process (its identity nonce) and not this one
+                            // (`reaches` refuses caller memory of a rank of this
+                            // process), so the kernel writes another address
+                            // space, inside the receive region the peer
+                            // published (checked above); none of our memory.
                             Some(to) => unsafe { cma::write_to(*pid, to, r, from, n) }
                                 .map_err(|e| format!("cross-memory write to process {pid}: {e}")),
                             None => Err(format!("region address {addr:#x} + {at} wraps")),
