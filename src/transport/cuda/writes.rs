@@ -211,10 +211,25 @@ impl CudaTransport {
                 }
             }
         }
+        // From the first copy on, a failure leaves work enqueued that may
+        // still read the slot: the link goes down with it (later posts
+        // fail, `abort` synchronises its stream), never a silent retry.
+        macro_rules! or_down {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.links[link].down = true;
+                        return Err(e);
+                    }
+                }
+            };
+        }
         let mut at = target.addr + offset + skip;
         let mut skip = skip as usize;
         for s in src {
-            let (r, from, n) = self.local.resolve(s)?;
+            let (r, from, n) = or_down!(self.local.resolve(s));
+            let l = &mut self.links[link];
             // The mirrored prefix is not copied to the device.
             let past = skip.min(n);
             skip -= past;
@@ -227,19 +242,32 @@ impl CudaTransport {
             // the target range lies in the peer's mapped region (checked
             // above), which stays mapped while the link lives (`abort` and
             // drop synchronise the stream first).
-            unsafe { l.stream.copy_async(at, r.addr() + from as u64, n) }?;
+            or_down!(unsafe { l.stream.copy_async(at, r.addr() + from as u64, n) });
             at += n as u64;
         }
+        let l = &mut self.links[link];
         // The notice into the peer's ring now (the entry is ours until
         // published), and the link stream publishes it right behind the
         // copy.
         let mut announced = false;
         if let (true, Some(reg), Some(notices)) = (gpu_notice, &l.gpu_notice, self.notices.as_mut())
         {
-            if let Some((seq, value)) = notices.reserve_notice(link, &notice)? {
-                let dev = reg.device_addr(seq).ok_or_else(|| {
-                    Error::config(format!("{}: notice ring outside its registration", l.label))
-                })?;
+            let reserved = match notices.reserve_notice(link, &notice) {
+                Ok(r) => r,
+                Err(e) => {
+                    l.down = true;
+                    return Err(e);
+                }
+            };
+            if let Some((seq, value)) = reserved {
+                let Some(dev) = reg.device_addr(seq) else {
+                    // The entry stays reserved and unpublished.
+                    l.down = true;
+                    return Err(Error::config(format!(
+                        "{}: notice ring outside its registration",
+                        l.label
+                    )));
+                };
                 // SAFETY: the registration covers the ring and lives as
                 // long as the link (dropped after its streams are
                 // synchronised); the entry's sequence word is the producer's
@@ -253,7 +281,10 @@ impl CudaTransport {
                 announced = true;
             }
         }
-        event.record(&l.stream)?;
+        if let Err(e) = event.record(&l.stream) {
+            l.down = true;
+            return Err(e);
+        }
         if !announced {
             l.host_pending += 1;
         }
