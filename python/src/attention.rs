@@ -157,7 +157,11 @@ impl AttentionRank {
         // enqueued; the stage's next taken combine lets it go.
         if let Ok(mut h) = self.held.lock() {
             if let Some(v) = h.get_mut(stage as usize) {
-                v.push(tokens.clone().unbind());
+                // Once per object: a caller retrying a refused dispatch
+                // (StageBusy) with the same tensor does not grow the list.
+                if !v.iter().any(|o| o.is(tokens)) {
+                    v.push(tokens.clone().unbind());
+                }
             }
         }
         let h = res.map_err(to_py)?;

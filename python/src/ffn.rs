@@ -185,7 +185,12 @@ impl FfnRank {
         // Held whatever the outcome (a failure may follow an enqueued copy).
         if let Ok(mut h) = self.held.lock() {
             if let Some(v) = h.get_mut(stage as usize) {
-                v.extend(objs);
+                // Once per object (a retried refusal does not grow it).
+                for o in objs {
+                    if !v.iter().any(|h| h.is(&o)) {
+                        v.push(o);
+                    }
+                }
             }
         }
         Self::settle(batch, res)
