@@ -79,16 +79,21 @@ def stream_handle(stream, what):
     return h
 
 
-def device_stream(obj, stream, what):
+def device_stream(obj, stream, what, device=None):
     """The CUDA stream the copy of `obj` must wait for: `stream` when given
     (``stream_handle``); for a torch CUDA tensor, torch's current stream on
     its device; for a ``__cuda_array_interface__`` object, its ``stream``
     field where present (1 legacy default, 2 per-thread default, else a
-    handle; None: no wait needed); else 0, the legacy default stream."""
+    handle; None: no wait needed); else 0, the legacy default stream. A
+    torch tensor on another GPU than `device` (the rank's) is refused."""
+    mod = type(obj).__module__ or ""
+    is_torch = mod.startswith("torch") and hasattr(obj, "data_ptr")
+    if is_torch and device is not None and obj.device.index != device:
+        raise InvalidArgument(
+            f"{what}: a tensor on {obj.device}; this rank's stage memory is on cuda:{device}")
     if stream is not None:
         return stream_handle(stream, what)
-    mod = type(obj).__module__ or ""
-    if mod.startswith("torch") and hasattr(obj, "data_ptr"):
+    if is_torch:
         import torch  # lazily: only here is there a torch tensor at all
 
         return int(torch.cuda.current_stream(obj.device).cuda_stream)

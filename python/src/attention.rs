@@ -130,7 +130,7 @@ impl AttentionRank {
         stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<DispatchHandle> {
         let (ptr, len) = device_parts(tokens, "dispatch tokens")?;
-        let on = device_stream(tokens, stream, "dispatch tokens")?;
+        let on = device_stream(tokens, stream, "dispatch tokens", self.device)?;
         let s = side.map(|s| Held::read(s, "dispatch side")).transpose()?;
         let row = self.spec.row_bytes as usize;
         if row == 0 || !len.is_multiple_of(row) {

@@ -221,11 +221,13 @@ static DEVICE_STREAM: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 /// `stream` when given (an int handle or an object with `.cuda_stream`),
 /// else torch's current stream on a torch tensor's device, else a
 /// `__cuda_array_interface__` object's `stream` field, else 0 (the legacy
-/// default stream); `afmesh._buffers.device_stream` decides.
+/// default stream); `afmesh._buffers.device_stream` decides. A torch
+/// tensor on another GPU than `device` is refused by name.
 pub fn device_stream(
     obj: &Bound<'_, PyAny>,
     stream: Option<&Bound<'_, PyAny>>,
     what: &str,
+    device: Option<i32>,
 ) -> PyResult<u64> {
     let py = obj.py();
     let f = DEVICE_STREAM.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
@@ -234,5 +236,5 @@ pub fn device_stream(
             .getattr("device_stream")?
             .unbind())
     })?;
-    f.bind(py).call1((obj, stream, what))?.extract()
+    f.bind(py).call1((obj, stream, what, device))?.extract()
 }

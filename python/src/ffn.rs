@@ -149,7 +149,7 @@ impl FfnRank {
             let o = o?;
             let what = format!("respond output {a}");
             let (ptr, len) = device_parts(&o, &what)?;
-            let s = device_stream(&o, stream, &what)?;
+            let s = device_stream(&o, stream, &what, self.device)?;
             match on {
                 Some(prev) if prev != s => {
                     return Err(invalid(format!(
