@@ -10,6 +10,9 @@ __version__: str
 
 Buffer = Any  # numpy array, bytes/bytearray/memoryview, torch CPU tensor, DLPack producer
 DType = Any  # "f32" | "f16" | "bf16", a numpy or torch dtype
+# A CUDA stream: an int CUstream handle, or an object with .cuda_stream
+# (torch.cuda.Stream, cupy's Stream). Device ranks only.
+Stream = Any
 
 class Error(Exception): ...
 class Timeout(Error): ...
@@ -137,7 +140,18 @@ class AttentionRank:
     ffn_ranks: int
     spec: StageSpec
     closed: bool
-    def dispatch(self, stage: int, tokens: Buffer, side: Optional[Buffer] = None) -> DispatchHandle: ...
+    def dispatch(
+        self,
+        stage: int,
+        tokens: Buffer,
+        side: Optional[Buffer] = None,
+        stream: Optional[Stream] = None,
+    ) -> DispatchHandle:
+        """On a device rank the copy of the CUDA ``tokens`` waits for
+        ``stream`` (default: torch's current stream on the tensor's device,
+        else its ``__cuda_array_interface__`` stream, else the legacy
+        default stream); ``tokens`` is held until the stage's combine is
+        taken. ``stream`` is ignored on host ranks."""
     def dispatch_parts(
         self,
         stage: int,
@@ -177,7 +191,7 @@ class Batch:
     total_tokens: int
     valid: bool
     def token_count(self, a: int) -> int: ...
-    def matrix(self, dtype: Optional[DType] = None) -> View: ...
+    def matrix(self, dtype: Optional[DType] = None) -> Union[View, DeviceView]: ...
     def sender_rows(self, a: int) -> Tuple[int, int]: ...
     def posted_ns(self, a: int) -> int: ...
     def landed_ns(self, a: int) -> int: ...
@@ -192,7 +206,14 @@ class FfnRank:
     closed: bool
     def get_batch(self, timeout: float = 10.0) -> Batch: ...
     def try_get_batch(self) -> Optional[Batch]: ...
-    def respond(self, batch: Batch, outputs: Sequence[Buffer]) -> None: ...
+    def respond(
+        self, batch: Batch, outputs: Sequence[Buffer], stream: Optional[Stream] = None
+    ) -> None:
+        """On a device rank the copies of the CUDA ``outputs`` wait for
+        ``stream`` (default: torch's current stream on their device, else
+        their ``__cuda_array_interface__`` stream, one for all, else the
+        legacy default stream); the outputs are held until the stage's
+        next batch is handed out. ``stream`` is ignored on host ranks."""
     def respond_parts(
         self, batch: Batch, parts: Sequence[Sequence[Tuple[int, Buffer]]]
     ) -> None: ...

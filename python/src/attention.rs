@@ -8,7 +8,7 @@ use afmesh::DispatchHandle as RustHandle;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::buffer::{device_parts, Held, Keep};
+use crate::buffer::{device_parts, device_stream, Held, Keep};
 use crate::common::{dtype_of, lock, stats_dict, Trace};
 use crate::errors::{invalid, to_py, BufferSize, StaleView};
 use crate::mesh::StageSpec;
@@ -50,6 +50,11 @@ impl DispatchHandle {
 #[pyclass(frozen, module = "afmesh._afmesh")]
 pub struct AttentionRank {
     inner: Mutex<Option<afmesh::AttentionRank>>,
+    /// Per stage, the CUDA sources of its dispatches since its combine was
+    /// last taken: the copies out of them may still be pending on the GPU,
+    /// so torch's caching allocator must not get their memory back before
+    /// the combine (which the FFN ranks sent only after the rows arrived).
+    held: Mutex<Vec<Vec<Py<PyAny>>>>,
     interrupter: afmesh::Interrupter,
     region: Arc<Region>,
     root: Root,
@@ -84,6 +89,7 @@ impl AttentionRank {
                 _ => None,
             },
             inner: Mutex::new(Some(r)),
+            held: Mutex::new((0..spec.stages).map(|_| Vec::new()).collect()),
             keep,
         }
     }
@@ -100,17 +106,31 @@ impl AttentionRank {
         }
     }
 
+    /// The stage's combine was taken: the copies out of its dispatches'
+    /// sources ran, so they may go.
+    fn release(&self, stage: u32) {
+        if let Ok(mut h) = self.held.lock() {
+            if let Some(v) = h.get_mut(stage as usize) {
+                v.clear();
+            }
+        }
+    }
+
     /// `dispatch` on a rank whose stage memory is on a GPU: `tokens` is a
     /// CUDA tensor (or `__cuda_array_interface__` object), copied device
-    /// to device into the send slot.
+    /// to device into the send slot once the work enqueued so far on
+    /// `stream` (default: the producer's, `afmesh._buffers.device_stream`)
+    /// ran. `tokens` is held until the stage's combine is taken.
     fn dispatch_device(
         &self,
         py: Python<'_>,
         stage: u32,
         tokens: &Bound<'_, PyAny>,
         side: Option<&Bound<'_, PyAny>>,
+        stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<DispatchHandle> {
         let (ptr, len) = device_parts(tokens, "dispatch tokens")?;
+        let on = device_stream(tokens, stream, "dispatch tokens", self.device)?;
         let s = side.map(|s| Held::read(s, "dispatch side")).transpose()?;
         let row = self.spec.row_bytes as usize;
         if row == 0 || !len.is_multiple_of(row) {
@@ -124,9 +144,27 @@ impl AttentionRank {
         if n <= self.spec.max_tokens as usize && r.stage_idle(stage) {
             self.revoke(Some(stage), "the stage was dispatched again");
         }
-        let h = py
-            .detach(|| r.dispatch_device(stage, ptr, n, s.as_ref().map_or(&[][..], |s| s.bytes())))
-            .map_err(to_py)?;
+        let side = s.as_ref().map_or(&[][..], |s| s.bytes());
+        // SAFETY: `on` is the stream the caller named (`stream=`, whose
+        // docs ask for a live stream of this rank's device), torch's
+        // current stream on the tensor's device, the stream a
+        // `__cuda_array_interface__` producer published, or 0; the driver
+        // refuses a handle of another context. `tokens` stays allocated:
+        // `held` keeps a reference until the stage's combine is taken,
+        // which the FFN ranks sent only after the copies ran.
+        let res = py.detach(|| unsafe { r.dispatch_device_on(stage, ptr, n, side, on) });
+        // Held whatever the outcome: a refusal may come after the copy was
+        // enqueued; the stage's next taken combine lets it go.
+        if let Ok(mut h) = self.held.lock() {
+            if let Some(v) = h.get_mut(stage as usize) {
+                // Once per object: a caller retrying a refused dispatch
+                // (StageBusy) with the same tensor does not grow the list.
+                if !v.iter().any(|o| o.is(tokens)) {
+                    v.push(tokens.clone().unbind());
+                }
+            }
+        }
+        let h = res.map_err(to_py)?;
         Ok(DispatchHandle {
             stage: h.stage(),
             sequence: h.sequence(),
@@ -154,6 +192,7 @@ impl AttentionRank {
         let traces = (0..c.len())
             .map(|f| c.trace(f).map(Trace::from_rust).unwrap_or_default())
             .collect();
+        this.release(stage);
         let lease = Py::new(slf.py(), Lease::new())?;
         if let Ok(mut l) = this.leases.lock() {
             if let Some(old) = l
@@ -202,16 +241,29 @@ impl AttentionRank {
     /// for `stage`. The bytes are copied into the stage's registered send
     /// slot, so the buffers may be reused at once. Views of the stage's
     /// previous combine end here. Releases the GIL.
-    #[pyo3(signature = (stage, tokens, side = None))]
+    ///
+    /// On a rank whose stage memory is on a GPU, `tokens` is a CUDA tensor
+    /// (or `__cuda_array_interface__` object) copied device to device, and
+    /// the copy starts only after the work enqueued so far on `stream`: an
+    /// int `CUstream` handle or an object with `.cuda_stream` (a
+    /// `torch.cuda.Stream`), a live stream of the rank's device; by default
+    /// torch's current stream on the tensor's device, else the array's
+    /// `__cuda_array_interface__` `stream`, else the legacy default stream.
+    /// The rank holds a reference to `tokens` until the stage's combine is
+    /// taken, so its memory is not reused under the copy; writing to it
+    /// before then, from a stream not ordered after the copy, races with
+    /// it. `stream` is ignored on host ranks.
+    #[pyo3(signature = (stage, tokens, side = None, stream = None))]
     fn dispatch(
         &self,
         py: Python<'_>,
         stage: u32,
         tokens: &Bound<'_, PyAny>,
         side: Option<&Bound<'_, PyAny>>,
+        stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<DispatchHandle> {
         if self.device.is_some() {
-            return self.dispatch_device(py, stage, tokens, side);
+            return self.dispatch_device(py, stage, tokens, side, stream);
         }
         let t = Held::read(tokens, "dispatch tokens")?;
         let s = side.map(|s| Held::read(s, "dispatch side")).transpose()?;
@@ -346,9 +398,11 @@ impl AttentionRank {
         let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
         let h = handle.rust();
         let buf = o.bytes_mut();
-        blocking(py, timeout, |slice| {
+        let n = blocking(py, timeout, |slice| {
             r.wait_combine_sum(h, dtype, buf, slice)
-        })
+        })?;
+        self.release(handle.stage);
+        Ok(n)
     }
 
     /// Non-blocking `wait_combine`: the combine if complete, else None.
@@ -375,8 +429,13 @@ impl AttentionRank {
         let dtype = dtype_of(dtype, &o)?;
         let mut g = lock(&self.inner, WHAT)?;
         let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
-        r.try_combine_sum(handle.rust(), dtype, o.bytes_mut())
-            .map_err(to_py)
+        let n = r
+            .try_combine_sum(handle.rust(), dtype, o.bytes_mut())
+            .map_err(to_py)?;
+        if n.is_some() {
+            self.release(handle.stage);
+        }
+        Ok(n)
     }
 
     /// Waits up to `timeout` seconds until every handle's combine is
@@ -455,6 +514,8 @@ impl AttentionRank {
         let mut g = lock(&self.inner, WHAT)?;
         let r = g.take();
         self.revoke(None, "the rank was shut down");
+        // `held` stays until this object goes: a dispatch whose combine
+        // was never taken may still have its copy queued.
         match r {
             Some(r) => py.detach(|| r.shutdown()).map_err(to_py),
             None => Ok(()),

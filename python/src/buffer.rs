@@ -202,9 +202,8 @@ static DEVICE_PARTS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 /// The device address and length of a C-contiguous CUDA tensor or
 /// `__cuda_array_interface__` object, in place (`afmesh._buffers.device_parts`
 /// reads them), for ranks whose stage memory is on a GPU. The caller keeps
-/// `obj` alive, and orders its reuse after the copies the call enqueues
-/// (the library's copies run on a blocking stream: work enqueued later on
-/// the legacy default stream, torch's default, runs after them).
+/// `obj` alive until the copies the call enqueues ran (the rank classes
+/// hold a reference: see `AttentionRank::held`, `FfnRank::held`).
 pub fn device_parts(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(u64, usize)> {
     let py = obj.py();
     let f = DEVICE_PARTS.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
@@ -214,4 +213,28 @@ pub fn device_parts(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(u64, usize)
             .unbind())
     })?;
     f.bind(py).call1((obj, what))?.extract()
+}
+
+static DEVICE_STREAM: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The CUDA stream a copy out of `obj` must wait for (its producer's):
+/// `stream` when given (an int handle or an object with `.cuda_stream`),
+/// else torch's current stream on a torch tensor's device, else a
+/// `__cuda_array_interface__` object's `stream` field, else 0 (the legacy
+/// default stream); `afmesh._buffers.device_stream` decides. A torch
+/// tensor on another GPU than `device` is refused by name.
+pub fn device_stream(
+    obj: &Bound<'_, PyAny>,
+    stream: Option<&Bound<'_, PyAny>>,
+    what: &str,
+    device: Option<i32>,
+) -> PyResult<u64> {
+    let py = obj.py();
+    let f = DEVICE_STREAM.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        Ok(py
+            .import("afmesh._buffers")?
+            .getattr("device_stream")?
+            .unbind())
+    })?;
+    f.bind(py).call1((obj, stream, what, device))?.extract()
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use afmesh::transport::Region;
 use pyo3::prelude::*;
 
-use crate::buffer::{device_parts, Held, Keep};
+use crate::buffer::{device_parts, device_stream, Held, Keep};
 use crate::common::{lock, stats_dict};
 use crate::errors::{invalid, to_py, BufferSize, StaleView};
 use crate::mesh::StageSpec;
@@ -18,6 +18,12 @@ use crate::wait::{blocking, seconds};
 #[pyclass(frozen, module = "afmesh._afmesh")]
 pub struct FfnRank {
     inner: Mutex<Option<afmesh::FfnRank>>,
+    /// Per stage, the CUDA sources of its answers since its last batch was
+    /// handed out: the copies out of them may still be pending on the
+    /// GPU, so torch's caching allocator must not get their memory back
+    /// before the stage's next batch (every attention rank dispatches it
+    /// again only after it took this rank's answer, sent after the copies).
+    held: Mutex<Vec<Vec<Py<PyAny>>>>,
     interrupter: afmesh::Interrupter,
     region: Arc<Region>,
     root: Root,
@@ -50,6 +56,7 @@ impl FfnRank {
                 afmesh::transport::MemoryKind::Cuda { device } => Some(device),
                 _ => None,
             },
+            held: Mutex::new((0..r.spec().stages).map(|_| Vec::new()).collect()),
             inner: Mutex::new(Some(r)),
             keep,
         }
@@ -66,6 +73,12 @@ impl FfnRank {
             }
         };
         let senders = b.senders();
+        // The stage came back: the copies of its last answer ran.
+        if let Ok(mut h) = this.held.lock() {
+            if let Some(v) = h.get_mut(b.stage() as usize) {
+                v.clear();
+            }
+        }
         let lease = Py::new(slf.py(), Lease::new())?;
         if let Ok(mut out) = this.out.lock() {
             out.retain(|l| l.get().alive());
@@ -117,17 +130,35 @@ impl FfnRank {
 
     /// `respond` on a rank whose stage memory is on a GPU: each output is
     /// a CUDA tensor (or `__cuda_array_interface__` object) of exactly
-    /// `token_count(a) × out_row_bytes` bytes, copied device to device.
+    /// `token_count(a) × out_row_bytes` bytes, copied device to device once
+    /// the work enqueued so far on `stream` (default: the producers', one
+    /// for all outputs; `afmesh._buffers.device_stream`) ran. The outputs
+    /// are held until the stage's next batch is handed out.
     fn respond_device(
         &self,
         py: Python<'_>,
         batch: &Batch,
         outputs: &Bound<'_, PyAny>,
+        stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let out_row = self.spec.out_row_bytes as usize;
         let mut ptrs = Vec::new();
+        let mut objs = Vec::new();
+        let mut on: Option<u64> = None;
         for (a, o) in outputs.try_iter()?.enumerate() {
-            let (ptr, len) = device_parts(&o?, &format!("respond output {a}"))?;
+            let o = o?;
+            let what = format!("respond output {a}");
+            let (ptr, len) = device_parts(&o, &what)?;
+            let s = device_stream(&o, stream, &what, self.device)?;
+            match on {
+                Some(prev) if prev != s => {
+                    return Err(invalid(format!(
+                        "{what}: produced on stream {s:#x}, output 0 on {prev:#x}; pass stream= (one the copies wait for)"
+                    )))
+                }
+                _ => on = Some(s),
+            }
+            objs.push(o.unbind());
             let want = batch.counts.get(a).copied().unwrap_or(0) * out_row;
             if len != want {
                 return Err(BufferSize::new_err(format!(
@@ -140,7 +171,28 @@ impl FfnRank {
         let mut g = lock(&self.inner, WHAT)?;
         let r = g.as_mut().ok_or_else(|| invalid("shut down"))?;
         let b = Self::take(batch)?;
-        let res = py.detach(|| r.respond_device(b, &ptrs));
+        let stage = batch.stage;
+        let on = on.unwrap_or(0);
+        // SAFETY: `on` is the stream the caller named (`stream=`, whose
+        // docs ask for a live stream of this rank's device), torch's
+        // current stream on the outputs' device, the stream their
+        // `__cuda_array_interface__` producer published, or 0; the driver
+        // refuses a handle of another context. The outputs stay allocated:
+        // `held` keeps references until the stage's next batch, which the
+        // attention ranks dispatch only after this answer (sent after the
+        // copies) reached them.
+        let res = py.detach(|| unsafe { r.respond_device_on(b, &ptrs, on) });
+        // Held whatever the outcome (a failure may follow an enqueued copy).
+        if let Ok(mut h) = self.held.lock() {
+            if let Some(v) = h.get_mut(stage as usize) {
+                // Once per object (a retried refusal does not grow it).
+                for o in objs {
+                    if !v.iter().any(|h| h.is(&o)) {
+                        v.push(o);
+                    }
+                }
+            }
+        }
         Self::settle(batch, res)
     }
 
@@ -235,9 +287,29 @@ impl FfnRank {
     /// bytes; copied into the send slots) and frees the stage. The batch's
     /// views end here: using one raises `afmesh.StaleView`. Refused
     /// arguments leave the batch as it was (answer it again).
-    fn respond(&self, py: Python<'_>, batch: &Batch, outputs: &Bound<'_, PyAny>) -> PyResult<()> {
+    ///
+    /// On a rank whose stage memory is on a GPU, the outputs are CUDA
+    /// tensors (or `__cuda_array_interface__` objects) copied device to
+    /// device, and the copies start only after the work enqueued so far on
+    /// `stream`: an int `CUstream` handle or an object with `.cuda_stream`
+    /// (a `torch.cuda.Stream`), a live stream of the rank's device; by
+    /// default torch's current stream on the outputs' device, else their
+    /// `__cuda_array_interface__` `stream` (one for all outputs), else the
+    /// legacy default stream. The rank holds references to the outputs
+    /// until the stage's next batch is handed out, so their memory is not
+    /// reused under the copies; writing to them before then, from a stream
+    /// not ordered after the copies, races with them. `stream` is ignored
+    /// on host ranks.
+    #[pyo3(signature = (batch, outputs, stream = None))]
+    fn respond(
+        &self,
+        py: Python<'_>,
+        batch: &Batch,
+        outputs: &Bound<'_, PyAny>,
+        stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         if self.device.is_some() {
-            return self.respond_device(py, batch, outputs);
+            return self.respond_device(py, batch, outputs, stream);
         }
         let held = outputs
             .try_iter()?

@@ -139,3 +139,55 @@ def test_cuda_tensors_on_device_ranks(procs):
         a.shutdown()
     code, out = procs.finish(child, 30)
     assert code == 0 and out.strip().endswith("ok"), out
+
+
+def test_cuda_tensors_made_on_a_side_stream(procs):
+    """Tensors produced on a non-blocking side stream behind a slow kernel,
+    dispatched (and, in the child, answered) at once, then dropped: the
+    copies wait for the producer's stream (torch's current stream by
+    default, or stream=), and the rank holds the tensors, so the caching
+    allocator does not hand their memory to the garbage written next."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    port = free_port()
+    addr_ = f"127.0.0.1:{port}"
+    env = {"AFMESH_SCHEDULER": addr_, "AFMESH_NUM_ATTENTION": 1, "AFMESH_NUM_FFN": 1,
+           "AFMESH_TRANSPORT": "cuda", "AFMESH_SETUP_TIMEOUT_MS": 30000,
+           "AFMESH_TEST_BATCHES": 2, "AFMESH_TEST_SIDE_STREAM": 1}
+    child = procs.spawn("cuda_ffn.py", env)
+    mesh = afmesh.Mesh(addr_, 1, 1, transport="cuda", embed_scheduler=True, setup_timeout=30)
+    a = mesh.attention(SPEC, device=0)
+    side = torch.cuda.Stream()
+    junk = []
+
+    def slow_rows(value):
+        # Zeros until a ~50 ms kernel on `side` is done, then `value`.
+        x = torch.zeros(3, 8, dtype=torch.bfloat16, device="cuda")
+        torch.cuda._sleep(100_000_000)
+        x.add_(value)
+        return x
+
+    try:
+        with torch.cuda.stream(side):
+            # Stage 0: the default stream= is torch's current one, `side`.
+            h0 = a.dispatch(0, slow_rows(1.5))
+            junk.append(torch.full((3, 8), 99.0, dtype=torch.bfloat16, device="cuda"))
+        with torch.cuda.stream(side):
+            x1 = slow_rows(2.5)
+        # Stage 1: outside the context, named by stream= (the object).
+        h1 = a.dispatch(1, x1, stream=side)
+        del x1
+        with torch.cuda.stream(side):
+            junk.append(torch.full((3, 8), 99.0, dtype=torch.bfloat16, device="cuda"))
+        for h, value in ((h0, 1.5), (h1, 2.5)):
+            c = a.wait_combine(h, 30)
+            got = torch.as_tensor(c.partial(0), device="cuda").view(torch.bfloat16)
+            want = torch.full((3, 8), value * 2, dtype=torch.bfloat16, device="cuda")
+            assert torch.equal(got, want), (h, got)
+        # A stream= that is no stream is refused by name.
+        with pytest.raises(afmesh.InvalidArgument, match="stream="):
+            a.dispatch(0, torch.zeros(1, 8, dtype=torch.bfloat16, device="cuda"), stream="side")
+    finally:
+        a.shutdown()
+    code, out = procs.finish(child, 30)
+    assert code == 0 and out.strip().endswith("ok"), out
