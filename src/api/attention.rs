@@ -540,7 +540,8 @@ impl AttentionRank {
     /// (StepMesh's `instance_barrier=False`); see
     /// [`barrier_all_groups`](Self::barrier_all_groups).
     pub fn barrier(&mut self, roles: crate::Roles, timeout: std::time::Duration) -> Result<()> {
-        self.engine.sync(roles, crate::proto::Scope::Group, timeout)
+        self.engine
+            .sync(&mut self.st, roles, crate::proto::Scope::Group, timeout)
     }
 
     /// A barrier of every instance group's running mesh (StepMesh's
@@ -555,7 +556,7 @@ impl AttentionRank {
         timeout: std::time::Duration,
     ) -> Result<()> {
         self.engine
-            .sync(roles, crate::proto::Scope::AllGroups, timeout)
+            .sync(&mut self.st, roles, crate::proto::Scope::AllGroups, timeout)
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.

@@ -558,7 +558,8 @@ impl FfnRank {
     /// (StepMesh's `instance_barrier=False`); see
     /// [`barrier_all_groups`](Self::barrier_all_groups).
     pub fn barrier(&mut self, roles: crate::Roles, timeout: std::time::Duration) -> Result<()> {
-        self.engine.sync(roles, crate::proto::Scope::Group, timeout)
+        self.engine
+            .sync(&mut self.st, roles, crate::proto::Scope::Group, timeout)
     }
 
     /// A barrier of every instance group's running mesh (StepMesh's
@@ -573,7 +574,7 @@ impl FfnRank {
         timeout: std::time::Duration,
     ) -> Result<()> {
         self.engine
-            .sync(roles, crate::proto::Scope::AllGroups, timeout)
+            .sync(&mut self.st, roles, crate::proto::Scope::AllGroups, timeout)
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.
