@@ -308,3 +308,51 @@ fn a_barrier_flushes_a_large_dispatch() {
     f.shutdown().unwrap();
     a.shutdown().unwrap();
 }
+
+/// The rank's `Interrupter` ends a barrier's wait within a few
+/// milliseconds, leaving the rank inside: calling again resumes the same
+/// barrier, which the FFN rank then releases.
+#[test]
+fn an_interrupt_ends_a_barrier_wait_and_it_resumes() {
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let one = |embed: bool| {
+        let mut c = MeshConfig::new(&addr, 1, 1);
+        c.transport = TransportKind::Tcp;
+        c.rank = Some(0);
+        c.embed_scheduler = embed;
+        c.job = format!("barint-{}", std::process::id());
+        c.setup_timeout = T;
+        Mesh::new(c)
+    };
+    let (go, go_rx) = mpsc::channel::<()>();
+    let fm = one(false);
+    let ffn = std::thread::spawn(move || {
+        let mut f = fm.ffn(spec()).unwrap();
+        go_rx.recv_timeout(T).unwrap();
+        f.barrier(BOTH, T).unwrap();
+        f
+    });
+    let mut a = one(true).attention(spec()).unwrap();
+    let stop = a.interrupter();
+    let poke = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        stop.interrupt();
+        Instant::now()
+    });
+    let e = a.barrier(BOTH, T).unwrap_err();
+    let ended = Instant::now();
+    let poked = poke.join().unwrap();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    assert!(ended.duration_since(poked) < Duration::from_secs(1));
+    // Still inside the same barrier.
+    let e = a.barrier(ATTENTION, T).unwrap_err();
+    assert!(e.to_string().contains("still inside"), "{e}");
+    go.send(()).unwrap();
+    a.barrier(BOTH, T).unwrap();
+    let f = ffn.join().unwrap();
+    f.shutdown().unwrap();
+    a.shutdown().unwrap();
+}

@@ -533,6 +533,10 @@ impl AttentionRank {
     /// every rank of `roles` (this one's role among them) has called it,
     /// or fails with `Timeout` after `timeout` — still inside the barrier:
     /// calling again with the same `roles` waits on for the same one.
+    /// While it waits, the rank's links keep moving (queued writes go
+    /// out, arrivals are taken), and the rank's
+    /// [`Interrupter`](crate::Interrupter) ends the wait (`Interrupted`,
+    /// likewise still inside).
     /// Barriers of one set of roles are numbered, so each rank of the set
     /// must call each of them. A rank that died or left holds the barrier
     /// until the timeout. An error on a simulated mesh (no scheduler).
