@@ -245,3 +245,114 @@ fn barriers_across_instance_groups() {
     let g0 = at("resumed").find(|s| s.0 == 0).unwrap();
     assert!(g0.4 >= late, "{g0:?}");
 }
+
+/// A barrier keeps the transport moving: an attention rank dispatches a
+/// message of 16 MiB over tcp (more than the socket buffer takes at once,
+/// so most of it is still queued in the rank) and enters a barrier of both
+/// roles at once. The FFN rank can only enter that barrier after it has
+/// taken and answered the batch, so a barrier that left the transport
+/// alone would hold both until the FFN rank's `get_batch` timed out; one
+/// that pumps while it waits lets the batch through and is released in
+/// well under that.
+#[test]
+fn a_barrier_flushes_a_large_dispatch() {
+    const ROW: usize = 16 << 10;
+    const TOKENS: usize = 1024;
+    const SHORT: Duration = Duration::from_secs(3);
+    let spec = StageSpec {
+        stages: 1,
+        max_tokens: TOKENS as u32,
+        row_bytes: ROW as u32,
+        out_row_bytes: 8,
+        side_bytes: 0,
+    };
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let one = |rank_embed: bool| {
+        let mut c = MeshConfig::new(&addr, 1, 1);
+        c.transport = TransportKind::Tcp;
+        c.rank = Some(0);
+        c.embed_scheduler = rank_embed;
+        c.job = format!("barpump-{}", std::process::id());
+        c.setup_timeout = T;
+        Mesh::new(c)
+    };
+    let tokens: Vec<u8> = (0..TOKENS * ROW).map(|i| (i % 251) as u8).collect();
+    let want = tokens.clone();
+    let fm = one(false);
+    let ffn = std::thread::spawn(move || {
+        let mut f = fm.ffn(spec).unwrap();
+        let t0 = Instant::now();
+        let b = f.get_batch(SHORT);
+        let took = t0.elapsed();
+        let b = b.unwrap_or_else(|e| panic!("get_batch behind a barrier: {e} after {took:?}"));
+        assert!(b.tokens(0) == &want[..], "the batch's rows differ");
+        let out = vec![7u8; TOKENS * 8];
+        f.respond(b, &[&out]).unwrap();
+        f.barrier(BOTH, SHORT).unwrap();
+        f
+    });
+    let mut a = one(true).attention(spec).unwrap();
+    let h = a.dispatch(0, &tokens, &[]).unwrap();
+    let t0 = Instant::now();
+    let r = a.barrier(BOTH, SHORT + Duration::from_secs(2));
+    let took = t0.elapsed();
+    let f = ffn.join();
+    r.unwrap();
+    let f = f.unwrap();
+    assert!(took < SHORT, "the barrier took {took:?}");
+    let got = a.wait_combine(h, T).unwrap();
+    assert_eq!(got.partial(0), Some(&[7u8; TOKENS * 8][..]));
+    f.shutdown().unwrap();
+    a.shutdown().unwrap();
+}
+
+/// The rank's `Interrupter` ends a barrier's wait within a few
+/// milliseconds, leaving the rank inside: calling again resumes the same
+/// barrier, which the FFN rank then releases.
+#[test]
+fn an_interrupt_ends_a_barrier_wait_and_it_resumes() {
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let one = |embed: bool| {
+        let mut c = MeshConfig::new(&addr, 1, 1);
+        c.transport = TransportKind::Tcp;
+        c.rank = Some(0);
+        c.embed_scheduler = embed;
+        c.job = format!("barint-{}", std::process::id());
+        c.setup_timeout = T;
+        Mesh::new(c)
+    };
+    let (go, go_rx) = mpsc::channel::<()>();
+    let fm = one(false);
+    let ffn = std::thread::spawn(move || {
+        let mut f = fm.ffn(spec()).unwrap();
+        go_rx.recv_timeout(T).unwrap();
+        f.barrier(BOTH, T).unwrap();
+        f
+    });
+    let mut a = one(true).attention(spec()).unwrap();
+    let stop = a.interrupter();
+    let poke = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        stop.interrupt();
+        Instant::now()
+    });
+    let e = a.barrier(BOTH, T).unwrap_err();
+    let ended = Instant::now();
+    let poked = poke.join().unwrap();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    assert!(ended.duration_since(poked) < Duration::from_secs(1));
+    // Still inside the same barrier.
+    let e = a.barrier(ATTENTION, T).unwrap_err();
+    assert!(e.to_string().contains("still inside"), "{e}");
+    go.send(()).unwrap();
+    a.barrier(BOTH, T).unwrap();
+    let f = ffn.join().unwrap();
+    f.shutdown().unwrap();
+    a.shutdown().unwrap();
+}

@@ -533,6 +533,10 @@ impl AttentionRank {
     /// every rank of `roles` (this one's role among them) has called it,
     /// or fails with `Timeout` after `timeout` — still inside the barrier:
     /// calling again with the same `roles` waits on for the same one.
+    /// While it waits, the rank's links keep moving (queued writes go
+    /// out, arrivals are taken), and the rank's
+    /// [`Interrupter`](crate::Interrupter) ends the wait (`Interrupted`,
+    /// likewise still inside).
     /// Barriers of one set of roles are numbered, so each rank of the set
     /// must call each of them. A rank that died or left holds the barrier
     /// until the timeout. An error on a simulated mesh (no scheduler).
@@ -540,7 +544,8 @@ impl AttentionRank {
     /// (StepMesh's `instance_barrier=False`); see
     /// [`barrier_all_groups`](Self::barrier_all_groups).
     pub fn barrier(&mut self, roles: crate::Roles, timeout: std::time::Duration) -> Result<()> {
-        self.engine.sync(roles, crate::proto::Scope::Group, timeout)
+        self.engine
+            .sync(&mut self.st, roles, crate::proto::Scope::Group, timeout)
     }
 
     /// A barrier of every instance group's running mesh (StepMesh's
@@ -555,7 +560,7 @@ impl AttentionRank {
         timeout: std::time::Duration,
     ) -> Result<()> {
         self.engine
-            .sync(roles, crate::proto::Scope::AllGroups, timeout)
+            .sync(&mut self.st, roles, crate::proto::Scope::AllGroups, timeout)
     }
 
     /// Leaves the mesh in order: closes the links, tells the scheduler.

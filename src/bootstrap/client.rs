@@ -143,6 +143,32 @@ pub struct Session {
     pending: Option<(Roles, Scope)>,
 }
 
+/// A running barrier this rank has entered (from
+/// [`Session::sync_enter`]).
+#[derive(Debug, Clone)]
+pub struct Entered {
+    seq: u64,
+    roles: Roles,
+    scope: Scope,
+    /// The role set's index in `Session::synced`.
+    k: usize,
+    /// Names the barrier in errors.
+    what: String,
+    /// The scheduler's address, for errors.
+    server: String,
+}
+
+impl Entered {
+    /// The error of a barrier not released within `after`.
+    pub fn timed_out(&self, after: Duration) -> Error {
+        Error::Timeout {
+            op: "barrier",
+            peer: format!("scheduler {}: {} not released", self.server, self.what),
+            after,
+        }
+    }
+}
+
 /// A connection to the server on which the hello has not been sent yet:
 /// the rank first learns its own address as the server sees it, so it can
 /// bind its link listener there.
@@ -336,6 +362,21 @@ impl Session {
     /// barriers are refused until it is released). A rank that left or
     /// died holds the barrier until the timeout.
     pub fn sync(&mut self, roles: Roles, scope: Scope, timeout: Duration) -> Result<()> {
+        let entered = self.sync_enter(roles, scope)?;
+        let deadline = Instant::now().checked_add(timeout);
+        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+        if self.sync_released(&entered, left)? {
+            return Ok(());
+        }
+        Err(entered.timed_out(timeout))
+    }
+
+    /// Enters the running barrier of `roles` and `scope` (see
+    /// [`sync`](Self::sync)), or goes on with the one this rank is still
+    /// inside; returns at once. [`sync_released`](Self::sync_released)
+    /// then says when it is released, so a rank can keep its links moving
+    /// while it waits.
+    pub fn sync_enter(&mut self, roles: Roles, scope: Scope) -> Result<Entered> {
         if !roles.has(self.role) {
             return Err(Error::invalid(format!(
                 "barrier of {roles} ranks: this is an {} rank",
@@ -379,30 +420,54 @@ impl Session {
                 self.pending = Some((roles, scope));
             }
         }
-        let deadline = Instant::now() + timeout;
-        match self.inbox.recv_deadline(deadline) {
+        Ok(Entered {
+            seq,
+            roles,
+            scope,
+            k,
+            what,
+            server: self.server.clone(),
+        })
+    }
+
+    /// Waits up to `wait` (zero: only looks) for the release of the
+    /// barrier `entered`: `Ok(true)` once released (the rank is out),
+    /// `Ok(false)` while it is not (the rank is still inside).
+    pub fn sync_released(&mut self, entered: &Entered, wait: Duration) -> Result<bool> {
+        let got = if wait.is_zero() {
+            match self.inbox.try_recv() {
+                Ok(m) => Ok(m),
+                Err(crossbeam_channel::TryRecvError::Empty) => Err(RecvTimeoutError::Timeout),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    Err(RecvTimeoutError::Disconnected)
+                }
+            }
+        } else {
+            self.inbox.recv_timeout(wait)
+        };
+        match got {
             Ok(Inbound::Message(Message::SyncRelease {
                 seq: s,
                 roles: r,
                 scope: sc,
-            })) if s == seq && r == roles && sc == scope => {
+            })) if s == entered.seq && r == entered.roles && sc == entered.scope => {
                 self.pending = None;
-                self.synced[scope.index()][k] += 1;
-                Ok(())
+                self.synced[entered.scope.index()][entered.k] += 1;
+                Ok(true)
             }
             Ok(Inbound::Message(other)) => Err(Error::BadFrame {
                 peer: self.server.clone(),
-                reason: format!("expected the release of {what}, got {}", other.kind()),
+                reason: format!(
+                    "expected the release of {}, got {}",
+                    entered.what,
+                    other.kind()
+                ),
             }),
             Ok(Inbound::Closed) | Err(RecvTimeoutError::Disconnected) => Err(Error::PeerLost {
                 peer: Peer::Scheduler,
                 reason: "the scheduler connection ended during a barrier".into(),
             }),
-            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
-                op: "barrier",
-                peer: format!("scheduler {}: {what} not released", self.server),
-                after: timeout,
-            }),
+            Err(RecvTimeoutError::Timeout) => Ok(false),
         }
     }
 

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::proto::Message;
 
 pub use auth::Token;
-pub use client::{Session, SetupWatch};
+pub use client::{Entered, Session, SetupWatch};
 pub use clock::ClockOffset;
 pub use rendezvous::{Scheduler, SchedulerConfig};
 

@@ -345,14 +345,41 @@ impl Engine {
         self.support.report(text)
     }
 
-    /// A barrier of the running mesh through the scheduler.
-    pub(crate) fn sync(
+    /// A barrier of the running mesh through the scheduler. While it
+    /// waits for the release it keeps pumping the transport in slices of
+    /// at most [`SYNC_SLICE`] (queued writes go out, arrivals are counted
+    /// into `sink`, completions taken), so a peer waiting on this rank's
+    /// traffic can reach the barrier too. A timeout or an interrupt
+    /// leaves the rank inside: calling again resumes the same barrier.
+    pub(crate) fn sync<S: Sink>(
         &mut self,
+        sink: &mut S,
         roles: crate::proto::Roles,
         scope: crate::proto::Scope,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Result<()> {
-        self.support.sync(roles, scope, timeout)
+        let entered = self.support.sync_enter(roles, scope)?;
+        let deadline = Instant::now().checked_add(timeout);
+        let mut polled = false;
+        loop {
+            if self.support.sync_released(&entered, Duration::ZERO)? {
+                return Ok(());
+            }
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            if polled && left.is_zero() {
+                return Err(entered.timed_out(timeout));
+            }
+            if polled && self.interrupter.take() {
+                return Err(Error::Interrupted);
+            }
+            // Parks on the transport's wake sources (at most one slice);
+            // the release is looked for after every slice.
+            self.pump(left.min(SYNC_SLICE), sink)?;
+            polled = true;
+        }
     }
 
     /// Leaves in order: tells every peer (closing the links), then the
@@ -624,6 +651,10 @@ fn crc_of(region: &Region, at: usize, len: u64, crc: u32) -> Result<u32, String>
 
 /// How long a rank waits by default for the sends from a slot to complete
 /// before it fills the slot again.
+/// The longest a barrier parks on the transport before it looks for the
+/// scheduler's release again: the most a release waits to be seen.
+pub(crate) const SYNC_SLICE: Duration = Duration::from_millis(1);
+
 const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Wall-clock nanoseconds, for trace stamps (comparable across processes

@@ -2,7 +2,7 @@
 //! orderly goodbye, and an embedded scheduler, if it runs one.
 
 use crate::bootstrap::rendezvous::SchedulerHandle;
-use crate::bootstrap::Session;
+use crate::bootstrap::{Entered, Session};
 
 /// The rank's ties to the rendezvous (none on a simulated mesh).
 #[derive(Debug, Default)]
@@ -29,16 +29,30 @@ impl Support {
         }
     }
 
-    /// A barrier of the running mesh, through the scheduler (see
-    /// `Session::sync`).
-    pub(crate) fn sync(
+    /// Enters a barrier of the running mesh, or goes on with the one this
+    /// rank is still inside (see `Session::sync_enter`).
+    pub(crate) fn sync_enter(
         &mut self,
         roles: crate::proto::Roles,
         scope: crate::proto::Scope,
-        timeout: std::time::Duration,
-    ) -> crate::error::Result<()> {
+    ) -> crate::error::Result<Entered> {
         match &mut self.session {
-            Some(s) => s.sync(roles, scope, timeout),
+            Some(s) => s.sync_enter(roles, scope),
+            None => Err(crate::error::Error::invalid(
+                "barrier: this rank has no scheduler (a simulated mesh)",
+            )),
+        }
+    }
+
+    /// Whether the barrier `entered` was released, waiting up to `wait`
+    /// (see `Session::sync_released`).
+    pub(crate) fn sync_released(
+        &mut self,
+        entered: &Entered,
+        wait: std::time::Duration,
+    ) -> crate::error::Result<bool> {
+        match &mut self.session {
+            Some(s) => s.sync_released(entered, wait),
             None => Err(crate::error::Error::invalid(
                 "barrier: this rank has no scheduler (a simulated mesh)",
             )),
