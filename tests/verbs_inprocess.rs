@@ -124,6 +124,11 @@ fn a_parked_rank_wakes_on_either_rail() {
     let mut p = Proc::spawn("rails", cmd);
     let st = p.wait_exit(Duration::from_secs(20));
     let out = p.output();
+    // The child's fabric outlives it (one process, no peer to remove it).
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/softverbs.afmesh-railwake-{}.fabric",
+        std::process::id()
+    ));
     assert!(st.success(), "{out}");
     assert!(out.contains("rail checks passed"), "{out}");
 }
