@@ -21,8 +21,18 @@ fn newest(dir: &Path) -> SystemTime {
     t
 }
 
+/// The sources cargo recorded for `so` in its dep-info file (`libx.d`
+/// beside it), if there is one: only those can make it stale (a binary's
+/// or a test's source does not).
+fn recorded_sources(so: &Path) -> Option<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(so.with_extension("d")).ok()?;
+    let (_, deps) = text.lines().next()?.split_once(": ")?;
+    Some(deps.split_whitespace().map(PathBuf::from).collect())
+}
+
 /// `file` (e.g. `libafmesh.so`) in this test binary's profile directory,
-/// checked to be at least as new as every file under `sources`.
+/// checked to be at least as new as every source cargo built it from (its
+/// dep-info), else every file under `sources`.
 pub fn built(file: &str, sources: &[PathBuf]) -> PathBuf {
     // target/<profile>/deps/<test>-<hash> -> target/<profile>
     let exe = std::env::current_exe().expect("test binary path");
@@ -35,11 +45,23 @@ pub fn built(file: &str, sources: &[PathBuf]) -> PathBuf {
     let when = std::fs::metadata(&so)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("{} not found; {hint}", so.display()));
-    let newest = sources
-        .iter()
-        .map(|d| newest(d))
-        .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let newest = match recorded_sources(&so) {
+        // A source that is gone counts as newer: rebuild.
+        Some(files) => files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .and_then(|m| m.modified())
+                    .unwrap_or_else(|_| SystemTime::now())
+            })
+            .max()
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+        None => sources
+            .iter()
+            .map(|d| newest(d))
+            .max()
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    };
     assert!(
         when >= newest,
         "{} is older than its sources; {hint}",
