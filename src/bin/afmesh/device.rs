@@ -72,6 +72,24 @@ fn device_buffer(device: i32, bytes: &[u8]) -> Result<Region> {
     Ok(r)
 }
 
+/// With --stream-ordered, the "model" of a rank: a stream that produces
+/// rows into `count` device scratch buffers of `bytes` each (at least 1).
+fn producer(
+    ordered: bool,
+    device: i32,
+    count: usize,
+    bytes: usize,
+) -> Result<Option<(afmesh::cuda::Stream, Vec<Region>)>> {
+    if !ordered {
+        return Ok(None);
+    }
+    let dev = afmesh::cuda::Device::get(device)?;
+    let scratch = (0..count)
+        .map(|_| Region::alloc_device(device, bytes.max(1)))
+        .collect::<afmesh::Result<Vec<_>>>()?;
+    Ok(Some((afmesh::cuda::Stream::new(&dev)?, scratch)))
+}
+
 fn side_of(layer: u32, s: u32, a: u32, count: u32) -> [u8; SIDE_BYTES as usize] {
     let mut b = [0u8; SIDE_BYTES as usize];
     b[0..4].copy_from_slice(&layer.to_le_bytes());
@@ -141,15 +159,7 @@ pub fn run_attention(
     // rows (here: copies them into scratch buffers) right before the
     // dispatch, which must wait for it. A dispatch that did not would send
     // the scratch's previous layer, which has the other parity.
-    let producer = if ordered {
-        let dev = afmesh::cuda::Device::get(device)?;
-        let scratch = (0..w.stages)
-            .map(|_| Region::alloc_device(device, (max * row).max(1)))
-            .collect::<afmesh::Result<Vec<_>>>()?;
-        Some((afmesh::cuda::Stream::new(&dev)?, scratch))
-    } else {
-        None
-    };
+    let producer = producer(ordered, device, w.stages as usize, max * row)?;
     // --stream-ordered also checks the stream-enqueued wait: after each
     // dispatch, a stream per stage waits for its combine
     // (`wait_combine_on`) and copies the partial slots into echo buffers,
@@ -377,15 +387,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
     // --stream-ordered: answers are produced into scratch buffers on a
     // stream of this rank's right before the respond, which must wait for
     // it (a respond that did not would send the other parity's bytes).
-    let producer = if ordered {
-        let dev = afmesh::cuda::Device::get(device)?;
-        let scratch = (0..w.stages as usize * m)
-            .map(|_| Region::alloc_device(device, (max * out_row).max(1)))
-            .collect::<afmesh::Result<Vec<_>>>()?;
-        Some((afmesh::cuda::Stream::new(&dev)?, scratch))
-    } else {
-        None
-    };
+    let producer = producer(ordered, device, w.stages as usize * m, max * out_row)?;
     // --stream-ordered also checks the stream-enqueued wait: after each
     // respond, the stream waits for the stage's next batch
     // (`wait_batch_on`) and copies its input slots into echo buffers; at
