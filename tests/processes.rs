@@ -82,6 +82,7 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
         "floor_exchange_us",
         "p999_us",
         "ratio",
+        "ratio_exchange",
     ] {
         let v: f64 = json_field(line, k).parse().unwrap();
         assert!(v > 0.0, "{k} = {v}");
@@ -107,6 +108,10 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
     };
     assert_ne!(json_field(line, other), "null", "{line}");
     assert_eq!(json_field(line, other_null), "null", "{line}");
+    // Over shm the exchange whose receivers never read is reported beside
+    // the floor, never as one.
+    let unread = json_field(line, "floor_exchange_unread_us");
+    assert_eq!(unread == "null", transport != "shm", "{line}");
     assert_eq!(
         floor,
         ways.iter().copied().fold(f64::MAX, f64::min),

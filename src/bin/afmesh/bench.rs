@@ -500,15 +500,18 @@ fn measure(
             ),
             polled: None,
             memcpy: None,
+            unread: None,
         }
     } else if transport == "shm" {
-        let exchange = floor::shm(&plan).context("shm floor")?;
+        let exchange = floor::shm(&plan, true).context("shm floor")?;
+        let unread = floor::shm(&plan, false).context("shm floor, unread")?;
         let memcpy = floor::memcpy(d, c, plan.warmup + plan.iters);
         Floors {
             exchange: Summary::of(&exchange).p50,
-            exchange_name: format!("shm exchange, {m}+{n} processes"),
+            exchange_name: format!("shm exchange, {m}+{n} processes, receivers read what they get"),
             polled: None,
             memcpy: Some(Summary::of(&memcpy).p50),
+            unread: Some(Summary::of(&unread).p50),
         }
     } else {
         let blocking = floor::tcp(&plan, false).context("tcp floor")?;
@@ -518,6 +521,7 @@ fn measure(
             exchange_name: format!("tcp exchange, {m}+{n} processes"),
             polled: Some(Summary::of(&polled).p50),
             memcpy: None,
+            unread: None,
         }
     };
     let mut stragglers: Vec<(String, u64, f64)> = late

@@ -18,7 +18,14 @@
 //!   process, spinning (then yielding, unless pinned) on its flags, copies
 //!   its reply back and raises the attention's flag. Stages are separate
 //!   messages, so the FFN answers one while the next is copied in, as the
-//!   mesh's stages overlap.
+//!   mesh's stages overlap. The receivers read what they get as the
+//!   mesh's workload does: the FFN process one word per token row (the
+//!   word its reply row carries back), the attention process every byte
+//!   of the replies, after the layer's time is taken. Without those reads
+//!   no received byte ever leaves its writer's cache (the buffers' lines
+//!   stay where they were written), so that variant (still measured,
+//!   `--no-read`, and reported beside it) moves flags between the cores
+//!   but not the layer.
 //! * **plain verbs exchange** (`floor/verbs.rs`): the same M+N processes,
 //!   one RC QP per pair, each stage message one signalled
 //!   write-with-imm each way, CQs busy-polled, no library logic.
@@ -34,12 +41,12 @@
 //! wait is bounded by the workload's timeout.
 
 mod mailbox;
+mod shm;
 pub mod verbs;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -64,6 +71,9 @@ pub struct Plan {
     pub combine: Vec<u64>,
     /// Messages per pair and layer, each way (shm; tcp sends one).
     pub stages: u32,
+    /// Bytes of a token row out and back (the shm floor's receivers read
+    /// one word per row of what they get, as the workload does).
+    pub rows: (u64, u64),
     pub warmup: u32,
     pub iters: u32,
     pub timeout: Duration,
@@ -92,6 +102,8 @@ impl Plan {
             .args(["--dispatch", &list(&self.dispatch)])
             .args(["--combine", &list(&self.combine)])
             .args(["--stages", &self.stages.to_string()])
+            .args(["--row", &self.rows.0.to_string()])
+            .args(["--out-row", &self.rows.1.to_string()])
             .args(["--warmup", &self.warmup.to_string()])
             .args(["--iters", &self.iters.to_string()])
             .args(["--timeout-ms", &self.timeout.as_millis().to_string()])
@@ -156,8 +168,9 @@ pub fn tcp(plan: &Plan, polled: bool) -> Result<Histogram> {
     plan.collect(&outs)
 }
 
-/// Per-layer microseconds of the shared-memory exchange floor.
-pub fn shm(plan: &Plan) -> Result<Histogram> {
+/// Per-layer microseconds of the shared-memory exchange floor; `read`:
+/// its receivers read what they get, as the mesh's workload does.
+pub fn shm(plan: &Plan, read: bool) -> Result<Histogram> {
     let layout = Layout::new(
         plan.m as usize,
         plan.n as usize,
@@ -172,9 +185,13 @@ pub fn shm(plan: &Plan) -> Result<Histogram> {
     let mut children = Children(Vec::new());
     for (role, count) in [("ffn", plan.n), ("attention", plan.m)] {
         for r in 0..count {
+            let mut cmd = plan.command("shm", role, r)?;
+            if !read {
+                cmd.arg("--no-read");
+            }
             children.spawn(
                 format!("shm floor {role} {r}"),
-                plan.command("shm", role, r)?.args(["--segment", &name]),
+                cmd.args(["--segment", &name]),
             )?;
         }
     }
@@ -267,6 +284,16 @@ pub struct PeerArgs {
     /// Messages per pair and layer, each way (shm).
     #[arg(long, default_value_t = 1)]
     stages: u32,
+    /// Bytes of a dispatched token row (shm: the FFN reads a word per row).
+    #[arg(long, default_value_t = 0)]
+    row: u64,
+    /// Bytes of a combined token row (shm: the FFN writes a word per row).
+    #[arg(long, default_value_t = 0)]
+    out_row: u64,
+    /// Shm: receivers do not read what they get (the bytes stay in their
+    /// writer's cache).
+    #[arg(long)]
+    no_read: bool,
     #[arg(long)]
     warmup: u32,
     #[arg(long)]
@@ -335,8 +362,8 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
             let map = Mapping::open(name).with_context(|| format!("opening {name}"))?;
             let boxes = Mailboxes::new(map, layout)?;
             match role {
-                PeerRole::Ffn => return shm_ffn(args, &boxes),
-                PeerRole::Attention => shm_attention(args, &boxes)?,
+                PeerRole::Ffn => return shm::ffn(args, &boxes),
+                PeerRole::Attention => shm::attention(args, &boxes)?,
             }
         }
     };
@@ -557,81 +584,6 @@ fn parts(total: usize, stages: u32) -> Vec<(usize, usize)> {
             (at - len, len)
         })
         .collect()
-}
-
-fn shm_attention(args: &PeerArgs, boxes: &Mailboxes) -> Result<Histogram> {
-    let a = args.rank as usize;
-    let n = args.ffn as usize;
-    let (d, _) = args.sizes(a);
-    let src = vec![0x5au8; d];
-    let parts = parts(d, args.stages);
-    let per_layer = u64::from(args.stages);
-    // Fixed size, whatever --iters is.
-    let mut lat = Histogram::new();
-    for layer in 0..args.layers() {
-        let first = u64::from(layer) * per_layer + 1;
-        let last = first + per_layer - 1;
-        let t = Instant::now();
-        for (k, &(at, len)) in (first..).zip(&parts) {
-            for f in 0..n {
-                boxes.put_dispatch(a, f, at, &src[at..at + len]);
-                boxes.request(a, f).store(k, Ordering::Release);
-            }
-        }
-        // Replies come in order per pair: the last one means all are in.
-        let mut w = Waiter::new(args.cpu.is_some(), args.timeout());
-        for f in 0..n {
-            while boxes.reply(a, f).load(Ordering::Acquire) != last {
-                w.relax(|| format!("F{f}'s replies to layer {layer}"))?;
-            }
-        }
-        if layer >= args.warmup {
-            lat.record(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-        }
-    }
-    Ok(lat)
-}
-
-fn shm_ffn(args: &PeerArgs, boxes: &Mailboxes) -> Result<()> {
-    let f = args.rank as usize;
-    let m = args.attention as usize;
-    let replies: Vec<Vec<u8>> = (0..m).map(|a| vec![0xa5u8; args.sizes(a).1]).collect();
-    let parts: Vec<_> = (0..m)
-        .map(|a| parts(args.sizes(a).1, args.stages))
-        .collect();
-    let per_layer = u64::from(args.stages);
-    // Per attention rank: the next message to answer.
-    let mut next = vec![1u64; m];
-    for layer in 0..args.layers() {
-        let last = (u64::from(layer) + 1) * per_layer;
-        let mut w = Waiter::new(args.cpu.is_some(), args.timeout());
-        // Answer each attention rank's messages in the order they land.
-        while next.iter().any(|&k| k <= last) {
-            let mut answered = false;
-            for (a, k) in next.iter_mut().enumerate() {
-                if *k > last {
-                    continue;
-                }
-                let r = boxes.request(a, f).load(Ordering::Acquire);
-                if r > last {
-                    bail!("A{a} raised message {r} before layer {layer} was answered");
-                }
-                while *k <= r {
-                    let (at, len) = parts[a][((*k - 1) % per_layer) as usize];
-                    boxes.put_combine(a, f, at, &replies[a][at..at + len]);
-                    boxes.reply(a, f).store(*k, Ordering::Release);
-                    *k += 1;
-                    answered = true;
-                }
-            }
-            if answered {
-                w.progressed();
-            } else {
-                w.relax(|| format!("layer {layer} from the attention ranks"))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

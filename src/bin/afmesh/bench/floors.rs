@@ -35,6 +35,7 @@ pub(super) fn device_floors(
             exchange_name: format!("cuMemcpyPeerAsync out and back, p99 {:.2} us", ce.p99),
             polled: None,
             memcpy: None,
+            unread: None,
         },
         nccl,
     ))
@@ -50,6 +51,9 @@ pub(super) struct Floors {
     pub(super) polled: Option<f64>,
     /// Shared memory only: one thread's copy of the layer.
     pub(super) memcpy: Option<f64>,
+    /// Shared memory only: the exchange whose receivers never read what
+    /// they get (reported, not a floor: no byte of it crosses the cores).
+    pub(super) unread: Option<f64>,
 }
 
 impl Floors {
@@ -77,12 +81,16 @@ pub(super) fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<usize>) -> f
         (d1 - d0, c1 - c0)
     };
     let (dispatch, combine) = (0..m).map(pair).unzip();
+    let rows = w.spec().map_or((0, 0), |s| {
+        (u64::from(s.row_bytes), u64::from(s.out_row_bytes))
+    });
     floor::Plan {
         m,
         n,
         dispatch,
         combine,
         stages: w.stages,
+        rows,
         warmup: w.warmup.max(5),
         iters: w.iters,
         timeout: w.timeout,

@@ -16,7 +16,7 @@ impl Point {
         format!("[{}]", items.join(","))
     }
 
-    pub(super) const TABLE_HEADER: &'static str = "transport  shape (MxN stages tokens hidden)  bytes/layer  iters   p50 us   p99 us p99.9 us     GB/s floor us  ratio";
+    pub(super) const TABLE_HEADER: &'static str = "transport  shape (MxN stages tokens hidden)  bytes/layer  iters   p50 us   p99 us p99.9 us     GB/s floor us  ratio  xchg us  x ratio";
 
     /// Whether every byte checked out; the first error otherwise.
     pub(super) fn verified(&self) -> Result<()> {
@@ -37,7 +37,7 @@ impl Point {
             self.m, self.n, wa.stages, wa.tokens, wa.hidden
         );
         format!(
-            "{:<9}  {shape:<32}  {:>11}  {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.3} {:>8.2} {:>6.2}{}",
+            "{:<9}  {shape:<32}  {:>11}  {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.3} {:>8.2} {:>6.2} {:>8.2} {:>8.2}{}",
             self.transport,
             self.layer_bytes,
             wa.iters,
@@ -47,6 +47,8 @@ impl Point {
             self.goodput,
             self.floor_p50,
             self.ratio,
+            self.floors.exchange,
+            self.lat.p50 / self.floors.exchange,
             if self.errors > 0 {
                 "  NOT VERIFIED"
             } else {
@@ -77,8 +79,9 @@ impl Point {
         let verified = errors == 0;
         let or_null = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |v| format!("{v:.2}"));
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
+        let unread_us = or_null(floors.unread);
         format!(
-            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"ratio\":{ratio:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
+            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"floor_exchange_unread_us\":{unread_us},\"ratio\":{ratio:.3},\"ratio_exchange\":{:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
             wa.layout.map_or_else(
                 || std::env::var("AFMESH_LAYOUT").unwrap_or_else(|_| "slots".into()),
                 |l| l.name().to_string()
@@ -92,6 +95,7 @@ impl Point {
             wa.warmup,
             self.layer_bytes,
             floors.exchange,
+            p50 / floors.exchange,
             self.verbs.map_or_else(String::new, |v| format!(
                 "\"wrs_per_msg\":{:.3},\"signaled_per_msg\":{:.3},\"flushes_per_msg\":{:.3},\"port_gbps\":{:.3},\"line_rate_pct\":{},",
                 v.wrs_per_msg,
@@ -164,6 +168,11 @@ impl Point {
         if let Some(memcpy) = floors.memcpy {
             println!("    memcpy      {memcpy:.2} us (1 thread copies the layer once)");
         }
+        if let Some(unread) = floors.unread {
+            println!(
+                "  not a floor   {unread:.2} us (the shm exchange with receivers that never read: no byte crosses the cores)"
+            );
+        }
         if let Some(v) = self.verbs {
             println!(
                 "  verbs         {:.2} work requests, {:.2} signalled, {:.2} flushes/probes per message; port {:.1} Gb/s{}",
@@ -185,7 +194,10 @@ impl Point {
             Some(Err(e)) => println!("  nccl          skipped: {e}"),
             None => {}
         }
-        println!("  ratio         p50/floor = {ratio:.2}");
+        println!(
+            "  ratio         p50/floor = {ratio:.2}  (p50/exchange = {:.2})",
+            p50 / floors.exchange
+        );
         println!("  trace         ffn {ffn_us:.1} us, network {net_us:.1} us per message (mean)");
         if self.stragglers.is_empty() {
             println!("  stragglers    none (one FFN rank)");

@@ -11,10 +11,10 @@
 //! `reply` (Acquire). The messages of one layer use disjoint parts of the
 //! buffers, and the attention process starts the next layer only once the
 //! last reply of this one is in, so each byte has one writer at a time.
-//! The buffers are written through raw pointers and never read by this
-//! program (a floor moves bytes; it does not look at them), so a peer that
-//! breaks the protocol can garble bytes but cannot make a Rust reference
-//! lie.
+//! The buffers are written and read through raw pointers only (copies in
+//! and out; a receiver reading what it got is the floor that reads, as the
+//! mesh's workload does), never through a reference, so a peer that breaks
+//! the protocol can garble bytes but cannot make a Rust reference lie.
 //!
 //! Each flag has a 128-byte span of its own (two cache lines: adjacent-line
 //! prefetch would otherwise couple the two writers); buffers start on pages.
@@ -169,6 +169,27 @@ impl Mailboxes {
         }
     }
 
+    fn get(&self, (base, len): (usize, usize), at: usize, dst: &mut [u8]) {
+        assert!(
+            at.checked_add(dst.len()).is_some_and(|end| end <= len),
+            "floor mailbox: {} bytes at {at} overflow a {len}-byte buffer",
+            dst.len()
+        );
+        // SAFETY: as in `put`, the range lies inside one buffer of the
+        // mapping and `dst` is private memory of this process. The protocol
+        // gives this part of the buffer to the reader now (its writer
+        // raised the flag this process acquired, and writes it again only
+        // after this process answers); a peer breaking it can only make the
+        // copied bytes garbage, and any byte pattern is a valid `u8`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.ptr().add(base + at),
+                dst.as_mut_ptr(),
+                dst.len(),
+            );
+        }
+    }
+
     /// Copies attention rank `a`'s bytes for FFN rank `f` into the pair's
     /// dispatch buffer at `at` (the attention rank's half of the protocol).
     pub fn put_dispatch(&self, a: usize, f: usize, at: usize, src: &[u8]) {
@@ -179,6 +200,18 @@ impl Mailboxes {
     /// combine buffer at `at` (the FFN rank's half).
     pub fn put_combine(&self, a: usize, f: usize, at: usize, src: &[u8]) {
         self.put(self.layout.buffers(a, f).1, at, src);
+    }
+
+    /// Reads the pair's dispatch bytes at `at` (the FFN rank, once the
+    /// request flag says they landed).
+    pub fn get_dispatch(&self, a: usize, f: usize, at: usize, dst: &mut [u8]) {
+        self.get(self.layout.buffers(a, f).0, at, dst);
+    }
+
+    /// Reads the pair's combine bytes at `at` (the attention rank, once
+    /// the reply flag says they landed).
+    pub fn get_combine(&self, a: usize, f: usize, at: usize, dst: &mut [u8]) {
+        self.get(self.layout.buffers(a, f).1, at, dst);
     }
 }
 
@@ -214,6 +247,12 @@ mod tests {
         let m = Mailboxes::new(Mapping::anonymous(l.len()).unwrap(), l.clone()).unwrap();
         m.put_dispatch(0, 1, 0, &[7u8; 16]);
         m.put_combine(0, 1, 4, &[9u8; 4]);
+        let mut back = [0u8; 6];
+        m.get_combine(0, 1, 2, &mut back);
+        assert_eq!(back, [0, 0, 9, 9, 9, 9]);
+        let mut d = [0u8; 16];
+        m.get_dispatch(0, 1, 0, &mut d);
+        assert_eq!(d, [7u8; 16]);
         m.request(0, 1).store(3, Ordering::Release);
         assert_eq!(m.request(0, 1).load(Ordering::Acquire), 3);
         assert_eq!(m.reply(0, 1).load(Ordering::Acquire), 0);
