@@ -139,6 +139,7 @@ driver_table! {
         stream_create = "cuStreamCreate": fn(*mut CuStream, c_uint);
         stream_destroy = "cuStreamDestroy_v2": fn(CuStream);
         stream_synchronize = "cuStreamSynchronize": fn(CuStream);
+        stream_query = "cuStreamQuery": fn(CuStream);
         stream_wait_event = "cuStreamWaitEvent": fn(CuStream, CuEvent, c_uint);
         event_create = "cuEventCreate": fn(*mut CuEvent, c_uint);
         event_destroy = "cuEventDestroy_v2": fn(CuEvent);
@@ -200,8 +201,11 @@ fn load() -> std::result::Result<Driver, String> {
         return Err(format!("{path} could not be loaded: {}", dlerror()));
     }
     let d = Driver::resolve(lib, &path)?;
-    // SAFETY: `cuInit(0)` is the driver's documented first call; flags 0.
-    let rc = unsafe { (d.init)(0) };
+    // Any helper thread it starts: off a pinned caller's core.
+    let rc = super::threads::off_pinned_cpu(|| {
+        // SAFETY: `cuInit(0)` is the driver's documented first call; flags 0.
+        unsafe { (d.init)(0) }
+    });
     if rc != CUDA_SUCCESS {
         return Err(format!(
             "cuInit failed: {} (no GPU or driver usable here)",

@@ -16,6 +16,7 @@ mod hostreg;
 mod ipc;
 mod pinned;
 mod stream;
+mod threads;
 
 pub use flag::{wait_value_geq, HostFlag};
 pub use hostreg::{write_value32_on, HostRegistration};
@@ -83,10 +84,13 @@ impl Device {
             format!("cuDeviceGet({ordinal})")
         })?;
         let mut ctx: CuContext = std::ptr::null_mut();
-        // SAFETY: valid out-pointer and a device handle from cuDeviceGet.
-        check(unsafe { (d.primary_ctx_retain)(&mut ctx, dev) }, || {
-            format!("cuDevicePrimaryCtxRetain({ordinal})")
-        })?;
+        // The context's helper threads start here: off a pinned caller's
+        // core.
+        let rc = threads::off_pinned_cpu(|| {
+            // SAFETY: valid out-pointer and a device handle from cuDeviceGet.
+            unsafe { (d.primary_ctx_retain)(&mut ctx, dev) }
+        });
+        check(rc, || format!("cuDevicePrimaryCtxRetain({ordinal})"))?;
         let device = Device {
             ordinal,
             dev,

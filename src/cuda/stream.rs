@@ -90,6 +90,20 @@ impl Stream {
         )
     }
 
+    /// Whether all work on the stream is done (`cuStreamQuery`, without
+    /// binding: the caller's context must be current); an error if some
+    /// of it failed.
+    pub fn idle(&self) -> Result<bool> {
+        let d = driver()?;
+        // SAFETY: a live stream.
+        let rc = unsafe { (d.stream_query)(self.raw()) };
+        if rc == driver::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        check(rc, || "cuStreamQuery".into())?;
+        Ok(true)
+    }
+
     /// Blocks until all work on the stream is done.
     pub fn synchronize(&self) -> Result<()> {
         let d = driver()?;

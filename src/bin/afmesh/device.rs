@@ -123,6 +123,91 @@ fn timed(w: &Workload, layer: u32, in_place: bool, ordered: bool) -> bool {
 
 const KEYS: u32 = 3;
 
+/// Wall-clock nanoseconds (the clock the ranks' trace stamps use).
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// This thread's context switches so far, (voluntary, involuntary), from
+/// /proc (zeros where it cannot be read).
+fn switches() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let get = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        get("voluntary_ctxt_switches:"),
+        get("nonvoluntary_ctxt_switches:"),
+    )
+}
+
+/// The process's threads as `name[allowed CPUs] voluntary/involuntary
+/// switches`, for the log: who shares the rank's core.
+fn threads() -> String {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
+        let get = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map_or("?", str::trim)
+                .to_string()
+        };
+        out.push(format!(
+            "{}[{}] {}/{}",
+            comm.trim(),
+            get("Cpus_allowed_list:"),
+            get("voluntary_ctxt_switches:"),
+            get("nonvoluntary_ctxt_switches:")
+        ));
+    }
+    out.join(", ")
+}
+
+/// `name p50/p99` of a histogram, in microseconds.
+fn pct(name: &str, h: &Histogram) -> String {
+    let q = |x| h.quantile(x).unwrap_or(0) as f64 / 1e3;
+    format!("{name} {:.1}/{:.1}", q(0.5), q(0.99))
+}
+
+/// Where the timed layers' time goes, per message, from the trace stamps
+/// (one host's wall clock): the dispatch call on the host, posted to seen
+/// by the FFN rank, seen to answered there, answered to seen back here, and
+/// seen back to the layer's wait returning.
+#[derive(Default)]
+struct Legs {
+    call: Histogram,
+    out: Histogram,
+    ffn: Histogram,
+    back: Histogram,
+    wake: Histogram,
+}
+
+impl Legs {
+    fn line(&self) -> String {
+        [
+            pct("call", &self.call),
+            pct("out", &self.out),
+            pct("ffn", &self.ffn),
+            pct("back", &self.back),
+            pct("wake", &self.wake),
+        ]
+        .join(" | ")
+    }
+}
+
 pub fn run_attention(
     a: &mut AttentionRank,
     w: &Workload,
@@ -189,8 +274,13 @@ pub fn run_attention(
     // Host time inside the dispatch calls, for the log (where a layer's
     // time goes).
     let mut host_ns = 0u128;
+    let mut legs = Legs::default();
+    let mut sw = ((0, 0), (0, 0));
     for layer in 0..w.layers() {
         handles.clear();
+        if layer == w.warmup {
+            sw.0 = switches();
+        }
         let parity = key(w, layer);
         if in_place && !ordered && checked(w, layer) {
             // The rows the checks expect, into the slots before the clock
@@ -275,7 +365,9 @@ pub fn run_attention(
             };
             let h = h.with_context(|| format!("A{me}: dispatch layer {layer} stage {s}"))?;
             if timed(w, layer, in_place, ordered) {
-                host_ns += call.elapsed().as_nanos();
+                let ns = call.elapsed().as_nanos();
+                host_ns += ns;
+                legs.call.record(u64::try_from(ns).unwrap_or(u64::MAX));
             }
             if ordered && layer > 0 {
                 let (w_stream, _) = &waiters[s as usize];
@@ -298,13 +390,23 @@ pub fn run_attention(
         a.wait_all(&handles, w.timeout)
             .with_context(|| format!("A{me}: combine of layer {layer}"))?;
         let dt = t0.elapsed();
-        if timed(w, layer, in_place, ordered) {
+        let done_ns = wall_ns();
+        let timed_layer = timed(w, layer, in_place, ordered);
+        if timed_layer {
             rep.lat
                 .record(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
         }
         for (s, h) in handles.iter().enumerate() {
             let s = s as u32;
             let c = a.wait_combine(*h, Duration::ZERO)?;
+            if timed_layer {
+                for t in (0..n as usize).filter_map(|f| c.trace(f)) {
+                    legs.out.record(t.land_ns.saturating_sub(t.post_ns));
+                    legs.ffn.record(t.respond_ns.saturating_sub(t.land_ns));
+                    legs.back.record(t.back_ns.saturating_sub(t.respond_ns));
+                    legs.wake.record(done_ns.saturating_sub(t.back_ns));
+                }
+            }
             let count = w.count(layer, s, me) as usize;
             let mut bad = |what: String| {
                 rep.errors += 1;
@@ -346,13 +448,21 @@ pub fn run_attention(
             }
         }
     }
+    sw.1 = switches();
     for (stream, _) in &waiters {
         stream.synchronize()?;
     }
     let timed = u128::from(w.layers().saturating_sub(w.warmup).max(1));
     eprintln!(
-        "A{me}: host time in dispatch calls: {:.2} us per layer",
-        host_ns as f64 / timed as f64 / 1e3
+        "A{me}: host time in dispatch calls: {:.2} us per layer; per message, p50/p99 us: {}",
+        host_ns as f64 / timed as f64 / 1e3,
+        legs.line()
+    );
+    eprintln!(
+        "A{me}: context switches in the timed layers: {} voluntary, {} involuntary; threads: {}",
+        sw.1 .0.saturating_sub(sw.0 .0),
+        sw.1 .1.saturating_sub(sw.0 .1),
+        threads()
     );
     Ok(rep)
 }
@@ -425,6 +535,8 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
     let total = u64::from(w.layers()) * u64::from(w.stages);
     // Host time inside the respond calls, for the log.
     let mut host_ns = 0u128;
+    let mut calls = Histogram::new();
+    let mut sw = ((0, 0), (0, 0));
     while rep.batches < total {
         let b = f
             .get_batch(w.timeout)
@@ -432,6 +544,9 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
         let s = b.stage();
         let layer = layer_of[s as usize];
         layer_of[s as usize] += 1;
+        if layer == w.warmup && s == 0 {
+            sw.0 = switches();
+        }
         let parity = key(w, layer);
         let mut bad = |what: String| {
             rep.errors += 1;
@@ -541,7 +656,9 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
         };
         answered.with_context(|| format!("F{me}: respond stage {s}"))?;
         if timed(w, layer, in_place, ordered) {
-            host_ns += call.elapsed().as_nanos();
+            let ns = call.elapsed().as_nanos();
+            host_ns += ns;
+            calls.record(u64::try_from(ns).unwrap_or(u64::MAX));
         }
         if let (Some(_), true) = (&producer, layer + 1 < w.layers()) {
             let (stream, _) = &waiters[s as usize];
@@ -575,10 +692,18 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
     for (stream, _) in &waiters {
         stream.synchronize()?;
     }
+    sw.1 = switches();
     let timed = u128::from(w.layers().saturating_sub(w.warmup).max(1));
     eprintln!(
-        "F{me}: host time in respond calls: {:.2} us per layer",
-        host_ns as f64 / timed as f64 / 1e3
+        "F{me}: host time in respond calls: {:.2} us per layer; per call, p50/p99 us: {}",
+        host_ns as f64 / timed as f64 / 1e3,
+        pct("respond", &calls)
+    );
+    eprintln!(
+        "F{me}: context switches in the timed layers: {} voluntary, {} involuntary; threads: {}",
+        sw.1 .0.saturating_sub(sw.0 .0),
+        sw.1 .1.saturating_sub(sw.0 .1),
+        threads()
     );
     Ok(rep)
 }

@@ -22,6 +22,14 @@
 //! (header and side block) to that mirror only, from the pinned shadow at
 //! post time, and copies just the rest (the rows) to the device.
 //!
+//! That is the host-announced path. By default the GPU announces instead:
+//! the notice is written into the peer's ring at post time, unpublished,
+//! and the link stream stores its sequence word right behind the copy
+//! (`cuStreamWriteValue32`). Such a write records no event: it is `Sent`
+//! once that word is seen in our mapping of the peer's ring (a load from
+//! host memory per poll, not a `cuEventQuery`); every 1024th poll that
+//! finds it unstored asks the stream (`cuStreamQuery`) for a failed copy.
+//!
 //! Notices, doorbells, header mirrors and peer death go through an inner
 //! [`ShmTransport`] (rings, and the mirror as its segment's region): the same lock-free rings, futex doorbell and
 //! liveness watch (pidfd, or the lock on the peer's segment) that shm
@@ -117,9 +125,21 @@ struct Target {
 /// Bytes of a message header (what goes to the peer's host mirror).
 const HEAD: usize = crate::proto::HEADER_LEN;
 
+/// How a posted write's completion is seen.
+#[derive(Debug)]
+enum Done {
+    /// An event recorded behind the copy (the host announces the write).
+    Event(Event),
+    /// The notice's sequence word, which the link stream stores right
+    /// behind the copy (the GPU announces the write): its address in our
+    /// mapping of the peer's ring and the value that publishes the entry.
+    /// Seeing it is a load from host memory, not a driver call.
+    Word { at: usize, value: u32 },
+}
+
 #[derive(Debug)]
 struct Pending {
-    event: Event,
+    done: Done,
     notice: Notice,
     token: u64,
     /// The message's first bytes (its header), for the peer's mirror.
@@ -148,6 +168,11 @@ struct CudaLink {
     /// Pending writes the host announces: while any is queued, later ones
     /// are announced by the host too (the ring's order is the link's).
     host_pending: usize,
+    /// Polls that found the oldest write's notice word not yet stored
+    /// (every `STALL_CHECK`th asks the stream whether it failed).
+    unseen: u32,
+    /// The stream was found idle with the oldest write's word unseen.
+    idle_unseen: bool,
     /// Kept mapped while the link lives.
     _mappings: Vec<IpcMapping>,
 }
@@ -482,6 +507,8 @@ impl Transport for CudaTransport {
                 ring_full: false,
                 gpu_notice,
                 host_pending: 0,
+                unseen: 0,
+                idle_unseen: false,
                 _mappings: mappings,
             });
             out.push(Connected {
@@ -587,8 +614,14 @@ impl Transport for CudaTransport {
             // No source is read after this returns.
             let _ = l.stream.synchronize();
             self.in_flight -= l.queue.len();
-            self.free_events.extend(l.queue.drain(..).map(|p| p.event));
+            self.free_events
+                .extend(l.queue.drain(..).filter_map(|p| match p.done {
+                    Done::Event(e) => Some(e),
+                    Done::Word { .. } => None,
+                }));
             l.host_pending = 0;
+            l.unseen = 0;
+            l.idle_unseen = false;
             l.down = true;
         }
         if let Some(n) = self.notices.as_mut() {

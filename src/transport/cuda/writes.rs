@@ -1,8 +1,12 @@
 //! Posted writes: a write's device copies on its link's stream (its header
 //! also sent to the peer's host mirror, or only there for a mirrored
-//! prefix), and its completion, announced on the peer's notice ring once
-//! the copy's event has completed; and whether the link streams publish
-//! those notices themselves.
+//! prefix), and its completion: announced on the peer's notice ring by the
+//! host once the copy's event has completed, or by the link stream itself
+//! (the notice's sequence word, stored behind the copy, which is also how
+//! the sender sees the write complete); and whether the link streams
+//! publish those notices themselves.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::*;
 
@@ -21,7 +25,13 @@ impl CudaTransport {
         };
         for (i, l) in self.links.iter_mut().enumerate() {
             while let Some(p) = l.queue.front() {
-                match p.event.done() {
+                let done = match &p.done {
+                    Done::Event(e) => e.done(),
+                    &Done::Word { at, value } => {
+                        word_done(&l.stream, &mut l.unseen, &mut l.idle_unseen, at, value)
+                    }
+                };
+                match done {
                     Ok(false) => break,
                     Ok(true) if p.announced => {
                         // The GPU published the notice behind the copy; a
@@ -30,7 +40,9 @@ impl CudaTransport {
                         if let Some(p) = l.queue.pop_front() {
                             self.in_flight -= 1;
                             out.push(Completion::Sent { token: p.token });
-                            self.free_events.push(p.event);
+                            if let Done::Event(e) = p.done {
+                                self.free_events.push(e);
+                            }
                         }
                     }
                     Ok(true) => {
@@ -70,7 +82,9 @@ impl CudaTransport {
                             self.in_flight -= 1;
                             l.host_pending -= 1;
                             out.push(Completion::Sent { token: p.token });
-                            self.free_events.push(p.event);
+                            if let Done::Event(e) = p.done {
+                                self.free_events.push(e);
+                            }
                         }
                     }
                     Err(e) => {
@@ -95,11 +109,67 @@ impl CudaTransport {
     pub(super) fn any_done(&self) -> bool {
         self.links.iter().any(|l| {
             !l.ring_full
-                && l.queue
-                    .front()
-                    .is_some_and(|p| p.event.done().unwrap_or(true))
+                && l.queue.front().is_some_and(|p| match &p.done {
+                    Done::Event(e) => e.done().unwrap_or(true),
+                    Done::Word { at, value } => published(*at, *value),
+                })
         })
     }
+}
+
+/// Every this many polls that find a link's oldest notice word unstored,
+/// the link's stream is asked whether its work failed (a failed copy never
+/// stores the word) or is all done.
+const STALL_CHECK: u32 = 1024;
+
+/// Whether the notice word at `at` holds `value` or a later lap's (the
+/// entry was published; the slot is only reused once the peer has taken
+/// it): before publication it holds the previous lap's value, `value -
+/// capacity`, or 0.
+pub(super) fn published(at: usize, value: u32) -> bool {
+    // SAFETY: `at` is the 4-byte aligned sequence word of an entry of our
+    // outgoing ring, in our mapping of the peer's segment, which the
+    // notice backend keeps mapped while this transport lives; the word is
+    // only ever accessed atomically (the GPU's store, the peer's load).
+    let word = unsafe { &*(at as *const AtomicU32) }.load(Ordering::Acquire);
+    word.wrapping_sub(value) as i32 >= 0
+}
+
+/// Whether a link's oldest write, announced by the GPU, has completed:
+/// its notice word is stored. A copy that failed never stores it, so every
+/// `STALL_CHECK`th poll that finds it unstored asks the stream: its error
+/// is the write's; a stream found idle twice with the word still unseen
+/// is an error too (the store did not reach host memory).
+fn word_done(
+    stream: &Stream,
+    unseen: &mut u32,
+    idle_unseen: &mut bool,
+    at: usize,
+    value: u32,
+) -> Result<bool> {
+    if published(at, value) {
+        *unseen = 0;
+        *idle_unseen = false;
+        return Ok(true);
+    }
+    *unseen = unseen.wrapping_add(1);
+    if !unseen.is_multiple_of(STALL_CHECK) {
+        return Ok(false);
+    }
+    if stream.idle()? {
+        if published(at, value) {
+            *unseen = 0;
+            *idle_unseen = false;
+            return Ok(true);
+        }
+        if *idle_unseen {
+            return Err(Error::config(
+                "the link stream finished but its notice store is not in host memory",
+            ));
+        }
+        *idle_unseen = true;
+    }
+    Ok(false)
 }
 
 impl CudaTransport {
@@ -189,7 +259,15 @@ impl CudaTransport {
                 self.links[link].stream.wait(e)?;
             }
         }
-        let event = self.event(&device)?;
+        // Writes the GPU announces complete when their notice word is
+        // stored; the others when an event behind the copy has.
+        let gpu_notice =
+            self.links[link].gpu_notice.is_some() && self.links[link].host_pending == 0;
+        let mut event = if gpu_notice {
+            None
+        } else {
+            Some(self.event(&device)?)
+        };
         let notice = Notice {
             region: remote.id,
             offset,
@@ -200,7 +278,6 @@ impl CudaTransport {
         let l = &mut self.links[link];
         // The GPU is to announce the arrival: the header goes to the peer's
         // mirror now (the slot is ours until the notice is published).
-        let gpu_notice = l.gpu_notice.is_some() && l.host_pending == 0;
         if gpu_notice {
             if let Some(notices) = self.notices.as_mut() {
                 if !notices.write_target(link, remote.id, offset, &head[..head_len])? {
@@ -249,7 +326,7 @@ impl CudaTransport {
         // The notice into the peer's ring now (the entry is ours until
         // published), and the link stream publishes it right behind the
         // copy.
-        let mut announced = false;
+        let mut word = None;
         if let (true, Some(reg), Some(notices)) = (gpu_notice, &l.gpu_notice, self.notices.as_mut())
         {
             let reserved = match notices.reserve_notice(link, &notice) {
@@ -278,18 +355,38 @@ impl CudaTransport {
                     l.down = true;
                     return Err(e);
                 }
-                announced = true;
+                word = Some(Done::Word { at: seq, value });
             }
         }
-        if let Err(e) = event.record(&l.stream) {
-            l.down = true;
-            return Err(e);
+        let announced = word.is_some();
+        // The ring was full at post time: the host announces this one.
+        if !announced && event.is_none() {
+            event = Some(or_down!(self.event(&device)));
         }
+        let l = &mut self.links[link];
+        let done = match (event, word) {
+            (Some(e), _) => {
+                if let Err(err) = e.record(&l.stream) {
+                    l.down = true;
+                    self.free_events.push(e);
+                    return Err(err);
+                }
+                Done::Event(e)
+            }
+            (None, Some(w)) => w,
+            (None, None) => {
+                l.down = true;
+                return Err(Error::config(
+                    "cuda: a write with no way to see it complete",
+                ));
+            }
+        };
         if !announced {
             l.host_pending += 1;
         }
+        let l = &mut self.links[link];
         l.queue.push_back(Pending {
-            event,
+            done,
             notice,
             token,
             head,
