@@ -245,6 +245,10 @@ pub struct WireCounters {
     /// region (tcp: small bodies read ahead with their header, one `read`
     /// instead of two; 0 for backends that place bytes directly).
     pub received_copied_bytes: u64,
+    /// Waits whose spin was cut short because the thread lost its core to
+    /// another task (filled in by the mux, see [`mux`]): a core shared
+    /// with other busy work.
+    pub preempted_spins: u64,
 }
 
 /// Most NICs one rank drives (one per GPU of an 8-GPU host).
@@ -258,6 +262,7 @@ impl std::ops::AddAssign for WireCounters {
         self.flushes += o.flushes;
         self.registrations_after_setup += o.registrations_after_setup;
         self.received_copied_bytes += o.received_copied_bytes;
+        self.preempted_spins += o.preempted_spins;
         self.rails = self.rails.max(o.rails);
         for i in 0..MAX_RAILS {
             self.rail_messages[i] += o.rail_messages[i];

@@ -14,6 +14,16 @@
 //! rings it for sockets, when a rank has both), socket descriptors with
 //! `poll(2)`, or a backend's own park — in slices of at most
 //! [`MAX_PARK`], so that liveness checks run while parked too.
+//!
+//! Spinning only pays on a core the rank has to itself. When a spin is
+//! interrupted by a preemption (a gap of [`PREEMPTED_GAP`] between two
+//! looks at the clock, and the thread's involuntary context switches went
+//! up), another task wants this core: the wait parks at once, and the
+//! waits of the next [`QUIET`] (doubling while it keeps happening, up to
+//! [`MAX_QUIET`]) park without spinning. A parked thread is woken by the
+//! kernel ahead of the task that took its core; a spinning one waits for
+//! that task's time slice to end (milliseconds). `AFMESH_POLL=spin` keeps
+//! spinning whatever happens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +37,15 @@ use crate::error::{Error, Result};
 
 /// Longest single park, so liveness and deadlines are checked while parked.
 pub const MAX_PARK: Duration = Duration::from_millis(5);
+
+/// A gap this long between two looks at the clock while spinning (32
+/// polls apart) means the thread lost its core, if the kernel counted an
+/// involuntary switch too.
+pub const PREEMPTED_GAP: Duration = Duration::from_micros(200);
+/// How long waits park without spinning after a spin was preempted.
+pub const QUIET: Duration = Duration::from_millis(20);
+/// The longest such period, for a core that stays contended.
+pub const MAX_QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Route {
@@ -52,6 +71,60 @@ pub struct Mux {
     /// The backend that carries every link, when its link ids are the
     /// mux's own: progress then reports straight into the caller's list.
     direct: Option<usize>,
+    /// Spinning after preemptions: see the module docs.
+    contention: Contention,
+}
+
+/// What the waits know of this thread's core being shared.
+#[derive(Debug, Default)]
+struct Contention {
+    /// Waits park without spinning until then.
+    quiet_until: Option<Instant>,
+    /// The last quiet period's length.
+    quiet: Duration,
+    /// The thread's involuntary switches when last looked at.
+    seen: u64,
+    /// Spins cut short by a preemption.
+    preempted: u64,
+}
+
+impl Contention {
+    /// Whether this wait may spin (`now`: its start).
+    fn may_spin(&self, now: Instant) -> bool {
+        self.quiet_until.is_none_or(|t| now >= t)
+    }
+
+    /// A spin saw a gap: whether the thread was preempted since the last
+    /// look (then the next waits park for a while).
+    fn preempted(&mut self, now: Instant) -> bool {
+        match crate::transport::shm::sys::preemptions() {
+            Ok(n) => self.note(now, n),
+            Err(_) => false,
+        }
+    }
+
+    /// [`Contention::preempted`] with the thread's count `n` read.
+    fn note(&mut self, now: Instant, n: u64) -> bool {
+        // Another thread's count (a rank used from several threads) only
+        // resets the baseline.
+        let before = std::mem::replace(&mut self.seen, n);
+        if n <= before {
+            return false;
+        }
+        self.preempted += 1;
+        // Preempted again soon after the last quiet period: the core is
+        // still shared, so park longer.
+        let again = self
+            .quiet_until
+            .is_some_and(|t| now.saturating_duration_since(t) < self.quiet * 4);
+        self.quiet = if again {
+            (self.quiet * 2).min(MAX_QUIET)
+        } else {
+            QUIET
+        };
+        self.quiet_until = Some(now + self.quiet);
+        true
+    }
 }
 
 impl Mux {
@@ -69,7 +142,17 @@ impl Mux {
             watched: 0,
             slices: Vec::with_capacity(4),
             direct: None,
+            contention: Contention {
+                seen: crate::transport::shm::sys::preemptions().unwrap_or(0),
+                ..Contention::default()
+            },
         }
+    }
+
+    /// How many waits stopped spinning because the thread was preempted
+    /// (its core is shared with another busy task).
+    pub fn preempted_spins(&self) -> u64 {
+        self.contention.preempted
     }
 
     /// The backends, most preferred first.
@@ -183,6 +266,7 @@ impl Mux {
         for b in &self.backends {
             c += b.counters();
         }
+        c.preempted_spins = self.contention.preempted;
         c
     }
 
@@ -344,8 +428,14 @@ impl Mux {
             return Ok(());
         }
         let begin = Instant::now();
-        let spin = self.policy.spin_for(timeout);
+        let adaptive = matches!(self.policy, PollPolicy::SpinThenPark { .. });
+        let spin = if adaptive && !self.contention.may_spin(begin) {
+            Duration::ZERO
+        } else {
+            self.policy.spin_for(timeout)
+        };
         let mut spins = 0u32;
+        let mut looked = begin;
         // The clock is read once per 32 polls: a read costs about as much
         // as a poll that finds nothing, and the spin bound is coarse.
         while !spin.is_zero() {
@@ -355,8 +445,18 @@ impl Mux {
             if out.len() > start {
                 return Ok(());
             }
-            if spins.is_multiple_of(32) && begin.elapsed() >= spin {
-                break;
+            if spins.is_multiple_of(32) {
+                let now = Instant::now();
+                if adaptive
+                    && now.saturating_duration_since(looked) >= PREEMPTED_GAP
+                    && self.contention.preempted(now)
+                {
+                    break;
+                }
+                looked = now;
+                if now.saturating_duration_since(begin) >= spin {
+                    break;
+                }
             }
         }
         let deadline = begin + timeout;
@@ -482,5 +582,84 @@ fn remap(map: &[LinkId], c: Completion) -> Completion {
             link: m(link),
             reason,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::transport::shm::sys::pin_to_cpu;
+
+    #[test]
+    fn quiet_periods_double_while_preemptions_continue_and_reset_after() {
+        let t0 = Instant::now();
+        let mut c = Contention {
+            seen: 10,
+            ..Contention::default()
+        };
+        assert!(!c.note(t0, 10), "no new switch, no preemption");
+        assert!(c.note(t0, 11));
+        assert_eq!((c.quiet, c.quiet_until), (QUIET, Some(t0 + QUIET)));
+        // Preempted again right after the period: twice as long.
+        let t1 = t0 + QUIET + Duration::from_millis(1);
+        assert!(c.note(t1, 12));
+        assert_eq!(c.quiet, QUIET * 2);
+        for _ in 0..20 {
+            let t = c.quiet_until.unwrap();
+            let n = c.seen + 1;
+            assert!(c.note(t, n));
+        }
+        assert_eq!(c.quiet, MAX_QUIET);
+        // Calm for a long while: back to the first period.
+        let later = c.quiet_until.unwrap() + MAX_QUIET * 5;
+        let n = c.seen + 1;
+        assert!(c.note(later, n));
+        assert_eq!(c.quiet, QUIET);
+        // A lower count (another thread) resets the baseline only.
+        assert!(!c.note(later, 3));
+        assert!(c.note(later, 4));
+        assert_eq!(c.preempted, 24);
+    }
+
+    /// A spin that shares its CPU with a busy thread is preempted within a
+    /// time slice; the wait notices, and the next waits park at once.
+    #[test]
+    fn a_spin_that_loses_its_core_makes_the_next_waits_park() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin_to_cpu(0).expect("pin the busy thread");
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        pin_to_cpu(0).expect("pin the test thread");
+        let mut mux = Mux::new(
+            Vec::new(),
+            PollPolicy::SpinThenPark {
+                spin: Duration::from_millis(200),
+                yield_cpu: false,
+            },
+        );
+        let mut out = Vec::new();
+        // Nothing arrives: the wait spins (sharing CPU 0), then parks.
+        let r = mux.poll(&mut out, Duration::from_millis(250));
+        stop.store(true, Ordering::Relaxed);
+        busy.join().expect("busy thread");
+        r.expect("poll");
+        assert!(out.is_empty());
+        assert!(mux.preempted_spins() >= 1, "never saw the preemption");
+        let until = mux.contention.quiet_until.expect("a quiet period");
+        assert_eq!(mux.contention.quiet, QUIET);
+        assert!(!mux.contention.may_spin(until - Duration::from_millis(1)));
+        assert!(mux.contention.may_spin(until));
+        // Pure spinning stays pure: its waits never consult the count.
+        let mut spin = Mux::new(Vec::new(), PollPolicy::Spin);
+        spin.poll(&mut out, Duration::from_millis(5)).expect("poll");
+        assert_eq!(spin.preempted_spins(), 0);
     }
 }

@@ -23,6 +23,18 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// How many times the calling thread has been preempted (involuntary
+/// context switches, `getrusage(RUSAGE_THREAD)`): another runnable task
+/// took its CPU while it still wanted it.
+pub fn preemptions() -> io::Result<u64> {
+    // SAFETY: an all-zero rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into `ru`, which lives for the
+    // call.
+    crate::syscall!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) })?;
+    Ok(u64::try_from(ru.ru_nivcsw).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,7 @@ mod process;
 mod signal;
 mod tcp;
 
-pub use cpu::pin_to_cpu;
+pub use cpu::{pin_to_cpu, preemptions};
 pub use fd::{poll_ready, FdWatcher};
 pub use futex::{futex_wait, futex_wake};
 pub use lock::{lock_exclusive, locked_by_another, random_u64};

@@ -250,6 +250,9 @@ pub struct Point {
     pub ratio: f64,
     ffn_us: f64,
     net_us: f64,
+    /// Waits, over every rank, whose spin was cut short because the rank
+    /// lost its core to another task.
+    preempted_spins: u64,
     pin: bool,
     errors: u64,
     first_error: Option<String>,
@@ -418,7 +421,7 @@ fn measure(
     let mut late: BTreeMap<String, (u64, f64)> = BTreeMap::new();
     // Work requests (data ones, i.e. less flushes and probes), signalled
     // ones, flushes, messages: summed over every rank.
-    let mut wire = [0u64; 4];
+    let mut wire = [0u64; 5];
     let mut links: BTreeMap<(String, String), [Option<Histogram>; 4]> = BTreeMap::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
@@ -429,9 +432,15 @@ fn measure(
                 .with_context(|| format!("rank output lacks {key}: {line}"))
         };
         errors += count("errors")?;
-        for (k, key) in ["work_requests", "signaled", "flushes", "messages"]
-            .iter()
-            .enumerate()
+        for (k, key) in [
+            "work_requests",
+            "signaled",
+            "flushes",
+            "messages",
+            "preempted_spins",
+        ]
+        .iter()
+        .enumerate()
         {
             wire[k] += field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0);
         }
@@ -546,6 +555,7 @@ fn measure(
         floor_name,
         ffn_us,
         net_us,
+        preempted_spins: wire[4],
         pin,
         errors,
         first_error,

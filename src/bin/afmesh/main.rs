@@ -570,9 +570,9 @@ fn wire_json(stats: &afmesh::RankStats) -> String {
         v.join(",")
     };
     format!(
-        "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{},\"rails\":{rails},\"rail_messages\":[{}],\"rail_bytes\":[{}]}}",
+        "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{},\"rails\":{rails},\"rail_messages\":[{}],\"rail_bytes\":[{}],\"preempted_spins\":{}}}",
         w.messages, w.work_requests, w.signaled, w.flushes, w.registrations_after_setup,
-        list(&w.rail_messages), list(&w.rail_bytes)
+        list(&w.rail_messages), list(&w.rail_bytes), w.preempted_spins
     )
 }
 
