@@ -152,7 +152,7 @@ impl State {
 
     fn take_complete(&mut self, region: &Arc<Region>) -> Option<Batch> {
         let s = self.stages.oldest_complete()?;
-        let (seq, _tokens) = self.stages.hand_out(s)?;
+        let seq = self.stages.hand_out_seq(s)?;
         let m = self.layout.m;
         Some(Batch {
             stage: s as u32,

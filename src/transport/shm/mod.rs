@@ -257,7 +257,8 @@ impl ShmTransport {
                         break;
                     }
                     Ok(n) => {
-                        let region_len = regions.target(n.region).map(|r| r.len());
+                        let target = regions.target(n.region);
+                        let region_len = target.map(|r| r.len());
                         let fits = region_len.is_some_and(|rl| {
                             n.offset
                                 .checked_add(u64::from(n.len))
@@ -279,10 +280,7 @@ impl ShmTransport {
                             // The engine reads the header next and the
                             // caller the side block and rows: ask for
                             // their lines together, now.
-                            if let Some(r) = regions
-                                .target(n.region)
-                                .filter(|r| r.kind() == MemoryKind::Host)
-                            {
+                            if let Some(r) = target.filter(|r| r.kind() == MemoryKind::Host) {
                                 cache::prefetch(
                                     r.addr() as usize + n.offset as usize,
                                     n.len as usize,
