@@ -132,6 +132,15 @@ impl Sink for State {
         }
         None
     }
+    /// A dispatch means its attention rank is done with the stage's
+    /// previous combine (it dispatches a stage only once that combine was
+    /// taken): the answer to this one goes there.
+    fn next_write(&self, _a: usize, acc: &Accepted) -> Option<(u64, u64)> {
+        let l = &self.layout;
+        let len =
+            HEADER_LEN as u64 + u64::from(acc.header.tokens) * u64::from(l.spec.out_row_bytes);
+        Some((l.out_offset(acc.stage, self.rank as usize) as u64, len))
+    }
 }
 
 impl State {

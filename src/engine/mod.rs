@@ -58,6 +58,13 @@ pub(crate) trait Sink {
     fn take_straggler(&mut self) -> Option<(usize, u64)> {
         None
     }
+    /// Where in peer `peer`'s region this rank writes next, now that
+    /// `accepted` says the peer is done reading it: (offset, length), for
+    /// [`Transport::prepare_write`](crate::transport::Transport::prepare_write).
+    fn next_write(&self, peer: usize, accepted: &Accepted) -> Option<(u64, u64)> {
+        let _ = (peer, accepted);
+        None
+    }
 }
 
 /// A peer's side of the table.
@@ -610,6 +617,10 @@ impl Engine {
                     if let Some(p) = self.peers.get_mut(who) {
                         p.stats.late_ns.record(ns);
                     }
+                }
+                if let Some((offset, len)) = sink.next_write(peer, &a) {
+                    let p = &self.peers[peer];
+                    self.transport.prepare_write(p.link, &p.key, offset, len);
                 }
             }
             Err(r) => {

@@ -576,6 +576,22 @@ impl Transport for ShmTransport {
         Ok(())
     }
 
+    #[inline]
+    fn prepare_write(&mut self, link: LinkId, remote: &RegionKey, offset: u64, len: u64) {
+        let target = self
+            .links
+            .get(link)
+            .filter(|l| !l.down)
+            .and_then(|l| l.targets.get(remote.id as usize))
+            .and_then(Option::as_ref);
+        if let Some(Target::Mapped(t)) = target {
+            let end = offset.saturating_add(len).min(t.len() as u64);
+            if offset < end {
+                cache::prefetch_write(t.addr() as usize + offset as usize, (end - offset) as usize);
+            }
+        }
+    }
+
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
         out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
         let start = out.len();
