@@ -224,9 +224,8 @@ impl FfnRank {
     /// Waits up to `timeout` for the oldest stage that every attention rank
     /// has dispatched to.
     pub fn get_batch(&mut self, timeout: Duration) -> Result<Batch> {
-        let region = self.engine.recv_region().clone();
         let got = self.engine.wait(&mut self.st, timeout, |engine, st| {
-            if let Some(b) = st.take_complete(&region) {
+            if let Some(b) = st.take_complete(engine.recv_region()) {
                 return Ok(Some(b));
             }
             match st.lost_needed(engine) {
