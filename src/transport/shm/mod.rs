@@ -10,9 +10,11 @@
 //! every notice's offset and length against its region before it counts. A
 //! parked receiver sleeps on a process-shared futex (its doorbell) that
 //! producers ring only when it is parked, so the fast path has no syscall.
-//! Two cache hints (`cache.rs`) shorten what crosses cores: the sender
+//! Three cache hints (`cache.rs`) shorten what crosses cores: the sender
 //! demotes the lines it wrote to the shared cache, the receiver prefetches
-//! a message's first lines as soon as its notice is seen.
+//! a message's first lines as soon as its notice is seen, and
+//! `prepare_write` takes the first lines of the sender's next message for
+//! writing once the peer is done reading them.
 //!
 //! Caller memory: a receive region outside the segment (the caller's own
 //! buffers) is written with cross-memory attach ([`cma`]): the kernel copies
