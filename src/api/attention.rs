@@ -184,6 +184,18 @@ impl Sink for State {
     fn take_straggler(&mut self) -> Option<(usize, u64)> {
         self.straggler.take()
     }
+    /// A combine means its FFN rank answered, so it no longer reads this
+    /// rank's dispatch slot of the stage (its batch ended at `respond`):
+    /// the stage's next dispatch goes there.
+    fn next_write(&self, _f: usize, a: &Accepted) -> Option<(u64, u64)> {
+        let l = &self.layout;
+        let head = l.rows_at() as u64;
+        let len = match l.stage_layout {
+            StageLayout::Slots => head + u64::from(a.header.tokens) * u64::from(l.spec.row_bytes),
+            StageLayout::Matrix => head,
+        };
+        Some((l.in_offset(a.stage, self.rank as usize) as u64, len))
+    }
 }
 
 impl AttentionRank {

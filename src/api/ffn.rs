@@ -132,6 +132,15 @@ impl Sink for State {
         }
         None
     }
+    /// A dispatch means its attention rank is done with the stage's
+    /// previous combine (it dispatches a stage only once that combine was
+    /// taken): the answer to this one goes there.
+    fn next_write(&self, _a: usize, acc: &Accepted) -> Option<(u64, u64)> {
+        let l = &self.layout;
+        let len =
+            HEADER_LEN as u64 + u64::from(acc.header.tokens) * u64::from(l.spec.out_row_bytes);
+        Some((l.out_offset(acc.stage, self.rank as usize) as u64, len))
+    }
 }
 
 impl State {
@@ -152,7 +161,7 @@ impl State {
 
     fn take_complete(&mut self, region: &Arc<Region>) -> Option<Batch> {
         let s = self.stages.oldest_complete()?;
-        let (seq, _tokens) = self.stages.hand_out(s)?;
+        let seq = self.stages.hand_out_seq(s)?;
         let m = self.layout.m;
         Some(Batch {
             stage: s as u32,
@@ -215,9 +224,8 @@ impl FfnRank {
     /// Waits up to `timeout` for the oldest stage that every attention rank
     /// has dispatched to.
     pub fn get_batch(&mut self, timeout: Duration) -> Result<Batch> {
-        let region = self.engine.recv_region().clone();
         let got = self.engine.wait(&mut self.st, timeout, |engine, st| {
-            if let Some(b) = st.take_complete(&region) {
+            if let Some(b) = st.take_complete(engine.recv_region()) {
                 return Ok(Some(b));
             }
             match st.lost_needed(engine) {

@@ -14,6 +14,7 @@
 //! The role faces in `crate::api` hold an engine plus their stage machine
 //! and bookkeeping; they never poll the transport themselves.
 
+mod clock;
 mod histogram;
 mod interrupt;
 mod send;
@@ -55,6 +56,13 @@ pub(crate) trait Sink {
     /// and by how many ns after the one before it, for the peer's
     /// [`PeerStats::late_ns`] (attention ranks; taken once).
     fn take_straggler(&mut self) -> Option<(usize, u64)> {
+        None
+    }
+    /// Where in peer `peer`'s region this rank writes next, now that
+    /// `accepted` says the peer is done reading it: (offset, length), for
+    /// [`Transport::prepare_write`](crate::transport::Transport::prepare_write).
+    fn next_write(&self, peer: usize, accepted: &Accepted) -> Option<(u64, u64)> {
+        let _ = (peer, accepted);
         None
     }
 }
@@ -121,8 +129,8 @@ pub(crate) struct Engine {
     /// Completions taken while waiting out a full send window, for the next
     /// pump.
     backlog: Vec<Completion>,
-    /// When a wait last started polling the transport.
-    polled_at: Option<Instant>,
+    /// When a wait last started polling the transport ([`now_ns`]).
+    polled_at: Option<u64>,
     peers: Vec<PeerLink>,
     link_to_peer: Vec<Option<usize>>,
     completions: Vec<Completion>,
@@ -478,9 +486,8 @@ impl Engine {
             if let Some(v) = ready(self, sink)? {
                 return Ok(Some(v));
             }
-            let now = Instant::now();
             let left = match deadline {
-                Some(d) => d.saturating_duration_since(now),
+                Some(d) => d.saturating_duration_since(Instant::now()),
                 None => timeout,
             };
             if left.is_zero() && polled {
@@ -496,7 +503,7 @@ impl Engine {
                 polled = true;
                 continue;
             }
-            self.polled_at = Some(now);
+            self.polled_at = Some(now_ns());
             self.pump(left.min(MAX_PARK), sink)?;
             polled = true;
         }
@@ -506,7 +513,10 @@ impl Engine {
     /// right behind a combine need not poll again: over tcp that is a
     /// `recv` per link finding nothing).
     pub(crate) fn polled_within(&self, window: Duration) -> bool {
-        self.polled_at.is_some_and(|t| t.elapsed() < window)
+        // On the stamp clock (cheap): a wall clock stepped back only makes
+        // this true (or false) once too often within `window`.
+        self.polled_at
+            .is_some_and(|t| u128::from(now_ns().saturating_sub(t)) < window.as_nanos())
     }
 
     fn peer_of(&self, link: LinkId) -> Option<usize> {
@@ -608,6 +618,10 @@ impl Engine {
                         p.stats.late_ns.record(ns);
                     }
                 }
+                if let Some((offset, len)) = sink.next_write(peer, &a) {
+                    let p = &self.peers[peer];
+                    self.transport.prepare_write(p.link, &p.key, offset, len);
+                }
             }
             Err(r) => {
                 stats.rejected += 1;
@@ -658,7 +672,10 @@ pub(crate) const SYNC_SLICE: Duration = Duration::from_millis(1);
 const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Wall-clock nanoseconds, for trace stamps (comparable across processes
-/// of one host; across hosts only as good as their clock sync).
+/// of one host; across hosts only as good as their clock sync), at the
+/// price of a cycle-counter read where the kernel's clock is that counter
+/// (`clock.rs`).
+#[inline]
 pub(crate) fn now_ns() -> u64 {
-    crate::bootstrap::clock::wall_ns()
+    clock::now_ns()
 }

@@ -9,7 +9,7 @@
 //! before it counts the arrival ([`accept`](super::accept::accept)). Under
 //! [`FLAG_CHECKSUM`] the length word carries a CRC32C of the message instead.
 
-use super::codec::{DecodeError, Reader};
+use super::codec::DecodeError;
 
 /// `"AFMH"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"AFMH");
@@ -152,40 +152,43 @@ impl Header {
                 bytes.len()
             )));
         }
-        let mut r = Reader::new(&bytes[..HEADER_LEN]);
-        let magic = r.u32("magic")?;
+        // Fixed offsets from a fixed-size array: straight-line loads, no
+        // per-field bounds checks (this runs once per arrival).
+        let b: &[u8; HEADER_LEN] = match bytes[..HEADER_LEN].try_into() {
+            Ok(b) => b,
+            Err(_) => return Err(DecodeError::new("header: short")),
+        };
+        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let u64_at = |at: usize| u64::from(u32_at(at)) | u64::from(u32_at(at + 4)) << 32;
+        let magic = u32_at(0);
         if magic != MAGIC {
             return Err(DecodeError::new(format!(
                 "magic: {magic:#010x} is not AFMH"
             )));
         }
-        let version = r.u8("version")?;
+        let version = b[4];
         if version != VERSION {
             return Err(DecodeError::new(format!(
                 "version: {version}, this build speaks {VERSION}"
             )));
         }
-        let kind = Kind::from_u8(r.u8("kind")?)?;
-        let stage = r.u8("stage")?;
+        let kind = Kind::from_u8(b[5])?;
+        let stage = b[6];
         if u32::from(stage) >= MAX_STAGES {
             return Err(DecodeError::new(format!("stage: {stage} >= {MAX_STAGES}")));
         }
-        let flags = r.u8("flags")?;
+        let flags = b[7];
         if flags & !FLAG_CHECKSUM != 0 {
             return Err(DecodeError::new(format!(
                 "flags: unknown bits {flags:#04x}"
             )));
         }
-        let sequence = r.u32("sequence")?;
-        let sender = r.u32("sender")?;
-        let tokens = r.u32("tokens")?;
-        let side_len = r.u32("side_len")?;
-        let length = r.u32(if flags & FLAG_CHECKSUM != 0 {
-            "checksum"
-        } else {
-            "length"
-        })?;
-        let row_bytes = r.u32("row_bytes")?;
+        let sequence = u32_at(8);
+        let sender = u32_at(12);
+        let tokens = u32_at(16);
+        let side_len = u32_at(20);
+        let length = u32_at(CHECKSUM_AT.start);
+        let row_bytes = u32_at(28);
         let h = Header {
             kind,
             stage,
@@ -194,10 +197,10 @@ impl Header {
             tokens,
             row_bytes,
             side_len,
-            post_ns: r.u64("post_ns")?,
-            land_ns: r.u64("land_ns")?,
-            process_ns: r.u64("process_ns")?,
-            respond_ns: r.u64("respond_ns")?,
+            post_ns: u64_at(32),
+            land_ns: u64_at(40),
+            process_ns: u64_at(48),
+            respond_ns: u64_at(56),
             checksum: (flags & FLAG_CHECKSUM != 0).then_some(length),
         };
         if h.checksum.is_some() {

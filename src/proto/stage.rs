@@ -181,7 +181,7 @@ impl StageCounter for AttentionStages {
         }
         match &s.state {
             AState::Dispatched { tokens: t, .. } if *t != tokens => Err(Reject::WrongTokens),
-            AState::Dispatched { arrived, .. } if arrived[from] => Err(Reject::Duplicate),
+            AState::Dispatched { .. } if s.arrived[from] => Err(Reject::Duplicate),
             AState::Dispatched { .. } => Ok(()),
             AState::Combined { .. } => Err(Reject::Duplicate),
             AState::Idle => Err(Reject::Unexpected),
@@ -230,9 +230,10 @@ impl StageCounter for FfnStages {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum AState {
     Idle,
+    /// Which FFN ranks have arrived is the stage's `arrived` (kept between
+    /// dispatches, so a dispatch allocates nothing).
     Dispatched {
         tokens: u32,
-        arrived: Vec<bool>,
         count: usize,
     },
     Combined {
@@ -245,6 +246,8 @@ struct AStage {
     state: AState,
     /// Sequence of the current (or next) dispatch of this stage.
     seq: u32,
+    /// Per FFN rank, while `Dispatched`: whether its combine arrived.
+    arrived: Vec<bool>,
 }
 
 /// An attention rank's stages.
@@ -262,6 +265,7 @@ impl AttentionStages {
                 AStage {
                     state: AState::Idle,
                     seq: 0,
+                    arrived: vec![false; peers],
                 };
                 stages
             ],
@@ -280,11 +284,8 @@ impl AttentionStages {
         s.state = if peers == 0 {
             AState::Combined { tokens }
         } else {
-            AState::Dispatched {
-                tokens,
-                arrived: vec![false; peers],
-                count: 0,
-            }
+            s.arrived.fill(false);
+            AState::Dispatched { tokens, count: 0 }
         };
         Some(s.seq)
     }
@@ -310,18 +311,14 @@ impl AttentionStages {
             return Err(Reject::Stale);
         }
         match &mut s.state {
-            AState::Dispatched {
-                tokens: t,
-                arrived,
-                count,
-            } => {
+            AState::Dispatched { tokens: t, count } => {
                 if *t != tokens {
                     return Err(Reject::WrongTokens);
                 }
-                if arrived[from] {
+                if s.arrived[from] {
                     return Err(Reject::Duplicate);
                 }
-                arrived[from] = true;
+                s.arrived[from] = true;
                 *count += 1;
                 if *count == peers {
                     s.state = AState::Combined { tokens };
@@ -368,12 +365,21 @@ impl AttentionStages {
 
     /// FFN ranks whose combine for `stage` has not arrived.
     pub fn missing(&self, stage: usize) -> Vec<usize> {
-        match self.stages.get(stage).map(|s| &s.state) {
-            Some(AState::Dispatched { arrived, .. }) => {
-                (0..arrived.len()).filter(|&i| !arrived[i]).collect()
-            }
-            _ => Vec::new(),
-        }
+        self.waiting_on(stage).collect()
+    }
+
+    /// [`AttentionStages::missing`], without collecting it.
+    pub fn waiting_on(&self, stage: usize) -> impl Iterator<Item = usize> + '_ {
+        let arrived = match self.stages.get(stage) {
+            Some(
+                s @ AStage {
+                    state: AState::Dispatched { .. },
+                    ..
+                },
+            ) => &s.arrived[..],
+            _ => &[],
+        };
+        (0..arrived.len()).filter(|&i| !arrived[i])
     }
 
     /// Tokens of the dispatch in flight on `stage`.
@@ -518,12 +524,20 @@ impl FfnStages {
     /// Hands a complete stage to the caller; returns its sequence and the
     /// token count of every sender.
     pub fn hand_out(&mut self, stage: usize) -> Option<(u32, Vec<u32>)> {
+        let seq = self.hand_out_seq(stage)?;
+        let s = &self.stages[stage];
+        Some((seq, s.tokens.iter().map(|t| t.unwrap_or(0)).collect()))
+    }
+
+    /// [`FfnStages::hand_out`], returning the sequence only (allocates
+    /// nothing).
+    pub fn hand_out_seq(&mut self, stage: usize) -> Option<u32> {
         let s = self.stages.get_mut(stage)?;
         if s.state != FState::Complete {
             return None;
         }
         s.state = FState::HandedOut;
-        Some((s.seq, s.tokens.iter().map(|t| t.unwrap_or(0)).collect()))
+        Some(s.seq)
     }
 
     /// Whether `stage` is handed out at `seq` and not yet answered.

@@ -352,6 +352,14 @@ pub trait Transport {
             self.name()
         )))
     }
+    /// A hint: a write of about `len` bytes to `remote` at `offset` on
+    /// `link` follows soon, and the peer no longer reads those bytes. A
+    /// backend whose CPU stores land in the peer's memory (shm) asks for
+    /// the lines for writing now, so that the write's stores need not wait
+    /// for them; what anyone reads is unchanged. Others ignore it.
+    fn prepare_write(&mut self, link: LinkId, remote: &RegionKey, offset: u64, len: u64) {
+        let _ = (link, remote, offset, len);
+    }
     /// Appends what has happened to `out`; never blocks.
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()>;
     /// How to sleep until there is progress to make.
@@ -497,6 +505,10 @@ macro_rules! backends {
                 token: u64,
             ) -> Result<()> {
                 dispatch!(self, [Sim $(, $variant)*], t => t.post_write_mirrored(link, head, src, remote, offset, imm, token))
+            }
+            #[inline]
+            fn prepare_write(&mut self, link: LinkId, remote: &RegionKey, offset: u64, len: u64) {
+                dispatch!(self, [Sim $(, $variant)*], t => t.prepare_write(link, remote, offset, len))
             }
             #[inline]
             fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {

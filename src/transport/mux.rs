@@ -348,6 +348,14 @@ impl Mux {
         self.backends[r.backend].post_write(r.link, &self.slices, remote, offset, imm, token)
     }
 
+    /// Passes [`Transport::prepare_write`] to `link`'s backend.
+    #[inline]
+    pub fn prepare_write(&mut self, link: LinkId, remote: &RegionKey, offset: u64, len: u64) {
+        if let Some(r) = self.routes.get(link).copied() {
+            self.backends[r.backend].prepare_write(r.link, remote, offset, len);
+        }
+    }
+
     /// Posts a write on `link` whose first `head` bytes land in the
     /// target's host mirror only (see [`Transport::post_write_mirrored`]).
     #[inline]

@@ -1,6 +1,23 @@
-//! Pinning threads to CPUs.
+//! Pinning threads to CPUs, and reading the CPU's timestamp counter.
 
 use std::io;
+
+/// The CPU's timestamp counter (`rdtsc`), where the architecture has one
+/// (x86-64); `None` elsewhere. Whether its ticks are steady and agree
+/// between CPUs is the caller's question (the kernel's clocksource says).
+#[inline(always)]
+pub fn timestamp_counter() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `rdtsc` reads a counter; every x86-64 CPU has it, and it
+        // touches no memory.
+        Some(unsafe { core::arch::x86_64::_rdtsc() })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
 
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {

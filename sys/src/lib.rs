@@ -9,7 +9,9 @@
 //! * [`pid_alive`] and [`PidWatch`]: whether a peer process still runs;
 //!   [`lock_exclusive`] and [`locked_by_another`]: the same across pid
 //!   namespaces, by an open-file-description lock on its segment.
-//! * [`pin_to_cpu`]: pinning the calling thread.
+//! * [`pin_to_cpu`]: pinning the calling thread; [`timestamp_counter`]:
+//!   the CPU's cycle counter, for a cheap clock; [`preemptions`]: how often
+//!   the calling thread lost its CPU.
 //! * [`die_with_parent`], [`on_terminate`] and [`terminated`]: children
 //!   that do not outlive their parent, and a parent that reaps them when
 //!   it is told to stop.
@@ -52,7 +54,7 @@ mod process;
 mod signal;
 mod tcp;
 
-pub use cpu::{pin_to_cpu, preemptions};
+pub use cpu::{pin_to_cpu, preemptions, timestamp_counter};
 pub use fd::{poll_ready, FdWatcher};
 pub use futex::{futex_wait, futex_wake};
 pub use lock::{lock_exclusive, locked_by_another, random_u64};

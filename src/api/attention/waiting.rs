@@ -53,7 +53,7 @@ impl AttentionRank {
         if self.st.stages.is_combined(s) {
             return self.wait_combine(handle, Duration::ZERO).map(Some);
         }
-        if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
+        if let Some(f) = self.engine.first_lost(self.st.stages.waiting_on(s)) {
             // The combine can never complete: free the stage.
             self.st.abandon(s);
             return Err(self.engine.lost_error(f));
@@ -82,7 +82,7 @@ impl AttentionRank {
                 .wait_combine_sum(handle, dtype, out, Duration::ZERO)
                 .map(Some);
         }
-        if let Some(f) = self.engine.first_lost(self.st.stages.missing(s)) {
+        if let Some(f) = self.engine.first_lost(self.st.stages.waiting_on(s)) {
             // The combine can never complete: free the stage.
             self.st.abandon(s);
             return Err(self.engine.lost_error(f));
@@ -103,7 +103,7 @@ impl AttentionRank {
                 if st.stages.is_combined(s) {
                     continue;
                 }
-                if let Some(f) = engine.first_lost(st.stages.missing(s)) {
+                if let Some(f) = engine.first_lost(st.stages.waiting_on(s)) {
                     // The combine can never complete: free the stage.
                     st.abandon(s);
                     return Err(engine.lost_error(f));

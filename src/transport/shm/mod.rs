@@ -10,9 +10,11 @@
 //! every notice's offset and length against its region before it counts. A
 //! parked receiver sleeps on a process-shared futex (its doorbell) that
 //! producers ring only when it is parked, so the fast path has no syscall.
-//! Two cache hints (`cache.rs`) shorten what crosses cores: the sender
+//! Three cache hints (`cache.rs`) shorten what crosses cores: the sender
 //! demotes the lines it wrote to the shared cache, the receiver prefetches
-//! a message's first lines as soon as its notice is seen.
+//! a message's first lines as soon as its notice is seen, and
+//! `prepare_write` takes the first lines of the sender's next message for
+//! writing once the peer is done reading them.
 //!
 //! Caller memory: a receive region outside the segment (the caller's own
 //! buffers) is written with cross-memory attach ([`cma`]): the kernel copies
@@ -257,7 +259,8 @@ impl ShmTransport {
                         break;
                     }
                     Ok(n) => {
-                        let region_len = regions.target(n.region).map(|r| r.len());
+                        let target = regions.target(n.region);
+                        let region_len = target.map(|r| r.len());
                         let fits = region_len.is_some_and(|rl| {
                             n.offset
                                 .checked_add(u64::from(n.len))
@@ -279,10 +282,7 @@ impl ShmTransport {
                             // The engine reads the header next and the
                             // caller the side block and rows: ask for
                             // their lines together, now.
-                            if let Some(r) = regions
-                                .target(n.region)
-                                .filter(|r| r.kind() == MemoryKind::Host)
-                            {
+                            if let Some(r) = target.filter(|r| r.kind() == MemoryKind::Host) {
                                 cache::prefetch(
                                     r.addr() as usize + n.offset as usize,
                                     n.len as usize,
@@ -576,6 +576,22 @@ impl Transport for ShmTransport {
         );
         self.sent.push_back(token);
         Ok(())
+    }
+
+    #[inline]
+    fn prepare_write(&mut self, link: LinkId, remote: &RegionKey, offset: u64, len: u64) {
+        let target = self
+            .links
+            .get(link)
+            .filter(|l| !l.down)
+            .and_then(|l| l.targets.get(remote.id as usize))
+            .and_then(Option::as_ref);
+        if let Some(Target::Mapped(t)) = target {
+            let end = offset.saturating_add(len).min(t.len() as u64);
+            if offset < end {
+                cache::prefetch_write(t.addr() as usize + offset as usize, (end - offset) as usize);
+            }
+        }
     }
 
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {

@@ -273,3 +273,30 @@ fn a_verified_peer_is_watched_by_its_pidfd() {
     assert!(matches!(p.a.links[0].watch, Watch::Process(_)));
     assert!(matches!(p.b.links[0].watch, Watch::Process(_)));
 }
+
+/// `prepare_write` is a hint: on the peer's bytes, past its region's end,
+/// on a link or region that does not exist, it changes nothing and never
+/// faults; the write after it lands as usual.
+#[test]
+fn prepare_write_changes_nothing() {
+    let mut p = pair("shm-unit-prepare");
+    p.src.write_gather(0, &[b"xyz"]).unwrap();
+    p.a.prepare_write(0, &p.kb, 0, 4096);
+    p.a.prepare_write(0, &p.kb, 4000, 1 << 20);
+    p.a.prepare_write(0, &p.kb, u64::MAX, u64::MAX);
+    p.a.prepare_write(7, &p.kb, 0, 64);
+    let elsewhere = RegionKey { id: 9, ..p.kb };
+    p.a.prepare_write(0, &elsewhere, 0, 64);
+    assert_eq!(p.rb.slice(0, 3).unwrap(), [0, 0, 0]);
+    p.a.post_write(0, &from(0, 3), &p.kb, 0, Some(1), 1)
+        .unwrap();
+    assert_eq!(
+        wait(&mut p.b),
+        vec![Completion::Arrival {
+            link: 0,
+            imm: 1,
+            len: 3
+        }]
+    );
+    assert_eq!(p.rb.slice(0, 3).unwrap(), b"xyz");
+}
