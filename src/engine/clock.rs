@@ -11,13 +11,16 @@
 //! interpolates from the latest anchor at the rate measured between two
 //! anchors at least [`CALIBRATE_NS`] apart.
 //!
-//! Error against the real clock: the anchor's pairing, within half a
-//! clock read (~25 ns), plus the rate error over the time since the
+//! Error against the real clock: the anchor's pairing, within half the
+//! counter reads around its clock read — a pair more than
+//! [`MAX_PAIRING_TICKS`] apart was interrupted (on this VM one in ~10^4
+//! is, by up to milliseconds) and is retried, then dropped — plus the rate error over the time since the
 //! anchor: a rate from a baseline of at least 1 ms is off by at most
 //! ~50 ns / 1 ms = 5e-5, so over [`REANCHOR_NS`] (100 µs) ~5 ns. An NTP
 //! slew (≤ 500 ppm) adds at most 50 ns before the next anchor; a step is
 //! seen at the next anchor, as the real clock's readers see it at their
-//! next read. The baseline restarts every second, so the rate follows a
+//! next read, and restarts the baseline (an anchor more than 10 µs from
+//! where the rate puts it) so the rate is not skewed by it. The baseline restarts every second, so the rate follows a
 //! slewing clock. Stamps of one thread may step back by those few ns at an
 //! anchor; users take differences with `saturating_sub`.
 //!
@@ -35,6 +38,9 @@ pub(crate) const REANCHOR_NS: u64 = 100_000;
 pub(crate) const CALIBRATE_NS: u64 = 1_000_000;
 /// A baseline longer than this restarts at the next anchor.
 const BASELINE_NS: u64 = 1_000_000_000;
+/// An anchor this far (or 1/1000 of the time since the last one) from
+/// where the rate puts it is a clock step: the baseline restarts.
+const STEP_NS: u64 = 10_000;
 
 /// One thread's anchors.
 #[derive(Debug, Clone, Copy)]
@@ -78,13 +84,27 @@ pub(crate) fn now_ns() -> u64 {
     let Some(t) = afmesh_sys::timestamp_counter() else {
         return wall_ns();
     };
-    let a = ANCHORS.with(Cell::get);
-    let since = t.wrapping_sub(a.last.0);
-    if a.rate != 0 && since < a.span {
-        return a.last.1 + ((u128::from(since) * u128::from(a.rate)) >> 32) as u64;
+    match interpolate(&ANCHORS.with(Cell::get), t) {
+        Some(ns) => ns,
+        None => anchor(),
     }
-    anchor()
 }
+
+/// Wall ns at counter `t` from the latest anchor, if it is calibrated and
+/// recent enough.
+#[inline]
+fn interpolate(a: &Anchors, t: u64) -> Option<u64> {
+    let since = t.wrapping_sub(a.last.0);
+    (a.rate != 0 && since < a.span)
+        .then(|| a.last.1 + ((u128::from(since) * u128::from(a.rate)) >> 32) as u64)
+}
+
+/// Most ticks between the counter reads around an anchor's clock read (a
+/// clock read takes ~150): a wider pair was interrupted, and its midpoint
+/// could be microseconds off.
+const MAX_PAIRING_TICKS: u64 = 1024;
+/// Pairings tried per anchor.
+const PAIRING_TRIES: usize = 4;
 
 /// Reads the real clock, makes it the thread's latest anchor and
 /// recalibrates; returns the real time.
@@ -93,15 +113,24 @@ fn anchor() -> u64 {
     if !counter_is_clock() {
         return wall_ns();
     }
-    let (Some(before), wall, Some(after)) = (
-        afmesh_sys::timestamp_counter(),
-        wall_ns(),
-        afmesh_sys::timestamp_counter(),
-    ) else {
-        return wall_ns();
-    };
-    let at = (before / 2 + after / 2 + (before & after & 1), wall);
-    ANCHORS.with(|c| c.set(calibrate(c.get(), at)));
+    let mut wall = 0;
+    for _ in 0..PAIRING_TRIES {
+        let (Some(before), w, Some(after)) = (
+            afmesh_sys::timestamp_counter(),
+            wall_ns(),
+            afmesh_sys::timestamp_counter(),
+        ) else {
+            return wall_ns();
+        };
+        wall = w;
+        if after >= before && after - before <= MAX_PAIRING_TICKS {
+            let at = (before / 2 + after / 2 + (before & after & 1), w);
+            ANCHORS.with(|c| c.set(calibrate(c.get(), at)));
+            return w;
+        }
+    }
+    // Interrupted every time: a real read, and the anchors left as they
+    // were (the next stamp tries again).
     wall
 }
 
@@ -121,6 +150,25 @@ fn calibrate(mut a: Anchors, at: (u64, u64)) -> Anchors {
             },
             rate,
         );
+    }
+    // The clock stepped forward (or the thread slept long on a drifting
+    // rate): the anchor disagrees with the interpolation from the last one
+    // by more than 10 µs and 1/1000 of the time between them. Restart the
+    // baseline there, keeping the rate.
+    if a.rate != 0 && at.0 > a.last.0 {
+        let since = at.0 - a.last.0;
+        let expect = a.last.1 + ((u128::from(since) * u128::from(a.rate)) >> 32) as u64;
+        let elapsed = expect.saturating_sub(a.last.1);
+        if at.1.abs_diff(expect) > STEP_NS.max(elapsed / 1000) {
+            return with_rate(
+                Anchors {
+                    first: at,
+                    last: at,
+                    ..NONE
+                },
+                a.rate,
+            );
+        }
     }
     let (ticks, ns) = (at.0 - a.first.0, at.1 - a.first.1);
     a.last = at;
@@ -163,10 +211,26 @@ mod tests {
         // 1/3 ns per tick.
         assert!((a.rate as i64 - (1i64 << 32) / 3).abs() <= 1, "{}", a.rate);
         assert_eq!(a.span.abs_diff(REANCHOR_NS * 3), 0, "{}", a.span);
-        // 30 µs after the anchor, interpolated.
-        let since = 90_000u64;
-        let got = a.last.1 + ((u128::from(since) * u128::from(a.rate)) >> 32) as u64;
+        // 30 µs after the anchor, interpolated; past the span, not.
+        let got = interpolate(&a, at(CALIBRATE_NS + 30_000).0).expect("in span");
         assert!(got.abs_diff(at(CALIBRATE_NS + 30_000).1) <= 1, "{got}");
+        assert_eq!(interpolate(&a, at(CALIBRATE_NS + REANCHOR_NS + 1).0), None);
+        assert_eq!(interpolate(&NONE, 5), None, "uncalibrated");
+    }
+
+    #[test]
+    fn a_clock_step_forward_restarts_the_baseline_with_the_rate() {
+        let a = calibrate(calibrate(NONE, at(0)), at(CALIBRATE_NS));
+        // 50 µs later by the counter, but 100 ms later by the clock.
+        let (t, w) = at(CALIBRATE_NS + 50_000);
+        let b = calibrate(a, (t, w + 100_000_000));
+        assert_eq!(
+            (b.first, b.last, b.rate),
+            ((t, w + 100_000_000), b.first, a.rate)
+        );
+        // Within the tolerance: an ordinary anchor.
+        let c = calibrate(a, (t, w + 5_000));
+        assert_eq!((c.first, c.last), (a.first, (t, w + 5_000)));
     }
 
     #[test]
