@@ -20,10 +20,11 @@
 //! looks at the clock, and the thread's involuntary context switches went
 //! up), another task wants this core: the wait parks at once, and the
 //! waits of the next [`QUIET`] (doubling while it keeps happening, up to
-//! [`MAX_QUIET`]) park without spinning. A parked thread is woken by the
-//! kernel ahead of the task that took its core; a spinning one waits for
-//! that task's time slice to end (milliseconds). `AFMESH_POLL=spin` keeps
-//! spinning whatever happens.
+//! [`MAX_QUIET`]) park without spinning. A parked thread is woken when
+//! its message comes, on an idle core if one is free; a spinning one that
+//! yields hands the other task a whole time slice (milliseconds). Only the
+//! yielding default does this: a rank pinned to its own core and
+//! `AFMESH_POLL=spin` keep spinning whatever happens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ pub const MAX_PARK: Duration = Duration::from_millis(5);
 /// involuntary switch too.
 pub const PREEMPTED_GAP: Duration = Duration::from_micros(200);
 /// How long waits park without spinning after a spin was preempted.
-pub const QUIET: Duration = Duration::from_millis(20);
+pub const QUIET: Duration = Duration::from_millis(5);
 /// The longest such period, for a core that stays contended.
 pub const MAX_QUIET: Duration = Duration::from_secs(1);
 
@@ -82,7 +83,8 @@ struct Contention {
     quiet_until: Option<Instant>,
     /// The last quiet period's length.
     quiet: Duration,
-    /// The thread's involuntary switches when last looked at.
+    /// The thread's involuntary switches at this wait's first look (or
+    /// at the last preemption seen).
     seen: u64,
     /// Spins cut short by a preemption.
     preempted: u64,
@@ -94,8 +96,17 @@ impl Contention {
         self.quiet_until.is_none_or(|t| now >= t)
     }
 
-    /// A spin saw a gap: whether the thread was preempted since the last
-    /// look (then the next waits park for a while).
+    /// A spin's first look at the clock: the switches so far, against
+    /// which a later gap in the same spin is judged (one `getrusage` per
+    /// wait that spins past 32 polls; none on waits answered sooner).
+    fn baseline(&mut self) {
+        if let Ok(n) = crate::transport::shm::sys::preemptions() {
+            self.seen = n;
+        }
+    }
+
+    /// A spin saw a gap: whether the thread was preempted since the
+    /// spin's first look (then the next waits park for a while).
     fn preempted(&mut self, now: Instant) -> bool {
         match crate::transport::shm::sys::preemptions() {
             Ok(n) => self.note(now, n),
@@ -436,7 +447,16 @@ impl Mux {
             return Ok(());
         }
         let begin = Instant::now();
-        let adaptive = matches!(self.policy, PollPolicy::SpinThenPark { .. });
+        // Ranks pinned to their own core (no yielding) keep spinning: the
+        // core is theirs, and a one-off preemption there (a kernel thread)
+        // is no reason to park.
+        let adaptive = matches!(
+            self.policy,
+            PollPolicy::SpinThenPark {
+                yield_cpu: true,
+                ..
+            }
+        );
         let spin = if adaptive && !self.contention.may_spin(begin) {
             Duration::ZERO
         } else {
@@ -455,7 +475,9 @@ impl Mux {
             }
             if spins.is_multiple_of(32) {
                 let now = Instant::now();
-                if adaptive
+                if adaptive && spins == 32 {
+                    self.contention.baseline();
+                } else if adaptive
                     && now.saturating_duration_since(looked) >= PREEMPTED_GAP
                     && self.contention.preempted(now)
                 {
@@ -631,43 +653,71 @@ mod tests {
         assert_eq!(c.preempted, 24);
     }
 
-    /// A spin that shares its CPU with a busy thread is preempted within a
-    /// time slice; the wait notices, and the next waits park at once.
+    /// The first CPU this thread may run on.
+    fn an_allowed_cpu() -> usize {
+        // SAFETY: an all-zero cpu_set_t is a valid out-parameter.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sched_getaffinity writes at most `size_of` bytes of `set`.
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        assert_eq!(rc, 0, "sched_getaffinity");
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: every index is below CPU_SETSIZE.
+            .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .expect("some CPU")
+    }
+
+    /// A yielding spin that shares its CPU with a busy thread hands it a
+    /// time slice; the wait notices, and the next waits park at once. A
+    /// pinned rank's spin and pure spinning never consult the count.
     #[test]
     fn a_spin_that_loses_its_core_makes_the_next_waits_park() {
+        let cpu = an_allowed_cpu();
         let stop = Arc::new(AtomicBool::new(false));
         let busy = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                pin_to_cpu(0).expect("pin the busy thread");
+                pin_to_cpu(cpu).expect("pin the busy thread");
                 while !stop.load(Ordering::Relaxed) {
                     std::hint::spin_loop();
                 }
             })
         };
-        pin_to_cpu(0).expect("pin the test thread");
+        pin_to_cpu(cpu).expect("pin the test thread");
+        let spin = Duration::from_millis(200);
         let mut mux = Mux::new(
             Vec::new(),
             PollPolicy::SpinThenPark {
-                spin: Duration::from_millis(200),
-                yield_cpu: false,
+                spin,
+                yield_cpu: true,
             },
         );
         let mut out = Vec::new();
-        // Nothing arrives: the wait spins (sharing CPU 0), then parks.
+        // Nothing arrives: the wait spins (sharing the CPU), then parks.
         let r = mux.poll(&mut out, Duration::from_millis(250));
+        // The same contention for a pinned rank's spin and a pure spin.
+        let mut pinned = Mux::new(
+            Vec::new(),
+            PollPolicy::SpinThenPark {
+                spin,
+                yield_cpu: false,
+            },
+        );
+        let rp = pinned.poll(&mut out, Duration::from_millis(250));
+        let mut pure = Mux::new(Vec::new(), PollPolicy::Spin);
+        let rs = pure.poll(&mut out, Duration::from_millis(100));
         stop.store(true, Ordering::Relaxed);
         busy.join().expect("busy thread");
         r.expect("poll");
+        rp.expect("pinned poll");
+        rs.expect("pure spin poll");
         assert!(out.is_empty());
+        assert_eq!(pinned.preempted_spins(), 0);
+        assert_eq!(pure.preempted_spins(), 0);
         assert!(mux.preempted_spins() >= 1, "never saw the preemption");
         let until = mux.contention.quiet_until.expect("a quiet period");
         assert_eq!(mux.contention.quiet, QUIET);
         assert!(!mux.contention.may_spin(until - Duration::from_millis(1)));
         assert!(mux.contention.may_spin(until));
-        // Pure spinning stays pure: its waits never consult the count.
-        let mut spin = Mux::new(Vec::new(), PollPolicy::Spin);
-        spin.poll(&mut out, Duration::from_millis(5)).expect("poll");
-        assert_eq!(spin.preempted_spins(), 0);
     }
 }
