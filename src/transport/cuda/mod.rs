@@ -27,8 +27,9 @@
 //! and the link stream stores its sequence word right behind the copy
 //! (`cuStreamWriteValue32`). Such a write records no event: it is `Sent`
 //! once that word is seen in our mapping of the peer's ring (a load from
-//! host memory per poll, not a `cuEventQuery`); every 1024th poll that
-//! finds it unstored asks the stream (`cuStreamQuery`) for a failed copy.
+//! host memory per poll, not a `cuEventQuery`); once it has stayed
+//! unstored for a millisecond, and every millisecond after, the stream is
+//! asked (`cuStreamQuery`) for a failed copy — a park ends for that check.
 //!
 //! Notices, doorbells, header mirrors and peer death go through an inner
 //! [`ShmTransport`] (rings, and the mirror as its segment's region): the same lock-free rings, futex doorbell and
@@ -168,9 +169,10 @@ struct CudaLink {
     /// Pending writes the host announces: while any is queued, later ones
     /// are announced by the host too (the ring's order is the link's).
     host_pending: usize,
-    /// Polls that found the oldest write's notice word not yet stored
-    /// (every `STALL_CHECK`th asks the stream whether it failed).
-    unseen: u32,
+    /// Since when (or the last stream check) the oldest write's notice
+    /// word has been found not yet stored; after `STALL_CHECK` the stream
+    /// is asked whether it failed.
+    unseen: Option<Instant>,
     /// The stream was found idle with the oldest write's word unseen.
     idle_unseen: bool,
     /// Kept mapped while the link lives.
@@ -507,7 +509,7 @@ impl Transport for CudaTransport {
                 ring_full: false,
                 gpu_notice,
                 host_pending: 0,
-                unseen: 0,
+                unseen: None,
                 idle_unseen: false,
                 _mappings: mappings,
             });
@@ -620,7 +622,7 @@ impl Transport for CudaTransport {
                     Done::Word { .. } => None,
                 }));
             l.host_pending = 0;
-            l.unseen = 0;
+            l.unseen = None;
             l.idle_unseen = false;
             l.down = true;
         }

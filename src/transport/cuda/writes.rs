@@ -111,16 +111,20 @@ impl CudaTransport {
             !l.ring_full
                 && l.queue.front().is_some_and(|p| match &p.done {
                     Done::Event(e) => e.done().unwrap_or(true),
-                    Done::Word { at, value } => published(*at, *value),
+                    // A stall check that is due ends a park too.
+                    Done::Word { at, value } => {
+                        published(*at, *value)
+                            || l.unseen.is_some_and(|t| t.elapsed() >= STALL_CHECK)
+                    }
                 })
         })
     }
 }
 
-/// Every this many polls that find a link's oldest notice word unstored,
-/// the link's stream is asked whether its work failed (a failed copy never
-/// stores the word) or is all done.
-const STALL_CHECK: u32 = 1024;
+/// How long a link's oldest notice word may stay unstored before the
+/// link's stream is asked whether its work failed (a failed copy never
+/// stores the word) or is all done; then again as long after each check.
+const STALL_CHECK: Duration = Duration::from_millis(1);
 
 /// Whether the notice word at `at` holds `value` or a later lap's (the
 /// entry was published; the slot is only reused once the peer has taken
@@ -136,29 +140,32 @@ pub(super) fn published(at: usize, value: u32) -> bool {
 }
 
 /// Whether a link's oldest write, announced by the GPU, has completed:
-/// its notice word is stored. A copy that failed never stores it, so every
-/// `STALL_CHECK`th poll that finds it unstored asks the stream: its error
-/// is the write's; a stream found idle twice with the word still unseen
-/// is an error too (the store did not reach host memory).
+/// its notice word is stored. A copy that failed never stores it, so once
+/// it has been unstored for [`STALL_CHECK`] (and as long after each check)
+/// the stream is asked: its error is the write's; a stream found idle
+/// twice with the word still unseen is an error too (the store did not
+/// reach host memory).
 fn word_done(
     stream: &Stream,
-    unseen: &mut u32,
+    unseen: &mut Option<Instant>,
     idle_unseen: &mut bool,
     at: usize,
     value: u32,
 ) -> Result<bool> {
     if published(at, value) {
-        *unseen = 0;
+        *unseen = None;
         *idle_unseen = false;
         return Ok(true);
     }
-    *unseen = unseen.wrapping_add(1);
-    if !unseen.is_multiple_of(STALL_CHECK) {
+    let now = Instant::now();
+    let since = *unseen.get_or_insert(now);
+    if now.saturating_duration_since(since) < STALL_CHECK {
         return Ok(false);
     }
+    *unseen = Some(now);
     if stream.idle()? {
         if published(at, value) {
-            *unseen = 0;
+            *unseen = None;
             *idle_unseen = false;
             return Ok(true);
         }
