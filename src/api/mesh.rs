@@ -236,6 +236,7 @@ impl Mesh {
         // A pinned rank owns its core: its waits spin without yielding.
         let poll = match cfg.cpu {
             Some(cpu) => {
+                crate::cuda::threads::before_pinning();
                 crate::transport::shm::sys::pin_to_cpu(cpu)
                     .map_err(|e| Error::io(format!("AFMESH_CPU={cpu}: pin"), e))?;
                 cfg.poll.pinned()

@@ -16,7 +16,7 @@ mod hostreg;
 mod ipc;
 mod pinned;
 mod stream;
-mod threads;
+pub(crate) mod threads;
 
 pub use flag::{wait_value_geq, HostFlag};
 pub use hostreg::{write_value32_on, HostRegistration};

@@ -5,8 +5,51 @@
 //! thread that started it. A rank pinned to one CPU (`AFMESH_CPU`) spins on
 //! that core without yielding; a helper pinned there too preempts it
 //! whenever it wakes. So those driver calls run with the calling thread
-//! allowed every other CPU instead, and its own affinity is restored right
-//! after.
+//! allowed the job's other CPUs instead, and its own affinity is restored
+//! right after. The job's CPUs: the mask the thread had before a mesh
+//! pinned it ([`before_pinning`]), else the process's main thread's mask
+//! if it has more than one CPU (what `taskset`/`numactl` gave the job),
+//! else every CPU the kernel lets it have.
+//!
+//! A mesh initialises the driver (`cuInit`) before it pins its thread, so
+//! on that path only the context's creation, after the pin, needs this;
+//! callers that pin their threads themselves get it for both.
+
+use std::sync::Mutex;
+
+/// The rank thread's CPUs before a mesh pinned it.
+static BEFORE_PIN: Mutex<Option<libc::cpu_set_t>> = Mutex::new(None);
+
+/// Remembers the calling thread's CPUs; a mesh calls it right before it
+/// pins the thread to one of them.
+pub(crate) fn before_pinning() {
+    if let Some(set) = affinity(0) {
+        if let Ok(mut g) = BEFORE_PIN.lock() {
+            *g = Some(set);
+        }
+    }
+}
+
+/// The CPUs of thread `tid` (0: the caller).
+fn affinity(tid: libc::pid_t) -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a cpu_set_t of the size passed.
+    let rc =
+        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    (rc == 0).then_some(set)
+}
+
+/// The CPUs a pinned thread's helpers may use: see the module docs.
+fn job_cpus() -> Option<libc::cpu_set_t> {
+    if let Some(set) = BEFORE_PIN.lock().ok().and_then(|g| *g) {
+        return Some(set);
+    }
+    // SAFETY: getpid has no preconditions.
+    let main = affinity(unsafe { libc::getpid() })?;
+    // SAFETY: reads an initialised set.
+    (unsafe { libc::CPU_COUNT(&main) } > 1).then_some(main)
+}
 
 /// Runs `f` (a driver call that may start the driver's threads) so that
 /// threads it starts avoid the CPU the calling thread is pinned to; a
@@ -29,13 +72,16 @@ pub(crate) fn off_pinned_cpu<T>(f: impl FnOnce() -> T) -> T {
     let online = usize::try_from(online)
         .unwrap_or(0)
         .min(libc::CPU_SETSIZE as usize);
+    let job = job_cpus();
     // SAFETY: the empty set, as above.
     let mut others: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     let mut any = false;
     for cpu in 0..online {
-        // SAFETY: `cpu` is below CPU_SETSIZE, so both stay inside the sets.
+        // SAFETY: `cpu` is below CPU_SETSIZE, so every access stays inside
+        // its set.
         unsafe {
-            if !libc::CPU_ISSET(cpu, &mine) {
+            let in_job = job.as_ref().is_none_or(|j| libc::CPU_ISSET(cpu, j));
+            if in_job && !libc::CPU_ISSET(cpu, &mine) {
                 libc::CPU_SET(cpu, &mut others);
                 any = true;
             }
