@@ -223,6 +223,7 @@ pub enum Wake {
 /// What a backend's post path did, for stats and the bench: the
 /// data path's promises made countable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WireCounters {
     /// Messages posted.
     pub messages: u64,
