@@ -279,3 +279,44 @@ fn messages_are_one_write_each_and_in_place_ones_copy_nothing() {
     assert_eq!((f0.sent, f0.sent_bytes), (1, 64 + 3 * 8));
     assert_eq!(f0.copied_bytes, f0.sent_bytes);
 }
+
+/// Each arrival names the slot its rank writes next to that peer (a cache
+/// hint, `prepare_write`): the FFN rank's answer to the stage, the
+/// attention rank's next dispatch of the stage. Every hint but the last
+/// layer's is used by exactly that write.
+#[test]
+fn each_arrival_names_the_slot_the_next_write_to_that_peer_goes_to() {
+    let (m, n, stages, layers) = (2u32, 2u32, 2u32, 4u32);
+    let net = SimNetwork::new(14);
+    let (mut attn, mut ffn) = sim_mesh(&net, m, n, spec(stages, 4)).unwrap();
+    for layer in 0..layers {
+        let mut hs = Vec::new();
+        for s in 0..stages {
+            for (i, a) in attn.iter_mut().enumerate() {
+                let t = tokens_for(i as u32, layer, s, 1 + (layer + s) % 3);
+                hs.push((i, a.dispatch(s, &t, &side_for(i as u32, layer)).unwrap()));
+            }
+        }
+        net.deliver_all();
+        for f in ffn.iter_mut() {
+            for _ in 0..stages {
+                let b = f.get_batch(Duration::ZERO).unwrap();
+                let outs: Vec<Vec<u8>> = (0..m as usize)
+                    .map(|a| vec![7u8; b.token_count(a) * OUT_ROW as usize])
+                    .collect();
+                let refs: Vec<&[u8]> = outs.iter().map(|v| &v[..]).collect();
+                f.respond(b, &refs).unwrap();
+            }
+        }
+        net.deliver_all();
+        for (i, h) in hs {
+            attn[i].wait_combine(h, Duration::ZERO).unwrap();
+        }
+    }
+    let st = net.stats();
+    let per_layer = u64::from(m * n * stages);
+    // One hint per arrival, both ways.
+    assert_eq!(st.hints, 2 * per_layer * u64::from(layers), "{st:?}");
+    // All used but the attention ranks' hints from the last combines.
+    assert_eq!(st.hints_used, st.hints - per_layer, "{st:?}");
+}

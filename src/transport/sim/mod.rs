@@ -65,6 +65,11 @@ pub struct SimStats {
     pub corrupted: u64,
     /// `Sent` completions reported.
     pub sent: u64,
+    /// `prepare_write` hints given (the slot a rank will write next).
+    pub hints: u64,
+    /// Hints that a later write on the same link, to the same region and
+    /// offset, used.
+    pub hints_used: u64,
 }
 
 #[derive(Debug)]
@@ -83,6 +88,8 @@ struct Net {
     endpoints: Vec<Endpoint>,
     pending: BTreeMap<(u64, u64), Event>,
     stats: SimStats,
+    /// Hints not yet used: (endpoint, link, region, offset).
+    hinted: Vec<(usize, LinkId, u32, u64)>,
 }
 
 /// The network all simulated endpoints share.
@@ -109,6 +116,7 @@ impl SimNetwork {
                 endpoints: Vec::new(),
                 pending: BTreeMap::new(),
                 stats: SimStats::default(),
+                hinted: Vec::new(),
             })),
         }
     }
@@ -368,6 +376,18 @@ impl Transport for SimTransport {
         Ok(out)
     }
 
+    /// Recorded, to check that the engine names the slot its next write
+    /// to that peer goes to ([`SimStats::hints_used`]).
+    fn prepare_write(&mut self, link: LinkId, remote: &RegionKey, offset: u64, len: u64) {
+        let _ = len;
+        let mut n = self.net.lock();
+        n.stats.hints += 1;
+        let hint = (self.ep, link, remote.id, offset);
+        if !n.hinted.contains(&hint) {
+            n.hinted.push(hint);
+        }
+    }
+
     fn post_write(
         &mut self,
         link: LinkId,
@@ -406,6 +426,11 @@ impl Transport for SimTransport {
             parts.push((r.clone(), s.offset, s.len));
         }
         n.endpoints[self.ep].links[link].in_flight += 1;
+        let hint = (self.ep, link, remote.id, offset);
+        if let Some(i) = n.hinted.iter().position(|h| *h == hint) {
+            n.hinted.swap_remove(i);
+            n.stats.hints_used += 1;
+        }
         let mut lands = Vec::new();
         let dropped = faults.drop_per_million > 0
             && n.rand() % 1_000_000 < u64::from(faults.drop_per_million);
