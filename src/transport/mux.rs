@@ -16,11 +16,11 @@
 //! [`MAX_PARK`], so that liveness checks run while parked too.
 //!
 //! Spinning only pays on a core the rank has to itself. When a spin is
-//! interrupted by a preemption (a gap of [`PREEMPTED_GAP`] between two
+//! interrupted by a preemption (a gap of [`PREEMPTED_GAP`](super::poll::PREEMPTED_GAP) between two
 //! looks at the clock, and the thread's involuntary context switches went
 //! up), another task wants this core: the wait parks at once, and the
-//! waits of the next [`QUIET`] (doubling while it keeps happening, up to
-//! [`MAX_QUIET`]) park without spinning. A parked thread is woken when
+//! waits of the next [`QUIET`](super::poll::QUIET) (doubling while it keeps happening, up to
+//! [`MAX_QUIET`](super::poll::MAX_QUIET)) park without spinning. A parked thread is woken when
 //! its message comes, on an idle core if one is free; a spinning one that
 //! yields hands the other task a whole time slice (milliseconds). Only the
 //! yielding default does this: a rank pinned to its own core and
@@ -29,6 +29,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::poll::{Contention, PREEMPTED_GAP};
 use super::shm::sys::{poll_ready, FdWatcher};
 use super::{
     Access, Backend, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, MemoryKind,
@@ -38,15 +39,6 @@ use crate::error::{Error, Result};
 
 /// Longest single park, so liveness and deadlines are checked while parked.
 pub const MAX_PARK: Duration = Duration::from_millis(5);
-
-/// A gap this long between two looks at the clock while spinning (32
-/// polls apart) means the thread lost its core, if the kernel counted an
-/// involuntary switch too.
-pub const PREEMPTED_GAP: Duration = Duration::from_micros(200);
-/// How long waits park without spinning after a spin was preempted.
-pub const QUIET: Duration = Duration::from_millis(5);
-/// The longest such period, for a core that stays contended.
-pub const MAX_QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Route {
@@ -74,68 +66,6 @@ pub struct Mux {
     direct: Option<usize>,
     /// Spinning after preemptions: see the module docs.
     contention: Contention,
-}
-
-/// What the waits know of this thread's core being shared.
-#[derive(Debug, Default)]
-struct Contention {
-    /// Waits park without spinning until then.
-    quiet_until: Option<Instant>,
-    /// The last quiet period's length.
-    quiet: Duration,
-    /// The thread's involuntary switches at this wait's first look (or
-    /// at the last preemption seen).
-    seen: u64,
-    /// Spins cut short by a preemption.
-    preempted: u64,
-}
-
-impl Contention {
-    /// Whether this wait may spin (`now`: its start).
-    fn may_spin(&self, now: Instant) -> bool {
-        self.quiet_until.is_none_or(|t| now >= t)
-    }
-
-    /// A spin's first look at the clock: the switches so far, against
-    /// which a later gap in the same spin is judged (one `getrusage` per
-    /// wait that spins past 32 polls; none on waits answered sooner).
-    fn baseline(&mut self) {
-        if let Ok(n) = crate::transport::shm::sys::preemptions() {
-            self.seen = n;
-        }
-    }
-
-    /// A spin saw a gap: whether the thread was preempted since the
-    /// spin's first look (then the next waits park for a while).
-    fn preempted(&mut self, now: Instant) -> bool {
-        match crate::transport::shm::sys::preemptions() {
-            Ok(n) => self.note(now, n),
-            Err(_) => false,
-        }
-    }
-
-    /// [`Contention::preempted`] with the thread's count `n` read.
-    fn note(&mut self, now: Instant, n: u64) -> bool {
-        // Another thread's count (a rank used from several threads) only
-        // resets the baseline.
-        let before = std::mem::replace(&mut self.seen, n);
-        if n <= before {
-            return false;
-        }
-        self.preempted += 1;
-        // Preempted again soon after the last quiet period: the core is
-        // still shared, so park longer.
-        let again = self
-            .quiet_until
-            .is_some_and(|t| now.saturating_duration_since(t) < self.quiet * 4);
-        self.quiet = if again {
-            (self.quiet * 2).min(MAX_QUIET)
-        } else {
-            QUIET
-        };
-        self.quiet_until = Some(now + self.quiet);
-        true
-    }
 }
 
 impl Mux {
@@ -622,37 +552,6 @@ mod tests {
     use super::*;
     use crate::transport::shm::sys::pin_to_cpu;
 
-    #[test]
-    fn quiet_periods_double_while_preemptions_continue_and_reset_after() {
-        let t0 = Instant::now();
-        let mut c = Contention {
-            seen: 10,
-            ..Contention::default()
-        };
-        assert!(!c.note(t0, 10), "no new switch, no preemption");
-        assert!(c.note(t0, 11));
-        assert_eq!((c.quiet, c.quiet_until), (QUIET, Some(t0 + QUIET)));
-        // Preempted again right after the period: twice as long.
-        let t1 = t0 + QUIET + Duration::from_millis(1);
-        assert!(c.note(t1, 12));
-        assert_eq!(c.quiet, QUIET * 2);
-        for _ in 0..20 {
-            let t = c.quiet_until.unwrap();
-            let n = c.seen + 1;
-            assert!(c.note(t, n));
-        }
-        assert_eq!(c.quiet, MAX_QUIET);
-        // Calm for a long while: back to the first period.
-        let later = c.quiet_until.unwrap() + MAX_QUIET * 5;
-        let n = c.seen + 1;
-        assert!(c.note(later, n));
-        assert_eq!(c.quiet, QUIET);
-        // A lower count (another thread) resets the baseline only.
-        assert!(!c.note(later, 3));
-        assert!(c.note(later, 4));
-        assert_eq!(c.preempted, 24);
-    }
-
     /// The first CPU this thread may run on.
     fn an_allowed_cpu() -> usize {
         // SAFETY: an all-zero cpu_set_t is a valid out-parameter.
@@ -716,7 +615,7 @@ mod tests {
         assert_eq!(pure.preempted_spins(), 0);
         assert!(mux.preempted_spins() >= 1, "never saw the preemption");
         let until = mux.contention.quiet_until.expect("a quiet period");
-        assert_eq!(mux.contention.quiet, QUIET);
+        assert_eq!(mux.contention.quiet, crate::transport::poll::QUIET);
         assert!(!mux.contention.may_spin(until - Duration::from_millis(1)));
         assert!(mux.contention.may_spin(until));
     }

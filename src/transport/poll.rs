@@ -6,9 +6,11 @@
 //! then so a peer that shares the core can run, and then parks on the
 //! transport's wake-up primitive. A rank pinned to its own core
 //! (`AFMESH_CPU`) spins without yielding: the core is its own. Dedicated
-//! cores on a real server can ask for pure spinning.
+//! cores on a real server can ask for pure spinning. [`Contention`] is
+//! what the yielding default learns when its spins lose the core to other
+//! work (the mux then parks without spinning for a while).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -98,6 +100,77 @@ impl PollPolicy {
     }
 }
 
+/// A gap this long between two looks at the clock while spinning (32
+/// polls apart) means the thread lost its core, if the kernel counted an
+/// involuntary switch too.
+pub const PREEMPTED_GAP: Duration = Duration::from_micros(200);
+/// How long waits park without spinning after a spin was preempted.
+pub const QUIET: Duration = Duration::from_millis(5);
+/// The longest such period, for a core that stays contended.
+pub const MAX_QUIET: Duration = Duration::from_secs(1);
+
+/// What the waits know of this thread's core being shared.
+#[derive(Debug, Default)]
+pub(crate) struct Contention {
+    /// Waits park without spinning until then.
+    pub(crate) quiet_until: Option<Instant>,
+    /// The last quiet period's length.
+    pub(crate) quiet: Duration,
+    /// The thread's involuntary switches at this wait's first look (or
+    /// at the last preemption seen).
+    pub(crate) seen: u64,
+    /// Spins cut short by a preemption.
+    pub(crate) preempted: u64,
+}
+
+impl Contention {
+    /// Whether this wait may spin (`now`: its start).
+    pub(crate) fn may_spin(&self, now: Instant) -> bool {
+        self.quiet_until.is_none_or(|t| now >= t)
+    }
+
+    /// A spin's first look at the clock: the switches so far, against
+    /// which a later gap in the same spin is judged (one `getrusage` per
+    /// wait that spins past 32 polls; none on waits answered sooner).
+    pub(crate) fn baseline(&mut self) {
+        if let Ok(n) = crate::transport::shm::sys::preemptions() {
+            self.seen = n;
+        }
+    }
+
+    /// A spin saw a gap: whether the thread was preempted since the
+    /// spin's first look (then the next waits park for a while).
+    pub(crate) fn preempted(&mut self, now: Instant) -> bool {
+        match crate::transport::shm::sys::preemptions() {
+            Ok(n) => self.note(now, n),
+            Err(_) => false,
+        }
+    }
+
+    /// [`Contention::preempted`] with the thread's count `n` read.
+    fn note(&mut self, now: Instant, n: u64) -> bool {
+        // Another thread's count (a rank used from several threads) only
+        // resets the baseline.
+        let before = std::mem::replace(&mut self.seen, n);
+        if n <= before {
+            return false;
+        }
+        self.preempted += 1;
+        // Preempted again soon after the last quiet period: the core is
+        // still shared, so park longer.
+        let again = self
+            .quiet_until
+            .is_some_and(|t| now.saturating_duration_since(t) < self.quiet * 4);
+        self.quiet = if again {
+            (self.quiet * 2).min(MAX_QUIET)
+        } else {
+            QUIET
+        };
+        self.quiet_until = Some(now + self.quiet);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +196,36 @@ mod tests {
         assert_eq!(PollPolicy::Spin.pinned(), PollPolicy::Spin);
         let e = PollPolicy::parse("fast").unwrap_err().to_string();
         assert!(e.contains("AFMESH_POLL"), "{e}");
+    }
+
+    #[test]
+    fn quiet_periods_double_while_preemptions_continue_and_reset_after() {
+        let t0 = Instant::now();
+        let mut c = Contention {
+            seen: 10,
+            ..Contention::default()
+        };
+        assert!(!c.note(t0, 10), "no new switch, no preemption");
+        assert!(c.note(t0, 11));
+        assert_eq!((c.quiet, c.quiet_until), (QUIET, Some(t0 + QUIET)));
+        // Preempted again right after the period: twice as long.
+        let t1 = t0 + QUIET + Duration::from_millis(1);
+        assert!(c.note(t1, 12));
+        assert_eq!(c.quiet, QUIET * 2);
+        for _ in 0..20 {
+            let t = c.quiet_until.unwrap();
+            let n = c.seen + 1;
+            assert!(c.note(t, n));
+        }
+        assert_eq!(c.quiet, MAX_QUIET);
+        // Calm for a long while: back to the first period.
+        let later = c.quiet_until.unwrap() + MAX_QUIET * 5;
+        let n = c.seen + 1;
+        assert!(c.note(later, n));
+        assert_eq!(c.quiet, QUIET);
+        // A lower count (another thread) resets the baseline only.
+        assert!(!c.note(later, 3));
+        assert!(c.note(later, 4));
+        assert_eq!(c.preempted, 24);
     }
 }
