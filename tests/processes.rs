@@ -112,6 +112,13 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
     // the floor, never as one.
     let unread = json_field(line, "floor_exchange_unread_us");
     assert_eq!(unread == "null", transport != "shm", "{line}");
+    // Host steal while the mesh ran: a count of ms, or null off Linux.
+    let steal = json_field(line, "steal_ms");
+    assert!(steal == "null" || steal.parse::<u64>().is_ok(), "{line}");
+    assert!(
+        json_field(line, "preempted_spins").parse::<u64>().is_ok(),
+        "{line}"
+    );
     assert_eq!(
         floor,
         ways.iter().copied().fold(f64::MAX, f64::min),

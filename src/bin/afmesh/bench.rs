@@ -253,6 +253,10 @@ pub struct Point {
     /// Waits, over every rank, whose spin was cut short because the rank
     /// lost its core to another task.
     preempted_spins: u64,
+    /// Milliseconds of this machine's CPU time the hypervisor gave to
+    /// others while the mesh ran (`/proc/stat` steal, 10 ms grain; `None`
+    /// where it cannot be read).
+    steal_ms: Option<u64>,
     pin: bool,
     errors: u64,
     first_error: Option<String>,
@@ -278,6 +282,16 @@ struct VerbsWire {
     port_gbps: f64,
     /// Only when a real port is present (not softverbs).
     line_rate_pct: Option<f64>,
+}
+
+/// CPU time stolen from this (virtual) machine by its host so far, all
+/// CPUs together, in ms: `/proc/stat`'s steal column, in USER_HZ ticks
+/// (100 a second on Linux).
+fn steal_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: u64 = cpu.split_whitespace().nth(7)?.parse().ok()?;
+    Some(ticks.saturating_mul(10))
 }
 
 /// Runs one mesh of `wa` on M×N over `transport_arg` and its floor.
@@ -399,7 +413,11 @@ fn measure(
     }
     progress.phase(&format!("{m}A+{n}F mesh, {} layers", w.layers()));
     let budget = Duration::from_secs(60) + Duration::from_millis(u64::from(w.layers()) * 50);
+    let steal_before = steal_ms();
     let outs = wait_all(&mut children, Instant::now() + budget)?;
+    let steal = steal_before
+        .zip(steal_ms())
+        .map(|(a, b)| b.saturating_sub(a));
     drop(children);
     let _ = sched.join();
     if let Some(dir) = &trace {
@@ -556,6 +574,7 @@ fn measure(
         ffn_us,
         net_us,
         preempted_spins: wire[4],
+        steal_ms: steal,
         pin,
         errors,
         first_error,

@@ -81,7 +81,7 @@ impl Point {
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         let unread_us = or_null(floors.unread);
         format!(
-            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"floor_exchange_unread_us\":{unread_us},\"ratio\":{ratio:.3},\"ratio_exchange\":{:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"preempted_spins\":{},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
+            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"floor_exchange_unread_us\":{unread_us},\"ratio\":{ratio:.3},\"ratio_exchange\":{:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"preempted_spins\":{},\"steal_ms\":{},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
             wa.layout.map_or_else(
                 || std::env::var("AFMESH_LAYOUT").unwrap_or_else(|_| "slots".into()),
                 |l| l.name().to_string()
@@ -97,6 +97,8 @@ impl Point {
             floors.exchange,
             p50 / floors.exchange,
             self.preempted_spins,
+            self.steal_ms
+                .map_or_else(|| "null".to_string(), |v| v.to_string()),
             self.verbs.map_or_else(String::new, |v| format!(
                 "\"wrs_per_msg\":{:.3},\"signaled_per_msg\":{:.3},\"flushes_per_msg\":{:.3},\"port_gbps\":{:.3},\"line_rate_pct\":{},",
                 v.wrs_per_msg,
@@ -204,6 +206,11 @@ impl Point {
             println!(
                 "  contention    {} waits lost their core to another task mid-spin (they, and the waits after, parked instead)",
                 self.preempted_spins
+            );
+        }
+        if let Some(ms) = self.steal_ms.filter(|&ms| ms > 0) {
+            println!(
+                "  steal         {ms} ms of this VM's CPU time went to other guests while the mesh ran (/proc/stat): stalls no library can avoid"
             );
         }
         if self.stragglers.is_empty() {
