@@ -28,6 +28,7 @@ fn gpudirect_registration_errors_are_named() {
         "--nocapture",
         "--test-threads=1",
     ]);
+    let _fabric = FabricFile::new("gpudirect");
     for (k, v) in fabric_env("gpudirect") {
         cmd.env(k, v);
     }

@@ -44,6 +44,7 @@ fn the_binary_and_c_library_do_not_link_libibverbs() {
 /// `auto` with softverbs preloaded takes verbs and logs why per link.
 #[test]
 fn auto_prefers_verbs_when_a_port_is_active() {
+    let _fabric = FabricFile::new("auto");
     let (mut sched, addr) = scheduler(&[]);
     let mut ranks = Vec::new();
     for (role, who) in [("ffn", "F0"), ("attention", "A0")] {

@@ -51,9 +51,30 @@ pub fn fabric_env(tag: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// A test's softverbs fabric file (`fabric_env`'s namespace), removed
+/// when the test is done with it, after its processes (declare it last).
+pub struct FabricFile(String);
+
+impl FabricFile {
+    pub fn new(tag: &str) -> FabricFile {
+        FabricFile(format!(
+            "/dev/shm/softverbs.afmesh-{tag}-{}.fabric",
+            std::process::id()
+        ))
+    }
+}
+
+impl Drop for FabricFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub struct Mesh {
     pub sched: Proc,
     pub ranks: Vec<Proc>,
+    /// Dropped after the ranks (fields drop in order).
+    pub fabric: FabricFile,
 }
 
 /// M attention and N FFN ranks over verbs running `afmesh run --json`
@@ -86,7 +107,11 @@ pub fn start(
             ranks.push(Proc::spawn(&who, cmd));
         }
     }
-    Mesh { sched, ranks }
+    Mesh {
+        sched,
+        ranks,
+        fabric: FabricFile::new(tag),
+    }
 }
 
 /// Runs a mesh to its end; every rank must succeed verified. Returns each
