@@ -327,10 +327,10 @@ fn measure(
     // otherwise the scheduler places them (and the poll policy yields).
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let pin = match args.pin.as_str() {
-        // Tcp ranks are left to the scheduler: their waits are system calls
-        // and the kernel moves loopback bytes on the sender's core, so a
-        // core of their own is not what bounds them (`--pin on` pins them).
-        "auto" => (m + n) as usize <= cpus && transport_arg != "tcp",
+        // Tcp ranks too: left to the scheduler, the reference stage's p50
+        // was 1.1-1.5x the (pinned alike) floor and bimodal (~450 or
+        // ~650 us); pinned, 0.8-1.2x (ARCHITECTURE.md, tcp).
+        "auto" => (m + n) as usize <= cpus,
         "on" => true,
         _ => false,
     };
