@@ -120,6 +120,7 @@ driver_table! {
         device_can_access_peer = "cuDeviceCanAccessPeer": fn(*mut c_int, CuDevice, CuDevice);
         primary_ctx_retain = "cuDevicePrimaryCtxRetain": fn(*mut CuContext, CuDevice);
         ctx_set_current = "cuCtxSetCurrent": fn(CuContext);
+        ctx_get_current = "cuCtxGetCurrent": fn(*mut CuContext);
         ctx_enable_peer_access = "cuCtxEnablePeerAccess": fn(CuContext, c_uint);
         mem_alloc = "cuMemAlloc_v2": fn(*mut CuDevicePtr, usize);
         mem_free = "cuMemFree_v2": fn(CuDevicePtr);

@@ -118,9 +118,17 @@ impl Device {
         self.ctx as CuContext
     }
 
-    /// Makes this device's context current on the calling thread.
+    /// Makes this device's context current on the calling thread; when it
+    /// is already (the common case: every post binds) only asks which one
+    /// is (`cuCtxGetCurrent` reads the thread's state; `cuCtxSetCurrent`
+    /// costs more, with a longer tail).
     pub fn bind(&self) -> Result<()> {
         let d = driver()?;
+        let mut cur: CuContext = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer.
+        if unsafe { (d.ctx_get_current)(&mut cur) } == driver::CUDA_SUCCESS && cur == self.ctx() {
+            return Ok(());
+        }
         // SAFETY: a primary context retained in `get` and never released.
         check(unsafe { (d.ctx_set_current)(self.ctx()) }, || {
             "cuCtxSetCurrent".into()
