@@ -26,6 +26,11 @@ impl StageFlags {
         through: impl Fn(usize) -> u32,
     ) -> Result<StageFlags> {
         let dev = Device::get(device)?;
+        if one_connection(std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().as_deref()) {
+            tracing::warn!(
+                "CUDA_DEVICE_MAX_CONNECTIONS=1: every stream of this process shares one hardware queue, so a stream parked in a stage wait (wait_batch_on / wait_combine_on) holds up all work enqueued after it on any stream, this rank's own posted copies included; post what the peers need (earlier stages' combines or dispatches) before enqueuing a wait, or raise the setting"
+            );
+        }
         let mut flags = Vec::with_capacity(stages);
         for s in 0..stages {
             let f = HostFlag::new(&dev)?;
@@ -66,4 +71,24 @@ pub(crate) fn host_rank(call: &str) -> Error {
     Error::Unsupported(format!(
         "{call}: this rank's stage memory is host memory; stream waits are for device ranks (CUDA)"
     ))
+}
+
+/// Whether `CUDA_DEVICE_MAX_CONNECTIONS` (its value, if set) puts every
+/// stream of the process on one hardware queue.
+fn one_connection(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim().parse::<u32>() == Ok(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_connection;
+
+    #[test]
+    fn one_connection_is_only_the_value_1() {
+        assert!(one_connection(Some("1")));
+        assert!(one_connection(Some(" 1 ")));
+        for v in [None, Some(""), Some("0"), Some("2"), Some("8"), Some("x")] {
+            assert!(!one_connection(v), "{v:?}");
+        }
+    }
 }

@@ -98,6 +98,14 @@ impl AttentionRank {
     /// can never complete (a lost FFN rank) lets the stream go when the
     /// host sees the loss.
     ///
+    /// With `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style engines set
+    /// it) every stream of the process runs through one hardware queue: a
+    /// stream parked in this wait holds up everything enqueued after it on
+    /// any stream, this rank's own posted copies included, so post what the
+    /// peers need before they can send what the wait is for (earlier
+    /// stages' answers) before enqueuing it (a warning is logged on the
+    /// first wait under that setting).
+    ///
     /// CUDA graphs: the wait can be captured, but a replayed graph waits
     /// for the sequence captured; call it outside capture, per dispatch.
     /// `Unsupported` on a host rank or without CUDA.

@@ -90,6 +90,14 @@ impl FfnRank {
     /// a needed attention rank is lost, the call that reports it lets the
     /// waiting streams go (their kernels then read a partial stage).
     ///
+    /// With `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style engines set
+    /// it) every stream of the process runs through one hardware queue: a
+    /// stream parked in this wait holds up everything enqueued after it on
+    /// any stream, this rank's own posted copies included, so post what the
+    /// peers need before they can send what the wait is for (earlier
+    /// stages' answers) before enqueuing it (a warning is logged on the
+    /// first wait under that setting).
+    ///
     /// CUDA graphs: the wait may be captured (`cuStreamWaitValue32` is a
     /// stream memory operation), but a replayed graph waits for the
     /// sequence captured; so call it outside capture, once per batch.
