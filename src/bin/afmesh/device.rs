@@ -417,7 +417,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
     // it (a respond that did not would send the other parity's bytes).
     let producer = producer(ordered, device, w.stages as usize * m, max * out_row)?;
     // --stream-ordered also checks the stream-enqueued wait: after each
-    // respond, the stream waits for the stage's next batch
+    // respond, the next stage's stream waits for that stage's next batch
     // (`wait_batch_on`) and copies its input slots into echo buffers; at
     // checked layers the echo must hold that batch's rows, not the
     // previous layer's (the other parity), which it would if the stream
@@ -445,7 +445,8 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
         (Vec::new(), Vec::new())
     };
     let mut slots = vec![0u64; w.stages as usize * m];
-    let mut echoed = vec![false; w.stages as usize];
+    // Per stage, the layer whose batch the stream's echo waits for.
+    let mut echoed: Vec<Option<u32>> = vec![None; w.stages as usize];
     let mut layer_of = vec![0u32; w.stages as usize];
     let mut input = vec![0u8; max * row];
     let mut side = [0u8; SIDE_BYTES as usize];
@@ -470,7 +471,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
             rep.errors += 1;
             rep.first_error.get_or_insert(what);
         };
-        if let (Some((stream, _)), true) = (&producer, echoed[s as usize]) {
+        if let (Some((stream, _)), true) = (&producer, echoed[s as usize].take() == Some(layer)) {
             // The answer (on `stream`) waits for the echo of its slots.
             let (echo_stream, done) = &waiters[s as usize];
             done.record(echo_stream)?;
@@ -578,15 +579,27 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
             host_ns += ns;
             calls.record(u64::try_from(ns).unwrap_or(u64::MAX));
         }
-        if let (Some(_), true) = (&producer, layer + 1 < w.layers()) {
-            let (stream, _) = &waiters[s as usize];
+        // The stream waits for the *next* stage's next batch, enqueued only
+        // now that this stage is answered: a wait parked ahead of an answer
+        // the attention ranks need before they send what it waits for
+        // would hold that answer up under CUDA_DEVICE_MAX_CONNECTIONS=1
+        // (one hardware queue for every stream: ARCHITECTURE.md, "Stream
+        // waits under one hardware queue"). Its slots' addresses are known
+        // once it has been handed out once.
+        let next = (s + 1) % w.stages;
+        let next_layer = layer_of[next as usize];
+        let known = slots[next as usize * m..(next as usize + 1) * m]
+            .iter()
+            .all(|&p| p != 0);
+        if let (Some(_), true) = (&producer, next_layer < w.layers() && known) {
+            let (stream, _) = &waiters[next as usize];
             // SAFETY: a live stream of this rank's device; the rank
             // outlives it (the stream is synchronised below, before the
             // rank is dropped).
-            unsafe { f.wait_batch_on(s, stream.raw() as u64) }
-                .with_context(|| format!("F{me}: wait_batch_on stage {s}"))?;
+            unsafe { f.wait_batch_on(next, stream.raw() as u64) }
+                .with_context(|| format!("F{me}: wait_batch_on stage {next}"))?;
             for a in 0..m {
-                let n = w.count(layer + 1, s, a as u32) as usize * row;
+                let n = w.count(next_layer, next, a as u32) as usize * row;
                 // SAFETY: the slot lies in the rank's registered receive
                 // region and the echo is ours; the copy runs after the
                 // stage's next batch landed (the wait above) and before
@@ -594,13 +607,13 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
                 // stream), so no writer touches the slot meanwhile.
                 unsafe {
                     stream.copy_async(
-                        echo[s as usize * m + a].addr(),
-                        slots[s as usize * m + a],
+                        echo[next as usize * m + a].addr(),
+                        slots[next as usize * m + a],
                         n,
                     )
                 }?;
             }
-            echoed[s as usize] = true;
+            echoed[next as usize] = Some(next_layer);
         }
         rep.batches += 1;
     }
