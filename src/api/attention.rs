@@ -93,8 +93,11 @@ impl Trace {
 /// An attention rank of a mesh: a face over the [`Engine`].
 #[derive(Debug)]
 pub struct AttentionRank {
-    engine: Engine,
+    // `st` first: fields drop in order, and its stream-wait flags must
+    // release any stream still parked on them before the engine's drop
+    // synchronises link streams and frees the stage memory.
     st: State,
+    engine: Engine,
 }
 
 /// What only the attention role keeps: its stage machine and the trace

@@ -87,8 +87,11 @@ impl From<RespondError> for Error {
 /// An FFN rank of a mesh: a face over the [`Engine`].
 #[derive(Debug)]
 pub struct FfnRank {
-    engine: Engine,
+    // `st` first: fields drop in order, and its stream-wait flags must
+    // release any stream still parked on them before the engine's drop
+    // synchronises link streams and frees the stage memory.
     st: State,
+    engine: Engine,
 }
 
 /// What only the FFN role keeps: its stage machine and, per (stage,

@@ -8,14 +8,26 @@
 //! `try_get_batch`, `progress`, `wait_combine`, ...), has seen the stage
 //! land: kernel launches overlap the wait.
 
+use std::cell::Cell;
+
 use crate::cuda::{self, Device, HostFlag};
 use crate::error::{Error, Result};
 
 /// One flag per stage, made on the first stream wait of a rank.
+///
+/// Dropped (with its rank) while a stream may still wait on a flag, it
+/// raises every flag to the last value a wait was enqueued for, so no
+/// stream stays parked, and leaks those flags' pinned pages rather than
+/// free memory a GPU may still read. The calls' contract asks the caller
+/// not to drop the rank before its streams passed their waits; this is
+/// what an error path that does so gets, instead of a GPU reading freed
+/// memory or a stream that never moves.
 #[derive(Debug)]
 pub(crate) struct StageFlags {
     device: i32,
     flags: Vec<HostFlag>,
+    /// Per stage, the last value a wait was enqueued for.
+    waited: Vec<Cell<Option<u32>>>,
 }
 
 impl StageFlags {
@@ -26,9 +38,9 @@ impl StageFlags {
         through: impl Fn(usize) -> u32,
     ) -> Result<StageFlags> {
         let dev = Device::get(device)?;
-        if one_connection(std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().as_deref()) {
+        if cuda::few_hardware_queues() {
             tracing::warn!(
-                "CUDA_DEVICE_MAX_CONNECTIONS=1: every stream of this process shares one hardware queue, so a stream parked in a stage wait (wait_batch_on / wait_combine_on) holds up all work enqueued after it on any stream, this rank's own posted copies included; post what the peers need (earlier stages' combines or dispatches) before enqueuing a wait, or raise the setting"
+                "CUDA_DEVICE_MAX_CONNECTIONS gives this process at most 2 hardware queues: a stream parked in a stage wait (wait_batch_on / wait_combine_on) holds up work enqueued after it on every stream that shares its queue (with 1, every stream), this rank's own posted copies included; post what the peers need before enqueuing a wait (see the calls' docs), or raise the setting"
             );
         }
         let mut flags = Vec::with_capacity(stages);
@@ -37,7 +49,11 @@ impl StageFlags {
             f.set(through(s));
             flags.push(f);
         }
-        Ok(StageFlags { device, flags })
+        Ok(StageFlags {
+            device,
+            waited: (0..flags.len()).map(|_| Cell::new(None)).collect(),
+            flags,
+        })
     }
 
     /// Every batch (combine) of `stage` with a sequence below `through`
@@ -61,8 +77,31 @@ impl StageFlags {
             .get(stage)
             .ok_or_else(|| Error::InvalidArgument(format!("stream wait: no stage {stage}")))?;
         Device::get(self.device)?.bind()?;
-        // SAFETY: the caller's contract; the flag lives in `self`.
+        // Noted before the wait is enqueued: a failed enqueue only makes
+        // the drop raise a flag no stream waits on.
+        if let Some(w) = self.waited.get(stage) {
+            w.set(Some(through));
+        }
+        // SAFETY: the caller's contract; the flag lives in `self` (and is
+        // never freed while a wait on it may be pending: `Drop`).
         unsafe { cuda::wait_value_geq(stream as cuda::CuStream, f.device_addr(), through) }
+    }
+}
+
+impl Drop for StageFlags {
+    fn drop(&mut self) {
+        for (f, w) in self.flags.drain(..).zip(&self.waited) {
+            match w.get() {
+                Some(through) => {
+                    // A stream may still wait for `through`: let it go, and
+                    // keep the page mapped for good (it cannot be known
+                    // when the GPU has read the word).
+                    f.set(through);
+                    std::mem::forget(f);
+                }
+                None => drop(f),
+            }
+        }
     }
 }
 
@@ -71,24 +110,4 @@ pub(crate) fn host_rank(call: &str) -> Error {
     Error::Unsupported(format!(
         "{call}: this rank's stage memory is host memory; stream waits are for device ranks (CUDA)"
     ))
-}
-
-/// Whether `CUDA_DEVICE_MAX_CONNECTIONS` (its value, if set) puts every
-/// stream of the process on one hardware queue.
-fn one_connection(value: Option<&str>) -> bool {
-    value.is_some_and(|v| v.trim().parse::<u32>() == Ok(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::one_connection;
-
-    #[test]
-    fn one_connection_is_only_the_value_1() {
-        assert!(one_connection(Some("1")));
-        assert!(one_connection(Some(" 1 ")));
-        for v in [None, Some(""), Some("0"), Some("2"), Some("8"), Some("x")] {
-            assert!(!one_connection(v), "{v:?}");
-        }
-    }
 }

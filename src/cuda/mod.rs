@@ -7,7 +7,10 @@
 //! host without a GPU runs everything else and gets a clear error for a
 //! device request. Calls that take a context make the device's primary
 //! context current on the calling thread first (cheap: a thread-local
-//! store in the driver), so a rank may be driven from any thread.
+//! store in the driver), so a rank may be driven from any thread; it stays
+//! current after the call (the thread's previous context is not restored:
+//! a caller that drives another context on the same thread makes it
+//! current again after calling into afmesh).
 
 pub mod driver;
 mod flag;
@@ -34,6 +37,18 @@ pub use driver::{available, driver, CuIpcMemHandle};
 use driver::{check, CuContext, CuDevice, CuDevicePtr, CuEvent};
 
 use crate::error::{Error, Result};
+
+/// Whether `CUDA_DEVICE_MAX_CONNECTIONS` gives this process so few
+/// hardware queues (1 or 2) that a stream parked in a stream wait can hold
+/// up work on other streams (ARCHITECTURE.md, "Stream waits under one
+/// hardware queue": with 1 every later stream stopped, with 2 one of 16).
+pub fn few_hardware_queues() -> bool {
+    few_queues(std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().as_deref())
+}
+
+fn few_queues(value: Option<&str>) -> bool {
+    value.is_some_and(|v| matches!(v.trim().parse::<u32>(), Ok(1 | 2)))
+}
 
 /// One device: its ordinal and primary context (retained for the life of
 /// the process, as the CUDA runtime does).
@@ -461,6 +476,25 @@ pub unsafe fn order_after(device: i32, waiter: CuStream, stream: u64) -> Result<
 
 #[cfg(test)]
 mod tests {
+    use super::few_queues;
+
+    #[test]
+    fn few_queues_are_1_and_2() {
+        assert!(few_queues(Some("1")));
+        assert!(few_queues(Some(" 2 ")));
+        for v in [
+            None,
+            Some(""),
+            Some("0"),
+            Some("4"),
+            Some("8"),
+            Some("32"),
+            Some("x"),
+        ] {
+            assert!(!few_queues(v), "{v:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -98,13 +98,14 @@ impl AttentionRank {
     /// can never complete (a lost FFN rank) lets the stream go when the
     /// host sees the loss.
     ///
-    /// With `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style engines set
-    /// it) every stream of the process runs through one hardware queue: a
-    /// stream parked in this wait holds up everything enqueued after it on
-    /// any stream, this rank's own posted copies included, so post what the
-    /// peers need before they can send what the wait is for (earlier
-    /// stages' answers) before enqueuing it (a warning is logged on the
-    /// first wait under that setting).
+    /// Order: enqueue the wait only after posting everything the FFN ranks
+    /// need before they can answer `handle` (its dispatch and every
+    /// earlier one they wait on). Streams may share a hardware queue: with
+    /// `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style engines set it)
+    /// every stream of the process does, with 2 some do, and a stream
+    /// parked in this wait then holds up whatever was enqueued after it on
+    /// them, this rank's own posted copies included (a warning is logged
+    /// on the first wait under such a setting).
     ///
     /// CUDA graphs: the wait can be captured, but a replayed graph waits
     /// for the sequence captured; call it outside capture, per dispatch.

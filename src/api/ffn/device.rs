@@ -90,13 +90,14 @@ impl FfnRank {
     /// a needed attention rank is lost, the call that reports it lets the
     /// waiting streams go (their kernels then read a partial stage).
     ///
-    /// With `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style engines set
-    /// it) every stream of the process runs through one hardware queue: a
-    /// stream parked in this wait holds up everything enqueued after it on
-    /// any stream, this rank's own posted copies included, so post what the
-    /// peers need before they can send what the wait is for (earlier
-    /// stages' answers) before enqueuing it (a warning is logged on the
-    /// first wait under that setting).
+    /// Order: enqueue the wait only after posting everything the attention
+    /// ranks need before they can send the batch it is for (this rank's
+    /// answers to every earlier batch they wait on). Streams may share a
+    /// hardware queue: with `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style
+    /// engines set it) every stream of the process does, with 2 some do,
+    /// and a stream parked in this wait then holds up whatever was enqueued
+    /// after it on them, this rank's own posted copies included (a warning
+    /// is logged on the first wait under such a setting).
     ///
     /// CUDA graphs: the wait may be captured (`cuStreamWaitValue32` is a
     /// stream memory operation), but a replayed graph waits for the
