@@ -27,9 +27,11 @@ use afmesh::transport::Region;
 use afmesh::{AttentionRank, FfnRank, Histogram, Role};
 use anyhow::{Context, Result};
 
+mod echo;
 mod host_time;
 
 use crate::workload::{mix, AttentionReport, FfnReport, Workload, SIDE_BYTES};
+use echo::echo_target;
 use host_time::{pct, switches, threads, wall_ns, Legs};
 
 /// The GPU a rank's buffers go on.
@@ -290,7 +292,8 @@ pub fn run_attention(
             if ordered && layer > 0 {
                 let (w_stream, _) = &waiters[s as usize];
                 // SAFETY: a live stream of this rank's device, synchronised
-                // before the rank is dropped.
+                // before the rank is dropped (on an error path the rank's
+                // drop lets the wait go and keeps the flag's page mapped).
                 unsafe { a.wait_combine_on(h, w_stream.raw() as u64) }
                     .with_context(|| format!("A{me}: wait_combine_on stage {s}"))?;
                 let len = w.count(layer, s, me) as usize * out_row;
@@ -417,8 +420,9 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
     // it (a respond that did not would send the other parity's bytes).
     let producer = producer(ordered, device, w.stages as usize * m, max * out_row)?;
     // --stream-ordered also checks the stream-enqueued wait: after each
-    // respond, the next stage's stream waits for that stage's next batch
-    // (`wait_batch_on`) and copies its input slots into echo buffers; at
+    // respond, a stage's stream waits for that stage's next batch
+    // (`wait_batch_on`, which one: `echo_target`) and copies its input
+    // slots into echo buffers; at
     // checked layers the echo must hold that batch's rows, not the
     // previous layer's (the other parity), which it would if the stream
     // had not waited for the data to land.
@@ -444,6 +448,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
     } else {
         (Vec::new(), Vec::new())
     };
+    let few_queues = afmesh::cuda::few_hardware_queues();
     let mut slots = vec![0u64; w.stages as usize * m];
     // Per stage, the layer whose batch the stream's echo waits for.
     let mut echoed: Vec<Option<u32>> = vec![None; w.stages as usize];
@@ -579,23 +584,19 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
             host_ns += ns;
             calls.record(u64::try_from(ns).unwrap_or(u64::MAX));
         }
-        // The stream waits for the *next* stage's next batch, enqueued only
-        // now that this stage is answered: a wait parked ahead of an answer
-        // the attention ranks need before they send what it waits for
-        // would hold that answer up under CUDA_DEVICE_MAX_CONNECTIONS=1
-        // (one hardware queue for every stream: ARCHITECTURE.md, "Stream
-        // waits under one hardware queue"). Its slots' addresses are known
-        // once it has been handed out once.
-        let next = (s + 1) % w.stages;
-        let next_layer = layer_of[next as usize];
-        let known = slots[next as usize * m..(next as usize + 1) * m]
-            .iter()
-            .all(|&p| p != 0);
-        if let (Some(_), true) = (&producer, next_layer < w.layers() && known) {
+        // The batch the echo checks next, and where its stream waits for it.
+        let target = echo_target(s, w.stages, &layer_of, w.layers(), few_queues);
+        let known = |next: u32| {
+            slots[next as usize * m..(next as usize + 1) * m]
+                .iter()
+                .all(|&p| p != 0)
+        };
+        if let (Some(_), Some((next, next_layer))) = (&producer, target.filter(|t| known(t.0))) {
             let (stream, _) = &waiters[next as usize];
             // SAFETY: a live stream of this rank's device; the rank
-            // outlives it (the stream is synchronised below, before the
-            // rank is dropped).
+            // outlives the wait: the stream is synchronised below before
+            // the rank is dropped, and on an error path the rank's drop
+            // lets the wait go and keeps the flag's page mapped.
             unsafe { f.wait_batch_on(next, stream.raw() as u64) }
                 .with_context(|| format!("F{me}: wait_batch_on stage {next}"))?;
             for a in 0..m {
