@@ -76,10 +76,19 @@ pub struct BenchArgs {
     trace: Option<PathBuf>,
     /// Pin each rank to its own CPU: auto (when the ranks fit the CPUs),
     /// on, off.
-    #[arg(long, default_value = "auto")]
-    pin: String,
+    #[arg(long, value_enum, default_value_t = Pin::Auto)]
+    pin: Pin,
     #[command(flatten)]
     work: WorkloadArgs,
+}
+
+/// `--pin`: whether each rank gets a CPU of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pin {
+    /// When the ranks fit the CPUs.
+    Auto,
+    On,
+    Off,
 }
 
 /// Order statistics of a run's per-layer times, in microseconds.
@@ -326,13 +335,13 @@ fn measure(
     // One core per rank when they fit, as a deployment would pin them;
     // otherwise the scheduler places them (and the poll policy yields).
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let pin = match args.pin.as_str() {
+    let pin = match args.pin {
         // Tcp ranks too: left to the scheduler, the reference stage's p50
-        // was 1.1-1.5x the (pinned alike) floor and bimodal (~450 or
-        // ~650 us); pinned, 0.8-1.2x (ARCHITECTURE.md, tcp).
-        "auto" => (m + n) as usize <= cpus,
-        "on" => true,
-        _ => false,
+        // was 1.09-1.46x the (pinned alike) floor; pinned, within 1.2x in
+        // 20 of 22 runs (ARCHITECTURE.md, tcp).
+        Pin::Auto => (m + n) as usize <= cpus,
+        Pin::On => true,
+        Pin::Off => false,
     };
     let mut next_cpu = 0usize;
     for (role, count) in [("ffn", n), ("attention", m)] {
