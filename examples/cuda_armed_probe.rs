@@ -4,8 +4,9 @@
 //! (it needs CUDA; without it, it says so and exits 1).
 //!
 //! `cargo build --release --example cuda_armed_probe`, then there:
-//! `cuda_armed_probe [iterations | hazard]`, once as it is and once with
-//! `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style engines set that).
+//! `cuda_armed_probe [iterations | hazard]` as it is, and `cuda_armed_probe
+//! hazard` with `CUDA_DEVICE_MAX_CONNECTIONS=1` (Megatron-style engines set
+//! that; the full run there stalls every GPU-released hop for its 2 s bound).
 //!
 //! 1. One hop, GPU 0 → GPU 1 (or within GPU 0) (the reference stage's 917,504 B and 8 B),
 //!    the time from the start of the post to the host seeing the copy's
@@ -43,6 +44,9 @@ use afmesh::cuda::{
 type R<T> = afmesh::Result<T>;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i.min(v.len() - 1)]
@@ -96,10 +100,16 @@ impl Rig {
             let t = Instant::now();
             // SAFETY: the flags and buffers outlive every enqueued op (the
             // rig synchronises its streams before dropping them).
-            unsafe {
-                wait_value_geq(self.link.raw(), self.go.device_addr(), s)?;
-                self.link.copy_async(dst, src, n)?;
-                write_value32_on(self.link.raw(), self.done.device_addr(), s)?;
+            let armed = unsafe {
+                wait_value_geq(self.link.raw(), self.go.device_addr(), s)
+                    .and_then(|()| self.link.copy_async(dst, src, n))
+                    .and_then(|()| write_value32_on(self.link.raw(), self.done.device_addr(), s))
+            };
+            if let Err(e) = armed {
+                // A wait may be enqueued: let it go, or the link stream's
+                // synchronisation would never return.
+                self.go.set(s);
+                return Err(e);
             }
             arm = t.elapsed().as_secs_f64() * 1e6;
         }
@@ -356,11 +366,20 @@ fn hazard() -> R<()> {
 }
 
 fn main() {
-    let iters = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000usize);
-    let only_hazard = std::env::args().nth(1).as_deref() == Some("hazard");
+    let arg = std::env::args().nth(1);
+    let only_hazard = arg.as_deref() == Some("hazard");
+    let iters = match arg.as_deref() {
+        None | Some("hazard") => 2000,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!(
+                    "cuda_armed_probe: {v:?}: expected a positive iteration count or `hazard`"
+                );
+                std::process::exit(2);
+            }
+        },
+    };
     let run = || -> R<()> {
         hazard()?;
         if only_hazard {
