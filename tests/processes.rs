@@ -80,6 +80,7 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
         "goodput_gbps",
         "floor_us",
         "floor_exchange_us",
+        "floor_exchange_p99_us",
         "p999_us",
         "ratio",
         "ratio_exchange",
@@ -94,6 +95,12 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
     assert!((copies - want).abs() < 1e-3, "copies_per_msg = {copies}");
     // The floor is the fastest plain way measured: the exchange, and over
     // tcp its polled twin, over shm one thread's memcpy.
+    let ex: f64 = json_field(line, "floor_exchange_us").parse().unwrap();
+    let ex99: f64 = json_field(line, "floor_exchange_p99_us").parse().unwrap();
+    assert!(
+        ex99 >= ex,
+        "the exchange floor's p99 {ex99} under its p50 {ex}"
+    );
     let floor: f64 = json_field(line, "floor_us").parse().unwrap();
     let ways: Vec<f64> = ["floor_exchange_us", "floor_polled_us", "floor_memcpy_us"]
         .iter()

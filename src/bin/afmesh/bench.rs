@@ -529,8 +529,10 @@ fn measure(
             port_gbps: v.port_gbps,
             line_rate_pct: real.then(|| 100.0 * goodput_gbits / v.port_gbps),
         });
+        let lat = Summary::of(&v.lat);
         Floors {
-            exchange: Summary::of(&v.lat).p50,
+            exchange: lat.p50,
+            exchange_p99: lat.p99,
             exchange_name: format!(
                 "plain verbs exchange, {m}+{n} processes, one QP per pair, one signalled write-with-imm per message"
             ),
@@ -542,8 +544,10 @@ fn measure(
         let exchange = floor::shm(&plan, true).context("shm floor")?;
         let unread = floor::shm(&plan, false).context("shm floor, unread")?;
         let memcpy = floor::memcpy(d, c, plan.warmup + plan.iters);
+        let exchange = Summary::of(&exchange);
         Floors {
-            exchange: Summary::of(&exchange).p50,
+            exchange: exchange.p50,
+            exchange_p99: exchange.p99,
             exchange_name: format!("shm exchange, {m}+{n} processes, receivers read what they get"),
             polled: None,
             memcpy: Some(Summary::of(&memcpy).p50),
@@ -552,8 +556,10 @@ fn measure(
     } else {
         let blocking = floor::tcp(&plan, false).context("tcp floor")?;
         let polled = floor::tcp(&plan, true).context("polled tcp floor")?;
+        let blocking = Summary::of(&blocking);
         Floors {
-            exchange: Summary::of(&blocking).p50,
+            exchange: blocking.p50,
+            exchange_p99: blocking.p99,
             exchange_name: format!("tcp exchange, {m}+{n} processes"),
             polled: Some(Summary::of(&polled).p50),
             memcpy: None,

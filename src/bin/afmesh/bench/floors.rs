@@ -32,7 +32,8 @@ pub(super) fn device_floors(
     Ok((
         Floors {
             exchange: ce.p50,
-            exchange_name: format!("cuMemcpyPeerAsync out and back, p99 {:.2} us", ce.p99),
+            exchange_p99: ce.p99,
+            exchange_name: "cuMemcpyPeerAsync out and back".into(),
             polled: None,
             memcpy: None,
             unread: None,
@@ -46,6 +47,8 @@ pub(super) fn device_floors(
 pub(super) struct Floors {
     /// The exchange as the mesh does it, by plain processes.
     pub(super) exchange: f64,
+    /// Its p99: how much of a tail the machine gives the plain way.
+    pub(super) exchange_p99: f64,
     pub(super) exchange_name: String,
     /// Tcp only: the exchange over polled non-blocking sockets.
     pub(super) polled: Option<f64>,

@@ -81,7 +81,7 @@ impl Point {
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         let unread_us = or_null(floors.unread);
         format!(
-            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"floor_exchange_unread_us\":{unread_us},\"ratio\":{ratio:.3},\"ratio_exchange\":{:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"preempted_spins\":{},\"steal_ms\":{},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
+            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_exchange_p99_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"floor_exchange_unread_us\":{unread_us},\"ratio\":{ratio:.3},\"ratio_exchange\":{:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"preempted_spins\":{},\"steal_ms\":{},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
             wa.layout.map_or_else(
                 || std::env::var("AFMESH_LAYOUT").unwrap_or_else(|_| "slots".into()),
                 |l| l.name().to_string()
@@ -95,6 +95,7 @@ impl Point {
             wa.warmup,
             self.layer_bytes,
             floors.exchange,
+            floors.exchange_p99,
             p50 / floors.exchange,
             self.preempted_spins,
             self.steal_ms
@@ -160,8 +161,8 @@ impl Point {
         );
         println!("  floor         {floor_p50:.2} us (the same bytes: {floor_name}); the faster of");
         println!(
-            "    exchange    {:.2} us ({})",
-            floors.exchange, floors.exchange_name
+            "    exchange    {:.2} us, p99 {:.2} us ({})",
+            floors.exchange, floors.exchange_p99, floors.exchange_name
         );
         if let Some(polled) = floors.polled {
             println!(
