@@ -386,11 +386,9 @@ impl AttentionRank {
         let spec = layout.spec;
         let s = stage as usize;
         let rows_len = tokens * spec.row_bytes as usize;
-        let seq = self
-            .st
-            .stages
-            .dispatch(s, tokens as u32)
-            .ok_or(Error::StageBusy { stage })?;
+        let Some(seq) = self.st.stages.dispatch(s, tokens as u32) else {
+            return Err(Error::StageBusy { stage });
+        };
         let post = now_ns();
         self.st.post_ns[s] = post;
         self.st.arrivals[s] = Arrivals::default();
@@ -467,7 +465,8 @@ impl AttentionRank {
             self.engine.seal(s, header, len)?
         } else {
             match side {
-                Side::InPlace(_) => self.engine.write_head(s, 0, &header.encode())?,
+                // `seal` without a checksum: the header, then the message.
+                Side::InPlace(_) => return self.engine.seal(s, header, len),
                 Side::Copy(b) => {
                     // Header and side block are adjacent: one copy into the
                     // slot (one staged host-to-device copy for device slots).

@@ -14,6 +14,7 @@
 //! The role faces in `crate::api` hold an engine plus their stage machine
 //! and bookkeeping; they never poll the transport themselves.
 
+mod checksum;
 mod clock;
 mod histogram;
 mod interrupt;
@@ -28,6 +29,8 @@ pub use histogram::Histogram;
 pub use interrupt::Interrupter;
 pub use stats::{PeerStats, RankStats, Straggler};
 pub(crate) use support::Support;
+
+use checksum::{crc_of, region_crc};
 
 use crate::error::{Error, Peer, Result};
 use crate::metrics::Metrics;
@@ -83,6 +86,9 @@ struct PeerLink {
     /// Whether its link's backend also puts headers in the receive
     /// region's host mirror (cuda); else headers are read from the region.
     mirrored: bool,
+    /// Whether its link's backend copies the bytes itself (counted as
+    /// copied once posted).
+    copies: bool,
 }
 
 /// Where the peers' messages land.
@@ -195,6 +201,7 @@ impl Engine {
                 orderly: false,
                 corrupt: false,
                 mirrored: transport.caps_of(link).is_some_and(|c| c.header_mirror),
+                copies: transport.caps_of(link).is_some_and(|c| c.copies),
             })
             .collect();
         Engine {
@@ -523,7 +530,9 @@ impl Engine {
         self.link_to_peer.get(link).copied().flatten()
     }
 
-    /// Judges peer `peer`'s arrival announced by `imm`.
+    /// Judges peer `peer`'s arrival announced by `imm`. Kept out of line:
+    /// inlined, its frame would be set up on every pump, arrival or not.
+    #[inline(never)]
     fn arrival<S: Sink>(&mut self, peer: usize, imm: Imm, landed: u64, sink: &mut S) {
         let (region, places) = (&self.recv.region, self.recv.places);
         let mirrored = self.peers.get(peer).is_some_and(|p| p.mirrored);
@@ -532,8 +541,13 @@ impl Engine {
         // region's host mirror holds it only where the peer's backend
         // writes the mirror (cuda); a verbs peer's header is on the device.
         let read = |stage: usize| {
-            let mut h = [0u8; HEADER_LEN];
             let at = places.header(stage, peer);
+            if !mirrored {
+                if let Some(h) = region.load_line(at) {
+                    return Ok(h);
+                }
+            }
+            let mut h = [0u8; HEADER_LEN];
             if mirrored {
                 region.copy_header(at, &mut h)?;
             } else {
@@ -625,50 +639,39 @@ impl Engine {
             }
             Err(r) => {
                 stats.rejected += 1;
-                let who = self.peers[peer].peer;
-                if let Reject::Checksum(e) = &r {
-                    let reason = format!(
-                        "corrupt {} (stage {}, sequence {}): {e}",
-                        imm.kind, imm.stage, imm.seq24
-                    );
-                    self.peers[peer].corrupt = true;
-                    self.mark_lost(peer, reason, false);
-                } else if r.is_replay() {
-                    tracing::debug!(peer = %who, "dropped {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
-                } else {
-                    tracing::warn!(peer = %who, "rejected {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
-                }
+                self.rejected(peer, imm, r);
             }
+        }
+    }
+
+    /// Acts on a rejected arrival: a corrupt message loses its peer, a
+    /// replay is dropped quietly, anything else is dropped with a warning.
+    /// Out of line, away from the accepted path.
+    #[cold]
+    #[inline(never)]
+    fn rejected(&mut self, peer: usize, imm: Imm, r: Reject) {
+        let who = self.peers[peer].peer;
+        if let Reject::Checksum(e) = &r {
+            let reason = format!(
+                "corrupt {} (stage {}, sequence {}): {e}",
+                imm.kind, imm.stage, imm.seq24
+            );
+            self.peers[peer].corrupt = true;
+            self.mark_lost(peer, reason, false);
+        } else if r.is_replay() {
+            tracing::debug!(peer = %who, "dropped {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
+        } else {
+            tracing::warn!(peer = %who, "rejected {} (stage {}, sequence {}): {r}", imm.kind, imm.stage, imm.seq24);
         }
     }
 }
 
-/// The CRC32C `crc` extended over `[base + HEADER_LEN, base + len)` of
-/// `region`. Read in place: the arrival has announced these bytes, which
-/// hands them to this rank (no writer touches them until it answers), the
-/// same rule that makes a batch's views sound (`Region` docs).
-fn region_crc(region: &Region, base: usize, len: u64, crc: u32) -> Result<u32, String> {
-    crc_of(
-        region,
-        base + HEADER_LEN,
-        len.saturating_sub(HEADER_LEN as u64),
-        crc,
-    )
-}
-
-/// The CRC32C `crc` extended over `[at, at + len)` of `region` (read in
-/// place, as [`region_crc`] says).
-fn crc_of(region: &Region, at: usize, len: u64, crc: u32) -> Result<u32, String> {
-    let len = usize::try_from(len).map_err(|_| "message length overflows".to_string())?;
-    Ok(crc32c::crc32c_append(crc, region.slice(at, len)?))
-}
-
-/// How long a rank waits by default for the sends from a slot to complete
-/// before it fills the slot again.
 /// The longest a barrier parks on the transport before it looks for the
 /// scheduler's release again: the most a release waits to be seen.
 pub(crate) const SYNC_SLICE: Duration = Duration::from_millis(1);
 
+/// How long a rank waits by default for the sends from a slot to complete
+/// before it fills the slot again.
 const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Wall-clock nanoseconds, for trace stamps (comparable across processes

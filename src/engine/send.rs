@@ -23,6 +23,17 @@ use crate::proto::{Header, Imm, HEADER_LEN};
 use crate::transport::slots::SlotRef;
 use crate::transport::{Completion, LocalSlice};
 
+/// One post of a write on a link, as [`Engine::post_once`] makes it.
+struct Post {
+    link: crate::transport::LinkId,
+    head: u64,
+    src: [LocalSlice; 1],
+    key: crate::proto::RegionKey,
+    to: u64,
+    imm: Option<u32>,
+    token: u64,
+}
+
 /// One write of a message: `len` bytes at `at` of the send region to
 /// offset `to` of the peer's region.
 #[derive(Clone, Copy)]
@@ -65,7 +76,20 @@ impl Engine {
             .map_err(Error::invalid)?;
             header.checksum = Some(crc);
         }
-        self.write_head(slot, 0, &header.encode())?;
+        if self.send_kind() == crate::transport::MemoryKind::Host {
+            // Host slots: the header is encoded straight into the slot.
+            let buf = self.send.fill(slot)?;
+            let Some(head) = buf.get_mut(..HEADER_LEN) else {
+                return Err(Error::BufferSize {
+                    what: format!("header in send slot {slot}"),
+                    need: HEADER_LEN,
+                    got: buf.len(),
+                });
+            };
+            head.copy_from_slice(&header.encode());
+        } else {
+            self.write_head(slot, 0, &header.encode())?;
+        }
         self.send.message(slot, len)
     }
 
@@ -217,10 +241,6 @@ impl Engine {
         let token = (u64::from(self.generation) << 32) | index as u64;
         let p = &self.peers[peer];
         let (link, key) = (p.link, p.key);
-        // The clock is read only once the window is full: never on the
-        // fast path.
-        let mut deadline = None;
-        let mirrored = self.peers[peer].mirrored;
         let mut posted = 0u8;
         let mut result = Ok(());
         for (i, w) in writes.iter().enumerate() {
@@ -234,46 +254,24 @@ impl Engine {
             // The prefix (header and side area, at the start of the
             // message's last write) to a mirrored peer goes to its host
             // mirror only.
-            let head = if last && mirrored {
+            let head = if last && self.peers[peer].mirrored {
                 (self.prefix as u64).min(w.len)
             } else {
                 0
             };
-            let r = loop {
-                let r = if head > 0 {
-                    self.transport
-                        .post_write_mirrored(link, head, &src, &key, w.to, announce, token)
-                } else {
-                    self.transport
-                        .post_write(link, &src, &key, w.to, announce, token)
-                };
-                match r {
-                    Err(Error::Backpressure { .. })
-                        if Instant::now()
-                            < *deadline
-                                .get_or_insert_with(|| Instant::now() + self.send_timeout) =>
-                    {
-                        // The window is full: make progress (completions
-                        // free it; arrivals wait in the backlog for the
-                        // next pump).
-                        let mut out = Vec::new();
-                        let r = self.transport.poll(&mut out, Duration::from_millis(1));
-                        // Taken even when the poll failed: a lost Sent
-                        // would keep its slot busy, a lost arrival its
-                        // stage.
-                        for c in out {
-                            match c {
-                                Completion::Sent { token } => self.on_sent(token),
-                                other => self.backlog.push(other),
-                            }
-                        }
-                        if let Err(e) = r {
-                            break Err(e);
-                        }
-                    }
-                    other => break other,
-                }
+            let post = Post {
+                link,
+                head,
+                src,
+                key,
+                to: w.to,
+                imm: announce,
+                token,
             };
+            let mut r = self.post_once(&post);
+            if matches!(r, Err(Error::Backpressure { .. })) {
+                r = self.post_when_room(&post);
+            }
             match r {
                 Ok(()) => posted += 1,
                 Err(e) => {
@@ -290,8 +288,8 @@ impl Engine {
         }
         match result {
             Ok(()) => {
-                let copies = self.transport.caps_of(link).is_some_and(|c| c.copies);
-                let s = &mut self.peers[peer].stats;
+                let p = &mut self.peers[peer];
+                let (s, copies) = (&mut p.stats, p.copies);
                 s.sent += 1;
                 s.sent_bytes += msg.len as u64;
                 if copies {
@@ -308,6 +306,46 @@ impl Engine {
             Err(e) => {
                 self.mark_lost(peer, e.to_string(), false);
                 Err(self.lost_error(peer))
+            }
+        }
+    }
+
+    /// One attempt at `post`.
+    #[inline(always)]
+    fn post_once(&mut self, p: &Post) -> Result<()> {
+        if p.head > 0 {
+            self.transport
+                .post_write_mirrored(p.link, p.head, &p.src, &p.key, p.to, p.imm, p.token)
+        } else {
+            self.transport
+                .post_write(p.link, &p.src, &p.key, p.to, p.imm, p.token)
+        }
+    }
+
+    /// `post` again while the link's send window is full, making progress
+    /// in between (completions free it; arrivals wait in the backlog for
+    /// the next pump), up to the send timeout; then the backpressure error.
+    /// Out of line: the clock is read only once the window is full.
+    #[cold]
+    #[inline(never)]
+    fn post_when_room(&mut self, p: &Post) -> Result<()> {
+        let deadline = Instant::now() + self.send_timeout;
+        loop {
+            let mut out = Vec::new();
+            let r = self.transport.poll(&mut out, Duration::from_millis(1));
+            // Taken even when the poll failed: a lost Sent would keep its
+            // slot busy, a lost arrival its stage.
+            for c in out {
+                match c {
+                    Completion::Sent { token } => self.on_sent(token),
+                    other => self.backlog.push(other),
+                }
+            }
+            r?;
+            match self.post_once(p) {
+                Err(e @ Error::Backpressure { .. }) if Instant::now() >= deadline => return Err(e),
+                Err(Error::Backpressure { .. }) => {}
+                other => return other,
             }
         }
     }

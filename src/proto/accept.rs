@@ -94,9 +94,8 @@ pub fn accept_checked<C: StageCounter>(
         return Err(Reject::NoSuchStage);
     }
     let stage = usize::from(imm.stage);
-    let bytes = read_header(stage).map_err(|e| Reject::BadHeader(DecodeError(e)))?;
-    let raw = bytes;
-    let h = Header::decode(&bytes).map_err(Reject::BadHeader)?;
+    let raw = read_header(stage).map_err(|e| Reject::BadHeader(DecodeError(e)))?;
+    let h = Header::decode(&raw).map_err(Reject::BadHeader)?;
     if h.kind != C::KIND {
         return Err(Reject::WrongKind { got: h.kind });
     }

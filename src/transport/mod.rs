@@ -566,6 +566,7 @@ impl LocalRegions {
 /// up, the total fits one message, and the target range lies inside the
 /// peer's region (the receiver checks again; this one reports a local
 /// mistake as what it is). Returns the total length.
+#[inline]
 pub(crate) fn check_post(
     link_state: Option<(&str, bool)>,
     link: LinkId,
@@ -574,31 +575,54 @@ pub(crate) fn check_post(
     offset: u64,
     max_message: u64,
 ) -> Result<u32> {
-    let (peer, down) =
-        link_state.ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))?;
-    if down {
-        return Err(Error::io(
-            format!("write to {peer}"),
-            std::io::Error::new(std::io::ErrorKind::NotConnected, "link is down"),
-        ));
-    }
+    let Some((peer, false)) = link_state else {
+        return Err(post_link_error(link_state, link));
+    };
     let total = src
         .iter()
         .try_fold(0u64, |a, s| a.checked_add(s.len))
-        .filter(|&t| t <= max_message)
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "one write to {peer} larger than {max_message} bytes"
-            ))
-        })?;
-    if offset.checked_add(total).is_none_or(|end| end > remote.len) {
-        return Err(Error::BufferSize {
+        .filter(|&t| t <= max_message);
+    match total {
+        Some(t) if offset.checked_add(t).is_some_and(|end| end <= remote.len) => Ok(t as u32),
+        _ => Err(post_size_error(peer, total, remote, offset, max_message)),
+    }
+}
+
+/// Why a post to `link` (in state `link_state`) cannot go: no such link,
+/// or it is down.
+#[cold]
+#[inline(never)]
+fn post_link_error(link_state: Option<(&str, bool)>, link: LinkId) -> Error {
+    match link_state {
+        None => Error::InvalidArgument(format!("no link {link}")),
+        Some((peer, _)) => Error::io(
+            format!("write to {peer}"),
+            std::io::Error::new(std::io::ErrorKind::NotConnected, "link is down"),
+        ),
+    }
+}
+
+/// Why a post of `total` bytes (`None`: over `max_message`) at `offset`
+/// of `peer`'s region `remote` cannot go.
+#[cold]
+#[inline(never)]
+fn post_size_error(
+    peer: &str,
+    total: Option<u64>,
+    remote: &RegionKey,
+    offset: u64,
+    max_message: u64,
+) -> Error {
+    match total {
+        None => Error::Unsupported(format!(
+            "one write to {peer} larger than {max_message} bytes"
+        )),
+        Some(total) => Error::BufferSize {
             what: format!("remote region {} of {peer} at offset {offset}", remote.id),
             need: offset.saturating_add(total) as usize,
             got: remote.len as usize,
-        });
+        },
     }
-    Ok(total as u32)
 }
 
 /// Endpoint blobs: a tiny length-prefixed field codec every backend uses.

@@ -285,6 +285,15 @@ impl Mux {
         imm: Option<u32>,
         token: u64,
     ) -> Result<()> {
+        // One slice (every message the engine posts whole): no list built.
+        if let [s] = src {
+            let r = self.route(link)?;
+            let one = [LocalSlice {
+                key: self.local_key(s.key, r.backend)?,
+                ..*s
+            }];
+            return self.backends[r.backend].post_write(r.link, &one, remote, offset, imm, token);
+        }
         let r = self.route_slices(link, src)?;
         self.backends[r.backend].post_write(r.link, &self.slices, remote, offset, imm, token)
     }
@@ -327,26 +336,37 @@ impl Mux {
     /// `self.slices`.
     #[inline]
     fn route_slices(&mut self, link: LinkId, src: &[LocalSlice]) -> Result<Route> {
-        let r = *self
-            .routes
-            .get(link)
-            .ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))?;
+        let r = self.route(link)?;
         self.slices.clear();
         for s in src {
-            let key = self
-                .locals
-                .get(s.key.0 as usize)
-                .and_then(|k| k[r.backend])
-                .ok_or_else(|| {
-                    Error::Unsupported(format!(
-                        "local region {} is not registered with {}",
-                        s.key.0,
-                        self.backends[r.backend].name()
-                    ))
-                })?;
+            let key = self.local_key(s.key, r.backend)?;
             self.slices.push(LocalSlice { key, ..*s });
         }
         Ok(r)
+    }
+
+    /// The route of `link`.
+    #[inline]
+    fn route(&self, link: LinkId) -> Result<Route> {
+        self.routes
+            .get(link)
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument(format!("no link {link}")))
+    }
+
+    /// Local region `key` in backend `backend`'s keys.
+    #[inline]
+    fn local_key(&self, key: LocalKey, backend: usize) -> Result<LocalKey> {
+        self.locals
+            .get(key.0 as usize)
+            .and_then(|k| k[backend])
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "local region {} is not registered with {}",
+                    key.0,
+                    self.backends[backend].name()
+                ))
+            })
     }
 
     /// Progress on every backend, without waiting.

@@ -315,6 +315,30 @@ impl Region {
         Ok(())
     }
 
+    /// The 64 bytes at `offset` of host memory, read with eight volatile
+    /// 8-byte loads: a message header, which a replay may be landing on
+    /// while it is read. `None` when they are not inside the region, not
+    /// 8-byte aligned, or on a device ([`Region::copy_out`] serves those).
+    #[inline]
+    pub(crate) fn load_line(&self, offset: usize) -> Option<[u8; 64]> {
+        if offset.checked_add(64)? > self.len || self.on_device() {
+            return None;
+        }
+        let base = self.ptr.as_ptr().wrapping_add(offset);
+        if !(base as usize).is_multiple_of(8) {
+            return None;
+        }
+        let mut out = [0u8; 64];
+        for (i, o) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: `[offset + 8i, offset + 8i + 8)` is inside the host
+            // allocation (checked above) and 8-byte aligned; a volatile read
+            // of shared memory yields some u64 whatever a writer does.
+            let w = unsafe { std::ptr::read_volatile(base.add(i * 8).cast::<u64>()) };
+            o.copy_from_slice(&w.to_ne_bytes());
+        }
+        Some(out)
+    }
+
     /// Copies `out.len()` bytes at `offset` out of the region with volatile
     /// reads, for bytes a peer may still be writing (message headers).
     pub fn copy_out(&self, offset: usize, out: &mut [u8]) -> Result<(), String> {

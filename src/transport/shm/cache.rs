@@ -27,25 +27,32 @@
 pub(crate) const HINT_LINES: usize = 8;
 const LINE: usize = 64;
 
-/// Lines of `[addr, addr + len)` up to [`HINT_LINES`], by their start.
+/// Calls `f` with the start of each line of `[addr, addr + len)`, up to
+/// [`HINT_LINES`] (a plain loop: a stepped range costs more than the hints).
 #[inline(always)]
-fn lines(addr: usize, len: usize) -> impl Iterator<Item = usize> {
-    let first = addr & !(LINE - 1);
+fn each_line(addr: usize, len: usize, mut f: impl FnMut(usize)) {
+    let mut line = addr & !(LINE - 1);
     let end = addr.saturating_add(len.min(HINT_LINES * LINE));
-    (first..end).step_by(LINE)
+    while line < end {
+        f(line);
+        match line.checked_add(LINE) {
+            Some(next) => line = next,
+            None => break,
+        }
+    }
 }
 
 /// Asks for the first lines of `[addr, addr + len)` in this core's cache.
 #[inline(always)]
 pub(crate) fn prefetch(addr: usize, len: usize) {
-    for _l in lines(addr, len) {
+    each_line(addr, len, |_l| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: PREFETCHT0 is a hint: it never faults and changes no
         // value, whatever the address.
         unsafe {
             std::arch::asm!("prefetcht0 [{0}]", in(reg) _l, options(nostack, preserves_flags, readonly));
         }
-    }
+    });
 }
 
 /// Asks for the first lines of `[addr, addr + len)` in this core's cache
@@ -53,21 +60,21 @@ pub(crate) fn prefetch(addr: usize, len: usize) {
 /// so that stores to them soon after find them here.
 #[inline(always)]
 pub(crate) fn prefetch_write(addr: usize, len: usize) {
-    for _l in lines(addr, len) {
+    each_line(addr, len, |_l| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: PREFETCHW is a hint: it never faults and changes no
         // value, whatever the address.
         unsafe {
             std::arch::asm!("prefetchw [{0}]", in(reg) _l, options(nostack, preserves_flags, readonly));
         }
-    }
+    });
 }
 
 /// Moves the first lines of `[addr, addr + len)` that this core wrote to
 /// the shared cache, for the other core to read.
 #[inline(always)]
 pub(crate) fn demote(addr: usize, len: usize) {
-    for _l in lines(addr, len) {
+    each_line(addr, len, |_l| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: CLDEMOTE (encoded by hand: `0F 1C /0` with the address in
         // rax) is a hint: it never faults, changes no value, and runs as a
@@ -75,7 +82,7 @@ pub(crate) fn demote(addr: usize, len: usize) {
         unsafe {
             std::arch::asm!(".byte 0x0f, 0x1c, 0x00", in("rax") _l, options(nostack, preserves_flags, readonly));
         }
-    }
+    });
 }
 
 #[cfg(test)]
@@ -84,10 +91,16 @@ mod tests {
 
     #[test]
     fn lines_cover_the_message_start_capped() {
-        assert_eq!(lines(130, 10).collect::<Vec<_>>(), vec![128]);
-        assert_eq!(lines(120, 10).collect::<Vec<_>>(), vec![64, 128]);
-        assert_eq!(lines(0, 1 << 20).count(), HINT_LINES);
-        assert_eq!(lines(64, 0).count(), 0);
+        let lines = |addr, len| {
+            let mut v = Vec::new();
+            each_line(addr, len, |l| v.push(l));
+            v
+        };
+        assert_eq!(lines(130, 10), vec![128]);
+        assert_eq!(lines(120, 10), vec![64, 128]);
+        assert_eq!(lines(0, 1 << 20).len(), HINT_LINES);
+        assert_eq!(lines(64, 0).len(), 0);
+        assert_eq!(lines(usize::MAX - 10, 100), vec![usize::MAX & !63]);
     }
 
     #[test]

@@ -502,19 +502,11 @@ impl Transport for ShmTransport {
         let l = &mut self.links[link];
         if !l.out.has_room() {
             // The consumer is far behind: nothing is copied or posted.
-            l.peer.ring_doorbell();
-            return Err(Error::Backpressure {
-                peer: l.label.clone(),
-                window: segment::RING_CAP as usize,
-            });
+            return Err(ring_full(l));
         }
-        let target = l
-            .targets
-            .get(remote.id as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!("{} has no region {}", l.label, remote.id))
-            })?;
+        let Some(target) = l.targets.get(remote.id as usize).and_then(Option::as_ref) else {
+            return Err(no_region(l, remote.id));
+        };
         let mut at = offset;
         for s in src {
             let (r, from, n) = self.local.resolve(s)?;
@@ -540,11 +532,9 @@ impl Transport for ShmTransport {
                     }
                 }
             };
-            landed.map_err(|e| Error::BufferSize {
-                what: format!("{} region {}: {e}", l.label, remote.id),
-                need: at.saturating_add(n as u64) as usize,
-                got: remote.len as usize,
-            })?;
+            if let Err(e) = landed {
+                return Err(landing_error(l, remote, at, n, e));
+            }
             at += n as u64;
         }
         let notice = Notice {
@@ -558,11 +548,7 @@ impl Transport for ShmTransport {
         if !l.out.push(&notice) {
             // Cannot happen (room was checked, one producer per ring); if it
             // did, the bytes landed unannounced and the caller posts again.
-            l.peer.ring_doorbell();
-            return Err(Error::Backpressure {
-                peer: l.label.clone(),
-                window: segment::RING_CAP as usize,
-            });
+            return Err(ring_full(l));
         }
         l.peer.ring_doorbell();
         // The peer reads these lines next: hand them to the shared cache
@@ -595,7 +581,10 @@ impl Transport for ShmTransport {
     }
 
     fn progress(&mut self, out: &mut Vec<Completion>) -> Result<()> {
-        out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
+        // Checked first: this runs on every poll of a spinning wait.
+        if !self.sent.is_empty() {
+            out.extend(self.sent.drain(..).map(|token| Completion::Sent { token }));
+        }
         let start = out.len();
         self.drain(out);
         if self.sweep.take() {
@@ -642,6 +631,34 @@ impl Transport for ShmTransport {
 
 /// A value that tells this process's segment from another's: random from
 /// the kernel, or else the pid, the clock and an address, mixed.
+/// A full ring: the consumer is rung (it may be parked) and the post
+/// refused.
+#[cold]
+#[inline(never)]
+fn ring_full(l: &ShmLink) -> Error {
+    l.peer.ring_doorbell();
+    Error::Backpressure {
+        peer: l.label.clone(),
+        window: segment::RING_CAP as usize,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn no_region(l: &ShmLink, id: u32) -> Error {
+    Error::InvalidArgument(format!("{} has no region {id}", l.label))
+}
+
+#[cold]
+#[inline(never)]
+fn landing_error(l: &ShmLink, remote: &RegionKey, at: u64, n: usize, e: String) -> Error {
+    Error::BufferSize {
+        what: format!("{} region {}: {e}", l.label, remote.id),
+        need: at.saturating_add(n as u64) as usize,
+        got: remote.len as usize,
+    }
+}
+
 fn identity_nonce() -> u64 {
     if let Ok(v) = sys::random_u64() {
         return v;

@@ -83,6 +83,9 @@ pub trait Slots {
 pub struct Mapped {
     base: *mut u8,
     cap: u32,
+    /// `cap - 1` when `cap` is a power of two (a mask, not a division, on
+    /// every poll); else 0.
+    mask: u64,
 }
 
 // SAFETY: a view of shared memory; entries are written only by the one
@@ -92,13 +95,17 @@ pub struct Mapped {
 unsafe impl Send for Mapped {}
 
 impl Mapped {
+    #[inline(always)]
     fn slot(&self, i: u64) -> *mut u8 {
-        // SAFETY: the index is reduced modulo `cap`, so the slot lies in the
-        // mapped entry array (`Ring::new`'s contract).
-        unsafe {
-            self.base
-                .add(RING_HEADER + (i % u64::from(self.cap)) as usize * ENTRY_LEN)
-        }
+        let at = if self.mask != 0 {
+            i & self.mask
+        } else {
+            i % u64::from(self.cap)
+        };
+        // SAFETY: the index is reduced modulo `cap` (the mask is `cap - 1`
+        // for a power of two), so the slot lies in the mapped entry array
+        // (`Ring::new`'s contract).
+        unsafe { self.base.add(RING_HEADER + at as usize * ENTRY_LEN) }
     }
 
     fn tail(&self) -> &AtomicU64 {
@@ -177,9 +184,15 @@ impl Ring {
     /// bytes of (shared) memory that stay mapped as long as the ring is
     /// used, zeroed when the ring was first created.
     pub unsafe fn new(base: *mut u8, cap: u32) -> Ring {
+        let cap = cap.max(1);
         Ring::over(Mapped {
             base,
-            cap: cap.max(1),
+            cap,
+            mask: if cap.is_power_of_two() {
+                u64::from(cap) - 1
+            } else {
+                0
+            },
         })
     }
 }
