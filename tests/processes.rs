@@ -93,14 +93,14 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
     let copies: f64 = json_field(line, "copies_per_msg").parse().unwrap();
     let want = if transport == "shm" { 1.0 } else { 0.0 };
     assert!((copies - want).abs() < 1e-3, "copies_per_msg = {copies}");
-    // The floor is the fastest plain way measured: the exchange, and over
-    // tcp its polled twin, over shm one thread's memcpy.
     let ex: f64 = json_field(line, "floor_exchange_us").parse().unwrap();
     let ex99: f64 = json_field(line, "floor_exchange_p99_us").parse().unwrap();
     assert!(
         ex99 >= ex,
         "the exchange floor's p99 {ex99} under its p50 {ex}"
     );
+    // The floor is the fastest plain way measured: the exchange, and over
+    // tcp its polled twin, over shm one thread's memcpy.
     let floor: f64 = json_field(line, "floor_us").parse().unwrap();
     let ways: Vec<f64> = ["floor_exchange_us", "floor_polled_us", "floor_memcpy_us"]
         .iter()

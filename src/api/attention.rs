@@ -457,36 +457,34 @@ impl AttentionRank {
     /// Writes the header (and a side block still to be copied) into send
     /// slot `s` and returns its first `len` bytes as the message.
     fn stamp(&mut self, s: usize, header: Header, side: Side<'_>, len: usize) -> Result<SlotRef> {
-        Ok(if self.engine.checksums() {
+        match side {
+            // In place, the side block is already there: `seal` writes the
+            // header (and the checksum over the side block and rows).
+            Side::InPlace(_) => self.engine.seal(s, header, len),
             // The checksum covers the side block: it goes in first.
-            if let Side::Copy(b) = side {
+            Side::Copy(b) if self.engine.checksums() => {
                 self.engine.write_slot(s, HEADER_LEN, b)?;
+                self.engine.seal(s, header, len)
             }
-            self.engine.seal(s, header, len)?
-        } else {
-            match side {
-                // `seal` without a checksum: the header, then the message.
-                Side::InPlace(_) => return self.engine.seal(s, header, len),
-                Side::Copy(b) => {
-                    // Header and side block are adjacent: one copy into the
-                    // slot (one staged host-to-device copy for device slots).
-                    let mut head = [0u8; HEADER_LEN + 256];
-                    match head.get_mut(HEADER_LEN..HEADER_LEN + b.len()) {
-                        Some(area) => {
-                            area.copy_from_slice(b);
-                            head[..HEADER_LEN].copy_from_slice(&header.encode());
-                            self.engine
-                                .write_head(s, 0, &head[..HEADER_LEN + b.len()])?;
-                        }
-                        None => {
-                            self.engine.write_head(s, HEADER_LEN, b)?;
-                            self.engine.write_head(s, 0, &header.encode())?;
-                        }
+            Side::Copy(b) => {
+                // Header and side block are adjacent: one copy into the
+                // slot (one staged host-to-device copy for device slots).
+                let mut head = [0u8; HEADER_LEN + 256];
+                match head.get_mut(HEADER_LEN..HEADER_LEN + b.len()) {
+                    Some(area) => {
+                        area.copy_from_slice(b);
+                        head[..HEADER_LEN].copy_from_slice(&header.encode());
+                        self.engine
+                            .write_head(s, 0, &head[..HEADER_LEN + b.len()])?;
+                    }
+                    None => {
+                        self.engine.write_head(s, HEADER_LEN, b)?;
+                        self.engine.write_head(s, 0, &header.encode())?;
                     }
                 }
+                self.engine.message(s, len)
             }
-            self.engine.message(s, len)?
-        })
+        }
     }
 
     /// Whether `stage` may be dispatched now: it exists and its previous

@@ -63,10 +63,11 @@ impl Engine {
             }
             let buf = self.send.fill(slot)?;
             if buf.len() < len.max(HEADER_LEN) {
-                return Err(Error::invalid(format!(
-                    "message of {len} bytes does not fit send slot {slot} ({} bytes)",
-                    buf.len()
-                )));
+                return Err(Error::BufferSize {
+                    what: format!("message of {len} bytes with its header in send slot {slot}"),
+                    need: len.max(HEADER_LEN),
+                    got: buf.len(),
+                });
             }
             header.checksum = Some(0);
             let raw = header.encode();
@@ -241,6 +242,8 @@ impl Engine {
         let token = (u64::from(self.generation) << 32) | index as u64;
         let p = &self.peers[peer];
         let (link, key) = (p.link, p.key);
+        // Set on the first full window, so the fast path reads no clock.
+        let mut deadline = None;
         let mut posted = 0u8;
         let mut result = Ok(());
         for (i, w) in writes.iter().enumerate() {
@@ -268,10 +271,12 @@ impl Engine {
                 imm: announce,
                 token,
             };
-            let mut r = self.post_once(&post);
-            if matches!(r, Err(Error::Backpressure { .. })) {
-                r = self.post_when_room(&post);
-            }
+            let r = match self.post_once(&post) {
+                Err(full @ Error::Backpressure { .. }) => {
+                    self.post_when_room(&post, &mut deadline, full)
+                }
+                other => other,
+            };
             match r {
                 Ok(()) => posted += 1,
                 Err(e) => {
@@ -324,27 +329,38 @@ impl Engine {
 
     /// `post` again while the link's send window is full, making progress
     /// in between (completions free it; arrivals wait in the backlog for
-    /// the next pump), up to the send timeout; then the backpressure error.
-    /// Out of line: the clock is read only once the window is full.
+    /// the next pump), until `deadline` (set here on the message's first
+    /// full window: one send timeout bounds the whole message); then
+    /// `full`, the last backpressure error. Out of line: the clock is read
+    /// only once a window is full.
     #[cold]
     #[inline(never)]
-    fn post_when_room(&mut self, p: &Post) -> Result<()> {
-        let deadline = Instant::now() + self.send_timeout;
+    fn post_when_room(
+        &mut self,
+        p: &Post,
+        deadline: &mut Option<Instant>,
+        mut full: Error,
+    ) -> Result<()> {
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.send_timeout);
         loop {
+            if Instant::now() >= deadline {
+                return Err(full);
+            }
             let mut out = Vec::new();
             let r = self.transport.poll(&mut out, Duration::from_millis(1));
             // Taken even when the poll failed: a lost Sent would keep its
             // slot busy, a lost arrival its stage.
             for c in out {
                 match c {
-                    Completion::Sent { token } => self.on_sent(token),
+                    // An earlier write of this very message: counted by
+                    // the next pump, once `outstanding` records it.
+                    Completion::Sent { token } if token != p.token => self.on_sent(token),
                     other => self.backlog.push(other),
                 }
             }
             r?;
             match self.post_once(p) {
-                Err(e @ Error::Backpressure { .. }) if Instant::now() >= deadline => return Err(e),
-                Err(Error::Backpressure { .. }) => {}
+                Err(e @ Error::Backpressure { .. }) => full = e,
                 other => return other,
             }
         }
@@ -571,6 +587,79 @@ mod tests {
                 ..
             }) => assert_eq!(peer, "F0"),
             other => panic!("expected Timeout, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_split_post_that_meets_a_full_window_still_frees_its_slot() {
+        // The rows leave; the head finds the window full. The rows' Sent,
+        // taken while waiting for room, must not be lost before the post
+        // is recorded (it was: the slot stayed refused for good).
+        let net = SimNetwork::new(5);
+        net.set_auto(true);
+        net.set_window(1);
+        let (mut e, _f, theirs) = engine(&net);
+        e.fill(1).unwrap()[..8].copy_from_slice(b"headrows");
+        let msg = e.message(1, 8).unwrap();
+        e.post_split(0, msg, 4, 200, 10, Imm::new(Kind::Dispatch, 1, 0))
+            .unwrap();
+        let mut sink = Counts(AttentionStages::new(2, 1));
+        for _ in 0..10 {
+            e.pump(Duration::ZERO, &mut sink).unwrap();
+        }
+        assert_eq!(theirs.slice(200, 4).unwrap(), b"rows");
+        assert_eq!(theirs.slice(10, 4).unwrap(), b"head");
+        assert!(e.send.is_free(1), "slot 1 refused: {:?}", e.outstanding);
+    }
+
+    #[test]
+    fn a_window_that_stays_full_loses_the_peer_after_the_send_timeout() {
+        let net = SimNetwork::new(6);
+        net.set_window(1);
+        let (mut e, _f, _) = engine(&net);
+        let timeout = Duration::from_millis(20);
+        e.set_send_timeout(timeout);
+        let msg = e.message(0, 8).unwrap();
+        e.post(0, msg, 0, Imm::new(Kind::Dispatch, 0, 0)).unwrap();
+        let msg = e.message(1, 8).unwrap();
+        let t = std::time::Instant::now();
+        match e.post(0, msg, 128, Imm::new(Kind::Dispatch, 1, 0)) {
+            Err(Error::PeerLost { peer, reason }) => {
+                assert_eq!(peer, Peer::Ffn(0));
+                assert!(reason.contains("full"), "{reason}");
+            }
+            other => panic!("expected PeerLost, got {other:?}"),
+        }
+        assert!(t.elapsed() >= timeout);
+    }
+
+    #[test]
+    fn a_slot_too_small_for_a_header_is_refused_by_size() {
+        let net = SimNetwork::new(7);
+        let (mut e, _f, _) = engine(&net);
+        e.send = SendSlots::new(Region::alloc(256).unwrap(), 32, 2).unwrap();
+        let h = crate::proto::Header {
+            kind: Kind::Dispatch,
+            stage: 0,
+            sequence: 0,
+            sender: 0,
+            tokens: 0,
+            row_bytes: 64,
+            side_len: 0,
+            post_ns: 0,
+            land_ns: 0,
+            process_ns: 0,
+            respond_ns: 0,
+            checksum: None,
+        };
+        for checksum in [false, true] {
+            e.checksum = checksum;
+            match e.seal(0, h, 16) {
+                Err(Error::BufferSize {
+                    need: 64, got: 32, ..
+                }) => {}
+                other => panic!("checksum {checksum}: expected BufferSize, got {other:?}"),
+            }
         }
     }
 }

@@ -9,8 +9,9 @@
 //! Soundness: bytes that a peer may be writing are never handed out as a
 //! Rust reference. The transports move bytes with raw-pointer copies and
 //! system calls ([`Region::write_gather`], [`Region::copy_to`],
-//! [`Region::read_fd`]); the engine reads headers with an explicit volatile
-//! copy-out ([`Region::copy_out`]). Shared views ([`Region::slice`]) are made
+//! [`Region::read_fd`]); the engine reads headers with explicit volatile
+//! loads ([`Region::load_line`], or the copy-out [`Region::copy_out`] where
+//! a line does not serve). Shared views ([`Region::slice`]) are made
 //! only over bytes the protocol has handed to this rank and that no writer
 //! touches while the view lives: a gathered batch until it is responded to,
 //! a completed combine until it is released, this rank's own send memory.
@@ -537,6 +538,22 @@ impl Drop for Region {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_line_is_read_whole_or_not_at_all() {
+        let r = Region::alloc(256).unwrap();
+        let bytes: Vec<u8> = (0..=255).collect();
+        r.write_gather(0, &[&bytes]).unwrap();
+        let mut h = [0u8; 64];
+        r.copy_out(64, &mut h).unwrap();
+        assert_eq!(r.load_line(64), Some(h));
+        assert_eq!(r.load_line(192).map(|l| l[63]), Some(255));
+        // Past the end, unaligned, wrapping, empty: the copy-out serves.
+        assert_eq!(r.load_line(193), None);
+        assert_eq!(r.load_line(1), None);
+        assert_eq!(r.load_line(usize::MAX - 3), None);
+        assert_eq!(Region::alloc(0).unwrap().load_line(0), None);
+    }
 
     #[test]
     fn a_part_of_a_vector_is_bounded_and_freed_whole() {

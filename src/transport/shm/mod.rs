@@ -629,8 +629,6 @@ impl Transport for ShmTransport {
     }
 }
 
-/// A value that tells this process's segment from another's: random from
-/// the kernel, or else the pid, the clock and an address, mixed.
 /// A full ring: the consumer is rung (it may be parked) and the post
 /// refused.
 #[cold]
@@ -643,12 +641,14 @@ fn ring_full(l: &ShmLink) -> Error {
     }
 }
 
+/// A post to a region the peer did not publish.
 #[cold]
 #[inline(never)]
 fn no_region(l: &ShmLink, id: u32) -> Error {
     Error::InvalidArgument(format!("{} has no region {id}", l.label))
 }
 
+/// A post whose bytes would not fit the peer's region where they land.
 #[cold]
 #[inline(never)]
 fn landing_error(l: &ShmLink, remote: &RegionKey, at: u64, n: usize, e: String) -> Error {
@@ -659,6 +659,8 @@ fn landing_error(l: &ShmLink, remote: &RegionKey, at: u64, n: usize, e: String) 
     }
 }
 
+/// A value that tells this process's segment from another's: random from
+/// the kernel, or else the pid, the clock and an address, mixed.
 fn identity_nonce() -> u64 {
     if let Ok(v) = sys::random_u64() {
         return v;

@@ -311,20 +311,23 @@ mod tests {
 
     #[test]
     fn push_pop_full() {
-        let m = Mapping::anonymous(ring_bytes(4)).unwrap();
-        // SAFETY: fresh zeroed anonymous mapping of the right size; one
-        // producer view and one consumer view.
-        let (mut p, c) = unsafe { (Ring::new(m.ptr(), 4), Ring::new(m.ptr(), 4)) };
-        assert_eq!(c.pop(), None);
-        for round in 0..3u64 {
-            for i in 0..4 {
-                assert!(p.push(&notice(round * 10 + i).encode()));
+        // A power of two (indexed by mask) and not (by division).
+        for cap in [4u32, 3] {
+            let m = Mapping::anonymous(ring_bytes(cap)).unwrap();
+            // SAFETY: fresh zeroed anonymous mapping of the right size; one
+            // producer view and one consumer view.
+            let (mut p, c) = unsafe { (Ring::new(m.ptr(), cap), Ring::new(m.ptr(), cap)) };
+            assert_eq!(c.pop(), None);
+            for round in 0..3u64 {
+                for i in 0..u64::from(cap) {
+                    assert!(p.push(&notice(round * 10 + i).encode()));
+                }
+                assert!(!p.push(&Notice::CLOSE.encode()), "full at {cap}");
+                for i in 0..u64::from(cap) {
+                    assert_eq!(c.pop(), Some(notice(round * 10 + i).encode()));
+                }
+                assert!(c.is_empty());
             }
-            assert!(!p.push(&Notice::CLOSE.encode()), "full");
-            for i in 0..4 {
-                assert_eq!(c.pop(), Some(notice(round * 10 + i).encode()));
-            }
-            assert!(c.is_empty());
         }
     }
 
