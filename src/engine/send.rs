@@ -504,14 +504,20 @@ mod tests {
         assert!(e.fill(1).is_ok());
     }
 
-    #[test]
-    fn a_split_message_is_two_writes_and_frees_its_slot_after_both() {
-        let net = SimNetwork::new(5);
-        let (mut e, _f, theirs) = engine(&net);
+    /// Posts slot 1, "headrows", to F0 split after 4 bytes: the rows to
+    /// offset 200, then the head to offset 10.
+    fn post_headrows_split(e: &mut Engine) {
         e.fill(1).unwrap()[..8].copy_from_slice(b"headrows");
         let msg = e.message(1, 8).unwrap();
         e.post_split(0, msg, 4, 200, 10, Imm::new(Kind::Dispatch, 1, 0))
             .unwrap();
+    }
+
+    #[test]
+    fn a_split_message_is_two_writes_and_frees_its_slot_after_both() {
+        let net = SimNetwork::new(5);
+        let (mut e, _f, theirs) = engine(&net);
+        post_headrows_split(&mut e);
         let mut sink = Counts(AttentionStages::new(2, 1));
         // The rows' write and its Sent: the slot is still refused.
         assert!(net.step() && net.step());
@@ -599,10 +605,7 @@ mod tests {
         net.set_auto(true);
         net.set_window(1);
         let (mut e, _f, theirs) = engine(&net);
-        e.fill(1).unwrap()[..8].copy_from_slice(b"headrows");
-        let msg = e.message(1, 8).unwrap();
-        e.post_split(0, msg, 4, 200, 10, Imm::new(Kind::Dispatch, 1, 0))
-            .unwrap();
+        post_headrows_split(&mut e);
         let mut sink = Counts(AttentionStages::new(2, 1));
         for _ in 0..10 {
             e.pump(Duration::ZERO, &mut sink).unwrap();
