@@ -308,6 +308,9 @@ fn hazard() -> R<()> {
         unsafe { write_value32_on(s.raw(), f.device_addr(), 1)? };
         others.push((s, f));
     }
+    // A fixed window, not a wait: the question is which stores run while
+    // the stream stays parked, and a store that never runs (the hazard
+    // under one hardware queue) has no completion to wait for.
     std::thread::sleep(Duration::from_millis(50));
     let ran = others.iter().filter(|(_, f)| f.get() == 1).count();
     gate.set(1);
