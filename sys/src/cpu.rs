@@ -40,6 +40,21 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// The CPUs the calling thread may run on (what `taskset`, `numactl` or a
+/// cgroup's cpuset left it), in ascending order.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is a valid out-parameter.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of` bytes of `set`.
+    crate::syscall!(unsafe {
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+    })?;
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: every index is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 /// How many times the calling thread has been preempted (involuntary
 /// context switches, `getrusage(RUSAGE_THREAD)`): another runnable task
 /// took its CPU while it still wanted it.
@@ -56,19 +71,8 @@ pub fn preemptions() -> io::Result<u64> {
 mod tests {
     use super::*;
 
-    /// The CPUs the calling thread may run on.
     fn allowed() -> Vec<usize> {
-        // SAFETY: an all-zero cpu_set_t is a valid out-parameter.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sched_getaffinity writes at most `size_of` bytes of `set`.
-        crate::syscall!(unsafe {
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
-        })
-        .unwrap();
-        (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: every index is below CPU_SETSIZE.
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
+        allowed_cpus().unwrap()
     }
 
     #[test]

@@ -54,7 +54,7 @@ mod process;
 mod signal;
 mod tcp;
 
-pub use cpu::{pin_to_cpu, preemptions, timestamp_counter};
+pub use cpu::{allowed_cpus, pin_to_cpu, preemptions, timestamp_counter};
 pub use fd::{poll_ready, FdWatcher};
 pub use futex::{futex_wait, futex_wake};
 pub use lock::{lock_exclusive, locked_by_another, random_u64};

@@ -334,7 +334,13 @@ fn measure(
     let mut children = Children(Vec::new());
     // One core per rank when they fit, as a deployment would pin them;
     // otherwise the scheduler places them (and the poll policy yields).
-    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // The CPUs this job may use (what `taskset`, `numactl` or a cpuset
+    // left it), so `taskset -c 8-15 afmesh bench` pins its ranks to 8, 9...
+    let allowed = sys::allowed_cpus().context("reading this process's CPU set")?;
+    if allowed.is_empty() {
+        bail!("this process may run on no CPU");
+    }
+    let cpus = allowed.len();
     let pin = match args.pin {
         // Tcp ranks too: left to the scheduler, the reference stage's p50
         // was 1.09-1.46x the (pinned alike) floor; pinned, within 1.2x in
@@ -348,7 +354,7 @@ fn measure(
         for r in 0..count {
             let mut cmd = Command::new(&exe);
             if pin {
-                cmd.env("AFMESH_CPU", (next_cpu % cpus).to_string());
+                cmd.env("AFMESH_CPU", allowed[next_cpu % cpus].to_string());
                 next_cpu += 1;
             }
             cmd.args([
@@ -509,7 +515,7 @@ fn measure(
         copied_bytes as f64 / sent_bytes as f64
     };
     let (d, c) = w.layer_bytes(m, n);
-    let plan = floor_plan(&w, m, n, pin.then_some(cpus));
+    let plan = floor_plan(&w, m, n, pin.then(|| allowed.clone()));
     progress.phase("floor");
     let mut verbs = None;
     let mut nccl = None;

@@ -77,15 +77,16 @@ pub struct Plan {
     pub warmup: u32,
     pub iters: u32,
     pub timeout: Duration,
-    /// CPUs to pin to (FFN ranks first, then attention, as the mesh does);
-    /// `None`: not pinned.
-    pub cpus: Option<usize>,
+    /// CPUs to pin to, taken in turn (FFN ranks first, then attention, as
+    /// the mesh does); `None`: not pinned.
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl Plan {
     fn cpu(&self, role: &str, rank: u32) -> Option<usize> {
         let slot = if role == "ffn" { rank } else { self.n + rank };
-        self.cpus.map(|c| slot as usize % c)
+        let cpus = self.cpus.as_deref().filter(|c| !c.is_empty())?;
+        Some(cpus[slot as usize % cpus.len()])
     }
 
     fn budget(&self) -> Duration {
@@ -588,7 +589,33 @@ fn parts(total: usize, stages: u32) -> Vec<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::parts;
+    use super::{parts, Plan};
+    use std::time::Duration;
+
+    #[test]
+    fn ranks_are_pinned_to_the_cpus_the_job_was_given_in_turn() {
+        let mut plan = Plan {
+            m: 2,
+            n: 2,
+            dispatch: vec![1, 1],
+            combine: vec![1, 1],
+            stages: 1,
+            rows: (0, 0),
+            warmup: 0,
+            iters: 1,
+            timeout: Duration::from_secs(1),
+            cpus: Some(vec![8, 9, 12]),
+        };
+        // FFN ranks first, then attention ranks, wrapping round the set.
+        assert_eq!(plan.cpu("ffn", 0), Some(8));
+        assert_eq!(plan.cpu("ffn", 1), Some(9));
+        assert_eq!(plan.cpu("attention", 0), Some(12));
+        assert_eq!(plan.cpu("attention", 1), Some(8));
+        plan.cpus = Some(Vec::new());
+        assert_eq!(plan.cpu("ffn", 0), None);
+        plan.cpus = None;
+        assert_eq!(plan.cpu("attention", 0), None);
+    }
 
     #[test]
     fn parts_cover_the_bytes_in_order() {

@@ -73,9 +73,9 @@ impl Floors {
     }
 }
 
-/// The exchange floor for `w` on M×N, pinned to `cpus` CPUs the way the
-/// mesh's ranks are (or not pinned).
-pub(super) fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<usize>) -> floor::Plan {
+/// The exchange floor for `w` on M×N, pinned to `cpus` the way the mesh's
+/// ranks are (or not pinned).
+pub(super) fn floor_plan(w: &Workload, m: u32, n: u32, cpus: Option<Vec<usize>>) -> floor::Plan {
     // Attention rank a's bytes per FFN rank: what `layer_bytes` adds for
     // it, one FFN rank at a time (headers and side block included).
     let pair = |a: u32| {
