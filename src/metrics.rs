@@ -263,6 +263,27 @@ fn render(me: Peer, snap: Option<(RankStats, Duration)>) -> String {
         .min()
         .unwrap_or(0);
     let _ = writeln!(o, "afmesh_layers_total{{{r}}} {layers}");
+    let g = &stats.spin_gaps;
+    for (name, help, v) in [
+        (
+            "afmesh_spin_seconds_total",
+            "Time the rank's waits spun, as their clock looks measured it.",
+            g.spun_ns as f64 / 1e9,
+        ),
+        (
+            "afmesh_spin_gaps_total",
+            "Stretches of that spinning in which the thread did not run (5 us or more over the quickest): interrupts, preemption, a hypervisor.",
+            g.count as f64,
+        ),
+        (
+            "afmesh_spin_gap_seconds_total",
+            "Time those gaps took.",
+            g.lost_ns as f64 / 1e9,
+        ),
+    ] {
+        family(&mut o, name, "counter", help);
+        let _ = writeln!(o, "{name}{{{r}}} {v}");
+    }
     let counters: [Family<u64>; 5] = [
         (
             "afmesh_messages_sent_total",
@@ -381,10 +402,15 @@ mod tests {
             rejected: 2,
             ..PeerStats::default()
         };
+        let mut spin_gaps = crate::transport::Gaps::default();
+        spin_gaps.spun_ns = 2_000_000_000;
+        spin_gaps.count = 7;
+        spin_gaps.lost_ns = 35_000;
         RankStats {
             transport: "shm".into(),
             peers: vec![(Peer::Ffn(0), p0), (Peer::Ffn(1), p1)],
             wire: Default::default(),
+            spin_gaps,
         }
     }
 
@@ -406,6 +432,12 @@ mod tests {
         assert_eq!(
             value(&t, &format!("afmesh_errors_total{{{r},peer=\"F1\"}}")),
             2.0
+        );
+        assert_eq!(value(&t, &format!("afmesh_spin_seconds_total{{{r}}}")), 2.0);
+        assert_eq!(value(&t, &format!("afmesh_spin_gaps_total{{{r}}}")), 7.0);
+        assert_eq!(
+            value(&t, &format!("afmesh_spin_gap_seconds_total{{{r}}}")),
+            35e-6
         );
         assert_eq!(
             value(&t, &format!("afmesh_link_up{{{r},peer=\"F0\"}}")),

@@ -126,6 +126,14 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
         json_field(line, "preempted_spins").parse::<u64>().is_ok(),
         "{line}"
     );
+    // What the machine took from the spinning waits: a sample within them.
+    let spun: f64 = json_field(line, "spun_ms").parse().expect("spun_ms");
+    let lost: f64 = json_field(line, "spin_gap_ms")
+        .parse()
+        .expect("spin_gap_ms");
+    let gaps: u64 = json_field(line, "spin_gaps").parse().expect("spin_gaps");
+    assert!(lost >= 0.0 && lost <= spun, "{line}");
+    assert_eq!(gaps == 0, lost == 0.0, "{line}");
     assert_eq!(
         floor,
         ways.iter().copied().fold(f64::MAX, f64::min),

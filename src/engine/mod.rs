@@ -339,6 +339,7 @@ impl Engine {
                 .map(|p| (p.peer, p.stats.clone()))
                 .collect(),
             wire: self.transport.counters(),
+            spin_gaps: self.transport.spin_gaps(),
         }
     }
 

@@ -62,6 +62,10 @@ pub struct RankStats {
     /// What the transports' post paths did (verbs: work requests,
     /// signalled ones, registrations after setup).
     pub wire: crate::transport::WireCounters,
+    /// What the machine took from the rank's spinning waits: interrupts,
+    /// preemption, or a hypervisor's own work on the vCPU, which no
+    /// counter of the guest kernel shows.
+    pub spin_gaps: crate::transport::Gaps,
 }
 
 impl RankStats {

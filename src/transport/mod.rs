@@ -67,7 +67,7 @@ use std::time::Duration;
 pub use crate::proto::RegionKey;
 pub use counters::{WireCounters, MAX_RAILS};
 pub use mux::Mux;
-pub use poll::PollPolicy;
+pub use poll::{Gaps, PollPolicy};
 pub use region::{HugePages, Region, REGION_ALIGN};
 
 use crate::error::{Error, Result};

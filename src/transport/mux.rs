@@ -29,7 +29,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::poll::{Contention, PREEMPTED_GAP};
+use super::poll::{Contention, Gaps, PREEMPTED_GAP};
 use super::shm::sys::{poll_ready, FdWatcher};
 use super::{
     Access, Backend, Caps, Completion, Connected, LinkId, LocalKey, LocalSlice, MemoryKind,
@@ -66,6 +66,8 @@ pub struct Mux {
     direct: Option<usize>,
     /// Spinning after preemptions: see the module docs.
     contention: Contention,
+    /// What the machine took from spinning waits.
+    gaps: Gaps,
 }
 
 impl Mux {
@@ -87,6 +89,7 @@ impl Mux {
                 seen: crate::transport::shm::sys::preemptions().unwrap_or(0),
                 ..Contention::default()
             },
+            gaps: Gaps::default(),
         }
     }
 
@@ -209,6 +212,11 @@ impl Mux {
         }
         c.preempted_spins = self.contention.preempted;
         c
+    }
+
+    /// What the machine took from this mux's spinning waits.
+    pub fn spin_gaps(&self) -> Gaps {
+        self.gaps
     }
 
     /// Brings up the links of backend `backend` to `peers`; returns the mux
@@ -425,6 +433,7 @@ impl Mux {
             }
             if spins.is_multiple_of(32) {
                 let now = Instant::now();
+                self.gaps.stretch(now.saturating_duration_since(looked));
                 if adaptive && spins == 32 {
                     self.contention.baseline();
                 } else if adaptive
@@ -634,6 +643,14 @@ mod tests {
         assert_eq!(pinned.preempted_spins(), 0);
         assert_eq!(pure.preempted_spins(), 0);
         assert!(mux.preempted_spins() >= 1, "never saw the preemption");
+        // The pinned and the pure spin kept spinning through the other
+        // thread's time slices: each slice is a gap of milliseconds.
+        for (name, m) in [("pinned", &pinned), ("pure", &pure)] {
+            let g = m.spin_gaps();
+            assert!(g.count >= 1, "{name}: no gap counted: {g:?}");
+            assert!(g.lost_ns >= 10_000_000, "{name}: under 10 ms lost: {g:?}");
+            assert!(g.lost_ns <= g.spun_ns, "{name}: {g:?}");
+        }
         let until = mux.contention.quiet_until.expect("a quiet period");
         assert_eq!(mux.contention.quiet, crate::transport::poll::QUIET);
         assert!(!mux.contention.may_spin(until - Duration::from_millis(1)));

@@ -104,10 +104,69 @@ impl PollPolicy {
 /// polls apart) means the thread lost its core, if the kernel counted an
 /// involuntary switch too.
 pub const PREEMPTED_GAP: Duration = Duration::from_micros(200);
+/// A stretch of 32 empty polls this much longer than the quickest such
+/// stretch seen is counted as a gap: time the spinning thread did not run
+/// (an interrupt, a preemption, or a hypervisor running something else on
+/// the vCPU, which the guest kernel never counts). See [`Gaps`].
+pub const SPIN_GAP: Duration = Duration::from_micros(5);
 /// How long waits park without spinning after a spin was preempted.
 pub const QUIET: Duration = Duration::from_millis(5);
 /// The longest such period, for a core that stays contended.
 pub const MAX_QUIET: Duration = Duration::from_secs(1);
+
+/// What the machine took from spinning waits: each stretch between two
+/// looks at the clock (32 empty polls apart) is measured against the
+/// quickest one seen, and one at least [`SPIN_GAP`] longer counts as a gap
+/// of that excess. A sample, not an account: only spinning is watched
+/// (not the rank's own work, not parked waits), and the last stretch of
+/// each wait, cut short by what it waited for, is not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gaps {
+    /// The quickest stretch seen, ns (`u64::MAX` before the first).
+    quickest: u64,
+    /// Nanoseconds of stretches measured.
+    pub spun_ns: u64,
+    /// Gaps seen.
+    pub count: u64,
+    /// Nanoseconds they took beyond the quickest stretch.
+    pub lost_ns: u64,
+}
+
+impl Default for Gaps {
+    fn default() -> Self {
+        Gaps {
+            quickest: u64::MAX,
+            spun_ns: 0,
+            count: 0,
+            lost_ns: 0,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Gaps {
+    /// Two threads' (or ranks') gaps together.
+    fn add_assign(&mut self, o: Gaps) {
+        self.quickest = self.quickest.min(o.quickest);
+        self.spun_ns = self.spun_ns.saturating_add(o.spun_ns);
+        self.count += o.count;
+        self.lost_ns = self.lost_ns.saturating_add(o.lost_ns);
+    }
+}
+
+impl Gaps {
+    /// One stretch of `d` between two looks at the clock.
+    #[inline]
+    pub(crate) fn stretch(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.spun_ns = self.spun_ns.saturating_add(ns);
+        self.quickest = self.quickest.min(ns);
+        let extra = ns - self.quickest;
+        if u128::from(extra) >= SPIN_GAP.as_nanos() {
+            self.count += 1;
+            self.lost_ns = self.lost_ns.saturating_add(extra);
+        }
+    }
+}
 
 /// What the waits know of this thread's core being shared.
 #[derive(Debug, Default)]
@@ -196,6 +255,26 @@ mod tests {
         assert_eq!(PollPolicy::Spin.pinned(), PollPolicy::Spin);
         let e = PollPolicy::parse("fast").unwrap_err().to_string();
         assert!(e.contains("AFMESH_POLL"), "{e}");
+    }
+
+    #[test]
+    fn gaps_are_stretches_well_over_the_quickest() {
+        let us = Duration::from_micros;
+        let mut g = Gaps::default();
+        g.stretch(us(3));
+        g.stretch(us(7)); // 4 us over the quickest: not a gap
+        assert_eq!((g.count, g.lost_ns), (0, 0));
+        g.stretch(us(15)); // 12 over
+        assert_eq!((g.count, g.lost_ns), (1, 12_000));
+        // A quicker stretch lowers the bar for the next ones only.
+        g.stretch(us(1));
+        g.stretch(us(6));
+        assert_eq!((g.count, g.lost_ns), (2, 17_000));
+        assert_eq!(g.spun_ns, 32_000);
+        // A stretch too long for u64 nanoseconds saturates, never panics.
+        g.stretch(Duration::MAX);
+        assert_eq!(g.count, 3);
+        assert_eq!(g.lost_ns, u64::MAX);
     }
 
     #[test]

@@ -262,6 +262,9 @@ pub struct Point {
     /// Waits, over every rank, whose spin was cut short because the rank
     /// lost its core to another task.
     preempted_spins: u64,
+    /// Over every rank: microseconds its waits spun, gaps seen in them and
+    /// microseconds those took ([`afmesh::transport::Gaps`]).
+    spin_gaps: [u64; 3],
     /// Milliseconds of this machine's CPU time the hypervisor gave to
     /// others while the mesh ran (`/proc/stat` steal, 10 ms grain; `None`
     /// where it cannot be read).
@@ -453,8 +456,10 @@ fn measure(
     // the sum of its lateness (us).
     let mut late: BTreeMap<String, (u64, f64)> = BTreeMap::new();
     // Work requests (data ones, i.e. less flushes and probes), signalled
-    // ones, flushes, messages: summed over every rank.
-    let mut wire = [0u64; 5];
+    // ones, flushes, messages, preempted spins, and the spinning waits'
+    // microseconds, gaps and microseconds lost to them: summed over every
+    // rank.
+    let mut wire = [0u64; 8];
     let mut links: BTreeMap<(String, String), [Option<Histogram>; 4]> = BTreeMap::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
@@ -471,6 +476,9 @@ fn measure(
             "flushes",
             "messages",
             "preempted_spins",
+            "spun_us",
+            "spin_gaps",
+            "spin_gap_us",
         ]
         .iter()
         .enumerate()
@@ -595,6 +603,7 @@ fn measure(
         ffn_us,
         net_us,
         preempted_spins: wire[4],
+        spin_gaps: [wire[5], wire[6], wire[7]],
         steal_ms: steal,
         pin,
         errors,

@@ -570,9 +570,10 @@ fn wire_json(stats: &afmesh::RankStats) -> String {
         v.join(",")
     };
     format!(
-        "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{},\"rails\":{rails},\"rail_messages\":[{}],\"rail_bytes\":[{}],\"preempted_spins\":{}}}",
+        "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{},\"rails\":{rails},\"rail_messages\":[{}],\"rail_bytes\":[{}],\"preempted_spins\":{},\"spun_us\":{},\"spin_gaps\":{},\"spin_gap_us\":{}}}",
         w.messages, w.work_requests, w.signaled, w.flushes, w.registrations_after_setup,
-        list(&w.rail_messages), list(&w.rail_bytes), w.preempted_spins
+        list(&w.rail_messages), list(&w.rail_bytes), w.preempted_spins,
+        stats.spin_gaps.spun_ns / 1000, stats.spin_gaps.count, stats.spin_gaps.lost_ns / 1000
     )
 }
 

@@ -81,7 +81,7 @@ impl Point {
         let (polled_us, memcpy_us) = (or_null(floors.polled), or_null(floors.memcpy));
         let unread_us = or_null(floors.unread);
         format!(
-            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_exchange_p99_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"floor_exchange_unread_us\":{unread_us},\"ratio\":{ratio:.3},\"ratio_exchange\":{:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"preempted_spins\":{},\"steal_ms\":{},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
+            "{{\"transport\":\"{transport}\",\"layout\":\"{}\",\"attention\":{m},\"ffn\":{n},\"tokens\":{},\"hidden\":{},\"dispatch_dtype\":\"{}\",\"combine_dtype\":\"{}\",\"stages\":{},\"iters\":{},\"warmup\":{},\"layer_bytes\":{},\"mean_us\":{mean:.2},\"p50_us\":{p50:.2},\"p99_us\":{p99:.2},\"p999_us\":{p999:.2},\"max_us\":{max:.2},\"goodput_gbps\":{goodput:.6},\"copies_per_msg\":{copies:.3},\"floor_us\":{floor_p50:.2},\"floor\":\"{floor_name}\",\"floor_exchange_us\":{:.2},\"floor_exchange_p99_us\":{:.2},\"floor_polled_us\":{polled_us},\"floor_memcpy_us\":{memcpy_us},\"floor_exchange_unread_us\":{unread_us},\"ratio\":{ratio:.3},\"ratio_exchange\":{:.3},\"ffn_us\":{ffn_us:.2},\"net_us\":{net_us:.2},\"pinned\":{pin},\"preempted_spins\":{},\"spun_ms\":{:.3},\"spin_gaps\":{},\"spin_gap_ms\":{:.3},\"steal_ms\":{},\"verified\":{verified},\"errors\":{errors},{}\"first_error\":{}{},\"stragglers\":{}}}",
             wa.layout.map_or_else(
                 || std::env::var("AFMESH_LAYOUT").unwrap_or_else(|_| "slots".into()),
                 |l| l.name().to_string()
@@ -98,6 +98,9 @@ impl Point {
             floors.exchange_p99,
             p50 / floors.exchange,
             self.preempted_spins,
+            self.spin_gaps[0] as f64 / 1e3,
+            self.spin_gaps[1],
+            self.spin_gaps[2] as f64 / 1e3,
             self.steal_ms
                 .map_or_else(|| "null".to_string(), |v| v.to_string()),
             self.verbs.map_or_else(String::new, |v| format!(
@@ -207,6 +210,15 @@ impl Point {
             println!(
                 "  contention    {} waits lost their core to another task mid-spin (they, and the waits after, parked instead)",
                 self.preempted_spins
+            );
+        }
+        let [spun_us, gaps, lost_us] = self.spin_gaps;
+        if gaps > 0 {
+            println!(
+                "  gaps          the ranks' spinning waits lost {:.2} of {:.1} ms ({:.2}%) to {gaps} gaps of 5 us or more: interrupts, preemption, or the hypervisor (a tail the machine adds)",
+                lost_us as f64 / 1e3,
+                spun_us as f64 / 1e3,
+                100.0 * lost_us as f64 / spun_us.max(1) as f64
             );
         }
         if let Some(ms) = self.steal_ms.filter(|&ms| ms > 0) {
