@@ -44,7 +44,7 @@ fn hist<'py>(py: Python<'py>, h: &Histogram) -> PyResult<Bound<'py, PyDict>> {
 }
 
 /// A rank's counters as a dict: `{"transport": str, "peers": [{...}],
-/// "stragglers": [{...}]}`.
+/// "stragglers": [{...}], "spin_gaps": {"spun_ns", "count", "lost_ns"}}`.
 pub fn stats_dict(py: Python<'_>, s: &RankStats) -> PyResult<Py<PyAny>> {
     let d = PyDict::new(py);
     d.set_item("transport", &s.transport)?;
@@ -77,6 +77,12 @@ pub fn stats_dict(py: Python<'_>, s: &RankStats) -> PyResult<Py<PyAny>> {
         stragglers.append(e)?;
     }
     d.set_item("stragglers", stragglers)?;
+    // What the machine took from the rank's spinning waits.
+    let g = PyDict::new(py);
+    g.set_item("spun_ns", s.spin_gaps.spun_ns)?;
+    g.set_item("count", s.spin_gaps.count)?;
+    g.set_item("lost_ns", s.spin_gaps.lost_ns)?;
+    d.set_item("spin_gaps", g)?;
     Ok(d.into_any().unbind())
 }
 

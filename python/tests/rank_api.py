@@ -54,6 +54,8 @@ try:
         # Each stage of each round named the FFN rank that answered last.
         assert sum(x["count"] for x in st["stragglers"]) == rounds * S, st
         assert sum(p["late_ns"]["count"] for p in st["peers"]) == rounds * S, st
+        g = st["spin_gaps"]
+        assert 0 <= g["lost_ns"] <= g["spun_ns"] and (g["count"] == 0) == (g["lost_ns"] == 0), g
         r.shutdown()
     else:
         r = mesh.ffn(spec)
