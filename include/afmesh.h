@@ -55,6 +55,10 @@
  * afmesh_*_stats: `afmesh_peer_stats st[16] = { AFMESH_PEER_STATS_INIT };` */
 #define AFMESH_PEER_STATS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_peer_stats)), 0, 0, 0, 0, 0, 0, 0, 0, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 }, { 0, 0, 0, 0, 0, 0, 0, 0 } }
 
+/* An afmesh_rank_counters for afmesh_*_counters:
+ * `afmesh_rank_counters c = AFMESH_RANK_COUNTERS_INIT;` */
+#define AFMESH_RANK_COUNTERS_INIT { AFMESH_SIZE_U32_(sizeof(afmesh_rank_counters)), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+
 /**
  * Version of [`afmesh_config`] this library knows (2 added
  * `memory_kind` and `device`, 3 `layout`; a config of an older version,
@@ -402,6 +406,67 @@ typedef struct afmesh_rank_info {
    */
   uint32_t stages;
 } afmesh_rank_info;
+
+/**
+ * What a rank's transports did and what the machine took from its
+ * waits, over the rank's life. Sized so it can grow: set `size` to
+ * `sizeof(afmesh_rank_counters)` (`AFMESH_RANK_COUNTERS_INIT`); the
+ * library writes the fields it knows that fit and leaves later fields of
+ * a newer header untouched.
+ */
+typedef struct afmesh_rank_counters {
+  /**
+   * `sizeof(afmesh_rank_counters)`, set by the caller.
+   */
+  uint32_t size;
+  /**
+   * Zero.
+   */
+  uint32_t reserved;
+  /**
+   * Messages posted.
+   */
+  uint64_t messages;
+  /**
+   * Work requests posted for them (verbs: one per QP stripe), flushes
+   * and probes included; 0 on backends without work requests.
+   */
+  uint64_t work_requests;
+  /**
+   * Of those, signalled ones.
+   */
+  uint64_t signaled;
+  /**
+   * Zero-length flush or probe writes among the work requests.
+   */
+  uint64_t flushes;
+  /**
+   * Memory registrations after the first link came up.
+   */
+  uint64_t registrations_after_setup;
+  /**
+   * Received payload bytes a backend copied itself (tcp read-ahead).
+   */
+  uint64_t received_copied_bytes;
+  /**
+   * Waits whose spin was cut short because the thread lost its core.
+   */
+  uint64_t preempted_spins;
+  /**
+   * Nanoseconds the rank's waits spun, as their clock looks measured it.
+   */
+  uint64_t spun_ns;
+  /**
+   * Stretches of that spinning in which the thread did not run (5 µs or
+   * more over the quickest stretch): interrupts, preemption, or a
+   * hypervisor's own work on the vCPU.
+   */
+  uint64_t spin_gaps;
+  /**
+   * Nanoseconds those gaps took.
+   */
+  uint64_t spin_gap_ns;
+} afmesh_rank_counters;
 
 /**
  * A latency distribution in nanoseconds, from a histogram of bounded
@@ -823,6 +888,17 @@ enum afmesh_result afmesh_attention_progress(struct afmesh_attention *a);
 enum afmesh_result afmesh_attention_info(struct afmesh_attention *a, struct afmesh_rank_info *out);
 
 /**
+ * Writes the rank's counters into `*out`: what its transports did and
+ * what the machine took from its spinning waits (`afmesh_rank_counters`;
+ * set `out->size`, e.g. with `AFMESH_RANK_COUNTERS_INIT`). Never blocks.
+ *
+ * # Safety
+ * `out` is NULL or writable for the `size` bytes it declares; `a` NULL or live.
+ */
+enum afmesh_result afmesh_attention_counters(struct afmesh_attention *a,
+                                             struct afmesh_rank_counters *out);
+
+/**
  * Per-FFN-rank counters: writes up to `cap` entries into `out` and their
  * number into `*count_out`. Never blocks.
  *
@@ -983,6 +1059,16 @@ enum afmesh_result afmesh_ffn_respond(struct afmesh_ffn *f,
  * Pointers are NULL or valid.
  */
 enum afmesh_result afmesh_ffn_info(struct afmesh_ffn *f, struct afmesh_rank_info *out);
+
+/**
+ * Writes the rank's counters into `*out`: what its transports did and
+ * what the machine took from its spinning waits (`afmesh_rank_counters`;
+ * set `out->size`, e.g. with `AFMESH_RANK_COUNTERS_INIT`). Never blocks.
+ *
+ * # Safety
+ * `out` is NULL or writable for the `size` bytes it declares; `f` NULL or live.
+ */
+enum afmesh_result afmesh_ffn_counters(struct afmesh_ffn *f, struct afmesh_rank_counters *out);
 
 /**
  * Per-attention-rank counters (see `afmesh_attention_stats`).

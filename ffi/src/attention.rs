@@ -10,8 +10,8 @@ use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Buf
 use crate::error::afmesh_result::{self, AFMESH_ERR_BUFFER_SIZE};
 use crate::error::{boundary, invalid, Fail};
 use crate::handle::{
-    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, free_of, info_of, interrupt_of,
-    progress_of, slot_of, stats_of, Handle, RankOps, Slot,
+    abort_of, afmesh_peer_stats, afmesh_rank_counters, afmesh_rank_info, counters_of, finalize_of,
+    free_of, info_of, interrupt_of, progress_of, slot_of, stats_of, Handle, RankOps, Slot,
 };
 
 /// A dispatch in flight.
@@ -597,6 +597,23 @@ pub unsafe extern "C" fn afmesh_attention_info(
 ) -> afmesh_result {
     // SAFETY: forwarded contract.
     boundary("afmesh_attention_info", || unsafe { info_of(a, out) })
+}
+
+/// Writes the rank's counters into `*out`: what its transports did and
+/// what the machine took from its spinning waits (`afmesh_rank_counters`;
+/// set `out->size`, e.g. with `AFMESH_RANK_COUNTERS_INIT`). Never blocks.
+///
+/// # Safety
+/// `out` is NULL or writable for the `size` bytes it declares; `a` NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_attention_counters(
+    a: *mut afmesh_attention,
+    out: *mut afmesh_rank_counters,
+) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_attention_counters", || unsafe {
+        counters_of(a, out)
+    })
 }
 
 /// Per-FFN-rank counters: writes up to `cap` entries into `out` and their

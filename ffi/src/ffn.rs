@@ -10,8 +10,8 @@ use crate::batch::afmesh_batch;
 use crate::config::{afmesh_config, afmesh_stage_spec, construct, memory_len, Buffers, Source};
 use crate::error::{afmesh_result, boundary, invalid, Fail};
 use crate::handle::{
-    abort_of, afmesh_peer_stats, afmesh_rank_info, finalize_of, free_of, info_of, interrupt_of,
-    progress_of, slot_of, stats_of, Handle, RankOps, Slot,
+    abort_of, afmesh_peer_stats, afmesh_rank_counters, afmesh_rank_info, counters_of, finalize_of,
+    free_of, info_of, interrupt_of, progress_of, slot_of, stats_of, Handle, RankOps, Slot,
 };
 
 /// An FFN rank (opaque). One call at a time per handle: a call made while
@@ -261,6 +261,21 @@ pub unsafe extern "C" fn afmesh_ffn_info(
 ) -> afmesh_result {
     // SAFETY: forwarded contract.
     boundary("afmesh_ffn_info", || unsafe { info_of(f, out) })
+}
+
+/// Writes the rank's counters into `*out`: what its transports did and
+/// what the machine took from its spinning waits (`afmesh_rank_counters`;
+/// set `out->size`, e.g. with `AFMESH_RANK_COUNTERS_INIT`). Never blocks.
+///
+/// # Safety
+/// `out` is NULL or writable for the `size` bytes it declares; `f` NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn afmesh_ffn_counters(
+    f: *mut afmesh_ffn,
+    out: *mut afmesh_rank_counters,
+) -> afmesh_result {
+    // SAFETY: forwarded contract.
+    boundary("afmesh_ffn_counters", || unsafe { counters_of(f, out) })
 }
 
 /// Per-attention-rank counters (see `afmesh_attention_stats`).

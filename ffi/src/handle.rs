@@ -139,6 +139,95 @@ impl afmesh_latency {
 /// latency fields: callers built against it still get what it has.
 const PEER_STATS_V1: usize = std::mem::offset_of!(afmesh_peer_stats, round_trip);
 
+/// What a rank's transports did and what the machine took from its
+/// waits, over the rank's life. Sized so it can grow: set `size` to
+/// `sizeof(afmesh_rank_counters)` (`AFMESH_RANK_COUNTERS_INIT`); the
+/// library writes the fields it knows that fit and leaves later fields of
+/// a newer header untouched.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct afmesh_rank_counters {
+    /// `sizeof(afmesh_rank_counters)`, set by the caller.
+    pub size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Messages posted.
+    pub messages: u64,
+    /// Work requests posted for them (verbs: one per QP stripe), flushes
+    /// and probes included; 0 on backends without work requests.
+    pub work_requests: u64,
+    /// Of those, signalled ones.
+    pub signaled: u64,
+    /// Zero-length flush or probe writes among the work requests.
+    pub flushes: u64,
+    /// Memory registrations after the first link came up.
+    pub registrations_after_setup: u64,
+    /// Received payload bytes a backend copied itself (tcp read-ahead).
+    pub received_copied_bytes: u64,
+    /// Waits whose spin was cut short because the thread lost its core.
+    pub preempted_spins: u64,
+    /// Nanoseconds the rank's waits spun, as their clock looks measured it.
+    pub spun_ns: u64,
+    /// Stretches of that spinning in which the thread did not run (5 µs or
+    /// more over the quickest stretch): interrupts, preemption, or a
+    /// hypervisor's own work on the vCPU.
+    pub spin_gaps: u64,
+    /// Nanoseconds those gaps took.
+    pub spin_gap_ns: u64,
+}
+
+/// The smallest `size` accepted: the first header's struct (0.1.0).
+const RANK_COUNTERS_V1: usize = std::mem::size_of::<afmesh_rank_counters>();
+
+/// # Safety
+/// `h` is NULL or live; `out` is NULL or writable for the `size` bytes its
+/// first field declares.
+pub(crate) unsafe fn counters_of<H: Handle>(
+    h: *const H,
+    out: *mut afmesh_rank_counters,
+) -> Result<(), Fail> {
+    // SAFETY: forwarded contract.
+    let slot = unsafe { slot_of(h, "handle") }?;
+    if out.is_null() {
+        return Err(invalid("out is NULL"));
+    }
+    // SAFETY: non-NULL, writable for at least its `size` field (contract).
+    let size = unsafe { out.cast::<u32>().read_unaligned() } as usize;
+    if size < RANK_COUNTERS_V1 {
+        return Err(invalid(format!(
+            "out->size is {size}, smaller than any afmesh_rank_counters ({RANK_COUNTERS_V1} bytes at least); use AFMESH_RANK_COUNTERS_INIT"
+        )));
+    }
+    let stats = slot.with(|r| Ok(r.stats()))?;
+    let (w, g) = (&stats.wire, &stats.spin_gaps);
+    let v = afmesh_rank_counters {
+        size: size as u32,
+        reserved: 0,
+        messages: w.messages,
+        work_requests: w.work_requests,
+        signaled: w.signaled,
+        flushes: w.flushes,
+        registrations_after_setup: w.registrations_after_setup,
+        received_copied_bytes: w.received_copied_bytes,
+        preempted_spins: w.preempted_spins,
+        spun_ns: g.spun_ns,
+        spin_gaps: g.count,
+        spin_gap_ns: g.lost_ns,
+    };
+    // SAFETY: `out` is writable for `size` bytes (contract) and at most
+    // that many are written: the first `min(size, known)` bytes of `v`,
+    // the fields that fit (the struct has no padding), bytewise since a
+    // struct of another declared size need not be aligned for ours.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&v as *const afmesh_rank_counters).cast::<u8>(),
+            out.cast::<u8>(),
+            size.min(std::mem::size_of::<afmesh_rank_counters>()),
+        )
+    };
+    Ok(())
+}
+
 #[derive(Debug)]
 pub(crate) enum State<T> {
     Live(T),

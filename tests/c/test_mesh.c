@@ -108,6 +108,8 @@ static float value(unsigned a, unsigned layer, unsigned stage, unsigned r, unsig
     return (float)(a * 1000 + layer * 10 + stage) + 0.5f * (float)r + (float)k;
 }
 
+static int check_counters(afmesh_attention *a, afmesh_ffn *f);
+
 static int attention(afmesh_attention *a, unsigned layers) {
     afmesh_rank_info info;
     CHECK("info", afmesh_attention_info(a, &info));
@@ -271,6 +273,35 @@ static int attention(afmesh_attention *a, unsigned layers) {
         if (e.size != v1 || e.rank != j || e.received != st[j].received) return fail("stats, first header's size", AFMESH_ERR_CONFIG);
     }
     if (((unsigned char *)old)[N * v1] != 0xAB) return fail("stats wrote past the first header's elements", AFMESH_ERR_CONFIG);
+    return check_counters(a, NULL);
+}
+
+/* The rank's counters (of `a`, else of `f`): the size rule both ways, and
+ * gap time within spinning time. */
+static int check_counters(afmesh_attention *a, afmesh_ffn *f) {
+#define COUNTERS(out) (a ? afmesh_attention_counters(a, (out)) : afmesh_ffn_counters(f, (out)))
+    afmesh_rank_counters c = AFMESH_RANK_COUNTERS_INIT;
+    MISUSE("counters, NULL out", COUNTERS(NULL), AFMESH_ERR_INVALID_ARGUMENT);
+    c.size = 8;
+    MISUSE("counters with a short size", COUNTERS(&c), AFMESH_ERR_INVALID_ARGUMENT);
+    c.size = sizeof c;
+    CHECK("counters", COUNTERS(&c));
+    if (c.size != sizeof c || c.reserved != 0 || c.spin_gap_ns > c.spun_ns || (c.spin_gaps == 0) != (c.spin_gap_ns == 0)) {
+        fprintf(stderr, "counters: size %u spun %llu ns, %llu gaps of %llu ns\n", c.size, (unsigned long long)c.spun_ns,
+                (unsigned long long)c.spin_gaps, (unsigned long long)c.spin_gap_ns);
+        return fail("counters", AFMESH_ERR_CONFIG);
+    }
+    /* A caller built against a newer, longer header: its later fields stay. */
+    struct {
+        afmesh_rank_counters c;
+        uint64_t later;
+    } newer;
+    memset(&newer, 0xAB, sizeof newer);
+    newer.c.size = (uint32_t)sizeof newer;
+    CHECK("counters, a newer header's size", COUNTERS(&newer.c));
+    if (newer.c.size != sizeof newer || newer.later != 0xABABABABABABABABull || newer.c.spun_ns < c.spun_ns)
+        return fail("counters, a newer header's size", AFMESH_ERR_CONFIG);
+#undef COUNTERS
     return 0;
 }
 
@@ -390,7 +421,7 @@ static int ffn(afmesh_ffn *f, unsigned layers, int stall) {
             check_latency("ffn", &st[j].ffn, st[j].received) || st[j].round_trip.count != 0 || st[j].straggler.count != 0 ||
             check_latency("dispatch arrival", &st[j].arrival, st[j].received))
             return 105;
-    return 0;
+    return check_counters(NULL, f);
 }
 
 int main(int argc, char **argv) {
