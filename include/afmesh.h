@@ -424,12 +424,13 @@ typedef struct afmesh_rank_counters {
    */
   uint32_t reserved;
   /**
-   * Messages posted.
+   * Messages posted over verbs (the other backends leave the post
+   * counters below at 0, except `received_copied_bytes` on tcp).
    */
   uint64_t messages;
   /**
-   * Work requests posted for them (verbs: one per QP stripe), flushes
-   * and probes included; 0 on backends without work requests.
+   * Work requests posted for them (one per QP stripe), flushes and
+   * probes included.
    */
   uint64_t work_requests;
   /**

@@ -151,10 +151,11 @@ pub struct afmesh_rank_counters {
     pub size: u32,
     /// Zero.
     pub reserved: u32,
-    /// Messages posted.
+    /// Messages posted over verbs (the other backends leave the post
+    /// counters below at 0, except `received_copied_bytes` on tcp).
     pub messages: u64,
-    /// Work requests posted for them (verbs: one per QP stripe), flushes
-    /// and probes included; 0 on backends without work requests.
+    /// Work requests posted for them (one per QP stripe), flushes and
+    /// probes included.
     pub work_requests: u64,
     /// Of those, signalled ones.
     pub signaled: u64,
