@@ -8,7 +8,8 @@
 //! beside the script.
 //!
 //! `cargo build --release --example cpu_gaps`, then
-//! `cpu_gaps [MILLISECONDS] [CPU...]` (default: 300 ms on CPUs 0 and 1).
+//! `cpu_gaps [MILLISECONDS] [CPU...]` (default: 300 ms on the first four
+//! CPUs this process may use, where `afmesh bench` pins its ranks).
 
 use std::time::{Duration, Instant};
 
@@ -72,7 +73,7 @@ fn report(s: &Seen) {
         counts[i] += 1;
     }
     let mut line = format!(
-        "cpu {}: {} gaps over 1 µs in {:.0} ms, {:.2}% of the time lost;",
+        "cpu {}: {} gaps over 1 us in {:.0} ms, {:.2}% of the time lost;",
         s.cpu,
         s.gaps.len(),
         s.ran.as_secs_f64() * 1e3,
@@ -80,10 +81,10 @@ fn report(s: &Seen) {
     );
     let mut lo = 1;
     for (i, &hi) in BUCKETS.iter().enumerate() {
-        line.push_str(&format!(" {lo}-{hi} µs {},", counts[i]));
+        line.push_str(&format!(" {lo}-{hi} us {},", counts[i]));
         lo = hi;
     }
-    line.push_str(&format!(" over {lo} µs {}", counts[BUCKETS.len()]));
+    line.push_str(&format!(" over {lo} us {}", counts[BUCKETS.len()]));
     println!("{line}");
     let listed: Vec<String> = s
         .gaps
@@ -93,7 +94,7 @@ fn report(s: &Seen) {
         .map(|(at, d)| format!("{:.3}:{:.1}", at.as_secs_f64() * 1e3, d.as_secs_f64() * 1e6))
         .collect();
     println!(
-        "  first gaps of 2 µs or more (ms into the run:µs long): {}",
+        "  first gaps of 2 us or more (ms into the run:us long): {}",
         listed.join(" ")
     );
 }
@@ -119,7 +120,17 @@ fn main() {
         }
     }
     if cpus.is_empty() {
-        cpus = vec![0, 1];
+        match afmesh::transport::shm::sys::allowed_cpus() {
+            Ok(a) if !a.is_empty() => cpus = a.into_iter().take(4).collect(),
+            Ok(_) => {
+                eprintln!("cpu_gaps: this process may run on no CPU");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                eprintln!("cpu_gaps: reading this process's CPU set: {e}");
+                std::process::exit(1);
+            }
+        }
     }
     let run = Duration::from_millis(ms);
     let threads: Vec<_> = cpus

@@ -424,8 +424,9 @@ typedef struct afmesh_rank_counters {
    */
   uint32_t reserved;
   /**
-   * Messages posted over verbs (the other backends leave the post
-   * counters below at 0, except `received_copied_bytes` on tcp).
+   * Messages posted over verbs (the other backends leave `messages`,
+   * `work_requests`, `signaled`, `flushes` and
+   * `registrations_after_setup` at 0; `received_copied_bytes` is tcp's).
    */
   uint64_t messages;
   /**
@@ -454,7 +455,8 @@ typedef struct afmesh_rank_counters {
    */
   uint64_t preempted_spins;
   /**
-   * Nanoseconds the rank's waits spun, as their clock looks measured it.
+   * Nanoseconds the rank's waits spun, where measured (spins that never
+   * yield, over shm or cuda with GPU-announced notices).
    */
   uint64_t spun_ns;
   /**

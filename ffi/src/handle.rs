@@ -151,8 +151,9 @@ pub struct afmesh_rank_counters {
     pub size: u32,
     /// Zero.
     pub reserved: u32,
-    /// Messages posted over verbs (the other backends leave the post
-    /// counters below at 0, except `received_copied_bytes` on tcp).
+    /// Messages posted over verbs (the other backends leave `messages`,
+    /// `work_requests`, `signaled`, `flushes` and
+    /// `registrations_after_setup` at 0; `received_copied_bytes` is tcp's).
     pub messages: u64,
     /// Work requests posted for them (one per QP stripe), flushes and
     /// probes included.
@@ -167,7 +168,8 @@ pub struct afmesh_rank_counters {
     pub received_copied_bytes: u64,
     /// Waits whose spin was cut short because the thread lost its core.
     pub preempted_spins: u64,
-    /// Nanoseconds the rank's waits spun, as their clock looks measured it.
+    /// Nanoseconds the rank's waits spun, where measured (spins that never
+    /// yield, over shm or cuda with GPU-announced notices).
     pub spun_ns: u64,
     /// Stretches of that spinning in which the thread did not run (5 µs or
     /// more over the quickest stretch): interrupts, preemption, or a

@@ -341,6 +341,14 @@ pub trait Transport {
     fn counters(&self) -> WireCounters {
         WireCounters::default()
     }
+    /// Whether a progress pass that finds nothing costs about the same
+    /// each time (it reads memory; no system or driver call, no bytes
+    /// moved), so that a slow stretch of such passes is time the thread
+    /// did not run ([`Gaps`](poll::Gaps)). Backends that say no (tcp reads
+    /// sockets on the waiting thread) are not measured.
+    fn flat_polls(&self) -> bool {
+        false
+    }
 }
 
 /// What a rank opens its backends with (each takes what it needs).
@@ -416,6 +424,9 @@ macro_rules! backends {
             }
             fn caps(&self) -> Caps {
                 dispatch!(self, [Sim $(, $variant)*], t => t.caps())
+            }
+            fn flat_polls(&self) -> bool {
+                dispatch!(self, [Sim $(, $variant)*], t => t.flat_polls())
             }
             fn register(&mut self, region: &Arc<Region>, access: Access) -> Result<Registration> {
                 dispatch!(self, [Sim $(, $variant)*], t => t.register(region, access))

@@ -214,9 +214,20 @@ impl Mux {
         c
     }
 
-    /// What the machine took from this mux's spinning waits.
+    /// What the machine took from this mux's spinning waits: measured
+    /// only in spins that never yield (a pinned rank, `AFMESH_POLL=spin`)
+    /// over backends whose empty polls cost the same each time
+    /// ([`Transport::flat_polls`]).
     pub fn spin_gaps(&self) -> Gaps {
         self.gaps
+    }
+
+    /// Whether every backend with links polls at a flat cost.
+    fn flat_polls(&self) -> bool {
+        self.backends
+            .iter()
+            .zip(&self.back)
+            .all(|(b, links)| links.is_empty() || b.flat_polls())
     }
 
     /// Brings up the links of backend `backend` to `peers`; returns the mux
@@ -422,6 +433,7 @@ impl Mux {
         };
         let mut spins = 0u32;
         let mut looked = begin;
+        let mut flat = None;
         // The clock is read once per 32 polls: a read costs about as much
         // as a poll that finds nothing, and the spin bound is coarse.
         while !spin.is_zero() {
@@ -433,14 +445,15 @@ impl Mux {
             }
             if spins.is_multiple_of(32) {
                 let now = Instant::now();
-                self.gaps.stretch(now.saturating_duration_since(looked));
+                let step = now.saturating_duration_since(looked);
                 if adaptive && spins == 32 {
                     self.contention.baseline();
-                } else if adaptive
-                    && now.saturating_duration_since(looked) >= PREEMPTED_GAP
-                    && self.contention.preempted(now)
-                {
+                } else if adaptive && step >= PREEMPTED_GAP && self.contention.preempted(now) {
                     break;
+                } else if !adaptive && *flat.get_or_insert_with(|| self.flat_polls()) {
+                    // A spin that never yields and polls at a flat cost:
+                    // a slow stretch is time the machine took.
+                    self.gaps.stretch(step);
                 }
                 looked = now;
                 if now.saturating_duration_since(begin) >= spin {
@@ -583,16 +596,7 @@ mod tests {
 
     /// The first CPU this thread may run on.
     fn an_allowed_cpu() -> usize {
-        // SAFETY: an all-zero cpu_set_t is a valid out-parameter.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sched_getaffinity writes at most `size_of` bytes of `set`.
-        let rc =
-            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-        assert_eq!(rc, 0, "sched_getaffinity");
-        (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: every index is below CPU_SETSIZE.
-            .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .expect("some CPU")
+        crate::transport::shm::sys::allowed_cpus().expect("the CPU mask")[0]
     }
 
     /// A yielding spin that shares its CPU with a busy thread hands it a

@@ -119,8 +119,14 @@ pub const MAX_QUIET: Duration = Duration::from_secs(1);
 /// quickest one seen, and one at least [`SPIN_GAP`] longer counts as a gap
 /// of that excess. A sample, not an account: only spinning is watched
 /// (not the rank's own work, not parked waits), and the last stretch of
-/// each wait, cut short by what it waited for, is not counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// each wait, cut short by what it waited for, is not counted. Only spins
+/// that never yield are measured (a yield hands the core to whoever waits
+/// for it, a gap of the rank's own making), and only over backends whose
+/// empty polls cost the same each time (`Transport::flat_polls`: shm,
+/// cuda with GPU-announced notices; not tcp, which reads its sockets in
+/// the poll).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct Gaps {
     /// The quickest stretch seen, ns (`u64::MAX` before the first).
     quickest: u64,
@@ -143,17 +149,28 @@ impl Default for Gaps {
     }
 }
 
-impl std::ops::AddAssign for Gaps {
-    /// Two threads' (or ranks') gaps together.
-    fn add_assign(&mut self, o: Gaps) {
-        self.quickest = self.quickest.min(o.quickest);
-        self.spun_ns = self.spun_ns.saturating_add(o.spun_ns);
-        self.count += o.count;
-        self.lost_ns = self.lost_ns.saturating_add(o.lost_ns);
+/// Equal when the counts are: the quickest stretch is the measurement's
+/// own state, not part of what it found.
+impl PartialEq for Gaps {
+    fn eq(&self, o: &Gaps) -> bool {
+        (self.spun_ns, self.count, self.lost_ns) == (o.spun_ns, o.count, o.lost_ns)
     }
 }
 
+impl Eq for Gaps {}
+
 impl Gaps {
+    /// What was counted after `earlier` (an earlier reading of the same
+    /// counter): e.g. the timed layers of a run, without its warm-up.
+    pub fn since(&self, earlier: &Gaps) -> Gaps {
+        Gaps {
+            quickest: self.quickest,
+            spun_ns: self.spun_ns.saturating_sub(earlier.spun_ns),
+            count: self.count.saturating_sub(earlier.count),
+            lost_ns: self.lost_ns.saturating_sub(earlier.lost_ns),
+        }
+    }
+
     /// One stretch of `d` between two looks at the clock.
     #[inline]
     pub(crate) fn stretch(&mut self, d: Duration) {
@@ -271,9 +288,14 @@ mod tests {
         g.stretch(us(6));
         assert_eq!((g.count, g.lost_ns), (2, 17_000));
         assert_eq!(g.spun_ns, 32_000);
+        let before = g;
+        g.stretch(us(40)); // 39 over
+        let d = g.since(&before);
+        assert_eq!((d.spun_ns, d.count, d.lost_ns), (40_000, 1, 39_000));
+        assert_eq!(before.since(&g).count, 0, "an older reading saturates at 0");
         // A stretch too long for u64 nanoseconds saturates, never panics.
         g.stretch(Duration::MAX);
-        assert_eq!(g.count, 3);
+        assert_eq!(g.count, 4);
         assert_eq!(g.lost_ns, u64::MAX);
     }
 

@@ -71,22 +71,22 @@ pub fn preemptions() -> io::Result<u64> {
 mod tests {
     use super::*;
 
-    fn allowed() -> Vec<usize> {
-        allowed_cpus().unwrap()
-    }
-
     #[test]
     fn pins_the_calling_thread_only() {
-        let before = allowed();
+        let before = allowed_cpus().unwrap();
         let cpu = *before.last().unwrap();
         let inside = std::thread::spawn(move || {
             pin_to_cpu(cpu).unwrap();
-            allowed()
+            allowed_cpus().unwrap()
         })
         .join()
         .unwrap();
         assert_eq!(inside, vec![cpu]);
-        assert_eq!(allowed(), before, "other threads keep their set");
+        assert_eq!(
+            allowed_cpus().unwrap(),
+            before,
+            "other threads keep their set"
+        );
     }
 
     #[test]

@@ -262,9 +262,9 @@ pub struct Point {
     /// Waits, over every rank, whose spin was cut short because the rank
     /// lost its core to another task.
     preempted_spins: u64,
-    /// Over every rank: microseconds its waits spun, gaps seen in them and
-    /// microseconds those took ([`afmesh::transport::Gaps`]).
-    spin_gaps: [u64; 3],
+    /// Over every rank, in the timed layers: what the machine took from
+    /// the spinning waits.
+    spin_gaps: SpinGaps,
     /// Milliseconds of this machine's CPU time the hypervisor gave to
     /// others while the mesh ran (`/proc/stat` steal, 10 ms grain; `None`
     /// where it cannot be read).
@@ -283,6 +283,19 @@ pub struct Point {
     verbs: Option<VerbsWire>,
     /// `--device cuda`: NCCL send/recv of the same pattern, or why not.
     nccl: Option<Result<Summary, String>>,
+}
+
+/// What the machine took from the ranks' spinning waits in the timed
+/// layers ([`afmesh::transport::Gaps`]), summed over every rank.
+#[derive(Debug, Clone, Copy, Default)]
+struct SpinGaps {
+    /// Microseconds the waits spun (where measured: spins that never
+    /// yield, over backends that poll at a flat cost).
+    spun_us: u64,
+    /// Stretches of it in which the thread did not run.
+    gaps: u64,
+    /// Microseconds those took.
+    lost_us: u64,
 }
 
 /// What a verbs mesh's post paths did, per message, and the port.
@@ -337,13 +350,9 @@ fn measure(
     let mut children = Children(Vec::new());
     // One core per rank when they fit, as a deployment would pin them;
     // otherwise the scheduler places them (and the poll policy yields).
-    // The CPUs this job may use (what `taskset`, `numactl` or a cpuset
-    // left it), so `taskset -c 8-15 afmesh bench` pins its ranks to 8, 9...
-    let allowed = sys::allowed_cpus().context("reading this process's CPU set")?;
-    if allowed.is_empty() {
-        bail!("this process may run on no CPU");
-    }
-    let cpus = allowed.len();
+    // "Fit" counts what the job may use (its CPU mask and, in a container,
+    // its CPU quota).
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let pin = match args.pin {
         // Tcp ranks too: left to the scheduler, the reference stage's p50
         // was 1.09-1.46x the (pinned alike) floor; pinned, within 1.2x in
@@ -352,13 +361,25 @@ fn measure(
         Pin::On => true,
         Pin::Off => false,
     };
-    let mut next_cpu = 0usize;
+    // Pinned ranks take the CPUs of the job's mask in turn, so `taskset -c
+    // 8-15 afmesh bench` pins them to 8, 9...
+    let allowed = if pin {
+        let a = sys::allowed_cpus().context("reading this process's CPU set")?;
+        if a.is_empty() {
+            bail!("this process may run on no CPU");
+        }
+        Some(a)
+    } else {
+        None
+    };
     for (role, count) in [("ffn", n), ("attention", m)] {
         for r in 0..count {
             let mut cmd = Command::new(&exe);
-            if pin {
-                cmd.env("AFMESH_CPU", allowed[next_cpu % cpus].to_string());
-                next_cpu += 1;
+            if let Some(cpu) = allowed
+                .as_deref()
+                .and_then(|a| floor::rank_cpu(a, n, role, r))
+            {
+                cmd.env("AFMESH_CPU", cpu.to_string());
             }
             cmd.args([
                 "run",
@@ -456,10 +477,9 @@ fn measure(
     // the sum of its lateness (us).
     let mut late: BTreeMap<String, (u64, f64)> = BTreeMap::new();
     // Work requests (data ones, i.e. less flushes and probes), signalled
-    // ones, flushes, messages, preempted spins, and the spinning waits'
-    // microseconds, gaps and microseconds lost to them: summed over every
-    // rank.
-    let mut wire = [0u64; 8];
+    // ones, flushes, messages, preempted spins: summed over every rank.
+    let mut wire = [0u64; 5];
+    let mut gaps = SpinGaps::default();
     let mut links: BTreeMap<(String, String), [Option<Histogram>; 4]> = BTreeMap::new();
     for o in &outs {
         let line = o.lines().last().unwrap_or("");
@@ -476,15 +496,15 @@ fn measure(
             "flushes",
             "messages",
             "preempted_spins",
-            "spun_us",
-            "spin_gaps",
-            "spin_gap_us",
         ]
         .iter()
         .enumerate()
         {
             wire[k] += field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0);
         }
+        gaps.spun_us += count("spun_us")?;
+        gaps.gaps += count("spin_gaps")?;
+        gaps.lost_us += count("spin_gap_us")?;
         sent_bytes += count("sent_bytes")?;
         copied_bytes += count("copied_bytes")?;
         if let Some(fe) = field(line, "first_error").filter(|v| *v != "null") {
@@ -523,7 +543,7 @@ fn measure(
         copied_bytes as f64 / sent_bytes as f64
     };
     let (d, c) = w.layer_bytes(m, n);
-    let plan = floor_plan(&w, m, n, pin.then(|| allowed.clone()));
+    let plan = floor_plan(&w, m, n, allowed.clone());
     progress.phase("floor");
     let mut verbs = None;
     let mut nccl = None;
@@ -603,7 +623,7 @@ fn measure(
         ffn_us,
         net_us,
         preempted_spins: wire[4],
-        spin_gaps: [wire[5], wire[6], wire[7]],
+        spin_gaps: gaps,
         steal_ms: steal,
         pin,
         errors,

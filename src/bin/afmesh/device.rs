@@ -158,6 +158,7 @@ pub fn run_attention(
         first_error: None,
         ffn_us: 0.0,
         net_us: 0.0,
+        timed_from: Default::default(),
     };
     let mut back = vec![0u8; max * out_row];
     // --stream-ordered: a stream of the "model" that produces each stage's
@@ -200,6 +201,7 @@ pub fn run_attention(
         handles.clear();
         if layer == w.warmup {
             sw.0 = switches();
+            rep.timed_from = a.stats().spin_gaps;
         }
         let parity = key(w, layer);
         if in_place && !ordered && checked(w, layer) {
@@ -414,6 +416,7 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
         batches: 0,
         errors: 0,
         first_error: None,
+        timed_from: Default::default(),
     };
     // --stream-ordered: answers are produced into scratch buffers on a
     // stream of this rank's right before the respond, which must wait for
@@ -462,6 +465,9 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload, ordered: bool, copy_rows: bool) ->
     let mut calls = Histogram::new();
     let mut sw = ((0, 0), (0, 0));
     while rep.batches < total {
+        if rep.batches == w.timed_batches_from() {
+            rep.timed_from = f.stats().spin_gaps;
+        }
         let b = f
             .get_batch(w.timeout)
             .with_context(|| format!("F{me}: get_batch {}", rep.batches))?;

@@ -59,6 +59,18 @@ use afmesh::Histogram;
 use crate::bench::{lat_of, wait_all, words_json, Children};
 use mailbox::{Layout, Mailboxes};
 
+/// The CPU of `role`'s rank `rank` among `n` FFN ranks: FFN ranks first,
+/// then attention ranks, taking `cpus` in turn and wrapping round; `None`
+/// when `cpus` is empty. The mesh's ranks and the floors' processes are
+/// placed alike.
+pub fn rank_cpu(cpus: &[usize], n: u32, role: &str, rank: u32) -> Option<usize> {
+    if cpus.is_empty() {
+        return None;
+    }
+    let slot = if role == "ffn" { rank } else { n + rank } as usize;
+    Some(cpus[slot % cpus.len()])
+}
+
 /// One exchange floor to measure: the mesh's shape, its bytes per pair and
 /// its pinning.
 #[derive(Debug, Clone)]
@@ -84,9 +96,7 @@ pub struct Plan {
 
 impl Plan {
     fn cpu(&self, role: &str, rank: u32) -> Option<usize> {
-        let slot = if role == "ffn" { rank } else { self.n + rank };
-        let cpus = self.cpus.as_deref().filter(|c| !c.is_empty())?;
-        Some(cpus[slot as usize % cpus.len()])
+        rank_cpu(self.cpus.as_deref()?, self.n, role, rank)
     }
 
     fn budget(&self) -> Duration {

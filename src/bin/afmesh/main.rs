@@ -434,7 +434,7 @@ fn run(args: &RunArgs) -> Result<()> {
                 rep.ffn_us,
                 rep.net_us,
                 json_str(rep.first_error.as_deref()),
-                wire_json(&stats),
+                wire_json(&stats, &rep.timed_from),
                 links_json(&stats),
                 stragglers_json(&stragglers),
                 bench::words_json(&rep.lat)
@@ -492,7 +492,7 @@ fn run(args: &RunArgs) -> Result<()> {
                 rep.batches,
                 rep.errors,
                 json_str(rep.first_error.as_deref()),
-                wire_json(&stats),
+                wire_json(&stats, &rep.timed_from),
                 links_json(&stats)
             );
             report(f.report(&line));
@@ -561,8 +561,10 @@ fn moved(stats: &afmesh::RankStats) -> (u64, u64) {
         })
 }
 
-/// The transport's post-path counters, as a JSON object.
-fn wire_json(stats: &afmesh::RankStats) -> String {
+/// The transport's post-path counters, and the spin gaps of the timed
+/// layers (counted since `timed_from`), as a JSON object.
+fn wire_json(stats: &afmesh::RankStats, timed_from: &afmesh::transport::Gaps) -> String {
+    let g = stats.spin_gaps.since(timed_from);
     let w = &stats.wire;
     let rails = usize::from(w.rails).min(w.rail_messages.len());
     let list = |v: &[u64]| {
@@ -573,7 +575,7 @@ fn wire_json(stats: &afmesh::RankStats) -> String {
         "{{\"messages\":{},\"work_requests\":{},\"signaled\":{},\"flushes\":{},\"registrations_after_setup\":{},\"rails\":{rails},\"rail_messages\":[{}],\"rail_bytes\":[{}],\"preempted_spins\":{},\"spun_us\":{},\"spin_gaps\":{},\"spin_gap_us\":{}}}",
         w.messages, w.work_requests, w.signaled, w.flushes, w.registrations_after_setup,
         list(&w.rail_messages), list(&w.rail_bytes), w.preempted_spins,
-        stats.spin_gaps.spun_ns / 1000, stats.spin_gaps.count, stats.spin_gaps.lost_ns / 1000
+        g.spun_ns / 1000, g.count, g.lost_ns / 1000
     )
 }
 

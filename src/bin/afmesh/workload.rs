@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant};
 
+use afmesh::transport::Gaps;
 use afmesh::{AttentionRank, FfnRank, Histogram, Mesh, MeshConfig, StageSpec};
 use anyhow::{bail, Context, Result};
 
@@ -114,6 +115,11 @@ impl Workload {
         self.warmup + self.iters
     }
 
+    /// Batches an FFN rank takes before the timed layers begin.
+    pub fn timed_batches_from(&self) -> u64 {
+        u64::from(self.warmup) * u64::from(self.stages)
+    }
+
     pub fn count(&self, layer: u32, stage: u32, a: u32) -> u32 {
         if self.vary_tokens {
             (mix(0x70c0 ^ (u64::from(layer) << 32) ^ (u64::from(stage) << 16) ^ u64::from(a))
@@ -183,6 +189,8 @@ pub struct AttentionReport {
     pub first_error: Option<String>,
     pub ffn_us: f64,
     pub net_us: f64,
+    /// The rank's spin gaps when the timed layers began.
+    pub timed_from: Gaps,
 }
 
 pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionReport> {
@@ -207,10 +215,14 @@ pub fn run_attention(a: &mut AttentionRank, w: &Workload) -> Result<AttentionRep
         first_error: None,
         ffn_us: 0.0,
         net_us: 0.0,
+        timed_from: Gaps::default(),
     };
     let mut handles = Vec::with_capacity(w.stages as usize);
     let mut traces = 0u64;
     for layer in 0..w.layers() {
+        if layer == w.warmup {
+            rep.timed_from = a.stats().spin_gaps;
+        }
         handles.clear();
         let t0 = Instant::now();
         for s in 0..w.stages {
@@ -295,6 +307,8 @@ pub struct FfnReport {
     pub batches: u64,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// The rank's spin gaps when the timed layers' batches began.
+    pub timed_from: Gaps,
 }
 
 pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
@@ -310,9 +324,13 @@ pub fn run_ffn(f: &mut FfnRank, w: &Workload) -> Result<FfnReport> {
         batches: 0,
         errors: 0,
         first_error: None,
+        timed_from: Gaps::default(),
     };
     let total = u64::from(w.layers()) * u64::from(w.stages);
     while rep.batches < total {
+        if rep.batches == w.timed_batches_from() {
+            rep.timed_from = f.stats().spin_gaps;
+        }
         let b = f
             .get_batch(w.timeout)
             .with_context(|| format!("F{me}: get_batch {}", rep.batches))?;

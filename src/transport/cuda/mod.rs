@@ -254,6 +254,12 @@ impl Transport for CudaTransport {
         "cuda"
     }
 
+    fn flat_polls(&self) -> bool {
+        // GPU-announced notices are read from host memory; the host-
+        // announced path queries the links' events on every pass.
+        self.gpu_notices == Some(true)
+    }
+
     fn caps(&self) -> Caps {
         Caps {
             host: false,

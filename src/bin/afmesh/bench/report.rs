@@ -98,9 +98,9 @@ impl Point {
             floors.exchange_p99,
             p50 / floors.exchange,
             self.preempted_spins,
-            self.spin_gaps[0] as f64 / 1e3,
-            self.spin_gaps[1],
-            self.spin_gaps[2] as f64 / 1e3,
+            self.spin_gaps.spun_us as f64 / 1e3,
+            self.spin_gaps.gaps,
+            self.spin_gaps.lost_us as f64 / 1e3,
             self.steal_ms
                 .map_or_else(|| "null".to_string(), |v| v.to_string()),
             self.verbs.map_or_else(String::new, |v| format!(
@@ -212,13 +212,14 @@ impl Point {
                 self.preempted_spins
             );
         }
-        let [spun_us, gaps, lost_us] = self.spin_gaps;
-        if gaps > 0 {
+        let g = self.spin_gaps;
+        if g.gaps > 0 {
             println!(
-                "  gaps          the ranks' spinning waits lost {:.2} of {:.1} ms ({:.2}%) to {gaps} gaps of 5 us or more: interrupts, preemption, or the hypervisor (a tail the machine adds)",
-                lost_us as f64 / 1e3,
-                spun_us as f64 / 1e3,
-                100.0 * lost_us as f64 / spun_us.max(1) as f64
+                "  gaps          in the timed layers the ranks' spinning waits lost {:.2} of {:.1} ms ({:.2}%) to {} gaps of 5 us or more: interrupts, preemption, or the hypervisor (a tail the machine adds)",
+                g.lost_us as f64 / 1e3,
+                g.spun_us as f64 / 1e3,
+                100.0 * g.lost_us as f64 / g.spun_us.max(1) as f64,
+                g.gaps
             );
         }
         if let Some(ms) = self.steal_ms.filter(|&ms| ms > 0) {
