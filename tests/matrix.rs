@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use afmesh::transport::sim::{Faults, SimNetwork};
 use afmesh::{sim_mesh_with_layout, Batch, Dtype, Error, StageLayout, StageSpec};
-use common::{afmesh, rank_env, scheduler, Proc};
+use common::{bench_json, json_field, rank_env, scheduler};
 
 const ROW: u32 = 24; // not a multiple of 64: senders' blocks are unaligned
 const OUT_ROW: u32 = 8; // two f32
@@ -244,22 +244,11 @@ fn the_slots_layout_offers_no_matrix() {
     attn[0].wait_combine(h, T).unwrap();
 }
 
-fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
-    let k = format!("\"{key}\":");
-    let rest = &json[json
-        .find(&k)
-        .unwrap_or_else(|| panic!("no {key} in {json}"))
-        + k.len()..];
-    &rest[..rest.find([',', '}']).unwrap()]
-}
-
 /// `afmesh bench` 2A2F with the matrix layout: the FFN ranks read their
 /// input from the matrix and, in warm-up layers, compare it with each
 /// sender's view; every byte is verified.
 fn bench_2a2f_matrix(transport: &str) {
-    let mut cmd = afmesh();
-    cmd.args([
-        "bench",
+    let line = bench_json(&[
         "--attention",
         "2",
         "--ffn",
@@ -277,14 +266,8 @@ fn bench_2a2f_matrix(transport: &str) {
         "6",
         "--warmup",
         "4",
-        "--json",
     ]);
-    let mut p = Proc::spawn("bench", cmd);
-    let st = p.wait_exit(Duration::from_secs(60));
-    let out = p.output();
-    assert!(st.success(), "{out}");
-    let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
-    assert_eq!(json_field(line, "verified"), "true", "{line}");
+    let line = line.as_str();
     assert_eq!(json_field(line, "layout"), "\"matrix\"", "{line}");
     assert_eq!(json_field(line, "transport"), format!("\"{transport}\""));
 }

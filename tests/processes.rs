@@ -12,16 +12,15 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::{
-    afmesh, json_field, leftover_segments, rank_env, rank_on, scheduler, unique_job, Proc,
+    afmesh, bench_json, json_field, leftover_segments, rank_env, rank_on, scheduler, unique_job,
+    Proc,
 };
 
 /// Caller-owned receive memory over shm (cross-memory attach): every byte
 /// verified, one library copy per message, no fallback to tcp.
 #[test]
 fn caller_buffers_move_over_shm_verified() {
-    let mut cmd = afmesh();
-    cmd.args([
-        "bench",
+    let line = bench_json(&[
         "--attention",
         "2",
         "--ffn",
@@ -33,16 +32,9 @@ fn caller_buffers_move_over_shm_verified() {
         "5",
         "--warmup",
         "2",
-        "--json",
     ]);
-    let mut p = Proc::spawn("bench", cmd);
-    let st = p.wait_exit(Duration::from_secs(60));
-    let out = p.output();
-    assert!(st.success(), "{out}");
-    let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
-    assert_eq!(json_field(line, "verified"), "true");
-    assert_eq!(json_field(line, "transport"), "\"shm\"");
-    let copies: f64 = json_field(line, "copies_per_msg").parse().unwrap();
+    assert_eq!(json_field(&line, "transport"), "\"shm\"");
+    let copies: f64 = json_field(&line, "copies_per_msg").parse().unwrap();
     assert!((copies - 1.0).abs() < 1e-9, "{line}");
 }
 
@@ -50,9 +42,7 @@ fn caller_buffers_move_over_shm_verified() {
 /// spinning in the timed layers, and the bench sums it.
 #[test]
 fn pinned_shm_ranks_measure_their_spin_gaps() {
-    let mut cmd = afmesh();
-    cmd.args([
-        "bench",
+    let line = bench_json(&[
         "--transport",
         "shm",
         "--stages",
@@ -63,19 +53,12 @@ fn pinned_shm_ranks_measure_their_spin_gaps() {
         "50",
         "--warmup",
         "5",
-        "--json",
     ]);
-    let mut p = Proc::spawn("bench", cmd);
-    let st = p.wait_exit(Duration::from_secs(60));
-    let out = p.output();
-    assert!(st.success(), "{out}");
-    let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
-    assert_eq!(json_field(line, "verified"), "true");
-    assert_eq!(json_field(line, "pinned"), "true");
+    assert_eq!(json_field(&line, "pinned"), "true");
     // Each layer's waits spin for the reference stage's 0.9 MB and 1.8 MB:
     // far past the 32 polls a measured stretch needs.
-    let spun: f64 = json_field(line, "spun_ms").parse().expect("spun_ms");
-    let lost: f64 = json_field(line, "spin_gap_ms")
+    let spun: f64 = json_field(&line, "spun_ms").parse().expect("spun_ms");
+    let lost: f64 = json_field(&line, "spin_gap_ms")
         .parse()
         .expect("spin_gap_ms");
     assert!(spun > 0.0, "no spinning measured: {line}");
@@ -83,9 +66,7 @@ fn pinned_shm_ranks_measure_their_spin_gaps() {
 }
 
 fn bench_2a2f_reference_sizes_verified(transport: &str) {
-    let mut cmd = afmesh();
-    cmd.args([
-        "bench",
+    let line = bench_json(&[
         "--attention",
         "2",
         "--ffn",
@@ -96,14 +77,8 @@ fn bench_2a2f_reference_sizes_verified(transport: &str) {
         "5",
         "--warmup",
         "2",
-        "--json",
     ]);
-    let mut p = Proc::spawn("bench", cmd);
-    let st = p.wait_exit(Duration::from_secs(60));
-    let out = p.output();
-    assert!(st.success(), "{out}");
-    let line = out.lines().find(|l| l.starts_with('{')).expect("json line");
-    assert_eq!(json_field(line, "verified"), "true");
+    let line = line.as_str();
     assert_eq!(json_field(line, "transport"), format!("\"{transport}\""));
     assert_eq!(json_field(line, "tokens"), "128");
     assert_eq!(json_field(line, "hidden"), "7168");

@@ -169,6 +169,24 @@ pub fn unique_job(tag: &str) -> String {
     format!("test-{tag}-{}", std::process::id())
 }
 
+/// Runs `afmesh bench ARGS --json` (within a minute), asserts that it
+/// succeeded and verified every byte, and returns its JSON line.
+pub fn bench_json(args: &[&str]) -> String {
+    let mut cmd = afmesh();
+    cmd.arg("bench").args(args).arg("--json");
+    let mut p = Proc::spawn("bench", cmd);
+    let st = p.wait_exit(Duration::from_secs(60));
+    let out = p.output();
+    assert!(st.success(), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("json line")
+        .to_string();
+    assert_eq!(json_field(&line, "verified"), "true", "{line}");
+    line
+}
+
 pub fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
     let k = format!("\"{key}\":");
     let rest = &json[json
