@@ -1,6 +1,7 @@
 """A 1A1F pair in one process whose attention rank waits for a combine
 that never comes; test_signals.py sends SIGINT."""
 
+import signal
 import threading
 import time
 
@@ -8,6 +9,11 @@ import numpy as np
 
 import afmesh
 from conftest import free_port
+
+# A runner started in the background (`nohup ... &`, a shell without job
+# control) hands SIGINT down ignored, and Python then installs no handler
+# for it: Ctrl-C, what this child is for, would do nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 spec = afmesh.StageSpec(1, 1, 8, 8, 0)
 addr = f"127.0.0.1:{free_port()}"
